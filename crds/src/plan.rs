@@ -1,0 +1,238 @@
+//! The compiled plan: what the runtime executes. The operator stores it in a
+//! ConfigMap; local mode compiles it the same way. The runtime never reads the
+//! custom resources themselves.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ops::OperatorSpec;
+use crate::pipeline::{Delivery, SinkSpec, StartPosition};
+use crate::processor::RequiredField;
+use crate::schema::SchemaSpec;
+
+/// Bumped whenever the plan's meaning changes incompatibly; the runtime refuses
+/// plans of another version.
+pub const PLAN_VERSION: u32 = 1;
+
+/// A compiled, versioned pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub version: u32,
+    pub namespace: String,
+    pub pipeline: String,
+    pub source: PlanSource,
+    pub delivery: Delivery,
+    pub commit_interval_ms: u64,
+    pub checkpoint_interval_ms: u64,
+    pub dead_letter_topic: String,
+    /// Stages in data-flow order; the first reads the source, the last writes the sinks.
+    pub stages: Vec<PlanStage>,
+    /// The sinks, written by the last stage.
+    pub sinks: Vec<PlanSink>,
+    /// Every topic the pipeline reads or writes, with who creates it.
+    pub topics: Vec<PlanTopic>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    pub topic: String,
+    pub key: Vec<String>,
+    pub start_from: StartPosition,
+    pub schema: SchemaSpec,
+}
+
+/// A group of steps fused into one runtime Deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStage {
+    /// `s0`, `s1`, ...
+    pub name: String,
+    pub parallelism: i32,
+    pub input: StageInput,
+    pub steps: Vec<PlanStep>,
+    pub output: StageOutput,
+    /// The Kafka consumer group of the stage's instances.
+    pub consumer_group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageInput {
+    pub topic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The fields the input topic is partitioned by; empty when unknown.
+    pub partitioned_by: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StageOutput {
+    /// Writes to the next stage's input topic, keyed by `key`.
+    Repartition { topic: String, key: Vec<String> },
+    /// Writes to the pipeline's sinks.
+    Sinks,
+}
+
+/// One step as the runtime runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStep {
+    pub name: String,
+    /// The Processor it came from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor: Option<String>,
+    /// Exactly one operator is set.
+    pub operator: OperatorSpec,
+    /// Fields every event must carry, with their types, before this step runs;
+    /// events that do not are dead-lettered with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<RequiredField>,
+    /// The stream key after the step.
+    pub key_after: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PlanState>,
+}
+
+/// Keyed state of a step, backed by a compacted changelog topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanState {
+    pub key: Vec<String>,
+    pub changelog_topic: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSink {
+    pub name: String,
+    /// The stream key at the sink, used as the Kafka record key unless the sink sets one.
+    pub key: Vec<String>,
+    pub spec: SinkSpec,
+}
+
+/// What a topic is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TopicRole {
+    Source,
+    Sink,
+    Repartition,
+    Changelog,
+    DeadLetter,
+    Table,
+}
+
+impl TopicRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicRole::Source => "source",
+            TopicRole::Sink => "sink",
+            TopicRole::Repartition => "repartition",
+            TopicRole::Changelog => "changelog",
+            TopicRole::DeadLetter => "deadLetter",
+            TopicRole::Table => "table",
+        }
+    }
+}
+
+/// How many partitions a created topic gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Partitions {
+    Fixed(i32),
+    /// As many as another topic has (changelogs match their stage's input).
+    SameAs(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanTopic {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    pub role: TopicRole,
+    /// Whether the pipeline creates and owns the topic. Others must exist.
+    pub create: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Partitions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Plan {
+    /// A stable hash of the plan, used to roll pods when it changes.
+    pub fn hash(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&PlanStage> {
+        self.stages.iter().find(|stage| stage.name == name)
+    }
+
+    /// A short human-readable account of the stages and topics, as `check` prints it.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "pipeline {}/{} (plan v{}, hash {})\n",
+            self.namespace,
+            self.pipeline,
+            self.version,
+            self.hash()
+        );
+        out.push_str(&format!(
+            "source: {} keyed by [{}]\n",
+            self.source.topic,
+            self.source.key.join(", ")
+        ));
+        out.push_str("stages:\n");
+        for stage in &self.stages {
+            let steps: Vec<&str> = stage.steps.iter().map(|s| s.name.as_str()).collect();
+            let output = match &stage.output {
+                StageOutput::Repartition { topic, key } => {
+                    format!("{topic} keyed by [{}]", key.join(", "))
+                }
+                StageOutput::Sinks => {
+                    let sinks: Vec<&str> = self.sinks.iter().map(|s| s.name.as_str()).collect();
+                    format!("sinks {}", sinks.join(", "))
+                }
+            };
+            out.push_str(&format!(
+                "  {} x{}: {} -> [{}] -> {}\n",
+                stage.name,
+                stage.parallelism,
+                stage.input.topic,
+                steps.join(", "),
+                output
+            ));
+        }
+        out.push_str("topics:\n");
+        for topic in &self.topics {
+            let partitions = match &topic.partitions {
+                Some(Partitions::Fixed(n)) => format!(", {n} partitions"),
+                Some(Partitions::SameAs(other)) => format!(", partitions as {other}"),
+                None => String::new(),
+            };
+            let owner = if topic.create {
+                "created"
+            } else {
+                "must exist"
+            };
+            out.push_str(&format!(
+                "  {} ({}, {owner}{partitions})\n",
+                topic.name,
+                topic.role.as_str()
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,268 @@
+//! Event schemas: which fields an event has and of what type.
+//!
+//! Field paths are dotted (`customer.id`); a nested object's fields are listed by
+//! their full path. The checker propagates a [`Schema`] through the steps.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The type of a field in an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FieldType {
+    /// A JSON string.
+    String,
+    /// A JSON number without a fractional part (64-bit signed).
+    Integer,
+    /// Any JSON number.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+    /// An RFC 3339 timestamp string, or epoch milliseconds as an integer.
+    Timestamp,
+    /// A JSON object; list its members as separate fields with dotted paths.
+    Object,
+    /// A JSON array.
+    Array,
+    /// Any JSON value; steps that need a specific type do not accept it.
+    Any,
+}
+
+impl FieldType {
+    /// Whether a value declared as `self` satisfies a requirement for `required`.
+    pub fn satisfies(self, required: FieldType) -> bool {
+        use FieldType::*;
+        match (self, required) {
+            (_, Any) => true,
+            (a, b) if a == b => true,
+            (Integer, Number) => true,
+            _ => false,
+        }
+    }
+
+    pub fn is_numeric(self) -> bool {
+        matches!(self, FieldType::Integer | FieldType::Number)
+    }
+}
+
+impl fmt::Display for FieldType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            FieldType::String => "string",
+            FieldType::Integer => "integer",
+            FieldType::Number => "number",
+            FieldType::Boolean => "boolean",
+            FieldType::Timestamp => "timestamp",
+            FieldType::Object => "object",
+            FieldType::Array => "array",
+            FieldType::Any => "any",
+        };
+        f.write_str(name)
+    }
+}
+
+/// One field of an event schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FieldSpec {
+    /// Dotted path of the field from the event root, for example `customer.id`.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+    )]
+    pub name: String,
+    /// The field's type.
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    /// Whether events may lack the field. Events that lack a field a step needs
+    /// are sent to the dead-letter topic with the reason.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+}
+
+/// The schema of the events on a stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaSpec {
+    /// The fields every event carries (or may carry, when `optional`).
+    #[serde(default)]
+    #[schemars(length(max = 512))]
+    pub fields: Vec<FieldSpec>,
+    /// Whether events may carry fields beyond those listed. When false, steps can
+    /// rely on the listed fields being the whole event.
+    #[serde(default = "default_true")]
+    pub open: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What the checker knows about one field at a point of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldInfo {
+    pub field_type: FieldType,
+    pub optional: bool,
+}
+
+/// A schema as the checker propagates it: dotted path -> what is known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schema {
+    pub fields: BTreeMap<String, FieldInfo>,
+    /// Events may carry fields not listed (an open schema).
+    pub open: bool,
+}
+
+impl Schema {
+    pub fn from_spec(spec: &SchemaSpec) -> Self {
+        let mut fields = BTreeMap::new();
+        for field in &spec.fields {
+            fields.insert(
+                field.name.clone(),
+                FieldInfo {
+                    field_type: field.field_type,
+                    optional: field.optional,
+                },
+            );
+        }
+        // Parents of nested fields are objects even when not listed.
+        let parents: Vec<String> = fields.keys().flat_map(|path| parent_paths(path)).collect();
+        for parent in parents {
+            fields.entry(parent).or_insert(FieldInfo {
+                field_type: FieldType::Object,
+                optional: false,
+            });
+        }
+        Self {
+            fields,
+            open: spec.open,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Option<FieldInfo> {
+        self.fields.get(path).copied()
+    }
+
+    pub fn insert(&mut self, path: &str, info: FieldInfo) {
+        for parent in parent_paths(path) {
+            self.fields.entry(parent).or_insert(FieldInfo {
+                field_type: FieldType::Object,
+                optional: info.optional,
+            });
+        }
+        self.fields.insert(path.to_owned(), info);
+    }
+
+    /// Removes a field and everything nested under it.
+    pub fn remove(&mut self, path: &str) {
+        let nested = format!("{path}.");
+        self.fields
+            .retain(|name, _| name != path && !name.starts_with(&nested));
+    }
+
+    /// Every field nested under `path`, with paths relative to it.
+    pub fn nested(&self, path: &str) -> Vec<(String, FieldInfo)> {
+        let prefix = format!("{path}.");
+        self.fields
+            .iter()
+            .filter_map(|(name, info)| {
+                name.strip_prefix(&prefix)
+                    .map(|rest| (rest.to_owned(), *info))
+            })
+            .collect()
+    }
+
+    /// A short list of the available field names, for error messages.
+    pub fn describe(&self) -> String {
+        if self.fields.is_empty() {
+            return "no declared fields".to_owned();
+        }
+        let names: Vec<String> = self
+            .fields
+            .iter()
+            .map(|(name, info)| format!("{name}: {}", info.field_type))
+            .collect();
+        names.join(", ")
+    }
+
+    pub fn to_spec(&self) -> SchemaSpec {
+        SchemaSpec {
+            fields: self
+                .fields
+                .iter()
+                .map(|(name, info)| FieldSpec {
+                    name: name.clone(),
+                    field_type: info.field_type,
+                    optional: info.optional,
+                })
+                .collect(),
+            open: self.open,
+        }
+    }
+}
+
+/// `a.b.c` -> [`a`, `a.b`].
+fn parent_paths(path: &str) -> Vec<String> {
+    path.match_indices('.')
+        .map(|(i, _)| path[..i].to_owned())
+        .collect()
+}
+
+/// Converts a JSON pointer (`/customer/id`) to a dotted path (`customer.id`).
+/// Returns `None` for pointers that do not start with `/`.
+pub fn pointer_to_path(pointer: &str) -> Option<String> {
+    let rest = pointer.strip_prefix('/')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = rest
+        .split('/')
+        .map(|segment| segment.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    Some(parts.join("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_fields_imply_object_parents() {
+        let schema = Schema::from_spec(&SchemaSpec {
+            fields: vec![FieldSpec {
+                name: "customer.address.city".into(),
+                field_type: FieldType::String,
+                optional: false,
+            }],
+            open: true,
+        });
+        assert_eq!(
+            schema.get("customer").unwrap().field_type,
+            FieldType::Object
+        );
+        assert_eq!(
+            schema.get("customer.address").unwrap().field_type,
+            FieldType::Object
+        );
+        assert_eq!(schema.nested("customer").len(), 2);
+    }
+
+    #[test]
+    fn type_compatibility() {
+        assert!(FieldType::Integer.satisfies(FieldType::Number));
+        assert!(!FieldType::Number.satisfies(FieldType::Integer));
+        assert!(!FieldType::Any.satisfies(FieldType::String));
+        assert!(FieldType::String.satisfies(FieldType::Any));
+    }
+
+    #[test]
+    fn pointers_become_paths() {
+        assert_eq!(pointer_to_path("/a/b").as_deref(), Some("a.b"));
+        assert_eq!(pointer_to_path("/a~1b").as_deref(), Some("a/b"));
+        assert_eq!(pointer_to_path("a"), None);
+        assert_eq!(pointer_to_path("/"), None);
+    }
+}
