@@ -1,0 +1,19 @@
+//! Keystone's testbed: the process kubelet, a small test app, and helpers for
+//! end-to-end tests against the real components `e2e/testbed up` starts.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let tb = keystone_e2e::Testbed::from_env().await?;
+//! let ns = tb.namespace("demo").await?;
+//! // ... create objects in ns.name(), then:
+//! // keystone_e2e::wait_for(&api, "name", timeout, "what", |o| ...).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod kubelet;
+pub mod testapp;
+mod testbed;
+mod wait;
+
+pub use testbed::{TestNamespace, Testbed, TestbedError};
+pub use wait::{WaitError, recent_events, wait_for, wait_for_deletion, wait_until};
