@@ -464,12 +464,19 @@ impl<'a> Checker<'a> {
             isolate_next = own_parallelism;
             if let Some(key) = boundary_key {
                 let topic = self.topic_name("repartition", Some(&step.name));
+                // A partitioned table must be co-partitioned with the stream that joins it.
+                let partitions_like = match table_of(op) {
+                    Some((table_topic, _)) if contract.state_key.is_some() => {
+                        table_topic.to_owned()
+                    }
+                    _ => source.topic.clone(),
+                };
                 topics.push(PlanTopic {
                     name: topic.clone(),
                     cluster: source.cluster.clone(),
                     role: TopicRole::Repartition,
                     create: true,
-                    partitions: Some(Partitions::SameAs(source.topic.clone())),
+                    partitions: Some(Partitions::SameAs(partitions_like)),
                     replication_factor: None,
                     config: BTreeMap::new(),
                 });
@@ -520,6 +527,14 @@ impl<'a> Checker<'a> {
             }
 
             let state = contract.state_key.as_ref().map(|key| {
+                // A table's compacted topic already holds its latest rows: it is the
+                // changelog, as for a Kafka Streams KTable. Other state gets its own.
+                if let Some((table_topic, _)) = table_of(op) {
+                    return PlanState {
+                        key: key.clone(),
+                        changelog_topic: table_topic.to_owned(),
+                    };
+                }
                 let changelog = self.topic_name("changelog", Some(&step.name));
                 let mut config = BTreeMap::new();
                 config.insert("cleanup.policy".to_owned(), "compact".to_owned());
@@ -537,21 +552,20 @@ impl<'a> Checker<'a> {
                     changelog_topic: changelog,
                 }
             });
-            if let Some((table_topic, cluster)) = table_of(op) {
-                if !topics
+            if let Some((table_topic, cluster)) = table_of(op)
+                && !topics
                     .iter()
                     .any(|t| t.name == table_topic && t.role == TopicRole::Table)
-                {
-                    topics.push(PlanTopic {
-                        name: table_topic.to_owned(),
-                        cluster: cluster.or(source.cluster.clone()),
-                        role: TopicRole::Table,
-                        create: false,
-                        partitions: None,
-                        replication_factor: None,
-                        config: BTreeMap::new(),
-                    });
-                }
+            {
+                topics.push(PlanTopic {
+                    name: table_topic.to_owned(),
+                    cluster: cluster.or(source.cluster.clone()),
+                    role: TopicRole::Table,
+                    create: false,
+                    partitions: None,
+                    replication_factor: None,
+                    config: BTreeMap::new(),
+                });
             }
 
             stream = self.apply_step(stream, op, declared, &step.name);
@@ -943,8 +957,11 @@ impl<'a> Checker<'a> {
         path: &str,
         step: &str,
     ) {
+        // One error per missing field, even when several parts of the step need it.
+        let mut reported = BTreeSet::new();
         for requirement in &contract.requires {
             match stream.schema.get(&requirement.field) {
+                None if !reported.insert(requirement.field.as_str()) => {}
                 None => {
                     let hint = if let Some(by) = &stream.rekeyed_by {
                         format!(" (the stream was last re-keyed by step {by:?})")

@@ -100,10 +100,10 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Manifests, ManifestErro
         match kind {
             "Pipeline" => manifests
                 .pipelines
-                .push(serde_path_to_error(&value).map_err(|m| doc_error(m))?),
+                .push(serde_path_to_error(&value).map_err(&doc_error)?),
             _ => manifests
                 .processors
-                .push(serde_path_to_error(&value).map_err(|m| doc_error(m))?),
+                .push(serde_path_to_error(&value).map_err(&doc_error)?),
         }
     }
     Ok(manifests)

@@ -1,5 +1,8 @@
 //! The `Pipeline` custom resource.
 
+// Several printer columns share `type_ = "string"`; clippy reads that as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -100,7 +100,8 @@ pub struct PlanStep {
     pub state: Option<PlanState>,
 }
 
-/// Keyed state of a step, backed by a compacted changelog topic.
+/// Keyed state of a step, backed by a compacted changelog topic. For `join` and
+/// `enrich` the changelog is the table's own compacted topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlanState {

@@ -1,5 +1,8 @@
 //! The `Processor` custom resource: a reusable processing step with its contract.
 
+// Several printer columns share `type_ = "string"`; clippy reads that as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;

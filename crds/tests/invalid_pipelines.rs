@@ -1,0 +1,577 @@
+//! The contract checker on invalid pipelines: each case pins the exact errors a
+//! user sees, so a change in wording or in what is caught is a visible decision.
+
+use keystone_crds::{ErrorKind, compile, parse_manifests};
+
+/// A valid CDC pipeline; each case edits it.
+const BASE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: cdc, namespace: shop}
+spec:
+  source:
+    topic: orders.cdc
+    key: [order_id]
+    schema:
+      fields:
+        - {name: event_id, type: string}
+        - {name: order_id, type: string}
+        - {name: customer_id, type: string}
+        - {name: seq, type: integer}
+        - {name: ts, type: integer}
+        - {name: note, type: string}
+        - {name: amount, type: number}
+  steps:
+    - name: dedup
+      dedup: {key: [order_id, event_id], window: 10m}
+    - name: order
+      order: {key: [order_id], sequence: seq, maxDelay: 5s}
+  sinks:
+    - name: out
+      kafka: {topic: orders.clean}
+"#;
+
+const PROCESSORS: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Processor
+metadata: {name: needs-region, namespace: shop}
+spec:
+  filter: {expression: 'region != "test"'}
+  contract:
+    requires: [{name: region, type: string}]
+---
+apiVersion: keystone.dev/v1alpha1
+kind: Processor
+metadata: {name: applier, namespace: shop}
+spec:
+  filter: {expression: 'true'}
+  contract:
+    keys: {requiresOrderBy: [customer_id]}
+---
+apiVersion: keystone.dev/v1alpha1
+kind: Processor
+metadata: {name: liar, namespace: shop}
+spec:
+  project:
+    fields: [{name: id, from: /order_id}]
+  contract:
+    schema: {effect: Passthrough}
+---
+apiVersion: keystone.dev/v1alpha1
+kind: Processor
+metadata: {name: amount-as-string, namespace: shop}
+spec:
+  filter: {expression: 'true'}
+  contract:
+    requires: [{name: amount, type: string}]
+"#;
+
+/// Replaces the base's steps (and optionally other top-level spec blocks) by `edit`.
+fn with_steps(steps: &str) -> String {
+    let start = BASE.find("  steps:\n").unwrap();
+    let end = BASE.find("  sinks:\n").unwrap();
+    format!("{}  steps:\n{steps}{}", &BASE[..start], &BASE[end..])
+}
+
+fn with_sinks(sinks: &str) -> String {
+    let start = BASE.find("  sinks:\n").unwrap();
+    format!("{}  sinks:\n{sinks}", &BASE[..start])
+}
+
+fn errors(pipeline: &str) -> Vec<(ErrorKind, String)> {
+    let pipelines = parse_manifests("pipeline.yaml", pipeline).unwrap_or_else(|e| panic!("{e}"));
+    let processors =
+        parse_manifests("processors.yaml", PROCESSORS).unwrap_or_else(|e| panic!("{e}"));
+    match compile(&pipelines.pipelines[0], &processors.processors) {
+        Ok(plan) => panic!(
+            "expected errors, but the pipeline compiled:\n{}",
+            plan.describe()
+        ),
+        Err(errors) => errors
+            .0
+            .into_iter()
+            .map(|e| (e.kind, e.to_string()))
+            .collect(),
+    }
+}
+
+#[track_caller]
+fn assert_errors(pipeline: &str, expected: &[(ErrorKind, &str)]) {
+    let actual = errors(pipeline);
+    let expected: Vec<(ErrorKind, String)> = expected
+        .iter()
+        .map(|(k, m)| (*k, (*m).to_owned()))
+        .collect();
+    assert_eq!(actual, expected, "\nactual errors:\n{actual:#?}");
+}
+
+#[test]
+fn base_is_valid() {
+    let pipelines = parse_manifests("pipeline.yaml", BASE).unwrap();
+    compile(&pipelines.pipelines[0], &[]).unwrap();
+}
+
+#[test]
+fn dedup_key_absent_upstream() {
+    assert_errors(
+        &with_steps("    - name: dedup\n      dedup: {key: [order_id, event_uuid], window: 10m}\n"),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (dedup): needs field \"event_uuid\" (any) for the dedup key, but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn order_sequence_field_not_numeric() {
+    assert_errors(
+        &with_steps(
+            "    - name: order\n      order: {key: [order_id], sequence: note, maxDelay: 5s}\n",
+        ),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].order.sequence (order): sequence field \"note\" must be an integer so events can be ordered by it, but it is string",
+        )],
+    );
+}
+
+#[test]
+fn order_sequence_field_missing() {
+    assert_errors(
+        &with_steps(
+            "    - name: order\n      order: {key: [order_id], sequence: version, maxDelay: 5s}\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (order): needs field \"version\" (integer) for the order sequence, but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn stateful_step_after_rekey_without_repartition() {
+    let pipeline = with_steps(
+        "    - name: by-customer\n      rekey: {key: [customer_id]}\n    - name: dedup\n      dedup: {key: [customer_id, event_id], window: 1m}\n",
+    )
+    .replace("  sinks:\n", "  allowRepartition: false\n  sinks:\n");
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::RepartitionNotAllowed,
+            "spec.steps[1] (dedup): the step keeps state keyed by [customer_id, event_id], but the stream is partitioned by [order_id] after step \"by-customer\" re-keyed it; it needs a repartition topic and spec.allowRepartition is false",
+        )],
+    );
+}
+
+#[test]
+fn duplicate_step_names() {
+    assert_errors(
+        &with_steps(
+            "    - name: dedup\n      dedup: {key: [order_id, event_id], window: 10m}\n    - name: dedup\n      filter: {expression: 'amount > 0.0'}\n",
+        ),
+        &[(
+            ErrorKind::DuplicateName,
+            "spec.steps[1] (dedup): step name \"dedup\" is already used by spec.steps[0]; step names must be unique",
+        )],
+    );
+}
+
+#[test]
+fn duplicate_sink_names() {
+    assert_errors(
+        &with_sinks(
+            "    - name: out\n      kafka: {topic: a}\n    - name: out\n      kafka: {topic: b}\n",
+        ),
+        &[(
+            ErrorKind::DuplicateName,
+            "spec.sinks[1] (out): sink name \"out\" is already used by spec.sinks[0]; sink names must be unique",
+        )],
+    );
+}
+
+#[test]
+fn unknown_processor_ref() {
+    assert_errors(
+        &with_steps("    - name: enrich\n      processorRef: {name: geo-enricher}\n"),
+        &[(
+            ErrorKind::UnknownProcessor,
+            "spec.steps[0].processorRef (enrich): Processor \"geo-enricher\" not found in namespace \"shop\" (known Processors: amount-as-string, applier, liar, needs-region)",
+        )],
+    );
+}
+
+#[test]
+fn processor_contract_not_satisfied() {
+    assert_errors(
+        &with_steps("    - name: regional\n      processorRef: {name: needs-region}\n"),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (regional): needs field \"region\" (any) for the expression, but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn processor_contract_type_mismatch() {
+    assert_errors(
+        &with_steps("    - name: check\n      processorRef: {name: amount-as-string}\n"),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0] (check): needs field \"amount\" to be string for the processor's contract, but it arrives as number",
+        )],
+    );
+}
+
+#[test]
+fn processor_contract_contradicts_its_operator() {
+    assert_errors(
+        &with_steps("    - name: shape\n      processorRef: {name: liar}\n"),
+        &[(
+            ErrorKind::InvalidProcessorContract,
+            "spec.steps[0].processorRef (shape): Processor \"liar\": the contract declares schema effect Passthrough, but the project operator replaces the schema",
+        )],
+    );
+}
+
+#[test]
+fn step_needs_order_the_stream_does_not_have() {
+    assert_errors(
+        &with_steps("    - name: apply\n      processorRef: {name: applier}\n"),
+        &[(
+            ErrorKind::OrderNotGuaranteed,
+            "spec.steps[0] (apply): the step needs events in order per [customer_id], but they arrive only in order per [order_id]; add an order step keyed by [customer_id] before it",
+        )],
+    );
+}
+
+#[test]
+fn sink_topic_is_the_source_topic() {
+    assert_errors(
+        &with_sinks("    - name: loop\n      kafka: {topic: orders.cdc}\n"),
+        &[(
+            ErrorKind::TopicCycle,
+            "spec.sinks[0].kafka.topic (loop): topic \"orders.cdc\" is the pipeline's source: writing to it would feed the pipeline its own output",
+        )],
+    );
+}
+
+#[test]
+fn sink_topic_is_a_join_table() {
+    let pipeline = with_steps(
+        "    - name: join\n      join:\n        table: {name: customers, topic: customers, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        on: [customer_id]\n",
+    );
+    let pipeline = pipeline.replace("kafka: {topic: orders.clean}", "kafka: {topic: customers}");
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::TopicCycle,
+            "spec.sinks[0].kafka.topic (out): topic \"customers\" is also read as a join table: the pipeline would look up rows it wrote itself (a cycle)",
+        )],
+    );
+}
+
+#[test]
+fn sink_topic_is_the_dead_letter_topic() {
+    assert_errors(
+        &with_sinks("    - name: out\n      kafka: {topic: keystone.shop.cdc.dlq}\n"),
+        &[(
+            ErrorKind::TopicCycle,
+            "spec.sinks[0].kafka.topic (out): topic \"keystone.shop.cdc.dlq\" is the pipeline's dead-letter topic",
+        )],
+    );
+}
+
+#[test]
+fn dead_letter_topic_is_the_source() {
+    let pipeline = BASE.replace(
+        "  sinks:\n",
+        "  deadLetter: {topic: orders.cdc}\n  sinks:\n",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::TopicCycle,
+            "spec.deadLetter.topic: topic \"orders.cdc\" is the pipeline's source and cannot also be its deadLetter topic",
+        )],
+    );
+}
+
+#[test]
+fn two_sinks_write_one_topic() {
+    assert_errors(
+        &with_sinks(
+            "    - name: a\n      kafka: {topic: same}\n    - name: b\n      kafka: {topic: same}\n",
+        ),
+        &[(
+            ErrorKind::InvalidSink,
+            "spec.sinks[1].kafka.topic (b): topic \"same\" is already written by spec.sinks[0]",
+        )],
+    );
+}
+
+#[test]
+fn step_without_operator() {
+    assert_errors(
+        &with_steps("    - name: nothing\n"),
+        &[(
+            ErrorKind::InvalidOperator,
+            "spec.steps[0] (nothing): no operator is set: set exactly one of processorRef, filter, map, project, extract, dedup, order, join, enrich or rekey",
+        )],
+    );
+}
+
+#[test]
+fn step_with_two_operators() {
+    assert_errors(
+        &with_steps(
+            "    - name: both\n      processorRef: {name: applier}\n      filter: {expression: 'true'}\n",
+        ),
+        &[(
+            ErrorKind::InvalidOperator,
+            "spec.steps[0] (both): more than one operator is set (processorRef, filter): a step runs exactly one",
+        )],
+    );
+}
+
+#[test]
+fn filter_expression_does_not_parse() {
+    let actual = errors(&with_steps(
+        "    - name: bad\n      filter: {expression: 'amount >'}\n",
+    ));
+    assert_eq!(actual.len(), 1, "{actual:?}");
+    assert_eq!(actual[0].0, ErrorKind::InvalidExpression);
+    assert!(
+        actual[0].1.starts_with(
+            "spec.steps[0].filter.expression (bad): the CEL expression does not parse: "
+        ),
+        "{}",
+        actual[0].1
+    );
+}
+
+#[test]
+fn filter_reads_an_unknown_field() {
+    assert_errors(
+        &with_steps("    - name: big\n      filter: {expression: 'total > 100.0'}\n"),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (big): needs field \"total\" (any) for the expression, but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn comprehension_variables_are_not_fields() {
+    let pipeline = BASE.replace(
+        "        - {name: amount, type: number}\n",
+        "        - {name: amount, type: number}\n        - {name: tags, type: array}\n",
+    );
+    let pipeline = pipeline.replace(
+        "  sinks:\n",
+        "    - name: tagged\n      filter: {expression: 'tags.exists(t, t == \"vip\") && missing_field'}\n  sinks:\n",
+    );
+    let actual = errors(&pipeline);
+    assert_eq!(
+        actual.len(),
+        1,
+        "only missing_field is unknown, not t: {actual:?}"
+    );
+    assert!(
+        actual[0].1.contains("needs field \"missing_field\""),
+        "{}",
+        actual[0].1
+    );
+}
+
+#[test]
+fn map_reads_a_field_that_a_projection_removed() {
+    assert_errors(
+        &with_steps(
+            "    - name: slim\n      project: {fields: [{name: order_id, from: /order_id}]}\n    - name: cents\n      map: {fields: [{name: cents, expression: 'amount * 100.0', type: number}]}\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[1] (cents): needs field \"amount\" (any) for the expression, but it does not reach this step; available: order_id: string",
+        )],
+    );
+}
+
+#[test]
+fn project_from_is_not_a_pointer() {
+    assert_errors(
+        &with_steps("    - name: slim\n      project: {fields: [{name: id, from: order_id}]}\n"),
+        &[(
+            ErrorKind::InvalidOperator,
+            "spec.steps[0].project.fields[0].from (slim): \"order_id\" is not a JSON pointer: it must start with '/' (for example /payload/id)",
+        )],
+    );
+}
+
+#[test]
+fn extract_from_a_missing_field() {
+    assert_errors(
+        &with_steps(
+            "    - name: city\n      extract: {fields: [{name: city, from: /address/city}]}\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (city): needs field \"address.city\" (any) for the source of output field \"city\", but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn dedup_event_time_field_of_wrong_type() {
+    assert_errors(
+        &with_steps(
+            "    - name: dedup\n      dedup: {key: [order_id, event_id], window: 1h, eventTimeField: note}\n",
+        ),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].dedup.eventTimeField (dedup): field \"note\" is the event-time field and must be a timestamp or integer (epoch milliseconds), but it is string",
+        )],
+    );
+}
+
+#[test]
+fn join_key_arity_mismatch() {
+    assert_errors(
+        &with_steps(
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}]}}\n        on: [customer_id, order_id]\n",
+        ),
+        &[(
+            ErrorKind::InvalidOperator,
+            "spec.steps[0].join.on (join): the join matches 2 event field(s) [customer_id, order_id] against table \"t\", whose key has 1 field(s) [id]",
+        )],
+    );
+}
+
+#[test]
+fn join_key_type_mismatch() {
+    assert_errors(
+        &with_steps(
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: integer}]}}\n        on: [customer_id]\n",
+        ),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].join.on[0] (join): event field \"customer_id\" is string but is matched against table key \"id\", which is integer",
+        )],
+    );
+}
+
+#[test]
+fn join_copies_a_field_the_table_lacks() {
+    assert_errors(
+        &with_steps(
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        on: [customer_id]\n        fields: [name, tier]\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0].join.fields[1] (join): table \"t\" has no field \"tier\" (id: string, name: string)",
+        )],
+    );
+}
+
+#[test]
+fn search_sink_without_version_needs_order() {
+    let pipeline = with_steps("    - name: dedup\n      dedup: {key: [event_id], window: 10m}\n");
+    let pipeline = pipeline.replace(
+        "      kafka: {topic: orders.clean}\n",
+        "      elasticsearch: {endpoint: 'http://es:9200', index: orders, idFields: [order_id]}\n",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::OrderNotGuaranteed,
+            "spec.sinks[0].elasticsearch (out): documents are overwritten by id without a versionField, so events must arrive in order per [order_id], but the stream has no known per-key order; add an order step keyed by [order_id] or set versionField",
+        )],
+    );
+}
+
+#[test]
+fn search_sink_version_field_not_integer() {
+    let pipeline = BASE.replace(
+        "      kafka: {topic: orders.clean}\n",
+        "      elasticsearch: {endpoint: 'http://es:9200', index: orders, idFields: [order_id], versionField: note}\n",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::WrongType,
+            "spec.sinks[0].elasticsearch.versionField (out): version field \"note\" must be an integer to serve as an external version, but it is string",
+        )],
+    );
+}
+
+#[test]
+fn kafka_sink_preserve_order_after_a_repartition_that_loses_it() {
+    let pipeline = with_steps("    - name: dedup\n      dedup: {key: [event_id], window: 10m}\n");
+    let pipeline = pipeline.replace(
+        "kafka: {topic: orders.clean}",
+        "kafka: {topic: orders.clean, key: [order_id], preserveOrder: true}",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::OrderNotGuaranteed,
+            "spec.sinks[0].kafka (out): preserveOrder is set, so events must arrive in order per [order_id], but the stream has no known per-key order; add an order step keyed by [order_id]",
+        )],
+    );
+}
+
+#[test]
+fn source_key_not_in_schema() {
+    let pipeline = BASE.replace("    key: [order_id]\n", "    key: [orderId]\n");
+    let actual = errors(&pipeline);
+    assert_eq!(
+        actual[0],
+        (
+            ErrorKind::MissingField,
+            "spec.source.key[0]: key field \"orderId\" is not in the source schema (amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer)".to_owned()
+        )
+    );
+}
+
+#[test]
+fn warehouse_partition_column_missing() {
+    assert_errors(
+        &with_sinks(
+            "    - name: lake\n      parquet: {path: 's3://lake/orders', partitionBy: [country]}\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn sink_with_two_kinds() {
+    assert_errors(
+        &with_sinks("    - name: both\n      kafka: {topic: a}\n      parquet: {path: 's3://x'}\n"),
+        &[(
+            ErrorKind::InvalidSink,
+            "spec.sinks[0] (both): set exactly one of kafka, elasticsearch, iceberg or parquet",
+        )],
+    );
+}
+
+#[test]
+fn all_errors_are_reported_not_only_the_first() {
+    let pipeline = with_steps(
+        "    - name: a\n      dedup: {key: [nope], window: 1m}\n    - name: a\n      order: {key: [order_id], sequence: note, maxDelay: 1s}\n    - name: c\n      processorRef: {name: missing}\n",
+    );
+    let kinds: Vec<ErrorKind> = errors(&pipeline)
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ErrorKind::DuplicateName,
+            ErrorKind::MissingField,
+            ErrorKind::WrongType,
+            ErrorKind::UnknownProcessor
+        ]
+    );
+}
