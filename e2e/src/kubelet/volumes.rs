@@ -97,6 +97,13 @@ fn service_account(pod: &Pod) -> String {
     .unwrap_or_else(|| "default".to_owned())
 }
 
+fn names_service_account(pod: &Pod, sa: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .is_some_and(|name| name == sa)
+}
+
 /// Whether the pod gets a token mounted at [`SERVICE_ACCOUNT_PATH`].
 fn wants_token(pod: &Pod) -> bool {
     let Some(spec) = pod.spec.as_ref() else {
@@ -294,7 +301,10 @@ async fn request_token(
         spec: Some(TokenRequestSpec {
             audiences: audience.map(|a| vec![a]),
             expiration_seconds: Some(expiration_seconds.max(600)),
-            bound_object_ref: Some(BoundObjectReference {
+            // The API server binds a token to a pod only if the pod names the
+            // service account; without the ServiceAccount admission plugin
+            // pods that rely on "default" do not, so theirs stay unbound.
+            bound_object_ref: names_service_account(ctx.pod, sa).then(|| BoundObjectReference {
                 api_version: Some("v1".to_owned()),
                 kind: Some("Pod".to_owned()),
                 name: ctx.pod.metadata.name.clone(),
