@@ -1,0 +1,281 @@
+//! The operator's configuration: Kafka clusters, the runtime image, watched
+//! namespaces. Helm renders it into a ConfigMap mounted as a file; a few
+//! environment variables override it so a developer can run the binary alone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use serde::{Deserialize, Serialize};
+
+/// The runtime image used when neither the config nor the Pipeline names one.
+pub const DEFAULT_RUNTIME_IMAGE: &str = "keystone/runtime:latest";
+
+/// The name a single, unnamed cluster gets (from `KAFKA_BOOTSTRAP_SERVERS`).
+pub const DEFAULT_CLUSTER: &str = "default";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Image of the runtime pods; a Pipeline's `spec.runtimeImage` overrides it.
+    #[serde(default)]
+    pub runtime_image: Option<String>,
+    /// `imagePullPolicy` of the runtime containers.
+    #[serde(default)]
+    pub runtime_image_pull_policy: Option<String>,
+    /// Resources of runtime containers whose Pipeline sets none.
+    #[serde(default)]
+    pub runtime_resources: Option<ResourceRequirements>,
+    /// The cluster a Pipeline gets when it names none; the only cluster when there is one.
+    #[serde(default)]
+    pub default_cluster: Option<String>,
+    /// Kafka clusters by name, as Pipelines refer to them.
+    #[serde(default)]
+    pub kafka_clusters: BTreeMap<String, KafkaCluster>,
+    /// Namespaces whose Pipelines this operator manages; all when empty.
+    #[serde(default)]
+    pub watch_namespaces: Vec<String>,
+}
+
+/// One Kafka cluster. Credentials come from Secrets in the operator's namespace;
+/// runtime pods read Secrets of the same names from their own namespace.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaCluster {
+    /// `host:port[,host:port...]`.
+    pub bootstrap_servers: String,
+    /// `PLAINTEXT` (default), `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    #[serde(default)]
+    pub security_protocol: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub sasl: Option<SaslConfig>,
+    /// Extra librdkafka properties for the operator's admin client.
+    #[serde(default)]
+    pub client_config: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) to verify the brokers.
+    #[serde(default)]
+    pub ca: Option<SecretKey>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub certificate: Option<SecretKey>,
+    /// Client key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key: Option<SecretKey>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SaslConfig {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: String,
+    pub username: SecretKey,
+    pub password: SecretKey,
+}
+
+/// A key of a Secret.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKey {
+    pub secret: String,
+    pub key: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("invalid configuration: {problem}")]
+    Invalid { problem: &'static str },
+    #[error(
+        "cluster name {name:?} must match [A-Za-z0-9._-]+ (it is part of topic ownership keys)"
+    )]
+    ClusterName { name: String },
+}
+
+impl OperatorConfig {
+    /// Reads the YAML or JSON file, if any, then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, serde_yaml_ng::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml_ng::from_str(text)
+    }
+
+    /// `KEYSTONE_RUNTIME_IMAGE`, `WATCH_NAMESPACES` (comma-separated) and, when no
+    /// cluster is configured, `KAFKA_BOOTSTRAP_SERVERS` as the `default` cluster.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(image) = env("KEYSTONE_RUNTIME_IMAGE").filter(|s| !s.is_empty()) {
+            self.runtime_image = Some(image);
+        }
+        if let Some(namespaces) = env("WATCH_NAMESPACES").filter(|s| !s.trim().is_empty()) {
+            self.watch_namespaces = namespaces
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if self.kafka_clusters.is_empty()
+            && let Some(servers) = env("KAFKA_BOOTSTRAP_SERVERS").filter(|s| !s.is_empty())
+        {
+            self.kafka_clusters.insert(
+                DEFAULT_CLUSTER.to_owned(),
+                KafkaCluster {
+                    bootstrap_servers: servers,
+                    ..KafkaCluster::default()
+                },
+            );
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for name in self.kafka_clusters.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !ok {
+                return Err(ConfigError::ClusterName { name: name.clone() });
+            }
+        }
+        if let Some(default) = &self.default_cluster
+            && !self.kafka_clusters.contains_key(default)
+        {
+            return Err(ConfigError::Invalid {
+                problem: "defaultCluster names a cluster that is not in kafkaClusters",
+            });
+        }
+        Ok(())
+    }
+
+    /// The configured name of the cluster a Pipeline means by `name` (None: the default).
+    pub fn resolve_cluster(&self, name: Option<&str>) -> Option<String> {
+        match name {
+            Some(name) => self
+                .kafka_clusters
+                .contains_key(name)
+                .then(|| name.to_owned()),
+            None => match &self.default_cluster {
+                Some(default) => Some(default.clone()),
+                None if self.kafka_clusters.len() == 1 => {
+                    self.kafka_clusters.keys().next().cloned()
+                }
+                None => self
+                    .kafka_clusters
+                    .contains_key(DEFAULT_CLUSTER)
+                    .then(|| DEFAULT_CLUSTER.to_owned()),
+            },
+        }
+    }
+
+    pub fn runtime_image(&self) -> &str {
+        self.runtime_image
+            .as_deref()
+            .unwrap_or(DEFAULT_RUNTIME_IMAGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_helm_rendered_config() {
+        let config = OperatorConfig::parse(
+            r#"
+runtimeImage: ghcr.io/keystone/runtime:0.1.0
+defaultCluster: main
+kafkaClusters:
+  main:
+    bootstrapServers: kafka:9092
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {secret: kafka-user, key: username}
+      password: {secret: kafka-user, key: password}
+    tls:
+      ca: {secret: kafka-ca, key: ca.crt}
+  logs:
+    bootstrapServers: logs:9092
+watchNamespaces: [a, b]
+"#,
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(config.resolve_cluster(None).as_deref(), Some("main"));
+        assert_eq!(
+            config.resolve_cluster(Some("logs")).as_deref(),
+            Some("logs")
+        );
+        assert_eq!(config.resolve_cluster(Some("nope")), None);
+        assert_eq!(config.watch_namespaces, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(OperatorConfig::parse("kafkaCluster: {}").is_err());
+    }
+
+    #[test]
+    fn env_gives_a_default_cluster_when_none_is_configured() {
+        let mut config = OperatorConfig::default();
+        config.apply_env(|name| match name {
+            "KAFKA_BOOTSTRAP_SERVERS" => Some("127.0.0.1:9092".into()),
+            "WATCH_NAMESPACES" => Some(" x, y ,".into()),
+            _ => None,
+        });
+        assert_eq!(config.resolve_cluster(None).as_deref(), Some("default"));
+        assert_eq!(config.watch_namespaces, vec!["x", "y"]);
+        assert_eq!(config.runtime_image(), DEFAULT_RUNTIME_IMAGE);
+    }
+
+    #[test]
+    fn several_clusters_without_a_default_have_none() {
+        let mut config = OperatorConfig::default();
+        for name in ["a", "b"] {
+            config
+                .kafka_clusters
+                .insert(name.into(), KafkaCluster::default());
+        }
+        assert_eq!(config.resolve_cluster(None), None);
+        config
+            .kafka_clusters
+            .insert("bad name".into(), KafkaCluster::default());
+        assert!(config.validate().is_err());
+    }
+}

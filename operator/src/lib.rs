@@ -1,0 +1,16 @@
+//! The Keystone operator: Pipelines and Processors become Kafka topics, plan
+//! ConfigMaps, runtime Deployments and a status that tells the truth.
+
+pub mod config;
+pub mod controller;
+pub mod error;
+pub mod kafka;
+pub mod ledger;
+pub mod metrics;
+pub mod resources;
+pub mod status;
+pub mod topics;
+
+pub use config::OperatorConfig;
+pub use controller::{Context, FIELD_MANAGER, FINALIZER, run_controllers};
+pub use error::Error;

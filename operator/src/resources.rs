@@ -1,0 +1,512 @@
+//! The desired Kubernetes objects of a pipeline: its plan ConfigMap, and per
+//! stage a Deployment, a metrics Service and a PodDisruptionBudget. Pure
+//! builders; the reconciler applies them with server-side apply.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keystone_crds::Plan;
+use keystone_crds::pipeline::UpgradeStrategy;
+use keystone_crds::plan::PlanStage;
+use serde::Serialize;
+
+pub const MANAGED_BY: &str = "keystone-operator";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_PIPELINE: &str = "keystone.dev/pipeline";
+pub const LABEL_STAGE: &str = "keystone.dev/stage";
+pub const ANNOTATION_PLAN_HASH: &str = "keystone.dev/plan-hash";
+pub const PLAN_KEY: &str = "plan.json";
+pub const PLAN_DIR: &str = "/etc/keystone";
+pub const HTTP_PORT: i32 = 8080;
+
+/// Everything the builders need besides the plan.
+#[derive(Clone, Debug)]
+pub struct WorkloadParams {
+    pub owner: OwnerReference,
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub strategy: UpgradeStrategy,
+    /// Environment for the runtime's Kafka connections (bootstrap servers, protocol).
+    pub kafka_env: Vec<EnvVar>,
+}
+
+/// The name of the plan ConfigMap.
+pub fn plan_config_map_name(pipeline: &str) -> String {
+    format!("{pipeline}-plan")
+}
+
+/// The name of a stage's Deployment, Service and PodDisruptionBudget.
+pub fn stage_object_name(pipeline: &str, stage: &str) -> String {
+    format!("{pipeline}-{stage}")
+}
+
+pub fn pipeline_labels(pipeline: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "keystone-runtime".to_owned(),
+        ),
+        ("app.kubernetes.io/instance".to_owned(), pipeline.to_owned()),
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_PIPELINE.to_owned(), pipeline.to_owned()),
+    ])
+}
+
+fn selector_labels(pipeline: &str, stage: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_PIPELINE.to_owned(), pipeline.to_owned()),
+        (LABEL_STAGE.to_owned(), stage.to_owned()),
+    ])
+}
+
+fn stage_labels(pipeline: &str, stage: &str) -> BTreeMap<String, String> {
+    let mut labels = pipeline_labels(pipeline);
+    labels.insert("app.kubernetes.io/component".to_owned(), stage.to_owned());
+    labels.extend(selector_labels(pipeline, stage));
+    labels
+}
+
+fn meta(
+    name: String,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    owner: &OwnerReference,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The plan as the runtime reads it, pretty-printed so `kubectl get cm -o yaml` is legible.
+pub fn plan_json(plan: &Plan) -> Result<String, serde_json::Error> {
+    serde_json::to_string_pretty(plan)
+}
+
+pub fn plan_config_map(plan: &Plan, plan_json: String, owner: &OwnerReference) -> ConfigMap {
+    let mut metadata = meta(
+        plan_config_map_name(&plan.pipeline),
+        &plan.namespace,
+        pipeline_labels(&plan.pipeline),
+        owner,
+    );
+    metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_PLAN_HASH.to_owned(),
+        plan.hash(),
+    )]));
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(PLAN_KEY.to_owned(), plan_json)])),
+        ..ConfigMap::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// Modest defaults: a stage is one Kafka consumer with bounded buffers.
+pub fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".to_owned())),
+            ("memory".to_owned(), Quantity("128Mi".to_owned())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("512Mi".to_owned()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
+    let name = stage_object_name(&plan.pipeline, &stage.name);
+    let labels = stage_labels(&plan.pipeline, &stage.name);
+    let mut pod_env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        env("KEYSTONE_PIPELINE", plan.pipeline.clone()),
+        env("KEYSTONE_STAGE", stage.name.clone()),
+        env("KEYSTONE_PLAN", format!("{PLAN_DIR}/{PLAN_KEY}")),
+    ];
+    pod_env.extend(params.kafka_env.iter().cloned());
+    let container = Container {
+        name: "runtime".to_owned(),
+        image: Some(params.image.clone()),
+        image_pull_policy: params.image_pull_policy.clone(),
+        args: Some(vec![
+            "serve".to_owned(),
+            "--plan".to_owned(),
+            format!("{PLAN_DIR}/{PLAN_KEY}"),
+            "--stage".to_owned(),
+            stage.name.clone(),
+        ]),
+        env: Some(pod_env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: HTTP_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        resources: Some(params.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "plan".to_owned(),
+                mount_path: PLAN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let strategy = match params.strategy {
+        UpgradeStrategy::Rolling => DeploymentStrategy {
+            type_: Some("RollingUpdate".to_owned()),
+            ..DeploymentStrategy::default()
+        },
+        UpgradeStrategy::Recreate => DeploymentStrategy {
+            type_: Some("Recreate".to_owned()),
+            ..DeploymentStrategy::default()
+        },
+    };
+    Deployment {
+        metadata: meta(name, &plan.namespace, labels.clone(), &params.owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(stage.parallelism),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&plan.pipeline, &stage.name)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(strategy),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    // A plan change changes the template, which rolls the pods.
+                    annotations: Some(BTreeMap::from([(
+                        ANNOTATION_PLAN_HASH.to_owned(),
+                        plan.hash(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // The runtime never talks to the API server.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "plan".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: plan_config_map_name(&plan.pipeline),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tmp".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                size_limit: Some(Quantity("64Mi".to_owned())),
+                                ..EmptyDirVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+pub fn service(plan: &Plan, stage: &PlanStage, owner: &OwnerReference) -> Service {
+    let name = stage_object_name(&plan.pipeline, &stage.name);
+    Service {
+        metadata: meta(
+            name,
+            &plan.namespace,
+            stage_labels(&plan.pipeline, &stage.name),
+            owner,
+        ),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&plan.pipeline, &stage.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: HTTP_PORT,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// At most one instance of a stage away at a time: a stage's partitions move
+/// to the others, which restore their state, so draining several at once hurts.
+pub fn pod_disruption_budget(
+    plan: &Plan,
+    stage: &PlanStage,
+    owner: &OwnerReference,
+) -> PodDisruptionBudget {
+    let name = stage_object_name(&plan.pipeline, &stage.name);
+    PodDisruptionBudget {
+        metadata: meta(
+            name,
+            &plan.namespace,
+            stage_labels(&plan.pipeline, &stage.name),
+            owner,
+        ),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&plan.pipeline, &stage.name)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// Server-side apply needs apiVersion and kind in the body.
+pub fn with_type_meta<K>(object: &K) -> Result<serde_json::Value, serde_json::Error>
+where
+    K: k8s_openapi::Resource + Serialize,
+{
+    let mut value = serde_json::to_value(object)?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".to_owned(), K::API_VERSION.into());
+        map.insert("kind".to_owned(), K::KIND.into());
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keystone_crds::{Pipeline, compile};
+
+    const PIPELINE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks, namespace: web, uid: "1234", generation: 3}
+spec:
+  source:
+    topic: web.clicks
+    key: [session_id]
+    schema:
+      fields:
+        - {name: session_id, type: string}
+        - {name: user, type: string}
+  steps:
+    - name: per-user
+      dedup: {key: [user], window: 1m}
+  parallelism: 2
+  sinks:
+    - name: out
+      kafka: {topic: web.clicks.out, partitions: 3}
+"#;
+
+    fn fixture() -> (Plan, WorkloadParams) {
+        let pipeline: Pipeline = serde_yaml_ng::from_str(PIPELINE).expect("pipeline");
+        let plan = compile(&pipeline, &[]).expect("valid");
+        let owner = kube::Resource::controller_owner_ref(&pipeline, &()).expect("owner");
+        let params = WorkloadParams {
+            owner,
+            image: "keystone/runtime:test".into(),
+            image_pull_policy: None,
+            resources: None,
+            strategy: UpgradeStrategy::Rolling,
+            kafka_env: vec![env("KAFKA_BOOTSTRAP_SERVERS", "k:9092")],
+        };
+        (plan, params)
+    }
+
+    #[test]
+    fn one_deployment_per_stage_with_the_plan_hash_and_a_restricted_pod() {
+        let (plan, params) = fixture();
+        assert_eq!(
+            plan.stages.len(),
+            2,
+            "the dedup by another key needs its own stage"
+        );
+        let d = deployment(&plan, &plan.stages[1], &params);
+        assert_eq!(d.metadata.name.as_deref(), Some("clicks-s1"));
+        let owner = &d.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(owner.kind, "Pipeline");
+        let spec = d.spec.expect("spec");
+        assert_eq!(spec.replicas, Some(2));
+        let template = spec.template;
+        let annotations = template
+            .metadata
+            .expect("meta")
+            .annotations
+            .expect("annotations");
+        assert_eq!(annotations[ANNOTATION_PLAN_HASH], plan.hash());
+        let pod = template.spec.expect("pod");
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_deref().expect("args"),
+            [
+                "serve",
+                "--plan",
+                "/etc/keystone/plan.json",
+                "--stage",
+                "s1"
+            ]
+        );
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("probe");
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        let envs: Vec<&str> = c
+            .env
+            .as_ref()
+            .expect("env")
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        for name in ["POD_NAME", "POD_NAMESPACE", "KAFKA_BOOTSTRAP_SERVERS"] {
+            assert!(envs.contains(&name), "{name} missing from {envs:?}");
+        }
+    }
+
+    #[test]
+    fn a_changed_plan_changes_the_pod_template() {
+        let (plan, params) = fixture();
+        let before = deployment(&plan, &plan.stages[0], &params);
+        let mut changed = plan.clone();
+        changed.commit_interval_ms += 1;
+        let after = deployment(&changed, &changed.stages[0], &params);
+        assert_ne!(
+            before.spec.expect("spec").template,
+            after.spec.expect("spec").template
+        );
+    }
+
+    #[test]
+    fn service_pdb_and_config_map_select_and_carry_the_plan() {
+        let (plan, params) = fixture();
+        let stage = &plan.stages[0];
+        let svc = service(&plan, stage, &params.owner);
+        let selector = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .expect("selector");
+        assert_eq!(selector[LABEL_STAGE], "s0");
+        let pdb = pod_disruption_budget(&plan, stage, &params.owner);
+        assert_eq!(
+            pdb.spec.and_then(|s| s.max_unavailable),
+            Some(IntOrString::Int(1))
+        );
+        let json = plan_json(&plan).expect("json");
+        let cm = plan_config_map(&plan, json.clone(), &params.owner);
+        assert_eq!(cm.metadata.name.as_deref(), Some("clicks-plan"));
+        let back: Plan =
+            serde_json::from_str(&cm.data.as_ref().expect("data")[PLAN_KEY]).expect("plan");
+        assert_eq!(back, plan);
+        let value = with_type_meta(&cm).expect("value");
+        assert_eq!(value["kind"], "ConfigMap");
+        assert_eq!(value["apiVersion"], "v1");
+    }
+}
