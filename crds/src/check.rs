@@ -219,8 +219,8 @@ fn derived_state_key(op: Operator<'_>) -> Option<Vec<String>> {
     match op {
         Operator::Dedup(d) => Some(d.key.clone()),
         Operator::Order(o) => Some(o.key.clone()),
-        Operator::Join(j) if !j.table.replicated => Some(j.on.clone()),
-        Operator::Enrich(e) if !e.table.replicated => Some(e.on.clone()),
+        Operator::Join(j) if !j.table.replicated => Some(j.lookup_key.clone()),
+        Operator::Enrich(e) if !e.table.replicated => Some(e.lookup_key.clone()),
         _ => None,
     }
 }
@@ -807,7 +807,7 @@ impl<'a> Checker<'a> {
             }
             Operator::Join(j) => self.lookup_requirements(
                 &j.table,
-                &j.on,
+                &j.lookup_key,
                 &j.fields,
                 stream,
                 &format!("{path}.join"),
@@ -816,7 +816,7 @@ impl<'a> Checker<'a> {
             ),
             Operator::Enrich(e) => self.lookup_requirements(
                 &e.table,
-                &e.on,
+                &e.lookup_key,
                 &e.fields,
                 stream,
                 &format!("{path}.enrich"),
@@ -892,7 +892,7 @@ impl<'a> Checker<'a> {
         if on.len() != table.key.len() {
             self.error(
                 ErrorKind::InvalidOperator,
-                format!("{path}.on"),
+                format!("{path}.lookupKey"),
                 Some(step),
                 format!(
                     "the join matches {} event field(s) {} against table {:?}, whose key has {} field(s) {}",
@@ -922,7 +922,7 @@ impl<'a> Checker<'a> {
                     Some(info) if !info.field_type.satisfies(key_info.field_type) && key_info.field_type != FieldType::Any => {
                         self.error(
                             ErrorKind::WrongType,
-                            format!("{path}.on[{i}]"),
+                            format!("{path}.lookupKey[{i}]"),
                             Some(step),
                             format!(
                                 "event field {event_field:?} is {} but is matched against table key {key:?}, which is {}",

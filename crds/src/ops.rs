@@ -166,9 +166,10 @@ pub struct TableSpec {
 pub struct JoinSpec {
     /// The table to join with.
     pub table: TableSpec,
-    /// Event fields matched, in order, against the table's key fields.
+    /// Event fields matched, in order, against the table's key fields. (Not `on`:
+    /// YAML 1.1 parsers, kubectl's among them, read an unquoted `on` as `true`.)
     #[schemars(length(min = 1, max = 8))]
-    pub on: Vec<String>,
+    pub lookup_key: Vec<String>,
     /// `Inner` drops events without a matching row; `Left` keeps them.
     #[serde(default)]
     pub kind: JoinKind,
@@ -188,9 +189,10 @@ pub struct JoinSpec {
 pub struct EnrichSpec {
     /// The table to look up.
     pub table: TableSpec,
-    /// Event fields matched, in order, against the table's key fields.
+    /// Event fields matched, in order, against the table's key fields. (Not `on`:
+    /// YAML 1.1 parsers, kubectl's among them, read an unquoted `on` as `true`.)
     #[schemars(length(min = 1, max = 8))]
-    pub on: Vec<String>,
+    pub lookup_key: Vec<String>,
     /// Table fields to copy; all non-key fields when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,

@@ -258,7 +258,7 @@ fn sink_topic_is_the_source_topic() {
 #[test]
 fn sink_topic_is_a_join_table() {
     let pipeline = with_steps(
-        "    - name: join\n      join:\n        table: {name: customers, topic: customers, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        on: [customer_id]\n",
+        "    - name: join\n      join:\n        table: {name: customers, topic: customers, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        lookupKey: [customer_id]\n",
     );
     let pipeline = pipeline.replace("kafka: {topic: orders.clean}", "kafka: {topic: customers}");
     assert_errors(
@@ -437,11 +437,11 @@ fn dedup_event_time_field_of_wrong_type() {
 fn join_key_arity_mismatch() {
     assert_errors(
         &with_steps(
-            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}]}}\n        on: [customer_id, order_id]\n",
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}]}}\n        lookupKey: [customer_id, order_id]\n",
         ),
         &[(
             ErrorKind::InvalidOperator,
-            "spec.steps[0].join.on (join): the join matches 2 event field(s) [customer_id, order_id] against table \"t\", whose key has 1 field(s) [id]",
+            "spec.steps[0].join.lookupKey (join): the join matches 2 event field(s) [customer_id, order_id] against table \"t\", whose key has 1 field(s) [id]",
         )],
     );
 }
@@ -450,11 +450,11 @@ fn join_key_arity_mismatch() {
 fn join_key_type_mismatch() {
     assert_errors(
         &with_steps(
-            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: integer}]}}\n        on: [customer_id]\n",
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: integer}]}}\n        lookupKey: [customer_id]\n",
         ),
         &[(
             ErrorKind::WrongType,
-            "spec.steps[0].join.on[0] (join): event field \"customer_id\" is string but is matched against table key \"id\", which is integer",
+            "spec.steps[0].join.lookupKey[0] (join): event field \"customer_id\" is string but is matched against table key \"id\", which is integer",
         )],
     );
 }
@@ -463,7 +463,7 @@ fn join_key_type_mismatch() {
 fn join_copies_a_field_the_table_lacks() {
     assert_errors(
         &with_steps(
-            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        on: [customer_id]\n        fields: [name, tier]\n",
+            "    - name: join\n      join:\n        table: {name: t, topic: t, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: name, type: string}]}}\n        lookupKey: [customer_id]\n        fields: [name, tier]\n",
         ),
         &[(
             ErrorKind::MissingField,

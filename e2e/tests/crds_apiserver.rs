@@ -13,10 +13,17 @@ fn repo() -> PathBuf {
 }
 
 fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("kubectl runs");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     } else {
         drop(child.stdin.take());
     }
@@ -33,10 +40,20 @@ fn text(output: &Output) -> String {
 
 async fn install_crds(testbed: &Testbed) {
     let mut apply = testbed.kubectl().unwrap();
-    apply.args(["apply", "--server-side", "--force-conflicts", "--field-manager=keystone-e2e", "-f"]);
+    apply.args([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=keystone-e2e",
+        "-f",
+    ]);
     apply.arg(repo().join("crds"));
     let out = run(apply, None);
-    assert!(out.status.success(), "applying crds/ failed: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "applying crds/ failed: {}",
+        text(&out)
+    );
     let mut wait = testbed.kubectl().unwrap();
     wait.args([
         "wait",
@@ -52,7 +69,16 @@ async fn install_crds(testbed: &Testbed) {
 /// `kubectl apply --server-side` of `manifest` into `namespace`.
 fn apply(testbed: &Testbed, namespace: &str, manifest: &str, dry_run: bool) -> Output {
     let mut cmd = testbed.kubectl().unwrap();
-    cmd.args(["apply", "--server-side", "--field-manager=keystone-e2e", "--validate=strict", "-n", namespace, "-f", "-"]);
+    cmd.args([
+        "apply",
+        "--server-side",
+        "--field-manager=keystone-e2e",
+        "--validate=strict",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+    ]);
     if dry_run {
         cmd.arg("--dry-run=server");
     }
@@ -79,22 +105,42 @@ async fn every_sample_is_accepted_by_the_api_server() {
     for path in names {
         let manifest = in_namespace(&std::fs::read_to_string(&path).unwrap(), ns.name());
         let out = apply(&testbed, ns.name(), &manifest, false);
-        assert!(out.status.success(), "{} rejected: {}", path.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "{} rejected: {}",
+            path.display(),
+            text(&out)
+        );
     }
     // `kubectl get` shows the printer columns.
     let mut get = testbed.kubectl().unwrap();
     get.args(["get", "pipelines", "-n", ns.name()]);
     let out = run(get, None);
     let listing = text(&out);
-    for column in ["NAME", "PHASE", "READY", "SOURCE", "CHECKPOINT", "AGE", "orders.cdc"] {
-        assert!(listing.contains(column), "`kubectl get pipelines` lacks {column}:\n{listing}");
+    for column in [
+        "NAME",
+        "PHASE",
+        "READY",
+        "SOURCE",
+        "CHECKPOINT",
+        "AGE",
+        "orders.cdc",
+    ] {
+        assert!(
+            listing.contains(column),
+            "`kubectl get pipelines` lacks {column}:\n{listing}"
+        );
     }
     // Short names and the category work.
     for resource in ["ksp", "ksproc", "keystone"] {
         let mut get = testbed.kubectl().unwrap();
         get.args(["get", resource, "-n", ns.name(), "-o", "name"]);
         let out = run(get, None);
-        assert!(out.status.success() && !out.stdout.is_empty(), "kubectl get {resource}: {}", text(&out));
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "kubectl get {resource}: {}",
+            text(&out)
+        );
     }
     ns.delete().await.unwrap();
 }
@@ -125,7 +171,11 @@ async fn invalid_manifests_are_rejected_with_messages_that_say_what_to_fix() {
     let ns = testbed.namespace("crd-invalid").await.unwrap();
 
     let ok = apply(&testbed, ns.name(), VALID, true);
-    assert!(ok.status.success(), "the valid base is rejected: {}", text(&ok));
+    assert!(
+        ok.status.success(),
+        "the valid base is rejected: {}",
+        text(&ok)
+    );
 
     let cases: Vec<(&str, String, &str)> = vec![
         (
@@ -157,7 +207,7 @@ async fn invalid_manifests_are_rejected_with_messages_that_say_what_to_fix() {
         (
             "a malformed duration",
             VALID.replace("window: 10m", "window: 10 minutes"),
-            "spec.steps[0].window: Invalid value: \"10 minutes\": spec.steps[0].window in body should match '^([0-9]+(ms|s|m|h|d))+$'",
+            "spec.steps[0].dedup.window: Invalid value: \"10 minutes\": spec.steps[0].dedup.window in body should match '^([0-9]+(ms|s|m|h|d))+$'",
         ),
         (
             "parallelism below one",
@@ -172,7 +222,7 @@ async fn invalid_manifests_are_rejected_with_messages_that_say_what_to_fix() {
         (
             "a misspelled field (strict field validation)",
             VALID.replace("partitions: 3", "partitons: 3"),
-            "unknown field \"spec.sinks[0].kafka.partitons\"",
+            ".spec.sinks[name=\"out\"].kafka.partitons: field not declared in schema",
         ),
         (
             "duplicate sink names",
@@ -180,7 +230,7 @@ async fn invalid_manifests_are_rejected_with_messages_that_say_what_to_fix() {
                 "      kafka: {topic: out, partitions: 3}\n",
                 "      kafka: {topic: out, partitions: 3}\n    - name: out\n      kafka: {topic: other}\n",
             ),
-            "Duplicate value",
+            ".spec.sinks: duplicate entries for key [name=\"out\"]",
         ),
     ];
     let mut failures = Vec::new();
@@ -188,7 +238,10 @@ async fn invalid_manifests_are_rejected_with_messages_that_say_what_to_fix() {
         let out = apply(&testbed, ns.name(), manifest, true);
         let message = text(&out);
         if out.status.success() || !message.contains(expected) {
-            failures.push(format!("{name}: expected rejection containing {expected:?}, got (success={}): {message}", out.status.success()));
+            failures.push(format!(
+                "{name}: expected rejection containing {expected:?}, got (success={}): {message}",
+                out.status.success()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -203,12 +256,29 @@ async fn sink_partitions_can_be_raised_but_never_lowered() {
     let created = apply(&testbed, ns.name(), VALID, false);
     assert!(created.status.success(), "{}", text(&created));
 
-    let raised = apply(&testbed, ns.name(), &VALID.replace("partitions: 3", "partitions: 6"), false);
-    assert!(raised.status.success(), "raising partitions was rejected: {}", text(&raised));
+    let raised = apply(
+        &testbed,
+        ns.name(),
+        &VALID.replace("partitions: 3", "partitions: 6"),
+        false,
+    );
+    assert!(
+        raised.status.success(),
+        "raising partitions was rejected: {}",
+        text(&raised)
+    );
 
-    let lowered = apply(&testbed, ns.name(), &VALID.replace("partitions: 3", "partitions: 2"), false);
+    let lowered = apply(
+        &testbed,
+        ns.name(),
+        &VALID.replace("partitions: 3", "partitions: 2"),
+        false,
+    );
     let message = text(&lowered);
-    assert!(!lowered.status.success(), "lowering partitions was accepted: {message}");
+    assert!(
+        !lowered.status.success(),
+        "lowering partitions was accepted: {message}"
+    );
     assert!(
         message.contains("partitions can only be raised: Kafka cannot remove partitions without losing their data"),
         "{message}"

@@ -1,0 +1,334 @@
+//! `join` and `enrich`: stream-table lookups.
+//!
+//! The table holds the latest row per key (a compacted topic on Kafka, a JSON-lines
+//! file in local mode: later lines replace earlier ones with the same key). An
+//! event matches the row whose key fields (`table.key`, in order) equal the event's
+//! `on` fields, compared by type and value (`"1"` does not match `1`).
+//!
+//! - The copied fields are `fields` (dotted paths in the row, a missing one is
+//!   skipped) or, when empty, every top-level field of the row except the key
+//!   fields. They are written under `into` (an object field, created or merged
+//!   into) or, for a join without `into`, at the top level, replacing fields of the
+//!   same name.
+//! - No matching row: `join` with `kind: Inner` drops the event (counted);
+//!   `kind: Left` and `enrich` pass it unchanged.
+//!
+//! The table is the operator's state: [`Table::apply`] takes a table-topic record
+//! (key bytes as [`Table::row_key`] encodes them, value the row's JSON, `None` a
+//! delete), and snapshots are the rows as such records.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use keystone_crds::ops::{EnrichSpec, JoinKind, JoinSpec, TableSpec};
+use sonic_rs::{JsonContainerTrait, JsonValueTrait, Object, Value};
+
+use crate::error::RuntimeError;
+use crate::event::{Event, FieldPath, encode_key};
+use crate::operator::{Ctx, Operator, Output};
+use crate::state::{StateChange, StateError, hex};
+
+/// The latest row per key of a table.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub name: String,
+    key: Vec<FieldPath>,
+    rows: HashMap<Vec<u8>, Value>,
+}
+
+impl Table {
+    pub fn new(spec: &TableSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            key: spec.key.iter().map(|k| FieldPath::new(k)).collect(),
+            rows: HashMap::new(),
+        }
+    }
+
+    /// The key bytes of a row; `Err` names the missing key field.
+    pub fn row_key(&self, row: &Value) -> Result<Vec<u8>, String> {
+        let mut key = Vec::new();
+        encode_key(row, &self.key, &mut key)
+            .map_err(|missing| format!("the row has no key field {:?}", missing.dotted))?;
+        Ok(key)
+    }
+
+    /// Inserts or replaces a row by its key.
+    pub fn upsert(&mut self, row: Value) -> Result<(), String> {
+        if !row.is_object() {
+            return Err("a row must be a JSON object".to_owned());
+        }
+        let key = self.row_key(&row)?;
+        self.rows.insert(key, row);
+        Ok(())
+    }
+
+    /// Applies one table-topic record.
+    pub fn apply(&mut self, change: StateChange) -> Result<(), StateError> {
+        match change.value {
+            None => {
+                self.rows.remove(&change.key);
+            }
+            Some(bytes) => {
+                let row = sonic_rs::from_slice(&bytes).map_err(|e| StateError::Value {
+                    key: hex(&change.key),
+                    message: format!("the row is not JSON: {e}"),
+                })?;
+                self.rows.insert(change.key, row);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads rows from a JSON-lines file (blank lines skipped).
+    pub fn load_jsonl(&mut self, path: &Path) -> Result<(), RuntimeError> {
+        let file = std::fs::File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+        for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| RuntimeError::io(path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let table = self.name.clone();
+            let error = |message: String| RuntimeError::Table {
+                table: table.clone(),
+                file: path.display().to_string(),
+                line: index + 1,
+                message,
+            };
+            let row: Value = sonic_rs::from_str(&line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+            self.upsert(row).map_err(error)?;
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&Value> {
+        self.rows.get(key)
+    }
+}
+
+pub struct Join {
+    table: Table,
+    on: Vec<FieldPath>,
+    fields: Vec<FieldPath>,
+    into: Option<FieldPath>,
+    /// Drop events without a row (inner join).
+    inner: bool,
+    kind: &'static str,
+    key_buf: Vec<u8>,
+}
+
+impl Join {
+    pub fn join(spec: &JoinSpec, table: Table) -> Self {
+        Self::new(table, &spec.lookup_key, &spec.fields, spec.into.as_deref(), spec.kind == JoinKind::Inner, "join")
+    }
+
+    pub fn enrich(spec: &EnrichSpec, table: Table) -> Self {
+        Self::new(table, &spec.lookup_key, &spec.fields, Some(&spec.into), false, "enrich")
+    }
+
+    fn new(table: Table, on: &[String], fields: &[String], into: Option<&str>, inner: bool, kind: &'static str) -> Self {
+        Self {
+            table,
+            on: on.iter().map(|f| FieldPath::new(f)).collect(),
+            fields: fields.iter().map(|f| FieldPath::new(f)).collect(),
+            into: into.map(FieldPath::new),
+            inner,
+            kind,
+            key_buf: Vec::with_capacity(64),
+        }
+    }
+
+    pub fn table_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+
+    fn copy_row(&self, row: &Value, event: &mut Value) {
+        let mut copied: Vec<(FieldPath, Value)> = Vec::new();
+        if self.fields.is_empty() {
+            if let Some(object) = row.as_object() {
+                for (name, value) in object.iter() {
+                    if self.table.key.iter().any(|k| k.dotted == name) {
+                        continue;
+                    }
+                    copied.push((FieldPath::new(name), value.clone()));
+                }
+            }
+        } else {
+            for field in &self.fields {
+                if let Some(value) = field.get(row) {
+                    copied.push((field.clone(), value.clone()));
+                }
+            }
+        }
+        match &self.into {
+            None => {
+                for (path, value) in copied {
+                    path.set(event, value);
+                }
+            }
+            Some(into) => {
+                let mut target = match into.get(event) {
+                    Some(existing) if existing.is_object() => existing.clone(),
+                    _ => Value::from(Object::new()),
+                };
+                for (path, value) in copied {
+                    path.set(&mut target, value);
+                }
+                into.set(event, target);
+            }
+        }
+    }
+}
+
+impl Operator for Join {
+    fn process(&mut self, mut event: Event, _ctx: &Ctx, out: &mut Output) {
+        self.key_buf.clear();
+        if let Err(missing) = encode_key(&event.value, &self.on, &mut self.key_buf) {
+            let reason = format!("{}: missing field {:?} to look up table {:?}", self.kind, missing.dotted, self.table.name);
+            return out.dead_letter(event, reason);
+        }
+        match self.table.rows.get(&self.key_buf) {
+            Some(row) => {
+                self.copy_row(row, &mut event.value);
+                out.emit(event);
+            }
+            None if self.inner => out.drop_event(event),
+            None => out.emit(event),
+        }
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> Vec<StateChange> {
+        let mut records: Vec<StateChange> = self
+            .table
+            .rows
+            .iter()
+            .map(|(key, row)| StateChange::upsert(key.clone(), sonic_rs::to_vec(row).unwrap_or_default()))
+            .collect();
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        records
+    }
+
+    fn restore(&mut self, changes: Vec<StateChange>) -> Result<(), StateError> {
+        self.table.rows.clear();
+        for change in changes {
+            self.table.apply(change)?;
+        }
+        Ok(())
+    }
+
+    fn state_entries(&self) -> usize {
+        self.table.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{events, run, run_split};
+    use keystone_crds::schema::SchemaSpec;
+
+    fn table() -> Table {
+        let mut table = Table::new(&TableSpec {
+            name: "customers".into(),
+            topic: "customers".into(),
+            cluster: None,
+            key: vec!["id".into()],
+            schema: SchemaSpec::default(),
+            replicated: false,
+        });
+        for row in [
+            r#"{"id":1,"name":"Ann","tier":"gold"}"#,
+            r#"{"id":2,"name":"Bob","tier":"silver"}"#,
+            r#"{"id":2,"name":"Bob","tier":"gold"}"#,
+        ] {
+            table.upsert(sonic_rs::from_str(row).unwrap()).unwrap();
+        }
+        table
+    }
+
+    fn join_spec(kind: JoinKind, fields: &[&str], into: Option<&str>) -> JoinSpec {
+        JoinSpec {
+            table: TableSpec {
+                name: "customers".into(),
+                topic: "customers".into(),
+                cluster: None,
+                key: vec!["id".into()],
+                schema: SchemaSpec::default(),
+                replicated: false,
+            },
+            lookup_key: vec!["customer_id".into()],
+            kind,
+            fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+            into: into.map(str::to_owned),
+        }
+    }
+
+    const INPUT: [&str; 3] = [
+        r#"{"order":1,"customer_id":1}"#,
+        r#"{"order":2,"customer_id":3}"#,
+        r#"{"order":3,"customer_id":2}"#,
+    ];
+
+    #[test]
+    fn inner_join_drops_unmatched_and_copies_top_level() {
+        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let out = run(&mut op, events(&INPUT));
+        assert_eq!(
+            out.json(),
+            vec![
+                r#"{"order":1,"customer_id":1,"name":"Ann","tier":"gold"}"#,
+                r#"{"order":3,"customer_id":2,"name":"Bob","tier":"gold"}"#,
+            ]
+        );
+        assert_eq!(out.dropped, 1);
+    }
+
+    #[test]
+    fn left_join_into_keeps_unmatched() {
+        let mut op = Join::join(&join_spec(JoinKind::Left, &["tier"], Some("customer")), table());
+        let out = run(&mut op, events(&INPUT));
+        assert_eq!(
+            out.json(),
+            vec![
+                r#"{"order":1,"customer_id":1,"customer":{"tier":"gold"}}"#,
+                r#"{"order":2,"customer_id":3}"#,
+                r#"{"order":3,"customer_id":2,"customer":{"tier":"gold"}}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_are_typed() {
+        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let out = run(&mut op, events(&[r#"{"customer_id":"1"}"#]));
+        assert_eq!(out.dropped, 1);
+    }
+
+    #[test]
+    fn table_state_restores() {
+        let (whole, resumed) = run_split(|| Join::join(&join_spec(JoinKind::Inner, &["name"], Some("c")), table()), &INPUT, 1);
+        assert_eq!(whole, resumed);
+        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let snapshot = op.snapshot();
+        assert_eq!(snapshot.len(), 2);
+        let mut fresh = Join::join(&join_spec(JoinKind::Inner, &[], None), Table::new(&join_spec(JoinKind::Inner, &[], None).table));
+        fresh.restore(snapshot).unwrap();
+        assert_eq!(fresh.state_entries(), 2);
+        let key = op.table.row_key(&sonic_rs::from_str(r#"{"id":1}"#).unwrap()).unwrap();
+        op.table_mut().apply(StateChange::delete(key)).unwrap();
+        assert_eq!(op.state_entries(), 1);
+    }
+}
