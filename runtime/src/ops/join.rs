@@ -96,7 +96,8 @@ impl Table {
                 line: index + 1,
                 message,
             };
-            let row: Value = sonic_rs::from_str(&line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+            let row: Value =
+                sonic_rs::from_str(&line).map_err(|e| error(format!("invalid JSON: {e}")))?;
             self.upsert(row).map_err(error)?;
         }
         Ok(())
@@ -128,14 +129,35 @@ pub struct Join {
 
 impl Join {
     pub fn join(spec: &JoinSpec, table: Table) -> Self {
-        Self::new(table, &spec.lookup_key, &spec.fields, spec.into.as_deref(), spec.kind == JoinKind::Inner, "join")
+        Self::new(
+            table,
+            &spec.lookup_key,
+            &spec.fields,
+            spec.into.as_deref(),
+            spec.kind == JoinKind::Inner,
+            "join",
+        )
     }
 
     pub fn enrich(spec: &EnrichSpec, table: Table) -> Self {
-        Self::new(table, &spec.lookup_key, &spec.fields, Some(&spec.into), false, "enrich")
+        Self::new(
+            table,
+            &spec.lookup_key,
+            &spec.fields,
+            Some(&spec.into),
+            false,
+            "enrich",
+        )
     }
 
-    fn new(table: Table, on: &[String], fields: &[String], into: Option<&str>, inner: bool, kind: &'static str) -> Self {
+    fn new(
+        table: Table,
+        on: &[String],
+        fields: &[String],
+        into: Option<&str>,
+        inner: bool,
+        kind: &'static str,
+    ) -> Self {
         Self {
             table,
             on: on.iter().map(|f| FieldPath::new(f)).collect(),
@@ -193,7 +215,10 @@ impl Operator for Join {
     fn process(&mut self, mut event: Event, _ctx: &Ctx, out: &mut Output) {
         self.key_buf.clear();
         if let Err(missing) = encode_key(&event.value, &self.on, &mut self.key_buf) {
-            let reason = format!("{}: missing field {:?} to look up table {:?}", self.kind, missing.dotted, self.table.name);
+            let reason = format!(
+                "{}: missing field {:?} to look up table {:?}",
+                self.kind, missing.dotted, self.table.name
+            );
             return out.dead_letter(event, reason);
         }
         match self.table.rows.get(&self.key_buf) {
@@ -215,7 +240,9 @@ impl Operator for Join {
             .table
             .rows
             .iter()
-            .map(|(key, row)| StateChange::upsert(key.clone(), sonic_rs::to_vec(row).unwrap_or_default()))
+            .map(|(key, row)| {
+                StateChange::upsert(key.clone(), sonic_rs::to_vec(row).unwrap_or_default())
+            })
             .collect();
         records.sort_by(|a, b| a.key.cmp(&b.key));
         records
@@ -289,8 +316,8 @@ mod tests {
         assert_eq!(
             out.json(),
             vec![
-                r#"{"order":1,"customer_id":1,"name":"Ann","tier":"gold"}"#,
-                r#"{"order":3,"customer_id":2,"name":"Bob","tier":"gold"}"#,
+                r#"{"customer_id":1,"name":"Ann","order":1,"tier":"gold"}"#,
+                r#"{"customer_id":2,"name":"Bob","order":3,"tier":"gold"}"#,
             ]
         );
         assert_eq!(out.dropped, 1);
@@ -298,14 +325,17 @@ mod tests {
 
     #[test]
     fn left_join_into_keeps_unmatched() {
-        let mut op = Join::join(&join_spec(JoinKind::Left, &["tier"], Some("customer")), table());
+        let mut op = Join::join(
+            &join_spec(JoinKind::Left, &["tier"], Some("customer")),
+            table(),
+        );
         let out = run(&mut op, events(&INPUT));
         assert_eq!(
             out.json(),
             vec![
-                r#"{"order":1,"customer_id":1,"customer":{"tier":"gold"}}"#,
-                r#"{"order":2,"customer_id":3}"#,
-                r#"{"order":3,"customer_id":2,"customer":{"tier":"gold"}}"#,
+                r#"{"customer":{"tier":"gold"},"customer_id":1,"order":1}"#,
+                r#"{"customer_id":3,"order":2}"#,
+                r#"{"customer":{"tier":"gold"},"customer_id":2,"order":3}"#,
             ]
         );
     }
@@ -319,15 +349,25 @@ mod tests {
 
     #[test]
     fn table_state_restores() {
-        let (whole, resumed) = run_split(|| Join::join(&join_spec(JoinKind::Inner, &["name"], Some("c")), table()), &INPUT, 1);
+        let (whole, resumed) = run_split(
+            || Join::join(&join_spec(JoinKind::Inner, &["name"], Some("c")), table()),
+            &INPUT,
+            1,
+        );
         assert_eq!(whole, resumed);
         let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
         let snapshot = op.snapshot();
         assert_eq!(snapshot.len(), 2);
-        let mut fresh = Join::join(&join_spec(JoinKind::Inner, &[], None), Table::new(&join_spec(JoinKind::Inner, &[], None).table));
+        let mut fresh = Join::join(
+            &join_spec(JoinKind::Inner, &[], None),
+            Table::new(&join_spec(JoinKind::Inner, &[], None).table),
+        );
         fresh.restore(snapshot).unwrap();
         assert_eq!(fresh.state_entries(), 2);
-        let key = op.table.row_key(&sonic_rs::from_str(r#"{"id":1}"#).unwrap()).unwrap();
+        let key = op
+            .table
+            .row_key(&sonic_rs::from_str(r#"{"id":1}"#).unwrap())
+            .unwrap();
         op.table_mut().apply(StateChange::delete(key)).unwrap();
         assert_eq!(op.state_entries(), 1);
     }

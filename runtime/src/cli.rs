@@ -1,0 +1,215 @@
+//! The command line: `check` and `run` (local mode). `serve` (a stage on Kafka)
+//! joins them with the Kafka runtime.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use keystone_crds::{check_processor, compile};
+
+use crate::clock::SystemClock;
+use crate::error::RuntimeError;
+use crate::local::{self, LocalPipeline};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keystone-runtime",
+    version,
+    about = "Keystone runtime: check and run pipelines"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check pipelines against their processing contracts and print their plans.
+    ///
+    /// Exit status: 0 when every pipeline is valid, 1 on contract errors, 2 when a
+    /// manifest cannot be read (with its line and column).
+    Check {
+        /// Files holding Pipeline and Processor manifests (multi-document YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a pipeline locally on JSON lines, with no cluster and no Kafka.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Files holding the Pipeline and the Processors it references.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Input events, one JSON object per line; `-` for stdin.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Where events reaching the sinks go, as JSON lines; `-` for stdout.
+    #[arg(long, short, default_value = "-")]
+    pub output: PathBuf,
+    /// Where dead letters go, as JSON lines with reason, step and original; stderr when unset.
+    #[arg(long)]
+    pub dead_letters: Option<PathBuf>,
+    /// Rows of a join or enrich table: `NAME=FILE` (JSON lines, latest row per key wins).
+    #[arg(long = "table", value_parser = parse_table)]
+    pub tables: Vec<(String, PathBuf)>,
+    /// The pipeline to run when the files hold several.
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    /// No summary on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_table(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, file)) if !name.is_empty() && !file.is_empty() => {
+            Ok((name.to_owned(), PathBuf::from(file)))
+        }
+        _ => Err(format!("expected NAME=FILE, got {text:?}")),
+    }
+}
+
+/// Runs a command; returns the exit status. Errors that stop a command are
+/// printed to stderr here; `Err` is left for the caller to print.
+pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
+    match cli.command {
+        Command::Check { files } => Ok(check(
+            &files,
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+        )),
+        Command::Run(args) => match run(&args) {
+            Ok(()) => Ok(0),
+            Err(
+                error @ (RuntimeError::Contract(_)
+                | RuntimeError::Manifest(_)
+                | RuntimeError::Usage(_)
+                | RuntimeError::Table { .. }),
+            ) => {
+                eprintln!("{error}");
+                Ok(error.exit_code())
+            }
+            Err(other) => Err(other),
+        },
+    }
+}
+
+/// `check`: plans to `out`, errors to `err`; returns the exit status.
+pub fn check(files: &[PathBuf], out: &mut impl Write, err: &mut impl Write) -> i32 {
+    let manifests = match local::read_manifests(files) {
+        Ok(manifests) => manifests,
+        Err(error) => {
+            let _ = writeln!(err, "{error}");
+            return 2;
+        }
+    };
+    if manifests.pipelines.is_empty() && manifests.processors.is_empty() {
+        let _ = writeln!(err, "no Pipeline or Processor in the given files");
+        return 2;
+    }
+    let mut code = 0;
+    for processor in &manifests.processors {
+        if let Err(errors) = check_processor(processor) {
+            let name = processor.metadata.name.as_deref().unwrap_or("processor");
+            for error in errors.0 {
+                let _ = writeln!(err, "Processor {name}: {error}");
+            }
+            code = 1;
+        }
+    }
+    let several = manifests.pipelines.len() > 1;
+    for pipeline in &manifests.pipelines {
+        match compile(pipeline, &manifests.processors) {
+            Ok(plan) => {
+                let _ = write!(out, "{}", plan.describe());
+            }
+            Err(errors) => {
+                let name = pipeline.metadata.name.as_deref().unwrap_or("pipeline");
+                for error in errors.0 {
+                    if several {
+                        let _ = writeln!(err, "{name}: {error}");
+                    } else {
+                        let _ = writeln!(err, "{error}");
+                    }
+                }
+                code = 1;
+            }
+        }
+    }
+    code
+}
+
+fn is_stdio(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// `run`: local mode.
+pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
+    let manifests = local::read_manifests(&args.files)?;
+    let plan = local::compile_pipeline(&manifests, args.pipeline.as_deref())?;
+    let tables = local::load_tables(&plan, &args.tables)?;
+    let mut pipeline = LocalPipeline::new(&plan, &tables, Arc::new(SystemClock))?;
+
+    let (input, length): (Box<dyn BufRead>, Option<u64>) = if is_stdio(&args.input) {
+        (
+            Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock())),
+            None,
+        )
+    } else {
+        let file = File::open(&args.input).map_err(|e| {
+            RuntimeError::Usage(format!("cannot open input {}: {e}", args.input.display()))
+        })?;
+        let length = file.metadata().ok().map(|m| m.len());
+        (Box::new(BufReader::with_capacity(1 << 20, file)), length)
+    };
+    let create = |path: &PathBuf| {
+        File::create(path)
+            .map_err(|e| RuntimeError::Usage(format!("cannot create {}: {e}", path.display())))
+    };
+    let mut output: Box<dyn Write> = if is_stdio(&args.output) {
+        Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
+    } else {
+        Box::new(BufWriter::with_capacity(1 << 20, create(&args.output)?))
+    };
+    let mut dead_letters: Box<dyn Write> = match &args.dead_letters {
+        Some(path) if !is_stdio(path) => Box::new(BufWriter::new(create(path)?)),
+        _ => Box::new(std::io::stderr()),
+    };
+
+    let progress = (!args.quiet && std::io::stderr().is_terminal()).then(|| match length {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} read, {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    });
+    let summary = local::run(
+        &mut pipeline,
+        input,
+        &mut output,
+        &mut dead_letters,
+        |bytes| {
+            if let Some(bar) = &progress {
+                bar.inc(bytes);
+            }
+        },
+        &args.input,
+    )?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if !args.quiet {
+        eprint!("{}", summary.render());
+    }
+    Ok(())
+}

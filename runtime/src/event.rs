@@ -1,0 +1,313 @@
+//! Events as the runtime carries them, and how fields are reached in them.
+
+use keystone_crds::schema::FieldType;
+use sonic_rs::{JsonContainerTrait, JsonType, JsonValueMutTrait, JsonValueTrait, Object, Value};
+
+/// One event: the bytes it arrived as and the document parsed from them once per stage.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// The JSON object every step reads and writes.
+    pub value: Value,
+    /// The bytes the event arrived as (a source line or Kafka record value); dead
+    /// letters carry them so that nothing is lost.
+    pub raw: Vec<u8>,
+}
+
+impl Event {
+    /// Parses `raw` as one JSON object. On failure the reason is returned with the bytes.
+    pub fn parse(raw: Vec<u8>) -> Result<Event, (Vec<u8>, String)> {
+        match sonic_rs::from_slice::<Value>(&raw) {
+            Ok(value) if value.is_object() => Ok(Event { value, raw }),
+            Ok(value) => {
+                let reason = format!(
+                    "not a JSON object: the event is a JSON {}",
+                    type_name(&value)
+                );
+                Err((raw, reason))
+            }
+            Err(e) => {
+                let reason = format!("invalid JSON: {e}");
+                Err((raw, reason))
+            }
+        }
+    }
+
+    /// An event built from a document; its `raw` bytes are the serialized document.
+    pub fn from_value(value: Value) -> Event {
+        let raw = sonic_rs::to_vec(&value).unwrap_or_default();
+        Event { value, raw }
+    }
+
+    /// Writes the document as one line of JSON.
+    pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        // Serializing a parsed document cannot fail: keys are strings and numbers finite.
+        let _ = sonic_rs::to_writer(&mut *out, &self.value);
+        out.push(b'\n');
+    }
+}
+
+/// An event that could not be processed, with why and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The step that refused it; `source` for input that failed to parse or to match
+    /// the source schema.
+    pub step: String,
+    pub reason: String,
+    /// The bytes the event arrived as.
+    pub original: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// `{"reason": ..., "step": ..., "original": ...}` as one line; `original` is the
+    /// input text (invalid UTF-8 replaced by U+FFFD).
+    pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        let record = serde_json::json!({
+            "reason": self.reason,
+            "step": self.step,
+            "original": String::from_utf8_lossy(&self.original),
+        });
+        let _ = serde_json::to_writer(&mut *out, &record);
+        out.push(b'\n');
+    }
+}
+
+/// The JSON type of a value, as messages name it.
+pub fn type_name(value: &Value) -> &'static str {
+    match value.get_type() {
+        JsonType::Null => "null",
+        JsonType::Boolean => "boolean",
+        JsonType::Number if value.is_i64() || value.is_u64() => "integer",
+        JsonType::Number => "number",
+        JsonType::String => "string",
+        JsonType::Object => "object",
+        JsonType::Array => "array",
+    }
+}
+
+/// Whether `value` is of the schema type `expected`.
+pub fn conforms(value: &Value, expected: FieldType) -> bool {
+    match expected {
+        FieldType::String => value.is_str(),
+        FieldType::Integer => value.is_i64() || value.is_u64(),
+        FieldType::Number => value.is_number(),
+        FieldType::Boolean => value.is_boolean(),
+        FieldType::Timestamp => timestamp_ms(value).is_some(),
+        FieldType::Object => value.is_object(),
+        FieldType::Array => value.is_array(),
+        FieldType::Any => true,
+    }
+}
+
+/// A timestamp value as epoch milliseconds: an integer is taken as epoch
+/// milliseconds, a string must be RFC 3339.
+pub fn timestamp_ms(value: &Value) -> Option<i64> {
+    if let Some(ms) = value.as_i64() {
+        return Some(ms);
+    }
+    let text = value.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// A dotted field path (`customer.id`), split once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldPath {
+    pub dotted: String,
+    segments: Vec<String>,
+}
+
+impl FieldPath {
+    pub fn new(dotted: &str) -> Self {
+        Self {
+            dotted: dotted.to_owned(),
+            segments: dotted.split('.').map(str::to_owned).collect(),
+        }
+    }
+
+    /// The first segment: the top-level field the path starts at.
+    pub fn top(&self) -> &str {
+        &self.segments[0]
+    }
+
+    pub fn get<'a>(&self, value: &'a Value) -> Option<&'a Value> {
+        let mut current = value;
+        for segment in &self.segments {
+            current = current.as_object()?.get(segment)?;
+        }
+        Some(current)
+    }
+
+    /// Sets the field, creating (or replacing non-object) parents as objects.
+    pub fn set(&self, root: &mut Value, new: Value) {
+        let mut current = root;
+        let (last, parents) = self.segments.split_last().expect("a path has a segment");
+        for segment in parents {
+            if !current.is_object() {
+                *current = Value::from(Object::new());
+            }
+            let object = current.as_object_mut().expect("made an object above");
+            if !object.contains_key(segment) {
+                object.insert(segment, Value::from(Object::new()));
+            }
+            current = object.get_mut(segment).expect("inserted above");
+            if !current.is_object() {
+                *current = Value::from(Object::new());
+            }
+        }
+        if !current.is_object() {
+            *current = Value::from(Object::new());
+        }
+        current
+            .as_object_mut()
+            .expect("an object")
+            .insert(last, new);
+    }
+}
+
+/// An RFC 6901 JSON pointer, split and unescaped once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pointer {
+    pub text: String,
+    tokens: Vec<String>,
+}
+
+impl Pointer {
+    /// `None` when `text` does not start with `/`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix('/')?;
+        Some(Self {
+            text: text.to_owned(),
+            tokens: rest
+                .split('/')
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect(),
+        })
+    }
+
+    /// Reads the value; a token indexes an array when it is a decimal index.
+    pub fn get<'a>(&self, value: &'a Value) -> Option<&'a Value> {
+        let mut current = value;
+        for token in &self.tokens {
+            current = if let Some(object) = current.as_object() {
+                object.get(token)?
+            } else if let Some(array) = current.as_array() {
+                let index: usize = token.parse().ok()?;
+                array.get(index)?
+            } else {
+                return None;
+            };
+        }
+        Some(current)
+    }
+}
+
+/// Appends a canonical, type-tagged encoding of the values of `fields` to `out`:
+/// equal keys encode equally and `"1"`, `1` and `1.0` all differ. Returns the
+/// first missing field.
+pub fn encode_key<'p>(
+    value: &Value,
+    fields: &'p [FieldPath],
+    out: &mut Vec<u8>,
+) -> Result<(), &'p FieldPath> {
+    for field in fields {
+        let Some(v) = field.get(value) else {
+            return Err(field);
+        };
+        encode_value(v, out);
+        out.push(0xff);
+    }
+    Ok(())
+}
+
+fn encode_value(v: &Value, out: &mut Vec<u8>) {
+    if let Some(s) = v.as_str() {
+        out.push(b's');
+        out.extend_from_slice(s.as_bytes());
+    } else if let Some(i) = v.as_i64() {
+        out.push(b'i');
+        out.extend_from_slice(&i.to_be_bytes());
+    } else {
+        // Rare key types (floats, booleans, objects): their JSON text.
+        out.push(b'j');
+        let _ = sonic_rs::to_writer(&mut *out, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Value {
+        sonic_rs::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn paths_read_and_write_nested_fields() {
+        let mut value = doc(r#"{"a":{"b":1},"c":2}"#);
+        assert_eq!(FieldPath::new("a.b").get(&value).unwrap().as_i64(), Some(1));
+        FieldPath::new("a.d.e").set(&mut value, Value::from(true));
+        FieldPath::new("c.x").set(&mut value, Value::new_i64(3));
+        let expected: Value =
+            sonic_rs::from_str(r#"{"a":{"b":1,"d":{"e":true}},"c":{"x":3}}"#).unwrap();
+        assert_eq!(value, expected);
+    }
+
+    #[test]
+    fn pointers_index_objects_and_arrays() {
+        let value = doc(r#"{"a":[{"x/y":5}],"m~n":1}"#);
+        assert_eq!(
+            Pointer::parse("/a/0/x~1y")
+                .unwrap()
+                .get(&value)
+                .unwrap()
+                .as_i64(),
+            Some(5)
+        );
+        assert_eq!(
+            Pointer::parse("/m~0n")
+                .unwrap()
+                .get(&value)
+                .unwrap()
+                .as_i64(),
+            Some(1)
+        );
+        assert!(Pointer::parse("/a/1").unwrap().get(&value).is_none());
+        assert!(Pointer::parse("a").is_none());
+    }
+
+    #[test]
+    fn keys_are_typed() {
+        let fields = [FieldPath::new("k")];
+        let encode = |text: &str| {
+            let mut out = Vec::new();
+            encode_key(&doc(text), &fields, &mut out).unwrap();
+            out
+        };
+        assert_ne!(encode(r#"{"k":"1"}"#), encode(r#"{"k":1}"#));
+        assert_ne!(encode(r#"{"k":1}"#), encode(r#"{"k":1.0}"#));
+        assert_eq!(encode(r#"{"k":1,"x":2}"#), encode(r#"{"x":3,"k":1}"#));
+    }
+
+    #[test]
+    fn types_and_timestamps() {
+        assert!(conforms(&doc("1"), FieldType::Number));
+        assert!(!conforms(&doc("1.5"), FieldType::Integer));
+        assert!(conforms(
+            &doc(r#""2026-01-01T00:00:00Z""#),
+            FieldType::Timestamp
+        ));
+        assert!(!conforms(&doc(r#""yesterday""#), FieldType::Timestamp));
+        assert_eq!(timestamp_ms(&doc(r#""1970-01-01T00:00:01Z""#)), Some(1000));
+        assert_eq!(type_name(&doc("[1]")), "array");
+    }
+
+    #[test]
+    fn parse_failures_keep_the_bytes() {
+        let (raw, reason) = Event::parse(b"{oops".to_vec()).unwrap_err();
+        assert_eq!(raw, b"{oops");
+        assert!(reason.starts_with("invalid JSON"), "{reason}");
+        let (_, reason) = Event::parse(b"[1]".to_vec()).unwrap_err();
+        assert_eq!(reason, "not a JSON object: the event is a JSON array");
+    }
+}

@@ -1,0 +1,33 @@
+//! Keystone runtime: executes a compiled pipeline [`Plan`](keystone_crds::Plan).
+//!
+//! The model, written once and shared by local mode and (next) the Kafka runtime:
+//!
+//! - An [`Event`] keeps the bytes it arrived as (for dead letters) and is parsed
+//!   once per stage into a `sonic_rs::Value` that every step of the stage works on.
+//! - Every step runs an [`Operator`]: one trait with default hooks (start, process a
+//!   batch, timer, close, snapshot, restore). Operators write what they produce into
+//!   an [`Output`]: events, dead letters, drops and keyed-state changes
+//!   ([`StateChange`], the records of a compacted changelog topic).
+//! - A [`StageTask`] owns one chain instance (one per input partition on Kafka): it
+//!   parses input, checks each step's required fields, runs the steps batch by batch,
+//!   fires timers from an injectable [`Clock`], and keeps per-step metrics.
+//! - [`local`] runs all stages of a plan in one process over JSON-lines files.
+
+pub mod cli;
+pub mod clock;
+pub mod error;
+pub mod event;
+pub mod expr;
+pub mod local;
+pub mod operator;
+pub mod ops;
+pub mod schema;
+pub mod state;
+pub mod task;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::RuntimeError;
+pub use event::{DeadLetter, Event};
+pub use operator::{Ctx, Operator, Output};
+pub use state::{StateChange, StateError};
+pub use task::{StageTask, StepMetrics, TaskOptions};

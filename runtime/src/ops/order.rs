@@ -1,0 +1,501 @@
+//! `order`: per key, events leave in ascending order of their `sequence` field.
+//!
+//! For each key the operator remembers the last sequence it emitted (`last`) and
+//! holds back events that may not leave yet, sorted by sequence.
+//!
+//! - **Stale**: an event whose sequence is not above `last`, or equals one already
+//!   waiting, is stale: dropped (counted) with `onStale: Drop`, dead-lettered with
+//!   reason `stale: ...` with `onStale: DeadLetter`. So output is strictly
+//!   ascending and unique per key.
+//! - **Contiguous** (`contiguous: true`): an event with sequence `last + 1` leaves at
+//!   once, followed by every waiting event that continues the run without a gap.
+//!   Any other event waits. A key with no emitted history has no known predecessor:
+//!   its first events wait as below.
+//! - **Waiting**: a held event leaves at the latest `maxDelay` of processing time
+//!   after it arrived; it then leaves together with every waiting event of its key
+//!   with a lower sequence, in ascending order (a gap is given up on; a missing
+//!   sequence arriving later is stale). In non-contiguous mode every event waits its
+//!   `maxDelay`, so that late predecessors can overtake it.
+//! - **Bounded**: when a key holds more than `maxBuffered` events, its lowest
+//!   sequence leaves at once (then, if contiguous, the run that follows it).
+//! - **End of input**: every key's waiting events leave in ascending order, keys in
+//!   the order their oldest waiting event arrived.
+//! - **Key**: the `key` fields' values, typed and hashed to 128 bits (xxh3), so
+//!   distinct keys practically never share a sequence history.
+//! - **Memory**: per key ever seen, about 60 bytes (hash, `last`, an empty waiting
+//!   list); plus each waiting event and a 32-byte timer entry per event for
+//!   `maxDelay`. `last` is kept for every key: that is what makes late duplicates
+//!   stale.
+//! - **Changelog**: `hash (16 bytes) + 'L' -> last (8 bytes)` whenever an event
+//!   leaves; `hash + 'B' + sequence (8 bytes) -> arrival time, arrival number, the
+//!   original bytes and the current event` while it waits, a tombstone when it leaves.
+
+use std::collections::VecDeque;
+
+use keystone_crds::ops::{OrderSpec, StalePolicy};
+use sonic_rs::JsonValueTrait;
+
+use crate::event::{Event, FieldPath, encode_key};
+use crate::operator::{Ctx, Operator, Output};
+use crate::state::{HashKeyed, StateChange, StateError, compact, hash128, hex, read_i64, read_u32};
+
+struct Pending {
+    seq: i64,
+    arrived_ms: i64,
+    arrival: u64,
+    event: Event,
+}
+
+#[derive(Default)]
+struct KeyState {
+    last: Option<i64>,
+    /// Ascending by sequence.
+    pending: Vec<Pending>,
+}
+
+struct Deadline {
+    due_ms: i64,
+    key: u128,
+    seq: i64,
+}
+
+pub struct Order {
+    key: Vec<FieldPath>,
+    sequence: FieldPath,
+    max_delay_ms: i64,
+    max_buffered: usize,
+    contiguous: bool,
+    on_stale: StalePolicy,
+    keys: HashKeyed<u128, KeyState>,
+    /// In arrival order; due times never decrease because processing time does not.
+    deadlines: VecDeque<Deadline>,
+    next_arrival: u64,
+    key_buf: Vec<u8>,
+}
+
+fn last_key(key: u128) -> Vec<u8> {
+    let mut k = key.to_be_bytes().to_vec();
+    k.push(b'L');
+    k
+}
+
+fn pending_key(key: u128, seq: i64) -> Vec<u8> {
+    let mut k = key.to_be_bytes().to_vec();
+    k.push(b'B');
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn pending_value(p: &Pending) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + p.event.raw.len() * 2);
+    v.extend_from_slice(&p.arrived_ms.to_be_bytes());
+    v.extend_from_slice(&p.arrival.to_be_bytes());
+    v.extend_from_slice(
+        &u32::try_from(p.event.raw.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    v.extend_from_slice(&p.event.raw);
+    let _ = sonic_rs::to_writer(&mut v, &p.event.value);
+    v
+}
+
+/// Emits one event of `key` and records the new `last`.
+fn release(
+    key: u128,
+    state: &mut KeyState,
+    event: Event,
+    seq: i64,
+    was_pending: bool,
+    out: &mut Output,
+) {
+    state.last = Some(seq);
+    if was_pending {
+        out.change(|| StateChange::delete(pending_key(key, seq)));
+    }
+    out.change(|| StateChange::upsert(last_key(key), seq.to_be_bytes().to_vec()));
+    out.emit(event);
+}
+
+/// Releases waiting events up to index `upto` (inclusive), then, if contiguous,
+/// the run without gaps that follows.
+fn release_upto(
+    key: u128,
+    state: &mut KeyState,
+    upto: Option<usize>,
+    contiguous: bool,
+    out: &mut Output,
+) {
+    if let Some(upto) = upto {
+        let released: Vec<Pending> = state.pending.drain(..=upto).collect();
+        for p in released {
+            release(key, state, p.event, p.seq, true, out);
+        }
+    }
+    if contiguous {
+        let run = state
+            .pending
+            .iter()
+            .zip(state.last.map_or(i64::MIN, |l| l.saturating_add(1))..)
+            .take_while(|(p, expected)| p.seq == *expected)
+            .count();
+        if run > 0 {
+            let released: Vec<Pending> = state.pending.drain(..run).collect();
+            for p in released {
+                release(key, state, p.event, p.seq, true, out);
+            }
+        }
+    }
+    if state.pending.is_empty() && state.pending.capacity() > 0 {
+        state.pending = Vec::new();
+    }
+}
+
+impl Order {
+    pub fn new(spec: &OrderSpec) -> Self {
+        Self {
+            key: spec.key.iter().map(|k| FieldPath::new(k)).collect(),
+            sequence: FieldPath::new(&spec.sequence),
+            max_delay_ms: i64::try_from(spec.max_delay.as_millis()).unwrap_or(i64::MAX),
+            max_buffered: usize::try_from(spec.max_buffered)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            contiguous: spec.contiguous,
+            on_stale: spec.on_stale,
+            keys: HashKeyed::default(),
+            deadlines: VecDeque::new(),
+            next_arrival: 0,
+            key_buf: Vec::with_capacity(64),
+        }
+    }
+
+    fn stale(&self, event: Event, reason: String, out: &mut Output) {
+        match self.on_stale {
+            StalePolicy::Drop => out.drop_event(event),
+            StalePolicy::DeadLetter => out.dead_letter(event, reason),
+        }
+    }
+
+    /// Events waiting, over all keys.
+    pub fn waiting(&self) -> usize {
+        self.keys.values().map(|s| s.pending.len()).sum()
+    }
+}
+
+impl Operator for Order {
+    fn process(&mut self, event: Event, ctx: &Ctx, out: &mut Output) {
+        self.key_buf.clear();
+        if let Err(missing) = encode_key(&event.value, &self.key, &mut self.key_buf) {
+            let reason = format!("order: missing key field {:?}", missing.dotted);
+            return out.dead_letter(event, reason);
+        }
+        let Some(seq) = self.sequence.get(&event.value).and_then(|v| v.as_i64()) else {
+            let reason = format!(
+                "order: sequence field {:?} is missing or not a 64-bit integer",
+                self.sequence.dotted
+            );
+            return out.dead_letter(event, reason);
+        };
+        let key = hash128(&self.key_buf);
+        let state = self.keys.entry(key).or_default();
+        if let Some(last) = state.last
+            && seq <= last
+        {
+            let reason =
+                format!("stale: sequence {seq} is not above {last}, the last emitted for its key");
+            return self.stale(event, reason, out);
+        }
+        let position = match state.pending.binary_search_by_key(&seq, |p| p.seq) {
+            Ok(_) => {
+                let reason =
+                    format!("stale: sequence {seq} is already waiting to be emitted for its key");
+                return self.stale(event, reason, out);
+            }
+            Err(position) => position,
+        };
+        let contiguous = self.contiguous;
+        if contiguous
+            && state
+                .last
+                .is_some_and(|last| last.checked_add(1) == Some(seq))
+        {
+            release(key, state, event, seq, false, out);
+            release_upto(key, state, None, true, out);
+            return;
+        }
+        let pending = Pending {
+            seq,
+            arrived_ms: ctx.now_ms,
+            arrival: self.next_arrival,
+            event,
+        };
+        self.next_arrival += 1;
+        out.change(|| StateChange::upsert(pending_key(key, seq), pending_value(&pending)));
+        state.pending.insert(position, pending);
+        self.deadlines.push_back(Deadline {
+            due_ms: ctx.now_ms.saturating_add(self.max_delay_ms),
+            key,
+            seq,
+        });
+        if state.pending.len() > self.max_buffered {
+            release_upto(key, state, Some(0), contiguous, out);
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &Ctx, out: &mut Output) {
+        while let Some(front) = self.deadlines.front() {
+            if front.due_ms > ctx.now_ms {
+                break;
+            }
+            let Deadline { key, seq, .. } = self.deadlines.pop_front().expect("front exists");
+            if let Some(state) = self.keys.get_mut(&key)
+                && let Ok(index) = state.pending.binary_search_by_key(&seq, |p| p.seq)
+            {
+                release_upto(key, state, Some(index), self.contiguous, out);
+            }
+        }
+    }
+
+    fn on_close(&mut self, _ctx: &Ctx, out: &mut Output) {
+        for deadline in std::mem::take(&mut self.deadlines) {
+            if let Some(state) = self.keys.get_mut(&deadline.key)
+                && !state.pending.is_empty()
+            {
+                let last = state.pending.len() - 1;
+                release_upto(deadline.key, state, Some(last), false, out);
+            }
+        }
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> Vec<StateChange> {
+        let mut records = Vec::new();
+        for (key, state) in &self.keys {
+            if let Some(last) = state.last {
+                records.push(StateChange::upsert(
+                    last_key(*key),
+                    last.to_be_bytes().to_vec(),
+                ));
+            }
+            for p in &state.pending {
+                records.push(StateChange::upsert(
+                    pending_key(*key, p.seq),
+                    pending_value(p),
+                ));
+            }
+        }
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        records
+    }
+
+    fn restore(&mut self, changes: Vec<StateChange>) -> Result<(), StateError> {
+        self.keys.clear();
+        self.deadlines.clear();
+        let mut waiting: Vec<(u64, u128, i64, i64)> = Vec::new();
+        for (record_key, value) in compact(changes) {
+            let bad = |message: String| StateError::Value {
+                key: hex(&record_key),
+                message,
+            };
+            if record_key.len() < 17 {
+                return Err(StateError::KeyLength {
+                    expected: 17,
+                    found: record_key.len(),
+                });
+            }
+            let key = u128::from_be_bytes(record_key[..16].try_into().expect("16 bytes"));
+            match (record_key[16], record_key.len()) {
+                (b'L', 17) => {
+                    let last = read_i64(&value, 0)
+                        .ok_or_else(|| bad("expected an 8-byte sequence".into()))?;
+                    self.keys.entry(key).or_default().last = Some(last);
+                }
+                (b'B', 25) => {
+                    let seq = read_i64(&record_key, 17).expect("25-byte key");
+                    let arrived_ms = read_i64(&value, 0).ok_or_else(|| bad("truncated".into()))?;
+                    let arrival =
+                        read_i64(&value, 8).ok_or_else(|| bad("truncated".into()))? as u64;
+                    let raw_len =
+                        read_u32(&value, 16).ok_or_else(|| bad("truncated".into()))? as usize;
+                    let raw = value
+                        .get(20..20 + raw_len)
+                        .ok_or_else(|| bad("truncated original bytes".into()))?
+                        .to_vec();
+                    let document = sonic_rs::from_slice(&value[20 + raw_len..])
+                        .map_err(|e| bad(format!("the waiting event is not JSON: {e}")))?;
+                    let state = self.keys.entry(key).or_default();
+                    let position = state
+                        .pending
+                        .binary_search_by_key(&seq, |p| p.seq)
+                        .unwrap_or_else(|p| p);
+                    state.pending.insert(
+                        position,
+                        Pending {
+                            seq,
+                            arrived_ms,
+                            arrival,
+                            event: Event {
+                                value: document,
+                                raw,
+                            },
+                        },
+                    );
+                    waiting.push((arrival, key, seq, arrived_ms));
+                }
+                (tag, len) => {
+                    return Err(bad(format!(
+                        "unknown record type {tag:#04x} with a {len}-byte key"
+                    )));
+                }
+            }
+        }
+        waiting.sort();
+        self.next_arrival = waiting.last().map_or(0, |w| w.0 + 1);
+        for (_, key, seq, arrived_ms) in waiting {
+            self.deadlines.push_back(Deadline {
+                due_ms: arrived_ms.saturating_add(self.max_delay_ms),
+                key,
+                seq,
+            });
+        }
+        Ok(())
+    }
+
+    fn state_entries(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{close, events, run_at, run_split};
+    use keystone_crds::Duration;
+
+    fn order(
+        contiguous: bool,
+        max_delay_ms: u64,
+        max_buffered: u32,
+        on_stale: StalePolicy,
+    ) -> Order {
+        Order::new(&OrderSpec {
+            key: vec!["k".into()],
+            sequence: "seq".into(),
+            max_delay: Duration::from_millis(max_delay_ms),
+            max_buffered,
+            contiguous,
+            on_stale,
+        })
+    }
+
+    fn seqs(out: &[String]) -> Vec<String> {
+        out.iter()
+            .map(|line| {
+                let v: sonic_rs::Value = sonic_rs::from_str(line).unwrap();
+                format!("{}{}", v["k"].as_str().unwrap(), v["seq"].as_i64().unwrap())
+            })
+            .collect()
+    }
+
+    fn line(k: &str, seq: i64) -> String {
+        format!(r#"{{"k":"{k}","seq":{seq}}}"#)
+    }
+
+    fn input(pairs: &[(&str, i64)]) -> Vec<Event> {
+        let lines: Vec<String> = pairs.iter().map(|(k, s)| line(k, *s)).collect();
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        events(&refs)
+    }
+
+    #[test]
+    fn contiguous_runs_leave_as_soon_as_the_gap_fills() {
+        let mut op = order(true, 60_000, 100, StalePolicy::Drop);
+        // First events of a key wait (no known predecessor) until maxDelay.
+        let out = run_at(&mut op, 0, input(&[("a", 2), ("a", 1), ("b", 5)]));
+        assert!(out.json().is_empty());
+        let out = run_at(&mut op, 60_000, vec![]);
+        assert_eq!(seqs(&out.json()), vec!["a1", "a2", "b5"]);
+        let out = run_at(
+            &mut op,
+            60_001,
+            input(&[("a", 4), ("a", 5), ("a", 3), ("b", 6), ("a", 3)]),
+        );
+        assert_eq!(seqs(&out.json()), vec!["a3", "a4", "a5", "b6"]);
+        assert_eq!(out.dropped, 1);
+    }
+
+    #[test]
+    fn stale_events_are_dropped_or_dead_lettered() {
+        let mut op = order(true, 0, 100, StalePolicy::DeadLetter);
+        let out = run_at(&mut op, 0, input(&[("a", 5)]));
+        assert_eq!(seqs(&out.json()), vec!["a5"]);
+        let out = run_at(&mut op, 1, input(&[("a", 5), ("a", 4), ("a", 7), ("a", 7)]));
+        // 7 waits (6 is missing) until its maxDelay of 0 passes at the timer.
+        assert_eq!(seqs(&out.json()), vec!["a7"]);
+        let reasons: Vec<&str> = out.dead.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                "stale: sequence 5 is not above 5, the last emitted for its key",
+                "stale: sequence 4 is not above 5, the last emitted for its key",
+                "stale: sequence 7 is already waiting to be emitted for its key",
+            ]
+        );
+    }
+
+    #[test]
+    fn max_delay_releases_across_a_gap_in_order() {
+        let mut op = order(false, 100, 100, StalePolicy::Drop);
+        let _ = run_at(&mut op, 0, input(&[("a", 10)]));
+        let _ = run_at(&mut op, 50, input(&[("a", 30), ("a", 20)]));
+        let out = run_at(&mut op, 100, vec![]);
+        assert_eq!(seqs(&out.json()), vec!["a10"]);
+        let out = run_at(&mut op, 149, input(&[("a", 5)]));
+        assert_eq!(out.dropped, 1);
+        let out = run_at(&mut op, 150, vec![]);
+        assert_eq!(seqs(&out.json()), vec!["a20", "a30"]);
+    }
+
+    #[test]
+    fn max_buffered_forces_the_lowest_out() {
+        let mut op = order(true, 60_000, 2, StalePolicy::Drop);
+        let _ = run_at(&mut op, 0, input(&[("a", 1)]));
+        let _ = run_at(&mut op, 60_000, vec![]);
+        let out = run_at(&mut op, 60_001, input(&[("a", 5), ("a", 3), ("a", 4)]));
+        // Three waiting > 2: 3 leaves, then 4 and 5 follow contiguously.
+        assert_eq!(seqs(&out.json()), vec!["a3", "a4", "a5"]);
+    }
+
+    #[test]
+    fn end_of_input_flushes_in_order() {
+        let mut op = order(false, 60_000, 100, StalePolicy::Drop);
+        let _ = run_at(&mut op, 0, input(&[("b", 2), ("a", 9), ("b", 1), ("a", 3)]));
+        let out = close(&mut op, 1);
+        assert_eq!(seqs(&out.json()), vec!["b1", "b2", "a3", "a9"]);
+        assert_eq!(op.waiting(), 0);
+    }
+
+    #[test]
+    fn checkpoint_restore_continues_like_an_uninterrupted_run() {
+        // Per key: contiguous sequences shuffled within a window of 4, some repeated.
+        let mut lines = Vec::new();
+        for round in 0..30i64 {
+            for (k, offset) in [("a", 0i64), ("b", 2), ("c", 1)] {
+                let base = (round / 4) * 4;
+                let seq = base + ((round + offset) * 3 % 4) + 1;
+                lines.push(line(k, seq));
+            }
+        }
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        for split in [1, 20, 45, 89] {
+            let (whole, resumed) =
+                run_split(|| order(true, 35, 3, StalePolicy::DeadLetter), &refs, split);
+            assert_eq!(whole, resumed, "split at {split}");
+        }
+        let (whole, resumed) = run_split(|| order(false, 35, 3, StalePolicy::Drop), &refs, 50);
+        assert_eq!(whole, resumed);
+    }
+}

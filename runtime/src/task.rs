@@ -1,0 +1,325 @@
+//! The task runner: one chain instance of a stage. On Kafka there is one task per
+//! input partition; in local mode one per stage. The runner, not the operators,
+//! owns parsing, source-schema and required-field checks, batching, timers,
+//! metrics and the collection of changelog records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keystone_crds::plan::PlanStage;
+use keystone_crds::schema::SchemaSpec;
+
+use crate::clock::Clock;
+use crate::error::RuntimeError;
+use crate::event::{DeadLetter, Event};
+use crate::operator::{Ctx, Operator, Output};
+use crate::ops::{self, Table};
+use crate::schema::Validator;
+use crate::state::StateChange;
+
+/// The name dead letters of unparseable or schema-violating input carry as their step.
+pub const SOURCE_STEP: &str = "source";
+
+/// How a task runs.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskOptions {
+    /// Keep every state change for the changelog (Kafka). Off in local mode.
+    pub record_changes: bool,
+}
+
+/// Counters of one step (or of the source check, named `source`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepMetrics {
+    pub name: String,
+    pub events_in: u64,
+    pub events_out: u64,
+    pub dropped: u64,
+    pub dead_lettered: u64,
+    /// Time spent in the step's checks and operator.
+    pub busy: Duration,
+}
+
+impl StepMetrics {
+    /// Events in per second of busy time.
+    pub fn throughput(&self) -> Option<f64> {
+        let secs = self.busy.as_secs_f64();
+        (secs > 0.0 && self.events_in > 0).then(|| self.events_in as f64 / secs)
+    }
+}
+
+/// One record for a step's changelog topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangelogRecord {
+    /// Index of the step in the stage.
+    pub step: usize,
+    pub change: StateChange,
+}
+
+struct Step {
+    requires: Validator,
+    op: Box<dyn Operator>,
+    out: Output,
+    metrics: StepMetrics,
+    changelog_topic: Option<String>,
+}
+
+/// One instance of a stage's chain of steps.
+pub struct StageTask {
+    name: String,
+    source: Option<Validator>,
+    source_metrics: StepMetrics,
+    steps: Vec<Step>,
+    clock: Arc<dyn Clock>,
+    events: Vec<Event>,
+    dead_letters: Vec<DeadLetter>,
+    changelog: Vec<ChangelogRecord>,
+    started: bool,
+}
+
+impl StageTask {
+    /// Builds the stage's operators. `source_schema` is checked on every input event
+    /// when given (the stage that reads the pipeline's source). `tables` are the join
+    /// and enrich tables by name.
+    pub fn new(
+        stage: &PlanStage,
+        source_schema: Option<&SchemaSpec>,
+        tables: &BTreeMap<String, Table>,
+        clock: Arc<dyn Clock>,
+        options: TaskOptions,
+    ) -> Result<Self, RuntimeError> {
+        let steps = stage
+            .steps
+            .iter()
+            .map(|step| {
+                Ok(Step {
+                    requires: Validator::for_step(&step.requires),
+                    op: ops::build(step, tables)?,
+                    out: Output::new(&step.name, options.record_changes),
+                    metrics: StepMetrics {
+                        name: step.name.clone(),
+                        ..StepMetrics::default()
+                    },
+                    changelog_topic: step.state.as_ref().map(|s| s.changelog_topic.clone()),
+                })
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        Ok(Self {
+            name: stage.name.clone(),
+            source: source_schema.map(Validator::for_source),
+            source_metrics: StepMetrics {
+                name: SOURCE_STEP.to_owned(),
+                ..StepMetrics::default()
+            },
+            steps,
+            clock,
+            events: Vec::new(),
+            dead_letters: Vec::new(),
+            changelog: Vec::new(),
+            started: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ctx(&mut self) -> Ctx {
+        let ctx = Ctx {
+            now_ms: self.clock.now_ms(),
+        };
+        if !self.started {
+            self.started = true;
+            for step in &mut self.steps {
+                step.op.on_start(&ctx);
+            }
+        }
+        ctx
+    }
+
+    /// Parses raw input (one JSON object each), checks the source schema, and runs
+    /// the batch through the steps, then the timers. Unparseable or invalid input
+    /// becomes a dead letter of step `source`.
+    pub fn push_raw(&mut self, raws: impl IntoIterator<Item = Vec<u8>>) {
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        for raw in raws {
+            self.source_metrics.events_in += 1;
+            match Event::parse(raw) {
+                Ok(event) => match self.source.as_ref().map(|v| v.check(&event.value)) {
+                    Some(Err(reason)) => self.source_dead_letter(event.raw, reason),
+                    _ => batch.push(event),
+                },
+                Err((raw, reason)) => self.source_dead_letter(raw, reason),
+            }
+        }
+        self.source_metrics.events_out += batch.len() as u64;
+        self.source_metrics.busy += started.elapsed();
+        self.push_events(batch);
+    }
+
+    fn source_dead_letter(&mut self, original: Vec<u8>, reason: String) {
+        self.source_metrics.dead_lettered += 1;
+        self.dead_letters.push(DeadLetter {
+            step: SOURCE_STEP.to_owned(),
+            reason,
+            original,
+        });
+    }
+
+    /// Runs parsed events (for example the previous stage's output in local mode)
+    /// through the steps, then the timers.
+    pub fn push_events(&mut self, batch: Vec<Event>) {
+        let ctx = self.ctx();
+        self.run_from(0, batch, &ctx);
+        self.fire_timers(&ctx);
+    }
+
+    /// Fires every step's timer at the clock's current time.
+    pub fn tick(&mut self) {
+        let ctx = self.ctx();
+        self.fire_timers(&ctx);
+    }
+
+    /// End of input: closes the steps in order, so that what one flushes passes
+    /// through the steps after it before they close.
+    pub fn finish(&mut self) {
+        let ctx = self.ctx();
+        self.fire_timers(&ctx);
+        for index in 0..self.steps.len() {
+            let step = &mut self.steps[index];
+            let started = Instant::now();
+            step.op.on_close(&ctx, &mut step.out);
+            step.metrics.busy += started.elapsed();
+            let produced = self.collect(index, Vec::new());
+            self.run_from(index + 1, produced, &ctx);
+        }
+    }
+
+    fn fire_timers(&mut self, ctx: &Ctx) {
+        for index in 0..self.steps.len() {
+            let step = &mut self.steps[index];
+            let started = Instant::now();
+            step.op.on_timer(ctx, &mut step.out);
+            step.metrics.busy += started.elapsed();
+            let produced = self.collect(index, Vec::new());
+            if !produced.is_empty() {
+                self.run_from(index + 1, produced, ctx);
+            }
+        }
+    }
+
+    fn run_from(&mut self, start: usize, mut batch: Vec<Event>, ctx: &Ctx) {
+        for index in start..self.steps.len() {
+            if batch.is_empty() {
+                return;
+            }
+            let step = &mut self.steps[index];
+            step.metrics.events_in += batch.len() as u64;
+            let started = Instant::now();
+            if !step.requires.is_empty() {
+                let mut valid = Vec::with_capacity(batch.len());
+                for event in batch.drain(..) {
+                    match step.requires.check(&event.value) {
+                        Ok(()) => valid.push(event),
+                        Err(reason) => step.out.dead_letter(event, reason),
+                    }
+                }
+                batch = valid;
+            }
+            step.op.process_batch(&mut batch, ctx, &mut step.out);
+            step.metrics.busy += started.elapsed();
+            batch = self.collect(index, batch);
+        }
+        if self.events.is_empty() {
+            self.events = batch;
+        } else {
+            self.events.append(&mut batch);
+        }
+    }
+
+    /// Takes what step `index` produced, leaving `spare` (an empty vector whose
+    /// capacity is reused) as its next output buffer.
+    fn collect(&mut self, index: usize, mut spare: Vec<Event>) -> Vec<Event> {
+        spare.clear();
+        let step = &mut self.steps[index];
+        let produced = std::mem::replace(&mut step.out.events, spare);
+        step.metrics.events_out += produced.len() as u64;
+        step.metrics.dropped += std::mem::take(&mut step.out.dropped);
+        step.metrics.dead_lettered += step.out.dead_letters.len() as u64;
+        self.dead_letters.append(&mut step.out.dead_letters);
+        if !step.out.changes.is_empty() {
+            self.changelog
+                .extend(step.out.changes.drain(..).map(|change| ChangelogRecord {
+                    step: index,
+                    change,
+                }));
+        }
+        produced
+    }
+
+    /// Events that left the last step since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.dead_letters)
+    }
+
+    /// State changes since the last call, in the order they happened.
+    pub fn take_changelog(&mut self) -> Vec<ChangelogRecord> {
+        std::mem::take(&mut self.changelog)
+    }
+
+    /// The changelog topic of step `index`, if it keeps state.
+    pub fn changelog_topic(&self, index: usize) -> Option<&str> {
+        self.steps.get(index)?.changelog_topic.as_deref()
+    }
+
+    /// A full snapshot: for every stateful step, its name and its state as records.
+    pub fn checkpoint(&self) -> Vec<(String, Vec<StateChange>)> {
+        self.steps
+            .iter()
+            .filter(|s| s.op.is_stateful())
+            .map(|s| (s.metrics.name.clone(), s.op.snapshot()))
+            .collect()
+    }
+
+    /// Restores one step's state from a snapshot or its changelog.
+    pub fn restore(&mut self, step: &str, changes: Vec<StateChange>) -> Result<(), RuntimeError> {
+        let target = self
+            .steps
+            .iter_mut()
+            .find(|s| s.metrics.name == step)
+            .ok_or_else(|| RuntimeError::InvalidStep {
+                step: step.to_owned(),
+                message: format!("no such step in stage {}", self.name),
+            })?;
+        target
+            .op
+            .restore(changes)
+            .map_err(|source| RuntimeError::State {
+                step: step.to_owned(),
+                source,
+            })
+    }
+
+    /// The source check's counters (meaningful for the stage that reads the source).
+    pub fn source_metrics(&self) -> &StepMetrics {
+        &self.source_metrics
+    }
+
+    pub fn step_metrics(&self) -> impl Iterator<Item = &StepMetrics> {
+        self.steps.iter().map(|s| &s.metrics)
+    }
+
+    /// Live state entries per step, for metrics.
+    pub fn state_entries(&self) -> Vec<(String, usize)> {
+        self.steps
+            .iter()
+            .filter(|s| s.op.is_stateful())
+            .map(|s| (s.metrics.name.clone(), s.op.state_entries()))
+            .collect()
+    }
+}
