@@ -71,3 +71,32 @@ fn walk(schema: &serde_json::Value, path: &str, undocumented: &mut Vec<String>) 
         walk(items, &format!("{path}[]"), undocumented);
     }
 }
+
+#[test]
+fn no_field_is_named_like_a_yaml_1_1_boolean() {
+    // kubectl parses manifests as YAML 1.1, where an unquoted `on`, `off`, `yes`,
+    // `no`, `y` or `n` key is a boolean: such a field could never be set.
+    const BOOLEAN_WORDS: [&str; 8] = ["on", "off", "yes", "no", "y", "n", "true", "false"];
+    for (name, yaml) in keystone_crds::crd_files() {
+        let crd: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let mut names = Vec::new();
+        collect_property_names(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], &mut names);
+        let bad: Vec<&String> = names
+            .iter()
+            .filter(|n| BOOLEAN_WORDS.contains(&n.to_ascii_lowercase().as_str()))
+            .collect();
+        assert!(bad.is_empty(), "{name}: fields named like YAML 1.1 booleans: {bad:?}");
+    }
+}
+
+fn collect_property_names(schema: &serde_json::Value, names: &mut Vec<String>) {
+    if let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) {
+        for (key, child) in properties {
+            names.push(key.clone());
+            collect_property_names(child, names);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        collect_property_names(items, names);
+    }
+}
