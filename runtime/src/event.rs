@@ -26,7 +26,10 @@ impl Event {
                 Err((raw, reason))
             }
             Err(e) => {
-                let reason = format!("invalid JSON: {e}");
+                // sonic-rs appends a multi-line excerpt; the first line says it all.
+                let message = e.to_string();
+                let first = message.lines().next().unwrap_or_default().to_owned();
+                let reason = format!("invalid JSON: {first}");
                 Err((raw, reason))
             }
         }
@@ -61,11 +64,17 @@ impl DeadLetter {
     /// `{"reason": ..., "step": ..., "original": ...}` as one line; `original` is the
     /// input text (invalid UTF-8 replaced by U+FFFD).
     pub fn write_json_line(&self, out: &mut Vec<u8>) {
-        let record = serde_json::json!({
-            "reason": self.reason,
-            "step": self.step,
-            "original": String::from_utf8_lossy(&self.original),
-        });
+        #[derive(serde::Serialize)]
+        struct Record<'a> {
+            reason: &'a str,
+            step: &'a str,
+            original: std::borrow::Cow<'a, str>,
+        }
+        let record = Record {
+            reason: &self.reason,
+            step: &self.step,
+            original: String::from_utf8_lossy(&self.original),
+        };
         let _ = serde_json::to_writer(&mut *out, &record);
         out.push(b'\n');
     }
@@ -163,6 +172,28 @@ impl FieldPath {
             .expect("an object")
             .insert(last, new);
     }
+}
+
+/// A new object with `members` in the given order. sonic-rs keeps member order
+/// only in parsed documents (a mutable object is a hash map), so the object is
+/// written as text and parsed back: for a few members that is about as cheap as
+/// inserting them into a map.
+pub fn ordered_object<'a>(
+    members: impl IntoIterator<Item = (&'a str, &'a Value)>,
+    buf: &mut Vec<u8>,
+) -> Value {
+    buf.clear();
+    buf.push(b'{');
+    for (i, (name, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        let _ = sonic_rs::to_writer(&mut *buf, name);
+        buf.push(b':');
+        let _ = sonic_rs::to_writer(&mut *buf, value);
+    }
+    buf.push(b'}');
+    sonic_rs::from_slice(buf).unwrap_or_else(|_| Value::from(Object::new()))
 }
 
 /// An RFC 6901 JSON pointer, split and unescaped once.

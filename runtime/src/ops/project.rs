@@ -12,7 +12,7 @@ use keystone_crds::ops::ProjectSpec;
 use sonic_rs::{Object, Value};
 
 use crate::error::RuntimeError;
-use crate::event::{Event, FieldPath, Pointer};
+use crate::event::{Event, FieldPath, Pointer, ordered_object};
 use crate::operator::{Ctx, Operator, Output};
 
 struct Projected {
@@ -26,6 +26,9 @@ pub struct Project {
     /// `extract` keeps the input event; `project` starts from an empty object.
     keep_input: bool,
     kind: &'static str,
+    /// Every output name is top-level: the output can be built in spec order.
+    flat: bool,
+    buf: Vec<u8>,
 }
 
 impl Project {
@@ -53,10 +56,13 @@ impl Project {
                 })
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let flat = fields.iter().all(|f| !f.name.dotted.contains('.'));
         Ok(Self {
             fields,
             keep_input,
             kind,
+            flat,
+            buf: Vec::with_capacity(256),
         })
     }
 }
@@ -76,6 +82,15 @@ impl Operator for Project {
                     return out.dead_letter(event, reason);
                 }
             }
+        }
+        if !self.keep_input && self.flat {
+            let members = self
+                .fields
+                .iter()
+                .zip(&values)
+                .filter_map(|(f, v)| v.as_ref().map(|v| (f.name.dotted.as_str(), v)));
+            event.value = ordered_object(members, &mut self.buf);
+            return out.emit(event);
         }
         if !self.keep_input {
             event.value = Value::from(Object::with_capacity(self.fields.len()));

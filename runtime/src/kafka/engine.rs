@@ -1,0 +1,895 @@
+//! The consume-process-commit loop of one stage instance.
+//!
+//! One task ([`StageTask`]) per assigned input partition, each with its own
+//! state. Under exactly-once, everything one commit interval produces — sink or
+//! repartition records, dead letters, changelog records — and the consumed
+//! offsets go into one Kafka transaction (`send_offsets_to_transaction` with the
+//! group's metadata, as Kafka Streams' EOS v2 does). Under at-least-once the
+//! producer is flushed and the offsets are committed after the outputs are
+//! acknowledged.
+//!
+//! Rebalances run inside `poll`: before partitions are revoked the current work
+//! is committed; when partitions are assigned their state is restored from the
+//! changelogs before any of their records is processed (the pod reports not
+//! ready meanwhile).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use keystone_crds::ops::{Operator as Op, TableSpec};
+use keystone_crds::pipeline::Delivery;
+use keystone_crds::plan::{Plan, PlanStage, StageOutput};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use sonic_rs::JsonValueTrait;
+
+use crate::clock::SystemClock;
+use crate::event::{Event, FieldPath};
+use crate::kafka::http::CheckpointRequest;
+use crate::kafka::restore::{self, RawRecord};
+use crate::kafka::{Checkpoint, ServeArgs, ServeError, Shared, config};
+use crate::ops::Table;
+use crate::state::StateChange;
+use crate::task::{StageTask, StepMetrics, TaskOptions};
+
+/// How long blocking Kafka calls (commits, transactions) may take.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records taken from `poll` before they are processed together.
+const MAX_BATCH: usize = 2048;
+/// Retries of a retriable commit failure, with doubling backoff from 100 ms.
+const COMMIT_RETRIES: u32 = 6;
+
+/// Delivery reports: failures (at-least-once must not commit past them) and the
+/// last offset written per changelog partition (checkpoint positions).
+#[derive(Default)]
+pub struct Deliveries {
+    failures: Mutex<Vec<String>>,
+    positions: Mutex<HashMap<(String, i32), i64>>,
+}
+
+pub struct ProducerCtx {
+    deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for ProducerCtx {}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(message) => {
+                if let Ok(mut positions) = self.deliveries.positions.lock() {
+                    let slot = positions
+                        .entry((message.topic().to_owned(), message.partition()))
+                        .or_insert(-1);
+                    *slot = (*slot).max(message.offset());
+                }
+            }
+            Err((error, message)) => {
+                if let Ok(mut failures) = self.deliveries.failures.lock() {
+                    failures.push(format!("{}[{}]: {error}", message.topic(), message.partition()));
+                }
+            }
+        }
+    }
+}
+
+/// The consumer's context: rebalance callbacks reach the engine's core.
+pub struct ConsumerCtx {
+    core: Arc<Mutex<Core>>,
+}
+
+impl ClientContext for ConsumerCtx {}
+
+impl ConsumerContext for ConsumerCtx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+            core.shared.metrics.lock().map(|m| m.rebalances.with_label_values(&["revoke"]).inc()).ok();
+            // Lost partitions (the session expired) may already belong to another
+            // instance: their work must not be committed, only thrown away.
+            if consumer.assignment_lost() {
+                core.abort_open_transaction();
+            } else if let Err(error) = core.commit(consumer, "rebalance") {
+                tracing::error!(%error, "commit before revocation failed; the work since the last commit is redone by the new owner");
+                core.abort_open_transaction();
+            }
+            core.drop_tasks(&partitions);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+                core.shared.metrics.lock().map(|m| m.rebalances.with_label_values(&["assign"]).inc()).ok();
+                if let Err(error) = core.add_tasks(&partitions) {
+                    // Without its state a partition cannot be processed correctly:
+                    // stop, and let the restart (and a new rebalance) try again.
+                    tracing::error!(%error, "restoring assigned partitions failed");
+                    core.fatal = Some(error);
+                }
+                core.update_assignment_metrics(consumer);
+            }
+            Rebalance::Revoke(_) => {
+                let core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+                core.update_assignment_metrics(consumer);
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+}
+
+/// Where the stage's events go.
+enum Route {
+    Repartition { topic: String, key: Vec<FieldPath> },
+    Sinks(Vec<(String, Vec<FieldPath>)>),
+}
+
+/// A step whose state is restored from a topic.
+struct StateSource {
+    step: String,
+    topic: String,
+    /// A join/enrich table: records are rows, keyed by the table's key fields.
+    table: Option<TableSpec>,
+}
+
+/// Everything the loop and the rebalance callbacks share.
+pub struct Core {
+    plan: Arc<Plan>,
+    stage: PlanStage,
+    exactly_once: bool,
+    reads_source: bool,
+    producer: ThreadedProducer<ProducerCtx>,
+    deliveries: Arc<Deliveries>,
+    restore_config: ClientConfig,
+    route: Route,
+    state_sources: Vec<StateSource>,
+    tasks: BTreeMap<i32, StageTask>,
+    /// Next offset to consume per partition, for the next commit.
+    positions: BTreeMap<i32, i64>,
+    /// Offsets covered by the last successful commit.
+    committed: BTreeMap<i32, i64>,
+    in_transaction: bool,
+    retired: BTreeMap<String, StepMetrics>,
+    shared: Arc<Shared>,
+    fatal: Option<ServeError>,
+}
+
+impl Core {
+    fn new_task(&self) -> Result<StageTask, ServeError> {
+        let source_schema = self.reads_source.then_some(&self.plan.source.schema);
+        StageTask::new(
+            &self.stage,
+            source_schema,
+            &BTreeMap::new(),
+            Arc::new(SystemClock),
+            TaskOptions { record_changes: true },
+        )
+        .map_err(ServeError::Runtime)
+    }
+
+    /// Creates the tasks of newly assigned partitions and restores their state.
+    fn add_tasks(&mut self, partitions: &[i32]) -> Result<(), ServeError> {
+        self.shared.restoring.fetch_add(partitions.len(), Ordering::SeqCst);
+        let result = partitions.iter().try_for_each(|&partition| {
+            let mut task = self.new_task()?;
+            for source in &self.state_sources {
+                let records = self.read_state(source, partition)?;
+                let count = records.len();
+                task.restore(&source.step, records).map_err(ServeError::Runtime)?;
+                self.shared
+                    .metrics
+                    .lock()
+                    .map(|m| m.restore_records.inc_by(count as u64))
+                    .ok();
+                tracing::info!(partition, step = source.step, topic = source.topic, records = count, "state restored");
+            }
+            self.tasks.insert(partition, task);
+            self.shared.restoring.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        });
+        if result.is_err() {
+            self.shared.restoring.store(0, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn read_state(&self, source: &StateSource, partition: i32) -> Result<Vec<StateChange>, ServeError> {
+        let partitions = match &source.table {
+            Some(table) if table.replicated => restore::partitions_of(&self.restore_config, &source.topic)?,
+            _ => vec![partition],
+        };
+        let records = restore::read_to_end(&self.restore_config, &source.topic, &partitions)?;
+        match &source.table {
+            None => Ok(records
+                .into_iter()
+                .filter_map(|(key, value)| key.map(|key| StateChange { key, value }))
+                .collect()),
+            Some(spec) => Ok(table_changes(spec, records)),
+        }
+    }
+
+    fn drop_tasks(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            if let Some(task) = self.tasks.remove(partition) {
+                for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
+                    let total = self.retired.entry(metrics.name.clone()).or_insert_with(|| StepMetrics {
+                        name: metrics.name.clone(),
+                        ..StepMetrics::default()
+                    });
+                    total.events_in += metrics.events_in;
+                    total.events_out += metrics.events_out;
+                    total.dropped += metrics.dropped;
+                    total.dead_lettered += metrics.dead_lettered;
+                }
+            }
+            self.positions.remove(partition);
+            self.committed.remove(partition);
+        }
+    }
+
+    fn update_assignment_metrics(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.shared
+            .metrics
+            .lock()
+            .map(|m| {
+                m.assigned_partitions.set(assigned as i64);
+                m.restoring_partitions.set(self.shared.restoring.load(Ordering::SeqCst) as i64);
+            })
+            .ok();
+    }
+
+    fn begin_if_needed(&mut self) -> Result<(), ServeError> {
+        if self.exactly_once && !self.in_transaction {
+            self.producer.begin_transaction().map_err(|source| ServeError::Kafka {
+                what: "beginning a transaction",
+                source,
+            })?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Processes records of one partition (in offset order).
+    fn process(&mut self, partition: i32, records: Vec<(i64, Option<Vec<u8>>)>) -> Result<(), ServeError> {
+        self.begin_if_needed()?;
+        let input_topic = self.stage.input.topic.clone();
+        for (offset, payload) in records {
+            let Some(task) = self.tasks.get_mut(&partition) else {
+                // Records of a partition revoked while they were buffered: the new
+                // owner reprocesses them from the committed offset.
+                continue;
+            };
+            task.push_raw(std::iter::once(payload.unwrap_or_default()));
+            self.drain(partition, &input_topic, offset)?;
+            self.positions.insert(partition, offset + 1);
+        }
+        Ok(())
+    }
+
+    /// Fires every task's timers (releases held-back events, expires state).
+    fn tick(&mut self) -> Result<(), ServeError> {
+        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        let input_topic = self.stage.input.topic.clone();
+        for partition in partitions {
+            if let Some(task) = self.tasks.get_mut(&partition) {
+                task.tick();
+                if task_has_output(task) {
+                    self.begin_if_needed()?;
+                    self.drain(partition, &input_topic, -1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what a task produced: events, dead letters, changelog records.
+    fn drain(&mut self, partition: i32, input_topic: &str, offset: i64) -> Result<(), ServeError> {
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            return Ok(());
+        };
+        let events = task.take_events();
+        let mut dead_letters = task.take_dead_letters();
+        let changelog = task.take_changelog();
+        let changelog_topics: Vec<Option<String>> = changelog
+            .iter()
+            .map(|record| task.changelog_topic(record.step).map(str::to_owned))
+            .collect();
+        for event in events {
+            let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
+            match &self.route {
+                Route::Repartition { topic, key } => match record_key(&event, key) {
+                    Some(key) => send(&self.producer, topic, Some(&key), Some(&value), None, None)?,
+                    None => dead_letters.push(crate::event::DeadLetter {
+                        step: "repartition".to_owned(),
+                        reason: format!(
+                            "the event lacks a key field of the repartition topic {topic} ({})",
+                            key.iter().map(|k| k.dotted.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                        original: event.raw,
+                    }),
+                },
+                Route::Sinks(sinks) => {
+                    for (topic, key) in sinks {
+                        let key = record_key(&event, key);
+                        send(&self.producer, topic, key.as_deref(), Some(&value), None, None)?;
+                    }
+                }
+            }
+        }
+        for letter in dead_letters {
+            let offset_text = offset.to_string();
+            let partition_text = partition.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "keystone.reason", value: Some(letter.reason.as_bytes()) })
+                .insert(Header { key: "keystone.step", value: Some(letter.step.as_bytes()) })
+                .insert(Header { key: "keystone.topic", value: Some(input_topic.as_bytes()) })
+                .insert(Header { key: "keystone.partition", value: Some(partition_text.as_bytes()) })
+                .insert(Header { key: "keystone.offset", value: Some(offset_text.as_bytes()) });
+            send(
+                &self.producer,
+                &self.plan.dead_letter_topic,
+                None,
+                Some(&letter.original),
+                None,
+                Some(headers),
+            )?;
+        }
+        let mut changelog_bytes: BTreeMap<String, u64> = BTreeMap::new();
+        for (record, topic) in changelog.into_iter().zip(changelog_topics) {
+            let Some(topic) = topic else { continue };
+            // Tables are materialized from their own topic, which is never written.
+            if self.state_sources.iter().any(|s| s.table.is_some() && s.topic == topic) {
+                continue;
+            }
+            let step = self.stage.steps.get(record.step).map(|s| s.name.clone()).unwrap_or_default();
+            *changelog_bytes.entry(step).or_default() +=
+                (record.change.key.len() + record.change.value.as_ref().map_or(0, Vec::len)) as u64;
+            send(
+                &self.producer,
+                &topic,
+                Some(&record.change.key),
+                record.change.value.as_deref(),
+                Some(partition),
+                None,
+            )?;
+        }
+        if !changelog_bytes.is_empty() {
+            self.shared
+                .metrics
+                .lock()
+                .map(|m| {
+                    for (step, bytes) in changelog_bytes {
+                        m.changelog_bytes.with_label_values(&[&step]).inc_by(bytes);
+                    }
+                })
+                .ok();
+        }
+        Ok(())
+    }
+
+    fn offsets_list(&self) -> Result<TopicPartitionList, ServeError> {
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &offset) in &self.positions {
+            tpl.add_partition_offset(&self.stage.input.topic, partition, Offset::Offset(offset))
+                .map_err(|source| ServeError::Kafka {
+                    what: "building the offsets to commit",
+                    source,
+                })?;
+        }
+        Ok(tpl)
+    }
+
+    /// Commits outputs, changelog writes and consumed offsets together.
+    fn commit(&mut self, consumer: &BaseConsumer<ConsumerCtx>, reason: &'static str) -> Result<(), ServeError> {
+        let started = Instant::now();
+        let result = if self.exactly_once {
+            self.commit_transaction(consumer)
+        } else {
+            self.commit_at_least_once(consumer)
+        };
+        let metrics = self.shared.metrics.lock();
+        match &result {
+            Ok(()) => {
+                self.committed = self.positions.clone();
+                if let Ok(m) = metrics {
+                    m.commit_duration.observe(started.elapsed().as_secs_f64());
+                }
+                tracing::debug!(reason, "committed");
+            }
+            Err(error) => {
+                if let Ok(m) = metrics {
+                    m.commit_failures.with_label_values(&[error.metric_label()]).inc();
+                }
+            }
+        }
+        result
+    }
+
+    fn commit_transaction(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        if !self.in_transaction {
+            return Ok(());
+        }
+        let offsets = self.offsets_list()?;
+        let group = consumer.group_metadata().ok_or(ServeError::NoGroupMetadata)?;
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .producer
+                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)
+                .and_then(|()| self.producer.commit_transaction(KAFKA_TIMEOUT));
+            match result {
+                Ok(()) => {
+                    self.in_transaction = false;
+                    return Ok(());
+                }
+                Err(KafkaError::Transaction(error)) if error.is_retriable() && attempt < COMMIT_RETRIES => {
+                    // A retriable error (a coordinator moving, a timeout): the same
+                    // call may be repeated, as librdkafka documents.
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, "retrying the commit");
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+                Err(source) => {
+                    return Err(ServeError::Kafka {
+                        what: "committing the transaction",
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    fn commit_at_least_once(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        self.producer.flush(KAFKA_TIMEOUT).map_err(|source| ServeError::Kafka {
+            what: "flushing outputs",
+            source,
+        })?;
+        let failures = std::mem::take(&mut *self.deliveries.failures.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(first) = failures.first() {
+            // The offsets stay uncommitted: after the restart the records are
+            // processed again (at least once).
+            return Err(ServeError::Delivery {
+                count: failures.len(),
+                first: first.clone(),
+            });
+        }
+        if self.positions.is_empty() || self.positions == self.committed {
+            return Ok(());
+        }
+        consumer
+            .commit(&self.offsets_list()?, CommitMode::Sync)
+            .map_err(|source| ServeError::Kafka {
+                what: "committing offsets",
+                source,
+            })
+    }
+
+    /// Aborts the open transaction, if any; its outputs and offsets are discarded.
+    fn abort_open_transaction(&mut self) {
+        if self.exactly_once && self.in_transaction {
+            if let Err(error) = self.producer.abort_transaction(KAFKA_TIMEOUT) {
+                tracing::error!(%error, "aborting the transaction failed");
+            }
+            self.in_transaction = false;
+        }
+    }
+
+    /// After an aborted transaction: state and positions go back to the last commit.
+    fn rewind(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        self.drop_tasks(&partitions);
+        self.add_tasks(&partitions)?;
+        let committed = consumer
+            .committed(KAFKA_TIMEOUT)
+            .map_err(|source| ServeError::Kafka {
+                what: "reading committed offsets",
+                source,
+            })?;
+        for element in committed.elements() {
+            let offset = match element.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            consumer
+                .seek(element.topic(), element.partition(), offset, KAFKA_TIMEOUT)
+                .map_err(|source| ServeError::Kafka {
+                    what: "rewinding to the committed offsets",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<Checkpoint, ServeError> {
+        self.commit(consumer, "checkpoint")?;
+        let mut source_offsets = BTreeMap::new();
+        for (&partition, &offset) in &self.committed {
+            source_offsets.insert(partition, offset);
+        }
+        let changelog_topics: BTreeSet<&str> = self
+            .state_sources
+            .iter()
+            .filter(|s| s.table.is_none())
+            .map(|s| s.topic.as_str())
+            .collect();
+        let mut changelog_positions: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
+        let positions = self.deliveries.positions.lock().unwrap_or_else(|p| p.into_inner());
+        for ((topic, partition), offset) in positions.iter() {
+            if changelog_topics.contains(topic.as_str()) && self.tasks.contains_key(partition) {
+                changelog_positions
+                    .entry(topic.clone())
+                    .or_default()
+                    .insert(*partition, offset + 1);
+            }
+        }
+        Ok(Checkpoint {
+            pipeline: self.plan.pipeline.clone(),
+            stage: self.stage.name.clone(),
+            input_topic: self.stage.input.topic.clone(),
+            source_offsets,
+            changelog_positions,
+        })
+    }
+
+    fn publish_metrics(&mut self) {
+        let mut totals: BTreeMap<String, StepMetrics> = self.retired.clone();
+        let mut entries: BTreeMap<String, usize> = BTreeMap::new();
+        for task in self.tasks.values() {
+            for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
+                let total = totals.entry(metrics.name.clone()).or_insert_with(|| StepMetrics {
+                    name: metrics.name.clone(),
+                    ..StepMetrics::default()
+                });
+                total.events_in += metrics.events_in;
+                total.events_out += metrics.events_out;
+                total.dropped += metrics.dropped;
+                total.dead_lettered += metrics.dead_lettered;
+            }
+            for (step, count) in task.state_entries() {
+                *entries.entry(step).or_default() += count;
+            }
+        }
+        let totals: Vec<StepMetrics> = totals.into_values().collect();
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            m.record_steps(&totals);
+            for (step, count) in entries {
+                m.state_entries.with_label_values(&[&step]).set(count as i64);
+            }
+        }
+    }
+}
+
+fn task_has_output(_task: &StageTask) -> bool {
+    // Draining is cheap when nothing was produced; always drain.
+    true
+}
+
+/// Turns table-topic records (JSON rows) into the join operator's state records,
+/// keyed as the operator keys rows. A tombstone's key is the key value itself
+/// (a single key field) or a JSON array of the key values.
+fn table_changes(spec: &TableSpec, records: Vec<RawRecord>) -> Vec<StateChange> {
+    let table = Table::new(spec);
+    let mut changes = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        match value {
+            Some(bytes) => match sonic_rs::from_slice::<sonic_rs::Value>(&bytes) {
+                Ok(row) => match table.row_key(&row) {
+                    Ok(row_key) => changes.push(StateChange::upsert(row_key, bytes)),
+                    Err(reason) => tracing::warn!(table = spec.name, reason, "skipping a table row"),
+                },
+                Err(error) => tracing::warn!(table = spec.name, %error, "skipping a table row that is not JSON"),
+            },
+            None => {
+                let Some(key) = key else { continue };
+                let Some(row) = key_row(spec, &key) else { continue };
+                if let Ok(row_key) = table.row_key(&row) {
+                    changes.push(StateChange::delete(row_key));
+                }
+            }
+        }
+    }
+    changes
+}
+
+fn key_row(spec: &TableSpec, key: &[u8]) -> Option<sonic_rs::Value> {
+    let values: Vec<sonic_rs::Value> = if spec.key.len() == 1 {
+        let text = std::str::from_utf8(key).ok()?;
+        vec![sonic_rs::from_str(text).unwrap_or_else(|_| sonic_rs::Value::from(text))]
+    } else {
+        sonic_rs::from_slice(key).ok()?
+    };
+    let mut row = sonic_rs::Object::new();
+    for (field, value) in spec.key.iter().zip(values) {
+        row.insert(field, value);
+    }
+    Some(row.into_value())
+}
+
+/// The Kafka record key of an event: the single key field's text (strings as
+/// is, other values as JSON), or a JSON array of the key values. `None` when a
+/// key field is missing or there are no key fields.
+fn record_key(event: &Event, fields: &[FieldPath]) -> Option<Vec<u8>> {
+    match fields {
+        [] => None,
+        [single] => {
+            let value = single.get(&event.value)?;
+            Some(match value.as_str() {
+                Some(text) => text.as_bytes().to_vec(),
+                None => sonic_rs::to_vec(value).ok()?,
+            })
+        }
+        many => {
+            let mut values = Vec::with_capacity(many.len());
+            for field in many {
+                values.push(field.get(&event.value)?.clone());
+            }
+            sonic_rs::to_vec(&values).ok()
+        }
+    }
+}
+
+/// Produces one record, waiting while the local queue is full.
+fn send(
+    producer: &ThreadedProducer<ProducerCtx>,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    partition: Option<i32>,
+    headers: Option<OwnedHeaders>,
+) -> Result<(), ServeError> {
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    if let Some(headers) = headers {
+        record = record.headers(headers);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                // The producer's thread drains the queue; wait for room.
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((source, _)) => {
+                return Err(ServeError::Kafka {
+                    what: "producing a record",
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Runs the stage until shutdown is requested (or a fatal error).
+pub fn run(
+    args: &ServeArgs,
+    plan: Arc<Plan>,
+    stage: PlanStage,
+    shared: Arc<Shared>,
+    checkpoints: mpsc::Receiver<CheckpointRequest>,
+) -> Result<(), ServeError> {
+    let exactly_once = plan.delivery == Delivery::ExactlyOnce;
+    let last_stage = plan.stages.last().is_some_and(|s| s.name == stage.name);
+    let route = match &stage.output {
+        StageOutput::Repartition { topic, key } => Route::Repartition {
+            topic: topic.clone(),
+            key: key.iter().map(|k| FieldPath::new(k)).collect(),
+        },
+        StageOutput::Sinks => {
+            let mut sinks = Vec::new();
+            for sink in &plan.sinks {
+                match &sink.spec.kafka {
+                    Some(kafka) => {
+                        let key = if kafka.key.is_empty() { &sink.key } else { &kafka.key };
+                        sinks.push((kafka.topic.clone(), key.iter().map(|k| FieldPath::new(k)).collect()));
+                    }
+                    None => return Err(ServeError::UnsupportedSink(sink.name.clone())),
+                }
+            }
+            debug_assert!(last_stage);
+            Route::Sinks(sinks)
+        }
+    };
+    let state_sources = stage
+        .steps
+        .iter()
+        .filter_map(|step| {
+            let state = step.state.as_ref();
+            match step.operator.single() {
+                Some(Op::Join(join)) => Some(StateSource {
+                    step: step.name.clone(),
+                    topic: join.table.topic.clone(),
+                    table: Some(join.table.clone()),
+                }),
+                Some(Op::Enrich(enrich)) => Some(StateSource {
+                    step: step.name.clone(),
+                    topic: enrich.table.topic.clone(),
+                    table: Some(enrich.table.clone()),
+                }),
+                _ => state.map(|state| StateSource {
+                    step: step.name.clone(),
+                    topic: state.changelog_topic.clone(),
+                    table: None,
+                }),
+            }
+        })
+        .collect();
+
+    let deliveries = Arc::new(Deliveries::default());
+    // One transactional id per stage instance: a restarted instance fences its
+    // previous incarnation (a zombie) when it initializes transactions.
+    let transactional_id = format!("{}.{}", stage.consumer_group, args.instance_id);
+    let producer: ThreadedProducer<ProducerCtx> = config::producer(args, exactly_once.then_some(&transactional_id))
+        .create_with_context(ProducerCtx {
+            deliveries: deliveries.clone(),
+        })
+        .map_err(|source| ServeError::Kafka {
+            what: "creating the producer",
+            source,
+        })?;
+    if exactly_once {
+        producer.init_transactions(KAFKA_TIMEOUT).map_err(|source| ServeError::Kafka {
+            what: "initializing transactions",
+            source,
+        })?;
+    }
+
+    let core = Arc::new(Mutex::new(Core {
+        reads_source: stage.input.topic == plan.source.topic,
+        restore_config: config::restore_reader(args, &stage.consumer_group),
+        plan: plan.clone(),
+        stage: stage.clone(),
+        exactly_once,
+        producer,
+        deliveries,
+        route,
+        state_sources,
+        tasks: BTreeMap::new(),
+        positions: BTreeMap::new(),
+        committed: BTreeMap::new(),
+        in_transaction: false,
+        retired: BTreeMap::new(),
+        shared: shared.clone(),
+        fatal: None,
+    }));
+    let start_from_earliest = plan.source.start_from == keystone_crds::pipeline::StartPosition::Earliest || !stage.input.topic.eq(&plan.source.topic);
+    let consumer: BaseConsumer<ConsumerCtx> = config::consumer(args, &stage.consumer_group, exactly_once, start_from_earliest)
+        .create_with_context(ConsumerCtx { core: core.clone() })
+        .map_err(|source| ServeError::Kafka {
+            what: "creating the consumer",
+            source,
+        })?;
+    consumer.subscribe(&[&stage.input.topic]).map_err(|source| ServeError::Kafka {
+        what: "subscribing to the input topic",
+        source,
+    })?;
+    shared.running.store(true, Ordering::SeqCst);
+    tracing::info!(stage = stage.name, topic = stage.input.topic, exactly_once, "consuming");
+
+    let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
+    let mut last_commit = Instant::now();
+    let mut last_lag = Instant::now();
+    let mut consecutive_failures = 0u32;
+    loop {
+        if let Some(error) = core.lock().unwrap_or_else(|p| p.into_inner()).fatal.take() {
+            return Err(error);
+        }
+        if shared.shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        // Poll a batch, grouped by partition in arrival (offset) order. The lock is
+        // not held while polling: rebalance callbacks take it inside `poll`.
+        let mut batch: BTreeMap<i32, Vec<(i64, Option<Vec<u8>>)>> = BTreeMap::new();
+        let mut polled = 0;
+        let deadline = Instant::now() + Duration::from_millis(20);
+        while polled < MAX_BATCH {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match consumer.poll(if polled == 0 { Duration::from_millis(50) } else { timeout }) {
+                Some(Ok(message)) => {
+                    batch
+                        .entry(message.partition())
+                        .or_default()
+                        .push((message.offset(), message.payload().map(<[u8]>::to_vec)));
+                    polled += 1;
+                }
+                Some(Err(error)) => {
+                    // Transient broker conditions (a leader moving, a broker down) are
+                    // retried inside librdkafka; they are only reported here.
+                    tracing::warn!(%error, "consumer error");
+                    break;
+                }
+                None => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+
+        let mut guard = core.lock().unwrap_or_else(|p| p.into_inner());
+        let core = &mut *guard;
+        let mut step_result = Ok(());
+        for (partition, records) in batch {
+            step_result = core.process(partition, records);
+            if step_result.is_err() {
+                break;
+            }
+        }
+        if step_result.is_ok() {
+            step_result = core.tick();
+        }
+        let checkpoint = checkpoints.try_recv().ok();
+        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || checkpoint.is_some()) {
+            step_result = match checkpoint {
+                Some(request) => {
+                    let result = core.checkpoint(&consumer);
+                    let answer = match &result {
+                        Ok(checkpoint) => Ok(checkpoint.clone()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    let _ = request.reply.send(answer);
+                    result.map(|_| ())
+                }
+                None => core.commit(&consumer, "interval"),
+            };
+            last_commit = Instant::now();
+        }
+        match step_result {
+            Ok(()) => consecutive_failures = 0,
+            Err(error) if error.is_fatal() => return Err(error),
+            Err(error) => {
+                consecutive_failures += 1;
+                tracing::error!(%error, consecutive_failures, "processing or commit failed; going back to the last commit");
+                core.abort_open_transaction();
+                if consecutive_failures > COMMIT_RETRIES {
+                    return Err(error);
+                }
+                std::thread::sleep(Duration::from_millis(200 << consecutive_failures.min(5)));
+                core.rewind(&consumer)?;
+            }
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            update_lag(&consumer, core);
+            last_lag = Instant::now();
+        }
+        core.publish_metrics();
+    }
+
+    // Shutdown: commit what was processed, then leave.
+    let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
+    core.commit(&consumer, "shutdown")?;
+    core.publish_metrics();
+    shared.running.store(false, Ordering::SeqCst);
+    tracing::info!("stopped after a final commit");
+    Ok(())
+}
+
+fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, core: &Core) {
+    let Ok(metrics) = core.shared.metrics.lock() else { return };
+    for (&partition, &position) in &core.committed {
+        if let Ok((_, high)) = consumer.fetch_watermarks(&core.stage.input.topic, partition, Duration::from_secs(1)) {
+            metrics
+                .consumer_lag
+                .with_label_values(&[&partition.to_string()])
+                .set((high - position).max(0));
+        }
+    }
+}

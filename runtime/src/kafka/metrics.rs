@@ -1,0 +1,155 @@
+//! Prometheus metrics of a running stage. Names follow
+//! `keystone_<noun>_<verb>_total`; labels are bounded (steps and partitions of
+//! one stage).
+
+use std::collections::HashMap;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::task::StepMetrics;
+
+pub struct Metrics {
+    registry: Registry,
+    events_in: IntCounterVec,
+    events_out: IntCounterVec,
+    events_dropped: IntCounterVec,
+    events_dead_lettered: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub commit_duration: Histogram,
+    pub commit_failures: IntCounterVec,
+    pub state_entries: IntGaugeVec,
+    pub changelog_bytes: IntCounterVec,
+    pub restore_records: IntCounter,
+    pub restoring_partitions: IntGauge,
+    pub assigned_partitions: IntGauge,
+    pub rebalances: IntCounterVec,
+    /// The totals already added to the counters, per step, so that cumulative
+    /// task counters can be turned into increments.
+    reported: HashMap<String, StepMetrics>,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(counter.clone())).expect("unique metric");
+    counter
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let gauge = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(gauge.clone())).expect("unique metric");
+    gauge
+}
+
+impl Metrics {
+    pub fn new(pipeline: &str, stage: &str) -> Self {
+        let mut labels = HashMap::new();
+        labels.insert("pipeline".to_owned(), pipeline.to_owned());
+        labels.insert("stage".to_owned(), stage.to_owned());
+        let registry = Registry::new_custom(None, Some(labels)).expect("valid registry");
+        let step = &["step"];
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "keystone_commit_duration_seconds",
+                "Time to commit outputs, changelog writes and offsets together",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(commit_duration.clone())).expect("unique metric");
+        let restore_records = IntCounter::new(
+            "keystone_restore_records_total",
+            "Changelog and table records read to restore state",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(restore_records.clone())).expect("unique metric");
+        let restoring_partitions = IntGauge::new(
+            "keystone_restoring_partitions",
+            "Input partitions whose state is being restored (not processed yet)",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(restoring_partitions.clone())).expect("unique metric");
+        let assigned_partitions = IntGauge::new(
+            "keystone_assigned_partitions",
+            "Input partitions this instance processes",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(assigned_partitions.clone())).expect("unique metric");
+        Self {
+            events_in: counter_vec(&registry, "keystone_step_events_in_total", "Events that reached a step", step),
+            events_out: counter_vec(&registry, "keystone_step_events_out_total", "Events a step emitted", step),
+            events_dropped: counter_vec(
+                &registry,
+                "keystone_step_events_dropped_total",
+                "Events a step discarded on purpose (filtered, duplicate, stale, no join match)",
+                step,
+            ),
+            events_dead_lettered: counter_vec(
+                &registry,
+                "keystone_step_events_dead_lettered_total",
+                "Events a step sent to the dead-letter topic",
+                step,
+            ),
+            consumer_lag: gauge_vec(
+                &registry,
+                "keystone_consumer_lag",
+                "Records between the committed position and the end of an input partition",
+                &["partition"],
+            ),
+            commit_duration,
+            commit_failures: counter_vec(
+                &registry,
+                "keystone_commit_failures_total",
+                "Commits that failed, by reason",
+                &["reason"],
+            ),
+            state_entries: gauge_vec(&registry, "keystone_state_entries", "Live keys in a step's state", step),
+            changelog_bytes: counter_vec(
+                &registry,
+                "keystone_state_changelog_bytes_total",
+                "Bytes of state changes written to a step's changelog topic",
+                step,
+            ),
+            restore_records,
+            restoring_partitions,
+            assigned_partitions,
+            rebalances: counter_vec(
+                &registry,
+                "keystone_rebalances_total",
+                "Partition assignments and revocations",
+                &["kind"],
+            ),
+            registry,
+            reported: HashMap::new(),
+        }
+    }
+
+    /// Brings the step counters up to the given cumulative totals.
+    pub fn record_steps(&mut self, totals: &[StepMetrics]) {
+        for total in totals {
+            let last = self.reported.entry(total.name.clone()).or_default();
+            let labels = [total.name.as_str()];
+            self.events_in
+                .with_label_values(&labels)
+                .inc_by(total.events_in.saturating_sub(last.events_in));
+            self.events_out
+                .with_label_values(&labels)
+                .inc_by(total.events_out.saturating_sub(last.events_out));
+            self.events_dropped
+                .with_label_values(&labels)
+                .inc_by(total.dropped.saturating_sub(last.dropped));
+            self.events_dead_lettered
+                .with_label_values(&labels)
+                .inc_by(total.dead_lettered.saturating_sub(last.dead_lettered));
+            *last = total.clone();
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buffer = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        buffer
+    }
+}
