@@ -41,7 +41,10 @@ use crate::status::{
     CONTRACTS_VALID, Cond, RUNTIME_READY, TOPICS_READY, differs, ready_stages, runtime_condition,
     set_condition, summarize, transitions,
 };
-use crate::topics::{DesiredTopic, Owner, TopicStep, decide, desired_topics, resolve_partitions};
+use crate::topics::{
+    DesiredTopic, Owner, Ownership, TopicProblem, TopicStep, decide, desired_topics,
+    resolve_partitions,
+};
 
 /// The one field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "keystone-operator";
@@ -475,8 +478,7 @@ async fn reconcile_topics(
         let mut observed = BTreeMap::new();
         for topic in &topics {
             if let Some(&count) = partitions.get(&topic.name) {
-                let mine =
-                    ledger.ownership(cluster, &topic.name, owner) == crate::topics::Ownership::Mine;
+                let mine = ledger.ownership(cluster, &topic.name, owner) == Ownership::Mine;
                 observed.insert(
                     topic.name.clone(),
                     admin
@@ -493,8 +495,7 @@ async fn reconcile_topics(
             .filter(|t| {
                 t.create
                     && !observed.contains_key(&t.name)
-                    && ledger.ownership(cluster, &t.name, owner)
-                        == crate::topics::Ownership::Unclaimed
+                    && ledger.ownership(cluster, &t.name, owner) == Ownership::Unclaimed
             })
             .map(|t| ledger_key(cluster, &t.name))
             .collect();
@@ -519,9 +520,14 @@ async fn reconcile_topics(
                 name: topic.name.clone(),
                 role: topic.role.as_str().to_owned(),
                 partitions: decision.partitions,
-                created: decision.owned,
+                // Claimed but not created yet (its partitions unknown) is not "created".
+                created: decision.owned && decision.partitions.is_some(),
             });
         }
+    }
+    // A missing topic explains the ones whose partitions follow it: say it once.
+    if problems.iter().any(|(_, p)| *p == TopicProblem::Missing) {
+        problems.retain(|(_, p)| !matches!(p, TopicProblem::Unresolved { .. }));
     }
     let blocked = problems.iter().any(|(_, p)| p.blocks_runtime());
     let condition = match problems.first() {

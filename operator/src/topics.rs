@@ -458,15 +458,30 @@ mod tests {
 
     #[test]
     fn unknown_clusters_are_listed() {
-        let plan_topics = |cluster: Option<&str>| {
-            let resolve = |name: Option<&str>| match name {
-                None => Some("default".to_owned()),
-                Some("default") => Some("default".to_owned()),
-                Some(_) => None,
-            };
-            resolve(cluster)
+        let pipeline: keystone_crds::Pipeline = serde_yaml_ng::from_str(
+            r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: p, namespace: n}
+spec:
+  source: {topic: in, schema: {fields: [{name: a, type: string}]}}
+  sinks:
+    - {name: here, kafka: {topic: out}}
+    - {name: there, kafka: {topic: out2, cluster: elsewhere}}
+"#,
+        )
+        .expect("pipeline");
+        let plan = keystone_crds::compile(&pipeline, &[]).expect("valid");
+        let resolve = |name: Option<&str>| match name {
+            None | Some("main") => Some("main".to_owned()),
+            Some(_) => None,
         };
-        assert_eq!(plan_topics(None).as_deref(), Some("default"));
-        assert_eq!(plan_topics(Some("x")), None);
+        assert_eq!(
+            desired_topics(&plan, resolve),
+            Err(vec!["elsewhere".to_owned()])
+        );
+        let all = desired_topics(&plan, |_| Some("main".to_owned())).expect("resolved");
+        assert!(all.iter().all(|t| t.cluster == "main"));
+        assert!(all.iter().any(|t| t.name == "out" && t.create));
     }
 }

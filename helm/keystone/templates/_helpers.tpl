@@ -1,0 +1,99 @@
+{{- define "keystone.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "keystone.selectorLabels" -}}
+app.kubernetes.io/name: keystone-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "keystone.labels" -}}
+{{ include "keystone.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: keystone
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "keystone.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "keystone.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "keystone.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "keystone.runtimeImage" -}}
+{{- printf "%s:%s" .Values.runtime.image.repository (default .Chart.AppVersion .Values.runtime.image.tag) -}}
+{{- end -}}
+
+{{/* The Secrets holding Kafka credentials, so the Role can name them and nothing else. */}}
+{{- define "keystone.kafkaSecrets" -}}
+{{- $names := list -}}
+{{- range $name, $cluster := .Values.kafka.clusters -}}
+{{- with $cluster.tls -}}
+{{- range $k := list "ca" "certificate" "key" -}}
+{{- with (get $.Values.kafka.clusters $name).tls -}}
+{{- with (get . $k) -}}{{- $names = append $names .secret -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $cluster.sasl -}}
+{{- $names = append $names .username.secret -}}
+{{- $names = append $names .password.secret -}}
+{{- end -}}
+{{- end -}}
+{{- $names | uniq | sortAlpha | toJson -}}
+{{- end -}}
+
+{{/* The operator's configuration file. */}}
+{{- define "keystone.config" -}}
+runtimeImage: {{ include "keystone.runtimeImage" . | quote }}
+runtimeImagePullPolicy: {{ .Values.runtime.image.pullPolicy | quote }}
+{{- with .Values.runtime.resources }}
+runtimeResources:
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .Values.kafka.defaultCluster }}
+defaultCluster: {{ . | quote }}
+{{- end }}
+kafkaClusters:
+{{ toYaml .Values.kafka.clusters | indent 2 }}
+watchNamespaces: {{ toJson .Values.watchNamespaces }}
+{{- end -}}
+
+{{/* What the operator needs where Pipelines live. */}}
+{{- define "keystone.pipelineRules" }}
+# The custom resources it reconciles.
+- apiGroups: [keystone.dev]
+  resources: [pipelines, processors]
+  verbs: [get, list, watch, patch]
+- apiGroups: [keystone.dev]
+  resources: [pipelines/status, processors/status]
+  verbs: [get, patch]
+# Owner references with blockOwnerDeletion need this on the owner.
+- apiGroups: [keystone.dev]
+  resources: [pipelines/finalizers]
+  verbs: [update]
+# What it creates per pipeline: plan ConfigMaps, Deployments, Services, PodDisruptionBudgets.
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
