@@ -342,3 +342,53 @@ async fn waits_fail_with_status_and_events() {
     );
     ns.delete().await.expect("delete namespace");
 }
+
+#[tokio::test]
+async fn init_containers_run_first_and_share_empty_dirs() {
+    let tb = Testbed::from_env().await.expect("testbed");
+    let ns = tb.namespace("init").await.expect("namespace");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "with-init", "labels": { "app": "with-init" } },
+        "spec": {
+            "initContainers": [
+                { "name": "first", "image": "keystone/testapp:dev", "command": ["sh", "-c", "echo one > /shared/log"],
+                  "volumeMounts": [{ "name": "shared", "mountPath": "/shared" }] },
+                { "name": "second", "image": "keystone/testapp:dev", "command": ["sh", "-c", "echo two >> /shared/log"],
+                  "volumeMounts": [{ "name": "shared", "mountPath": "/shared" }] }
+            ],
+            "containers": [{
+                "name": "app",
+                "image": "keystone/testapp:dev",
+                "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }],
+                "readinessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 1 },
+                "volumeMounts": [{ "name": "shared", "mountPath": "/shared" }]
+            }],
+            "volumes": [{ "name": "shared", "emptyDir": {} }]
+        }
+    }))
+    .unwrap();
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let ready = ready_pod(&ns, "with-init").await;
+    let status = ready.status.clone().unwrap();
+    let inits = status.init_container_statuses.unwrap_or_default();
+    assert_eq!(inits.len(), 2);
+    for s in &inits {
+        let t = s
+            .state
+            .clone()
+            .and_then(|s| s.terminated)
+            .expect("init terminated");
+        assert_eq!(t.exit_code, 0, "{}", s.name);
+    }
+    assert_eq!(
+        http_get(pod_addr(&ready), "/file/shared/log")
+            .await
+            .unwrap()
+            .1,
+        "one\ntwo\n"
+    );
+    ns.delete().await.expect("delete namespace");
+}

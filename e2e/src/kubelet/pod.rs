@@ -36,6 +36,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 struct ContainerRun {
     spec: Container,
+    /// An init container: runs to completion before the regular ones.
+    init: bool,
     binary: Option<PathBuf>,
     child: Option<Child>,
     pid: Option<u32>,
@@ -62,9 +64,10 @@ struct ContainerRun {
 }
 
 impl ContainerRun {
-    fn new(spec: Container, binary: Option<PathBuf>) -> Self {
+    fn new(spec: Container, binary: Option<PathBuf>, init: bool) -> Self {
         Self {
             spec,
+            init,
             binary,
             child: None,
             pid: None,
@@ -150,16 +153,17 @@ impl PodWorker {
             .and_then(|s| s.start_time.clone())
             .unwrap_or_else(now);
         let spec = pod.spec.clone().unwrap_or_default();
-        let containers = spec
-            .containers
-            .iter()
-            .map(|c| {
+        // Init containers first, in order; `sync` runs them one by one.
+        let inits = spec.init_containers.iter().flatten().map(|c| (c, true));
+        let containers = inits
+            .chain(spec.containers.iter().map(|c| (c, false)))
+            .map(|(c, init)| {
                 let binary = c
                     .image
                     .as_deref()
                     .and_then(|i| shared.config.images.resolve(i))
                     .map(Path::to_path_buf);
-                ContainerRun::new(c.clone(), binary)
+                ContainerRun::new(c.clone(), binary, init)
             })
             .collect();
         let mut worker = Self {
@@ -197,8 +201,13 @@ impl PodWorker {
             .as_ref()
             .ok_or_else(|| PodFailure::unsupported("pod has no spec"))?;
         let mut problems = Vec::new();
-        if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
-            problems.push("initContainers".to_owned());
+        for c in spec.init_containers.iter().flatten() {
+            if c.restart_policy.as_deref() == Some("Always") {
+                problems.push(format!(
+                    "sidecar init container {:?} (restartPolicy Always)",
+                    c.name
+                ));
+            }
         }
         if spec
             .ephemeral_containers
@@ -387,6 +396,11 @@ impl PodWorker {
             .and_then(|s| s.restart_policy.clone())
             .unwrap_or_else(|| "Always".to_owned());
         for i in 0..self.containers.len() {
+            // Each init container must complete before the next container
+            // (init or regular) starts.
+            if i > 0 && self.containers[i - 1].init && !self.init_completed(i - 1) {
+                break;
+            }
             self.check_exit(i, &policy);
             let c = &mut self.containers[i];
             if let (Some(at), Some(pid)) = (c.kill_at, c.pid)
@@ -446,6 +460,8 @@ impl PodWorker {
         c.started = false;
         c.stop_probes();
         let restart = match policy {
+            // Init containers of restartPolicy Always pods restart on failure.
+            _ if c.init => exit_code != 0 && policy != "Never",
             "Never" => false,
             "OnFailure" => exit_code != 0,
             _ => true,
@@ -545,6 +561,14 @@ impl PodWorker {
         }
         let c = &mut self.containers[i];
         let (program, args) = Self::program(c, &vars);
+        if c.binary.as_deref() == Some(program.as_path()) && !program.is_file() {
+            let f = PodFailure::config(format!(
+                "image {:?} maps to {}, which does not exist yet (build it with cargo)",
+                spec.image.as_deref().unwrap_or(""),
+                program.display()
+            ));
+            return self.start_failed(i, f);
+        }
         let cwd = match spec.working_dir.as_deref().filter(|w| !w.is_empty()) {
             Some(w) => PathBuf::from(w),
             None => self.dir.clone(),
@@ -607,6 +631,16 @@ impl PodWorker {
         } else {
             self.spawn_regular_probes(i);
         }
+    }
+
+    /// Init container `i` exited 0 (and stays done).
+    fn init_completed(&self, i: usize) -> bool {
+        let c = &self.containers[i];
+        c.done
+            && c.state
+                .terminated
+                .as_ref()
+                .is_some_and(|t| t.exit_code == 0)
     }
 
     fn start_failed(&mut self, i: usize, f: PodFailure) {
@@ -771,26 +805,40 @@ impl PodWorker {
             .as_ref()
             .and_then(|s| s.restart_policy.as_deref())
             .is_none_or(|p| p == "Always");
-        let all_done = self.containers.iter().all(|c| c.done);
-        let phase = if self.unsupported.is_some() {
-            "Pending"
-        } else if all_done && !policy_always {
-            let failed = self.containers.iter().any(|c| {
-                c.state
+        let regular = || self.containers.iter().filter(|c| !c.init);
+        let failed_exit = |c: &ContainerRun| {
+            c.done
+                && c.state
                     .terminated
                     .as_ref()
                     .is_some_and(|t| t.exit_code != 0)
-            });
-            if failed { "Failed" } else { "Succeeded" }
-        } else if self.containers.iter().any(|c| c.starts > 0) {
+        };
+        let init_failed = self.containers.iter().any(|c| c.init && failed_exit(c));
+        let initialized = self
+            .containers
+            .iter()
+            .filter(|c| c.init)
+            .all(|c| c.done && !failed_exit(c));
+        let all_done = regular().all(|c| c.done);
+        let phase = if self.unsupported.is_some() {
+            "Pending"
+        } else if init_failed {
+            "Failed"
+        } else if !initialized {
+            "Pending"
+        } else if all_done && !policy_always {
+            if regular().any(failed_exit) {
+                "Failed"
+            } else {
+                "Succeeded"
+            }
+        } else if regular().any(|c| c.starts > 0) {
             "Running"
         } else {
             "Pending"
         };
-        let all_ready = !self.containers.is_empty() && self.containers.iter().all(|c| c.ready);
-        let not_ready: Vec<&str> = self
-            .containers
-            .iter()
+        let all_ready = regular().count() > 0 && regular().all(|c| c.ready);
+        let not_ready: Vec<&str> = regular()
             .filter(|c| !c.ready)
             .map(|c| c.spec.name.as_str())
             .collect();
@@ -806,7 +854,12 @@ impl PodWorker {
         };
         let mut conditions = vec![
             self.condition("PodReadyToStartContainers", self.ip.is_some(), None, None),
-            self.condition("Initialized", true, None, None),
+            self.condition(
+                "Initialized",
+                initialized,
+                (!initialized).then_some("ContainersNotInitialized"),
+                None,
+            ),
             self.condition(
                 "Ready",
                 all_ready && phase == "Running",
@@ -829,11 +882,14 @@ impl PodWorker {
                 Some(f.message.clone()),
             ));
         }
-        let container_statuses = self
+        let statuses: Vec<(bool, ContainerStatus)> = self
             .containers
             .iter()
             .map(|c| {
                 let mut state = c.state.clone();
+                if !c.init && c.starts == 0 && !initialized {
+                    state = waiting("PodInitializing", None);
+                }
                 if let Some(f) = &unsupported
                     && !c.running()
                 {
@@ -844,7 +900,7 @@ impl PodWorker {
                     };
                     state = waiting(reason, Some(f.message.clone()));
                 }
-                ContainerStatus {
+                let status = ContainerStatus {
                     name: c.spec.name.clone(),
                     image: c.spec.image.clone().unwrap_or_default(),
                     image_id: c
@@ -859,14 +915,22 @@ impl PodWorker {
                     state: Some(state),
                     last_state: c.last_state.clone(),
                     ..Default::default()
-                }
+                };
+                (c.init, status)
             })
             .collect();
+        let (init_statuses, container_statuses): (Vec<_>, Vec<_>) =
+            statuses.into_iter().partition(|(init, _)| *init);
+        let strip =
+            |v: Vec<(bool, ContainerStatus)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+        let init_statuses = strip(init_statuses);
+        let container_statuses = strip(container_statuses);
         let ip = self.ip.map(|i| i.to_string());
         PodStatus {
             phase: Some(phase.to_owned()),
             conditions: Some(conditions),
             container_statuses: Some(container_statuses),
+            init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
             host_ip: Some("127.0.0.1".to_owned()),
             host_ips: Some(vec![k8s_openapi::api::core::v1::HostIP {
                 ip: "127.0.0.1".to_owned(),
