@@ -11,7 +11,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use thiserror::Error;
 
-#[derive(Debug, Error)]
+// Debug prints the message: tests `.expect()` these, and the message is
+// what tells the reader to run `e2e/testbed up`.
+#[derive(Error)]
 pub enum TestbedError {
     #[error("testbed not running: run `e2e/testbed up` (no env file at {0})")]
     NotRunning(PathBuf),
@@ -31,6 +33,12 @@ pub enum TestbedError {
     },
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+}
+
+impl std::fmt::Debug for TestbedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// A running testbed, read from its state folder's `env` file.

@@ -14,7 +14,9 @@ use thiserror::Error;
 
 const POLL: Duration = Duration::from_millis(200);
 
-#[derive(Debug, Error)]
+// Debug prints the (multi-line) message, so `.unwrap()` in a test shows the
+// status and events readably.
+#[derive(Error)]
 pub enum WaitError {
     #[error("timed out after {after:?} waiting for {what}\n{details}")]
     Timeout {
@@ -28,6 +30,12 @@ pub enum WaitError {
         #[source]
         source: kube::Error,
     },
+}
+
+impl Debug for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Polls `name` until `condition` holds and returns the object. On timeout
