@@ -27,6 +27,9 @@ struct Args {
     /// Cluster CA, mounted as ca.crt with service-account tokens.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Pod IPs are 127.N.x.y; give testbeds on one machine different N.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pod_net: u8,
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     config.api_server_host = args.api_server_host;
     config.api_server_port = args.api_server_port;
     config.ca_file = args.ca_file;
+    config.pod_net = args.pod_net;
     for (prefix, binary) in config.images.entries() {
         tracing::info!(%prefix, binary = %binary.display(), "image mapping");
     }

@@ -4,17 +4,32 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-/// Hands out 127.1.x.y addresses, skipping those in use.
-#[derive(Debug, Default)]
+/// Hands out 127.N.x.y addresses (N = `net`, 1 by default), skipping those
+/// in use. Two testbeds on one machine use different N.
+#[derive(Debug)]
 pub struct IpPool {
+    base: u32,
     used: HashSet<Ipv4Addr>,
     next: u32,
 }
 
-const BASE: u32 = u32::from_be_bytes([127, 1, 0, 2]);
 const SIZE: u32 = 65_000;
 
+impl Default for IpPool {
+    fn default() -> Self {
+        Self::new(1)
+    }
+}
+
 impl IpPool {
+    pub fn new(net: u8) -> Self {
+        Self {
+            base: u32::from_be_bytes([127, net, 0, 2]),
+            used: HashSet::new(),
+            next: 0,
+        }
+    }
+
     /// Takes `wanted` (an address the pod already had, e.g. before a kubelet
     /// restart) if it is a free loopback address, else the next free one.
     pub fn allocate(&mut self, wanted: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
@@ -23,7 +38,7 @@ impl IpPool {
             return Some(ip);
         }
         for _ in 0..SIZE {
-            let ip = Ipv4Addr::from(BASE + self.next);
+            let ip = Ipv4Addr::from(self.base + self.next);
             self.next = (self.next + 1) % SIZE;
             // .0 and .255 work on loopback but look like network/broadcast
             // addresses to people reading logs.
@@ -59,5 +74,9 @@ mod tests {
         assert_ne!(pool.allocate(Some(wanted)), Some(wanted));
         pool.release(a);
         assert_eq!(pool.allocate(Some(a)), Some(a));
+        assert_eq!(
+            IpPool::new(7).allocate(None),
+            Some(Ipv4Addr::new(127, 7, 0, 2))
+        );
     }
 }

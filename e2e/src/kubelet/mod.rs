@@ -46,6 +46,8 @@ pub struct Config {
     pub api_server_port: u16,
     /// The cluster CA, written as ca.crt next to mounted service-account tokens.
     pub ca_file: Option<PathBuf>,
+    /// Pod IPs are 127.<pod_net>.x.y; testbeds sharing a machine differ here.
+    pub pod_net: u8,
     pub started_at: Time,
 }
 
@@ -64,6 +66,7 @@ impl Config {
             api_server_host: "127.0.0.1".to_owned(),
             api_server_port: 6443,
             ca_file: None,
+            pod_net: 1,
             started_at: Time(Timestamp::now()),
         }
     }
@@ -136,10 +139,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node_name, "node registered and Ready");
     let heartbeat = tokio::spawn(node::heartbeat(client.clone(), config.clone()));
 
+    let pod_net = config.pod_net;
     let shared = Arc::new(Shared {
         client: client.clone(),
         config,
-        ips: Mutex::new(ips::IpPool::default()),
+        ips: Mutex::new(ips::IpPool::new(pod_net)),
     });
     let pods: Api<Pod> = Api::all(client);
     let mut events = watcher(pods, watcher::Config::default())
