@@ -172,6 +172,8 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
     let mut pod_env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
+        // The runtime binds its endpoints to the pod's address.
+        field_env("POD_IP", "status.podIP"),
         env("KEYSTONE_PIPELINE", plan.pipeline.clone()),
         env("KEYSTONE_STAGE", stage.name.clone()),
         env("KEYSTONE_PLAN", format!("{PLAN_DIR}/{PLAN_KEY}")),

@@ -1,0 +1,241 @@
+//! The Helm chart: it lints, renders manifests the real API server accepts,
+//! installs into the testbed, and the operator it runs (a pod of the process
+//! kubelet, under the chart's ServiceAccount and nothing more) reconciles.
+
+mod operator_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use keystone_crds::Pipeline;
+use keystone_e2e::{Testbed, wait_for, wait_until};
+use kube::Api;
+use kube::api::ListParams;
+use operator_support::*;
+
+fn chart() -> String {
+    repo().join("helm/keystone").display().to_string()
+}
+
+fn helm(tb: &Testbed) -> Command {
+    let mut cmd = Command::new(tb.helm().expect("helm"));
+    cmd.env("KUBECONFIG", tb.kubeconfig().expect("kubeconfig"));
+    cmd
+}
+
+#[tokio::test]
+async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
+    let tb = testbed().await;
+    install_crds(&tb);
+    let mut lint = helm(&tb);
+    lint.args(["lint", "--strict", &chart()]);
+    run_ok(lint);
+
+    // Both RBAC shapes: cluster-wide, and namespaced Roles for listed namespaces.
+    let ns = tb.namespace("helm-render").await.expect("namespace");
+    for extra in [
+        vec![],
+        vec![
+            "--set".to_owned(),
+            format!("watchNamespaces={{{}}}", ns.name()),
+        ],
+    ] {
+        let mut template = helm(&tb);
+        template.args([
+            "template",
+            "ks-render",
+            &chart(),
+            "--namespace",
+            ns.name(),
+            "--skip-crds",
+        ]);
+        template.args(&extra);
+        let out = template.output().expect("helm template");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifests = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut apply = tb.kubectl().expect("kubectl");
+        apply.args(["apply", "--dry-run=server", "-n", ns.name(), "-f", "-"]);
+        let (ok, text) = run_with_stdin(apply, &manifests);
+        assert!(
+            ok,
+            "the API server refused the rendered chart ({extra:?}):\n{text}"
+        );
+        if extra.is_empty() {
+            assert!(
+                manifests.contains("kind: ClusterRole\n"),
+                "cluster-wide RBAC expected"
+            );
+        } else {
+            assert!(
+                !manifests.contains("kind: ClusterRole"),
+                "namespaced RBAC must not be cluster-wide"
+            );
+        }
+    }
+
+    // Values are checked against values.schema.json.
+    let mut bad = helm(&tb);
+    bad.args(["template", "x", &chart(), "--set", "logFormat=xml"]);
+    let out = bad.output().expect("helm template");
+    assert!(
+        !out.status.success(),
+        "a value outside the schema must be refused"
+    );
+
+    // The kustomize base renders and is accepted too.
+    let mut kustomize = tb.kubectl().expect("kubectl");
+    kustomize.args([
+        "kustomize",
+        &repo().join("config/default").display().to_string(),
+    ]);
+    let manifests = run_ok(kustomize);
+    let mut apply = tb.kubectl().expect("kubectl");
+    apply.args(["apply", "--dry-run=server", "-f", "-"]);
+    let (ok, text) = run_with_stdin(apply, &manifests);
+    assert!(ok, "the API server refused config/default:\n{text}");
+    ns.delete().await.expect("delete namespace");
+}
+
+#[tokio::test]
+async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_account() {
+    let tb = testbed().await;
+    operator_binary();
+    install_crds(&tb);
+    let ns = tb.namespace("helm-app").await.expect("namespace");
+    let release_ns = operator_namespace(&tb, &ns).await;
+    let release = unique("ks");
+    let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+
+    let mut install = helm(&tb);
+    install.args([
+        "install",
+        &release,
+        &chart(),
+        "--namespace",
+        &release_ns,
+        "--set",
+        &format!("kafka.clusters.default.bootstrapServers={bootstrap}"),
+        "--set",
+        &format!("watchNamespaces={{{}}}", ns.name()),
+        // Each pod of the process kubelet has its own loopback address.
+        "--set",
+        "metrics.bindAddress=$(POD_IP)",
+        "--set",
+        "logFormat=text",
+    ]);
+    run_ok(install);
+
+    // The operator pod runs and becomes ready.
+    let pods: Api<Pod> = Api::namespaced(tb.client().expect("client"), &release_ns);
+    let selector = format!("app.kubernetes.io/instance={release}");
+    wait_until(
+        Duration::from_secs(120),
+        "the operator pod to be Ready",
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .any(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .then_some(())
+        },
+        || async {
+            let list = pods.list(&ListParams::default().labels(&selector)).await;
+            format!(
+                "{:#?}",
+                list.map(|l| l.items.into_iter().map(|p| p.status).collect::<Vec<_>>())
+            )
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // It reconciles a Pipeline in the watched namespace: topics, then workloads.
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.helm");
+    kafka.create(&source, 1).await;
+    apply_yaml(
+        &tb,
+        &pipeline_yaml(
+            ns.name(),
+            "charted",
+            &source,
+            &format!("{source}.out"),
+            1,
+            "Delete",
+        ),
+    )
+    .await;
+    let pipelines: Api<Pipeline> = ns.api();
+    wait_for(
+        &pipelines,
+        "charted",
+        Duration::from_secs(120),
+        "TopicsReady=True and stages",
+        |p| {
+            condition_is(p, "TopicsReady", "True")
+                && p.status.as_ref().is_some_and(|s| !s.stages.is_empty())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    ns.api::<Deployment>()
+        .get("charted-s0")
+        .await
+        .expect("stage deployment");
+    assert_eq!(kafka.partitions(&format!("{source}.out")), Some(1));
+
+    // Least privilege: the ServiceAccount can do its job and not more.
+    let sa = format!("system:serviceaccount:{release_ns}:{release}-keystone");
+    let can = |verb: &str, resource: &str, namespace: &str| {
+        let mut cmd = tb.kubectl().expect("kubectl");
+        cmd.args([
+            "auth", "can-i", verb, resource, "--as", &sa, "-n", namespace,
+        ]);
+        let out = cmd.output().expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(can("patch", "deployments.apps", ns.name()));
+    assert!(can("patch", "pipelines.keystone.dev/status", ns.name()));
+    assert!(
+        !can("list", "secrets", &release_ns),
+        "no secrets beyond the Kafka credentials"
+    );
+    assert!(!can("get", "secrets", ns.name()));
+    assert!(
+        !can("list", "pipelines.keystone.dev", "default"),
+        "only the watched namespace"
+    );
+    assert!(!can("create", "pods", ns.name()));
+    assert!(!can("delete", "pipelines.keystone.dev", ns.name()));
+
+    // Deleting with Delete works under the chart's RBAC (finalizer, topic deletion).
+    pipelines
+        .delete("charted", &Default::default())
+        .await
+        .expect("delete");
+    keystone_e2e::wait_for_deletion(&pipelines, "charted", Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    kafka
+        .wait_partitions(&format!("{source}.out"), "deleted", |p| p.is_none())
+        .await;
+
+    let mut uninstall = helm(&tb);
+    uninstall.args(["uninstall", &release, "--namespace", &release_ns]);
+    run_ok(uninstall);
+    ns.delete().await.expect("delete namespace");
+}
