@@ -12,6 +12,9 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Not 8080: a process elsewhere on the machine that binds 0.0.0.0:8080
+/// takes that port from every pod IP (pods share the host's network).
+const PORT: u16 = 38080;
 
 fn testapp_deployment(name: &str) -> Deployment {
     serde_json::from_value(serde_json::json!({
@@ -32,9 +35,9 @@ fn testapp_deployment(name: &str) -> Deployment {
                             { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
                             { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
                             { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "cfg", "key": "greeting" } } },
-                            { "name": "PORT", "value": "8080" }
+                            { "name": "PORT", "value": PORT.to_string() }
                         ],
-                        "ports": [{ "name": "http", "containerPort": 8080 }],
+                        "ports": [{ "name": "http", "containerPort": PORT }],
                         "readinessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 1 },
                         "volumeMounts": [{ "name": "config", "mountPath": "/etc/keystone-testapp" }]
                     }],
@@ -67,7 +70,7 @@ fn pod_addr(pod: &Pod) -> SocketAddr {
         .as_ref()
         .and_then(|s| s.pod_ip.as_deref())
         .expect("pod IP");
-    SocketAddr::new(ip.parse().expect("IP"), 8080)
+    SocketAddr::new(ip.parse().expect("IP"), PORT)
 }
 
 async fn pods_summary(ns: &TestNamespace) -> String {
@@ -220,8 +223,11 @@ async fn failing_liveness_probe_restarts_the_container() {
             "containers": [{
                 "name": "app",
                 "image": "keystone/testapp:dev",
-                "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }],
-                "livenessProbe": { "httpGet": { "path": "/healthz", "port": 8080 }, "periodSeconds": 1, "failureThreshold": 2 },
+                "env": [
+                    { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                    { "name": "PORT", "value": PORT.to_string() }
+                ],
+                "livenessProbe": { "httpGet": { "path": "/healthz", "port": PORT }, "periodSeconds": 1, "failureThreshold": 2 },
                 "readinessProbe": { "exec": { "command": ["true"] }, "periodSeconds": 1 }
             }]
         }
@@ -359,8 +365,11 @@ async fn init_containers_run_first_and_share_empty_dirs() {
             "containers": [{
                 "name": "app",
                 "image": "keystone/testapp:dev",
-                "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }],
-                "readinessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 1 },
+                "env": [
+                    { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                    { "name": "PORT", "value": PORT.to_string() }
+                ],
+                "readinessProbe": { "tcpSocket": { "port": PORT }, "periodSeconds": 1 },
                 "volumeMounts": [{ "name": "shared", "mountPath": "/shared" }]
             }],
             "volumes": [{ "name": "shared", "emptyDir": {} }]
@@ -389,6 +398,64 @@ async fn init_containers_run_first_and_share_empty_dirs() {
             .unwrap()
             .1,
         "one\ntwo\n"
+    );
+    ns.delete().await.expect("delete namespace");
+}
+
+#[tokio::test]
+async fn pods_reach_the_api_server_in_cluster_with_their_service_account() {
+    let tb = Testbed::from_env().await.expect("testbed");
+    let ns = tb.namespace("incluster").await.expect("namespace");
+    let pods: Api<Pod> = ns.api();
+    // kubectl without a kubeconfig uses the in-cluster config: the
+    // KUBERNETES_SERVICE_* env and the mounted token and CA.
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "whoami" },
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": "default",
+            "containers": [{
+                "name": "c",
+                "image": "keystone/testapp:dev",
+                "command": ["sh", "-c", "kubectl auth whoami -o jsonpath='{.status.userInfo.username}'"]
+            }]
+        }
+    }))
+    .unwrap();
+    // The serviceaccount controller creates "default" shortly after the namespace.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = ns.api();
+    wait_for(
+        &sas,
+        "default",
+        TIMEOUT,
+        "the default service account",
+        |_| true,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let done = wait_for(&pods, "whoami", TIMEOUT, "the pod to finish", |p| {
+        matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let uid = done.metadata.uid.clone().unwrap();
+    let log = std::fs::read_to_string(tb.pod_log_dir(ns.name(), "whoami", &uid).join("c.log"))
+        .expect("pod log");
+    assert_eq!(
+        done.status.unwrap().phase.as_deref(),
+        Some("Succeeded"),
+        "log:\n{log}"
+    );
+    let expected = format!("system:serviceaccount:{}:default", ns.name());
+    assert!(
+        log.contains(&expected),
+        "expected {expected} in the log:\n{log}"
     );
     ns.delete().await.expect("delete namespace");
 }

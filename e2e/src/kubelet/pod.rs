@@ -163,7 +163,17 @@ impl PodWorker {
                     .as_deref()
                     .and_then(|i| shared.config.images.resolve(i))
                     .map(Path::to_path_buf);
-                ContainerRun::new(c.clone(), binary, init)
+                let mut run = ContainerRun::new(c.clone(), binary, init);
+                // After a kubelet restart, keep counting restarts where the
+                // previous kubelet left off.
+                if let Some(previous) = previous_status(&pod, &c.name, init)
+                    && (previous.state.as_ref().is_some_and(|s| s.waiting.is_none())
+                        || previous.last_state.is_some())
+                {
+                    run.starts = previous.restart_count + 1;
+                    run.last_state = previous.last_state.clone();
+                }
+                run
             })
             .collect();
         let mut worker = Self {
@@ -964,6 +974,16 @@ impl PodWorker {
             Err(e) => tracing::warn!(pod = %self.key(), error = %e, "pod status update failed"),
         }
     }
+}
+
+fn previous_status<'a>(pod: &'a Pod, name: &str, init: bool) -> Option<&'a ContainerStatus> {
+    let status = pod.status.as_ref()?;
+    let list = if init {
+        &status.init_container_statuses
+    } else {
+        &status.container_statuses
+    };
+    list.as_ref()?.iter().find(|s| s.name == name)
 }
 
 fn pid_file(state: &Path, uid: &str, container: &str) -> PathBuf {
