@@ -348,8 +348,16 @@ async fn retain_keeps_topics_and_the_namespace_goes() {
         "Retain pipelines carry no finalizer: {:?}",
         p.finalizers()
     );
+    // A Delete pipeline in the same namespace: its finalizer must not hold the namespace.
+    let sink2 = format!("{source}.gone");
+    apply_yaml(
+        &tb,
+        &pipeline_yaml(&ns_name, "drop", &source, &sink2, 1, "Delete"),
+    )
+    .await;
+    wait_condition(&pipelines, "drop", "TopicsReady", "True").await;
 
-    // Deleting the namespace (with the pipeline in it) never hangs, and the topics stay.
+    // Deleting the namespace (with the pipelines in it) never hangs; Retain topics stay.
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
         Api::all(tb.client().expect("client"));
     ns.delete().await.expect("delete namespace");
@@ -358,6 +366,12 @@ async fn retain_keeps_topics_and_the_namespace_goes() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(kafka.partitions(&sink), Some(2));
     assert!(kafka.exists(&format!("keystone.{ns_name}.keep.dlq")));
+    assert_eq!(
+        kafka.partitions(&sink2),
+        None,
+        "the Delete pipeline's topics went with it"
+    );
+    assert!(!kafka.exists(&format!("keystone.{ns_name}.drop.dlq")));
 }
 
 #[tokio::test]

@@ -153,6 +153,17 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     pub fn start(tb: &Testbed, watch: &str, operator_ns: &str, identity: &str) -> Self {
+        Self::start_with(tb, watch, operator_ns, identity, &[])
+    }
+
+    /// As `start`, with extra environment (overrides included).
+    pub fn start_with(
+        tb: &Testbed,
+        watch: &str,
+        operator_ns: &str,
+        identity: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = tb
             .state_dir()
             .join(format!("e2e-operator-{watch}-{identity}.log"));
@@ -172,6 +183,7 @@ impl OperatorProcess {
             .env("KEYSTONE_RUNTIME_IMAGE", "keystone/runtime:e2e")
             .env("KEYSTONE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,kube=warn,keystone_operator=debug")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
             .spawn()
