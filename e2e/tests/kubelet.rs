@@ -459,3 +459,37 @@ async fn pods_reach_the_api_server_in_cluster_with_their_service_account() {
     );
     ns.delete().await.expect("delete namespace");
 }
+
+#[tokio::test]
+async fn a_process_listening_on_a_wildcard_address_gets_a_warning_event() {
+    let tb = Testbed::from_env().await.expect("testbed");
+    let ns = tb.namespace("wildcard").await.expect("namespace");
+    let pods: Api<Pod> = ns.api();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "wild" },
+        "spec": {
+            "containers": [{
+                "name": "app",
+                "image": "keystone/testapp:dev",
+                "env": [{ "name": "POD_IP", "value": "0.0.0.0" }, { "name": "PORT", "value": "38181" }]
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let client = ns.client();
+    wait_until(
+        TIMEOUT,
+        "a WildcardListen event",
+        || async {
+            let events = keystone_e2e::recent_events(&client, Some(ns.name()), "wild").await;
+            events.contains("WildcardListen").then_some(())
+        },
+        || pods_summary(&ns),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    ns.delete().await.expect("delete namespace");
+}

@@ -11,6 +11,7 @@ mod node;
 mod pod;
 mod probe;
 mod process;
+mod sockets;
 mod volumes;
 
 use std::collections::{HashMap, HashSet};
@@ -115,6 +116,7 @@ impl PodFailure {
 /// State shared by the pod workers.
 struct Shared {
     client: Client,
+    recorder: kube::runtime::events::Recorder,
     config: Config,
     ips: Mutex<ips::IpPool>,
 }
@@ -140,7 +142,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let heartbeat = tokio::spawn(node::heartbeat(client.clone(), config.clone()));
 
     let pod_net = config.pod_net;
+    let reporter = kube::runtime::events::Reporter {
+        controller: "keystone-process-kubelet".to_owned(),
+        instance: Some(config.node_name.clone()),
+    };
     let shared = Arc::new(Shared {
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
         client: client.clone(),
         config,
         ips: Mutex::new(ips::IpPool::new(pod_net)),

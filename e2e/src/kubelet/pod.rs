@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::Api;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource as _};
 use nix::sys::signal::Signal;
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 use super::env::{self, PodFacts};
 use super::probe::{self, ProbeKind, ProbeResult};
 use super::process::{self, Exec};
+use super::sockets;
 use super::volumes::{self, VolumeContext};
 use super::{FailureKind, PodFailure, Shared, delete_now};
 
@@ -32,6 +34,8 @@ const BACKOFF_RESET: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
 /// How long the kubelet's own shutdown waits for pod processes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long after a start the kubelet looks for wildcard listeners.
+const WILDCARD_WATCH: Duration = Duration::from_secs(30);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 struct ContainerRun {
@@ -61,6 +65,10 @@ struct ContainerRun {
     /// Exited and will not restart.
     done: bool,
     exec: Option<Exec>,
+    /// The last start failure reported as an event (not repeated each try).
+    last_failure: Option<String>,
+    /// Whether a wildcard listen was reported for this start.
+    wildcard_reported: bool,
 }
 
 impl ContainerRun {
@@ -86,6 +94,8 @@ impl ContainerRun {
             kill_reason: None,
             done: false,
             exec: None,
+            last_failure: None,
+            wildcard_reported: false,
         }
     }
 
@@ -134,6 +144,8 @@ pub struct PodWorker {
     last_reported: Option<serde_json::Value>,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
+    /// Events to publish with the next status report.
+    events: Vec<(EventType, &'static str, String)>,
 }
 
 impl PodWorker {
@@ -194,6 +206,7 @@ impl PodWorker {
             last_reported: None,
             probe_tx,
             probe_rx,
+            events: Vec::new(),
         };
         worker.unsupported = worker.check_supported().err();
         worker
@@ -282,6 +295,9 @@ impl PodWorker {
         tracing::info!(pod = %self.key(), "pod worker started");
         if let Some(f) = &self.unsupported {
             tracing::warn!(pod = %self.key(), reason = %f, "pod cannot run");
+            let message = f.message.clone();
+            self.events
+                .push((EventType::Warning, "Unsupported", message));
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -313,6 +329,7 @@ impl PodWorker {
                 let grace = self.grace();
                 tracing::info!(pod = %self.key(), ?grace, "pod deleted: stopping processes");
                 self.terminate_all(grace).await;
+                self.publish_events().await;
                 delete_now(&self.shared.client, &self.pod).await;
                 self.release();
                 return;
@@ -419,6 +436,23 @@ impl PodWorker {
                 process::signal_group(pid, Signal::SIGKILL);
                 c.kill_at = None;
             }
+            if let (Some(pid), Some(started)) = (c.pid, c.started_instant)
+                && !c.wildcard_reported
+                && started.elapsed() < WILDCARD_WATCH
+            {
+                let ports = sockets::wildcard_listen_ports(pid);
+                if !ports.is_empty() {
+                    c.wildcard_reported = true;
+                    let note = format!(
+                        "container {} listens on 0.0.0.0/[::] port(s) {ports:?}: in the testbed all pods share the host network, so it takes these ports from every pod; bind the pod IP (env from fieldRef status.podIP) instead",
+                        c.spec.name
+                    );
+                    tracing::warn!(pod = %self.key(), "{note}");
+                    self.events
+                        .push((EventType::Warning, "WildcardListen", note));
+                }
+            }
+            let c = &mut self.containers[i];
             if !c.running() && !c.done && Instant::now() >= c.next_start {
                 self.start(i).await;
             }
@@ -484,6 +518,14 @@ impl PodWorker {
             let backoff = Duration::from_secs(1 << c.crash_streak.min(5)).min(MAX_BACKOFF);
             c.crash_streak += 1;
             c.next_start = Instant::now() + backoff;
+            self.events.push((
+                EventType::Warning,
+                "BackOff",
+                format!(
+                    "container {} exited with code {exit_code}; restarting in {backoff:?}",
+                    c.spec.name
+                ),
+            ));
             c.last_state = Some(terminated);
             c.state = waiting(
                 "CrashLoopBackOff",
@@ -621,6 +663,18 @@ impl PodWorker {
             );
         }
         tracing::info!(pod = %key, container = %spec.name, pid, program = %program.display(), "container started");
+        self.events.push((
+            EventType::Normal,
+            "Started",
+            format!(
+                "Started container {} (pid {pid}, {})",
+                spec.name,
+                program.display()
+            ),
+        ));
+        let c = &mut self.containers[i];
+        c.last_failure = None;
+        c.wildcard_reported = false;
         c.child = Some(child);
         c.pid = Some(pid);
         c.starts += 1;
@@ -658,6 +712,11 @@ impl PodWorker {
         tracing::warn!(pod = %format!("{}/{}", self.ns, self.name), container = %c.spec.name, reason = %f, "cannot start container");
         c.state = waiting(f.reason(), Some(f.message.clone()));
         c.next_start = Instant::now() + Duration::from_secs(1);
+        if c.last_failure.as_deref() != Some(f.message.as_str()) {
+            c.last_failure = Some(f.message.clone());
+            self.events
+                .push((EventType::Warning, "Failed", f.message.clone()));
+        }
         if f.kind == FailureKind::Unsupported {
             self.unsupported = Some(f);
         }
@@ -704,6 +763,16 @@ impl PodWorker {
             return;
         }
         tracing::info!(pod = %key, container = %c.spec.name, kind = ?r.kind, healthy = r.healthy, message = %r.message, "probe verdict");
+        if !r.healthy {
+            let note = format!(
+                "{:?} probe of container {} failed: {}",
+                r.kind, c.spec.name, r.message
+            );
+            self.events.push((EventType::Warning, "Unhealthy", note));
+        }
+        let Some(c) = self.containers.get_mut(r.container) else {
+            return;
+        };
         match (r.kind, r.healthy) {
             (ProbeKind::Readiness, ready) => c.ready = ready && c.started,
             (ProbeKind::Startup, true) => {
@@ -719,6 +788,11 @@ impl PodWorker {
                     process::signal_group(pid, Signal::SIGTERM);
                     c.kill_at = Some(Instant::now() + grace);
                 }
+                let note = format!(
+                    "Container {} failed its {:?} probe, will be restarted",
+                    c.spec.name, r.kind
+                );
+                self.events.push((EventType::Normal, "Killing", note));
             }
             (ProbeKind::Liveness, true) => {}
         }
@@ -954,7 +1028,27 @@ impl PodWorker {
         }
     }
 
+    async fn publish_events(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let reference = self.pod.object_ref(&());
+        for (type_, reason, note) in std::mem::take(&mut self.events) {
+            let event = Event {
+                type_,
+                reason: reason.to_owned(),
+                note: Some(note),
+                action: reason.to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = self.shared.recorder.publish(&event, &reference).await {
+                tracing::debug!(pod = %self.key(), error = %e, "publishing an event failed");
+            }
+        }
+    }
+
     async fn report(&mut self) {
+        self.publish_events().await;
         let status = self.status();
         let patch = serde_json::json!({ "status": status });
         if self.last_reported.as_ref() == Some(&patch) {
