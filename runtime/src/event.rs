@@ -196,6 +196,96 @@ pub fn ordered_object<'a>(
     sonic_rs::from_slice(buf).unwrap_or_else(|_| Value::from(Object::new()))
 }
 
+/// `original` with `writes` applied (each sets a dotted path, parents created or
+/// replaced by objects, later writes win), keeping the original member order and
+/// appending new members in write order. Built as text and parsed back, because
+/// sonic-rs keeps member order only in parsed documents.
+pub fn with_writes(original: &Value, writes: &[(&FieldPath, Value)], buf: &mut Vec<u8>) -> Value {
+    buf.clear();
+    let paths: Vec<(&[String], &Value)> = writes
+        .iter()
+        .map(|(p, v)| (p.segments.as_slice(), v))
+        .collect();
+    write_merged(Some(original), &paths, buf);
+    sonic_rs::from_slice(buf).unwrap_or_else(|_| original.clone())
+}
+
+fn write_merged(original: Option<&Value>, writes: &[(&[String], &Value)], out: &mut Vec<u8>) {
+    out.push(b'{');
+    let mut first = true;
+    let mut member = |out: &mut Vec<u8>, name: &str| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let _ = sonic_rs::to_writer(&mut *out, name);
+        out.push(b':');
+    };
+    let object = original.and_then(|v| v.as_object());
+    if let Some(object) = object {
+        for (name, value) in object.iter() {
+            member(out, name);
+            write_member(Some(value), name, writes, out);
+        }
+    }
+    let mut added: Vec<&str> = Vec::new();
+    for (segments, _) in writes {
+        let name = segments[0].as_str();
+        let exists = object.is_some_and(|o| o.contains_key(&name));
+        if !exists && !added.contains(&name) {
+            added.push(name);
+        }
+    }
+    for name in added {
+        member(out, name);
+        write_member(None, name, writes, out);
+    }
+    out.push(b'}');
+}
+
+/// Writes the value of member `name`: the last write of exactly this member, or
+/// the original merged with the writes below it, or the original unchanged.
+fn write_member(
+    original: Option<&Value>,
+    name: &str,
+    writes: &[(&[String], &Value)],
+    out: &mut Vec<u8>,
+) {
+    let mut replaced: Option<(usize, &Value)> = None;
+    let mut nested: Vec<(usize, (&[String], &Value))> = Vec::new();
+    for (index, (segments, value)) in writes.iter().enumerate() {
+        if segments[0] != name {
+            continue;
+        }
+        if segments.len() == 1 {
+            replaced = Some((index, *value));
+        } else {
+            nested.push((index, (&segments[1..], *value)));
+        }
+    }
+    // Nested writes before the last whole-member write are overwritten by it.
+    let after = replaced.map_or(0, |(i, _)| i + 1);
+    let nested: Vec<(&[String], &Value)> = nested
+        .into_iter()
+        .filter(|(i, _)| *i >= after)
+        .map(|(_, w)| w)
+        .collect();
+    let base = match replaced {
+        Some((_, value)) => Some(value),
+        None => original,
+    };
+    if nested.is_empty() {
+        match base {
+            Some(value) => {
+                let _ = sonic_rs::to_writer(&mut *out, value);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+    } else {
+        write_merged(base.filter(|v| v.is_object()), &nested, out);
+    }
+}
+
 /// An RFC 6901 JSON pointer, split and unescaped once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pointer {
@@ -282,6 +372,24 @@ mod tests {
         let expected: Value =
             sonic_rs::from_str(r#"{"a":{"b":1,"d":{"e":true}},"c":{"x":3}}"#).unwrap();
         assert_eq!(value, expected);
+    }
+
+    #[test]
+    fn writes_keep_member_order() {
+        let original = doc(r#"{"z":1,"a":{"y":2,"b":3},"m":"x"}"#);
+        let writes = [
+            (&FieldPath::new("a.b"), Value::new_i64(4)),
+            (&FieldPath::new("new"), Value::from(true)),
+            (&FieldPath::new("m.k"), Value::new_i64(5)),
+            (&FieldPath::new("a.c.d"), Value::new_i64(6)),
+            (&FieldPath::new("z"), Value::new_i64(0)),
+        ];
+        let refs: Vec<(&FieldPath, Value)> = writes.iter().map(|(p, v)| (*p, v.clone())).collect();
+        let merged = with_writes(&original, &refs, &mut Vec::new());
+        assert_eq!(
+            sonic_rs::to_string(&merged).unwrap(),
+            r#"{"z":0,"a":{"y":2,"b":4,"c":{"d":6}},"m":{"k":5},"new":true}"#
+        );
     }
 
     #[test]

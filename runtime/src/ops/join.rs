@@ -25,7 +25,7 @@ use keystone_crds::ops::{EnrichSpec, JoinKind, JoinSpec, TableSpec};
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, Object, Value};
 
 use crate::error::RuntimeError;
-use crate::event::{Event, FieldPath, encode_key};
+use crate::event::{Event, FieldPath, encode_key, with_writes};
 use crate::operator::{Ctx, Operator, Output};
 use crate::state::{StateChange, StateError, hex};
 
@@ -125,6 +125,7 @@ pub struct Join {
     inner: bool,
     kind: &'static str,
     key_buf: Vec<u8>,
+    buf: Vec<u8>,
 }
 
 impl Join {
@@ -166,6 +167,7 @@ impl Join {
             inner,
             kind,
             key_buf: Vec::with_capacity(64),
+            buf: Vec::with_capacity(512),
         }
     }
 
@@ -173,41 +175,36 @@ impl Join {
         &mut self.table
     }
 
-    fn copy_row(&self, row: &Value, event: &mut Value) {
-        let mut copied: Vec<(FieldPath, Value)> = Vec::new();
+    /// The fields to write into a matching event: (path in the event, value).
+    fn writes_for(&self, row: &Value) -> Vec<(FieldPath, Value)> {
+        let target = |name: &str| match &self.into {
+            Some(into) => FieldPath::new(&format!("{}.{name}", into.dotted)),
+            None => FieldPath::new(name),
+        };
+        let mut writes = Vec::new();
         if self.fields.is_empty() {
             if let Some(object) = row.as_object() {
                 for (name, value) in object.iter() {
                     if self.table.key.iter().any(|k| k.dotted == name) {
                         continue;
                     }
-                    copied.push((FieldPath::new(name), value.clone()));
+                    writes.push((target(name), value.clone()));
                 }
             }
         } else {
             for field in &self.fields {
                 if let Some(value) = field.get(row) {
-                    copied.push((field.clone(), value.clone()));
+                    writes.push((target(&field.dotted), value.clone()));
                 }
             }
         }
-        match &self.into {
-            None => {
-                for (path, value) in copied {
-                    path.set(event, value);
-                }
-            }
-            Some(into) => {
-                let mut target = match into.get(event) {
-                    Some(existing) if existing.is_object() => existing.clone(),
-                    _ => Value::from(Object::new()),
-                };
-                for (path, value) in copied {
-                    path.set(&mut target, value);
-                }
-                into.set(event, target);
-            }
+        if writes.is_empty()
+            && let Some(into) = &self.into
+        {
+            // A matching row with nothing to copy still marks the match.
+            writes.push((into.clone(), Value::from(Object::new())));
         }
+        writes
     }
 }
 
@@ -221,14 +218,18 @@ impl Operator for Join {
             );
             return out.dead_letter(event, reason);
         }
-        match self.table.rows.get(&self.key_buf) {
-            Some(row) => {
-                self.copy_row(row, &mut event.value);
-                out.emit(event);
-            }
-            None if self.inner => out.drop_event(event),
-            None => out.emit(event),
-        }
+        let Some(row) = self.table.rows.get(&self.key_buf) else {
+            return if self.inner {
+                out.drop_event(event)
+            } else {
+                out.emit(event)
+            };
+        };
+        let mut writes = self.writes_for(row);
+        let refs: Vec<(&FieldPath, Value)> =
+            writes.iter_mut().map(|(p, v)| (&*p, v.take())).collect();
+        event.value = with_writes(&event.value, &refs, &mut self.buf);
+        out.emit(event);
     }
 
     fn is_stateful(&self) -> bool {

@@ -12,7 +12,7 @@ use keystone_crds::ops::MapSpec;
 use keystone_crds::schema::FieldType;
 
 use crate::error::RuntimeError;
-use crate::event::{Event, FieldPath};
+use crate::event::{Event, FieldPath, with_writes};
 use crate::expr::{Bindings, Expr, cel_type_name, from_cel};
 use crate::operator::{Ctx, Operator, Output};
 
@@ -25,6 +25,7 @@ struct Computed {
 pub struct MapOp {
     fields: Vec<Computed>,
     bindings: Bindings,
+    buf: Vec<u8>,
 }
 
 impl MapOp {
@@ -41,7 +42,11 @@ impl MapOp {
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
         let bindings = Bindings::new(fields.iter().map(|f| &f.expr));
-        Ok(Self { fields, bindings })
+        Ok(Self {
+            fields,
+            bindings,
+            buf: Vec::with_capacity(512),
+        })
     }
 
     fn compute(&self, event: &Event) -> Result<Vec<sonic_rs::Value>, String> {
@@ -93,9 +98,9 @@ impl Operator for MapOp {
     fn process(&mut self, mut event: Event, _ctx: &Ctx, out: &mut Output) {
         match self.compute(&event) {
             Ok(values) => {
-                for (field, value) in self.fields.iter().zip(values) {
-                    field.path.set(&mut event.value, value);
-                }
+                let writes: Vec<(&FieldPath, sonic_rs::Value)> =
+                    self.fields.iter().map(|f| &f.path).zip(values).collect();
+                event.value = with_writes(&event.value, &writes, &mut self.buf);
                 out.emit(event);
             }
             Err(reason) => out.dead_letter(event, reason),

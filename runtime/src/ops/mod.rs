@@ -84,7 +84,7 @@ pub(crate) mod testing {
         }
     }
 
-    /// JSON with sorted keys: objects a step modified serialize in hash order.
+    /// JSON with sorted keys, so expectations do not depend on member order.
     pub fn canonical(value: &sonic_rs::Value) -> String {
         let text = sonic_rs::to_string(value).unwrap();
         let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();

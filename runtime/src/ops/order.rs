@@ -15,7 +15,9 @@
 //!   after it arrived; it then leaves together with every waiting event of its key
 //!   with a lower sequence, in ascending order (a gap is given up on; a missing
 //!   sequence arriving later is stale). In non-contiguous mode every event waits its
-//!   `maxDelay`, so that late predecessors can overtake it.
+//!   `maxDelay`, so that late predecessors can overtake it. Waiting counts only
+//!   while the pipeline runs: after a restore, the downtime is added to every
+//!   held event's deadline.
 //! - **Bounded**: when a key holds more than `maxBuffered` events, its lowest
 //!   sequence leaves at once (then, if contiguous, the run that follows it).
 //! - **End of input**: every key's waiting events leave in ascending order, keys in
@@ -70,6 +72,10 @@ pub struct Order {
     /// In arrival order; due times never decrease because processing time does not.
     deadlines: VecDeque<Deadline>,
     next_arrival: u64,
+    /// After a restore: the latest arrival among the restored waiting events. The
+    /// first call after the restore moves every wait forward by the time since
+    /// then, so that the time the pipeline was down does not count as waiting.
+    restored_latest_arrival: Option<i64>,
     key_buf: Vec<u8>,
 }
 
@@ -165,6 +171,7 @@ impl Order {
             keys: HashKeyed::default(),
             deadlines: VecDeque::new(),
             next_arrival: 0,
+            restored_latest_arrival: None,
             key_buf: Vec::with_capacity(64),
         }
     }
@@ -239,6 +246,23 @@ impl Operator for Order {
         });
         if state.pending.len() > self.max_buffered {
             release_upto(key, state, Some(0), contiguous, out);
+        }
+    }
+
+    fn on_start(&mut self, ctx: &Ctx) {
+        let Some(latest) = self.restored_latest_arrival.take() else {
+            return;
+        };
+        // Downtime is not waiting time: a held event whose predecessor is next in
+        // the input must not be released before that input is read again.
+        let downtime = ctx.now_ms.saturating_sub(latest).max(0);
+        for deadline in &mut self.deadlines {
+            deadline.due_ms = deadline.due_ms.saturating_add(downtime);
+        }
+        for state in self.keys.values_mut() {
+            for pending in &mut state.pending {
+                pending.arrived_ms = pending.arrived_ms.saturating_add(downtime);
+            }
         }
     }
 
@@ -354,6 +378,7 @@ impl Operator for Order {
         }
         waiting.sort();
         self.next_arrival = waiting.last().map_or(0, |w| w.0 + 1);
+        self.restored_latest_arrival = waiting.iter().map(|w| w.3).max();
         for (_, key, seq, arrived_ms) in waiting {
             self.deadlines.push_back(Deadline {
                 due_ms: arrived_ms.saturating_add(self.max_delay_ms),

@@ -12,7 +12,7 @@ use keystone_crds::ops::ProjectSpec;
 use sonic_rs::{Object, Value};
 
 use crate::error::RuntimeError;
-use crate::event::{Event, FieldPath, Pointer, ordered_object};
+use crate::event::{Event, FieldPath, Pointer, ordered_object, with_writes};
 use crate::operator::{Ctx, Operator, Output};
 
 struct Projected {
@@ -92,14 +92,18 @@ impl Operator for Project {
             event.value = ordered_object(members, &mut self.buf);
             return out.emit(event);
         }
-        if !self.keep_input {
-            event.value = Value::from(Object::with_capacity(self.fields.len()));
-        }
-        for (field, value) in self.fields.iter().zip(values) {
-            if let Some(value) = value {
-                field.name.set(&mut event.value, value);
-            }
-        }
+        let writes: Vec<(&FieldPath, Value)> = self
+            .fields
+            .iter()
+            .zip(values)
+            .filter_map(|(f, v)| v.map(|v| (&f.name, v)))
+            .collect();
+        let base = if self.keep_input {
+            event.value
+        } else {
+            Value::from(Object::new())
+        };
+        event.value = with_writes(&base, &writes, &mut self.buf);
         out.emit(event);
     }
 }
