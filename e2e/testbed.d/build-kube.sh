@@ -17,8 +17,9 @@ staging_version="v0.${minor_patch}"       # v0.36.3
 
 # 1.36 builds with the installed Go 1.26. Later minors pull
 # structured-merge-diff/v7, which needs Go 1.27: set KEYSTONE_GOTOOLCHAIN=go1.27.3
-# and the go command fetches that toolchain from the module proxy.
-export GOTOOLCHAIN="${KEYSTONE_GOTOOLCHAIN:-local}"
+# (or GOTOOLCHAIN=auto) and the go command fetches that toolchain from the
+# module proxy.
+export GOTOOLCHAIN="${KEYSTONE_GOTOOLCHAIN:-${GOTOOLCHAIN:-local}}"
 export GOFLAGS="-mod=mod -buildvcs=false"
 
 work="$OUT.build"
