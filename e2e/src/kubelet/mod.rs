@@ -26,7 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource as _};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -235,7 +235,7 @@ async fn handle(
             && pod.metadata.deletion_timestamp.is_none()
             && !terminal
         {
-            bind(shared, &pod).await;
+            tokio::spawn(bind(shared.clone(), pod));
         }
         return;
     }
@@ -264,7 +264,7 @@ async fn handle(
     });
 }
 
-async fn bind(shared: &Shared, pod: &Pod) {
+async fn bind(shared: Arc<Shared>, pod: Pod) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let binding = Binding {
@@ -281,19 +281,40 @@ async fn bind(shared: &Shared, pod: &Pod) {
         },
     };
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
-    match api
-        .create_subresource::<_, serde_json::Value>(
-            "binding",
-            &name,
-            &PostParams::default(),
-            &binding,
-        )
-        .await
-    {
-        Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), "bound to node"),
-        // Already bound or gone: the next event tells.
-        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {}
-        Err(e) => tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "binding failed"),
+    // No watch event follows a failed bind, so retry here (in the
+    // background) until it is bound, gone, or we give up.
+    for attempt in 1..=30 {
+        match api
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(pod = %format!("{ns}/{name}"), "bound to node");
+                let event = kube::runtime::events::Event {
+                    type_: kube::runtime::events::EventType::Normal,
+                    reason: "Scheduled".to_owned(),
+                    note: Some(format!(
+                        "Successfully assigned {ns}/{name} to {}",
+                        shared.config.node_name
+                    )),
+                    action: "Binding".to_owned(),
+                    secondary: None,
+                };
+                let _ = shared.recorder.publish(&event, &pod.object_ref(&())).await;
+                return;
+            }
+            // Already bound or gone: the watch tells the rest.
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => return,
+            Err(e) => {
+                tracing::warn!(pod = %format!("{ns}/{name}"), attempt, error = %e, "binding failed");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
     }
 }
 
