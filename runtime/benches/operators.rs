@@ -8,6 +8,8 @@
 //!
 //! Scenarios (events of about 300 bytes from one seeded generator):
 //! - `ceiling`: sonic-rs parse to a document and serialize it, nothing else.
+//! - `serde_json`, `simd-json`: the same loop with those crates (simd-json parses
+//!   in place, so it gets a copy of each line), to justify the choice of sonic-rs.
 //! - `passthrough`: the runtime with no steps (parse, source-schema check, serialize).
 //! - `filter+project`: a CEL filter passing about half, then a 3-field projection.
 //! - `dedup`: 1.25M events over 1M distinct ids (20% duplicates), 10 min window.
@@ -21,7 +23,15 @@ use std::time::Instant;
 use keystone_runtime::task::{StageTask, TaskOptions};
 use keystone_runtime::{Clock, ManualClock};
 
-const SCENARIOS: [&str; 5] = ["ceiling", "passthrough", "filter+project", "dedup", "order"];
+const SCENARIOS: [&str; 7] = [
+    "ceiling",
+    "serde_json",
+    "simd-json",
+    "passthrough",
+    "filter+project",
+    "dedup",
+    "order",
+];
 const BATCH: usize = 1024;
 const ROUNDS: usize = 5;
 
@@ -74,16 +84,16 @@ const SCHEMA: &str = r#"
         - {name: amount, type: number}
         - {name: customer.id, type: string}"#;
 
-fn pipeline(steps: &str) -> String {
+fn pipeline(key: &str, steps: &str) -> String {
     format!(
-        "apiVersion: keystone.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: bench}}\nspec:\n  source:\n    topic: in\n    key: [order_id]{SCHEMA}\n  steps:{steps}\n  sinks:\n    - name: out\n      kafka: {{topic: out}}\n"
+        "apiVersion: keystone.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: bench}}\nspec:\n  source:\n    topic: in\n    key: [{key}]{SCHEMA}\n  steps:{steps}\n  sinks:\n    - name: out\n      kafka: {{topic: out}}\n"
     )
 }
 
 fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
     let mut rng = Rng(0x5eed);
     match name {
-        "ceiling" | "passthrough" | "filter+project" => {
+        "ceiling" | "serde_json" | "simd-json" | "passthrough" | "filter+project" => {
             let lines = (0..1_000_000)
                 .map(|i| event(&mut rng, i, i % 50_000, i / 50_000))
                 .collect();
@@ -93,7 +103,7 @@ fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
                 }
                 _ => " []",
             };
-            (lines, pipeline(steps), 0)
+            (lines, pipeline("order_id", steps), 0)
         }
         "dedup" => {
             // 1M distinct ids, 250k of them sent twice; a duplicate follows its
@@ -114,7 +124,7 @@ fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
                 }
             }
             let steps = "\n    - name: once\n      dedup: {key: [event_id], window: 10m}";
-            (lines, pipeline(steps), distinct)
+            (lines, pipeline("event_id", steps), distinct)
         }
         "order" => {
             let keys = 10_000u64;
@@ -132,7 +142,7 @@ fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
                 .map(|(i, (_, key, seq))| event(&mut rng, i as u64, *key, *seq))
                 .collect();
             let steps = "\n    - name: in-order\n      order: {key: [order_id], sequence: seq, maxDelay: 100ms, maxBuffered: 1000, contiguous: true}";
-            (lines, pipeline(steps), keys)
+            (lines, pipeline("order_id", steps), keys)
         }
         other => panic!("unknown scenario {other}"),
     }
@@ -169,8 +179,37 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
             0,
         );
     }
+    if name == "serde_json" {
+        let started = Instant::now();
+        for line in lines {
+            let value: serde_json::Value = serde_json::from_slice(line).expect("valid JSON");
+            serde_json::to_writer(&mut out, &value).expect("serializes");
+            out.push(b'\n');
+            if out.len() > (1 << 20) {
+                out.clear();
+            }
+        }
+        let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+        return (rate, lines.len() as u64, 0);
+    }
+    if name == "simd-json" {
+        let started = Instant::now();
+        for line in lines {
+            let mut copy = line.clone();
+            let value = simd_json::to_owned_value(&mut copy).expect("valid JSON");
+            simd_json::to_writer(&mut out, &value).expect("serializes");
+            out.push(b'\n');
+            if out.len() > (1 << 20) {
+                out.clear();
+            }
+        }
+        let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+        return (rate, lines.len() as u64, 0);
+    }
     let manifests = keystone_crds::parse_manifests("bench.yaml", plan_yaml).expect("manifest");
     let plan = keystone_crds::compile(&manifests.pipelines[0], &[]).expect("valid pipeline");
+    // One stage: no repartition, so the whole chain runs in this task.
+    assert_eq!(plan.stages.len(), 1, "the scenario's steps fit one stage");
     let clock = ManualClock::new(1_767_225_600_000);
     let shared: Arc<dyn Clock> = Arc::new(clock.clone());
     let mut task = StageTask::new(

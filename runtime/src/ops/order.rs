@@ -52,7 +52,7 @@ struct Pending {
 struct KeyState {
     last: Option<i64>,
     /// Ascending by sequence.
-    pending: Vec<Pending>,
+    pending: VecDeque<Pending>,
 }
 
 struct Deadline {
@@ -133,27 +133,23 @@ fn release_upto(
     out: &mut Output,
 ) {
     if let Some(upto) = upto {
-        let released: Vec<Pending> = state.pending.drain(..=upto).collect();
-        for p in released {
+        for _ in 0..=upto {
+            let p = state.pending.pop_front().expect("upto is an index");
             release(key, state, p.event, p.seq, true, out);
         }
     }
     if contiguous {
-        let run = state
-            .pending
-            .iter()
-            .zip(state.last.map_or(i64::MIN, |l| l.saturating_add(1))..)
-            .take_while(|(p, expected)| p.seq == *expected)
-            .count();
-        if run > 0 {
-            let released: Vec<Pending> = state.pending.drain(..run).collect();
-            for p in released {
-                release(key, state, p.event, p.seq, true, out);
+        while let Some(front) = state.pending.front() {
+            if state.last.and_then(|l| l.checked_add(1)) != Some(front.seq) {
+                break;
             }
+            let p = state.pending.pop_front().expect("front exists");
+            release(key, state, p.event, p.seq, true, out);
         }
     }
     if state.pending.is_empty() && state.pending.capacity() > 0 {
-        state.pending = Vec::new();
+        // Most keys wait rarely: give the memory back rather than keep a buffer per key.
+        state.pending = VecDeque::new();
     }
 }
 
