@@ -1,0 +1,108 @@
+//! `keystone-bench`: Keystone side by side with Flink and Kafka Streams on the same
+//! machine, the same cores, the same memory limit and the same generated input
+//! (see e2e/bench/README.md and shared/BENCHMARKS.md).
+
+mod digest;
+mod generate;
+mod kafka;
+mod measure;
+mod reference;
+mod report;
+mod rng;
+mod runner;
+mod scenario;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keystone-bench",
+    about = "Keystone benchmarks against Flink and Kafka Streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate the input once into the cache folder and print where it is.
+    Gen(GenArgs),
+    /// Build the peer programs (Maven) into the cache folder.
+    Peers {
+        /// Rebuild even when the class path exists.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Digest a JSON-lines output the way the runner does (for a scenario's key order).
+    Digest {
+        /// S1..S4
+        #[arg(long)]
+        scenario: String,
+        files: Vec<PathBuf>,
+    },
+    /// Run scenarios for Keystone and the peers and write RESULTS.md / RESULTS.json.
+    Run(runner::RunArgs),
+    /// Load the generated events into a Kafka topic (S5-S7 input) and time it.
+    Load(kafka::LoadArgs),
+    /// The ceiling for Kafka-mode scenarios: a plain consume-produce loop.
+    Ceiling(kafka::CeilingArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GenArgs {
+    /// Seed of the generator; fixed so that every run reads the same bytes.
+    #[arg(long, default_value_t = 20261126)]
+    pub seed: u64,
+    /// Events for S1, S2 and S4 (about 300 bytes each).
+    #[arg(long, default_value_t = 500_000)]
+    pub events: u64,
+    /// CDC events for S3.
+    #[arg(long, default_value_t = 500_000)]
+    pub cdc: u64,
+    /// Rows of the join table.
+    #[arg(long, default_value_t = 100_000)]
+    pub table_rows: u64,
+    /// Share of duplicate events, per mille.
+    #[arg(long, default_value_t = 200)]
+    pub dup_per_mille: u64,
+}
+
+impl GenArgs {
+    pub fn config(&self) -> generate::GenConfig {
+        generate::GenConfig {
+            seed: self.seed,
+            events: self.events,
+            cdc: self.cdc,
+            table_rows: self.table_rows,
+            dup_per_mille: self.dup_per_mille,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Gen(args) => {
+            let data = generate::ensure(&args.config())?;
+            println!("{}", serde_json::to_string_pretty(&data)?);
+        }
+        Command::Peers { rebuild } => {
+            for peer in runner::PEERS {
+                let cp = runner::build_peer(peer, rebuild)?;
+                println!("{peer}: {cp}");
+            }
+        }
+        Command::Digest { scenario, files } => {
+            let s = scenario::Scenario::parse(&scenario)?;
+            let d = digest::digest_files(&files, s.digest_mode())?;
+            println!("{} lines, sha256 {}", d.lines, d.sha256);
+        }
+        Command::Run(args) => runner::run(&args)?,
+        Command::Load(args) => kafka::load(&args)?,
+        Command::Ceiling(args) => kafka::ceiling(&args)?,
+    }
+    Ok(())
+}

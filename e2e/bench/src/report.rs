@@ -1,0 +1,467 @@
+//! RESULTS.json (everything, every run) and RESULTS.md (the summary) in e2e/bench.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::OutputDigest;
+use crate::generate::Dataset;
+use crate::measure::Limits;
+use crate::runner::{FLINK_VERSION, KAFKA_STREAMS_VERSION, RunArgs};
+use crate::scenario::{self, Scenario};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(values: impl Iterator<Item = f64>) -> Option<Stat> {
+        let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub round: usize,
+    pub warmup: bool,
+    pub engine: String,
+    pub wall_s: f64,
+    /// The time events/s is computed from: wall for Keystone, the job's net runtime
+    /// (without JVM and MiniCluster start) for the JVM peers when they report it.
+    pub engine_s: f64,
+    pub time_basis: String,
+    pub cpu_s: f64,
+    pub peak_rss_mib: f64,
+    pub events_per_s: f64,
+    pub cpu_s_per_m_events: f64,
+    pub output: Option<OutputDigest>,
+    pub digest_ok: bool,
+    pub loadavg_1m: f64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineSummary {
+    pub engine: String,
+    pub config: String,
+    pub runs: usize,
+    pub failed_runs: usize,
+    pub time_basis: String,
+    pub events_per_s: Option<Stat>,
+    pub events_per_s_wall: Option<Stat>,
+    pub cpu_s_per_m_events: Option<Stat>,
+    pub peak_rss_mib: Option<Stat>,
+    pub wall_s: Option<Stat>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RatioSummary {
+    pub peer: String,
+    pub target: Option<f64>,
+    pub met: Option<bool>,
+    pub failed_pairs: usize,
+    /// Keystone events/s over the peer's, per pair of runs of the same round.
+    pub events_per_s_per_pair: Vec<f64>,
+    pub events_per_s: Option<Stat>,
+    /// The peer's wall time over Keystone's (JVM start included).
+    pub wall_ratio: Option<Stat>,
+    /// The peer's CPU-seconds per million events over Keystone's (process totals).
+    pub cpu_ratio: Option<Stat>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputInfo {
+    pub path: String,
+    pub events: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub id: String,
+    pub title: String,
+    pub target: String,
+    /// `measured`, `failed` or `not measured yet`.
+    pub status: String,
+    pub reason: String,
+    pub input: Option<InputInfo>,
+    pub pipeline: Option<String>,
+    pub reference: Option<OutputDigest>,
+    pub loadavg_start: f64,
+    pub loadavg_end: f64,
+    pub engines: Vec<EngineSummary>,
+    pub ratios: Vec<RatioSummary>,
+    pub startup: Vec<RunRecord>,
+    pub runs: Vec<RunRecord>,
+}
+
+impl ScenarioResult {
+    pub fn not_measured(s: Scenario) -> ScenarioResult {
+        ScenarioResult {
+            id: s.id().into(),
+            title: s.title().into(),
+            target: s.target_text().into(),
+            status: "not measured yet".into(),
+            reason: s.not_measured_reason().into(),
+            input: None,
+            pipeline: None,
+            reference: None,
+            loadavg_start: f64::NAN,
+            loadavg_end: f64::NAN,
+            engines: Vec::new(),
+            ratios: Vec::new(),
+            startup: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub generated_at: String,
+    pub command: String,
+    pub machine: serde_json::Value,
+    pub versions: serde_json::Value,
+    pub limits: serde_json::Value,
+    pub input: serde_json::Value,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if s.is_empty() {
+                s = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            }
+            s
+        })
+        .unwrap_or_default()
+}
+
+impl Results {
+    pub fn load_or_new(path: &Path) -> Results {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn put(&mut self, result: ScenarioResult) {
+        self.scenarios.retain(|s| s.id != result.id);
+        self.scenarios.push(result);
+        self.scenarios.sort_by(|a, b| a.id.cmp(&b.id));
+        for s in scenario::ALL {
+            if !self.scenarios.iter().any(|r| r.id == s.id()) {
+                self.scenarios.push(ScenarioResult::not_measured(s));
+            }
+        }
+        self.scenarios.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+
+    pub fn stamp(&mut self, args: &RunArgs, data: &Dataset, limits: &Limits) {
+        self.generated_at = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
+        self.command = std::env::args().collect::<Vec<_>>().join(" ");
+        let repo = crate::runner::repo_dir();
+        let git = |c: &str| sh(&format!("cd '{}' && {c}", repo.display()));
+        self.machine = serde_json::json!({
+            "cpu_model": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+            "cores": sh("nproc"),
+            "memory": sh("grep MemTotal /proc/meminfo | tr -s ' '"),
+            "kernel": sh("uname -r"),
+            "uptime_at_end": sh("uptime"),
+            "note": "2-core machine shared with other builds while measuring: see the load averages per scenario and per run",
+        });
+        self.versions = serde_json::json!({
+            "keystone_git": git("git rev-parse --short HEAD"),
+            "keystone_worktree_dirty": !git("git status --porcelain -- runtime crds").is_empty(),
+            "rustc": sh("rustc -V"),
+            "java": sh("java -version 2>&1 | head -2 | tr '\\n' ' '"),
+            "flink": FLINK_VERSION,
+            "kafka_streams": KAFKA_STREAMS_VERSION,
+            "jackson": "2.21.3",
+            "runtime_bin": args.runtime_bin.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "target/release/keystone-runtime".into()),
+        });
+        self.limits = serde_json::json!({
+            "cpus": limits.cpus,
+            "mem_limit_mib": limits.mem_limit_mib,
+            "how": limits.how,
+            "jvm_heap": args.jvm_heap,
+            "parallelism": args.parallelism,
+            "runs": args.runs,
+            "warmup": args.warmup,
+        });
+        self.input = serde_json::to_value(&data.config).unwrap_or_default();
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(
+            dir.join("RESULTS.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        std::fs::write(dir.join("RESULTS.md"), self.markdown())?;
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Keystone benchmarks: results\n");
+        let _ = writeln!(
+            md,
+            "Generated {} by `{}`. Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json).\n",
+            self.generated_at,
+            self.command
+                .replace(&format!("{}/", crate::runner::repo_dir().display()), "")
+        );
+        let m = &self.machine;
+        let v = &self.versions;
+        let l = &self.limits;
+        let _ = writeln!(
+            md,
+            "- Machine: {} x{} cores, {}; kernel {}. {}.",
+            m["cpu_model"].as_str().unwrap_or("?").trim(),
+            m["cores"].as_str().unwrap_or("?"),
+            m["memory"].as_str().unwrap_or("?"),
+            m["kernel"].as_str().unwrap_or("?"),
+            m["note"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            md,
+            "- Load at the end: `{}`.",
+            m["uptime_at_end"].as_str().unwrap_or("?")
+        );
+        let _ = writeln!(
+            md,
+            "- Versions: Keystone work tree at {} (runtime/crds dirty: {}), runtime binary `{}`, {}, {}, Flink {}, Kafka Streams {}, Jackson {}.",
+            v["keystone_git"].as_str().unwrap_or("?"),
+            v["keystone_worktree_dirty"],
+            v["runtime_bin"].as_str().unwrap_or("?"),
+            v["rustc"].as_str().unwrap_or("?"),
+            v["java"].as_str().unwrap_or("?"),
+            v["flink"].as_str().unwrap_or("?"),
+            v["kafka_streams"].as_str().unwrap_or("?"),
+            v["jackson"].as_str().unwrap_or("?")
+        );
+        let _ = writeln!(
+            md,
+            "- Limits: every engine pinned with `taskset -c {}`; memory: {}; JVM heap {}; parallelism {}; {} measured runs per engine after {} warm-up round(s), engines alternating within each round.",
+            l["cpus"].as_str().unwrap_or("?"),
+            l["how"].as_str().unwrap_or("?"),
+            l["jvm_heap"].as_str().unwrap_or("?"),
+            l["parallelism"],
+            l["runs"],
+            l["warmup"]
+        );
+        let _ = writeln!(
+            md,
+            "- Input (generator `keystone-bench gen`): {}.\n",
+            self.input
+        );
+        let _ = writeln!(
+            md,
+            "events/s = input events / time; the time is Keystone's whole process wall time, but only the JVM peers' net job time (their JVM and MiniCluster start-up is left out, which favours the peers; the start-up on an empty input is listed per scenario). CPU-s/M = user+sys CPU seconds of the whole process per million input events (start-up included for every engine). Peak RSS of the process (GNU time). Ratios are Keystone over the peer for events/s, per pair of runs of the same round.\n"
+        );
+
+        let _ = writeln!(md, "## Summary\n");
+        let _ = writeln!(
+            md,
+            "| # | scenario | target | status | Keystone / peer events/s, median (min-max) |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for s in &self.scenarios {
+            let ratios = if s.ratios.is_empty() {
+                s.reason.clone()
+            } else {
+                s.ratios
+                    .iter()
+                    .map(|r| {
+                        let met = match r.met {
+                            Some(true) => " (target met)",
+                            Some(false) => " (**target missed**)",
+                            None => "",
+                        };
+                        match &r.events_per_s {
+                            Some(st) => format!(
+                                "vs {}: **{:.2}x** ({:.2}-{:.2}){}",
+                                r.peer, st.median, st.min, st.max, met
+                            ),
+                            None => format!("vs {}: no valid pair{}", r.peer, met),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                s.id, s.title, s.target, s.status, ratios
+            );
+        }
+        md.push('\n');
+
+        for s in &self.scenarios {
+            let _ = writeln!(md, "## {}: {}\n", s.id, s.title);
+            let _ = writeln!(
+                md,
+                "Target: {}. Status: **{}**.{}\n",
+                s.target,
+                s.status,
+                if s.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", s.reason)
+                }
+            );
+            let Some(input) = &s.input else {
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "Input: {} events, {:.1} MB ({}). Pipeline: `{}`. Reference output: {} lines, sha256 `{}`. Load average (1 min) at start {:.2}, at end {:.2}.\n",
+                input.events,
+                input.bytes as f64 / 1e6,
+                input
+                    .path
+                    .rsplit('/')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                s.pipeline.as_deref().unwrap_or("-"),
+                s.reference.as_ref().map(|r| r.lines).unwrap_or(0),
+                s.reference.as_ref().map(|r| &r.sha256[..16]).unwrap_or("-"),
+                s.loadavg_start,
+                s.loadavg_end
+            );
+            let _ = writeln!(
+                md,
+                "| engine | events/s median (min-max) | time basis | events/s by wall time | CPU-s / M events | peak RSS MiB | wall s | runs ok |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+            let f = |st: &Option<Stat>, prec: usize| match st {
+                Some(st) => format!(
+                    "{:.p$} ({:.p$}-{:.p$})",
+                    st.median,
+                    st.min,
+                    st.max,
+                    p = prec
+                ),
+                None => "-".into(),
+            };
+            for e in &s.engines {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                    e.engine,
+                    f(&e.events_per_s, 0),
+                    if e.time_basis.starts_with("job") {
+                        "job"
+                    } else {
+                        "wall"
+                    },
+                    f(&e.events_per_s_wall, 0),
+                    f(&e.cpu_s_per_m_events, 2),
+                    f(&e.peak_rss_mib, 0),
+                    f(&e.wall_s, 2),
+                    e.runs - e.failed_runs,
+                    e.runs
+                );
+            }
+            md.push('\n');
+            if !s.ratios.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "| Keystone vs | events/s ratio median (min-max) | per pair | target | wall-time ratio | CPU per event ratio |"
+                );
+                let _ = writeln!(md, "|---|---|---|---|---|---|");
+                for r in &s.ratios {
+                    let pairs = r
+                        .events_per_s_per_pair
+                        .iter()
+                        .map(|x| format!("{x:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {} | {} |",
+                        r.peer,
+                        f(&r.events_per_s, 2),
+                        pairs,
+                        match (r.target, r.met) {
+                            (Some(t), Some(true)) => format!(">= {t}x: met"),
+                            (Some(t), _) => format!(">= {t}x: **missed**"),
+                            _ => "-".into(),
+                        },
+                        f(&r.wall_ratio, 2),
+                        f(&r.cpu_ratio, 2)
+                    );
+                }
+                md.push('\n');
+            }
+            if !s.startup.is_empty() {
+                let parts: Vec<String> = s
+                    .startup
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {:.2} s wall, {:.2} CPU-s, {:.0} MiB",
+                            r.engine, r.wall_s, r.cpu_s, r.peak_rss_mib
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(md, "Start-up on an empty input: {}.\n", parts.join("; "));
+            }
+            let config: Vec<String> = s
+                .engines
+                .iter()
+                .map(|e| format!("- {}: {}", e.engine, e.config))
+                .collect();
+            let _ = writeln!(md, "Configurations:\n\n{}\n", config.join("\n"));
+            let failures: Vec<String> = s
+                .runs
+                .iter()
+                .filter_map(|r| {
+                    r.error.as_ref().map(|e| {
+                        format!(
+                            "- round {} {}: {}",
+                            r.round,
+                            r.engine,
+                            e.lines().next().unwrap_or("")
+                        )
+                    })
+                })
+                .collect();
+            if !failures.is_empty() {
+                let _ = writeln!(md, "Failed runs:\n\n{}\n", failures.join("\n"));
+            }
+        }
+        md
+    }
+}

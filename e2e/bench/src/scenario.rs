@@ -1,0 +1,204 @@
+//! The scenarios S1-S8, their engines, inputs and targets (shared/BENCHMARKS.md).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+use crate::digest::{Mode, OutputDigest};
+use crate::generate::Dataset;
+use crate::reference;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scenario {
+    S1,
+    S2,
+    S3,
+    S4,
+    S5,
+    S6,
+    S7,
+    S8,
+}
+
+pub const ALL: [Scenario; 8] = [
+    Scenario::S1,
+    Scenario::S2,
+    Scenario::S3,
+    Scenario::S4,
+    Scenario::S5,
+    Scenario::S6,
+    Scenario::S7,
+    Scenario::S8,
+];
+
+/// One engine configuration that runs a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Keystone,
+    FlinkHeap,
+    FlinkRocksDb,
+    KafkaStreamsTtd,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Keystone => "keystone",
+            Engine::FlinkHeap => "flink-heap",
+            Engine::FlinkRocksDb => "flink-rocksdb",
+            Engine::KafkaStreamsTtd => "kafka-streams-ttd",
+        }
+    }
+}
+
+/// A target from BENCHMARKS.md: Keystone's events/s at least `ratio` x the peer's.
+pub struct Target {
+    pub peer: Engine,
+    pub ratio: f64,
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> anyhow::Result<Scenario> {
+        Ok(match text.to_ascii_uppercase().as_str() {
+            "S1" => Scenario::S1,
+            "S2" => Scenario::S2,
+            "S3" => Scenario::S3,
+            "S4" => Scenario::S4,
+            "S5" => Scenario::S5,
+            "S6" => Scenario::S6,
+            "S7" => Scenario::S7,
+            "S8" => Scenario::S8,
+            other => bail!("unknown scenario {other:?} (S1..S8 or all)"),
+        })
+    }
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Scenario::S1 => "S1",
+            Scenario::S2 => "S2",
+            Scenario::S3 => "S3",
+            Scenario::S4 => "S4",
+            Scenario::S5 => "S5",
+            Scenario::S6 => "S6",
+            Scenario::S7 => "S7",
+            Scenario::S8 => "S8",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Scenario::S1 => "parse, filter, project 3 fields (engine only)",
+            Scenario::S2 => "dedup by event id within 10 min, 20% duplicates (engine only)",
+            Scenario::S3 => "per-key reorder by sequence, bounded disorder (engine only)",
+            Scenario::S4 => "enrichment join with a 100k-row table (engine only)",
+            Scenario::S5 => "Kafka -> parse, dedup, project -> Kafka, at-least-once",
+            Scenario::S6 => "S5 with exactly-once, 1 s transactions",
+            Scenario::S7 => "p99 latency at a fixed rate (S5 topology)",
+            Scenario::S8 => {
+                "memory: runtime RSS at S2 steady state; operator RSS with 1,000 Pipelines"
+            }
+        }
+    }
+
+    pub fn target_text(self) -> &'static str {
+        match self {
+            Scenario::S1 => ">= 4x Flink, >= 3x Kafka Streams",
+            Scenario::S2 => ">= 5x Flink RocksDB, >= 3x Flink heap",
+            Scenario::S3 => ">= 4x Flink KeyedProcessFunction (RocksDB)",
+            Scenario::S4 => ">= 4x Flink",
+            Scenario::S5 => ">= 3x Flink, >= 2x Kafka Streams",
+            Scenario::S6 => "loss vs S5 <= 15%; >= 3x Kafka Streams EOS v2",
+            Scenario::S7 => "<= 0.2x Flink's p99",
+            Scenario::S8 => "runtime <= 0.25x Flink; operator <= 50 MB, reconcile p99 < 1 s",
+        }
+    }
+
+    /// Engine-only scenarios this harness measures end to end.
+    pub fn is_engine_only(self) -> bool {
+        matches!(
+            self,
+            Scenario::S1 | Scenario::S2 | Scenario::S3 | Scenario::S4
+        )
+    }
+
+    /// Why a scenario is not measured by this harness yet.
+    pub fn not_measured_reason(self) -> &'static str {
+        match self {
+            Scenario::S5 | Scenario::S6 => {
+                "the Keystone Kafka runtime (`keystone-runtime serve`) does not exist yet; the harness can load the input topic (`keystone-bench load`) and measure the rdkafka consume-produce ceiling (`keystone-bench ceiling`) against the testbed's Kafka"
+            }
+            Scenario::S7 => {
+                "needs the Keystone Kafka runtime (`keystone-runtime serve`), which does not exist yet"
+            }
+            Scenario::S8 => {
+                "the runtime's S2 steady-state RSS needs the Kafka runtime (`serve`); the operator's RSS and reconcile latency with 1,000 Pipelines need the operator and the testbed's control plane, both still in progress (the engine-only S2 peak RSS is reported under S2)"
+            }
+            _ => "",
+        }
+    }
+
+    pub fn engines(self) -> Vec<Engine> {
+        match self {
+            Scenario::S1 => vec![Engine::Keystone, Engine::FlinkHeap, Engine::KafkaStreamsTtd],
+            Scenario::S2 => vec![
+                Engine::Keystone,
+                Engine::FlinkRocksDb,
+                Engine::FlinkHeap,
+                Engine::KafkaStreamsTtd,
+            ],
+            Scenario::S3 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
+            Scenario::S4 => vec![Engine::Keystone, Engine::FlinkHeap],
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn targets(self) -> Vec<Target> {
+        let t = |peer, ratio| Target { peer, ratio };
+        match self {
+            Scenario::S1 => vec![t(Engine::FlinkHeap, 4.0), t(Engine::KafkaStreamsTtd, 3.0)],
+            Scenario::S2 => vec![t(Engine::FlinkRocksDb, 5.0), t(Engine::FlinkHeap, 3.0)],
+            Scenario::S3 => vec![t(Engine::FlinkRocksDb, 4.0)],
+            Scenario::S4 => vec![t(Engine::FlinkHeap, 4.0)],
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn pipeline(self, bench_dir: &Path) -> PathBuf {
+        let file = match self {
+            Scenario::S1 => "s1-filter-project.yaml",
+            Scenario::S2 => "s2-dedup.yaml",
+            Scenario::S3 => "s3-reorder.yaml",
+            _ => "s4-join.yaml",
+        };
+        bench_dir.join("pipelines").join(file)
+    }
+
+    pub fn input(self, data: &Dataset) -> PathBuf {
+        match self {
+            Scenario::S3 => data.cdc.clone(),
+            _ => data.events.clone(),
+        }
+    }
+
+    pub fn needs_table(self) -> bool {
+        self == Scenario::S4
+    }
+
+    pub fn digest_mode(self) -> Mode {
+        match self {
+            Scenario::S3 => Mode::PerKey("order_id".into()),
+            _ => Mode::Multiset,
+        }
+    }
+
+    /// The reference digest of the expected output.
+    pub fn reference(self, data: &Dataset) -> anyhow::Result<OutputDigest> {
+        match self {
+            Scenario::S1 => reference::s1(&data.events),
+            Scenario::S2 => reference::s2(&data.events),
+            Scenario::S3 => reference::s3(&data.cdc),
+            Scenario::S4 => reference::s4(&data.events, &data.table),
+            other => bail!("{} has no engine-only reference", other.id()),
+        }
+    }
+}
