@@ -4,6 +4,7 @@
 
 mod operator_support;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -23,6 +24,29 @@ fn helm(tb: &Testbed) -> Command {
     let mut cmd = Command::new(tb.helm().expect("helm"));
     cmd.env("KUBECONFIG", tb.kubeconfig().expect("kubeconfig"));
     cmd
+}
+
+/// Uninstalls the release when dropped, so a failed test leaves no operator running.
+struct Release {
+    helm: PathBuf,
+    kubeconfig: PathBuf,
+    name: String,
+    namespace: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.helm)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args([
+                "uninstall",
+                &self.name,
+                "--namespace",
+                &self.namespace,
+                "--ignore-not-found",
+            ])
+            .output();
+    }
 }
 
 #[tokio::test]
@@ -118,7 +142,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         &release,
         &chart(),
         "--namespace",
-        &release_ns,
+        release_ns.name(),
         "--set",
         &format!("kafka.clusters.default.bootstrapServers={bootstrap}"),
         "--set",
@@ -127,12 +151,20 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         "--set",
         "metrics.bindAddress=$(POD_IP)",
         "--set",
+        "runtime.bindAddress=$(POD_IP)",
+        "--set",
         "logFormat=text",
     ]);
     run_ok(install);
+    let _release = Release {
+        helm: tb.helm().expect("helm"),
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+        name: release.clone(),
+        namespace: release_ns.name().to_owned(),
+    };
 
     // The operator pod runs and becomes ready.
-    let pods: Api<Pod> = Api::namespaced(tb.client().expect("client"), &release_ns);
+    let pods: Api<Pod> = Api::namespaced(tb.client().expect("client"), release_ns.name());
     let selector = format!("app.kubernetes.io/instance={release}");
     wait_until(
         Duration::from_secs(120),
@@ -211,7 +243,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
     assert!(can("patch", "deployments.apps", ns.name()));
     assert!(can("patch", "pipelines.keystone.dev/status", ns.name()));
     assert!(
-        !can("list", "secrets", &release_ns),
+        !can("list", "secrets", release_ns.name()),
         "no secrets beyond the Kafka credentials"
     );
     assert!(!can("get", "secrets", ns.name()));
@@ -235,7 +267,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         .await;
 
     let mut uninstall = helm(&tb);
-    uninstall.args(["uninstall", &release, "--namespace", &release_ns]);
+    uninstall.args(["uninstall", &release, "--namespace", release_ns.name()]);
     run_ok(uninstall);
     ns.delete().await.expect("delete namespace");
 }

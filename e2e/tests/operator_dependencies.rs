@@ -57,7 +57,7 @@ async fn a_processor_change_re_reconciles_the_pipelines_that_use_it() {
     install_crds(&tb);
     let ns = tb.namespace("op-processor").await.expect("namespace");
     let op_ns = operator_namespace(&tb, &ns).await;
-    let _operator = OperatorProcess::start(&tb, ns.name(), &op_ns, "op-p");
+    let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-p");
     let kafka = Kafka::new(&tb);
     let source = unique("e2e.proc");
     kafka.create(&source, 1).await;
@@ -133,7 +133,7 @@ async fn an_unreachable_kafka_shows_in_a_condition() {
     let operator = OperatorProcess::start_with(
         &tb,
         ns.name(),
-        &op_ns,
+        op_ns.name(),
         "op-nokafka",
         &[("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")],
     );

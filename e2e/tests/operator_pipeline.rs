@@ -41,7 +41,7 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     install_crds(&tb);
     let ns = tb.namespace("op-pipeline").await.expect("namespace");
     let op_ns = operator_namespace(&tb, &ns).await;
-    let _operator = OperatorProcess::start(&tb, ns.name(), &op_ns, "op-a");
+    let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-a");
     let kafka = Kafka::new(&tb);
 
     let source = unique("e2e.clicks");
@@ -331,7 +331,7 @@ async fn retain_keeps_topics_and_the_namespace_goes() {
     let ns = tb.namespace("op-retain").await.expect("namespace");
     let ns_name = ns.name().to_owned();
     let op_ns = operator_namespace(&tb, &ns).await;
-    let _operator = OperatorProcess::start(&tb, &ns_name, &op_ns, "op-r");
+    let _operator = OperatorProcess::start(&tb, &ns_name, op_ns.name(), "op-r");
     let kafka = Kafka::new(&tb);
     let source = unique("e2e.retain");
     let sink = format!("{source}.out");
@@ -380,7 +380,7 @@ async fn another_pipelines_topic_is_a_conflict_and_a_missing_source_is_reported(
     install_crds(&tb);
     let ns = tb.namespace("op-conflict").await.expect("namespace");
     let op_ns = operator_namespace(&tb, &ns).await;
-    let _operator = OperatorProcess::start(&tb, ns.name(), &op_ns, "op-c");
+    let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-c");
     let kafka = Kafka::new(&tb);
     let source = unique("e2e.conflict");
     let sink = format!("{source}.shared");

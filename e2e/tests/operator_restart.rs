@@ -25,7 +25,7 @@ async fn killed_mid_reconcile_then_restarted_converges_to_the_same_state() {
     let pipelines: Api<Pipeline> = ns.api();
     let deployments: Api<Deployment> = ns.api();
 
-    let mut first = OperatorProcess::start(&tb, ns.name(), &op_ns, "op-1");
+    let mut first = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-1");
     apply_yaml(
         &tb,
         &pipeline_yaml(ns.name(), "crash", &source, &sink, 2, "Delete"),
@@ -43,7 +43,7 @@ async fn killed_mid_reconcile_then_restarted_converges_to_the_same_state() {
     let log = first.log_text();
     drop(first);
 
-    let second = OperatorProcess::start(&tb, ns.name(), &op_ns, "op-2");
+    let second = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-2");
     let p = wait_for(&pipelines, "crash", WAIT, "converged", |p| {
         condition_is(p, "TopicsReady", "True")
             && p.status.as_ref().is_some_and(|s| s.stages.len() == 2)
@@ -90,7 +90,7 @@ async fn only_the_leader_acts_and_the_standby_takes_over() {
     let kafka = Kafka::new(&tb);
     let pipelines: Api<Pipeline> = ns.api();
 
-    let mut a = OperatorProcess::start(&tb, ns.name(), &op_ns, "replica-a");
+    let mut a = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "replica-a");
     wait_until(
         Duration::from_secs(60),
         "replica-a to lead",
@@ -99,7 +99,7 @@ async fn only_the_leader_acts_and_the_standby_takes_over() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = OperatorProcess::start(&tb, ns.name(), &op_ns, "replica-b");
+    let mut b = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "replica-b");
 
     let source = unique("e2e.leader");
     kafka.create(&source, 1).await;

@@ -23,6 +23,9 @@ pub struct OperatorConfig {
     /// `imagePullPolicy` of the runtime containers.
     #[serde(default)]
     pub runtime_image_pull_policy: Option<String>,
+    /// Host the runtime's HTTP endpoints bind, e.g. `$(POD_IP)`; the runtime's default when unset.
+    #[serde(default)]
+    pub runtime_bind_address: Option<String>,
     /// Resources of runtime containers whose Pipeline sets none.
     #[serde(default)]
     pub runtime_resources: Option<ResourceRequirements>,
@@ -137,11 +140,14 @@ impl OperatorConfig {
         serde_yaml_ng::from_str(text)
     }
 
-    /// `KEYSTONE_RUNTIME_IMAGE`, `WATCH_NAMESPACES` (comma-separated) and, when no
+    /// `KEYSTONE_RUNTIME_IMAGE`, `KEYSTONE_RUNTIME_BIND_ADDRESS`, `WATCH_NAMESPACES` (comma-separated) and, when no
     /// cluster is configured, `KAFKA_BOOTSTRAP_SERVERS` as the `default` cluster.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         if let Some(image) = env("KEYSTONE_RUNTIME_IMAGE").filter(|s| !s.is_empty()) {
             self.runtime_image = Some(image);
+        }
+        if let Some(host) = env("KEYSTONE_RUNTIME_BIND_ADDRESS").filter(|s| !s.is_empty()) {
+            self.runtime_bind_address = Some(host);
         }
         if let Some(namespaces) = env("WATCH_NAMESPACES").filter(|s| !s.trim().is_empty()) {
             self.watch_namespaces = namespaces

@@ -179,7 +179,16 @@ pub async fn reconcile(pipeline: Arc<Pipeline>, ctx: Arc<Context>) -> Result<Act
         let result = if pipeline.metadata.deletion_timestamp.is_some() {
             cleanup(&pipeline, &ctx).await
         } else {
-            apply(&pipeline, &ctx).await
+            match apply(&pipeline, &ctx).await {
+                // The namespace is going: nothing new can be written there, and its
+                // deletion will delete the Pipeline (then `cleanup` runs).
+                Err(Error::Kube(kube::Error::Api(status)))
+                    if status.code == 403 && status.message.contains("being terminated") =>
+                {
+                    Ok(Action::await_change())
+                }
+                other => other,
+            }
         };
         timer.observe_duration();
         match &result {
@@ -700,6 +709,32 @@ fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar
     out
 }
 
+/// librdkafka settings of the source cluster for the runtime, as `--kafka-config`
+/// arguments; credentials stay in Secrets and are expanded from the pod's
+/// environment by the kubelet (`$(VAR)`), never written into the Deployment.
+fn kafka_args(ctx: &Context, plan: &Plan) -> Vec<String> {
+    let Some(cluster) = ctx
+        .config
+        .resolve_cluster(plan.source.cluster.as_deref())
+        .and_then(|c| ctx.config.kafka_clusters.get(&c))
+    else {
+        return Vec::new();
+    };
+    let mut args = Vec::new();
+    if let Some(protocol) = &cluster.security_protocol {
+        args.push(format!(
+            "--kafka-config=security.protocol={}",
+            protocol.to_lowercase()
+        ));
+    }
+    if let Some(sasl) = &cluster.sasl {
+        args.push(format!("--kafka-config=sasl.mechanism={}", sasl.mechanism));
+        args.push("--kafka-config=sasl.username=$(KAFKA_SASL_USERNAME)".to_owned());
+        args.push("--kafka-config=sasl.password=$(KAFKA_SASL_PASSWORD)".to_owned());
+    }
+    args
+}
+
 async fn ssa<K>(api: &Api<K>, object: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = ()>
@@ -768,6 +803,8 @@ async fn apply_workloads(
             .or_else(|| ctx.config.runtime_resources.clone()),
         strategy: pipeline.spec.upgrade.strategy,
         kafka_env: kafka_env(ctx, desired, plan),
+        extra_args: kafka_args(ctx, plan),
+        bind_host: ctx.config.runtime_bind_address.clone(),
     };
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);

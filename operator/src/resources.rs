@@ -39,6 +39,10 @@ pub struct WorkloadParams {
     pub strategy: UpgradeStrategy,
     /// Environment for the runtime's Kafka connections (bootstrap servers, protocol).
     pub kafka_env: Vec<EnvVar>,
+    /// Extra runtime arguments (`--kafka-config=KEY=VALUE` for the security settings).
+    pub extra_args: Vec<String>,
+    /// The host the runtime's HTTP endpoints bind (`$(POD_IP)` in the testbed); its default when None.
+    pub bind_host: Option<String>,
 }
 
 /// The name of the plan ConfigMap.
@@ -179,17 +183,22 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
         env("KEYSTONE_PLAN", format!("{PLAN_DIR}/{PLAN_KEY}")),
     ];
     pod_env.extend(params.kafka_env.iter().cloned());
+    if let Some(host) = &params.bind_host {
+        pod_env.push(env("KEYSTONE_HTTP_ADDR", format!("{host}:{HTTP_PORT}")));
+    }
+    let mut args = vec![
+        "serve".to_owned(),
+        "--plan".to_owned(),
+        format!("{PLAN_DIR}/{PLAN_KEY}"),
+        "--stage".to_owned(),
+        stage.name.clone(),
+    ];
+    args.extend(params.extra_args.iter().cloned());
     let container = Container {
         name: "runtime".to_owned(),
         image: Some(params.image.clone()),
         image_pull_policy: params.image_pull_policy.clone(),
-        args: Some(vec![
-            "serve".to_owned(),
-            "--plan".to_owned(),
-            format!("{PLAN_DIR}/{PLAN_KEY}"),
-            "--stage".to_owned(),
-            stage.name.clone(),
-        ]),
+        args: Some(args),
         env: Some(pod_env),
         ports: Some(vec![ContainerPort {
             name: Some("http".to_owned()),
@@ -403,6 +412,8 @@ spec:
             resources: None,
             strategy: UpgradeStrategy::Rolling,
             kafka_env: vec![env("KAFKA_BOOTSTRAP_SERVERS", "k:9092")],
+            extra_args: vec![],
+            bind_host: None,
         };
         (plan, params)
     }

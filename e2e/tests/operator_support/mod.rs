@@ -111,8 +111,43 @@ pub fn run_with_stdin(mut cmd: Command, input: &str) -> (bool, String) {
     )
 }
 
-/// A namespace for the operator's own objects (Lease, ownership ledger).
-pub async fn operator_namespace(tb: &Testbed, test: &TestNamespace) -> String {
+/// A namespace for the operator's own objects (Lease, ownership ledger),
+/// deleted (without waiting) when the guard drops.
+pub struct OperatorNamespace {
+    name: String,
+    kubeconfig: PathBuf,
+}
+
+impl OperatorNamespace {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for OperatorNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Drop for OperatorNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub async fn operator_namespace(tb: &Testbed, test: &TestNamespace) -> OperatorNamespace {
     let name = format!("{}-op", test.name());
     let api: Api<Namespace> = Api::all(tb.client().expect("client"));
     let ns = Namespace {
@@ -131,7 +166,10 @@ pub async fn operator_namespace(tb: &Testbed, test: &TestNamespace) -> String {
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => panic!("creating namespace {name}: {e}"),
     }
-    name
+    OperatorNamespace {
+        name,
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+    }
 }
 
 fn free_port() -> u16 {
@@ -146,6 +184,8 @@ fn free_port() -> u16 {
 /// watching one namespace. Killed when dropped.
 pub struct OperatorProcess {
     child: Child,
+    kubeconfig: PathBuf,
+    watch: String,
     pub log: PathBuf,
     pub metrics_port: u16,
     pub identity: String,
@@ -181,6 +221,8 @@ impl OperatorProcess {
             .env("KEYSTONE_LEASE_NAME", "keystone-operator")
             .env("KEYSTONE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("KEYSTONE_RUNTIME_IMAGE", "keystone/runtime:e2e")
+            // Pods of the process kubelet share the host's ports: bind the pod's own address.
+            .env("KEYSTONE_RUNTIME_BIND_ADDRESS", "$(POD_IP)")
             .env("KEYSTONE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,kube=warn,keystone_operator=debug")
             .envs(env.iter().copied())
@@ -190,6 +232,8 @@ impl OperatorProcess {
             .expect("start keystone-operator");
         Self {
             child,
+            kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+            watch: watch.to_owned(),
             log,
             metrics_port,
             identity: identity.to_owned(),
@@ -223,8 +267,32 @@ impl OperatorProcess {
 }
 
 impl Drop for OperatorProcess {
+    /// Kills the operator, then strips the finalizer from the Pipelines it
+    /// watched, so a failed test never leaves a namespace stuck terminating
+    /// (a test that wants the operator's cleanup deletes before this).
     fn drop(&mut self) {
         self.kill();
+        let list = Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(["get", "pipelines", "-n", &self.watch, "-o", "name"])
+            .output();
+        let Ok(list) = list else { return };
+        for pipeline in String::from_utf8_lossy(&list.stdout).lines() {
+            let _ = Command::new("kubectl")
+                .env("KUBECONFIG", &self.kubeconfig)
+                .args([
+                    "patch",
+                    pipeline,
+                    "-n",
+                    &self.watch,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

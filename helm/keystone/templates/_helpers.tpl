@@ -58,6 +58,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "keystone.config" -}}
 runtimeImage: {{ include "keystone.runtimeImage" . | quote }}
 runtimeImagePullPolicy: {{ .Values.runtime.image.pullPolicy | quote }}
+{{- with .Values.runtime.bindAddress }}
+runtimeBindAddress: {{ . | quote }}
+{{- end }}
 {{- with .Values.runtime.resources }}
 runtimeResources:
 {{ toYaml . | indent 2 }}

@@ -1,0 +1,129 @@
+//! The whole path: the operator deploys a Pipeline, the runtime pods (the real
+//! `keystone-runtime serve`, run by the process kubelet) become ready, the
+//! Pipeline is Ready=True, and events produced to the source arrive processed
+//! in the sink topic.
+//!
+//! Needs `cargo build -p keystone-runtime` (the kubelet maps `keystone/runtime*`
+//! to target/debug/keystone-runtime) as well as the operator.
+
+mod operator_support;
+
+use std::time::Duration;
+
+use keystone_crds::Pipeline;
+use keystone_crds::pipeline::PipelinePhase;
+use keystone_e2e::wait_for;
+use kube::Api;
+use operator_support::*;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn runtime_binary() {
+    let path = repo().join("target/debug/keystone-runtime");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p keystone-runtime` before the e2e tests",
+        path.display()
+    );
+}
+
+#[tokio::test]
+async fn a_pipeline_runs_ready_and_processes_events_end_to_end() {
+    let tb = testbed().await;
+    runtime_binary();
+    install_crds(&tb);
+    let ns = tb.namespace("op-ready").await.expect("namespace");
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-ready");
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.ready");
+    let sink = format!("{source}.out");
+    kafka.create(&source, 1).await;
+    let manifest = format!(
+        r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: purchases
+  namespace: {ns}
+spec:
+  source:
+    topic: {source}
+    key: [user]
+    schema:
+      fields:
+        - {{name: user, type: string}}
+        - {{name: action, type: string}}
+        - {{name: seq, type: integer}}
+  steps:
+    - name: only-purchases
+      filter:
+        expression: 'action == "purchase"'
+  commitInterval: 200ms
+  topicDeletionPolicy: Delete
+  sinks:
+    - name: out
+      kafka: {{topic: {sink}, partitions: 1}}
+"#,
+        ns = ns.name()
+    );
+    apply_yaml(&tb, &manifest).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    let p = wait_for(
+        &pipelines,
+        "purchases",
+        Duration::from_secs(180),
+        "Ready=True",
+        |p| condition_is(p, "Ready", "True"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let status = p.status.expect("status");
+    assert_eq!(status.phase, Some(PipelinePhase::Running));
+    assert_eq!(status.ready_stages.as_deref(), Some("1/1"));
+
+    let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("producer");
+    for (i, action) in ["view", "purchase", "view", "purchase", "purchase"]
+        .iter()
+        .enumerate()
+    {
+        let value = format!(r#"{{"user":"u{i}","action":"{action}","seq":{i}}}"#);
+        producer
+            .send(
+                FutureRecord::to(&source)
+                    .key(&format!("u{i}"))
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("e2e-{sink}"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[sink.as_str()]).expect("subscribe");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while seen.len() < 3 {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {seen:?} reached {sink}"))
+            .expect("consume");
+        let value: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON event");
+        seen.push(value["seq"].as_i64().expect("seq"));
+    }
+    seen.sort();
+    assert_eq!(seen, vec![1, 3, 4], "only purchases, each once");
+    ns.delete().await.expect("delete namespace");
+}
