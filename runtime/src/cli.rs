@@ -38,6 +38,70 @@ pub enum Command {
     },
     /// Run a pipeline locally on JSON lines, with no cluster and no Kafka.
     Run(RunArgs),
+    /// Run one stage of a compiled plan on Kafka (what a runtime pod runs).
+    Serve(ServeCli),
+}
+
+/// `serve`: flags default to the pod's environment as the operator sets it.
+#[derive(Debug, Args)]
+pub struct ServeCli {
+    /// The compiled plan (JSON), as mounted from the pipeline's ConfigMap.
+    #[arg(long, env = "KEYSTONE_PLAN", default_value = "/etc/keystone/plan.json")]
+    pub plan: PathBuf,
+    /// The stage of the plan to run.
+    #[arg(long, env = "KEYSTONE_STAGE")]
+    pub stage: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    /// This instance's stable identity (static membership, transactional id).
+    #[arg(long, env = "POD_NAME")]
+    pub instance_id: String,
+    /// Where /metrics, /healthz, /readyz and /checkpoint listen.
+    #[arg(long, env = "KEYSTONE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: std::net::SocketAddr,
+    /// Extra librdkafka settings, `KEY=VALUE` (TLS, SASL, ...); repeatable.
+    #[arg(long = "kafka-config", value_parser = parse_key_value)]
+    pub kafka_config: Vec<(String, String)>,
+    /// Log as JSON lines.
+    #[arg(long, env = "KEYSTONE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+fn serve(args: ServeCli) -> i32 {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let result = crate::kafka::serve(crate::kafka::ServeArgs {
+        plan: args.plan,
+        stage: args.stage,
+        bootstrap_servers: args.bootstrap_servers,
+        instance_id: args.instance_id,
+        http_addr: args.http_addr,
+        kafka_config: args.kafka_config,
+    });
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!(%error, "the stage stopped");
+            eprintln!("error: {error}");
+            3
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +147,7 @@ pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
             &mut std::io::stdout(),
             &mut std::io::stderr(),
         )),
+        Command::Serve(args) => Ok(serve(args)),
         Command::Run(args) => match run(&args) {
             Ok(()) => Ok(0),
             Err(

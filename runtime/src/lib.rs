@@ -18,6 +18,7 @@ pub mod clock;
 pub mod error;
 pub mod event;
 pub mod expr;
+pub mod kafka;
 pub mod local;
 pub mod operator;
 pub mod ops;

@@ -21,7 +21,12 @@ fn base(args: &ServeArgs) -> ClientConfig {
 }
 
 /// The stage's group consumer.
-pub fn consumer(args: &ServeArgs, group: &str, exactly_once: bool, start_from_earliest: bool) -> ClientConfig {
+pub fn consumer(
+    args: &ServeArgs,
+    group: &str,
+    exactly_once: bool,
+    start_from_earliest: bool,
+) -> ClientConfig {
     let mut config = base(args);
     config
         .set("group.id", group)
@@ -36,14 +41,25 @@ pub fn consumer(args: &ServeArgs, group: &str, exactly_once: bool, start_from_ea
         .set("enable.auto.offset.store", "false")
         .set(
             "auto.offset.reset",
-            if start_from_earliest { "earliest" } else { "latest" },
+            if start_from_earliest {
+                "earliest"
+            } else {
+                "latest"
+            },
         )
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "1048576")
         .set("fetch.wait.max.ms", "50")
         // The input of a stage is written transactionally by the previous stage
         // (or by producers that may abort): never read aborted records.
-        .set("isolation.level", if exactly_once { "read_committed" } else { "read_uncommitted" });
+        .set(
+            "isolation.level",
+            if exactly_once {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        );
     for (key, value) in &args.kafka_config {
         config.set(key, value);
     }
@@ -63,7 +79,9 @@ pub fn producer(args: &ServeArgs, transactional_id: Option<&str>) -> ClientConfi
         // Java producers put them (co-partitioned tables).
         .set("partitioner", "murmur2_random")
         .set("queue.buffering.max.messages", "1000000")
-        .set("transaction.timeout.ms", "60000");
+        // As Kafka Streams under EOS: a dead instance's open transaction (and the
+        // partitions waiting on it) is aborted after 10 s.
+        .set("transaction.timeout.ms", "10000");
     if let Some(id) = transactional_id {
         config.set("transactional.id", id);
     }
@@ -80,7 +98,6 @@ pub fn restore_reader(args: &ServeArgs, group: &str) -> ClientConfig {
     config
         .set("group.id", format!("{group}.restore"))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("max.partition.fetch.bytes", "4194304");

@@ -73,7 +73,11 @@ impl ProducerContext for ProducerCtx {
             }
             Err((error, message)) => {
                 if let Ok(mut failures) = self.deliveries.failures.lock() {
-                    failures.push(format!("{}[{}]: {error}", message.topic(), message.partition()));
+                    failures.push(format!(
+                        "{}[{}]: {error}",
+                        message.topic(),
+                        message.partition()
+                    ));
                 }
             }
         }
@@ -92,7 +96,11 @@ impl ConsumerContext for ConsumerCtx {
         if let Rebalance::Revoke(tpl) = rebalance {
             let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-            core.shared.metrics.lock().map(|m| m.rebalances.with_label_values(&["revoke"]).inc()).ok();
+            core.shared
+                .metrics
+                .lock()
+                .map(|m| m.rebalances.with_label_values(&["revoke"]).inc())
+                .ok();
             // Lost partitions (the session expired) may already belong to another
             // instance: their work must not be committed, only thrown away.
             if consumer.assignment_lost() {
@@ -110,13 +118,18 @@ impl ConsumerContext for ConsumerCtx {
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-                core.shared.metrics.lock().map(|m| m.rebalances.with_label_values(&["assign"]).inc()).ok();
+                core.shared
+                    .metrics
+                    .lock()
+                    .map(|m| m.rebalances.with_label_values(&["assign"]).inc())
+                    .ok();
                 if let Err(error) = core.add_tasks(&partitions) {
                     // Without its state a partition cannot be processed correctly:
                     // stop, and let the restart (and a new rebalance) try again.
                     tracing::error!(%error, "restoring assigned partitions failed");
                     core.fatal = Some(error);
                 }
+                core.shared.joined.store(true, Ordering::SeqCst);
                 core.update_assignment_metrics(consumer);
             }
             Rebalance::Revoke(_) => {
@@ -127,6 +140,9 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 }
+
+/// Records of one input partition as polled: offset and value.
+type Records = Vec<(i64, Option<Vec<u8>>)>;
 
 /// Where the stage's events go.
 enum Route {
@@ -154,6 +170,11 @@ pub struct Core {
     route: Route,
     state_sources: Vec<StateSource>,
     tasks: BTreeMap<i32, StageTask>,
+    /// Partitions whose timers may fire: they processed input since they were
+    /// (re)assigned, or have none waiting. Until then a restored task's
+    /// processing-time timers would count the downtime as waiting time and release
+    /// held-back events ahead of predecessors that are next in the partition.
+    live: BTreeSet<i32>,
     /// Next offset to consume per partition, for the next commit.
     positions: BTreeMap<i32, i64>,
     /// Offsets covered by the last successful commit.
@@ -172,60 +193,95 @@ impl Core {
             source_schema,
             &BTreeMap::new(),
             Arc::new(SystemClock),
-            TaskOptions { record_changes: true },
+            TaskOptions {
+                record_changes: true,
+            },
         )
         .map_err(ServeError::Runtime)
     }
 
-    /// Creates the tasks of newly assigned partitions and restores their state.
+    /// Creates the tasks of newly assigned partitions and restores their state,
+    /// reading every changelog and table partition they need with one reader.
     fn add_tasks(&mut self, partitions: &[i32]) -> Result<(), ServeError> {
-        self.shared.restoring.fetch_add(partitions.len(), Ordering::SeqCst);
-        let result = partitions.iter().try_for_each(|&partition| {
+        self.shared
+            .restoring
+            .fetch_add(partitions.len(), Ordering::SeqCst);
+        let result = self.restore_tasks(partitions);
+        self.shared
+            .restoring
+            .fetch_sub(partitions.len(), Ordering::SeqCst);
+        result
+    }
+
+    fn restore_tasks(&mut self, partitions: &[i32]) -> Result<(), ServeError> {
+        let mut wanted: BTreeSet<(String, i32)> = BTreeSet::new();
+        let mut replicated: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for source in &self.state_sources {
+            match &source.table {
+                Some(table) if table.replicated => {
+                    let all = restore::partitions_of(&self.restore_config, &source.topic)?;
+                    wanted.extend(all.iter().map(|p| (source.topic.clone(), *p)));
+                    replicated.insert(source.topic.clone(), all);
+                }
+                _ => wanted.extend(partitions.iter().map(|p| (source.topic.clone(), *p))),
+            }
+        }
+        let mut read = restore::read_to_end(&self.restore_config, &wanted)?;
+        for &partition in partitions {
             let mut task = self.new_task()?;
             for source in &self.state_sources {
-                let records = self.read_state(source, partition)?;
-                let count = records.len();
-                task.restore(&source.step, records).map_err(ServeError::Runtime)?;
+                let raw: Vec<RawRecord> = match replicated.get(&source.topic) {
+                    Some(all) => all
+                        .iter()
+                        .flat_map(|p| {
+                            read.get(&(source.topic.clone(), *p))
+                                .cloned()
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                    None => read
+                        .remove(&(source.topic.clone(), partition))
+                        .unwrap_or_default(),
+                };
+                let count = raw.len();
+                let changes = match &source.table {
+                    None => raw
+                        .into_iter()
+                        .filter_map(|(key, value)| key.map(|key| StateChange { key, value }))
+                        .collect(),
+                    Some(spec) => table_changes(spec, raw),
+                };
+                task.restore(&source.step, changes)
+                    .map_err(ServeError::Runtime)?;
                 self.shared
                     .metrics
                     .lock()
                     .map(|m| m.restore_records.inc_by(count as u64))
                     .ok();
-                tracing::info!(partition, step = source.step, topic = source.topic, records = count, "state restored");
+                tracing::info!(
+                    partition,
+                    step = source.step,
+                    topic = source.topic,
+                    records = count,
+                    "state restored"
+                );
             }
             self.tasks.insert(partition, task);
-            self.shared.restoring.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
-        });
-        if result.is_err() {
-            self.shared.restoring.store(0, Ordering::SeqCst);
         }
-        result
-    }
-
-    fn read_state(&self, source: &StateSource, partition: i32) -> Result<Vec<StateChange>, ServeError> {
-        let partitions = match &source.table {
-            Some(table) if table.replicated => restore::partitions_of(&self.restore_config, &source.topic)?,
-            _ => vec![partition],
-        };
-        let records = restore::read_to_end(&self.restore_config, &source.topic, &partitions)?;
-        match &source.table {
-            None => Ok(records
-                .into_iter()
-                .filter_map(|(key, value)| key.map(|key| StateChange { key, value }))
-                .collect()),
-            Some(spec) => Ok(table_changes(spec, records)),
-        }
+        Ok(())
     }
 
     fn drop_tasks(&mut self, partitions: &[i32]) {
         for partition in partitions {
             if let Some(task) = self.tasks.remove(partition) {
                 for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
-                    let total = self.retired.entry(metrics.name.clone()).or_insert_with(|| StepMetrics {
-                        name: metrics.name.clone(),
-                        ..StepMetrics::default()
-                    });
+                    let total =
+                        self.retired
+                            .entry(metrics.name.clone())
+                            .or_insert_with(|| StepMetrics {
+                                name: metrics.name.clone(),
+                                ..StepMetrics::default()
+                            });
                     total.events_in += metrics.events_in;
                     total.events_out += metrics.events_out;
                     total.dropped += metrics.dropped;
@@ -234,6 +290,7 @@ impl Core {
             }
             self.positions.remove(partition);
             self.committed.remove(partition);
+            self.live.remove(partition);
         }
     }
 
@@ -244,24 +301,27 @@ impl Core {
             .lock()
             .map(|m| {
                 m.assigned_partitions.set(assigned as i64);
-                m.restoring_partitions.set(self.shared.restoring.load(Ordering::SeqCst) as i64);
+                m.restoring_partitions
+                    .set(self.shared.restoring.load(Ordering::SeqCst) as i64);
             })
             .ok();
     }
 
     fn begin_if_needed(&mut self) -> Result<(), ServeError> {
         if self.exactly_once && !self.in_transaction {
-            self.producer.begin_transaction().map_err(|source| ServeError::Kafka {
-                what: "beginning a transaction",
-                source,
-            })?;
+            self.producer
+                .begin_transaction()
+                .map_err(|source| ServeError::Kafka {
+                    what: "beginning a transaction",
+                    source,
+                })?;
             self.in_transaction = true;
         }
         Ok(())
     }
 
     /// Processes records of one partition (in offset order).
-    fn process(&mut self, partition: i32, records: Vec<(i64, Option<Vec<u8>>)>) -> Result<(), ServeError> {
+    fn process(&mut self, partition: i32, records: Records) -> Result<(), ServeError> {
         self.begin_if_needed()?;
         let input_topic = self.stage.input.topic.clone();
         for (offset, payload) in records {
@@ -273,13 +333,14 @@ impl Core {
             task.push_raw(std::iter::once(payload.unwrap_or_default()));
             self.drain(partition, &input_topic, offset)?;
             self.positions.insert(partition, offset + 1);
+            self.live.insert(partition);
         }
         Ok(())
     }
 
     /// Fires every task's timers (releases held-back events, expires state).
     fn tick(&mut self) -> Result<(), ServeError> {
-        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        let partitions: Vec<i32> = self.live.iter().copied().collect();
         let input_topic = self.stage.input.topic.clone();
         for partition in partitions {
             if let Some(task) = self.tasks.get_mut(&partition) {
@@ -314,7 +375,10 @@ impl Core {
                         step: "repartition".to_owned(),
                         reason: format!(
                             "the event lacks a key field of the repartition topic {topic} ({})",
-                            key.iter().map(|k| k.dotted.as_str()).collect::<Vec<_>>().join(", ")
+                            key.iter()
+                                .map(|k| k.dotted.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                         original: event.raw,
                     }),
@@ -322,7 +386,14 @@ impl Core {
                 Route::Sinks(sinks) => {
                     for (topic, key) in sinks {
                         let key = record_key(&event, key);
-                        send(&self.producer, topic, key.as_deref(), Some(&value), None, None)?;
+                        send(
+                            &self.producer,
+                            topic,
+                            key.as_deref(),
+                            Some(&value),
+                            None,
+                            None,
+                        )?;
                     }
                 }
             }
@@ -331,11 +402,26 @@ impl Core {
             let offset_text = offset.to_string();
             let partition_text = partition.to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "keystone.reason", value: Some(letter.reason.as_bytes()) })
-                .insert(Header { key: "keystone.step", value: Some(letter.step.as_bytes()) })
-                .insert(Header { key: "keystone.topic", value: Some(input_topic.as_bytes()) })
-                .insert(Header { key: "keystone.partition", value: Some(partition_text.as_bytes()) })
-                .insert(Header { key: "keystone.offset", value: Some(offset_text.as_bytes()) });
+                .insert(Header {
+                    key: "keystone.reason",
+                    value: Some(letter.reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keystone.step",
+                    value: Some(letter.step.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keystone.topic",
+                    value: Some(input_topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keystone.partition",
+                    value: Some(partition_text.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keystone.offset",
+                    value: Some(offset_text.as_bytes()),
+                });
             send(
                 &self.producer,
                 &self.plan.dead_letter_topic,
@@ -349,10 +435,19 @@ impl Core {
         for (record, topic) in changelog.into_iter().zip(changelog_topics) {
             let Some(topic) = topic else { continue };
             // Tables are materialized from their own topic, which is never written.
-            if self.state_sources.iter().any(|s| s.table.is_some() && s.topic == topic) {
+            if self
+                .state_sources
+                .iter()
+                .any(|s| s.table.is_some() && s.topic == topic)
+            {
                 continue;
             }
-            let step = self.stage.steps.get(record.step).map(|s| s.name.clone()).unwrap_or_default();
+            let step = self
+                .stage
+                .steps
+                .get(record.step)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
             *changelog_bytes.entry(step).or_default() +=
                 (record.change.key.len() + record.change.value.as_ref().map_or(0, Vec::len)) as u64;
             send(
@@ -378,6 +473,42 @@ impl Core {
         Ok(())
     }
 
+    /// Partitions that are not live yet but have nothing to consume become live.
+    fn mark_idle_partitions_live(&mut self, consumer: &BaseConsumer<ConsumerCtx>) {
+        let waiting: Vec<i32> = self
+            .tasks
+            .keys()
+            .filter(|p| !self.live.contains(p))
+            .copied()
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for partition in waiting {
+            let topic = &self.stage.input.topic;
+            let Ok((low, high)) =
+                consumer.fetch_watermarks(topic, partition, Duration::from_secs(1))
+            else {
+                continue;
+            };
+            let idle = match positions
+                .find_partition(topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(next)) => next >= high,
+                // No position yet: idle only if the partition holds nothing to read
+                // past the committed offset (or nothing at all).
+                _ => high == low || self.committed.get(&partition).is_some_and(|c| *c >= high),
+            };
+            if idle {
+                self.live.insert(partition);
+            }
+        }
+    }
+
     fn offsets_list(&self) -> Result<TopicPartitionList, ServeError> {
         let mut tpl = TopicPartitionList::new();
         for (&partition, &offset) in &self.positions {
@@ -391,7 +522,11 @@ impl Core {
     }
 
     /// Commits outputs, changelog writes and consumed offsets together.
-    fn commit(&mut self, consumer: &BaseConsumer<ConsumerCtx>, reason: &'static str) -> Result<(), ServeError> {
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        reason: &'static str,
+    ) -> Result<(), ServeError> {
         let started = Instant::now();
         let result = if self.exactly_once {
             self.commit_transaction(consumer)
@@ -409,19 +544,26 @@ impl Core {
             }
             Err(error) => {
                 if let Ok(m) = metrics {
-                    m.commit_failures.with_label_values(&[error.metric_label()]).inc();
+                    m.commit_failures
+                        .with_label_values(&[error.metric_label()])
+                        .inc();
                 }
             }
         }
         result
     }
 
-    fn commit_transaction(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+    fn commit_transaction(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+    ) -> Result<(), ServeError> {
         if !self.in_transaction {
             return Ok(());
         }
         let offsets = self.offsets_list()?;
-        let group = consumer.group_metadata().ok_or(ServeError::NoGroupMetadata)?;
+        let group = consumer
+            .group_metadata()
+            .ok_or(ServeError::NoGroupMetadata)?;
         let mut attempt = 0;
         loop {
             let result = self
@@ -433,7 +575,9 @@ impl Core {
                     self.in_transaction = false;
                     return Ok(());
                 }
-                Err(KafkaError::Transaction(error)) if error.is_retriable() && attempt < COMMIT_RETRIES => {
+                Err(KafkaError::Transaction(error))
+                    if error.is_retriable() && attempt < COMMIT_RETRIES =>
+                {
                     // A retriable error (a coordinator moving, a timeout): the same
                     // call may be repeated, as librdkafka documents.
                     attempt += 1;
@@ -450,12 +594,23 @@ impl Core {
         }
     }
 
-    fn commit_at_least_once(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
-        self.producer.flush(KAFKA_TIMEOUT).map_err(|source| ServeError::Kafka {
-            what: "flushing outputs",
-            source,
-        })?;
-        let failures = std::mem::take(&mut *self.deliveries.failures.lock().unwrap_or_else(|p| p.into_inner()));
+    fn commit_at_least_once(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+    ) -> Result<(), ServeError> {
+        self.producer
+            .flush(KAFKA_TIMEOUT)
+            .map_err(|source| ServeError::Kafka {
+                what: "flushing outputs",
+                source,
+            })?;
+        let failures = std::mem::take(
+            &mut *self
+                .deliveries
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         if let Some(first) = failures.first() {
             // The offsets stay uncommitted: after the restart the records are
             // processed again (at least once).
@@ -511,7 +666,10 @@ impl Core {
         Ok(())
     }
 
-    fn checkpoint(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<Checkpoint, ServeError> {
+    fn checkpoint(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+    ) -> Result<Checkpoint, ServeError> {
         self.commit(consumer, "checkpoint")?;
         let mut source_offsets = BTreeMap::new();
         for (&partition, &offset) in &self.committed {
@@ -524,7 +682,11 @@ impl Core {
             .map(|s| s.topic.as_str())
             .collect();
         let mut changelog_positions: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
-        let positions = self.deliveries.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let positions = self
+            .deliveries
+            .positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for ((topic, partition), offset) in positions.iter() {
             if changelog_topics.contains(topic.as_str()) && self.tasks.contains_key(partition) {
                 changelog_positions
@@ -547,10 +709,12 @@ impl Core {
         let mut entries: BTreeMap<String, usize> = BTreeMap::new();
         for task in self.tasks.values() {
             for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
-                let total = totals.entry(metrics.name.clone()).or_insert_with(|| StepMetrics {
-                    name: metrics.name.clone(),
-                    ..StepMetrics::default()
-                });
+                let total = totals
+                    .entry(metrics.name.clone())
+                    .or_insert_with(|| StepMetrics {
+                        name: metrics.name.clone(),
+                        ..StepMetrics::default()
+                    });
                 total.events_in += metrics.events_in;
                 total.events_out += metrics.events_out;
                 total.dropped += metrics.dropped;
@@ -564,7 +728,9 @@ impl Core {
         if let Ok(mut m) = self.shared.metrics.lock() {
             m.record_steps(&totals);
             for (step, count) in entries {
-                m.state_entries.with_label_values(&[&step]).set(count as i64);
+                m.state_entries
+                    .with_label_values(&[&step])
+                    .set(count as i64);
             }
         }
     }
@@ -586,13 +752,19 @@ fn table_changes(spec: &TableSpec, records: Vec<RawRecord>) -> Vec<StateChange> 
             Some(bytes) => match sonic_rs::from_slice::<sonic_rs::Value>(&bytes) {
                 Ok(row) => match table.row_key(&row) {
                     Ok(row_key) => changes.push(StateChange::upsert(row_key, bytes)),
-                    Err(reason) => tracing::warn!(table = spec.name, reason, "skipping a table row"),
+                    Err(reason) => {
+                        tracing::warn!(table = spec.name, reason, "skipping a table row")
+                    }
                 },
-                Err(error) => tracing::warn!(table = spec.name, %error, "skipping a table row that is not JSON"),
+                Err(error) => {
+                    tracing::warn!(table = spec.name, %error, "skipping a table row that is not JSON")
+                }
             },
             None => {
                 let Some(key) = key else { continue };
-                let Some(row) = key_row(spec, &key) else { continue };
+                let Some(row) = key_row(spec, &key) else {
+                    continue;
+                };
                 if let Ok(row_key) = table.row_key(&row) {
                     changes.push(StateChange::delete(row_key));
                 }
@@ -664,7 +836,10 @@ fn send(
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                back,
+            )) => {
                 // The producer's thread drains the queue; wait for room.
                 record = back;
                 std::thread::sleep(Duration::from_millis(5));
@@ -699,8 +874,15 @@ pub fn run(
             for sink in &plan.sinks {
                 match &sink.spec.kafka {
                     Some(kafka) => {
-                        let key = if kafka.key.is_empty() { &sink.key } else { &kafka.key };
-                        sinks.push((kafka.topic.clone(), key.iter().map(|k| FieldPath::new(k)).collect()));
+                        let key = if kafka.key.is_empty() {
+                            &sink.key
+                        } else {
+                            &kafka.key
+                        };
+                        sinks.push((
+                            kafka.topic.clone(),
+                            key.iter().map(|k| FieldPath::new(k)).collect(),
+                        ));
                     }
                     None => return Err(ServeError::UnsupportedSink(sink.name.clone())),
                 }
@@ -738,19 +920,22 @@ pub fn run(
     // One transactional id per stage instance: a restarted instance fences its
     // previous incarnation (a zombie) when it initializes transactions.
     let transactional_id = format!("{}.{}", stage.consumer_group, args.instance_id);
-    let producer: ThreadedProducer<ProducerCtx> = config::producer(args, exactly_once.then_some(&transactional_id))
-        .create_with_context(ProducerCtx {
-            deliveries: deliveries.clone(),
-        })
-        .map_err(|source| ServeError::Kafka {
-            what: "creating the producer",
-            source,
-        })?;
+    let producer: ThreadedProducer<ProducerCtx> =
+        config::producer(args, exactly_once.then_some(&transactional_id))
+            .create_with_context(ProducerCtx {
+                deliveries: deliveries.clone(),
+            })
+            .map_err(|source| ServeError::Kafka {
+                what: "creating the producer",
+                source,
+            })?;
     if exactly_once {
-        producer.init_transactions(KAFKA_TIMEOUT).map_err(|source| ServeError::Kafka {
-            what: "initializing transactions",
-            source,
-        })?;
+        producer
+            .init_transactions(KAFKA_TIMEOUT)
+            .map_err(|source| ServeError::Kafka {
+                what: "initializing transactions",
+                source,
+            })?;
     }
 
     let core = Arc::new(Mutex::new(Core {
@@ -764,6 +949,7 @@ pub fn run(
         route,
         state_sources,
         tasks: BTreeMap::new(),
+        live: BTreeSet::new(),
         positions: BTreeMap::new(),
         committed: BTreeMap::new(),
         in_transaction: false,
@@ -771,19 +957,33 @@ pub fn run(
         shared: shared.clone(),
         fatal: None,
     }));
-    let start_from_earliest = plan.source.start_from == keystone_crds::pipeline::StartPosition::Earliest || !stage.input.topic.eq(&plan.source.topic);
-    let consumer: BaseConsumer<ConsumerCtx> = config::consumer(args, &stage.consumer_group, exactly_once, start_from_earliest)
-        .create_with_context(ConsumerCtx { core: core.clone() })
-        .map_err(|source| ServeError::Kafka {
-            what: "creating the consumer",
-            source,
-        })?;
-    consumer.subscribe(&[&stage.input.topic]).map_err(|source| ServeError::Kafka {
-        what: "subscribing to the input topic",
+    let start_from_earliest = plan.source.start_from
+        == keystone_crds::pipeline::StartPosition::Earliest
+        || !stage.input.topic.eq(&plan.source.topic);
+    let consumer: BaseConsumer<ConsumerCtx> = config::consumer(
+        args,
+        &stage.consumer_group,
+        exactly_once,
+        start_from_earliest,
+    )
+    .create_with_context(ConsumerCtx { core: core.clone() })
+    .map_err(|source| ServeError::Kafka {
+        what: "creating the consumer",
         source,
     })?;
+    consumer
+        .subscribe(&[&stage.input.topic])
+        .map_err(|source| ServeError::Kafka {
+            what: "subscribing to the input topic",
+            source,
+        })?;
     shared.running.store(true, Ordering::SeqCst);
-    tracing::info!(stage = stage.name, topic = stage.input.topic, exactly_once, "consuming");
+    tracing::info!(
+        stage = stage.name,
+        topic = stage.input.topic,
+        exactly_once,
+        "consuming"
+    );
 
     let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
     let mut last_commit = Instant::now();
@@ -798,12 +998,16 @@ pub fn run(
         }
         // Poll a batch, grouped by partition in arrival (offset) order. The lock is
         // not held while polling: rebalance callbacks take it inside `poll`.
-        let mut batch: BTreeMap<i32, Vec<(i64, Option<Vec<u8>>)>> = BTreeMap::new();
+        let mut batch: BTreeMap<i32, Records> = BTreeMap::new();
         let mut polled = 0;
         let deadline = Instant::now() + Duration::from_millis(20);
         while polled < MAX_BATCH {
             let timeout = deadline.saturating_duration_since(Instant::now());
-            match consumer.poll(if polled == 0 { Duration::from_millis(50) } else { timeout }) {
+            match consumer.poll(if polled == 0 {
+                Duration::from_millis(50)
+            } else {
+                timeout
+            }) {
                 Some(Ok(message)) => {
                     batch
                         .entry(message.partition())
@@ -837,7 +1041,8 @@ pub fn run(
             step_result = core.tick();
         }
         let checkpoint = checkpoints.try_recv().ok();
-        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || checkpoint.is_some()) {
+        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || checkpoint.is_some())
+        {
             step_result = match checkpoint {
                 Some(request) => {
                     let result = core.checkpoint(&consumer);
@@ -866,6 +1071,9 @@ pub fn run(
                 core.rewind(&consumer)?;
             }
         }
+        if polled == 0 {
+            core.mark_idle_partitions_live(&consumer);
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             update_lag(&consumer, core);
             last_lag = Instant::now();
@@ -883,9 +1091,13 @@ pub fn run(
 }
 
 fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, core: &Core) {
-    let Ok(metrics) = core.shared.metrics.lock() else { return };
+    let Ok(metrics) = core.shared.metrics.lock() else {
+        return;
+    };
     for (&partition, &position) in &core.committed {
-        if let Ok((_, high)) = consumer.fetch_watermarks(&core.stage.input.topic, partition, Duration::from_secs(1)) {
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(&core.stage.input.topic, partition, Duration::from_secs(1))
+        {
             metrics
                 .consumer_lag
                 .with_label_values(&[&partition.to_string()])

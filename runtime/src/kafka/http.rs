@@ -35,7 +35,8 @@ pub async fn serve(
         let shared = shared.clone();
         let checkpoints = checkpoints.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| handle(request, shared.clone(), checkpoints.clone()));
+            let service =
+                service_fn(move |request| handle(request, shared.clone(), checkpoints.clone()));
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -46,7 +47,11 @@ pub async fn serve(
     }
 }
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -62,20 +67,32 @@ async fn handle(
     let text = "text/plain; charset=utf-8";
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let body = shared.metrics.lock().map(|m| m.encode()).unwrap_or_default();
+            let body = shared
+                .metrics
+                .lock()
+                .map(|m| m.encode())
+                .unwrap_or_default();
             respond(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::GET, "/healthz") => {
             if shared.failed.load(Ordering::Relaxed) {
-                respond(StatusCode::SERVICE_UNAVAILABLE, text, "the engine stopped on an error\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    text,
+                    "the engine stopped on an error\n",
+                )
             } else {
                 respond(StatusCode::OK, text, "ok\n")
             }
         }
         (&Method::GET, "/readyz") => {
             let restoring = shared.restoring.load(Ordering::Relaxed);
-            if !shared.running.load(Ordering::Relaxed) {
-                respond(StatusCode::SERVICE_UNAVAILABLE, text, "not consuming yet\n")
+            if !shared.running.load(Ordering::Relaxed) || !shared.joined.load(Ordering::Relaxed) {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    text,
+                    "not consuming yet (joining the group)\n",
+                )
             } else if restoring > 0 {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -89,7 +106,11 @@ async fn handle(
         (&Method::POST, "/checkpoint") => {
             let (reply, answer) = oneshot::channel();
             if checkpoints.send(CheckpointRequest { reply }).is_err() {
-                respond(StatusCode::SERVICE_UNAVAILABLE, text, "the engine is not running\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    text,
+                    "the engine is not running\n",
+                )
             } else {
                 match tokio::time::timeout(Duration::from_secs(60), answer).await {
                     Ok(Ok(Ok(checkpoint))) => respond(
@@ -97,9 +118,21 @@ async fn handle(
                         "application/json",
                         serde_json::to_vec(&checkpoint).unwrap_or_default(),
                     ),
-                    Ok(Ok(Err(reason))) => respond(StatusCode::INTERNAL_SERVER_ERROR, text, format!("{reason}\n")),
-                    Ok(Err(_)) => respond(StatusCode::SERVICE_UNAVAILABLE, text, "the engine stopped\n"),
-                    Err(_) => respond(StatusCode::GATEWAY_TIMEOUT, text, "the checkpoint did not complete within 60s\n"),
+                    Ok(Ok(Err(reason))) => respond(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        text,
+                        format!("{reason}\n"),
+                    ),
+                    Ok(Err(_)) => respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        text,
+                        "the engine stopped\n",
+                    ),
+                    Err(_) => respond(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        text,
+                        "the checkpoint did not complete within 60s\n",
+                    ),
                 }
             }
         }

@@ -33,13 +33,17 @@ pub struct Metrics {
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(counter.clone())).expect("unique metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("unique metric");
     counter
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let gauge = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(gauge.clone())).expect("unique metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("unique metric");
     gauge
 }
 
@@ -55,31 +59,51 @@ impl Metrics {
                 "keystone_commit_duration_seconds",
                 "Time to commit outputs, changelog writes and offsets together",
             )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         )
         .expect("valid metric");
-        registry.register(Box::new(commit_duration.clone())).expect("unique metric");
+        registry
+            .register(Box::new(commit_duration.clone()))
+            .expect("unique metric");
         let restore_records = IntCounter::new(
             "keystone_restore_records_total",
             "Changelog and table records read to restore state",
         )
         .expect("valid metric");
-        registry.register(Box::new(restore_records.clone())).expect("unique metric");
+        registry
+            .register(Box::new(restore_records.clone()))
+            .expect("unique metric");
         let restoring_partitions = IntGauge::new(
             "keystone_restoring_partitions",
             "Input partitions whose state is being restored (not processed yet)",
         )
         .expect("valid metric");
-        registry.register(Box::new(restoring_partitions.clone())).expect("unique metric");
+        registry
+            .register(Box::new(restoring_partitions.clone()))
+            .expect("unique metric");
         let assigned_partitions = IntGauge::new(
             "keystone_assigned_partitions",
             "Input partitions this instance processes",
         )
         .expect("valid metric");
-        registry.register(Box::new(assigned_partitions.clone())).expect("unique metric");
+        registry
+            .register(Box::new(assigned_partitions.clone()))
+            .expect("unique metric");
         Self {
-            events_in: counter_vec(&registry, "keystone_step_events_in_total", "Events that reached a step", step),
-            events_out: counter_vec(&registry, "keystone_step_events_out_total", "Events a step emitted", step),
+            events_in: counter_vec(
+                &registry,
+                "keystone_step_events_in_total",
+                "Events that reached a step",
+                step,
+            ),
+            events_out: counter_vec(
+                &registry,
+                "keystone_step_events_out_total",
+                "Events a step emitted",
+                step,
+            ),
             events_dropped: counter_vec(
                 &registry,
                 "keystone_step_events_dropped_total",
@@ -105,7 +129,12 @@ impl Metrics {
                 "Commits that failed, by reason",
                 &["reason"],
             ),
-            state_entries: gauge_vec(&registry, "keystone_state_entries", "Live keys in a step's state", step),
+            state_entries: gauge_vec(
+                &registry,
+                "keystone_state_entries",
+                "Live keys in a step's state",
+                step,
+            ),
             changelog_bytes: counter_vec(
                 &registry,
                 "keystone_state_changelog_bytes_total",

@@ -1,12 +1,12 @@
 //! Reading a changelog or table topic's partitions to their end, to restore state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::kafka::ServeError;
 
@@ -16,34 +16,45 @@ pub type RawRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
 /// How long a restore may take before the instance gives up (and restarts).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Reads `partitions` of `topic` from the beginning to their current end
-/// (committed data only), in offset order per partition.
-pub fn read_to_end(config: &ClientConfig, topic: &str, partitions: &[i32]) -> Result<Vec<RawRecord>, ServeError> {
-    let consumer: BaseConsumer = config.create().map_err(|source| ServeError::Kafka {
-        what: "creating the restore reader",
-        source,
-    })?;
-    let mut remaining = BTreeSet::new();
+/// Reads every given topic partition from the beginning to its current end
+/// (committed data only), in offset order per partition, with one reader.
+pub fn read_to_end(
+    config: &ClientConfig,
+    partitions: &BTreeSet<(String, i32)>,
+) -> Result<BTreeMap<(String, i32), Vec<RawRecord>>, ServeError> {
+    let consumer: BaseConsumer<QuietEof> =
+        config
+            .create_with_context(QuietEof)
+            .map_err(|source| ServeError::Kafka {
+                what: "creating the restore reader",
+                source,
+            })?;
+    let mut records: BTreeMap<(String, i32), Vec<RawRecord>> = BTreeMap::new();
+    // The end of each partition when the restore starts. Nothing else writes a
+    // partition being restored: its previous owner was fenced or is dead, and an
+    // open transaction of a dead owner holds the reader back (read_committed)
+    // until the broker aborts it.
+    let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
-    for &partition in partitions {
+    for (topic, partition) in partitions {
+        records.insert((topic.clone(), *partition), Vec::new());
         let (low, high) = consumer
-            .fetch_watermarks(topic, partition, Duration::from_secs(30))
+            .fetch_watermarks(topic, *partition, Duration::from_secs(30))
             .map_err(|source| ServeError::Kafka {
                 what: "reading the end of a changelog partition",
                 source,
             })?;
         // An empty (or fully compacted-away) partition has nothing to restore.
         if high > low {
-            remaining.insert(partition);
-            tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            ends.insert((topic.clone(), *partition), high);
+            tpl.add_partition_offset(topic, *partition, Offset::Beginning)
                 .map_err(|source| ServeError::Kafka {
                     what: "assigning a changelog partition",
                     source,
                 })?;
         }
     }
-    let mut records = Vec::new();
-    if remaining.is_empty() {
+    if ends.is_empty() {
         return Ok(records);
     }
     consumer.assign(&tpl).map_err(|source| ServeError::Kafka {
@@ -51,31 +62,56 @@ pub fn read_to_end(config: &ClientConfig, topic: &str, partitions: &[i32]) -> Re
         source,
     })?;
     let started = Instant::now();
-    while !remaining.is_empty() {
+    while !ends.is_empty() {
         if started.elapsed() > RESTORE_TIMEOUT {
             return Err(ServeError::RestoreTimeout {
-                topic: topic.to_owned(),
-                partitions: remaining.into_iter().collect(),
+                partitions: ends.into_keys().collect(),
             });
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => records.push((
-                message.key().map(<[u8]>::to_vec),
-                message.payload().map(<[u8]>::to_vec),
-            )),
-            // With enable.partition.eof, reaching the end (the last stable offset
-            // under read_committed) is reported per partition.
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                remaining.remove(&partition);
-            }
-            Some(Err(error)) => {
-                tracing::warn!(%error, topic, "error while restoring; retrying");
-            }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => records
+                .entry((message.topic().to_owned(), message.partition()))
+                .or_default()
+                .push((
+                    message.key().map(<[u8]>::to_vec),
+                    message.payload().map(<[u8]>::to_vec),
+                )),
+            // End-of-partition events are not relied on (librdkafka sometimes
+            // reports them on the main queue without the partition); the
+            // position check below decides.
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(error)) => tracing::warn!(%error, "error while restoring; retrying"),
             None => {}
+        }
+        // The position moves past transaction markers, so a partition is read
+        // to its end exactly when the position reaches the end seen at the start.
+        if let Ok(positions) = consumer.position() {
+            ends.retain(|(topic, partition), end| {
+                !matches!(
+                    positions.find_partition(topic, *partition).map(|e| e.offset()),
+                    Some(Offset::Offset(next)) if next >= *end
+                )
+            });
         }
     }
     Ok(records)
 }
+
+/// A client context that does not log end-of-partition events as errors: for
+/// the restore reader they are the expected way to finish.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || matches!(&error, KafkaError::Global(code) if *code == rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
+            tracing::error!(%error, reason, "restore reader error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 /// All partitions of a topic, for replicated tables.
 pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Vec<i32>, ServeError> {

@@ -519,4 +519,25 @@ mod tests {
         let (whole, resumed) = run_split(|| order(false, 35, 3, StalePolicy::Drop), &refs, 50);
         assert_eq!(whole, resumed);
     }
+
+    #[test]
+    fn downtime_after_a_restore_does_not_count_as_waiting() {
+        let mut op = order(true, 1_000, 100, StalePolicy::Drop);
+        let _ = run_at(&mut op, 0, input(&[("a", 1)]));
+        // a1 leaves after its wait; a3 then waits for a2.
+        let out = run_at(&mut op, 1_000, input(&[("a", 3)]));
+        assert_eq!(seqs(&out.json()), vec!["a1"]);
+        let mut restored = order(true, 1_000, 100, StalePolicy::Drop);
+        restored.restore(op.snapshot()).unwrap();
+        // Down for a minute, then started: a3 has not waited its second yet, so
+        // a2, read next from the input, still overtakes it.
+        restored.on_start(&Ctx { now_ms: 61_000 });
+        let out = run_at(&mut restored, 61_000, vec![]);
+        assert!(
+            out.json().is_empty(),
+            "a3 was released by a timer that counted the downtime"
+        );
+        let out = run_at(&mut restored, 61_100, input(&[("a", 2)]));
+        assert_eq!(seqs(&out.json()), vec!["a2", "a3"]);
+    }
 }

@@ -1,0 +1,235 @@
+//! `keystone-runtime serve`: one stage of a compiled plan on Kafka, with keyed
+//! state in changelog topics, exactly-once commits, dead letters with headers,
+//! and the operations endpoints.
+
+mod config;
+mod engine;
+mod http;
+mod metrics;
+mod restore;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use keystone_crds::{PLAN_VERSION, Plan};
+use rdkafka::error::KafkaError;
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+pub use metrics::Metrics;
+
+/// What `serve` needs to know; the CLI fills it from flags and the pod's environment.
+#[derive(Clone, Debug)]
+pub struct ServeArgs {
+    /// The compiled plan (JSON, as the operator writes it into the ConfigMap).
+    pub plan: PathBuf,
+    /// The stage to run (`s0`, `s1`, ...).
+    pub stage: String,
+    pub bootstrap_servers: String,
+    /// This instance's stable identity (the pod name): static group membership
+    /// and the transactional id derive from it.
+    pub instance_id: String,
+    /// Where the operations endpoints listen.
+    pub http_addr: SocketAddr,
+    /// Extra librdkafka settings (TLS, SASL, ...), applied to every client.
+    pub kafka_config: Vec<(String, String)>,
+}
+
+/// The result of a checkpoint: what a consistent restart point of this
+/// instance's partitions is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    pub pipeline: String,
+    pub stage: String,
+    pub input_topic: String,
+    /// Next offset to consume per input partition, as committed.
+    pub source_offsets: BTreeMap<i32, i64>,
+    /// Per changelog topic and partition, the offset after the last state change written.
+    pub changelog_positions: BTreeMap<String, BTreeMap<i32, i64>>,
+}
+
+/// State shared between the engine thread and the operations endpoints.
+pub struct Shared {
+    pub metrics: Mutex<Metrics>,
+    /// The consumer is subscribed and the loop runs.
+    pub running: AtomicBool,
+    /// The group assigned this instance its partitions (possibly none) at least once.
+    pub joined: AtomicBool,
+    /// Partitions whose state is being restored.
+    pub restoring: AtomicUsize,
+    /// The engine stopped on an error.
+    pub failed: AtomicBool,
+    /// Shutdown was requested (SIGTERM).
+    pub shutdown: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading the plan {path}: {message}")]
+    Plan { path: PathBuf, message: String },
+    #[error("the plan has no stage {0:?}")]
+    NoStage(String),
+    #[error(
+        "sink {0:?} is not a Kafka sink; the Kafka runtime writes only Kafka sinks so far (Elasticsearch, Iceberg and Parquet writers are not implemented)"
+    )]
+    UnsupportedSink(String),
+    #[error("{what}: {source}")]
+    Kafka {
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{count} record(s) could not be delivered, first: {first}")]
+    Delivery { count: usize, first: String },
+    #[error("the consumer has no group metadata (not in a group yet)")]
+    NoGroupMetadata,
+    #[error("topic {0:?} does not exist")]
+    MissingTopic(String),
+    #[error("restoring changelog partitions {partitions:?} did not finish in time")]
+    RestoreTimeout { partitions: Vec<(String, i32)> },
+    #[error(transparent)]
+    Runtime(RuntimeError),
+    #[error("operations endpoints: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+impl ServeError {
+    /// Errors after which this instance must stop (and be restarted): it was
+    /// fenced by a newer instance, or librdkafka says the producer is unusable.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ServeError::Kafka {
+                source: KafkaError::Transaction(error),
+                ..
+            } => error.is_fatal() || !error.txn_requires_abort() && !error.is_retriable(),
+            ServeError::Kafka { .. } | ServeError::Delivery { .. } => false,
+            _ => true,
+        }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ServeError::Plan { .. } => "plan",
+            ServeError::NoStage(_) => "no_stage",
+            ServeError::UnsupportedSink(_) => "unsupported_sink",
+            ServeError::Kafka { .. } => "kafka",
+            ServeError::Delivery { .. } => "delivery",
+            ServeError::NoGroupMetadata => "group_metadata",
+            ServeError::MissingTopic(_) => "missing_topic",
+            ServeError::RestoreTimeout { .. } => "restore_timeout",
+            ServeError::Runtime(_) => "runtime",
+            ServeError::Http(_) => "http",
+        }
+    }
+}
+
+/// Reads and checks the plan and finds the stage.
+pub fn load_plan(
+    path: &PathBuf,
+    stage: &str,
+) -> Result<(Plan, keystone_crds::plan::PlanStage), ServeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ServeError::Plan {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| ServeError::Plan {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if plan.version != PLAN_VERSION {
+        return Err(ServeError::Runtime(RuntimeError::PlanVersion {
+            found: plan.version,
+            expected: PLAN_VERSION,
+        }));
+    }
+    let stage = plan
+        .stage(stage)
+        .cloned()
+        .ok_or_else(|| ServeError::NoStage(stage.to_owned()))?;
+    Ok((plan, stage))
+}
+
+/// Runs one stage until SIGTERM (or SIGINT), then commits and returns.
+pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let (plan, stage) = load_plan(&args.plan, &args.stage)?;
+    let shared = Arc::new(Shared {
+        metrics: Mutex::new(Metrics::new(&plan.pipeline, &stage.name)),
+        running: AtomicBool::new(false),
+        joined: AtomicBool::new(false),
+        restoring: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+    });
+    let (checkpoint_tx, checkpoint_rx) = mpsc::channel();
+
+    // The engine is blocking (librdkafka calls, rebalance callbacks inside poll):
+    // it runs on its own thread; the endpoints and signals run on a small runtime.
+    let engine_shared = shared.clone();
+    let engine_args = args.clone();
+    let plan = Arc::new(plan);
+    let engine = std::thread::Builder::new()
+        .name("keystone-engine".into())
+        .spawn(move || {
+            let result = engine::run(
+                &engine_args,
+                plan,
+                stage,
+                engine_shared.clone(),
+                checkpoint_rx,
+            );
+            if result.is_err() {
+                engine_shared.failed.store(true, Ordering::SeqCst);
+            }
+            engine_shared.running.store(false, Ordering::SeqCst);
+            result
+        })
+        .map_err(ServeError::Http)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Http)?;
+    let http_shared = shared.clone();
+    runtime.block_on(async move {
+        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, checkpoint_tx));
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServeError::Http)?;
+        let watch = shared.clone();
+        let engine_done = async move {
+            while !engine.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            engine
+        };
+        tokio::pin!(engine_done);
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: finishing the current transaction"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the current transaction"),
+            finished = &mut engine_done => {
+                server.abort();
+                return join(finished);
+            }
+            result = &mut server => {
+                if let Ok(Err(error)) = result {
+                    watch.shutdown.store(true, Ordering::SeqCst);
+                    return Err(ServeError::Http(error));
+                }
+            }
+        }
+        watch.shutdown.store(true, Ordering::SeqCst);
+        let finished = engine_done.await;
+        join(finished)
+    })
+}
+
+fn join(engine: std::thread::JoinHandle<Result<(), ServeError>>) -> Result<(), ServeError> {
+    engine.join().unwrap_or_else(|_| {
+        Err(ServeError::Runtime(RuntimeError::Usage(
+            "the engine thread panicked".to_owned(),
+        )))
+    })
+}
