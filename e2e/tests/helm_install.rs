@@ -118,7 +118,8 @@ async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
         "kustomize",
         &repo().join("config/default").display().to_string(),
     ]);
-    let manifests = run_ok(kustomize);
+    // Into the test's namespace, which exists (a server dry run creates nothing).
+    let manifests = run_ok(kustomize).replace("keystone-system", ns.name());
     let mut apply = tb.kubectl().expect("kubectl");
     apply.args(["apply", "--dry-run=server", "-f", "-"]);
     let (ok, text) = run_with_stdin(apply, &manifests);

@@ -172,3 +172,49 @@ async fn an_unreachable_kafka_shows_in_a_condition() {
     );
     ns.delete().await.expect("delete namespace");
 }
+
+#[tokio::test]
+async fn a_topic_config_kafka_refuses_is_a_condition_not_a_retry_storm() {
+    let tb = testbed().await;
+    install_crds(&tb);
+    let ns = tb.namespace("op-rejected").await.expect("namespace");
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-rej");
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.rejected");
+    kafka.create(&source, 1).await;
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "typo",
+        &source,
+        &format!("{source}.out"),
+        1,
+        "Retain",
+    )
+    .replace("retention.ms: \"3600000\"", "retention.msec: \"3600000\"");
+    apply_yaml(&tb, &manifest).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    let p = wait_for(
+        &pipelines,
+        "typo",
+        WAIT,
+        "TopicsReady=False TopicRejected",
+        |p| condition(p, "TopicsReady").is_some_and(|c| c.reason == "TopicRejected"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let c = condition(&p, "TopicsReady").expect("condition");
+    assert!(
+        c.message.contains(&format!("{source}.out")),
+        "{}",
+        c.message
+    );
+    assert_eq!(kafka.partitions(&format!("{source}.out")), None);
+    assert!(
+        ns.api::<k8s_openapi::api::apps::v1::Deployment>()
+            .get_opt("typo-s0")
+            .await
+            .expect("get")
+            .is_none()
+    );
+}

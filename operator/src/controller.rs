@@ -393,8 +393,24 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         // The runtime keeps the version it runs; it cannot run the new plan without its topics.
         find_cond(&observed.status, RUNTIME_READY)
     } else {
-        let (stages, rolled_out) = apply_workloads(pipeline, ctx, &plan, &desired).await?;
-        let runtime = runtime_condition(&stages, rolled_out);
+        let Workloads {
+            stages,
+            rolled_out,
+            failing,
+        } = apply_workloads(pipeline, ctx, &plan, &desired).await?;
+        let mut runtime = runtime_condition(&stages, rolled_out);
+        if !runtime.ok && !failing.is_empty() {
+            runtime = Cond::new(
+                RUNTIME_READY,
+                false,
+                "InstancesFailing",
+                format!(
+                    "stages {} did not become ready within their progress deadline: {}",
+                    failing.join(", "),
+                    runtime.message
+                ),
+            );
+        }
         observed.set(&runtime);
         observed.status.ready_stages = Some(ready_stages(&stages));
         observed.status.stages = stages;
@@ -519,10 +535,20 @@ async fn reconcile_topics(
                 &ownership,
                 resolved.get(&topic.name).copied(),
             );
+            let mut rejected = None;
             for step in &decision.steps {
-                execute(pipeline, ctx, &admin, topic, step).await?;
+                match execute(pipeline, ctx, &admin, topic, step).await {
+                    Ok(()) => {}
+                    Err(error) if error.is_spec_rejection() => {
+                        rejected = Some(TopicProblem::Rejected {
+                            error: error.to_string(),
+                        });
+                        break;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
-            if let Some(problem) = &decision.problem {
+            if let Some(problem) = rejected.as_ref().or(decision.problem.as_ref()) {
                 problems.push((topic.name.clone(), problem.clone()));
             }
             statuses.push(TopicStatus {
@@ -769,7 +795,7 @@ async fn apply_workloads(
     ctx: &Context,
     plan: &Plan,
     desired: &[DesiredTopic],
-) -> Result<(Vec<StageStatus>, bool), Error> {
+) -> Result<Workloads, Error> {
     let namespace = plan.namespace.as_str();
     let owner = pipeline
         .controller_owner_ref(&())
@@ -811,6 +837,7 @@ async fn apply_workloads(
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), namespace);
     let mut stages = Vec::new();
     let mut rolled_out = true;
+    let mut failing = Vec::new();
     for stage in &plan.stages {
         let applied = ssa(&deployments, &resources::deployment(plan, stage, &params)).await?;
         ssa(&services, &resources::service(plan, stage, &owner)).await?;
@@ -821,6 +848,14 @@ async fn apply_workloads(
         .await?;
         let status = applied.status.clone().unwrap_or_default();
         let generation = applied.metadata.generation.unwrap_or_default();
+        // The Deployment controller gives up on a rollout after its progress deadline.
+        if status.conditions.iter().flatten().any(|c| {
+            c.type_ == "Progressing"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        }) {
+            failing.push(stage.name.clone());
+        }
         if status.observed_generation.unwrap_or_default() < generation
             || status.updated_replicas.unwrap_or_default() < stage.parallelism
             || status.replicas.unwrap_or_default() > stage.parallelism
@@ -848,7 +883,18 @@ async fn apply_workloads(
     remove_stale(&deployments, &selector, &wanted, &uid).await?;
     remove_stale(&services, &selector, &wanted, &uid).await?;
     remove_stale(&budgets, &selector, &wanted, &uid).await?;
-    Ok((stages, rolled_out))
+    Ok(Workloads {
+        stages,
+        rolled_out,
+        failing,
+    })
+}
+
+struct Workloads {
+    stages: Vec<StageStatus>,
+    rolled_out: bool,
+    /// Stages whose rollout exceeded its progress deadline.
+    failing: Vec<String>,
 }
 
 /// Deletes objects this pipeline controls that are not wanted any more.

@@ -69,6 +69,25 @@ impl Error {
         }
     }
 
+    /// A topic request Kafka refuses because of what the spec asks (a config it
+    /// does not know, a replication factor above the broker count, ...).
+    pub fn is_spec_rejection(&self) -> bool {
+        use rdkafka::error::RDKafkaErrorCode as Code;
+        matches!(
+            self,
+            Error::Topic {
+                source: Code::InvalidConfig
+                    | Code::InvalidPartitions
+                    | Code::InvalidReplicationFactor
+                    | Code::InvalidReplicaAssignment
+                    | Code::PolicyViolation
+                    | Code::InvalidTopic
+                    | Code::InvalidRequest,
+                ..
+            }
+        )
+    }
+
     /// Errors that retrying will not fix without a change somewhere
     /// (configuration, a Secret). They still back off, only from a longer start.
     pub fn is_permanent(&self) -> bool {

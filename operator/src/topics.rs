@@ -132,6 +132,9 @@ pub enum TopicProblem {
     DecreaseRefused { actual: i32, desired: i32 },
     /// Its partition count follows a topic that does not exist (yet).
     Unresolved { follows: String },
+    /// Kafka refused the change the spec asks for (an unknown config, a
+    /// replication factor above the broker count): a spec problem, not an outage.
+    Rejected { error: String },
 }
 
 impl TopicProblem {
@@ -146,6 +149,7 @@ impl TopicProblem {
             TopicProblem::Conflict(_) => "TopicConflict",
             TopicProblem::DecreaseRefused { .. } => "PartitionDecreaseRefused",
             TopicProblem::Unresolved { .. } => "TopicMissing",
+            TopicProblem::Rejected { .. } => "TopicRejected",
         }
     }
 
@@ -163,6 +167,9 @@ impl TopicProblem {
             TopicProblem::Unresolved { follows } => format!(
                 "topic {topic:?} gets as many partitions as {follows:?}, which does not exist"
             ),
+            TopicProblem::Rejected { error } => {
+                format!("Kafka refused what the spec asks for topic {topic:?}: {error}")
+            }
         }
     }
 }
