@@ -1106,3 +1106,49 @@ fn append(path: &Path, text: &str) -> std::io::Result<()> {
         .open(path)?
         .write_all(text.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(command: &[&str], args: &[&str]) -> ContainerRun {
+        let spec: Container = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "image": "keystone/runtime:dev",
+            "command": command,
+            "args": args,
+        }))
+        .unwrap();
+        ContainerRun::new(
+            spec,
+            Some(PathBuf::from("/repo/target/debug/keystone-runtime")),
+            false,
+        )
+    }
+
+    #[test]
+    fn the_mapped_binary_is_the_entrypoint() {
+        let vars = vec![("STAGE".to_owned(), "s0".to_owned())];
+        let bin = PathBuf::from("/repo/target/debug/keystone-runtime");
+        // No command: binary + args, with $(VAR) expanded.
+        let (p, a) = PodWorker::program(&run(&[], &["serve", "--stage", "$(STAGE)"]), &vars);
+        assert_eq!(
+            (p, a),
+            (
+                bin.clone(),
+                vec!["serve".into(), "--stage".into(), "s0".into()]
+            )
+        );
+        // A command naming the binary (by file name or path) runs it.
+        let (p, a) = PodWorker::program(&run(&["keystone-runtime", "serve"], &["-v"]), &vars);
+        assert_eq!((p, a), (bin.clone(), vec!["serve".into(), "-v".into()]));
+        let (p, _) = PodWorker::program(&run(&["/usr/local/bin/keystone-runtime"], &[]), &vars);
+        assert_eq!(p, bin);
+        // Any other command runs from the host.
+        let (p, a) = PodWorker::program(&run(&["sh", "-c"], &["echo hi"]), &vars);
+        assert_eq!(
+            (p, a),
+            (PathBuf::from("sh"), vec!["-c".into(), "echo hi".into()])
+        );
+    }
+}
