@@ -210,6 +210,32 @@ async fn a_topic_config_kafka_refuses_is_a_condition_not_a_retry_storm() {
         c.message
     );
     assert_eq!(kafka.partitions(&format!("{source}.out")), None);
+
+    // A Kafka cluster the operator does not know: Invalid, waiting for a change.
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "elsewhere",
+        &source,
+        &format!("{source}.x"),
+        1,
+        "Retain",
+    )
+    .replace("      kafka:\n", "      kafka:\n        cluster: nowhere\n");
+    apply_yaml(&tb, &manifest).await;
+    let p = wait_for(
+        &pipelines,
+        "elsewhere",
+        WAIT,
+        "TopicsReady=False UnknownCluster",
+        |p| condition(p, "TopicsReady").is_some_and(|c| c.reason == "UnknownCluster"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    assert_eq!(
+        p.status.as_ref().and_then(|s| s.phase),
+        Some(keystone_crds::pipeline::PipelinePhase::Invalid)
+    );
+    assert!(condition(&p, "TopicsReady").is_some_and(|c| c.message.contains("nowhere")));
     assert!(
         ns.api::<k8s_openapi::api::apps::v1::Deployment>()
             .get_opt("typo-s0")
