@@ -272,3 +272,125 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
     run_ok(uninstall);
     ns.delete().await.expect("delete namespace");
 }
+
+/// The default, cluster-wide RBAC: the chart's ClusterRole and Role are enough
+/// for the operator (run here by the test, impersonating the chart's
+/// ServiceAccount), and the ClusterRole grants the cluster-wide watches.
+#[tokio::test]
+async fn cluster_wide_rbac_is_enough_for_the_operator_and_no_more() {
+    let tb = testbed().await;
+    install_crds(&tb);
+    let ns = tb.namespace("helm-rbac").await.expect("namespace");
+    let release_ns = operator_namespace(&tb, &ns).await;
+    let release = unique("ksr");
+    let mut install = helm(&tb);
+    install.args([
+        "install",
+        &release,
+        &chart(),
+        "--namespace",
+        release_ns.name(),
+        // The test runs the operator itself, as the chart's ServiceAccount.
+        "--set",
+        "replicaCount=0",
+    ]);
+    run_ok(install);
+    let _release = Release {
+        helm: tb.helm().expect("helm"),
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+        name: release.clone(),
+        namespace: release_ns.name().to_owned(),
+    };
+    let sa = format!("system:serviceaccount:{release_ns}:{release}-keystone");
+
+    let can = |args: &[&str]| {
+        let mut cmd = tb.kubectl().expect("kubectl");
+        cmd.args(["auth", "can-i"]).args(args).args(["--as", &sa]);
+        let out = cmd.output().expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for resource in [
+        "pipelines.keystone.dev",
+        "processors.keystone.dev",
+        "configmaps",
+        "services",
+        "deployments.apps",
+        "poddisruptionbudgets.policy",
+    ] {
+        for verb in ["list", "watch"] {
+            assert!(
+                can(&[verb, resource, "--all-namespaces"]),
+                "{verb} {resource} cluster-wide"
+            );
+        }
+    }
+    assert!(!can(&["list", "secrets", "--all-namespaces"]));
+    assert!(!can(&["create", "pods", "-n", ns.name()]));
+    assert!(!can(&["create", "clusterroles.rbac.authorization.k8s.io"]));
+
+    // A kubeconfig that acts as the ServiceAccount.
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(tb.kubeconfig().expect("kubeconfig"))
+        .expect("kubeconfig");
+    for auth in &mut kubeconfig.auth_infos {
+        if let Some(info) = auth.auth_info.as_mut() {
+            info.impersonate = Some(sa.clone());
+        }
+    }
+    let path = tb.state_dir().join(format!("e2e-{release}.kubeconfig"));
+    std::fs::write(&path, serde_json::to_vec(&kubeconfig).expect("serialize"))
+        .expect("write kubeconfig");
+    let path_text = path.display().to_string();
+    let operator = OperatorProcess::start_with(
+        &tb,
+        ns.name(),
+        release_ns.name(),
+        "as-sa",
+        &[
+            ("KUBECONFIG", path_text.as_str()),
+            ("KEYSTONE_LEASE_NAME", &format!("{release}-keystone")),
+        ],
+    );
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.rbac");
+    kafka.create(&source, 1).await;
+    apply_yaml(
+        &tb,
+        &pipeline_yaml(
+            ns.name(),
+            "as-sa",
+            &source,
+            &format!("{source}.out"),
+            1,
+            "Delete",
+        ),
+    )
+    .await;
+    let pipelines: Api<Pipeline> = ns.api();
+    wait_for(
+        &pipelines,
+        "as-sa",
+        Duration::from_secs(90),
+        "reconciled as the ServiceAccount",
+        |p| {
+            condition_is(p, "TopicsReady", "True")
+                && p.status.as_ref().is_some_and(|s| s.stages.len() == 2)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let log = operator.log_text();
+    assert!(
+        !log.contains("forbidden"),
+        "the operator hit RBAC denials:\n{log}"
+    );
+    pipelines
+        .delete("as-sa", &Default::default())
+        .await
+        .expect("delete");
+    keystone_e2e::wait_for_deletion(&pipelines, "as-sa", Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    drop(operator);
+    let _ = std::fs::remove_file(&path);
+    ns.delete().await.expect("delete namespace");
+}
