@@ -14,7 +14,7 @@
 //! - `filter+project`: a CEL filter passing about half, then a 3-field projection.
 //! - `dedup`: 1.25M events over 1M distinct ids (20% duplicates), 10 min window.
 //! - `order`: 1M changes over 10k keys, contiguous, each key's changes shuffled
-//!   within about 3 rounds; 1 ms of processing time passes per 1024-event batch.
+//!   within about 3 rounds; 1 ms of processing time passes per input batch (256 events).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -22,6 +22,10 @@ use std::time::Instant;
 
 use keystone_runtime::task::{StageTask, TaskOptions};
 use keystone_runtime::{Clock, ManualClock};
+
+// The same allocator as the `keystone-runtime` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SCENARIOS: [&str; 7] = [
     "ceiling",
@@ -32,7 +36,7 @@ const SCENARIOS: [&str; 7] = [
     "dedup",
     "order",
 ];
-const BATCH: usize = 1024;
+const BATCH: usize = keystone_runtime::local::BATCH_LINES;
 const ROUNDS: usize = 5;
 
 struct Rng(u64);

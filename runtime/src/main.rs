@@ -3,6 +3,11 @@
 use clap::Parser;
 use keystone_runtime::cli::{Cli, execute};
 
+// mimalloc: the runtime allocates small, short-lived buffers per event (documents,
+// keys, CEL scopes); it is markedly faster at that than the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let code = match execute(cli) {

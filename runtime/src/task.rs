@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keystone_crds::ops::Operator as Op;
 use keystone_crds::plan::PlanStage;
-use keystone_crds::schema::SchemaSpec;
+use keystone_crds::processor::RequiredField;
+use keystone_crds::schema::{FieldType, SchemaSpec};
 
 use crate::clock::Clock;
 use crate::error::RuntimeError;
@@ -88,12 +90,43 @@ impl StageTask {
         clock: Arc<dyn Clock>,
         options: TaskOptions,
     ) -> Result<Self, RuntimeError> {
+        // Requirements that the source check already proved need no second look:
+        // a field the source schema declares non-optional, of a satisfying type, as
+        // long as only steps that never change events (filter, dedup, order,
+        // rekey) came before.
+        let mut guaranteed: BTreeMap<&str, FieldType> = source_schema
+            .map(|schema| {
+                schema
+                    .fields
+                    .iter()
+                    .filter(|f| !f.optional)
+                    .map(|f| (f.name.as_str(), f.field_type))
+                    .collect()
+            })
+            .unwrap_or_default();
         let steps = stage
             .steps
             .iter()
             .map(|step| {
+                let unproven: Vec<RequiredField> = step
+                    .requires
+                    .iter()
+                    .filter(|r| {
+                        !guaranteed
+                            .get(r.name.as_str())
+                            .is_some_and(|t| t.satisfies(r.field_type))
+                    })
+                    .cloned()
+                    .collect();
+                let passes_events_unchanged = matches!(
+                    step.operator.single(),
+                    Some(Op::Filter(_) | Op::Dedup(_) | Op::Order(_) | Op::Rekey(_))
+                );
+                if !passes_events_unchanged {
+                    guaranteed.clear();
+                }
                 Ok(Step {
-                    requires: Validator::for_step(&step.requires),
+                    requires: Validator::for_step(&unproven),
                     op: ops::build(step, tables)?,
                     out: Output::new(&step.name, options.record_changes),
                     metrics: StepMetrics {

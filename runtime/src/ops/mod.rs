@@ -195,3 +195,67 @@ pub(crate) mod testing {
         (whole, resumed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::run_split;
+    use super::*;
+    use keystone_crds::ops::{ComputedField, FilterSpec, MapSpec, ProjectSpec, ProjectedField};
+    use keystone_crds::schema::FieldType;
+
+    const INPUT: [&str; 4] = [
+        r#"{"id":1,"v":5}"#,
+        r#"{"id":2,"v":50}"#,
+        r#"{"id":3}"#,
+        r#"{"id":4,"v":"x"}"#,
+    ];
+
+    fn projection() -> ProjectSpec {
+        ProjectSpec {
+            fields: vec![ProjectedField {
+                name: "value".into(),
+                from: "/v".into(),
+                optional: false,
+            }],
+        }
+    }
+
+    /// Stateless operators: an empty snapshot, and a restart changes nothing.
+    #[test]
+    fn stateless_operators_restore_trivially() {
+        let filter = || {
+            Filter::new(&FilterSpec {
+                expression: "v > 10".into(),
+            })
+            .unwrap()
+        };
+        let map = || {
+            MapOp::new(&MapSpec {
+                fields: vec![ComputedField {
+                    name: "w".into(),
+                    expression: "v * 2".into(),
+                    field_type: FieldType::Integer,
+                }],
+            })
+            .unwrap()
+        };
+        for split in 0..=INPUT.len() {
+            let (a, b) = run_split(filter, &INPUT, split);
+            assert_eq!(a, b);
+            let (a, b) = run_split(map, &INPUT, split);
+            assert_eq!(a, b);
+            let (a, b) = run_split(|| Project::project(&projection()).unwrap(), &INPUT, split);
+            assert_eq!(a, b);
+            let (a, b) = run_split(|| Project::extract(&projection()).unwrap(), &INPUT, split);
+            assert_eq!(a, b);
+            let (a, b) = run_split(|| Rekey, &INPUT, split);
+            assert_eq!(a, b);
+        }
+        assert!(filter().snapshot().is_empty() && !filter().is_stateful());
+        assert!(
+            filter()
+                .restore(vec![crate::state::StateChange::delete(vec![1])])
+                .is_err()
+        );
+    }
+}
