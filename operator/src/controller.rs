@@ -304,6 +304,13 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         .items;
 
     // Validate: an invalid spec deploys and deletes nothing, and waits for a change.
+    if let Some(problem) = resources::name_problem(&name) {
+        let contracts = Cond::new(CONTRACTS_VALID, false, "InvalidName", problem);
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::await_change());
+    }
     let plan = match compile(pipeline, &processors) {
         Ok(plan) => plan,
         Err(errors) => {
@@ -1090,7 +1097,8 @@ pub async fn reconcile_processor(
                 .with_label_values(&["processor", error.metric_label()])
                 .inc();
         }
-        result.map(|_| Action::await_change())
+        // A Pipeline that stops referencing it does not wake it: look again now and then.
+        result.map(|_| Action::requeue(Duration::from_secs(300)))
     }
     .instrument(span)
     .await
@@ -1146,6 +1154,24 @@ pub fn references(pipeline: &Pipeline, processor: &str) -> bool {
             .as_ref()
             .is_some_and(|r| r.name == processor)
     })
+}
+
+/// The processors a pipeline references.
+pub fn processors_used_by(pipeline: &Pipeline) -> Vec<ObjectRef<Processor>> {
+    let namespace = pipeline.namespace();
+    pipeline
+        .spec
+        .steps
+        .iter()
+        .filter_map(|s| s.processor_ref.as_ref())
+        .map(|r| {
+            let object = ObjectRef::<Processor>::new(&r.name);
+            match &namespace {
+                Some(ns) => object.within(ns),
+                None => object,
+            }
+        })
+        .collect()
 }
 
 /// The pipelines to re-reconcile when a processor changes.
@@ -1206,6 +1232,12 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     });
     let processor_controller =
         Controller::new(api_for::<Processor>(client, ns), watcher::Config::default())
+            // A Pipeline that starts referencing a Processor changes its usedBy.
+            .watches(
+                api_for::<Pipeline>(client, ns),
+                watcher::Config::default(),
+                |pipeline| processors_used_by(&pipeline),
+            )
             .shutdown_on_signal()
             .run(reconcile_processor, processor_error_policy, processor_ctx)
             .for_each(|result| async move {

@@ -45,6 +45,27 @@ pub struct WorkloadParams {
     pub bind_host: Option<String>,
 }
 
+/// Longest Pipeline name whose stage Services (`<name>-s<N>`, DNS-1035 labels of
+/// at most 63 characters) stay valid for up to 1000 stages.
+pub const MAX_PIPELINE_NAME: usize = 57;
+
+/// Why a Pipeline's name cannot name its objects, if it cannot: Services need
+/// DNS-1035 labels (a letter first) and label values are at most 63 characters.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.len() > MAX_PIPELINE_NAME {
+        return Some(format!(
+            "the pipeline name is {} characters long; at most {MAX_PIPELINE_NAME} fit in the names of its stage Services and labels",
+            name.len()
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Some(format!(
+            "the pipeline name {name:?} must start with a lowercase letter: it prefixes its stage Services, whose names are DNS-1035 labels"
+        ));
+    }
+    None
+}
+
 /// The name of the plan ConfigMap.
 pub fn plan_config_map_name(pipeline: &str) -> String {
     format!("{pipeline}-plan")
@@ -481,6 +502,16 @@ spec:
         for name in ["POD_NAME", "POD_NAMESPACE", "KAFKA_BOOTSTRAP_SERVERS"] {
             assert!(envs.contains(&name), "{name} missing from {envs:?}");
         }
+    }
+
+    #[test]
+    fn names_that_cannot_name_services_are_refused() {
+        assert_eq!(name_problem("orders"), None);
+        assert_eq!(name_problem(&"a".repeat(MAX_PIPELINE_NAME)), None);
+        assert!(name_problem(&"a".repeat(MAX_PIPELINE_NAME + 1)).is_some());
+        assert!(name_problem("1orders").is_some_and(|m| m.contains("lowercase letter")));
+        let longest = stage_object_name(&"a".repeat(MAX_PIPELINE_NAME), "s999");
+        assert!(longest.len() <= 63, "{}", longest.len());
     }
 
     #[test]
