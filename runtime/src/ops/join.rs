@@ -129,7 +129,8 @@ pub struct Join {
 }
 
 impl Join {
-    pub fn join(spec: &JoinSpec, table: Table) -> Self {
+    /// A `join` step: inner or left as `spec.kind` says.
+    pub fn inner_or_left(spec: &JoinSpec, table: Table) -> Self {
         Self::new(
             table,
             &spec.lookup_key,
@@ -140,7 +141,8 @@ impl Join {
         )
     }
 
-    pub fn enrich(spec: &EnrichSpec, table: Table) -> Self {
+    /// An `enrich` step: a left join whose fields go under `spec.into`.
+    pub fn left_into(spec: &EnrichSpec, table: Table) -> Self {
         Self::new(
             table,
             &spec.lookup_key,
@@ -312,7 +314,7 @@ mod tests {
 
     #[test]
     fn inner_join_drops_unmatched_and_copies_top_level() {
-        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let mut op = Join::inner_or_left(&join_spec(JoinKind::Inner, &[], None), table());
         let out = run(&mut op, events(&INPUT));
         assert_eq!(
             out.json(),
@@ -326,7 +328,7 @@ mod tests {
 
     #[test]
     fn left_join_into_keeps_unmatched() {
-        let mut op = Join::join(
+        let mut op = Join::inner_or_left(
             &join_spec(JoinKind::Left, &["tier"], Some("customer")),
             table(),
         );
@@ -343,7 +345,7 @@ mod tests {
 
     #[test]
     fn keys_are_typed() {
-        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let mut op = Join::inner_or_left(&join_spec(JoinKind::Inner, &[], None), table());
         let out = run(&mut op, events(&[r#"{"customer_id":"1"}"#]));
         assert_eq!(out.dropped, 1);
     }
@@ -351,15 +353,15 @@ mod tests {
     #[test]
     fn table_state_restores() {
         let (whole, resumed) = run_split(
-            || Join::join(&join_spec(JoinKind::Inner, &["name"], Some("c")), table()),
+            || Join::inner_or_left(&join_spec(JoinKind::Inner, &["name"], Some("c")), table()),
             &INPUT,
             1,
         );
         assert_eq!(whole, resumed);
-        let mut op = Join::join(&join_spec(JoinKind::Inner, &[], None), table());
+        let mut op = Join::inner_or_left(&join_spec(JoinKind::Inner, &[], None), table());
         let snapshot = op.snapshot();
         assert_eq!(snapshot.len(), 2);
-        let mut fresh = Join::join(
+        let mut fresh = Join::inner_or_left(
             &join_spec(JoinKind::Inner, &[], None),
             Table::new(&join_spec(JoinKind::Inner, &[], None).table),
         );

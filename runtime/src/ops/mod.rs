@@ -54,12 +54,12 @@ pub fn build(
     Ok(match op {
         Op::Filter(spec) => Box::new(Filter::new(spec)?),
         Op::Map(spec) => Box::new(MapOp::new(spec)?),
-        Op::Project(spec) => Box::new(Project::project(spec).map_err(named)?),
-        Op::Extract(spec) => Box::new(Project::extract(spec).map_err(named)?),
+        Op::Project(spec) => Box::new(Project::replacing(spec).map_err(named)?),
+        Op::Extract(spec) => Box::new(Project::extending(spec).map_err(named)?),
         Op::Dedup(spec) => Box::new(Dedup::new(spec)),
         Op::Order(spec) => Box::new(Order::new(spec)),
-        Op::Join(spec) => Box::new(Join::join(spec, table_for(&spec.table))),
-        Op::Enrich(spec) => Box::new(Join::enrich(spec, table_for(&spec.table))),
+        Op::Join(spec) => Box::new(Join::inner_or_left(spec, table_for(&spec.table))),
+        Op::Enrich(spec) => Box::new(Join::left_into(spec, table_for(&spec.table))),
         Op::Rekey(_) => Box::new(Rekey),
     })
 }
@@ -244,9 +244,9 @@ mod tests {
             assert_eq!(a, b);
             let (a, b) = run_split(map, &INPUT, split);
             assert_eq!(a, b);
-            let (a, b) = run_split(|| Project::project(&projection()).unwrap(), &INPUT, split);
+            let (a, b) = run_split(|| Project::replacing(&projection()).unwrap(), &INPUT, split);
             assert_eq!(a, b);
-            let (a, b) = run_split(|| Project::extract(&projection()).unwrap(), &INPUT, split);
+            let (a, b) = run_split(|| Project::extending(&projection()).unwrap(), &INPUT, split);
             assert_eq!(a, b);
             let (a, b) = run_split(|| Rekey, &INPUT, split);
             assert_eq!(a, b);

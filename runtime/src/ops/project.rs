@@ -32,11 +32,13 @@ pub struct Project {
 }
 
 impl Project {
-    pub fn project(spec: &ProjectSpec) -> Result<Self, RuntimeError> {
+    /// A `project` step: the output holds only the listed fields.
+    pub fn replacing(spec: &ProjectSpec) -> Result<Self, RuntimeError> {
         Self::new(spec, false, "project")
     }
 
-    pub fn extract(spec: &ProjectSpec) -> Result<Self, RuntimeError> {
+    /// An `extract` step: the listed fields are added to the event.
+    pub fn extending(spec: &ProjectSpec) -> Result<Self, RuntimeError> {
         Self::new(spec, true, "extract")
     }
 
@@ -129,7 +131,7 @@ mod tests {
 
     #[test]
     fn project_builds_a_new_shape() {
-        let mut op = Project::project(&spec(&[
+        let mut op = Project::replacing(&spec(&[
             ("id", "/payload/after/id", false),
             ("customer.name", "/payload/after/name", false),
             ("note", "/payload/note", true),
@@ -151,7 +153,7 @@ mod tests {
 
     #[test]
     fn extract_keeps_the_event() {
-        let mut op = Project::extract(&spec(&[("first", "/items/0/sku", false)])).unwrap();
+        let mut op = Project::extending(&spec(&[("first", "/items/0/sku", false)])).unwrap();
         let out = run(&mut op, events(&[r#"{"items":[{"sku":"a"}]}"#]));
         assert_eq!(out.json(), vec![r#"{"first":"a","items":[{"sku":"a"}]}"#]);
     }
