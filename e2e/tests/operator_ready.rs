@@ -10,10 +10,12 @@ mod operator_support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::PipelinePhase;
 use keystone_e2e::wait_for;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use operator_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
@@ -125,5 +127,79 @@ spec:
     }
     seen.sort();
     assert_eq!(seen, vec![1, 3, 4], "only purchases, each once");
+
+    // A spec change rolls the pods onto the new plan, which then processes what follows.
+    let old_hash = status.plan_hash.clone().expect("plan hash");
+    let patch = serde_json::json!({"spec": {"steps": [
+        {"name": "only-purchases", "filter": {"expression": "action == \"view\""}}
+    ]}});
+    pipelines
+        .patch("purchases", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch the filter");
+    let deployments: Api<Deployment> = ns.api();
+    wait_for(
+        &deployments,
+        "purchases-s0",
+        Duration::from_secs(180),
+        "the new pod template rolled out",
+        |d| {
+            let spec_gen = d.metadata.generation.unwrap_or_default();
+            d.status.as_ref().is_some_and(|s| {
+                s.observed_generation.unwrap_or_default() >= spec_gen
+                    && s.updated_replicas == Some(1)
+                    && s.ready_replicas == Some(1)
+                    && s.replicas == Some(1)
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = wait_for(
+        &pipelines,
+        "purchases",
+        Duration::from_secs(120),
+        "Ready=True on the new plan",
+        |p| {
+            condition_is(p, "Ready", "True")
+                && p.status.as_ref().and_then(|s| s.plan_hash.as_ref()) != Some(&old_hash)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    assert_eq!(p.status.and_then(|s| s.phase), Some(PipelinePhase::Running));
+    for (seq, action) in [(10, "purchase"), (11, "view")] {
+        let value = format!(r#"{{"user":"v{seq}","action":"{action}","seq":{seq}}}"#);
+        producer
+            .send(
+                FutureRecord::to(&source)
+                    .key(&format!("v{seq}"))
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+    let mut after = Vec::new();
+    while !after.contains(&11) {
+        let message = tokio::time::timeout_at(
+            tokio::time::Instant::now() + Duration::from_secs(90),
+            consumer.recv(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("after the upgrade only {after:?} reached {sink}"))
+        .expect("consume");
+        let value: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON event");
+        after.push(value["seq"].as_i64().expect("seq"));
+    }
+    assert!(
+        !after.contains(&10),
+        "the new filter keeps views only, and nothing before it is replayed: {after:?}"
+    );
+    assert!(
+        after.iter().all(|s| *s >= 10),
+        "events processed before the upgrade were not written again: {after:?}"
+    );
     ns.delete().await.expect("delete namespace");
 }
