@@ -84,6 +84,18 @@ spec:
     let status = p.status.expect("status");
     assert_eq!(status.phase, Some(PipelinePhase::Running));
     assert_eq!(status.ready_stages.as_deref(), Some("1/1"));
+    // The printer columns tell the same story.
+    let mut get = tb.kubectl().expect("kubectl");
+    get.args(["get", "pipelines", "-n", ns.name()]);
+    let table = run_ok(get);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("purchases"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("Running") && row.contains("1/1") && row.contains(&source),
+        "{table}"
+    );
 
     let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
     let producer: FutureProducer = ClientConfig::new()
