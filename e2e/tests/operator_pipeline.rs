@@ -117,9 +117,14 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    let deployed = p
+        .status
+        .as_ref()
+        .and_then(|s| s.plan_hash.clone())
+        .expect("planHash");
     let cm: ConfigMap = ns
         .api()
-        .get(&format!("{name}-plan"))
+        .get(&format!("{name}-plan-{deployed}"))
         .await
         .expect("plan ConfigMap");
     let plan: Plan =
@@ -264,7 +269,7 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     let running_hash = plan_hash(&deployments.get(&s0).await.expect("deployment"));
     let cm_before = ns
         .api::<ConfigMap>()
-        .get(&format!("{name}-plan"))
+        .get(&format!("{name}-plan-{running_hash}"))
         .await
         .expect("cm")
         .data;
@@ -296,7 +301,7 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     );
     assert_eq!(
         ns.api::<ConfigMap>()
-            .get(&format!("{name}-plan"))
+            .get(&format!("{name}-plan-{running_hash}"))
             .await
             .expect("cm")
             .data,

@@ -11,11 +11,12 @@ mod operator_support;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::PipelinePhase;
 use keystone_e2e::wait_for;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use operator_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
@@ -179,7 +180,43 @@ spec:
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let new_hash = p
+        .status
+        .as_ref()
+        .and_then(|s| s.plan_hash.clone())
+        .expect("plan hash");
     assert_eq!(p.status.and_then(|s| s.phase), Some(PipelinePhase::Running));
+    // Once rolled out, only the current plan version's ConfigMap is left.
+    let config_maps: Api<ConfigMap> = ns.api();
+    let current = format!("purchases-plan-{new_hash}");
+    keystone_e2e::wait_until(
+        Duration::from_secs(60),
+        "only the current plan ConfigMap",
+        || async {
+            let list = config_maps
+                .list(&ListParams::default().labels("keystone.dev/pipeline=purchases"))
+                .await
+                .ok()?;
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|c| c.metadata.name.clone())
+                .collect();
+            (names == vec![current.clone()]).then_some(())
+        },
+        || async {
+            format!(
+                "{:?}",
+                config_maps.list(&ListParams::default()).await.map(|l| l
+                    .items
+                    .into_iter()
+                    .map(|c| c.metadata.name)
+                    .collect::<Vec<_>>())
+            )
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     for (seq, action) in [(10, "purchase"), (11, "view")] {
         let value = format!(r#"{{"user":"v{seq}","action":"{action}","seq":{seq}}}"#);
         producer

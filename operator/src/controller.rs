@@ -890,6 +890,14 @@ async fn apply_workloads(
     remove_stale(&deployments, &selector, &wanted, &uid).await?;
     remove_stale(&services, &selector, &wanted, &uid).await?;
     remove_stale(&budgets, &selector, &wanted, &uid).await?;
+    // Plan ConfigMaps of earlier versions go once every stage runs the current one.
+    if rolled_out {
+        let current = vec![resources::plan_config_map_name(
+            &plan.pipeline,
+            &plan.hash(),
+        )];
+        remove_stale(&config_maps, &selector, &current, &uid).await?;
+    }
     Ok(Workloads {
         stages,
         rolled_out,

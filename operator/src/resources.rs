@@ -66,9 +66,12 @@ pub fn name_problem(name: &str) -> Option<String> {
     None
 }
 
-/// The name of the plan ConfigMap.
-pub fn plan_config_map_name(pipeline: &str) -> String {
-    format!("{pipeline}-plan")
+/// The name of the plan ConfigMap of one plan version. Each version gets its
+/// own immutable ConfigMap, so pods of the previous version (still running
+/// during a rollout, or restarted then) keep reading the plan they were made
+/// for, and a rollback has its plan at hand.
+pub fn plan_config_map_name(pipeline: &str, hash: &str) -> String {
+    format!("{pipeline}-plan-{hash}")
 }
 
 /// The name of a stage's Deployment, Service and PodDisruptionBudget.
@@ -124,7 +127,7 @@ pub fn plan_json(plan: &Plan) -> Result<String, serde_json::Error> {
 
 pub fn plan_config_map(plan: &Plan, plan_json: String, owner: &OwnerReference) -> ConfigMap {
     let mut metadata = meta(
-        plan_config_map_name(&plan.pipeline),
+        plan_config_map_name(&plan.pipeline, &plan.hash()),
         &plan.namespace,
         pipeline_labels(&plan.pipeline),
         owner,
@@ -136,6 +139,7 @@ pub fn plan_config_map(plan: &Plan, plan_json: String, owner: &OwnerReference) -
     ConfigMap {
         metadata,
         data: Some(BTreeMap::from([(PLAN_KEY.to_owned(), plan_json)])),
+        immutable: Some(true),
         ..ConfigMap::default()
     }
 }
@@ -309,7 +313,7 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
                         Volume {
                             name: "plan".to_owned(),
                             config_map: Some(ConfigMapVolumeSource {
-                                name: plan_config_map_name(&plan.pipeline),
+                                name: plan_config_map_name(&plan.pipeline, &plan.hash()),
                                 ..ConfigMapVolumeSource::default()
                             }),
                             ..Volume::default()
@@ -545,7 +549,11 @@ spec:
         );
         let json = plan_json(&plan).expect("json");
         let cm = plan_config_map(&plan, json.clone(), &params.owner);
-        assert_eq!(cm.metadata.name.as_deref(), Some("clicks-plan"));
+        assert_eq!(
+            cm.metadata.name,
+            Some(format!("clicks-plan-{}", plan.hash()))
+        );
+        assert_eq!(cm.immutable, Some(true));
         let back: Plan =
             serde_json::from_str(&cm.data.as_ref().expect("data")[PLAN_KEY]).expect("plan");
         assert_eq!(back, plan);
