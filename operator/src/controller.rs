@@ -714,58 +714,16 @@ fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar
         "KEYSTONE_KAFKA_CLUSTERS",
         serde_json::Value::Object(clusters).to_string(),
     ));
-    if let Some(sasl) = source_cluster
-        .as_ref()
-        .and_then(|c| ctx.config.kafka_clusters.get(c))
-        .and_then(|c| c.sasl.as_ref())
-    {
-        // Pods read credentials from a Secret of the same name in their own namespace.
-        for (name, key) in [
-            ("KAFKA_SASL_USERNAME", &sasl.username),
-            ("KAFKA_SASL_PASSWORD", &sasl.password),
-        ] {
-            out.push(EnvVar {
-                name: name.to_owned(),
-                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                    secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
-                        name: key.secret.clone(),
-                        key: key.key.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..EnvVar::default()
-            });
-        }
-        out.push(env("KAFKA_SASL_MECHANISM", sasl.mechanism.clone()));
-    }
     out
 }
 
-/// librdkafka settings of the source cluster for the runtime, as `--kafka-config`
-/// arguments; credentials stay in Secrets and are expanded from the pod's
-/// environment by the kubelet (`$(VAR)`), never written into the Deployment.
-fn kafka_args(ctx: &Context, plan: &Plan) -> Vec<String> {
-    let Some(cluster) = ctx
-        .config
+/// The source cluster's security settings for the runtime pods.
+fn runtime_security(ctx: &Context, plan: &Plan) -> resources::RuntimeSecurity {
+    ctx.config
         .resolve_cluster(plan.source.cluster.as_deref())
         .and_then(|c| ctx.config.kafka_clusters.get(&c))
-    else {
-        return Vec::new();
-    };
-    let mut args = Vec::new();
-    if let Some(protocol) = &cluster.security_protocol {
-        args.push(format!(
-            "--kafka-config=security.protocol={}",
-            protocol.to_lowercase()
-        ));
-    }
-    if let Some(sasl) = &cluster.sasl {
-        args.push(format!("--kafka-config=sasl.mechanism={}", sasl.mechanism));
-        args.push("--kafka-config=sasl.username=$(KAFKA_SASL_USERNAME)".to_owned());
-        args.push("--kafka-config=sasl.password=$(KAFKA_SASL_PASSWORD)".to_owned());
-    }
-    args
+        .map(resources::runtime_security)
+        .unwrap_or_default()
 }
 
 async fn ssa<K>(api: &Api<K>, object: &K) -> Result<K, Error>
@@ -836,7 +794,7 @@ async fn apply_workloads(
             .or_else(|| ctx.config.runtime_resources.clone()),
         strategy: pipeline.spec.upgrade.strategy,
         kafka_env: kafka_env(ctx, desired, plan),
-        extra_args: kafka_args(ctx, plan),
+        security: runtime_security(ctx, plan),
         bind_host: ctx.config.runtime_bind_address.clone(),
     };
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);

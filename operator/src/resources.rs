@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -39,8 +39,8 @@ pub struct WorkloadParams {
     pub strategy: UpgradeStrategy,
     /// Environment for the runtime's Kafka connections (bootstrap servers, protocol).
     pub kafka_env: Vec<EnvVar>,
-    /// Extra runtime arguments (`--kafka-config=KEY=VALUE` for the security settings).
-    pub extra_args: Vec<String>,
+    /// The source cluster's security settings for the runtime.
+    pub security: RuntimeSecurity,
     /// The host the runtime's HTTP endpoints bind (`$(POD_IP)` in the testbed); its default when None.
     pub bind_host: Option<String>,
 }
@@ -64,6 +64,91 @@ pub fn name_problem(name: &str) -> Option<String> {
         ));
     }
     None
+}
+
+/// How the runtime authenticates to its source cluster: `--kafka-config`
+/// arguments, credentials as environment from Secrets, certificates as files.
+/// Secrets are read in the pipeline's namespace, under the names the operator
+/// configuration gives (the operator's own copies live in its namespace).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeSecurity {
+    pub args: Vec<String>,
+    pub env: Vec<EnvVar>,
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+}
+
+pub const TLS_DIR: &str = "/etc/keystone/kafka-tls";
+
+pub fn runtime_security(cluster: &crate::config::KafkaCluster) -> RuntimeSecurity {
+    let mut out = RuntimeSecurity::default();
+    let setting = |k: &str, v: &str| format!("--kafka-config={k}={v}");
+    if let Some(protocol) = &cluster.security_protocol {
+        out.args
+            .push(setting("security.protocol", &protocol.to_lowercase()));
+    }
+    if let Some(sasl) = &cluster.sasl {
+        out.args.push(setting("sasl.mechanism", &sasl.mechanism));
+        // Expanded by the kubelet from the environment: the Deployment holds no secret.
+        out.args
+            .push(setting("sasl.username", "$(KAFKA_SASL_USERNAME)"));
+        out.args
+            .push(setting("sasl.password", "$(KAFKA_SASL_PASSWORD)"));
+        for (name, key) in [
+            ("KAFKA_SASL_USERNAME", &sasl.username),
+            ("KAFKA_SASL_PASSWORD", &sasl.password),
+        ] {
+            out.env.push(EnvVar {
+                name: name.to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: key.secret.clone(),
+                        key: key.key.clone(),
+                        ..SecretKeySelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+    }
+    if let Some(tls) = &cluster.tls {
+        for (property, file, key) in [
+            ("ssl.ca.location", "ca.pem", &tls.ca),
+            (
+                "ssl.certificate.location",
+                "certificate.pem",
+                &tls.certificate,
+            ),
+            ("ssl.key.location", "key.pem", &tls.key),
+        ] {
+            let Some(key) = key else { continue };
+            let volume = format!("kafka-tls-{}", file.trim_end_matches(".pem"));
+            let dir = format!("{TLS_DIR}/{}", file.trim_end_matches(".pem"));
+            out.volumes.push(Volume {
+                name: volume.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(key.secret.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: key.key.clone(),
+                        path: file.to_owned(),
+                        ..KeyToPath::default()
+                    }]),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            out.mounts.push(VolumeMount {
+                name: volume,
+                mount_path: dir.clone(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+            out.args.push(setting(property, &format!("{dir}/{file}")));
+        }
+    }
+    out
 }
 
 /// The name of the plan ConfigMap of one plan version. Each version gets its
@@ -218,7 +303,8 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
         "--stage".to_owned(),
         stage.name.clone(),
     ];
-    args.extend(params.extra_args.iter().cloned());
+    args.extend(params.security.args.iter().cloned());
+    pod_env.extend(params.security.env.iter().cloned());
     let container = Container {
         name: "runtime".to_owned(),
         image: Some(params.image.clone()),
@@ -248,19 +334,24 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "plan".to_owned(),
-                mount_path: PLAN_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "plan".to_owned(),
+                    mount_path: PLAN_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "tmp".to_owned(),
+                    mount_path: "/tmp".to_owned(),
+                    ..VolumeMount::default()
+                },
+            ]
+            .into_iter()
+            .chain(params.security.mounts.iter().cloned())
+            .collect(),
+        ),
         ..Container::default()
     };
     let strategy = match params.strategy {
@@ -309,24 +400,29 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "plan".to_owned(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: plan_config_map_name(&plan.pipeline, &plan.hash()),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        Volume {
-                            name: "tmp".to_owned(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                size_limit: Some(Quantity("64Mi".to_owned())),
-                                ..EmptyDirVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
+                    volumes: Some(
+                        [
+                            Volume {
+                                name: "plan".to_owned(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: plan_config_map_name(&plan.pipeline, &plan.hash()),
+                                    ..ConfigMapVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                            Volume {
+                                name: "tmp".to_owned(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    size_limit: Some(Quantity("64Mi".to_owned())),
+                                    ..EmptyDirVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(params.security.volumes.iter().cloned())
+                        .collect(),
+                    ),
                     ..PodSpec::default()
                 }),
             },
@@ -437,7 +533,7 @@ spec:
             resources: None,
             strategy: UpgradeStrategy::Rolling,
             kafka_env: vec![env("KAFKA_BOOTSTRAP_SERVERS", "k:9092")],
-            extra_args: vec![],
+            security: RuntimeSecurity::default(),
             bind_host: None,
         };
         (plan, params)
@@ -506,6 +602,77 @@ spec:
         for name in ["POD_NAME", "POD_NAMESPACE", "KAFKA_BOOTSTRAP_SERVERS"] {
             assert!(envs.contains(&name), "{name} missing from {envs:?}");
         }
+    }
+
+    #[test]
+    fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
+        use crate::config::{KafkaCluster, SaslConfig, SecretKey, TlsConfig};
+        let key = |secret: &str, key: &str| SecretKey {
+            secret: secret.into(),
+            key: key.into(),
+        };
+        let cluster = KafkaCluster {
+            bootstrap_servers: "k:9093".into(),
+            security_protocol: Some("SASL_SSL".into()),
+            tls: Some(TlsConfig {
+                ca: Some(key("kafka-ca", "ca.crt")),
+                ..TlsConfig::default()
+            }),
+            sasl: Some(SaslConfig {
+                mechanism: "SCRAM-SHA-512".into(),
+                username: key("kafka-user", "username"),
+                password: key("kafka-user", "password"),
+            }),
+            ..KafkaCluster::default()
+        };
+        let (plan, mut params) = fixture();
+        params.security = runtime_security(&cluster);
+        let d = deployment(&plan, &plan.stages[0], &params);
+        let pod = d.spec.expect("spec").template.spec.expect("pod");
+        let c = &pod.containers[0];
+        let args = c.args.clone().expect("args");
+        for wanted in [
+            "--kafka-config=security.protocol=sasl_ssl",
+            "--kafka-config=sasl.mechanism=SCRAM-SHA-512",
+            "--kafka-config=sasl.password=$(KAFKA_SASL_PASSWORD)",
+            "--kafka-config=ssl.ca.location=/etc/keystone/kafka-tls/ca/ca.pem",
+        ] {
+            assert!(
+                args.iter().any(|a| a == wanted),
+                "{wanted} missing from {args:?}"
+            );
+        }
+        let env = c.env.clone().expect("env");
+        let password = env
+            .iter()
+            .find(|e| e.name == "KAFKA_SASL_PASSWORD")
+            .expect("password env");
+        assert_eq!(password.value, None);
+        let selector = password
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secret ref");
+        assert_eq!(
+            (selector.name.as_str(), selector.key.as_str()),
+            ("kafka-user", "password")
+        );
+        let volumes = pod.volumes.expect("volumes");
+        let ca = volumes
+            .iter()
+            .find(|v| v.name == "kafka-tls-ca")
+            .expect("ca volume");
+        assert_eq!(
+            ca.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+            Some("kafka-ca")
+        );
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .expect("mounts")
+                .iter()
+                .any(|m| m.mount_path == "/etc/keystone/kafka-tls/ca")
+        );
     }
 
     #[test]
