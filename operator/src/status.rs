@@ -191,6 +191,20 @@ pub struct Transition {
     pub note: String,
 }
 
+/// The event reason for a condition becoming true or false.
+fn event_reason(type_: &str, ok: bool) -> &'static str {
+    match (type_, ok) {
+        (CONTRACTS_VALID, true) => "ContractsValid",
+        (CONTRACTS_VALID, false) => "ContractsInvalid",
+        (TOPICS_READY, true) => "TopicsReady",
+        (TOPICS_READY, false) => "TopicsNotReady",
+        (RUNTIME_READY, true) => "RuntimeReady",
+        (RUNTIME_READY, false) => "RuntimeNotReady",
+        (_, true) => "Ready",
+        (_, false) => "NotReady",
+    }
+}
+
 /// The transitions between two condition lists (Ready last, as the summary).
 pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
     let mut out = Vec::new();
@@ -213,9 +227,7 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
                 );
             out.push(Transition {
                 warning,
-                reason: format!("{}{}", type_, if ok { "" } else { "False" })
-                    .replace("ReadyFalse", "NotReady")
-                    .replace("ValidFalse", "Invalid"),
+                reason: event_reason(type_, ok).to_owned(),
                 note: format!("{type_}={}: {}: {}", n.status, n.reason, n.message),
             });
         }
