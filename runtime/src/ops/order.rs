@@ -9,8 +9,9 @@
 //!   ascending and unique per key.
 //! - **Contiguous** (`contiguous: true`): an event with sequence `last + 1` leaves at
 //!   once, followed by every waiting event that continues the run without a gap.
-//!   Any other event waits. A key with no emitted history has no known predecessor:
-//!   its first events wait as below.
+//!   Any other event waits. Contiguous sequences start at 1: for a key with no
+//!   emitted history, sequence 1 leaves at once; a key whose first sequence is
+//!   another number has no known predecessor, so its first events wait as below.
 //! - **Waiting**: a held event leaves at the latest `maxDelay` of processing time
 //!   after it arrived; it then leaves together with every waiting event of its key
 //!   with a lower sequence, in ascending order (a gap is given up on; a missing
@@ -123,6 +124,17 @@ fn release(
     out.emit(event);
 }
 
+/// The first sequence of a key in contiguous mode.
+const FIRST_SEQUENCE: i64 = 1;
+
+/// In contiguous mode, the sequence that may leave at once after `last`.
+fn next_in_run(last: Option<i64>) -> Option<i64> {
+    match last {
+        Some(last) => last.checked_add(1),
+        None => Some(FIRST_SEQUENCE),
+    }
+}
+
 /// Releases waiting events up to index `upto` (inclusive), then, if contiguous,
 /// the run without gaps that follows.
 fn release_upto(
@@ -140,7 +152,7 @@ fn release_upto(
     }
     if contiguous {
         while let Some(front) = state.pending.front() {
-            if state.last.and_then(|l| l.checked_add(1)) != Some(front.seq) {
+            if next_in_run(state.last) != Some(front.seq) {
                 break;
             }
             let p = state.pending.pop_front().expect("front exists");
@@ -217,11 +229,7 @@ impl Operator for Order {
             Err(position) => position,
         };
         let contiguous = self.contiguous;
-        if contiguous
-            && state
-                .last
-                .is_some_and(|last| last.checked_add(1) == Some(seq))
-        {
+        if contiguous && next_in_run(state.last) == Some(seq) {
             release(key, state, event, seq, false, out);
             release_upto(key, state, None, true, out);
             return;
@@ -434,11 +442,12 @@ mod tests {
     #[test]
     fn contiguous_runs_leave_as_soon_as_the_gap_fills() {
         let mut op = order(true, 60_000, 100, StalePolicy::Drop);
-        // First events of a key wait (no known predecessor) until maxDelay.
+        // Sequence 1 starts a key's run; a key that starts elsewhere (b) has no
+        // known predecessor and waits until maxDelay.
         let out = run_at(&mut op, 0, input(&[("a", 2), ("a", 1), ("b", 5)]));
-        assert!(out.json().is_empty());
+        assert_eq!(seqs(&out.json()), vec!["a1", "a2"]);
         let out = run_at(&mut op, 60_000, vec![]);
-        assert_eq!(seqs(&out.json()), vec!["a1", "a2", "b5"]);
+        assert_eq!(seqs(&out.json()), vec!["b5"]);
         let out = run_at(
             &mut op,
             60_001,
@@ -523,10 +532,11 @@ mod tests {
     #[test]
     fn downtime_after_a_restore_does_not_count_as_waiting() {
         let mut op = order(true, 1_000, 100, StalePolicy::Drop);
-        let _ = run_at(&mut op, 0, input(&[("a", 1)]));
-        // a1 leaves after its wait; a3 then waits for a2.
-        let out = run_at(&mut op, 1_000, input(&[("a", 3)]));
+        // a1 starts the run and leaves at once; a3 then waits for a2.
+        let out = run_at(&mut op, 0, input(&[("a", 1)]));
         assert_eq!(seqs(&out.json()), vec!["a1"]);
+        let out = run_at(&mut op, 1_000, input(&[("a", 3)]));
+        assert!(out.json().is_empty());
         let mut restored = order(true, 1_000, 100, StalePolicy::Drop);
         restored.restore(op.snapshot()).unwrap();
         // Down for a minute, then started: a3 has not waited its second yet, so
