@@ -101,12 +101,17 @@ impl Harness {
         let mut topics = Vec::new();
         for topic in &self.plan.topics {
             let partitions = match (&topic.role, &topic.partitions) {
-                (TopicRole::Source, _) => source_partitions,
+                // Sources and tables are the user's; here the test makes them,
+                // tables compacted and co-partitioned with the source.
+                (TopicRole::Source | TopicRole::Table, _) => source_partitions,
                 (_, Some(Partitions::Fixed(n))) => *n,
                 (_, Some(Partitions::SameAs(_))) => source_partitions,
                 (_, None) => continue,
             };
             let mut new = NewTopic::new(&topic.name, partitions, TopicReplication::Fixed(1));
+            if topic.role == TopicRole::Table {
+                new = new.set("cleanup.policy", "compact");
+            }
             for (key, value) in &topic.config {
                 new = new.set(key, value);
             }
@@ -760,4 +765,100 @@ async fn metrics_readiness_and_checkpoints() {
         100,
         "redelivered events were let through after the restore"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrichment_sees_table_rows_that_change_while_running() {
+    let name = unique("enrich");
+    let manifest = format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [customer_id]
+    schema:
+      fields:
+        - {{name: order_id, type: string}}
+        - {{name: customer_id, type: string}}
+  steps:
+    - name: customer
+      enrich:
+        table:
+          name: customers
+          topic: {name}.customers
+          key: [id]
+          schema: {{fields: [{{name: id, type: string}}, {{name: tier, type: string}}]}}
+        lookupKey: [customer_id]
+        into: customer
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2}}
+  commitInterval: 200ms
+"#
+    );
+    let mut h = Harness::new(&name, &manifest, 3).await;
+    assert_eq!(
+        h.plan.stages.len(),
+        1,
+        "the table is co-partitioned with the source: no repartition"
+    );
+    let table = format!("{name}.customers");
+    let source = h.plan.source.topic.clone();
+    let p = producer(&h.bootstrap);
+    let row = |id: &str, tier: &str| (id.to_owned(), format!(r#"{{"id":"{id}","tier":"{tier}"}}"#));
+    let order = |id: &str, customer: &str| {
+        (
+            customer.to_owned(),
+            format!(r#"{{"order_id":"{id}","customer_id":"{customer}"}}"#),
+        )
+    };
+    produce(&p, &table, &[row("c1", "gold"), row("c2", "silver")]);
+    h.start("a", &[]);
+    produce(&p, &source, &[order("o1", "c1"), order("o2", "c2")]);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        2,
+        TIMEOUT,
+        Duration::from_millis(500),
+    );
+    assert_eq!(out.len(), 2, "{out:?}");
+
+    // Rows change and arrive while the stage runs: later events see them.
+    produce(&p, &table, &[row("c1", "platinum"), row("c3", "bronze")]);
+    std::thread::sleep(Duration::from_secs(2));
+    produce(&p, &source, &[order("o3", "c1"), order("o4", "c3")]);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        4,
+        TIMEOUT,
+        Duration::from_millis(500),
+    );
+    let tiers: BTreeMap<String, String> = out
+        .iter()
+        .map(|(_, v, _)| {
+            let event: serde_json::Value = serde_json::from_str(v).unwrap();
+            (
+                event["order_id"].as_str().unwrap().to_owned(),
+                event["customer"]["tier"]
+                    .as_str()
+                    .unwrap_or("<none>")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        ("o1", "gold"),
+        ("o2", "silver"),
+        ("o3", "platinum"),
+        ("o4", "bronze"),
+    ]
+    .into_iter()
+    .map(|(o, t)| (o.to_owned(), t.to_owned()))
+    .collect();
+    assert_eq!(tiers, expected, "logs: {}", h.log("a"));
 }

@@ -65,6 +65,18 @@ pub trait Operator: Send {
         }
     }
 
+    /// Applies changes that arrive while running from outside the operator: rows
+    /// of a join or enrich table's compacted topic. Only table operators accept them.
+    fn update_table(&mut self, changes: Vec<StateChange>) -> Result<(), StateError> {
+        if changes.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Stateless {
+                records: changes.len(),
+            })
+        }
+    }
+
     /// Live state entries (keys), for metrics.
     fn state_entries(&self) -> usize {
         0

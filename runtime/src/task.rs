@@ -338,6 +338,29 @@ impl StageTask {
             })
     }
 
+    /// Applies table-topic rows that arrived while running to a join or enrich step.
+    pub fn update_table(
+        &mut self,
+        step: &str,
+        changes: Vec<StateChange>,
+    ) -> Result<(), RuntimeError> {
+        let target = self
+            .steps
+            .iter_mut()
+            .find(|s| s.metrics.name == step)
+            .ok_or_else(|| RuntimeError::InvalidStep {
+                step: step.to_owned(),
+                message: format!("no such step in stage {}", self.name),
+            })?;
+        target
+            .op
+            .update_table(changes)
+            .map_err(|source| RuntimeError::State {
+                step: step.to_owned(),
+                source,
+            })
+    }
+
     /// The source check's counters (meaningful for the stage that reads the source).
     pub fn source_metrics(&self) -> &StepMetrics {
         &self.source_metrics

@@ -170,6 +170,11 @@ pub struct Core {
     route: Route,
     state_sources: Vec<StateSource>,
     tasks: BTreeMap<i32, StageTask>,
+    /// Reads rows that join and enrich tables receive while the stage runs, from
+    /// where each table partition's restore stopped.
+    table_reader: Option<BaseConsumer>,
+    /// Table partitions the reader is assigned.
+    table_assignment: BTreeSet<(String, i32)>,
     /// Partitions whose timers may fire: they processed input since they were
     /// (re)assigned, or have none waiting. Until then a restored task's
     /// processing-time timers would count the downtime as waiting time and release
@@ -226,7 +231,9 @@ impl Core {
                 _ => wanted.extend(partitions.iter().map(|p| (source.topic.clone(), *p))),
             }
         }
-        let mut read = restore::read_to_end(&self.restore_config, &wanted)?;
+        let restored = restore::read_to_end(&self.restore_config, &wanted)?;
+        self.follow_tables(&restored.read_up_to)?;
+        let mut read = restored.records;
         for &partition in partitions {
             let mut task = self.new_task()?;
             for source in &self.state_sources {
@@ -291,6 +298,7 @@ impl Core {
             self.positions.remove(partition);
             self.committed.remove(partition);
             self.live.remove(partition);
+            self.unfollow_table_partition(*partition);
         }
     }
 
@@ -469,6 +477,105 @@ impl Core {
                     }
                 })
                 .ok();
+        }
+        Ok(())
+    }
+
+    /// Keeps reading the table partitions just restored, from where the restore stopped.
+    fn follow_tables(
+        &mut self,
+        read_up_to: &BTreeMap<(String, i32), i64>,
+    ) -> Result<(), ServeError> {
+        let Some(reader) = &self.table_reader else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in read_up_to {
+            let is_table = self
+                .state_sources
+                .iter()
+                .any(|s| s.table.is_some() && &s.topic == topic);
+            if is_table && self.table_assignment.insert((topic.clone(), *partition)) {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    .map_err(|source| ServeError::Kafka {
+                        what: "following a table partition",
+                        source,
+                    })?;
+            }
+        }
+        if tpl.count() > 0 {
+            reader
+                .incremental_assign(&tpl)
+                .map_err(|source| ServeError::Kafka {
+                    what: "following table partitions",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops reading a partitioned table's partition when its stream partition goes.
+    fn unfollow_table_partition(&mut self, partition: i32) {
+        let Some(reader) = &self.table_reader else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for source in &self.state_sources {
+            if let Some(table) = &source.table
+                && !table.replicated
+                && self
+                    .table_assignment
+                    .remove(&(source.topic.clone(), partition))
+            {
+                let _ = tpl.add_partition(&source.topic, partition);
+            }
+        }
+        if tpl.count() > 0
+            && let Err(error) = reader.incremental_unassign(&tpl)
+        {
+            tracing::warn!(%error, "unassigning table partitions");
+        }
+    }
+
+    /// Applies table rows that arrived since the last call to the tasks that use
+    /// them: the task of the same partition, or every task for a replicated table.
+    fn poll_tables(&mut self) -> Result<(), ServeError> {
+        let Some(reader) = &self.table_reader else {
+            return Ok(());
+        };
+        let mut arrived: BTreeMap<(String, i32), Vec<RawRecord>> = BTreeMap::new();
+        for _ in 0..10_000 {
+            match reader.poll(Duration::ZERO) {
+                Some(Ok(message)) => arrived
+                    .entry((message.topic().to_owned(), message.partition()))
+                    .or_default()
+                    .push((
+                        message.key().map(<[u8]>::to_vec),
+                        message.payload().map(<[u8]>::to_vec),
+                    )),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "reading table updates");
+                    break;
+                }
+                None => break,
+            }
+        }
+        for ((topic, partition), records) in arrived {
+            for source in self.state_sources.iter().filter(|s| s.topic == topic) {
+                let Some(spec) = &source.table else { continue };
+                let changes = table_changes(spec, records.clone());
+                let targets: Vec<i32> = if spec.replicated {
+                    self.tasks.keys().copied().collect()
+                } else {
+                    vec![partition]
+                };
+                for target in targets {
+                    if let Some(task) = self.tasks.get_mut(&target) {
+                        task.update_table(&source.step, changes.clone())
+                            .map_err(ServeError::Runtime)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -891,7 +998,7 @@ pub fn run(
             Route::Sinks(sinks)
         }
     };
-    let state_sources = stage
+    let state_sources: Vec<StateSource> = stage
         .steps
         .iter()
         .filter_map(|step| {
@@ -938,6 +1045,21 @@ pub fn run(
             })?;
     }
 
+    let table_reader = if state_sources
+        .iter()
+        .any(|s: &StateSource| s.table.is_some())
+    {
+        Some(
+            config::restore_reader(args, &stage.consumer_group)
+                .create::<BaseConsumer>()
+                .map_err(|source| ServeError::Kafka {
+                    what: "creating the table reader",
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
     let core = Arc::new(Mutex::new(Core {
         reads_source: stage.input.topic == plan.source.topic,
         restore_config: config::restore_reader(args, &stage.consumer_group),
@@ -949,6 +1071,8 @@ pub fn run(
         route,
         state_sources,
         tasks: BTreeMap::new(),
+        table_reader,
+        table_assignment: BTreeSet::new(),
         live: BTreeSet::new(),
         positions: BTreeMap::new(),
         committed: BTreeMap::new(),
@@ -1030,12 +1154,13 @@ pub fn run(
 
         let mut guard = core.lock().unwrap_or_else(|p| p.into_inner());
         let core = &mut *guard;
-        let mut step_result = Ok(());
+        // Table rows first, so that events see every row that arrived before them.
+        let mut step_result = core.poll_tables();
         for (partition, records) in batch {
-            step_result = core.process(partition, records);
             if step_result.is_err() {
                 break;
             }
+            step_result = core.process(partition, records);
         }
         if step_result.is_ok() {
             step_result = core.tick();

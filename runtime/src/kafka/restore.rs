@@ -21,7 +21,7 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn read_to_end(
     config: &ClientConfig,
     partitions: &BTreeSet<(String, i32)>,
-) -> Result<BTreeMap<(String, i32), Vec<RawRecord>>, ServeError> {
+) -> Result<Restored, ServeError> {
     let consumer: BaseConsumer<QuietEof> =
         config
             .create_with_context(QuietEof)
@@ -35,6 +35,7 @@ pub fn read_to_end(
     // open transaction of a dead owner holds the reader back (read_committed)
     // until the broker aborts it.
     let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut read_up_to = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for (topic, partition) in partitions {
         records.insert((topic.clone(), *partition), Vec::new());
@@ -44,6 +45,7 @@ pub fn read_to_end(
                 what: "reading the end of a changelog partition",
                 source,
             })?;
+        read_up_to.insert((topic.clone(), *partition), high);
         // An empty (or fully compacted-away) partition has nothing to restore.
         if high > low {
             ends.insert((topic.clone(), *partition), high);
@@ -55,7 +57,10 @@ pub fn read_to_end(
         }
     }
     if ends.is_empty() {
-        return Ok(records);
+        return Ok(Restored {
+            records,
+            read_up_to,
+        });
     }
     consumer.assign(&tpl).map_err(|source| ServeError::Kafka {
         what: "assigning changelog partitions",
@@ -94,7 +99,17 @@ pub fn read_to_end(
             });
         }
     }
-    Ok(records)
+    Ok(Restored {
+        records,
+        read_up_to,
+    })
+}
+
+/// What a restore read: the records per partition, and where each partition's
+/// reading stopped (where a reader of later changes goes on).
+pub struct Restored {
+    pub records: BTreeMap<(String, i32), Vec<RawRecord>>,
+    pub read_up_to: BTreeMap<(String, i32), i64>,
 }
 
 /// A client context that does not log end-of-partition events as errors: for

@@ -259,6 +259,13 @@ impl Operator for Join {
         Ok(())
     }
 
+    fn update_table(&mut self, changes: Vec<StateChange>) -> Result<(), StateError> {
+        for change in changes {
+            self.table.apply(change)?;
+        }
+        Ok(())
+    }
+
     fn state_entries(&self) -> usize {
         self.table.len()
     }
