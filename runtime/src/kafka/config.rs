@@ -70,6 +70,9 @@ pub fn consumer(
 pub fn producer(args: &ServeArgs, transactional_id: Option<&str>) -> ClientConfig {
     let mut config = base(args);
     config
+        // Topics are the operator's to create, with their partitions and configs;
+        // a missing one must fail loudly, not appear with broker defaults.
+        .set("allow.auto.create.topics", "false")
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
