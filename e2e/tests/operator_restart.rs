@@ -150,6 +150,15 @@ async fn only_the_leader_acts_and_the_standby_takes_over() {
     )
     .await;
     wait_condition(&pipelines, "after", "TopicsReady", "True").await;
+    // --log-format json: every line is a JSON object with a level and a message.
+    for line in b.log_text().lines().filter(|l| !l.trim().is_empty()) {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            record.get("level").is_some() && record.get("fields").is_some(),
+            "{line}"
+        );
+    }
     let metrics = b.metrics().await;
     assert!(
         metrics.contains("keystone_operator_reconciles_total"),
