@@ -50,6 +50,19 @@ impl Limits {
             }
         }
         for (dir, file) in candidates {
+            // Folders left by runs that were killed: removing fails unless empty.
+            if let Some(parent) = dir.parent()
+                && let Ok(entries) = std::fs::read_dir(parent)
+            {
+                for e in entries.flatten() {
+                    if e.file_name()
+                        .to_string_lossy()
+                        .starts_with("keystone-bench-")
+                    {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
             if std::fs::create_dir(&dir).is_ok() {
                 if std::fs::write(dir.join(file), bytes.to_string()).is_ok() {
                     let how = format!(

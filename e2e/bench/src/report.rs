@@ -109,8 +109,8 @@ pub struct ScenarioResult {
     pub input: Option<InputInfo>,
     pub pipeline: Option<String>,
     pub reference: Option<OutputDigest>,
-    pub loadavg_start: f64,
-    pub loadavg_end: f64,
+    pub loadavg_start: Option<f64>,
+    pub loadavg_end: Option<f64>,
     pub engines: Vec<EngineSummary>,
     pub ratios: Vec<RatioSummary>,
     pub startup: Vec<RunRecord>,
@@ -128,8 +128,8 @@ impl ScenarioResult {
             input: None,
             pipeline: None,
             reference: None,
-            loadavg_start: f64::NAN,
-            loadavg_end: f64::NAN,
+            loadavg_start: None,
+            loadavg_end: None,
             engines: Vec::new(),
             ratios: Vec::new(),
             startup: Vec::new(),
@@ -165,11 +165,17 @@ fn sh(cmd: &str) -> String {
 }
 
 impl Results {
-    pub fn load_or_new(path: &Path) -> Results {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default()
+    /// The previous results, so that scenarios not run keep theirs.
+    pub fn load_or_new(path: &Path) -> anyhow::Result<Results> {
+        match std::fs::read_to_string(path) {
+            Err(_) => Ok(Results::default()),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the previous results in {}: {e}; move the file away to start afresh",
+                    path.display()
+                )
+            }),
+        }
     }
 
     pub fn put(&mut self, result: ScenarioResult) {
@@ -233,7 +239,7 @@ impl Results {
         let _ = writeln!(md, "# Keystone benchmarks: results\n");
         let _ = writeln!(
             md,
-            "Generated {} by `{}`. Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json).\n",
+            "Generated {} by `{}`. Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json); where Keystone misses a target and why (profiles): [ANALYSIS.md](ANALYSIS.md).\n",
             self.generated_at,
             self.command
                 .replace(&format!("{}/", crate::runner::repo_dir().display()), "")
@@ -357,8 +363,8 @@ impl Results {
                 s.pipeline.as_deref().unwrap_or("-"),
                 s.reference.as_ref().map(|r| r.lines).unwrap_or(0),
                 s.reference.as_ref().map(|r| &r.sha256[..16]).unwrap_or("-"),
-                s.loadavg_start,
-                s.loadavg_end
+                s.loadavg_start.unwrap_or(f64::NAN),
+                s.loadavg_end.unwrap_or(f64::NAN)
             );
             let _ = writeln!(
                 md,

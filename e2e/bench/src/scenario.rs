@@ -140,12 +140,10 @@ impl Scenario {
     pub fn engines(self) -> Vec<Engine> {
         match self {
             Scenario::S1 => vec![Engine::Keystone, Engine::FlinkHeap, Engine::KafkaStreamsTtd],
-            Scenario::S2 => vec![
-                Engine::Keystone,
-                Engine::FlinkRocksDb,
-                Engine::FlinkHeap,
-                Engine::KafkaStreamsTtd,
-            ],
+            // Not Kafka Streams: TopologyTestDriver commits (and so flushes every
+            // state store) after each record, which no real deployment does; S2 has
+            // no Kafka Streams target.
+            Scenario::S2 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S3 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S4 => vec![Engine::Keystone, Engine::FlinkHeap],
             _ => Vec::new(),
