@@ -77,6 +77,22 @@ async fn killed_mid_reconcile_then_restarted_converges_to_the_same_state() {
         "{:?}",
         status.topics
     );
+    // The restarted operator counts the pipeline by phase, though nothing changed.
+    let counted = |metrics: &str| -> i64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("keystone_operator_pipelines{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the restarted operator to count the pipeline",
+        || async { (counted(&second.metrics().await) == 1).then_some(()) },
+        || async { second.metrics().await },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     drop(second);
     ns.delete().await.expect("delete namespace");
 }

@@ -456,7 +456,7 @@ impl Kafka {
                 tokio::time::Instant::now() < deadline,
                 "timed out waiting for topic {topic}: {what}; partitions now {now:?}"
             );
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -267,6 +267,13 @@ impl Observed {
     /// Writes the status if it changed and publishes an event per transition.
     async fn record(&mut self, pipeline: &Pipeline, ctx: &Context) -> Result<(), Error> {
         self.status.observed_generation = self.generation;
+        // Also after a restart, when nothing changes: the gauge starts empty.
+        ctx.metrics
+            .set_phase(
+                &format!("{}/{}", self.namespace, self.name),
+                self.status.phase,
+            )
+            .await;
         if !differs(self.old.as_ref(), &self.status) {
             return Ok(());
         }
@@ -283,12 +290,6 @@ impl Observed {
             ctx.publish(pipeline, t.warning, &t.reason, "Reconcile", t.note)
                 .await;
         }
-        ctx.metrics
-            .set_phase(
-                &format!("{}/{}", self.namespace, self.name),
-                self.status.phase,
-            )
-            .await;
         self.old = Some(self.status.clone());
         Ok(())
     }
