@@ -80,12 +80,18 @@ fn no_field_is_named_like_a_yaml_1_1_boolean() {
     for (name, yaml) in keystone_crds::crd_files() {
         let crd: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
         let mut names = Vec::new();
-        collect_property_names(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], &mut names);
+        collect_property_names(
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            &mut names,
+        );
         let bad: Vec<&String> = names
             .iter()
             .filter(|n| BOOLEAN_WORDS.contains(&n.to_ascii_lowercase().as_str()))
             .collect();
-        assert!(bad.is_empty(), "{name}: fields named like YAML 1.1 booleans: {bad:?}");
+        assert!(
+            bad.is_empty(),
+            "{name}: fields named like YAML 1.1 booleans: {bad:?}"
+        );
     }
 }
 
