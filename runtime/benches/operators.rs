@@ -158,7 +158,7 @@ fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
             let mut lines: Vec<Vec<u8>> = Vec::with_capacity(total * 21 / 20);
             for (i, (_, order, seq)) in changes.iter().enumerate() {
                 lines.push(event(&mut rng, i as u64, *order, *seq));
-                if rng.next() % 20 == 0 && lines.len() > 1 {
+                if rng.next().is_multiple_of(20) && lines.len() > 1 {
                     let back = 1 + (rng.next() % 1000) as usize % (lines.len() - 1);
                     let copy = lines[lines.len() - 1 - back].clone();
                     lines.push(copy);
@@ -181,8 +181,8 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One timed run; returns (events/s, events out, state growth in KiB).
-fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
+/// One timed run; returns (events/s, events out, RSS growth in KiB, live state keys).
+fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64, u64) {
     let mut out = Vec::with_capacity(1 << 20);
     if name == "ceiling" {
         let started = Instant::now();
@@ -200,6 +200,7 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
             lines.len() as f64 / started.elapsed().as_secs_f64(),
             count,
             0,
+            0,
         );
     }
     if name == "serde_json" {
@@ -213,7 +214,7 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
             }
         }
         let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-        return (rate, lines.len() as u64, 0);
+        return (rate, lines.len() as u64, 0, 0);
     }
     if name == "simd-json" {
         let started = Instant::now();
@@ -227,7 +228,7 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
             }
         }
         let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-        return (rate, lines.len() as u64, 0);
+        return (rate, lines.len() as u64, 0, 0);
     }
     let manifests = keystone_crds::parse_manifests("bench.yaml", plan_yaml).expect("manifest");
     let plan = keystone_crds::compile(&manifests.pipelines[0], &[]).expect("valid pipeline");
@@ -266,7 +267,8 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64) {
     emitted += task.take_events().len() as u64;
     let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
     let grown = rss_kib("VmRSS:").saturating_sub(before);
-    (rate, emitted, grown)
+    let live: usize = task.state_entries().iter().map(|(_, n)| n).sum();
+    (rate, emitted, grown, live as u64)
 }
 
 fn child(name: &str) {
@@ -274,8 +276,9 @@ fn child(name: &str) {
     let bytes: usize = lines.iter().map(Vec::len).sum();
     // A first whole run warms up and measures how much the state grows (a fresh
     // process: the allocator has no freed pages to reuse yet); the second is timed.
-    let (_, _, grown) = run_once(name, &lines, &plan);
-    let (rate, emitted, _) = run_once(name, &lines, &plan);
+    let (_, _, grown, live) = run_once(name, &lines, &plan);
+    let (rate, emitted, _, _) = run_once(name, &lines, &plan);
+    let keys = if live > 0 { live } else { keys };
     println!(
         "RESULT {name}\t{rate:.0}\t{}\t{emitted}\t{}\t{grown}\t{keys}\t{}",
         lines.len(),
@@ -330,44 +333,55 @@ fn main() {
             results[index].push(fields);
         }
     }
-    let mut ceiling = 0.0;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at the end: {}", load.trim());
+    println!();
     println!(
-        "| scenario | events | bytes/event | events out | median events/s | min | max | ratio to ceiling | CPU-s per 1M events | state growth | peak RSS |"
+        "| scenario | events | bytes/event | events out | median events/s | min | max | ratio to ceiling (median of per-round pairs) | CPU-s per 1M events | live state keys | RSS growth of the state | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let rate = |fields: &Vec<String>| fields[1].parse::<f64>().unwrap_or(0.0);
     for (index, name) in SCENARIOS.iter().enumerate() {
         let runs = &results[index];
-        let mut rates: Vec<f64> = runs.iter().map(|r| r[1].parse().unwrap_or(0.0)).collect();
+        let mut rates: Vec<f64> = runs.iter().map(rate).collect();
         let (min, max) = (
             rates.iter().cloned().fold(f64::MAX, f64::min),
             rates.iter().cloned().fold(0.0, f64::max),
         );
         let med = median(&mut rates);
-        if index == 0 {
-            ceiling = med;
-        }
+        // Each round's scenario against the same round's ceiling: the machine's
+        // load drifts between rounds, so pairs are the fair comparison.
+        let mut ratios: Vec<f64> = runs
+            .iter()
+            .zip(&results[0])
+            .map(|(run, ceiling)| rate(run) / rate(ceiling))
+            .collect();
+        let ratio = median(&mut ratios);
         let last = &runs[runs.len() - 1];
         let grown_kib: f64 = last[5].parse().unwrap_or(0.0);
         let keys: f64 = last[6].parse().unwrap_or(0.0);
-        let state = if keys > 0.0 {
-            format!(
-                "{:.1} MiB ({:.0} B/key, {:.0} MiB per 1M keys)",
-                grown_kib / 1024.0,
-                grown_kib * 1024.0 / keys,
-                grown_kib / 1024.0 * 1e6 / keys
+        let (live, state) = if keys > 0.0 {
+            (
+                format!("{keys:.0}"),
+                format!(
+                    "{:.1} MiB ({:.0} B/key, {:.0} MiB per 1M keys)",
+                    grown_kib / 1024.0,
+                    grown_kib * 1024.0 / keys,
+                    grown_kib / 1024.0 * 1e6 / keys
+                ),
             )
         } else {
-            "-".to_owned()
+            ("-".to_owned(), "-".to_owned())
         };
         println!(
-            "| {name} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.3} | {state} | {:.0} MiB |",
+            "| {name} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.3} | {live} | {state} | {:.0} MiB |",
             last[2],
             last[4],
             last[3],
             med,
             min,
             max,
-            med / ceiling,
+            ratio,
             1e6 / med,
             last[7].parse::<f64>().unwrap_or(0.0) / 1024.0
         );
