@@ -1112,6 +1112,7 @@ pub fn run(
     let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    let mut lag_reported = false;
     let mut consecutive_failures = 0u32;
     loop {
         if let Some(error) = core.lock().unwrap_or_else(|p| p.into_inner()).fatal.take() {
@@ -1199,8 +1200,13 @@ pub fn run(
         if polled == 0 {
             core.mark_idle_partitions_live(&consumer);
         }
-        if last_lag.elapsed() >= Duration::from_secs(5) {
+        // Lag needs a broker round trip per partition: every 5 s, and once as soon
+        // as there is a first commit to measure from.
+        if last_lag.elapsed() >= Duration::from_secs(5)
+            || (!lag_reported && !core.committed.is_empty())
+        {
             update_lag(&consumer, core);
+            lag_reported = !core.committed.is_empty();
             last_lag = Instant::now();
         }
         core.publish_metrics();
