@@ -119,9 +119,18 @@ pub struct OrderSpec {
     /// for `maxDelay` so that late predecessors can overtake them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub contiguous: bool,
+    /// With `contiguous`, the sequence of each key's first change (1 for most CDC
+    /// versions, 0 for some). It leaves at once; a key whose first event has
+    /// another sequence waits up to `maxDelay` for its predecessors.
+    #[serde(default = "default_first_sequence")]
+    pub first_sequence: i64,
     /// What to do with stale events (sequence not above the last emitted one for the key).
     #[serde(default)]
     pub on_stale: StalePolicy,
+}
+
+fn default_first_sequence() -> i64 {
+    1
 }
 
 fn default_max_buffered() -> u32 {

@@ -10,8 +10,9 @@
 //! - **Contiguous** (`contiguous: true`): an event with sequence `last + 1` leaves at
 //!   once, followed by every waiting event that continues the run without a gap.
 //!   Any other event waits. Contiguous sequences start at 1: for a key with no
-//!   emitted history, sequence 1 leaves at once; a key whose first sequence is
-//!   another number has no known predecessor, so its first events wait as below.
+//!   emitted history, `firstSequence` (1 by default) leaves at once; a key whose
+//!   first sequence is another number has no known predecessor, so its first
+//!   events wait as below.
 //! - **Waiting**: a held event leaves at the latest `maxDelay` of processing time
 //!   after it arrived; it then leaves together with every waiting event of its key
 //!   with a lower sequence, in ascending order (a gap is given up on; a missing
@@ -68,6 +69,8 @@ pub struct Order {
     max_delay_ms: i64,
     max_buffered: usize,
     contiguous: bool,
+    /// A key's first sequence in contiguous mode.
+    first_sequence: i64,
     on_stale: StalePolicy,
     keys: HashKeyed<u128, KeyState>,
     /// In arrival order; due times never decrease because processing time does not.
@@ -124,14 +127,12 @@ fn release(
     out.emit(event);
 }
 
-/// The first sequence of a key in contiguous mode.
-const FIRST_SEQUENCE: i64 = 1;
-
-/// In contiguous mode, the sequence that may leave at once after `last`.
-fn next_in_run(last: Option<i64>) -> Option<i64> {
+/// In contiguous mode, the sequence that may leave at once after `last`;
+/// `first` is a key's first sequence (`firstSequence`).
+fn next_in_run(last: Option<i64>, first: i64) -> Option<i64> {
     match last {
         Some(last) => last.checked_add(1),
-        None => Some(FIRST_SEQUENCE),
+        None => Some(first),
     }
 }
 
@@ -141,7 +142,7 @@ fn release_upto(
     key: u128,
     state: &mut KeyState,
     upto: Option<usize>,
-    contiguous: bool,
+    run_from: Option<i64>,
     out: &mut Output,
 ) {
     if let Some(upto) = upto {
@@ -150,9 +151,9 @@ fn release_upto(
             release(key, state, p.event, p.seq, true, out);
         }
     }
-    if contiguous {
+    if let Some(first) = run_from {
         while let Some(front) = state.pending.front() {
-            if next_in_run(state.last) != Some(front.seq) {
+            if next_in_run(state.last, first) != Some(front.seq) {
                 break;
             }
             let p = state.pending.pop_front().expect("front exists");
@@ -175,6 +176,7 @@ impl Order {
                 .unwrap_or(usize::MAX)
                 .max(1),
             contiguous: spec.contiguous,
+            first_sequence: spec.first_sequence,
             on_stale: spec.on_stale,
             keys: HashKeyed::default(),
             deadlines: VecDeque::new(),
@@ -199,6 +201,7 @@ impl Order {
 
 impl Operator for Order {
     fn process(&mut self, event: Event, ctx: &Ctx, out: &mut Output) {
+        let first_sequence = self.first_sequence;
         self.key_buf.clear();
         if let Err(missing) = encode_key(&event.value, &self.key, &mut self.key_buf) {
             let reason = format!("order: missing key field {:?}", missing.dotted);
@@ -229,9 +232,9 @@ impl Operator for Order {
             Err(position) => position,
         };
         let contiguous = self.contiguous;
-        if contiguous && next_in_run(state.last) == Some(seq) {
+        if contiguous && next_in_run(state.last, first_sequence) == Some(seq) {
             release(key, state, event, seq, false, out);
-            release_upto(key, state, None, true, out);
+            release_upto(key, state, None, Some(first_sequence), out);
             return;
         }
         let pending = Pending {
@@ -249,7 +252,13 @@ impl Operator for Order {
             seq,
         });
         if state.pending.len() > self.max_buffered {
-            release_upto(key, state, Some(0), contiguous, out);
+            release_upto(
+                key,
+                state,
+                Some(0),
+                contiguous.then_some(first_sequence),
+                out,
+            );
         }
     }
 
@@ -271,6 +280,7 @@ impl Operator for Order {
     }
 
     fn on_timer(&mut self, ctx: &Ctx, out: &mut Output) {
+        let run_from = self.contiguous.then_some(self.first_sequence);
         while let Some(front) = self.deadlines.front() {
             if front.due_ms > ctx.now_ms {
                 break;
@@ -279,7 +289,7 @@ impl Operator for Order {
             if let Some(state) = self.keys.get_mut(&key)
                 && let Ok(index) = state.pending.binary_search_by_key(&seq, |p| p.seq)
             {
-                release_upto(key, state, Some(index), self.contiguous, out);
+                release_upto(key, state, Some(index), run_from, out);
             }
         }
     }
@@ -290,7 +300,7 @@ impl Operator for Order {
                 && !state.pending.is_empty()
             {
                 let last = state.pending.len() - 1;
-                release_upto(deadline.key, state, Some(last), false, out);
+                release_upto(deadline.key, state, Some(last), None, out);
             }
         }
     }
@@ -416,6 +426,7 @@ mod tests {
             max_delay: Duration::from_millis(max_delay_ms),
             max_buffered,
             contiguous,
+            first_sequence: 1,
             on_stale,
         })
     }
