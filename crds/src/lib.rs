@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod processor;
 pub mod schema;
+pub mod upgrade;
 
 pub use check::{ContractError, ContractErrors, ErrorKind, check_processor, compile};
 pub use duration::Duration;
