@@ -108,6 +108,9 @@ pub struct ScenarioResult {
     pub reason: String,
     pub input: Option<InputInfo>,
     pub pipeline: Option<String>,
+    /// The keystone-runtime binary this scenario ran (scenarios may be re-run alone).
+    #[serde(default)]
+    pub runtime_bin: Option<String>,
     pub reference: Option<OutputDigest>,
     pub loadavg_start: Option<f64>,
     pub loadavg_end: Option<f64>,
@@ -127,6 +130,7 @@ impl ScenarioResult {
             reason: s.not_measured_reason().into(),
             input: None,
             pipeline: None,
+            runtime_bin: None,
             reference: None,
             loadavg_start: None,
             loadavg_end: None,
@@ -263,7 +267,7 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "- Versions: Keystone work tree at {} (runtime/crds dirty: {}), runtime binary `{}`, {}, {}, Flink {}, Kafka Streams {}, Jackson {}.",
+            "- Versions: Keystone work tree at {} (runtime/crds dirty: {}), runtime binary of the last invocation `{}` (each scenario names its own below), {}, {}, Flink {}, Kafka Streams {}, Jackson {}.",
             v["keystone_git"].as_str().unwrap_or("?"),
             v["keystone_worktree_dirty"],
             v["runtime_bin"].as_str().unwrap_or("?"),
@@ -348,7 +352,7 @@ impl Results {
             };
             let _ = writeln!(
                 md,
-                "Input: {} events, {:.1} MB ({}). Pipeline: `{}`. Reference output: {} lines, sha256 `{}`. Load average (1 min) at start {:.2}, at end {:.2}.\n",
+                "Input: {} events, {:.1} MB ({}). Pipeline: `{}` (runtime `{}`). Reference output: {} lines, sha256 `{}`. Load average (1 min) at start {:.2}, at end {:.2}.\n",
                 input.events,
                 input.bytes as f64 / 1e6,
                 input
@@ -361,6 +365,7 @@ impl Results {
                     .collect::<Vec<_>>()
                     .join("/"),
                 s.pipeline.as_deref().unwrap_or("-"),
+                s.runtime_bin.as_deref().unwrap_or("-"),
                 s.reference.as_ref().map(|r| r.lines).unwrap_or(0),
                 s.reference.as_ref().map(|r| &r.sha256[..16]).unwrap_or("-"),
                 s.loadavg_start.unwrap_or(f64::NAN),

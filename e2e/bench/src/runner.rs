@@ -464,6 +464,7 @@ fn run_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
                     )
                 }),
         ),
+        runtime_bin: Some(ctx.runtime_bin.display().to_string()),
         reference: Some(reference),
         loadavg_start: Some(load_start),
         loadavg_end: Some(load_end),

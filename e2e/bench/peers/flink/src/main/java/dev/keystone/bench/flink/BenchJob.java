@@ -219,7 +219,8 @@ public final class BenchJob {
   }
 
   /**
-   * S3: per key, ascending by seq, contiguous: seq == last + 1 leaves at once with the
+   * S3: per key, ascending by seq, contiguous: seq == last + 1 (or 1 for a key with no
+   * history: contiguous sequences start at 1, as in Keystone) leaves at once with the
    * run that follows; anything else waits until max-delay of processing time after it
    * arrived, then leaves with every lower waiting seq. Stale (<= last or already
    * waiting) is dropped. End of input (the final watermark) flushes every key.
@@ -252,7 +253,7 @@ public final class BenchJob {
       if (pending.contains(seq)) {
         return;
       }
-      if (lastSeq != null && seq == lastSeq + 1) {
+      if (seq == (lastSeq == null ? 1 : lastSeq + 1)) {
         out.collect(ev.f2);
         last.update(seq);
         releaseRun(seq, out);
