@@ -459,8 +459,17 @@ impl<'a> Checker<'a> {
                 );
             }
             let starts_stage = !current.steps.is_empty() && (own_parallelism || isolate_next);
-            let boundary_key =
-                needs_partitioning.or_else(|| starts_stage.then(|| stream.key.clone()));
+            // Partition by the stream's own key when that serves the state (it is
+            // part of the state key), so the records keep the key the user chose.
+            let partition_key = needs_partitioning.map(|state_key| {
+                let stream_key = key_set(&stream.key);
+                if !stream_key.is_empty() && stream_key.is_subset(&key_set(&state_key)) {
+                    stream.key.clone()
+                } else {
+                    state_key
+                }
+            });
+            let boundary_key = partition_key.or_else(|| starts_stage.then(|| stream.key.clone()));
             isolate_next = own_parallelism;
             if let Some(key) = boundary_key {
                 let topic = self.topic_name("repartition", Some(&step.name));
@@ -1359,7 +1368,7 @@ impl<'a> Checker<'a> {
     }
 }
 
-/// The stream after it was written to a topic keyed by `key` and read back.
+/// The stream after it was written to a topic partitioned by `key` and read back.
 fn repartitioned(mut stream: StreamState, key: &[String]) -> StreamState {
     let new_key = key_set(key);
     // Per-key order survives only if every new key's events came from one upstream
@@ -1373,9 +1382,8 @@ fn repartitioned(mut stream: StreamState, key: &[String]) -> StreamState {
         _ => None,
     };
     stream.partitioned_by = (!new_key.is_empty()).then_some(new_key);
-    if !key.is_empty() {
-        stream.key = key.to_vec();
-    }
+    // The logical key (the sinks' record key) stays the user's: partitioning for
+    // state does not re-key the stream.
     stream
 }
 

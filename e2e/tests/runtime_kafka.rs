@@ -127,6 +127,10 @@ impl Harness {
     }
 
     fn start(&mut self, instance: &str, extra_env: &[(&str, &str)]) {
+        self.start_stage(instance, "s0", extra_env);
+    }
+
+    fn start_stage(&mut self, instance: &str, stage: &str, extra_env: &[(&str, &str)]) {
         let port = *self
             .ports
             .entry(instance.to_owned())
@@ -140,7 +144,12 @@ impl Harness {
         command
             .args(["serve", "--plan"])
             .arg(&self.plan_path)
-            .args(["--stage", "s0", "--kafka-config", "session.timeout.ms=6000"])
+            .args([
+                "--stage",
+                stage,
+                "--kafka-config",
+                "session.timeout.ms=6000",
+            ])
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("POD_NAME", instance)
             .env("KEYSTONE_HTTP_ADDR", format!("127.0.0.1:{port}"))
@@ -592,6 +601,23 @@ async fn poison_events_go_to_the_dead_letter_topic_with_headers() {
         Duration::from_secs(1),
     );
     assert_eq!(dead.len(), 2, "{dead:?}");
+    // Dead letters carry no key, so they may sit in different partitions: order
+    // them by the offset they name. The poison records were offsets 1 and 2.
+    let mut dead = dead;
+    dead.sort_by_key(|(_, _, headers)| {
+        headers
+            .get("keystone.offset")
+            .and_then(|o| o.parse::<i64>().ok())
+    });
+    let offsets: Vec<&str> = dead
+        .iter()
+        .map(|(_, _, h)| h["keystone.offset"].as_str())
+        .collect();
+    assert_eq!(
+        offsets,
+        ["1", "2"],
+        "each dead letter names its record's offset"
+    );
     assert_eq!(dead[0].1, "this is not json", "the original bytes are kept");
     for (_, _, headers) in &dead {
         assert_eq!(
@@ -861,4 +887,105 @@ spec:
     .map(|(o, t)| (o.to_owned(), t.to_owned()))
     .collect();
     assert_eq!(tiers, expected, "logs: {}", h.log("a"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rekeyed_stream_flows_through_a_repartition_topic_into_the_next_stage() {
+    let name = unique("repart");
+    // Events are keyed by order; the dedup is per customer and event, so the
+    // plan cuts a second stage that reads a repartition topic keyed by customer.
+    let manifest = format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [order_id]
+    schema:
+      fields:
+        - {{name: order_id, type: string}}
+        - {{name: customer_id, type: string}}
+        - {{name: event_id, type: string}}
+  steps:
+    - name: by-customer
+      rekey: {{key: [customer_id]}}
+    - name: dedup
+      dedup: {{key: [customer_id, event_id], window: 1h}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2}}
+  commitInterval: 200ms
+"#
+    );
+    let mut h = Harness::new(&name, &manifest, 3).await;
+    assert_eq!(
+        h.plan.stages.len(),
+        2,
+        "{}",
+        serde_json::to_string_pretty(&h.plan).unwrap()
+    );
+    let repartition = format!("keystone.e2e.{name}.repartition.dedup");
+    assert_eq!(h.plan.stages[1].input.topic, repartition);
+    h.start_stage("first", "s0", &[]);
+    h.start_stage("second", "s1", &[]);
+    let p = producer(&h.bootstrap);
+    // The same event (customer, event id) arrives through two different orders,
+    // so on two source partitions: only a stage partitioned by customer sees both.
+    let mut input = Vec::new();
+    for c in 0..20 {
+        for e in 0..5 {
+            for order in [format!("o{c}-{e}-a"), format!("o{c}-{e}-b")] {
+                input.push((
+                    order.clone(),
+                    format!(r#"{{"order_id":"{order}","customer_id":"c{c}","event_id":"e{e}"}}"#),
+                ));
+            }
+        }
+    }
+    produce(&p, &h.plan.source.topic.clone(), &input);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let mut seen = BTreeMap::new();
+    for (key, value, _) in &out {
+        let event: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert_eq!(
+            event["customer_id"].as_str(),
+            Some(key.as_str()),
+            "sink records are keyed by the new key"
+        );
+        *seen
+            .entry((key.clone(), event["event_id"].as_str().unwrap().to_owned()))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        100,
+        "every (customer, event) once: {} records; logs: {} {}",
+        out.len(),
+        h.log("first"),
+        h.log("second")
+    );
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "duplicates passed: {seen:?}"
+    );
+    let through = read_committed(
+        &h.bootstrap,
+        &repartition,
+        200,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    );
+    assert_eq!(
+        through.len(),
+        200,
+        "the first stage wrote every event to the repartition topic"
+    );
 }

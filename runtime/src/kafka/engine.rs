@@ -141,6 +141,37 @@ impl ConsumerContext for ConsumerCtx {
     }
 }
 
+/// Offsets of a batch's records by a hash of their bytes, to name the offset of a
+/// dead letter, which carries only the original bytes. Byte-identical records
+/// (redeliveries) are matched in offset order.
+#[derive(Default)]
+struct OffsetLookup {
+    recorded: Vec<(u64, i64)>,
+    /// Built on the first lookup: most batches have no dead letter.
+    by_hash: Option<HashMap<u64, std::collections::VecDeque<i64>>>,
+}
+
+impl OffsetLookup {
+    fn record(&mut self, payload: &[u8], offset: i64) {
+        self.recorded
+            .push((xxhash_rust::xxh3::xxh3_64(payload), offset));
+    }
+
+    fn take(&mut self, original: &[u8]) -> Option<i64> {
+        let recorded = &self.recorded;
+        let by_hash = self.by_hash.get_or_insert_with(|| {
+            let mut map: HashMap<u64, std::collections::VecDeque<i64>> = HashMap::new();
+            for (hash, offset) in recorded {
+                map.entry(*hash).or_default().push_back(*offset);
+            }
+            map
+        });
+        by_hash
+            .get_mut(&xxhash_rust::xxh3::xxh3_64(original))?
+            .pop_front()
+    }
+}
+
 /// Records of one input partition as polled: offset and value.
 type Records = Vec<(i64, Option<Vec<u8>>)>;
 
@@ -330,19 +361,28 @@ impl Core {
 
     /// Processes records of one partition (in offset order).
     fn process(&mut self, partition: i32, records: Records) -> Result<(), ServeError> {
-        self.begin_if_needed()?;
-        let input_topic = self.stage.input.topic.clone();
-        for (offset, payload) in records {
-            let Some(task) = self.tasks.get_mut(&partition) else {
-                // Records of a partition revoked while they were buffered: the new
-                // owner reprocesses them from the committed offset.
-                continue;
-            };
-            task.push_raw(std::iter::once(payload.unwrap_or_default()));
-            self.drain(partition, &input_topic, offset)?;
-            self.positions.insert(partition, offset + 1);
-            self.live.insert(partition);
+        if !self.tasks.contains_key(&partition) {
+            // Records of a partition revoked while they were buffered: the new
+            // owner reprocesses them from the committed offset.
+            return Ok(());
         }
+        let Some(last_offset) = records.last().map(|(offset, _)| *offset) else {
+            return Ok(());
+        };
+        self.begin_if_needed()?;
+        // The whole batch goes through the steps at once; dead letters find their
+        // offsets again by their original bytes.
+        let mut offsets = OffsetLookup::default();
+        let task = self.tasks.get_mut(&partition).expect("checked above");
+        task.push_raw(records.into_iter().map(|(offset, payload)| {
+            let payload = payload.unwrap_or_default();
+            offsets.record(&payload, offset);
+            payload
+        }));
+        let input_topic = self.stage.input.topic.clone();
+        self.drain(partition, &input_topic, &mut offsets)?;
+        self.positions.insert(partition, last_offset + 1);
+        self.live.insert(partition);
         Ok(())
     }
 
@@ -355,7 +395,7 @@ impl Core {
                 task.tick();
                 if task_has_output(task) {
                     self.begin_if_needed()?;
-                    self.drain(partition, &input_topic, -1)?;
+                    self.drain(partition, &input_topic, &mut OffsetLookup::default())?;
                 }
             }
         }
@@ -363,7 +403,12 @@ impl Core {
     }
 
     /// Sends what a task produced: events, dead letters, changelog records.
-    fn drain(&mut self, partition: i32, input_topic: &str, offset: i64) -> Result<(), ServeError> {
+    fn drain(
+        &mut self,
+        partition: i32,
+        input_topic: &str,
+        offsets: &mut OffsetLookup,
+    ) -> Result<(), ServeError> {
         let Some(task) = self.tasks.get_mut(&partition) else {
             return Ok(());
         };
@@ -407,7 +452,7 @@ impl Core {
             }
         }
         for letter in dead_letters {
-            let offset_text = offset.to_string();
+            let offset_text = offsets.take(&letter.original).unwrap_or(-1).to_string();
             let partition_text = partition.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
