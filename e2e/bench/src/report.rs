@@ -243,7 +243,7 @@ impl Results {
         let _ = writeln!(md, "# Keystone benchmarks: results\n");
         let _ = writeln!(
             md,
-            "Generated {} by `{}`. Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json); where Keystone misses a target and why (profiles): [ANALYSIS.md](ANALYSIS.md).\n",
+            "Last written {} by `{}` (scenarios not run then keep earlier results; each names its runtime binary and load; regenerate everything with `target/release/keystone-bench run --scenario all`, see README.md). Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json); where Keystone misses a target and why (profiles): [ANALYSIS.md](ANALYSIS.md).\n",
             self.generated_at,
             self.command
                 .replace(&format!("{}/", crate::runner::repo_dir().display()), "")

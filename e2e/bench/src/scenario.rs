@@ -125,10 +125,10 @@ impl Scenario {
     pub fn not_measured_reason(self) -> &'static str {
         match self {
             Scenario::S5 | Scenario::S6 => {
-                "the Keystone Kafka runtime (`keystone-runtime serve`) does not exist yet; the harness can load the input topic (`keystone-bench load`) and measure the rdkafka consume-produce ceiling (`keystone-bench ceiling`) against the testbed's Kafka"
+                "the harness does not drive the Keystone Kafka runtime (`keystone-runtime serve`, which landed during this session) nor Kafka peers yet; it loads the input topic (`keystone-bench load`) and measures the rdkafka consume-produce ceiling (`keystone-bench ceiling`, about 0.18-0.23M records/s on this machine: see ANALYSIS.md)"
             }
             Scenario::S7 => {
-                "needs the Keystone Kafka runtime (`keystone-runtime serve`), which does not exist yet"
+                "needs the harness to drive the Keystone Kafka runtime (`keystone-runtime serve`) at a fixed rate and to collect latencies; not built yet"
             }
             Scenario::S8 => {
                 "the runtime's S2 steady-state RSS needs the Kafka runtime (`serve`); the operator's RSS and reconcile latency with 1,000 Pipelines need the operator and the testbed's control plane, both still in progress (the engine-only S2 peak RSS is reported under S2)"
