@@ -32,23 +32,49 @@ pub struct Exec {
     pub cwd: PathBuf,
 }
 
-// Positional parameters: SRC DST ro|rw ... -- PROGRAM ARGS...
-// A missing mount point is created (an empty directory or file on the host
-// stays behind; harmless, and the only visible trace).
+// Positional parameters: COUNT PROGRAM, then COUNT times SRC DST ro|rw, then
+// ARGS... A missing mount point is created (an empty directory or file on the
+// host stays behind; harmless, and the only visible trace).
+//
+// Every source is first bind-mounted into a staging tmpfs, and only then onto
+// its target: a target such as /tmp (an emptyDir for a read-only root
+// filesystem) would otherwise hide sources that live below it on the host (a
+// checkout under /tmp). The program is staged too when a target would hide it.
 const MOUNT_SCRIPT: &str = r#"set -e
-while [ "$1" != "--" ]; do
-  src=$1; dst=$2; mode=$3; shift 3
-  if [ -d "$src" ]; then
+stage=/run/keystone-kubelet/stage.$$
+mkdir -p "$stage"
+mount -t tmpfs -o size=1m keystone-stage "$stage"
+count=$1; prog=$2; shift 2
+case "$prog" in /*) ;; *) prog=$(command -v "$prog" || echo "$prog") ;; esac
+hidden=no
+i=0
+while [ "$i" -lt "$count" ]; do
+  i=$((i + 1))
+  if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+  mount --bind "$1" "$stage/$i"
+  printf '%s\n%s\n' "$2" "$3" > "$stage/$i.target"
+  case "$prog" in "$2"/*) hidden=yes ;; esac
+  shift 3
+done
+if [ "$hidden" = yes ]; then
+  : > "$stage/program"
+  mount --bind "$prog" "$stage/program"
+  prog="$stage/program"
+fi
+i=0
+while [ "$i" -lt "$count" ]; do
+  i=$((i + 1))
+  { read -r dst; read -r mode; } < "$stage/$i.target"
+  if [ -d "$stage/$i" ]; then
     mkdir -p "$dst"
   else
     mkdir -p "$(dirname "$dst")"
     [ -e "$dst" ] || : > "$dst"
   fi
-  mount --bind "$src" "$dst"
+  mount --bind "$stage/$i" "$dst"
   if [ "$mode" = ro ]; then mount -o remount,bind,ro "$dst"; fi
 done
-shift
-exec "$@"
+exec "$prog" "$@"
 "#;
 
 impl Exec {
@@ -69,12 +95,12 @@ impl Exec {
                 MOUNT_SCRIPT,
                 "keystone-mount",
             ]);
+            cmd.arg(self.mounts.len().to_string()).arg(&self.program);
             for m in &self.mounts {
                 cmd.arg(&m.source)
                     .arg(&m.target)
                     .arg(if m.read_only { "ro" } else { "rw" });
             }
-            cmd.arg("--").arg(&self.program);
             cmd
         };
         cmd.args(&self.args)
