@@ -197,6 +197,25 @@ impl Harness {
         }
     }
 
+    /// Waits until every named instance processes at least one partition.
+    fn wait_for_partitions(&self, instances: &[&str]) {
+        let deadline = Instant::now() + TIMEOUT;
+        for instance in instances {
+            loop {
+                let (_, metrics) = self.http(instance, "GET", "/metrics");
+                if metric_value(&metrics, "keystone_assigned_partitions").unwrap_or(0.0) >= 1.0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{instance} got no partition within {TIMEOUT:?}; see {}",
+                    self.log(instance)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
     fn log(&self, instance: &str) -> String {
         self.dir
             .join(format!("{instance}.log"))
@@ -510,6 +529,8 @@ async fn partitions_move_to_the_survivor_with_their_state() {
 
     h.start("a", &[]);
     h.start("b", &[]);
+    // Both must own partitions before b dies, or there is nothing to move.
+    h.wait_for_partitions(&["a", "b"]);
     let half = input.len() / 2;
     produce(&p, &source, &input[..half]);
     std::thread::sleep(Duration::from_millis(2500));

@@ -321,20 +321,23 @@ impl StageTask {
 
     /// Restores one step's state from a snapshot or its changelog.
     pub fn restore(&mut self, step: &str, changes: Vec<StateChange>) -> Result<(), RuntimeError> {
-        let target = self
-            .steps
-            .iter_mut()
-            .find(|s| s.metrics.name == step)
-            .ok_or_else(|| RuntimeError::InvalidStep {
-                step: step.to_owned(),
-                message: format!("no such step in stage {}", self.name),
-            })?;
-        target
+        self.step_named(step)?
             .op
             .restore(changes)
             .map_err(|source| RuntimeError::State {
                 step: step.to_owned(),
                 source,
+            })
+    }
+
+    fn step_named(&mut self, step: &str) -> Result<&mut Step, RuntimeError> {
+        let stage = &self.name;
+        self.steps
+            .iter_mut()
+            .find(|s| s.metrics.name == step)
+            .ok_or_else(|| RuntimeError::InvalidStep {
+                step: step.to_owned(),
+                message: format!("no such step in stage {stage}"),
             })
     }
 
@@ -344,15 +347,7 @@ impl StageTask {
         step: &str,
         changes: Vec<StateChange>,
     ) -> Result<(), RuntimeError> {
-        let target = self
-            .steps
-            .iter_mut()
-            .find(|s| s.metrics.name == step)
-            .ok_or_else(|| RuntimeError::InvalidStep {
-                step: step.to_owned(),
-                message: format!("no such step in stage {}", self.name),
-            })?;
-        target
+        self.step_named(step)?
             .op
             .update_table(changes)
             .map_err(|source| RuntimeError::State {

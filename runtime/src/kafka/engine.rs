@@ -312,19 +312,7 @@ impl Core {
     fn drop_tasks(&mut self, partitions: &[i32]) {
         for partition in partitions {
             if let Some(task) = self.tasks.remove(partition) {
-                for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
-                    let total =
-                        self.retired
-                            .entry(metrics.name.clone())
-                            .or_insert_with(|| StepMetrics {
-                                name: metrics.name.clone(),
-                                ..StepMetrics::default()
-                            });
-                    total.events_in += metrics.events_in;
-                    total.events_out += metrics.events_out;
-                    total.dropped += metrics.dropped;
-                    total.dead_lettered += metrics.dead_lettered;
-                }
+                add_task_metrics(&mut self.retired, &task);
             }
             self.positions.remove(partition);
             self.committed.remove(partition);
@@ -860,18 +848,7 @@ impl Core {
         let mut totals: BTreeMap<String, StepMetrics> = self.retired.clone();
         let mut entries: BTreeMap<String, usize> = BTreeMap::new();
         for task in self.tasks.values() {
-            for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
-                let total = totals
-                    .entry(metrics.name.clone())
-                    .or_insert_with(|| StepMetrics {
-                        name: metrics.name.clone(),
-                        ..StepMetrics::default()
-                    });
-                total.events_in += metrics.events_in;
-                total.events_out += metrics.events_out;
-                total.dropped += metrics.dropped;
-                total.dead_lettered += metrics.dead_lettered;
-            }
+            add_task_metrics(&mut totals, task);
             for (step, count) in task.state_entries() {
                 *entries.entry(step).or_default() += count;
             }
@@ -885,6 +862,22 @@ impl Core {
                     .set(count as i64);
             }
         }
+    }
+}
+
+/// Adds a task's per-step counters (its source check included) to `totals`.
+fn add_task_metrics(totals: &mut BTreeMap<String, StepMetrics>, task: &StageTask) {
+    for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
+        let total = totals
+            .entry(metrics.name.clone())
+            .or_insert_with(|| StepMetrics {
+                name: metrics.name.clone(),
+                ..StepMetrics::default()
+            });
+        total.events_in += metrics.events_in;
+        total.events_out += metrics.events_out;
+        total.dropped += metrics.dropped;
+        total.dead_lettered += metrics.dead_lettered;
     }
 }
 
