@@ -161,8 +161,27 @@ async fn an_unreachable_kafka_shows_in_a_condition() {
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     assert!(condition_is(&p, "ContractsValid", "True"));
     assert!(condition(&p, "Ready").is_some_and(|c| c.status == "False"));
-    let events = recent_events(&tb.client().expect("client"), Some(ns.name()), "stranded").await;
-    assert!(events.contains("KafkaUnavailable"), "{events}");
+    // The event is written after the status: wait for it rather than race it.
+    let client = tb.client().expect("client");
+    keystone_e2e::wait_until(
+        WAIT,
+        "a KafkaUnavailable event",
+        || {
+            let client = client.clone();
+            let ns = ns.name().to_owned();
+            async move {
+                let events = recent_events(&client, Some(&ns), "stranded").await;
+                events.contains("KafkaUnavailable").then_some(())
+            }
+        },
+        || {
+            let client = client.clone();
+            let ns = ns.name().to_owned();
+            async move { recent_events(&client, Some(&ns), "stranded").await }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let metrics = operator.metrics().await;
     assert!(
         metrics.contains(
