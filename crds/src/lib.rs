@@ -5,6 +5,7 @@
 //! and `keystone-runtime check` all use the same checker.
 
 pub mod check;
+pub mod checkpoint;
 pub mod duration;
 pub mod manifest;
 pub mod ops;

@@ -78,6 +78,25 @@ pub struct PipelineSpec {
     /// How often the operator takes a checkpoint of the whole pipeline.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
+    /// Set or change this to any new value to take a checkpoint now, for example
+    /// `kubectl patch ksp NAME --type merge -p '{"spec":{"checkpointTrigger":"'$(date +%s)'"}}'`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub checkpoint_trigger: Option<String>,
+    /// How many successful checkpoints are kept (one ConfigMap each). The checkpoint
+    /// an upgrade may roll back to is kept as well, beyond this count.
+    #[serde(default = "default_checkpoint_retention")]
+    #[schemars(range(min = 1, max = 100))]
+    pub checkpoint_retention: i32,
+    /// `Running` (the default) or `Suspended`: a suspended pipeline takes a
+    /// checkpoint, stops its instances there and resumes from it when set back to `Running`.
+    #[serde(default)]
+    pub state: PipelineState,
+    /// Redeploy from a retained checkpoint: input is re-read from the checkpoint's
+    /// offsets and state is restored to its positions. Done once per distinct
+    /// `checkpoint` and `nonce`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
     /// Where events that cannot be processed go, with the reason.
     #[serde(default)]
     pub dead_letter: DeadLetterSpec,
@@ -108,6 +127,30 @@ fn default_commit_interval() -> Duration {
 }
 fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(300)
+}
+fn default_checkpoint_retention() -> i32 {
+    5
+}
+
+/// Whether a pipeline's instances run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PipelineState {
+    #[default]
+    Running,
+    Suspended,
+}
+
+/// A request to redeploy from a named checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// The checkpoint id, as listed in `status.checkpoints`.
+    #[schemars(length(min = 1, max = 63))]
+    pub checkpoint: String,
+    /// Change this to restore the same checkpoint again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub nonce: Option<String>,
 }
 fn default_true() -> bool {
     true
@@ -408,6 +451,57 @@ pub struct UpgradeSpec {
     /// How long the new version must stay healthy before it counts as stable.
     #[serde(default = "default_health_window")]
     pub health_window: Duration,
+    /// What the new version must stay within during the health window.
+    #[serde(default)]
+    pub health_gate: HealthGate,
+    /// Where a `Stateless` upgrade starts reading: `Committed` (the consumer
+    /// group's offsets; the default), `Earliest` or `Latest`.
+    #[serde(default)]
+    pub start_from: UpgradeStartPosition,
+}
+
+/// Bounds a new version must stay within during its health window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGate {
+    /// Container restarts of the new version's instances tolerated (summed over all pods).
+    #[serde(default = "default_max_restarts")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_restarts: i32,
+    /// Largest share of input records, in percent, that may go to the dead-letter topic.
+    #[serde(default = "default_max_dead_letter_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_dead_letter_percent: i32,
+    /// Largest consumer lag (records behind, summed over partitions) at the end of the window; unbounded when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_consumer_lag: Option<i64>,
+}
+
+fn default_max_restarts() -> i32 {
+    1
+}
+fn default_max_dead_letter_percent() -> i32 {
+    10
+}
+
+impl Default for HealthGate {
+    fn default() -> Self {
+        Self {
+            max_restarts: default_max_restarts(),
+            max_dead_letter_percent: default_max_dead_letter_percent(),
+            max_consumer_lag: None,
+        }
+    }
+}
+
+/// Where a stateless upgrade starts reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpgradeStartPosition {
+    #[default]
+    Committed,
+    Earliest,
+    Latest,
 }
 
 fn default_health_window() -> Duration {
@@ -422,6 +516,8 @@ impl Default for UpgradeSpec {
             allow_state_reset: false,
             rollback_on_failure: true,
             health_window: default_health_window(),
+            health_gate: HealthGate::default(),
+            start_from: UpgradeStartPosition::default(),
         }
     }
 }
@@ -482,9 +578,104 @@ pub struct PipelineStatus {
     /// The last failed checkpoint, with its reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failed_checkpoint: Option<CheckpointSummary>,
+    /// The retained checkpoints, oldest first; each is a ConfigMap `<pipeline>-checkpoint-<id>`
+    /// with the per-stage, per-partition offsets and state positions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointSummary>,
+    /// The `spec.checkpointTrigger` value last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint_trigger: Option<String>,
     /// Hash of the compiled plan that is deployed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_hash: Option<String>,
+    /// The spec last deployed (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconciled_spec: Option<String>,
+    /// The spec that last passed its health window (JSON): what a rollback returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_spec: Option<String>,
+    /// Hash of the plan of the last stable spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_plan_hash: Option<String>,
+    /// The current or last upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeStatus>,
+    /// The last restore from a checkpoint (requested, a rollback, a state reset or a stateless upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<RestoreStatus>,
+}
+
+/// Where an upgrade is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpgradePhase {
+    /// Taking the checkpoint the new version starts from (and can roll back to).
+    Checkpointing,
+    /// The new version is rolling out.
+    Deploying,
+    /// The new version runs; the health window is open.
+    Observing,
+    /// It passed the health window and is the stable version.
+    Stable,
+    /// The change was not rolled out (state-incompatible without `allowStateReset`, or the checkpoint failed).
+    Blocked,
+    /// It failed its health check; the last stable version is being restored.
+    RollingBack,
+    /// It failed its health check and the last stable version runs again.
+    RolledBack,
+    /// It failed its health check and `rollbackOnFailure` is off.
+    Failed,
+}
+
+/// An upgrade from one plan to another.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStatus {
+    /// Where it is.
+    pub phase: UpgradePhase,
+    /// The spec generation being rolled out.
+    pub generation: i64,
+    /// How the change was classified: Ignore, Scale, Upgrade or StateIncompatible.
+    pub change: String,
+    /// What changed, in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// Plan hash before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_plan_hash: Option<String>,
+    /// Plan hash after.
+    pub to_plan_hash: String,
+    /// The checkpoint taken before the upgrade (the rollback point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Whether keyed state was dropped (`allowStateReset`, or a `Stateless` upgrade).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub state_reset: bool,
+    /// When the upgrade started.
+    pub started: Time,
+    /// When the new version was first seen fully ready (the health window starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<Time>,
+    /// Why it is blocked, failed or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A redeploy from a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The restore's id (the ConfigMap `<pipeline>-restore-<id>` the instances read).
+    pub id: String,
+    /// The checkpoint restored, if any (a state reset restores none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// The `spec.restore.nonce` it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Why: Requested, Rollback, StateReset or Stateless.
+    pub reason: String,
+    /// When it was started.
+    pub time: Time,
 }
 
 /// A one-word summary of a pipeline's state.
@@ -543,4 +734,10 @@ pub struct CheckpointSummary {
     /// Why it failed, for a failed checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What asked for it: Periodic, Manual, Upgrade or Suspend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// Hash of the plan that was running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
 }
