@@ -676,6 +676,8 @@ pub struct RestoreStatus {
     pub reason: String,
     /// When it was started.
     pub time: Time,
+    /// The plan the restored instances run; their pods carry the restore until the next plan change.
+    pub plan_hash: String,
 }
 
 /// A one-word summary of a pipeline's state.

@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod ledger;
 pub mod metrics;
 pub mod resources;
+pub mod rollout;
 pub mod status;
 pub mod topics;
 
