@@ -43,6 +43,13 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    #[error("checkpoint ConfigMap {namespace}/{name}: {message}")]
+    Checkpoint {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+
     #[error("the topic ownership ledger kept changing under us")]
     LedgerContention,
 
@@ -64,6 +71,7 @@ impl Error {
             Error::KafkaTimeout { .. } => "kafka_timeout",
             Error::SecretKey { .. } => "secret",
             Error::Serialize { .. } => "serialize",
+            Error::Checkpoint { .. } => "checkpoint",
             Error::LedgerContention => "ledger_contention",
             Error::MissingField { .. } => "missing_field",
         }
@@ -93,7 +101,10 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Error::SecretKey { .. } | Error::Serialize { .. } | Error::MissingField { .. }
+            Error::SecretKey { .. }
+                | Error::Serialize { .. }
+                | Error::MissingField { .. }
+                | Error::Checkpoint { .. }
         )
     }
 }

@@ -14,7 +14,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use keystone_crds::pipeline::PipelinePhase;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::sync::Mutex;
 
@@ -49,6 +50,10 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     pub duration: HistogramVec,
     pub topic_changes: IntCounterVec,
+    /// Pipeline checkpoints taken, by result (`succeeded`, `failed`).
+    pub checkpoints: IntCounterVec,
+    /// How long a checkpoint took, barrier requests and waits included.
+    pub checkpoint_duration: Histogram,
     pipelines: IntGaugeVec,
     phases: Arc<Mutex<HashMap<String, PipelinePhase>>>,
 }
@@ -95,6 +100,22 @@ impl Metrics {
             &["action"],
         )
         .expect("valid metric");
+        let checkpoints = IntCounterVec::new(
+            Opts::new(
+                "keystone_operator_checkpoints_total",
+                "Pipeline checkpoints taken, by result (succeeded, failed)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let checkpoint_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "keystone_operator_checkpoint_duration_seconds",
+                "Duration of a pipeline checkpoint, from the first barrier request to the last answer",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+        )
+        .expect("valid metric");
         let pipelines = IntGaugeVec::new(
             Opts::new("keystone_operator_pipelines", "Pipelines by phase"),
             &["phase"],
@@ -105,6 +126,8 @@ impl Metrics {
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(topic_changes.clone()),
+            Box::new(checkpoints.clone()),
+            Box::new(checkpoint_duration.clone()),
             Box::new(pipelines.clone()),
         ] {
             registry.register(m).expect("metrics register once");
@@ -112,12 +135,18 @@ impl Metrics {
         for phase in PHASES {
             pipelines.with_label_values(&[phase_label(phase)]).set(0);
         }
+        // Both series exist from the start, so a rate or an alert on failures has a baseline.
+        for result in ["succeeded", "failed"] {
+            checkpoints.with_label_values(&[result]);
+        }
         Self {
             registry,
             reconciles,
             failures,
             duration,
             topic_changes,
+            checkpoints,
+            checkpoint_duration,
             pipelines,
             phases: Arc::new(Mutex::new(HashMap::new())),
         }

@@ -50,14 +50,46 @@ pub struct DesiredTopic {
     pub config: BTreeMap<String, String>,
 }
 
-/// The plan's topics with clusters resolved, or the cluster names that are not configured.
+/// The least uncompacted history a changelog keeps, however short the checkpoint
+/// window: one hour. The window (`checkpointInterval × (checkpointRetention + 1)`)
+/// assumes checkpoints succeed on time; failed or skipped checkpoints (a pipeline
+/// that is not Running takes none) and the checkpoint an upgrade pins age past it,
+/// and an upgrade's health window plus a rollback's restore take minutes. An hour
+/// of changelog history costs little disk next to the source's own retention.
+pub const MIN_CHANGELOG_HISTORY_MS: u64 = 3_600_000;
+
+/// `min.compaction.lag.ms` of a changelog topic: restoring a checkpoint undoes the
+/// state changes written after it by writing back each key's value as of the
+/// checkpoint, so that value must survive compaction until the checkpoint is no
+/// longer retained. The cleaner drops a record only once a later record of the same
+/// key is older than the lag, so a lag covering the age of the oldest retained
+/// checkpoint (`interval × (retention + 1)`, one interval of slack for a late
+/// checkpoint) keeps every restorable state; never less than
+/// [`MIN_CHANGELOG_HISTORY_MS`].
+pub fn changelog_compaction_lag_ms(checkpoint_interval_ms: u64, retention: i32) -> u64 {
+    let window = checkpoint_interval_ms.saturating_mul(retention.max(1) as u64 + 1);
+    window.max(MIN_CHANGELOG_HISTORY_MS)
+}
+
+/// The plan's topics with clusters resolved, or the cluster names that are not
+/// configured. Changelogs get the history a restore of any of the
+/// `checkpoint_retention` retained checkpoints needs ([`changelog_compaction_lag_ms`]).
 pub fn desired_topics(
     plan: &Plan,
+    checkpoint_retention: i32,
     resolve: impl Fn(Option<&str>) -> Option<String>,
 ) -> Result<Vec<DesiredTopic>, Vec<String>> {
     let mut unknown = Vec::new();
     let mut out = Vec::new();
     for topic in &plan.topics {
+        let mut config = topic.config.clone();
+        if topic.role == TopicRole::Changelog {
+            config.insert(
+                "min.compaction.lag.ms".to_owned(),
+                changelog_compaction_lag_ms(plan.checkpoint_interval_ms, checkpoint_retention)
+                    .to_string(),
+            );
+        }
         match resolve(topic.cluster.as_deref()) {
             Some(cluster) => out.push(DesiredTopic {
                 cluster,
@@ -66,7 +98,7 @@ pub fn desired_topics(
                 create: topic.create,
                 partitions: topic.partitions.clone(),
                 replication_factor: topic.replication_factor,
-                config: topic.config.clone(),
+                config,
             }),
             None => {
                 let name = topic
@@ -484,11 +516,49 @@ spec:
             Some(_) => None,
         };
         assert_eq!(
-            desired_topics(&plan, resolve),
+            desired_topics(&plan, 5, resolve),
             Err(vec!["elsewhere".to_owned()])
         );
-        let all = desired_topics(&plan, |_| Some("main".to_owned())).expect("resolved");
+        let all = desired_topics(&plan, 5, |_| Some("main".to_owned())).expect("resolved");
         assert!(all.iter().all(|t| t.cluster == "main"));
         assert!(all.iter().any(|t| t.name == "out" && t.create));
+    }
+
+    #[test]
+    fn changelogs_keep_history_for_every_retained_checkpoint() {
+        // The default 5 min × (5 + 1) is under the floor; a daily checkpoint is not.
+        assert_eq!(
+            changelog_compaction_lag_ms(300_000, 5),
+            MIN_CHANGELOG_HISTORY_MS
+        );
+        assert_eq!(changelog_compaction_lag_ms(86_400_000, 3), 4 * 86_400_000);
+        let pipeline: keystone_crds::Pipeline = serde_yaml_ng::from_str(
+            r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: p, namespace: n}
+spec:
+  source: {topic: in, key: [a], schema: {fields: [{name: a, type: string}, {name: b, type: string}]}}
+  steps:
+    - {name: once, dedup: {key: [b], window: 1m}}
+  checkpointInterval: 1h
+  sinks:
+    - {name: here, kafka: {topic: out}}
+"#,
+        )
+        .expect("pipeline");
+        let plan = keystone_crds::compile(&pipeline, &[]).expect("valid");
+        let all = desired_topics(&plan, 2, |_| Some("main".to_owned())).expect("resolved");
+        let changelog = all
+            .iter()
+            .find(|t| t.role == TopicRole::Changelog)
+            .expect("a changelog");
+        assert_eq!(changelog.config["cleanup.policy"], "compact");
+        assert_eq!(changelog.config["min.compaction.lag.ms"], "10800000");
+        assert!(
+            all.iter()
+                .filter(|t| t.role != TopicRole::Changelog)
+                .all(|t| !t.config.contains_key("min.compaction.lag.ms"))
+        );
     }
 }

@@ -99,4 +99,8 @@ watchNamespaces: {{ toJson .Values.watchNamespaces }}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+# Checkpoints address each runtime instance (its pod IP, readiness and plan hash).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
 {{- end }}

@@ -124,7 +124,7 @@ impl Context {
         Ok(admin)
     }
 
-    async fn publish(
+    pub(crate) async fn publish(
         &self,
         pipeline: &Pipeline,
         warning: bool,
@@ -350,7 +350,9 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         ),
     );
     observed.set(&contracts);
-    let desired = match desired_topics(&plan, |c| ctx.config.resolve_cluster(c)) {
+    let desired = match desired_topics(&plan, pipeline.spec.checkpoint_retention, |c| {
+        ctx.config.resolve_cluster(c)
+    }) {
         Ok(desired) => desired,
         Err(unknown) => {
             let topics = Cond::new(

@@ -1,0 +1,632 @@
+//! Operator-driven checkpoints of a whole pipeline.
+//!
+//! A checkpoint asks every runtime instance of every stage to commit at a barrier
+//! (`POST /checkpoint` on its pod address) and merges the answers: per stage and
+//! input partition the next offset to consume, and the changelog positions
+//! committed with it. The runtime commits offsets and state of a partition in one
+//! transaction, so within a stage the cut is consistent per partition; what the
+//! operator adds is the cut across stages (see [`take_checkpoint`]) and the
+//! checks that make a merged answer trustworthy: every desired instance Ready on
+//! the current plan, every input partition reported exactly once, every plan
+//! hash the same.
+//!
+//! Successful checkpoints are stored as immutable ConfigMaps
+//! `<pipeline>-checkpoint-<id>` (`checkpoint.json`) and listed in
+//! `status.checkpoints`, oldest first, pruned to `spec.checkpointRetention` plus
+//! the ids a caller pins (the checkpoint an upgrade may roll back to). A failure
+//! is recorded in `status.lastFailedCheckpoint` with its reason, never listed.
+
+mod instances;
+mod offsets;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use keystone_crds::checkpoint::{
+    CheckpointTrigger, InstanceCheckpoint, PipelineCheckpoint, Positions, StageCheckpoint,
+};
+use keystone_crds::pipeline::{
+    CheckpointSummary, Pipeline, PipelinePhase, PipelineSpec, PipelineStatus,
+};
+use keystone_crds::plan::{Plan, PlanStage, TopicRole};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::controller::Context;
+use crate::error::Error;
+use crate::resources;
+
+pub use instances::{pod_get, resume};
+
+/// Label of a checkpoint ConfigMap: the checkpoint id.
+pub const LABEL_CHECKPOINT: &str = "keystone.dev/checkpoint";
+/// The key of the checkpoint in its ConfigMap.
+pub const CHECKPOINT_KEY: &str = "checkpoint.json";
+/// After a failed checkpoint the next periodic one waits at least this long (or
+/// the interval, if shorter), so a pipeline that cannot be checkpointed is not
+/// asked every reconcile.
+pub const FAILURE_RETRY: Duration = Duration::from_secs(30);
+/// Periodic checkpoints are never closer than this, whatever the spec says.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a checkpoint was not taken, in words that name the stage, pod or
+/// partition concerned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct CheckpointFailure {
+    pub reason: String,
+}
+
+impl CheckpointFailure {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The name of the ConfigMap holding one checkpoint.
+pub fn checkpoint_config_map_name(pipeline: &str, id: &str) -> String {
+    format!("{pipeline}-checkpoint-{id}")
+}
+
+/// A checkpoint id: the UTC time to the millisecond, `20260102-150405-123`.
+/// Short, valid in object names and label values, and sorted as the checkpoints
+/// were taken.
+pub fn checkpoint_id(now: Timestamp) -> String {
+    format!(
+        "{}-{:03}",
+        now.strftime("%Y%m%d-%H%M%S"),
+        now.as_millisecond().rem_euclid(1000)
+    )
+}
+
+/// Takes a checkpoint of the running pipeline: every instance of every stage
+/// commits at a barrier and reports its offsets and state positions.
+///
+/// Before the first barrier the end offsets of the sink topics are read into
+/// `sink_positions`: everything the pipeline writes after the checkpoint lies past
+/// them. Every stage's instances are checked first (each desired replica Ready
+/// and running `plan`), so a checkpoint that cannot succeed stops nothing.
+///
+/// With `stop`, the cut is aligned: stage 0 is checkpointed and stops; each next
+/// stage is checkpointed only once its consumer group has consumed its input
+/// (the previous stage's repartition topic, now final) to the end, then stops in
+/// turn. Nothing is in flight between stages, so a restore can even change how
+/// stages are split. If a later step fails, the stopped instances are resumed.
+///
+/// Without `stop` nothing pauses, and stages are checkpointed downstream first
+/// (the last stage, then the one before, ...). Each stage's offsets and state agree
+/// per partition. Across a stage boundary, what the earlier stage committed after
+/// the later stage's barrier lies in the repartition topic past the later stage's
+/// offsets, so restoring all stages to this checkpoint (with the repartition
+/// topic kept) processes each record exactly once: the records between the two
+/// barriers are the channel state, and the topic holds them. The cut is not
+/// aligned, so a restore that changes the stage layout needs a `stop` checkpoint.
+pub async fn take_checkpoint(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    trigger: CheckpointTrigger,
+    stop: bool,
+) -> Result<PipelineCheckpoint, CheckpointFailure> {
+    let now = Timestamp::now();
+    let plan_hash = plan.hash();
+    let mut kafka = offsets::KafkaView::new(ctx);
+
+    let mut targets = Vec::with_capacity(plan.stages.len());
+    for stage in &plan.stages {
+        targets.push(instances::ready_instances(ctx, plan, stage, &plan_hash).await?);
+    }
+    let mut sink_positions = Positions::new();
+    for topic in plan.topics.iter().filter(|t| t.role == TopicRole::Sink) {
+        let cluster = ctx.config.resolve_cluster(topic.cluster.as_deref());
+        sink_positions.insert(
+            topic.name.clone(),
+            kafka.end_offsets(cluster.as_deref(), &topic.name).await?,
+        );
+    }
+
+    let order: Vec<usize> = if stop {
+        (0..plan.stages.len()).collect()
+    } else {
+        (0..plan.stages.len()).rev().collect()
+    };
+    let mut stages: BTreeMap<usize, StageCheckpoint> = BTreeMap::new();
+    let mut stopped: Vec<instances::Instance> = Vec::new();
+    let mut outcome = Ok(());
+    for index in order {
+        let stage = &plan.stages[index];
+        let cluster = ctx.config.resolve_cluster(stage.input.cluster.as_deref());
+        let result = async {
+            if stop && index > 0 {
+                kafka
+                    .wait_drained(cluster.as_deref(), stage)
+                    .await
+                    .map_err(|reason| {
+                        CheckpointFailure::new(format!("stage {}: {reason}", stage.name))
+                    })?;
+            }
+            let answers = instances::checkpoint_all(&targets[index], stop).await;
+            for (instance, answer) in targets[index].iter().zip(&answers) {
+                if answer.as_ref().is_ok_and(|a| a.stopped) {
+                    stopped.push(instance.clone());
+                }
+            }
+            let partitions = kafka
+                .partition_count(cluster.as_deref(), &stage.input.topic)
+                .await?;
+            let answers = targets[index]
+                .iter()
+                .zip(answers)
+                .map(|(instance, answer)| (instance.pod.clone(), answer))
+                .collect();
+            merge_stage(stage, partitions, &plan_hash, stop, answers)
+                .map_err(CheckpointFailure::new)
+        }
+        .await;
+        match result {
+            Ok(merged) => {
+                stages.insert(index, merged);
+            }
+            Err(failure) => {
+                outcome = Err(failure);
+                break;
+            }
+        }
+    }
+    if let Err(failure) = outcome {
+        if !stopped.is_empty()
+            && let Err(resume_failure) = instances::post_resume(&stopped).await
+        {
+            warn!(reason = %resume_failure, "could not resume instances after a failed checkpoint");
+            return Err(CheckpointFailure::new(format!(
+                "{failure}; then resuming the stopped instances failed: {resume_failure}"
+            )));
+        }
+        return Err(failure);
+    }
+    Ok(PipelineCheckpoint {
+        id: checkpoint_id(now),
+        pipeline: plan.pipeline.clone(),
+        namespace: plan.namespace.clone(),
+        plan_hash,
+        time: now.to_string(),
+        trigger,
+        stages: stages.into_values().collect(),
+        sink_positions,
+    })
+    .inspect(|c| {
+        info!(
+            pipeline = %pipeline.name_any(),
+            id = %c.id,
+            trigger = trigger.as_str(),
+            stop,
+            "checkpoint taken"
+        )
+    })
+}
+
+/// Merges one stage's answers (pod name, answer or why there is none) and
+/// checks them: every instance answered, for this stage and input topic, on
+/// `plan_hash` (an answer without a hash comes from a runtime that does not
+/// report it), stopped when asked to, and every partition of the input topic
+/// (`partitions` of them) is reported by exactly one instance. A partition
+/// missing or reported twice means a rebalance is in progress.
+pub fn merge_stage(
+    stage: &PlanStage,
+    partitions: i32,
+    plan_hash: &str,
+    stop: bool,
+    answers: Vec<(String, Result<InstanceCheckpoint, String>)>,
+) -> Result<StageCheckpoint, String> {
+    let name = &stage.name;
+    let topic = &stage.input.topic;
+    let mut owners: BTreeMap<i32, String> = BTreeMap::new();
+    let mut merged = StageCheckpoint {
+        name: name.clone(),
+        input_topic: topic.clone(),
+        source_offsets: BTreeMap::new(),
+        changelog_positions: Positions::new(),
+    };
+    for (pod, answer) in answers {
+        let answer = answer.map_err(|e| format!("stage {name}: pod {pod}: {e}"))?;
+        if answer.stage != *name || answer.input_topic != *topic {
+            return Err(format!(
+                "stage {name}: pod {pod} answered for stage {} reading {:?}, not for stage {name} reading {topic:?}",
+                answer.stage, answer.input_topic
+            ));
+        }
+        if !answer.plan_hash.is_empty() && answer.plan_hash != plan_hash {
+            return Err(format!(
+                "stage {name}: pod {pod} runs plan {}, not the current plan {plan_hash}",
+                answer.plan_hash
+            ));
+        }
+        if stop && !answer.stopped {
+            return Err(format!(
+                "stage {name}: pod {pod} did not stop at the barrier (its runtime may not support ?stop=true)"
+            ));
+        }
+        for (&partition, &offset) in &answer.source_offsets {
+            if !(0..partitions).contains(&partition) {
+                return Err(format!(
+                    "stage {name}: pod {pod} reports partition {partition} of {topic:?}, which has {partitions} partition(s)"
+                ));
+            }
+            if let Some(other) = owners.insert(partition, pod.clone()) {
+                return Err(format!(
+                    "stage {name}: partition {partition} of {topic:?} is reported by both {other} and {pod} (a rebalance is in progress)"
+                ));
+            }
+            merged.source_offsets.insert(partition, offset);
+        }
+        for (changelog, positions) in answer.changelog_positions {
+            merged
+                .changelog_positions
+                .entry(changelog)
+                .or_default()
+                .extend(positions);
+        }
+    }
+    let missing: Vec<String> = (0..partitions)
+        .filter(|p| !owners.contains_key(p))
+        .map(|p| p.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "stage {name}: partition(s) {} of {topic:?} are reported by no instance (a rebalance is in progress, or an instance has not consumed them yet)",
+            missing.join(", ")
+        ));
+    }
+    Ok(merged)
+}
+
+/// The ConfigMap that stores a checkpoint. Its owner reference to the Pipeline is
+/// not a controller reference: the ConfigMap goes with the Pipeline, but neither
+/// wakes the controller when written nor counts as a stale plan ConfigMap.
+pub fn checkpoint_config_map(
+    pipeline: &Pipeline,
+    checkpoint: &PipelineCheckpoint,
+) -> Result<ConfigMap, Error> {
+    let owner = pipeline.owner_ref(&()).ok_or(Error::MissingField {
+        kind: "Pipeline",
+        field: "metadata.uid",
+    })?;
+    let json = serde_json::to_string_pretty(checkpoint).map_err(|source| Error::Serialize {
+        what: "checkpoint",
+        source,
+    })?;
+    let mut labels = resources::pipeline_labels(&checkpoint.pipeline);
+    labels.insert(LABEL_CHECKPOINT.to_owned(), checkpoint.id.clone());
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(checkpoint_config_map_name(
+                &checkpoint.pipeline,
+                &checkpoint.id,
+            )),
+            namespace: Some(checkpoint.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(CHECKPOINT_KEY.to_owned(), json)])),
+        immutable: Some(true),
+        ..ConfigMap::default()
+    })
+}
+
+/// Writes a checkpoint's ConfigMap (created once: a checkpoint never changes).
+pub async fn store_checkpoint(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    checkpoint: &PipelineCheckpoint,
+) -> Result<(), Error> {
+    let config_map = checkpoint_config_map(pipeline, checkpoint)?;
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &checkpoint.namespace)
+        .create(&PostParams::default(), &config_map)
+        .await?;
+    Ok(())
+}
+
+/// Reads a stored checkpoint.
+pub async fn load_checkpoint(
+    ctx: &Context,
+    namespace: &str,
+    pipeline_name: &str,
+    id: &str,
+) -> Result<PipelineCheckpoint, Error> {
+    let name = checkpoint_config_map_name(pipeline_name, id);
+    let config_map = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+        .get(&name)
+        .await?;
+    let problem = |message: String| Error::Checkpoint {
+        namespace: namespace.to_owned(),
+        name: name.clone(),
+        message,
+    };
+    let json = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CHECKPOINT_KEY))
+        .ok_or_else(|| problem(format!("no key {CHECKPOINT_KEY}")))?;
+    serde_json::from_str(json).map_err(|e| problem(format!("{CHECKPOINT_KEY}: {e}")))
+}
+
+/// A checkpoint as status lists it.
+fn summary(
+    id: String,
+    time: Timestamp,
+    trigger: CheckpointTrigger,
+    plan_hash: String,
+    reason: Option<String>,
+) -> CheckpointSummary {
+    CheckpointSummary {
+        id,
+        time: Time(time),
+        reason,
+        trigger: Some(trigger.as_str().to_owned()),
+        plan_hash: Some(plan_hash),
+    }
+}
+
+/// Which retained checkpoints to keep: the newest `retention` ones and the
+/// pinned ones, oldest first; and the others (to delete).
+pub fn retain(
+    checkpoints: &[CheckpointSummary],
+    retention: i32,
+    pinned: &[String],
+) -> (Vec<CheckpointSummary>, Vec<CheckpointSummary>) {
+    let mut sorted = checkpoints.to_vec();
+    // Ids sort as the checkpoints were taken.
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.dedup_by(|a, b| a.id == b.id);
+    let newest_from = sorted.len().saturating_sub(retention.max(1) as usize);
+    let (mut kept, mut pruned) = (Vec::new(), Vec::new());
+    for (i, checkpoint) in sorted.into_iter().enumerate() {
+        if i >= newest_from || pinned.contains(&checkpoint.id) {
+            kept.push(checkpoint);
+        } else {
+            pruned.push(checkpoint);
+        }
+    }
+    (kept, pruned)
+}
+
+/// Takes a checkpoint and records the outcome: on success its ConfigMap,
+/// `status.lastCheckpoint` and `status.checkpoints` (then pruned to
+/// `spec.checkpointRetention` plus `pinned`, deleting the pruned ConfigMaps);
+/// on failure `status.lastFailedCheckpoint`. Also an event (`CheckpointCompleted`
+/// or `CheckpointFailed`) and the checkpoint metrics. The caller writes `status`.
+pub async fn checkpoint_now(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    trigger: CheckpointTrigger,
+    stop: bool,
+    status: &mut PipelineStatus,
+    pinned: &[String],
+) -> Result<PipelineCheckpoint, CheckpointFailure> {
+    let timer = ctx.metrics.checkpoint_duration.start_timer();
+    let result = match take_checkpoint(ctx, pipeline, plan, trigger, stop).await {
+        Ok(checkpoint) => match store_checkpoint(ctx, pipeline, &checkpoint).await {
+            Ok(()) => Ok(checkpoint),
+            Err(e) => Err(CheckpointFailure::new(format!(
+                "storing the checkpoint as ConfigMap {}/{}: {e}",
+                plan.namespace,
+                checkpoint_config_map_name(&plan.pipeline, &checkpoint.id)
+            ))),
+        },
+        Err(failure) => Err(failure),
+    };
+    timer.observe_duration();
+    let now = Timestamp::now();
+    match &result {
+        Ok(checkpoint) => {
+            ctx.metrics
+                .checkpoints
+                .with_label_values(&["succeeded"])
+                .inc();
+            let taken = checkpoint.time.parse().unwrap_or(now);
+            let done = summary(
+                checkpoint.id.clone(),
+                taken,
+                trigger,
+                checkpoint.plan_hash.clone(),
+                None,
+            );
+            status.last_checkpoint = Some(done.clone());
+            status.checkpoints.push(done);
+            let (kept, pruned) = retain(
+                &status.checkpoints,
+                pipeline.spec.checkpoint_retention,
+                pinned,
+            );
+            status.checkpoints = kept;
+            // A ConfigMap that could not be deleted stays listed, so the next prune retries it.
+            let undeleted = delete_checkpoints(ctx, plan, &pruned).await;
+            status.checkpoints.extend(undeleted);
+            status.checkpoints.sort_by(|a, b| a.id.cmp(&b.id));
+            let partitions: usize = checkpoint
+                .stages
+                .iter()
+                .map(|s| s.source_offsets.len())
+                .sum();
+            ctx.publish(
+                pipeline,
+                false,
+                "CheckpointCompleted",
+                "Checkpoint",
+                format!(
+                    "{} checkpoint {} of plan {}: {} stage(s), {} input partition(s)",
+                    trigger.as_str(),
+                    checkpoint.id,
+                    checkpoint.plan_hash,
+                    checkpoint.stages.len(),
+                    partitions
+                ),
+            )
+            .await;
+        }
+        Err(failure) => {
+            ctx.metrics.checkpoints.with_label_values(&["failed"]).inc();
+            warn!(pipeline = %pipeline.name_any(), reason = %failure, "checkpoint failed");
+            status.last_failed_checkpoint = Some(summary(
+                checkpoint_id(now),
+                now,
+                trigger,
+                plan.hash(),
+                Some(failure.reason.clone()),
+            ));
+            ctx.publish(
+                pipeline,
+                true,
+                "CheckpointFailed",
+                "Checkpoint",
+                format!("{} checkpoint failed: {failure}", trigger.as_str()),
+            )
+            .await;
+        }
+    }
+    result
+}
+
+/// Deletes the ConfigMaps of pruned checkpoints; returns those it could not delete.
+async fn delete_checkpoints(
+    ctx: &Context,
+    plan: &Plan,
+    pruned: &[CheckpointSummary],
+) -> Vec<CheckpointSummary> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    let mut failed = Vec::new();
+    for checkpoint in pruned {
+        let name = checkpoint_config_map_name(&plan.pipeline, &checkpoint.id);
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => {
+                warn!(config_map = %name, %error, "could not delete a pruned checkpoint");
+                failed.push(checkpoint.clone());
+            }
+        }
+    }
+    failed
+}
+
+/// The Ready condition's last transition to True: when the pipeline started running.
+fn running_since(status: &PipelineStatus) -> Option<Timestamp> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")
+        .map(|c| c.last_transition_time.0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Time until the next periodic checkpoint (zero: due), counted from the last
+/// success (or from when the pipeline became Ready), and after a later failure
+/// no sooner than `min(interval, FAILURE_RETRY)` after it.
+fn periodic_in(spec: &PipelineSpec, status: &PipelineStatus, now: Timestamp) -> Option<Duration> {
+    let interval = spec.checkpoint_interval.as_std().max(MIN_INTERVAL);
+    let since = status
+        .last_checkpoint
+        .as_ref()
+        .map(|c| c.time.0)
+        .or_else(|| running_since(status))?;
+    let mut next = since.as_millisecond().saturating_add(millis(interval));
+    if let Some(failed) = &status.last_failed_checkpoint
+        && failed.time.0 >= since
+    {
+        let retry = failed
+            .time
+            .0
+            .as_millisecond()
+            .saturating_add(millis(interval.min(FAILURE_RETRY)));
+        next = next.max(retry);
+    }
+    let wait = next.saturating_sub(now.as_millisecond()).max(0);
+    Some(Duration::from_millis(wait as u64))
+}
+
+fn due(spec: &PipelineSpec, status: &PipelineStatus, now: Timestamp) -> Option<CheckpointTrigger> {
+    if status.phase != Some(PipelinePhase::Running) {
+        return None;
+    }
+    if spec.checkpoint_trigger.is_some()
+        && spec.checkpoint_trigger != status.last_checkpoint_trigger
+    {
+        return Some(CheckpointTrigger::Manual);
+    }
+    periodic_in(spec, status, now)
+        .is_some_and(|wait| wait.is_zero())
+        .then_some(CheckpointTrigger::Periodic)
+}
+
+/// The checkpoint due now, if any: `Manual` when `spec.checkpointTrigger` is set
+/// and differs from `status.lastCheckpointTrigger`; `Periodic` when
+/// `checkpointInterval` has passed since the last success (or since the
+/// pipeline became Ready), and after a failure no sooner than
+/// `min(interval, 30s)` after it. Only while the pipeline is Running.
+pub fn checkpoint_due(pipeline: &Pipeline, now: Timestamp) -> Option<CheckpointTrigger> {
+    due(
+        &pipeline.spec,
+        &pipeline.status.clone().unwrap_or_default(),
+        now,
+    )
+}
+
+fn next_in(spec: &PipelineSpec, status: &PipelineStatus, now: Timestamp) -> Duration {
+    let interval = spec.checkpoint_interval.as_std().max(MIN_INTERVAL);
+    match due(spec, status, now) {
+        Some(_) => Duration::ZERO,
+        None if status.phase != Some(PipelinePhase::Running) => interval,
+        None => periodic_in(spec, status, now).unwrap_or(interval),
+    }
+}
+
+/// How long until the next checkpoint is due (zero: now), for the requeue. Not
+/// Running: the interval (a phase change reconciles anyway).
+pub fn next_checkpoint_in(pipeline: &Pipeline, now: Timestamp) -> Duration {
+    next_in(
+        &pipeline.spec,
+        &pipeline.status.clone().unwrap_or_default(),
+        now,
+    )
+}
+
+/// Takes the checkpoint that is due, if any, recording it in `status` (which
+/// the caller writes), and returns how long until the next one is due. Call it
+/// when the pipeline is Running with every stage rolled out. A manual trigger
+/// counts as handled whether the checkpoint succeeds or fails; the checkpoint an
+/// upgrade may roll back to (`status.upgrade.checkpoint`) is never pruned.
+pub async fn run_due(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    plan: &Plan,
+    status: &mut PipelineStatus,
+) -> Duration {
+    if let Some(trigger) = due(&pipeline.spec, status, Timestamp::now()) {
+        if trigger == CheckpointTrigger::Manual {
+            status.last_checkpoint_trigger = pipeline.spec.checkpoint_trigger.clone();
+        }
+        let pinned: Vec<String> = status
+            .upgrade
+            .as_ref()
+            .and_then(|u| u.checkpoint.clone())
+            .into_iter()
+            .collect();
+        // The outcome is in status and events; nothing else to do with it here.
+        let _ = checkpoint_now(ctx, pipeline, plan, trigger, false, status, &pinned).await;
+    }
+    next_in(&pipeline.spec, status, Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests;
