@@ -39,25 +39,41 @@ if contracts ~= nil and contracts.status == "False" then
 end
 
 local ready = find(status.conditions, "Ready")
+local applied = find(status.conditions, "SpecApplied")
 if status.phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = "Suspended"
   return hs
 end
 
-if ready ~= nil and ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = ready.message or "Running"
+-- An upgrade or rollback under way: not healthy yet, not failed.
+if status.phase == "Upgrading" then
+  hs.status = "Progressing"
+  if applied ~= nil and applied.message ~= nil then
+    hs.message = applied.message
+  else
+    hs.message = "Upgrading"
+  end
   return hs
 end
 
+-- Before Ready: a rolled-back or refused upgrade leaves the old version
+-- running and ready, but the desired spec is not what runs.
 if status.phase == "Degraded" or status.phase == "Invalid" then
   hs.status = "Degraded"
-  if ready ~= nil then
+  if applied ~= nil and applied.status == "False" then
+    hs.message = (applied.reason or "") .. ": " .. (applied.message or "")
+  elseif ready ~= nil then
     hs.message = (ready.reason or "") .. ": " .. (ready.message or "")
   else
     hs.message = status.phase
   end
+  return hs
+end
+
+if ready ~= nil and ready.status == "True" then
+  hs.status = "Healthy"
+  hs.message = ready.message or "Running"
   return hs
 end
 

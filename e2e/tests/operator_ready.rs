@@ -65,6 +65,7 @@ spec:
         expression: 'action == "purchase"'
   commitInterval: 200ms
   topicDeletionPolicy: Delete
+  upgrade: {{healthWindow: 5s}}
   sinks:
     - name: out
       kafka: {{topic: {sink}, partitions: 1}}
@@ -186,7 +187,9 @@ spec:
         .and_then(|s| s.plan_hash.clone())
         .expect("plan hash");
     assert_eq!(p.status.and_then(|s| s.phase), Some(PipelinePhase::Running));
-    // Once rolled out, only the current plan version's ConfigMap is left.
+    // Once the new version passed its health window (and so is the version a
+    // rollback would return to), only its plan ConfigMap is left; checkpoints
+    // (the upgrade took one) are ConfigMaps of their own.
     let config_maps: Api<ConfigMap> = ns.api();
     let current = format!("purchases-plan-{new_hash}");
     keystone_e2e::wait_until(
@@ -201,6 +204,7 @@ spec:
                 .items
                 .iter()
                 .filter_map(|c| c.metadata.name.clone())
+                .filter(|n| n.starts_with("purchases-plan-"))
                 .collect();
             (names == vec![current.clone()]).then_some(())
         },

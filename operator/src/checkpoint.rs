@@ -630,3 +630,18 @@ pub async fn run_due(
 
 #[cfg(test)]
 mod tests;
+
+/// The end offset of every partition of `topics` on `cluster`: where a restore
+/// starts the stages after the first, once every instance has stopped.
+pub async fn end_offsets(
+    ctx: &Context,
+    cluster: Option<&str>,
+    topics: &[String],
+) -> Result<Positions, CheckpointFailure> {
+    let mut kafka = offsets::KafkaView::new(ctx);
+    let mut ends = Positions::new();
+    for topic in topics {
+        ends.insert(topic.clone(), kafka.end_offsets(cluster, topic).await?);
+    }
+    Ok(ends)
+}

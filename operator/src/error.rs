@@ -58,6 +58,14 @@ pub enum Error {
         kind: &'static str,
         field: &'static str,
     },
+
+    /// Instances told to stop (before a restore) did not exit in time.
+    #[error("stopping instances: {0}")]
+    Stopping(String),
+
+    /// A restore could not be planned from a checkpoint.
+    #[error("planning a restore: {0}")]
+    Restore(String),
 }
 
 impl Error {
@@ -74,6 +82,8 @@ impl Error {
             Error::Checkpoint { .. } => "checkpoint",
             Error::LedgerContention => "ledger_contention",
             Error::MissingField { .. } => "missing_field",
+            Error::Stopping(_) => "stopping",
+            Error::Restore(_) => "restore",
         }
     }
 

@@ -28,6 +28,9 @@ pub const ANNOTATION_PLAN_HASH: &str = "keystone.dev/plan-hash";
 pub const PLAN_KEY: &str = "plan.json";
 pub const PLAN_DIR: &str = "/etc/keystone";
 pub const HTTP_PORT: i32 = 8080;
+pub const ANNOTATION_RESTORE: &str = "keystone.dev/restore";
+pub const RESTORE_KEY: &str = "restore.json";
+pub const RESTORE_DIR: &str = "/etc/keystone-restore";
 
 /// Everything the builders need besides the plan.
 #[derive(Clone, Debug)]
@@ -43,6 +46,10 @@ pub struct WorkloadParams {
     pub security: RuntimeSecurity,
     /// The host the runtime's HTTP endpoints bind (`$(POD_IP)` in the testbed); its default when None.
     pub bind_host: Option<String>,
+    /// Instances per stage instead of the plan's parallelism (0 while suspended or stopped for a restore).
+    pub replicas: Option<i32>,
+    /// The restore ConfigMap the instances apply once (`serve --restore`).
+    pub restore: Option<String>,
 }
 
 /// Longest Pipeline name whose stage Services (`<name>-s<N>`, DNS-1035 labels of
@@ -205,6 +212,32 @@ fn meta(
     }
 }
 
+pub fn restore_config_map_name(pipeline: &str, id: &str) -> String {
+    format!("{pipeline}-restore-{id}")
+}
+
+/// A restore the instances apply once: immutable, like the plan.
+pub fn restore_config_map(
+    plan: &Plan,
+    restore: &keystone_crds::checkpoint::RestorePlan,
+    owner: &OwnerReference,
+) -> Result<ConfigMap, serde_json::Error> {
+    Ok(ConfigMap {
+        metadata: meta(
+            restore_config_map_name(&plan.pipeline, &restore.id),
+            &plan.namespace,
+            pipeline_labels(&plan.pipeline),
+            owner,
+        ),
+        data: Some(BTreeMap::from([(
+            RESTORE_KEY.to_owned(),
+            serde_json::to_string_pretty(restore)?,
+        )])),
+        immutable: Some(true),
+        ..ConfigMap::default()
+    })
+}
+
 /// The plan as the runtime reads it, pretty-printed so `kubectl get cm -o yaml` is legible.
 pub fn plan_json(plan: &Plan) -> Result<String, serde_json::Error> {
     serde_json::to_string_pretty(plan)
@@ -303,6 +336,12 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
         "--stage".to_owned(),
         stage.name.clone(),
     ];
+    if params.restore.is_some() {
+        args.extend([
+            "--restore".to_owned(),
+            format!("{RESTORE_DIR}/{RESTORE_KEY}"),
+        ]);
+    }
     args.extend(params.security.args.iter().cloned());
     pod_env.extend(params.security.env.iter().cloned());
     let container = Container {
@@ -349,6 +388,12 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
                 },
             ]
             .into_iter()
+            .chain(params.restore.iter().map(|_| VolumeMount {
+                name: "restore".to_owned(),
+                mount_path: RESTORE_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
             .chain(params.security.mounts.iter().cloned())
             .collect(),
         ),
@@ -367,7 +412,7 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
     Deployment {
         metadata: meta(name, &plan.namespace, labels.clone(), &params.owner),
         spec: Some(DeploymentSpec {
-            replicas: Some(stage.parallelism),
+            replicas: Some(params.replicas.unwrap_or(stage.parallelism)),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&plan.pipeline, &stage.name)),
                 ..LabelSelector::default()
@@ -376,11 +421,18 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
-                    // A plan change changes the template, which rolls the pods.
-                    annotations: Some(BTreeMap::from([(
-                        ANNOTATION_PLAN_HASH.to_owned(),
-                        plan.hash(),
-                    )])),
+                    // A plan change changes the template, which rolls the pods; so does a restore.
+                    annotations: Some(
+                        [(ANNOTATION_PLAN_HASH.to_owned(), plan.hash())]
+                            .into_iter()
+                            .chain(
+                                params
+                                    .restore
+                                    .iter()
+                                    .map(|name| (ANNOTATION_RESTORE.to_owned(), name.clone())),
+                            )
+                            .collect(),
+                    ),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -420,6 +472,14 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
                             },
                         ]
                         .into_iter()
+                        .chain(params.restore.iter().map(|name| Volume {
+                            name: "restore".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: name.clone(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        }))
                         .chain(params.security.volumes.iter().cloned())
                         .collect(),
                     ),
@@ -535,6 +595,8 @@ spec:
             kafka_env: vec![env("KAFKA_BOOTSTRAP_SERVERS", "k:9092")],
             security: RuntimeSecurity::default(),
             bind_host: None,
+            replicas: None,
+            restore: None,
         };
         (plan, params)
     }
@@ -695,6 +757,43 @@ spec:
         assert_ne!(
             before.spec.expect("spec").template,
             after.spec.expect("spec").template
+        );
+    }
+
+    #[test]
+    fn a_restore_is_mounted_passed_and_rolls_the_pods_and_replicas_can_be_held() {
+        let (plan, mut params) = fixture();
+        let before = deployment(&plan, &plan.stages[0], &params);
+        params.restore = Some("p-restore-r1".to_owned());
+        params.replicas = Some(0);
+        let after = deployment(&plan, &plan.stages[0], &params);
+        let spec = after.spec.expect("spec");
+        assert_eq!(spec.replicas, Some(0));
+        assert_ne!(before.spec.expect("spec").template, spec.template);
+        let pod = spec.template.spec.expect("pod spec");
+        let container = &pod.containers[0];
+        let args = container.args.clone().unwrap_or_default();
+        let at = args
+            .iter()
+            .position(|a| a == "--restore")
+            .expect("--restore");
+        assert_eq!(args[at + 1], format!("{RESTORE_DIR}/{RESTORE_KEY}"));
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "restore")
+            .expect("restore volume");
+        assert_eq!(
+            volume.config_map.as_ref().map(|c| c.name.as_str()),
+            Some("p-restore-r1")
+        );
+        assert!(
+            container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "restore" && m.mount_path == RESTORE_DIR)
         );
     }
 

@@ -8,6 +8,7 @@
 
 mod processor;
 mod provision;
+mod upgrade;
 mod workloads;
 
 pub use processor::{
@@ -15,6 +16,7 @@ pub use processor::{
     reconcile_processor, references,
 };
 use provision::{delete_owned_topics, reconcile_topics};
+use upgrade::Prepared;
 use workloads::{Workloads, apply_workloads};
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,11 +29,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use keystone_crds::pipeline::{
-    Pipeline, PipelinePhase, PipelineStatus, StageStatus, TopicDeletionPolicy, TopicStatus,
+    Pipeline, PipelinePhase, PipelineSpec, PipelineState, PipelineStatus, StageStatus,
+    TopicDeletionPolicy, TopicStatus, UpgradePhase,
 };
 use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{Plan, check_processor, compile};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -42,6 +45,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::checkpoint;
 use crate::config::OperatorConfig;
 use crate::error::{Error, backoff};
 use crate::kafka::{Admin, client_properties};
@@ -409,43 +413,79 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     };
     observed.set(&outcome.condition);
     observed.status.topics = outcome.statuses;
+    let mut rolled_out_plan: Option<Plan> = None;
 
+    let mut again: Option<Duration> = None;
     let runtime = if outcome.blocked {
         // The runtime keeps the version it runs; it cannot run the new plan without its topics.
         find_cond(&observed.status, RUNTIME_READY)
     } else {
-        let Workloads {
-            stages,
-            rolled_out,
-            failing,
-        } = apply_workloads(pipeline, ctx, &plan, &desired).await?;
-        let mut runtime = runtime_condition(&stages, rolled_out);
-        if !runtime.ok && !failing.is_empty() {
-            runtime = Cond::new(
-                RUNTIME_READY,
-                false,
-                "InstancesFailing",
-                format!(
-                    "stages {} did not become ready within their progress deadline: {}",
-                    failing.join(", "),
-                    runtime.message
-                ),
-            );
+        match upgrade::prepare(pipeline, ctx, &plan, &mut observed, &desired).await? {
+            Prepared::Hold(wait) => {
+                again = Some(wait);
+                find_cond(&observed.status, RUNTIME_READY)
+            }
+            Prepared::Deploy(target) => {
+                let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
+                let mut runtime = runtime_condition(&workloads.stages, workloads.rolled_out);
+                if !runtime.ok && !workloads.failing.is_empty() {
+                    runtime = Cond::new(
+                        RUNTIME_READY,
+                        false,
+                        "InstancesFailing",
+                        format!(
+                            "stages {} did not become ready within their progress deadline: {}",
+                            workloads.failing.join(", "),
+                            runtime.message
+                        ),
+                    );
+                }
+                observed.set(&runtime);
+                observed.status.ready_stages = Some(ready_stages(&workloads.stages));
+                observed.status.stages = workloads.stages.clone();
+                observed.status.plan_hash = Some(target.plan.hash());
+                again = upgrade::observe(pipeline, ctx, &target, &workloads, &mut observed).await?;
+                if workloads.rolled_out
+                    && observed.status.upgrade.as_ref().is_none_or(|u| {
+                        !matches!(u.phase, UpgradePhase::Deploying | UpgradePhase::RollingBack)
+                    })
+                {
+                    rolled_out_plan = Some(target.plan.clone());
+                }
+                Some(runtime)
+            }
         }
-        observed.set(&runtime);
-        observed.status.ready_stages = Some(ready_stages(&stages));
-        observed.status.stages = stages;
-        observed.status.plan_hash = Some(plan.hash());
-        Some(runtime)
     };
-    let phase = observed.summarize(&contracts, Some(&outcome.condition), runtime.as_ref());
+    let generation = pipeline.metadata.generation.unwrap_or_default();
+    let mut phase = observed.summarize(&contracts, Some(&outcome.condition), runtime.as_ref());
+    if pipeline.spec.state == PipelineState::Suspended && !outcome.blocked {
+        phase = PipelinePhase::Suspended;
+    } else if let Some(upgrading) = upgrade::phase_override(&observed.status, generation) {
+        phase = upgrading;
+    }
+    observed.status.phase = Some(phase);
+
+    // Checkpoints are taken of a running, rolled-out version only.
+    let mut next_checkpoint = None;
+    if phase == PipelinePhase::Running
+        && let Some(running) = &rolled_out_plan
+    {
+        next_checkpoint =
+            Some(checkpoint::run_due(pipeline, ctx, running, &mut observed.status).await);
+    }
     observed.record(pipeline, ctx).await?;
 
-    Ok(match phase {
+    let idle = match phase {
         // Kafka has no watch: look for drift now and then.
-        PipelinePhase::Running => Action::requeue(Duration::from_secs(300)),
-        _ => Action::requeue(Duration::from_secs(30)),
-    })
+        PipelinePhase::Running => Duration::from_secs(300),
+        _ => Duration::from_secs(30),
+    };
+    let wait = [Some(idle), again, next_checkpoint]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(idle);
+    Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 
 fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {

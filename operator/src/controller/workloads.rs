@@ -79,15 +79,29 @@ where
         .await?)
 }
 
+/// What to run: usually the spec's plan; during a rollback the last stable one.
+pub(super) struct Target {
+    pub(super) plan: Plan,
+    /// The spec the plan came from (its image, resources and strategy are used).
+    pub(super) spec: PipelineSpec,
+    /// Instances per stage instead of the plan's parallelism.
+    pub(super) replicas: Option<i32>,
+    /// The restore ConfigMap the instances apply.
+    pub(super) restore: Option<String>,
+    /// Plan hashes whose ConfigMaps must stay (the last stable one, for a rollback).
+    pub(super) keep_plans: Vec<String>,
+}
+
 /// Applies the plan ConfigMap and each stage's Deployment, Service and
 /// PodDisruptionBudget, removes those of stages the plan no longer has, and
 /// reports each stage's replicas.
 pub(super) async fn apply_workloads(
     pipeline: &Pipeline,
     ctx: &Context,
-    plan: &Plan,
+    target: &Target,
     desired: &[DesiredTopic],
 ) -> Result<Workloads, Error> {
+    let plan = &target.plan;
     let namespace = plan.namespace.as_str();
     let owner = pipeline
         .controller_owner_ref(&())
@@ -108,21 +122,23 @@ pub(super) async fn apply_workloads(
 
     let params = WorkloadParams {
         owner: owner.clone(),
-        image: pipeline
+        image: target
             .spec
             .runtime_image
             .clone()
             .unwrap_or_else(|| ctx.config.runtime_image().to_owned()),
         image_pull_policy: ctx.config.runtime_image_pull_policy.clone(),
-        resources: pipeline
+        resources: target
             .spec
             .resources
             .clone()
             .or_else(|| ctx.config.runtime_resources.clone()),
-        strategy: pipeline.spec.upgrade.strategy,
+        strategy: target.spec.upgrade.strategy,
         kafka_env: kafka_env(ctx, desired, plan),
         security: runtime_security(ctx, plan),
         bind_host: ctx.config.runtime_bind_address.clone(),
+        replicas: target.replicas,
+        restore: target.restore.clone(),
     };
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
@@ -148,16 +164,17 @@ pub(super) async fn apply_workloads(
         }) {
             failing.push(stage.name.clone());
         }
+        let replicas = target.replicas.unwrap_or(stage.parallelism);
         if status.observed_generation.unwrap_or_default() < generation
-            || status.updated_replicas.unwrap_or_default() < stage.parallelism
-            || status.replicas.unwrap_or_default() > stage.parallelism
+            || status.updated_replicas.unwrap_or_default() < replicas
+            || status.replicas.unwrap_or_default() > replicas
         {
             rolled_out = false;
         }
         stages.push(StageStatus {
             name: stage.name.clone(),
             steps: stage.steps.iter().map(|s| s.name.clone()).collect(),
-            replicas: stage.parallelism,
+            replicas,
             ready_replicas: status.ready_replicas.unwrap_or_default(),
         });
     }
@@ -172,16 +189,21 @@ pub(super) async fn apply_workloads(
         "{LABEL_PIPELINE}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
         plan.pipeline
     );
-    remove_stale(&deployments, &selector, &wanted, &uid).await?;
-    remove_stale(&services, &selector, &wanted, &uid).await?;
-    remove_stale(&budgets, &selector, &wanted, &uid).await?;
-    // Plan ConfigMaps of earlier versions go once every stage runs the current one.
+    let unwanted = |name: &str| !wanted.iter().any(|w| w == name);
+    remove_stale(&deployments, &selector, unwanted, &uid).await?;
+    remove_stale(&services, &selector, unwanted, &uid).await?;
+    remove_stale(&budgets, &selector, unwanted, &uid).await?;
+    // Plan ConfigMaps of earlier versions go once every stage runs the current
+    // one, except those a rollback may need. Checkpoints and restores are not plans.
     if rolled_out {
-        let current = vec![resources::plan_config_map_name(
-            &plan.pipeline,
-            &plan.hash(),
-        )];
-        remove_stale(&config_maps, &selector, &current, &uid).await?;
+        let keep: Vec<String> = std::iter::once(plan.hash())
+            .chain(target.keep_plans.iter().cloned())
+            .map(|hash| resources::plan_config_map_name(&plan.pipeline, &hash))
+            .collect();
+        let plans_prefix = resources::plan_config_map_name(&plan.pipeline, "");
+        let unwanted =
+            |name: &str| name.starts_with(&plans_prefix) && !keep.iter().any(|k| k == name);
+        remove_stale(&config_maps, &selector, unwanted, &uid).await?;
     }
     Ok(Workloads {
         stages,
@@ -201,7 +223,7 @@ pub(super) struct Workloads {
 async fn remove_stale<K>(
     api: &Api<K>,
     selector: &str,
-    wanted: &[String],
+    unwanted: impl Fn(&str) -> bool,
     uid: &str,
 ) -> Result<(), Error>
 where
@@ -215,7 +237,7 @@ where
             .iter()
             .flatten()
             .any(|o| o.uid == uid && o.controller == Some(true));
-        if ours && !wanted.contains(&name) {
+        if ours && unwanted(&name) {
             info!(object = %name, "removing a stage the plan no longer has");
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {}

@@ -1,0 +1,663 @@
+//! Changing a running pipeline under continuous input, driven by the operator
+//! against the real runtime pods: upgrades from a checkpoint, scaling, a
+//! refused state-incompatible change and its explicit reset, an automatic
+//! rollback of a failing version, suspend and resume, and a restore from a
+//! named checkpoint. The sink is read `read_committed` and must hold every
+//! produced event exactly once, in order per key (a restore replays on purpose).
+//!
+//! Needs `cargo build -p keystone-operator -p keystone-runtime`.
+
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use keystone_crds::Pipeline;
+use keystone_crds::pipeline::{PipelinePhase, UpgradePhase};
+use keystone_e2e::{TestNamespace, Testbed, wait_for};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use operator_support::*;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+const USERS: u64 = 8;
+const LONG: Duration = Duration::from_secs(240);
+
+/// One pipeline under test: its namespace, operator, topics and input.
+struct Flow {
+    tb: Testbed,
+    ns: TestNamespace,
+    _op_ns: OperatorNamespace,
+    operator: OperatorProcess,
+    source: String,
+    sink: String,
+    name: &'static str,
+    produced: Arc<AtomicU64>,
+}
+
+impl Flow {
+    async fn start(test: &str, partitions: i32, spec_extra: &str, steps: &str) -> Flow {
+        let tb = testbed().await;
+        install_crds(&tb);
+        let ns = tb.namespace(test).await.expect("namespace");
+        let op_ns = operator_namespace(&tb, &ns).await;
+        let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), test);
+        let kafka = Kafka::new(&tb);
+        let source = unique(&format!("e2e.{test}"));
+        let sink = format!("{source}.out");
+        kafka.create(&source, partitions).await;
+        let flow = Flow {
+            tb,
+            ns,
+            _op_ns: op_ns,
+            operator,
+            source,
+            sink,
+            name: "orders",
+            produced: Arc::new(AtomicU64::new(0)),
+        };
+        let manifest = format!(
+            r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: orders
+  namespace: {ns}
+spec:
+  source:
+    topic: {source}
+    key: [user]
+    schema:
+      fields:
+        - {{name: user, type: string}}
+        - {{name: seq, type: integer}}
+        - {{name: action, type: string}}
+  steps:
+{steps}
+  commitInterval: 200ms
+  checkpointInterval: 1h
+  topicDeletionPolicy: Delete
+{spec_extra}
+  sinks:
+    - name: out
+      kafka: {{topic: {sink}, partitions: 2}}
+"#,
+            ns = flow.ns.name(),
+            source = flow.source,
+            sink = flow.sink,
+        );
+        apply_yaml(&flow.tb, &manifest).await;
+        flow.wait("Running and Ready", |p| {
+            condition_is(p, "Ready", "True")
+                && p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Running)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.stable_plan_hash.as_ref())
+                    .is_some()
+        })
+        .await;
+        flow
+    }
+
+    fn api(&self) -> Api<Pipeline> {
+        self.ns.api()
+    }
+
+    async fn wait(&self, what: &str, check: impl Fn(&Pipeline) -> bool) -> Pipeline {
+        wait_for(&self.api(), self.name, LONG, what, check)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}\noperator log (tail):\n{}",
+                    tail(&self.operator.log_text(), 60)
+                )
+            })
+    }
+
+    async fn patch(&self, patch: serde_json::Value) {
+        self.api()
+            .patch(self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch the pipeline");
+    }
+
+    fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set(
+                "bootstrap.servers",
+                self.tb.kafka_bootstrap_servers().expect("kafka"),
+            )
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer")
+    }
+
+    /// Produces `count` more events, `per_second` of them a second, round-robin
+    /// over the users with a per-user sequence continuing from what was produced.
+    async fn produce(&self, count: u64, per_second: u64) {
+        let producer = self.producer();
+        let pause = Duration::from_micros(1_000_000 / per_second.max(1));
+        for _ in 0..count {
+            let n = self.produced.fetch_add(1, Ordering::SeqCst);
+            let user = format!("u{}", n % USERS);
+            let seq = n / USERS;
+            let value = json!({"user": user, "seq": seq, "action": "buy"}).to_string();
+            producer
+                .send(
+                    FutureRecord::to(&self.source).key(&user).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Produces in the background until the returned flag is set.
+    fn produce_continuously(
+        self: &Arc<Self>,
+        per_second: u64,
+    ) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flow = self.clone();
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            while !flag.load(Ordering::SeqCst) {
+                flow.produce(per_second / 5 + 1, per_second).await;
+            }
+        });
+        (stop, task)
+    }
+
+    /// Every committed sink record as (user, seq) in partition order, once
+    /// `expected` records are there and nothing more arrives for a few seconds.
+    fn read_sink(&self, expected: usize) -> Vec<(String, u64, serde_json::Value)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set(
+                "bootstrap.servers",
+                self.tb.kafka_bootstrap_servers().expect("kafka"),
+            )
+            .set("group.id", unique("e2e-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer
+            .subscribe(&[self.sink.as_str()])
+            .expect("subscribe");
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut quiet_since = std::time::Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let value: serde_json::Value =
+                        serde_json::from_slice(message.payload().unwrap_or_default())
+                            .expect("JSON event");
+                    let user = value["user"].as_str().unwrap_or_default().to_owned();
+                    let seq = value["seq"].as_u64().expect("seq");
+                    seen.push((user, seq, value));
+                    quiet_since = std::time::Instant::now();
+                }
+                Some(Err(e)) => panic!("consume {}: {e}", self.sink),
+                None => {}
+            }
+            let quiet = quiet_since.elapsed() > Duration::from_secs(4);
+            if seen.len() >= expected && quiet {
+                return seen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {expected} events reached {} within 120s\noperator log (tail):\n{}",
+                seen.len(),
+                self.sink,
+                tail(&self.operator.log_text(), 40)
+            );
+        }
+    }
+
+    /// Asserts each produced event is in the sink `times` times (the last
+    /// `replayed` ones once more) and in order per user.
+    fn assert_exactly_once(&self, seen: &[(String, u64, serde_json::Value)]) {
+        let produced = self.produced.load(Ordering::SeqCst);
+        let mut counts: BTreeMap<(String, u64), u32> = BTreeMap::new();
+        let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+        for (user, seq, _) in seen {
+            *counts.entry((user.clone(), *seq)).or_default() += 1;
+            if let Some(previous) = last.insert(user, *seq) {
+                assert!(
+                    previous < *seq,
+                    "{user}: seq {seq} after {previous}: out of order"
+                );
+            }
+        }
+        let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(
+            duplicates.is_empty(),
+            "duplicates in the sink: {duplicates:?}"
+        );
+        let missing: Vec<u64> = (0..produced)
+            .filter(|n| !counts.contains_key(&(format!("u{}", n % USERS), n / USERS)))
+            .take(10)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "events lost (numbers in production order): {missing:?}"
+        );
+        assert_eq!(seen.len() as u64, produced);
+    }
+
+    async fn events(&self) -> Vec<(String, String)> {
+        let events: Api<Event> = self.ns.api();
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(self.name))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    /// The Argo CD health check of the repository, run on the live object.
+    fn argo_health(&self) -> String {
+        let mut get = self.tb.kubectl().expect("kubectl");
+        get.args([
+            "get",
+            "pipeline",
+            self.name,
+            "-n",
+            self.ns.name(),
+            "-o",
+            "json",
+        ]);
+        let object = run_ok(get);
+        argo_health_of(&object)
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs config/argocd/pipeline-health.lua on a Pipeline's JSON with a real Lua.
+fn argo_health_of(object_json: &str) -> String {
+    let lua = mlua::Lua::new();
+    let script = std::fs::read_to_string(repo().join("config/argocd/pipeline-health.lua"))
+        .expect("health check script");
+    let value: serde_json::Value = serde_json::from_str(object_json).expect("JSON");
+    use mlua::LuaSerdeExt as _;
+    lua.globals()
+        .set("obj", lua.to_value(&value).expect("to Lua"))
+        .expect("set obj");
+    let result: mlua::Table = lua.load(&script).eval().expect("health check runs");
+    result.get::<String>("status").expect("status")
+}
+
+fn upgrade_phase(p: &Pipeline) -> Option<UpgradePhase> {
+    p.status.as_ref()?.upgrade.as_ref().map(|u| u.phase)
+}
+
+fn upgraded_to_stable(p: &Pipeline) -> bool {
+    let generation = p.metadata.generation.unwrap_or_default();
+    p.status
+        .as_ref()
+        .and_then(|s| s.upgrade.as_ref())
+        .is_some_and(|u| u.generation == generation && u.phase == UpgradePhase::Stable)
+}
+
+const PROJECT: &str = r#"    - name: shape
+      project:
+        fields:
+          - {name: user, from: /user}
+          - {name: seq, from: /seq}"#;
+
+#[tokio::test]
+async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_order() {
+    let flow = Arc::new(
+        Flow::start(
+            "up-ckpt",
+            2,
+            "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
+            PROJECT,
+        )
+        .await,
+    );
+    let (stop, producing) = flow.produce_continuously(100);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The projection now keeps `action` too.
+    flow.patch(
+        json!({"spec": {"steps": [{"name": "shape", "project": {"fields": [
+            {"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"},
+            {"name": "action", "from": "/action"}
+        ]}}]}}),
+    )
+    .await;
+    let upgrading = flow
+        .wait("the upgrade under way", |p| {
+            matches!(
+                upgrade_phase(p),
+                Some(UpgradePhase::Deploying | UpgradePhase::Observing | UpgradePhase::Stable)
+            )
+        })
+        .await;
+    let upgrade = upgrading
+        .status
+        .and_then(|s| s.upgrade)
+        .expect("upgrade status");
+    assert_eq!(upgrade.change, "Upgrade", "{upgrade:?}");
+    let checkpoint = upgrade
+        .checkpoint
+        .clone()
+        .expect("an upgrade from a fresh checkpoint names it");
+    let config_maps: Api<ConfigMap> = flow.ns.api();
+    assert!(
+        config_maps
+            .get_opt(&format!("orders-checkpoint-{checkpoint}"))
+            .await
+            .expect("get")
+            .is_some(),
+        "the rollback point is kept as a ConfigMap"
+    );
+    let stable = flow
+        .wait("the new version stable", upgraded_to_stable)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    producing.await.expect("producer");
+    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
+    flow.assert_exactly_once(&seen);
+    assert!(
+        seen.last()
+            .is_some_and(|(_, _, v)| v.get("action").is_some()),
+        "the last events went through the new projection"
+    );
+    let status = stable.status.expect("status");
+    assert_eq!(status.stable_plan_hash, status.plan_hash);
+    assert!(
+        status
+            .last_stable_spec
+            .as_deref()
+            .is_some_and(|s| s.contains("/action"))
+    );
+    let reasons: Vec<String> = flow.events().await.into_iter().map(|(r, _)| r).collect();
+    assert!(reasons.iter().any(|r| r == "UpgradeStarted"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "UpgradeSucceeded"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn scaling_two_four_one_under_load_loses_and_duplicates_nothing() {
+    let flow = Arc::new(
+        Flow::start(
+            "up-scale",
+            4,
+            "  parallelism: 2\n  upgrade: {healthWindow: 3s}",
+            PROJECT,
+        )
+        .await,
+    );
+    let (stop, producing) = flow.produce_continuously(100);
+    let deployments: Api<Deployment> = flow.ns.api();
+    for replicas in [4, 1] {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        flow.patch(json!({"spec": {"parallelism": replicas}})).await;
+        let p = flow
+            .wait(
+                &format!("scaled to {replicas} and stable"),
+                upgraded_to_stable,
+            )
+            .await;
+        assert_eq!(
+            p.status
+                .and_then(|s| s.upgrade)
+                .map(|u| u.change)
+                .as_deref(),
+            Some("Scale")
+        );
+        let d = deployments.get("orders-s0").await.expect("deployment");
+        assert_eq!(d.spec.and_then(|s| s.replicas), Some(replicas));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    producing.await.expect("producer");
+    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
+    flow.assert_exactly_once(&seen);
+}
+
+const DEDUP: &str = r#"    - name: once
+      dedup: {key: [user, seq], window: 10m}"#;
+
+#[tokio::test]
+async fn a_state_incompatible_change_is_refused_until_a_reset_is_allowed() {
+    let flow = Flow::start("up-state", 1, "  upgrade: {healthWindow: 3s}", DEDUP).await;
+    flow.produce(40, 200).await;
+    let before = flow.api().get(flow.name).await.expect("get");
+    let deployed = before.status.as_ref().and_then(|s| s.plan_hash.clone());
+    flow.patch(json!({"spec": {"steps": [{"name": "once", "dedup": {"key": ["user", "action", "seq"], "window": "10m"}}]}}))
+        .await;
+    let blocked = flow
+        .wait("SpecApplied=False (StateIncompatible)", |p| {
+            condition(p, "SpecApplied")
+                .is_some_and(|c| c.status == "False" && c.reason == "StateIncompatible")
+                && p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
+        })
+        .await;
+    let message = condition(&blocked, "SpecApplied")
+        .expect("condition")
+        .message
+        .clone();
+    assert!(message.contains("allowStateReset"), "{message}");
+    assert!(
+        message.contains("once"),
+        "the message names the step: {message}"
+    );
+    let status = blocked.status.clone().expect("status");
+    assert_eq!(
+        status.plan_hash, deployed,
+        "the previous version keeps running"
+    );
+    assert_eq!(status.phase, Some(PipelinePhase::Degraded));
+    assert_eq!(flow.argo_health(), "Degraded");
+    // Events still flow through the old version.
+    flow.produce(40, 200).await;
+    let seen = flow.read_sink(80);
+    flow.assert_exactly_once(&seen);
+
+    flow.patch(json!({"spec": {"upgrade": {"allowStateReset": true, "healthWindow": "3s"}}}))
+        .await;
+    let reset = flow
+        .wait("the reset upgrade stable", upgraded_to_stable)
+        .await;
+    let status = reset.status.expect("status");
+    let upgrade = status.upgrade.expect("upgrade");
+    assert!(
+        upgrade.state_reset,
+        "status says the state was reset: {upgrade:?}"
+    );
+    assert_eq!(upgrade.change, "StateIncompatible");
+    assert_eq!(
+        status.last_restore.map(|r| r.reason).as_deref(),
+        Some("StateReset")
+    );
+    flow.produce(40, 200).await;
+    let seen = flow.read_sink(120);
+    flow.assert_exactly_once(&seen);
+}
+
+#[tokio::test]
+async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
+    let flow = Arc::new(
+        Flow::start(
+            "up-rollback",
+            2,
+            "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
+            PROJECT,
+        )
+        .await,
+    );
+    let stable_hash = flow
+        .api()
+        .get(flow.name)
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.stable_plan_hash)
+        .expect("stable plan");
+    let (stop, producing) = flow.produce_continuously(100);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A filter that fails on every event: a string compared with a number.
+    flow.patch(json!({"spec": {"steps": [
+        {"name": "broken", "filter": {"expression": "action > 1"}},
+        {"name": "shape", "project": {"fields": [{"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"}]}}
+    ]}}))
+    .await;
+    let upgrading = flow
+        .wait("Upgrading", |p| {
+            p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Upgrading)
+        })
+        .await;
+    assert_eq!(
+        argo_health_of(&serde_json::to_string(&upgrading).unwrap()),
+        "Progressing"
+    );
+    let rolled = flow
+        .wait("rolled back", |p| {
+            upgrade_phase(p) == Some(UpgradePhase::RolledBack)
+        })
+        .await;
+    let status = rolled.status.clone().expect("status");
+    assert_eq!(
+        status.plan_hash.as_deref(),
+        Some(stable_hash.as_str()),
+        "the stable plan runs again"
+    );
+    assert_eq!(status.phase, Some(PipelinePhase::Degraded));
+    let upgrade = status.upgrade.expect("upgrade");
+    let message = upgrade.message.clone().unwrap_or_default();
+    assert!(message.contains("dead-letter"), "{message}");
+    assert!(upgrade.checkpoint.is_some());
+    assert_eq!(
+        status.last_restore.map(|r| r.reason).as_deref(),
+        Some("Rollback")
+    );
+    let condition = condition(&rolled, "SpecApplied").expect("SpecApplied");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "RolledBack")
+    );
+    assert_eq!(flow.argo_health(), "Degraded");
+    let reasons: Vec<String> = flow.events().await.into_iter().map(|(r, _)| r).collect();
+    assert!(reasons.iter().any(|r| r == "UpgradeFailed"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "RolledBack"), "{reasons:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    producing.await.expect("producer");
+    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
+    flow.assert_exactly_once(&seen);
+}
+
+#[tokio::test]
+async fn suspend_stops_at_a_checkpoint_and_resume_continues_there() {
+    let flow = Flow::start("up-suspend", 2, "  parallelism: 2", PROJECT).await;
+    flow.produce(100, 500).await;
+    flow.read_sink(100);
+    flow.patch(json!({"spec": {"state": "Suspended"}})).await;
+    let suspended = flow
+        .wait("Suspended", |p| {
+            p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Suspended)
+        })
+        .await;
+    let status = suspended.status.expect("status");
+    let last = status.last_checkpoint.expect("a checkpoint at suspend");
+    assert_eq!(last.trigger.as_deref(), Some("Suspend"));
+    let deployments: Api<Deployment> = flow.ns.api();
+    let d = deployments.get("orders-s0").await.expect("deployment");
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(0));
+    assert_eq!(flow.argo_health(), "Suspended");
+    // Input while suspended waits in the source.
+    flow.produce(100, 500).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        flow.read_sink(100).len(),
+        100,
+        "nothing is processed while suspended"
+    );
+    flow.patch(json!({"spec": {"state": "Running"}})).await;
+    flow.wait("Running again", |p| {
+        condition_is(p, "Ready", "True")
+            && p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Running)
+    })
+    .await;
+    let seen = flow.read_sink(200);
+    flow.assert_exactly_once(&seen);
+}
+
+#[tokio::test]
+async fn a_restore_from_an_older_named_checkpoint_replays_from_there() {
+    let flow = Flow::start("up-restore", 2, "  parallelism: 2", PROJECT).await;
+    flow.produce(60, 500).await;
+    flow.read_sink(60);
+    flow.patch(json!({"spec": {"checkpointTrigger": "before-b"}}))
+        .await;
+    let checkpointed = flow
+        .wait("the manual checkpoint", |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.last_checkpoint_trigger.as_deref() == Some("before-b")
+                    && s.last_checkpoint.is_some()
+            })
+        })
+        .await;
+    let older = checkpointed
+        .status
+        .and_then(|s| s.last_checkpoint)
+        .expect("checkpoint")
+        .id;
+    flow.produce(40, 500).await;
+    flow.read_sink(100);
+    flow.patch(json!({"spec": {"restore": {"checkpoint": older}}}))
+        .await;
+    let restored = flow
+        .wait("restored and Ready", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_restore.as_ref())
+                .is_some_and(|r| r.checkpoint.as_deref() == Some(older.as_str()))
+                && condition_is(p, "Ready", "True")
+        })
+        .await;
+    assert_eq!(
+        restored
+            .status
+            .and_then(|s| s.last_restore)
+            .map(|r| r.reason)
+            .as_deref(),
+        Some("Requested")
+    );
+    // The 40 events after the checkpoint are processed again; the 60 before are not.
+    let seen = flow.read_sink(140);
+    let mut counts: BTreeMap<(String, u64), u32> = BTreeMap::new();
+    for (user, seq, _) in &seen {
+        *counts.entry((user.clone(), *seq)).or_default() += 1;
+    }
+    for n in 0..100u64 {
+        let times = counts
+            .get(&(format!("u{}", n % USERS), n / USERS))
+            .copied()
+            .unwrap_or(0);
+        let expected = if n < 60 { 1 } else { 2 };
+        assert_eq!(times, expected, "event {n} is in the sink {times} time(s)");
+    }
+}
