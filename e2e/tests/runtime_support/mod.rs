@@ -1,0 +1,486 @@
+//! What the runtime's end-to-end tests share: a pipeline's plan and topics on
+//! the testbed's Kafka, runtime instances as child processes, producing and
+//! reading records, and the CDC workload with its exactly-once check.
+//!
+//! Needs `target/debug/keystone-runtime` (`cargo build -p keystone-runtime`;
+//! scripts/test builds it) and a running testbed.
+
+// Each test file uses a different part of this module.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use keystone_crds::plan::{Partitions, Plan, TopicRole};
+use keystone_e2e::Testbed;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn runtime_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/keystone-runtime");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p keystone-runtime` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A small deterministic generator (no dependency, same sequence every run).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One pipeline under test: its plan on disk, its topics, its instances.
+pub struct Harness {
+    pub bootstrap: String,
+    pub dir: PathBuf,
+    pub plan_path: PathBuf,
+    pub plan: Plan,
+    pub instances: BTreeMap<String, Child>,
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl Harness {
+    pub async fn new(name: &str, manifest: &str, source_partitions: i32) -> Self {
+        let testbed = Testbed::from_env().await.expect("testbed");
+        let bootstrap = testbed.kafka_bootstrap_servers().expect("kafka").to_owned();
+        let manifests = keystone_crds::parse_manifests("pipeline.yaml", manifest)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan =
+            keystone_crds::compile(&manifests.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+        let dir = testbed.state_dir().join("runtime-tests").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let plan_path = dir.join("plan.json");
+        std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan).unwrap()).unwrap();
+        let harness = Self {
+            bootstrap,
+            dir,
+            plan_path,
+            plan,
+            instances: BTreeMap::new(),
+            ports: BTreeMap::new(),
+        };
+        harness.create_topics(source_partitions).await;
+        harness
+    }
+
+    /// Creates the source and every topic the plan creates (as the operator would).
+    pub async fn create_topics(&self, source_partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        let mut topics = Vec::new();
+        for topic in &self.plan.topics {
+            let partitions = match (&topic.role, &topic.partitions) {
+                // Sources and tables are the user's; here the test makes them,
+                // tables compacted and co-partitioned with the source.
+                (TopicRole::Source | TopicRole::Table, _) => source_partitions,
+                (_, Some(Partitions::Fixed(n))) => *n,
+                (_, Some(Partitions::SameAs(_))) => source_partitions,
+                (_, None) => continue,
+            };
+            let mut new = NewTopic::new(&topic.name, partitions, TopicReplication::Fixed(1));
+            if topic.role == TopicRole::Table {
+                new = new.set("cleanup.policy", "compact");
+            }
+            for (key, value) in &topic.config {
+                new = new.set(key, value);
+            }
+            topics.push(new);
+        }
+        for result in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+        }
+    }
+
+    pub fn start(&mut self, instance: &str, extra_env: &[(&str, &str)]) {
+        self.start_stage(instance, "s0", extra_env);
+    }
+
+    pub fn start_stage(&mut self, instance: &str, stage: &str, extra_env: &[(&str, &str)]) {
+        let port = *self
+            .ports
+            .entry(instance.to_owned())
+            .or_insert_with(free_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{instance}.log")))
+            .unwrap();
+        let mut command = Command::new(runtime_binary());
+        command
+            .args(["serve", "--plan"])
+            .arg(&self.plan_path)
+            .args([
+                "--stage",
+                stage,
+                "--kafka-config",
+                "session.timeout.ms=6000",
+            ])
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("POD_NAME", instance)
+            .env("KEYSTONE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("runtime starts");
+        self.instances.insert(instance.to_owned(), child);
+    }
+
+    pub fn kill(&mut self, instance: &str) {
+        if let Some(mut child) = self.instances.remove(instance) {
+            child.kill().ok(); // SIGKILL: no chance to commit
+            child.wait().ok();
+        }
+    }
+
+    pub fn terminate(&mut self, instance: &str) {
+        if let Some(mut child) = self.instances.remove(instance) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .ok();
+            let deadline = Instant::now() + TIMEOUT;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(
+                            status.success(),
+                            "{instance} exited with {status} after SIGTERM; see {}",
+                            self.log(instance)
+                        );
+                        return;
+                    }
+                    _ if Instant::now() > deadline => {
+                        panic!("{instance} did not stop within {TIMEOUT:?} of SIGTERM")
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+
+    /// Waits until every named instance processes at least one partition.
+    pub fn wait_for_partitions(&self, instances: &[&str]) {
+        let deadline = Instant::now() + TIMEOUT;
+        for instance in instances {
+            loop {
+                let (_, metrics) = self.http(instance, "GET", "/metrics");
+                if metric_value(&metrics, "keystone_assigned_partitions").unwrap_or(0.0) >= 1.0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{instance} got no partition within {TIMEOUT:?}; see {}",
+                    self.log(instance)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn log(&self, instance: &str) -> String {
+        self.dir
+            .join(format!("{instance}.log"))
+            .display()
+            .to_string()
+    }
+
+    pub fn http(&self, instance: &str, method: &str, path: &str) -> (u16, String) {
+        let port = self.ports[instance];
+        http_request(port, method, path)
+    }
+
+    pub fn sink_topic(&self) -> String {
+        self.plan.sinks[0]
+            .spec
+            .kafka
+            .as_ref()
+            .unwrap()
+            .topic
+            .clone()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.instances.keys().cloned().collect();
+        for name in names {
+            self.kill(&name);
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http_request(port: u16, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(70))).ok();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+pub fn produce(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    records: &[(String, String)],
+) {
+    for (key, value) in records {
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_bytes())
+            .payload(value.as_bytes());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(TIMEOUT).unwrap();
+}
+
+/// Every committed record of `topic` (key, value, headers), read from the
+/// beginning until `expected` arrived and nothing more came for `quiet`.
+pub fn read_committed(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    within: Duration,
+    quiet: Duration,
+) -> Vec<(String, String, BTreeMap<String, String>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("e2e-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut last_record = Instant::now();
+    loop {
+        if records.len() >= expected && last_record.elapsed() >= quiet {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            let mut headers = BTreeMap::new();
+            if let Some(h) = message.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            records.push((
+                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                headers,
+            ));
+            last_record = Instant::now();
+        }
+    }
+    records
+}
+
+pub fn cdc_pipeline(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [order_id]
+    schema:
+      fields:
+        - {{name: event_id, type: string}}
+        - {{name: order_id, type: string}}
+        - {{name: seq, type: integer}}
+  steps:
+    - name: dedup
+      dedup: {{key: [order_id, event_id], window: 1h}}
+    - name: order
+      order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 3, key: [order_id], preserveOrder: true}}
+  delivery: ExactlyOnce
+  commitInterval: 300ms
+"#
+    )
+}
+
+/// CDC input: `keys` orders with sequences 1..=`seqs`; the first event of an
+/// order comes first, later ones are locally swapped (bounded disorder), and a
+/// fifth of the events is delivered twice (a redelivery a few events later).
+pub fn cdc_input(keys: u32, seqs: i64, seed: u64) -> Vec<(String, String)> {
+    let mut rng = Lcg(seed);
+    let mut per_key: Vec<Vec<(String, String)>> = Vec::new();
+    for k in 0..keys {
+        let order = format!("order-{k}");
+        let mut sequence: Vec<i64> = (1..=seqs).collect();
+        let mut i = 1;
+        while i + 1 < sequence.len() {
+            if rng.below(3) == 0 {
+                sequence.swap(i, i + 1);
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+        let mut events = Vec::new();
+        for seq in sequence {
+            let event =
+                format!(r#"{{"event_id":"{order}-{seq}","order_id":"{order}","seq":{seq}}}"#);
+            events.push((order.clone(), event.clone()));
+            if rng.below(5) == 0 {
+                events.push((order.clone(), event));
+            }
+        }
+        per_key.push(events);
+    }
+    // Interleave the orders, keeping each order's own sequence of events.
+    let mut out = Vec::new();
+    let mut cursors = vec![0usize; per_key.len()];
+    while out.len() < per_key.iter().map(Vec::len).sum() {
+        let k = rng.below(per_key.len() as u64) as usize;
+        if cursors[k] < per_key[k].len() {
+            out.push(per_key[k][cursors[k]].clone());
+            cursors[k] += 1;
+        }
+    }
+    out
+}
+
+/// Every order's sequences 1..=seqs exactly once and ascending.
+pub fn assert_exactly_once_in_order(
+    records: &[(String, String, BTreeMap<String, String>)],
+    keys: u32,
+    seqs: i64,
+    logs: &str,
+) {
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (key, value, _) in records {
+        let event: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert_eq!(
+            event["order_id"].as_str(),
+            Some(key.as_str()),
+            "record key is the order id"
+        );
+        by_key
+            .entry(key.clone())
+            .or_default()
+            .push(event["seq"].as_i64().unwrap());
+    }
+    let expected: Vec<i64> = (1..=seqs).collect();
+    let mut wrong = Vec::new();
+    for k in 0..keys {
+        let key = format!("order-{k}");
+        let got = by_key.get(&key).cloned().unwrap_or_default();
+        if got != expected {
+            wrong.push(format!("{key}: {got:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty() && records.len() == (keys as usize) * (seqs as usize),
+        "{} records; orders not exactly once and in order:\n{}\nlogs: {logs}",
+        records.len(),
+        wrong.join("\n")
+    );
+}
+
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .reduce(|a, b| a + b)
+}
