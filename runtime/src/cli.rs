@@ -66,6 +66,10 @@ pub struct ServeCli {
     /// Log as JSON lines.
     #[arg(long, env = "KEYSTONE_LOG_JSON")]
     pub log_json: bool,
+    /// A restore plan (JSON `RestorePlan`) to apply once per partition before
+    /// processing it; every offset commit then carries `keystone.restore=<id>`.
+    #[arg(long, env = "KEYSTONE_RESTORE")]
+    pub restore: Option<PathBuf>,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -93,6 +97,7 @@ fn serve(args: ServeCli) -> i32 {
         instance_id: args.instance_id,
         http_addr: args.http_addr,
         kafka_config: args.kafka_config,
+        restore: args.restore,
     });
     match result {
         Ok(()) => 0,

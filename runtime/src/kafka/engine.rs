@@ -18,21 +18,25 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use keystone_crds::checkpoint::{InputRestore, InstanceCheckpoint, RestorePlan, StateRestore};
 use keystone_crds::ops::{Operator as Op, TableSpec};
 use keystone_crds::pipeline::Delivery;
 use keystone_crds::plan::{Plan, PlanStage, StageOutput};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sonic_rs::JsonValueTrait;
 
 use crate::clock::SystemClock;
 use crate::event::{Event, FieldPath};
-use crate::kafka::http::CheckpointRequest;
+use crate::kafka::http::Control;
 use crate::kafka::restore::{self, RawRecord};
-use crate::kafka::{Checkpoint, ServeArgs, ServeError, Shared, config};
+use crate::kafka::{ServeArgs, ServeError, Shared, config};
 use crate::ops::Table;
 use crate::state::StateChange;
 use crate::task::{StageTask, StepMetrics, TaskOptions};
@@ -92,6 +96,44 @@ pub struct ConsumerCtx {
 impl ClientContext for ConsumerCtx {}
 
 impl ConsumerContext for ConsumerCtx {
+    /// The default rebalance, except that restored partitions get their start
+    /// offsets in the assignment itself (a seek right after an assignment races
+    /// with the fetch of the committed offset), and that partitions assigned
+    /// while stopped are paused at once.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                {
+                    let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(error) = core.prepare_restores(consumer, tpl) {
+                        tracing::error!(%error, "reading where restored partitions start failed");
+                        core.fatal = Some(error);
+                    }
+                }
+                if let Err(error) = assign(consumer, tpl) {
+                    tracing::error!(%error, "assigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                if let Err(error) = unassign(consumer, tpl) {
+                    tracing::error!(%error, "unassigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let code: rdkafka::types::RDKafkaErrorCode = other.into();
+                tracing::warn!(%code, "rebalance error");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -123,11 +165,19 @@ impl ConsumerContext for ConsumerCtx {
                     .lock()
                     .map(|m| m.rebalances.with_label_values(&["assign"]).inc())
                     .ok();
-                if let Err(error) = core.add_tasks(&partitions) {
+                if let Err(error) = core
+                    .add_tasks(&partitions)
+                    .and_then(|()| core.commit_restores(consumer))
+                {
                     // Without its state a partition cannot be processed correctly:
                     // stop, and let the restart (and a new rebalance) try again.
                     tracing::error!(%error, "restoring assigned partitions failed");
                     core.fatal = Some(error);
+                }
+                if core.stopped
+                    && let Err(error) = consumer.pause(tpl)
+                {
+                    tracing::error!(%error, "pausing partitions assigned while stopped failed");
                 }
                 core.shared.joined.store(true, Ordering::SeqCst);
                 core.update_assignment_metrics(consumer);
@@ -219,6 +269,40 @@ pub struct Core {
     retired: BTreeMap<String, StepMetrics>,
     shared: Arc<Shared>,
     fatal: Option<ServeError>,
+    /// Reported in checkpoints.
+    instance_id: String,
+    plan_hash: String,
+    /// Where a partition without committed offsets starts (`auto.offset.reset`).
+    start_from_earliest: bool,
+    /// The `--restore` plan, if any.
+    restore: Option<ActiveRestore>,
+    /// Assigned partitions whose restore is applied before they are processed,
+    /// with the offset their input starts at.
+    pending_restores: BTreeMap<i32, i64>,
+    /// Partitions restored whose start offset (and compensations) are not committed yet.
+    uncommitted_restores: Vec<i32>,
+    /// Per changelog partition, the end its last restore read up to: its position
+    /// as long as this instance wrote nothing to it.
+    changelog_ends: BTreeMap<(String, i32), i64>,
+    /// Processing stopped after a checkpoint: partitions paused, no output.
+    stopped: bool,
+}
+
+/// The `--restore` plan as this stage applies it.
+pub struct ActiveRestore {
+    /// The metadata every offset commit carries (`keystone.restore=<id>`).
+    pub metadata: String,
+    /// This stage's part of the plan; `None` when the plan does not list the stage.
+    pub stage: Option<keystone_crds::checkpoint::StageRestore>,
+}
+
+impl ActiveRestore {
+    pub fn new(plan: &RestorePlan, stage: &str) -> Self {
+        Self {
+            metadata: plan.commit_metadata(),
+            stage: plan.stages.get(stage).cloned(),
+        }
+    }
 }
 
 impl Core {
@@ -264,11 +348,22 @@ impl Core {
         }
         let restored = restore::read_to_end(&self.restore_config, &wanted)?;
         self.follow_tables(&restored.read_up_to)?;
+        for (key, end) in &restored.read_up_to {
+            if self
+                .state_sources
+                .iter()
+                .any(|s| s.table.is_none() && s.topic == key.0)
+            {
+                self.changelog_ends.insert(key.clone(), *end);
+            }
+        }
         let mut read = restored.records;
+        let mut compensations: Vec<(String, i32, StateChange)> = Vec::new();
         for &partition in partitions {
             let mut task = self.new_task()?;
+            let restoring = self.pending_restores.remove(&partition);
             for source in &self.state_sources {
-                let raw: Vec<RawRecord> = match replicated.get(&source.topic) {
+                let logged: Vec<restore::LoggedRecord> = match replicated.get(&source.topic) {
                     Some(all) => all
                         .iter()
                         .flat_map(|p| {
@@ -281,13 +376,37 @@ impl Core {
                         .remove(&(source.topic.clone(), partition))
                         .unwrap_or_default(),
                 };
-                let count = raw.len();
+                let count = logged.len();
                 let changes = match &source.table {
-                    None => raw
-                        .into_iter()
-                        .filter_map(|(key, value)| key.map(|key| StateChange { key, value }))
-                        .collect(),
-                    Some(spec) => table_changes(spec, raw),
+                    None => {
+                        match restoring.and_then(|_| self.rewind_of(&source.topic, partition)) {
+                            Some(to) => {
+                                let rewound = restore::rewind(&logged, to);
+                                tracing::info!(
+                                    partition,
+                                    topic = source.topic,
+                                    ?to,
+                                    kept = rewound.state.len(),
+                                    compensations = rewound.compensations.len(),
+                                    "state rewound for the restore"
+                                );
+                                compensations.extend(
+                                    rewound
+                                        .compensations
+                                        .into_iter()
+                                        .map(|c| (source.topic.clone(), partition, c)),
+                                );
+                                rewound.state
+                            }
+                            None => logged
+                                .into_iter()
+                                .filter_map(|(_, (key, value))| {
+                                    key.map(|key| StateChange { key, value })
+                                })
+                                .collect(),
+                        }
+                    }
+                    Some(spec) => table_changes(spec, logged.into_iter().map(|(_, r)| r).collect()),
                 };
                 task.restore(&source.step, changes)
                     .map_err(ServeError::Runtime)?;
@@ -305,8 +424,193 @@ impl Core {
                 );
             }
             self.tasks.insert(partition, task);
+            if let Some(start) = restoring {
+                // The restored start is committed (with the restore's metadata) before
+                // anything of the partition is processed: see `commit_restores`.
+                self.positions.insert(partition, start);
+                self.uncommitted_restores.push(partition);
+            }
+        }
+        if !compensations.is_empty() {
+            self.begin_if_needed()?;
+            let count = compensations.len() as u64;
+            for (topic, partition, change) in compensations {
+                send(
+                    &self.producer,
+                    &topic,
+                    Some(&change.key),
+                    change.value.as_deref(),
+                    Some(partition),
+                    None,
+                )?;
+            }
+            self.shared
+                .metrics
+                .lock()
+                .map(|m| m.restore_compensations.inc_by(count))
+                .ok();
         }
         Ok(())
+    }
+
+    /// How the restore takes a changelog partition back, if it names the topic
+    /// (and, for `At`, the partition). Tables are never rewound: they follow
+    /// their own topic.
+    fn rewind_of(&self, topic: &str, partition: i32) -> Option<restore::Rewind> {
+        let stage = self.restore.as_ref()?.stage.as_ref()?;
+        match stage.state.get(topic)? {
+            StateRestore::Empty => Some(restore::Rewind::Empty),
+            StateRestore::At(positions) => match positions.get(&partition) {
+                Some(position) => Some(restore::Rewind::To(*position)),
+                None => {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        "the restore plan has no position for this changelog partition; its state is kept"
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    /// Commits the start offsets of partitions just restored, with the
+    /// compensating changelog records, in one transaction (at-least-once: after
+    /// the compensations are flushed). From then on the group's offsets carry the
+    /// restore's metadata, and a restart does not apply it again.
+    fn commit_restores(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        if self.uncommitted_restores.is_empty() {
+            return Ok(());
+        }
+        // Even without compensations the offsets need a transaction to travel in.
+        self.begin_if_needed()?;
+        self.commit(consumer, "restore")?;
+        let partitions = std::mem::take(&mut self.uncommitted_restores);
+        self.shared
+            .metrics
+            .lock()
+            .map(|m| m.restores_applied.inc_by(partitions.len() as u64))
+            .ok();
+        let starts: BTreeMap<i32, i64> = partitions
+            .iter()
+            .filter_map(|p| self.committed.get(p).map(|o| (*p, *o)))
+            .collect();
+        tracing::info!(?starts, "restore applied and committed");
+        Ok(())
+    }
+
+    /// Reads the restore's marker in the group's committed offsets of newly
+    /// assigned partitions; those without it get their start offset from the
+    /// restore plan, set in the assignment, and are restored before processing.
+    fn prepare_restores(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        tpl: &mut TopicPartitionList,
+    ) -> Result<(), ServeError> {
+        let Some(ActiveRestore {
+            metadata,
+            stage: Some(stage),
+        }) = &self.restore
+        else {
+            return Ok(());
+        };
+        let (metadata, input) = (metadata.clone(), stage.input.clone());
+        let topic = self.stage.input.topic.clone();
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let committed = self.committed_in_group(consumer, &partitions)?;
+        for partition in partitions {
+            let (offset, marker) = committed.get(&partition).cloned().unwrap_or_default();
+            if marker == metadata {
+                tracing::info!(
+                    partition,
+                    "the restore was applied before: starting normally"
+                );
+                continue;
+            }
+            let start = match &input {
+                InputRestore::Earliest => self.watermarks(consumer, partition)?.0,
+                InputRestore::Latest => self.watermarks(consumer, partition)?.1,
+                InputRestore::Offsets(offsets) => match offsets.get(&partition) {
+                    Some(start) => *start,
+                    None => self.start_of(consumer, partition, offset)?,
+                },
+                InputRestore::Committed => self.start_of(consumer, partition, offset)?,
+            };
+            tpl.set_partition_offset(&topic, partition, Offset::Offset(start))
+                .map_err(|source| ServeError::Kafka {
+                    what: "setting a restored partition's start offset",
+                    source,
+                })?;
+            tracing::info!(partition, start, "applying the restore to this partition");
+            self.pending_restores.insert(partition, start);
+        }
+        Ok(())
+    }
+
+    /// The group's committed offset (if any) and its metadata, per partition.
+    fn committed_in_group(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, (Option<i64>, String)>, ServeError> {
+        let mut tpl = TopicPartitionList::new();
+        for &partition in partitions {
+            tpl.add_partition(&self.stage.input.topic, partition);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, KAFKA_TIMEOUT)
+            .map_err(|source| ServeError::Kafka {
+                what: "reading the group's committed offsets",
+                source,
+            })?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                (e.partition(), (offset, e.metadata().to_owned()))
+            })
+            .collect())
+    }
+
+    fn watermarks(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partition: i32,
+    ) -> Result<(i64, i64), ServeError> {
+        consumer
+            .fetch_watermarks(&self.stage.input.topic, partition, KAFKA_TIMEOUT)
+            .map_err(|source| ServeError::Kafka {
+                what: "reading the bounds of an input partition",
+                source,
+            })
+    }
+
+    /// Where a partition starts: its committed offset, else where
+    /// `auto.offset.reset` puts it, as a concrete offset.
+    fn start_of(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partition: i32,
+        committed: Option<i64>,
+    ) -> Result<i64, ServeError> {
+        match committed {
+            Some(offset) => Ok(offset),
+            None => {
+                let (low, high) = self.watermarks(consumer, partition)?;
+                Ok(if self.start_from_earliest { low } else { high })
+            }
+        }
     }
 
     fn drop_tasks(&mut self, partitions: &[i32]) {
@@ -652,11 +956,18 @@ impl Core {
     fn offsets_list(&self) -> Result<TopicPartitionList, ServeError> {
         let mut tpl = TopicPartitionList::new();
         for (&partition, &offset) in &self.positions {
-            tpl.add_partition_offset(&self.stage.input.topic, partition, Offset::Offset(offset))
+            let mut element = tpl.add_partition(&self.stage.input.topic, partition);
+            element
+                .set_offset(Offset::Offset(offset))
                 .map_err(|source| ServeError::Kafka {
                     what: "building the offsets to commit",
                     source,
                 })?;
+            // Every commit while a restore is given marks it applied, so that a
+            // restarted instance never applies it twice.
+            if let Some(restore) = &self.restore {
+                element.set_metadata(&restore.metadata);
+            }
         }
         Ok(tpl)
     }
@@ -806,42 +1117,151 @@ impl Core {
         Ok(())
     }
 
+    /// Commits at a barrier and reports, for every assigned partition, the next
+    /// input offset and the changelog positions committed with it. Partitions not
+    /// processed since their assignment are committed at their start (resolved to
+    /// an offset when the group has none), so the group's offsets are the checkpoint.
     fn checkpoint(
         &mut self,
         consumer: &BaseConsumer<ConsumerCtx>,
-    ) -> Result<Checkpoint, ServeError> {
-        self.commit(consumer, "checkpoint")?;
-        let mut source_offsets = BTreeMap::new();
-        for (&partition, &offset) in &self.committed {
-            source_offsets.insert(partition, offset);
+        stop: bool,
+    ) -> Result<InstanceCheckpoint, ServeError> {
+        let topic = self.stage.input.topic.clone();
+        let assigned: Vec<i32> = consumer
+            .assignment()
+            .map_err(|source| ServeError::Kafka {
+                what: "reading the assignment",
+                source,
+            })?
+            .elements_for_topic(&topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let unprocessed: Vec<i32> = assigned
+            .iter()
+            .filter(|p| !self.positions.contains_key(p))
+            .copied()
+            .collect();
+        if !unprocessed.is_empty() {
+            let committed = self.committed_in_group(consumer, &unprocessed)?;
+            for partition in unprocessed {
+                let offset = committed.get(&partition).and_then(|c| c.0);
+                let start = self.start_of(consumer, partition, offset)?;
+                self.positions.insert(partition, start);
+            }
+            self.begin_if_needed()?;
         }
+        self.commit(consumer, "checkpoint")?;
+        if stop {
+            self.stop(consumer)?;
+        }
+        let source_offsets = assigned
+            .iter()
+            .filter_map(|p| self.committed.get(p).map(|o| (*p, *o)))
+            .collect();
         let changelog_topics: BTreeSet<&str> = self
             .state_sources
             .iter()
             .filter(|s| s.table.is_none())
             .map(|s| s.topic.as_str())
             .collect();
-        let mut changelog_positions: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
-        let positions = self
+        let delivered = self
             .deliveries
             .positions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        for ((topic, partition), offset) in positions.iter() {
-            if changelog_topics.contains(topic.as_str()) && self.tasks.contains_key(partition) {
-                changelog_positions
-                    .entry(topic.clone())
-                    .or_default()
-                    .insert(*partition, offset + 1);
+        let mut changelog_positions: keystone_crds::checkpoint::Positions = BTreeMap::new();
+        for topic in changelog_topics {
+            for &partition in &assigned {
+                let key = (topic.to_owned(), partition);
+                // Written since the restore: after the last write; else where the
+                // restore read up to.
+                let written = delivered.get(&key).map(|last| last + 1);
+                if let Some(position) = self.changelog_ends.get(&key).copied().max(written) {
+                    changelog_positions
+                        .entry(topic.to_owned())
+                        .or_default()
+                        .insert(partition, position);
+                }
             }
         }
-        Ok(Checkpoint {
+        Ok(InstanceCheckpoint {
             pipeline: self.plan.pipeline.clone(),
             stage: self.stage.name.clone(),
-            input_topic: self.stage.input.topic.clone(),
+            instance: self.instance_id.clone(),
+            plan_hash: self.plan_hash.clone(),
+            input_topic: topic,
             source_offsets,
             changelog_positions,
+            stopped: self.stopped,
         })
+    }
+
+    /// Stops processing: every assigned partition is paused (and those assigned
+    /// later, in `rebalance`); polling goes on, so the group membership stays.
+    fn stop(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        let assignment = consumer.assignment().map_err(|source| ServeError::Kafka {
+            what: "reading the assignment",
+            source,
+        })?;
+        consumer
+            .pause(&assignment)
+            .map_err(|source| ServeError::Kafka {
+                what: "pausing the input partitions",
+                source,
+            })?;
+        if !self.stopped {
+            tracing::info!(
+                partitions = assignment.count(),
+                "stopped after a checkpoint"
+            );
+        }
+        self.set_stopped(true);
+        Ok(())
+    }
+
+    /// Undoes a stop: resumes every partition from its committed offset (records
+    /// fetched while paused were dropped).
+    fn resume(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        if !self.stopped {
+            return Ok(());
+        }
+        let assignment = consumer.assignment().map_err(|source| ServeError::Kafka {
+            what: "reading the assignment",
+            source,
+        })?;
+        consumer
+            .resume(&assignment)
+            .map_err(|source| ServeError::Kafka {
+                what: "resuming the input partitions",
+                source,
+            })?;
+        self.set_stopped(false);
+        for (&partition, &offset) in &self.committed {
+            consumer
+                .seek(
+                    &self.stage.input.topic,
+                    partition,
+                    Offset::Offset(offset),
+                    KAFKA_TIMEOUT,
+                )
+                .map_err(|source| ServeError::Kafka {
+                    what: "seeking to the committed offset after a stop",
+                    source,
+                })?;
+        }
+        tracing::info!(partitions = assignment.count(), "resumed");
+        Ok(())
+    }
+
+    fn set_stopped(&mut self, stopped: bool) {
+        self.stopped = stopped;
+        self.shared.stopped.store(stopped, Ordering::SeqCst);
+        self.shared
+            .metrics
+            .lock()
+            .map(|m| m.stopped.set(i64::from(stopped)))
+            .ok();
     }
 
     fn publish_metrics(&mut self) {
@@ -1005,7 +1425,8 @@ pub fn run(
     plan: Arc<Plan>,
     stage: PlanStage,
     shared: Arc<Shared>,
-    checkpoints: mpsc::Receiver<CheckpointRequest>,
+    restore: Option<RestorePlan>,
+    controls: mpsc::Receiver<Control>,
 ) -> Result<(), ServeError> {
     let exactly_once = plan.delivery == Delivery::ExactlyOnce;
     let last_stage = plan.stages.last().is_some_and(|s| s.name == stage.name);
@@ -1098,6 +1519,9 @@ pub fn run(
     } else {
         None
     };
+    let start_from_earliest = plan.source.start_from
+        == keystone_crds::pipeline::StartPosition::Earliest
+        || !stage.input.topic.eq(&plan.source.topic);
     let core = Arc::new(Mutex::new(Core {
         reads_source: stage.input.topic == plan.source.topic,
         restore_config: config::restore_reader(args, &stage.consumer_group),
@@ -1118,10 +1542,15 @@ pub fn run(
         retired: BTreeMap::new(),
         shared: shared.clone(),
         fatal: None,
+        instance_id: args.instance_id.clone(),
+        plan_hash: plan.hash(),
+        start_from_earliest,
+        restore: restore.as_ref().map(|r| ActiveRestore::new(r, &stage.name)),
+        pending_restores: BTreeMap::new(),
+        uncommitted_restores: Vec::new(),
+        changelog_ends: BTreeMap::new(),
+        stopped: false,
     }));
-    let start_from_earliest = plan.source.start_from
-        == keystone_crds::pipeline::StartPosition::Earliest
-        || !stage.input.topic.eq(&plan.source.topic);
     let consumer: BaseConsumer<ConsumerCtx> = config::consumer(
         args,
         &stage.consumer_group,
@@ -1195,27 +1624,35 @@ pub fn run(
         let core = &mut *guard;
         // Table rows first, so that events see every row that arrived before them.
         let mut step_result = core.poll_tables();
+        if core.stopped {
+            // Records fetched before the pause took effect: dropped, and read
+            // again from the committed offsets on resume.
+            batch.clear();
+        }
         for (partition, records) in batch {
             if step_result.is_err() {
                 break;
             }
             step_result = core.process(partition, records);
         }
-        if step_result.is_ok() {
+        if step_result.is_ok() && !core.stopped {
             step_result = core.tick();
         }
-        let checkpoint = checkpoints.try_recv().ok();
-        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || checkpoint.is_some())
-        {
-            step_result = match checkpoint {
-                Some(request) => {
-                    let result = core.checkpoint(&consumer);
-                    let answer = match &result {
-                        Ok(checkpoint) => Ok(checkpoint.clone()),
-                        Err(error) => Err(error.to_string()),
-                    };
-                    let _ = request.reply.send(answer);
+        let control = controls.try_recv().ok();
+        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || control.is_some()) {
+            step_result = match control {
+                Some(Control::Checkpoint { stop, reply }) => {
+                    let result = core.checkpoint(&consumer, stop);
+                    let _ =
+                        reply.send(result.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
                     result.map(|_| ())
+                }
+                Some(Control::Resume { reply }) => {
+                    let result = core
+                        .commit(&consumer, "resume")
+                        .and_then(|()| core.resume(&consumer));
+                    let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    result
                 }
                 None => core.commit(&consumer, "interval"),
             };
@@ -1272,5 +1709,19 @@ fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, core: &Core) {
                 .with_label_values(&[&partition.to_string()])
                 .set((high - position).max(0));
         }
+    }
+}
+
+fn assign(consumer: &BaseConsumer<ConsumerCtx>, tpl: &TopicPartitionList) -> KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+        _ => consumer.assign(tpl),
+    }
+}
+
+fn unassign(consumer: &BaseConsumer<ConsumerCtx>, tpl: &TopicPartitionList) -> KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+        _ => consumer.unassign(),
     }
 }

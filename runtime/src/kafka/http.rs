@@ -1,6 +1,7 @@
-//! The operations endpoints on one port: `/metrics`, `/healthz`, `/readyz`, and
-//! `POST /checkpoint`, which finishes the current transaction at a barrier and
-//! answers with the committed positions.
+//! The operations endpoints on one port: `/metrics`, `/healthz`, `/readyz`,
+//! `POST /checkpoint[?stop=true]`, which finishes the current transaction at a
+//! barrier and answers with the committed positions (and stops processing with
+//! `stop=true`), and `POST /resume`, which undoes a stop.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -16,27 +17,45 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::kafka::{Checkpoint, Shared};
+use keystone_crds::checkpoint::InstanceCheckpoint;
 
-/// A checkpoint request handed to the engine thread.
-pub struct CheckpointRequest {
-    pub reply: oneshot::Sender<Result<Checkpoint, String>>,
+use crate::kafka::Shared;
+
+/// A request handed to the engine thread, answered between two batches.
+pub enum Control {
+    /// Commit at a barrier and report the positions; then stop processing if `stop`.
+    Checkpoint {
+        stop: bool,
+        reply: oneshot::Sender<Result<InstanceCheckpoint, String>>,
+    },
+    /// Process again after a stop.
+    Resume {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Whether a query string asks for a stop (`stop=true`, `stop=1` or bare `stop`).
+fn wants_stop(query: Option<&str>) -> bool {
+    query.unwrap_or_default().split('&').any(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        name == "stop" && matches!(value, "true" | "1")
+    })
 }
 
 pub async fn serve(
     addr: SocketAddr,
     shared: Arc<Shared>,
-    checkpoints: mpsc::Sender<CheckpointRequest>,
+    controls: mpsc::Sender<Control>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "operations endpoints listening");
     loop {
         let (stream, _) = listener.accept().await?;
         let shared = shared.clone();
-        let checkpoints = checkpoints.clone();
+        let controls = controls.clone();
         tokio::spawn(async move {
             let service =
-                service_fn(move |request| handle(request, shared.clone(), checkpoints.clone()));
+                service_fn(move |request| handle(request, shared.clone(), controls.clone()));
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -62,7 +81,7 @@ fn respond(
 async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
-    checkpoints: mpsc::Sender<CheckpointRequest>,
+    controls: mpsc::Sender<Control>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let text = "text/plain; charset=utf-8";
     let response = match (request.method(), request.uri().path()) {
@@ -99,44 +118,84 @@ async fn handle(
                     text,
                     format!("restoring state of {restoring} partition(s)\n"),
                 )
+            } else if shared.stopped.load(Ordering::Relaxed) {
+                // Stopped on purpose (just before a replacement): still ready, so
+                // that the stop does not look like a failure.
+                respond(StatusCode::OK, text, "ready (stopped after a checkpoint)\n")
             } else {
                 respond(StatusCode::OK, text, "ready\n")
             }
         }
         (&Method::POST, "/checkpoint") => {
+            let stop = wants_stop(request.uri().query());
             let (reply, answer) = oneshot::channel();
-            if checkpoints.send(CheckpointRequest { reply }).is_err() {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    text,
-                    "the engine is not running\n",
-                )
-            } else {
-                match tokio::time::timeout(Duration::from_secs(60), answer).await {
-                    Ok(Ok(Ok(checkpoint))) => respond(
-                        StatusCode::OK,
-                        "application/json",
-                        serde_json::to_vec(&checkpoint).unwrap_or_default(),
-                    ),
-                    Ok(Ok(Err(reason))) => respond(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        text,
-                        format!("{reason}\n"),
-                    ),
-                    Ok(Err(_)) => respond(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        text,
-                        "the engine stopped\n",
-                    ),
-                    Err(_) => respond(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        text,
-                        "the checkpoint did not complete within 60s\n",
-                    ),
-                }
+            let sent = controls.send(Control::Checkpoint { stop, reply });
+            match await_engine(sent.is_ok(), answer).await {
+                Ok(checkpoint) => respond(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec(&checkpoint).unwrap_or_default(),
+                ),
+                Err(response) => response,
+            }
+        }
+        (&Method::POST, "/resume") => {
+            let (reply, answer) = oneshot::channel();
+            let sent = controls.send(Control::Resume { reply });
+            match await_engine(sent.is_ok(), answer).await {
+                Ok(()) => respond(StatusCode::OK, "application/json", "{\"stopped\":false}"),
+                Err(response) => response,
             }
         }
         _ => respond(StatusCode::NOT_FOUND, text, "not found\n"),
     };
     Ok(response)
+}
+
+/// Waits for the engine's answer to a control request; an error response when the
+/// request could not be sent, failed, or took longer than a minute.
+async fn await_engine<T>(
+    sent: bool,
+    answer: oneshot::Receiver<Result<T, String>>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let text = "text/plain; charset=utf-8";
+    if !sent {
+        return Err(respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            text,
+            "the engine is not running\n",
+        ));
+    }
+    match tokio::time::timeout(Duration::from_secs(60), answer).await {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(reason))) => Err(respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            text,
+            format!("{reason}\n"),
+        )),
+        Ok(Err(_)) => Err(respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            text,
+            "the engine stopped\n",
+        )),
+        Err(_) => Err(respond(
+            StatusCode::GATEWAY_TIMEOUT,
+            text,
+            "the engine did not answer within 60s\n",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_stop;
+
+    #[test]
+    fn stop_is_read_from_the_query() {
+        assert!(wants_stop(Some("stop=true")));
+        assert!(wants_stop(Some("x=1&stop=1")));
+        assert!(wants_stop(Some("stop")));
+        assert!(!wants_stop(Some("stop=false")));
+        assert!(!wants_stop(None));
+    }
 }

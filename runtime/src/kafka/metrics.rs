@@ -26,6 +26,14 @@ pub struct Metrics {
     pub restoring_partitions: IntGauge,
     pub assigned_partitions: IntGauge,
     pub rebalances: IntCounterVec,
+    /// 1 while processing is stopped after `POST /checkpoint?stop=true`.
+    pub stopped: IntGauge,
+    /// Partitions to which this process applied a `--restore` plan.
+    pub restores_applied: IntCounter,
+    /// Changelog records written to undo state changes after a restore position.
+    pub restore_compensations: IntCounter,
+    /// Sink records not written again because the sink already holds them (replay suppression).
+    pub suppressed_records: IntCounterVec,
     /// The totals already added to the counters, per step, so that cumulative
     /// task counters can be turned into increments.
     reported: HashMap<String, StepMetrics>,
@@ -37,6 +45,22 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
         .register(Box::new(counter.clone()))
         .expect("unique metric");
     counter
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("unique metric");
+    counter
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let gauge = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("unique metric");
+    gauge
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -67,30 +91,21 @@ impl Metrics {
         registry
             .register(Box::new(commit_duration.clone()))
             .expect("unique metric");
-        let restore_records = IntCounter::new(
+        let restore_records = counter(
+            &registry,
             "keystone_restore_records_total",
             "Changelog and table records read to restore state",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(restore_records.clone()))
-            .expect("unique metric");
-        let restoring_partitions = IntGauge::new(
+        );
+        let restoring_partitions = gauge(
+            &registry,
             "keystone_restoring_partitions",
             "Input partitions whose state is being restored (not processed yet)",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(restoring_partitions.clone()))
-            .expect("unique metric");
-        let assigned_partitions = IntGauge::new(
+        );
+        let assigned_partitions = gauge(
+            &registry,
             "keystone_assigned_partitions",
             "Input partitions this instance processes",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(assigned_partitions.clone()))
-            .expect("unique metric");
+        );
         Self {
             events_in: counter_vec(
                 &registry,
@@ -149,6 +164,27 @@ impl Metrics {
                 "keystone_rebalances_total",
                 "Partition assignments and revocations",
                 &["kind"],
+            ),
+            stopped: gauge(
+                &registry,
+                "keystone_runtime_stopped",
+                "1 while processing is stopped after a checkpoint with stop=true",
+            ),
+            restores_applied: counter(
+                &registry,
+                "keystone_restore_applied_partitions_total",
+                "Input partitions to which this process applied the --restore plan",
+            ),
+            restore_compensations: counter(
+                &registry,
+                "keystone_restore_compensation_records_total",
+                "Changelog records written to bring state back to a restore position",
+            ),
+            suppressed_records: counter_vec(
+                &registry,
+                "keystone_replay_suppressed_records_total",
+                "Sink records skipped on replay because the sink already holds them",
+                &["topic"],
             ),
             registry,
             reported: HashMap::new(),

@@ -8,15 +8,14 @@ mod http;
 mod metrics;
 mod restore;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use keystone_crds::checkpoint::RestorePlan;
 use keystone_crds::{PLAN_VERSION, Plan};
 use rdkafka::error::KafkaError;
-use serde::{Deserialize, Serialize};
 
 use crate::error::RuntimeError;
 pub use metrics::Metrics;
@@ -36,20 +35,8 @@ pub struct ServeArgs {
     pub http_addr: SocketAddr,
     /// Extra librdkafka settings (TLS, SASL, ...), applied to every client.
     pub kafka_config: Vec<(String, String)>,
-}
-
-/// The result of a checkpoint: what a consistent restart point of this
-/// instance's partitions is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Checkpoint {
-    pub pipeline: String,
-    pub stage: String,
-    pub input_topic: String,
-    /// Next offset to consume per input partition, as committed.
-    pub source_offsets: BTreeMap<i32, i64>,
-    /// Per changelog topic and partition, the offset after the last state change written.
-    pub changelog_positions: BTreeMap<String, BTreeMap<i32, i64>>,
+    /// A restore to apply once per partition (`--restore`, a `RestorePlan` as JSON).
+    pub restore: Option<PathBuf>,
 }
 
 /// State shared between the engine thread and the operations endpoints.
@@ -65,12 +52,16 @@ pub struct Shared {
     pub failed: AtomicBool,
     /// Shutdown was requested (SIGTERM).
     pub shutdown: AtomicBool,
+    /// Processing is stopped after a checkpoint (`POST /checkpoint?stop=true`).
+    pub stopped: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reading the plan {path}: {message}")]
     Plan { path: PathBuf, message: String },
+    #[error("reading the restore plan {path}: {message}")]
+    Restore { path: PathBuf, message: String },
     #[error("the plan has no stage {0:?}")]
     NoStage(String),
     #[error(
@@ -114,6 +105,7 @@ impl ServeError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             ServeError::Plan { .. } => "plan",
+            ServeError::Restore { .. } => "restore",
             ServeError::NoStage(_) => "no_stage",
             ServeError::UnsupportedSink(_) => "unsupported_sink",
             ServeError::Kafka { .. } => "kafka",
@@ -153,6 +145,16 @@ pub fn load_plan(
     Ok((plan, stage))
 }
 
+/// Reads a restore plan (`--restore`).
+fn load_restore(path: &PathBuf) -> Result<RestorePlan, ServeError> {
+    let restore_error = |message: String| ServeError::Restore {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| restore_error(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| restore_error(e.to_string()))
+}
+
 /// Runs one stage until SIGTERM (or SIGINT), then commits and returns.
 pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let (plan, stage) = load_plan(&args.plan, &args.stage)?;
@@ -163,8 +165,10 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         restoring: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         shutdown: AtomicBool::new(false),
+        stopped: AtomicBool::new(false),
     });
-    let (checkpoint_tx, checkpoint_rx) = mpsc::channel();
+    let restore = args.restore.as_ref().map(load_restore).transpose()?;
+    let (control_tx, control_rx) = mpsc::channel();
 
     // The engine is blocking (librdkafka calls, rebalance callbacks inside poll):
     // it runs on its own thread; the endpoints and signals run on a small runtime.
@@ -179,7 +183,8 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
                 plan,
                 stage,
                 engine_shared.clone(),
-                checkpoint_rx,
+                restore,
+                control_rx,
             );
             if result.is_err() {
                 engine_shared.failed.store(true, Ordering::SeqCst);
@@ -195,7 +200,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .map_err(ServeError::Http)?;
     let http_shared = shared.clone();
     runtime.block_on(async move {
-        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, checkpoint_tx));
+        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, control_tx));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(ServeError::Http)?;
         let watch = shared.clone();

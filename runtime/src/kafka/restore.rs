@@ -1,6 +1,7 @@
-//! Reading a changelog or table topic's partitions to their end, to restore state.
+//! Reading a changelog or table topic's partitions to their end, to restore state,
+//! and bringing a changelog partition back to an earlier position (`--restore`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -9,9 +10,13 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::kafka::ServeError;
+use crate::state::StateChange;
 
 /// One record as read: key and value (`None` value is a tombstone).
 pub type RawRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// A record with its offset.
+pub type LoggedRecord = (i64, RawRecord);
 
 /// How long a restore may take before the instance gives up (and restarts).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -29,7 +34,7 @@ pub fn read_to_end(
                 what: "creating the restore reader",
                 source,
             })?;
-    let mut records: BTreeMap<(String, i32), Vec<RawRecord>> = BTreeMap::new();
+    let mut records: BTreeMap<(String, i32), Vec<LoggedRecord>> = BTreeMap::new();
     // The end of each partition when the restore starts. Nothing else writes a
     // partition being restored: its previous owner was fenced or is dead, and an
     // open transaction of a dead owner holds the reader back (read_committed)
@@ -78,8 +83,11 @@ pub fn read_to_end(
                 .entry((message.topic().to_owned(), message.partition()))
                 .or_default()
                 .push((
-                    message.key().map(<[u8]>::to_vec),
-                    message.payload().map(<[u8]>::to_vec),
+                    message.offset(),
+                    (
+                        message.key().map(<[u8]>::to_vec),
+                        message.payload().map(<[u8]>::to_vec),
+                    ),
                 )),
             // End-of-partition events are not relied on (librdkafka sometimes
             // reports them on the main queue without the partition); the
@@ -108,7 +116,7 @@ pub fn read_to_end(
 /// What a restore read: the records per partition, and where each partition's
 /// reading stopped (where a reader of later changes goes on).
 pub struct Restored {
-    pub records: BTreeMap<(String, i32), Vec<RawRecord>>,
+    pub records: BTreeMap<(String, i32), Vec<LoggedRecord>>,
     pub read_up_to: BTreeMap<(String, i32), i64>,
 }
 
@@ -150,4 +158,159 @@ pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Vec<i32>, Ser
         return Err(ServeError::MissingTopic(topic.to_owned()));
     }
     Ok(partitions)
+}
+
+/// Where a restore takes a changelog partition's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewind {
+    /// The state as of this offset: records before it count, later ones are undone.
+    To(i64),
+    /// No state at all.
+    Empty,
+}
+
+/// A changelog partition brought back to an earlier state.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rewound {
+    /// The changes that rebuild the task's state, in changelog order.
+    pub state: Vec<StateChange>,
+    /// Records to append to the changelog so that its latest value per key is the
+    /// state again: the value at the position, or a tombstone. Sorted by key.
+    pub compensations: Vec<StateChange>,
+}
+
+/// Splits a changelog partition's records (in offset order) at `to`. Keys whose
+/// latest value already equals their value at the position need no compensation.
+pub fn rewind(records: &[LoggedRecord], to: Rewind) -> Rewound {
+    let position = match to {
+        Rewind::To(position) => position,
+        Rewind::Empty => i64::MIN,
+    };
+    let mut at_position: HashMap<&[u8], Option<&[u8]>> = HashMap::new();
+    let mut latest: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+    let mut changed_after: BTreeSet<&[u8]> = BTreeSet::new();
+    let mut state = Vec::new();
+    for (offset, (key, value)) in records {
+        let Some(key) = key.as_deref() else { continue };
+        latest.insert(key, value.as_deref());
+        if *offset < position {
+            at_position.insert(key, value.as_deref());
+            state.push(StateChange {
+                key: key.to_vec(),
+                value: value.clone(),
+            });
+        } else {
+            changed_after.insert(key);
+        }
+    }
+    let compensations = match to {
+        Rewind::To(_) => changed_after
+            .into_iter()
+            .filter_map(|key| {
+                let then = at_position.get(key).copied().flatten();
+                (latest.get(key).copied().flatten() != then).then(|| StateChange {
+                    key: key.to_vec(),
+                    value: then.map(<[u8]>::to_vec),
+                })
+            })
+            .collect(),
+        // Every key that still has a value gets a tombstone.
+        Rewind::Empty => latest
+            .into_iter()
+            .filter(|(_, value)| value.is_some())
+            .map(|(key, _)| StateChange::delete(key.to_vec()))
+            .collect(),
+    };
+    Rewound {
+        state,
+        compensations,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, key: &str, value: Option<&str>) -> LoggedRecord {
+        (
+            offset,
+            (
+                Some(key.as_bytes().to_vec()),
+                value.map(|v| v.as_bytes().to_vec()),
+            ),
+        )
+    }
+
+    fn change(key: &str, value: Option<&str>) -> StateChange {
+        StateChange {
+            key: key.as_bytes().to_vec(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn rewinding_keeps_earlier_changes_and_undoes_later_ones() {
+        let records = [
+            record(0, "a", Some("a1")),
+            record(1, "b", Some("b1")),
+            record(2, "c", Some("c1")),
+            record(3, "c", None),
+            // The position: 4. Later: a changes, b is deleted, d appears, c comes
+            // back, e appears and goes again, and a goes back to a1.
+            record(4, "a", Some("a2")),
+            record(5, "b", None),
+            record(6, "d", Some("d1")),
+            record(7, "c", Some("c2")),
+            record(8, "e", Some("e1")),
+            record(9, "e", None),
+            record(10, "a", Some("a1")),
+        ];
+        let rewound = rewind(&records, Rewind::To(4));
+        assert_eq!(
+            rewound.state,
+            [
+                change("a", Some("a1")),
+                change("b", Some("b1")),
+                change("c", Some("c1")),
+                change("c", None),
+            ]
+        );
+        assert_eq!(
+            rewound.compensations,
+            [
+                change("b", Some("b1")),
+                change("c", None),
+                change("d", None),
+            ],
+            "a and e already have their value at the position"
+        );
+    }
+
+    #[test]
+    fn rewinding_to_the_end_changes_nothing() {
+        let records = [record(0, "a", Some("1")), record(1, "b", Some("2"))];
+        let rewound = rewind(&records, Rewind::To(2));
+        assert_eq!(rewound.state.len(), 2);
+        assert!(rewound.compensations.is_empty());
+        // Compacted away or never written: nothing before the position.
+        let rewound = rewind(&records, Rewind::To(0));
+        assert!(rewound.state.is_empty());
+        assert_eq!(
+            rewound.compensations,
+            [change("a", None), change("b", None)]
+        );
+    }
+
+    #[test]
+    fn emptying_tombstones_every_live_key() {
+        let records = [
+            record(0, "a", Some("1")),
+            record(1, "b", Some("2")),
+            record(2, "b", None),
+            (3, (None, Some(b"keyless".to_vec()))),
+        ];
+        let rewound = rewind(&records, Rewind::Empty);
+        assert!(rewound.state.is_empty());
+        assert_eq!(rewound.compensations, [change("a", None)]);
+    }
 }

@@ -1,0 +1,438 @@
+//! Checkpoints and restores of the runtime on the testbed's real Kafka:
+//! checkpoints that cover idle partitions, stop and resume, restores of input
+//! offsets and state (applied once), and replay suppression after a rollback.
+//!
+//! Needs `target/debug/keystone-runtime` (`cargo build -p keystone-runtime`;
+//! scripts/test builds it) and a running testbed.
+
+mod runtime_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keystone_crds::checkpoint::{
+    InputRestore, InstanceCheckpoint, ReplaySuppression, RestorePlan, StageRestore, StateRestore,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use runtime_support::*;
+
+/// A stage with one dedup step (by `id`) and one Kafka sink.
+fn dedup_pipeline(name: &str, start_from: &str) -> String {
+    format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [id]
+    startFrom: {start_from}
+    schema:
+      fields:
+        - {{name: id, type: string}}
+  steps:
+    - name: dedup
+      dedup: {{key: [id], window: 1h}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2, key: [id]}}
+  delivery: ExactlyOnce
+  commitInterval: 200ms
+"#
+    )
+}
+
+fn event(id: &str) -> String {
+    format!(r#"{{"id":"{id}"}}"#)
+}
+
+fn ids(range: std::ops::Range<u32>) -> Vec<(String, String)> {
+    range
+        .map(|n| {
+            let id = format!("id-{n}");
+            (id.clone(), event(&id))
+        })
+        .collect()
+}
+
+fn produce_to_partition(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: i32,
+    count: usize,
+) {
+    for n in 0..count {
+        let value = event(&format!("p{partition}-{n}"));
+        let record = BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(partition)
+            .payload(value.as_bytes());
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(TIMEOUT).unwrap();
+}
+
+/// The sink's records by id: how often each id arrived.
+fn sink_counts(h: &Harness, expected: usize) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for (_, value, _) in read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        expected,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    ) {
+        let event: serde_json::Value = serde_json::from_str(&value).unwrap();
+        *counts
+            .entry(event["id"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+fn checkpoint(h: &Harness, instance: &str, query: &str) -> InstanceCheckpoint {
+    let (status, body) = h.http(instance, "POST", &format!("/checkpoint{query}"));
+    assert_eq!(status, 200, "{body}; see {}", h.log(instance));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn wait_ready(h: &Harness, instance: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while h.http(instance, "GET", "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{instance} never ready; see {}",
+            h.log(instance)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric(h: &Harness, instance: &str, name: &str) -> f64 {
+    let (_, metrics) = h.http(instance, "GET", "/metrics");
+    metric_value(&metrics, name).unwrap_or(0.0)
+}
+
+/// The group's committed offsets and their metadata, read as any client would.
+fn group_offsets(h: &Harness, partitions: i32) -> BTreeMap<i32, (i64, String)> {
+    let stage = &h.plan.stages[0];
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .set("group.id", &stage.consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..partitions {
+        tpl.add_partition(&stage.input.topic, partition);
+    }
+    consumer
+        .committed_offsets(tpl, TIMEOUT)
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), (o, e.metadata().to_owned()))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn changelog_topic(h: &Harness) -> String {
+    h.plan.stages[0].steps[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .changelog_topic
+        .clone()
+}
+
+/// End offsets of every partition of `topic`.
+fn end_offsets(h: &Harness, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| (p, consumer.fetch_watermarks(topic, p, TIMEOUT).unwrap().1))
+        .collect()
+}
+
+/// Writes the restore plan and (re)starts `instance` with it.
+fn start_with_restore(h: &mut Harness, instance: &str, plan: &RestorePlan) {
+    let path = h.dir.join("restore.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(plan).unwrap()).unwrap();
+    let path = path.display().to_string();
+    h.start(instance, &[("KEYSTONE_RESTORE", path.as_str())]);
+}
+
+fn restore_plan(
+    id: &str,
+    input: InputRestore,
+    state: BTreeMap<String, StateRestore>,
+    suppress: Option<ReplaySuppression>,
+) -> RestorePlan {
+    RestorePlan {
+        id: id.to_owned(),
+        checkpoint: None,
+        stages: BTreeMap::from([("s0".to_owned(), StageRestore { input, state })]),
+        suppress,
+    }
+}
+
+/// A dedup stage on two partitions, instance `a` running, that delivered ids 0..20.
+async fn dedup_stage_with_twenty_ids(
+    prefix: &str,
+) -> (Harness, ThreadedProducer<DefaultProducerContext>) {
+    let name = unique(prefix);
+    let mut h = Harness::new(&name, &dedup_pipeline(&name, "Earliest"), 2).await;
+    let p = producer(&h.bootstrap);
+    h.start("a", &[]);
+    produce(&p, &h.plan.source.topic, &ids(0..20));
+    assert_eq!(sink_counts(&h, 20).len(), 20);
+    (h, p)
+}
+
+/// A restore to checkpoint `at`: its input offsets and its changelog positions.
+fn back_to(
+    id: &str,
+    at: &InstanceCheckpoint,
+    changelog: &str,
+    suppress: Option<ReplaySuppression>,
+) -> RestorePlan {
+    restore_plan(
+        id,
+        InputRestore::Offsets(at.source_offsets.clone()),
+        BTreeMap::from([(
+            changelog.to_owned(),
+            StateRestore::At(at.changelog_positions[changelog].clone()),
+        )]),
+        suppress,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_covers_idle_partitions_and_is_the_groups_committed_offsets() {
+    let name = unique("ckpt-idle");
+    let mut h = Harness::new(&name, &dedup_pipeline(&name, "Latest"), 4).await;
+    let source = h.plan.source.topic.clone();
+    let p = producer(&h.bootstrap);
+    // Partition 3 holds records from before the start: a group starting at the
+    // latest offset never reads them, and its start must still be an offset.
+    produce_to_partition(&p, &source, 3, 3);
+    h.start("a", &[]);
+    wait_ready(&h, "a");
+    h.wait_for_partitions(&["a"]);
+    // The assignment fetched its start offsets before anything new arrives.
+    std::thread::sleep(Duration::from_secs(2));
+    produce_to_partition(&p, &source, 0, 10);
+    produce_to_partition(&p, &source, 1, 5);
+    assert_eq!(sink_counts(&h, 15).len(), 15);
+
+    let checkpoint = checkpoint(&h, "a", "");
+    assert_eq!(
+        checkpoint.source_offsets,
+        BTreeMap::from([(0, 10), (1, 5), (2, 0), (3, 3)]),
+        "every owned partition, idle ones at their resolved start"
+    );
+    assert_eq!(checkpoint.instance, "a");
+    assert_eq!(checkpoint.plan_hash, h.plan.hash());
+    assert!(!checkpoint.stopped);
+    let changelog = changelog_topic(&h);
+    let positions = &checkpoint.changelog_positions[&changelog];
+    assert_eq!(
+        positions.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "{checkpoint:?}"
+    );
+    assert_eq!((positions[&2], positions[&3]), (0, 0), "{checkpoint:?}");
+    assert!(positions[&0] >= 10 && positions[&1] >= 5, "{checkpoint:?}");
+    let ends = end_offsets(&h, &changelog, 4);
+    for (partition, position) in positions {
+        assert!(
+            *position <= ends[partition],
+            "changelog position past the end: {checkpoint:?} {ends:?}"
+        );
+    }
+    let group: BTreeMap<i32, i64> = group_offsets(&h, 4)
+        .into_iter()
+        .map(|(p, (o, _))| (p, o))
+        .collect();
+    assert_eq!(
+        group, checkpoint.source_offsets,
+        "the group's committed offsets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
+    let name = unique("ckpt-stop");
+    let mut h = Harness::new(&name, &cdc_pipeline(&name), 3).await;
+    let (keys, seqs) = (12, 20);
+    let input = cdc_input(keys, seqs, 11);
+    let source = h.plan.source.topic.clone();
+    let p = producer(&h.bootstrap);
+    h.start("a", &[]);
+    wait_ready(&h, "a");
+    let half = input.len() / 2;
+    produce(&p, &source, &input[..half]);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let started = Instant::now();
+    let stopped = checkpoint(&h, "a", "?stop=true");
+    let stop_took = started.elapsed();
+    assert!(stopped.stopped, "{stopped:?}");
+    assert_eq!(
+        stopped.source_offsets.values().sum::<i64>() as usize,
+        half,
+        "the stop's checkpoint covers everything consumed: {stopped:?}"
+    );
+    assert_eq!(metric(&h, "a", "keystone_runtime_stopped"), 1.0);
+    assert_eq!(
+        h.http("a", "GET", "/readyz").0,
+        200,
+        "a stopped instance stays ready"
+    );
+    let before = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .len();
+
+    produce(&p, &source, &input[half..]);
+    std::thread::sleep(Duration::from_secs(4));
+    let after = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        before,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .len();
+    assert_eq!(after, before, "records were processed while stopped");
+    let again = checkpoint(&h, "a", "");
+    assert_eq!(again.source_offsets, stopped.source_offsets);
+    assert_eq!(again.changelog_positions, stopped.changelog_positions);
+    assert!(again.stopped);
+
+    let (status, body) = h.http("a", "POST", "/resume");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(metric(&h, "a", "keystone_runtime_stopped"), 0.0);
+    let records = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        (keys as usize) * (seqs as usize),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    );
+    assert_exactly_once_in_order(&records, keys, seqs, &h.log("a"));
+    eprintln!("stop with checkpoint took {stop_took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_rewinds_input_and_dedup_state_once() {
+    let (mut h, p) = dedup_stage_with_twenty_ids("restore").await;
+    let (source, changelog) = (h.plan.source.topic.clone(), changelog_topic(&h));
+    let at = checkpoint(&h, "a", "");
+
+    // After the checkpoint: ten new ids and redeliveries of five old ones.
+    let mut later = ids(20..30);
+    later.extend(ids(0..5));
+    produce(&p, &source, &later);
+    assert_eq!(sink_counts(&h, 30).len(), 30);
+    h.terminate("a");
+
+    let plan = back_to("r1", &at, &changelog, None);
+    start_with_restore(&mut h, "a", &plan);
+    // The replay emits the ids first seen after the checkpoint again; the old
+    // ids' redeliveries stay suppressed by the restored state.
+    let counts = sink_counts(&h, 40);
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n == 2)
+        .map(|(id, _)| id)
+        .collect();
+    let expected: Vec<String> = (20..30).map(|n| format!("id-{n}")).collect();
+    assert_eq!(
+        twice,
+        expected.iter().collect::<Vec<_>>(),
+        "{counts:?}; see {}",
+        h.log("a")
+    );
+    assert!(
+        counts.values().all(|n| *n <= 2) && counts.len() == 30,
+        "{counts:?}"
+    );
+    assert_eq!(
+        metric(&h, "a", "keystone_restore_applied_partitions_total"),
+        2.0
+    );
+    assert_eq!(
+        metric(&h, "a", "keystone_restore_compensation_records_total"),
+        10.0,
+        "one tombstone per key added after the checkpoint"
+    );
+    // The marker went through TxnOffsetCommit and comes back from the group.
+    let group = group_offsets(&h, 2);
+    assert_eq!(group.len(), 2, "{group:?}");
+    for (partition, (_, metadata)) in &group {
+        assert_eq!(metadata, "keystone.restore=r1", "partition {partition}");
+    }
+
+    // Killed after the restore was committed and restarted with the same plan:
+    // no second rewind.
+    let checkpoint_after = checkpoint(&h, "a", "");
+    h.kill("a");
+    start_with_restore(&mut h, "a", &plan);
+    wait_ready(&h, "a");
+    produce(&p, &source, &ids(30..32));
+    let counts = sink_counts(&h, 42);
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        42,
+        "{counts:?}; see {}",
+        h.log("a")
+    );
+    assert_eq!(
+        metric(&h, "a", "keystone_restore_applied_partitions_total"),
+        0.0
+    );
+    let resumed = checkpoint(&h, "a", "");
+    assert_eq!(
+        resumed.source_offsets.values().sum::<i64>(),
+        checkpoint_after.source_offsets.values().sum::<i64>() + 2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_state_restore_forgets_every_key() {
+    let (mut h, p) = dedup_stage_with_twenty_ids("restore-empty").await;
+    let (source, changelog) = (h.plan.source.topic.clone(), changelog_topic(&h));
+    h.terminate("a");
+
+    let plan = restore_plan(
+        "r-empty",
+        InputRestore::Committed,
+        BTreeMap::from([(changelog.clone(), StateRestore::Empty)]),
+        None,
+    );
+    start_with_restore(&mut h, "a", &plan);
+    wait_ready(&h, "a");
+    assert_eq!(
+        metric(&h, "a", "keystone_restore_compensation_records_total"),
+        20.0
+    );
+    // Without state, the same ids pass again.
+    produce(&p, &source, &ids(0..20));
+    let counts = sink_counts(&h, 40);
+    assert!(
+        counts.len() == 20 && counts.values().all(|n| *n == 2),
+        "{counts:?}; see {}",
+        h.log("a")
+    );
+}
