@@ -4,7 +4,7 @@
 
 use keystone_crds::processor::RequiredField;
 use keystone_crds::schema::{FieldType, SchemaSpec};
-use sonic_rs::{JsonValueTrait, Value};
+use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
 
 use crate::event::{FieldPath, conforms, type_name};
 
@@ -17,15 +17,97 @@ struct Field {
 /// A list of fields an event must carry, with their types.
 pub struct Validator {
     fields: Vec<Field>,
+    /// The declared paths as a tree of member names (node 0 is the event), so that
+    /// one pass over an event's members finds every declared field, instead of a
+    /// linear key scan per field.
+    nodes: Vec<Node>,
     /// Whose requirement it is, for messages: "the source schema" or "the step".
     owner: &'static str,
+}
+
+/// Fields up to this many are looked up in one pass with the values on the stack;
+/// longer lists fall back to one look-up per field.
+const ONE_PASS_MAX: usize = 64;
+
+/// The members of one object level that some declared path names.
+#[derive(Default)]
+struct Node {
+    members: Vec<Member>,
+    /// Bit `n` set when some member's name is `n` bytes long (`n < 64`; longer
+    /// names set bit 63): most undeclared members are rejected by their length.
+    lengths: u64,
+}
+
+struct Member {
+    name: String,
+    /// The fields whose path ends here (a name may be declared more than once).
+    fields: Vec<usize>,
+    /// The node of the paths that continue below this member.
+    below: Option<usize>,
+}
+
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
+}
+
+impl Node {
+    /// The member named `name`; `hint` is tried first (the member after the one
+    /// the previous key matched: events usually list members in declared order).
+    #[inline]
+    fn find(&self, name: &str, hint: usize) -> Option<usize> {
+        if let Some(member) = self.members.get(hint)
+            && member.name == name
+        {
+            return Some(hint);
+        }
+        if self.lengths & length_bit(name.len()) == 0 {
+            return None;
+        }
+        self.members.iter().position(|m| m.name == name)
+    }
+}
+
+fn build_nodes(fields: &[Field]) -> Vec<Node> {
+    let mut nodes = vec![Node::default()];
+    for (index, field) in fields.iter().enumerate() {
+        let mut node = 0;
+        let segments: Vec<&str> = field.path.dotted.split('.').collect();
+        for (depth, segment) in segments.iter().enumerate() {
+            let member = match nodes[node].members.iter().position(|m| m.name == *segment) {
+                Some(m) => m,
+                None => {
+                    nodes[node].lengths |= length_bit(segment.len());
+                    nodes[node].members.push(Member {
+                        name: (*segment).to_owned(),
+                        fields: Vec::new(),
+                        below: None,
+                    });
+                    nodes[node].members.len() - 1
+                }
+            };
+            if depth + 1 == segments.len() {
+                nodes[node].members[member].fields.push(index);
+            } else {
+                node = match nodes[node].members[member].below {
+                    Some(below) => below,
+                    None => {
+                        nodes.push(Node::default());
+                        let below = nodes.len() - 1;
+                        nodes[node].members[member].below = Some(below);
+                        below
+                    }
+                };
+            }
+        }
+    }
+    nodes
 }
 
 impl Validator {
     /// A step's required fields. A required field may not be null unless its type is `any`.
     pub fn for_step(requires: &[RequiredField]) -> Self {
-        Self {
-            fields: requires
+        Self::new(
+            requires
                 .iter()
                 .map(|r| Field {
                     path: FieldPath::new(&r.name),
@@ -33,16 +115,16 @@ impl Validator {
                     optional: false,
                 })
                 .collect(),
-            owner: "the step",
-        }
+            "the step",
+        )
     }
 
     /// The source schema: every non-optional field present with its type; optional
     /// fields may be absent or null. Undeclared fields are not checked (an open
     /// schema lets them through; a closed one only promises steps nothing more).
     pub fn for_source(schema: &SchemaSpec) -> Self {
-        Self {
-            fields: schema
+        Self::new(
+            schema
                 .fields
                 .iter()
                 .map(|f| Field {
@@ -51,7 +133,16 @@ impl Validator {
                     optional: f.optional,
                 })
                 .collect(),
-            owner: "the source schema",
+            "the source schema",
+        )
+    }
+
+    fn new(fields: Vec<Field>, owner: &'static str) -> Self {
+        let nodes = build_nodes(&fields);
+        Self {
+            fields,
+            nodes,
+            owner,
         }
     }
 
@@ -61,8 +152,52 @@ impl Validator {
 
     /// `Err(reason)` for the first field that is missing or of the wrong type.
     pub fn check(&self, event: &Value) -> Result<(), String> {
-        for field in &self.fields {
-            match field.path.get(event) {
+        if self.fields.is_empty() {
+            return Ok(());
+        }
+        if self.fields.len() > ONE_PASS_MAX {
+            return self.check_found(|index| self.fields[index].path.get(event));
+        }
+        let mut found: [Option<&Value>; ONE_PASS_MAX] = [None; ONE_PASS_MAX];
+        self.collect(0, event, &mut found);
+        self.check_found(|index| found[index])
+    }
+
+    /// Records in `found` the value of every declared field under `object`, in one
+    /// pass over its members (and over the members of declared nested objects). Like
+    /// [`FieldPath::get`], the first member of a name wins.
+    fn collect<'v>(&self, node: usize, object: &'v Value, found: &mut [Option<&'v Value>]) {
+        let Some(object) = object.as_object() else {
+            return;
+        };
+        let node = &self.nodes[node];
+        // Members already met at this level (a repeated name is ignored).
+        let mut seen: u64 = 0;
+        let mut hint = 0;
+        for (name, value) in object.iter() {
+            let Some(index) = node.find(name, hint) else {
+                continue;
+            };
+            hint = index + 1;
+            if index < 64 {
+                if seen & (1 << index) != 0 {
+                    continue;
+                }
+                seen |= 1 << index;
+            }
+            let member = &node.members[index];
+            for &field in &member.fields {
+                found[field].get_or_insert(value);
+            }
+            if let Some(below) = member.below {
+                self.collect(below, value, found);
+            }
+        }
+    }
+
+    fn check_found<'v>(&self, found: impl Fn(usize) -> Option<&'v Value>) -> Result<(), String> {
+        for (index, field) in self.fields.iter().enumerate() {
+            match found(index) {
                 None if field.optional => {}
                 None => {
                     return Err(format!(
@@ -127,6 +262,47 @@ mod tests {
             check(r#"{"id":"a","meta":{"seq":"7"}}"#),
             Err(r#"field "meta.seq" is string, but the source schema requires integer"#.into())
         );
+    }
+
+    #[test]
+    fn one_pass_agrees_with_a_look_up_per_field() {
+        let field = |name: &str, field_type, optional| FieldSpec {
+            name: name.into(),
+            field_type,
+            optional,
+        };
+        let schema = SchemaSpec {
+            fields: vec![
+                field("a", FieldType::Integer, false),
+                field("d", FieldType::Object, false),
+                field("d.x", FieldType::String, false),
+                field("d.y.z", FieldType::Boolean, true),
+                field("a", FieldType::Number, false),
+                field("b", FieldType::String, true),
+                field("long_member_name", FieldType::Any, false),
+            ],
+            open: true,
+        };
+        let validator = Validator::for_source(&schema);
+        let per_field = |text: &str| {
+            let value: Value = sonic_rs::from_str(text).unwrap();
+            validator.check_found(|i| validator.fields[i].path.get(&value))
+        };
+        for text in [
+            r#"{"a":1,"d":{"x":"s"},"long_member_name":null}"#,
+            r#"{"long_member_name":0,"b":"q","d":{"y":{"z":true},"x":"s"},"a":2}"#,
+            r#"{"a":1,"a":"dup","d":{"x":"s"},"long_member_name":1}"#,
+            r#"{"a":"first","a":1,"d":{"x":"s"},"long_member_name":1}"#,
+            r#"{"a":1,"d":"flat","d":{"x":"s"},"long_member_name":1}"#,
+            r#"{"a":1,"d":{"x":"s"},"d":{"x":1},"long_member_name":1}"#,
+            r#"{"a":1,"d":{"x":"s","y":{"z":"no"}},"long_member_name":1}"#,
+            r#"{"zz":1,"a":1.5,"d":{"x":"s"},"long_member_name":1}"#,
+            r#"{"a":1,"d":{"x":"s"}}"#,
+            r#"{"other":{"a":1}}"#,
+        ] {
+            let value: Value = sonic_rs::from_str(text).unwrap();
+            assert_eq!(validator.check(&value), per_field(text), "{text}");
+        }
     }
 
     #[test]
