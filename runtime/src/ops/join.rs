@@ -17,7 +17,9 @@
 //! (key bytes as [`Table::row_key`] encodes them, value the row's JSON, `None` a
 //! delete), and snapshots are the rows as such records.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::BufRead;
 use std::path::Path;
 
@@ -34,7 +36,43 @@ use crate::state::{StateChange, StateError, hex};
 pub struct Table {
     pub name: String,
     key: Vec<FieldPath>,
-    rows: HashMap<Vec<u8>, Value>,
+    rows: HashMap<Vec<u8>, Row, BuildHasherDefault<KeyHasher>>,
+}
+
+/// A row, and the JSON text a join writes under its `into` field for it, built on
+/// the row's first match (each join step has its own copy of its table).
+#[derive(Clone, Debug)]
+struct Row {
+    value: Value,
+    into_json: OnceCell<Box<[u8]>>,
+}
+
+impl Row {
+    fn new(value: Value) -> Self {
+        Self {
+            value,
+            into_json: OnceCell::new(),
+        }
+    }
+}
+
+/// Hashes key bytes with xxh3 (instead of SipHash): table keys come from the
+/// table's own topic and the events, and the look-up is on every event's path.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = self.0.rotate_left(17) ^ xxhash_rust::xxh3::xxh3_64(bytes);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = self.0.rotate_left(17) ^ n as u64;
+    }
 }
 
 impl Table {
@@ -42,7 +80,7 @@ impl Table {
         Self {
             name: spec.name.clone(),
             key: spec.key.iter().map(|k| FieldPath::new(k)).collect(),
-            rows: HashMap::new(),
+            rows: HashMap::default(),
         }
     }
 
@@ -60,7 +98,7 @@ impl Table {
             return Err("a row must be a JSON object".to_owned());
         }
         let key = self.row_key(&row)?;
-        self.rows.insert(key, row);
+        self.rows.insert(key, Row::new(row));
         Ok(())
     }
 
@@ -75,7 +113,7 @@ impl Table {
                     key: hex(&change.key),
                     message: format!("the row is not JSON: {e}"),
                 })?;
-                self.rows.insert(change.key, row);
+                self.rows.insert(change.key, Row::new(row));
             }
         }
         Ok(())
@@ -112,7 +150,7 @@ impl Table {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&Value> {
-        self.rows.get(key)
+        self.rows.get(key).map(|row| &row.value)
     }
 }
 
@@ -121,6 +159,9 @@ pub struct Join {
     on: Vec<FieldPath>,
     fields: Vec<FieldPath>,
     into: Option<FieldPath>,
+    /// `into` when it is a top-level field: a match whose event lacks that field
+    /// gets the row's prepared JSON appended as the event's last member.
+    into_top: Option<String>,
     /// Drop events without a row (inner join).
     inner: bool,
     kind: &'static str,
@@ -166,6 +207,7 @@ impl Join {
             on: on.iter().map(|f| FieldPath::new(f)).collect(),
             fields: fields.iter().map(|f| FieldPath::new(f)).collect(),
             into: into.map(FieldPath::new),
+            into_top: into.filter(|i| !i.contains('.')).map(str::to_owned),
             inner,
             kind,
             key_buf: Vec::with_capacity(64),
@@ -178,35 +220,60 @@ impl Join {
     }
 
     /// The fields to write into a matching event: (path in the event, value).
-    fn writes_for(&self, row: &Value) -> Vec<(FieldPath, Value)> {
-        let target = |name: &str| match &self.into {
+    fn writes_for(
+        fields: &[FieldPath],
+        into: Option<&FieldPath>,
+        table_key: &[FieldPath],
+        row: &Value,
+    ) -> Vec<(FieldPath, Value)> {
+        let target = |name: &str| match into {
             Some(into) => FieldPath::new(&format!("{}.{name}", into.dotted)),
             None => FieldPath::new(name),
         };
         let mut writes = Vec::new();
-        if self.fields.is_empty() {
+        if fields.is_empty() {
             if let Some(object) = row.as_object() {
                 for (name, value) in object.iter() {
-                    if self.table.key.iter().any(|k| k.dotted == name) {
+                    if table_key.iter().any(|k| k.dotted == name) {
                         continue;
                     }
                     writes.push((target(name), value.clone()));
                 }
             }
         } else {
-            for field in &self.fields {
+            for field in fields {
                 if let Some(value) = field.get(row) {
                     writes.push((target(&field.dotted), value.clone()));
                 }
             }
         }
         if writes.is_empty()
-            && let Some(into) = &self.into
+            && let Some(into) = into
         {
             // A matching row with nothing to copy still marks the match.
             writes.push((into.clone(), Value::from(Object::new())));
         }
         writes
+    }
+
+    /// The JSON text of the value the writes for `row` give the top-level field
+    /// `into` of an event that has no such field: the same value as the general
+    /// path builds, computed once per row.
+    fn into_json(
+        fields: &[FieldPath],
+        into: &FieldPath,
+        into_top: &str,
+        table_key: &[FieldPath],
+        row: &Value,
+    ) -> Box<[u8]> {
+        let mut writes = Self::writes_for(fields, Some(into), table_key, row);
+        let refs: Vec<(&FieldPath, Value)> =
+            writes.iter_mut().map(|(p, v)| (&*p, v.take())).collect();
+        let merged = with_writes(&Value::from(Object::new()), &refs, &mut Vec::new());
+        let value = merged.get(into_top).cloned().unwrap_or_default();
+        sonic_rs::to_vec(&value)
+            .unwrap_or_default()
+            .into_boxed_slice()
     }
 }
 
@@ -227,7 +294,36 @@ impl Operator for Join {
                 out.emit(event)
             };
         };
-        let mut writes = self.writes_for(row);
+        if let (Some(into), Some(into_top)) = (&self.into, &self.into_top)
+            && event.value.get(into_top.as_str()).is_none()
+        {
+            // The common case: append `"into":{...}` to the serialized event,
+            // instead of merging member by member.
+            let json = row.into_json.get_or_init(|| {
+                Self::into_json(&self.fields, into, into_top, &self.table.key, &row.value)
+            });
+            self.buf.clear();
+            let _ = sonic_rs::to_writer(&mut self.buf, &event.value);
+            if self.buf.pop() == Some(b'}') {
+                if self.buf.len() > 1 {
+                    self.buf.push(b',');
+                }
+                let _ = sonic_rs::to_writer(&mut self.buf, into_top.as_str());
+                self.buf.push(b':');
+                self.buf.extend_from_slice(json);
+                self.buf.push(b'}');
+                if let Ok(value) = sonic_rs::from_slice(&self.buf) {
+                    event.value = value;
+                    return out.emit(event);
+                }
+            }
+        }
+        let mut writes = Self::writes_for(
+            &self.fields,
+            self.into.as_ref(),
+            &self.table.key,
+            &row.value,
+        );
         let refs: Vec<(&FieldPath, Value)> =
             writes.iter_mut().map(|(p, v)| (&*p, v.take())).collect();
         event.value = with_writes(&event.value, &refs, &mut self.buf);
@@ -244,7 +340,10 @@ impl Operator for Join {
             .rows
             .iter()
             .map(|(key, row)| {
-                StateChange::upsert(key.clone(), sonic_rs::to_vec(row).unwrap_or_default())
+                StateChange::upsert(
+                    key.clone(),
+                    sonic_rs::to_vec(&row.value).unwrap_or_default(),
+                )
             })
             .collect();
         records.sort_by(|a, b| a.key.cmp(&b.key));
@@ -348,6 +447,32 @@ mod tests {
                 r#"{"customer":{"tier":"gold"},"customer_id":2,"order":3}"#,
             ]
         );
+    }
+
+    #[test]
+    fn appended_into_matches_the_merge() {
+        // `into` absent from the event: appended as the last member (fast path);
+        // present: merged into (general path). Both in the row's field order.
+        let mut op =
+            Join::inner_or_left(&join_spec(JoinKind::Inner, &[], Some("customer")), table());
+        let out = run(
+            &mut op,
+            events(&[
+                r#"{"order":1,"customer_id":1}"#,
+                r#"{"customer":{"vip":true},"customer_id":2}"#,
+                r#"{"customer_id":1,"note":"again"}"#,
+                r#"{}"#,
+            ]),
+        );
+        assert_eq!(
+            out.json(),
+            vec![
+                r#"{"customer":{"name":"Ann","tier":"gold"},"customer_id":1,"order":1}"#,
+                r#"{"customer":{"name":"Bob","tier":"gold","vip":true},"customer_id":2}"#,
+                r#"{"customer":{"name":"Ann","tier":"gold"},"customer_id":1,"note":"again"}"#,
+            ]
+        );
+        assert_eq!(out.dead.len(), 1);
     }
 
     #[test]
