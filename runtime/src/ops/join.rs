@@ -266,6 +266,27 @@ impl Join {
         table_key: &[FieldPath],
         row: &Value,
     ) -> Box<[u8]> {
+        // Named top-level fields, each once: the object of those the row has, in
+        // the order named (what the merge below gives, without building paths).
+        let plain = !fields.is_empty()
+            && fields.iter().enumerate().all(|(i, f)| {
+                !f.dotted.contains('.') && fields[..i].iter().all(|g| g.dotted != f.dotted)
+            });
+        if plain {
+            let mut out = vec![b'{'];
+            for field in fields {
+                if let Some(value) = row.get(field.dotted.as_str()) {
+                    if out.len() > 1 {
+                        out.push(b',');
+                    }
+                    let _ = sonic_rs::to_writer(&mut out, field.dotted.as_str());
+                    out.push(b':');
+                    let _ = sonic_rs::to_writer(&mut out, value);
+                }
+            }
+            out.push(b'}');
+            return out.into_boxed_slice();
+        }
         let mut writes = Self::writes_for(fields, Some(into), table_key, row);
         let refs: Vec<(&FieldPath, Value)> =
             writes.iter_mut().map(|(p, v)| (&*p, v.take())).collect();
@@ -473,6 +494,31 @@ mod tests {
             ]
         );
         assert_eq!(out.dead.len(), 1);
+        for (fields, expected) in [
+            (
+                &["tier", "nope", "name"][..],
+                r#"{"customer_id":1,"c":{"tier":"gold","name":"Ann"}}"#,
+            ),
+            (
+                &["name", "name"][..],
+                r#"{"customer_id":1,"c":{"name":"Ann"}}"#,
+            ),
+            (&["nope"][..], r#"{"customer_id":1,"c":{}}"#),
+        ] {
+            let mut op =
+                Join::inner_or_left(&join_spec(JoinKind::Inner, fields, Some("c")), table());
+            let mut out = Output::new("j", false);
+            op.process(
+                events(&[r#"{"customer_id":1}"#]).remove(0),
+                &Ctx { now_ms: 0 },
+                &mut out,
+            );
+            let mut line = Vec::new();
+            for event in out.take_events() {
+                event.write_json_line(&mut line);
+            }
+            assert_eq!(String::from_utf8(line).unwrap().trim_end(), expected);
+        }
     }
 
     #[test]
