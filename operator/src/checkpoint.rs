@@ -32,7 +32,7 @@ use keystone_crds::pipeline::{
     CheckpointSummary, Pipeline, PipelinePhase, PipelineSpec, PipelineStatus,
 };
 use keystone_crds::plan::{Plan, PlanStage, TopicRole};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -441,6 +441,12 @@ pub async fn checkpoint_now(
             );
             status.last_checkpoint = Some(done.clone());
             status.checkpoints.push(done);
+            // The ConfigMaps are the durable record: one whose status entry was lost
+            // (a crash before the status write, a reconcile that started from an
+            // older status) is listed again, or pruned, from them.
+            status
+                .checkpoints
+                .extend(stored_checkpoints(ctx, plan).await);
             let (kept, pruned) = retain(
                 &status.checkpoints,
                 pipeline.spec.checkpoint_retention,
@@ -493,6 +499,47 @@ pub async fn checkpoint_now(
         }
     }
     result
+}
+
+/// A checkpoint as status lists it, from its ConfigMap: from `checkpoint.json`,
+/// or (unreadable) the id label and the creation time, so it can still be pruned.
+fn stored_summary(config_map: &ConfigMap) -> Option<CheckpointSummary> {
+    let stored: Option<PipelineCheckpoint> = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CHECKPOINT_KEY))
+        .and_then(|json| serde_json::from_str(json).ok());
+    if let Some(c) = stored {
+        let time = c.time.parse().ok()?;
+        return Some(summary(c.id, time, c.trigger, c.plan_hash, None));
+    }
+    let id = config_map.metadata.labels.as_ref()?.get(LABEL_CHECKPOINT)?;
+    Some(CheckpointSummary {
+        id: id.clone(),
+        time: config_map.metadata.creation_timestamp.clone()?,
+        reason: None,
+        trigger: None,
+        plan_hash: None,
+    })
+}
+
+/// The checkpoints stored for the plan's pipeline (empty if they cannot be listed).
+async fn stored_checkpoints(ctx: &Context, plan: &Plan) -> Vec<CheckpointSummary> {
+    let selector = format!(
+        "{}={},{LABEL_CHECKPOINT}",
+        resources::LABEL_PIPELINE,
+        plan.pipeline
+    );
+    match Api::<ConfigMap>::namespaced(ctx.client.clone(), &plan.namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+    {
+        Ok(list) => list.items.iter().filter_map(stored_summary).collect(),
+        Err(error) => {
+            warn!(%error, %selector, "could not list the stored checkpoints");
+            Vec::new()
+        }
+    }
 }
 
 /// Deletes the ConfigMaps of pruned checkpoints; returns those it could not delete.

@@ -510,3 +510,27 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Panics unless the runtime binary the kubelet maps `keystone/runtime*` to is built.
+pub fn require_runtime_binary() {
+    let path = repo().join("target/debug/keystone-runtime");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p keystone-runtime` before the e2e tests",
+        path.display()
+    );
+}
+
+/// Waits until the Pipeline is Ready=True: 180 s, as real runtime pods start,
+/// join their consumer groups and restore state. Panics with the operator's log.
+pub async fn wait_ready_with_runtime(
+    api: &Api<Pipeline>,
+    name: &str,
+    operator: &OperatorProcess,
+) -> Pipeline {
+    keystone_e2e::wait_for(api, name, Duration::from_secs(180), "Ready=True", |p| {
+        condition_is(p, "Ready", "True")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+}

@@ -81,13 +81,19 @@ pub(super) fn check_pods(
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(ANNOTATION_PLAN_HASH))
-            .map(String::as_str)
-            .unwrap_or("(none)");
-        if hash != plan_hash {
-            return Err(format!(
-                "stage {name}: pod {pod_name} runs plan {hash}, not the current plan {plan_hash} (a rollout is in progress)"
-            ));
+            .and_then(|a| a.get(ANNOTATION_PLAN_HASH));
+        match hash {
+            None => {
+                return Err(format!(
+                    "stage {name}: pod {pod_name} has no {ANNOTATION_PLAN_HASH} annotation (it was not made by the stage's Deployment)"
+                ));
+            }
+            Some(hash) if hash != plan_hash => {
+                return Err(format!(
+                    "stage {name}: pod {pod_name} runs plan {hash}, not the current plan {plan_hash} (a rollout is in progress)"
+                ));
+            }
+            Some(_) => {}
         }
         let is_ready = status
             .conditions

@@ -204,7 +204,7 @@ impl<'a> KafkaView<'a> {
     ) -> Result<BTreeMap<i32, i64>, CheckpointFailure> {
         let reader = self.reader(cluster).await.map_err(CheckpointFailure::new)?;
         let name = topic.to_owned();
-        blocking(format!("sink topic {topic:?}"), move || {
+        blocking(format!("topic {topic:?}"), move || {
             let mut ends = BTreeMap::new();
             for partition in 0..partition_count(&reader, &name)? {
                 ends.insert(partition, watermarks(&reader, &name, partition)?.1);
@@ -212,7 +212,7 @@ impl<'a> KafkaView<'a> {
             Ok(ends)
         })
         .await
-        .map_err(|e| CheckpointFailure::new(format!("reading the end of sink topic: {e}")))
+        .map_err(CheckpointFailure::new)
     }
 
     /// Waits (bounded) until the stage's consumer group has consumed its input

@@ -375,19 +375,23 @@ fn every_desired_instance_must_be_ready_on_the_current_plan() {
     .expect("the failed pod is ignored");
 }
 
-#[test]
-fn the_config_map_goes_with_the_pipeline_without_being_controlled() {
-    let p = pipeline("");
-    let checkpoint = PipelineCheckpoint {
+fn stored(trigger: CheckpointTrigger) -> PipelineCheckpoint {
+    PipelineCheckpoint {
         id: "20260101-000000-007".into(),
         pipeline: "p".into(),
         namespace: "n".into(),
         plan_hash: "h1".into(),
         time: "2026-01-01T00:00:00.007Z".into(),
-        trigger: CheckpointTrigger::Manual,
+        trigger,
         stages: vec![],
         sink_positions: Positions::from([("out".to_owned(), BTreeMap::from([(0, 3)]))]),
-    };
+    }
+}
+
+#[test]
+fn the_config_map_goes_with_the_pipeline_without_being_controlled() {
+    let p = pipeline("");
+    let checkpoint = stored(CheckpointTrigger::Manual);
     let cm = checkpoint_config_map(&p, &checkpoint).expect("config map");
     assert_eq!(
         cm.metadata.name.as_deref(),
@@ -406,4 +410,36 @@ fn the_config_map_goes_with_the_pipeline_without_being_controlled() {
     let back: PipelineCheckpoint =
         serde_json::from_str(&cm.data.as_ref().expect("data")[CHECKPOINT_KEY]).expect("json");
     assert_eq!(back, checkpoint);
+}
+
+#[test]
+fn a_pod_without_a_plan_hash_is_named_as_foreign() {
+    let plan = plan(&pipeline(""));
+    let mut stray = pod("p-s0-x", "h1", true, Some("127.1.0.4"));
+    stray.metadata.annotations = None;
+    let error = instances::check_pods(&plan.stages[0], "h1", &[stray]).expect_err("foreign");
+    assert!(
+        error.starts_with("stage s0: pod p-s0-x has no keystone.dev/plan-hash annotation"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_stored_checkpoint_is_summarized_from_its_config_map() {
+    let p = pipeline("");
+    let checkpoint = stored(CheckpointTrigger::Periodic);
+    let mut cm = checkpoint_config_map(&p, &checkpoint).expect("config map");
+    let listed = stored_summary(&cm).expect("summary");
+    assert_eq!(listed.id, checkpoint.id);
+    assert_eq!(listed.trigger.as_deref(), Some("Periodic"));
+    assert_eq!(listed.plan_hash.as_deref(), Some("h1"));
+    assert_eq!(listed.time.0.as_millisecond() % 1000, 7);
+    // Unreadable: still listed by its label and creation time, so it can be pruned.
+    cm.data = None;
+    cm.metadata.creation_timestamp = Some(Time(t(42)));
+    let listed = stored_summary(&cm).expect("summary");
+    assert_eq!(
+        (listed.id.as_str(), listed.time.0),
+        (checkpoint.id.as_str(), t(42))
+    );
 }
