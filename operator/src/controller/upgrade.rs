@@ -15,7 +15,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use keystone_crds::checkpoint::{CheckpointTrigger, PipelineCheckpoint, Positions, RestorePlan};
 use keystone_crds::pipeline::{
     PipelineSpec, PipelineState, RestoreStatus, UpgradeMode, UpgradePhase, UpgradeStatus,
-    UpgradeStrategy,
 };
 use keystone_crds::upgrade::{ChangeClass, classify};
 
@@ -518,7 +517,11 @@ pub(super) async fn prepare(
     // The rollback point: a fresh checkpoint, or the last one (LastState, Stateless, Scale).
     let fresh = spec.upgrade.mode == UpgradeMode::Checkpoint && change != "Scale";
     if fresh && instances_ready(ctx, &running.plan).await? {
-        let stop = spec.upgrade.strategy == UpgradeStrategy::Recreate || state_reset;
+        // Always a stop checkpoint: its cut is aligned across stages (what a
+        // rollback's restore of later stages relies on), and the new version
+        // starts exactly there. With Rolling the stopped instances hand their
+        // partitions over as they are replaced.
+        let stop = true;
         // The stable version's rollback point stays pinned until this upgrade has its own.
         let pins = pinned(&observed.status);
         let taken = ckpt::checkpoint_now(
