@@ -173,10 +173,11 @@ spec:
         &pipelines,
         "purchases",
         Duration::from_secs(120),
-        "Ready=True on the new plan",
+        "Running (past its health window) on the new plan",
         |p| {
             condition_is(p, "Ready", "True")
                 && p.status.as_ref().and_then(|s| s.plan_hash.as_ref()) != Some(&old_hash)
+                && p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Running)
         },
     )
     .await

@@ -224,9 +224,13 @@ spec:
         }
     }
 
-    /// Asserts each produced event is in the sink `times` times (the last
-    /// `replayed` ones once more) and in order per user.
+    /// Asserts each produced event is in the sink once, in order per user.
     fn assert_exactly_once(&self, seen: &[(String, u64, serde_json::Value)]) {
+        self.assert_each_once(seen, true);
+    }
+
+    /// Asserts each produced event is in the sink once; in order per user if `ordered`.
+    fn assert_each_once(&self, seen: &[(String, u64, serde_json::Value)], ordered: bool) {
         let produced = self.produced.load(Ordering::SeqCst);
         let mut counts: BTreeMap<(String, u64), u32> = BTreeMap::new();
         let mut last: BTreeMap<&str, u64> = BTreeMap::new();
@@ -518,9 +522,11 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
         .expect("stable plan");
     let (stop, producing) = flow.produce_continuously(100);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // A filter that fails on every event: a string compared with a number.
+    // A filter that fails on every odd event (a string compared with a number)
+    // and passes the even ones: the failed version delivers half of what it
+    // reads, and the rollback's replay must deliver the other half only.
     flow.patch(json!({"spec": {"steps": [
-        {"name": "broken", "filter": {"expression": "action > 1"}},
+        {"name": "broken", "filter": {"expression": "seq % 2 == 0 || action > 1"}},
         {"name": "shape", "project": {"fields": [{"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"}]}}
     ]}}))
     .await;
@@ -566,7 +572,9 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
     stop.store(true, Ordering::SeqCst);
     producing.await.expect("producer");
     let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
-    flow.assert_exactly_once(&seen);
+    // Even events the failed version delivered come before the odd ones its
+    // rollback replayed, so order per user holds only outside that window.
+    flow.assert_each_once(&seen, false);
 }
 
 #[tokio::test]

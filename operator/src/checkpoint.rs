@@ -669,8 +669,19 @@ pub async fn run_due(
             .and_then(|u| u.checkpoint.clone())
             .into_iter()
             .collect();
+        // With more than one stage the cut is aligned (stop, drain, resume): a
+        // restore starts later stages at their input's end, which is exact only
+        // for an aligned cut. One stage needs no pause: offsets and state of a
+        // partition are committed together.
+        let aligned = plan.stages.len() > 1;
         // The outcome is in status and events; nothing else to do with it here.
-        let _ = checkpoint_now(ctx, pipeline, plan, trigger, false, status, &pinned).await;
+        let taken = checkpoint_now(ctx, pipeline, plan, trigger, aligned, status, &pinned).await;
+        if aligned
+            && taken.is_ok()
+            && let Err(failure) = resume(ctx, plan).await
+        {
+            warn!(pipeline = %pipeline.name_any(), reason = %failure, "resuming after an aligned checkpoint failed; retried next reconcile");
+        }
     }
     next_in(&pipeline.spec, status, Timestamp::now())
 }
