@@ -111,6 +111,25 @@ fn degraded_phase_is_degraded_and_provisioning_is_progressing() {
 }
 
 #[test]
+fn an_upgrade_is_progressing_and_a_rollback_degraded_although_the_old_version_is_ready() {
+    let upgrading = json!({"observedGeneration": 4, "phase": "Upgrading", "conditions": [
+        cond("Ready", "True", "Ready", "all stages ready"),
+        cond("SpecApplied", "False", "Upgrading", "Upgrade from plan a to b"),
+    ]});
+    let (status, message) = health(PIPELINE, &pipeline(4, Some(upgrading)));
+    assert_eq!(status, "Progressing");
+    assert!(message.contains("plan a to b"), "{message}");
+
+    let rolled_back = json!({"observedGeneration": 4, "phase": "Degraded", "conditions": [
+        cond("Ready", "True", "Ready", "all stages ready"),
+        cond("SpecApplied", "False", "RolledBack", "rolled back to plan a: 40% dead-lettered"),
+    ]});
+    let (status, message) = health(PIPELINE, &pipeline(4, Some(rolled_back)));
+    assert_eq!(status, "Degraded");
+    assert!(message.starts_with("RolledBack: rolled back"), "{message}");
+}
+
+#[test]
 fn processor_health_follows_contract_valid() {
     let processor = |status: &str| {
         json!({"metadata": {"name": "x", "generation": 1},
