@@ -39,19 +39,42 @@ pub struct Table {
     rows: HashMap<Vec<u8>, Row, BuildHasherDefault<KeyHasher>>,
 }
 
-/// A row, and the JSON text a join writes under its `into` field for it, built on
-/// the row's first match (each join step has its own copy of its table).
+/// A row: its JSON text (checked when the row arrived), the document parsed from
+/// it when a look-up needs one, and the JSON text a join writes under its `into`
+/// field for it, built on the row's first match (each join step has its own copy
+/// of its table). Rows that are never matched, and rows only ever appended as
+/// `into`, keep no document: a parsed document costs about ten times its text.
 #[derive(Clone, Debug)]
 struct Row {
-    value: Value,
+    raw: Box<[u8]>,
+    value: OnceCell<Value>,
     into_json: OnceCell<Box<[u8]>>,
 }
 
 impl Row {
-    fn new(value: Value) -> Self {
+    fn new(raw: Box<[u8]>, value: Option<Value>) -> Self {
         Self {
-            value,
+            raw,
+            value: value.map(OnceCell::from).unwrap_or_default(),
             into_json: OnceCell::new(),
+        }
+    }
+
+    fn parse(raw: &[u8]) -> Value {
+        // The text was parsed when the row arrived: it is valid JSON.
+        sonic_rs::from_slice(raw).unwrap_or_default()
+    }
+
+    /// The row's document, parsed once and kept.
+    fn value(&self) -> &Value {
+        self.value.get_or_init(|| Self::parse(&self.raw))
+    }
+
+    /// Calls `f` with the row's document, without keeping one it had to parse.
+    fn with_value<T>(&self, f: impl FnOnce(&Value) -> T) -> T {
+        match self.value.get() {
+            Some(value) => f(value),
+            None => f(&Self::parse(&self.raw)),
         }
     }
 }
@@ -98,7 +121,10 @@ impl Table {
             return Err("a row must be a JSON object".to_owned());
         }
         let key = self.row_key(&row)?;
-        self.rows.insert(key, Row::new(row));
+        let raw = sonic_rs::to_vec(&row)
+            .unwrap_or_default()
+            .into_boxed_slice();
+        self.rows.insert(key, Row::new(raw, Some(row)));
         Ok(())
     }
 
@@ -109,11 +135,12 @@ impl Table {
                 self.rows.remove(&change.key);
             }
             Some(bytes) => {
-                let row = sonic_rs::from_slice(&bytes).map_err(|e| StateError::Value {
+                sonic_rs::from_slice::<Value>(&bytes).map_err(|e| StateError::Value {
                     key: hex(&change.key),
                     message: format!("the row is not JSON: {e}"),
                 })?;
-                self.rows.insert(change.key, Row::new(row));
+                self.rows
+                    .insert(change.key, Row::new(bytes.into_boxed_slice(), None));
             }
         }
         Ok(())
@@ -136,7 +163,14 @@ impl Table {
             };
             let row: Value =
                 sonic_rs::from_str(&line).map_err(|e| error(format!("invalid JSON: {e}")))?;
-            self.upsert(row).map_err(error)?;
+            if !row.is_object() {
+                return Err(error("a row must be a JSON object".to_owned()));
+            }
+            let key = self.row_key(&row).map_err(error)?;
+            // Keep the text; the document is parsed again if a look-up needs it.
+            drop(row);
+            self.rows
+                .insert(key, Row::new(line.into_bytes().into_boxed_slice(), None));
         }
         Ok(())
     }
@@ -150,7 +184,7 @@ impl Table {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&Value> {
-        self.rows.get(key).map(|row| &row.value)
+        self.rows.get(key).map(Row::value)
     }
 }
 
@@ -321,7 +355,9 @@ impl Operator for Join {
             // The common case: append `"into":{...}` to the serialized event,
             // instead of merging member by member.
             let json = row.into_json.get_or_init(|| {
-                Self::into_json(&self.fields, into, into_top, &self.table.key, &row.value)
+                row.with_value(|value| {
+                    Self::into_json(&self.fields, into, into_top, &self.table.key, value)
+                })
             });
             self.buf.clear();
             let _ = sonic_rs::to_writer(&mut self.buf, &event.value);
@@ -343,7 +379,7 @@ impl Operator for Join {
             &self.fields,
             self.into.as_ref(),
             &self.table.key,
-            &row.value,
+            row.value(),
         );
         let refs: Vec<(&FieldPath, Value)> =
             writes.iter_mut().map(|(p, v)| (&*p, v.take())).collect();
@@ -363,7 +399,7 @@ impl Operator for Join {
             .map(|(key, row)| {
                 StateChange::upsert(
                     key.clone(),
-                    sonic_rs::to_vec(&row.value).unwrap_or_default(),
+                    sonic_rs::to_vec(row.value()).unwrap_or_default(),
                 )
             })
             .collect();
