@@ -603,6 +603,9 @@ pub struct PipelineStatus {
     /// The last restore from a checkpoint (requested, a rollback, a state reset or a stateless upgrade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restore: Option<RestoreStatus>,
+    /// The `spec.restore` request last acted on: a request is carried out once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore_request: Option<RestoreSpec>,
 }
 
 /// Where an upgrade is.

@@ -681,14 +681,11 @@ async fn a_restore_from_an_older_named_checkpoint_replays_from_there() {
                 && condition_is(p, "Ready", "True")
         })
         .await;
-    assert_eq!(
-        restored
-            .status
-            .and_then(|s| s.last_restore)
-            .map(|r| r.reason)
-            .as_deref(),
-        Some("Requested")
-    );
+    let restore = restored
+        .status
+        .and_then(|s| s.last_restore)
+        .expect("last restore");
+    assert_eq!(restore.reason, "Requested");
     // The 40 events after the checkpoint are processed again; the 60 before are not.
     let seen = flow.read_sink(140);
     let mut counts: BTreeMap<(String, u64), u32> = BTreeMap::new();
@@ -703,6 +700,22 @@ async fn a_restore_from_an_older_named_checkpoint_replays_from_there() {
         let expected = if n < 60 { 1 } else { 2 };
         assert_eq!(times, expected, "event {n} is in the sink {times} time(s)");
     }
+    // The request is carried out once: later reconciles (another spec change
+    // here) leave the restore alone, and nothing is replayed again.
+    flow.patch(json!({"spec": {"checkpointTrigger": "after-restore"}}))
+        .await;
+    let later = flow
+        .wait("the next manual checkpoint", |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.last_checkpoint_trigger.as_deref() == Some("after-restore"))
+        })
+        .await;
+    assert_eq!(
+        later.status.and_then(|s| s.last_restore).map(|r| r.id),
+        Some(restore.id)
+    );
+    assert_eq!(flow.read_sink(140).len(), 140);
 }
 
 #[tokio::test]

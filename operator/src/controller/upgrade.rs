@@ -331,11 +331,7 @@ pub(super) async fn prepare(
 
     // A restore the user asked for.
     if let Some(request) = &spec.restore {
-        let done = observed.status.last_restore.as_ref().is_some_and(|r| {
-            r.reason == "Requested"
-                && r.checkpoint.as_deref() == Some(request.checkpoint.as_str())
-                && r.nonce == request.nonce
-        });
+        let done = observed.status.last_restore_request.as_ref() == Some(request);
         if !done {
             let checkpoint = match ckpt::load_checkpoint(
                 ctx,
@@ -385,6 +381,7 @@ pub(super) async fn prepare(
                 &mut observed.status,
             )
             .await?;
+            observed.status.last_restore_request = Some(request.clone());
             observed.status.plan_hash = Some(new_hash.clone());
             observed.status.last_reconciled_spec = Some(spec_json(spec));
             ctx.publish(
