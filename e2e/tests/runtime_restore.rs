@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use keystone_crds::checkpoint::{
     InputRestore, InstanceCheckpoint, ReplaySuppression, RestorePlan, StageRestore, StateRestore,
 };
+use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -435,4 +436,163 @@ async fn an_empty_state_restore_forgets_every_key() {
         "{counts:?}; see {}",
         h.log("a")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suppressed_replay_delivers_every_event_exactly_once() {
+    let (mut h, p) = dedup_stage_with_twenty_ids("suppress").await;
+    let (source, changelog) = (h.plan.source.topic.clone(), changelog_topic(&h));
+    let sink = h.sink_topic();
+    // As the operator does: the sink's ends just before the barrier.
+    let sink_positions = end_offsets(&h, &sink, 2);
+    let at = checkpoint(&h, "a", "");
+
+    // The version after the checkpoint delivers ten more, then is rolled back.
+    produce(&p, &source, &ids(20..30));
+    assert_eq!(sink_counts(&h, 30).len(), 30);
+    h.terminate("a");
+
+    let suppress = ReplaySuppression {
+        sink_positions: BTreeMap::from([(sink.clone(), sink_positions)]),
+    };
+    let plan = back_to("r-suppress", &at, &changelog, Some(suppress));
+    start_with_restore(&mut h, "a", &plan);
+    produce(&p, &source, &ids(30..40));
+    let counts = sink_counts(&h, 40);
+    assert!(
+        counts.len() == 40 && counts.values().all(|n| *n == 1),
+        "{counts:?}; see {}",
+        h.log("a")
+    );
+    assert_eq!(
+        metric(&h, "a", "keystone_replay_suppressed_records_total"),
+        10.0
+    );
+    // The replay went through to the end: nothing is left to consume.
+    let done = checkpoint(&h, "a", "");
+    assert_eq!(done.source_offsets.values().sum::<i64>(), 40);
+}
+
+/// Every record of `topic` names, in its source headers, the source record with
+/// the same value (the first one, where the source holds the value twice).
+fn assert_records_name_their_source(h: &Harness, topic: &str, expected: usize) {
+    let source = &h.plan.source.topic;
+    let mut origin: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (value, partition, offset) in read_with_positions(&h.bootstrap, source) {
+        origin
+            .entry(value)
+            .or_insert((partition.to_string(), offset.to_string()));
+    }
+    let records = read_committed(
+        &h.bootstrap,
+        topic,
+        expected,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    );
+    assert_eq!(records.len(), expected, "{topic}");
+    for (_, value, headers) in &records {
+        let named = (
+            headers
+                .get("keystone.source.partition")
+                .cloned()
+                .unwrap_or_default(),
+            headers
+                .get("keystone.source.offset")
+                .cloned()
+                .unwrap_or_default(),
+        );
+        assert_eq!(
+            Some(&named),
+            origin.get(value),
+            "{topic}: {value} {headers:?}"
+        );
+    }
+}
+
+/// Every record of `topic` with its partition and offset.
+fn read_with_positions(bootstrap: &str, topic: &str) -> Vec<(String, i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("e2e-reader"))
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let partitions = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .unwrap()
+        .topics()[0]
+        .partitions()
+        .len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for partition in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition, TIMEOUT)
+            .unwrap();
+        ends.insert(partition, high);
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while records.len() < ends.values().sum::<i64>() as usize && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            records.push((
+                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                message.partition(),
+                message.offset(),
+            ));
+        }
+    }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_and_repartition_records_name_their_source_record() {
+    let name = unique("provenance");
+    // Order holds events back and releases them later; the rekey cuts a second
+    // stage that reads the source record from the repartition record's headers.
+    let manifest = format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [order_id]
+    schema:
+      fields:
+        - {{name: event_id, type: string}}
+        - {{name: order_id, type: string}}
+        - {{name: seq, type: integer}}
+  steps:
+    - name: order
+      order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
+    - name: by-event
+      rekey: {{key: [event_id]}}
+    - name: dedup
+      dedup: {{key: [event_id], window: 1h}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2}}
+  commitInterval: 200ms
+"#
+    );
+    let mut h = Harness::new(&name, &manifest, 3).await;
+    assert_eq!(h.plan.stages.len(), 2);
+    let repartition = h.plan.stages[1].input.topic.clone();
+    h.start_stage("first", "s0", &[]);
+    h.start_stage("second", "s1", &[]);
+    let (keys, seqs) = (6, 8);
+    produce(
+        &producer(&h.bootstrap),
+        &h.plan.source.topic.clone(),
+        &cdc_input(keys, seqs, 3),
+    );
+    let expected = (keys as usize) * (seqs as usize);
+    assert_records_name_their_source(&h, &repartition, expected);
+    assert_records_name_their_source(&h, &h.sink_topic(), expected);
 }

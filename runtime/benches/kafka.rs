@@ -17,7 +17,7 @@
 //! start to the moment every input event was counted in (and, for the ceiling,
 //! produced), so group join and restore are included. This is a report, not a test.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,12 +44,20 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let runtime = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/keystone-runtime");
-    assert!(
-        runtime.exists(),
-        "{} is missing: cargo build --release -p keystone-runtime",
-        runtime.display()
+    // KEYSTONE_BENCH_RUNTIME runs another build; KEYSTONE_BENCH_BASELINE adds runs
+    // of a second build in every round, to measure a change against its parent.
+    let runtime = std::env::var_os("KEYSTONE_BENCH_RUNTIME").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/keystone-runtime"),
+        PathBuf::from,
     );
+    let baseline = std::env::var_os("KEYSTONE_BENCH_BASELINE").map(PathBuf::from);
+    for binary in std::iter::once(&runtime).chain(&baseline) {
+        assert!(
+            binary.exists(),
+            "{} is missing: cargo build --release -p keystone-runtime",
+            binary.display()
+        );
+    }
     let input = generate(events);
     let bytes: usize = input.iter().map(|(k, v)| k.len() + v.len()).sum();
     println!(
@@ -61,6 +69,10 @@ fn main() {
         ("keystone at-least-once".into(), vec![]),
         ("keystone exactly-once (1 s transactions)".into(), vec![]),
     ];
+    if baseline.is_some() {
+        results.push(("baseline at-least-once".into(), vec![]));
+        results.push(("baseline exactly-once (1 s transactions)".into(), vec![]));
+    }
     for round in 0..rounds {
         for (index, (name, rates)) in results.iter_mut().enumerate() {
             let tag = format!("kbench-{}-{round}-{index}", std::process::id());
@@ -70,7 +82,21 @@ fn main() {
             let seconds = match index {
                 0 => ceiling(&bootstrap, &source, &format!("{tag}.out"), events),
                 1 => keystone(&bootstrap, &runtime, &tag, &source, "AtLeastOnce"),
-                _ => keystone(&bootstrap, &runtime, &tag, &source, "ExactlyOnce"),
+                2 => keystone(&bootstrap, &runtime, &tag, &source, "ExactlyOnce"),
+                3 => keystone(
+                    &bootstrap,
+                    baseline_of(&baseline),
+                    &tag,
+                    &source,
+                    "AtLeastOnce",
+                ),
+                _ => keystone(
+                    &bootstrap,
+                    baseline_of(&baseline),
+                    &tag,
+                    &source,
+                    "ExactlyOnce",
+                ),
             };
             let rate = events as f64 / seconds;
             println!("round {round}: {name}: {seconds:.2} s, {rate:.0} events/s");
@@ -95,6 +121,28 @@ fn main() {
             median(&ratios)
         );
     }
+    if baseline.is_some() {
+        println!();
+        for (build, base) in [(1, 3), (2, 4)] {
+            let ratios: Vec<f64> = results[build]
+                .1
+                .iter()
+                .zip(&results[base].1)
+                .map(|(r, b)| r / b)
+                .collect();
+            println!(
+                "{} / baseline: {:.3} (median of per-round pairs)",
+                results[build].0,
+                median(&ratios)
+            );
+        }
+    }
+}
+
+fn baseline_of(baseline: &Option<PathBuf>) -> &Path {
+    baseline
+        .as_deref()
+        .expect("baseline runs only with a baseline")
 }
 
 fn median(values: &[f64]) -> f64 {

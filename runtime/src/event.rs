@@ -11,13 +11,33 @@ pub struct Event {
     /// The bytes the event arrived as (a source line or Kafka record value); dead
     /// letters carry them so that nothing is lost.
     pub raw: Vec<u8>,
+    /// The pipeline source record the event comes from, on Kafka.
+    pub source: Option<Provenance>,
+}
+
+/// Where an event came from: a partition and offset of the pipeline's source
+/// topic. Steps carry it along unchanged and sink records name it in headers, so
+/// that a replay can tell which events a sink already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provenance {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 impl Event {
+    /// An event of a document and the bytes it was read from, of no known source record.
+    pub fn new(value: Value, raw: Vec<u8>) -> Event {
+        Event {
+            value,
+            raw,
+            source: None,
+        }
+    }
+
     /// Parses `raw` as one JSON object. On failure the reason is returned with the bytes.
     pub fn parse(raw: Vec<u8>) -> Result<Event, (Vec<u8>, String)> {
         match sonic_rs::from_slice::<Value>(&raw) {
-            Ok(value) if value.is_object() => Ok(Event { value, raw }),
+            Ok(value) if value.is_object() => Ok(Event::new(value, raw)),
             Ok(value) => {
                 let reason = format!(
                     "not a JSON object: the event is a JSON {}",
@@ -38,7 +58,7 @@ impl Event {
     /// An event built from a document; its `raw` bytes are the serialized document.
     pub fn from_value(value: Value) -> Event {
         let raw = sonic_rs::to_vec(&value).unwrap_or_default();
-        Event { value, raw }
+        Event::new(value, raw)
     }
 
     /// Writes the document as one line of JSON.

@@ -14,7 +14,7 @@ use keystone_crds::schema::{FieldType, SchemaSpec};
 
 use crate::clock::Clock;
 use crate::error::RuntimeError;
-use crate::event::{DeadLetter, Event};
+use crate::event::{DeadLetter, Event, Provenance};
 use crate::operator::{Ctx, Operator, Output};
 use crate::ops::{self, Table};
 use crate::schema::Validator;
@@ -174,14 +174,26 @@ impl StageTask {
     /// the batch through the steps, then the timers. Unparseable or invalid input
     /// becomes a dead letter of step `source`.
     pub fn push_raw(&mut self, raws: impl IntoIterator<Item = Vec<u8>>) {
+        self.push_records(raws.into_iter().map(|raw| (raw, None)));
+    }
+
+    /// As [`push_raw`](Self::push_raw), with the source record each event comes
+    /// from; the events carry it through every step.
+    pub fn push_records(
+        &mut self,
+        records: impl IntoIterator<Item = (Vec<u8>, Option<Provenance>)>,
+    ) {
         let started = Instant::now();
         let mut batch = Vec::new();
-        for raw in raws {
+        for (raw, source) in records {
             self.source_metrics.events_in += 1;
             match Event::parse(raw) {
-                Ok(event) => match self.source.as_ref().map(|v| v.check(&event.value)) {
+                Ok(mut event) => match self.source.as_ref().map(|v| v.check(&event.value)) {
                     Some(Err(reason)) => self.source_dead_letter(event.raw, reason),
-                    _ => batch.push(event),
+                    _ => {
+                        event.source = source;
+                        batch.push(event);
+                    }
                 },
                 Err((raw, reason)) => self.source_dead_letter(raw, reason),
             }
@@ -372,5 +384,70 @@ impl StageTask {
             .filter(|s| s.op.is_stateful())
             .map(|s| (s.metrics.name.clone(), s.op.state_entries()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonic_rs::JsonValueTrait;
+
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn events_carry_their_source_record_through_held_back_releases() {
+        let manifest = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: p, namespace: n}
+spec:
+  source:
+    topic: in
+    key: [k]
+    schema: {fields: [{name: k, type: string}, {name: seq, type: integer}]}
+  steps:
+    - name: order
+      order: {key: [k], sequence: seq, maxDelay: 10s, contiguous: true}
+  sinks: [{name: out, kafka: {topic: out}}]
+"#;
+        let manifests = keystone_crds::parse_manifests("p.yaml", manifest).unwrap();
+        let plan = keystone_crds::compile(&manifests.pipelines[0], &[]).unwrap();
+        let clock = ManualClock::new(0);
+        let mut task = StageTask::new(
+            &plan.stages[0],
+            Some(&plan.source.schema),
+            &BTreeMap::new(),
+            Arc::new(clock.clone()),
+            TaskOptions {
+                record_changes: false,
+            },
+        )
+        .unwrap();
+        let record = |seq: i64, offset: i64| {
+            (
+                format!(r#"{{"k":"a","seq":{seq}}}"#).into_bytes(),
+                Some(Provenance {
+                    partition: 2,
+                    offset,
+                }),
+            )
+        };
+        let released = |task: &mut StageTask| -> Vec<(Option<i64>, i64)> {
+            task.take_events()
+                .iter()
+                .map(|e| {
+                    (
+                        e.value.get("seq").and_then(|v| v.as_i64()),
+                        e.source.unwrap().offset,
+                    )
+                })
+                .collect()
+        };
+        // 2 waits for 1; 5 waits for 3 and 4, which never come: the timer releases it.
+        task.push_records([record(2, 10), record(1, 11), record(5, 12)]);
+        assert_eq!(released(&mut task), [(Some(1), 11), (Some(2), 10)]);
+        clock.advance(11_000);
+        task.tick();
+        assert_eq!(released(&mut task), [(Some(5), 12)]);
     }
 }

@@ -13,7 +13,7 @@
 //! changelogs before any of their records is processed (the pod reports not
 //! ready meanwhile).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -26,14 +26,14 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sonic_rs::JsonValueTrait;
 
 use crate::clock::SystemClock;
-use crate::event::{Event, FieldPath};
+use crate::event::{Event, FieldPath, Provenance};
 use crate::kafka::http::Control;
 use crate::kafka::restore::{self, RawRecord};
 use crate::kafka::{ServeArgs, ServeError, Shared, config};
@@ -97,9 +97,9 @@ impl ClientContext for ConsumerCtx {}
 
 impl ConsumerContext for ConsumerCtx {
     /// The default rebalance, except that restored partitions get their start
-    /// offsets in the assignment itself (a seek right after an assignment races
-    /// with the fetch of the committed offset), and that partitions assigned
-    /// while stopped are paused at once.
+    /// offsets in the assignment itself (so nothing is ever fetched from the
+    /// committed offset first), and that partitions assigned while stopped are
+    /// paused at once.
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -222,8 +222,134 @@ impl OffsetLookup {
     }
 }
 
-/// Records of one input partition as polled: offset and value.
-type Records = Vec<(i64, Option<Vec<u8>>)>;
+/// Records of one input partition as polled: offset, value and the source record
+/// they come from.
+type Records = Vec<(i64, Option<Vec<u8>>, Option<Provenance>)>;
+
+/// Headers of repartition and sink records naming the pipeline source record
+/// (partition and offset, as decimal text) an event comes from.
+const SOURCE_PARTITION_HEADER: &str = "keystone.source.partition";
+const SOURCE_OFFSET_HEADER: &str = "keystone.source.offset";
+
+fn provenance_headers(source: Option<Provenance>) -> Option<OwnedHeaders> {
+    let source = source?;
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
+    Some(
+        OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: SOURCE_PARTITION_HEADER,
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: SOURCE_OFFSET_HEADER,
+                value: Some(offset.as_bytes()),
+            }),
+    )
+}
+
+/// The source record a repartition or sink record names in its headers.
+fn provenance_of(message: &impl Message) -> Option<Provenance> {
+    let headers = message.headers()?;
+    let (mut partition, mut offset) = (None, None);
+    for header in headers.iter() {
+        let text = || std::str::from_utf8(header.value?).ok();
+        match header.key {
+            SOURCE_PARTITION_HEADER => partition = text().and_then(|t| t.parse().ok()),
+            SOURCE_OFFSET_HEADER => offset = text().and_then(|t| t.parse().ok()),
+            _ => {}
+        }
+    }
+    Some(Provenance {
+        partition: partition?,
+        offset: offset?,
+    })
+}
+
+/// Sink records a replay must not write again, by sink topic: the source
+/// records that the sink holds past the checkpoint (`RestorePlan.suppress`).
+#[derive(Default)]
+struct Suppression {
+    delivered: HashMap<String, HashSet<Provenance>>,
+    /// Records skipped, by sink topic.
+    skipped: BTreeMap<String, u64>,
+    reported_all: bool,
+}
+
+impl Suppression {
+    /// Reads every listed partition of the stage's sink topics from its position
+    /// to its current end (committed records only).
+    fn load(
+        config: &ClientConfig,
+        plan: &keystone_crds::checkpoint::ReplaySuppression,
+        sinks: &[(String, Vec<FieldPath>)],
+    ) -> Result<Self, ServeError> {
+        let mut starts = BTreeMap::new();
+        for (topic, _) in sinks {
+            for (partition, offset) in plan.sink_positions.get(topic).into_iter().flatten() {
+                starts.insert((topic.clone(), *partition), *offset);
+            }
+        }
+        let mut delivered: HashMap<String, HashSet<Provenance>> = HashMap::new();
+        let mut without = 0u64;
+        restore::scan(config, &starts, |message| match provenance_of(message) {
+            Some(source) => {
+                delivered
+                    .entry(message.topic().to_owned())
+                    .or_default()
+                    .insert(source);
+            }
+            None => without += 1,
+        })?;
+        for (topic, sources) in &delivered {
+            tracing::info!(
+                topic,
+                delivered = sources.len(),
+                "replay suppression: sink records past the checkpoint will not be written again"
+            );
+        }
+        if without > 0 {
+            tracing::warn!(
+                records = without,
+                "replay suppression: sink records without source headers cannot be recognised"
+            );
+        }
+        Ok(Self {
+            delivered,
+            ..Self::default()
+        })
+    }
+
+    /// Whether the sink `topic` already holds the record of `source`.
+    fn holds(&mut self, topic: &str, source: Option<Provenance>) -> bool {
+        let held = source.is_some_and(|source| {
+            self.delivered
+                .get(topic)
+                .is_some_and(|sources| sources.contains(&source))
+        });
+        if held {
+            *self.skipped.entry(topic.to_owned()).or_default() += 1;
+        }
+        held
+    }
+
+    fn is_empty(&self) -> bool {
+        self.delivered.is_empty()
+    }
+
+    /// Logs once when every delivered record was met again.
+    fn report(&mut self) {
+        let delivered: usize = self.delivered.values().map(HashSet::len).sum();
+        let skipped: u64 = self.skipped.values().sum();
+        if !self.reported_all && delivered > 0 && skipped as usize >= delivered {
+            self.reported_all = true;
+            tracing::info!(
+                skipped,
+                "replay suppression: every record delivered past the checkpoint was met again and skipped"
+            );
+        }
+    }
+}
 
 /// Where the stage's events go.
 enum Route {
@@ -286,6 +412,7 @@ pub struct Core {
     changelog_ends: BTreeMap<(String, i32), i64>,
     /// Processing stopped after a checkpoint: partitions paused, no output.
     stopped: bool,
+    suppression: Suppression,
 }
 
 /// The `--restore` plan as this stage applies it.
@@ -658,7 +785,7 @@ impl Core {
             // owner reprocesses them from the committed offset.
             return Ok(());
         }
-        let Some(last_offset) = records.last().map(|(offset, _)| *offset) else {
+        let Some(last_offset) = records.last().map(|(offset, _, _)| *offset) else {
             return Ok(());
         };
         self.begin_if_needed()?;
@@ -666,10 +793,10 @@ impl Core {
         // offsets again by their original bytes.
         let mut offsets = OffsetLookup::default();
         let task = self.tasks.get_mut(&partition).expect("checked above");
-        task.push_raw(records.into_iter().map(|(offset, payload)| {
+        task.push_records(records.into_iter().map(|(offset, payload, source)| {
             let payload = payload.unwrap_or_default();
             offsets.record(&payload, offset);
-            payload
+            (payload, source)
         }));
         let input_topic = self.stage.input.topic.clone();
         self.drain(partition, &input_topic, &mut offsets)?;
@@ -715,7 +842,14 @@ impl Core {
             let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
             match &self.route {
                 Route::Repartition { topic, key } => match record_key(&event, key) {
-                    Some(key) => send(&self.producer, topic, Some(&key), Some(&value), None, None)?,
+                    Some(key) => send(
+                        &self.producer,
+                        topic,
+                        Some(&key),
+                        Some(&value),
+                        None,
+                        provenance_headers(event.source),
+                    )?,
                     None => dead_letters.push(crate::event::DeadLetter {
                         step: "repartition".to_owned(),
                         reason: format!(
@@ -730,6 +864,13 @@ impl Core {
                 },
                 Route::Sinks(sinks) => {
                     for (topic, key) in sinks {
+                        // Already delivered before a rollback: the state above still
+                        // changed, only the record is not written again.
+                        if !self.suppression.is_empty()
+                            && self.suppression.holds(topic, event.source)
+                        {
+                            continue;
+                        }
                         let key = record_key(&event, key);
                         send(
                             &self.producer,
@@ -737,7 +878,7 @@ impl Core {
                             key.as_deref(),
                             Some(&value),
                             None,
-                            None,
+                            provenance_headers(event.source),
                         )?;
                     }
                 }
@@ -1281,7 +1422,12 @@ impl Core {
                     .with_label_values(&[&step])
                     .set(count as i64);
             }
+            for (topic, skipped) in &self.suppression.skipped {
+                let counter = m.suppressed_records.with_label_values(&[topic]);
+                counter.inc_by(skipped.saturating_sub(counter.get()));
+            }
         }
+        self.suppression.report();
     }
 }
 
@@ -1522,8 +1668,18 @@ pub fn run(
     let start_from_earliest = plan.source.start_from
         == keystone_crds::pipeline::StartPosition::Earliest
         || !stage.input.topic.eq(&plan.source.topic);
+    // Before anything is processed: what the sinks already hold past the checkpoint.
+    let suppression = match (restore.as_ref().and_then(|r| r.suppress.as_ref()), &route) {
+        (Some(suppress), Route::Sinks(sinks)) => Suppression::load(
+            &config::restore_reader(args, &stage.consumer_group),
+            suppress,
+            sinks,
+        )?,
+        _ => Suppression::default(),
+    };
+    let reads_source = stage.input.topic == plan.source.topic;
     let core = Arc::new(Mutex::new(Core {
-        reads_source: stage.input.topic == plan.source.topic,
+        reads_source,
         restore_config: config::restore_reader(args, &stage.consumer_group),
         plan: plan.clone(),
         stage: stage.clone(),
@@ -1550,6 +1706,7 @@ pub fn run(
         uncommitted_restores: Vec::new(),
         changelog_ends: BTreeMap::new(),
         stopped: false,
+        suppression,
     }));
     let consumer: BaseConsumer<ConsumerCtx> = config::consumer(
         args,
@@ -1601,10 +1758,21 @@ pub fn run(
                 timeout
             }) {
                 Some(Ok(message)) => {
-                    batch
-                        .entry(message.partition())
-                        .or_default()
-                        .push((message.offset(), message.payload().map(<[u8]>::to_vec)));
+                    // The first stage's events come from the source itself; later
+                    // stages read it from the repartition record's headers.
+                    let source = if reads_source {
+                        Some(Provenance {
+                            partition: message.partition(),
+                            offset: message.offset(),
+                        })
+                    } else {
+                        provenance_of(&message)
+                    };
+                    batch.entry(message.partition()).or_default().push((
+                        message.offset(),
+                        message.payload().map(<[u8]>::to_vec),
+                        source,
+                    ));
                     polled += 1;
                 }
                 Some(Err(error)) => {
@@ -1622,6 +1790,11 @@ pub fn run(
 
         let mut guard = core.lock().unwrap_or_else(|p| p.into_inner());
         let core = &mut *guard;
+        // A rebalance inside this poll may have failed (a partition's restore):
+        // nothing polled after it may be processed.
+        if let Some(error) = core.fatal.take() {
+            return Err(error);
+        }
         // Table rows first, so that events see every row that arrived before them.
         let mut step_result = core.poll_tables();
         if core.stopped {
@@ -1723,5 +1896,59 @@ fn unassign(consumer: &BaseConsumer<ConsumerCtx>, tpl: &TopicPartitionList) -> K
     match consumer.rebalance_protocol() {
         RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
         _ => consumer.unassign(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+    use rdkafka::message::OwnedMessage;
+
+    use super::*;
+
+    fn message(headers: Option<OwnedHeaders>) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            headers,
+        )
+    }
+
+    #[test]
+    fn provenance_round_trips_through_headers() {
+        let source = Provenance {
+            partition: 7,
+            offset: 1_234_567_890_123,
+        };
+        let headers = provenance_headers(Some(source));
+        assert_eq!(provenance_of(&message(headers)), Some(source));
+        assert_eq!(provenance_headers(None).map(|h| h.count()), None);
+        assert_eq!(provenance_of(&message(None)), None);
+        let partial = OwnedHeaders::new().insert(Header {
+            key: SOURCE_PARTITION_HEADER,
+            value: Some("3"),
+        });
+        assert_eq!(provenance_of(&message(Some(partial))), None);
+    }
+
+    #[test]
+    fn suppression_skips_only_what_the_topic_holds() {
+        let held = Provenance {
+            partition: 1,
+            offset: 5,
+        };
+        let mut suppression = Suppression {
+            delivered: HashMap::from([("out".to_owned(), HashSet::from([held]))]),
+            ..Suppression::default()
+        };
+        assert!(suppression.holds("out", Some(held)));
+        assert!(!suppression.holds("other", Some(held)));
+        assert!(!suppression.holds("out", Some(Provenance { offset: 6, ..held })));
+        assert!(!suppression.holds("out", None));
+        assert_eq!(suppression.skipped, BTreeMap::from([("out".to_owned(), 1)]));
     }
 }

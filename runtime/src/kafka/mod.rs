@@ -1,6 +1,28 @@
 //! `keystone-runtime serve`: one stage of a compiled plan on Kafka, with keyed
 //! state in changelog topics, exactly-once commits, dead letters with headers,
 //! and the operations endpoints.
+//!
+//! Checkpoints and restores (the operator's side is in `keystone_crds::checkpoint`):
+//!
+//! - `POST /checkpoint` commits at a barrier and answers an `InstanceCheckpoint`
+//!   with every owned input partition (one not processed since its assignment is
+//!   committed at its start: the group's offset, else the start position resolved
+//!   to an offset) and every owned changelog partition (after the last write, else
+//!   where the restore read up to). `?stop=true` then pauses every partition
+//!   (also those assigned later): no output, no timers, group membership kept;
+//!   `POST /resume` goes on from the committed offsets.
+//! - `serve --restore FILE` (`KEYSTONE_RESTORE`) applies a `RestorePlan` to each
+//!   partition whose committed offset does not carry `keystone.restore=<id>` in
+//!   its metadata: input start, changelog state (rewound with compensating
+//!   records so that the changelog's latest values are the restored state), and
+//!   the start committed with the metadata in the same transaction. Every commit
+//!   carries the metadata while the flag is set. Join and enrich tables are never
+//!   rewound: they follow their own topic. A rewind needs the records before the
+//!   position: a changelog compacted past it restores the compacted state.
+//! - Sink and repartition records carry `keystone.source.partition` and
+//!   `keystone.source.offset` (the source record the event comes from); with
+//!   `RestorePlan.suppress` a sink record whose source the sink already holds past
+//!   the checkpoint is not written again (state still changes).
 
 mod config;
 mod engine;

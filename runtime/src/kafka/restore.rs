@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::kafka::ServeError;
@@ -27,6 +27,37 @@ pub fn read_to_end(
     config: &ClientConfig,
     partitions: &BTreeSet<(String, i32)>,
 ) -> Result<Restored, ServeError> {
+    let mut records: BTreeMap<(String, i32), Vec<LoggedRecord>> = partitions
+        .iter()
+        .map(|key| (key.clone(), Vec::new()))
+        .collect();
+    let starts = partitions.iter().map(|key| (key.clone(), 0)).collect();
+    let read_up_to = scan(config, &starts, |message| {
+        records
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_default()
+            .push((
+                message.offset(),
+                (
+                    message.key().map(<[u8]>::to_vec),
+                    message.payload().map(<[u8]>::to_vec),
+                ),
+            ));
+    })?;
+    Ok(Restored {
+        records,
+        read_up_to,
+    })
+}
+
+/// Reads each topic partition from its start offset (or its beginning, if that
+/// is later) to its end as found now, committed data only, handing every record
+/// to `on_record` in offset order per partition. Returns the ends read up to.
+pub fn scan(
+    config: &ClientConfig,
+    starts: &BTreeMap<(String, i32), i64>,
+    mut on_record: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<BTreeMap<(String, i32), i64>, ServeError> {
     let consumer: BaseConsumer<QuietEof> =
         config
             .create_with_context(QuietEof)
@@ -34,41 +65,37 @@ pub fn read_to_end(
                 what: "creating the restore reader",
                 source,
             })?;
-    let mut records: BTreeMap<(String, i32), Vec<LoggedRecord>> = BTreeMap::new();
-    // The end of each partition when the restore starts. Nothing else writes a
-    // partition being restored: its previous owner was fenced or is dead, and an
-    // open transaction of a dead owner holds the reader back (read_committed)
-    // until the broker aborts it.
+    // The end of each partition when the reading starts. Nothing else writes a
+    // changelog partition being restored: its previous owner was fenced or is
+    // dead, and an open transaction of a dead owner holds the reader back
+    // (read_committed) until the broker aborts it.
     let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut read_up_to = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition) in partitions {
-        records.insert((topic.clone(), *partition), Vec::new());
+    for ((topic, partition), start) in starts {
         let (low, high) = consumer
             .fetch_watermarks(topic, *partition, Duration::from_secs(30))
             .map_err(|source| ServeError::Kafka {
-                what: "reading the end of a changelog partition",
+                what: "reading the bounds of a partition to read",
                 source,
             })?;
         read_up_to.insert((topic.clone(), *partition), high);
-        // An empty (or fully compacted-away) partition has nothing to restore.
-        if high > low {
+        let start = (*start).max(low);
+        // An empty (or fully compacted-away) partition has nothing to read.
+        if high > start {
             ends.insert((topic.clone(), *partition), high);
-            tpl.add_partition_offset(topic, *partition, Offset::Beginning)
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(start))
                 .map_err(|source| ServeError::Kafka {
-                    what: "assigning a changelog partition",
+                    what: "assigning a partition to read",
                     source,
                 })?;
         }
     }
     if ends.is_empty() {
-        return Ok(Restored {
-            records,
-            read_up_to,
-        });
+        return Ok(read_up_to);
     }
     consumer.assign(&tpl).map_err(|source| ServeError::Kafka {
-        what: "assigning changelog partitions",
+        what: "assigning partitions to read",
         source,
     })?;
     let started = Instant::now();
@@ -79,21 +106,12 @@ pub fn read_to_end(
             });
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => records
-                .entry((message.topic().to_owned(), message.partition()))
-                .or_default()
-                .push((
-                    message.offset(),
-                    (
-                        message.key().map(<[u8]>::to_vec),
-                        message.payload().map(<[u8]>::to_vec),
-                    ),
-                )),
+            Some(Ok(message)) => on_record(&message),
             // End-of-partition events are not relied on (librdkafka sometimes
             // reports them on the main queue without the partition); the
             // position check below decides.
             Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(error)) => tracing::warn!(%error, "error while restoring; retrying"),
+            Some(Err(error)) => tracing::warn!(%error, "error while reading to the end; retrying"),
             None => {}
         }
         // The position moves past transaction markers, so a partition is read
@@ -107,10 +125,7 @@ pub fn read_to_end(
             });
         }
     }
-    Ok(Restored {
-        records,
-        read_up_to,
-    })
+    Ok(read_up_to)
 }
 
 /// What a restore read: the records per partition, and where each partition's

@@ -375,10 +375,7 @@ impl Operator for Order {
                             seq,
                             arrived_ms,
                             arrival,
-                            event: Event {
-                                value: document,
-                                raw,
-                            },
+                            event: Event::new(document, raw),
                         },
                     );
                     waiting.push((arrival, key, seq, arrived_ms));
