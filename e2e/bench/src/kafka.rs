@@ -213,3 +213,378 @@ mod with_kafka {
         Ok(())
     }
 }
+
+/// Driving Kafka-mode runs (S5, S6): topics per run, Keystone's compiled plan,
+/// and the watcher that reads an engine's output until every expected record
+/// is there, then stops the engine.
+#[cfg(feature = "kafka")]
+pub mod drive {
+    use std::path::Path;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use anyhow::{Context, bail};
+    use keystone_crds::plan::{Partitions, TopicRole};
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Message, Timestamp};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    use crate::digest::{Digester, Mode, OutputDigest};
+
+    /// A topic to create: name, partitions, configs.
+    pub type TopicSpec = (String, i32, Vec<(String, String)>);
+
+    /// What the watcher saw of one run's output.
+    pub struct Drained {
+        pub count: u64,
+        /// Broker append time (LogAppendTime) of the first output record, epoch ms.
+        pub first_append_ms: i64,
+        /// When the watcher had read the last expected record (read_committed), epoch ms.
+        pub last_read_ms: i64,
+        pub digest: OutputDigest,
+        pub complete: bool,
+        pub engine_exited_early: bool,
+    }
+
+    impl Drained {
+        /// From the first output record's append to the last one read.
+        pub fn seconds(&self) -> f64 {
+            (self.last_read_ms - self.first_append_ms) as f64 / 1000.0
+        }
+    }
+
+    fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?)
+    }
+
+    pub fn create_topics(brokers: &str, topics: &[TopicSpec]) -> anyhow::Result<()> {
+        let admin = admin(brokers)?;
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|(name, partitions, config)| {
+                let mut t = NewTopic::new(name, *partitions, TopicReplication::Fixed(1));
+                for (k, v) in config {
+                    t = t.set(k, v);
+                }
+                t
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in futures::executor::block_on(admin.create_topics(&new, &opts))? {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the topics that exist among `names` and every topic starting with
+    /// one of `prefixes` (Kafka Streams' internal topics).
+    pub fn delete_topics(
+        brokers: &str,
+        names: &[String],
+        prefixes: &[String],
+    ) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        let doomed: Vec<String> = md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|t| names.contains(t) || prefixes.iter().any(|p| t.starts_with(p.as_str())))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = doomed.iter().map(String::as_str).collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        futures::executor::block_on(admin(brokers)?.delete_topics(&refs, &opts))?;
+        Ok(())
+    }
+
+    pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<usize> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0))
+    }
+
+    /// The output topic of a run: broker append time as the record time, so every
+    /// engine's records are timed by the same clock.
+    pub fn output_topic(name: &str, partitions: i32) -> TopicSpec {
+        (
+            name.to_owned(),
+            partitions,
+            vec![("message.timestamp.type".into(), "LogAppendTime".into())],
+        )
+    }
+
+    /// Keystone's plan for one run: the manifest with the pipeline named `name` and
+    /// its sink `out_topic`; returns the plan (JSON) and the topics it creates.
+    pub fn keystone_plan(
+        manifest: &Path,
+        name: &str,
+        out_topic: &str,
+        source_topic: &str,
+        source_partitions: i32,
+    ) -> anyhow::Result<(String, Vec<TopicSpec>)> {
+        let text = std::fs::read_to_string(manifest)
+            .with_context(|| format!("reading {}", manifest.display()))?;
+        let stem = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name: bench-"))
+            .context("the manifest names no bench-* pipeline")?
+            .trim()
+            .to_owned();
+        let text = text
+            .replace(&format!("name: bench-{stem}"), &format!("name: {name}"))
+            .replace(
+                &format!("topic: bench.{stem}.out"),
+                &format!("topic: {out_topic}"),
+            )
+            .replace("topic: bench.events", &format!("topic: {source_topic}"));
+        let manifests = keystone_crds::parse_manifests(&manifest.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pipeline = manifests.pipelines.first().context("no pipeline")?;
+        let plan = keystone_crds::compile(pipeline, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut topics = Vec::new();
+        for t in &plan.topics {
+            let partitions = match (&t.role, &t.partitions) {
+                (TopicRole::Source, _) => continue,
+                (_, Some(Partitions::Fixed(n))) => *n,
+                _ => source_partitions,
+            };
+            if t.role == TopicRole::Sink {
+                topics.push(output_topic(&t.name, partitions));
+                continue;
+            }
+            let mut config: Vec<(String, String)> = t
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if t.role == TopicRole::Table {
+                config.push(("cleanup.policy".into(), "compact".into()));
+            }
+            topics.push((t.name.clone(), partitions, config));
+        }
+        Ok((serde_json::to_string_pretty(&plan)?, topics))
+    }
+
+    fn now_ms() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default()
+    }
+
+    /// The engine: the only child of the timer process `timer_pid`.
+    fn engine_pid(timer_pid: u32) -> Option<u32> {
+        std::fs::read_to_string(format!("/proc/{timer_pid}/task/{timer_pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    fn alive(pid: u32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// Stops the engine started under `timer_pid`: SIGTERM, then SIGKILL after 20 s.
+    pub fn stop(timer_pid: u32) {
+        let Some(pid) = engine_pid(timer_pid) else {
+            return;
+        };
+        let signal = |sig: &str| {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status();
+        };
+        signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if alive(pid) {
+            signal("-KILL");
+        }
+    }
+
+    /// Reads `topic` from the beginning (read_committed) until `expected` records
+    /// arrived, the engine exited, or `timeout` passed; digests the values.
+    pub fn drain(
+        brokers: &str,
+        topic: &str,
+        partitions: usize,
+        expected: u64,
+        mode: Mode,
+        timeout: Duration,
+        timer_pid: u32,
+    ) -> anyhow::Result<Drained> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("keystone-bench-watch-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut digester = Digester::new(mode);
+        let mut count = 0u64;
+        let mut first_append_ms = i64::MAX;
+        let mut last_read_ms = 0;
+        let deadline = Instant::now() + timeout;
+        let mut engine_exited_early = false;
+        while count < expected && Instant::now() < deadline {
+            let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+                if !alive(timer_pid) {
+                    engine_exited_early = true;
+                    break;
+                }
+                continue;
+            };
+            let msg = msg?;
+            if let Timestamp::LogAppendTime(ms) | Timestamp::CreateTime(ms) = msg.timestamp() {
+                first_append_ms = first_append_ms.min(ms);
+            }
+            let value = std::str::from_utf8(msg.payload().unwrap_or_default())?;
+            digester.add_line(value)?;
+            count += 1;
+            last_read_ms = now_ms();
+        }
+        if count == 0 {
+            bail!("no output record in {topic}");
+        }
+        Ok(Drained {
+            count,
+            first_append_ms,
+            last_read_ms,
+            digest: digester.finish(),
+            complete: count >= expected,
+            engine_exited_early,
+        })
+    }
+
+    /// The value of a top-level string field, without parsing the JSON.
+    pub fn string_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+        let pattern = format!("\"{name}\":\"");
+        let at = line.find(&pattern)? + pattern.len();
+        let rest = &line[at..];
+        rest.find('"').map(|end| &rest[..end])
+    }
+
+    /// What the fixed-rate producer does next.
+    pub enum Phase {
+        Warmup,
+        Measure,
+        Stop,
+    }
+
+    /// S7's load: `lines` sent to `topic` (keyed by event_id) at `rate` records per
+    /// second while `phase` (asked with the number sent so far) says so. Returns the
+    /// send time (epoch ms) of each event id first sent in the `Measure` phase.
+    pub fn produce_at_rate(
+        brokers: &str,
+        topic: &str,
+        lines: &[String],
+        rate: f64,
+        mut phase: impl FnMut(u64) -> Phase,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "0")
+            .set("acks", "1")
+            .create()?;
+        let mut sent_at = std::collections::HashMap::new();
+        let start = Instant::now();
+        let mut sent: u64 = 0;
+        'outer: loop {
+            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+            while sent < due {
+                let measuring = match phase(sent) {
+                    Phase::Stop => break 'outer,
+                    Phase::Warmup => false,
+                    Phase::Measure => true,
+                };
+                let line = &lines[(sent as usize) % lines.len()];
+                let key = string_field(line, "event_id").unwrap_or_default();
+                let now = now_ms();
+                if producer
+                    .send(BaseRecord::to(topic).key(key).payload(line.as_str()))
+                    .is_err()
+                {
+                    producer.poll(Duration::from_millis(1));
+                    continue;
+                }
+                if measuring {
+                    sent_at.entry(key.to_owned()).or_insert(now);
+                }
+                sent += 1;
+            }
+            producer.poll(Duration::ZERO);
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        producer.flush(Duration::from_secs(30))?;
+        Ok(sent_at)
+    }
+
+    /// Reads `topic` from the beginning (read_committed) and records when each
+    /// event id was first read (epoch ms), until `done` is set; `seen` counts records.
+    pub fn receive_times(
+        brokers: &str,
+        topic: &str,
+        partitions: usize,
+        done: &std::sync::atomic::AtomicBool,
+        seen: &std::sync::atomic::AtomicU64,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        use std::sync::atomic::Ordering;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("keystone-bench-latency-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut got = std::collections::HashMap::new();
+        while !done.load(Ordering::Relaxed) {
+            let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let msg = msg?;
+            let now = now_ms();
+            let value = std::str::from_utf8(msg.payload().unwrap_or_default())?;
+            if let Some(id) = string_field(value, "event_id") {
+                got.entry(id.to_owned()).or_insert(now);
+            }
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(got)
+    }
+}

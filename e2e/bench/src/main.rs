@@ -10,6 +10,7 @@ mod reference;
 mod report;
 mod rng;
 mod runner;
+mod s8;
 mod scenario;
 
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ enum Command {
     Load(kafka::LoadArgs),
     /// The ceiling for Kafka-mode scenarios: a plain consume-produce loop.
     Ceiling(kafka::CeilingArgs),
+    /// Record S8 in the results: the runtime's RSS from S5's runs and the operator's
+    /// RSS and reconcile latency measured by e2e/bench/s8-operator.sh.
+    S8(s8::S8Args),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -103,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runner::run(&args)?,
         Command::Load(args) => kafka::load(&args)?,
         Command::Ceiling(args) => kafka::ceiling(&args)?,
+        Command::S8(args) => s8::record(&args)?,
     }
     Ok(())
 }

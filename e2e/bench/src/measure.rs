@@ -117,6 +117,18 @@ pub fn loadavg() -> f64 {
 
 /// Runs `argv` pinned and limited; `scratch` holds the time and log files.
 pub fn run(argv: &[String], limits: &Limits, scratch: &Path) -> anyhow::Result<Measured> {
+    run_hooked(argv, limits, scratch, |_| {})
+}
+
+/// [`run`], calling `started` with the process id of the timer (`/usr/bin/time`,
+/// whose only child is the engine) once it runs: Kafka-mode engines run until the
+/// harness stops them.
+pub fn run_hooked(
+    argv: &[String],
+    limits: &Limits,
+    scratch: &Path,
+    started: impl FnOnce(u32),
+) -> anyhow::Result<Measured> {
     if argv.is_empty() {
         bail!("empty command");
     }
@@ -128,7 +140,7 @@ pub fn run(argv: &[String], limits: &Limits, scratch: &Path) -> anyhow::Result<M
 exec /usr/bin/time -f "%e %U %S %M" -o "$KSB_TIME" taskset -c "$KSB_CPUS" "$@""#;
     let load = loadavg();
     let start = Instant::now();
-    let status = Command::new("sh")
+    let mut child = Command::new("sh")
         .arg("-c")
         .arg(script)
         .arg("sh")
@@ -146,8 +158,10 @@ exec /usr/bin/time -f "%e %U %S %M" -o "$KSB_TIME" taskset -c "$KSB_CPUS" "$@""#
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_file)?)
         .stderr(std::fs::File::create(&err_file)?)
-        .status()
+        .spawn()
         .with_context(|| format!("starting {}", argv[0]))?;
+    started(child.id());
+    let status = child.wait()?;
     let wall_s = start.elapsed().as_secs_f64();
     let time = std::fs::read_to_string(&time_file).unwrap_or_default();
     // GNU time writes "Command exited with non-zero status N" before the numbers.

@@ -41,6 +41,23 @@ pub fn s1(events: &Path) -> anyhow::Result<OutputDigest> {
 /// S2: the first event per `event_id` passes; a later one with `ts < t0 + 10 min`
 /// is dropped (`t0` = the ts of the last event that passed for the id).
 pub fn s2(events: &Path) -> anyhow::Result<OutputDigest> {
+    dedup(events, |ev| ev.clone())
+}
+
+/// S5 and S6 (Kafka): S2's dedup, then S1's projection (`event_id`, `user_id`,
+/// `amount`).
+pub fn s5(events: &Path) -> anyhow::Result<OutputDigest> {
+    dedup(events, |ev| {
+        let mut out = Map::new();
+        for f in ["event_id", "user_id", "amount"] {
+            out.insert(f.to_owned(), ev[f].clone());
+        }
+        Value::Object(out)
+    })
+}
+
+/// S2's rule; each event that passes is digested as `output` makes it.
+fn dedup(events: &Path, output: impl Fn(&Value) -> Value) -> anyhow::Result<OutputDigest> {
     let mut d = Digester::new(Mode::Multiset);
     let mut first: HashMap<String, i64> = HashMap::new();
     for ev in lines(events)? {
@@ -51,7 +68,7 @@ pub fn s2(events: &Path) -> anyhow::Result<OutputDigest> {
             Some(t0) if ts < t0 + DEDUP_WINDOW_MS => {}
             _ => {
                 first.insert(id, ts);
-                d.add_value(&ev)?;
+                d.add_value(&output(&ev))?;
             }
         }
     }

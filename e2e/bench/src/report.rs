@@ -60,6 +60,11 @@ pub struct RunRecord {
     pub digest_ok: bool,
     pub loadavg_1m: f64,
     pub error: Option<String>,
+    /// S7: latency percentiles of the run, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +123,9 @@ pub struct ScenarioResult {
     pub ratios: Vec<RatioSummary>,
     pub startup: Vec<RunRecord>,
     pub runs: Vec<RunRecord>,
+    /// Measurements that are not runs of engines side by side (S8), as markdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 impl ScenarioResult {
@@ -138,6 +146,7 @@ impl ScenarioResult {
             ratios: Vec::new(),
             startup: Vec::new(),
             runs: Vec::new(),
+            notes: None,
         }
     }
 }
@@ -347,6 +356,9 @@ impl Results {
                     format!(" {}", s.reason)
                 }
             );
+            if let Some(notes) = &s.notes {
+                let _ = writeln!(md, "{}\n", notes.trim_end());
+            }
             let Some(input) = &s.input else {
                 continue;
             };
@@ -394,6 +406,10 @@ impl Results {
                     f(&e.events_per_s, 0),
                     if e.time_basis.starts_with("job") {
                         "job"
+                    } else if e.time_basis.starts_with("drain") {
+                        "drain"
+                    } else if e.time_basis.starts_with("latency") {
+                        "p99 latency ms (median column); p50 in the wall-time column"
                     } else {
                         "wall"
                     },

@@ -38,6 +38,10 @@ pub enum Engine {
     FlinkHeap,
     FlinkRocksDb,
     KafkaStreamsTtd,
+    /// Kafka mode (S5, S6): Flink with its Kafka connector, heap state.
+    FlinkKafka,
+    /// Kafka mode (S5, S6): a KafkaStreams application against the broker.
+    KafkaStreams,
 }
 
 impl Engine {
@@ -47,6 +51,8 @@ impl Engine {
             Engine::FlinkHeap => "flink-heap",
             Engine::FlinkRocksDb => "flink-rocksdb",
             Engine::KafkaStreamsTtd => "kafka-streams-ttd",
+            Engine::FlinkKafka => "flink",
+            Engine::KafkaStreams => "kafka-streams",
         }
     }
 }
@@ -121,6 +127,11 @@ impl Scenario {
         )
     }
 
+    /// Kafka-mode scenarios this harness measures against the testbed's broker.
+    pub fn is_kafka(self) -> bool {
+        matches!(self, Scenario::S5 | Scenario::S6)
+    }
+
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
@@ -146,6 +157,9 @@ impl Scenario {
             Scenario::S2 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S3 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S4 => vec![Engine::Keystone, Engine::FlinkHeap],
+            Scenario::S5 | Scenario::S6 => {
+                vec![Engine::Keystone, Engine::FlinkKafka, Engine::KafkaStreams]
+            }
             _ => Vec::new(),
         }
     }
@@ -157,6 +171,8 @@ impl Scenario {
             Scenario::S2 => vec![t(Engine::FlinkRocksDb, 5.0), t(Engine::FlinkHeap, 3.0)],
             Scenario::S3 => vec![t(Engine::FlinkRocksDb, 4.0)],
             Scenario::S4 => vec![t(Engine::FlinkHeap, 4.0)],
+            Scenario::S5 => vec![t(Engine::FlinkKafka, 3.0), t(Engine::KafkaStreams, 2.0)],
+            Scenario::S6 => vec![t(Engine::KafkaStreams, 3.0)],
             _ => Vec::new(),
         }
     }
@@ -166,6 +182,8 @@ impl Scenario {
             Scenario::S1 => "s1-filter-project.yaml",
             Scenario::S2 => "s2-dedup.yaml",
             Scenario::S3 => "s3-reorder.yaml",
+            Scenario::S5 => "s5-kafka-dedup-project.yaml",
+            Scenario::S6 => "s6-kafka-dedup-project.yaml",
             _ => "s4-join.yaml",
         };
         bench_dir.join("pipelines").join(file)
@@ -196,6 +214,7 @@ impl Scenario {
             Scenario::S2 => reference::s2(&data.events),
             Scenario::S3 => reference::s3(&data.cdc),
             Scenario::S4 => reference::s4(&data.events, &data.table),
+            Scenario::S5 | Scenario::S6 => reference::s5(&data.events),
             other => bail!("{} has no engine-only reference", other.id()),
         }
     }

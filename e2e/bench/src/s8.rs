@@ -1,0 +1,122 @@
+//! S8: memory. The runtime's part compares the peak RSS of Keystone's and Flink's
+//! processes in S5's runs (S2's dedup state, on Kafka, at steady state: the whole
+//! backlog drained); the operator's part is measured by `e2e/bench/s8-operator.sh`
+//! (N Pipelines on a separate testbed instance) and recorded here.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::report::{Results, ScenarioResult, Stat};
+use crate::scenario::Scenario;
+
+#[derive(Debug, Args)]
+pub struct S8Args {
+    /// The JSON line `e2e/bench/s8-operator.sh` printed.
+    #[arg(long)]
+    pub operator_json: PathBuf,
+    /// Where RESULTS.md and RESULTS.json are; e2e/bench by default.
+    #[arg(long)]
+    pub results_dir: Option<PathBuf>,
+}
+
+pub fn record(args: &S8Args) -> anyhow::Result<()> {
+    let dir = args
+        .results_dir
+        .clone()
+        .unwrap_or_else(crate::runner::bench_dir);
+    let mut results = Results::load_or_new(&dir.join("RESULTS.json"))?;
+    let op: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&args.operator_json)?
+            .lines()
+            .rfind(|l| l.trim_start().starts_with('{'))
+            .context("no JSON line in the operator file")?,
+    )?;
+    let s5 = results
+        .scenarios
+        .iter()
+        .find(|s| s.id == "S5")
+        .context("S5 has no results: run `keystone-bench run --scenario S5` first")?;
+    let rss = |engine: &str, round: usize| {
+        s5.runs
+            .iter()
+            .find(|r| !r.warmup && r.digest_ok && r.engine == engine && r.round == round)
+            .map(|r| r.peak_rss_mib)
+    };
+    let rounds: Vec<usize> = s5
+        .runs
+        .iter()
+        .filter(|r| !r.warmup)
+        .map(|r| r.round)
+        .collect();
+    let mut per_pair = Vec::new();
+    for &round in &rounds {
+        if let (Some(k), Some(f)) = (rss("keystone", round), rss("flink", round))
+            && !per_pair.iter().any(|(r, _, _)| *r == round)
+        {
+            per_pair.push((round, k, f));
+        }
+    }
+    let ratio = Stat::of(per_pair.iter().map(|(_, k, f)| k / f));
+    let k_rss = Stat::of(per_pair.iter().map(|(_, k, _)| *k));
+    let f_rss = Stat::of(per_pair.iter().map(|(_, _, f)| *f));
+    let fmt = |s: &Option<Stat>, p: usize| match s {
+        Some(s) => format!("{:.p$} ({:.p$}-{:.p$})", s.median, s.min, s.max),
+        None => "-".into(),
+    };
+    let num = |k: &str| op[k].as_f64().unwrap_or(f64::NAN);
+    let runtime_met = ratio.as_ref().is_some_and(|r| r.median <= 0.25);
+    let op_met = num("operator_peak_rss_mib") <= 50.0 && num("reconcile_p99_s") < 1.0;
+    let summary = format!(
+        "runtime: Keystone / Flink peak RSS **{:.3}x** (target <= 0.25x: {}); operator with {} Pipelines: peak RSS **{:.1} MiB**, reconcile p50 {:.3} s, p99 **{:.3} s** (targets <= 50 MB and < 1 s: {})",
+        ratio.as_ref().map(|r| r.median).unwrap_or(f64::NAN),
+        if runtime_met { "met" } else { "**missed**" },
+        op["pipelines"],
+        num("operator_peak_rss_mib"),
+        num("reconcile_p50_s"),
+        num("reconcile_p99_s"),
+        if op_met { "met" } else { "**missed**" },
+    );
+    let notes = format!(
+        "Runtime RSS: peak RSS (GNU time, the whole process: for the JVM heap, metaspace, threads and native memory) of each engine in S5's measured runs, which hold S2's dedup state for the 399,775 distinct event ids of the whole backlog once it is drained (Kafka mode, the same process that serves a pipeline; see S5 for configs and load).\n\n\
+| engine | peak RSS MiB, median (min-max) |\n|---|---|\n| keystone (`serve`) | {} |\n| flink (MiniCluster, heap state, -Xms2g -Xmx2g) | {} |\n| Keystone / Flink per pair | {} |\n\n\
+Note that Flink's JVM was given a 2 GiB heap up front (-Xms2g, as in every scenario), so its RSS reflects the heap it was allowed rather than what S2's state needs; Keystone has no such setting.\n\n\
+Operator: `e2e/bench/s8-operator.sh` (release build of keystone-operator) on a separate testbed instance (its own etcd, kube-apiserver and controller manager; its process kubelet stopped, so the pipelines' pods stay Pending and no runtime runs), {} Pipelines applied at once (`kubectl apply --server-side`, {:.1} s), all sharing one source, sink and dead-letter topic on the shared Kafka (created and deleted by the script). Reconcile latency from the operator's `keystone_operator_reconcile_duration_seconds` histogram ({} reconciles; quantiles interpolated within buckets as Prometheus' histogram_quantile does, buckets 0.01/0.05/0.1/0.25/0.5/1 s...).\n\n\
+| measure | value |\n|---|---|\n| operator RSS before any Pipeline | {:.1} MiB |\n| operator RSS at steady state with {} Pipelines | {:.1} MiB |\n| operator peak RSS (VmHWM) | {:.1} MiB |\n| reconcile p50 / p99 | {:.3} s / {:.3} s |\n| every Pipeline had a phase after | {:.1} s |\n| phases | {} |\n| error lines in the operator's log | {} |\n\n\
+Histogram: `{}`",
+        fmt(&k_rss, 0),
+        fmt(&f_rss, 0),
+        per_pair
+            .iter()
+            .map(|(_, k, f)| format!("{:.3}", k / f))
+            .collect::<Vec<_>>()
+            .join(", "),
+        op["pipelines"],
+        num("apply_s"),
+        op["reconciles"],
+        num("operator_rss_idle_mib"),
+        op["pipelines"],
+        num("operator_rss_steady_mib"),
+        num("operator_peak_rss_mib"),
+        num("reconcile_p50_s"),
+        num("reconcile_p99_s"),
+        num("all_phased_after_s"),
+        op["phases"].as_str().unwrap_or("?"),
+        op["operator_log_error_lines"],
+        op["histogram"].as_str().unwrap_or("?"),
+    );
+    let mut result = ScenarioResult::not_measured(Scenario::S8);
+    result.status = if runtime_met && op_met {
+        "measured".into()
+    } else {
+        "measured (target missed)".into()
+    };
+    result.reason = summary;
+    result.notes = Some(notes);
+    result.loadavg_end = Some(crate::measure::loadavg());
+    results.put(result);
+    results.write(&dir)?;
+    eprintln!("wrote {}", dir.join("RESULTS.md").display());
+    Ok(())
+}
