@@ -806,3 +806,53 @@ async fn a_stateless_upgrade_drops_state_and_goes_on_from_the_committed_offsets(
     }
     assert!(counts.values().all(|n| *n == 2), "{counts:?}");
 }
+
+#[tokio::test]
+async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
+    let flow = Arc::new(
+        Flow::start(
+            "up-crash",
+            2,
+            "  parallelism: 2\n  upgrade: {healthWindow: 10s, healthGate: {maxRestarts: 1}}",
+            PROJECT,
+        )
+        .await,
+    );
+    let (stop, producing) = flow.produce_continuously(100);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The process kubelet runs this image as the test app, which refuses the
+    // runtime's arguments and exits: a crash loop.
+    flow.patch(json!({"spec": {"runtimeImage": "keystone/testapp:crash"}}))
+        .await;
+    let rolled = flow
+        .wait("rolled back", |p| {
+            upgrade_phase(p) == Some(UpgradePhase::RolledBack)
+        })
+        .await;
+    let upgrade = rolled.status.and_then(|s| s.upgrade).expect("upgrade");
+    let message = upgrade.message.unwrap_or_default();
+    assert!(message.contains("restart"), "{message}");
+    assert!(
+        upgrade.reasons.iter().any(|r| r.contains("runtime image")),
+        "{:?}",
+        upgrade.reasons
+    );
+    let deployments: Api<Deployment> = flow.ns.api();
+    let image = deployments
+        .get("orders-s0")
+        .await
+        .expect("deployment")
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.first().and_then(|c| c.image.clone()));
+    assert_eq!(
+        image.as_deref(),
+        Some("keystone/runtime:e2e"),
+        "the stable image runs again"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    producing.await.expect("producer");
+    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
+    flow.assert_exactly_once(&seen);
+}

@@ -875,13 +875,14 @@ pub(super) async fn observe(
                 }
             }
             if let Some(reason) = verdict {
-                let can_roll_back = gate.rollback_on_failure
-                    && observed
-                        .status
-                        .stable_plan_hash
-                        .as_ref()
-                        .is_some_and(|h| *h != upgrade.to_plan_hash);
-                if can_roll_back {
+                // The stable version differs in its plan or in what the pods run (image, resources).
+                let stable_differs = observed.status.stable_plan_hash.as_ref().is_some_and(|h| {
+                    *h != upgrade.to_plan_hash
+                        || parse_spec(observed.status.last_stable_spec.as_ref()).is_some_and(
+                            |stable| !runtime_changes(&stable, &pipeline.spec).is_empty(),
+                        )
+                });
+                if gate.rollback_on_failure && stable_differs {
                     upgrade.phase = UpgradePhase::RollingBack;
                     upgrade.message = Some(format!(
                         "{reason}; rolling back to plan {}{}",
@@ -895,9 +896,13 @@ pub(super) async fn observe(
                     again = Some(Duration::ZERO);
                 } else {
                     upgrade.phase = UpgradePhase::Failed;
-                    upgrade.message = Some(format!(
-                        "{reason}; rollbackOnFailure is off, so the new version keeps running"
-                    ));
+                    let why = if gate.rollback_on_failure {
+                        "there is no earlier stable version to roll back to"
+                    } else {
+                        "rollbackOnFailure is off"
+                    };
+                    upgrade.message =
+                        Some(format!("{reason}; {why}, so the new version keeps running"));
                     again = None;
                 }
                 let message = upgrade.message.clone().unwrap_or_default();

@@ -1432,6 +1432,39 @@ impl Core {
 }
 
 /// Adds a task's per-step counters (its source check included) to `totals`.
+/// Whether every partition of the stage's input already carries this restore's
+/// marker: nothing will be replayed, so the sink scan of a replay suppression
+/// (which grows with the time since the checkpoint) is skipped on a restart.
+fn restore_applied_everywhere(
+    args: &ServeArgs,
+    stage: &PlanStage,
+    plan: &RestorePlan,
+) -> Result<bool, ServeError> {
+    let mut config = config::restore_reader(args, &stage.consumer_group);
+    config.set("group.id", &stage.consumer_group);
+    let partitions = restore::partitions_of(&config, &stage.input.topic)?;
+    let reader: BaseConsumer = config.create().map_err(|source| ServeError::Kafka {
+        what: "creating an offsets reader",
+        source,
+    })?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in &partitions {
+        tpl.add_partition(&stage.input.topic, *partition);
+    }
+    let committed = reader
+        .committed_offsets(tpl, KAFKA_TIMEOUT)
+        .map_err(|source| ServeError::Kafka {
+            what: "reading the group's committed offsets",
+            source,
+        })?;
+    let marker = plan.commit_metadata();
+    Ok(!partitions.is_empty()
+        && committed
+            .elements()
+            .iter()
+            .all(|e| matches!(e.offset(), Offset::Offset(_)) && e.metadata() == marker))
+}
+
 fn add_task_metrics(totals: &mut BTreeMap<String, StepMetrics>, task: &StageTask) {
     for metrics in std::iter::once(task.source_metrics()).chain(task.step_metrics()) {
         let total = totals
@@ -1669,7 +1702,15 @@ pub fn run(
         == keystone_crds::pipeline::StartPosition::Earliest
         || !stage.input.topic.eq(&plan.source.topic);
     // Before anything is processed: what the sinks already hold past the checkpoint.
-    let suppression = match (restore.as_ref().and_then(|r| r.suppress.as_ref()), &route) {
+    let suppress = match restore.as_ref() {
+        Some(wanted)
+            if wanted.suppress.is_some() && !restore_applied_everywhere(args, &stage, wanted)? =>
+        {
+            wanted.suppress.as_ref()
+        }
+        _ => None,
+    };
+    let suppression = match (suppress, &route) {
         (Some(suppress), Route::Sinks(sinks)) => Suppression::load(
             &config::restore_reader(args, &stage.consumer_group),
             suppress,

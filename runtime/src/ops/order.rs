@@ -39,7 +39,7 @@ use std::collections::VecDeque;
 use keystone_crds::ops::{OrderSpec, StalePolicy};
 use sonic_rs::JsonValueTrait;
 
-use crate::event::{Event, FieldPath, encode_key};
+use crate::event::{Event, FieldPath, Provenance, encode_key};
 use crate::operator::{Ctx, Operator, Output};
 use crate::state::{HashKeyed, StateChange, StateError, compact, hash128, hex, read_i64, read_u32};
 
@@ -106,9 +106,19 @@ fn pending_value(p: &Pending) -> Vec<u8> {
             .to_be_bytes(),
     );
     v.extend_from_slice(&p.event.raw);
+    // The source record, so that a replay after a restore still recognises a
+    // waiting event the sink already holds. Marked by a byte a JSON document never
+    // starts with; values written before it was added go straight on with JSON.
+    if let Some(source) = p.event.source {
+        v.push(SOURCE_MARK);
+        v.extend_from_slice(&source.partition.to_be_bytes());
+        v.extend_from_slice(&source.offset.to_be_bytes());
+    }
     let _ = sonic_rs::to_writer(&mut v, &p.event.value);
     v
 }
+
+const SOURCE_MARK: u8 = 0x01;
 
 /// Emits one event of `key` and records the new `last`.
 fn release(
@@ -362,7 +372,20 @@ impl Operator for Order {
                         .get(20..20 + raw_len)
                         .ok_or_else(|| bad("truncated original bytes".into()))?
                         .to_vec();
-                    let document = sonic_rs::from_slice(&value[20 + raw_len..])
+                    let mut at = 20 + raw_len;
+                    let mut source = None;
+                    if value.get(at) == Some(&SOURCE_MARK) {
+                        let partition = read_u32(&value, at + 1)
+                            .ok_or_else(|| bad("truncated source partition".into()))?;
+                        let offset = read_i64(&value, at + 5)
+                            .ok_or_else(|| bad("truncated source offset".into()))?;
+                        source = Some(Provenance {
+                            partition: partition as i32,
+                            offset,
+                        });
+                        at += 13;
+                    }
+                    let document = sonic_rs::from_slice(&value[at..])
                         .map_err(|e| bad(format!("the waiting event is not JSON: {e}")))?;
                     let state = self.keys.entry(key).or_default();
                     let position = state
@@ -375,7 +398,10 @@ impl Operator for Order {
                             seq,
                             arrived_ms,
                             arrival,
-                            event: Event::new(document, raw),
+                            event: Event {
+                                source,
+                                ..Event::new(document, raw)
+                            },
                         },
                     );
                     waiting.push((arrival, key, seq, arrived_ms));
@@ -505,6 +531,44 @@ mod tests {
         let out = run_at(&mut op, 60_001, input(&[("a", 5), ("a", 3), ("a", 4)]));
         // Three waiting > 2: 3 leaves, then 4 and 5 follow contiguously.
         assert_eq!(seqs(&out.json()), vec!["a3", "a4", "a5"]);
+    }
+
+    #[test]
+    fn waiting_events_keep_their_source_record_through_a_restore() {
+        let mut op = order(true, 60_000, 100, StalePolicy::Drop);
+        let mut batch = input(&[("a", 2), ("a", 3)]);
+        for (i, event) in batch.iter_mut().enumerate() {
+            event.source = Some(Provenance {
+                partition: 4,
+                offset: 100 + i as i64,
+            });
+        }
+        let held = run_at(&mut op, 0, batch);
+        assert!(held.events.is_empty(), "a1 is missing, so both wait");
+        let mut restored = order(true, 60_000, 100, StalePolicy::Drop);
+        restored.restore(op.snapshot()).unwrap();
+        // A value written before sources were recorded still reads.
+        let mut legacy = Vec::new();
+        legacy.extend_from_slice(&0i64.to_be_bytes());
+        legacy.extend_from_slice(&9u64.to_be_bytes());
+        legacy.extend_from_slice(&0u32.to_be_bytes());
+        legacy.extend_from_slice(br#"{"k":"a","seq":4}"#);
+        let any_key = op.snapshot()[0].key[..16].try_into().unwrap();
+        let mut changes = op.snapshot();
+        changes.push(StateChange::upsert(
+            pending_key(u128::from_be_bytes(any_key), 4),
+            legacy,
+        ));
+        restored.restore(changes).unwrap();
+        let out = run_at(&mut restored, 1, input(&[("a", 1)]));
+        assert_eq!(seqs(&out.json()), vec!["a1", "a2", "a3", "a4"]);
+        let sources: Vec<Option<i64>> = out
+            .events
+            .iter()
+            .map(|e| e.source.map(|s| s.offset))
+            .collect();
+        assert_eq!(sources, vec![None, Some(100), Some(101), None]);
+        assert_eq!(out.events[1].source.map(|s| s.partition), Some(4));
     }
 
     #[test]
