@@ -230,6 +230,24 @@ async fn write_restore(
         Err(kube::Error::Api(status)) if status.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
+    // Earlier restores are done with: every caller stopped the instances that
+    // mounted them before writing this one.
+    let prefix = resources::restore_config_map_name(&plan.pipeline, "");
+    let current = resources::restore_config_map_name(&plan.pipeline, &restore.id);
+    let selector = format!("{LABEL_PIPELINE}={}", plan.pipeline);
+    for old in config_maps
+        .list(&ListParams::default().labels(&selector))
+        .await?
+    {
+        let name = old.metadata.name.unwrap_or_default();
+        if name.starts_with(&prefix) && name != current {
+            match config_maps.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     status.last_restore = Some(RestoreStatus {
         id: restore.id.clone(),
         checkpoint: restore.checkpoint.clone(),
