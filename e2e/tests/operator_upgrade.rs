@@ -203,6 +203,21 @@ spec:
         (stop, task)
     }
 
+    /// Stops the background producer after a few more seconds of input and
+    /// checks the sink holds each produced event once (in order per user if `ordered`).
+    async fn finish(
+        &self,
+        (stop, producing): (Arc<AtomicBool>, tokio::task::JoinHandle<()>),
+        ordered: bool,
+    ) -> Vec<(String, u64, serde_json::Value)> {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::SeqCst);
+        producing.await.expect("producer");
+        let seen = self.read_sink(self.produced.load(Ordering::SeqCst) as usize);
+        self.assert_each_once(&seen, ordered);
+        seen
+    }
+
     /// Every committed sink record as (user, seq) in partition order, once
     /// `expected` records are there and nothing more arrives for a few seconds.
     fn read_sink(&self, expected: usize) -> Vec<(String, u64, serde_json::Value)> {
@@ -366,7 +381,7 @@ async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_or
         )
         .await,
     );
-    let (stop, producing) = flow.produce_continuously(100);
+    let producer = flow.produce_continuously(100);
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The projection now keeps `action` too.
     flow.patch(
@@ -405,11 +420,7 @@ async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_or
     let stable = flow
         .wait("the new version stable", upgraded_to_stable)
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::SeqCst);
-    producing.await.expect("producer");
-    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
-    flow.assert_exactly_once(&seen);
+    let seen = flow.finish(producer, true).await;
     assert!(
         seen.last()
             .is_some_and(|(_, _, v)| v.get("action").is_some()),
@@ -442,7 +453,7 @@ async fn scaling_two_four_one_under_load_loses_and_duplicates_nothing() {
         )
         .await,
     );
-    let (stop, producing) = flow.produce_continuously(100);
+    let producer = flow.produce_continuously(100);
     let deployments: Api<Deployment> = flow.ns.api();
     for replicas in [4, 1] {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -463,11 +474,7 @@ async fn scaling_two_four_one_under_load_loses_and_duplicates_nothing() {
         let d = deployments.get("orders-s0").await.expect("deployment");
         assert_eq!(d.spec.and_then(|s| s.replicas), Some(replicas));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::SeqCst);
-    producing.await.expect("producer");
-    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
-    flow.assert_exactly_once(&seen);
+    flow.finish(producer, true).await;
 }
 
 const DEDUP: &str = r#"    - name: once
@@ -555,7 +562,7 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
         .status
         .and_then(|s| s.stable_plan_hash)
         .expect("stable plan");
-    let (stop, producing) = flow.produce_continuously(100);
+    let producer = flow.produce_continuously(100);
     tokio::time::sleep(Duration::from_secs(3)).await;
     // A filter that fails on every odd event (a string compared with a number)
     // and passes the even ones: the failed version delivers half of what it
@@ -603,13 +610,9 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
     let reasons: Vec<String> = flow.events().await.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "UpgradeFailed"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "RolledBack"), "{reasons:?}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::SeqCst);
-    producing.await.expect("producer");
-    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
     // Even events the failed version delivered come before the odd ones its
     // rollback replayed, so order per user holds only outside that window.
-    flow.assert_each_once(&seen, false);
+    flow.finish(producer, false).await;
 }
 
 #[tokio::test]
@@ -740,7 +743,7 @@ async fn a_two_stage_pipeline_is_rolled_back_without_loss_or_duplicates() {
         "two stages: {:?}",
         first.status.map(|s| s.stages)
     );
-    let (stop, producing) = flow.produce_continuously(100);
+    let producer = flow.produce_continuously(100);
     tokio::time::sleep(Duration::from_secs(3)).await;
     flow.patch(json!({"spec": {"steps": [
         {"name": "broken", "filter": {"expression": "seq % 2 == 0 || action > 1"}},
@@ -760,11 +763,7 @@ async fn a_two_stage_pipeline_is_rolled_back_without_loss_or_duplicates() {
             .as_deref(),
         Some("Rollback")
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::SeqCst);
-    producing.await.expect("producer");
-    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
-    flow.assert_each_once(&seen, false);
+    flow.finish(producer, false).await;
 }
 
 #[tokio::test]
@@ -818,7 +817,7 @@ async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
         )
         .await,
     );
-    let (stop, producing) = flow.produce_continuously(100);
+    let producer = flow.produce_continuously(100);
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The process kubelet runs this image as the test app, which refuses the
     // runtime's arguments and exits: a crash loop.
@@ -850,9 +849,5 @@ async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
         Some("keystone/runtime:e2e"),
         "the stable image runs again"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::SeqCst);
-    producing.await.expect("producer");
-    let seen = flow.read_sink(flow.produced.load(Ordering::SeqCst) as usize);
-    flow.assert_exactly_once(&seen);
+    flow.finish(producer, true).await;
 }

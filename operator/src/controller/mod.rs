@@ -488,6 +488,18 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 
+/// The owner reference that makes an object the Pipeline's (garbage-collected with it).
+fn controller_owner(
+    pipeline: &Pipeline,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, Error> {
+    pipeline
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField {
+            kind: "Pipeline",
+            field: "metadata.uid",
+        })
+}
+
 fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
     status
         .conditions

@@ -212,12 +212,7 @@ async fn write_restore(
     nonce: Option<String>,
     status: &mut PipelineStatus,
 ) -> Result<String, Error> {
-    let owner = pipeline
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField {
-            kind: "Pipeline",
-            field: "metadata.uid",
-        })?;
+    let owner = controller_owner(pipeline)?;
     let cm = resources::restore_config_map(plan, restore, &owner).map_err(|source| {
         Error::Serialize {
             what: "restore",

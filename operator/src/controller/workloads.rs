@@ -103,12 +103,7 @@ pub(super) async fn apply_workloads(
 ) -> Result<Workloads, Error> {
     let plan = &target.plan;
     let namespace = plan.namespace.as_str();
-    let owner = pipeline
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField {
-            kind: "Pipeline",
-            field: "metadata.uid",
-        })?;
+    let owner = controller_owner(pipeline)?;
     let plan_json = resources::plan_json(plan).map_err(|source| Error::Serialize {
         what: "plan",
         source,
