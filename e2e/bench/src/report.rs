@@ -252,7 +252,7 @@ impl Results {
         let _ = writeln!(md, "# Keystone benchmarks: results\n");
         let _ = writeln!(
             md,
-            "Last written {} by `{}` (scenarios not run then keep earlier results; each names its runtime binary and load; regenerate everything with `target/release/keystone-bench run --scenario all`, see README.md). Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json); where Keystone misses a target and why (profiles): [ANALYSIS.md](ANALYSIS.md).\n",
+            "Last written {} by `{}` (scenarios not run then keep earlier results; each names its runtime binary and load; regenerate S1-S7 with `target/release/keystone-bench run --scenario all` (runner built with `--features kafka`, testbed Kafka up) and S8 with `e2e/bench/s8-operator.sh` + `keystone-bench s8`, see README.md). Protocol: `shared/BENCHMARKS.md`; harness and semantics: [README.md](README.md); every run: [RESULTS.json](RESULTS.json); where Keystone misses a target and why (profiles): [ANALYSIS.md](ANALYSIS.md).\n",
             self.generated_at,
             self.command
                 .replace(&format!("{}/", crate::runner::repo_dir().display()), "")
@@ -303,7 +303,7 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "events/s = input events / time; the time is Keystone's whole process wall time, but only the JVM peers' net job time (their JVM and MiniCluster start-up is left out, which favours the peers; the start-up on an empty input is listed per scenario). CPU-s/M = user+sys CPU seconds of the whole process per million input events (start-up included for every engine). Peak RSS of the process (GNU time). Ratios are Keystone over the peer for events/s, per pair of runs of the same round.\n"
+            "events/s = input events / time; the time is Keystone's whole process wall time, but only the JVM peers' net job time (their JVM and MiniCluster start-up is left out, which favours the peers; the start-up on an empty input is listed per scenario). CPU-s/M = user+sys CPU seconds of the whole process per million input events (start-up included for every engine). Peak RSS of the process (GNU time). Ratios are Keystone over the peer for events/s, per pair of runs of the same round. Kafka mode (S5, S6): the time of every engine is its drain time, from its first output record's broker append time to the moment the harness read the last expected one (read_committed), so start-up is left out for all engines alike; S7 reports latencies instead (see its section); S8 is recorded by `keystone-bench s8` (see README.md).\n"
         );
 
         let _ = writeln!(md, "## Summary\n");
@@ -362,27 +362,39 @@ impl Results {
             let Some(input) = &s.input else {
                 continue;
             };
-            let _ = writeln!(
-                md,
-                "Input: {} events, {:.1} MB ({}). Pipeline: `{}` (runtime `{}`). Reference output: {} lines, sha256 `{}`. Load average (1 min) at start {:.2}, at end {:.2}.\n",
-                input.events,
-                input.bytes as f64 / 1e6,
-                input
-                    .path
-                    .rsplit('/')
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("/"),
-                s.pipeline.as_deref().unwrap_or("-"),
-                s.runtime_bin.as_deref().unwrap_or("-"),
-                s.reference.as_ref().map(|r| r.lines).unwrap_or(0),
-                s.reference.as_ref().map(|r| &r.sha256[..16]).unwrap_or("-"),
-                s.loadavg_start.unwrap_or(f64::NAN),
-                s.loadavg_end.unwrap_or(f64::NAN)
-            );
+            if s.id == "S7" {
+                let _ = writeln!(
+                    md,
+                    "Input: the generated events in order, {} measured per run (a fresh input topic per run). Pipeline: `{}` (runtime `{}`). Load average (1 min) at start {:.2}, at end {:.2}. The engine table's events/s column holds the p99 latency in ms and the by-wall-time column the p50.\n",
+                    input.events,
+                    s.pipeline.as_deref().unwrap_or("-"),
+                    s.runtime_bin.as_deref().unwrap_or("-"),
+                    s.loadavg_start.unwrap_or(f64::NAN),
+                    s.loadavg_end.unwrap_or(f64::NAN)
+                );
+            } else {
+                let _ = writeln!(
+                    md,
+                    "Input: {} events, {:.1} MB ({}). Pipeline: `{}` (runtime `{}`). Reference output: {} lines, sha256 `{}`. Load average (1 min) at start {:.2}, at end {:.2}.\n",
+                    input.events,
+                    input.bytes as f64 / 1e6,
+                    input
+                        .path
+                        .rsplit('/')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                    s.pipeline.as_deref().unwrap_or("-"),
+                    s.runtime_bin.as_deref().unwrap_or("-"),
+                    s.reference.as_ref().map(|r| r.lines).unwrap_or(0),
+                    s.reference.as_ref().map(|r| &r.sha256[..16]).unwrap_or("-"),
+                    s.loadavg_start.unwrap_or(f64::NAN),
+                    s.loadavg_end.unwrap_or(f64::NAN)
+                );
+            }
             let _ = writeln!(
                 md,
                 "| engine | events/s median (min-max) | time basis | events/s by wall time | CPU-s / M events | peak RSS MiB | wall s | runs ok |"
@@ -423,9 +435,11 @@ impl Results {
             }
             md.push('\n');
             if !s.ratios.is_empty() {
+                let latency = s.id == "S7";
                 let _ = writeln!(
                     md,
-                    "| Keystone vs | events/s ratio median (min-max) | per pair | target | wall-time ratio | CPU per event ratio |"
+                    "| Keystone vs | {} ratio median (min-max) | per pair | target | wall-time ratio | CPU per event ratio |",
+                    if latency { "p99 latency" } else { "events/s" }
                 );
                 let _ = writeln!(md, "|---|---|---|---|---|---|");
                 for r in &s.ratios {
@@ -441,9 +455,11 @@ impl Results {
                         r.peer,
                         f(&r.events_per_s, 2),
                         pairs,
-                        match (r.target, r.met) {
-                            (Some(t), Some(true)) => format!(">= {t}x: met"),
-                            (Some(t), _) => format!(">= {t}x: **missed**"),
+                        match (r.target, r.met, latency) {
+                            (Some(t), Some(true), false) => format!(">= {t}x: met"),
+                            (Some(t), _, false) => format!(">= {t}x: **missed**"),
+                            (Some(t), Some(true), true) => format!("<= {t}x: met"),
+                            (Some(t), _, true) => format!("<= {t}x: **missed**"),
                             _ => "-".into(),
                         },
                         f(&r.wall_ratio, 2),
@@ -451,6 +467,36 @@ impl Results {
                     );
                 }
                 md.push('\n');
+            }
+            if s.id == "S6"
+                && let Some(s5) = self.scenarios.iter().find(|x| x.id == "S5")
+            {
+                let median = |r: &ScenarioResult, e: &str| {
+                    r.engines
+                        .iter()
+                        .find(|x| x.engine == e)
+                        .and_then(|x| x.events_per_s.as_ref())
+                        .map(|st| st.median)
+                };
+                let lines: Vec<String> = s
+                    .engines
+                    .iter()
+                    .filter_map(|e| {
+                        let (eos, alo) = (median(s, &e.engine)?, median(s5, &e.engine)?);
+                        Some(format!(
+                            "{} {:.0} vs {:.0} events/s ({:+.1}%)",
+                            e.engine,
+                            eos,
+                            alo,
+                            (eos / alo - 1.0) * 100.0
+                        ))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    md,
+                    "Exactly-once (S6) vs at-least-once (S5), medians (target: Keystone loses <= 15%): {}.\n",
+                    lines.join("; ")
+                );
             }
             if !s.startup.is_empty() {
                 let parts: Vec<String> = s

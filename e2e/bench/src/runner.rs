@@ -131,9 +131,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn config_text(&self, engine: Engine) -> String {
+    fn config_text(&self, s: Scenario, engine: Engine) -> String {
         let a = self.args;
         match engine {
+            Engine::Keystone if !s.is_engine_only() => format!(
+                "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: outputs flushed and offsets committed (sync) every commitInterval 1 s; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
+                a.brokers
+            ),
             Engine::Keystone => "keystone-runtime run (local mode, one instance per stage), release build; pipeline e2e/bench/pipelines/*.yaml".to_owned(),
             Engine::FlinkHeap | Engine::FlinkRocksDb => format!(
                 "Flink {FLINK_VERSION} DataStream on a local MiniCluster, parallelism {}, object reuse on, state backend {}, no checkpoints (local mode has none), JVM -Xms{h} -Xmx{h} (default G1), Jackson {}",
@@ -460,7 +464,7 @@ fn summarize(ctx: &Ctx, s: Scenario, sum: Summary) -> anyhow::Result<ScenarioRes
             let ok: Vec<&&RunRecord> = mine.iter().copied().filter(|r| r.digest_ok).collect();
             EngineSummary {
                 engine: engine.name().into(),
-                config: ctx.config_text(engine),
+                config: ctx.config_text(s, engine),
                 runs: mine.len(),
                 failed_runs: mine.len() - ok.len(),
                 time_basis: ok.first().map(|r| r.time_basis.clone()).unwrap_or_default(),
@@ -617,7 +621,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let kafka_wanted = |e: Engine| {
         scenarios
             .iter()
-            .any(|s| s.is_kafka() && s.engines().contains(&e) && engine_selected(args, e))
+            .any(|s| !s.is_engine_only() && s.engines().contains(&e) && engine_selected(args, e))
     };
     let flink_cp = match flink_cp {
         None if kafka_wanted(Engine::FlinkKafka) => Some(build_peer("flink", false)?),
@@ -1100,11 +1104,17 @@ fn latency_run(
     latencies.sort_unstable();
     // Ids first sent in the measured phase that the reference drops (redeliveries
     // of warm-up events) have no output; anything else missing is an error.
-    if latencies.len() < sent_at.len() * 3 / 4 {
+    if latencies.is_empty() || latencies.len() < sent_at.len() * 3 / 4 {
         record.error = Some(format!(
-            "only {} of {} measured events came out",
+            "only {} of {} measured events came out{}:\n{}",
             latencies.len(),
-            sent_at.len()
+            sent_at.len(),
+            if sent_at.is_empty() {
+                " (no output within 180 s: never measured)"
+            } else {
+                ""
+            },
+            m.stderr_tail
         ));
         return Ok(record);
     }
@@ -1125,7 +1135,8 @@ fn run_latency_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult
         .lines()
         .map(str::to_owned)
         .collect();
-    let engines: Vec<Engine> = [Engine::Keystone, Engine::FlinkKafka, Engine::KafkaStreams]
+    let engines: Vec<Engine> = s
+        .engines()
         .into_iter()
         .filter(|e| engine_selected(args, *e))
         .collect();
@@ -1184,7 +1195,7 @@ fn run_latency_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult
             let mine: Vec<&&RunRecord> = measured.iter().filter(|r| r.engine == e.name()).collect();
             EngineSummary {
                 engine: e.name().into(),
-                config: ctx.config_text(e),
+                config: ctx.config_text(s, e),
                 runs: runs
                     .iter()
                     .filter(|r| !r.warmup && r.engine == e.name())

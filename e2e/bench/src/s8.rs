@@ -67,24 +67,30 @@ pub fn record(args: &S8Args) -> anyhow::Result<()> {
     };
     let num = |k: &str| op[k].as_f64().unwrap_or(f64::NAN);
     let runtime_met = ratio.as_ref().is_some_and(|r| r.median <= 0.25);
-    let op_met = num("operator_peak_rss_mib") <= 50.0 && num("reconcile_p99_s") < 1.0;
+    // 50 MB = 47.7 MiB.
+    let op_met = num("operator_peak_rss_mib") * 1.048_576 <= 50.0
+        && num("reconcile_p99_s").max(num("edit_reconcile_p99_s")) < 1.0;
     let summary = format!(
-        "runtime: Keystone / Flink peak RSS **{:.3}x** (target <= 0.25x: {}); operator with {} Pipelines: peak RSS **{:.1} MiB**, reconcile p50 {:.3} s, p99 **{:.3} s** (targets <= 50 MB and < 1 s: {})",
+        "runtime: Keystone / Flink peak RSS **{:.3}x** (target <= 0.25x: {}); operator with {} Pipelines: peak RSS **{:.1} MiB**, reconcile p50 {:.3} s, p99 **{:.3} s** while they are applied, p99 **{:.3} s** for edits at steady state (targets <= 50 MB and < 1 s: {})",
         ratio.as_ref().map(|r| r.median).unwrap_or(f64::NAN),
         if runtime_met { "met" } else { "**missed**" },
         op["pipelines"],
         num("operator_peak_rss_mib"),
         num("reconcile_p50_s"),
         num("reconcile_p99_s"),
+        num("edit_reconcile_p99_s"),
         if op_met { "met" } else { "**missed**" },
     );
     let notes = format!(
         "Runtime RSS: peak RSS (GNU time, the whole process: for the JVM heap, metaspace, threads and native memory) of each engine in S5's measured runs, which hold S2's dedup state for the 399,775 distinct event ids of the whole backlog once it is drained (Kafka mode, the same process that serves a pipeline; see S5 for configs and load).\n\n\
 | engine | peak RSS MiB, median (min-max) |\n|---|---|\n| keystone (`serve`) | {} |\n| flink (MiniCluster, heap state, -Xms2g -Xmx2g) | {} |\n| Keystone / Flink per pair | {} |\n\n\
 Note that Flink's JVM was given a 2 GiB heap up front (-Xms2g, as in every scenario), so its RSS reflects the heap it was allowed rather than what S2's state needs; Keystone has no such setting.\n\n\
-Operator: `e2e/bench/s8-operator.sh` (release build of keystone-operator) on a separate testbed instance (its own etcd, kube-apiserver and controller manager; its process kubelet stopped, so the pipelines' pods stay Pending and no runtime runs), {} Pipelines applied at once (`kubectl apply --server-side`, {:.1} s), all sharing one source, sink and dead-letter topic on the shared Kafka (created and deleted by the script). Reconcile latency from the operator's `keystone_operator_reconcile_duration_seconds` histogram ({} reconciles; quantiles interpolated within buckets as Prometheus' histogram_quantile does, buckets 0.01/0.05/0.1/0.25/0.5/1 s...).\n\n\
-| measure | value |\n|---|---|\n| operator RSS before any Pipeline | {:.1} MiB |\n| operator RSS at steady state with {} Pipelines | {:.1} MiB |\n| operator peak RSS (VmHWM) | {:.1} MiB |\n| reconcile p50 / p99 | {:.3} s / {:.3} s |\n| every Pipeline had a phase after | {:.1} s |\n| phases | {} |\n| error lines in the operator's log | {} |\n\n\
-Histogram: `{}`",
+Operator: `e2e/bench/s8-operator.sh` (release build of keystone-operator) on a separate testbed instance (its own etcd, kube-apiserver and controller manager; its process kubelet stopped, so the pipelines' pods stay Pending and no runtime runs), {} Pipelines applied at once (`kubectl apply --server-side`, {:.1} s), all sharing one source, sink and dead-letter topic on the Kafka given to the script (created and deleted by it). Reconcile latency from the operator's `keystone_operator_reconcile_duration_seconds` histogram (quantiles interpolated within buckets as Prometheus' histogram_quantile does, buckets 0.01/0.05/0.1/0.25/0.5/1 s...).\n\n\
+| measure | value |\n|---|---|\n| operator RSS before any Pipeline | {:.1} MiB |\n| operator RSS at steady state with {} Pipelines | {:.1} MiB |\n| operator peak RSS (VmHWM) | {:.1} MiB |\n| reconcile p50 / p99 while the {} Pipelines are applied ({} reconciles) | {:.3} s / {:.3} s |
+| reconcile p50 / p99 of {} edits one after another at steady state ({} reconciles, {:.0} s) | {:.3} s / {:.3} s |
+| operator RSS after the edits | {:.1} MiB |\n| every Pipeline had a phase after | {:.1} s |\n| phases | {} |\n| error lines in the operator's log | {} |\n\n\
+With the pods Pending every Pipeline stays `Provisioning`, which the operator re-checks every 30 s (every 300 s once `Running`): with 1,000 Pipelines about 33 reconciles per second go on in the background, on the same two cores as the apiserver, etcd, the controller manager and Kafka; both histograms include them (the edit phase counts every reconcile during and after the edits, not only the 200 edits').\n\n\
+Histogram (cumulative, end of the run): `{}`",
         fmt(&k_rss, 0),
         fmt(&f_rss, 0),
         per_pair
@@ -94,13 +100,20 @@ Histogram: `{}`",
             .join(", "),
         op["pipelines"],
         num("apply_s"),
-        op["reconciles"],
         num("operator_rss_idle_mib"),
         op["pipelines"],
         num("operator_rss_steady_mib"),
         num("operator_peak_rss_mib"),
+        op["pipelines"],
+        op["reconciles"],
         num("reconcile_p50_s"),
         num("reconcile_p99_s"),
+        op["edits"],
+        op["edit_reconciles"],
+        num("edit_s"),
+        num("edit_reconcile_p50_s"),
+        num("edit_reconcile_p99_s"),
+        num("operator_rss_after_edits_mib"),
         num("all_phased_after_s"),
         op["phases"].as_str().unwrap_or("?"),
         op["operator_log_error_lines"],

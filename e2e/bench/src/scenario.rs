@@ -135,14 +135,11 @@ impl Scenario {
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
-            Scenario::S5 | Scenario::S6 => {
-                "the harness does not drive the Keystone Kafka runtime (`keystone-runtime serve`, which landed during this session) nor Kafka peers yet; it loads the input topic (`keystone-bench load`) and measures the rdkafka consume-produce ceiling (`keystone-bench ceiling`, about 0.18-0.23M records/s on this machine: see ANALYSIS.md)"
-            }
-            Scenario::S7 => {
-                "needs the harness to drive the Keystone Kafka runtime (`keystone-runtime serve`) at a fixed rate and to collect latencies; not built yet"
+            Scenario::S5 | Scenario::S6 | Scenario::S7 => {
+                "not run yet: `keystone-bench run --scenario S5,S6,S7` with the runner built with `--features kafka` and the testbed's Kafka up (`eval \"$(e2e/testbed env)\"`)"
             }
             Scenario::S8 => {
-                "the runtime's S2 steady-state RSS needs the Kafka runtime (`serve`); the operator's RSS and reconcile latency with 1,000 Pipelines need the operator and the testbed's control plane, both still in progress (the engine-only S2 peak RSS is reported under S2)"
+                "not recorded yet: `e2e/bench/s8-operator.sh OPERATOR_BINARY 1000 > s8.json` then `keystone-bench s8 --operator-json s8.json` (after S5)"
             }
             _ => "",
         }
@@ -157,7 +154,7 @@ impl Scenario {
             Scenario::S2 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S3 => vec![Engine::Keystone, Engine::FlinkRocksDb, Engine::FlinkHeap],
             Scenario::S4 => vec![Engine::Keystone, Engine::FlinkHeap],
-            Scenario::S5 | Scenario::S6 => {
+            Scenario::S5 | Scenario::S6 | Scenario::S7 => {
                 vec![Engine::Keystone, Engine::FlinkKafka, Engine::KafkaStreams]
             }
             _ => Vec::new(),
