@@ -29,6 +29,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 const USERS: u64 = 8;
+
+/// A background producer: its stop flag and its task.
+type Producing = (Arc<AtomicBool>, tokio::task::JoinHandle<()>);
 const LONG: Duration = Duration::from_secs(240);
 
 /// One pipeline under test: its namespace, operator, topics and input.
@@ -187,11 +190,17 @@ spec:
         }
     }
 
+    /// Produces 100 events a second in the background, and lets a few seconds
+    /// of them through before the test changes anything.
+    async fn under_load(self) -> (Arc<Self>, Producing) {
+        let flow = Arc::new(self);
+        let producing = flow.produce_continuously(100);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (flow, producing)
+    }
+
     /// Produces in the background until the returned flag is set.
-    fn produce_continuously(
-        self: &Arc<Self>,
-        per_second: u64,
-    ) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    fn produce_continuously(self: &Arc<Self>, per_second: u64) -> Producing {
         let stop = Arc::new(AtomicBool::new(false));
         let flow = self.clone();
         let flag = stop.clone();
@@ -207,7 +216,7 @@ spec:
     /// checks the sink holds each produced event once (in order per user if `ordered`).
     async fn finish(
         &self,
-        (stop, producing): (Arc<AtomicBool>, tokio::task::JoinHandle<()>),
+        (stop, producing): Producing,
         ordered: bool,
     ) -> Vec<(String, u64, serde_json::Value)> {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -372,17 +381,15 @@ const PROJECT: &str = r#"    - name: shape
 
 #[tokio::test]
 async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_order() {
-    let flow = Arc::new(
-        Flow::start(
-            "up-ckpt",
-            2,
-            "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
-            PROJECT,
-        )
-        .await,
-    );
-    let producer = flow.produce_continuously(100);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (flow, producer) = Flow::start(
+        "up-ckpt",
+        2,
+        "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
+        PROJECT,
+    )
+    .await
+    .under_load()
+    .await;
     // The projection now keeps `action` too.
     flow.patch(
         json!({"spec": {"steps": [{"name": "shape", "project": {"fields": [
@@ -444,16 +451,15 @@ async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_or
 
 #[tokio::test]
 async fn scaling_two_four_one_under_load_loses_and_duplicates_nothing() {
-    let flow = Arc::new(
-        Flow::start(
-            "up-scale",
-            4,
-            "  parallelism: 2\n  upgrade: {healthWindow: 3s}",
-            PROJECT,
-        )
-        .await,
-    );
-    let producer = flow.produce_continuously(100);
+    let (flow, producer) = Flow::start(
+        "up-scale",
+        4,
+        "  parallelism: 2\n  upgrade: {healthWindow: 3s}",
+        PROJECT,
+    )
+    .await
+    .under_load()
+    .await;
     let deployments: Api<Deployment> = flow.ns.api();
     for replicas in [4, 1] {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -545,15 +551,15 @@ async fn a_state_incompatible_change_is_refused_until_a_reset_is_allowed() {
 
 #[tokio::test]
 async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
-    let flow = Arc::new(
-        Flow::start(
-            "up-rollback",
-            2,
-            "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
-            PROJECT,
-        )
-        .await,
-    );
+    let (flow, producer) = Flow::start(
+        "up-rollback",
+        2,
+        "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
+        PROJECT,
+    )
+    .await
+    .under_load()
+    .await;
     let stable_hash = flow
         .api()
         .get(flow.name)
@@ -562,8 +568,6 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
         .status
         .and_then(|s| s.stable_plan_hash)
         .expect("stable plan");
-    let producer = flow.produce_continuously(100);
-    tokio::time::sleep(Duration::from_secs(3)).await;
     // A filter that fails on every odd event (a string compared with a number)
     // and passes the even ones: the failed version delivers half of what it
     // reads, and the rollback's replay must deliver the other half only.
@@ -727,24 +731,22 @@ async fn a_two_stage_pipeline_is_rolled_back_without_loss_or_duplicates() {
     // a second stage behind a repartition topic.
     let steps = r#"    - name: once
       dedup: {key: [user, seq], window: 10m}"#;
-    let flow = Arc::new(
-        Flow::start_keyed(
-            "up-rollback2",
-            2,
-            "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
-            steps,
-            "action",
-        )
-        .await,
-    );
+    let (flow, producer) = Flow::start_keyed(
+        "up-rollback2",
+        2,
+        "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
+        steps,
+        "action",
+    )
+    .await
+    .under_load()
+    .await;
     let first = flow.api().get(flow.name).await.expect("get");
     assert!(
         first.status.as_ref().is_some_and(|s| s.stages.len() == 2),
         "two stages: {:?}",
         first.status.map(|s| s.stages)
     );
-    let producer = flow.produce_continuously(100);
-    tokio::time::sleep(Duration::from_secs(3)).await;
     flow.patch(json!({"spec": {"steps": [
         {"name": "broken", "filter": {"expression": "seq % 2 == 0 || action > 1"}},
         {"name": "once", "dedup": {"key": ["user", "seq"], "window": "10m"}}
@@ -808,17 +810,15 @@ async fn a_stateless_upgrade_drops_state_and_goes_on_from_the_committed_offsets(
 
 #[tokio::test]
 async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
-    let flow = Arc::new(
-        Flow::start(
-            "up-crash",
-            2,
-            "  parallelism: 2\n  upgrade: {healthWindow: 10s, healthGate: {maxRestarts: 1}}",
-            PROJECT,
-        )
-        .await,
-    );
-    let producer = flow.produce_continuously(100);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (flow, producer) = Flow::start(
+        "up-crash",
+        2,
+        "  parallelism: 2\n  upgrade: {healthWindow: 10s, healthGate: {maxRestarts: 1}}",
+        PROJECT,
+    )
+    .await
+    .under_load()
+    .await;
     // The process kubelet runs this image as the test app, which refuses the
     // runtime's arguments and exits: a crash loop.
     flow.patch(json!({"spec": {"runtimeImage": "keystone/testapp:crash"}}))

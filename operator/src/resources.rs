@@ -171,6 +171,19 @@ pub fn stage_object_name(pipeline: &str, stage: &str) -> String {
     format!("{pipeline}-{stage}")
 }
 
+/// The label selector of every object (and pod) of a pipeline.
+pub fn pipeline_selector(pipeline: &str) -> String {
+    format!("{LABEL_PIPELINE}={pipeline}")
+}
+
+/// Whether the pod's Ready condition is True.
+pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 pub fn pipeline_labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (

@@ -19,7 +19,7 @@ use kube::api::ListParams;
 
 use super::CheckpointFailure;
 use crate::controller::Context;
-use crate::resources::{ANNOTATION_PLAN_HASH, HTTP_PORT, LABEL_PIPELINE, LABEL_STAGE};
+use crate::resources::{ANNOTATION_PLAN_HASH, HTTP_PORT, LABEL_PIPELINE, LABEL_STAGE, pod_ready};
 
 /// How long one instance may take to answer. The runtime gives up on its own
 /// barrier after 60 s and says so; this leaves it the time to say it.
@@ -95,12 +95,7 @@ pub(super) fn check_pods(
             }
             Some(_) => {}
         }
-        let is_ready = status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        if !is_ready {
+        if !pod_ready(pod) {
             return Err(format!("stage {name}: pod {pod_name} is not Ready"));
         }
         let Some(base) = base_url(pod) else {

@@ -480,11 +480,10 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         PipelinePhase::Running => Duration::from_secs(300),
         _ => Duration::from_secs(30),
     };
-    let wait = [Some(idle), again, next_checkpoint]
+    let wait = [again, next_checkpoint]
         .into_iter()
         .flatten()
-        .min()
-        .unwrap_or(idle);
+        .fold(idle, Duration::min);
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 

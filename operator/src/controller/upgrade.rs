@@ -179,15 +179,9 @@ async fn stop_instances(
         keep_plans: running.keep_plans.clone(),
     };
     apply_workloads(pipeline, ctx, &stopped, desired).await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &running.plan.namespace);
-    let selector = format!("{LABEL_PIPELINE}={}", running.plan.pipeline);
     let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
     loop {
-        let left = pods
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items
-            .len();
+        let left = pipeline_pods(ctx, &running.plan).await?.len();
         if left == 0 {
             return Ok(());
         }
@@ -229,7 +223,7 @@ async fn write_restore(
     // mounted them before writing this one.
     let prefix = resources::restore_config_map_name(&plan.pipeline, "");
     let current = resources::restore_config_map_name(&plan.pipeline, &restore.id);
-    let selector = format!("{LABEL_PIPELINE}={}", plan.pipeline);
+    let selector = resources::pipeline_selector(&plan.pipeline);
     for old in config_maps
         .list(&ListParams::default().labels(&selector))
         .await?
@@ -527,11 +521,6 @@ pub(super) async fn prepare(
     // The rollback point: a fresh checkpoint, or the last one (LastState, Stateless, Scale).
     let fresh = spec.upgrade.mode == UpgradeMode::Checkpoint && change != "Scale";
     if fresh && instances_ready(ctx, &running.plan).await? {
-        // Always a stop checkpoint: its cut is aligned across stages (what a
-        // rollback's restore of later stages relies on), and the new version
-        // starts exactly there. With Rolling the stopped instances hand their
-        // partitions over as they are replaced.
-        let stop = true;
         // The stable version's rollback point stays pinned until this upgrade has its own.
         let pins = pinned(&observed.status);
         let taken = ckpt::checkpoint_now(
@@ -539,7 +528,11 @@ pub(super) async fn prepare(
             pipeline,
             &running.plan,
             CheckpointTrigger::Upgrade,
-            stop,
+            // Always a stop checkpoint: its cut is aligned across stages (what a
+            // rollback's restore of later stages relies on), and the new version
+            // starts exactly there. With Rolling the stopped instances hand
+            // their partitions over as they are replaced.
+            true,
             &mut observed.status,
             &pins,
         )
@@ -625,23 +618,22 @@ fn pinned(status: &PipelineStatus) -> Vec<String> {
         .collect()
 }
 
-/// Whether any instance of `plan` is ready (there is something to checkpoint).
-async fn instances_ready(ctx: &Context, plan: &Plan) -> Result<bool, Error> {
+/// The pods of every stage of `plan`'s pipeline, of any version.
+async fn pipeline_pods(ctx: &Context, plan: &Plan) -> Result<Vec<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
-    let selector = format!("{LABEL_PIPELINE}={}", plan.pipeline);
+    let selector = resources::pipeline_selector(&plan.pipeline);
     Ok(pods
         .list(&ListParams::default().labels(&selector))
         .await?
-        .items
-        .iter()
-        .any(pod_ready))
+        .items)
 }
 
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// Whether any instance of `plan` is ready (there is something to checkpoint).
+async fn instances_ready(ctx: &Context, plan: &Plan) -> Result<bool, Error> {
+    Ok(pipeline_pods(ctx, plan)
+        .await?
+        .iter()
+        .any(resources::pod_ready))
 }
 
 /// Why a checkpoint of another plan cannot be restored into the current one, if it cannot.
@@ -757,8 +749,6 @@ async fn sample_health(
     plan: &Plan,
     failing: &[String],
 ) -> Result<HealthSample, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
-    let selector = format!("{LABEL_PIPELINE}={}", plan.pipeline);
     let hash = plan.hash();
     let first_step = plan
         .stages
@@ -769,7 +759,7 @@ async fn sample_health(
         failing_stages: failing.to_vec(),
         ..HealthSample::default()
     };
-    for pod in pods.list(&ListParams::default().labels(&selector)).await? {
+    for pod in pipeline_pods(ctx, plan).await? {
         let runs_plan = pod
             .metadata
             .annotations
@@ -789,7 +779,7 @@ async fn sample_health(
         let Some(ip) = status.pod_ip.as_deref() else {
             continue;
         };
-        if !pod_ready(&pod) {
+        if !resources::pod_ready(&pod) {
             continue;
         }
         // A pod that cannot answer now is judged by its restarts and readiness.
@@ -828,7 +818,7 @@ pub(super) async fn observe(
     observed: &mut Observed,
 ) -> Result<Option<Duration>, Error> {
     if pipeline.spec.state == PipelineState::Suspended {
-        observed.status.phase = Some(PipelinePhase::Suspended);
+        // The phase is set by the caller, over what the conditions say.
         observed.set(&Cond::new(
             SPEC_APPLIED,
             true,

@@ -687,27 +687,7 @@ impl Core {
         consumer: &BaseConsumer<ConsumerCtx>,
         partitions: &[i32],
     ) -> Result<BTreeMap<i32, (Option<i64>, String)>, ServeError> {
-        let mut tpl = TopicPartitionList::new();
-        for &partition in partitions {
-            tpl.add_partition(&self.stage.input.topic, partition);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, KAFKA_TIMEOUT)
-            .map_err(|source| ServeError::Kafka {
-                what: "reading the group's committed offsets",
-                source,
-            })?;
-        Ok(committed
-            .elements()
-            .iter()
-            .map(|e| {
-                let offset = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                };
-                (e.partition(), (offset, e.metadata().to_owned()))
-            })
-            .collect())
+        committed_in_group(consumer, &self.stage.input.topic, partitions)
     }
 
     fn watermarks(
@@ -1447,22 +1427,41 @@ fn restore_applied_everywhere(
         what: "creating an offsets reader",
         source,
     })?;
+    let committed = committed_in_group(&reader, &stage.input.topic, &partitions)?;
+    let marker = plan.commit_metadata();
+    Ok(!partitions.is_empty()
+        && committed
+            .values()
+            .all(|(offset, metadata)| offset.is_some() && *metadata == marker))
+}
+
+/// A group's committed offset (if any) and its metadata, per partition of `topic`.
+fn committed_in_group<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, (Option<i64>, String)>, ServeError> {
     let mut tpl = TopicPartitionList::new();
-    for partition in &partitions {
-        tpl.add_partition(&stage.input.topic, *partition);
+    for &partition in partitions {
+        tpl.add_partition(topic, partition);
     }
-    let committed = reader
+    let committed = consumer
         .committed_offsets(tpl, KAFKA_TIMEOUT)
         .map_err(|source| ServeError::Kafka {
             what: "reading the group's committed offsets",
             source,
         })?;
-    let marker = plan.commit_metadata();
-    Ok(!partitions.is_empty()
-        && committed
-            .elements()
-            .iter()
-            .all(|e| matches!(e.offset(), Offset::Offset(_)) && e.metadata() == marker))
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (e.partition(), (offset, e.metadata().to_owned()))
+        })
+        .collect())
 }
 
 fn add_task_metrics(totals: &mut BTreeMap<String, StepMetrics>, task: &StageTask) {
