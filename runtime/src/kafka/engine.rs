@@ -5,15 +5,16 @@
 //! repartition records, dead letters, changelog records — and the consumed
 //! offsets go into one Kafka transaction (`send_offsets_to_transaction` with the
 //! group's metadata, as Kafka Streams' EOS v2 does). Under at-least-once the
-//! producer is flushed and the offsets are committed after the outputs are
-//! acknowledged.
+//! offsets of each interval are committed once the outputs sent before them are
+//! acknowledged, while consumption goes on (see `outbox`); rebalances,
+//! checkpoints and shutdown flush the producer and commit synchronously.
 //!
 //! Rebalances run inside `poll`: before partitions are revoked the current work
 //! is committed; when partitions are assigned their state is restored from the
 //! changelogs before any of their records is processed (the pod reports not
 //! ready meanwhile).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sonic_rs::JsonValueTrait;
@@ -35,6 +36,7 @@ use sonic_rs::JsonValueTrait;
 use crate::clock::SystemClock;
 use crate::event::{Event, FieldPath, Provenance};
 use crate::kafka::http::Control;
+use crate::kafka::outbox::{Epoch, Outbox};
 use crate::kafka::restore::{self, RawRecord};
 use crate::kafka::{ServeArgs, ServeError, Shared, config};
 use crate::ops::Table;
@@ -48,54 +50,27 @@ const MAX_BATCH: usize = 2048;
 /// Retries of a retriable commit failure, with doubling backoff from 100 ms.
 const COMMIT_RETRIES: u32 = 6;
 
-/// Delivery reports: failures (at-least-once must not commit past them) and the
-/// last offset written per changelog partition (checkpoint positions).
-#[derive(Default)]
-pub struct Deliveries {
-    failures: Mutex<Vec<String>>,
-    positions: Mutex<HashMap<(String, i32), i64>>,
-}
-
-pub struct ProducerCtx {
-    deliveries: Arc<Deliveries>,
-}
-
-impl ClientContext for ProducerCtx {}
-
-impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(message) => {
-                if let Ok(mut positions) = self.deliveries.positions.lock() {
-                    let slot = positions
-                        .entry((message.topic().to_owned(), message.partition()))
-                        .or_insert(-1);
-                    *slot = (*slot).max(message.offset());
-                }
-            }
-            Err((error, message)) => {
-                if let Ok(mut failures) = self.deliveries.failures.lock() {
-                    failures.push(format!(
-                        "{}[{}]: {error}",
-                        message.topic(),
-                        message.partition()
-                    ));
-                }
-            }
-        }
-    }
-}
-
 /// The consumer's context: rebalance callbacks reach the engine's core.
 pub struct ConsumerCtx {
     core: Arc<Mutex<Core>>,
+    shared: Arc<Shared>,
 }
 
 impl ClientContext for ConsumerCtx {}
 
 impl ConsumerContext for ConsumerCtx {
+    /// Results of asynchronous commits (at-least-once intervals). Only counted:
+    /// the next commit covers a failed one. The core is not locked here, as
+    /// librdkafka may call this from inside a synchronous commit.
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(error) = result {
+            tracing::warn!(%error, "an offset commit failed; the next one covers it");
+            if let Ok(metrics) = self.shared.metrics.lock() {
+                metrics.commit_failures.with_label_values(&["kafka"]).inc();
+            }
+        }
+    }
+
     /// The default rebalance, except that restored partitions get their start
     /// offsets in the assignment itself (so nothing is ever fetched from the
     /// committed offset first), and that partitions assigned while stopped are
@@ -371,8 +346,10 @@ pub struct Core {
     stage: PlanStage,
     exactly_once: bool,
     reads_source: bool,
-    producer: ThreadedProducer<ProducerCtx>,
-    deliveries: Arc<Deliveries>,
+    outbox: Outbox,
+    /// At-least-once: epochs sealed at an interval commit, oldest first, with the
+    /// positions to commit once their records are acknowledged.
+    sealed: VecDeque<SealedEpoch>,
     restore_config: ClientConfig,
     route: Route,
     state_sources: Vec<StateSource>,
@@ -413,6 +390,12 @@ pub struct Core {
     /// Processing stopped after a checkpoint: partitions paused, no output.
     stopped: bool,
     suppression: Suppression,
+}
+
+struct SealedEpoch {
+    epoch: Epoch,
+    positions: BTreeMap<i32, i64>,
+    sealed_at: Instant,
 }
 
 /// The `--restore` plan as this stage applies it.
@@ -562,8 +545,7 @@ impl Core {
             self.begin_if_needed()?;
             let count = compensations.len() as u64;
             for (topic, partition, change) in compensations {
-                send(
-                    &self.producer,
+                self.outbox.send(
                     &topic,
                     Some(&change.key),
                     change.value.as_deref(),
@@ -727,6 +709,9 @@ impl Core {
             }
             self.positions.remove(partition);
             self.committed.remove(partition);
+            for sealed in &mut self.sealed {
+                sealed.positions.remove(partition);
+            }
             self.live.remove(partition);
             self.unfollow_table_partition(*partition);
         }
@@ -747,7 +732,8 @@ impl Core {
 
     fn begin_if_needed(&mut self) -> Result<(), ServeError> {
         if self.exactly_once && !self.in_transaction {
-            self.producer
+            self.outbox
+                .producer
                 .begin_transaction()
                 .map_err(|source| ServeError::Kafka {
                     what: "beginning a transaction",
@@ -822,8 +808,7 @@ impl Core {
             let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
             match &self.route {
                 Route::Repartition { topic, key } => match record_key(&event, key) {
-                    Some(key) => send(
-                        &self.producer,
+                    Some(key) => self.outbox.send(
                         topic,
                         Some(&key),
                         Some(&value),
@@ -852,8 +837,7 @@ impl Core {
                             continue;
                         }
                         let key = record_key(&event, key);
-                        send(
-                            &self.producer,
+                        self.outbox.send(
                             topic,
                             key.as_deref(),
                             Some(&value),
@@ -888,8 +872,7 @@ impl Core {
                     key: "keystone.offset",
                     value: Some(offset_text.as_bytes()),
                 });
-            send(
-                &self.producer,
+            self.outbox.send(
                 &self.plan.dead_letter_topic,
                 None,
                 Some(&letter.original),
@@ -916,8 +899,7 @@ impl Core {
                 .unwrap_or_default();
             *changelog_bytes.entry(step).or_default() +=
                 (record.change.key.len() + record.change.value.as_ref().map_or(0, Vec::len)) as u64;
-            send(
-                &self.producer,
+            self.outbox.send(
                 &topic,
                 Some(&record.change.key),
                 record.change.value.as_deref(),
@@ -1074,9 +1056,12 @@ impl Core {
         }
     }
 
-    fn offsets_list(&self) -> Result<TopicPartitionList, ServeError> {
+    fn offsets_list(
+        &self,
+        positions: &BTreeMap<i32, i64>,
+    ) -> Result<TopicPartitionList, ServeError> {
         let mut tpl = TopicPartitionList::new();
-        for (&partition, &offset) in &self.positions {
+        for (&partition, &offset) in positions {
             let mut element = tpl.add_partition(&self.stage.input.topic, partition);
             element
                 .set_offset(Offset::Offset(offset))
@@ -1109,6 +1094,8 @@ impl Core {
         match &result {
             Ok(()) => {
                 self.committed = self.positions.clone();
+                // The flush (or the transaction) covered every sealed epoch.
+                self.sealed.clear();
                 if let Ok(m) = metrics {
                     m.commit_duration.observe(started.elapsed().as_secs_f64());
                 }
@@ -1132,16 +1119,17 @@ impl Core {
         if !self.in_transaction {
             return Ok(());
         }
-        let offsets = self.offsets_list()?;
+        let offsets = self.offsets_list(&self.positions)?;
         let group = consumer
             .group_metadata()
             .ok_or(ServeError::NoGroupMetadata)?;
         let mut attempt = 0;
         loop {
             let result = self
+                .outbox
                 .producer
                 .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)
-                .and_then(|()| self.producer.commit_transaction(KAFKA_TIMEOUT));
+                .and_then(|()| self.outbox.producer.commit_transaction(KAFKA_TIMEOUT));
             match result {
                 Ok(()) => {
                     self.in_transaction = false;
@@ -1170,42 +1158,98 @@ impl Core {
         &mut self,
         consumer: &BaseConsumer<ConsumerCtx>,
     ) -> Result<(), ServeError> {
-        self.producer
+        self.outbox
+            .producer
             .flush(KAFKA_TIMEOUT)
             .map_err(|source| ServeError::Kafka {
                 what: "flushing outputs",
                 source,
             })?;
-        let failures = std::mem::take(
-            &mut *self
-                .deliveries
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        if let Some(first) = failures.first() {
-            // The offsets stay uncommitted: after the restart the records are
-            // processed again (at least once).
-            return Err(ServeError::Delivery {
-                count: failures.len(),
-                first: first.clone(),
-            });
-        }
+        self.check_deliveries()?;
         if self.positions.is_empty() || self.positions == self.committed {
             return Ok(());
         }
         consumer
-            .commit(&self.offsets_list()?, CommitMode::Sync)
+            .commit(&self.offsets_list(&self.positions)?, CommitMode::Sync)
             .map_err(|source| ServeError::Kafka {
                 what: "committing offsets",
                 source,
             })
     }
 
+    /// Fails when a record could not be delivered: the offsets then stay
+    /// uncommitted, and after the rewind the records are processed again (at
+    /// least once).
+    fn check_deliveries(&self) -> Result<(), ServeError> {
+        let failures = self.outbox.deliveries.take_failures();
+        match failures.first() {
+            Some(first) => Err(ServeError::Delivery {
+                count: failures.len(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The interval commit. Exactly-once commits the transaction; at-least-once
+    /// seals the current epoch with the positions it covers and goes on consuming:
+    /// [`Core::commit_settled`] commits them once the epoch is acknowledged.
+    fn commit_interval(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        if self.exactly_once {
+            return self.commit(consumer, "interval");
+        }
+        let covered = self
+            .sealed
+            .back()
+            .map_or(&self.committed, |sealed| &sealed.positions);
+        if self.positions != *covered {
+            self.sealed.push_back(SealedEpoch {
+                epoch: self.outbox.seal(),
+                positions: self.positions.clone(),
+                sealed_at: Instant::now(),
+            });
+        }
+        self.commit_settled(consumer)
+    }
+
+    /// At-least-once: commits, without waiting, the positions of the latest
+    /// sealed epoch whose records (and every earlier epoch's) are acknowledged.
+    fn commit_settled(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        let mut ready = None;
+        while let Some(sealed) = self.sealed.front()
+            && self.outbox.settled_through(sealed.epoch)
+        {
+            ready = self.sealed.pop_front();
+        }
+        let Some(ready) = ready else {
+            return Ok(());
+        };
+        self.check_deliveries()?;
+        if ready.positions.is_empty() || ready.positions == self.committed {
+            return Ok(());
+        }
+        // The result arrives in `ConsumerCtx::commit_callback`; a failed commit is
+        // covered by the next one.
+        consumer
+            .commit(&self.offsets_list(&ready.positions)?, CommitMode::Async)
+            .map_err(|source| ServeError::Kafka {
+                what: "committing offsets",
+                source,
+            })?;
+        if let Ok(metrics) = self.shared.metrics.lock() {
+            metrics
+                .commit_duration
+                .observe(ready.sealed_at.elapsed().as_secs_f64());
+        }
+        tracing::debug!("committed a settled epoch");
+        self.committed = ready.positions;
+        Ok(())
+    }
+
     /// Aborts the open transaction, if any; its outputs and offsets are discarded.
     fn abort_open_transaction(&mut self) {
         if self.exactly_once && self.in_transaction {
-            if let Err(error) = self.producer.abort_transaction(KAFKA_TIMEOUT) {
+            if let Err(error) = self.outbox.producer.abort_transaction(KAFKA_TIMEOUT) {
                 tracing::error!(%error, "aborting the transaction failed");
             }
             self.in_transaction = false;
@@ -1286,18 +1330,13 @@ impl Core {
             .filter(|s| s.table.is_none())
             .map(|s| s.topic.as_str())
             .collect();
-        let delivered = self
-            .deliveries
-            .positions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         let mut changelog_positions: keystone_crds::checkpoint::Positions = BTreeMap::new();
         for topic in changelog_topics {
             for &partition in &assigned {
                 let key = (topic.to_owned(), partition);
                 // Written since the restore: after the last write; else where the
                 // restore read up to.
-                let written = delivered.get(&key).map(|last| last + 1);
+                let written = self.outbox.deliveries.next_position(topic, partition);
                 if let Some(position) = self.changelog_ends.get(&key).copied().max(written) {
                     changelog_positions
                         .entry(topic.to_owned())
@@ -1358,6 +1397,10 @@ impl Core {
                 source,
             })?;
         self.set_stopped(false);
+        // As after an assignment: timers wait until a partition has read what
+        // arrived while stopped, or the stop would count as waiting time and
+        // release held-back events ahead of predecessors read next.
+        self.live.clear();
         for (&partition, &offset) in &self.committed {
             consumer
                 .seek(
@@ -1554,49 +1597,6 @@ fn record_key(event: &Event, fields: &[FieldPath]) -> Option<Vec<u8>> {
     }
 }
 
-/// Produces one record, waiting while the local queue is full.
-fn send(
-    producer: &ThreadedProducer<ProducerCtx>,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    partition: Option<i32>,
-    headers: Option<OwnedHeaders>,
-) -> Result<(), ServeError> {
-    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
-    if let Some(key) = key {
-        record = record.key(key);
-    }
-    if let Some(value) = value {
-        record = record.payload(value);
-    }
-    if let Some(partition) = partition {
-        record = record.partition(partition);
-    }
-    if let Some(headers) = headers {
-        record = record.headers(headers);
-    }
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                back,
-            )) => {
-                // The producer's thread drains the queue; wait for room.
-                record = back;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((source, _)) => {
-                return Err(ServeError::Kafka {
-                    what: "producing a record",
-                    source,
-                });
-            }
-        }
-    }
-}
-
 /// Runs the stage until shutdown is requested (or a fatal error).
 pub fn run(
     args: &ServeArgs,
@@ -1660,21 +1660,16 @@ pub fn run(
         })
         .collect();
 
-    let deliveries = Arc::new(Deliveries::default());
     // One transactional id per stage instance: a restarted instance fences its
     // previous incarnation (a zombie) when it initializes transactions.
     let transactional_id = format!("{}.{}", stage.consumer_group, args.instance_id);
-    let producer: ThreadedProducer<ProducerCtx> =
-        config::producer(args, exactly_once.then_some(&transactional_id))
-            .create_with_context(ProducerCtx {
-                deliveries: deliveries.clone(),
-            })
-            .map_err(|source| ServeError::Kafka {
-                what: "creating the producer",
-                source,
-            })?;
+    let outbox = Outbox::create(&config::producer(
+        args,
+        exactly_once.then_some(&transactional_id),
+    ))?;
     if exactly_once {
-        producer
+        outbox
+            .producer
             .init_transactions(KAFKA_TIMEOUT)
             .map_err(|source| ServeError::Kafka {
                 what: "initializing transactions",
@@ -1724,8 +1719,8 @@ pub fn run(
         plan: plan.clone(),
         stage: stage.clone(),
         exactly_once,
-        producer,
-        deliveries,
+        outbox,
+        sealed: VecDeque::new(),
         route,
         state_sources,
         tasks: BTreeMap::new(),
@@ -1754,7 +1749,10 @@ pub fn run(
         exactly_once,
         start_from_earliest,
     )
-    .create_with_context(ConsumerCtx { core: core.clone() })
+    .create_with_context(ConsumerCtx {
+        core: core.clone(),
+        shared: shared.clone(),
+    })
     .map_err(|source| ServeError::Kafka {
         what: "creating the consumer",
         source,
@@ -1785,17 +1783,17 @@ pub fn run(
         if shared.shutdown.load(Ordering::SeqCst) {
             break;
         }
-        // Poll a batch, grouped by partition in arrival (offset) order. The lock is
-        // not held while polling: rebalance callbacks take it inside `poll`.
+        // Poll a batch, grouped by partition in arrival (offset) order: what is
+        // fetched already, without waiting for more once there is something (a
+        // batch waits for nothing, so latency is not traded for batch size). The
+        // lock is not held while polling: rebalance callbacks take it inside `poll`.
         let mut batch: BTreeMap<i32, Records> = BTreeMap::new();
         let mut polled = 0;
-        let deadline = Instant::now() + Duration::from_millis(20);
         while polled < MAX_BATCH {
-            let timeout = deadline.saturating_duration_since(Instant::now());
             match consumer.poll(if polled == 0 {
                 Duration::from_millis(50)
             } else {
-                timeout
+                Duration::ZERO
             }) {
                 Some(Ok(message)) => {
                     // The first stage's events come from the source itself; later
@@ -1823,9 +1821,6 @@ pub fn run(
                 }
                 None => break,
             }
-            if Instant::now() >= deadline {
-                break;
-            }
         }
 
         let mut guard = core.lock().unwrap_or_else(|p| p.into_inner());
@@ -1852,6 +1847,9 @@ pub fn run(
             step_result = core.tick();
         }
         let control = controls.try_recv().ok();
+        if step_result.is_ok() && !exactly_once && !core.sealed.is_empty() {
+            step_result = core.commit_settled(&consumer);
+        }
         if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || control.is_some()) {
             step_result = match control {
                 Some(Control::Checkpoint { stop, reply }) => {
@@ -1867,7 +1865,7 @@ pub fn run(
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                     result
                 }
-                None => core.commit(&consumer, "interval"),
+                None => core.commit_interval(&consumer),
             };
             last_commit = Instant::now();
         }

@@ -28,6 +28,7 @@ mod config;
 mod engine;
 mod http;
 mod metrics;
+mod outbox;
 mod restore;
 
 use std::net::SocketAddr;

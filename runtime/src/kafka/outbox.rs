@@ -1,0 +1,255 @@
+//! The stage's producer, and what its delivery reports tell the commit.
+//!
+//! Every record is tagged with the commit epoch it was sent in. Under
+//! at-least-once the loop seals an epoch at each commit interval, keeps
+//! consuming, and commits the offsets of that moment once every record of that
+//! epoch and the ones before it is acknowledged, instead of flushing the
+//! producer: a flush stops intake for a broker round trip per interval, which is
+//! what sets the tail latency at a steady rate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::kafka::ServeError;
+
+/// A commit epoch: the records sent between two seals.
+pub type Epoch = usize;
+
+/// Records sent but not acknowledged yet, per epoch. An epoch's count goes
+/// negative while it is open (acknowledgements arrive before it is sealed with
+/// the number sent) and is dropped when it reaches zero after sealing.
+#[derive(Debug, Default)]
+struct Unacked {
+    by_epoch: BTreeMap<Epoch, i64>,
+}
+
+impl Unacked {
+    fn sealed(&mut self, epoch: Epoch, sent: i64) {
+        self.add(epoch, sent);
+    }
+
+    fn acknowledged(&mut self, epoch: Epoch) {
+        self.add(epoch, -1);
+    }
+
+    fn add(&mut self, epoch: Epoch, delta: i64) {
+        let count = self.by_epoch.entry(epoch).or_insert(0);
+        *count += delta;
+        if *count == 0 {
+            self.by_epoch.remove(&epoch);
+        }
+    }
+
+    /// Every record of `epoch` and of the epochs before it is acknowledged.
+    /// Open epochs are always later than sealed ones, so a negative count never
+    /// hides an outstanding record here.
+    fn settled_through(&self, epoch: Epoch) -> bool {
+        self.by_epoch.range(..=epoch).next().is_none()
+    }
+}
+
+/// Delivery reports: failures (at-least-once must not commit past them), the
+/// last offset written per changelog partition (checkpoint positions) and the
+/// records still in flight per epoch.
+#[derive(Default)]
+pub struct Deliveries {
+    failures: Mutex<Vec<String>>,
+    positions: Mutex<HashMap<(String, i32), i64>>,
+    unacked: Mutex<Unacked>,
+}
+
+impl Deliveries {
+    /// Failures reported since the last call.
+    pub fn take_failures(&self) -> Vec<String> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The offset after the last record acknowledged on a partition, if any.
+    pub fn next_position(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_owned(), partition))
+            .map(|last| last + 1)
+    }
+}
+
+pub struct ProducerCtx {
+    deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for ProducerCtx {}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Epoch;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, epoch: Epoch) {
+        match result {
+            Ok(message) => {
+                let mut positions = self
+                    .deliveries
+                    .positions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let slot = positions
+                    .entry((message.topic().to_owned(), message.partition()))
+                    .or_insert(-1);
+                *slot = (*slot).max(message.offset());
+            }
+            Err((error, message)) => {
+                self.deliveries
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!(
+                        "{}[{}]: {error}",
+                        message.topic(),
+                        message.partition()
+                    ));
+            }
+        }
+        // A failed record is settled too: the failure itself blocks the commit.
+        self.deliveries
+            .unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .acknowledged(epoch);
+    }
+}
+
+/// The producer with its epoch bookkeeping.
+pub struct Outbox {
+    pub producer: ThreadedProducer<ProducerCtx>,
+    pub deliveries: Arc<Deliveries>,
+    epoch: Epoch,
+    sent_in_epoch: i64,
+}
+
+impl Outbox {
+    pub fn create(config: &ClientConfig) -> Result<Self, ServeError> {
+        let deliveries = Arc::new(Deliveries::default());
+        let producer = config
+            .create_with_context(ProducerCtx {
+                deliveries: deliveries.clone(),
+            })
+            .map_err(|source| ServeError::Kafka {
+                what: "creating the producer",
+                source,
+            })?;
+        Ok(Self {
+            producer,
+            deliveries,
+            epoch: 0,
+            sent_in_epoch: 0,
+        })
+    }
+
+    /// Produces one record in the current epoch, waiting while the local queue is full.
+    pub fn send(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        partition: Option<i32>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), ServeError> {
+        let mut record: BaseRecord<'_, [u8], [u8], Epoch> =
+            BaseRecord::with_opaque_to(topic, self.epoch);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.sent_in_epoch += 1;
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The producer's thread drains the queue; wait for room.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((source, _)) => {
+                    return Err(ServeError::Kafka {
+                        what: "producing a record",
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Closes the current epoch and returns it; later records belong to the next.
+    pub fn seal(&mut self) -> Epoch {
+        let sealed = self.epoch;
+        self.deliveries
+            .unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sealed(sealed, self.sent_in_epoch);
+        self.epoch += 1;
+        self.sent_in_epoch = 0;
+        sealed
+    }
+
+    /// Whether every record sent up to the end of `epoch` is acknowledged.
+    pub fn settled_through(&self, epoch: Epoch) -> bool {
+        self.deliveries
+            .unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settled_through(epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_settles_when_it_and_every_earlier_epoch_is_acknowledged() {
+        let mut unacked = Unacked::default();
+        // Epoch 0: three records, one acknowledged before the seal.
+        unacked.acknowledged(0);
+        unacked.sealed(0, 3);
+        // Epoch 1: one record, acknowledged at once; epoch 2 is open.
+        unacked.acknowledged(1);
+        unacked.sealed(1, 1);
+        unacked.acknowledged(2);
+        assert!(!unacked.settled_through(0));
+        assert!(!unacked.settled_through(1), "epoch 0 still holds records");
+        unacked.acknowledged(0);
+        unacked.acknowledged(0);
+        assert!(unacked.settled_through(0));
+        assert!(unacked.settled_through(1));
+        // The open epoch's early acknowledgement does not count as settled work.
+        unacked.sealed(2, 2);
+        assert!(!unacked.settled_through(2));
+        unacked.acknowledged(2);
+        assert!(unacked.settled_through(2));
+    }
+
+    #[test]
+    fn an_empty_epoch_is_settled_at_once() {
+        let mut unacked = Unacked::default();
+        unacked.sealed(0, 0);
+        assert!(unacked.settled_through(0));
+        assert!(unacked.by_epoch.is_empty());
+    }
+}
