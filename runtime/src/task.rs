@@ -66,11 +66,71 @@ struct Step {
     changelog_topic: Option<String>,
 }
 
+/// Parsing of raw input and the source-schema check: the part of a stage's work
+/// that needs none of its steps' state, so that local mode can run it on its own
+/// thread ahead of the steps.
+pub struct SourceCheck {
+    schema: Option<Validator>,
+    metrics: StepMetrics,
+}
+
+impl SourceCheck {
+    /// Checks every event against `schema` when given; without it, only parses.
+    pub fn new(schema: Option<&SchemaSpec>) -> Self {
+        Self {
+            schema: schema.map(Validator::for_source),
+            metrics: StepMetrics {
+                name: SOURCE_STEP.to_owned(),
+                ..StepMetrics::default()
+            },
+        }
+    }
+
+    /// Parses raw input (one JSON object each) and checks the source schema.
+    /// Unparseable or invalid input is appended to `dead_letters` as step `source`;
+    /// the events carry the source record they come from.
+    pub fn check(
+        &mut self,
+        records: impl IntoIterator<Item = (Vec<u8>, Option<Provenance>)>,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Vec<Event> {
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        let mut dead_letter = |original: Vec<u8>, reason: String| {
+            self.metrics.dead_lettered += 1;
+            dead_letters.push(DeadLetter {
+                step: SOURCE_STEP.to_owned(),
+                reason,
+                original,
+            });
+        };
+        for (raw, source) in records {
+            self.metrics.events_in += 1;
+            match Event::parse(raw) {
+                Ok(mut event) => match self.schema.as_ref().map(|v| v.check(&event.value)) {
+                    Some(Err(reason)) => dead_letter(event.raw, reason),
+                    _ => {
+                        event.source = source;
+                        batch.push(event);
+                    }
+                },
+                Err((raw, reason)) => dead_letter(raw, reason),
+            }
+        }
+        self.metrics.events_out += batch.len() as u64;
+        self.metrics.busy += started.elapsed();
+        batch
+    }
+
+    pub fn metrics(&self) -> &StepMetrics {
+        &self.metrics
+    }
+}
+
 /// One instance of a stage's chain of steps.
 pub struct StageTask {
     name: String,
-    source: Option<Validator>,
-    source_metrics: StepMetrics,
+    source: SourceCheck,
     steps: Vec<Step>,
     clock: Arc<dyn Clock>,
     events: Vec<Event>,
@@ -139,11 +199,7 @@ impl StageTask {
             .collect::<Result<Vec<_>, RuntimeError>>()?;
         Ok(Self {
             name: stage.name.clone(),
-            source: source_schema.map(Validator::for_source),
-            source_metrics: StepMetrics {
-                name: SOURCE_STEP.to_owned(),
-                ..StepMetrics::default()
-            },
+            source: SourceCheck::new(source_schema),
             steps,
             clock,
             events: Vec::new(),
@@ -183,33 +239,8 @@ impl StageTask {
         &mut self,
         records: impl IntoIterator<Item = (Vec<u8>, Option<Provenance>)>,
     ) {
-        let started = Instant::now();
-        let mut batch = Vec::new();
-        for (raw, source) in records {
-            self.source_metrics.events_in += 1;
-            match Event::parse(raw) {
-                Ok(mut event) => match self.source.as_ref().map(|v| v.check(&event.value)) {
-                    Some(Err(reason)) => self.source_dead_letter(event.raw, reason),
-                    _ => {
-                        event.source = source;
-                        batch.push(event);
-                    }
-                },
-                Err((raw, reason)) => self.source_dead_letter(raw, reason),
-            }
-        }
-        self.source_metrics.events_out += batch.len() as u64;
-        self.source_metrics.busy += started.elapsed();
+        let batch = self.source.check(records, &mut self.dead_letters);
         self.push_events(batch);
-    }
-
-    fn source_dead_letter(&mut self, original: Vec<u8>, reason: String) {
-        self.source_metrics.dead_lettered += 1;
-        self.dead_letters.push(DeadLetter {
-            step: SOURCE_STEP.to_owned(),
-            reason,
-            original,
-        });
     }
 
     /// Runs parsed events (for example the previous stage's output in local mode)
@@ -370,7 +401,7 @@ impl StageTask {
 
     /// The source check's counters (meaningful for the stage that reads the source).
     pub fn source_metrics(&self) -> &StepMetrics {
-        &self.source_metrics
+        self.source.metrics()
     }
 
     pub fn step_metrics(&self) -> impl Iterator<Item = &StepMetrics> {
