@@ -71,6 +71,10 @@ pub const FINALIZER: &str = "keystone.dev/delete-topics";
 /// is dropped anyway (with a Warning), so a namespace deletion never hangs
 /// on an unreachable Kafka.
 const CLEANUP_GRACE: Duration = Duration::from_secs(600);
+/// How often a pipeline whose topics are fine looks for drift in Kafka.
+const DRIFT_CHECK: Duration = Duration::from_secs(300);
+/// How often a pipeline with a topic problem (missing, conflicting, refused) looks again.
+const TOPIC_RECHECK: Duration = Duration::from_secs(30);
 
 /// Shared state of the controllers.
 pub struct Context {
@@ -475,16 +479,35 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     }
     observed.record(pipeline, ctx).await?;
 
-    let idle = match phase {
-        // Kafka has no watch: look for drift now and then.
-        PipelinePhase::Running => Duration::from_secs(300),
-        _ => Duration::from_secs(30),
-    };
-    let wait = [again, next_checkpoint]
-        .into_iter()
-        .flatten()
-        .fold(idle, Duration::min);
+    let wait = [again, next_checkpoint].into_iter().flatten().fold(
+        idle_requeue(&key_of(pipeline), outcome.condition.ok),
+        Duration::min,
+    );
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
+}
+
+/// How long a pipeline that waits for nothing timed sleeps before it is looked at again.
+///
+/// Every change the operator can see wakes a reconcile through the watches
+/// (`run_controllers`): the Pipeline, the Processors it uses, and the objects
+/// it owns, whose status changes (pods becoming ready, a rollout exceeding its
+/// progress deadline) are Deployment status updates. Kafka has no watch, so
+/// drift (a topic deleted or reconfigured behind the operator's back) is
+/// looked for now and then, and a topic problem (a missing source topic, a
+/// conflict) sooner. The period is spread over ±10% per pipeline, so that
+/// pipelines applied together do not all come back in the same second.
+fn idle_requeue(key: &str, topics_ok: bool) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let base = if topics_ok {
+        DRIFT_CHECK
+    } else {
+        TOPIC_RECHECK
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    // 0.9 to 1.1 of the base, in thousandths.
+    let spread = 900 + hasher.finish() % 201;
+    base * u32::try_from(spread).unwrap_or(1000) / 1000
 }
 
 /// The owner reference that makes an object the Pipeline's (garbage-collected with it).
