@@ -38,7 +38,16 @@ pub struct OperatorConfig {
     /// Namespaces whose Pipelines this operator manages; all when empty.
     #[serde(default)]
     pub watch_namespaces: Vec<String>,
+    /// How many Pipelines (and, separately, Processors) are reconciled at once
+    /// per watched namespace; `DEFAULT_RECONCILE_CONCURRENCY` when unset.
+    #[serde(default)]
+    pub reconcile_concurrency: Option<u16>,
 }
+
+/// Reconciles at once per controller: enough to overlap the API server's and
+/// Kafka's round trips, few enough that a thousand Pipelines changing together
+/// queue rather than all hold their objects and requests in flight at once.
+pub const DEFAULT_RECONCILE_CONCURRENCY: u16 = 8;
 
 /// One Kafka cluster. Credentials come from Secrets in the operator's namespace;
 /// runtime pods read Secrets of the same names from their own namespace.
@@ -140,7 +149,8 @@ impl OperatorConfig {
         serde_yaml_ng::from_str(text)
     }
 
-    /// `KEYSTONE_RUNTIME_IMAGE`, `KEYSTONE_RUNTIME_BIND_ADDRESS`, `WATCH_NAMESPACES` (comma-separated) and, when no
+    /// `KEYSTONE_RUNTIME_IMAGE`, `KEYSTONE_RUNTIME_BIND_ADDRESS`, `KEYSTONE_RECONCILE_CONCURRENCY`,
+    /// `WATCH_NAMESPACES` (comma-separated) and, when no
     /// cluster is configured, `KAFKA_BOOTSTRAP_SERVERS` as the `default` cluster.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         if let Some(image) = env("KEYSTONE_RUNTIME_IMAGE").filter(|s| !s.is_empty()) {
@@ -148,6 +158,9 @@ impl OperatorConfig {
         }
         if let Some(host) = env("KEYSTONE_RUNTIME_BIND_ADDRESS").filter(|s| !s.is_empty()) {
             self.runtime_bind_address = Some(host);
+        }
+        if let Some(n) = env("KEYSTONE_RECONCILE_CONCURRENCY").and_then(|s| s.trim().parse().ok()) {
+            self.reconcile_concurrency = Some(n);
         }
         if let Some(namespaces) = env("WATCH_NAMESPACES").filter(|s| !s.trim().is_empty()) {
             self.watch_namespaces = namespaces
@@ -187,6 +200,13 @@ impl OperatorConfig {
             });
         }
         Ok(())
+    }
+
+    /// Reconciles at once per controller (0 in the file means the default too).
+    pub fn reconcile_concurrency(&self) -> u16 {
+        self.reconcile_concurrency
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_RECONCILE_CONCURRENCY)
     }
 
     /// The configured name of the cluster a Pipeline means by `name` (None: the default).

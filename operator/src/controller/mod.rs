@@ -35,7 +35,7 @@ use keystone_crds::pipeline::{
 use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{Plan, check_processor, compile};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -653,7 +653,9 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     );
     let store = pipelines.store();
     let mapper_store = store.clone();
+    let concurrency = ctx.config.reconcile_concurrency();
     let pipeline_controller = pipelines
+        .with_config(controller::Config::default().concurrency(concurrency))
         .owns(api_for::<ConfigMap>(client, ns), owned.clone())
         .owns(api_for::<Deployment>(client, ns), owned.clone())
         .owns(api_for::<Service>(client, ns), owned.clone())
@@ -677,6 +679,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     });
     let processor_controller =
         Controller::new(api_for::<Processor>(client, ns), watcher::Config::default())
+            .with_config(controller::Config::default().concurrency(concurrency))
             // A Pipeline that starts referencing a Processor changes its usedBy.
             .watches(
                 api_for::<Pipeline>(client, ns),
