@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod kafka;
 pub mod ledger;
 pub mod metrics;

@@ -36,7 +36,6 @@ use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{Plan, check_processor, compile};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -48,6 +47,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::checkpoint;
 use crate::config::OperatorConfig;
 use crate::error::{Error, backoff};
+use crate::events::EventPublisher;
 use crate::kafka::{Admin, client_properties};
 use crate::ledger::{LedgerStore, key as ledger_key};
 use crate::metrics::Metrics;
@@ -82,7 +82,7 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Where the ledger, the Lease and the Kafka credential Secrets live.
     pub operator_namespace: String,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
     pub metrics: Metrics,
     pub ledger: LedgerStore,
     admins: Mutex<HashMap<String, Admin>>,
@@ -96,12 +96,12 @@ impl Context {
         operator_namespace: String,
         metrics: Metrics,
     ) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_owned(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: EventPublisher::new(
+                client.clone(),
+                FIELD_MANAGER,
+                std::env::var("POD_NAME").ok(),
+            ),
             ledger: LedgerStore::new(Api::namespaced(client.clone(), &operator_namespace)),
             client,
             config,
@@ -140,20 +140,10 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = KubeEvent {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_owned(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.to_owned(),
-            secondary: None,
-        };
+        let note = note.chars().take(1000).collect();
         if let Err(e) = self
-            .recorder
-            .publish(&event, &pipeline.object_ref(&()))
+            .events
+            .publish(&pipeline.object_ref(&()), warning, reason, action, note)
             .await
         {
             warn!(error = %e, reason, "could not publish event");
