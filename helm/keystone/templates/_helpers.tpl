@@ -71,6 +71,7 @@ defaultCluster: {{ . | quote }}
 kafkaClusters:
 {{ toYaml .Values.kafka.clusters | indent 2 }}
 watchNamespaces: {{ toJson .Values.watchNamespaces }}
+reconcileConcurrency: {{ .Values.reconcileConcurrency }}
 {{- end -}}
 
 {{/* What the operator needs where Pipelines live. */}}
