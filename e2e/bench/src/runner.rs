@@ -135,10 +135,10 @@ impl Ctx<'_> {
         let a = self.args;
         match engine {
             Engine::Keystone if !s.is_engine_only() => format!(
-                "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: outputs flushed and offsets committed (sync) every commitInterval 1 s; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
+                "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: every commitInterval (1 s) the offsets of that moment are committed (async) once the outputs sent before them are acknowledged, without pausing consumption; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
                 a.brokers
             ),
-            Engine::Keystone => "keystone-runtime run (local mode, one instance per stage), release build; pipeline e2e/bench/pipelines/*.yaml".to_owned(),
+            Engine::Keystone => "keystone-runtime run (local mode, one instance per stage; the steps on a second thread, reading, parsing, checking and writing on the first), release build; pipeline e2e/bench/pipelines/*.yaml".to_owned(),
             Engine::FlinkHeap | Engine::FlinkRocksDb => format!(
                 "Flink {FLINK_VERSION} DataStream on a local MiniCluster, parallelism {}, object reuse on, state backend {}, no checkpoints (local mode has none), JVM -Xms{h} -Xmx{h} (default G1), Jackson {}",
                 a.parallelism,
