@@ -544,21 +544,10 @@ spec:
 /// A stateless at-least-once pipeline: the projection keeps every field the
 /// assertions read.
 fn at_least_once_pipeline(name: &str) -> String {
-    format!(
-        r#"
-apiVersion: keystone.dev/v1alpha1
-kind: Pipeline
-metadata: {{name: {name}, namespace: e2e}}
-spec:
-  source:
-    topic: {name}.in
-    key: [order_id]
-    schema:
-      fields:
-        - {{name: event_id, type: string}}
-        - {{name: order_id, type: string}}
-        - {{name: seq, type: integer}}
-  steps:
+    cdc_manifest(
+        name,
+        &format!(
+            r#"  steps:
     - name: keep
       project:
         fields:
@@ -571,6 +560,7 @@ spec:
   delivery: AtLeastOnce
   commitInterval: 300ms
 "#
+        ),
     )
 }
 

@@ -554,21 +554,10 @@ async fn sink_and_repartition_records_name_their_source_record() {
     let name = unique("provenance");
     // Order holds events back and releases them later; the rekey cuts a second
     // stage that reads the source record from the repartition record's headers.
-    let manifest = format!(
-        r#"
-apiVersion: keystone.dev/v1alpha1
-kind: Pipeline
-metadata: {{name: {name}, namespace: e2e}}
-spec:
-  source:
-    topic: {name}.in
-    key: [order_id]
-    schema:
-      fields:
-        - {{name: event_id, type: string}}
-        - {{name: order_id, type: string}}
-        - {{name: seq, type: integer}}
-  steps:
+    let manifest = cdc_manifest(
+        &name,
+        &format!(
+            r#"  steps:
     - name: order
       order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
     - name: by-event
@@ -580,6 +569,7 @@ spec:
       kafka: {{topic: {name}.out, partitions: 2}}
   commitInterval: 200ms
 "#
+        ),
     );
     let mut h = Harness::new(&name, &manifest, 3).await;
     assert_eq!(h.plan.stages.len(), 2);

@@ -380,6 +380,33 @@ pub mod drive {
         Ok((serde_json::to_string_pretty(&plan)?, topics))
     }
 
+    /// A reader of `topic`'s committed records from the beginning of every
+    /// partition, in a group of its own (`purpose` names it).
+    fn committed_reader(
+        brokers: &str,
+        topic: &str,
+        partitions: usize,
+        purpose: &str,
+        fetch_wait_ms: u32,
+    ) -> anyhow::Result<BaseConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("keystone-bench-{purpose}-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    }
+
     fn now_ms() -> i64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -432,21 +459,7 @@ pub mod drive {
         timeout: Duration,
         timer_pid: u32,
     ) -> anyhow::Result<Drained> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set(
-                "group.id",
-                format!("keystone-bench-watch-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
+        let consumer = committed_reader(brokers, topic, partitions, "watch", 10)?;
         let mut digester = Digester::new(mode);
         let mut count = 0u64;
         let mut first_append_ms = i64::MAX;
@@ -557,21 +570,7 @@ pub mod drive {
         seen: &std::sync::atomic::AtomicU64,
     ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
         use std::sync::atomic::Ordering;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set(
-                "group.id",
-                format!("keystone-bench-latency-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
+        let consumer = committed_reader(brokers, topic, partitions, "latency", 5)?;
         let mut got = std::collections::HashMap::new();
         while !done.load(Ordering::Relaxed) {
             let Some(msg) = consumer.poll(Duration::from_millis(20)) else {

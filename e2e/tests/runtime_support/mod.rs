@@ -371,6 +371,28 @@ pub fn read_committed(
 }
 
 pub fn cdc_pipeline(name: &str) -> String {
+    cdc_manifest(
+        name,
+        &format!(
+            r#"  steps:
+    - name: dedup
+      dedup: {{key: [order_id, event_id], window: 1h}}
+    - name: order
+      order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 3, key: [order_id], preserveOrder: true}}
+  delivery: ExactlyOnce
+  commitInterval: 300ms
+"#
+        ),
+    )
+}
+
+/// A Pipeline `name` reading the CDC events of [`cdc_input`] from `<name>.in`
+/// (keyed by order, with the schema `event_id`, `order_id`, `seq`), followed by
+/// `rest`: the spec's steps, sinks and settings, indented as spec members.
+pub fn cdc_manifest(name: &str, rest: &str) -> String {
     format!(
         r#"
 apiVersion: keystone.dev/v1alpha1
@@ -385,17 +407,7 @@ spec:
         - {{name: event_id, type: string}}
         - {{name: order_id, type: string}}
         - {{name: seq, type: integer}}
-  steps:
-    - name: dedup
-      dedup: {{key: [order_id, event_id], window: 1h}}
-    - name: order
-      order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
-  sinks:
-    - name: out
-      kafka: {{topic: {name}.out, partitions: 3, key: [order_id], preserveOrder: true}}
-  delivery: ExactlyOnce
-  commitInterval: 300ms
-"#
+{rest}"#
     )
 }
 

@@ -56,27 +56,37 @@ impl Unacked {
 }
 
 /// Delivery reports: failures (at-least-once must not commit past them), the
-/// last offset written per changelog partition (checkpoint positions) and the
-/// records still in flight per epoch.
+/// last offset written per topic partition (checkpoint positions) and the
+/// records still in flight per epoch. One lock, taken once per report on the
+/// producer's thread.
 #[derive(Default)]
-pub struct Deliveries {
-    failures: Mutex<Vec<String>>,
-    positions: Mutex<HashMap<(String, i32), i64>>,
-    unacked: Mutex<Unacked>,
+pub struct Deliveries(Mutex<Reports>);
+
+#[derive(Default)]
+struct Reports {
+    failures: Vec<String>,
+    /// Last acknowledged offset, by topic, then partition (looked up by `&str`,
+    /// so that a report allocates nothing once its topic is known).
+    last_offsets: HashMap<String, HashMap<i32, i64>>,
+    unacked: Unacked,
 }
 
 impl Deliveries {
+    fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Failures reported since the last call.
     pub fn take_failures(&self) -> Vec<String> {
-        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut self.reports().failures)
     }
 
     /// The offset after the last record acknowledged on a partition, if any.
     pub fn next_position(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.positions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(topic.to_owned(), partition))
+        self.reports()
+            .last_offsets
+            .get(topic)
+            .and_then(|partitions| partitions.get(&partition))
             .map(|last| last + 1)
     }
 }
@@ -91,36 +101,25 @@ impl ProducerContext for ProducerCtx {
     type DeliveryOpaque = Epoch;
 
     fn delivery(&self, result: &DeliveryResult<'_>, epoch: Epoch) {
+        let mut reports = self.deliveries.reports();
         match result {
             Ok(message) => {
-                let mut positions = self
-                    .deliveries
-                    .positions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let slot = positions
-                    .entry((message.topic().to_owned(), message.partition()))
-                    .or_insert(-1);
-                *slot = (*slot).max(message.offset());
+                let topic = message.topic();
+                let partitions = match reports.last_offsets.get_mut(topic) {
+                    Some(partitions) => partitions,
+                    None => reports.last_offsets.entry(topic.to_owned()).or_default(),
+                };
+                let last = partitions.entry(message.partition()).or_insert(-1);
+                *last = (*last).max(message.offset());
             }
-            Err((error, message)) => {
-                self.deliveries
-                    .failures
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(format!(
-                        "{}[{}]: {error}",
-                        message.topic(),
-                        message.partition()
-                    ));
-            }
+            Err((error, message)) => reports.failures.push(format!(
+                "{}[{}]: {error}",
+                message.topic(),
+                message.partition()
+            )),
         }
         // A failed record is settled too: the failure itself blocks the commit.
-        self.deliveries
-            .unacked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .acknowledged(epoch);
+        reports.unacked.acknowledged(epoch);
     }
 }
 
@@ -199,9 +198,8 @@ impl Outbox {
     pub fn seal(&mut self) -> Epoch {
         let sealed = self.epoch;
         self.deliveries
+            .reports()
             .unacked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .sealed(sealed, self.sent_in_epoch);
         self.epoch += 1;
         self.sent_in_epoch = 0;
@@ -210,11 +208,7 @@ impl Outbox {
 
     /// Whether every record sent up to the end of `epoch` is acknowledged.
     pub fn settled_through(&self, epoch: Epoch) -> bool {
-        self.deliveries
-            .unacked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settled_through(epoch)
+        self.deliveries.reports().unacked.settled_through(epoch)
     }
 }
 
