@@ -16,4 +16,4 @@ mod testbed;
 mod wait;
 
 pub use testbed::{TestNamespace, Testbed, TestbedError};
-pub use wait::{WaitError, recent_events, wait_for, wait_for_deletion, wait_until};
+pub use wait::{WaitError, recent_events, wait_for, wait_for_deletion, wait_for_event, wait_until};

@@ -177,6 +177,38 @@ fn api_namespace<K: Resource>(api: &Api<K>) -> Option<String> {
     api.namespace().map(str::to_owned)
 }
 
+/// Polls the events about objects named `name` until one line contains every
+/// needle, and returns them. Events are written after the effect they report
+/// (a raised topic, a status), so a test waits for them instead of racing.
+pub async fn wait_for_event(
+    client: &Client,
+    ns: Option<&str>,
+    name: &str,
+    needles: &[&str],
+    timeout: Duration,
+) -> Result<String, WaitError> {
+    let found = |events: &str| {
+        events
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+    };
+    wait_until(
+        timeout,
+        &format!("an event about {name} with {needles:?}"),
+        || async {
+            let events = recent_events(client, ns, name).await;
+            found(&events).then_some(events)
+        },
+        || async {
+            format!(
+                "recent events for {name}:\n{}",
+                recent_events(client, ns, name).await
+            )
+        },
+    )
+    .await
+}
+
 /// The latest events about objects named `name` (in `ns`, or everywhere),
 /// one line each, newest last.
 pub async fn recent_events(client: &Client, ns: Option<&str>, name: &str) -> String {

@@ -480,16 +480,16 @@ async fn a_process_listening_on_a_wildcard_address_gets_a_warning_event() {
         .await
         .expect("pod");
     let client = ns.client();
-    wait_until(
+    if let Err(e) = keystone_e2e::wait_for_event(
+        &client,
+        Some(ns.name()),
+        "wild",
+        &["WildcardListen"],
         TIMEOUT,
-        "a WildcardListen event",
-        || async {
-            let events = keystone_e2e::recent_events(&client, Some(ns.name()), "wild").await;
-            events.contains("WildcardListen").then_some(())
-        },
-        || pods_summary(&ns),
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    {
+        panic!("{e}\n{}", pods_summary(&ns).await);
+    }
     ns.delete().await.expect("delete namespace");
 }

@@ -5,7 +5,7 @@
 mod operator_support;
 
 use keystone_crds::{Pipeline, Processor};
-use keystone_e2e::{recent_events, wait_for};
+use keystone_e2e::{wait_for, wait_for_event};
 use kube::Api;
 use operator_support::*;
 
@@ -163,22 +163,12 @@ async fn an_unreachable_kafka_shows_in_a_condition() {
     assert!(condition(&p, "Ready").is_some_and(|c| c.status == "False"));
     // The event is written after the status: wait for it rather than race it.
     let client = tb.client().expect("client");
-    keystone_e2e::wait_until(
+    wait_for_event(
+        &client,
+        Some(ns.name()),
+        "stranded",
+        &["KafkaUnavailable"],
         WAIT,
-        "a KafkaUnavailable event",
-        || {
-            let client = client.clone();
-            let ns = ns.name().to_owned();
-            async move {
-                let events = recent_events(&client, Some(&ns), "stranded").await;
-                events.contains("KafkaUnavailable").then_some(())
-            }
-        },
-        || {
-            let client = client.clone();
-            let ns = ns.name().to_owned();
-            async move { recent_events(&client, Some(&ns), "stranded").await }
-        },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));

@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use keystone_crds::{Pipeline, Plan};
-use keystone_e2e::{recent_events, wait_for, wait_for_deletion};
+use keystone_e2e::{wait_for, wait_for_deletion, wait_for_event};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use operator_support::*;
@@ -54,6 +54,7 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     )
     .await;
     let pipelines: Api<Pipeline> = ns.api();
+    let client = ns.client();
 
     // Topics: created with the right partitions and configs; status says so.
     let p = wait_condition(&pipelines, name, "TopicsReady", "True").await;
@@ -194,8 +195,9 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     kafka
         .wait_partitions(&sink, "raised to 5", |p| p == Some(5))
         .await;
-    let events = recent_events(&tb.client().expect("client"), Some(ns.name()), name).await;
-    assert!(events.contains("PartitionsRaised"), "{events}");
+    wait_for_event(&client, Some(ns.name()), name, &["PartitionsRaised"], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Lowering them: the API server refuses the spec (CEL), and a topic that has
     // more partitions than the spec says (raised by hand) is refused with a condition.
@@ -261,8 +263,9 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let events = recent_events(&tb.client().expect("client"), Some(ns.name()), name).await;
-    assert!(events.contains("TopicConfigDrift"), "{events}");
+    wait_for_event(&client, Some(ns.name()), name, &["TopicConfigDrift"], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // An invalid contract: ContractsValid=False with the checker's message, a
     // Warning event, and the running version untouched.
@@ -289,11 +292,15 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
         p.status.as_ref().and_then(|s| s.phase),
         Some(keystone_crds::pipeline::PipelinePhase::Invalid)
     );
-    let events = recent_events(&tb.client().expect("client"), Some(ns.name()), name).await;
-    assert!(
-        events.contains("Warning") && events.contains("ContractsInvalid"),
-        "{events}"
-    );
+    wait_for_event(
+        &client,
+        Some(ns.name()),
+        name,
+        &["Warning", "ContractsInvalid"],
+        WAIT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         plan_hash(&deployments.get(&s0).await.expect("deployment")),
