@@ -155,11 +155,11 @@ impl ConsumerContext for ConsumerCtx {
                     tracing::error!(%error, "pausing partitions assigned while stopped failed");
                 }
                 core.shared.joined.store(true, Ordering::SeqCst);
-                core.update_assignment_metrics(consumer);
+                core.update_assignment_metrics();
             }
             Rebalance::Revoke(_) => {
                 let core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-                core.update_assignment_metrics(consumer);
+                core.update_assignment_metrics();
             }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
         }
@@ -717,8 +717,11 @@ impl Core {
         }
     }
 
-    fn update_assignment_metrics(&self, consumer: &BaseConsumer<ConsumerCtx>) {
-        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+    /// Counts the tasks, one per assigned partition, rather than asking the
+    /// consumer: these run inside rebalance callbacks, and `assignment()` there
+    /// can block for good while the consumer closes (seen at shutdown).
+    fn update_assignment_metrics(&self) {
+        let assigned = self.tasks.len();
         self.shared
             .metrics
             .lock()
