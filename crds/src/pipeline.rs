@@ -68,7 +68,10 @@ pub struct PipelineSpec {
     #[serde(default = "default_parallelism")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: i32,
-    /// Delivery guarantee: `ExactlyOnce` (Kafka transactions; the default) or `AtLeastOnce`.
+    /// Delivery guarantee: `ExactlyOnce` (Kafka transactions; the default) or
+    /// `AtLeastOnce` (no transactions: after a crash the events since the last
+    /// commit are processed again, with keyed state as of that commit, so some
+    /// outputs may repeat and none is lost).
     #[serde(default)]
     pub delivery: Delivery,
     /// How often outputs and consumed offsets are committed together (one Kafka

@@ -566,27 +566,9 @@ fn at_least_once_pipeline(name: &str) -> String {
 
 /// The sum of the stage's committed input offsets in its consumer group.
 fn committed_in_group(h: &Harness, partitions: i32) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &h.bootstrap)
-        .set("group.id", &h.plan.stages[0].consumer_group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for partition in 0..partitions {
-        tpl.add_partition(&h.plan.source.topic, partition);
-    }
-    consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
+    group_offsets(h, partitions)
+        .values()
+        .map(|(offset, _)| offset)
         .sum()
 }
 
@@ -668,4 +650,140 @@ async fn at_least_once_commits_while_consuming_and_loses_nothing_through_sigkill
         total as i64,
         "committed offsets after SIGTERM"
     );
+}
+
+/// An at-least-once pipeline with a dedup step, whose sink refuses records over
+/// 8,000 bytes until the test raises its limit.
+fn at_least_once_dedup_pipeline(name: &str) -> String {
+    cdc_manifest(
+        name,
+        &format!(
+            r#"  steps:
+    - name: once
+      dedup: {{key: [order_id, event_id], window: 1h}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 1, key: [order_id], config: {{max.message.bytes: "8000"}}}}
+  delivery: AtLeastOnce
+  commitInterval: 300ms
+"#
+        ),
+    )
+}
+
+fn cdc_event(event_id: &str, order_id: &str, seq: i64) -> (String, String) {
+    (
+        order_id.to_owned(),
+        serde_json::json!({"event_id": event_id, "order_id": order_id, "seq": seq}).to_string(),
+    )
+}
+
+/// Under at-least-once the dedup step's changelog record can be acknowledged
+/// while the same event's output is refused. The state is restored as of the
+/// changelog positions committed with the input offsets, so the event read
+/// again is delivered instead of being dropped as a duplicate of itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_least_once_state_is_restored_as_of_the_commit_so_a_refused_output_is_not_lost() {
+    let name = unique("alo-state");
+    let mut h = Harness::new(&name, &at_least_once_dedup_pipeline(&name), 1).await;
+    let source = h.plan.source.topic.clone();
+    let sink = h.sink_topic();
+    let p = producer(&h.bootstrap);
+
+    let before: Vec<(String, String)> = (0..10)
+        .map(|n| cdc_event(&format!("e{n}"), "o1", n))
+        .collect();
+    produce(&p, &source, &before);
+    h.start("a", &[]);
+    let delivered = read_committed(
+        &h.bootstrap,
+        &sink,
+        10,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
+    assert_eq!(delivered.len(), 10, "see {}", h.log("a"));
+    let deadline = Instant::now() + TIMEOUT;
+    while committed_in_group(&h, 1) < 10 {
+        assert!(Instant::now() < deadline, "no commit; see {}", h.log("a"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metadata) = &group_offsets(&h, 1)[&0];
+    let changelog = &h.plan.stages[0].steps[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .changelog_topic;
+    assert!(
+        metadata.contains(&format!("keystone.changelog={changelog}@")),
+        "the commit carries the changelog position: {metadata:?}"
+    );
+
+    // An event too large for the sink (random hex does not compress), then more.
+    let mut rng = Lcg(11);
+    let big_id: String = (0..1250).map(|_| format!("{:016x}", rng.next())).collect();
+    let mut after = vec![cdc_event(&big_id, "o1", 10)];
+    after.extend((11..16).map(|n| cdc_event(&format!("e{n}"), "o1", n)));
+    produce(&p, &source, &after);
+    let log_path = h.log("a");
+    let deadline = Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("could not be delivered")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sink never refused the large record; see {log_path}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The sink accepts it now; the instance crashes (or has given up) and restarts.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &h.bootstrap)
+            .create()
+            .unwrap();
+    let raise = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&sink))
+        .set("max.message.bytes", "1000000");
+    for result in admin
+        .alter_configs(&[raise], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap_or_else(|(topic, e)| panic!("raising the limit of {topic:?}: {e}"));
+    }
+    h.kill("a");
+    h.start("a", &[]);
+
+    let records = read_committed(
+        &h.bootstrap,
+        &sink,
+        16,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let ids: std::collections::BTreeSet<String> = records
+        .iter()
+        .map(|(_, value, _)| {
+            let event: serde_json::Value = serde_json::from_str(value).unwrap();
+            event["event_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let missing: Vec<String> = before
+        .iter()
+        .chain(&after)
+        .map(|(_, value)| {
+            let event: serde_json::Value = serde_json::from_str(value).unwrap();
+            event["event_id"].as_str().unwrap().to_owned()
+        })
+        .filter(|id| !ids.contains(id))
+        .map(|id| id.chars().take(20).collect())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "events never delivered: {missing:?} ({} records read); see {log_path}",
+        records.len()
+    );
+    h.terminate("a");
 }

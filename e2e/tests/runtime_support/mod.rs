@@ -370,6 +370,31 @@ pub fn read_committed(
     records
 }
 
+/// The group's committed offsets and their metadata, read as any client would.
+pub fn group_offsets(h: &Harness, partitions: i32) -> BTreeMap<i32, (i64, String)> {
+    let stage = &h.plan.stages[0];
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .set("group.id", &stage.consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..partitions {
+        tpl.add_partition(&stage.input.topic, partition);
+    }
+    consumer
+        .committed_offsets(tpl, TIMEOUT)
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), (o, e.metadata().to_owned()))),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn cdc_pipeline(name: &str) -> String {
     cdc_manifest(
         name,

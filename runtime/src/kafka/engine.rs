@@ -36,6 +36,7 @@ use sonic_rs::JsonValueTrait;
 use crate::clock::SystemClock;
 use crate::event::{Event, FieldPath, Provenance};
 use crate::kafka::http::Control;
+use crate::kafka::metadata::CommitMetadata;
 use crate::kafka::outbox::{Epoch, Outbox};
 use crate::kafka::restore::{self, RawRecord};
 use crate::kafka::{ServeArgs, ServeError, Shared, config};
@@ -141,7 +142,7 @@ impl ConsumerContext for ConsumerCtx {
                     .map(|m| m.rebalances.with_label_values(&["assign"]).inc())
                     .ok();
                 if let Err(error) = core
-                    .add_tasks(&partitions)
+                    .add_tasks(consumer, &partitions)
                     .and_then(|()| core.commit_restores(consumer))
                 {
                     // Without its state a partition cannot be processed correctly:
@@ -400,8 +401,8 @@ struct SealedEpoch {
 
 /// The `--restore` plan as this stage applies it.
 pub struct ActiveRestore {
-    /// The metadata every offset commit carries (`keystone.restore=<id>`).
-    pub metadata: String,
+    /// The id every offset commit carries (`keystone.restore=<id>`).
+    pub id: String,
     /// This stage's part of the plan; `None` when the plan does not list the stage.
     pub stage: Option<keystone_crds::checkpoint::StageRestore>,
 }
@@ -409,7 +410,7 @@ pub struct ActiveRestore {
 impl ActiveRestore {
     pub fn new(plan: &RestorePlan, stage: &str) -> Self {
         Self {
-            metadata: plan.commit_metadata(),
+            id: plan.id.clone(),
             stage: plan.stages.get(stage).cloned(),
         }
     }
@@ -432,18 +433,45 @@ impl Core {
 
     /// Creates the tasks of newly assigned partitions and restores their state,
     /// reading every changelog and table partition they need with one reader.
-    fn add_tasks(&mut self, partitions: &[i32]) -> Result<(), ServeError> {
+    fn add_tasks(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partitions: &[i32],
+    ) -> Result<(), ServeError> {
         self.shared
             .restoring
             .fetch_add(partitions.len(), Ordering::SeqCst);
-        let result = self.restore_tasks(partitions);
+        let result = self
+            .committed_changelog_positions(consumer, partitions)
+            .and_then(|at_commit| self.restore_tasks(partitions, &at_commit));
         self.shared
             .restoring
             .fetch_sub(partitions.len(), Ordering::SeqCst);
         result
     }
 
-    fn restore_tasks(&mut self, partitions: &[i32]) -> Result<(), ServeError> {
+    /// At-least-once: the changelog positions committed with each partition's
+    /// offset (see `metadata`), which its state is restored as of.
+    fn committed_changelog_positions(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, i64>>, ServeError> {
+        if self.exactly_once || !self.state_sources.iter().any(|s| s.table.is_none()) {
+            return Ok(BTreeMap::new());
+        }
+        Ok(self
+            .committed_in_group(consumer, partitions)?
+            .into_iter()
+            .map(|(partition, (_, metadata))| (partition, metadata.changelog))
+            .collect())
+    }
+
+    fn restore_tasks(
+        &mut self,
+        partitions: &[i32],
+        at_commit: &BTreeMap<i32, BTreeMap<String, i64>>,
+    ) -> Result<(), ServeError> {
         let mut wanted: BTreeSet<(String, i32)> = BTreeSet::new();
         let mut replicated: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         for source in &self.state_sources {
@@ -489,7 +517,16 @@ impl Core {
                 let count = logged.len();
                 let changes = match &source.table {
                     None => {
-                        match restoring.and_then(|_| self.rewind_of(&source.topic, partition)) {
+                        // A restore plan decides; else the position committed with
+                        // the offset (at-least-once), else everything logged.
+                        let rewind = match restoring {
+                            Some(_) => self.rewind_of(&source.topic, partition),
+                            None => at_commit
+                                .get(&partition)
+                                .and_then(|positions| positions.get(&source.topic))
+                                .map(|position| restore::Rewind::To(*position)),
+                        };
+                        match rewind {
                             Some(to) => {
                                 let rewound = restore::rewind(&logged, to);
                                 tracing::info!(
@@ -498,7 +535,12 @@ impl Core {
                                     ?to,
                                     kept = rewound.state.len(),
                                     compensations = rewound.compensations.len(),
-                                    "state rewound for the restore"
+                                    reason = if restoring.is_some() {
+                                        "restore"
+                                    } else {
+                                        "committed position"
+                                    },
+                                    "state rewound"
                                 );
                                 compensations.extend(
                                     rewound
@@ -617,13 +659,13 @@ impl Core {
         tpl: &mut TopicPartitionList,
     ) -> Result<(), ServeError> {
         let Some(ActiveRestore {
-            metadata,
+            id,
             stage: Some(stage),
         }) = &self.restore
         else {
             return Ok(());
         };
-        let (metadata, input) = (metadata.clone(), stage.input.clone());
+        let (id, input) = (id.clone(), stage.input.clone());
         let topic = self.stage.input.topic.clone();
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&topic)
@@ -635,8 +677,8 @@ impl Core {
         }
         let committed = self.committed_in_group(consumer, &partitions)?;
         for partition in partitions {
-            let (offset, marker) = committed.get(&partition).cloned().unwrap_or_default();
-            if marker == metadata {
+            let (offset, metadata) = committed.get(&partition).cloned().unwrap_or_default();
+            if metadata.restore.as_ref() == Some(&id) {
                 tracing::info!(
                     partition,
                     "the restore was applied before: starting normally"
@@ -668,7 +710,7 @@ impl Core {
         &self,
         consumer: &BaseConsumer<ConsumerCtx>,
         partitions: &[i32],
-    ) -> Result<BTreeMap<i32, (Option<i64>, String)>, ServeError> {
+    ) -> Result<BTreeMap<i32, (Option<i64>, CommitMetadata)>, ServeError> {
         committed_in_group(consumer, &self.stage.input.topic, partitions)
     }
 
@@ -1074,11 +1116,40 @@ impl Core {
                 })?;
             // Every commit while a restore is given marks it applied, so that a
             // restarted instance never applies it twice.
-            if let Some(restore) = &self.restore {
-                element.set_metadata(&restore.metadata);
+            let metadata = CommitMetadata {
+                restore: self.restore.as_ref().map(|r| r.id.clone()),
+                changelog: if self.exactly_once {
+                    BTreeMap::new()
+                } else {
+                    self.changelog_positions_of(partition)
+                },
+            };
+            if metadata != CommitMetadata::default() {
+                element.set_metadata(metadata.encode());
             }
         }
         Ok(tpl)
+    }
+
+    /// Where each changelog partition of an input partition stands for a commit
+    /// (at-least-once): after the last record of the settled epochs, else where
+    /// the last restore read up to.
+    fn changelog_positions_of(&self, partition: i32) -> BTreeMap<String, i64> {
+        let mut positions = BTreeMap::new();
+        for source in self.state_sources.iter().filter(|s| s.table.is_none()) {
+            let restored = self
+                .changelog_ends
+                .get(&(source.topic.clone(), partition))
+                .copied();
+            let written = self
+                .outbox
+                .deliveries
+                .settled_position(&source.topic, partition);
+            if let Some(position) = restored.max(written) {
+                positions.insert(source.topic.clone(), position);
+            }
+        }
+        positions
     }
 
     /// Commits outputs, changelog writes and consumed offsets together.
@@ -1169,6 +1240,7 @@ impl Core {
                 source,
             })?;
         self.check_deliveries()?;
+        self.outbox.deliveries.settle_positions(None);
         if self.positions.is_empty() || self.positions == self.committed {
             return Ok(());
         }
@@ -1228,6 +1300,7 @@ impl Core {
             return Ok(());
         };
         self.check_deliveries()?;
+        self.outbox.deliveries.settle_positions(Some(ready.epoch));
         if ready.positions.is_empty() || ready.positions == self.committed {
             return Ok(());
         }
@@ -1261,9 +1334,18 @@ impl Core {
 
     /// After an aborted transaction: state and positions go back to the last commit.
     fn rewind(&mut self, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), ServeError> {
+        if !self.exactly_once {
+            // Records still in flight would land after the restore has read the
+            // changelog (and after its compensations): wait for them first. Their
+            // failures are what the rewind already answers.
+            if let Err(error) = self.outbox.producer.flush(KAFKA_TIMEOUT) {
+                tracing::warn!(%error, "flushing before the rewind did not finish");
+            }
+            self.outbox.deliveries.take_failures();
+        }
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.drop_tasks(&partitions);
-        self.add_tasks(&partitions)?;
+        self.add_tasks(consumer, &partitions)?;
         let committed = consumer
             .committed(KAFKA_TIMEOUT)
             .map_err(|source| ServeError::Kafka {
@@ -1474,11 +1556,10 @@ fn restore_applied_everywhere(
         source,
     })?;
     let committed = committed_in_group(&reader, &stage.input.topic, &partitions)?;
-    let marker = plan.commit_metadata();
     Ok(!partitions.is_empty()
-        && committed
-            .values()
-            .all(|(offset, metadata)| offset.is_some() && *metadata == marker))
+        && committed.values().all(|(offset, metadata)| {
+            offset.is_some() && metadata.restore.as_ref() == Some(&plan.id)
+        }))
 }
 
 /// A group's committed offset (if any) and its metadata, per partition of `topic`.
@@ -1486,7 +1567,7 @@ fn committed_in_group<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: &[i32],
-) -> Result<BTreeMap<i32, (Option<i64>, String)>, ServeError> {
+) -> Result<BTreeMap<i32, (Option<i64>, CommitMetadata)>, ServeError> {
     let mut tpl = TopicPartitionList::new();
     for &partition in partitions {
         tpl.add_partition(topic, partition);
@@ -1505,7 +1586,7 @@ fn committed_in_group<C: ConsumerContext>(
                 Offset::Offset(o) => Some(o),
                 _ => None,
             };
-            (e.partition(), (offset, e.metadata().to_owned()))
+            (e.partition(), (offset, CommitMetadata::parse(e.metadata())))
         })
         .collect())
 }

@@ -19,6 +19,11 @@
 //!   carries the metadata while the flag is set. Join and enrich tables are never
 //!   rewound: they follow their own topic. A rewind needs the records before the
 //!   position: a changelog compacted past it restores the compacted state.
+//! - Under at-least-once every offset commit also carries the changelog
+//!   positions of its partition (`keystone.changelog=<topic>@<position>`, see
+//!   `metadata`), and a partition's state is restored as of them: a changelog
+//!   record acknowledged while its event's output was not is undone, so the
+//!   event read again is processed again instead of being taken for a duplicate.
 //! - Sink and repartition records carry `keystone.source.partition` and
 //!   `keystone.source.offset` (the source record the event comes from); with
 //!   `RestorePlan.suppress` a sink record whose source the sink already holds past
@@ -27,6 +32,7 @@
 mod config;
 mod engine;
 mod http;
+mod metadata;
 mod metrics;
 mod outbox;
 mod restore;

@@ -68,7 +68,39 @@ struct Reports {
     /// Last acknowledged offset, by topic, then partition (looked up by `&str`,
     /// so that a report allocates nothing once its topic is known).
     last_offsets: HashMap<String, HashMap<i32, i64>>,
+    /// The same, per epoch not folded into `settled_offsets` yet: the position a
+    /// settled epoch's commit carries must not include a later epoch's records.
+    epoch_offsets: BTreeMap<Epoch, HashMap<String, HashMap<i32, i64>>>,
+    /// Last acknowledged offset of the epochs settled so far.
+    settled_offsets: HashMap<String, HashMap<i32, i64>>,
     unacked: Unacked,
+}
+
+/// Raises `topic`/`partition`'s last offset to `offset`, allocating the topic's
+/// name only the first time it is seen.
+fn record_offset(
+    offsets: &mut HashMap<String, HashMap<i32, i64>>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    let partitions = match offsets.get_mut(topic) {
+        Some(partitions) => partitions,
+        None => offsets.entry(topic.to_owned()).or_default(),
+    };
+    let last = partitions.entry(partition).or_insert(-1);
+    *last = (*last).max(offset);
+}
+
+fn next_after(
+    offsets: &HashMap<String, HashMap<i32, i64>>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    offsets
+        .get(topic)
+        .and_then(|partitions| partitions.get(&partition))
+        .map(|last| last + 1)
 }
 
 impl Deliveries {
@@ -83,11 +115,30 @@ impl Deliveries {
 
     /// The offset after the last record acknowledged on a partition, if any.
     pub fn next_position(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.reports()
-            .last_offsets
-            .get(topic)
-            .and_then(|partitions| partitions.get(&partition))
-            .map(|last| last + 1)
+        next_after(&self.reports().last_offsets, topic, partition)
+    }
+
+    /// Takes the acknowledged offsets of every epoch up to `through` (all of them
+    /// when `None`, after a flush) into the settled positions.
+    pub fn settle_positions(&self, through: Option<Epoch>) {
+        let reports = &mut *self.reports();
+        let later = match through {
+            Some(epoch) => reports.epoch_offsets.split_off(&(epoch + 1)),
+            None => BTreeMap::new(),
+        };
+        let settled = std::mem::replace(&mut reports.epoch_offsets, later);
+        for offsets in settled.into_values() {
+            for (topic, partitions) in offsets {
+                for (partition, offset) in partitions {
+                    record_offset(&mut reports.settled_offsets, &topic, partition, offset);
+                }
+            }
+        }
+    }
+
+    /// The offset after the last record of a settled epoch on a partition, if any.
+    pub fn settled_position(&self, topic: &str, partition: i32) -> Option<i64> {
+        next_after(&self.reports().settled_offsets, topic, partition)
     }
 }
 
@@ -104,13 +155,11 @@ impl ProducerContext for ProducerCtx {
         let mut reports = self.deliveries.reports();
         match result {
             Ok(message) => {
-                let topic = message.topic();
-                let partitions = match reports.last_offsets.get_mut(topic) {
-                    Some(partitions) => partitions,
-                    None => reports.last_offsets.entry(topic.to_owned()).or_default(),
-                };
-                let last = partitions.entry(message.partition()).or_insert(-1);
-                *last = (*last).max(message.offset());
+                let (topic, partition, offset) =
+                    (message.topic(), message.partition(), message.offset());
+                record_offset(&mut reports.last_offsets, topic, partition, offset);
+                let epoch_offsets = reports.epoch_offsets.entry(epoch).or_default();
+                record_offset(epoch_offsets, topic, partition, offset);
             }
             Err((error, message)) => reports.failures.push(format!(
                 "{}[{}]: {error}",
@@ -237,6 +286,29 @@ mod tests {
         assert!(!unacked.settled_through(2));
         unacked.acknowledged(2);
         assert!(unacked.settled_through(2));
+    }
+
+    #[test]
+    fn settled_positions_take_no_later_epoch() {
+        let deliveries = Deliveries::default();
+        {
+            let reports = &mut *deliveries.reports();
+            for (epoch, offset) in [(0, 10), (0, 11), (1, 12), (2, 13)] {
+                let offsets = reports.epoch_offsets.entry(epoch).or_default();
+                record_offset(offsets, "log", 0, offset);
+            }
+            record_offset(reports.epoch_offsets.entry(1).or_default(), "log", 1, 4);
+        }
+        assert_eq!(deliveries.settled_position("log", 0), None);
+        deliveries.settle_positions(Some(0));
+        assert_eq!(deliveries.settled_position("log", 0), Some(12));
+        assert_eq!(deliveries.settled_position("log", 1), None);
+        deliveries.settle_positions(Some(1));
+        assert_eq!(deliveries.settled_position("log", 0), Some(13));
+        assert_eq!(deliveries.settled_position("log", 1), Some(5));
+        deliveries.settle_positions(None);
+        assert_eq!(deliveries.settled_position("log", 0), Some(14));
+        assert!(deliveries.reports().epoch_offsets.is_empty());
     }
 
     #[test]

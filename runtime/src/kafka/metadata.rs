@@ -1,0 +1,106 @@
+//! The metadata an instance writes with each committed input offset.
+//!
+//! Two facts travel there, `;`-separated (topic names cannot hold `;`, `=`,
+//! `@` or `,`):
+//!
+//! - `keystone.restore=<id>`: the restore this partition has applied (every
+//!   commit carries it while `--restore` is given).
+//! - `keystone.changelog=<topic>@<position>,...` (at-least-once only): where
+//!   each changelog partition of the input partition stood when the offset was
+//!   committed. Under at-least-once a changelog record can be acknowledged while
+//!   the output of the same event is not; the restart restores the state as of
+//!   these positions (undoing later records with compensations), so the events
+//!   read again are not taken for duplicates of themselves. Exactly-once needs
+//!   none: the transaction commits the changelog with the offsets.
+
+use std::collections::BTreeMap;
+
+use keystone_crds::checkpoint::RESTORE_METADATA_PREFIX;
+
+const CHANGELOG_PREFIX: &str = "keystone.changelog=";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitMetadata {
+    /// The id of the restore applied.
+    pub restore: Option<String>,
+    /// Changelog topic to the position (next offset) committed with the input offset.
+    pub changelog: BTreeMap<String, i64>,
+}
+
+impl CommitMetadata {
+    /// Reads what it can: an unknown field or a malformed position is ignored, so
+    /// metadata written by another version only loses what this one cannot read.
+    pub fn parse(text: &str) -> Self {
+        let mut metadata = Self::default();
+        for field in text.split(';') {
+            if let Some(id) = field.strip_prefix(RESTORE_METADATA_PREFIX) {
+                metadata.restore = Some(id.to_owned());
+            } else if let Some(positions) = field.strip_prefix(CHANGELOG_PREFIX) {
+                for entry in positions.split(',') {
+                    if let Some((topic, position)) = entry.rsplit_once('@')
+                        && let Ok(position) = position.parse()
+                    {
+                        metadata.changelog.insert(topic.to_owned(), position);
+                    }
+                }
+            }
+        }
+        metadata
+    }
+
+    pub fn encode(&self) -> String {
+        let mut fields = Vec::with_capacity(2);
+        if let Some(id) = &self.restore {
+            fields.push(format!("{RESTORE_METADATA_PREFIX}{id}"));
+        }
+        if !self.changelog.is_empty() {
+            let positions: Vec<String> = self
+                .changelog
+                .iter()
+                .map(|(topic, position)| format!("{topic}@{position}"))
+                .collect();
+            fields.push(format!("{CHANGELOG_PREFIX}{}", positions.join(",")));
+        }
+        fields.join(";")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_marker_alone_reads_as_before() {
+        let metadata = CommitMetadata::parse("keystone.restore=r1");
+        assert_eq!(metadata.restore.as_deref(), Some("r1"));
+        assert!(metadata.changelog.is_empty());
+        assert_eq!(metadata.encode(), "keystone.restore=r1");
+    }
+
+    #[test]
+    fn positions_and_marker_round_trip() {
+        let metadata = CommitMetadata {
+            restore: Some("r-2".to_owned()),
+            changelog: BTreeMap::from([
+                ("keystone.ns.p.changelog.a".to_owned(), 17),
+                ("keystone.ns.p.changelog.b".to_owned(), 0),
+            ]),
+        };
+        let text = metadata.encode();
+        assert_eq!(
+            text,
+            "keystone.restore=r-2;keystone.changelog=keystone.ns.p.changelog.a@17,keystone.ns.p.changelog.b@0"
+        );
+        assert_eq!(CommitMetadata::parse(&text), metadata);
+    }
+
+    #[test]
+    fn empty_unknown_and_malformed_metadata_carry_nothing() {
+        assert_eq!(CommitMetadata::parse(""), CommitMetadata::default());
+        assert_eq!(CommitMetadata::default().encode(), "");
+        let metadata =
+            CommitMetadata::parse("someone.else=1;keystone.changelog=a@x,b@5,c;keystone.future=2");
+        assert_eq!(metadata.restore, None);
+        assert_eq!(metadata.changelog, BTreeMap::from([("b".to_owned(), 5)]));
+    }
+}
