@@ -1125,7 +1125,7 @@ impl Core {
                 },
             };
             if metadata != CommitMetadata::default() {
-                element.set_metadata(metadata.encode());
+                element.set_metadata(metadata.encode_for_commit());
             }
         }
         Ok(tpl)

@@ -14,10 +14,14 @@
 //!   none: the transaction commits the changelog with the offsets.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use keystone_crds::checkpoint::RESTORE_METADATA_PREFIX;
 
 const CHANGELOG_PREFIX: &str = "keystone.changelog=";
+
+/// Brokers' default `offset.metadata.max.bytes`.
+const MAX_COMMIT_METADATA_BYTES: usize = 4096;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitMetadata {
@@ -46,6 +50,29 @@ impl CommitMetadata {
             }
         }
         metadata
+    }
+
+    /// The text to commit. Positions that would make it longer than brokers
+    /// accept by default (`offset.metadata.max.bytes`, 4096) are left out, with a
+    /// warning: the commit must not fail, and without them a restart restores the
+    /// whole changelog (the behaviour before positions were recorded).
+    pub fn encode_for_commit(&self) -> String {
+        let text = self.encode();
+        if text.len() <= MAX_COMMIT_METADATA_BYTES {
+            return text;
+        }
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                bytes = text.len(),
+                "changelog positions do not fit in the offset metadata; not recorded"
+            );
+        }
+        Self {
+            restore: self.restore.clone(),
+            changelog: BTreeMap::new(),
+        }
+        .encode()
     }
 
     pub fn encode(&self) -> String {
@@ -92,6 +119,22 @@ mod tests {
             "keystone.restore=r-2;keystone.changelog=keystone.ns.p.changelog.a@17,keystone.ns.p.changelog.b@0"
         );
         assert_eq!(CommitMetadata::parse(&text), metadata);
+    }
+
+    #[test]
+    fn positions_too_long_for_the_broker_are_left_out_and_the_marker_kept() {
+        let topic = "t".repeat(249);
+        let metadata = CommitMetadata {
+            restore: Some("r1".to_owned()),
+            changelog: (0..20).map(|n| (format!("{topic}{n}"), 1)).collect(),
+        };
+        assert!(metadata.encode().len() > MAX_COMMIT_METADATA_BYTES);
+        assert_eq!(metadata.encode_for_commit(), "keystone.restore=r1");
+        let small = CommitMetadata {
+            restore: None,
+            changelog: BTreeMap::from([("log".to_owned(), 3)]),
+        };
+        assert_eq!(small.encode_for_commit(), "keystone.changelog=log@3");
     }
 
     #[test]
