@@ -9,6 +9,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use keystone_crds::Plan;
@@ -24,6 +25,11 @@ use crate::resources::{ANNOTATION_PLAN_HASH, HTTP_PORT, LABEL_PIPELINE, LABEL_ST
 /// How long one instance may take to answer. The runtime gives up on its own
 /// barrier after 60 s and says so; this leaves it the time to say it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(65);
+
+/// How long reaching a pod may take. A pod on a node that went away can look
+/// Ready for a while and its address then swallows the connection attempt; the
+/// reconcile waiting on it should not hold its slot for the whole request timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One runtime instance, ready to be asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +157,9 @@ pub(super) async fn ready_instances(
 
 /// One request with an empty body: the body of a 2xx answer, or what went wrong.
 async fn exchange(method: Method, url: String) -> Result<Bytes, String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let request = Request::builder()
         .method(method.clone())
         .uri(&url)
@@ -161,7 +169,7 @@ async fn exchange(method: Method, url: String) -> Result<Bytes, String> {
         let response = client
             .request(request)
             .await
-            .map_err(|e| format!("{method} {url}: {e}"))?;
+            .map_err(|e| format!("{method} {url}: {}", with_causes(&e)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -185,6 +193,19 @@ async fn exchange(method: Method, url: String) -> Result<Bytes, String> {
                 "{method} {url}: no answer within {REQUEST_TIMEOUT:?}"
             ))
         })
+}
+
+/// An error with what caused it ("client error (Connect): tcp connect error:
+/// connection timed out"): hyper's own message alone does not say what failed.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 async fn post(instance: &Instance, path: &str) -> Result<Bytes, String> {

@@ -443,3 +443,40 @@ fn a_stored_checkpoint_is_summarized_from_its_config_map() {
         (checkpoint.id.as_str(), t(42))
     );
 }
+
+/// A pod address that swallows connection attempts (here: a listener whose
+/// accept queue is full, so the kernel drops further SYNs) fails after the
+/// connect timeout, with the cause, not after the whole request timeout.
+#[tokio::test]
+async fn an_unreachable_pod_fails_at_the_connect_timeout_and_says_why() {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let port = listener.local_addr().expect("address").port();
+    // Fill the accept queue (nothing accepts): later connection attempts hang.
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    let error = instances::pod_get("127.0.0.1", i32::from(port), "/metrics")
+        .await
+        .expect_err("nothing answers");
+    assert!(
+        error.contains(&format!("http://127.0.0.1:{port}/metrics"))
+            && error.contains("tcp connect error"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("no answer within"),
+        "the request timeout ran out, not the connect timeout: {error}"
+    );
+    drop(queued);
+}
