@@ -1279,6 +1279,7 @@ impl<'a> Checker<'a> {
             sinks.push(PlanSink {
                 name: sink.name.clone(),
                 key,
+                schema: stream.schema.to_spec(),
                 spec: SinkSpec::clone(sink),
             });
         }

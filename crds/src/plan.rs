@@ -115,6 +115,10 @@ pub struct PlanSink {
     pub name: String,
     /// The stream key at the sink, used as the Kafka record key unless the sink sets one.
     pub key: Vec<String>,
+    /// The schema of the events that reach the sink (the pipeline's output
+    /// contract): sinks derive index mappings and table schemas from it.
+    #[serde(default)]
+    pub schema: SchemaSpec,
     pub spec: SinkSpec,
 }
 
