@@ -90,13 +90,15 @@ fn serve(args: ServeCli) -> i32 {
     } else {
         builder.init();
     }
-    let result = crate::kafka::serve(crate::kafka::ServeArgs {
+    let result = crate::host::serve(crate::host::ServeArgs {
         plan: args.plan,
         stage: args.stage,
-        bootstrap_servers: args.bootstrap_servers,
-        instance_id: args.instance_id,
+        kafka: crate::kafka::KafkaSettings {
+            bootstrap_servers: args.bootstrap_servers,
+            instance_id: args.instance_id,
+            extra: args.kafka_config,
+        },
         http_addr: args.http_addr,
-        kafka_config: args.kafka_config,
         restore: args.restore,
     });
     match result {

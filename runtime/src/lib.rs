@@ -15,9 +15,11 @@
 
 pub mod cli;
 pub mod clock;
+pub mod connectors;
 pub mod error;
 pub mod event;
 pub mod expr;
+pub mod host;
 pub mod kafka;
 pub mod local;
 pub mod operator;

@@ -6,15 +6,15 @@
 
 use rdkafka::ClientConfig;
 
-use crate::kafka::ServeArgs;
+use crate::kafka::KafkaSettings;
 
 /// Settings shared by every client: brokers and any user-given settings (TLS,
 /// SASL, ...), which come last so that they win.
-fn base(args: &ServeArgs) -> ClientConfig {
+fn base(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &args.bootstrap_servers);
-    config.set("client.id", format!("keystone-{}", args.instance_id));
-    for (key, value) in &args.kafka_config {
+    config.set("bootstrap.servers", &settings.bootstrap_servers);
+    config.set("client.id", format!("keystone-{}", settings.instance_id));
+    for (key, value) in &settings.extra {
         config.set(key, value);
     }
     config
@@ -22,17 +22,17 @@ fn base(args: &ServeArgs) -> ClientConfig {
 
 /// The stage's group consumer.
 pub fn consumer(
-    args: &ServeArgs,
+    settings: &KafkaSettings,
     group: &str,
     exactly_once: bool,
     start_from_earliest: bool,
 ) -> ClientConfig {
-    let mut config = base(args);
+    let mut config = base(settings);
     config
         .set("group.id", group)
         // Static membership: a restarted pod keeps its partitions instead of
         // triggering two rebalances (leave, then join).
-        .set("group.instance.id", &args.instance_id)
+        .set("group.instance.id", &settings.instance_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "30000")
         // Offsets are committed with the outputs (transaction) or after they are
@@ -60,15 +60,15 @@ pub fn consumer(
                 "read_uncommitted"
             },
         );
-    for (key, value) in &args.kafka_config {
+    for (key, value) in &settings.extra {
         config.set(key, value);
     }
     config
 }
 
 /// The stage's producer; transactional under exactly-once.
-pub fn producer(args: &ServeArgs, transactional_id: Option<&str>) -> ClientConfig {
-    let mut config = base(args);
+pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> ClientConfig {
+    let mut config = base(settings);
     config
         // Topics are the operator's to create, with their partitions and configs;
         // a missing one must fail loudly, not appear with broker defaults.
@@ -88,7 +88,7 @@ pub fn producer(args: &ServeArgs, transactional_id: Option<&str>) -> ClientConfi
     if let Some(id) = transactional_id {
         config.set("transactional.id", id);
     }
-    for (key, value) in &args.kafka_config {
+    for (key, value) in &settings.extra {
         config.set(key, value);
     }
     config
@@ -96,15 +96,15 @@ pub fn producer(args: &ServeArgs, transactional_id: Option<&str>) -> ClientConfi
 
 /// A reader of changelog and table partitions: assigned, never in a group's
 /// offsets, reading only committed data.
-pub fn restore_reader(args: &ServeArgs, group: &str) -> ClientConfig {
-    let mut config = base(args);
+pub fn restore_reader(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = base(settings);
     config
         .set("group.id", format!("{group}.restore"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("max.partition.fetch.bytes", "4194304");
-    for (key, value) in &args.kafka_config {
+    for (key, value) in &settings.extra {
         config.set(key, value);
     }
     config

@@ -1,269 +1,81 @@
-//! `keystone-runtime serve`: one stage of a compiled plan on Kafka, with keyed
-//! state in changelog topics, exactly-once commits, dead letters with headers,
-//! and the operations endpoints.
+//! The Kafka transport of a stage: client settings, the producer with its
+//! delivery bookkeeping, reading and rewinding changelogs, the metadata carried
+//! in offset commits, and the record headers that name an event's source.
 //!
-//! Checkpoints and restores (the operator's side is in `keystone_crds::checkpoint`):
-//!
-//! - `POST /checkpoint` commits at a barrier and answers an `InstanceCheckpoint`
-//!   with every owned input partition (one not processed since its assignment is
-//!   committed at its start: the group's offset, else the start position resolved
-//!   to an offset) and every owned changelog partition (after the last write, else
-//!   where the restore read up to). `?stop=true` then pauses every partition
-//!   (also those assigned later): no output, no timers, group membership kept;
-//!   `POST /resume` goes on from the committed offsets.
-//! - `serve --restore FILE` (`KEYSTONE_RESTORE`) applies a `RestorePlan` to each
-//!   partition whose committed offset does not carry `keystone.restore=<id>` in
-//!   its metadata: input start, changelog state (rewound with compensating
-//!   records so that the changelog's latest values are the restored state), and
-//!   the start committed with the metadata in the same transaction. Every commit
-//!   carries the metadata while the flag is set. Join and enrich tables are never
-//!   rewound: they follow their own topic. A rewind needs the records before the
-//!   position: a changelog compacted past it restores the compacted state.
-//! - Under at-least-once every offset commit also carries the changelog
-//!   positions of its partition (`keystone.changelog=<topic>@<position>`, see
-//!   `metadata`), and a partition's state is restored as of them: a changelog
-//!   record acknowledged while its event's output was not is undone, so the
-//!   event read again is processed again instead of being taken for a duplicate.
-//! - Sink and repartition records carry `keystone.source.partition` and
-//!   `keystone.source.offset` (the source record the event comes from); with
-//!   `RestorePlan.suppress` a sink record whose source the sink already holds past
-//!   the checkpoint is not written again (state still changes).
+//! Nothing here knows about the stage host (`crate::host`): the host drives
+//! these pieces, and the Kafka sink (`crate::connectors::kafka`) writes through
+//! the same producer.
 
-mod config;
-mod engine;
-mod http;
-mod metadata;
-mod metrics;
-mod outbox;
-mod restore;
+pub mod config;
+pub mod metadata;
+pub mod outbox;
+pub mod records;
+pub mod restore;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use keystone_crds::checkpoint::RestorePlan;
-use keystone_crds::{PLAN_VERSION, Plan};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
 
-use crate::error::RuntimeError;
-pub use metrics::Metrics;
+use crate::kafka::metadata::CommitMetadata;
 
-/// What `serve` needs to know; the CLI fills it from flags and the pod's environment.
+/// How long blocking Kafka calls (commits, transactions, look-ups) may take.
+pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the brokers are and how every client of one instance connects.
 #[derive(Clone, Debug)]
-pub struct ServeArgs {
-    /// The compiled plan (JSON, as the operator writes it into the ConfigMap).
-    pub plan: PathBuf,
-    /// The stage to run (`s0`, `s1`, ...).
-    pub stage: String,
+pub struct KafkaSettings {
     pub bootstrap_servers: String,
-    /// This instance's stable identity (the pod name): static group membership
-    /// and the transactional id derive from it.
+    /// The instance's stable identity: client id, static group membership.
     pub instance_id: String,
-    /// Where the operations endpoints listen.
-    pub http_addr: SocketAddr,
-    /// Extra librdkafka settings (TLS, SASL, ...), applied to every client.
-    pub kafka_config: Vec<(String, String)>,
-    /// A restore to apply once per partition (`--restore`, a `RestorePlan` as JSON).
-    pub restore: Option<PathBuf>,
+    /// Extra librdkafka settings (TLS, SASL, ...), applied to every client last.
+    pub extra: Vec<(String, String)>,
 }
 
-/// State shared between the engine thread and the operations endpoints.
-pub struct Shared {
-    pub metrics: Mutex<Metrics>,
-    /// The consumer is subscribed and the loop runs.
-    pub running: AtomicBool,
-    /// The group assigned this instance its partitions (possibly none) at least once.
-    pub joined: AtomicBool,
-    /// Partitions whose state is being restored.
-    pub restoring: AtomicUsize,
-    /// The engine stopped on an error.
-    pub failed: AtomicBool,
-    /// Shutdown was requested (SIGTERM).
-    pub shutdown: AtomicBool,
-    /// Processing is stopped after a checkpoint (`POST /checkpoint?stop=true`).
-    pub stopped: AtomicBool,
-}
-
+/// A failure of the transport.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("reading the plan {path}: {message}")]
-    Plan { path: PathBuf, message: String },
-    #[error("reading the restore plan {path}: {message}")]
-    Restore { path: PathBuf, message: String },
-    #[error("the plan has no stage {0:?}")]
-    NoStage(String),
-    #[error(
-        "sink {0:?} is not a Kafka sink; the Kafka runtime writes only Kafka sinks so far (Elasticsearch, Iceberg and Parquet writers are not implemented)"
-    )]
-    UnsupportedSink(String),
+pub enum TransportError {
     #[error("{what}: {source}")]
     Kafka {
         what: &'static str,
         #[source]
         source: KafkaError,
     },
-    #[error("{count} record(s) could not be delivered, first: {first}")]
-    Delivery { count: usize, first: String },
-    #[error("the consumer has no group metadata (not in a group yet)")]
-    NoGroupMetadata,
     #[error("topic {0:?} does not exist")]
     MissingTopic(String),
     #[error("restoring changelog partitions {partitions:?} did not finish in time")]
     RestoreTimeout { partitions: Vec<(String, i32)> },
-    #[error(transparent)]
-    Runtime(RuntimeError),
-    #[error("operations endpoints: {0}")]
-    Http(#[source] std::io::Error),
 }
 
-impl ServeError {
-    /// Errors after which this instance must stop (and be restarted): it was
-    /// fenced by a newer instance, or librdkafka says the producer is unusable.
-    pub fn is_fatal(&self) -> bool {
-        match self {
-            ServeError::Kafka {
-                source: KafkaError::Transaction(error),
-                ..
-            } => error.is_fatal() || !error.txn_requires_abort() && !error.is_retriable(),
-            ServeError::Kafka { .. } | ServeError::Delivery { .. } => false,
-            _ => true,
-        }
+/// Wraps a librdkafka error with what was being done.
+pub fn failed(what: &'static str) -> impl FnOnce(KafkaError) -> TransportError {
+    move |source| TransportError::Kafka { what, source }
+}
+
+/// A group's committed offset (if any) and its metadata, per partition of `topic`.
+pub fn committed_in_group<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, (Option<i64>, CommitMetadata)>, TransportError> {
+    let mut tpl = TopicPartitionList::new();
+    for &partition in partitions {
+        tpl.add_partition(topic, partition);
     }
-
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ServeError::Plan { .. } => "plan",
-            ServeError::Restore { .. } => "restore",
-            ServeError::NoStage(_) => "no_stage",
-            ServeError::UnsupportedSink(_) => "unsupported_sink",
-            ServeError::Kafka { .. } => "kafka",
-            ServeError::Delivery { .. } => "delivery",
-            ServeError::NoGroupMetadata => "group_metadata",
-            ServeError::MissingTopic(_) => "missing_topic",
-            ServeError::RestoreTimeout { .. } => "restore_timeout",
-            ServeError::Runtime(_) => "runtime",
-            ServeError::Http(_) => "http",
-        }
-    }
-}
-
-/// Reads and checks the plan and finds the stage.
-pub fn load_plan(
-    path: &PathBuf,
-    stage: &str,
-) -> Result<(Plan, keystone_crds::plan::PlanStage), ServeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ServeError::Plan {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let plan: Plan = serde_json::from_str(&text).map_err(|e| ServeError::Plan {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    if plan.version != PLAN_VERSION {
-        return Err(ServeError::Runtime(RuntimeError::PlanVersion {
-            found: plan.version,
-            expected: PLAN_VERSION,
-        }));
-    }
-    let stage = plan
-        .stage(stage)
-        .cloned()
-        .ok_or_else(|| ServeError::NoStage(stage.to_owned()))?;
-    Ok((plan, stage))
-}
-
-/// Reads a restore plan (`--restore`).
-fn load_restore(path: &PathBuf) -> Result<RestorePlan, ServeError> {
-    let restore_error = |message: String| ServeError::Restore {
-        path: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| restore_error(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| restore_error(e.to_string()))
-}
-
-/// Runs one stage until SIGTERM (or SIGINT), then commits and returns.
-pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    let (plan, stage) = load_plan(&args.plan, &args.stage)?;
-    let shared = Arc::new(Shared {
-        metrics: Mutex::new(Metrics::new(&plan.pipeline, &stage.name)),
-        running: AtomicBool::new(false),
-        joined: AtomicBool::new(false),
-        restoring: AtomicUsize::new(0),
-        failed: AtomicBool::new(false),
-        shutdown: AtomicBool::new(false),
-        stopped: AtomicBool::new(false),
-    });
-    let restore = args.restore.as_ref().map(load_restore).transpose()?;
-    let (control_tx, control_rx) = mpsc::channel();
-
-    // The engine is blocking (librdkafka calls, rebalance callbacks inside poll):
-    // it runs on its own thread; the endpoints and signals run on a small runtime.
-    let engine_shared = shared.clone();
-    let engine_args = args.clone();
-    let plan = Arc::new(plan);
-    let engine = std::thread::Builder::new()
-        .name("keystone-engine".into())
-        .spawn(move || {
-            let result = engine::run(
-                &engine_args,
-                plan,
-                stage,
-                engine_shared.clone(),
-                restore,
-                control_rx,
-            );
-            if result.is_err() {
-                engine_shared.failed.store(true, Ordering::SeqCst);
-            }
-            engine_shared.running.store(false, Ordering::SeqCst);
-            result
+    let committed = consumer
+        .committed_offsets(tpl, KAFKA_TIMEOUT)
+        .map_err(failed("reading the group's committed offsets"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (e.partition(), (offset, CommitMetadata::parse(e.metadata())))
         })
-        .map_err(ServeError::Http)?;
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Http)?;
-    let http_shared = shared.clone();
-    runtime.block_on(async move {
-        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, control_tx));
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(ServeError::Http)?;
-        let watch = shared.clone();
-        let engine_done = async move {
-            while !engine.is_finished() {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            engine
-        };
-        tokio::pin!(engine_done);
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: finishing the current transaction"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the current transaction"),
-            finished = &mut engine_done => {
-                server.abort();
-                return join(finished);
-            }
-            result = &mut server => {
-                if let Ok(Err(error)) = result {
-                    watch.shutdown.store(true, Ordering::SeqCst);
-                    return Err(ServeError::Http(error));
-                }
-            }
-        }
-        watch.shutdown.store(true, Ordering::SeqCst);
-        let finished = engine_done.await;
-        join(finished)
-    })
-}
-
-fn join(engine: std::thread::JoinHandle<Result<(), ServeError>>) -> Result<(), ServeError> {
-    engine.join().unwrap_or_else(|_| {
-        Err(ServeError::Runtime(RuntimeError::Usage(
-            "the engine thread panicked".to_owned(),
-        )))
-    })
+        .collect())
 }

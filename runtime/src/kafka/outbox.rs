@@ -8,6 +8,7 @@
 //! what sets the tail latency at a steady rate.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::kafka::ServeError;
+use crate::kafka::{TransportError, failed};
 
 /// A commit epoch: the records sent between two seals.
 pub type Epoch = usize;
@@ -172,44 +173,44 @@ impl ProducerContext for ProducerCtx {
     }
 }
 
-/// The producer with its epoch bookkeeping.
+/// The producer with its epoch bookkeeping. Shared (`Arc`) by the host, which
+/// writes changelogs, dead letters and repartition records and seals epochs, and
+/// the Kafka sinks; all of them on the stage's one engine thread, so the
+/// counters need no ordering beyond their own.
 pub struct Outbox {
     pub producer: ThreadedProducer<ProducerCtx>,
     pub deliveries: Arc<Deliveries>,
-    epoch: Epoch,
-    sent_in_epoch: i64,
+    epoch: AtomicUsize,
+    sent_in_epoch: AtomicI64,
 }
 
 impl Outbox {
-    pub fn create(config: &ClientConfig) -> Result<Self, ServeError> {
+    pub fn create(config: &ClientConfig) -> Result<Self, TransportError> {
         let deliveries = Arc::new(Deliveries::default());
         let producer = config
             .create_with_context(ProducerCtx {
                 deliveries: deliveries.clone(),
             })
-            .map_err(|source| ServeError::Kafka {
-                what: "creating the producer",
-                source,
-            })?;
+            .map_err(failed("creating the producer"))?;
         Ok(Self {
             producer,
             deliveries,
-            epoch: 0,
-            sent_in_epoch: 0,
+            epoch: AtomicUsize::new(0),
+            sent_in_epoch: AtomicI64::new(0),
         })
     }
 
     /// Produces one record in the current epoch, waiting while the local queue is full.
     pub fn send(
-        &mut self,
+        &self,
         topic: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         partition: Option<i32>,
         headers: Option<OwnedHeaders>,
-    ) -> Result<(), ServeError> {
+    ) -> Result<(), TransportError> {
         let mut record: BaseRecord<'_, [u8], [u8], Epoch> =
-            BaseRecord::with_opaque_to(topic, self.epoch);
+            BaseRecord::with_opaque_to(topic, self.epoch.load(Ordering::Relaxed));
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -225,7 +226,7 @@ impl Outbox {
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
-                    self.sent_in_epoch += 1;
+                    self.sent_in_epoch.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -233,25 +234,16 @@ impl Outbox {
                     record = back;
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err((source, _)) => {
-                    return Err(ServeError::Kafka {
-                        what: "producing a record",
-                        source,
-                    });
-                }
+                Err((source, _)) => return Err(failed("producing a record")(source)),
             }
         }
     }
 
     /// Closes the current epoch and returns it; later records belong to the next.
-    pub fn seal(&mut self) -> Epoch {
-        let sealed = self.epoch;
-        self.deliveries
-            .reports()
-            .unacked
-            .sealed(sealed, self.sent_in_epoch);
-        self.epoch += 1;
-        self.sent_in_epoch = 0;
+    pub fn seal(&self) -> Epoch {
+        let sealed = self.epoch.fetch_add(1, Ordering::Relaxed);
+        let sent = self.sent_in_epoch.swap(0, Ordering::Relaxed);
+        self.deliveries.reports().unacked.sealed(sealed, sent);
         sealed
     }
 

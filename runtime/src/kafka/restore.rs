@@ -9,7 +9,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use crate::kafka::ServeError;
+use crate::kafka::TransportError;
 use crate::state::StateChange;
 
 /// One record as read: key and value (`None` value is a tombstone).
@@ -26,7 +26,7 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn read_to_end(
     config: &ClientConfig,
     partitions: &BTreeSet<(String, i32)>,
-) -> Result<Restored, ServeError> {
+) -> Result<Restored, TransportError> {
     let mut records: BTreeMap<(String, i32), Vec<LoggedRecord>> = partitions
         .iter()
         .map(|key| (key.clone(), Vec::new()))
@@ -57,11 +57,11 @@ pub fn scan(
     config: &ClientConfig,
     starts: &BTreeMap<(String, i32), i64>,
     mut on_record: impl FnMut(&BorrowedMessage<'_>),
-) -> Result<BTreeMap<(String, i32), i64>, ServeError> {
+) -> Result<BTreeMap<(String, i32), i64>, TransportError> {
     let consumer: BaseConsumer<QuietEof> =
         config
             .create_with_context(QuietEof)
-            .map_err(|source| ServeError::Kafka {
+            .map_err(|source| TransportError::Kafka {
                 what: "creating the restore reader",
                 source,
             })?;
@@ -75,7 +75,7 @@ pub fn scan(
     for ((topic, partition), start) in starts {
         let (low, high) = consumer
             .fetch_watermarks(topic, *partition, Duration::from_secs(30))
-            .map_err(|source| ServeError::Kafka {
+            .map_err(|source| TransportError::Kafka {
                 what: "reading the bounds of a partition to read",
                 source,
             })?;
@@ -85,7 +85,7 @@ pub fn scan(
         if high > start {
             ends.insert((topic.clone(), *partition), high);
             tpl.add_partition_offset(topic, *partition, Offset::Offset(start))
-                .map_err(|source| ServeError::Kafka {
+                .map_err(|source| TransportError::Kafka {
                     what: "assigning a partition to read",
                     source,
                 })?;
@@ -94,14 +94,16 @@ pub fn scan(
     if ends.is_empty() {
         return Ok(read_up_to);
     }
-    consumer.assign(&tpl).map_err(|source| ServeError::Kafka {
-        what: "assigning partitions to read",
-        source,
-    })?;
+    consumer
+        .assign(&tpl)
+        .map_err(|source| TransportError::Kafka {
+            what: "assigning partitions to read",
+            source,
+        })?;
     let started = Instant::now();
     while !ends.is_empty() {
         if started.elapsed() > RESTORE_TIMEOUT {
-            return Err(ServeError::RestoreTimeout {
+            return Err(TransportError::RestoreTimeout {
                 partitions: ends.into_keys().collect(),
             });
         }
@@ -152,14 +154,14 @@ impl ClientContext for QuietEof {
 impl ConsumerContext for QuietEof {}
 
 /// All partitions of a topic, for replicated tables.
-pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Vec<i32>, ServeError> {
-    let consumer: BaseConsumer = config.create().map_err(|source| ServeError::Kafka {
+pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Vec<i32>, TransportError> {
+    let consumer: BaseConsumer = config.create().map_err(|source| TransportError::Kafka {
         what: "creating a metadata reader",
         source,
     })?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|source| ServeError::Kafka {
+        .map_err(|source| TransportError::Kafka {
             what: "reading topic metadata",
             source,
         })?;
@@ -170,7 +172,7 @@ pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Vec<i32>, Ser
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(ServeError::MissingTopic(topic.to_owned()));
+        return Err(TransportError::MissingTopic(topic.to_owned()));
     }
     Ok(partitions)
 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use keystone_crds::checkpoint::InstanceCheckpoint;
 
-use crate::kafka::Shared;
+use crate::host::Shared;
 
 /// A request handed to the engine thread, answered between two batches.
 pub enum Control {

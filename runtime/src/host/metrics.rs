@@ -28,6 +28,9 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// 1 while processing is stopped after `POST /checkpoint?stop=true`.
     pub stopped: IntGauge,
+    /// 1 while intake is paused because a sink is behind (backpressure, or
+    /// writes not yet durable at a commit).
+    pub sink_held: IntGauge,
     /// Partitions to which this process applied a `--restore` plan.
     pub restores_applied: IntCounter,
     /// Changelog records written to undo state changes after a restore position.
@@ -170,6 +173,11 @@ impl Metrics {
                 "keystone_runtime_stopped",
                 "1 while processing is stopped after a checkpoint with stop=true",
             ),
+            sink_held: gauge(
+                &registry,
+                "keystone_sink_intake_held",
+                "1 while intake is paused because a sink is behind (backpressure, or writes not yet durable)",
+            ),
             restores_applied: counter(
                 &registry,
                 "keystone_restore_applied_partitions_total",
@@ -189,6 +197,11 @@ impl Metrics {
             registry,
             reported: HashMap::new(),
         }
+    }
+
+    /// The registry, where connectors register metrics of their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Brings the step counters up to the given cumulative totals.

@@ -1,0 +1,195 @@
+//! The Kafka sink: records go through the stage's transactional producer, so
+//! under exactly-once they commit atomically with the consumed offsets.
+//!
+//! After a rollback (`RestorePlan.suppress`), the sink skips events whose
+//! source record the topic already holds past the checkpoint: the state they
+//! change still changes, only the record is not written twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keystone_crds::checkpoint::ReplaySuppression;
+use keystone_crds::plan::PlanSink;
+use prometheus::IntCounter;
+use rdkafka::ClientConfig;
+use rdkafka::message::Message;
+
+use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
+use crate::event::{FieldPath, Provenance};
+use crate::kafka::outbox::Outbox;
+use crate::kafka::records::{provenance_headers, provenance_of, record_key};
+use crate::kafka::{TransportError, restore};
+
+pub struct KafkaSink {
+    name: String,
+    topic: String,
+    key: Vec<FieldPath>,
+    outbox: Arc<Outbox>,
+    suppression: Suppression,
+}
+
+impl KafkaSink {
+    /// `suppressed` counts the records a replay does not write again.
+    pub fn new(
+        sink: &PlanSink,
+        outbox: Arc<Outbox>,
+        delivered: HashSet<Provenance>,
+        suppressed: IntCounter,
+    ) -> Option<Self> {
+        let kafka = sink.spec.kafka.as_ref()?;
+        // The sink's own key fields, else the stream's key at the sink.
+        let key = if kafka.key.is_empty() {
+            &sink.key
+        } else {
+            &kafka.key
+        };
+        Some(Self {
+            name: sink.name.clone(),
+            topic: kafka.topic.clone(),
+            key: key.iter().map(|k| FieldPath::new(k)).collect(),
+            outbox,
+            suppression: Suppression {
+                delivered,
+                suppressed,
+                reported_all: false,
+            },
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+impl Sink for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        Guarantee::Transactional
+    }
+
+    fn write(&mut self, record: &SinkRecord<'_>, _: &mut SinkOutput) -> Result<(), SinkError> {
+        if self.suppression.holds(record.event.source) {
+            return Ok(());
+        }
+        let key = record_key(record.event, &self.key);
+        self.outbox
+            .send(
+                &self.topic,
+                key.as_deref(),
+                Some(record.value),
+                None,
+                provenance_headers(record.event.source),
+            )
+            .map_err(|source| SinkError::Transport {
+                sink: self.name.clone(),
+                source,
+            })
+    }
+
+    /// The host's transaction (or, at least once, its acknowledged epochs)
+    /// covers what was sent: nothing to wait for here.
+    fn prepare(&mut self, _: Duration, _: &mut SinkOutput) -> Result<Prepared, SinkError> {
+        Ok(Prepared::Ready)
+    }
+}
+
+/// Source records a replay must not write again: those the sink topic holds
+/// past the checkpoint.
+struct Suppression {
+    delivered: HashSet<Provenance>,
+    suppressed: IntCounter,
+    reported_all: bool,
+}
+
+impl Suppression {
+    fn holds(&mut self, source: Option<Provenance>) -> bool {
+        if self.delivered.is_empty() {
+            return false;
+        }
+        let held = source.is_some_and(|source| self.delivered.contains(&source));
+        if held {
+            self.suppressed.inc();
+            if !self.reported_all && self.suppressed.get() as usize >= self.delivered.len() {
+                self.reported_all = true;
+                tracing::info!(
+                    skipped = self.suppressed.get(),
+                    "replay suppression: every record delivered past the checkpoint was met again and skipped"
+                );
+            }
+        }
+        held
+    }
+}
+
+/// Reads every listed partition of the sink topics from the checkpoint's
+/// position to its current end (committed records only) and returns, per
+/// topic, the source records they hold.
+pub fn load_delivered(
+    config: &ClientConfig,
+    plan: &ReplaySuppression,
+    topics: &[&str],
+) -> Result<HashMap<String, HashSet<Provenance>>, TransportError> {
+    let mut starts = BTreeMap::new();
+    for topic in topics {
+        for (partition, offset) in plan.sink_positions.get(*topic).into_iter().flatten() {
+            starts.insert(((*topic).to_owned(), *partition), *offset);
+        }
+    }
+    let mut delivered: HashMap<String, HashSet<Provenance>> = HashMap::new();
+    let mut without = 0u64;
+    restore::scan(config, &starts, |message| match provenance_of(message) {
+        Some(source) => {
+            delivered
+                .entry(message.topic().to_owned())
+                .or_default()
+                .insert(source);
+        }
+        None => without += 1,
+    })?;
+    for (topic, sources) in &delivered {
+        tracing::info!(
+            topic,
+            delivered = sources.len(),
+            "replay suppression: sink records past the checkpoint will not be written again"
+        );
+    }
+    if without > 0 {
+        tracing::warn!(
+            records = without,
+            "replay suppression: sink records without source headers cannot be recognised"
+        );
+    }
+    Ok(delivered)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use prometheus::IntCounter;
+
+    use super::Suppression;
+    use crate::event::Provenance;
+
+    #[test]
+    fn suppression_skips_only_what_the_topic_holds() {
+        let held = Provenance {
+            partition: 1,
+            offset: 5,
+        };
+        let mut suppression = Suppression {
+            delivered: HashSet::from([held]),
+            suppressed: IntCounter::new("suppressed", "test").expect("valid counter"),
+            reported_all: false,
+        };
+        assert!(suppression.holds(Some(held)));
+        assert!(!suppression.holds(Some(Provenance { offset: 6, ..held })));
+        assert!(!suppression.holds(None));
+        assert_eq!(suppression.suppressed.get(), 1);
+        assert!(suppression.reported_all);
+    }
+}

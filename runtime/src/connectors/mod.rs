@@ -1,0 +1,171 @@
+//! Connectors: where a stage's events leave Keystone.
+//!
+//! A [`Sink`] is bound to the host's commit protocol, the way Flink's two-phase
+//! sinks and Kafka Streams' EOS producers are:
+//!
+//! 1. [`Sink::write`] takes each event that reaches the sinks (buffered or sent
+//!    as the sink sees fit; a sink may refuse new work for a while with
+//!    [`Sink::backpressured`], and the host then stops taking input);
+//! 2. [`Sink::prepare`] runs before the source offsets are committed: whatever
+//!    was written must then be durable (flushed, or staged for a two-phase
+//!    publish). A sink that cannot finish in time answers
+//!    [`Prepared::Pending`]: the host commits nothing, takes no new input and
+//!    asks again;
+//! 3. [`Sink::publish`] runs after the offsets are committed (a staged write
+//!    becomes visible);
+//! 4. [`Sink::abort`] runs when the host goes back to its last commit (an
+//!    aborted transaction, a failed commit): staged work is dropped, and the
+//!    events are written again from the committed offsets.
+//!
+//! Each sink declares its [`Guarantee`]; the checker's capability list
+//! ([`keystone_crds::check::WRITABLE_SINKS`]) names the kinds [`build`] can build.
+//! Adding a sink is one folder here and one arm in [`build`].
+
+pub mod kafka;
+
+use std::time::Duration;
+
+use keystone_crds::pipeline::SinkKind;
+use keystone_crds::plan::PlanSink;
+
+use crate::event::{DeadLetter, Event};
+
+/// How a sink keeps the exactly-once promise across a crash and a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Written in the same Kafka transaction as the consumed offsets.
+    Transactional,
+    /// Written before the offsets are committed; writing the same event again
+    /// (a replay) leaves the destination as it was (ids, external versions).
+    Idempotent,
+    /// Staged before the offsets are committed, made visible after, and
+    /// recognised after a crash so that nothing is published twice.
+    TwoPhase,
+}
+
+/// One event as the sinks receive it.
+pub struct SinkRecord<'a> {
+    pub event: &'a Event,
+    /// The event serialized once for every sink.
+    pub value: &'a [u8],
+}
+
+/// What a sink hands back to the host besides success: events it refused, to
+/// be written to the dead-letter topic (before the offsets are committed).
+#[derive(Debug, Default)]
+pub struct SinkOutput {
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// The answer of [`Sink::prepare`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// Everything written so far is durable (or staged): the host may commit.
+    Ready,
+    /// Not yet (the destination is slow or unreachable and the sink retries):
+    /// the host must not commit, should take no new input, and asks again.
+    Pending,
+}
+
+/// A sink's failure that the host must answer by going back to its last commit
+/// (or, if it persists, by stopping). Events a destination refuses are not
+/// failures: they become dead letters.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink {sink:?}: {source}")]
+    Transport {
+        sink: String,
+        #[source]
+        source: crate::kafka::TransportError,
+    },
+    #[error("sink {sink:?}: writing {path}: {source}")]
+    File {
+        sink: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sink {sink:?} is a {kind} sink, which this runtime cannot write")]
+    Unsupported { sink: String, kind: SinkKind },
+    #[error("sink {sink:?} sets no kind (exactly one of kafka, elasticsearch, iceberg or parquet)")]
+    NoKind { sink: String },
+}
+
+impl SinkError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SinkError::Transport { .. } => "sink_kafka",
+            SinkError::File { .. } => "sink_file",
+            SinkError::Unsupported { .. } => "unsupported_sink",
+            SinkError::NoKind { .. } => "sink_kind",
+        }
+    }
+
+    /// Errors that no retry can mend (the plan asks for something this runtime
+    /// does not have).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            SinkError::Unsupported { .. } | SinkError::NoKind { .. }
+        )
+    }
+}
+
+/// A destination bound to the commit protocol (see the module documentation).
+pub trait Sink: Send {
+    /// The sink's name in the pipeline.
+    fn name(&self) -> &str;
+
+    fn guarantee(&self) -> Guarantee;
+
+    /// Takes one event. Refused events go to `out.dead_letters`.
+    fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError>;
+
+    /// Whether the sink holds as much unanswered work as it may: the host stops
+    /// taking input until it is false again (nothing is buffered without bound).
+    fn backpressured(&self) -> bool {
+        false
+    }
+
+    /// Makes everything written so far durable or staged, waiting at most
+    /// `wait`. Events refused on the way go to `out.dead_letters`.
+    fn prepare(&mut self, wait: Duration, out: &mut SinkOutput) -> Result<Prepared, SinkError>;
+
+    /// The offsets covering everything prepared are committed.
+    fn publish(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// The host goes back to its last commit: drop what is staged or buffered;
+    /// the events will be written again.
+    fn abort(&mut self) {}
+}
+
+/// What a sink needs from its host to be built.
+pub struct SinkContext<'a> {
+    /// Metrics of the running stage, where each sink registers its own.
+    pub registry: &'a prometheus::Registry,
+    /// The pipeline, for names the destination records (user agents, labels).
+    pub pipeline: &'a str,
+}
+
+/// Builds the connector of a plan's sink. `kafka` builds the Kafka sink, which
+/// writes through the host's producer; other kinds build themselves.
+pub fn build(
+    sink: &PlanSink,
+    _context: &SinkContext<'_>,
+    kafka: impl FnOnce(&PlanSink) -> Result<Box<dyn Sink>, SinkError>,
+) -> Result<Box<dyn Sink>, SinkError> {
+    let kind = sink.spec.kind().ok_or_else(|| SinkError::NoKind {
+        sink: sink.name.clone(),
+    })?;
+    match kind {
+        SinkKind::Kafka => kafka(sink),
+        SinkKind::Elasticsearch | SinkKind::Iceberg | SinkKind::Parquet => {
+            Err(SinkError::Unsupported {
+                sink: sink.name.clone(),
+                kind,
+            })
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! `keystone-runtime serve`: the host of one stage of a compiled plan. It runs
+//! the consume-process-commit loop on the Kafka transport (`crate::kafka`), with
+//! keyed state in changelog topics, exactly-once commits, dead letters with
+//! headers, the sinks bound to the commit protocol (`crate::connectors`), and the
+//! operations endpoints.
+//!
+//! Modules by concern: `run` (the loop), `process` (tasks, routing to the next
+//! stage or the sinks, dead letters), `commit` (transactions, at-least-once
+//! epochs, rewinds), `checkpoint` (barriers, stop, resume), `rebalance`
+//! (assignments), `restore` (state from changelogs and `--restore` plans),
+//! `tables` (join and enrich tables), `sinks`, `http` and `metrics`.
+//!
+//! Checkpoints and restores (the operator's side is in `keystone_crds::checkpoint`):
+//!
+//! - `POST /checkpoint` commits at a barrier and answers an `InstanceCheckpoint`
+//!   with every owned input partition (one not processed since its assignment is
+//!   committed at its start: the group's offset, else the start position resolved
+//!   to an offset) and every owned changelog partition (after the last write, else
+//!   where the restore read up to). `?stop=true` then pauses every partition
+//!   (also those assigned later): no output, no timers, group membership kept;
+//!   `POST /resume` goes on from the committed offsets.
+//! - `serve --restore FILE` (`KEYSTONE_RESTORE`) applies a `RestorePlan` to each
+//!   partition whose committed offset does not carry `keystone.restore=<id>` in
+//!   its metadata: input start, changelog state (rewound with compensating
+//!   records so that the changelog's latest values are the restored state), and
+//!   the start committed with the metadata in the same transaction. Every commit
+//!   carries the metadata while the flag is set. Join and enrich tables are never
+//!   rewound: they follow their own topic. A rewind needs the records before the
+//!   position: a changelog compacted past it restores the compacted state.
+//! - Under at-least-once every offset commit also carries the changelog
+//!   positions of its partition (`keystone.changelog=<topic>@<position>`, see
+//!   `metadata`), and a partition's state is restored as of them: a changelog
+//!   record acknowledged while its event's output was not is undone, so the
+//!   event read again is processed again instead of being taken for a duplicate.
+//! - Sink and repartition records carry `keystone.source.partition` and
+//!   `keystone.source.offset` (the source record the event comes from); with
+//!   `RestorePlan.suppress` a sink record whose source the sink already holds past
+//!   the checkpoint is not written again (state still changes).
+
+mod checkpoint;
+mod commit;
+mod http;
+mod metrics;
+mod process;
+mod rebalance;
+mod restore;
+mod run;
+mod sinks;
+mod tables;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use keystone_crds::checkpoint::RestorePlan;
+use keystone_crds::{PLAN_VERSION, Plan};
+use rdkafka::error::KafkaError;
+
+use crate::connectors::SinkError;
+use crate::kafka::{KafkaSettings, TransportError};
+
+use crate::error::RuntimeError;
+pub use metrics::Metrics;
+
+/// What `serve` needs to know; the CLI fills it from flags and the pod's environment.
+#[derive(Clone, Debug)]
+pub struct ServeArgs {
+    /// The compiled plan (JSON, as the operator writes it into the ConfigMap).
+    pub plan: PathBuf,
+    /// The stage to run (`s0`, `s1`, ...).
+    pub stage: String,
+    /// The brokers and this instance's stable identity (the pod name): static
+    /// group membership and the transactional id derive from it.
+    pub kafka: KafkaSettings,
+    /// Where the operations endpoints listen.
+    pub http_addr: SocketAddr,
+    /// A restore to apply once per partition (`--restore`, a `RestorePlan` as JSON).
+    pub restore: Option<PathBuf>,
+}
+
+/// State shared between the engine thread and the operations endpoints.
+pub struct Shared {
+    pub metrics: Mutex<Metrics>,
+    /// The consumer is subscribed and the loop runs.
+    pub running: AtomicBool,
+    /// The group assigned this instance its partitions (possibly none) at least once.
+    pub joined: AtomicBool,
+    /// Partitions whose state is being restored.
+    pub restoring: AtomicUsize,
+    /// The engine stopped on an error.
+    pub failed: AtomicBool,
+    /// Shutdown was requested (SIGTERM).
+    pub shutdown: AtomicBool,
+    /// Processing is stopped after a checkpoint (`POST /checkpoint?stop=true`).
+    pub stopped: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading the plan {path}: {message}")]
+    Plan { path: PathBuf, message: String },
+    #[error("reading the restore plan {path}: {message}")]
+    Restore { path: PathBuf, message: String },
+    #[error("the plan has no stage {0:?}")]
+    NoStage(String),
+    #[error("{what}: {source}")]
+    Kafka {
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{count} record(s) could not be delivered, first: {first}")]
+    Delivery { count: usize, first: String },
+    #[error("the consumer has no group metadata (not in a group yet)")]
+    NoGroupMetadata,
+    #[error(transparent)]
+    Transport(TransportError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(
+        "sinks {sinks:?} did not make their writes durable within {waited:?}; nothing was committed"
+    )]
+    SinkPending {
+        sinks: Vec<String>,
+        waited: std::time::Duration,
+    },
+    #[error(transparent)]
+    Runtime(RuntimeError),
+    #[error("operations endpoints: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+impl ServeError {
+    /// Errors after which this instance must stop (and be restarted): it was
+    /// fenced by a newer instance, or librdkafka says the producer is unusable.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ServeError::Kafka {
+                source: KafkaError::Transaction(error),
+                ..
+            } => error.is_fatal() || !error.txn_requires_abort() && !error.is_retriable(),
+            ServeError::Kafka { .. }
+            | ServeError::Delivery { .. }
+            | ServeError::SinkPending { .. } => false,
+            ServeError::Sink(error) => error.is_permanent(),
+            _ => true,
+        }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ServeError::Plan { .. } => "plan",
+            ServeError::Restore { .. } => "restore",
+            ServeError::NoStage(_) => "no_stage",
+            ServeError::Kafka { .. } => "kafka",
+            ServeError::Delivery { .. } => "delivery",
+            ServeError::NoGroupMetadata => "group_metadata",
+            ServeError::Transport(TransportError::MissingTopic(_)) => "missing_topic",
+            ServeError::Transport(TransportError::RestoreTimeout { .. }) => "restore_timeout",
+            ServeError::Transport(TransportError::Kafka { .. }) => "kafka",
+            ServeError::SinkPending { .. } => "sink_pending",
+            ServeError::Sink(error) => error.metric_label(),
+            ServeError::Runtime(_) => "runtime",
+            ServeError::Http(_) => "http",
+        }
+    }
+}
+
+impl From<TransportError> for ServeError {
+    fn from(error: TransportError) -> Self {
+        match error {
+            // Kept apart: `is_fatal` looks into librdkafka's transaction errors.
+            TransportError::Kafka { what, source } => ServeError::Kafka { what, source },
+            other => ServeError::Transport(other),
+        }
+    }
+}
+
+/// Reads and checks the plan and finds the stage.
+pub fn load_plan(
+    path: &PathBuf,
+    stage: &str,
+) -> Result<(Plan, keystone_crds::plan::PlanStage), ServeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ServeError::Plan {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| ServeError::Plan {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if plan.version != PLAN_VERSION {
+        return Err(ServeError::Runtime(RuntimeError::PlanVersion {
+            found: plan.version,
+            expected: PLAN_VERSION,
+        }));
+    }
+    let stage = plan
+        .stage(stage)
+        .cloned()
+        .ok_or_else(|| ServeError::NoStage(stage.to_owned()))?;
+    Ok((plan, stage))
+}
+
+/// Reads a restore plan (`--restore`).
+fn load_restore(path: &PathBuf) -> Result<RestorePlan, ServeError> {
+    let restore_error = |message: String| ServeError::Restore {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| restore_error(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| restore_error(e.to_string()))
+}
+
+/// Runs one stage until SIGTERM (or SIGINT), then commits and returns.
+pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let (plan, stage) = load_plan(&args.plan, &args.stage)?;
+    let shared = Arc::new(Shared {
+        metrics: Mutex::new(Metrics::new(&plan.pipeline, &stage.name)),
+        running: AtomicBool::new(false),
+        joined: AtomicBool::new(false),
+        restoring: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        stopped: AtomicBool::new(false),
+    });
+    let restore = args.restore.as_ref().map(load_restore).transpose()?;
+    let (control_tx, control_rx) = mpsc::channel();
+
+    // The engine is blocking (librdkafka calls, rebalance callbacks inside poll):
+    // it runs on its own thread; the endpoints and signals run on a small runtime.
+    let engine_shared = shared.clone();
+    let engine_args = args.clone();
+    let plan = Arc::new(plan);
+    let engine = std::thread::Builder::new()
+        .name("keystone-engine".into())
+        .spawn(move || {
+            let result = run::run(
+                &engine_args,
+                plan,
+                stage,
+                engine_shared.clone(),
+                restore,
+                control_rx,
+            );
+            if result.is_err() {
+                engine_shared.failed.store(true, Ordering::SeqCst);
+            }
+            engine_shared.running.store(false, Ordering::SeqCst);
+            result
+        })
+        .map_err(ServeError::Http)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Http)?;
+    let http_shared = shared.clone();
+    runtime.block_on(async move {
+        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, control_tx));
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServeError::Http)?;
+        let watch = shared.clone();
+        let engine_done = async move {
+            while !engine.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            engine
+        };
+        tokio::pin!(engine_done);
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: finishing the current transaction"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the current transaction"),
+            finished = &mut engine_done => {
+                server.abort();
+                return join(finished);
+            }
+            result = &mut server => {
+                if let Ok(Err(error)) = result {
+                    watch.shutdown.store(true, Ordering::SeqCst);
+                    return Err(ServeError::Http(error));
+                }
+            }
+        }
+        watch.shutdown.store(true, Ordering::SeqCst);
+        let finished = engine_done.await;
+        join(finished)
+    })
+}
+
+fn join(engine: std::thread::JoinHandle<Result<(), ServeError>>) -> Result<(), ServeError> {
+    engine.join().unwrap_or_else(|_| {
+        Err(ServeError::Runtime(RuntimeError::Usage(
+            "the engine thread panicked".to_owned(),
+        )))
+    })
+}
