@@ -11,6 +11,7 @@
 //! ```
 
 pub mod kubelet;
+pub mod opensearch;
 pub mod testapp;
 mod testbed;
 mod wait;
