@@ -22,6 +22,7 @@
 //! Adding a sink is one folder here and one arm in [`build`].
 
 pub mod kafka;
+pub mod search;
 
 use std::time::Duration;
 
@@ -78,6 +79,12 @@ pub enum SinkError {
         #[source]
         source: crate::kafka::TransportError,
     },
+    #[error("sink {sink:?}: {source}")]
+    Search {
+        sink: String,
+        #[source]
+        source: search::SearchError,
+    },
     #[error("sink {sink:?}: writing {path}: {source}")]
     File {
         sink: String,
@@ -95,6 +102,7 @@ impl SinkError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             SinkError::Transport { .. } => "sink_kafka",
+            SinkError::Search { .. } => "sink_search",
             SinkError::File { .. } => "sink_file",
             SinkError::Unsupported { .. } => "unsupported_sink",
             SinkError::NoKind { .. } => "sink_kind",
@@ -153,7 +161,7 @@ pub struct SinkContext<'a> {
 /// writes through the host's producer; other kinds build themselves.
 pub fn build(
     sink: &PlanSink,
-    _context: &SinkContext<'_>,
+    context: &SinkContext<'_>,
     kafka: impl FnOnce(&PlanSink) -> Result<Box<dyn Sink>, SinkError>,
 ) -> Result<Box<dyn Sink>, SinkError> {
     let kind = sink.spec.kind().ok_or_else(|| SinkError::NoKind {
@@ -161,11 +169,10 @@ pub fn build(
     })?;
     match kind {
         SinkKind::Kafka => kafka(sink),
-        SinkKind::Elasticsearch | SinkKind::Iceberg | SinkKind::Parquet => {
-            Err(SinkError::Unsupported {
-                sink: sink.name.clone(),
-                kind,
-            })
-        }
+        SinkKind::Elasticsearch => Ok(Box::new(search::SearchSink::connect(sink, context)?)),
+        SinkKind::Iceberg | SinkKind::Parquet => Err(SinkError::Unsupported {
+            sink: sink.name.clone(),
+            kind,
+        }),
     }
 }
