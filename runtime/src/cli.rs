@@ -12,7 +12,7 @@ use keystone_crds::{check_processor, compile};
 
 use crate::clock::SystemClock;
 use crate::error::RuntimeError;
-use crate::local::{self, LocalPipeline};
+use crate::local::{self, LocalPipeline, LocalSinks, SinkTarget};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,6 +128,15 @@ pub struct RunArgs {
     /// Rows of a join or enrich table: `NAME=FILE` (JSON lines, latest row per key wins).
     #[arg(long = "table", value_parser = parse_table)]
     pub tables: Vec<(String, PathBuf)>,
+    /// Send one sink elsewhere: `NAME=FILE` (`-` for stdout) with the sink's own
+    /// records (a Kafka sink's events, a search sink's bulk requests). Other
+    /// sinks keep going to `--output`.
+    #[arg(long = "sink", value_parser = local::sinks::parse_sink_file)]
+    pub sinks: Vec<(String, SinkTarget)>,
+    /// Write sink NAME to its real destination (a search sink's endpoint, with
+    /// credentials from the environment as on a cluster) instead of a file.
+    #[arg(long = "connect", value_name = "NAME")]
+    pub connect: Vec<String>,
     /// The pipeline to run when the files hold several.
     #[arg(long)]
     pub pipeline: Option<String>,
@@ -248,6 +257,25 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     } else {
         Box::new(BufWriter::with_capacity(1 << 20, create(&args.output)?))
     };
+    let targets: Vec<(String, SinkTarget)> = args
+        .sinks
+        .iter()
+        .cloned()
+        .chain(
+            args.connect
+                .iter()
+                .map(|name| (name.clone(), SinkTarget::Connect)),
+        )
+        .collect();
+    let mut sinks = LocalSinks::new(&plan, &targets, |path| {
+        Ok(if is_stdio(path) {
+            Box::new(std::io::stdout()) as Box<dyn Write + Send>
+        } else {
+            Box::new(BufWriter::new(File::create(path).map_err(|e| {
+                RuntimeError::Usage(format!("cannot create {}: {e}", path.display()))
+            })?))
+        })
+    })?;
     let mut dead_letters: Box<dyn Write> = match &args.dead_letters {
         Some(path) if !is_stdio(path) => Box::new(BufWriter::new(create(path)?)),
         _ => Box::new(std::io::stderr()),
@@ -269,6 +297,7 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
         &mut pipeline,
         input,
         &mut output,
+        &mut sinks,
         &mut dead_letters,
         |bytes| {
             if let Some(bar) = &progress {
