@@ -1,6 +1,8 @@
 //! The contract checker on invalid pipelines: each case pins the exact errors a
 //! user sees, so a change in wording or in what is caught is a visible decision.
 
+use keystone_crds::check::WRITABLE_SINKS;
+use keystone_crds::pipeline::SinkKind;
 use keystone_crds::{ErrorKind, compile, parse_manifests};
 
 /// A valid CDC pipeline; each case edits it.
@@ -534,15 +536,63 @@ fn source_key_not_in_schema() {
 
 #[test]
 fn warehouse_partition_column_missing() {
+    // A sink this version cannot write is still checked in full.
     assert_errors(
         &with_sinks(
             "    - name: lake\n      parquet: {path: 's3://lake/orders', partitionBy: [country]}\n",
         ),
+        &[
+            (
+                ErrorKind::UnsupportedSink,
+                "spec.sinks[0].parquet (lake): parquet sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job writes out as Parquet files",
+            ),
+            (
+                ErrorKind::MissingField,
+                "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+            ),
+        ],
+    );
+}
+
+const ICEBERG_SINK: &str = "iceberg: {catalog: {type: rest, uri: 'http://catalog:8181', warehouse: 's3://warehouse/'}, namespace: shop, table: orders}";
+
+#[test]
+fn iceberg_sinks_cannot_be_written_yet() {
+    assert_errors(
+        &with_sinks(&format!(
+            "    - name: warehouse\n      {ICEBERG_SINK}\n    - name: out\n      kafka: {{topic: orders.clean}}\n"
+        )),
         &[(
-            ErrorKind::MissingField,
-            "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+            ErrorKind::UnsupportedSink,
+            "spec.sinks[0].iceberg (warehouse): iceberg sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job loads into the table",
         )],
     );
+}
+
+#[test]
+fn exactly_the_sink_kinds_outside_the_writable_list_are_refused() {
+    for kind in SinkKind::ALL {
+        let sink = match kind {
+            SinkKind::Kafka => "kafka: {topic: orders.clean}",
+            SinkKind::Elasticsearch => {
+                "elasticsearch: {endpoint: 'http://es:9200', index: orders, idFields: [order_id]}"
+            }
+            SinkKind::Iceberg => ICEBERG_SINK,
+            SinkKind::Parquet => "parquet: {path: 's3://lake/orders'}",
+        };
+        let pipeline = with_sinks(&format!("    - name: out\n      {sink}\n"));
+        let pipelines =
+            parse_manifests("pipeline.yaml", &pipeline).unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<ErrorKind> = match compile(&pipelines.pipelines[0], &[]) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.into_iter().map(|e| e.kind).collect(),
+        };
+        if WRITABLE_SINKS.contains(&kind) {
+            assert!(kinds.is_empty(), "{kind}: {kinds:?}");
+        } else {
+            assert_eq!(kinds, [ErrorKind::UnsupportedSink], "{kind}");
+        }
+    }
 }
 
 #[test]

@@ -22,6 +22,8 @@ use crate::schema::{FieldInfo, FieldType, Schema, pointer_to_path};
 
 mod sinks;
 
+pub use sinks::WRITABLE_SINKS;
+
 /// What kind of contract violation an error is; stable, for tests and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -36,6 +38,8 @@ pub enum ErrorKind {
     OrderNotGuaranteed,
     TopicCycle,
     InvalidSink,
+    /// A sink of a kind this version cannot write (see [`WRITABLE_SINKS`]).
+    UnsupportedSink,
 }
 
 /// One contract violation, located in the manifest.

@@ -1,12 +1,43 @@
-//! The sinks' part of the contract: what each kind of sink needs from the
-//! events that reach it, and the topics Kafka sinks add to the plan.
+//! The sinks' part of the contract: which kinds of sink this version can
+//! write, what each kind needs from the events that reach it, and the topics
+//! Kafka sinks add to the plan.
 
 use std::collections::BTreeMap;
 
 use super::{Checker, ErrorKind, StreamState, key_set, show_key, show_set};
-use crate::pipeline::SinkSpec;
+use crate::pipeline::{SinkKind, SinkSpec};
 use crate::plan::{Partitions, PlanSink, PlanTopic, TopicRole};
 use crate::schema::FieldType;
+
+/// The kinds of sink this version of Keystone can write. The checker refuses
+/// the others, so a pipeline with one is never deployed only for its runtime
+/// to refuse the plan.
+pub const WRITABLE_SINKS: &[SinkKind] = &[SinkKind::Kafka, SinkKind::Elasticsearch];
+
+/// The writable kinds in words: `kafka and elasticsearch`.
+fn writable_kinds() -> String {
+    let names: Vec<&str> = WRITABLE_SINKS.iter().map(|k| k.as_str()).collect();
+    match names.split_last() {
+        None => "no".to_owned(),
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// Why a sink of `kind` is refused, and what the user can do instead.
+fn unsupported_message(kind: SinkKind) -> String {
+    let instead = match kind {
+        SinkKind::Iceberg => "write to a Kafka topic that a separate job loads into the table",
+        SinkKind::Parquet => {
+            "write to a Kafka topic that a separate job writes out as Parquet files"
+        }
+        SinkKind::Kafka | SinkKind::Elasticsearch => "write to a Kafka topic instead",
+    };
+    format!(
+        "{kind} sinks cannot be written by this version of Keystone yet (it writes {} sinks); remove the sink or {instead}",
+        writable_kinds()
+    )
+}
 
 impl Checker<'_> {
     pub(super) fn check_sinks(
@@ -20,16 +51,7 @@ impl Checker<'_> {
         let mut sink_topics: BTreeMap<String, usize> = BTreeMap::new();
         for (i, sink) in spec.sinks.iter().enumerate() {
             let path = format!("spec.sinks[{i}]");
-            let set = [
-                sink.kafka.is_some(),
-                sink.elasticsearch.is_some(),
-                sink.iceberg.is_some(),
-                sink.parquet.is_some(),
-            ]
-            .iter()
-            .filter(|set| **set)
-            .count();
-            if set != 1 {
+            let Some(kind) = sink.kind() else {
                 self.error(
                     ErrorKind::InvalidSink,
                     &path,
@@ -37,6 +59,15 @@ impl Checker<'_> {
                     "set exactly one of kafka, elasticsearch, iceberg or parquet",
                 );
                 continue;
+            };
+            if !WRITABLE_SINKS.contains(&kind) {
+                // Its other checks still run: every error is reported, not only the first.
+                self.error(
+                    ErrorKind::UnsupportedSink,
+                    format!("{path}.{kind}"),
+                    Some(&sink.name),
+                    unsupported_message(kind),
+                );
             }
             let mut key = stream.key.clone();
             if let Some(kafka) = &sink.kafka {
