@@ -40,6 +40,9 @@ pub enum ErrorKind {
     InvalidSink,
     /// A sink of a kind this version cannot write (see [`WRITABLE_SINKS`]).
     UnsupportedSink,
+    /// A field that may be absent where every event must carry it (a search
+    /// sink's document id or external version).
+    OptionalField,
 }
 
 /// One contract violation, located in the manifest.
