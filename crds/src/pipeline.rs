@@ -360,6 +360,48 @@ impl SinkSpec {
         }
         names
     }
+
+    /// The Secret values the sink's writer reads, each through the variable
+    /// [`SinkSpec::secret_env`] names. A search sink reads `username`,
+    /// `password` and `apiKey` of `credentialsSecret`, each optional (basic
+    /// authentication or an API key is there), and `ca.crt` of `caSecret`.
+    // Iceberg and Parquet credentials get their keys with their writers.
+    pub fn secret_refs(&self) -> Vec<SinkSecretRef<'_>> {
+        let mut refs = Vec::new();
+        if let Some(es) = &self.elasticsearch {
+            if let Some(secret) = es.credentials_secret.as_deref() {
+                for key in [
+                    SinkSecretKey::Username,
+                    SinkSecretKey::Password,
+                    SinkSecretKey::ApiKey,
+                ] {
+                    refs.push(SinkSecretRef {
+                        secret,
+                        key,
+                        optional: true,
+                    });
+                }
+            }
+            if let Some(secret) = es.ca_secret.as_deref() {
+                refs.push(SinkSecretRef {
+                    secret,
+                    key: SinkSecretKey::CaCert,
+                    optional: false,
+                });
+            }
+        }
+        refs
+    }
+}
+
+/// One value a sink reads from a Secret in the pipeline's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkSecretRef<'a> {
+    /// The Secret's name.
+    pub secret: &'a str,
+    pub key: SinkSecretKey,
+    /// Whether the Secret may lack the key (or be missing): the variable is then unset.
+    pub optional: bool,
 }
 
 /// A value a sink reads from one of its Secrets.

@@ -1,6 +1,8 @@
 //! The contract checker on invalid pipelines: each case pins the exact errors a
 //! user sees, so a change in wording or in what is caught is a visible decision.
 
+use keystone_crds::check::WRITABLE_SINKS;
+use keystone_crds::pipeline::SinkKind;
 use keystone_crds::{ErrorKind, compile, parse_manifests};
 
 /// A valid CDC pipeline; each case edits it.
@@ -503,6 +505,230 @@ fn search_sink_version_field_not_integer() {
     );
 }
 
+/// The base with more fields in its source schema.
+fn with_fields(fields: &str) -> String {
+    BASE.replace(
+        "        - {name: amount, type: number}\n",
+        &format!("        - {{name: amount, type: number}}\n{fields}"),
+    )
+}
+
+/// `pipeline` with its Kafka sink replaced by a search sink with these settings.
+fn to_search(pipeline: &str, settings: &str) -> String {
+    pipeline.replace(
+        "      kafka: {topic: orders.clean}\n",
+        &format!("      elasticsearch: {{endpoint: 'http://es:9200', {settings}}}\n"),
+    )
+}
+
+#[test]
+fn search_sink_with_ids_versions_and_deletes_that_hold() {
+    let pipeline = to_search(
+        &with_fields(
+            "        - {name: op, type: string}\n        - {name: shipping.id, type: string}\n",
+        ),
+        "index: orders-v1.2_x, idFields: [order_id, seq], versionField: seq, deleteWhen: 'op == \"d\" || event.note == \"gone\" || shipping.id == \"\"'",
+    );
+    let pipelines = parse_manifests("pipeline.yaml", &pipeline).unwrap_or_else(|e| panic!("{e}"));
+    let plan = compile(&pipelines.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+    let fields: Vec<&str> = plan.sinks[0]
+        .schema
+        .fields
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert!(fields.contains(&"shipping.id"), "{fields:?}");
+}
+
+#[test]
+fn search_index_names_the_search_engines_refuse() {
+    for (index, problem) in [
+        (
+            "_orders",
+            "index \"_orders\" starts with '_', which Elasticsearch and OpenSearch refuse; start it with a lowercase letter or digit",
+        ),
+        (
+            "-orders",
+            "index \"-orders\" starts with '-', which Elasticsearch and OpenSearch refuse; start it with a lowercase letter or digit",
+        ),
+        (
+            "+orders",
+            "index \"+orders\" starts with '+', which Elasticsearch and OpenSearch refuse; start it with a lowercase letter or digit",
+        ),
+        (
+            ".",
+            "\".\" is not a valid index name (. and .. are reserved); choose another name",
+        ),
+        (
+            "..",
+            "\"..\" is not a valid index name (. and .. are reserved); choose another name",
+        ),
+        (
+            ".orders",
+            "index \".orders\" starts with '.', which marks hidden and system indices; start it with a lowercase letter or digit",
+        ),
+        (
+            "Orders",
+            "index \"Orders\" has uppercase letters, which Elasticsearch and OpenSearch refuse; use \"orders\"",
+        ),
+        (
+            "orders:eu",
+            "index \"orders:eu\" contains ':'; index names may contain only lowercase letters, digits, '_', '-' and '.'",
+        ),
+    ] {
+        let pipeline = to_search(BASE, &format!("index: '{index}', idFields: [order_id]"));
+        assert_errors(
+            &pipeline,
+            &[(
+                ErrorKind::InvalidSink,
+                &format!("spec.sinks[0].elasticsearch.index (out): {problem}"),
+            )],
+        );
+    }
+}
+
+#[test]
+fn search_id_field_that_is_not_a_scalar() {
+    let pipeline = to_search(
+        &with_fields("        - {name: lines, type: array}\n        - {name: raw, type: any}\n"),
+        "index: orders, idFields: [order_id, lines, raw]",
+    );
+    assert_errors(
+        &pipeline,
+        &[
+            (
+                ErrorKind::WrongType,
+                "spec.sinks[0].elasticsearch.idFields[1] (out): id field \"lines\" is array, but a document id is made of scalar values (string, integer, number, boolean or timestamp); choose a scalar field, or derive one with a map step",
+            ),
+            (
+                ErrorKind::WrongType,
+                "spec.sinks[0].elasticsearch.idFields[2] (out): id field \"raw\" is any, but a document id is made of scalar values (string, integer, number, boolean or timestamp); choose a scalar field, or derive one with a map step",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn search_id_field_that_is_missing() {
+    assert_errors(
+        &to_search(BASE, "index: orders, idFields: [order_id, sku]"),
+        &[(
+            ErrorKind::MissingField,
+            "spec.sinks[0].elasticsearch.idFields[1] (out): needs field \"sku\" for the document id, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn search_id_field_that_is_optional() {
+    let pipeline = to_search(
+        &with_fields(
+            "        - {name: coupon, type: string, optional: true}\n        - {name: shipping, type: object, optional: true}\n        - {name: shipping.id, type: string}\n",
+        ),
+        "index: orders, idFields: [coupon, shipping.id], versionField: seq",
+    );
+    assert_errors(
+        &pipeline,
+        &[
+            (
+                ErrorKind::OptionalField,
+                "spec.sinks[0].elasticsearch.idFields[0] (out): id field \"coupon\" is optional: an event without it could not be indexed (it would have no document id); make it required (events without it then go to the dead-letter topic) or choose required id fields",
+            ),
+            (
+                ErrorKind::OptionalField,
+                "spec.sinks[0].elasticsearch.idFields[1] (out): id field \"shipping.id\" is optional (its parent \"shipping\" is): an event without it could not be indexed (it would have no document id); make it required (events without it then go to the dead-letter topic) or choose required id fields",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn search_id_field_made_optional_by_a_projection() {
+    let pipeline = to_search(
+        &BASE.replace(
+            "  sinks:\n",
+            "    - name: slim\n      project: {fields: [{name: id, from: /order_id, optional: true}, {name: seq, from: /seq}]}\n  sinks:\n",
+        ),
+        "index: orders, idFields: [id], versionField: seq",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::OptionalField,
+            "spec.sinks[0].elasticsearch.idFields[0] (out): id field \"id\" is optional: an event without it could not be indexed (it would have no document id); make it required (events without it then go to the dead-letter topic) or choose required id fields",
+        )],
+    );
+}
+
+#[test]
+fn search_version_field_that_is_optional() {
+    let pipeline = to_search(
+        &with_fields("        - {name: revision, type: integer, optional: true}\n"),
+        "index: orders, idFields: [order_id], versionField: revision",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::OptionalField,
+            "spec.sinks[0].elasticsearch.versionField (out): version field \"revision\" is optional: an event without it could not be written with its external version; make it required (events without it then go to the dead-letter topic) or choose a required version field",
+        )],
+    );
+}
+
+#[test]
+fn search_delete_when_does_not_parse() {
+    let actual = errors(&to_search(
+        BASE,
+        "index: orders, idFields: [order_id], deleteWhen: 'note =='",
+    ));
+    assert_eq!(actual.len(), 1, "{actual:?}");
+    assert_eq!(actual[0].0, ErrorKind::InvalidExpression);
+    assert!(
+        actual[0].1.starts_with(
+            "spec.sinks[0].elasticsearch.deleteWhen (out): the CEL expression does not parse: "
+        ),
+        "{}",
+        actual[0].1
+    );
+}
+
+#[test]
+fn search_delete_when_reads_a_field_that_does_not_reach_the_sink() {
+    let pipeline = to_search(
+        &BASE.replace(
+            "  sinks:\n",
+            "    - name: slim\n      project: {fields: [{name: order_id, from: /order_id}]}\n  sinks:\n",
+        ),
+        "index: orders, idFields: [order_id], deleteWhen: 'deleted && event.order_id != \"\"'",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::MissingField,
+            "spec.sinks[0].elasticsearch.deleteWhen (out): needs field \"deleted\" for deleteWhen, but it does not reach the sink; available: order_id: string",
+        )],
+    );
+}
+
+#[test]
+fn search_op_field_that_is_not_a_string_without_delete_when() {
+    let fields = with_fields("        - {name: op, type: integer}\n");
+    assert_errors(
+        &to_search(&fields, "index: orders, idFields: [order_id]"),
+        &[(
+            ErrorKind::WrongType,
+            "spec.sinks[0].elasticsearch.deleteWhen (out): deleteWhen is unset, so an event whose \"op\" field is the string \"d\" is a delete (the Debezium convention), but \"op\" reaches the sink as integer; set deleteWhen to the CEL condition that marks a delete in these events",
+        )],
+    );
+    // Saying which events are deletes is the fix.
+    let fixed = to_search(
+        &fields,
+        "index: orders, idFields: [order_id], deleteWhen: 'op == 3'",
+    );
+    let pipelines = parse_manifests("pipeline.yaml", &fixed).unwrap_or_else(|e| panic!("{e}"));
+    compile(&pipelines.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 #[test]
 fn kafka_sink_preserve_order_after_a_repartition_that_loses_it() {
     let pipeline = with_steps("    - name: dedup\n      dedup: {key: [event_id], window: 10m}\n");
@@ -534,15 +760,63 @@ fn source_key_not_in_schema() {
 
 #[test]
 fn warehouse_partition_column_missing() {
+    // A sink this version cannot write is still checked in full.
     assert_errors(
         &with_sinks(
             "    - name: lake\n      parquet: {path: 's3://lake/orders', partitionBy: [country]}\n",
         ),
+        &[
+            (
+                ErrorKind::UnsupportedSink,
+                "spec.sinks[0].parquet (lake): parquet sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job writes out as Parquet files",
+            ),
+            (
+                ErrorKind::MissingField,
+                "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+            ),
+        ],
+    );
+}
+
+const ICEBERG_SINK: &str = "iceberg: {catalog: {type: rest, uri: 'http://catalog:8181', warehouse: 's3://warehouse/'}, namespace: shop, table: orders}";
+
+#[test]
+fn iceberg_sinks_cannot_be_written_yet() {
+    assert_errors(
+        &with_sinks(&format!(
+            "    - name: warehouse\n      {ICEBERG_SINK}\n    - name: out\n      kafka: {{topic: orders.clean}}\n"
+        )),
         &[(
-            ErrorKind::MissingField,
-            "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+            ErrorKind::UnsupportedSink,
+            "spec.sinks[0].iceberg (warehouse): iceberg sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job loads into the table",
         )],
     );
+}
+
+#[test]
+fn exactly_the_sink_kinds_outside_the_writable_list_are_refused() {
+    for kind in SinkKind::ALL {
+        let sink = match kind {
+            SinkKind::Kafka => "kafka: {topic: orders.clean}",
+            SinkKind::Elasticsearch => {
+                "elasticsearch: {endpoint: 'http://es:9200', index: orders, idFields: [order_id]}"
+            }
+            SinkKind::Iceberg => ICEBERG_SINK,
+            SinkKind::Parquet => "parquet: {path: 's3://lake/orders'}",
+        };
+        let pipeline = with_sinks(&format!("    - name: out\n      {sink}\n"));
+        let pipelines =
+            parse_manifests("pipeline.yaml", &pipeline).unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<ErrorKind> = match compile(&pipelines.pipelines[0], &[]) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.into_iter().map(|e| e.kind).collect(),
+        };
+        if WRITABLE_SINKS.contains(&kind) {
+            assert!(kinds.is_empty(), "{kind}: {kinds:?}");
+        } else {
+            assert_eq!(kinds, [ErrorKind::UnsupportedSink], "{kind}");
+        }
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::error::Error;
 use crate::resources;
 

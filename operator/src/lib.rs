@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod error;
 pub mod events;
@@ -15,5 +16,6 @@ pub mod status;
 pub mod topics;
 
 pub use config::OperatorConfig;
-pub use controller::{Context, FIELD_MANAGER, FINALIZER, run_controllers};
+pub use context::{Context, FIELD_MANAGER};
+pub use controller::{FINALIZER, run_controllers};
 pub use error::Error;

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use keystone_crds::Plan;
 use keystone_crds::pipeline::UpgradeStrategy;
-use keystone_crds::plan::PlanStage;
+use keystone_crds::plan::{PlanStage, StageOutput};
 use serde::Serialize;
 
 pub const MANAGED_BY: &str = "keystone-operator";
@@ -326,6 +326,33 @@ pub fn default_resources() -> ResourceRequirements {
     }
 }
 
+/// The environment through which the stage that writes the sinks receives the
+/// values its sinks read from Secrets: references (`secretKeyRef`, named by
+/// `SinkSpec::secret_env`), so no value ever passes through the operator, the
+/// Deployment or the plan. Other stages get none.
+pub fn sink_secret_env(plan: &Plan, stage: &PlanStage) -> Vec<EnvVar> {
+    if stage.output != StageOutput::Sinks {
+        return Vec::new();
+    }
+    plan.sinks
+        .iter()
+        .flat_map(|sink| {
+            sink.spec.secret_refs().into_iter().map(|reference| EnvVar {
+                name: sink.spec.secret_env(reference.key),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: reference.secret.to_owned(),
+                        key: reference.key.secret_key().to_owned(),
+                        optional: reference.optional.then_some(true),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            })
+        })
+        .collect()
+}
+
 pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
     let name = stage_object_name(&plan.pipeline, &stage.name);
     let labels = stage_labels(&plan.pipeline, &stage.name);
@@ -357,6 +384,7 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
     }
     args.extend(params.security.args.iter().cloned());
     pod_env.extend(params.security.env.iter().cloned());
+    pod_env.extend(sink_secret_env(plan, stage));
     let container = Container {
         name: "runtime".to_owned(),
         image: Some(params.image.clone()),
@@ -596,7 +624,11 @@ spec:
 "#;
 
     fn fixture() -> (Plan, WorkloadParams) {
-        let pipeline: Pipeline = serde_yaml_ng::from_str(PIPELINE).expect("pipeline");
+        fixture_of(PIPELINE)
+    }
+
+    fn fixture_of(manifest: &str) -> (Plan, WorkloadParams) {
+        let pipeline: Pipeline = serde_yaml_ng::from_str(manifest).expect("pipeline");
         let plan = compile(&pipeline, &[]).expect("valid");
         let owner = kube::Resource::controller_owner_ref(&pipeline, &()).expect("owner");
         let params = WorkloadParams {
@@ -748,6 +780,106 @@ spec:
                 .iter()
                 .any(|m| m.mount_path == "/etc/keystone/kafka-tls/ca")
         );
+    }
+
+    /// The fixture writing to a search index as `credentials`, trusting the CA in `es-ca`.
+    fn search_fixture(credentials: &str) -> (Plan, WorkloadParams) {
+        let manifest = PIPELINE
+            .replace(
+                "        - {name: user, type: string}\n",
+                "        - {name: user, type: string}\n        - {name: seq, type: integer}\n",
+            )
+            .replace(
+                "    - name: out\n      kafka: {topic: web.clicks.out, partitions: 3}\n",
+                &format!(
+                    "    - name: search-eu\n      elasticsearch: {{endpoint: 'https://es:9200', index: clicks, idFields: [user], versionField: seq, credentialsSecret: {credentials}, caSecret: es-ca}}\n"
+                ),
+            );
+        fixture_of(&manifest)
+    }
+
+    fn container_env(deployment: &Deployment) -> Vec<EnvVar> {
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|pod| pod.containers[0].env.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_stage_that_writes_the_sinks_reads_their_secrets_by_reference() {
+        use keystone_crds::pipeline::SinkSecretKey;
+        let (plan, params) = search_fixture("es-creds");
+        assert_eq!(
+            plan.stages.len(),
+            2,
+            "the dedup by user needs its own stage"
+        );
+        let sink = &plan.sinks[0].spec;
+        let writer = deployment(&plan, &plan.stages[1], &params);
+        let refs: Vec<(String, String, String, Option<bool>)> = container_env(&writer)
+            .into_iter()
+            .filter(|e| e.name.starts_with("KEYSTONE_SINK_"))
+            .map(|e| {
+                assert_eq!(e.value, None, "{} carries a value", e.name);
+                let selector = e
+                    .value_from
+                    .and_then(|v| v.secret_key_ref)
+                    .expect("a Secret reference");
+                (e.name, selector.name, selector.key, selector.optional)
+            })
+            .collect();
+        let expected = [
+            (
+                "KEYSTONE_SINK_SEARCH_EU_USERNAME",
+                "es-creds",
+                "username",
+                Some(true),
+            ),
+            (
+                "KEYSTONE_SINK_SEARCH_EU_PASSWORD",
+                "es-creds",
+                "password",
+                Some(true),
+            ),
+            (
+                "KEYSTONE_SINK_SEARCH_EU_API_KEY",
+                "es-creds",
+                "apiKey",
+                Some(true),
+            ),
+            ("KEYSTONE_SINK_SEARCH_EU_CA_CERT", "es-ca", "ca.crt", None),
+        ]
+        .map(|(env, secret, key, optional)| {
+            (env.to_owned(), secret.to_owned(), key.to_owned(), optional)
+        });
+        assert_eq!(refs, expected);
+        // The names are the ones the runtime looks up.
+        assert_eq!(refs[0].0, sink.secret_env(SinkSecretKey::Username));
+        assert_eq!(refs[3].0, sink.secret_env(SinkSecretKey::CaCert));
+
+        // The stage before the repartition writes no sink, so it reads no sink Secret.
+        let reader = deployment(&plan, &plan.stages[0], &params);
+        let names: Vec<String> = container_env(&reader).into_iter().map(|e| e.name).collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("KEYSTONE_SINK_")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn a_renamed_sink_secret_rolls_the_pods_that_read_it() {
+        let (plan, params) = search_fixture("es-creds");
+        let (renamed, _) = search_fixture("es-creds-2");
+        let before = deployment(&plan, &plan.stages[1], &params);
+        let after = deployment(&renamed, &renamed.stages[1], &params);
+        assert_ne!(
+            before.spec.as_ref().expect("spec").template,
+            after.spec.as_ref().expect("spec").template
+        );
+        // Not only through the plan hash: the references themselves change.
+        assert_ne!(container_env(&before), container_env(&after));
     }
 
     #[test]

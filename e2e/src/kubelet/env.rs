@@ -65,34 +65,29 @@ pub async fn resolve(
                 Some(field_ref(pod, f, facts)?)
             } else if let Some(r) = &from.config_map_key_ref {
                 let optional = r.optional.unwrap_or(false);
-                match config_map_data(client, ns, &r.name, optional).await? {
-                    Some(data) => match data.get(&r.key) {
-                        Some(v) => Some(v.clone()),
-                        None if optional => None,
-                        None => {
-                            return Err(PodFailure::config(format!(
-                                "couldn't find key {} in ConfigMap {ns}/{}",
-                                r.key, r.name
-                            )));
-                        }
-                    },
-                    None => None,
+                let data = config_map_data(client, ns, &r.name, optional).await?;
+                KeyRef {
+                    kind: "ConfigMap",
+                    namespace: ns,
+                    name: &r.name,
+                    key: &r.key,
+                    optional,
                 }
+                .value(data.as_ref().map(|d| d.get(&r.key).cloned()))?
             } else if let Some(r) = &from.secret_key_ref {
                 let optional = r.optional.unwrap_or(false);
-                match secret_data(client, ns, &r.name, optional).await? {
-                    Some(data) => match data.get(&r.key) {
-                        Some(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                        None if optional => None,
-                        None => {
-                            return Err(PodFailure::config(format!(
-                                "couldn't find key {} in Secret {ns}/{}",
-                                r.key, r.name
-                            )));
-                        }
-                    },
-                    None => None,
+                let data = secret_data(client, ns, &r.name, optional).await?;
+                KeyRef {
+                    kind: "Secret",
+                    namespace: ns,
+                    name: &r.name,
+                    key: &r.key,
+                    optional,
                 }
+                .value(data.as_ref().map(|d| {
+                    d.get(&r.key)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                }))?
             } else {
                 return Err(PodFailure::unsupported(format!(
                     "env {}: only fieldRef, configMapKeyRef and secretKeyRef are supported by the process kubelet",
@@ -107,6 +102,37 @@ pub async fn resolve(
         }
     }
     Ok(vars)
+}
+
+/// One `configMapKeyRef` or `secretKeyRef`.
+struct KeyRef<'a> {
+    kind: &'static str,
+    namespace: &'a str,
+    name: &'a str,
+    key: &'a str,
+    optional: bool,
+}
+
+impl KeyRef<'_> {
+    /// The variable's value from what was found: `None` when the object does
+    /// not exist, `Some(None)` when it lacks the key. As in the kubelet, an
+    /// `optional` reference to a missing object or key leaves the variable
+    /// unset (an earlier value of it stays); otherwise the container cannot start.
+    fn value(&self, found: Option<Option<String>>) -> Result<Option<String>, PodFailure> {
+        match found {
+            Some(Some(value)) => Ok(Some(value)),
+            None | Some(None) if self.optional => Ok(None),
+            None => Err(PodFailure::config(format!(
+                "{} \"{}\" not found",
+                self.kind.to_lowercase(),
+                self.name
+            ))),
+            Some(None) => Err(PodFailure::config(format!(
+                "couldn't find key {} in {} {}/{}",
+                self.key, self.kind, self.namespace, self.name
+            ))),
+        }
+    }
 }
 
 /// Expands `$(NAME)` with earlier variables; `$$(NAME)` escapes to a literal
@@ -250,6 +276,7 @@ pub async fn secret_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kubelet::FailureKind;
 
     #[test]
     fn expands_like_the_kubelet() {
@@ -261,6 +288,36 @@ mod tests {
         assert_eq!(expand("$(MISSING)", &vars), "$(MISSING)");
         assert_eq!(expand("$$(A)", &vars), "$(A)");
         assert_eq!(expand("cost $5 $(A", &vars), "cost $5 $(A");
+    }
+
+    #[test]
+    fn optional_key_refs_leave_the_variable_unset_when_the_object_or_key_is_missing() {
+        let reference = |optional| KeyRef {
+            kind: "Secret",
+            namespace: "shop",
+            name: "es-creds",
+            key: "apiKey",
+            optional,
+        };
+        let found = |value: &str| Some(Some(value.to_owned()));
+        assert_eq!(
+            reference(true).value(found("k")).expect("value"),
+            Some("k".to_owned())
+        );
+        // A missing key, then a missing Secret.
+        assert_eq!(reference(true).value(Some(None)).expect("unset"), None);
+        assert_eq!(reference(true).value(None).expect("unset"), None);
+
+        let missing_key = reference(false)
+            .value(Some(None))
+            .expect_err("required key");
+        assert_eq!(missing_key.kind, FailureKind::Config);
+        assert_eq!(
+            missing_key.message,
+            "couldn't find key apiKey in Secret shop/es-creds"
+        );
+        let missing_secret = reference(false).value(None).expect_err("required Secret");
+        assert_eq!(missing_secret.message, "secret \"es-creds\" not found");
     }
 
     #[test]

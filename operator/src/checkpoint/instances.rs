@@ -19,7 +19,7 @@ use kube::Api;
 use kube::api::ListParams;
 
 use super::CheckpointFailure;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::resources::{ANNOTATION_PLAN_HASH, HTTP_PORT, LABEL_PIPELINE, LABEL_STAGE, pod_ready};
 
 /// How long one instance may take to answer. The runtime gives up on its own

@@ -15,7 +15,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::CheckpointFailure;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::kafka::client_properties;
 
 const TIMEOUT: Duration = Duration::from_secs(10);

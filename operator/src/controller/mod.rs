@@ -19,13 +19,13 @@ use provision::{delete_owned_topics, reconcile_topics};
 use upgrade::Prepared;
 use workloads::{Workloads, apply_workloads};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use keystone_crds::pipeline::{
@@ -41,16 +41,12 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::checkpoint;
-use crate::config::OperatorConfig;
+use crate::context::{Context, FIELD_MANAGER};
 use crate::error::{Error, backoff};
-use crate::events::EventPublisher;
-use crate::kafka::{Admin, client_properties};
-use crate::ledger::{LedgerStore, key as ledger_key};
-use crate::metrics::Metrics;
+use crate::ledger::key as ledger_key;
 use crate::resources::{self, LABEL_MANAGED_BY, LABEL_PIPELINE, MANAGED_BY, WorkloadParams};
 use crate::status::{
     CONTRACTS_VALID, Cond, RUNTIME_READY, TOPICS_READY, differs, ready_stages, runtime_condition,
@@ -61,8 +57,6 @@ use crate::topics::{
     resolve_partitions,
 };
 
-/// The one field manager of everything the operator writes.
-pub const FIELD_MANAGER: &str = "keystone-operator";
 /// Present only on Pipelines with `topicDeletionPolicy: Delete`: deleting them
 /// must wait until their topics are gone. `Retain` pipelines carry none, so
 /// their namespace is never held up.
@@ -75,93 +69,6 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(600);
 const DRIFT_CHECK: Duration = Duration::from_secs(300);
 /// How often a pipeline with a topic problem (missing, conflicting, refused) looks again.
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
-
-/// Shared state of the controllers.
-pub struct Context {
-    pub client: Client,
-    pub config: OperatorConfig,
-    /// Where the ledger, the Lease and the Kafka credential Secrets live.
-    pub operator_namespace: String,
-    pub events: EventPublisher,
-    pub metrics: Metrics,
-    pub ledger: LedgerStore,
-    admins: Mutex<HashMap<String, Admin>>,
-    failures: std::sync::Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        config: OperatorConfig,
-        operator_namespace: String,
-        metrics: Metrics,
-    ) -> Self {
-        Self {
-            events: EventPublisher::new(
-                client.clone(),
-                FIELD_MANAGER,
-                std::env::var("POD_NAME").ok(),
-            ),
-            ledger: LedgerStore::new(Api::namespaced(client.clone(), &operator_namespace)),
-            client,
-            config,
-            operator_namespace,
-            metrics,
-            admins: Mutex::new(HashMap::new()),
-            failures: std::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    async fn admin(&self, cluster: &str) -> Result<Admin, Error> {
-        let mut admins = self.admins.lock().await;
-        if let Some(admin) = admins.get(cluster) {
-            return Ok(admin.clone());
-        }
-        let config = self
-            .config
-            .kafka_clusters
-            .get(cluster)
-            .ok_or(Error::MissingField {
-                kind: "operator configuration",
-                field: "kafkaClusters entry",
-            })?;
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.operator_namespace);
-        let props = client_properties(cluster, config, &secrets).await?;
-        let admin = Admin::connect(cluster, &props)?;
-        admins.insert(cluster.to_owned(), admin.clone());
-        Ok(admin)
-    }
-
-    pub(crate) async fn publish(
-        &self,
-        pipeline: &Pipeline,
-        warning: bool,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        let note = note.chars().take(1000).collect();
-        if let Err(e) = self
-            .events
-            .publish(&pipeline.object_ref(&()), warning, reason, action, note)
-            .await
-        {
-            warn!(error = %e, reason, "could not publish event");
-        }
-    }
-
-    fn failure_count(&self, key: &str, failed: bool) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if failed {
-            let n = failures.entry(key.to_owned()).or_insert(0);
-            *n += 1;
-            *n
-        } else {
-            failures.remove(key);
-            0
-        }
-    }
-}
 
 fn key_of<K: Resource>(object: &K) -> String {
     format!(

@@ -1,6 +1,7 @@
 //! Topics: observe, claim, create, raise, correct; delete on `Delete`.
 
 use super::*;
+use crate::kafka::Admin;
 
 pub(super) struct TopicsOutcome {
     pub(super) statuses: Vec<TopicStatus>,
