@@ -56,7 +56,9 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
     let tb = testbed().await;
     require_runtime_binary();
     install_crds(&tb);
-    let search = OpenSearch::from_env().await.expect("the testbed's OpenSearch");
+    let search = OpenSearch::from_env()
+        .await
+        .expect("the testbed's OpenSearch");
     let ns = tb.namespace("op-search").await.expect("namespace");
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-search");
@@ -103,7 +105,10 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
         )
         .replace("commitInterval: 1s", "commitInterval: 200ms\n  topicDeletionPolicy: Delete")
         .replace("parallelism: 2", "parallelism: 1");
-    assert!(manifest.contains(&index) && manifest.contains(search.url()), "{manifest}");
+    assert!(
+        manifest.contains(&index) && manifest.contains(search.url()),
+        "{manifest}"
+    );
     apply_yaml(&tb, &manifest).await;
 
     let pipelines: Api<Pipeline> = ns.api();
