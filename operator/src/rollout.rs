@@ -140,12 +140,15 @@ pub struct HealthSample {
     pub restarts: i32,
     /// Events that reached the first step of the first stage.
     pub events_in: u64,
-    /// Events sent to the dead-letter topic, by any step.
+    /// Events sent to the dead-letter topic, by any step or refused by a sink.
     pub dead_lettered: u64,
     /// Consumer lag summed over every stage's partitions.
     pub lag: i64,
     /// Stages whose rollout exceeded its progress deadline.
     pub failing_stages: Vec<String>,
+    /// Instances whose intake is held because a sink cannot write (its
+    /// destination unreachable, refusing the requests, or too slow).
+    pub sinks_held: i64,
 }
 
 /// Fewer input events than this say nothing about a dead-letter rate.
@@ -180,6 +183,12 @@ pub fn health_verdict(
             sample.events_in,
             sample.dead_lettered * 100 / sample.events_in,
             allowed
+        ));
+    }
+    if window_done && sample.sinks_held > 0 {
+        return Some(format!(
+            "{} instance(s) still wait for a sink at the end of the health window: it cannot write (see keystone_sink_retries_total and the pods' logs)",
+            sample.sinks_held
         ));
     }
     if let Some(max_lag) = gate.max_consumer_lag
@@ -352,6 +361,7 @@ spec:
             dead_lettered: 100,
             lag: 5000,
             failing_stages: vec![],
+            sinks_held: 0,
         };
         assert_eq!(health_verdict(&gate, &healthy, false), None);
         let lagging = health_verdict(&gate, &healthy, true).unwrap();
@@ -364,6 +374,21 @@ spec:
             health_verdict(&gate, &crashing, false)
                 .unwrap()
                 .contains("2 container restart")
+        );
+        let held = HealthSample {
+            sinks_held: 1,
+            lag: 0,
+            ..healthy.clone()
+        };
+        assert_eq!(
+            health_verdict(&gate, &held, false),
+            None,
+            "a sink may catch up"
+        );
+        assert!(
+            health_verdict(&gate, &held, true)
+                .unwrap()
+                .contains("wait for a sink")
         );
         let dead = HealthSample {
             dead_lettered: 101,

@@ -798,6 +798,13 @@ async fn sample_health(
         }
         sample.dead_lettered +=
             rollout::metric_sum(&text, "keystone_step_events_dead_lettered_total", None) as u64;
+        // Documents a sink's destination refused went to the dead letters too.
+        sample.dead_lettered += rollout::metric_sum(
+            &text,
+            "keystone_sink_items_total",
+            Some(r#"result="failed""#),
+        ) as u64;
+        sample.sinks_held += rollout::metric_sum(&text, "keystone_sink_intake_held", None) as i64;
         sample.lag += rollout::metric_sum(&text, "keystone_consumer_lag", None) as i64;
     }
     Ok(sample)
