@@ -83,7 +83,7 @@ pub enum SinkError {
     Search {
         sink: String,
         #[source]
-        source: search::SearchError,
+        source: Box<search::SearchError>,
     },
     #[error("sink {sink:?}: writing {path}: {source}")]
     File {

@@ -239,7 +239,23 @@ fn credentials(
     let password = read(SinkSecretKey::Password);
     let api_key = read(SinkSecretKey::ApiKey);
     match (username, password, api_key) {
-        (None, None, None) => Ok(Credentials::None),
+        (None, None, None) => match sink
+            .spec
+            .elasticsearch
+            .as_ref()
+            .and_then(|es| es.credentials_secret.clone())
+        {
+            // The Secret is named but gave nothing: its keys are misspelled or it
+            // was not found (the keys are optional references). Writing without
+            // credentials would fail later, less clearly.
+            Some(secret) => Err(SearchError::NoCredentials {
+                secret,
+                username_env: env_name(SinkSecretKey::Username),
+                password_env: env_name(SinkSecretKey::Password),
+                api_key_env: env_name(SinkSecretKey::ApiKey),
+            }),
+            None => Ok(Credentials::None),
+        },
         (None, None, Some(key)) => Ok(Credentials::ApiKey(Secret(key))),
         (Some(username), Some(password), None) => Ok(Credentials::Basic {
             username: Secret(username),
@@ -374,6 +390,19 @@ mod tests {
         // Empty values count as unset.
         let none = with_env(&plan, &[("KEYSTONE_SINK_ORDERS_SEARCH_API_KEY", "")]).unwrap();
         assert_eq!(none.credentials, Credentials::None);
+
+        // A named Secret that gave nothing is refused, naming what to set.
+        let mut named = plan.clone();
+        if let Some(es) = named.spec.elasticsearch.as_mut() {
+            es.credentials_secret = Some("search-credentials".into());
+        }
+        let missing = with_env(&named, &[]).unwrap_err().to_string();
+        assert!(
+            missing.contains("search-credentials")
+                && missing.contains("KEYSTONE_SINK_ORDERS_SEARCH_USERNAME")
+                && missing.contains("apiKey"),
+            "{missing}"
+        );
     }
 
     #[test]

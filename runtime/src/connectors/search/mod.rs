@@ -60,6 +60,15 @@ pub enum SearchError {
         #[source]
         source: UrlError,
     },
+    #[error(
+        "credentialsSecret {secret:?} is named, but none of {username_env}, {password_env} or {api_key_env} is set: the Secret must exist in the pipeline's namespace with keys username and password, or apiKey"
+    )]
+    NoCredentials {
+        secret: String,
+        username_env: String,
+        password_env: String,
+        api_key_env: String,
+    },
     #[error("endpoint {endpoint:?} carries credentials; put them in the credentialsSecret instead")]
     EndpointCredentials { endpoint: String },
     #[error("endpoint {endpoint:?} must be an http or https URL with a host")]
@@ -179,7 +188,7 @@ impl SearchSink {
             SearchConfig::from_plan(sink, &|name| std::env::var(name).ok()).map_err(|source| {
                 SinkError::Search {
                     sink: sink.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         SearchSink::start(config, context)
@@ -188,7 +197,7 @@ impl SearchSink {
     fn start(config: SearchConfig, context: &SinkContext<'_>) -> Result<SearchSink, SinkError> {
         let named = |source| SinkError::Search {
             sink: config.sink.clone(),
-            source,
+            source: Box::new(source),
         };
         let builder = ActionBuilder::new(&config).map_err(named)?;
         let client = BulkClient::new(&config, context.pipeline).map_err(named)?;
@@ -232,7 +241,7 @@ impl SearchSink {
     pub fn to_writer(sink: &PlanSink, out: Box<dyn Write + Send>) -> Result<SearchSink, SinkError> {
         let named = |source| SinkError::Search {
             sink: sink.name.clone(),
-            source,
+            source: Box::new(source),
         };
         let config = SearchConfig::offline(sink).map_err(named)?;
         let builder = ActionBuilder::new(&config).map_err(named)?;
@@ -247,7 +256,7 @@ impl SearchSink {
     fn error(&self, source: SearchError) -> SinkError {
         SinkError::Search {
             sink: self.name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
