@@ -26,8 +26,12 @@ pub(super) const COMMIT_RETRIES: u32 = 6;
 /// on (intake held) and asks again.
 const SINK_INTERVAL_WAIT: Duration = Duration::from_secs(1);
 /// How long a commit that must happen now (checkpoint, rebalance, shutdown)
-/// waits for the sinks.
+/// waits for the sinks, at most.
 const SINK_FLUSH_WAIT: Duration = Duration::from_secs(30);
+/// The share of the transaction timeout after which an open transaction is
+/// given up while the sinks are not prepared: the broker would abort it at the
+/// timeout and fence this producer, which is fatal.
+const TRANSACTION_PATIENCE_PERCENT: u32 = 60;
 
 /// At-least-once: an epoch sealed at an interval commit, with the positions to
 /// commit once its records are acknowledged.
@@ -48,8 +52,31 @@ impl Core {
                     source,
                 })?;
             self.in_transaction = true;
+            self.transaction_began = Some((Instant::now(), self.outbox.sent_total()));
         }
         Ok(())
+    }
+
+    /// How long the open transaction may still wait for the sinks: up to the
+    /// patience share of the transaction timeout (at least a moment, so that a
+    /// healthy sink always gets its round trip). Unbounded by it without one.
+    fn transaction_patience(&self) -> Option<Duration> {
+        let (began, _) = self.transaction_began?;
+        let patience = self.transaction_timeout * TRANSACTION_PATIENCE_PERCENT / 100;
+        Some(
+            patience
+                .saturating_sub(began.elapsed())
+                .max(Duration::from_millis(500)),
+        )
+    }
+
+    /// Whether the open transaction holds records (the broker knows it, and
+    /// will time it out) and has waited for the sinks as long as it may.
+    fn transaction_out_of_patience(&self) -> bool {
+        self.transaction_began.is_some_and(|(began, sent)| {
+            self.outbox.sent_total() > sent
+                && began.elapsed() >= self.transaction_timeout * TRANSACTION_PATIENCE_PERCENT / 100
+        })
     }
 
     pub(super) fn offsets_list(
@@ -110,13 +137,16 @@ impl Core {
         reason: &'static str,
     ) -> Result<(), ServeError> {
         let started = Instant::now();
+        let wait = self
+            .transaction_patience()
+            .map_or(SINK_FLUSH_WAIT, |left| left.min(SINK_FLUSH_WAIT));
         let result = self
-            .prepare_sinks(SINK_FLUSH_WAIT)
+            .prepare_sinks(wait)
             .and_then(|prepared| match prepared {
                 Prepared::Ready => Ok(()),
                 Prepared::Pending => Err(ServeError::SinkPending {
                     sinks: self.sink_names(),
-                    waited: SINK_FLUSH_WAIT,
+                    waited: wait,
                 }),
             })
             .and_then(|()| {
@@ -170,6 +200,7 @@ impl Core {
             match result {
                 Ok(()) => {
                     self.in_transaction = false;
+                    self.transaction_began = None;
                     return Ok(());
                 }
                 Err(KafkaError::Transaction(error))
@@ -240,6 +271,18 @@ impl Core {
         // down): commit nothing, hold intake, and ask again on the next turn.
         if self.prepare_sinks(SINK_INTERVAL_WAIT)? == Prepared::Pending {
             self.sinks_pending = true;
+            if self.transaction_out_of_patience() {
+                // The broker would abort the transaction at its timeout and fence
+                // this producer. Go back to the last commit instead: the events are
+                // read and written again once the sinks catch up (intake is held
+                // until then), and their writes are idempotent.
+                tracing::warn!(
+                    sinks = ?self.sink_names(),
+                    "the sinks are not prepared and the transaction is near its timeout: aborting it and going back to the last commit"
+                );
+                self.abort_open_transaction();
+                self.rewind(consumer)?;
+            }
             return Ok(Prepared::Pending);
         }
         self.sinks_pending = false;
@@ -311,6 +354,7 @@ impl Core {
                 tracing::error!(%error, "aborting the transaction failed");
             }
             self.in_transaction = false;
+            self.transaction_began = None;
         }
     }
 
@@ -330,7 +374,7 @@ impl Core {
         }
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.drop_tasks(&partitions);
-        self.add_tasks(consumer, &partitions)?;
+        self.load_tasks(consumer, &partitions)?;
         let committed = consumer
             .committed(KAFKA_TIMEOUT)
             .map_err(|source| ServeError::Kafka {

@@ -69,6 +69,12 @@ pub(super) struct Core {
     /// Offsets covered by the last successful commit.
     pub(super) committed: BTreeMap<i32, i64>,
     pub(super) in_transaction: bool,
+    /// When the open transaction began, and how many records the producer had
+    /// sent by then (so that an empty transaction, unknown to the broker, can be
+    /// told apart).
+    pub(super) transaction_began: Option<(std::time::Instant, u64)>,
+    /// The broker aborts (and fences) a transaction open longer than this.
+    pub(super) transaction_timeout: Duration,
     pub(super) retired: BTreeMap<String, StepMetrics>,
     pub(super) shared: Arc<Shared>,
     pub(super) fatal: Option<ServeError>,

@@ -47,13 +47,24 @@ impl Core {
         self.shared
             .restoring
             .fetch_add(partitions.len(), Ordering::SeqCst);
-        let result = self
-            .committed_changelog_positions(consumer, partitions)
-            .and_then(|at_commit| self.restore_tasks(partitions, &at_commit));
+        let result = self.load_tasks(consumer, partitions);
         self.shared
             .restoring
             .fetch_sub(partitions.len(), Ordering::SeqCst);
         result
+    }
+
+    /// Creates the tasks of `partitions` with their state restored. Used as is by
+    /// a rewind to the last commit: the partitions stay this instance's, so
+    /// readiness does not change (a sink that waits for its destination rewinds
+    /// while the pod must stay ready).
+    pub(super) fn load_tasks(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partitions: &[i32],
+    ) -> Result<(), ServeError> {
+        self.committed_changelog_positions(consumer, partitions)
+            .and_then(|at_commit| self.restore_tasks(partitions, &at_commit))
     }
 
     /// At-least-once: the changelog positions committed with each partition's

@@ -79,10 +79,9 @@ pub(super) fn run(
     // One transactional id per stage instance: a restarted instance fences its
     // previous incarnation (a zombie) when it initializes transactions.
     let transactional_id = format!("{}.{}", stage.consumer_group, args.kafka.instance_id);
-    let outbox = Arc::new(Outbox::create(&config::producer(
-        &args.kafka,
-        exactly_once.then_some(&transactional_id),
-    ))?);
+    let producer_config = config::producer(&args.kafka, exactly_once.then_some(&transactional_id));
+    let transaction_timeout = config::transaction_timeout(&producer_config);
+    let outbox = Arc::new(Outbox::create(&producer_config)?);
     if exactly_once {
         outbox
             .producer
@@ -149,6 +148,8 @@ pub(super) fn run(
         positions: BTreeMap::new(),
         committed: BTreeMap::new(),
         in_transaction: false,
+        transaction_began: None,
+        transaction_timeout,
         retired: BTreeMap::new(),
         shared: shared.clone(),
         fatal: None,

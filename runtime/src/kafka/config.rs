@@ -66,6 +66,18 @@ pub fn consumer(
     config
 }
 
+/// How long the broker lets a transaction stay open before it aborts it and
+/// fences the producer (unless the user's settings say otherwise).
+pub const TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The transaction timeout a producer configuration ends up with.
+pub fn transaction_timeout(config: &ClientConfig) -> std::time::Duration {
+    config
+        .get("transaction.timeout.ms")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(TRANSACTION_TIMEOUT, std::time::Duration::from_millis)
+}
+
 /// The stage's producer; transactional under exactly-once.
 pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> ClientConfig {
     let mut config = base(settings);
@@ -84,7 +96,10 @@ pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> Cli
         .set("queue.buffering.max.messages", "1000000")
         // As Kafka Streams under EOS: a dead instance's open transaction (and the
         // partitions waiting on it) is aborted after 10 s.
-        .set("transaction.timeout.ms", "10000");
+        .set(
+            "transaction.timeout.ms",
+            TRANSACTION_TIMEOUT.as_millis().to_string(),
+        );
     if let Some(id) = transactional_id {
         config.set("transactional.id", id);
     }

@@ -8,7 +8,7 @@
 //! what sets the tail latency at a steady rate.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,6 +182,8 @@ pub struct Outbox {
     pub deliveries: Arc<Deliveries>,
     epoch: AtomicUsize,
     sent_in_epoch: AtomicI64,
+    /// Records sent since the producer was created.
+    sent_total: AtomicU64,
 }
 
 impl Outbox {
@@ -197,6 +199,7 @@ impl Outbox {
             deliveries,
             epoch: AtomicUsize::new(0),
             sent_in_epoch: AtomicI64::new(0),
+            sent_total: AtomicU64::new(0),
         })
     }
 
@@ -227,6 +230,7 @@ impl Outbox {
             match self.producer.send(record) {
                 Ok(()) => {
                     self.sent_in_epoch.fetch_add(1, Ordering::Relaxed);
+                    self.sent_total.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -237,6 +241,11 @@ impl Outbox {
                 Err((source, _)) => return Err(failed("producing a record")(source)),
             }
         }
+    }
+
+    /// Records sent since the producer was created.
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total.load(Ordering::Relaxed)
     }
 
     /// Closes the current epoch and returns it; later records belong to the next.
