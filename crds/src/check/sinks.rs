@@ -4,10 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{
-    Checker, EVENT_VARIABLE, ErrorKind, StreamState, expression_variables, key_set, show_key,
-    show_set,
-};
+use super::expressions::{EVENT_VARIABLE, expression_variables};
+use super::{Checker, ErrorKind, StreamState, key_set, show_key, show_set};
 use crate::pipeline::{ElasticsearchSinkSpec, SinkKind, SinkSpec};
 use crate::plan::{Partitions, PlanSink, PlanTopic, TopicRole};
 use crate::schema::{FieldType, Schema};

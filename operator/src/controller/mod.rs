@@ -17,7 +17,7 @@ pub use processor::{
 };
 use provision::{delete_owned_topics, reconcile_topics};
 use upgrade::Prepared;
-use workloads::{Workloads, apply_workloads};
+use workloads::apply_workloads;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ use keystone_crds::pipeline::{
 };
 use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{Plan, check_processor, compile};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};

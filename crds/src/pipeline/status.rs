@@ -1,0 +1,206 @@
+//! The observed state of a pipeline: its phase, topics, stages, checkpoints,
+//! upgrades and restores.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::RestoreSpec;
+
+/// The observed state of a pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// A one-word summary: Pending, Invalid, Provisioning, Running, Degraded, Upgrading, Suspended or Deleting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<PipelinePhase>,
+    /// Conditions keyed by type: Ready, ContractsValid, TopicsReady, RuntimeReady, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Ready stages out of all stages, for example `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_stages: Option<String>,
+    /// The topics the pipeline uses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<TopicStatus>,
+    /// The runtime stages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageStatus>,
+    /// The last successful checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointSummary>,
+    /// The last failed checkpoint, with its reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed_checkpoint: Option<CheckpointSummary>,
+    /// The retained checkpoints, oldest first; each is a ConfigMap `<pipeline>-checkpoint-<id>`
+    /// with the per-stage, per-partition offsets and state positions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointSummary>,
+    /// The `spec.checkpointTrigger` value last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint_trigger: Option<String>,
+    /// Hash of the compiled plan that is deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
+    /// The spec last deployed (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconciled_spec: Option<String>,
+    /// The spec that last passed its health window (JSON): what a rollback returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_spec: Option<String>,
+    /// Hash of the plan of the last stable spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_plan_hash: Option<String>,
+    /// The current or last upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeStatus>,
+    /// The last restore from a checkpoint (requested, a rollback, a state reset or a stateless upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<RestoreStatus>,
+    /// The `spec.restore` request last acted on: a request is carried out once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore_request: Option<RestoreSpec>,
+}
+
+/// Where an upgrade is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpgradePhase {
+    /// Taking the checkpoint the new version starts from (and can roll back to).
+    Checkpointing,
+    /// The new version is rolling out.
+    Deploying,
+    /// The new version runs; the health window is open.
+    Observing,
+    /// It passed the health window and is the stable version.
+    Stable,
+    /// The change was not rolled out (state-incompatible without `allowStateReset`, or the checkpoint failed).
+    Blocked,
+    /// It failed its health check; the last stable version is being restored.
+    RollingBack,
+    /// It failed its health check and the last stable version runs again.
+    RolledBack,
+    /// It failed its health check and `rollbackOnFailure` is off.
+    Failed,
+}
+
+/// An upgrade from one plan to another.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStatus {
+    /// Where it is.
+    pub phase: UpgradePhase,
+    /// The spec generation being rolled out.
+    pub generation: i64,
+    /// How the change was classified: Ignore, Scale, Upgrade or StateIncompatible.
+    pub change: String,
+    /// What changed, in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// Plan hash before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_plan_hash: Option<String>,
+    /// Plan hash after.
+    pub to_plan_hash: String,
+    /// The checkpoint taken before the upgrade (the rollback point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Whether keyed state was dropped (`allowStateReset`, or a `Stateless` upgrade).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub state_reset: bool,
+    /// When the upgrade started.
+    pub started: Time,
+    /// When the new version was first seen fully ready (the health window starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<Time>,
+    /// Why it is blocked, failed or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A redeploy from a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The restore's id (the ConfigMap `<pipeline>-restore-<id>` the instances read).
+    pub id: String,
+    /// The checkpoint restored, if any (a state reset restores none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// The `spec.restore.nonce` it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Why: Requested, Rollback, StateReset or Stateless.
+    pub reason: String,
+    /// When it was started.
+    pub time: Time,
+    /// The plan the restored instances run; their pods carry the restore until the next plan change.
+    pub plan_hash: String,
+}
+
+/// A one-word summary of a pipeline's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PipelinePhase {
+    Pending,
+    Invalid,
+    Provisioning,
+    Running,
+    Degraded,
+    Upgrading,
+    Suspended,
+    Deleting,
+}
+
+/// A topic the pipeline reads or writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicStatus {
+    /// Topic name.
+    pub name: String,
+    /// What the pipeline uses it for: source, sink, repartition, changelog, deadLetter or table.
+    pub role: String,
+    /// Current partition count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// Whether this pipeline created (and owns) the topic.
+    #[serde(default)]
+    pub created: bool,
+}
+
+/// A runtime stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StageStatus {
+    /// Stage name (also the Deployment's name suffix).
+    pub name: String,
+    /// The steps fused into this stage.
+    #[serde(default)]
+    pub steps: Vec<String>,
+    /// Desired instances.
+    pub replicas: i32,
+    /// Ready instances.
+    #[serde(default)]
+    pub ready_replicas: i32,
+}
+
+/// A checkpoint, as summarized in status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSummary {
+    /// Checkpoint id.
+    pub id: String,
+    /// When it completed (or failed).
+    pub time: Time,
+    /// Why it failed, for a failed checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What asked for it: Periodic, Manual, Upgrade or Suspend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// Hash of the plan that was running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
+}

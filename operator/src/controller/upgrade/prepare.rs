@@ -1,0 +1,392 @@
+//! The decision taken before the workloads are applied: what runs (the spec's
+//! plan, the last stable one, or the running one held), and the checkpoints
+//! and restores a suspend, resume, restore or upgrade needs first.
+
+use std::time::Duration;
+
+use keystone_crds::Plan;
+use keystone_crds::checkpoint::CheckpointTrigger;
+use keystone_crds::pipeline::{
+    Pipeline, PipelinePhase, PipelineState, PipelineStatus, UpgradeMode, UpgradePhase,
+    UpgradeStatus,
+};
+use keystone_crds::upgrade::{ChangeClass, classify};
+
+use super::health::instances_ready;
+use super::restore::{
+    restore_incompatibility, restore_to, roll_back, stop_instances, write_restore,
+};
+use super::{
+    Prepared, SPEC_APPLIED, Versions, now, parse_spec, restore_id, runtime_changes, spec_json,
+};
+use crate::checkpoint as ckpt;
+use crate::context::Context;
+use crate::controller::Observed;
+use crate::error::Error;
+use crate::rollout;
+use crate::status::Cond;
+use crate::topics::DesiredTopic;
+
+/// Decides what to run before the workloads are applied.
+pub(in crate::controller) async fn prepare(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    plan: &Plan,
+    observed: &mut Observed,
+    desired: &[DesiredTopic],
+) -> Result<Prepared, Error> {
+    let v = Versions {
+        pipeline,
+        namespace: observed.namespace.clone(),
+        name: observed.name.clone(),
+        generation: pipeline.metadata.generation.unwrap_or_default(),
+        plan,
+    };
+    let spec = &pipeline.spec;
+    let new_hash = plan.hash();
+
+    // Never deployed: nothing to carry over.
+    let Some(deployed_hash) = observed.status.plan_hash.clone() else {
+        observed.status.last_reconciled_spec = Some(spec_json(spec));
+        let mut target = v.new_target(&observed.status);
+        if spec.state == PipelineState::Suspended {
+            target.replicas = Some(0);
+        }
+        return Ok(Prepared::Deploy(Box::new(target)));
+    };
+
+    // Suspend: stop at a checkpoint, then scale to zero. Resuming needs nothing
+    // special: the stopped instances committed nothing after the checkpoint.
+    if spec.state == PipelineState::Suspended {
+        let mut running = v.running_target(ctx, &observed.status).await?;
+        if observed.status.phase != Some(PipelinePhase::Suspended)
+            && instances_ready(ctx, &running.plan).await?
+        {
+            let pins = pinned(&observed.status);
+            let taken = ckpt::checkpoint_now(
+                ctx,
+                pipeline,
+                &running.plan,
+                CheckpointTrigger::Suspend,
+                true,
+                &mut observed.status,
+                &pins,
+            )
+            .await;
+            match taken {
+                Ok(_) => {}
+                Err(failure) => {
+                    observed.set(&Cond::new(
+                        SPEC_APPLIED,
+                        false,
+                        "SuspendCheckpointFailed",
+                        format!("the pipeline keeps running until a checkpoint at suspend succeeds: {failure}"),
+                    ));
+                    return Ok(Prepared::Hold(Duration::from_secs(30)));
+                }
+            }
+        }
+        running.replicas = Some(0);
+        return Ok(Prepared::Deploy(Box::new(running)));
+    }
+
+    // A restore the user asked for.
+    if let Some(request) = &spec.restore {
+        let done = observed.status.last_restore_request.as_ref() == Some(request);
+        if !done {
+            let checkpoint = match ckpt::load_checkpoint(
+                ctx,
+                &v.namespace,
+                &v.name,
+                &request.checkpoint,
+            )
+            .await
+            {
+                Ok(checkpoint) => checkpoint,
+                Err(error) => {
+                    observed.set(&Cond::new(
+                        SPEC_APPLIED,
+                        false,
+                        "RestoreFailed",
+                        format!("cannot restore checkpoint {}: {error}", request.checkpoint),
+                    ));
+                    return Ok(Prepared::Hold(Duration::from_secs(60)));
+                }
+            };
+            if checkpoint.plan_hash != new_hash
+                && let Some(reason) = restore_incompatibility(ctx, &v, &checkpoint).await?
+            {
+                observed.set(&Cond::new(SPEC_APPLIED, false, "RestoreRefused", reason));
+                return Ok(Prepared::Hold(Duration::from_secs(60)));
+            }
+            let running = v.running_target(ctx, &observed.status).await?;
+            let id = restore_id(v.generation, "restore");
+            let restore = restore_to(
+                pipeline,
+                ctx,
+                &running,
+                plan,
+                &checkpoint,
+                id,
+                false,
+                desired,
+            )
+            .await?;
+            write_restore(
+                pipeline,
+                ctx,
+                plan,
+                &restore,
+                "Requested",
+                request.nonce.clone(),
+                &mut observed.status,
+            )
+            .await?;
+            observed.status.last_restore_request = Some(request.clone());
+            observed.status.plan_hash = Some(new_hash.clone());
+            observed.status.last_reconciled_spec = Some(spec_json(spec));
+            ctx.publish(
+                pipeline,
+                false,
+                "RestoreStarted",
+                "Restore",
+                format!(
+                    "redeploying from checkpoint {} (restore {})",
+                    checkpoint.id, restore.id
+                ),
+            )
+            .await;
+            return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
+        }
+    }
+
+    // An upgrade of this generation already under way or decided.
+    if let Some(upgrade) = observed.status.upgrade.clone()
+        && upgrade.generation == v.generation
+        && upgrade.to_plan_hash == new_hash
+    {
+        match upgrade.phase {
+            UpgradePhase::Deploying
+            | UpgradePhase::Observing
+            | UpgradePhase::Stable
+            | UpgradePhase::Failed => {
+                return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
+            }
+            UpgradePhase::RollingBack | UpgradePhase::RolledBack => {
+                return roll_back(pipeline, ctx, &v, upgrade, observed, desired).await;
+            }
+            UpgradePhase::Checkpointing | UpgradePhase::Blocked => {}
+        }
+    }
+
+    let running_spec = parse_spec(observed.status.last_reconciled_spec.as_ref());
+    let runtime_reasons = running_spec
+        .as_ref()
+        .map(|old| runtime_changes(old, spec))
+        .unwrap_or_default();
+    if deployed_hash == new_hash && runtime_reasons.is_empty() {
+        observed.status.last_reconciled_spec = Some(spec_json(spec));
+        return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
+    }
+
+    // A change: classify it on the compiled plans.
+    let running = v.running_target(ctx, &observed.status).await?;
+    let mut class = if deployed_hash == new_hash {
+        ChangeClass::Ignore
+    } else {
+        classify(&running.plan, plan)
+    };
+    if !runtime_reasons.is_empty() {
+        class = match class {
+            ChangeClass::Ignore | ChangeClass::Scale { .. } => ChangeClass::Upgrade {
+                reasons: runtime_reasons,
+            },
+            ChangeClass::Upgrade { mut reasons } => {
+                reasons.extend(runtime_reasons);
+                ChangeClass::Upgrade { reasons }
+            }
+            incompatible => incompatible,
+        };
+    }
+    let started = UpgradeStatus {
+        phase: UpgradePhase::Deploying,
+        generation: v.generation,
+        change: String::new(),
+        reasons: Vec::new(),
+        from_plan_hash: Some(deployed_hash.clone()),
+        to_plan_hash: new_hash.clone(),
+        checkpoint: None,
+        state_reset: false,
+        started: now(),
+        ready_since: None,
+        message: None,
+    };
+    let (change, reasons, state_incompatible) = match class {
+        ChangeClass::Ignore => {
+            // Nothing the runtime reads changed: keep the instances as they are.
+            observed.status.last_reconciled_spec = Some(spec_json(spec));
+            return Ok(Prepared::Deploy(Box::new(running)));
+        }
+        ChangeClass::Scale { stages } => (
+            "Scale",
+            vec![format!(
+                "the parallelism of stages {} changed",
+                stages.join(", ")
+            )],
+            false,
+        ),
+        ChangeClass::Upgrade { reasons } => ("Upgrade", reasons, false),
+        ChangeClass::StateIncompatible { reasons } => ("StateIncompatible", reasons, true),
+    };
+    let mut upgrade = UpgradeStatus {
+        change: change.to_owned(),
+        reasons: reasons.clone(),
+        ..started
+    };
+    if state_incompatible && !spec.upgrade.allow_state_reset {
+        let message = format!(
+            "the running state cannot serve the new spec ({}); the previous version keeps running. Set spec.upgrade.allowStateReset: true to drop that state and roll out",
+            reasons.join("; ")
+        );
+        upgrade.phase = UpgradePhase::Blocked;
+        upgrade.message = Some(message.clone());
+        announce_once(
+            ctx,
+            pipeline,
+            &observed.status,
+            &upgrade,
+            true,
+            "UpgradeBlocked",
+            &message,
+        )
+        .await;
+        observed.status.upgrade = Some(upgrade);
+        observed.set(&Cond::new(
+            SPEC_APPLIED,
+            false,
+            "StateIncompatible",
+            message,
+        ));
+        return Ok(Prepared::Deploy(Box::new(running)));
+    }
+    let stateless = spec.upgrade.mode == UpgradeMode::Stateless;
+    let state_reset = state_incompatible || stateless;
+
+    // The rollback point: a fresh checkpoint, or the last one (LastState, Stateless, Scale).
+    let fresh = spec.upgrade.mode == UpgradeMode::Checkpoint && change != "Scale";
+    if fresh && instances_ready(ctx, &running.plan).await? {
+        // The stable version's rollback point stays pinned until this upgrade has its own.
+        let pins = pinned(&observed.status);
+        let taken = ckpt::checkpoint_now(
+            ctx,
+            pipeline,
+            &running.plan,
+            CheckpointTrigger::Upgrade,
+            // Always a stop checkpoint: its cut is aligned across stages (what a
+            // rollback's restore of later stages relies on), and the new version
+            // starts exactly there. With Rolling the stopped instances hand
+            // their partitions over as they are replaced.
+            true,
+            &mut observed.status,
+            &pins,
+        )
+        .await;
+        match taken {
+            Ok(checkpoint) => {
+                upgrade.checkpoint = Some(checkpoint.id.clone());
+            }
+            Err(failure) => {
+                let message = format!(
+                    "the checkpoint before the upgrade failed, so the previous version keeps running and the upgrade is retried: {failure}"
+                );
+                upgrade.phase = UpgradePhase::Blocked;
+                upgrade.message = Some(message.clone());
+                observed.status.upgrade = Some(upgrade);
+                observed.set(&Cond::new(SPEC_APPLIED, false, "CheckpointFailed", message));
+                return Ok(Prepared::Hold(Duration::from_secs(30)));
+            }
+        }
+    } else if change != "Scale" {
+        upgrade.checkpoint = observed
+            .status
+            .last_checkpoint
+            .as_ref()
+            .filter(|c| c.plan_hash.as_deref() == Some(deployed_hash.as_str()))
+            .map(|c| c.id.clone());
+    }
+
+    if state_reset {
+        stop_instances(pipeline, ctx, &running, desired).await?;
+        let start = if stateless {
+            spec.upgrade.start_from
+        } else {
+            keystone_crds::pipeline::UpgradeStartPosition::Committed
+        };
+        let reset = rollout::reset_state(&restore_id(v.generation, "reset"), plan, start);
+        let reason = if state_incompatible {
+            "StateReset"
+        } else {
+            "Stateless"
+        };
+        write_restore(
+            pipeline,
+            ctx,
+            plan,
+            &reset,
+            reason,
+            None,
+            &mut observed.status,
+        )
+        .await?;
+        upgrade.state_reset = true;
+    }
+    let note = format!(
+        "{change} from plan {deployed_hash} to {new_hash}: {}{}{}",
+        reasons.join("; "),
+        upgrade
+            .checkpoint
+            .as_ref()
+            .map(|c| format!("; rollback point: checkpoint {c}"))
+            .unwrap_or_default(),
+        if upgrade.state_reset {
+            "; keyed state was reset"
+        } else {
+            ""
+        }
+    );
+    ctx.publish(pipeline, false, "UpgradeStarted", "Upgrade", note.clone())
+        .await;
+    observed.status.upgrade = Some(upgrade);
+    observed.status.plan_hash = Some(new_hash);
+    observed.status.last_reconciled_spec = Some(spec_json(spec));
+    observed.set(&Cond::new(SPEC_APPLIED, false, "Upgrading", note));
+    Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))))
+}
+
+/// Checkpoints an upgrade or a suspend must keep beyond the retention count.
+fn pinned(status: &PipelineStatus) -> Vec<String> {
+    status
+        .upgrade
+        .iter()
+        .filter_map(|u| u.checkpoint.clone())
+        .collect()
+}
+/// Publishes an event the first time an upgrade reaches a state.
+async fn announce_once(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    status: &PipelineStatus,
+    upgrade: &UpgradeStatus,
+    warning: bool,
+    reason: &str,
+    note: &str,
+) {
+    let seen = status
+        .upgrade
+        .as_ref()
+        .is_some_and(|u| u.generation == upgrade.generation && u.phase == upgrade.phase);
+    if !seen {
+        ctx.publish(pipeline, warning, reason, "Upgrade", note.to_owned())
+            .await;
+    }
+}

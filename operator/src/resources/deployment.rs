@@ -1,0 +1,273 @@
+//! A stage's Deployment: the runtime container, its environment, probes,
+//! volumes and a restricted pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keystone_crds::Plan;
+use keystone_crds::pipeline::UpgradeStrategy;
+use keystone_crds::plan::PlanStage;
+
+use super::security::RuntimeSecurity;
+use super::sink_secrets::sink_secret_env;
+use super::{
+    ANNOTATION_PLAN_HASH, ANNOTATION_RESTORE, HTTP_PORT, PLAN_DIR, PLAN_KEY, RESTORE_DIR,
+    RESTORE_KEY, meta, plan_config_map_name, selector_labels, stage_labels, stage_object_name,
+};
+
+/// Everything the builders need besides the plan.
+#[derive(Clone, Debug)]
+pub struct WorkloadParams {
+    pub owner: OwnerReference,
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub strategy: UpgradeStrategy,
+    /// Environment for the runtime's Kafka connections (bootstrap servers, protocol).
+    pub kafka_env: Vec<EnvVar>,
+    /// The source cluster's security settings for the runtime.
+    pub security: RuntimeSecurity,
+    /// The host the runtime's HTTP endpoints bind (`$(POD_IP)` in the testbed); its default when None.
+    pub bind_host: Option<String>,
+    /// Instances per stage instead of the plan's parallelism (0 while suspended or stopped for a restore).
+    pub replicas: Option<i32>,
+    /// The restore ConfigMap the instances apply once (`serve --restore`).
+    pub restore: Option<String>,
+}
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// Modest defaults: a stage is one Kafka consumer with bounded buffers.
+pub fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".to_owned())),
+            ("memory".to_owned(), Quantity("128Mi".to_owned())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("512Mi".to_owned()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
+    let name = stage_object_name(&plan.pipeline, &stage.name);
+    let labels = stage_labels(&plan.pipeline, &stage.name);
+    let mut pod_env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        // The runtime binds its endpoints to the pod's address.
+        field_env("POD_IP", "status.podIP"),
+        env("KEYSTONE_PIPELINE", plan.pipeline.clone()),
+        env("KEYSTONE_STAGE", stage.name.clone()),
+        env("KEYSTONE_PLAN", format!("{PLAN_DIR}/{PLAN_KEY}")),
+    ];
+    pod_env.extend(params.kafka_env.iter().cloned());
+    if let Some(host) = &params.bind_host {
+        pod_env.push(env("KEYSTONE_HTTP_ADDR", format!("{host}:{HTTP_PORT}")));
+    }
+    let mut args = vec![
+        "serve".to_owned(),
+        "--plan".to_owned(),
+        format!("{PLAN_DIR}/{PLAN_KEY}"),
+        "--stage".to_owned(),
+        stage.name.clone(),
+    ];
+    if params.restore.is_some() {
+        args.extend([
+            "--restore".to_owned(),
+            format!("{RESTORE_DIR}/{RESTORE_KEY}"),
+        ]);
+    }
+    args.extend(params.security.args.iter().cloned());
+    pod_env.extend(params.security.env.iter().cloned());
+    pod_env.extend(sink_secret_env(plan, stage));
+    let container = Container {
+        name: "runtime".to_owned(),
+        image: Some(params.image.clone()),
+        image_pull_policy: params.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(pod_env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: HTTP_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        resources: Some(params.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "plan".to_owned(),
+                    mount_path: PLAN_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "tmp".to_owned(),
+                    mount_path: "/tmp".to_owned(),
+                    ..VolumeMount::default()
+                },
+            ]
+            .into_iter()
+            .chain(params.restore.iter().map(|_| VolumeMount {
+                name: "restore".to_owned(),
+                mount_path: RESTORE_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
+            .chain(params.security.mounts.iter().cloned())
+            .collect(),
+        ),
+        ..Container::default()
+    };
+    let strategy = match params.strategy {
+        UpgradeStrategy::Rolling => DeploymentStrategy {
+            type_: Some("RollingUpdate".to_owned()),
+            ..DeploymentStrategy::default()
+        },
+        UpgradeStrategy::Recreate => DeploymentStrategy {
+            type_: Some("Recreate".to_owned()),
+            ..DeploymentStrategy::default()
+        },
+    };
+    Deployment {
+        metadata: meta(name, &plan.namespace, labels.clone(), &params.owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(params.replicas.unwrap_or(stage.parallelism)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&plan.pipeline, &stage.name)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(strategy),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    // A plan change changes the template, which rolls the pods; so does a restore.
+                    annotations: Some(
+                        [(ANNOTATION_PLAN_HASH.to_owned(), plan.hash())]
+                            .into_iter()
+                            .chain(
+                                params
+                                    .restore
+                                    .iter()
+                                    .map(|name| (ANNOTATION_RESTORE.to_owned(), name.clone())),
+                            )
+                            .collect(),
+                    ),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // The runtime never talks to the API server.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(
+                        [
+                            Volume {
+                                name: "plan".to_owned(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: plan_config_map_name(&plan.pipeline, &plan.hash()),
+                                    ..ConfigMapVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                            Volume {
+                                name: "tmp".to_owned(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    size_limit: Some(Quantity("64Mi".to_owned())),
+                                    ..EmptyDirVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(params.restore.iter().map(|name| Volume {
+                            name: "restore".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: name.clone(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        }))
+                        .chain(params.security.volumes.iter().cloned())
+                        .collect(),
+                    ),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}

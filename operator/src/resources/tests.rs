@@ -1,0 +1,383 @@
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keystone_crds::pipeline::UpgradeStrategy;
+use keystone_crds::{Pipeline, Plan, compile};
+
+use super::deployment::env;
+use super::{
+    ANNOTATION_PLAN_HASH, LABEL_STAGE, MAX_PIPELINE_NAME, PLAN_KEY, RESTORE_DIR, RESTORE_KEY,
+    RuntimeSecurity, WorkloadParams, deployment, name_problem, plan_config_map, plan_json,
+    pod_disruption_budget, runtime_security, service, stage_object_name, with_type_meta,
+};
+
+const PIPELINE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks, namespace: web, uid: "1234", generation: 3}
+spec:
+  source:
+    topic: web.clicks
+    key: [session_id]
+    schema:
+      fields:
+        - {name: session_id, type: string}
+        - {name: user, type: string}
+  steps:
+    - name: per-user
+      dedup: {key: [user], window: 1m}
+  parallelism: 2
+  sinks:
+    - name: out
+      kafka: {topic: web.clicks.out, partitions: 3}
+"#;
+
+fn fixture() -> (Plan, WorkloadParams) {
+    fixture_of(PIPELINE)
+}
+
+fn fixture_of(manifest: &str) -> (Plan, WorkloadParams) {
+    let pipeline: Pipeline = serde_yaml_ng::from_str(manifest).expect("pipeline");
+    let plan = compile(&pipeline, &[]).expect("valid");
+    let owner = kube::Resource::controller_owner_ref(&pipeline, &()).expect("owner");
+    let params = WorkloadParams {
+        owner,
+        image: "keystone/runtime:test".into(),
+        image_pull_policy: None,
+        resources: None,
+        strategy: UpgradeStrategy::Rolling,
+        kafka_env: vec![env("KAFKA_BOOTSTRAP_SERVERS", "k:9092")],
+        security: RuntimeSecurity::default(),
+        bind_host: None,
+        replicas: None,
+        restore: None,
+    };
+    (plan, params)
+}
+
+#[test]
+fn one_deployment_per_stage_with_the_plan_hash_and_a_restricted_pod() {
+    let (plan, params) = fixture();
+    assert_eq!(
+        plan.stages.len(),
+        2,
+        "the dedup by another key needs its own stage"
+    );
+    let d = deployment(&plan, &plan.stages[1], &params);
+    assert_eq!(d.metadata.name.as_deref(), Some("clicks-s1"));
+    let owner = &d.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(owner.controller, Some(true));
+    assert_eq!(owner.kind, "Pipeline");
+    let spec = d.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let template = spec.template;
+    let annotations = template
+        .metadata
+        .expect("meta")
+        .annotations
+        .expect("annotations");
+    assert_eq!(annotations[ANNOTATION_PLAN_HASH], plan.hash());
+    let pod = template.spec.expect("pod");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.args.as_deref().expect("args"),
+        [
+            "serve",
+            "--plan",
+            "/etc/keystone/plan.json",
+            "--stage",
+            "s1"
+        ]
+    );
+    let sc = c.security_context.as_ref().expect("security context");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("probe");
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    let envs: Vec<&str> = c
+        .env
+        .as_ref()
+        .expect("env")
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    for name in ["POD_NAME", "POD_NAMESPACE", "KAFKA_BOOTSTRAP_SERVERS"] {
+        assert!(envs.contains(&name), "{name} missing from {envs:?}");
+    }
+}
+
+#[test]
+fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
+    use crate::config::{KafkaCluster, SaslConfig, SecretKey, TlsConfig};
+    let key = |secret: &str, key: &str| SecretKey {
+        secret: secret.into(),
+        key: key.into(),
+    };
+    let cluster = KafkaCluster {
+        bootstrap_servers: "k:9093".into(),
+        security_protocol: Some("SASL_SSL".into()),
+        tls: Some(TlsConfig {
+            ca: Some(key("kafka-ca", "ca.crt")),
+            ..TlsConfig::default()
+        }),
+        sasl: Some(SaslConfig {
+            mechanism: "SCRAM-SHA-512".into(),
+            username: key("kafka-user", "username"),
+            password: key("kafka-user", "password"),
+        }),
+        ..KafkaCluster::default()
+    };
+    let (plan, mut params) = fixture();
+    params.security = runtime_security(&cluster);
+    let d = deployment(&plan, &plan.stages[0], &params);
+    let pod = d.spec.expect("spec").template.spec.expect("pod");
+    let c = &pod.containers[0];
+    let args = c.args.clone().expect("args");
+    for wanted in [
+        "--kafka-config=security.protocol=sasl_ssl",
+        "--kafka-config=sasl.mechanism=SCRAM-SHA-512",
+        "--kafka-config=sasl.password=$(KAFKA_SASL_PASSWORD)",
+        "--kafka-config=ssl.ca.location=/etc/keystone/kafka-tls/ca/ca.pem",
+    ] {
+        assert!(
+            args.iter().any(|a| a == wanted),
+            "{wanted} missing from {args:?}"
+        );
+    }
+    let env = c.env.clone().expect("env");
+    let password = env
+        .iter()
+        .find(|e| e.name == "KAFKA_SASL_PASSWORD")
+        .expect("password env");
+    assert_eq!(password.value, None);
+    let selector = password
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("secret ref");
+    assert_eq!(
+        (selector.name.as_str(), selector.key.as_str()),
+        ("kafka-user", "password")
+    );
+    let volumes = pod.volumes.expect("volumes");
+    let ca = volumes
+        .iter()
+        .find(|v| v.name == "kafka-tls-ca")
+        .expect("ca volume");
+    assert_eq!(
+        ca.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+        Some("kafka-ca")
+    );
+    assert!(
+        c.volume_mounts
+            .as_ref()
+            .expect("mounts")
+            .iter()
+            .any(|m| m.mount_path == "/etc/keystone/kafka-tls/ca")
+    );
+}
+
+/// The fixture writing to a search index as `credentials`, trusting the CA in `es-ca`.
+fn search_fixture(credentials: &str) -> (Plan, WorkloadParams) {
+    let manifest = PIPELINE
+            .replace(
+                "        - {name: user, type: string}\n",
+                "        - {name: user, type: string}\n        - {name: seq, type: integer}\n",
+            )
+            .replace(
+                "    - name: out\n      kafka: {topic: web.clicks.out, partitions: 3}\n",
+                &format!(
+                    "    - name: search-eu\n      elasticsearch: {{endpoint: 'https://es:9200', index: clicks, idFields: [user], versionField: seq, credentialsSecret: {credentials}, caSecret: es-ca}}\n"
+                ),
+            );
+    fixture_of(&manifest)
+}
+
+fn container_env(deployment: &Deployment) -> Vec<EnvVar> {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|pod| pod.containers[0].env.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_stage_that_writes_the_sinks_reads_their_secrets_by_reference() {
+    use keystone_crds::pipeline::SinkSecretKey;
+    let (plan, params) = search_fixture("es-creds");
+    assert_eq!(
+        plan.stages.len(),
+        2,
+        "the dedup by user needs its own stage"
+    );
+    let sink = &plan.sinks[0].spec;
+    let writer = deployment(&plan, &plan.stages[1], &params);
+    let refs: Vec<(String, String, String, Option<bool>)> = container_env(&writer)
+        .into_iter()
+        .filter(|e| e.name.starts_with("KEYSTONE_SINK_"))
+        .map(|e| {
+            assert_eq!(e.value, None, "{} carries a value", e.name);
+            let selector = e
+                .value_from
+                .and_then(|v| v.secret_key_ref)
+                .expect("a Secret reference");
+            (e.name, selector.name, selector.key, selector.optional)
+        })
+        .collect();
+    let expected = [
+        (
+            "KEYSTONE_SINK_SEARCH_EU_USERNAME",
+            "es-creds",
+            "username",
+            Some(true),
+        ),
+        (
+            "KEYSTONE_SINK_SEARCH_EU_PASSWORD",
+            "es-creds",
+            "password",
+            Some(true),
+        ),
+        (
+            "KEYSTONE_SINK_SEARCH_EU_API_KEY",
+            "es-creds",
+            "apiKey",
+            Some(true),
+        ),
+        ("KEYSTONE_SINK_SEARCH_EU_CA_CERT", "es-ca", "ca.crt", None),
+    ]
+    .map(|(env, secret, key, optional)| {
+        (env.to_owned(), secret.to_owned(), key.to_owned(), optional)
+    });
+    assert_eq!(refs, expected);
+    // The names are the ones the runtime looks up.
+    assert_eq!(refs[0].0, sink.secret_env(SinkSecretKey::Username));
+    assert_eq!(refs[3].0, sink.secret_env(SinkSecretKey::CaCert));
+
+    // The stage before the repartition writes no sink, so it reads no sink Secret.
+    let reader = deployment(&plan, &plan.stages[0], &params);
+    let names: Vec<String> = container_env(&reader).into_iter().map(|e| e.name).collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("KEYSTONE_SINK_")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_renamed_sink_secret_rolls_the_pods_that_read_it() {
+    let (plan, params) = search_fixture("es-creds");
+    let (renamed, _) = search_fixture("es-creds-2");
+    let before = deployment(&plan, &plan.stages[1], &params);
+    let after = deployment(&renamed, &renamed.stages[1], &params);
+    assert_ne!(
+        before.spec.as_ref().expect("spec").template,
+        after.spec.as_ref().expect("spec").template
+    );
+    // Not only through the plan hash: the references themselves change.
+    assert_ne!(container_env(&before), container_env(&after));
+}
+
+#[test]
+fn names_that_cannot_name_services_are_refused() {
+    assert_eq!(name_problem("orders"), None);
+    assert_eq!(name_problem(&"a".repeat(MAX_PIPELINE_NAME)), None);
+    assert!(name_problem(&"a".repeat(MAX_PIPELINE_NAME + 1)).is_some());
+    assert!(name_problem("1orders").is_some_and(|m| m.contains("lowercase letter")));
+    let longest = stage_object_name(&"a".repeat(MAX_PIPELINE_NAME), "s999");
+    assert!(longest.len() <= 63, "{}", longest.len());
+}
+
+#[test]
+fn a_changed_plan_changes_the_pod_template() {
+    let (plan, params) = fixture();
+    let before = deployment(&plan, &plan.stages[0], &params);
+    let mut changed = plan.clone();
+    changed.commit_interval_ms += 1;
+    let after = deployment(&changed, &changed.stages[0], &params);
+    assert_ne!(
+        before.spec.expect("spec").template,
+        after.spec.expect("spec").template
+    );
+}
+
+#[test]
+fn a_restore_is_mounted_passed_and_rolls_the_pods_and_replicas_can_be_held() {
+    let (plan, mut params) = fixture();
+    let before = deployment(&plan, &plan.stages[0], &params);
+    params.restore = Some("p-restore-r1".to_owned());
+    params.replicas = Some(0);
+    let after = deployment(&plan, &plan.stages[0], &params);
+    let spec = after.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(0));
+    assert_ne!(before.spec.expect("spec").template, spec.template);
+    let pod = spec.template.spec.expect("pod spec");
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| a == "--restore")
+        .expect("--restore");
+    assert_eq!(args[at + 1], format!("{RESTORE_DIR}/{RESTORE_KEY}"));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "restore")
+        .expect("restore volume");
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("p-restore-r1")
+    );
+    assert!(
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "restore" && m.mount_path == RESTORE_DIR)
+    );
+}
+
+#[test]
+fn service_pdb_and_config_map_select_and_carry_the_plan() {
+    let (plan, params) = fixture();
+    let stage = &plan.stages[0];
+    let svc = service(&plan, stage, &params.owner);
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .expect("selector");
+    assert_eq!(selector[LABEL_STAGE], "s0");
+    let pdb = pod_disruption_budget(&plan, stage, &params.owner);
+    assert_eq!(
+        pdb.spec.and_then(|s| s.max_unavailable),
+        Some(IntOrString::Int(1))
+    );
+    let json = plan_json(&plan).expect("json");
+    let cm = plan_config_map(&plan, json.clone(), &params.owner);
+    assert_eq!(
+        cm.metadata.name,
+        Some(format!("clicks-plan-{}", plan.hash()))
+    );
+    assert_eq!(cm.immutable, Some(true));
+    let back: Plan =
+        serde_json::from_str(&cm.data.as_ref().expect("data")[PLAN_KEY]).expect("plan");
+    assert_eq!(back, plan);
+    let value = with_type_meta(&cm).expect("value");
+    assert_eq!(value["kind"], "ConfigMap");
+    assert_eq!(value["apiVersion"], "v1");
+}
