@@ -306,6 +306,27 @@ pub mod drive {
         Ok(())
     }
 
+    /// Records a topic holds (the sum of its partitions' high watermarks) and its
+    /// partitions; `None` when it does not exist.
+    pub fn records(brokers: &str, topic: &str) -> anyhow::Result<Option<(usize, i64)>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let Some(t) = md.topics().first() else {
+            return Ok(None);
+        };
+        if t.partitions().is_empty() {
+            return Ok(None);
+        }
+        let mut total = 0;
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            total += high - low;
+        }
+        Ok(Some((t.partitions().len(), total)))
+    }
+
     pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<usize> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -352,8 +373,18 @@ pub mod drive {
                 &format!("topic: {out_topic}"),
             )
             .replace("topic: bench.events", &format!("topic: {source_topic}"));
-        let manifests = keystone_crds::parse_manifests(&manifest.display().to_string(), &text)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        compile_plan(&manifest.display().to_string(), &text, source_partitions)
+    }
+
+    /// Compiles a manifest's (already renamed) text; returns the plan (JSON) and the
+    /// topics it creates (every topic but the source).
+    pub fn compile_plan(
+        origin: &str,
+        text: &str,
+        source_partitions: i32,
+    ) -> anyhow::Result<(String, Vec<TopicSpec>)> {
+        let manifests =
+            keystone_crds::parse_manifests(origin, text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pipeline = manifests.pipelines.first().context("no pipeline")?;
         let plan = keystone_crds::compile(pipeline, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut topics = Vec::new();
@@ -424,7 +455,7 @@ pub mod drive {
             .ok()
     }
 
-    fn alive(pid: u32) -> bool {
+    pub fn alive(pid: u32) -> bool {
         Path::new(&format!("/proc/{pid}")).exists()
     }
 

@@ -12,6 +12,7 @@ mod rng;
 mod runner;
 mod s8;
 mod scenario;
+mod search;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,8 @@ enum Command {
     /// Record S8 in the results: the runtime's RSS from S5's runs and the operator's
     /// RSS and reconcile latency measured by e2e/bench/s8-operator.sh.
     S8(s8::S8Args),
+    /// S9's ceiling: a plain bulk loader of the final documents into an index.
+    SearchCeiling(search::CeilingArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         Command::Load(args) => kafka::load(&args)?,
         Command::Ceiling(args) => kafka::ceiling(&args)?,
         Command::S8(args) => s8::record(&args)?,
+        Command::SearchCeiling(args) => search::ceiling(&args)?,
     }
     Ok(())
 }

@@ -65,6 +65,12 @@ pub struct RunRecord {
     pub latency_p50_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99_ms: Option<f64>,
+    /// S9: CPU seconds the OpenSearch process spent during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_cpu_s: Option<f64>,
+    /// S9: index actions the index answered (indexed + version conflicts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_actions: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! The scenarios S1-S8, their engines, inputs and targets (shared/BENCHMARKS.md).
+//! The scenarios S1-S9, their engines, inputs and targets (shared/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
@@ -18,9 +18,10 @@ pub enum Scenario {
     S6,
     S7,
     S8,
+    S9,
 }
 
-pub const ALL: [Scenario; 8] = [
+pub const ALL: [Scenario; 9] = [
     Scenario::S1,
     Scenario::S2,
     Scenario::S3,
@@ -29,6 +30,7 @@ pub const ALL: [Scenario; 8] = [
     Scenario::S6,
     Scenario::S7,
     Scenario::S8,
+    Scenario::S9,
 ];
 
 /// One engine configuration that runs a scenario.
@@ -42,6 +44,10 @@ pub enum Engine {
     FlinkKafka,
     /// Kafka mode (S5, S6): a KafkaStreams application against the broker.
     KafkaStreams,
+    /// S9: Flink 1.19 with flink-connector-kafka and flink-connector-opensearch2.
+    FlinkSearch,
+    /// S9: a plain bulk loader of the final documents (the index's ceiling).
+    BulkCeiling,
 }
 
 impl Engine {
@@ -53,6 +59,8 @@ impl Engine {
             Engine::KafkaStreamsTtd => "kafka-streams-ttd",
             Engine::FlinkKafka => "flink",
             Engine::KafkaStreams => "kafka-streams",
+            Engine::FlinkSearch => "flink",
+            Engine::BulkCeiling => "bulk-ceiling",
         }
     }
 }
@@ -74,7 +82,8 @@ impl Scenario {
             "S6" => Scenario::S6,
             "S7" => Scenario::S7,
             "S8" => Scenario::S8,
-            other => bail!("unknown scenario {other:?} (S1..S8 or all)"),
+            "S9" => Scenario::S9,
+            other => bail!("unknown scenario {other:?} (S1..S9 or all)"),
         })
     }
 
@@ -88,6 +97,7 @@ impl Scenario {
             Scenario::S6 => "S6",
             Scenario::S7 => "S7",
             Scenario::S8 => "S8",
+            Scenario::S9 => "S9",
         }
     }
 
@@ -103,6 +113,7 @@ impl Scenario {
             Scenario::S8 => {
                 "memory: runtime RSS at S2 steady state; operator RSS with 1,000 Pipelines"
             }
+            Scenario::S9 => "Kafka -> dedup, order, project -> OpenSearch bulk (idempotent writes)",
         }
     }
 
@@ -116,6 +127,7 @@ impl Scenario {
             Scenario::S6 => "loss vs S5 <= 15%; >= 3x Kafka Streams EOS v2",
             Scenario::S7 => "<= 0.2x Flink's p99",
             Scenario::S8 => "runtime <= 0.25x Flink; operator <= 50 MB, reconcile p99 < 1 s",
+            Scenario::S9 => ">= 2x Flink (OpenSearch connector); >= 0.8x the plain bulk ceiling",
         }
     }
 
@@ -132,6 +144,11 @@ impl Scenario {
         matches!(self, Scenario::S5 | Scenario::S6)
     }
 
+    /// S9: Kafka in, the testbed's OpenSearch out.
+    pub fn is_search(self) -> bool {
+        self == Scenario::S9
+    }
+
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
@@ -140,6 +157,9 @@ impl Scenario {
             }
             Scenario::S8 => {
                 "not recorded yet: `e2e/bench/s8-operator.sh OPERATOR_BINARY 1000 > s8.json` then `keystone-bench s8 --operator-json s8.json` (after S5)"
+            }
+            Scenario::S9 => {
+                "not run yet: `keystone-bench run --scenario S9` with the runner built with `--features kafka` and the testbed's Kafka and OpenSearch up (`eval \"$(e2e/testbed env)\"`)"
             }
             _ => "",
         }
@@ -157,6 +177,7 @@ impl Scenario {
             Scenario::S5 | Scenario::S6 | Scenario::S7 => {
                 vec![Engine::Keystone, Engine::FlinkKafka, Engine::KafkaStreams]
             }
+            Scenario::S9 => vec![Engine::Keystone, Engine::FlinkSearch, Engine::BulkCeiling],
             _ => Vec::new(),
         }
     }
@@ -170,6 +191,9 @@ impl Scenario {
             Scenario::S4 => vec![t(Engine::FlinkHeap, 4.0)],
             Scenario::S5 => vec![t(Engine::FlinkKafka, 3.0), t(Engine::KafkaStreams, 2.0)],
             Scenario::S6 => vec![t(Engine::KafkaStreams, 3.0)],
+            // The ceiling: Keystone's rate over the loader's, both as input events
+            // over the time to apply the same documents.
+            Scenario::S9 => vec![t(Engine::FlinkSearch, 2.0), t(Engine::BulkCeiling, 0.8)],
             _ => Vec::new(),
         }
     }
@@ -181,6 +205,7 @@ impl Scenario {
             Scenario::S3 => "s3-reorder.yaml",
             Scenario::S5 => "s5-kafka-dedup-project.yaml",
             Scenario::S6 => "s6-kafka-dedup-project.yaml",
+            Scenario::S9 => "s9-kafka-search.yaml",
             _ => "s4-join.yaml",
         };
         bench_dir.join("pipelines").join(file)
@@ -188,7 +213,7 @@ impl Scenario {
 
     pub fn input(self, data: &Dataset) -> PathBuf {
         match self {
-            Scenario::S3 => data.cdc.clone(),
+            Scenario::S3 | Scenario::S9 => data.cdc.clone(),
             _ => data.events.clone(),
         }
     }
