@@ -271,7 +271,11 @@ pub struct ElasticsearchSinkSpec {
     /// A CEL expression over the event that marks a delete: the document with
     /// the event's id is deleted (with the event's version when `versionField` is
     /// set). When unset, an event whose `op` field is the string `d` (the
-    /// Debezium convention) is a delete, if `op` reaches the sink.
+    /// Debezium convention) is a delete, if `op` reaches the sink. The index
+    /// remembers a deleted document's version for `index.gc_deletes` (60 s by
+    /// default): raise it through `indexSettings` when a replay (a restore or a
+    /// rollback) may reach further back, or the replay could bring a deleted
+    /// document back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub delete_when: Option<String>,
