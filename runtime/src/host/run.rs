@@ -264,7 +264,9 @@ pub(super) fn run(
             }
             step_result = core.process(partition, records);
         }
-        if step_result.is_ok() && !core.stopped {
+        // Timers wait while intake is stopped or held: a held-back event released
+        // now would go ahead of its predecessor, still unread in the topic.
+        if step_result.is_ok() && !core.stopped && !core.held {
             step_result = core.tick();
         }
         let control = controls.try_recv().ok();

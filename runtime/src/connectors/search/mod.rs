@@ -160,7 +160,7 @@ struct BulkTransport {
     worker: Worker,
     #[cfg(test)]
     metrics: Arc<SinkMetrics>,
-    /// One buffer per lane (one without lanes; see `worker`).
+    /// One buffer per lane (see `worker`).
     buffers: Vec<Buffer>,
     bulk_size: usize,
     bulk_bytes: usize,
@@ -213,7 +213,7 @@ impl SearchSink {
             versioned = config.versioned(),
             "search sink connected"
         );
-        let lanes = if config.versioned() { 1 } else { ORDERED_LANES };
+        let lanes = ORDERED_LANES;
         let transport = BulkTransport {
             index: config.index.clone(),
             worker,
