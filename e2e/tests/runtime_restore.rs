@@ -99,23 +99,6 @@ fn checkpoint(h: &Harness, instance: &str, query: &str) -> InstanceCheckpoint {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-fn wait_ready(h: &Harness, instance: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while h.http(instance, "GET", "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "{instance} never ready; see {}",
-            h.log(instance)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn metric(h: &Harness, instance: &str, name: &str) -> f64 {
-    let (_, metrics) = h.http(instance, "GET", "/metrics");
-    metric_value(&metrics, name).unwrap_or(0.0)
-}
-
 fn changelog_topic(h: &Harness) -> String {
     h.plan.stages[0].steps[0]
         .state
@@ -199,7 +182,7 @@ async fn a_checkpoint_covers_idle_partitions_and_is_the_groups_committed_offsets
     // latest offset never reads them, and its start must still be an offset.
     produce_to_partition(&p, &source, 3, 3);
     h.start("a", &[]);
-    wait_ready(&h, "a");
+    h.wait_ready("a");
     h.wait_for_partitions(&["a"]);
     // The assignment fetched its start offsets before anything new arrives.
     std::thread::sleep(Duration::from_secs(2));
@@ -251,7 +234,7 @@ async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
     let source = h.plan.source.topic.clone();
     let p = producer(&h.bootstrap);
     h.start("a", &[]);
-    wait_ready(&h, "a");
+    h.wait_ready("a");
     let half = input.len() / 2;
     produce(&p, &source, &input[..half]);
     std::thread::sleep(Duration::from_secs(3));
@@ -265,7 +248,7 @@ async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
         half,
         "the stop's checkpoint covers everything consumed: {stopped:?}"
     );
-    assert_eq!(metric(&h, "a", "keystone_runtime_stopped"), 1.0);
+    assert_eq!(h.metric("a", "keystone_runtime_stopped"), 1.0);
     assert_eq!(
         h.http("a", "GET", "/readyz").0,
         200,
@@ -298,7 +281,7 @@ async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
 
     let (status, body) = h.http("a", "POST", "/resume");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(metric(&h, "a", "keystone_runtime_stopped"), 0.0);
+    assert_eq!(h.metric("a", "keystone_runtime_stopped"), 0.0);
     let records = read_committed(
         &h.bootstrap,
         &h.sink_topic(),
@@ -345,11 +328,11 @@ async fn a_restore_rewinds_input_and_dedup_state_once() {
         "{counts:?}"
     );
     assert_eq!(
-        metric(&h, "a", "keystone_restore_applied_partitions_total"),
+        h.metric("a", "keystone_restore_applied_partitions_total"),
         2.0
     );
     assert_eq!(
-        metric(&h, "a", "keystone_restore_compensation_records_total"),
+        h.metric("a", "keystone_restore_compensation_records_total"),
         10.0,
         "one tombstone per key added after the checkpoint"
     );
@@ -365,7 +348,7 @@ async fn a_restore_rewinds_input_and_dedup_state_once() {
     let checkpoint_after = checkpoint(&h, "a", "");
     h.kill("a");
     start_with_restore(&mut h, "a", &plan);
-    wait_ready(&h, "a");
+    h.wait_ready("a");
     produce(&p, &source, &ids(30..32));
     let counts = sink_counts(&h, 42);
     assert_eq!(
@@ -375,7 +358,7 @@ async fn a_restore_rewinds_input_and_dedup_state_once() {
         h.log("a")
     );
     assert_eq!(
-        metric(&h, "a", "keystone_restore_applied_partitions_total"),
+        h.metric("a", "keystone_restore_applied_partitions_total"),
         0.0
     );
     let resumed = checkpoint(&h, "a", "");
@@ -398,9 +381,9 @@ async fn an_empty_state_restore_forgets_every_key() {
         None,
     );
     start_with_restore(&mut h, "a", &plan);
-    wait_ready(&h, "a");
+    h.wait_ready("a");
     assert_eq!(
-        metric(&h, "a", "keystone_restore_compensation_records_total"),
+        h.metric("a", "keystone_restore_compensation_records_total"),
         20.0
     );
     // Without state, the same ids pass again.
@@ -440,7 +423,7 @@ async fn a_suppressed_replay_delivers_every_event_exactly_once() {
         h.log("a")
     );
     assert_eq!(
-        metric(&h, "a", "keystone_replay_suppressed_records_total"),
+        h.metric("a", "keystone_replay_suppressed_records_total"),
         10.0
     );
     // The replay went through to the end: nothing is left to consume.

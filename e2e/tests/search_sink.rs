@@ -372,23 +372,6 @@ fn assert_running(h: &mut Harness, logs: &str) {
     }
 }
 
-fn wait_ready(h: &Harness, instance: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while h.http(instance, "GET", "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "{instance} never ready; see {}",
-            h.log(instance)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn metric(h: &Harness, instance: &str, name: &str) -> f64 {
-    let (_, metrics) = h.http(instance, "GET", "/metrics");
-    metric_value(&metrics, name).unwrap_or(0.0)
-}
-
 const VERSION_CONFLICTS: &str = r#"keystone_sink_items_total{result="version_conflict""#;
 
 fn logs(h: &Harness, instances: &[&str]) -> String {
@@ -540,7 +523,7 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
     // stopped and started again from the checkpoint.
     wait_caught_up(&mut h, partitions, &logs);
     for instance in instances {
-        wait_ready(&h, instance);
+        h.wait_ready(instance);
     }
     h.wait_for_partitions(&instances);
     let at = stage_checkpoint(&h, &instances, partitions, checkpoint_at);
@@ -590,7 +573,7 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
     }
     let applied: f64 = instances
         .iter()
-        .map(|i| metric(&h, i, "keystone_restore_applied_partitions_total"))
+        .map(|i| h.metric(i, "keystone_restore_applied_partitions_total"))
         .sum();
     assert!(
         applied >= partitions as f64,
@@ -613,7 +596,7 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
         .count();
     let conflicts: f64 = instances
         .iter()
-        .map(|i| metric(&h, i, VERSION_CONFLICTS))
+        .map(|i| h.metric(i, VERSION_CONFLICTS))
         .sum();
     assert!(replayed > 0, "the rollback replays nothing: a useless test");
     assert!(
@@ -740,7 +723,7 @@ spec:
     assert_eq!(docs, expected, "every other document; logs: {logs}");
     assert_eq!(os.count(&index).await.expect("count"), 39);
     assert!(
-        metric(&h, "a", r#"keystone_sink_items_total{result="failed""#) >= 1.0,
+        h.metric("a", r#"keystone_sink_items_total{result="failed""#) >= 1.0,
         "the refused item is counted"
     );
 }
@@ -749,10 +732,15 @@ spec:
 // 3. OpenSearch down for 30 s mid-stream
 // ---------------------------------------------------------------------------
 
-/// Samples `/readyz` of a port until stopped: the answers that were not 200.
+/// `/readyz` answers that were not 200: when (since the watch started), the
+/// status and the body.
+type NotReady = Vec<(Duration, u16, String)>;
+
+/// Samples `/readyz` of a port until stopped: how many samples, and the answers
+/// that were not 200.
 struct ReadinessWatch {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(usize, Vec<(Duration, u16, String)>)>,
+    thread: std::thread::JoinHandle<(usize, NotReady)>,
 }
 
 impl ReadinessWatch {
@@ -775,7 +763,7 @@ impl ReadinessWatch {
         Self { stop, thread }
     }
 
-    fn finish(self) -> (usize, Vec<(Duration, u16, String)>) {
+    fn finish(self) -> (usize, NotReady) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
     }
@@ -798,7 +786,7 @@ async fn opensearch_outage(prefix: &str, version_field: Option<&str>) {
     let total = cdc.records.len();
 
     h.start("a", &[]);
-    wait_ready(&h, "a");
+    h.wait_ready("a");
     let watch = ReadinessWatch::start(h.ports["a"]);
 
     // About 60 s of input in 40 chunks; OpenSearch goes away after ~15 s.
@@ -830,7 +818,7 @@ async fn opensearch_outage(prefix: &str, version_field: Option<&str>) {
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped_at.elapsed())).await;
     let still = committed(&h, partitions);
     let ends_later = end_offsets(&h, &source, partitions);
-    let retries = metric(&h, "a", "keystone_sink_retries_total");
+    let retries = h.metric("a", "keystone_sink_retries_total");
     os.start().await.expect("e2e/testbed start opensearch");
     let outage = stopped_at.elapsed();
 

@@ -139,6 +139,8 @@ struct Ctx<'a> {
     runtime_bin: PathBuf,
     flink_cp: Option<String>,
     kstreams_cp: Option<String>,
+    /// The S9 Flink peer's class path; only the Kafka-mode scenarios use it.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     flink_search_cp: Option<String>,
     scratch: PathBuf,
 }

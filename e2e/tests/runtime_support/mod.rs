@@ -231,6 +231,25 @@ impl Harness {
         http_request(port, method, path)
     }
 
+    /// Waits up to [`TIMEOUT`] for the instance's `/readyz` to answer 200.
+    pub fn wait_ready(&self, instance: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.http(instance, "GET", "/readyz").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "{instance} never ready; see {}",
+                self.log(instance)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The sum of a metric's samples in the instance's `/metrics` (0 when absent).
+    pub fn metric(&self, instance: &str, name: &str) -> f64 {
+        let (_, metrics) = self.http(instance, "GET", "/metrics");
+        metric_value(&metrics, name).unwrap_or(0.0)
+    }
+
     pub fn sink_topic(&self) -> String {
         self.plan.sinks[0]
             .spec
