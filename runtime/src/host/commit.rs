@@ -302,6 +302,9 @@ impl Core {
             });
         }
         self.commit_settled(consumer)?;
+        // The sealed epoch's offsets may commit only later, once acknowledged:
+        // a two-phase sink (none yet) must publish per epoch, after that commit,
+        // rather than here. Idempotent sinks publish nothing.
         self.publish_sinks()?;
         Ok(Prepared::Ready)
     }
