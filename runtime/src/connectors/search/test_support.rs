@@ -145,6 +145,8 @@ pub(super) enum Failure {
     /// HTTP 200 to a bulk request, every item refused with 429 (a full write
     /// queue), as a busy cluster answers.
     RejectItems,
+    /// HTTP 413: the request is larger than the cluster's http.max_content_length.
+    TooLarge,
 }
 
 /// A TCP proxy to the cluster that fails its first `fail_first` connections
@@ -229,6 +231,10 @@ async fn fail(client: &mut tokio::net::TcpStream, failure: Failure) -> std::io::
         Failure::Unavailable => (
             "503 Service Unavailable",
             r#"{"error":"the proxy is failing on purpose"}"#.to_owned(),
+        ),
+        Failure::TooLarge => (
+            "413 Request Entity Too Large",
+            r#"{"error":"the proxy finds every request too large"}"#.to_owned(),
         ),
         Failure::RejectItems => {
             let actions = received[head_end..]

@@ -385,6 +385,40 @@ fn requests_answered_503_are_sent_again_until_they_succeed() {
 }
 
 #[test]
+fn a_request_too_large_is_sent_in_halves_and_a_document_too_large_is_dead_lettered() {
+    let Some(url) = opensearch_url() else { return };
+    let cluster = Cluster::new(&url);
+    // 413 to the 4-document request, to its first half (2) and to that half's
+    // first document; everything after is forwarded.
+    let proxy = Proxy::start(0, cluster.address(), 3, Failure::TooLarge);
+    let index = unique_index("too-large");
+    let _cleanup = cluster.cleanup(&index);
+    let mut spec = search_spec(&format!("http://127.0.0.1:{}", proxy.port), &index);
+    spec.bulk_size = 4;
+    // No index check first (the proxy answers 413 to anything): the cluster
+    // creates the index on the first write.
+    spec.create_index = false;
+    let plan = test_sink("large", spec, orders_schema());
+    let registry = prometheus::Registry::new();
+    let mut sink = connect(fast_config(&plan), &registry);
+    // One id: one lane, so the four writes go out as one request, in order.
+    let events: Vec<Event> = (0..4)
+        .map(|n| event(&format!(r#"{{"id":"x","n":{n}}}"#)))
+        .collect();
+    assert!(write_all(&mut sink, &events).is_empty());
+    let dead = prepare_until_ready(&mut sink, Duration::from_secs(60));
+    assert_eq!(proxy.failed.load(Ordering::SeqCst), 3);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("HTTP 413"), "{}", dead[0].reason);
+    assert_eq!(dead[0].original, events[0].raw);
+    // The other three went through, in order: the last write wins.
+    assert_eq!(cluster.doc(&index, "x").unwrap().0["n"].as_i64(), Some(3));
+    let metrics = sink.metrics().unwrap();
+    assert_eq!(metrics.items_of(ItemResult::Failed), 1);
+    assert!(!sink.backpressured());
+}
+
+#[test]
 fn the_sink_catches_up_when_the_cluster_appears() {
     let Some(url) = opensearch_url() else { return };
     let cluster = Cluster::new(&url);

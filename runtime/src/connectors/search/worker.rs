@@ -361,7 +361,16 @@ async fn deliver(context: Arc<Context>, batch: Batch) {
     } = batch;
     let mut dead_letters = Vec::new();
     let mut backoff = context.backoff.build();
-    while !actions.is_empty() {
+    // Parts of the batch to send after the current one, last first: a request
+    // the cluster finds too large is sent again in halves, in order.
+    let mut later: Vec<Vec<Action>> = Vec::new();
+    loop {
+        if actions.is_empty() {
+            match later.pop() {
+                Some(part) => actions = part,
+                None => break,
+            }
+        }
         let body: Vec<u8> = actions
             .iter()
             .flat_map(|a| a.ndjson.iter().copied())
@@ -370,6 +379,37 @@ async fn deliver(context: Arc<Context>, batch: Batch) {
         let started = Instant::now();
         let outcomes = match context.client.bulk(body, actions.len()).await {
             Ok(outcomes) => outcomes,
+            Err(failure) if failure.status == Some(413) => {
+                // Larger than the cluster takes in one request (its
+                // http.max_content_length): retrying the same bytes would stall
+                // the sink for good. Halve it; a single document too large
+                // becomes a dead letter.
+                context.metrics.retry(failure.reason, 1);
+                if actions.len() > 1 {
+                    let rest = actions.split_off(actions.len() / 2);
+                    later.push(rest);
+                    tracing::info!(
+                        sink = %context.sink,
+                        index = %context.index,
+                        documents = actions.len() * 2,
+                        "the bulk request is too large for the cluster (413): sending it in halves"
+                    );
+                    continue;
+                }
+                for action in actions.drain(..) {
+                    context.shared.in_flight.sub(action.ndjson.len() as u64);
+                    context.metrics.item(ItemResult::Failed);
+                    dead_letters.push(DeadLetter {
+                        step: context.step.clone(),
+                        reason: format!(
+                            "search index {} refused the document: it is larger than the cluster accepts in one request (HTTP 413, http.max_content_length)",
+                            context.index
+                        ),
+                        original: action.original,
+                    });
+                }
+                continue;
+            }
             Err(failure) => {
                 if failure.status.is_some() {
                     context
