@@ -402,9 +402,20 @@ pub fn group_offsets(h: &Harness, partitions: i32) -> BTreeMap<i32, (i64, String
     for partition in 0..partitions {
         tpl.add_partition(&stage.input.topic, partition);
     }
-    consumer
-        .committed_offsets(tpl, TIMEOUT)
-        .unwrap()
+    // A coordinator still loading (a fresh broker, a group just created)
+    // answers with a retriable error: ask again until TIMEOUT.
+    let deadline = Instant::now() + TIMEOUT;
+    let committed = loop {
+        match consumer.committed_offsets(tpl.clone(), TIMEOUT) {
+            Ok(committed) => break committed,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("reading the group's committed offsets: {error}; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => panic!("reading the group's committed offsets: {error}"),
+        }
+    };
+    committed
         .elements()
         .iter()
         .filter_map(|e| match e.offset() {
