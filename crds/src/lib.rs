@@ -14,6 +14,7 @@ pub mod plan;
 pub mod processor;
 pub mod schema;
 pub mod upgrade;
+pub mod validate;
 
 pub use check::{ContractError, ContractErrors, ErrorKind, check_processor, compile};
 pub use duration::Duration;

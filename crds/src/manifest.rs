@@ -1,12 +1,12 @@
 //! Reading Pipeline and Processor manifests from YAML, with errors that say
 //! where: the line and column of a syntax or type error, the path of an unknown field.
 
-use kube::CustomResourceExt;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::pipeline::Pipeline;
 use crate::processor::Processor;
+use crate::validate::validate;
 
 /// Everything read from one or more manifest files.
 #[derive(Clone, Debug, Default)]
@@ -73,9 +73,11 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Manifests, ManifestErro
                 "apiVersion is {api_version:?}, expected {API_VERSION:?} (kind {kind:?})"
             )));
         }
-        let unknown = match kind {
-            "Pipeline" => unknown_fields(&json, &crd_schema(&Pipeline::crd())),
-            "Processor" => unknown_fields(&json, &crd_schema(&Processor::crd())),
+        let unknown: Vec<String> = match kind {
+            "Pipeline" | "Processor" => validate(kind, &json)
+                .into_iter()
+                .map(|violation| violation.path)
+                .collect(),
             other => {
                 return Err(doc_error(format!(
                     "kind {other:?} is not a Keystone kind: expected Pipeline or Processor"
@@ -130,68 +132,6 @@ fn serde_path_to_error<T: serde::de::DeserializeOwned>(
     value: &serde_yaml_ng::Value,
 ) -> Result<T, String> {
     T::deserialize(value.clone()).map_err(|e| e.to_string())
-}
-
-fn crd_schema(
-    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-) -> Json {
-    crd.spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-        .unwrap_or(Json::Null)
-}
-
-/// Paths of fields in `value` that the structural `schema` does not define, as the
-/// API server's strict field validation would report them.
-pub fn unknown_fields(value: &Json, schema: &Json) -> Vec<String> {
-    let mut unknown = Vec::new();
-    walk(value, schema, "", &mut unknown);
-    unknown
-}
-
-fn walk(value: &Json, schema: &Json, path: &str, unknown: &mut Vec<String>) {
-    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Json::Bool(true)) {
-        return;
-    }
-    match value {
-        Json::Object(map) => {
-            let properties = schema.get("properties").and_then(Json::as_object);
-            let additional = schema.get("additionalProperties");
-            for (key, child) in map {
-                let child_path = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                if path.is_empty() && (key == "apiVersion" || key == "kind" || key == "metadata") {
-                    continue;
-                }
-                match (properties.and_then(|p| p.get(key)), additional) {
-                    (Some(child_schema), _) => walk(child, child_schema, &child_path, unknown),
-                    (None, Some(Json::Object(additional_schema))) => walk(
-                        child,
-                        &Json::Object(additional_schema.clone()),
-                        &child_path,
-                        unknown,
-                    ),
-                    (None, Some(Json::Bool(true))) => {}
-                    (None, _) if properties.is_none() && additional.is_none() => {}
-                    (None, _) => unknown.push(child_path),
-                }
-            }
-        }
-        Json::Array(items) => {
-            if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    walk(item, item_schema, &format!("{path}[{i}]"), unknown);
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]
