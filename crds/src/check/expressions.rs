@@ -2,40 +2,126 @@
 
 use std::collections::BTreeSet;
 
-/// Names of comprehension variables (`items.all(x, ...)`), which CEL reports as
-/// references but which are not event fields.
-fn comprehension_variables(expression: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for macro_name in ["all(", "exists(", "exists_one(", "map(", "filter("] {
-        for (index, _) in expression.match_indices(macro_name) {
-            let preceded_by_dot = expression[..index].trim_end().ends_with('.');
-            if !preceded_by_dot {
-                continue;
-            }
-            let rest = &expression[index + macro_name.len()..];
-            if let Some((var, _)) = rest.split_once(',') {
-                let var = var.trim();
-                if !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    names.insert(var.to_owned());
-                }
-            }
-        }
-    }
-    names
-}
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
 
 /// The top-level names a CEL expression reads, or the parse error.
 pub fn expression_variables(expression: &str) -> Result<BTreeSet<String>, String> {
     let program = cel::Program::compile(expression).map_err(|e| e.to_string())?;
-    let iter_vars = comprehension_variables(expression);
-    Ok(program
-        .references()
-        .variables()
-        .into_iter()
-        .filter(|name| !iter_vars.contains(*name))
-        .map(str::to_owned)
-        .collect())
+    Ok(free_variables(program.expression()))
+}
+
+/// The names an expression reads that no comprehension in it binds: the
+/// variables of `all`, `exists`, `map`, ... are in scope only in their macro.
+pub(crate) fn free_variables(expression: &IdedExpr) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    collect(expression, &mut Vec::new(), &mut names);
+    names
+}
+
+fn collect<'e>(expression: &'e IdedExpr, bound: &mut Vec<&'e str>, names: &mut BTreeSet<String>) {
+    match &expression.expr {
+        Expr::Ident(name) => {
+            // `@`-names are the accumulators macros introduce.
+            if !name.starts_with('@') && !bound.contains(&name.as_str()) {
+                names.insert(name.clone());
+            }
+        }
+        Expr::Select(select) => collect(&select.operand, bound, names),
+        Expr::Call(call) => {
+            if let Some(target) = &call.target {
+                collect(target, bound, names);
+            }
+            for arg in &call.args {
+                collect(arg, bound, names);
+            }
+        }
+        Expr::List(list) => {
+            for element in &list.elements {
+                collect(element, bound, names);
+            }
+        }
+        Expr::Map(map) => {
+            for entry in &map.entries {
+                match &entry.expr {
+                    EntryExpr::MapEntry(entry) => {
+                        collect(&entry.key, bound, names);
+                        collect(&entry.value, bound, names);
+                    }
+                    EntryExpr::StructField(field) => collect(&field.value, bound, names),
+                }
+            }
+        }
+        Expr::Struct(structure) => {
+            for entry in &structure.entries {
+                match &entry.expr {
+                    EntryExpr::MapEntry(entry) => {
+                        collect(&entry.key, bound, names);
+                        collect(&entry.value, bound, names);
+                    }
+                    EntryExpr::StructField(field) => collect(&field.value, bound, names),
+                }
+            }
+        }
+        Expr::Comprehension(comprehension) => {
+            // The range and the start are evaluated outside the loop's scope.
+            collect(&comprehension.iter_range, bound, names);
+            collect(&comprehension.accu_init, bound, names);
+            let scope = bound.len();
+            bound.push(&comprehension.accu_var);
+            collect(&comprehension.result, bound, names);
+            bound.push(&comprehension.iter_var);
+            if let Some(second) = &comprehension.iter_var2 {
+                bound.push(second);
+            }
+            collect(&comprehension.loop_cond, bound, names);
+            collect(&comprehension.loop_step, bound, names);
+            bound.truncate(scope);
+        }
+        Expr::Literal(_) | Expr::Unspecified => {}
+    }
 }
 
 /// The variable that holds the whole event in expressions.
 pub const EVENT_VARIABLE: &str = "event";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variables(expression: &str) -> Vec<String> {
+        expression_variables(expression)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn fields_and_the_roots_of_selections() {
+        assert_eq!(
+            variables("amount > 1 && customer.tier == 'gold'"),
+            ["amount", "customer"]
+        );
+        assert_eq!(variables("event['order-id'] == 1"), ["event"]);
+    }
+
+    #[test]
+    fn comprehension_variables_are_scoped_to_their_macro() {
+        assert_eq!(variables("tags.exists(t, t == 'vip')"), ["tags"]);
+        // The same name outside the macro is a field.
+        assert_eq!(
+            variables("tags.exists(t, t == 'vip') && t > 1"),
+            ["t", "tags"]
+        );
+        // The range is read outside the macro's scope.
+        assert_eq!(variables("x.all(x, x > 0)"), ["x"]);
+        assert_eq!(
+            variables("items.map(i, i.qty * price).all(v, v < limit)"),
+            ["items", "limit", "price"]
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_returned() {
+        assert!(expression_variables("amount >").is_err());
+    }
+}

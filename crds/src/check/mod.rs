@@ -20,6 +20,7 @@ mod sinks;
 mod stages;
 mod steps;
 mod topics;
+mod typing;
 
 pub use contracts::check_processor;
 pub use expressions::{EVENT_VARIABLE, expression_variables};

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::expressions::{EVENT_VARIABLE, expression_variables};
+use super::expressions::EVENT_VARIABLE;
+use super::typing::Usage;
 use super::{Checker, ErrorKind, StreamState, key_set, show_key, show_set};
 use crate::pipeline::{ElasticsearchSinkSpec, SinkKind, SinkSpec};
 use crate::plan::{Partitions, PlanSink, PlanTopic, TopicRole};
@@ -368,8 +369,8 @@ impl Checker<'_> {
         }
     }
 
-    /// `deleteWhen` parses as CEL and reads only what reaches the sink: its
-    /// top-level fields, or the whole event as `event`.
+    /// `deleteWhen` parses as CEL, can be a bool, and reads only what reaches
+    /// the sink: its top-level fields, or the whole event as `event`.
     fn check_delete_when(
         &mut self,
         expression: &str,
@@ -377,29 +378,28 @@ impl Checker<'_> {
         path: &str,
         sink: &str,
     ) {
-        match expression_variables(expression) {
-            Err(parse_error) => self.error(
-                ErrorKind::InvalidExpression,
+        let usage = Usage::Condition {
+            subject: "deleteWhen",
+            need: "it must be a bool that says whether the event is a delete",
+            example: "== \"d\"",
+        };
+        let Some(variables) = self.check_expression(expression, &stream.schema, usage, path, sink)
+        else {
+            return;
+        };
+        for variable in variables {
+            if stream.schema.get(&variable).is_some() || variable == EVENT_VARIABLE {
+                continue;
+            }
+            self.error(
+                ErrorKind::MissingField,
                 path,
                 Some(sink),
-                format!("the CEL expression does not parse: {}", parse_error.trim()),
-            ),
-            Ok(variables) => {
-                for variable in variables {
-                    if stream.schema.get(&variable).is_some() || variable == EVENT_VARIABLE {
-                        continue;
-                    }
-                    self.error(
-                        ErrorKind::MissingField,
-                        path,
-                        Some(sink),
-                        format!(
-                            "needs field {variable:?} for deleteWhen, but it does not reach the sink; available: {}",
-                            stream.schema.describe()
-                        ),
-                    );
-                }
-            }
+                format!(
+                    "needs field {variable:?} for deleteWhen, but it does not reach the sink; available: {}",
+                    stream.schema.describe()
+                ),
+            );
         }
     }
 

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::contracts::{check_processor, derived_state_key, operator_count_message};
-use super::expressions::{EVENT_VARIABLE, expression_variables};
+use super::expressions::EVENT_VARIABLE;
+use super::typing::Usage;
 use super::{Checker, ErrorKind, Requirement, StepContract, StreamState, key_set, show_key};
 use crate::ops::{Operator, OperatorSpec};
 use crate::pipeline::StepSpec;
@@ -103,6 +104,11 @@ impl<'a> Checker<'a> {
                 self.expression_requirements(
                     &f.expression,
                     stream,
+                    Usage::Condition {
+                        subject: "the filter expression",
+                        need: "a filter needs a bool",
+                        example: "== \"x\"",
+                    },
                     &format!("{path}.filter.expression"),
                     &step.name,
                     &mut need,
@@ -113,6 +119,10 @@ impl<'a> Checker<'a> {
                     self.expression_requirements(
                         &field.expression,
                         stream,
+                        Usage::MapField {
+                            name: &field.name,
+                            declared: field.field_type,
+                        },
                         &format!("{path}.map.fields[{i}].expression"),
                         &step.name,
                         &mut need,
@@ -222,29 +232,27 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Checks an expression against the stream that reaches the step (see
+    /// [`Checker::check_expression`]) and requires the fields it reads.
+    #[allow(clippy::too_many_arguments)]
     fn expression_requirements(
         &mut self,
         expression: &str,
         stream: &StreamState,
+        usage: Usage<'_>,
         path: &str,
         step: &str,
         need: &mut impl FnMut(&str, FieldType, String),
     ) {
-        match expression_variables(expression) {
-            Err(parse_error) => self.error(
-                ErrorKind::InvalidExpression,
-                path,
-                Some(step),
-                format!("the CEL expression does not parse: {}", parse_error.trim()),
-            ),
-            Ok(variables) => {
-                for variable in variables {
-                    if variable == EVENT_VARIABLE && stream.schema.get(EVENT_VARIABLE).is_none() {
-                        continue;
-                    }
-                    need(&variable, FieldType::Any, "the expression".to_owned());
-                }
+        let Some(variables) = self.check_expression(expression, &stream.schema, usage, path, step)
+        else {
+            return;
+        };
+        for variable in variables {
+            if variable == EVENT_VARIABLE && stream.schema.get(EVENT_VARIABLE).is_none() {
+                continue;
             }
+            need(&variable, FieldType::Any, "the expression".to_owned());
         }
     }
 
