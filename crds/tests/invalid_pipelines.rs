@@ -849,3 +849,115 @@ fn all_errors_are_reported_not_only_the_first() {
         ]
     );
 }
+
+#[test]
+fn filter_expression_that_is_not_a_bool() {
+    assert_errors(
+        &with_steps("    - name: f\n      filter: {expression: 'amount + 1'}\n"),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].filter.expression (f): the filter expression is int (amount + 1), but a filter needs a bool; compare it, for example amount + 1 > 0",
+        )],
+    );
+    assert_errors(
+        &with_steps("    - name: f\n      filter: {expression: 'seq > 1 ? note : \"\"'}\n"),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].filter.expression (f): the filter expression is string (seq > 1 ? note : \"\"), but a filter needs a bool; compare it, for example (seq > 1 ? note : \"\") == \"x\"",
+        )],
+    );
+}
+
+#[test]
+fn map_field_whose_expression_is_not_its_declared_type() {
+    assert_errors(
+        &with_steps(
+            "    - name: m\n      map: {fields: [{name: next, expression: 'seq + 1', type: string}, {name: cents, expression: 'amount * 100.0', type: integer}, {name: span, expression: 'duration(\"1h\")', type: any}]}\n",
+        ),
+        &[
+            (
+                ErrorKind::WrongType,
+                "spec.steps[0].map.fields[0].expression (m): map field \"next\" is declared string, but its expression is int (seq + 1); declare the field integer, or convert the result with string()",
+            ),
+            (
+                ErrorKind::WrongType,
+                "spec.steps[0].map.fields[1].expression (m): map field \"cents\" is declared integer, but its expression is double (amount * 100.0); declare the field number, or convert the result with int()",
+            ),
+            (
+                ErrorKind::WrongType,
+                "spec.steps[0].map.fields[2].expression (m): map field \"span\" is declared any, but its expression is duration (duration(\"1h\")); durations and bytes have no JSON form; convert it with string()",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn expression_part_that_always_fails() {
+    assert_errors(
+        &with_steps(
+            "    - name: f\n      filter: {expression: 'note + 1 > 0 || !amount'}\n    - name: m\n      map: {fields: [{name: n, expression: 'seq * 1.5', type: number}]}\n",
+        ),
+        &[
+            (
+                ErrorKind::InvalidExpression,
+                "spec.steps[0].filter.expression (f): the CEL expression fails whenever it evaluates `note + 1`: + does not apply to string and int",
+            ),
+            (
+                ErrorKind::InvalidExpression,
+                "spec.steps[0].filter.expression (f): the CEL expression fails whenever it evaluates `!amount`: ! needs a bool, not int or double",
+            ),
+            (
+                ErrorKind::InvalidExpression,
+                "spec.steps[1].map.fields[0].expression (m): the CEL expression fails whenever it evaluates `seq * 1.5`: * does not apply to int and double; CEL does not mix numeric types: convert one side with int(), uint() or double()",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn search_delete_when_that_is_not_a_bool() {
+    assert_errors(
+        &to_search(
+            &with_fields("        - {name: op, type: string}\n"),
+            "index: orders, idFields: [order_id], deleteWhen: 'op'",
+        ),
+        &[(
+            ErrorKind::WrongType,
+            "spec.sinks[0].elasticsearch.deleteWhen (out): deleteWhen is string (op), but it must be a bool that says whether the event is a delete; compare it, for example op == \"d\"",
+        )],
+    );
+}
+
+#[test]
+fn typed_expressions_that_hold() {
+    // Each of these can be what its step needs at run time, so none is refused:
+    // numbers of any kind compare, an int is a timestamp (epoch milliseconds),
+    // a nullable result may still be the declared type, and unknown members of
+    // open objects are not typed.
+    let pipeline = with_fields(
+        "        - {name: op, type: string}\n        - {name: tags, type: array}\n        - {name: shipping.city, type: string, optional: true}\n",
+    );
+    let pipeline = pipeline.replace(
+        "  sinks:\n",
+        concat!(
+            "    - name: f\n      filter: {expression: 'tags.exists(t, t == \"vip\") && size(note) > 0 && (amount > 10 || seq % 2 == 0) && event.amount >= 0.5'}\n",
+            "    - name: m\n      map:\n        fields:\n",
+            "          - {name: cents, expression: 'amount * 100.0', type: number}\n",
+            "          - {name: day, expression: 'ts / 86400000', type: integer}\n",
+            "          - {name: at, expression: 'ts', type: timestamp}\n",
+            "          - {name: seen, expression: 'timestamp(\"2024-01-01T00:00:00Z\")', type: timestamp}\n",
+            "          - {name: label, expression: 'order_id + \"/\" + string(seq)', type: string}\n",
+            "          - {name: city, expression: 'shipping.city', type: string}\n",
+            "          - {name: vip, expression: 'note == \"\" ? null : true', type: boolean}\n",
+            "          - {name: doubled, expression: 'tags.map(t, t)', type: array}\n",
+            "          - {name: extra, expression: 'shipping.unlisted', type: integer}\n",
+            "  sinks:\n",
+        ),
+    );
+    let pipeline = to_search(
+        &pipeline,
+        "index: orders, idFields: [order_id], deleteWhen: 'event.op == \"d\" || day < 0'",
+    );
+    let pipelines = parse_manifests("pipeline.yaml", &pipeline).unwrap_or_else(|e| panic!("{e}"));
+    compile(&pipelines.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -69,24 +69,29 @@ impl Checker<'_> {
                 path,
                 Some(subject),
                 format!(
-                    "the CEL expression fails whenever it evaluates {}: {}",
+                    "the CEL expression fails whenever it evaluates `{}`: {}",
                     failure.at, failure.why
                 ),
             );
         }
-        if let Some(problem) = result_problem(root, &typed.result, usage) {
+        if let Some(problem) = result_problem(expression.trim(), root, &typed.result, usage) {
             self.error(ErrorKind::WrongType, path, Some(subject), problem);
         }
         Some(free_variables(root))
     }
 }
 
-/// Why a result of type `result` can never serve `usage`, if it cannot.
-fn result_problem(root: &IdedExpr, result: &Type, usage: Usage<'_>) -> Option<String> {
+/// Why a result of type `result` can never serve `usage`, if it cannot;
+/// `source` is the expression as written, `root` as parsed.
+fn result_problem(
+    source: &str,
+    root: &IdedExpr,
+    result: &Type,
+    usage: Usage<'_>,
+) -> Option<String> {
     if result.is_dynamic() || result.is_empty() {
         return None;
     }
-    let source = show(root);
     match usage {
         Usage::Condition {
             subject,
@@ -101,7 +106,7 @@ fn result_problem(root: &IdedExpr, result: &Type, usage: Usage<'_>) -> Option<St
                 Expr::Call(call) if call.func_name == operators::CONDITIONAL => {
                     format!("({source})")
                 }
-                _ => source.clone(),
+                _ => source.to_owned(),
             };
             let hint = if result.is_numeric() {
                 format!("compare it, for example {operand} > 0")
@@ -1021,9 +1026,13 @@ fn show(expression: &IdedExpr) -> String {
         },
         Expr::Ident(name) => name.clone(),
         Expr::Select(select) if select.test => {
-            format!("has({}.{})", operand(&select.operand), select.field)
+            format!(
+                "has({}.{})",
+                operand(&select.operand, POSTFIX),
+                select.field
+            )
         }
-        Expr::Select(select) => format!("{}.{}", operand(&select.operand), select.field),
+        Expr::Select(select) => format!("{}.{}", operand(&select.operand, POSTFIX), select.field),
         Expr::Call(call) => show_call(call),
         Expr::List(list) => {
             let items: Vec<String> = list.elements.iter().map(show).collect();
@@ -1051,7 +1060,7 @@ fn show(expression: &IdedExpr) -> String {
             };
             format!(
                 "{}.{name}({}, …)",
-                operand(&comprehension.iter_range),
+                operand(&comprehension.iter_range, POSTFIX),
                 comprehension.iter_var
             )
         }
@@ -1065,23 +1074,27 @@ fn show_call(call: &CallExpr) -> String {
     match (call.func_name.as_str(), &call.target, args.len()) {
         (operators::CONDITIONAL, None, 3) => format!(
             "{} ? {} : {}",
-            operand(&args[0]),
-            operand(&args[1]),
-            operand(&args[2])
+            operand(&args[0], CONDITIONAL + 1),
+            operand(&args[1], CONDITIONAL + 1),
+            operand(&args[2], CONDITIONAL)
         ),
-        (operators::INDEX, None, 2) => format!("{}[{}]", operand(&args[0]), show(&args[1])),
-        (operators::LOGICAL_NOT, None, 1) => format!("!{}", operand(&args[0])),
-        (operators::NEGATE, None, 1) => format!("-{}", operand(&args[0])),
+        (operators::INDEX, None, 2) => {
+            format!("{}[{}]", operand(&args[0], POSTFIX), show(&args[1]))
+        }
+        (operators::LOGICAL_NOT, None, 1) => format!("!{}", operand(&args[0], UNARY)),
+        (operators::NEGATE, None, 1) => format!("-{}", operand(&args[0], UNARY)),
         (name, None, 2) if binary_symbol(name) != "?" => format!(
             "{} {} {}",
-            operand(&args[0]),
+            operand(&args[0], call_precedence(call)),
             binary_symbol(name),
-            operand(&args[1])
+            operand(&args[1], call_precedence(call) + 1)
         ),
         (name, target, _) => {
             let shown: Vec<String> = args.iter().map(show).collect();
             match target {
-                Some(target) => format!("{}.{name}({})", operand(target), shown.join(", ")),
+                Some(target) => {
+                    format!("{}.{name}({})", operand(target, POSTFIX), shown.join(", "))
+                }
                 None => format!("{name}({})", shown.join(", ")),
             }
         }
@@ -1098,18 +1111,52 @@ fn grouped(ty: &Type) -> String {
     }
 }
 
-/// An operand, in parentheses when it is an operator application.
-fn operand(expression: &IdedExpr) -> String {
-    let shown = show(expression);
+/// How tightly an expression binds, as CEL parses it: a conditional the
+/// loosest, selections, indexes and calls the tightest.
+const CONDITIONAL: u8 = 1;
+const UNARY: u8 = 7;
+const POSTFIX: u8 = 8;
+
+fn precedence(expression: &IdedExpr) -> u8 {
     match &expression.expr {
-        Expr::Call(call)
-            if call.target.is_none()
-                && (binary_symbol(&call.func_name) != "?"
-                    || call.func_name == operators::CONDITIONAL) =>
-        {
-            format!("({shown})")
-        }
-        _ => shown,
+        Expr::Call(call) => call_precedence(call),
+        _ => POSTFIX,
+    }
+}
+
+fn call_precedence(call: &CallExpr) -> u8 {
+    if call.target.is_some() {
+        return POSTFIX;
+    }
+    match (call.func_name.as_str(), call.args.len()) {
+        (operators::CONDITIONAL, 3) => CONDITIONAL,
+        (operators::LOGICAL_OR, 2) => 2,
+        (operators::LOGICAL_AND, 2) => 3,
+        (
+            operators::EQUALS
+            | operators::NOT_EQUALS
+            | operators::LESS
+            | operators::LESS_EQUALS
+            | operators::GREATER
+            | operators::GREATER_EQUALS
+            | operators::IN,
+            2,
+        ) => 4,
+        (operators::ADD | operators::SUBSTRACT, 2) => 5,
+        (operators::MULTIPLY | operators::DIVIDE | operators::MODULO, 2) => 6,
+        (operators::LOGICAL_NOT | operators::NEGATE, 1) => UNARY,
+        _ => POSTFIX,
+    }
+}
+
+/// An operand of an operator that binds with `binding`: in parentheses when
+/// it binds more loosely.
+fn operand(expression: &IdedExpr, binding: u8) -> String {
+    let shown = show(expression);
+    if precedence(expression) < binding {
+        format!("({shown})")
+    } else {
+        shown
     }
 }
 
@@ -1260,6 +1307,11 @@ mod tests {
             "1.5 % 2.0: % does not apply to double and double"
         );
         assert_eq!(failure("-name"), "-name: - does not apply to string");
+        // Parts are shown as written, with the parentheses precedence needs.
+        assert_eq!(
+            failure("-(name + 'a') > 0"),
+            "-(name + \"a\"): - does not apply to string"
+        );
         assert_eq!(
             failure("(count + 1) * name"),
             "(count + 1) * name: * does not apply to int and string"
