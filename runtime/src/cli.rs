@@ -243,8 +243,23 @@ pub fn check(files: &[PathBuf], output: Output, out: &mut impl Write, err: &mut 
             }
         }
         Output::Json => {
-            let report = serde_json::json!({ "diagnostics": checked.diagnostics });
-            let _ = writeln!(out, "{report}");
+            // A struct, not `json!`, so that fields keep the documented order.
+            #[derive(serde::Serialize)]
+            struct Report<'a> {
+                diagnostics: &'a [Diagnostic],
+            }
+            let report = Report {
+                diagnostics: &checked.diagnostics,
+            };
+            match serde_json::to_string(&report) {
+                Ok(json) => {
+                    let _ = writeln!(out, "{json}");
+                }
+                Err(error) => {
+                    let _ = writeln!(err, "the diagnostics do not serialize: {error}");
+                    return 3;
+                }
+            }
         }
     }
     Diagnostic::exit_status(&checked.diagnostics)

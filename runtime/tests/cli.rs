@@ -201,6 +201,12 @@ fn check_output_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    // Fields in the documented order, for people reading it raw.
+    assert!(
+        text(&out.stdout).starts_with("{\"diagnostics\":[{\"file\":"),
+        "{}",
+        text(&out.stdout)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let diagnostics = report["diagnostics"].as_array().unwrap();
     assert_eq!(diagnostics.len(), 1, "{report}");

@@ -125,23 +125,24 @@ impl Reading {
             ..Reading::default()
         };
         for document in locate::documents(text) {
+            let document_text = document.text(text);
             match document.outcome {
-                Err(ref error) => reading.diagnostics.push(Diagnostic {
+                Err(error) => reading.diagnostics.push(Diagnostic {
                     file: file.to_owned(),
                     line: error.at.line,
                     column: error.at.column,
                     path: None,
                     step: None,
                     kind: kinds::SYNTAX.to_owned(),
-                    message: error.message.clone(),
+                    message: error.message,
                     hint: None,
                 }),
-                Ok(ref locations) => {
+                Ok(locations) => {
                     let origin = Origin {
                         file: file.to_owned(),
-                        locations: Arc::new(locations.clone()),
+                        locations: Arc::new(locations),
                     };
-                    reading.read_document(document.text(text), document.first_line, origin);
+                    reading.read_document(document_text, document.first_line, origin);
                 }
             }
         }
@@ -203,11 +204,17 @@ impl Reading {
                 .position(|f| f == file)
                 .unwrap_or(usize::MAX)
         };
+        // Stable: problems at one place keep the order they were found in.
         diagnostics.sort_by(|a, b| {
             (rank(&a.file), a.line, a.column).cmp(&(rank(&b.file), b.line, b.column))
         });
-        diagnostics.dedup();
-        diagnostics
+        let mut unique: Vec<Diagnostic> = Vec::with_capacity(diagnostics.len());
+        for diagnostic in diagnostics {
+            if !unique.contains(&diagnostic) {
+                unique.push(diagnostic);
+            }
+        }
+        unique
     }
 
     fn diagnostic(
