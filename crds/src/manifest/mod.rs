@@ -566,6 +566,24 @@ spec:
     }
 
     #[test]
+    fn errors_only_serde_yaml_ng_finds_are_placed_in_the_file() {
+        // The event parser accepts a repeated key; serde_yaml_ng does not, and
+        // places it (at the mapping holding it) within the document's text: the
+        // line given is the file's.
+        let text = format!("{PIPELINE}---\nkind: Pipeline\nkind: Processor\n");
+        let errors = errors("dup.yaml", &text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].kind, kinds::SYNTAX);
+        assert_eq!(
+            (errors[0].line, errors[0].column),
+            (19, 1),
+            "{:?}",
+            errors[0]
+        );
+        assert!(!errors[0].message.contains(" at line "), "{:?}", errors[0]);
+    }
+
+    #[test]
     fn unknown_fields_are_located_at_their_key_with_a_hint() {
         let text = PIPELINE.replace("kafka: {topic: out}", "kafka: {topic: out, partitons: 3}");
         let errors = errors("p.yaml", &text);
