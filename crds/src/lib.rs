@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod checkpoint;
+pub mod diagnostic;
 pub mod duration;
 pub mod manifest;
 pub mod ops;
@@ -17,8 +18,9 @@ pub mod upgrade;
 pub mod validate;
 
 pub use check::{ContractError, ContractErrors, ErrorKind, check_processor, compile};
+pub use diagnostic::Diagnostic;
 pub use duration::Duration;
-pub use manifest::{ManifestError, Manifests, parse_manifests};
+pub use manifest::{Checked, ManifestErrors, Manifests, Origin, Reading, parse_manifests};
 pub use pipeline::{Pipeline, PipelineSpec, PipelineStatus};
 pub use plan::{PLAN_VERSION, Plan};
 pub use processor::{Processor, ProcessorSpec, ProcessorStatus};

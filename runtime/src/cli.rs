@@ -1,14 +1,15 @@
-//! The command line: `check` and `run` (local mode). `serve` (a stage on Kafka)
-//! joins them with the Kafka runtime.
+//! The command line: `check`, `plan` and `run` (local mode). `serve` (a stage on
+//! Kafka) joins them with the Kafka runtime.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use keystone_crds::{check_processor, compile};
+use keystone_crds::Diagnostic;
+use keystone_crds::manifest;
 
 use crate::clock::SystemClock;
 use crate::error::RuntimeError;
@@ -27,14 +28,38 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check pipelines against their processing contracts and print their plans.
+    /// Check pipelines against their schema and processing contracts and print
+    /// their plans' summaries.
     ///
-    /// Exit status: 0 when every pipeline is valid, 1 on contract errors, 2 when a
-    /// manifest cannot be read (with its line and column).
+    /// Every problem in every document of every file is reported, each as
+    /// `FILE:LINE:COLUMN: PATH (STEP): MESSAGE`, with a `  hint: ...` line when
+    /// the fix is obvious. `--output json` prints instead one JSON object,
+    /// `{"diagnostics": [...]}`, each with file, line, column, path, step, kind,
+    /// message and hint (null when absent).
+    ///
+    /// Exit status: 0 when every manifest is valid, 1 on schema or contract
+    /// errors, 2 when a file cannot be read (missing, or not YAML).
     Check {
         /// Files holding Pipeline and Processor manifests (multi-document YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// How to print problems: `text` for people, `json` for editors and CI.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a pipeline's compiled plan as JSON, exactly as the operator stores it
+    /// for the runtime, so that plans can be diffed in review and given to
+    /// `serve --plan` without a cluster.
+    ///
+    /// One pipeline per invocation: with several in the files, name it with
+    /// `--pipeline`. Problems are printed and exit as with `check`.
+    Plan {
+        /// Files holding the Pipeline and the Processors it references.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The pipeline to compile when the files hold several.
+        #[arg(long)]
+        pipeline: Option<String>,
     },
     /// Run a pipeline locally on JSON lines, with no cluster and no Kafka.
     Run(RunArgs),
@@ -70,6 +95,15 @@ pub struct ServeCli {
     /// processing it; every offset commit then carries `keystone.restore=<id>`.
     #[arg(long, env = "KEYSTONE_RESTORE")]
     pub restore: Option<PathBuf>,
+}
+
+/// How `check` prints what it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Plans' summaries on stdout; problems on stderr, one per line, with hints.
+    Text,
+    /// One JSON object on stdout: `{"diagnostics": [...]}`.
+    Json,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -158,8 +192,15 @@ fn parse_table(text: &str) -> Result<(String, PathBuf), String> {
 /// printed to stderr here; `Err` is left for the caller to print.
 pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
     match cli.command {
-        Command::Check { files } => Ok(check(
+        Command::Check { files, output } => Ok(check(
             &files,
+            output,
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+        )),
+        Command::Plan { files, pipeline } => Ok(plan(
+            &files,
+            pipeline.as_deref(),
             &mut std::io::stdout(),
             &mut std::io::stderr(),
         )),
@@ -180,49 +221,79 @@ pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
     }
 }
 
-/// `check`: plans to `out`, errors to `err`; returns the exit status.
-pub fn check(files: &[PathBuf], out: &mut impl Write, err: &mut impl Write) -> i32 {
-    let manifests = match local::read_manifests(files) {
-        Ok(manifests) => manifests,
-        Err(error) => {
-            let _ = writeln!(err, "{error}");
-            return 2;
-        }
-    };
-    if manifests.pipelines.is_empty() && manifests.processors.is_empty() {
+/// `check`: plans' summaries to `out` and problems to `err` (text), or only the
+/// problems, as JSON, to `out`; returns the exit status.
+pub fn check(files: &[PathBuf], output: Output, out: &mut impl Write, err: &mut impl Write) -> i32 {
+    let reading = local::read_all(files);
+    if reading.diagnostics.is_empty()
+        && reading.manifests.pipelines.is_empty()
+        && reading.manifests.processors.is_empty()
+    {
         let _ = writeln!(err, "no Pipeline or Processor in the given files");
         return 2;
     }
-    let mut code = 0;
-    for processor in &manifests.processors {
-        if let Err(errors) = check_processor(processor) {
-            let name = processor.metadata.name.as_deref().unwrap_or("processor");
-            for error in errors.0 {
-                let _ = writeln!(err, "Processor {name}: {error}");
-            }
-            code = 1;
-        }
-    }
-    let several = manifests.pipelines.len() > 1;
-    for pipeline in &manifests.pipelines {
-        match compile(pipeline, &manifests.processors) {
-            Ok(plan) => {
+    let checked = manifest::check(&reading);
+    match output {
+        Output::Text => {
+            for plan in &checked.plans {
                 let _ = write!(out, "{}", plan.describe());
             }
-            Err(errors) => {
-                let name = pipeline.metadata.name.as_deref().unwrap_or("pipeline");
-                for error in errors.0 {
-                    if several {
-                        let _ = writeln!(err, "{name}: {error}");
-                    } else {
-                        let _ = writeln!(err, "{error}");
-                    }
+            for diagnostic in &checked.diagnostics {
+                let _ = writeln!(err, "{diagnostic}");
+            }
+        }
+        Output::Json => {
+            // A struct, not `json!`, so that fields keep the documented order.
+            #[derive(serde::Serialize)]
+            struct Report<'a> {
+                diagnostics: &'a [Diagnostic],
+            }
+            let report = Report {
+                diagnostics: &checked.diagnostics,
+            };
+            match serde_json::to_string(&report) {
+                Ok(json) => {
+                    let _ = writeln!(out, "{json}");
                 }
-                code = 1;
+                Err(error) => {
+                    let _ = writeln!(err, "the diagnostics do not serialize: {error}");
+                    return 3;
+                }
             }
         }
     }
-    code
+    Diagnostic::exit_status(&checked.diagnostics)
+}
+
+/// `plan`: the compiled plan as JSON to `out`, problems to `err`; returns the
+/// exit status.
+pub fn plan(
+    files: &[PathBuf],
+    pipeline: Option<&str>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> i32 {
+    let compiled = local::read_manifests(files)
+        .and_then(|reading| local::compile_pipeline(&reading, pipeline));
+    let plan = match compiled {
+        Ok(plan) => plan,
+        Err(error) => {
+            let _ = writeln!(err, "{error}");
+            return error.exit_code();
+        }
+    };
+    // The operator's ConfigMap holds exactly this (`plan_json`), which is what
+    // `serve --plan` reads.
+    match serde_json::to_string_pretty(&plan) {
+        Ok(json) => {
+            let _ = writeln!(out, "{json}");
+            0
+        }
+        Err(error) => {
+            let _ = writeln!(err, "the plan does not serialize: {error}");
+            3
+        }
+    }
 }
 
 fn is_stdio(path: &std::path::Path) -> bool {

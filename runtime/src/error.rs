@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use keystone_crds::{ContractErrors, ManifestError};
+use keystone_crds::{ContractErrors, ManifestErrors};
 
 use crate::state::StateError;
 
@@ -10,8 +10,9 @@ use crate::state::StateError;
 /// becomes a dead letter and never stops anything).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// Problems in manifests, each located (one per line).
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    Manifest(#[from] ManifestErrors),
     #[error("{0}")]
     Contract(#[source] ContractErrors),
     #[error("{0}")]
@@ -66,12 +67,13 @@ impl RuntimeError {
         }
     }
 
-    /// The process exit status `keystone-runtime` uses for it: 1 for contract
-    /// errors, 2 for manifests and arguments that cannot be read, 3 otherwise.
+    /// The process exit status `keystone-runtime` uses for it: 1 for contract and
+    /// schema errors, 2 for manifests and arguments that cannot be read, 3 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             RuntimeError::Contract(_) => 1,
-            RuntimeError::Manifest(_) | RuntimeError::Usage(_) | RuntimeError::Table { .. } => 2,
+            RuntimeError::Manifest(errors) => errors.exit_status(),
+            RuntimeError::Usage(_) | RuntimeError::Table { .. } => 2,
             _ => 3,
         }
     }

@@ -1,5 +1,6 @@
 //! The `keystone-runtime` binary: `check` exit codes on the bundled samples and on
-//! broken manifests, and `run` on a sample in local mode.
+//! broken manifests, its located diagnostics as text and JSON, `plan`, and `run`
+//! on a sample in local mode.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -94,12 +95,19 @@ fn check_prints_contract_errors_one_per_line_with_status_1() {
     let stderr = text(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 2, "{stderr}");
+    let at = |line: usize, column: usize| format!("{}:{line}:{column}: ", file.display());
     assert!(
-        lines[0].starts_with("spec.steps[0] (once): needs field \"event_id\""),
+        lines[0].starts_with(&format!(
+            "{}spec.steps[0] (once): needs field \"event_id\"",
+            at(13, 7)
+        )),
         "{stderr}"
     );
     assert!(
-        lines[1].starts_with("spec.steps[1].order.sequence (in-order):"),
+        lines[1].starts_with(&format!(
+            "{}spec.steps[1].order.sequence (in-order):",
+            at(16, 36)
+        )),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
@@ -114,22 +122,224 @@ fn check_reports_yaml_errors_with_line_and_column_and_status_2() {
     let out = check(&[&file]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("syntax.yaml:4:1:"), "{stderr}");
-
-    let unknown = scratch(
-        "unknown.yaml",
-        &BROKEN.replace("topic: in", "topic: in\n    partitons: 3"),
-    );
-    let out = check(&[&unknown]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("unknown field spec.source.partitons"),
-        "{}",
-        text(&out.stderr)
+    // At the bracket left open, not at the end of the file where it is noticed.
+    assert_eq!(
+        stderr,
+        format!("{}:3:18: unclosed bracket '['\n", file.display())
     );
 
     let missing = check(&[Path::new("/nonexistent/pipeline.yaml")]);
     assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).starts_with("/nonexistent/pipeline.yaml:1:1: cannot read: "),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+/// BROKEN with, in its source: a misspelt field.
+fn misspelt() -> String {
+    BROKEN.replace("topic: in", "topic: in\n    startFrm: Earliest")
+}
+
+#[test]
+fn check_reports_every_problem_of_every_document_and_file() {
+    // a.yaml: a syntax error in its first document, an unknown field in its
+    // second; b.yaml: a malformed duration, an unknown enum value, and a
+    // pipeline whose contract is broken. Nothing hides anything else.
+    let a = scratch(
+        "every-a.yaml",
+        &format!("kind: [Pipeline\n---{}", misspelt()),
+    );
+    let b = scratch(
+        "every-b.yaml",
+        &format!(
+            "{}---{}---{}",
+            BROKEN.replace("window: 1m", "window: 10 minutes"),
+            BROKEN
+                .replace("broken}", "unordered}")
+                .replace("maxDelay: 1s}", "maxDelay: 1s, onStale: Dropp}"),
+            BROKEN.replace("broken}", "broken-too}")
+        ),
+    );
+    let out = check(&[&a, &b]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a syntax error: not all could be read"
+    );
+    let stderr = text(&out.stderr);
+    let a = a.display().to_string();
+    let b = b.display().to_string();
+    let expected = [
+        format!("{a}:1:7: unclosed bracket '['"),
+        format!("{a}:9:5: spec.source.startFrm: unknown field spec.source.startFrm"),
+        "  hint: did you mean `startFrom`?".to_owned(),
+        format!("{b}:14:40: spec.steps[0].dedup.window: invalid duration \"10 minutes\""),
+        format!("{b}:35:64: spec.steps[1].order.onStale: unknown variant `Dropp`"),
+        "  hint: did you mean `Drop`? (allowed values: ".to_owned(),
+        format!("{b}:51:7: spec.steps[0] (once): needs field \"event_id\""),
+        format!("{b}:54:36: spec.steps[1].order.sequence (in-order): "),
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, expected) in lines.iter().zip(&expected) {
+        assert!(
+            line.starts_with(expected.as_str()),
+            "{line:?} should start with {expected:?}\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_output_json() {
+    let file = scratch("json.yaml", &misspelt());
+    let out = bin()
+        .args(["check", "--output", "json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    // Fields in the documented order, for people reading it raw.
+    assert!(
+        text(&out.stdout).starts_with("{\"diagnostics\":[{\"file\":"),
+        "{}",
+        text(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let diagnostics = report["diagnostics"].as_array().unwrap();
+    assert_eq!(diagnostics.len(), 1, "{report}");
+    assert_eq!(
+        diagnostics[0],
+        serde_json::json!({
+            "file": file.display().to_string(),
+            "line": 8,
+            "column": 5,
+            "path": "spec.source.startFrm",
+            "step": null,
+            "kind": "schema",
+            "message": "unknown field spec.source.startFrm",
+            "hint": "did you mean `startFrom`?",
+        })
+    );
+
+    // Contract errors name their step; fields with nothing to say are null.
+    let file = scratch("json-contract.yaml", BROKEN);
+    let out = bin()
+        .args(["check", "--output", "json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &report["diagnostics"][0];
+    assert_eq!(first["line"], 13);
+    assert_eq!(first["column"], 7);
+    assert_eq!(first["path"], "spec.steps[0]");
+    assert_eq!(first["step"], "once");
+    assert_eq!(first["kind"], "missing-field");
+    assert!(first["hint"].is_null());
+    let keys: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "column", "file", "hint", "kind", "line", "message", "path", "step"
+        ]
+    );
+
+    // Valid manifests: an empty list, status 0.
+    let processors = repo().join("config/samples/processors.yaml");
+    let sample = repo().join("config/samples/orders-cdc-to-search.yaml");
+    let out = bin()
+        .args(["check", "--output", "json"])
+        .arg(&sample)
+        .arg(&processors)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report, serde_json::json!({"diagnostics": []}));
+}
+
+#[test]
+fn plan_prints_what_serve_reads() {
+    let sample = repo().join("config/samples/orders-cdc-to-search.yaml");
+    let out = bin().arg("plan").arg(&sample).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let plan: keystone_crds::Plan = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The same plan the library compiles, and the operator's serialization of it.
+    let text_of = std::fs::read_to_string(&sample).unwrap();
+    let manifests = keystone_crds::parse_manifests("s.yaml", &text_of).unwrap();
+    let compiled = keystone_crds::compile(&manifests.pipelines[0], &manifests.processors).unwrap();
+    assert_eq!(plan.hash(), compiled.hash());
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\n", serde_json::to_string_pretty(&compiled).unwrap())
+    );
+
+    // `serve --plan` reads it, for every stage.
+    let file = scratch("plan.json", &text(&out.stdout));
+    assert!(!plan.stages.is_empty());
+    for stage in &plan.stages {
+        let (loaded, found) =
+            keystone_runtime::host::load_plan(&file, &stage.name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(loaded.hash(), plan.hash());
+        assert_eq!(found.name, stage.name);
+    }
+}
+
+#[test]
+fn plan_needs_one_pipeline_and_a_valid_one() {
+    let two = scratch(
+        "two.yaml",
+        &format!(
+            "{}---{}",
+            BROKEN,
+            BROKEN
+                .replace("broken}", "fine}")
+                .replace("key: [event_id]", "key: [id]")
+                .replace("{name: seq, type: string}", "{name: seq, type: integer}")
+        ),
+    );
+    let out = bin().arg("plan").arg(&two).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("choose one with --pipeline"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = bin()
+        .args(["plan", "--pipeline", "fine"])
+        .arg(&two)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let plan: keystone_crds::Plan = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan.pipeline, "fine");
+
+    let out = bin()
+        .args(["plan", "--pipeline", "broken"])
+        .arg(&two)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        text(&out.stderr).starts_with(&format!("{}:13:7: spec.steps[0] (once): ", two.display())),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -209,5 +419,29 @@ fn run_reads_stdin_and_refuses_invalid_pipelines() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("needs field \"event_id\""));
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "{}:13:7: spec.steps[0] (once): needs field \"event_id\"",
+            broken.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Manifest problems too, all of them, located.
+    let misspelt = scratch("misspelt-run.yaml", &misspelt());
+    let out = bin()
+        .arg("run")
+        .arg(&misspelt)
+        .args(["--input", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "{}:8:5: spec.source.startFrm: unknown field spec.source.startFrm\n  hint: did you mean `startFrom`?\n",
+            misspelt.display()
+        )
+    );
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use keystone_crds::ops::Operator as Op;
-use keystone_crds::{Manifests, PLAN_VERSION, Plan, compile, parse_manifests};
+use keystone_crds::{ManifestErrors, PLAN_VERSION, Plan, Reading};
 
 use crate::clock::Clock;
 use crate::error::RuntimeError;
@@ -36,51 +36,72 @@ pub const BATCH_LINES: usize = 256;
 /// busy through uneven batches, few enough to bound the memory they hold.
 const BATCHES_IN_FLIGHT: usize = 4;
 
-/// Reads and merges manifest files.
-pub fn read_manifests(files: &[PathBuf]) -> Result<Manifests, RuntimeError> {
-    let mut manifests = Manifests::default();
+/// Reads every file and every document in it, with a located diagnostic for
+/// each problem (a file that cannot be read included): one bad document hides
+/// nothing else.
+pub fn read_all(files: &[PathBuf]) -> Reading {
+    let mut reading = Reading::default();
     for file in files {
-        let text = std::fs::read_to_string(file).map_err(|e| RuntimeError::io(file, e))?;
-        manifests.extend(parse_manifests(&file.display().to_string(), &text)?);
+        let name = file.display().to_string();
+        match std::fs::read_to_string(file) {
+            Ok(text) => reading.extend(Reading::parse(&name, &text)),
+            Err(error) => {
+                reading.extend(Reading::unreadable(&name, format!("cannot read: {error}")))
+            }
+        }
     }
-    Ok(manifests)
+    reading
 }
 
-/// Compiles the one pipeline in `manifests` (or the one named `name`).
-pub fn compile_pipeline(manifests: &Manifests, name: Option<&str>) -> Result<Plan, RuntimeError> {
-    let names: Vec<&str> = manifests
-        .pipelines
+/// Reads and merges manifest files; any problem in them is an error, listing all.
+pub fn read_manifests(files: &[PathBuf]) -> Result<Reading, RuntimeError> {
+    let reading = read_all(files);
+    if reading.diagnostics.is_empty() {
+        Ok(reading)
+    } else {
+        let diagnostics = reading.sorted(reading.diagnostics.clone());
+        Err(RuntimeError::Manifest(ManifestErrors(diagnostics)))
+    }
+}
+
+/// The index of the one pipeline read (or of the one named `name`).
+pub fn select_pipeline(reading: &Reading, name: Option<&str>) -> Result<usize, RuntimeError> {
+    let pipelines = &reading.manifests.pipelines;
+    let names: Vec<&str> = pipelines
         .iter()
         .map(|p| p.metadata.name.as_deref().unwrap_or("pipeline"))
         .collect();
-    let pipeline = match name {
-        Some(name) => manifests
-            .pipelines
+    match name {
+        Some(name) => pipelines
             .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .position(|p| p.metadata.name.as_deref() == Some(name))
             .ok_or_else(|| {
                 RuntimeError::Usage(format!(
                     "no Pipeline named {name:?} (found: {})",
                     names.join(", ")
                 ))
-            })?,
-        None => match manifests.pipelines.as_slice() {
-            [one] => one,
-            [] => {
-                return Err(RuntimeError::Usage(
-                    "no Pipeline in the given files".to_owned(),
-                ));
-            }
-            _ => {
-                return Err(RuntimeError::Usage(format!(
-                    "{} Pipelines in the given files ({}): choose one with --pipeline",
-                    names.len(),
-                    names.join(", ")
-                )));
-            }
+            }),
+        None => match pipelines.len() {
+            1 => Ok(0),
+            0 => Err(RuntimeError::Usage(
+                "no Pipeline in the given files".to_owned(),
+            )),
+            _ => Err(RuntimeError::Usage(format!(
+                "{} Pipelines in the given files ({}): choose one with --pipeline",
+                names.len(),
+                names.join(", ")
+            ))),
         },
-    };
-    compile(pipeline, &manifests.processors).map_err(RuntimeError::Contract)
+    }
+}
+
+/// Compiles the one pipeline read (or the one named `name`); its contract
+/// errors are located in its file.
+pub fn compile_pipeline(reading: &Reading, name: Option<&str>) -> Result<Plan, RuntimeError> {
+    let index = select_pipeline(reading, name)?;
+    reading
+        .compile(index)
+        .map_err(|diagnostics| RuntimeError::Manifest(ManifestErrors(diagnostics)))
 }
 
 /// Loads `--table NAME=FILE` rows for the plan's join and enrich steps. Every
@@ -463,8 +484,8 @@ spec:
 "#;
 
     fn pipeline() -> LocalPipeline {
-        let manifests = parse_manifests("t.yaml", MANIFEST).unwrap();
-        let plan = compile_pipeline(&manifests, None).unwrap();
+        let reading = Reading::parse("t.yaml", MANIFEST);
+        let plan = compile_pipeline(&reading, None).unwrap();
         LocalPipeline::new(&plan, &BTreeMap::new(), Arc::new(ManualClock::new(0))).unwrap()
     }
 
