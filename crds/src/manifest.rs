@@ -73,10 +73,17 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Manifests, ManifestErro
                 "apiVersion is {api_version:?}, expected {API_VERSION:?} (kind {kind:?})"
             )));
         }
-        let unknown: Vec<String> = match kind {
+        let problems: Vec<String> = match kind {
+            // A message that names its field is printed as it is, others after the field.
             "Pipeline" | "Processor" => validate(kind, &json)
                 .into_iter()
-                .map(|violation| violation.path)
+                .map(|v| {
+                    if v.message.contains(&v.path) {
+                        v.message
+                    } else {
+                        format!("{}: {}", v.path, v.message)
+                    }
+                })
                 .collect(),
             other => {
                 return Err(doc_error(format!(
@@ -84,14 +91,14 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Manifests, ManifestErro
                 )));
             }
         };
-        if let Some(path) = unknown.first() {
+        if let Some(first) = problems.first() {
             return Err(doc_error(format!(
-                "unknown field {path}{}",
-                if unknown.len() > 1 {
+                "{first}{}",
+                if problems.len() > 1 {
                     format!(
                         " (and {} more: {})",
-                        unknown.len() - 1,
-                        unknown[1..].join(", ")
+                        problems.len() - 1,
+                        problems[1..].join("; ")
                     )
                 } else {
                     String::new()
@@ -192,7 +199,9 @@ spec:
         );
         let err = parse_manifests("p.yaml", &text).unwrap_err().to_string();
         assert!(
-            err.contains("invalid type") && err.contains("many"),
+            err.contains("spec.sinks[0].kafka.partitions")
+                && err.contains("must be of type integer")
+                && err.contains("many"),
             "{err}"
         );
     }
