@@ -77,13 +77,14 @@ pub struct ProjectedField {
 #[serde(rename_all = "camelCase")]
 pub struct DedupSpec {
     /// Fields whose values together identify an event (for example `[event_id]`).
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// How long a key is remembered after its first event.
     pub window: Duration,
     /// A timestamp or epoch-milliseconds field to measure the window in event time.
     /// Without it the window runs on processing time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub event_time_field: Option<String>,
 }
 
@@ -102,7 +103,7 @@ pub enum StalePolicy {
 #[serde(rename_all = "camelCase")]
 pub struct OrderSpec {
     /// Fields identifying the entity whose events must stay in order (for example `[order_id]`).
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// An integer field that increases with every change of an entity (a CDC log
     /// position or version).
@@ -153,13 +154,13 @@ pub struct TableSpec {
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The compacted topic holding the latest row per key.
-    #[schemars(length(min = 1, max = 249))]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._\-]+$"))]
     pub topic: String,
     /// The Kafka cluster of the topic, from the operator's configuration; the default cluster when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// Fields of a row that form its key.
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// The schema of the rows.
     pub schema: SchemaSpec,
@@ -177,17 +178,19 @@ pub struct JoinSpec {
     pub table: TableSpec,
     /// Event fields matched, in order, against the table's key fields. (Not `on`:
     /// YAML 1.1 parsers, kubectl's among them, read an unquoted `on` as `true`.)
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub lookup_key: Vec<String>,
     /// `Inner` drops events without a matching row; `Left` keeps them.
     #[serde(default)]
     pub kind: JoinKind,
     /// Table fields to copy into the event; all non-key fields when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 256)))]
     pub fields: Vec<String>,
     /// Where the copied fields go: under this object field when set (`customer`),
     /// at the top level otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub into: Option<String>,
 }
 
@@ -200,10 +203,11 @@ pub struct EnrichSpec {
     pub table: TableSpec,
     /// Event fields matched, in order, against the table's key fields. (Not `on`:
     /// YAML 1.1 parsers, kubectl's among them, read an unquoted `on` as `true`.)
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub lookup_key: Vec<String>,
     /// Table fields to copy; all non-key fields when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 256)))]
     pub fields: Vec<String>,
     /// The object field that receives the copied fields, for example `customer`.
     #[schemars(length(min = 1, max = 256))]
@@ -216,7 +220,7 @@ pub struct EnrichSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RekeySpec {
     /// The new key fields.
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
 }
 

@@ -135,12 +135,12 @@ pub struct KeyEffectSpec {
     pub effect: KeyEffect,
     /// The new key fields (Rekeys).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// The step needs the events of each value of these fields in their original order
     /// (for example a step that applies change events to a store).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
     pub requires_order_by: Vec<String>,
 }
 
@@ -149,7 +149,7 @@ pub struct KeyEffectSpec {
 #[serde(rename_all = "camelCase")]
 pub struct StateContractSpec {
     /// The fields the state is keyed by. The stream must be partitioned by them.
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub keyed_by: Vec<String>,
 }
 

@@ -124,7 +124,7 @@ pub struct PipelineSpec {
     pub topic_deletion_policy: TopicDeletionPolicy,
     /// Runtime container image; the operator's configured image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512))]
+    #[schemars(length(min = 1, max = 512))]
     pub runtime_image: Option<String>,
     /// CPU and memory for each runtime instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,7 +185,7 @@ pub struct SourceSpec {
     /// The fields the topic is keyed (partitioned) by. Steps keyed by the same fields
     /// need no repartition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// Where a new consumer group starts reading.
     #[serde(default)]

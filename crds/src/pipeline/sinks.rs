@@ -212,7 +212,7 @@ pub struct KafkaSinkSpec {
     pub topic: String,
     /// Fields that form the record key; the stream's current key when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
     pub key: Vec<String>,
     /// Whether the pipeline creates the topic (and owns it). When false it must exist.
     #[serde(default = "default_true")]
@@ -259,7 +259,7 @@ pub struct ElasticsearchSinkSpec {
     )]
     pub index: String,
     /// Fields whose values form the document id (joined with `:` when several).
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
     pub id_fields: Vec<String>,
     /// An integer field used as the external document version
     /// (`version_type=external`), so an older change never overwrites a newer
@@ -267,6 +267,7 @@ pub struct ElasticsearchSinkSpec {
     /// Without it, documents are overwritten by id and the stream must be in
     /// order per id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub version_field: Option<String>,
     /// A CEL expression over the event that marks a delete: the document with
     /// the event's id is deleted (with the event's version when `versionField` is
@@ -343,6 +344,7 @@ pub struct IcebergSinkSpec {
     pub table: String,
     /// Fields to partition the table by (identity partitions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 256)))]
     pub partition_by: Vec<String>,
     /// How often data files are committed as a new snapshot.
     #[serde(default = "default_file_commit_interval")]
@@ -368,6 +370,7 @@ pub struct IcebergCatalogSpec {
     pub warehouse: String,
     /// A Secret with the catalog's and object store's credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
 }
 
@@ -388,11 +391,13 @@ pub struct ParquetSinkSpec {
     pub path: String,
     /// Fields that become directory partitions, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 256)))]
     pub partition_by: Vec<String>,
     /// How often open files are closed and made visible.
     #[serde(default = "default_file_commit_interval")]
     pub roll_interval: Duration,
     /// A Secret with the object store's credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
 }
