@@ -120,7 +120,7 @@ pub struct PipelineSpec {
     /// other through Kafka topics (one's sink topic is the next one's source, on
     /// the same cluster), so that events go round again. Such a cycle is refused
     /// unless every pipeline in it sets this to true: the refused pipelines are
-    /// not deployed and their `ContractValid` condition names the others. Set it
+    /// not deployed and their `ContractsValid` condition names the others. Set it
     /// only when the feedback is intended and something ends it (a filter that
     /// lets each event round the loop a bounded number of times, say).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
