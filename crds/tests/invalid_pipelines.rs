@@ -393,7 +393,7 @@ fn map_reads_a_field_that_a_projection_removed() {
         ),
         &[(
             ErrorKind::MissingField,
-            "spec.steps[1] (cents): needs field \"amount\" (any) for the expression, but step \"slim\" (project) removed it: keep it in that step's fields, or move this step before that one",
+            "spec.steps[1] (cents): needs field \"amount\" (any) for the expression, but step \"slim\" (project) removed it: keep it in the fields of that step, or move this step before that one",
         )],
     );
 }
@@ -892,7 +892,7 @@ fn map_overwriting_an_object_removes_what_was_nested_in_it() {
         &pipeline,
         &[(
             ErrorKind::MissingField,
-            "spec.steps[3] (city): needs field \"address.city\" (any) for the source of output field \"city\", but step \"flatten\" (map) removed it: give that step's output field another name, or move this step before that one",
+            "spec.steps[3] (city): needs field \"address.city\" (any) for the source of output field \"city\", but step \"flatten\" (map) removed it: give the output field of that step another name, or move this step before that one",
         )],
     );
 }
@@ -931,7 +931,7 @@ fn a_field_a_processor_replaced_away_names_the_processor() {
         actual,
         [(
             ErrorKind::MissingField,
-            "spec.steps[1] (regional): needs field \"customer_id\" (any) for the expression, but step \"shape\" (project) removed it: keep it in that step's fields, or move this step before that one".to_owned()
+            "spec.steps[1] (regional): needs field \"customer_id\" (any) for the expression, but step \"shape\" (Processor \"slim\", project) removed it: keep it in the fields of Processor \"slim\", or move this step before that one".to_owned()
         )]
     );
 }

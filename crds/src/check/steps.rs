@@ -499,13 +499,28 @@ impl<'a> Checker<'a> {
                 stream.rekeyed_by = Some(step.name.clone());
             }
         }
-        let by = format!("step {:?} ({})", step.name, op.kind());
+        // The fix is in the Processor when the operator comes from one.
+        let (by, owner) = match &step.processor_ref {
+            Some(r) => (
+                format!(
+                    "step {:?} (Processor {:?}, {})",
+                    step.name,
+                    r.name,
+                    op.kind()
+                ),
+                format!("Processor {:?}", r.name),
+            ),
+            None => (
+                format!("step {:?} ({})", step.name, op.kind()),
+                "that step".to_owned(),
+            ),
+        };
         let remedy = match op {
-            Operator::Project(_) => "keep it in that step's fields".to_owned(),
+            Operator::Project(_) => format!("keep it in the fields of {owner}"),
             Operator::Map(_) | Operator::Extract(_) => {
-                "give that step's output field another name".to_owned()
+                format!("give the output field of {owner} another name")
             }
-            _ => "set that step's into so the table's fields do not replace it".to_owned(),
+            _ => format!("set an into on {owner} so the table's fields do not replace it"),
         };
         record_removals(&mut stream, &before, &by, &remedy);
 
