@@ -156,6 +156,43 @@ impl Schema {
         self.fields.insert(path.to_owned(), info);
     }
 
+    /// Writes a whole field, as the runtime writes a value at a path: the old
+    /// value and everything nested under it are gone, and an ancestor that held a
+    /// non-object value becomes an object (the runtime builds a fresh object
+    /// there). `children` are the new value's nested fields, relative to `path`.
+    pub fn write(&mut self, path: &str, info: FieldInfo, children: &[(String, FieldInfo)]) {
+        self.remove(path);
+        for parent in parent_paths(path) {
+            match self.fields.get(&parent) {
+                Some(existing) if existing.field_type == FieldType::Object => {}
+                Some(_) => {
+                    // The scalar is replaced, so whatever was listed under it is stale.
+                    self.remove(&parent);
+                    self.fields.insert(
+                        parent,
+                        FieldInfo {
+                            field_type: FieldType::Object,
+                            optional: info.optional,
+                        },
+                    );
+                }
+                None => {
+                    self.fields.insert(
+                        parent,
+                        FieldInfo {
+                            field_type: FieldType::Object,
+                            optional: info.optional,
+                        },
+                    );
+                }
+            }
+        }
+        self.fields.insert(path.to_owned(), info);
+        for (nested, nested_info) in children {
+            self.fields.insert(format!("{path}.{nested}"), *nested_info);
+        }
+    }
+
     /// Removes a field and everything nested under it.
     pub fn remove(&mut self, path: &str) {
         let nested = format!("{path}.");
@@ -211,18 +248,52 @@ fn parent_paths(path: &str) -> Vec<String> {
         .collect()
 }
 
-/// Converts a JSON pointer (`/customer/id`) to a dotted path (`customer.id`).
-/// Returns `None` for pointers that do not start with `/`.
-pub fn pointer_to_path(pointer: &str) -> Option<String> {
-    let rest = pointer.strip_prefix('/')?;
-    if rest.is_empty() {
-        return None;
+/// Converts a JSON pointer (`/customer/id`) to a dotted path (`customer.id`),
+/// or says what is wrong with it, in words for the user.
+pub fn pointer_to_path(pointer: &str) -> Result<String, String> {
+    if pointer.is_empty() {
+        return Err(
+            "the JSON pointer is empty: name the field to read, for example /payload/id".to_owned(),
+        );
     }
-    let parts: Vec<String> = rest
-        .split('/')
-        .map(|segment| segment.replace("~1", "/").replace("~0", "~"))
-        .collect();
-    Some(parts.join("."))
+    let Some(rest) = pointer.strip_prefix('/') else {
+        return Err(format!(
+            "{pointer:?} is not a JSON pointer: it must start with '/' (for example /{})",
+            pointer.replace('.', "/")
+        ));
+    };
+    if rest.is_empty() {
+        // RFC 6901 reads "/" as the member named "" of the root, which events do
+        // not have; the whole event cannot be copied into one field either.
+        return Err("\"/\" names a member with an empty name, not the whole event: a field is read from a pointer to it, for example /payload/id (the whole event cannot be copied into one field)".to_owned());
+    }
+    let mut parts = Vec::new();
+    for segment in rest.split('/') {
+        if segment.is_empty() {
+            return Err(format!(
+                "{pointer:?} has an empty segment (\"//\" or a trailing '/'): every segment between slashes must name a member"
+            ));
+        }
+        let mut unescaped = String::with_capacity(segment.len());
+        let mut chars = segment.chars();
+        while let Some(c) = chars.next() {
+            if c != '~' {
+                unescaped.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('0') => unescaped.push('~'),
+                Some('1') => unescaped.push('/'),
+                _ => {
+                    return Err(format!(
+                        "{pointer:?} has a '~' that is not an escape: write ~0 for '~' and ~1 for '/' in a member name"
+                    ));
+                }
+            }
+        }
+        parts.push(unescaped);
+    }
+    Ok(parts.join("."))
 }
 
 #[cfg(test)]
@@ -260,9 +331,59 @@ mod tests {
 
     #[test]
     fn pointers_become_paths() {
-        assert_eq!(pointer_to_path("/a/b").as_deref(), Some("a.b"));
-        assert_eq!(pointer_to_path("/a~1b").as_deref(), Some("a/b"));
-        assert_eq!(pointer_to_path("a"), None);
-        assert_eq!(pointer_to_path("/"), None);
+        assert_eq!(pointer_to_path("/a/b").as_deref(), Ok("a.b"));
+        assert_eq!(pointer_to_path("/a~1b").as_deref(), Ok("a/b"));
+        assert_eq!(pointer_to_path("/a~0b").as_deref(), Ok("a~b"));
+        assert!(
+            pointer_to_path("a")
+                .unwrap_err()
+                .contains("must start with '/'")
+        );
+        assert!(
+            pointer_to_path("/")
+                .unwrap_err()
+                .contains("not the whole event")
+        );
+        assert!(pointer_to_path("").unwrap_err().contains("empty"));
+        assert!(
+            pointer_to_path("/a//b")
+                .unwrap_err()
+                .contains("empty segment")
+        );
+        assert!(
+            pointer_to_path("/a~2")
+                .unwrap_err()
+                .contains("not an escape")
+        );
+    }
+
+    fn info(field_type: FieldType) -> FieldInfo {
+        FieldInfo {
+            field_type,
+            optional: false,
+        }
+    }
+
+    #[test]
+    fn writing_a_field_drops_what_was_under_it() {
+        let mut schema = Schema::default();
+        schema.insert("a.x", info(FieldType::String));
+        schema.write("a", info(FieldType::String), &[]);
+        assert_eq!(schema.get("a"), Some(info(FieldType::String)));
+        assert_eq!(schema.get("a.x"), None);
+    }
+
+    #[test]
+    fn writing_under_a_scalar_makes_it_an_object() {
+        let mut schema = Schema::default();
+        schema.insert("a", info(FieldType::Integer));
+        schema.write(
+            "a.b.c",
+            info(FieldType::String),
+            &[("d".into(), info(FieldType::Boolean))],
+        );
+        assert_eq!(schema.get("a").unwrap().field_type, FieldType::Object);
+        assert_eq!(schema.get("a.b").unwrap().field_type, FieldType::Object);
+        assert_eq!(schema.get("a.b.c.d"), Some(info(FieldType::Boolean)));
     }
 }

@@ -163,7 +163,7 @@ fn stateful_step_after_rekey_without_repartition() {
         &pipeline,
         &[(
             ErrorKind::RepartitionNotAllowed,
-            "spec.steps[1] (dedup): the step keeps state keyed by [customer_id, event_id], but the stream is partitioned by [order_id] after step \"by-customer\" re-keyed it; it needs a repartition topic and spec.allowRepartition is false",
+            "spec.steps[1] (dedup): the step keeps state keyed by [customer_id, event_id], but the stream is partitioned by [order_id] (step \"by-customer\" re-keyed the stream by [customer_id]: that sets the key of the records written after it, it does not move events to other partitions); it needs a repartition topic and spec.allowRepartition is false: set it to true, or partition the source topic by fields of the state key",
         )],
     );
 }
@@ -396,7 +396,7 @@ fn map_reads_a_field_that_a_projection_removed() {
         ),
         &[(
             ErrorKind::MissingField,
-            "spec.steps[1] (cents): needs field \"amount\" (any) for the expression, but it does not reach this step; available: order_id: string",
+            "spec.steps[1] (cents): needs field \"amount\" (any) for the expression, but step \"slim\" (project) removed it: keep it in the fields of that step, or move this step before that one",
         )],
     );
 }
@@ -407,7 +407,7 @@ fn project_from_is_not_a_pointer() {
         &with_steps("    - name: slim\n      project: {fields: [{name: id, from: order_id}]}\n"),
         &[(
             ErrorKind::InvalidOperator,
-            "spec.steps[0].project.fields[0].from (slim): \"order_id\" is not a JSON pointer: it must start with '/' (for example /payload/id)",
+            "spec.steps[0].project.fields[0].from (slim): \"order_id\" is not a JSON pointer: it must start with '/' (for example /order_id)",
         )],
     );
 }
@@ -963,4 +963,180 @@ fn typed_expressions_that_hold() {
     );
     let pipelines = parse_manifests("pipeline.yaml", &pipeline).unwrap_or_else(|e| panic!("{e}"));
     compile(&pipelines.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+const CUSTOMERS: &str = "table: {name: customers, topic: customers, key: [id], replicated: true, schema: {fields: [{name: id, type: string}, {name: tier, type: string}]}}";
+
+#[test]
+fn enrich_into_an_existing_scalar_is_refused() {
+    assert_errors(
+        &with_steps(&format!(
+            "    - name: tiers\n      enrich:\n        {CUSTOMERS}\n        lookupKey: [customer_id]\n        into: note\n"
+        )),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].enrich.into (tiers): into \"note\" writes the table's fields under field \"note\", which is string here: a matched event would have it replaced by an object, and every later reader of \"note\" would fail; choose an into that is not a field of the stream, for example \"customers\"",
+        )],
+    );
+}
+
+#[test]
+fn join_into_a_field_nested_under_a_scalar_is_refused() {
+    assert_errors(
+        &with_steps(&format!(
+            "    - name: tiers\n      join:\n        {CUSTOMERS}\n        lookupKey: [customer_id]\n        into: amount.customer\n"
+        )),
+        &[(
+            ErrorKind::WrongType,
+            "spec.steps[0].join.into (tiers): into \"amount.customer\" writes the table's fields under field \"amount\", which is number here: a matched event would have it replaced by an object, and every later reader of \"amount\" would fail; choose an into that is not a field of the stream, for example \"customers\"",
+        )],
+    );
+}
+
+#[test]
+fn map_overwriting_an_object_removes_what_was_nested_in_it() {
+    let pipeline = BASE.replace(
+        "        - {name: amount, type: number}\n",
+        "        - {name: amount, type: number}\n        - {name: address.city, type: string}\n",
+    );
+    let pipeline = pipeline.replace(
+        "  sinks:\n",
+        "    - name: flatten\n      map: {fields: [{name: address, expression: 'address.city', type: string}]}\n    - name: city\n      extract: {fields: [{name: city, from: /address/city}]}\n  sinks:\n",
+    );
+    assert_errors(
+        &pipeline,
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[3] (city): needs field \"address.city\" (any) for the source of output field \"city\", but step \"flatten\" (map) removed it: give the output field of that step another name, or move this step before that one",
+        )],
+    );
+}
+
+/// Checks `pipeline` with extra Processors besides the shared ones.
+fn errors_with_processors(pipeline: &str, extra: &str) -> Vec<(ErrorKind, String)> {
+    let pipelines = parse_manifests("pipeline.yaml", pipeline).unwrap_or_else(|e| panic!("{e}"));
+    let mut processors = parse_manifests("processors.yaml", PROCESSORS)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .processors;
+    processors.extend(
+        parse_manifests("extra.yaml", extra)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .processors,
+    );
+    match compile(&pipelines.pipelines[0], &processors) {
+        Ok(_) => panic!("expected errors, but the pipeline compiled"),
+        Err(errors) => errors
+            .0
+            .into_iter()
+            .map(|e| (e.kind, e.to_string()))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_field_a_processor_replaced_away_names_the_processor() {
+    let slim = "apiVersion: keystone.dev/v1alpha1\nkind: Processor\nmetadata: {name: slim, namespace: shop}\nspec:\n  project:\n    fields: [{name: order_id, from: /order_id}]\n  contract:\n    schema: {effect: Replaces, fields: [{name: order_id, type: string}]}\n";
+    let actual = errors_with_processors(
+        &with_steps(
+            "    - name: shape\n      processorRef: {name: slim}\n    - name: regional\n      filter: {expression: 'customer_id != \"\"'}\n",
+        ),
+        slim,
+    );
+    assert_eq!(
+        actual,
+        [(
+            ErrorKind::MissingField,
+            "spec.steps[1] (regional): needs field \"customer_id\" (any) for the expression, but step \"shape\" (Processor \"slim\", project) removed it: keep it in the fields of Processor \"slim\", or move this step before that one".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn a_field_missing_for_several_steps_is_one_error_naming_them_all() {
+    assert_errors(
+        &with_steps(
+            "    - name: a\n      filter: {expression: 'region != \"x\"'}\n    - name: b\n      filter: {expression: 'region != \"y\"'}\n    - name: c\n      map: {fields: [{name: r, expression: 'region', type: string}]}\n",
+        ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.steps[0] (a): needs field \"region\" (any) for the expression, but it does not reach this step; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer (steps \"b\", \"c\" need it too)",
+        )],
+    );
+}
+
+#[test]
+fn a_processor_used_twice_has_its_own_errors_reported_once() {
+    let boasting = "apiVersion: keystone.dev/v1alpha1\nkind: Processor\nmetadata: {name: boasting, namespace: shop}\nspec:\n  filter: {expression: 'true'}\n  contract:\n    schema: {effect: Adds, fields: [{name: score, type: number}]}\n";
+    let actual = errors_with_processors(
+        &with_steps(
+            "    - name: one\n      processorRef: {name: boasting}\n    - name: two\n      processorRef: {name: boasting}\n",
+        ),
+        boasting,
+    );
+    assert_eq!(
+        actual,
+        [(
+            ErrorKind::InvalidProcessorContract,
+            "spec.steps[0].processorRef (one): Processor \"boasting\": the contract declares schema effect Adds, but the filter operator passes the schema through unchanged".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn pointers_that_start_with_a_slash_but_are_still_wrong() {
+    let cases = [
+        (
+            "/",
+            "\"/\" names a member with an empty name, not the whole event: a field is read from a pointer to it, for example /payload/id (the whole event cannot be copied into one field)",
+        ),
+        (
+            "''",
+            "the JSON pointer is empty: name the field to read, for example /payload/id",
+        ),
+        (
+            "/a//b",
+            "\"/a//b\" has an empty segment (\"//\" or a trailing '/'): every segment between slashes must name a member",
+        ),
+        (
+            "/a~2b",
+            "\"/a~2b\" has a '~' that is not an escape: write ~0 for '~' and ~1 for '/' in a member name",
+        ),
+    ];
+    for (pointer, message) in cases {
+        assert_errors(
+            &with_steps(&format!(
+                "    - name: slim\n      extract: {{fields: [{{name: id, from: {pointer}}}]}}\n"
+            )),
+            &[(
+                ErrorKind::InvalidOperator,
+                &format!("spec.steps[0].extract.fields[0].from (slim): {message}"),
+            )],
+        );
+    }
+}
+
+#[test]
+fn parse_errors_read_as_line_column_message() {
+    for (expression, message) in [
+        (
+            "amount >",
+            "1:9: the expression ends where a value or field name is expected",
+        ),
+        (
+            "note ==",
+            "1:8: the expression ends where a value or field name is expected",
+        ),
+    ] {
+        assert_errors(
+            &with_steps(&format!(
+                "    - name: bad\n      filter: {{expression: '{expression}'}}\n"
+            )),
+            &[(
+                ErrorKind::InvalidExpression,
+                &format!(
+                    "spec.steps[0].filter.expression (bad): the CEL expression does not parse: {message}"
+                ),
+            )],
+        );
+    }
 }

@@ -6,9 +6,11 @@
 //! protocol both take it without importing each other.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use keystone_crds::pipeline::Pipeline;
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource};
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -34,6 +36,9 @@ pub struct Context {
     pub ledger: LedgerStore,
     admins: Mutex<HashMap<String, Admin>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// The caches of Pipelines, one per watched namespace (or one for all): the
+    /// check for cycles between pipelines needs every pipeline, not one.
+    pipeline_stores: std::sync::Mutex<Vec<Store<Pipeline>>>,
 }
 
 impl Context {
@@ -56,7 +61,46 @@ impl Context {
             metrics,
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
+            pipeline_stores: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds a watched namespace's cache of Pipelines to those
+    /// [`Context::known_pipelines`] reads.
+    pub(crate) fn register_pipeline_store(&self, store: Store<Pipeline>) {
+        self.pipeline_stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(store);
+    }
+
+    /// Every Pipeline the operator's caches hold now, without waiting for a cache
+    /// still listing (for a watch mapper, which cannot wait).
+    pub(crate) fn pipeline_stores_now(&self) -> Vec<Arc<Pipeline>> {
+        self.pipeline_stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .flat_map(Store::state)
+            .collect()
+    }
+
+    /// Every Pipeline the operator watches, once each cache has listed them all.
+    pub(crate) async fn known_pipelines(&self) -> Vec<Arc<Pipeline>> {
+        let stores: Vec<Store<Pipeline>> = self
+            .pipeline_stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut pipelines = Vec::new();
+        for store in stores {
+            // A cache still listing would hide the other end of a cycle. Its
+            // writer lives as long as the controllers, so an error means shutdown.
+            if store.wait_until_ready().await.is_ok() {
+                pipelines.extend(store.state());
+            }
+        }
+        pipelines
     }
 
     /// The admin client of a configured Kafka cluster, connected on first use.

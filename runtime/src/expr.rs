@@ -25,7 +25,7 @@ impl Expr {
     pub fn compile(source: &str) -> Result<Self, RuntimeError> {
         let program = Program::compile(source).map_err(|e| RuntimeError::Expression {
             expression: source.to_owned(),
-            message: e.to_string().trim().to_owned(),
+            message: keystone_crds::check::parse_error_message(&e),
         })?;
         Ok(Self {
             source: source.to_owned(),

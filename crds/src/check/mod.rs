@@ -16,6 +16,7 @@ use crate::schema::{FieldType, Schema};
 
 mod contracts;
 mod expressions;
+mod graph;
 mod sinks;
 mod stages;
 mod steps;
@@ -23,7 +24,8 @@ mod topics;
 mod typing;
 
 pub use contracts::check_processor;
-pub use expressions::{EVENT_VARIABLE, expression_variables};
+pub use expressions::{EVENT_VARIABLE, expression_variables, parse_error_message};
+pub use graph::{CycleError, PipelineId, topic_cycles};
 pub use sinks::WRITABLE_SINKS;
 
 /// What kind of contract violation an error is; stable, for tests and metrics.
@@ -114,6 +116,18 @@ struct StreamState {
     ordered_by: Option<KeySet>,
     /// The step that last changed the key, for messages.
     rekeyed_by: Option<String>,
+    /// Fields an earlier step removed, by path: a step that needs one is told
+    /// where it went, not only that it is missing.
+    removed_by: BTreeMap<String, Removal>,
+}
+
+/// How a field left the stream, for the message of a step that needs it.
+#[derive(Clone, Debug)]
+struct Removal {
+    /// For example `step "slim" (project)`.
+    by: String,
+    /// What to change, for example `keep it in that step's fields`.
+    remedy: String,
 }
 
 /// The effective contract of one step, derived from its operator and the
@@ -137,6 +151,13 @@ struct Checker<'a> {
     errors: Vec<ContractError>,
     namespace: String,
     name: String,
+    /// Missing fields already reported, by field and cause: the index of the
+    /// error and the later steps that need the same field, which are named in
+    /// that one error rather than each getting a copy of it.
+    missing_reported: BTreeMap<(String, String), (usize, Vec<String>)>,
+    /// Processors whose own contract errors were reported (at the first step
+    /// that references each).
+    processors_reported: BTreeSet<String>,
 }
 
 /// Checks a pipeline against the processors it may reference and compiles it.
@@ -158,8 +179,11 @@ pub fn compile(pipeline: &Pipeline, processors: &[Processor]) -> Result<Plan, Co
             .name
             .clone()
             .unwrap_or_else(|| "pipeline".to_owned()),
+        missing_reported: BTreeMap::new(),
+        processors_reported: BTreeSet::new(),
     };
     let plan = checker.run();
+    checker.finish_errors();
     if checker.errors.is_empty() {
         Ok(plan)
     } else {
@@ -180,6 +204,32 @@ impl<'a> Checker<'a> {
             path: path.into(),
             subject: subject.map(str::to_owned),
             message: message.into(),
+        });
+    }
+
+    /// Names the later steps in the first report of a missing field, and drops
+    /// exact repeats (same kind, place and message): one problem, one error.
+    fn finish_errors(&mut self) {
+        for (index, also) in self.missing_reported.values() {
+            if also.is_empty() {
+                continue;
+            }
+            let steps: Vec<String> = also.iter().map(|s| format!("{s:?}")).collect();
+            let plural = if also.len() == 1 { "" } else { "s" };
+            self.errors[*index].message.push_str(&format!(
+                " (step{plural} {} need{} it too)",
+                steps.join(", "),
+                if also.len() == 1 { "s" } else { "" }
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        self.errors.retain(|e| {
+            seen.insert((
+                format!("{:?}", e.kind),
+                e.path.clone(),
+                e.subject.clone(),
+                e.message.clone(),
+            ))
         });
     }
 

@@ -24,6 +24,7 @@ impl Checker<'_> {
             partitioned_by: (!source_key.is_empty()).then(|| key_set(&source_key)),
             ordered_by: (!source_key.is_empty()).then(|| key_set(&source_key)),
             rekeyed_by: None,
+            removed_by: BTreeMap::new(),
         };
         for (i, key_field) in source_key.iter().enumerate() {
             if stream.schema.get(key_field).is_none() {
@@ -112,18 +113,30 @@ impl Checker<'_> {
                     Some(p) => format!("partitioned by {}", show_set(p)),
                     None => "not partitioned by any known key".to_owned(),
                 };
-                let after = stream
-                    .rekeyed_by
-                    .as_ref()
-                    .map(|s| format!(" after step {s:?} re-keyed it"))
-                    .unwrap_or_default();
+                // A rekey changes the key records are written with, not the
+                // partitions events already are in: say so, or the message reads
+                // as if the rekey had produced the old key.
+                let rekeyed = match &stream.rekeyed_by {
+                    Some(by)
+                        if key_set(&stream.key)
+                            != stream.partitioned_by.clone().unwrap_or_default() =>
+                    {
+                        format!(
+                            " (step {by:?} re-keyed the stream by {}: that sets the key of the records \
+                         written after it, it does not move events to other partitions)",
+                            show_key(&stream.key)
+                        )
+                    }
+                    _ => String::new(),
+                };
                 self.error(
                     ErrorKind::RepartitionNotAllowed,
                     &path,
                     Some(&step.name),
                     format!(
-                        "the step keeps state keyed by {}, but the stream is {partitioned}{after}; \
-                         it needs a repartition topic and spec.allowRepartition is false",
+                        "the step keeps state keyed by {}, but the stream is {partitioned}{rekeyed}; \
+                         it needs a repartition topic and spec.allowRepartition is false: \
+                         set it to true, or partition the source topic by fields of the state key",
                         show_key(key)
                     ),
                 );
@@ -247,7 +260,7 @@ impl Checker<'_> {
                 });
             }
 
-            stream = self.apply_step(stream, op, declared, &step.name);
+            stream = self.apply_step(stream, op, declared, step, &path);
             current.steps.push(PlanStep {
                 name: step.name.clone(),
                 processor: step.processor_ref.as_ref().map(|r| r.name.clone()),

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::contracts::{check_processor, derived_state_key, operator_count_message};
 use super::expressions::EVENT_VARIABLE;
 use super::typing::Usage;
-use super::{Checker, ErrorKind, Requirement, StepContract, StreamState, key_set, show_key};
+use super::{
+    Checker, ErrorKind, Removal, Requirement, StepContract, StreamState, key_set, show_key,
+};
 use crate::ops::{Operator, OperatorSpec};
 use crate::pipeline::StepSpec;
 use crate::processor::{ContractSpec, Processor, SchemaEffect, SchemaEffectSpec};
@@ -39,7 +41,10 @@ impl<'a> Checker<'a> {
                         );
                         return None;
                     }
-                    if let Err(errors) = check_processor(processor) {
+                    // A Processor's own errors are the same wherever it is used:
+                    // reported once, at the first step that references it.
+                    let first_use = self.processors_reported.insert(reference.name.clone());
+                    if first_use && let Err(errors) = check_processor(processor) {
                         for error in errors.0 {
                             self.error(
                                 ErrorKind::InvalidProcessorContract,
@@ -137,15 +142,17 @@ impl<'a> Checker<'a> {
                 };
                 for (i, field) in p.fields.iter().enumerate() {
                     match pointer_to_path(&field.from) {
-                        Some(source_path) if !field.optional => {
-                            need(&source_path, FieldType::Any, format!("the source of output field {:?}", field.name))
-                        }
-                        Some(_) => {}
-                        None => self.error(
+                        Ok(source_path) if !field.optional => need(
+                            &source_path,
+                            FieldType::Any,
+                            format!("the source of output field {:?}", field.name),
+                        ),
+                        Ok(_) => {}
+                        Err(problem) => self.error(
                             ErrorKind::InvalidOperator,
                             format!("{path}.{which}.fields[{i}].from"),
                             Some(&step.name),
-                            format!("{:?} is not a JSON pointer: it must start with '/' (for example /payload/id)", field.from),
+                            problem,
                         ),
                     }
                 }
@@ -342,23 +349,36 @@ impl<'a> Checker<'a> {
             match stream.schema.get(&requirement.field) {
                 None if !reported.insert(requirement.field.as_str()) => {}
                 None => {
-                    let hint = if let Some(by) = &stream.rekeyed_by {
-                        format!(" (the stream was last re-keyed by step {by:?})")
-                    } else {
-                        String::new()
-                    };
-                    self.error(
-                        ErrorKind::MissingField,
-                        path,
-                        Some(step),
-                        format!(
-                            "needs field {:?} ({}) for {}, but it does not reach this step{hint}; available: {}",
-                            requirement.field,
+                    let field = requirement.field.as_str();
+                    // The field itself or the object it was nested in may have been removed.
+                    let removal = std::iter::once(field)
+                        .chain(field.match_indices('.').map(|(i, _)| &field[..i]).rev())
+                        .find_map(|p| stream.removed_by.get(p));
+                    let cause = removal.map_or_else(String::new, |r| r.by.clone());
+                    if let Some((_, also)) = self
+                        .missing_reported
+                        .get_mut(&(field.to_owned(), cause.clone()))
+                    {
+                        if !also.iter().any(|s| s == step) {
+                            also.push(step.to_owned());
+                        }
+                        continue;
+                    }
+                    let message = match removal {
+                        Some(removal) => format!(
+                            "needs field {field:?} ({}) for {}, but {} removed it: {}, or move this step before that one",
+                            requirement.field_type, requirement.purpose, removal.by, removal.remedy
+                        ),
+                        None => format!(
+                            "needs field {field:?} ({}) for {}, but it does not reach this step; available: {}",
                             requirement.field_type,
                             requirement.purpose,
                             stream.schema.describe()
                         ),
-                    );
+                    };
+                    self.missing_reported
+                        .insert((field.to_owned(), cause), (self.errors.len(), Vec::new()));
+                    self.error(ErrorKind::MissingField, path, Some(step), message);
                 }
                 Some(info) if !info.field_type.satisfies(requirement.field_type) => {
                     self.error(
@@ -379,14 +399,18 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// The stream after a step.
+    /// The stream after a step: exactly the fields the runtime's operator leaves
+    /// in the events (see runtime/src/ops and `with_writes` there), then the
+    /// Processor's declared effect.
     pub(super) fn apply_step(
         &mut self,
         mut stream: StreamState,
         op: Operator<'_>,
         declared: Option<&ContractSpec>,
-        step: &str,
+        step: &StepSpec,
+        path: &str,
     ) -> StreamState {
+        let before = stream.schema.clone();
         match op {
             Operator::Filter(_) | Operator::Dedup(_) => {}
             Operator::Order(o) => {
@@ -394,13 +418,16 @@ impl<'a> Checker<'a> {
                 stream.ordered_by = Some(key_set(&o.key));
             }
             Operator::Map(m) => {
+                // Every value is computed from the input event, then written in
+                // order: a whole-field write replaces what was under it.
                 for field in &m.fields {
-                    stream.schema.insert(
+                    stream.schema.write(
                         &field.name,
                         FieldInfo {
                             field_type: field.field_type,
                             optional: false,
                         },
+                        &[],
                     );
                 }
             }
@@ -413,23 +440,31 @@ impl<'a> Checker<'a> {
                 } else {
                     stream.schema.clone()
                 };
+                // Every pointer reads the input event, so sources come from `stream`.
                 for field in &p.fields {
-                    let Some(source_path) = pointer_to_path(&field.from) else {
+                    let Ok(source_path) = pointer_to_path(&field.from) else {
                         continue;
                     };
                     let info = stream.schema.get(&source_path).unwrap_or(FieldInfo {
                         field_type: FieldType::Any,
                         optional: true,
                     });
-                    out.insert(
-                        &field.name,
-                        FieldInfo {
-                            field_type: info.field_type,
-                            optional: info.optional || field.optional,
-                        },
-                    );
-                    for (nested, nested_info) in stream.schema.nested(&source_path) {
-                        out.insert(&format!("{}.{nested}", field.name), nested_info);
+                    // The copied value carries whatever was nested under its source.
+                    let children = stream.schema.nested(&source_path);
+                    if field.optional {
+                        // A missing source leaves the output field as it was.
+                        write_conditionally(&mut out, &field.name, info.field_type, &children);
+                    } else {
+                        // A missing source sends the event to the dead letters, so
+                        // every event that leaves has the field.
+                        out.write(
+                            &field.name,
+                            FieldInfo {
+                                field_type: info.field_type,
+                                optional: false,
+                            },
+                            &children,
+                        );
                     }
                 }
                 if matches!(op, Operator::Project(_)) {
@@ -439,37 +474,85 @@ impl<'a> Checker<'a> {
                 stream.schema = out;
             }
             Operator::Join(j) => {
-                let optional = j.kind == crate::ops::JoinKind::Left;
+                let conditional = j.kind == crate::ops::JoinKind::Left;
+                if let Some(into) = &j.into {
+                    self.check_into(
+                        &stream.schema,
+                        into,
+                        &j.table.name,
+                        step,
+                        &format!("{path}.join.into"),
+                    );
+                }
                 add_table_fields(
                     &mut stream.schema,
                     &j.table,
                     &j.fields,
                     j.into.as_deref(),
-                    optional,
+                    conditional,
                 );
             }
             Operator::Enrich(e) => {
+                self.check_into(
+                    &stream.schema,
+                    &e.into,
+                    &e.table.name,
+                    step,
+                    &format!("{path}.enrich.into"),
+                );
                 add_table_fields(&mut stream.schema, &e.table, &e.fields, Some(&e.into), true)
             }
             Operator::Rekey(r) => {
                 stream.key = r.key.clone();
-                stream.rekeyed_by = Some(step.to_owned());
+                stream.rekeyed_by = Some(step.name.clone());
             }
         }
+        // The fix is in the Processor when the operator comes from one.
+        let (by, owner) = match &step.processor_ref {
+            Some(r) => (
+                format!(
+                    "step {:?} (Processor {:?}, {})",
+                    step.name,
+                    r.name,
+                    op.kind()
+                ),
+                format!("Processor {:?}", r.name),
+            ),
+            None => (
+                format!("step {:?} ({})", step.name, op.kind()),
+                "that step".to_owned(),
+            ),
+        };
+        let remedy = match op {
+            Operator::Project(_) => format!("keep it in the fields of {owner}"),
+            Operator::Map(_) | Operator::Extract(_) => {
+                format!("give the output field of {owner} another name")
+            }
+            _ => format!("set an into on {owner} so the table's fields do not replace it"),
+        };
+        record_removals(&mut stream, &before, &by, &remedy);
+
         // A Processor's declared schema effect refines what the operator alone tells
         // (for example the types of computed fields).
         if let Some(SchemaEffectSpec { effect, fields }) = declared.and_then(|c| c.schema.as_ref())
         {
+            let before = stream.schema.clone();
+            let processor = step.processor_ref.as_ref().map_or("", |r| r.name.as_str());
+            let by = format!(
+                "step {:?} (Processor {processor:?}, schema effect {effect:?})",
+                step.name
+            );
             match effect {
                 SchemaEffect::Passthrough => {}
                 SchemaEffect::Adds => {
                     for field in fields {
-                        stream.schema.insert(
+                        stream.schema.write(
                             &field.name,
                             FieldInfo {
                                 field_type: field.field_type,
                                 optional: field.optional,
                             },
+                            &[],
                         );
                     }
                 }
@@ -479,52 +562,222 @@ impl<'a> Checker<'a> {
                     }
                 }
                 SchemaEffect::Replaces => {
-                    let mut replaced = crate::schema::SchemaSpec {
+                    let replaced = crate::schema::SchemaSpec {
                         fields: fields.clone(),
                         open: false,
                     };
-                    replaced.open = false;
                     stream.schema = Schema::from_spec(&replaced);
                 }
             }
+            let remedy = match effect {
+                SchemaEffect::Replaces => {
+                    "add it to the fields of that Processor's Replaces effect"
+                }
+                _ => "take it out of the fields of that Processor's Removes effect",
+            };
+            record_removals(&mut stream, &before, &by, remedy);
         }
         stream
     }
+
+    /// Refuses an `into` that would clobber a field that is not an object: the
+    /// runtime replaces such a value by the object of the table's fields, so any
+    /// later reader of the old value fails on every matched event.
+    fn check_into(
+        &mut self,
+        schema: &Schema,
+        into: &str,
+        table: &str,
+        step: &StepSpec,
+        path: &str,
+    ) {
+        let mut prefixes: Vec<&str> = into.match_indices('.').map(|(i, _)| &into[..i]).collect();
+        prefixes.push(into);
+        let Some((field, info)) = prefixes.into_iter().find_map(|p| {
+            schema
+                .get(p)
+                .filter(|i| !matches!(i.field_type, FieldType::Object | FieldType::Any))
+                .map(|i| (p, i))
+        }) else {
+            return;
+        };
+        let mut suggestion = table.to_owned();
+        if schema.get(&suggestion).is_some() {
+            suggestion = format!("{into}_{table}");
+        }
+        self.error(
+            ErrorKind::WrongType,
+            path,
+            Some(&step.name),
+            format!(
+                "into {into:?} writes the table's fields under field {field:?}, which is {} here: \
+                 a matched event would have it replaced by an object, and every later reader of \
+                 {field:?} would fail; choose an into that is not a field of the stream, for example {suggestion:?}",
+                info.field_type
+            ),
+        );
+    }
 }
 
+/// Remembers which step removed the fields that were in `before` and are gone
+/// now, and forgets removals of fields the step brought back.
+fn record_removals(stream: &mut StreamState, before: &Schema, by: &str, remedy: &str) {
+    for name in before.fields.keys() {
+        if stream.schema.get(name).is_none() {
+            stream.removed_by.insert(
+                name.clone(),
+                Removal {
+                    by: by.to_owned(),
+                    remedy: remedy.to_owned(),
+                },
+            );
+        }
+    }
+    let schema = &stream.schema;
+    stream
+        .removed_by
+        .retain(|name, _| schema.get(name).is_none());
+}
+
+/// A write that some events get and others do not (a left join without a
+/// match, a row or source without the value): the field is either its old value
+/// or the new one, so it keeps only what both have in common.
+fn write_conditionally(
+    schema: &mut Schema,
+    path: &str,
+    field_type: FieldType,
+    children: &[(String, FieldInfo)],
+) {
+    let optional_children: Vec<(String, FieldInfo)> = children
+        .iter()
+        .map(|(name, info)| {
+            (
+                name.clone(),
+                FieldInfo {
+                    field_type: info.field_type,
+                    optional: true,
+                },
+            )
+        })
+        .collect();
+    let Some(old) = schema.get(path) else {
+        schema.write(
+            path,
+            FieldInfo {
+                field_type,
+                optional: true,
+            },
+            &optional_children,
+        );
+        return;
+    };
+    let merged_type = if old.field_type == field_type {
+        field_type
+    } else {
+        FieldType::Any
+    };
+    // Either value may be there: what was nested under the old one may be gone,
+    // and what the new one brings may be missing.
+    let prefix = format!("{path}.");
+    let mut old_children: Vec<String> = Vec::new();
+    for (name, info) in schema.fields.iter_mut() {
+        if name.starts_with(&prefix) {
+            info.optional = true;
+            old_children.push(name.clone());
+        }
+    }
+    schema.fields.insert(
+        path.to_owned(),
+        FieldInfo {
+            field_type: merged_type,
+            optional: old.optional,
+        },
+    );
+    for (name, info) in optional_children {
+        let full = format!("{path}.{name}");
+        let merged = match schema.get(&full) {
+            Some(existing) if existing.field_type != info.field_type => FieldInfo {
+                field_type: FieldType::Any,
+                optional: true,
+            },
+            _ => info,
+        };
+        schema.fields.insert(full, merged);
+    }
+}
+
+/// The table's fields a matched event gets, under `into` or at the top level.
+/// `conditional`: events without a matching row pass unchanged (left join, enrich).
 fn add_table_fields(
     schema: &mut Schema,
     table: &crate::ops::TableSpec,
     fields: &[String],
     into: Option<&str>,
-    optional: bool,
+    conditional: bool,
 ) {
     let table_schema = Schema::from_spec(&table.schema);
-    let chosen: Vec<(String, FieldInfo)> = table_schema
-        .fields
-        .iter()
-        .filter(|(name, _)| {
-            if fields.is_empty() {
-                !table.key.contains(name)
-            } else {
-                fields
-                    .iter()
-                    .any(|f| f == *name || name.starts_with(&format!("{f}.")))
+    // Whole top-level fields except the key, or the named (dotted) fields; each
+    // value carries what is nested under it.
+    let roots: Vec<&String> = if fields.is_empty() {
+        table_schema
+            .fields
+            .keys()
+            .filter(|name| !name.contains('.') && !table.key.contains(name))
+            .collect()
+    } else {
+        fields
+            .iter()
+            .filter(|f| table_schema.get(f).is_some())
+            .collect()
+    };
+    if let Some(into) = into {
+        // A match writes `into` as an object even when the row has nothing to copy.
+        match schema.get(into) {
+            // Merged into: what is already under it stays. Without a match an
+            // `any` field keeps its own value, so it stays `any`.
+            Some(info) if matches!(info.field_type, FieldType::Object | FieldType::Any) => {
+                if !conditional {
+                    schema.fields.insert(
+                        into.to_owned(),
+                        FieldInfo {
+                            field_type: FieldType::Object,
+                            optional: false,
+                        },
+                    );
+                }
             }
-        })
-        .map(|(name, info)| (name.clone(), *info))
-        .collect();
-    for (name, info) in chosen {
-        let path = match into {
-            Some(into) => format!("{into}.{name}"),
-            None => name,
+            // A scalar is replaced (check_into refuses that), or the field is new.
+            _ => schema.write(
+                into,
+                FieldInfo {
+                    field_type: FieldType::Object,
+                    optional: conditional,
+                },
+                &[],
+            ),
+        }
+    }
+    for root in roots {
+        let Some(info) = table_schema.get(root) else {
+            continue;
         };
-        schema.insert(
-            &path,
-            FieldInfo {
-                field_type: info.field_type,
-                optional: info.optional || optional,
-            },
-        );
+        let target = match into {
+            Some(into) => format!("{into}.{root}"),
+            None => root.clone(),
+        };
+        let children = table_schema.nested(root);
+        // A row without the field skips the write, like a missing match.
+        if conditional || info.optional {
+            write_conditionally(schema, &target, info.field_type, &children);
+        } else {
+            schema.write(
+                &target,
+                FieldInfo {
+                    field_type: info.field_type,
+                    optional: false,
+                },
+                &children,
+            );
+        }
     }
 }

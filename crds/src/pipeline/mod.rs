@@ -116,6 +116,15 @@ pub struct PipelineSpec {
     /// differently from how the stream is partitioned. When false, such a pipeline is invalid.
     #[serde(default = "default_true")]
     pub allow_repartition: bool,
+    /// Whether this pipeline may be part of a cycle of pipelines that feed each
+    /// other through Kafka topics (one's sink topic is the next one's source, on
+    /// the same cluster), so that events go round again. Such a cycle is refused
+    /// unless every pipeline in it sets this to true: the refused pipelines are
+    /// not deployed and their `ContractsValid` condition names the others. Set it
+    /// only when the feedback is intended and something ends it (a filter that
+    /// lets each event round the loop a bounded number of times, say).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_topic_cycles: bool,
     /// How changes to a running pipeline are rolled out.
     #[serde(default)]
     pub upgrade: UpgradeSpec,

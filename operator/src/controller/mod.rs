@@ -6,6 +6,7 @@
 //! controller waits for a change), record status, act (topics, then the plan
 //! ConfigMap and per-stage workloads), and record status again.
 
+mod cycles;
 mod processor;
 mod provision;
 mod upgrade;
@@ -33,7 +34,7 @@ use keystone_crds::pipeline::{
     TopicDeletionPolicy, TopicStatus, UpgradePhase,
 };
 use keystone_crds::processor::{Processor, ProcessorStatus};
-use keystone_crds::{Plan, check_processor, compile};
+use keystone_crds::{ContractErrors, Plan, check_processor, compile};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -228,15 +229,23 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         observed.record(pipeline, ctx).await?;
         return Ok(Action::await_change());
     }
-    let plan = match compile(pipeline, &processors) {
+    // Pipelines feeding each other through topics are refused like a broken
+    // contract: the condition names the other pipelines, nothing is deployed.
+    let known = ctx.known_pipelines().await;
+    let default_cluster = ctx.config.resolve_cluster(None);
+    let cycles = cycles::cycle_errors(pipeline, &known, default_cluster.as_deref());
+    let compiled = match (compile(pipeline, &processors), cycles.is_empty()) {
+        (Ok(plan), true) => Ok(plan),
+        (Ok(_), false) => Err(("TopicCycle", ContractErrors(cycles))),
+        (Err(mut errors), _) => {
+            errors.0.extend(cycles);
+            Err(("ContractsInvalid", errors))
+        }
+    };
+    let plan = match compiled {
         Ok(plan) => plan,
-        Err(errors) => {
-            let contracts = Cond::new(
-                CONTRACTS_VALID,
-                false,
-                "ContractsInvalid",
-                errors.to_string(),
-            );
+        Err((reason, errors)) => {
+            let contracts = Cond::new(CONTRACTS_VALID, false, reason, errors.to_string());
             observed.set(&contracts);
             observed.summarize(&contracts, None, None);
             observed.record(pipeline, ctx).await?;
@@ -554,8 +563,17 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     .modify(|pipeline| pipeline.managed_fields_mut().clear())
     .reflect(writer)
     .applied_objects();
+    ctx.register_pipeline_store(store.clone());
     let pipelines = Controller::for_stream(pipeline_events, store.clone());
     let mapper_store = store.clone();
+    // A spec change of one pipeline can make or break a cycle through topics
+    // with others, whose conditions must follow.
+    let cycle_ctx = ctx.clone();
+    let cycle_default_cluster = ctx.config.resolve_cluster(None);
+    let spec_changes = cycles::spec_changes(watcher(
+        api_for::<Pipeline>(client, ns),
+        watcher::Config::default().any_semantic(),
+    ));
     let concurrency = ctx.config.reconcile_concurrency();
     let pipeline_controller = pipelines
         .with_config(controller::Config::default().concurrency(concurrency))
@@ -568,6 +586,11 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             watcher::Config::default(),
             move |processor| pipelines_using(&mapper_store, &processor),
         )
+        .watches_stream(spec_changes, move |changed| {
+            // Every watched namespace's pipelines: topics are shared across them.
+            let known: Vec<Arc<Pipeline>> = cycle_ctx.pipeline_stores_now();
+            cycles::pipelines_to_recheck(&changed, &known, cycle_default_cluster.as_deref())
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

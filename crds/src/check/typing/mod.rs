@@ -63,7 +63,7 @@ impl Checker<'_> {
                     Some(subject),
                     format!(
                         "the CEL expression does not parse: {}",
-                        parse_error.to_string().trim()
+                        super::expressions::parse_error_message(&parse_error)
                     ),
                 );
                 return None;
