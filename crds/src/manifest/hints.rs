@@ -119,11 +119,46 @@ pub fn value(kind: &str, path: &str, value: Option<&str>) -> Option<String> {
         );
     }
     let bound = |name: &str| schema.get(name).and_then(Json::as_f64);
+    let number = if schema.get("type").and_then(Json::as_str) == Some("integer") {
+        "an integer"
+    } else {
+        "a number"
+    };
     match (bound("minimum"), bound("maximum")) {
-        (Some(min), Some(max)) => Some(format!("a number from {min} to {max}")),
-        (Some(min), None) => Some(format!("a number of at least {min}")),
-        (None, Some(max)) => Some(format!("a number of at most {max}")),
+        (Some(min), Some(max)) => Some(format!("{number} from {min} to {max}")),
+        (Some(min), None) => Some(format!("{number} of at least {min}")),
+        (None, Some(max)) => Some(format!("{number} of at most {max}")),
         (None, None) => None,
+    }
+}
+
+/// What a value that does not match the pattern at `path` should look like.
+pub fn pattern(kind: &str, path: &str) -> Option<String> {
+    let pattern = schema_at(kind, path)?.get("pattern")?.as_str()?.to_owned();
+    Some(pattern_hint(&pattern))
+}
+
+/// The CRDs' patterns in words: a regular expression is not a fix a user can apply.
+fn pattern_hint(pattern: &str) -> String {
+    match pattern {
+        "^([0-9]+(ms|s|m|h|d))+$" => {
+            "a duration: a number and a unit (ms, s, m, h, d), for example 500ms, 30s, 10m or 1h30m".to_owned()
+        }
+        r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$" => {
+            "a field name: letters, digits, `_` and `-`, not starting with a digit; `.` between the names of nested fields (customer.id)".to_owned()
+        }
+        r"^[A-Za-z0-9._\-]+$" => {
+            "a Kafka topic name: letters, digits, `.`, `_` and `-`".to_owned()
+        }
+        "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" => {
+            "a lowercase name: letters, digits and `-`, starting and ending with a letter or digit".to_owned()
+        }
+        r"^[a-z0-9][a-z0-9_.\-]*$" => {
+            "a lowercase index name: letters, digits, `_`, `.` and `-`, starting with a letter or digit".to_owned()
+        }
+        "^/.+" => "a JSON pointer into the event, for example /payload/id".to_owned(),
+        "^https?://" => "an http:// or https:// URL".to_owned(),
+        other => format!("it must match the regular expression {other}"),
     }
 }
 
@@ -179,8 +214,23 @@ mod tests {
     fn number_ranges() {
         assert_eq!(
             value("Pipeline", "spec.parallelism", None).as_deref(),
-            Some("a number from 1 to 1024")
+            Some("an integer from 1 to 1024")
         );
         assert_eq!(value("Pipeline", "spec.source.topic", None), None);
+    }
+
+    #[test]
+    fn patterns_in_words() {
+        assert_eq!(
+            pattern("Pipeline", "spec.commitInterval").as_deref(),
+            Some(
+                "a duration: a number and a unit (ms, s, m, h, d), for example 500ms, 30s, 10m or 1h30m"
+            )
+        );
+        assert_eq!(
+            pattern("Pipeline", "spec.source.topic").as_deref(),
+            Some("a Kafka topic name: letters, digits, `.`, `_` and `-`")
+        );
+        assert_eq!(pattern("Pipeline", "spec.parallelism"), None);
     }
 }

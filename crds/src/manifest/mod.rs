@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-use crate::check::{ContractError, check_processor, compile};
+use crate::check::{ContractError, PipelineId, check_processor, compile, topic_cycles};
 use crate::diagnostic::{Diagnostic, contract_kind, kinds};
 use crate::pipeline::Pipeline;
 use crate::plan::Plan;
@@ -306,17 +306,23 @@ impl Reading {
                 )
             } else {
                 let text = value_text(&json, path);
-                (
-                    origin.locate(path),
-                    hints::value(kind, path, text.as_deref()),
-                )
+                let hint = if violation.message.contains("should match") {
+                    hints::pattern(kind, path)
+                } else {
+                    hints::value(kind, path, text.as_deref())
+                };
+                (origin.locate(path), hint)
             };
             self.diagnostic(
                 &origin,
                 at,
                 kinds::SCHEMA,
                 Some(path),
-                violation.message.clone(),
+                // The API server's wording repeats the path the diagnostic shows.
+                violation
+                    .message
+                    .replace(&format!("unknown field {path}"), "unknown field")
+                    .replace(&format!("{path} in body "), ""),
                 hint,
             );
         }
@@ -487,8 +493,16 @@ pub fn check(reading: &Reading) -> Checked {
             Err(errors) => diagnostics.extend(errors),
         }
     }
-    // Checks across pipelines report each error against one pipeline: locate it
-    // with `reading.pipeline_origins[index].contract_diagnostic(&error)` here.
+    // Pipelines that feed each other through their topics, across files.
+    let pipelines: Vec<&Pipeline> = reading.manifests.pipelines.iter().collect();
+    for cycle in topic_cycles(&pipelines, None) {
+        if let Some(index) = pipelines
+            .iter()
+            .position(|p| PipelineId::of(p) == cycle.pipeline)
+        {
+            diagnostics.push(reading.pipeline_origins[index].contract_diagnostic(&cycle.error));
+        }
+    }
     Checked {
         plans,
         diagnostics: reading.sorted(diagnostics),
