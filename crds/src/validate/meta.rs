@@ -13,9 +13,9 @@ const DNS1123_LABEL: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
 const QUALIFIED_NAME: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
 /// Longest annotations (keys and values together) the API server stores.
 const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
-/// The operator's `resources::MAX_PIPELINE_NAME`: a Pipeline's stage Services are
-/// `<name>-s<N>`, DNS-1035 labels of at most 63 characters, for up to 1000 stages.
-const MAX_PIPELINE_NAME: usize = 57;
+/// Longest Pipeline name: its stage Services are `<name>-s<N>`, DNS-1035 labels
+/// of at most 63 characters, for up to 1000 stages.
+pub const MAX_PIPELINE_NAME: usize = 57;
 
 /// The fields of ObjectMeta; any other field under `metadata` is unknown.
 const OBJECT_META_FIELDS: [&str; 15] = [

@@ -26,7 +26,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-pub use meta::pipeline_name_problem;
+pub use meta::{MAX_PIPELINE_NAME, pipeline_name_problem};
 
 /// One way a document breaks its CRD's schema.
 #[derive(Clone, Debug, PartialEq, Eq)]

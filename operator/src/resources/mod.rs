@@ -32,26 +32,15 @@ pub const HTTP_PORT: i32 = 8080;
 pub const ANNOTATION_RESTORE: &str = "keystone.dev/restore";
 pub const RESTORE_KEY: &str = "restore.json";
 pub const RESTORE_DIR: &str = "/etc/keystone-restore";
-/// Longest Pipeline name whose stage Services (`<name>-s<N>`, DNS-1035 labels of
-/// at most 63 characters) stay valid for up to 1000 stages.
-pub const MAX_PIPELINE_NAME: usize = 57;
+pub use keystone_crds::validate::MAX_PIPELINE_NAME;
 
 /// Why a Pipeline's name cannot name its objects, if it cannot: Services need
 /// DNS-1035 labels (a letter first) and label values are at most 63 characters.
 pub fn name_problem(name: &str) -> Option<String> {
-    if name.len() > MAX_PIPELINE_NAME {
-        return Some(format!(
-            "the pipeline name is {} characters long; at most {MAX_PIPELINE_NAME} fit in the names of its stage Services and labels",
-            name.len()
-        ));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Some(format!(
-            "the pipeline name {name:?} must start with a lowercase letter: it prefixes its stage Services, whose names are DNS-1035 labels"
-        ));
-    }
-    None
+    // The same rule `keystone-runtime check` applies, so the two cannot differ.
+    keystone_crds::validate::pipeline_name_problem(name)
 }
+
 /// The name of the plan ConfigMap of one plan version. Each version gets its
 /// own immutable ConfigMap, so pods of the previous version (still running
 /// during a rollout, or restarted then) keep reading the plan they were made

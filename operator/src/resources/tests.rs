@@ -297,6 +297,8 @@ fn names_that_cannot_name_services_are_refused() {
     assert_eq!(name_problem(&"a".repeat(MAX_PIPELINE_NAME)), None);
     assert!(name_problem(&"a".repeat(MAX_PIPELINE_NAME + 1)).is_some());
     assert!(name_problem("1orders").is_some_and(|m| m.contains("lowercase letter")));
+    // A dot is a valid resource name, but not in a Service name.
+    assert!(name_problem("orders.eu").is_some_and(|m| m.contains("no '.'")));
     let longest = stage_object_name(&"a".repeat(MAX_PIPELINE_NAME), "s999");
     assert!(longest.len() <= 63, "{}", longest.len());
 }
