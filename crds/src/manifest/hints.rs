@@ -156,7 +156,9 @@ fn pattern_hint(pattern: &str) -> String {
         r"^[a-z0-9][a-z0-9_.\-]*$" => {
             "a lowercase index name: letters, digits, `_`, `.` and `-`, starting with a letter or digit".to_owned()
         }
-        "^/.+" => "a JSON pointer into the event, for example /payload/id".to_owned(),
+        "^/.+" => {
+            "a JSON pointer to a field of the event, for example /payload/id (`/` alone, the whole event, cannot be copied into one field)".to_owned()
+        }
         "^https?://" => "an http:// or https:// URL".to_owned(),
         other => format!("it must match the regular expression {other}"),
     }

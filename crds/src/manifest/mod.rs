@@ -3,6 +3,7 @@
 //! YAML syntax, the CRD schema, values that do not read as their type, and, in
 //! [`check`], the processing contracts.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -297,6 +298,7 @@ impl Reading {
             return;
         }
         let violations = validate(kind, &json);
+        let mut located = Vec::new();
         for violation in &violations {
             let path = violation.path.as_str();
             let (at, hint) = if hints::is_unknown_field(kind, path) {
@@ -313,9 +315,28 @@ impl Reading {
                 };
                 (origin.locate(path), hint)
             };
+            located.push((violation, at, hint));
+        }
+        // One problem per field: the API server may refuse one value on several
+        // counts (too short and not matching its pattern); the count with a hint
+        // says best what to write instead.
+        let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
+        for (index, (violation, _, hint)) in located.iter().enumerate() {
+            match shown.get(violation.path.as_str()) {
+                Some(&kept) if located[kept].2.is_some() || hint.is_none() => {}
+                _ => {
+                    shown.insert(violation.path.as_str(), index);
+                }
+            }
+        }
+        for (index, (violation, at, hint)) in located.iter().enumerate() {
+            let path = violation.path.as_str();
+            if shown.get(path) != Some(&index) {
+                continue;
+            }
             self.diagnostic(
                 &origin,
-                at,
+                *at,
                 kinds::SCHEMA,
                 Some(path),
                 // The API server's wording repeats the path the diagnostic shows.
@@ -323,7 +344,7 @@ impl Reading {
                     .message
                     .replace(&format!("unknown field {path}"), "unknown field")
                     .replace(&format!("{path} in body "), ""),
-                hint,
+                hint.clone(),
             );
         }
         // Deserialized even after schema violations, for a type error they do not
