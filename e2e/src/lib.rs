@@ -12,6 +12,7 @@
 
 pub mod kubelet;
 pub mod opensearch;
+pub mod schema_cases;
 pub mod testapp;
 mod testbed;
 mod wait;
