@@ -89,23 +89,33 @@ pub(crate) fn pipelines_to_recheck(
 /// The Pipelines of a watch whose spec changed (a new generation) or that were
 /// deleted: status updates, which every reconcile makes, do not touch the
 /// topics, so they wake no other pipeline.
+///
+/// `events` are those the Pipeline cache has already taken in, and a change
+/// passes only once the cache holds it: the changes a (re-)list finds pass at
+/// its end, when the cache swaps in what was listed.
 pub(crate) fn spec_changes(
     events: impl Stream<Item = Result<watcher::Event<Pipeline>, watcher::Error>>,
 ) -> impl Stream<Item = Result<Pipeline, watcher::Error>> {
     let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+    let mut listed: Vec<Pipeline> = Vec::new();
     events
         .map(move |event| {
+            let mut new_generation = |p: Pipeline| {
+                let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                let generation = p.meta().generation;
+                (generations.insert(key, generation) != Some(generation)).then_some(p)
+            };
             let changed: Vec<Pipeline> = match event {
                 Err(error) => return vec![Err(error)],
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-                    let generation = p.meta().generation;
-                    if generations.insert(key, generation) == Some(generation) {
-                        Vec::new()
-                    } else {
-                        vec![p]
-                    }
+                Ok(watcher::Event::Apply(p)) => new_generation(p).into_iter().collect(),
+                Ok(watcher::Event::InitApply(p)) => {
+                    listed.extend(new_generation(p));
+                    Vec::new()
                 }
+                // A list that starts over keeps what the one it replaces found:
+                // those generations are already counted as seen.
+                Ok(watcher::Event::Init) => Vec::new(),
+                Ok(watcher::Event::InitDone) => std::mem::take(&mut listed),
                 Ok(watcher::Event::Delete(p)) => {
                     generations.remove(&format!(
                         "{}/{}",
@@ -114,7 +124,6 @@ pub(crate) fn spec_changes(
                     ));
                     vec![p]
                 }
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
             };
             changed.into_iter().map(Ok).collect()
         })
@@ -212,5 +221,29 @@ mod tests {
             .collect()
             .await;
         assert_eq!(generations, [Some(1), Some(2), Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_listing_passes_its_changes_once_the_cache_holds_them() {
+        let a = pipeline("a", "a.in", "b.in");
+        let b = pipeline("b", "b.in", "a.in");
+        let listing = |done: bool| {
+            let mut events = vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(a.clone()),
+                watcher::Event::InitApply(b.clone()),
+            ];
+            if done {
+                events.push(watcher::Event::InitDone);
+            }
+            futures::stream::iter(events.into_iter().map(Ok))
+        };
+        let unfinished: Vec<_> = spec_changes(listing(false)).collect().await;
+        assert!(unfinished.is_empty(), "{unfinished:?}");
+        let names: Vec<String> = spec_changes(listing(true))
+            .map(|p| p.unwrap().name_any())
+            .collect()
+            .await;
+        assert_eq!(names, ["a", "b"]);
     }
 }

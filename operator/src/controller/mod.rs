@@ -556,12 +556,22 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     // The cache of Pipelines keeps what reconciles read: not their managedFields
     // (about a third of a Pipeline applied with kubectl's server-side apply).
     let (store, writer) = reflector::store();
+    // The cycle check below learns of spec changes from this same watch, after
+    // the cache has taken them in: a second watch could tell it first, and the
+    // pipelines it wakes would be judged against the cache's older copy.
+    let (reflected_tx, reflected_rx) = futures::channel::mpsc::unbounded();
     let pipeline_events = watcher(
         api_for::<Pipeline>(client, ns),
         watcher::Config::default().any_semantic(),
     )
     .modify(|pipeline| pipeline.managed_fields_mut().clear())
     .reflect(writer)
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            // Fails only when the controller (and with it the receiver) is gone.
+            let _ = reflected_tx.unbounded_send(Ok(event.clone()));
+        }
+    })
     .applied_objects();
     ctx.register_pipeline_store(store.clone());
     let pipelines = Controller::for_stream(pipeline_events, store.clone());
@@ -570,10 +580,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     // with others, whose conditions must follow.
     let cycle_ctx = ctx.clone();
     let cycle_default_cluster = ctx.config.resolve_cluster(None);
-    let spec_changes = cycles::spec_changes(watcher(
-        api_for::<Pipeline>(client, ns),
-        watcher::Config::default().any_semantic(),
-    ));
+    let spec_changes = cycles::spec_changes(reflected_rx);
     let concurrency = ctx.config.reconcile_concurrency();
     let pipeline_controller = pipelines
         .with_config(controller::Config::default().concurrency(concurrency))
