@@ -568,11 +568,12 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
         .status
         .and_then(|s| s.stable_plan_hash)
         .expect("stable plan");
-    // A filter that fails on every odd event (a string compared with a number)
+    // A filter that fails on every odd event ("buy" is not a number: the checker
+    // accepts int(action), which works for numeric strings)
     // and passes the even ones: the failed version delivers half of what it
     // reads, and the rollback's replay must deliver the other half only.
     flow.patch(json!({"spec": {"steps": [
-        {"name": "broken", "filter": {"expression": "seq % 2 == 0 || action > 1"}},
+        {"name": "broken", "filter": {"expression": "seq % 2 == 0 || int(action) > 1"}},
         {"name": "shape", "project": {"fields": [{"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"}]}}
     ]}}))
     .await;
@@ -748,7 +749,7 @@ async fn a_two_stage_pipeline_is_rolled_back_without_loss_or_duplicates() {
         first.status.map(|s| s.stages)
     );
     flow.patch(json!({"spec": {"steps": [
-        {"name": "broken", "filter": {"expression": "seq % 2 == 0 || action > 1"}},
+        {"name": "broken", "filter": {"expression": "seq % 2 == 0 || int(action) > 1"}},
         {"name": "once", "dedup": {"key": ["user", "seq"], "window": "10m"}}
     ]}}))
     .await;
