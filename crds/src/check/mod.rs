@@ -162,6 +162,7 @@ struct Checker<'a> {
 
 /// Checks a pipeline against the processors it may reference and compiles it.
 pub fn compile(pipeline: &Pipeline, processors: &[Processor]) -> Result<Plan, ContractErrors> {
+    let id = PipelineId::of(pipeline);
     let mut checker = Checker {
         pipeline,
         processors: processors
@@ -169,16 +170,8 @@ pub fn compile(pipeline: &Pipeline, processors: &[Processor]) -> Result<Plan, Co
             .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p)))
             .collect(),
         errors: Vec::new(),
-        namespace: pipeline
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
-        name: pipeline
-            .metadata
-            .name
-            .clone()
-            .unwrap_or_else(|| "pipeline".to_owned()),
+        namespace: id.namespace,
+        name: id.name,
         missing_reported: BTreeMap::new(),
         processors_reported: BTreeSet::new(),
     };

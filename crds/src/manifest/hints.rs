@@ -1,33 +1,9 @@
 //! Hints from the CRDs' schema: the field meant by a misspelt one, the values an
 //! enum allows, the range of a number.
 
-use std::sync::OnceLock;
-
-use kube::CustomResourceExt;
 use serde_json::Value as Json;
 
-use crate::pipeline::Pipeline;
-use crate::processor::Processor;
-
-/// The OpenAPI schema of `kind` (`Pipeline` or `Processor`), as the CRD holds it.
-fn schema(kind: &str) -> Option<&'static Json> {
-    static PIPELINE: OnceLock<Json> = OnceLock::new();
-    static PROCESSOR: OnceLock<Json> = OnceLock::new();
-    let crd_schema = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
-        crd.spec
-            .versions
-            .first()
-            .and_then(|v| v.schema.as_ref())
-            .and_then(|s| s.open_api_v3_schema.as_ref())
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or(Json::Null)
-    };
-    match kind {
-        "Pipeline" => Some(PIPELINE.get_or_init(|| crd_schema(Pipeline::crd()))),
-        "Processor" => Some(PROCESSOR.get_or_init(|| crd_schema(Processor::crd()))),
-        _ => None,
-    }
-}
+use crate::validate::crd_schema as schema;
 
 /// The schema of the field at `path` (`spec.steps[2].dedup`): properties,
 /// additional properties and items followed; `None` where the schema does not say.
