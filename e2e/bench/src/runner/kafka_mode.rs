@@ -117,27 +117,7 @@ fn kafka_engine(
         Engine::Keystone => {
             let (plan, topics) =
                 drive::keystone_plan(&job.pipeline(&bench_dir()), &name, &out_topic, source, 2)?;
-            let plan_path = run_dir.join("plan.json");
-            std::fs::write(&plan_path, plan)?;
-            drive::create_topics(brokers, &topics)?;
-            created.extend(topics.into_iter().map(|t| t.0));
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            vec![
-                p(&ctx.runtime_bin),
-                "serve".into(),
-                "--plan".into(),
-                p(&plan_path),
-                "--stage".into(),
-                "s0".into(),
-                "--bootstrap-servers".into(),
-                brokers.into(),
-                "--instance-id".into(),
-                name.clone(),
-                "--http-addr".into(),
-                format!("127.0.0.1:{port}"),
-            ]
+            keystone_serve(ctx, &plan, &topics, &run_dir, &name, &mut created)?
         }
         Engine::FlinkKafka => {
             drive::create_topics(brokers, &[drive::output_topic(&out_topic, 2)])?;
@@ -208,6 +188,41 @@ fn kafka_engine(
         created,
         prefixes,
     })
+}
+
+/// The command of one Keystone instance serving stage s0 of `plan`: the plan is
+/// written to `run_dir` and its topics are created (and recorded in `created`,
+/// for the cleanup).
+pub(super) fn keystone_serve(
+    ctx: &Ctx,
+    plan: &str,
+    topics: &[crate::kafka::drive::TopicSpec],
+    run_dir: &Path,
+    name: &str,
+    created: &mut Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    let brokers = ctx.args.brokers.as_str();
+    let plan_path = run_dir.join("plan.json");
+    std::fs::write(&plan_path, plan)?;
+    crate::kafka::drive::create_topics(brokers, topics)?;
+    created.extend(topics.iter().map(|t| t.0.clone()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(vec![
+        ctx.runtime_bin.display().to_string(),
+        "serve".into(),
+        "--plan".into(),
+        plan_path.display().to_string(),
+        "--stage".into(),
+        "s0".into(),
+        "--bootstrap-servers".into(),
+        brokers.into(),
+        "--instance-id".into(),
+        name.to_owned(),
+        "--http-addr".into(),
+        format!("127.0.0.1:{port}"),
+    ])
 }
 
 pub(super) fn empty_record(engine: Engine, m: &Measured, time_basis: &str) -> RunRecord {

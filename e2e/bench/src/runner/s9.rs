@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::bail;
 
-use super::kafka_mode::empty_record;
+use super::kafka_mode::{empty_record, keystone_serve};
 use super::{Ctx, Summary, bench_dir, count_lines, engine_selected, rounds, summarize};
 use crate::measure;
 use crate::report::{RunRecord, ScenarioResult, Stat};
@@ -193,27 +193,7 @@ fn search_run(
                 )
                 .replace("topic: bench.cdc", &format!("topic: {source}"));
             let (plan, topics) = drive::compile_plan(&manifest.display().to_string(), &text, 2)?;
-            let plan_path = run_dir.join("plan.json");
-            std::fs::write(&plan_path, plan)?;
-            drive::create_topics(brokers, &topics)?;
-            created.extend(topics.into_iter().map(|t| t.0));
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            vec![
-                p(&ctx.runtime_bin),
-                "serve".into(),
-                "--plan".into(),
-                p(&plan_path),
-                "--stage".into(),
-                "s0".into(),
-                "--bootstrap-servers".into(),
-                brokers.into(),
-                "--instance-id".into(),
-                name.clone(),
-                "--http-addr".into(),
-                format!("127.0.0.1:{port}"),
-            ]
+            keystone_serve(ctx, &plan, &topics, &run_dir, &name, &mut created)?
         }
         Engine::FlinkSearch => [
             "java",
