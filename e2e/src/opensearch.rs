@@ -19,7 +19,7 @@
 //! meets a stale pooled connection, and no more hyper-util features than e2e
 //! declares are needed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -366,23 +366,7 @@ impl OpenSearch {
     }
 
     async fn testbed(&self, args: &[&str]) -> anyhow::Result<()> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed");
-        let out = tokio::process::Command::new(&script)
-            .args(args)
-            .env("KEYSTONE_TESTBED_STATE", &self.state)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "e2e/testbed {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        crate::testbed::run_script(&self.state, args).await
     }
 }
 

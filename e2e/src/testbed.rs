@@ -153,6 +153,18 @@ impl Testbed {
             .join(format!("{namespace}_{pod}_{uid}"))
     }
 
+    /// `e2e/testbed stop COMPONENT` (`opensearch`, `kafka`, `kube-apiserver`):
+    /// the process stops, its data stays. For fault tests.
+    pub async fn stop(&self, component: &str) -> anyhow::Result<()> {
+        run_script(&self.state, &["stop", component]).await
+    }
+
+    /// `e2e/testbed start COMPONENT`: starts it again on the same port and
+    /// returns once it answers.
+    pub async fn start(&self, component: &str) -> anyhow::Result<()> {
+        run_script(&self.state, &["start", component]).await
+    }
+
     /// `kubectl` pointed at the testbed.
     pub fn kubectl(&self) -> Result<std::process::Command, TestbedError> {
         let mut cmd = std::process::Command::new("kubectl");
@@ -270,6 +282,27 @@ fn parse_env(text: &str) -> BTreeMap<String, String> {
             (k.trim().to_owned(), v.to_owned())
         })
         .collect()
+}
+
+/// Runs `e2e/testbed ARGS` on the testbed whose state is in `state`.
+pub(crate) async fn run_script(state: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed");
+    let out = tokio::process::Command::new(&script)
+        .args(args)
+        .env("KEYSTONE_TESTBED_STATE", state)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "e2e/testbed {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
