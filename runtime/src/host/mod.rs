@@ -129,6 +129,8 @@ pub enum ServeError {
     Runtime(RuntimeError),
     #[error("operations endpoints: {0}")]
     Http(#[source] std::io::Error),
+    #[error("the final commit did not finish within {0:?} of SIGTERM; exited without it")]
+    ShutdownTimeout(std::time::Duration),
 }
 
 impl ServeError {
@@ -163,6 +165,7 @@ impl ServeError {
             ServeError::Sink(error) => error.metric_label(),
             ServeError::Runtime(_) => "runtime",
             ServeError::Http(_) => "http",
+            ServeError::ShutdownTimeout(_) => "shutdown_timeout",
         }
     }
 }
@@ -213,7 +216,13 @@ fn load_restore(path: &PathBuf) -> Result<RestorePlan, ServeError> {
     serde_json::from_str(&text).map_err(|e| restore_error(e.to_string()))
 }
 
-/// Runs one stage until SIGTERM (or SIGINT), then commits and returns.
+/// How long the final commit after SIGTERM may take: less than the 30 s
+/// `terminationGracePeriodSeconds` the operator gives stage pods, so the
+/// process leaves on its own (and says why) instead of being SIGKILLed.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// Runs one stage until SIGTERM (or SIGINT), then commits and returns; if the
+/// commit cannot finish within [`SHUTDOWN_GRACE`], returns without it.
 pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let (plan, stage) = load_plan(&args.plan, &args.stage)?;
     let shared = Arc::new(Shared {
@@ -284,8 +293,20 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
             }
         }
         watch.shutdown.store(true, Ordering::SeqCst);
-        let finished = engine_done.await;
-        join(finished)
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut engine_done).await {
+            Ok(finished) => join(finished),
+            // The final commit is stuck (the broker or a sink is away): leave
+            // without it rather than be SIGKILLed mid-write. Nothing is lost:
+            // the open transaction is aborted by the broker, and the next
+            // instance resumes from the last commit.
+            Err(_) => {
+                tracing::error!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "the final commit did not finish in time; exiting without it (the next instance resumes from the last commit)"
+                );
+                Err(ServeError::ShutdownTimeout(SHUTDOWN_GRACE))
+            }
+        }
     })
 }
 
