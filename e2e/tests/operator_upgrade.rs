@@ -135,6 +135,17 @@ spec:
             })
     }
 
+    /// The change most tests upgrade with: the projection keeps `action` too.
+    async fn keep_action(&self) {
+        self.patch(
+            json!({"spec": {"steps": [{"name": "shape", "project": {"fields": [
+                {"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"},
+                {"name": "action", "from": "/action"}
+            ]}}]}}),
+        )
+        .await;
+    }
+
     async fn patch(&self, patch: serde_json::Value) {
         self.api()
             .patch(self.name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -381,23 +392,7 @@ const PROJECT: &str = r#"    - name: shape
 
 #[tokio::test]
 async fn an_upgrade_from_a_checkpoint_under_load_delivers_every_event_once_in_order() {
-    let (flow, producer) = Flow::start(
-        "up-ckpt",
-        2,
-        "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
-        PROJECT,
-    )
-    .await
-    .under_load()
-    .await;
-    // The projection now keeps `action` too.
-    flow.patch(
-        json!({"spec": {"steps": [{"name": "shape", "project": {"fields": [
-            {"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"},
-            {"name": "action", "from": "/action"}
-        ]}}]}}),
-    )
-    .await;
+    let (flow, producer) = start_upgrade("up-ckpt").await;
     let upgrading = flow
         .wait("the upgrade under way", |p| {
             matches!(
@@ -549,10 +544,27 @@ async fn a_state_incompatible_change_is_refused_until_a_reset_is_allowed() {
     flow.assert_exactly_once(&seen);
 }
 
-#[tokio::test]
-async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
+/// A pipeline under load (two instances) whose projection has just been
+/// changed to keep `action` too: an upgrade from a checkpoint is under way.
+async fn start_upgrade(test: &str) -> (Arc<Flow>, Producing) {
     let (flow, producer) = Flow::start(
-        "up-rollback",
+        test,
+        2,
+        "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
+        PROJECT,
+    )
+    .await
+    .under_load()
+    .await;
+    flow.keep_action().await;
+    (flow, producer)
+}
+
+/// A pipeline under load whose change to a failing version has just been
+/// applied; returns it with its producer and the stable plan's hash.
+async fn start_failing_upgrade(test: &str) -> (Arc<Flow>, Producing, String) {
+    let (flow, producer) = Flow::start(
+        test,
         2,
         "  parallelism: 2\n  upgrade: {healthWindow: 20s, healthGate: {maxDeadLetterPercent: 10}}",
         PROJECT,
@@ -577,6 +589,12 @@ async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
         {"name": "shape", "project": {"fields": [{"name": "user", "from": "/user"}, {"name": "seq", "from": "/seq"}]}}
     ]}}))
     .await;
+    (flow, producer, stable_hash)
+}
+
+#[tokio::test]
+async fn a_failing_upgrade_is_rolled_back_without_loss_or_duplicates() {
+    let (flow, producer, stable_hash) = start_failing_upgrade("up-rollback").await;
     let upgrading = flow
         .wait("Upgrading", |p| {
             p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Upgrading)
@@ -851,4 +869,159 @@ async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
         "the stable image runs again"
     );
     flow.finish(producer, true).await;
+}
+
+// ---------------------------------------------------------------------------
+// The operator SIGKILLed in the middle of a change
+// ---------------------------------------------------------------------------
+
+/// Kills the flow's operator (SIGKILL) once `at` holds for the pipeline, after
+/// a further random delay below `jitter`, and starts a successor; returns it
+/// and the upgrade phase the pipeline was in at the kill.
+async fn kill_operator_when(
+    flow: &Flow,
+    at: impl Fn(&Pipeline) -> bool,
+    jitter: Duration,
+    seed: u64,
+) -> (OperatorProcess, Option<UpgradePhase>) {
+    flow.wait("the point to kill the operator at", at).await;
+    let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    rng ^= rng >> 29;
+    let delay = Duration::from_millis(rng % jitter.as_millis().max(1) as u64);
+    tokio::time::sleep(delay).await;
+    flow.operator.sigkill();
+    let phase = flow
+        .api()
+        .get(flow.name)
+        .await
+        .ok()
+        .as_ref()
+        .and_then(upgrade_phase);
+    eprintln!("operator SIGKILLed {delay:?} after the kill point, in upgrade phase {phase:?}");
+    let successor = OperatorProcess::start(
+        &flow.tb,
+        flow.ns.name(),
+        &format!("{}-op", flow.ns.name()),
+        "successor",
+    );
+    (successor, phase)
+}
+
+/// Waits (with the successor's log on failure) until `check` holds.
+async fn wait_with(
+    flow: &Flow,
+    operator: &OperatorProcess,
+    what: &str,
+    check: impl Fn(&Pipeline) -> bool,
+) -> Pipeline {
+    wait_for(&flow.api(), flow.name, LONG, what, check)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nsuccessor's log (tail):\n{}",
+                tail(&operator.log_text(), 60)
+            )
+        })
+}
+
+/// Every stage Deployment runs the plan the status names: nothing is left
+/// half-upgraded.
+async fn assert_one_plan_everywhere(flow: &Flow, p: &Pipeline) {
+    let plan = p
+        .status
+        .as_ref()
+        .and_then(|s| s.plan_hash.clone())
+        .expect("a plan hash in status");
+    let deployments: Api<Deployment> = flow.ns.api();
+    let list = deployments
+        .list(&ListParams::default())
+        .await
+        .expect("deployments");
+    assert!(!list.items.is_empty(), "no stage Deployments");
+    for d in list.items {
+        let running = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("keystone.dev/plan-hash"))
+            .cloned();
+        assert_eq!(
+            running.as_deref(),
+            Some(plan.as_str()),
+            "Deployment {:?} runs another plan than the status names",
+            d.metadata.name
+        );
+    }
+}
+
+/// An upgrade under load whose operator is SIGKILLed when `at` holds (plus
+/// up to `jitter`): the successor completes it, every Deployment runs the new
+/// plan, and the sink holds every event once, in order.
+async fn upgrade_survives_an_operator_kill(
+    test: &str,
+    at: impl Fn(&Pipeline) -> bool,
+    jitter: Duration,
+    seed: u64,
+) {
+    let (flow, producer) = start_upgrade(test).await;
+    let (successor, phase) = kill_operator_when(&flow, at, jitter, seed).await;
+    let stable = wait_with(
+        &flow,
+        &successor,
+        "the upgrade completed",
+        upgraded_to_stable,
+    )
+    .await;
+    assert_one_plan_everywhere(&flow, &stable).await;
+    flow.finish(producer, true).await;
+    eprintln!("{test}: the operator was killed in upgrade phase {phase:?}");
+}
+
+#[tokio::test]
+async fn the_operator_killed_during_an_upgrade_is_succeeded_by_one_that_completes_it() {
+    upgrade_survives_an_operator_kill(
+        "kill-upgrade",
+        |p| {
+            matches!(
+                upgrade_phase(p),
+                Some(UpgradePhase::Deploying | UpgradePhase::Observing)
+            )
+        },
+        Duration::from_secs(3),
+        11,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_operator_killed_while_checkpointing_for_an_upgrade_leaves_nothing_stopped() {
+    // Right after the change is seen: the checkpoint (stop, commit, read the
+    // offsets) is being taken; the instances may be stopped when it dies.
+    upgrade_survives_an_operator_kill("kill-ckpt", |_| true, Duration::from_millis(1500), 23).await;
+}
+
+#[tokio::test]
+async fn the_operator_killed_during_a_rollback_is_succeeded_by_one_that_completes_it() {
+    let (flow, producer, stable_hash) = start_failing_upgrade("kill-rollback").await;
+    let (successor, _) = kill_operator_when(
+        &flow,
+        |p| upgrade_phase(p) == Some(UpgradePhase::RollingBack),
+        Duration::from_millis(1500),
+        37,
+    )
+    .await;
+    let rolled = wait_with(&flow, &successor, "rolled back", |p| {
+        upgrade_phase(p) == Some(UpgradePhase::RolledBack)
+    })
+    .await;
+    assert_eq!(
+        rolled.status.as_ref().and_then(|s| s.plan_hash.as_deref()),
+        Some(stable_hash.as_str()),
+        "the stable plan runs again"
+    );
+    assert_one_plan_everywhere(&flow, &rolled).await;
+    // The failed version's even events precede the replayed odd ones: order
+    // per user holds only outside that window (as without the kill).
+    flow.finish(producer, false).await;
 }

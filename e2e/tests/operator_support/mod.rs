@@ -254,6 +254,15 @@ impl OperatorProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGKILL through a shared reference (the process may be held by
+    /// something that only lends it out); a no-op once it has exited.
+    pub fn sigkill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
     pub async fn metrics(&self) -> String {
         let out = Command::new("curl")
             .args([

@@ -425,16 +425,20 @@ pub fn group_offsets(h: &Harness, partitions: i32) -> BTreeMap<i32, (i64, String
         .collect()
 }
 
+/// The steps of the CDC pipelines: redeliveries removed, then each order's
+/// events put in sequence.
+pub const CDC_STEPS: &str = r#"  steps:
+    - name: dedup
+      dedup: {key: [order_id, event_id], window: 1h}
+    - name: order
+      order: {key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}
+"#;
+
 pub fn cdc_pipeline(name: &str) -> String {
     cdc_manifest(
         name,
         &format!(
-            r#"  steps:
-    - name: dedup
-      dedup: {{key: [order_id, event_id], window: 1h}}
-    - name: order
-      order: {{key: [order_id], sequence: seq, maxDelay: 10s, contiguous: true, onStale: Drop}}
-  sinks:
+            r#"{CDC_STEPS}  sinks:
     - name: out
       kafka: {{topic: {name}.out, partitions: 3, key: [order_id], preserveOrder: true}}
   delivery: ExactlyOnce
@@ -448,14 +452,19 @@ pub fn cdc_pipeline(name: &str) -> String {
 /// (keyed by order, with the schema `event_id`, `order_id`, `seq`), followed by
 /// `rest`: the spec's steps, sinks and settings, indented as spec members.
 pub fn cdc_manifest(name: &str, rest: &str) -> String {
+    cdc_manifest_in("e2e", name, &format!("{name}.in"), rest)
+}
+
+/// As [`cdc_manifest`], in namespace `ns`, reading `source`.
+pub fn cdc_manifest_in(ns: &str, name: &str, source: &str, rest: &str) -> String {
     format!(
         r#"
 apiVersion: keystone.dev/v1alpha1
 kind: Pipeline
-metadata: {{name: {name}, namespace: e2e}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
   source:
-    topic: {name}.in
+    topic: {source}
     key: [order_id]
     schema:
       fields:
