@@ -28,6 +28,8 @@ const SINK_INTERVAL_WAIT: Duration = Duration::from_secs(1);
 /// How long a commit that must happen now (checkpoint, rebalance, shutdown)
 /// waits for the sinks, at most.
 const SINK_FLUSH_WAIT: Duration = Duration::from_secs(30);
+/// How long an abort that fails on retriable errors is tried again.
+const ABORT_PATIENCE: Duration = Duration::from_secs(120);
 /// The share of the transaction timeout after which an open transaction is
 /// given up while the sinks are not prepared: the broker would abort it at the
 /// timeout and fence this producer, which is fatal.
@@ -353,11 +355,36 @@ impl Core {
             sinks.abort();
         }
         if self.exactly_once && self.in_transaction {
-            if let Err(error) = self.outbox.producer.abort_transaction(KAFKA_TIMEOUT) {
-                tracing::error!(%error, "aborting the transaction failed");
-            }
+            self.abort_transaction_retrying();
             self.in_transaction = false;
             self.transaction_began = None;
+        }
+    }
+
+    /// librdkafka leaves the producer unusable until an abort that failed on
+    /// a retriable error (a timeout: the broker is away) is called again and
+    /// succeeds: beginning the next transaction would fail for good ("invalid
+    /// state") and stop the instance. So a retriable failure is retried, with
+    /// backoff, for as long as a broker outage may reasonably last; after that
+    /// the next begin fails and the instance restarts.
+    fn abort_transaction_retrying(&mut self) {
+        let deadline = Instant::now() + ABORT_PATIENCE;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.outbox.producer.abort_transaction(KAFKA_TIMEOUT) {
+                Ok(()) => return,
+                Err(KafkaError::Transaction(error))
+                    if error.is_retriable() && Instant::now() < deadline =>
+                {
+                    tracing::warn!(%error, "aborting the transaction failed; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "aborting the transaction failed");
+                    return;
+                }
+            }
         }
     }
 
