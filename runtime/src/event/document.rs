@@ -4,11 +4,10 @@
 //!
 //! One linear scan over the bytes comes first. It measures the nesting depth
 //! without recursion and notes the number literals a 64-bit parse would not
-//! keep (integers of 20 or more digits, decimals of 18 or more significant
-//! digits, exponents of 3 or more digits) and the literal `-0`. Only events with
-//! such numbers are parsed a second way (numbers kept as their text); the scan
-//! skips string contents with `memchr`, so for ordinary events it costs a small
-//! fraction of the parse.
+//! keep (18 or more significant digits, or an exponent of 3 or more digits)
+//! and the literal `-0`. Only events with such numbers are parsed another way
+//! (numbers kept as their text). The scan jumps over string contents with
+//! `memchr`; after the parse, one walk over the objects looks for repeated keys.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -60,10 +59,11 @@ pub(crate) fn parse_document(bytes: &[u8], max_depth: usize) -> Result<Value, St
 
 /// A document the runtime wrote itself (an event with a step's writes), parsed
 /// back keeping its numbers as they were. Writes nest values at most a few
-/// levels below an event within [`MAX_DEPTH`]; the wider limit only keeps the
-/// parser's recursion bounded whatever happens.
+/// levels below an event within [`MAX_DEPTH`]; the wider limit (within which
+/// every walk is tested to fit a thread's stack) only keeps the parser's
+/// recursion bounded whatever happens.
 pub(crate) fn reparse(bytes: &[u8]) -> Option<Value> {
-    let scan = scan(bytes, 4 * MAX_DEPTH);
+    let scan = scan(bytes, 2 * MAX_DEPTH);
     if scan.too_deep {
         return None;
     }
