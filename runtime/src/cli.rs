@@ -300,12 +300,16 @@ fn is_stdio(path: &std::path::Path) -> bool {
     path.as_os_str() == "-"
 }
 
-/// A file's identity: device and inode when it exists (so that symlinks and
-/// hard links to one file are one), else its canonical parent and name.
+/// A regular file's identity: device and inode when it exists (so that
+/// symlinks and hard links to one file are one), else its canonical parent and
+/// name. `None` for what is not a regular file (a terminal, a pipe, /dev/null):
+/// writing those truncates nothing, and two outputs may share one.
 fn file_identity(path: &std::path::Path) -> Option<FileIdentity> {
     use std::os::unix::fs::MetadataExt;
     if let Ok(meta) = std::fs::metadata(path) {
-        return Some(FileIdentity::Inode(meta.dev(), meta.ino()));
+        return meta
+            .is_file()
+            .then(|| FileIdentity::Inode(meta.dev(), meta.ino()));
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -444,6 +444,15 @@ fn run_refuses_outputs_that_are_inputs() {
         text(&out.stderr)
     );
     assert!(!elsewhere.exists(), "nothing is created when refused");
+    // Devices are not files to protect: both outputs may go to /dev/null.
+    let out = run(&[
+        "-o".as_ref(),
+        "/dev/null".as_ref(),
+        "--dead-letters".as_ref(),
+        "/dev/null".as_ref(),
+        "--quiet".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 #[test]
