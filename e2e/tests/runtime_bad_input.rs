@@ -41,6 +41,20 @@ spec:
     )
 }
 
+/// The values of the first `expected` committed records of the sink topic.
+fn sink_values(h: &Harness, expected: usize) -> Vec<String> {
+    read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        expected,
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+    )
+    .into_iter()
+    .map(|(_, value, _)| value)
+    .collect()
+}
+
 fn nested(levels: usize) -> String {
     format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
 }
@@ -70,14 +84,7 @@ async fn hostile_records_are_dead_letters_and_the_partition_goes_on() {
         record(r#"{"id":"last","payload":{}}"#.into()),
     ];
     produce(&p, &source, &records);
-    let out = read_committed(
-        &h.bootstrap,
-        &h.sink_topic(),
-        4,
-        Duration::from_secs(90),
-        Duration::from_secs(1),
-    );
-    let values: Vec<&str> = out.iter().map(|(_, v, _)| v.as_str()).collect();
+    let values = sink_values(&h, 4);
     assert_eq!(
         values,
         [
@@ -225,18 +232,62 @@ async fn a_group_commit_with_metadata_that_is_not_utf8_does_not_stop_the_runtime
         b"\xff\xfe keystone.restore=x \xc3",
     );
     h.start("a", &[]);
-    let out = read_committed(
-        &h.bootstrap,
-        &h.sink_topic(),
-        2,
-        Duration::from_secs(90),
-        Duration::from_secs(1),
-    );
-    let values: Vec<&str> = out.iter().map(|(_, v, _)| v.as_str()).collect();
+    let values = sink_values(&h, 2);
     assert_eq!(
         values,
         [r#"{"id":"e2","payload":{}}"#, r#"{"id":"e3","payload":{}}"#],
         "the runtime resumes from the committed offset"
     );
     assert!(!h.log("a").contains("panicked"), "{}", h.log("a"));
+}
+
+/// A record the broker took but larger than the event size limit (1,000,000
+/// bytes; a Java producer writes up to 1 MiB by default) is a dead letter with
+/// its whole original, instead of a sink record the broker refuses, which
+/// stopped the stage.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_over_the_size_limit_is_a_dead_letter_with_its_bytes() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::ThreadedProducer;
+    let name = unique("large");
+    let mut h = Harness::new(&name, &manifest(&name), 1).await;
+    let source = h.plan.source.topic.clone();
+    let p: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    h.start("a", &[]);
+    let large = format!(r#"{{"id":"large","payload":"{}"}}"#, "x".repeat(1_040_000));
+    let fits = format!(r#"{{"id":"fits","payload":"{}"}}"#, "x".repeat(990_000));
+    let records = vec![
+        ("k".to_owned(), large.clone()),
+        ("k".to_owned(), fits.clone()),
+        ("k".to_owned(), r#"{"id":"after","payload":{}}"#.to_owned()),
+    ];
+    produce(&p, &source, &records);
+    let values = sink_values(&h, 2);
+    assert_eq!(
+        values,
+        [fits.as_str(), r#"{"id":"after","payload":{}}"#],
+        "{}",
+        h.log("a")
+    );
+    let dead = read_committed(
+        &h.bootstrap,
+        &h.plan.dead_letter_topic,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1, large, "the whole original");
+    assert_eq!(
+        dead[0].2["keystone.reason"],
+        format!(
+            "the event is {} bytes, larger than the limit of 1000000 bytes",
+            large.len()
+        )
+    );
+    assert_eq!(dead[0].2["keystone.offset"], "0");
 }

@@ -45,7 +45,7 @@ impl Event {
     pub fn parse(raw: Vec<u8>) -> Result<Event, (Vec<u8>, String)> {
         if raw.len() > MAX_EVENT_BYTES {
             let reason = format!(
-                "the event is {} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes (1 MiB)",
+                "the event is {} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes",
                 raw.len()
             );
             return Err((raw, reason));

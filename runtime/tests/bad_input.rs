@@ -149,7 +149,7 @@ fn events_larger_than_the_limit_are_dead_letters_with_the_size() {
     assert_eq!(
         dead[0].reason,
         format!(
-            "the event is {} bytes, larger than the limit of 1048576 bytes (1 MiB)",
+            "the event is {} bytes, larger than the limit of 1000000 bytes",
             large.len()
         )
     );

@@ -21,9 +21,13 @@ use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
 /// within a small stack.
 pub const MAX_DEPTH: usize = 128;
 
-/// Largest event accepted, in bytes: Kafka's default largest record
-/// (`message.max.bytes`, 1 MiB). Larger events are dead-lettered unparsed.
-pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Largest event accepted, in bytes: librdkafka's default largest message
+/// (`message.max.bytes`, 1,000,000). Brokers take batches of up to 1 MiB by
+/// default, so an accepted event still fits with its key, headers and some
+/// growth when a sink writes it, and the dead letter of a larger one (its
+/// original bytes) still fits when the broker took it as input. Larger events
+/// are dead-lettered unparsed.
+pub const MAX_EVENT_BYTES: usize = 1_000_000;
 
 /// The UTF-8 byte order mark, which RFC 8259 lets parsers ignore.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
