@@ -300,8 +300,92 @@ fn is_stdio(path: &std::path::Path) -> bool {
     path.as_os_str() == "-"
 }
 
+/// A regular file's identity: device and inode when it exists (so that
+/// symlinks and hard links to one file are one), else its canonical parent and
+/// name. `None` for what is not a regular file (a terminal, a pipe, /dev/null):
+/// writing those truncates nothing, and two outputs may share one.
+fn file_identity(path: &std::path::Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        return meta
+            .is_file()
+            .then(|| FileIdentity::Inode(meta.dev(), meta.ino()));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let name = path.file_name()?;
+    Some(FileIdentity::Path(
+        std::fs::canonicalize(parent).ok()?.join(name),
+    ))
+}
+
+#[derive(PartialEq, Eq)]
+enum FileIdentity {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+/// Refuses a run whose outputs name one of its inputs (creating the output would
+/// truncate the input before it is read) or each other (they would overwrite
+/// each other). Checked before any file is opened for writing.
+fn refuse_overlapping_files(args: &RunArgs) -> Result<(), RuntimeError> {
+    let mut inputs: Vec<(String, &std::path::Path)> = Vec::new();
+    if !is_stdio(&args.input) {
+        inputs.push(("the --input file".into(), &args.input));
+    }
+    for file in &args.files {
+        inputs.push(("the manifest file".into(), file));
+    }
+    for (name, file) in &args.tables {
+        inputs.push((format!("the rows of --table {name}"), file));
+    }
+    let mut outputs: Vec<(String, &std::path::Path)> = Vec::new();
+    if !is_stdio(&args.output) {
+        outputs.push(("--output".into(), &args.output));
+    }
+    if let Some(path) = args.dead_letters.as_deref().filter(|p| !is_stdio(p)) {
+        outputs.push(("--dead-letters".into(), path));
+    }
+    for (name, target) in &args.sinks {
+        if let SinkTarget::File(path) = target
+            && !is_stdio(path)
+        {
+            outputs.push((format!("--sink {name}"), path));
+        }
+    }
+    let inputs: Vec<_> = inputs
+        .into_iter()
+        .filter_map(|(what, path)| file_identity(path).map(|id| (what, path, id)))
+        .collect();
+    let mut seen: Vec<(String, &std::path::Path, FileIdentity)> = Vec::new();
+    for (what, path) in outputs {
+        let Some(id) = file_identity(path) else {
+            continue;
+        };
+        if let Some((input, input_path, _)) = inputs.iter().find(|(_, _, i)| *i == id) {
+            return Err(RuntimeError::Usage(format!(
+                "{what} {} is {input} {}: writing it would destroy the input before it is read; write to another file",
+                path.display(),
+                input_path.display()
+            )));
+        }
+        if let Some((other, other_path, _)) = seen.iter().find(|(_, _, i)| *i == id) {
+            return Err(RuntimeError::Usage(format!(
+                "{what} {} is the same file as {other} {}: give each output its own file",
+                path.display(),
+                other_path.display()
+            )));
+        }
+        seen.push((what, path, id));
+    }
+    Ok(())
+}
+
 /// `run`: local mode.
 pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
+    refuse_overlapping_files(args)?;
     let manifests = local::read_manifests(&args.files)?;
     let plan = local::compile_pipeline(&manifests, args.pipeline.as_deref())?;
     let tables = local::load_tables(&plan, &args.tables)?;

@@ -1,7 +1,11 @@
 //! Events as the runtime carries them, and how fields are reached in them.
 
+mod document;
+
 use keystone_crds::schema::FieldType;
 use sonic_rs::{JsonContainerTrait, JsonType, JsonValueMutTrait, JsonValueTrait, Object, Value};
+
+pub use document::{MAX_DEPTH, MAX_EVENT_BYTES};
 
 /// One event: the bytes it arrived as and the document parsed from them once per stage.
 #[derive(Clone, Debug)]
@@ -34,9 +38,19 @@ impl Event {
         }
     }
 
-    /// Parses `raw` as one JSON object. On failure the reason is returned with the bytes.
+    /// Parses `raw` as one JSON object. On failure the reason is returned with the
+    /// bytes: larger than [`MAX_EVENT_BYTES`], not JSON, nested deeper than
+    /// [`MAX_DEPTH`], an object with a repeated key, or not an object. A leading
+    /// UTF-8 byte order mark is ignored.
     pub fn parse(raw: Vec<u8>) -> Result<Event, (Vec<u8>, String)> {
-        match sonic_rs::from_slice::<Value>(&raw) {
+        if raw.len() > MAX_EVENT_BYTES {
+            let reason = format!(
+                "the event is {} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes",
+                raw.len()
+            );
+            return Err((raw, reason));
+        }
+        match document::parse_document(&raw, MAX_DEPTH) {
             Ok(value) if value.is_object() => Ok(Event::new(value, raw)),
             Ok(value) => {
                 let reason = format!(
@@ -45,13 +59,7 @@ impl Event {
                 );
                 Err((raw, reason))
             }
-            Err(e) => {
-                // sonic-rs appends a multi-line excerpt; the first line says it all.
-                let message = e.to_string();
-                let first = message.lines().next().unwrap_or_default().to_owned();
-                let reason = format!("invalid JSON: {first}");
-                Err((raw, reason))
-            }
+            Err(reason) => Err((raw, reason)),
         }
     }
 
@@ -67,6 +75,19 @@ impl Event {
         let _ = sonic_rs::to_writer(&mut *out, &self.value);
         out.push(b'\n');
     }
+}
+
+/// Parses a document that is not an event (a table row, a record key) with the
+/// limits events have: nesting within [`MAX_DEPTH`], no repeated key, numbers
+/// kept exactly, a leading byte order mark ignored.
+pub fn parse_value(bytes: &[u8]) -> Result<Value, String> {
+    document::parse_document(bytes, MAX_DEPTH)
+}
+
+/// Parses back a document the runtime wrote or checked before (a stored row, a
+/// waiting event in a changelog), keeping numbers as they were.
+pub(crate) fn reparse(bytes: &[u8]) -> Option<Value> {
+    document::reparse(bytes)
 }
 
 /// An event that could not be processed, with why and where.
@@ -106,11 +127,18 @@ pub fn type_name(value: &Value) -> &'static str {
         JsonType::Null => "null",
         JsonType::Boolean => "boolean",
         JsonType::Number if value.is_i64() || value.is_u64() => "integer",
+        JsonType::Number if document::wide_number(value).is_some_and(|n| is_integer_text(&n)) => {
+            "integer beyond 64 bits"
+        }
         JsonType::Number => "number",
         JsonType::String => "string",
         JsonType::Object => "object",
         JsonType::Array => "array",
     }
+}
+
+fn is_integer_text(number: &sonic_rs::RawNumber) -> bool {
+    !number.as_str().contains(['.', 'e', 'E'])
 }
 
 /// Whether `value` is of the schema type `expected`.
@@ -213,7 +241,7 @@ pub fn ordered_object<'a>(
         let _ = sonic_rs::to_writer(&mut *buf, value);
     }
     buf.push(b'}');
-    sonic_rs::from_slice(buf).unwrap_or_else(|_| Value::from(Object::new()))
+    document::reparse(buf).unwrap_or_else(|| Value::from(Object::new()))
 }
 
 /// `original` with `writes` applied (each sets a dotted path, parents created or
@@ -227,7 +255,7 @@ pub fn with_writes(original: &Value, writes: &[(&FieldPath, Value)], buf: &mut V
         .map(|(p, v)| (p.segments.as_slice(), v))
         .collect();
     write_merged(Some(original), &paths, buf);
-    sonic_rs::from_slice(buf).unwrap_or_else(|_| original.clone())
+    document::reparse(buf).unwrap_or_else(|| original.clone())
 }
 
 fn write_merged(original: Option<&Value>, writes: &[(&[String], &Value)], out: &mut Vec<u8>) {

@@ -218,6 +218,37 @@ mod tests {
         assert!(err.contains("amount"), "{err}");
     }
 
+    /// Parsing limits events to `MAX_DEPTH` levels, so that these recursive walks
+    /// are safe: at twice the limit they still fit the 2 MiB stack the engine
+    /// thread (and a local run's steps thread) has, in debug builds too.
+    #[test]
+    fn walks_at_twice_the_nesting_limit_fit_an_engine_thread_stack() {
+        let levels = 2 * crate::event::MAX_DEPTH;
+        let inner = format!(
+            "{}1{}",
+            r#"{"a":["#.repeat(levels / 2 - 1),
+            "]}".repeat(levels / 2 - 1)
+        );
+        let text = format!(r#"{{"deep":{inner},"id":"x"}}"#);
+        let worker = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let event: Value = sonic_rs::from_str(&text).unwrap();
+                let cel = to_cel(&event);
+                assert_eq!(from_cel(&cel).unwrap(), event);
+                let expr = Expr::compile("deep != null && event == event").unwrap();
+                let bindings = Bindings::new([&expr]);
+                let result = bindings.with_scope(&event, |scope| expr.execute(scope));
+                assert_eq!(result, Ok(CelValue::Bool(true)));
+                assert_eq!(sonic_rs::to_string(&event).unwrap(), text);
+                let pointer = format!("/deep{}", "/a/0".repeat(levels / 2 - 1));
+                let leaf = crate::event::Pointer::parse(&pointer).unwrap();
+                assert_eq!(leaf.get(&event).and_then(|v| v.as_i64()), Some(1));
+            })
+            .unwrap();
+        worker.join().unwrap();
+    }
+
     #[test]
     fn values_round_trip() {
         let json: Value = sonic_rs::from_str(r#"{"a":[1,2.5,"x",null,true]}"#).unwrap();

@@ -384,6 +384,77 @@ fn run_a_sample_locally() {
     }
 }
 
+/// An output naming an input (directly, by a symlink or by a hard link) or
+/// another output is refused before anything is written: the input is intact
+/// and the exit status is 2.
+#[test]
+fn run_refuses_outputs_that_are_inputs() {
+    let dir = repo().join("config/samples");
+    let pipeline = dir.join("orders-cdc-to-search.yaml");
+    let original = std::fs::read(dir.join("data/orders-cdc.jsonl")).unwrap();
+    let input = scratch("same-input.jsonl", &text(&original));
+    let scratch_dir = input.parent().unwrap().to_path_buf();
+    let symlink = scratch_dir.join("same-input-symlink.jsonl");
+    let hard = scratch_dir.join("same-input-hard.jsonl");
+    let _ = std::fs::remove_file(&symlink);
+    let _ = std::fs::remove_file(&hard);
+    std::os::unix::fs::symlink(&input, &symlink).unwrap();
+    std::fs::hard_link(&input, &hard).unwrap();
+    let elsewhere = scratch_dir.join("same-elsewhere.jsonl");
+    let run = |extra: &[&std::ffi::OsStr]| {
+        bin()
+            .arg("run")
+            .arg(&pipeline)
+            .arg("--input")
+            .arg(&input)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let cases: Vec<(Vec<&std::ffi::OsStr>, &str)> = vec![
+        (vec!["--output".as_ref(), input.as_os_str()], "--output"),
+        (vec!["-o".as_ref(), symlink.as_os_str()], "--output"),
+        (
+            vec!["--dead-letters".as_ref(), hard.as_os_str()],
+            "--dead-letters",
+        ),
+        (vec!["-o".as_ref(), pipeline.as_os_str()], "--output"),
+    ];
+    for (extra, flag) in cases {
+        let out = run(&extra);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.starts_with(flag) && stderr.contains("would destroy the input"),
+            "{extra:?}: {stderr}"
+        );
+        assert_eq!(std::fs::read(&input).unwrap(), original, "{extra:?}");
+    }
+    let _ = std::fs::remove_file(&elsewhere);
+    let out = run(&[
+        "-o".as_ref(),
+        elsewhere.as_os_str(),
+        "--dead-letters".as_ref(),
+        elsewhere.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("is the same file as --output"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!elsewhere.exists(), "nothing is created when refused");
+    // Devices are not files to protect: both outputs may go to /dev/null.
+    let out = run(&[
+        "-o".as_ref(),
+        "/dev/null".as_ref(),
+        "--dead-letters".as_ref(),
+        "/dev/null".as_ref(),
+        "--quiet".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 #[test]
 fn run_reads_stdin_and_refuses_invalid_pipelines() {
     use std::io::Write;

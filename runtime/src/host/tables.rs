@@ -133,7 +133,7 @@ pub(super) fn table_changes(spec: &TableSpec, records: Vec<RawRecord>) -> Vec<St
     let mut changes = Vec::with_capacity(records.len());
     for (key, value) in records {
         match value {
-            Some(bytes) => match sonic_rs::from_slice::<sonic_rs::Value>(&bytes) {
+            Some(bytes) => match crate::event::parse_value(&bytes) {
                 Ok(row) => match table.row_key(&row) {
                     Ok(row_key) => changes.push(StateChange::upsert(row_key, bytes)),
                     Err(reason) => {
@@ -141,7 +141,7 @@ pub(super) fn table_changes(spec: &TableSpec, records: Vec<RawRecord>) -> Vec<St
                     }
                 },
                 Err(error) => {
-                    tracing::warn!(table = spec.name, %error, "skipping a table row that is not JSON")
+                    tracing::warn!(table = spec.name, %error, "skipping a table row that is not a valid document")
                 }
             },
             None => {
@@ -161,9 +161,11 @@ pub(super) fn table_changes(spec: &TableSpec, records: Vec<RawRecord>) -> Vec<St
 fn key_row(spec: &TableSpec, key: &[u8]) -> Option<sonic_rs::Value> {
     let values: Vec<sonic_rs::Value> = if spec.key.len() == 1 {
         let text = std::str::from_utf8(key).ok()?;
-        vec![sonic_rs::from_str(text).unwrap_or_else(|_| sonic_rs::Value::from(text))]
+        vec![crate::event::parse_value(key).unwrap_or_else(|_| sonic_rs::Value::from(text))]
     } else {
-        sonic_rs::from_slice(key).ok()?
+        use sonic_rs::JsonContainerTrait as _;
+        let parsed = crate::event::parse_value(key).ok()?;
+        parsed.as_array()?.iter().cloned().collect()
     };
     let mut row = sonic_rs::Object::new();
     for (field, value) in spec.key.iter().zip(values) {

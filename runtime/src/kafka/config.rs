@@ -94,6 +94,10 @@ pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> Cli
         // Java producers put them (co-partitioned tables).
         .set("partitioner", "murmur2_random")
         .set("queue.buffering.max.messages", "1000000")
+        // The brokers' limit (1 MiB per batch by default) decides what is too
+        // large: librdkafka's own (1,000,000 bytes) would refuse the dead letter
+        // of a record the broker accepted as input, and the stage would stop.
+        .set("message.max.bytes", "2097152")
         // As Kafka Streams under EOS: a dead instance's open transaction (and the
         // partitions waiting on it) is aborted after 10 s.
         .set(

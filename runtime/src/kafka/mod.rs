@@ -75,7 +75,111 @@ pub fn committed_in_group<C: ConsumerContext>(
                 Offset::Offset(o) => Some(o),
                 _ => None,
             };
-            (e.partition(), (offset, CommitMetadata::parse(e.metadata())))
+            let metadata = commit_metadata_text(e).map_or_else(
+                || {
+                    tracing::warn!(
+                        topic,
+                        partition = e.partition(),
+                        "the committed offset's metadata is not UTF-8, so not Keystone's: it is ignored"
+                    );
+                    CommitMetadata::default()
+                },
+                |text| CommitMetadata::parse(&text),
+            );
+            (e.partition(), (offset, metadata))
         })
         .collect())
+}
+
+/// The metadata of a committed offset, `None` when it is not UTF-8. rdkafka's
+/// `metadata()` panics then and offers no byte access without `unsafe`, so the
+/// panic is caught (the workspace builds with unwinding panics). Anyone may
+/// commit for a group; Keystone only ever writes UTF-8, so such metadata is
+/// someone else's and reads as none.
+fn commit_metadata_text(
+    element: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>,
+) -> Option<String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        element.metadata().to_owned()
+    }))
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use rdkafka::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    /// Commits `offset` with `metadata` (any bytes) for `group` through a bare
+    /// OffsetCommit v2 request: Kafka clients only take text for metadata.
+    fn commit_raw(bootstrap: &str, group: &str, topic: &str, offset: i64, metadata: &[u8]) {
+        fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+            out.extend_from_slice(&i16::try_from(bytes.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+        let mut message = Vec::new();
+        message.extend_from_slice(&8i16.to_be_bytes()); // OffsetCommit
+        message.extend_from_slice(&2i16.to_be_bytes()); // version 2
+        message.extend_from_slice(&1i32.to_be_bytes()); // correlation id
+        string(&mut message, b"test");
+        string(&mut message, group.as_bytes());
+        message.extend_from_slice(&(-1i32).to_be_bytes()); // generation: none
+        string(&mut message, b""); // member id: none
+        message.extend_from_slice(&(-1i64).to_be_bytes()); // retention: the broker's
+        message.extend_from_slice(&1i32.to_be_bytes()); // one topic
+        string(&mut message, topic.as_bytes());
+        message.extend_from_slice(&1i32.to_be_bytes()); // one partition
+        message.extend_from_slice(&0i32.to_be_bytes());
+        message.extend_from_slice(&offset.to_be_bytes());
+        string(&mut message, metadata);
+        let mut stream = std::net::TcpStream::connect(bootstrap).unwrap();
+        stream
+            .write_all(&i32::try_from(message.len()).unwrap().to_be_bytes())
+            .unwrap();
+        stream.write_all(&message).unwrap();
+        let mut length = [0u8; 4];
+        stream.read_exact(&mut length).unwrap();
+        let mut response = vec![0u8; usize::try_from(i32::from_be_bytes(length)).unwrap()];
+        stream.read_exact(&mut response).unwrap();
+        // correlation id, one topic (name), one partition: id, then its error code.
+        let error_at = response.len() - 2;
+        assert_eq!(
+            &response[error_at..],
+            &[0, 0],
+            "the commit failed: {response:?}"
+        );
+    }
+
+    /// librdkafka's mock broker keeps commit metadata as bytes (a real broker
+    /// decodes and re-encodes it), so it can hand back metadata that is not
+    /// UTF-8, on which rdkafka's `metadata()` panics.
+    #[test]
+    fn commit_metadata_that_is_not_utf8_reads_as_none() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("input", 1, 1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        commit_raw(
+            &bootstrap,
+            "group",
+            "input",
+            5,
+            b"\xff\xfe keystone.restore=r1 \xc3",
+        );
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "group")
+            .create()
+            .unwrap();
+        let committed = committed_in_group(&consumer, "input", &[0]).unwrap();
+        assert_eq!(committed[&0], (Some(5), CommitMetadata::default()));
+
+        commit_raw(&bootstrap, "group", "input", 6, b"keystone.restore=r1");
+        let committed = committed_in_group(&consumer, "input", &[0]).unwrap();
+        assert_eq!(committed[&0].0, Some(6));
+        assert_eq!(committed[&0].1.restore.as_deref(), Some("r1"));
+    }
 }

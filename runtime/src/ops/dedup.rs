@@ -12,6 +12,13 @@
 //!   event with time `< t0 + window` is a duplicate (also one with an earlier event
 //!   time than `t0`). The window is not extended by duplicates. An event at or after
 //!   `t0 + window` passes and starts a new window.
+//! - **Far-future event time**: an event whose event time is more than
+//!   [`MAX_EVENT_TIME_AHEAD_MS`] (1 hour) ahead of processing time goes to the
+//!   dead-letter output instead of moving the watermark: one such event (a
+//!   `ts` of i64::MAX) would otherwise expire every key at once, and every later
+//!   redelivery would pass. The bound is Kafka's own for record timestamps
+//!   (`log.message.timestamp.after.max.ms`, 1 hour by default); the watermark
+//!   therefore never runs more than an hour ahead of the clock.
 //! - **Memory**: keys are evicted once the watermark (the highest time seen, or
 //!   processing time) passes `t0 + window`, by a sweep every window/8 of watermark
 //!   progress. In event time a duplicate that arrives after its key was evicted
@@ -28,6 +35,9 @@ use keystone_crds::ops::DedupSpec;
 use crate::event::{Event, FieldPath, encode_key, timestamp_ms};
 use crate::operator::{Ctx, Operator, Output};
 use crate::state::{HashKeyed, StateChange, StateError, hash64, hex, read_i64};
+
+/// How far ahead of processing time an event time may be, in milliseconds.
+pub const MAX_EVENT_TIME_AHEAD_MS: i64 = 60 * 60 * 1000;
 
 pub struct Dedup {
     key: Vec<FieldPath>,
@@ -79,6 +89,13 @@ impl Dedup {
     }
 }
 
+/// Epoch milliseconds as RFC 3339 when chrono can show them, else as a number.
+fn describe_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms} ms since the epoch"))
+}
+
 impl Operator for Dedup {
     fn process(&mut self, event: Event, ctx: &Ctx, out: &mut Output) {
         self.key_buf.clear();
@@ -90,7 +107,6 @@ impl Operator for Dedup {
         let time = match &self.event_time {
             None => ctx.now_ms,
             Some(field) => match field.get(&event.value).and_then(timestamp_ms) {
-                Some(t) => t,
                 None => {
                     let reason = format!(
                         "dedup: event-time field {:?} is missing or not a timestamp (RFC 3339 or epoch milliseconds)",
@@ -98,6 +114,16 @@ impl Operator for Dedup {
                     );
                     return out.dead_letter(event, reason);
                 }
+                Some(t) if t > ctx.now_ms.saturating_add(MAX_EVENT_TIME_AHEAD_MS) => {
+                    let reason = format!(
+                        "dedup: event time {} in field {:?} is more than 1 hour ahead of processing time {}: it would expire every key's window",
+                        describe_ms(t),
+                        field.dotted,
+                        describe_ms(ctx.now_ms)
+                    );
+                    return out.dead_letter(event, reason);
+                }
+                Some(t) => t,
             },
         };
         if time > self.watermark {
@@ -262,6 +288,60 @@ mod tests {
         // Watermark 9900: only keys with t0 > 9100 can still be live.
         assert!(op.state_entries() <= 9, "{} live keys", op.state_entries());
         assert!(out.changes.iter().any(|c| c.value.is_none()));
+    }
+
+    #[test]
+    fn a_far_future_event_time_does_not_expire_every_key() {
+        let now = 1_767_225_600_000; // 2026-01-01
+        let mut op = dedup(60_000, Some("ts"));
+        let first = run_at(
+            &mut op,
+            now,
+            events(&[
+                &format!(r#"{{"id":"a","ts":{now}}}"#),
+                &format!(r#"{{"id":"b","ts":{}}}"#, now + 1),
+            ]),
+        );
+        assert_eq!(first.json().len(), 2);
+        let future = run_at(
+            &mut op,
+            now + 2,
+            events(&[
+                &format!(r#"{{"id":"x","ts":{}}}"#, i64::MAX),
+                &format!(r#"{{"id":"y","ts":{}}}"#, now + MAX_EVENT_TIME_AHEAD_MS + 3),
+            ]),
+        );
+        assert_eq!(future.json().len(), 0);
+        assert_eq!(future.dead.len(), 2);
+        assert!(
+            future.dead[0].reason.starts_with(
+                "dedup: event time 9223372036854775807 ms since the epoch in field \"ts\" is more than 1 hour ahead of processing time 2026-01-01T00:00:00.002Z"
+            ),
+            "{}",
+            future.dead[0].reason
+        );
+        // Redeliveries of the earlier keys are still duplicates.
+        let redelivered = run_at(
+            &mut op,
+            now + 3,
+            events(&[
+                &format!(r#"{{"id":"a","ts":{now}}}"#),
+                &format!(r#"{{"id":"b","ts":{}}}"#, now + 1),
+            ]),
+        );
+        assert_eq!(redelivered.json().len(), 0);
+        assert_eq!(redelivered.dropped, 2);
+        assert_eq!(op.state_entries(), 2);
+        // Up to the bound an event time is taken as it is.
+        let ahead = run_at(
+            &mut op,
+            now + 4,
+            events(&[&format!(
+                r#"{{"id":"c","ts":{}}}"#,
+                now + 4 + MAX_EVENT_TIME_AHEAD_MS
+            )]),
+        );
+        assert_eq!(ahead.json().len(), 1);
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Row {
 
     fn parse(raw: &[u8]) -> Value {
         // The text was parsed when the row arrived: it is valid JSON.
-        sonic_rs::from_slice(raw).unwrap_or_default()
+        crate::event::reparse(raw).unwrap_or_default()
     }
 
     /// The row's document, parsed once and kept.
@@ -135,9 +135,9 @@ impl Table {
                 self.rows.remove(&change.key);
             }
             Some(bytes) => {
-                sonic_rs::from_slice::<Value>(&bytes).map_err(|e| StateError::Value {
+                crate::event::parse_value(&bytes).map_err(|reason| StateError::Value {
                     key: hex(&change.key),
-                    message: format!("the row is not JSON: {e}"),
+                    message: format!("the row is not a document: {reason}"),
                 })?;
                 self.rows
                     .insert(change.key, Row::new(bytes.into_boxed_slice(), None));
@@ -161,8 +161,7 @@ impl Table {
                 line: index + 1,
                 message,
             };
-            let row: Value =
-                sonic_rs::from_str(&line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+            let row: Value = crate::event::parse_value(line.as_bytes()).map_err(error)?;
             if !row.is_object() {
                 return Err(error("a row must be a JSON object".to_owned()));
             }
@@ -369,7 +368,7 @@ impl Operator for Join {
                 self.buf.push(b':');
                 self.buf.extend_from_slice(json);
                 self.buf.push(b'}');
-                if let Ok(value) = sonic_rs::from_slice(&self.buf) {
+                if let Some(value) = crate::event::reparse(&self.buf) {
                     event.value = value;
                     return out.emit(event);
                 }

@@ -385,8 +385,8 @@ impl Operator for Order {
                         });
                         at += 13;
                     }
-                    let document = sonic_rs::from_slice(&value[at..])
-                        .map_err(|e| bad(format!("the waiting event is not JSON: {e}")))?;
+                    let document = crate::event::reparse(&value[at..])
+                        .ok_or_else(|| bad("the waiting event is not JSON".into()))?;
                     let state = self.keys.entry(key).or_default();
                     let position = state
                         .pending
