@@ -42,6 +42,10 @@ pub struct OperatorConfig {
     /// per watched namespace; `DEFAULT_RECONCILE_CONCURRENCY` when unset.
     #[serde(default)]
     pub reconcile_concurrency: Option<u16>,
+    /// What Pipelines may ask for: runtime images, partitions, replication
+    /// factors and topic configs. Nothing is limited when unset.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 /// Reconciles at once per controller: enough to overlap the API server's and
@@ -259,6 +263,13 @@ kafkaClusters:
   logs:
     bootstrapServers: logs:9092
 watchNamespaces: [a, b]
+policy:
+  allowedRuntimeImages: ["ghcr.io/keystone/runtime:*"]
+  maxPartitions: 64
+  maxReplicationFactor: 3
+  allowedReplicationFactors: [3]
+  allowedTopicConfigs: [retention.ms]
+  maxTopicConfigValues: {retention.ms: 604800000}
 "#,
         )
         .expect("parses");
@@ -270,6 +281,11 @@ watchNamespaces: [a, b]
         );
         assert_eq!(config.resolve_cluster(Some("nope")), None);
         assert_eq!(config.watch_namespaces, vec!["a", "b"]);
+        assert_eq!(config.policy.max_partitions, Some(64));
+        assert_eq!(
+            config.policy.allowed_topic_configs,
+            Some(vec!["retention.ms".to_owned()])
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod events;
 pub mod kafka;
 pub mod ledger;
 pub mod metrics;
+pub mod policy;
 pub mod resources;
 pub mod rollout;
 pub mod status;

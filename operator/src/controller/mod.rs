@@ -252,6 +252,25 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
+    // The operator's policy (the chart's allow-lists and quotas) is refused
+    // like a broken contract: the condition names the field and the limit, and
+    // nothing is created with the operator's credentials.
+    let violations =
+        ctx.config
+            .policy
+            .violations(&pipeline.spec, &plan, ctx.config.runtime_image());
+    if !violations.is_empty() {
+        let message = violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let contracts = Cond::new(CONTRACTS_VALID, false, "PolicyViolation", message);
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::await_change());
+    }
     let contracts = Cond::new(
         CONTRACTS_VALID,
         true,
