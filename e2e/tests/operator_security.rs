@@ -1,0 +1,425 @@
+//! Guard rails of a shared operator, against the real testbed:
+//! - the policy (the chart's allow-lists and quotas) refuses a Pipeline asking
+//!   for an image or a topic beyond it, naming the field and the limit, and
+//!   nothing is created;
+//! - on the broker's SASL_SSL (SCRAM-SHA-512) listener, a rotated admin
+//!   credential takes effect without restarting the operator, and a rotated
+//!   runtime credential rolls the stage's pods, which read it from their
+//!   environment (never their command line).
+
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use keystone_crds::Pipeline;
+use keystone_e2e::{Testbed, wait_for, wait_until};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use operator_support::*;
+
+const CREDENTIALS_HASH: &str = "keystone.dev/kafka-credentials-hash";
+
+/// Writes an operator configuration file into the testbed's state dir.
+fn config_file(tb: &Testbed, name: &str, text: &str) -> String {
+    let path = tb
+        .state_dir()
+        .join(format!("e2e-operator-config-{name}.yaml"));
+    std::fs::write(&path, text).expect("write the operator configuration");
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn policy_refuses_a_disallowed_image_and_an_oversize_topic_and_creates_nothing() {
+    let tb = testbed().await;
+    install_crds(&tb);
+    let ns = tb.namespace("op-policy").await.expect("namespace");
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let config = config_file(
+        &tb,
+        ns.name(),
+        r#"
+policy:
+  allowedRuntimeImages: ["keystone/runtime:*"]
+  maxPartitions: 8
+  allowedTopicConfigs: [retention.ms]
+"#,
+    );
+    let operator = OperatorProcess::start_with(
+        &tb,
+        ns.name(),
+        op_ns.name(),
+        "op-policy",
+        &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
+    );
+    let kafka = Kafka::new(&tb);
+    let source = unique("policy-in");
+    kafka.create(&source, 2).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    let deployments: Api<Deployment> = ns.api();
+
+    // An image outside the allow-list.
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "miner",
+        &source,
+        &format!("{source}.miner"),
+        1,
+        "Delete",
+    )
+    .replace(
+        "  parallelism: 2\n",
+        "  parallelism: 2\n  runtimeImage: evil/miner:1\n",
+    );
+    apply_yaml(&tb, &manifest).await;
+    let p = wait_for(
+        &pipelines,
+        "miner",
+        WAIT,
+        "ContractsValid=False PolicyViolation",
+        |p| condition(p, "ContractsValid").is_some_and(|c| c.reason == "PolicyViolation"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let c = condition(&p, "ContractsValid").expect("condition");
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("spec.runtimeImage"), "{}", c.message);
+    assert!(c.message.contains("keystone/runtime:*"), "{}", c.message);
+
+    // More partitions than the quota, and a topic config off the allow-list.
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "wide",
+        &source,
+        &format!("{source}.wide"),
+        50,
+        "Delete",
+    )
+    .replace(
+        r#"config: {retention.ms: "3600000"}"#,
+        r#"config: {retention.ms: "3600000", unclean.leader.election.enable: "true"}"#,
+    );
+    apply_yaml(&tb, &manifest).await;
+    let p = wait_for(
+        &pipelines,
+        "wide",
+        WAIT,
+        "ContractsValid=False PolicyViolation",
+        |p| condition(p, "ContractsValid").is_some_and(|c| c.reason == "PolicyViolation"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let c = condition(&p, "ContractsValid").expect("condition");
+    assert!(
+        c.message.contains("spec.sinks[0].kafka.partitions") && c.message.contains("at most 8"),
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message
+            .contains("spec.sinks[0].kafka.config.unclean.leader.election.enable"),
+        "{}",
+        c.message
+    );
+
+    // Nothing was created for either: no topic, no Deployment.
+    for name in ["miner", "wide"] {
+        assert_eq!(kafka.partitions(&format!("{source}.{name}")), None);
+        assert!(
+            deployments
+                .get_opt(&format!("{name}-s0"))
+                .await
+                .expect("get")
+                .is_none(),
+            "{name} was deployed"
+        );
+    }
+
+    // Within the policy, the same pipeline is accepted and its topic created.
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "wide",
+        &source,
+        &format!("{source}.wide"),
+        8,
+        "Delete",
+    );
+    apply_yaml(&tb, &manifest).await;
+    wait_condition(&pipelines, "wide", "TopicsReady", "True").await;
+    assert_eq!(kafka.partitions(&format!("{source}.wide")), Some(8));
+    ns.delete().await.expect("delete namespace");
+}
+
+/// The testbed's secured listener and the tools to manage its principals.
+struct SecureKafka {
+    bootstrap: String,
+    ca: String,
+    plaintext: String,
+    libs: String,
+}
+
+impl SecureKafka {
+    fn new(tb: &Testbed) -> Self {
+        let var = |name: &str| {
+            tb.var(name)
+                .unwrap_or_else(|| {
+                    panic!("{name} is not in the testbed env: restart the testbed with this branch's e2e/testbed")
+                })
+                .to_owned()
+        };
+        let ca_path = var("KEYSTONE_TESTBED_KAFKA_CA");
+        Self {
+            bootstrap: var("KAFKA_SECURE_BOOTSTRAP_SERVERS"),
+            ca: std::fs::read_to_string(&ca_path).expect("the testbed CA"),
+            plaintext: tb.kafka_bootstrap_servers().expect("kafka").to_owned(),
+            libs: var("KEYSTONE_TESTBED_KAFKA_LIBS"),
+        }
+    }
+
+    /// Runs a Kafka command-line tool against the PLAINTEXT listener, whose
+    /// principal is a super user of the testbed broker.
+    fn tool(&self, class: &str, args: &[&str]) {
+        let out = Command::new("java")
+            .args(["-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp"])
+            .arg(format!("{}/*", self.libs))
+            .arg(class)
+            .args(["--bootstrap-server", &self.plaintext])
+            .args(args)
+            .output()
+            .expect("java runs");
+        assert!(
+            out.status.success(),
+            "{class} {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates or replaces a principal's SCRAM-SHA-512 credential.
+    fn set_password(&self, user: &str, password: &str) {
+        let config = format!("SCRAM-SHA-512=[password={password}]");
+        self.tool(
+            "kafka.admin.ConfigCommand",
+            &[
+                "--alter",
+                "--entity-type",
+                "users",
+                "--entity-name",
+                user,
+                "--add-config",
+                &config,
+            ],
+        );
+    }
+
+    /// Lets a principal do everything (what the operator's admin needs).
+    fn allow_all(&self, user: &str) {
+        self.all_acls("--add", user);
+    }
+
+    fn remove_acls(&self, user: &str) {
+        self.all_acls("--remove", user);
+    }
+
+    /// Adds or removes (`--force`: without asking) the ALLOW-everything ACLs of a principal.
+    fn all_acls(&self, action: &str, user: &str) {
+        let principal = format!("User:{user}");
+        let mut args = vec![action];
+        if action == "--remove" {
+            args.push("--force");
+        }
+        args.extend([
+            "--allow-principal",
+            &principal,
+            "--operation",
+            "All",
+            "--topic",
+            "*",
+            "--group",
+            "*",
+            "--transactional-id",
+            "*",
+            "--cluster",
+        ]);
+        self.tool("org.apache.kafka.tools.AclCommand", &args);
+    }
+}
+
+fn credentials_secret(user: &str, password: &str, ca: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("kafka-credentials".to_owned()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("username".to_owned(), user.to_owned()),
+            ("password".to_owned(), password.to_owned()),
+            ("ca.pem".to_owned(), ca.to_owned()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+async fn put_secret(api: &Api<Secret>, secret: &Secret) {
+    let name = secret.metadata.name.clone().expect("name");
+    let mut value = serde_json::to_value(secret).expect("json");
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e-user").force(),
+        &Patch::Apply(&value),
+    )
+    .await
+    .expect("apply the Secret");
+}
+
+async fn template_hash(deployments: &Api<Deployment>, name: &str) -> Option<String> {
+    deployments
+        .get_opt(name)
+        .await
+        .expect("get")?
+        .spec?
+        .template
+        .metadata?
+        .annotations?
+        .get(CREDENTIALS_HASH)
+        .cloned()
+}
+
+#[tokio::test]
+async fn rotated_credentials_take_effect_without_restarting_the_operator() {
+    require_runtime_binary();
+    let tb = testbed().await;
+    install_crds(&tb);
+    let secure = SecureKafka::new(&tb);
+    let ns = tb.namespace("op-rotate").await.expect("namespace");
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let user = unique("rotator");
+    secure.set_password(&user, "first-password");
+    secure.allow_all(&user);
+
+    // The same Secret in the operator's namespace (its admin client) and in
+    // the pipeline's (the runtime pods').
+    let secret = credentials_secret(&user, "first-password", &secure.ca);
+    let op_secrets: Api<Secret> = Api::namespaced(tb.client().expect("client"), op_ns.name());
+    let ns_secrets: Api<Secret> = ns.api();
+    put_secret(&op_secrets, &secret).await;
+    put_secret(&ns_secrets, &secret).await;
+    let config = config_file(
+        &tb,
+        ns.name(),
+        &format!(
+            r#"
+kafkaClusters:
+  secure:
+    bootstrapServers: "{}"
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {{secret: kafka-credentials, key: username}}
+      password: {{secret: kafka-credentials, key: password}}
+    tls:
+      ca: {{secret: kafka-credentials, key: ca.pem}}
+"#,
+            secure.bootstrap
+        ),
+    );
+    let mut operator = OperatorProcess::start_with(
+        &tb,
+        ns.name(),
+        op_ns.name(),
+        "op-rotate",
+        &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
+    );
+    let kafka = Kafka::new(&tb);
+    let source = unique("rotate-in");
+    kafka.create(&source, 2).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    let deployments: Api<Deployment> = ns.api();
+
+    // The runtime connects on the secured listener with the credentials it
+    // reads from its environment.
+    apply_yaml(
+        &tb,
+        &pipeline_yaml(
+            ns.name(),
+            "first",
+            &source,
+            &format!("{source}.first"),
+            1,
+            "Delete",
+        ),
+    )
+    .await;
+    wait_ready_with_runtime(&pipelines, "first", &operator).await;
+    let before = template_hash(&deployments, "first-s0")
+        .await
+        .expect("the pod template carries the credentials' digest");
+
+    // Rotate: the broker's credential, then both Secrets.
+    secure.set_password(&user, "second-password");
+    let rotated = credentials_secret(&user, "second-password", &secure.ca);
+    put_secret(&op_secrets, &rotated).await;
+    put_secret(&ns_secrets, &rotated).await;
+
+    // The operator reconnects its admin client with the new password (it reads
+    // its Secrets again within 30 s) and creates a new pipeline's topics.
+    let log = operator.log.clone();
+    wait_until(
+        WAIT,
+        "the operator reconnects with the rotated credentials",
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("the cluster's credentials changed; reconnecting the admin client")
+                    .then_some(())
+            }
+        },
+        || async { String::new() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    apply_yaml(
+        &tb,
+        &pipeline_yaml(
+            ns.name(),
+            "second",
+            &source,
+            &format!("{source}.second"),
+            1,
+            "Delete",
+        ),
+    )
+    .await;
+    wait_condition(&pipelines, "second", "TopicsReady", "True").await;
+    assert_eq!(kafka.partitions(&format!("{source}.second")), Some(1));
+
+    // The first pipeline's pods roll onto the new credential and get ready again.
+    wait_until(
+        WAIT,
+        "the pod template's credentials digest changes",
+        || {
+            let (deployments, before) = (deployments.clone(), before.clone());
+            async move {
+                template_hash(&deployments, "first-s0")
+                    .await
+                    .filter(|h| *h != before)
+            }
+        },
+        || async { String::new() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    wait_ready_with_runtime(&pipelines, "first", &operator).await;
+    wait_ready_with_runtime(&pipelines, "second", &operator).await;
+    assert!(operator.is_running(), "the operator was not restarted");
+
+    secure.remove_acls(&user);
+    ns.delete().await.expect("delete namespace");
+}
