@@ -87,7 +87,9 @@ pub fn secret_bytes(secret: &Secret, key: &str) -> Option<Vec<u8>> {
         })
 }
 
-pub const TLS_DIR: &str = "/etc/keystone/kafka-tls";
+/// Beside the plan's mount, not inside it: a mount point cannot be made in
+/// the plan's read-only volume.
+pub const TLS_DIR: &str = "/etc/keystone-kafka-tls";
 
 pub fn runtime_security(cluster: &crate::config::KafkaCluster) -> RuntimeSecurity {
     let mut out = RuntimeSecurity::default();

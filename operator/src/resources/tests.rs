@@ -150,7 +150,7 @@ fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
     for wanted in [
         "--kafka-config=security.protocol=sasl_ssl",
         "--kafka-config=sasl.mechanism=SCRAM-SHA-512",
-        "--kafka-config=ssl.ca.location=/etc/keystone/kafka-tls/ca/ca.pem",
+        "--kafka-config=ssl.ca.location=/etc/keystone-kafka-tls/ca/ca.pem",
     ] {
         assert!(
             args.iter().any(|a| a == wanted),
@@ -194,7 +194,7 @@ fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
             .as_ref()
             .expect("mounts")
             .iter()
-            .any(|m| m.mount_path == "/etc/keystone/kafka-tls/ca")
+            .any(|m| m.mount_path == "/etc/keystone-kafka-tls/ca")
     );
 }
 
