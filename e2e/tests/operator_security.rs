@@ -5,21 +5,30 @@
 //! - on the broker's SASL_SSL (SCRAM-SHA-512) listener, a rotated admin
 //!   credential takes effect without restarting the operator, and a rotated
 //!   runtime credential rolls the stage's pods, which read it from their
-//!   environment (never their command line).
+//!   environment (never their command line);
+//! - with `authorization: {mode: Acls}`, each Pipeline runs as its own SCRAM
+//!   principal with least-privilege ACLs, denied on another's topics, and its
+//!   principal and ACLs go with it.
 
 mod operator_support;
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use keystone_crds::Pipeline;
 use keystone_e2e::{Testbed, wait_for, wait_until};
+use keystone_kafka_admin::{AclFilter, KafkaAdmin};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use operator_support::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 const CREDENTIALS_HASH: &str = "keystone.dev/kafka-credentials-hash";
 
@@ -138,18 +147,18 @@ policy:
         );
     }
 
-    // Within the policy, the same pipeline is accepted and its topic created.
+    // Within the policy, a pipeline is accepted and its topic created.
     let manifest = pipeline_yaml(
         ns.name(),
-        "wide",
+        "narrow",
         &source,
-        &format!("{source}.wide"),
+        &format!("{source}.narrow"),
         8,
         "Delete",
     );
     apply_yaml(&tb, &manifest).await;
-    wait_condition(&pipelines, "wide", "TopicsReady", "True").await;
-    assert_eq!(kafka.partitions(&format!("{source}.wide")), Some(8));
+    wait_condition(&pipelines, "narrow", "TopicsReady", "True").await;
+    assert_eq!(kafka.partitions(&format!("{source}.narrow")), Some(8));
     ns.delete().await.expect("delete namespace");
 }
 
@@ -421,5 +430,251 @@ kafkaClusters:
     assert!(operator.is_running(), "the operator was not restarted");
 
     secure.remove_acls(&user);
+    ns.delete().await.expect("delete namespace");
+}
+
+/// Client settings for the secured listener as `user`.
+fn secure_client(secure: &SecureKafka, user: &str, password: &str, ca_file: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &secure.bootstrap)
+        .set("security.protocol", "sasl_ssl")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", user)
+        .set("sasl.password", password)
+        .set("ssl.ca.location", ca_file);
+    config
+}
+
+/// What the broker answers `config`'s principal about `topic`: None when allowed.
+fn topic_error(config: &ClientConfig, topic: &str) -> Result<Option<RDKafkaRespErr>, String> {
+    let consumer: BaseConsumer = config
+        .clone()
+        .set("group.id", "probe")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .map_err(|e| e.to_string())?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.error()))
+}
+
+/// How many records partition 0 of `topic` holds (read through PLAINTEXT).
+fn records_in(bootstrap: &str, topic: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "e2e-count")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&tpl).expect("assign");
+    let mut count = 0;
+    let mut idle = 0;
+    while idle < 6 {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) if m.payload().is_some() => {
+                count += 1;
+                idle = 0;
+            }
+            _ => idle += 1,
+        }
+    }
+    count
+}
+
+#[tokio::test]
+async fn each_pipeline_gets_its_own_least_privilege_principal_removed_with_it() {
+    require_runtime_binary();
+    let tb = testbed().await;
+    install_crds(&tb);
+    let secure = SecureKafka::new(&tb);
+    let admin_user = tb
+        .var("KEYSTONE_TESTBED_KAFKA_ADMIN_USER")
+        .expect("admin user")
+        .to_owned();
+    let admin_password = tb
+        .var("KEYSTONE_TESTBED_KAFKA_ADMIN_PASSWORD")
+        .expect("admin password")
+        .to_owned();
+    let ca_file = tb.var("KEYSTONE_TESTBED_KAFKA_CA").expect("CA").to_owned();
+    let ns = tb.namespace("op-acls").await.expect("namespace");
+    let op_ns = operator_namespace(&tb, &ns).await;
+
+    // The operator's admin credential lives in its namespace only; the pods'
+    // namespace gets the CA and nothing else of the cluster's.
+    let op_secrets: Api<Secret> = Api::namespaced(tb.client().expect("client"), op_ns.name());
+    let ns_secrets: Api<Secret> = ns.api();
+    put_secret(
+        &op_secrets,
+        &credentials_secret(&admin_user, &admin_password, &secure.ca),
+    )
+    .await;
+    let mut ca_only = credentials_secret("", "", &secure.ca);
+    ca_only.metadata.name = Some("kafka-ca".to_owned());
+    put_secret(&op_secrets, &ca_only).await;
+    put_secret(&ns_secrets, &ca_only).await;
+    let config = config_file(
+        &tb,
+        ns.name(),
+        &format!(
+            r#"
+kafkaClusters:
+  secure:
+    bootstrapServers: "{}"
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {{secret: kafka-credentials, key: username}}
+      password: {{secret: kafka-credentials, key: password}}
+    tls:
+      ca: {{secret: kafka-ca, key: ca.pem}}
+    authorization: {{mode: Acls}}
+"#,
+            secure.bootstrap
+        ),
+    );
+    let operator = OperatorProcess::start_with(
+        &tb,
+        ns.name(),
+        op_ns.name(),
+        "op-acls",
+        &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
+    );
+    let kafka = Kafka::new(&tb);
+    let pipelines: Api<Pipeline> = ns.api();
+    let (source_a, source_b) = (unique("alpha-in"), unique("beta-in"));
+    for (name, source) in [("alpha", &source_a), ("beta", &source_b)] {
+        kafka.create(source, 1).await;
+        apply_yaml(
+            &tb,
+            &pipeline_yaml(
+                ns.name(),
+                name,
+                source,
+                &format!("{source}.out"),
+                1,
+                "Delete",
+            ),
+        )
+        .await;
+    }
+    for name in ["alpha", "beta"] {
+        wait_ready_with_runtime(&pipelines, name, &operator).await;
+    }
+
+    // Each runs end to end under its own principal.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &secure.plaintext)
+        .create()
+        .expect("producer");
+    for source in [&source_a, &source_b] {
+        for user in ["u1", "u2", "u3"] {
+            let value = format!(r#"{{"session_id":"s-{user}","user":"{user}","action":"view"}}"#);
+            producer
+                .send(
+                    FutureRecord::to(source).key(user).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("produce");
+        }
+    }
+    for source in [&source_a, &source_b] {
+        let sink = format!("{source}.out");
+        let plaintext = secure.plaintext.clone();
+        wait_until(
+            WAIT,
+            &format!("3 events in {sink}"),
+            || {
+                let (plaintext, sink) = (plaintext.clone(), sink.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || records_in(&plaintext, &sink))
+                        .await
+                        .ok()
+                        .filter(|n| *n >= 3)
+                }
+            },
+            || async { String::new() },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    }
+
+    // Alpha's pods' credential (from its Secret) reads alpha's source and is
+    // denied beta's.
+    let secret = ns_secrets
+        .get("alpha-kafka-user")
+        .await
+        .expect("alpha's credential Secret");
+    let data = secret.data.expect("data");
+    let text = |k: &str| String::from_utf8(data[k].0.clone()).expect("utf-8");
+    let (alpha_user, alpha_password) = (text("username"), text("password"));
+    assert_eq!(alpha_user, format!("keystone.{}.alpha", ns.name()));
+    let alpha = secure_client(&secure, &alpha_user, &alpha_password, &ca_file);
+    assert_eq!(topic_error(&alpha, &source_a).expect("authenticates"), None);
+    assert_eq!(
+        topic_error(&alpha, &source_b).expect("authenticates"),
+        Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED),
+        "alpha's principal must be denied beta's source"
+    );
+    assert_eq!(
+        topic_error(&alpha, &format!("{source_b}.out")).expect("authenticates"),
+        Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED),
+        "alpha's principal must be denied beta's sink"
+    );
+    let admin = KafkaAdmin::connect(&secure_client(
+        &secure,
+        &admin_user,
+        &admin_password,
+        &ca_file,
+    ))
+    .expect("admin");
+    let principal = format!("User:{alpha_user}");
+    let acls = admin
+        .describe_acls(&AclFilter::principal(&principal), Duration::from_secs(15))
+        .expect("describe");
+    assert!(!acls.is_empty());
+    assert!(acls.iter().all(|a| a.name != "*"), "{acls:?}");
+
+    // Deleting alpha removes its ACLs and its credential; beta keeps running.
+    pipelines
+        .delete("alpha", &Default::default())
+        .await
+        .expect("delete alpha");
+    keystone_e2e::wait_for_deletion(&pipelines, "alpha", WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let left = admin
+        .describe_acls(&AclFilter::principal(&principal), Duration::from_secs(15))
+        .expect("describe");
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        topic_error(&alpha, &source_a).is_err(),
+        "alpha's credential must no longer authenticate"
+    );
+    assert!(
+        !admin
+            .describe_acls(
+                &AclFilter::principal(&format!("User:keystone.{}.beta", ns.name())),
+                Duration::from_secs(15)
+            )
+            .expect("describe")
+            .is_empty()
+    );
+    pipelines
+        .delete("beta", &Default::default())
+        .await
+        .expect("delete beta");
+    keystone_e2e::wait_for_deletion(&pipelines, "beta", WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     ns.delete().await.expect("delete namespace");
 }

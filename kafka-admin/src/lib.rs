@@ -10,6 +10,7 @@
 mod ffi;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -193,17 +194,26 @@ impl AdminError {
 }
 
 /// An admin connection for ACLs and SCRAM credentials. It holds an rdkafka
-/// `AdminClient` (which owns the librdkafka handle and its background thread)
-/// and sends the requests rdkafka does not wrap on its handle.
+/// `AdminClient` (which owns the librdkafka handle and its background thread,
+/// and may be shared with code using rdkafka's own admin calls) and sends the
+/// requests rdkafka does not wrap on its handle.
+#[derive(Clone)]
 pub struct KafkaAdmin {
-    client: AdminClient<DefaultClientContext>,
+    client: Arc<AdminClient<DefaultClientContext>>,
 }
 
 impl KafkaAdmin {
     /// Connects with librdkafka properties (servers, TLS, SASL).
     pub fn connect(config: &ClientConfig) -> Result<Self, AdminError> {
         let client = config.create().map_err(AdminError::Client)?;
-        Ok(KafkaAdmin { client })
+        Ok(KafkaAdmin {
+            client: Arc::new(client),
+        })
+    }
+
+    /// Uses an existing admin client's connection.
+    pub fn with_client(client: Arc<AdminClient<DefaultClientContext>>) -> Self {
+        KafkaAdmin { client }
     }
 
     /// Creates the bindings (existing ones are left as they are: Kafka treats

@@ -102,6 +102,15 @@ impl Admin {
         })
     }
 
+    /// The same connection, for ACLs and SCRAM credentials.
+    pub fn authorization(&self) -> keystone_kafka_admin::KafkaAdmin {
+        keystone_kafka_admin::KafkaAdmin::with_client(self.client.clone())
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
     fn options() -> AdminOptions {
         AdminOptions::new()
             .request_timeout(Some(TIMEOUT))

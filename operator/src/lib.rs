@@ -1,6 +1,7 @@
 //! The Keystone operator: Pipelines and Processors become Kafka topics, plan
 //! ConfigMaps, runtime Deployments and a status that tells the truth.
 
+pub mod acls;
 pub mod checkpoint;
 pub mod config;
 pub mod context;

@@ -123,8 +123,22 @@ policy:
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+{{- $acls := false }}
+{{- range $name, $cluster := .Values.kafka.clusters }}
+{{- if and $cluster.authorization (eq $cluster.authorization.mode "Acls") }}{{- $acls = true }}{{- end }}
+{{- end }}
+{{- if $acls }}
+# Per-pipeline Kafka principals: the Secret holding each Pipeline's credential
+# (named <pipeline>-kafka-user, owned by the Pipeline) is created, read and
+# deleted by the operator. Secret names cannot be known in advance, so this is
+# every Secret of the namespaces where Pipelines live: list them in
+# watchNamespaces to bound it.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, delete]
+{{- end }}
 {{- $secrets := include "keystone.kafkaSecrets" . | fromJsonArray }}
-{{- if $secrets }}
+{{- if and $secrets (not $acls) }}
 # The Kafka credential Secrets the runtime pods read (and no others): a digest
 # of them on the pod template rolls the pods when a credential is rotated.
 - apiGroups: [""]

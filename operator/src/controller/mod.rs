@@ -310,7 +310,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    sync_finalizer(pipeline, &observed.api).await?;
+    let has_principal = crate::acls::acl_cluster(ctx, plan.source.cluster.as_deref()).is_some();
+    sync_finalizer(pipeline, &observed.api, has_principal).await?;
 
     // Record what validation found before acting, so a slow or failing act
     // never hides it.
@@ -355,6 +356,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
                 find_cond(&observed.status, RUNTIME_READY)
             }
             Prepared::Deploy(target) => {
+                // The pipeline's own principal and ACLs, before pods use them.
+                crate::acls::reconcile_pipeline(ctx, pipeline, &target.plan).await?;
                 let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
                 let mut runtime = runtime_condition(&workloads.stages, workloads.rolled_out);
                 if !runtime.ok && !workloads.failing.is_empty() {
@@ -462,9 +465,14 @@ fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
         })
 }
 
-/// Adds the finalizer when the pipeline deletes its topics, removes it otherwise.
-async fn sync_finalizer(pipeline: &Pipeline, api: &Api<Pipeline>) -> Result<(), Error> {
-    let wants = pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete;
+/// Adds the finalizer when the pipeline deletes its topics or has its own
+/// Kafka principal (removed with it), removes it otherwise.
+async fn sync_finalizer(
+    pipeline: &Pipeline,
+    api: &Api<Pipeline>,
+    has_principal: bool,
+) -> Result<(), Error> {
+    let wants = pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete || has_principal;
     let has = pipeline.finalizers().iter().any(|f| f == FINALIZER);
     if wants == has {
         return Ok(());
@@ -533,6 +541,29 @@ async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
                 .await;
             }
         }
+    }
+    // Its Kafka principal and ACLs, when it has them.
+    if let Err(error) = crate::acls::revoke_pipeline(ctx, pipeline).await {
+        let since = pipeline
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+            .unwrap_or_default();
+        if since < CLEANUP_GRACE {
+            return Err(error);
+        }
+        ctx.publish(
+            pipeline,
+            true,
+            "PrincipalNotRemoved",
+            "RevokeAcls",
+            format!(
+                "gave up removing the pipeline's Kafka principal and ACLs after {}s so that deletion can finish: {error}; remove them by hand",
+                since.as_secs()
+            ),
+        )
+        .await;
     }
     let finalizers: Vec<String> = pipeline
         .finalizers()

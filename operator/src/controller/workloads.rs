@@ -57,6 +57,12 @@ async fn runtime_security(ctx: &Context, plan: &Plan) -> resources::RuntimeSecur
     else {
         return resources::RuntimeSecurity::default();
     };
+    // With per-pipeline ACLs, the pods authenticate as the pipeline's own principal.
+    let cluster = &if cluster.per_pipeline_acls() {
+        crate::acls::runtime_cluster(cluster, &plan.pipeline)
+    } else {
+        cluster.clone()
+    };
     let mut security = resources::runtime_security(cluster);
     let keys = resources::referenced_secret_keys(cluster);
     if keys.is_empty() {
