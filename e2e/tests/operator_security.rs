@@ -409,7 +409,20 @@ kafkaClusters:
     wait_condition(&pipelines, "second", "TopicsReady", "True").await;
     assert_eq!(kafka.partitions(&format!("{source}.second")), Some(1));
 
-    // The first pipeline's pods roll onto the new credential and get ready again.
+    // The first pipeline's pods roll onto the new credential at its next
+    // reconcile (the operator does not watch Secrets, which would need list and
+    // watch on every Secret): any change of the Pipeline, here an annotation,
+    // or the periodic drift check.
+    pipelines
+        .patch(
+            "first",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({
+                "metadata": {"annotations": {"e2e.keystone.dev/rotated": "1"}}
+            })),
+        )
+        .await
+        .expect("annotate the pipeline");
     wait_until(
         WAIT,
         "the pod template's credentials digest changes",
