@@ -125,12 +125,25 @@ async fn acls_and_scram_credentials_are_created_enforced_described_and_deleted()
         .create_acls(&grants, TIMEOUT)
         .expect("create ACLs again");
 
-    let mut described = admin
-        .describe_acls(&AclFilter::principal(&principal), TIMEOUT)
-        .expect("describe");
-    described.sort();
+    // The broker's authorizer applies ACL changes from its metadata log a
+    // moment after the controller committed them: describe until they show.
     let mut expected = grants.clone();
     expected.sort();
+    let describe = || {
+        let mut described = admin
+            .describe_acls(&AclFilter::principal(&principal), TIMEOUT)
+            .expect("describe");
+        described.sort();
+        described
+    };
+    let mut described = describe();
+    for _ in 0..60 {
+        if described == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        described = describe();
+    }
     assert_eq!(described, expected);
 
     // Enforced: the topic it may read is described; the other is refused.
@@ -155,12 +168,15 @@ async fn acls_and_scram_credentials_are_created_enforced_described_and_deleted()
         .delete_acls(&[AclFilter::principal(&principal)], TIMEOUT)
         .expect("delete ACLs");
     assert_eq!(deleted.len(), grants.len(), "{deleted:?}");
-    assert!(
-        admin
-            .describe_acls(&AclFilter::principal(&principal), TIMEOUT)
-            .expect("describe")
-            .is_empty()
-    );
+    let mut left = describe();
+    for _ in 0..60 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        left = describe();
+    }
+    assert!(left.is_empty(), "{left:?}");
 
     // Deleting the credential: the user can no longer authenticate; deleting
     // it again is not an error.
@@ -170,14 +186,22 @@ async fn acls_and_scram_credentials_are_created_enforced_described_and_deleted()
     admin
         .delete_scram(&user, ScramMechanism::Sha512, TIMEOUT)
         .expect("deleting a missing credential is not an error");
-    let consumer: BaseConsumer = secure(&tb, &user, password)
-        .set("group.id", format!("{user}.probe"))
-        .create()
-        .expect("consumer");
-    assert!(
+    let authenticates = || {
+        let consumer: BaseConsumer = secure(&tb, &user, password)
+            .set("group.id", format!("{user}.probe"))
+            .create()
+            .expect("consumer");
         consumer
             .fetch_metadata(Some(&mine), Duration::from_secs(10))
-            .is_err(),
-        "a deleted credential must not authenticate"
-    );
+            .is_ok()
+    };
+    let mut still = authenticates();
+    for _ in 0..20 {
+        if !still {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        still = authenticates();
+    }
+    assert!(!still, "a deleted credential must not authenticate");
 }
