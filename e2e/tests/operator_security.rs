@@ -188,6 +188,46 @@ impl SecureKafka {
         }
     }
 
+    /// An operator whose one cluster is this listener, authenticating with the
+    /// `kafka-credentials` Secret, trusting the CA in `ca_secret`; `extra` is
+    /// more of the cluster's configuration (YAML lines indented by 4).
+    fn operator(
+        &self,
+        tb: &Testbed,
+        ns: &keystone_e2e::TestNamespace,
+        op_ns: &OperatorNamespace,
+        identity: &str,
+        ca_secret: &str,
+        extra: &str,
+    ) -> OperatorProcess {
+        let config = config_file(
+            tb,
+            ns.name(),
+            &format!(
+                r#"
+kafkaClusters:
+  secure:
+    bootstrapServers: "{}"
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {{secret: kafka-credentials, key: username}}
+      password: {{secret: kafka-credentials, key: password}}
+    tls:
+      ca: {{secret: {ca_secret}, key: ca.pem}}
+{extra}"#,
+                self.bootstrap
+            ),
+        );
+        OperatorProcess::start_with(
+            tb,
+            ns.name(),
+            op_ns.name(),
+            identity,
+            &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
+        )
+    }
+
     /// Runs a Kafka command-line tool against the PLAINTEXT listener, whose
     /// principal is a super user of the testbed broker.
     fn tool(&self, class: &str, args: &[&str]) {
@@ -318,32 +358,7 @@ async fn rotated_credentials_take_effect_without_restarting_the_operator() {
     let ns_secrets: Api<Secret> = ns.api();
     put_secret(&op_secrets, &secret).await;
     put_secret(&ns_secrets, &secret).await;
-    let config = config_file(
-        &tb,
-        ns.name(),
-        &format!(
-            r#"
-kafkaClusters:
-  secure:
-    bootstrapServers: "{}"
-    securityProtocol: SASL_SSL
-    sasl:
-      mechanism: SCRAM-SHA-512
-      username: {{secret: kafka-credentials, key: username}}
-      password: {{secret: kafka-credentials, key: password}}
-    tls:
-      ca: {{secret: kafka-credentials, key: ca.pem}}
-"#,
-            secure.bootstrap
-        ),
-    );
-    let mut operator = OperatorProcess::start_with(
-        &tb,
-        ns.name(),
-        op_ns.name(),
-        "op-rotate",
-        &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
-    );
+    let mut operator = secure.operator(&tb, &ns, &op_ns, "op-rotate", "kafka-credentials", "");
     let kafka = Kafka::new(&tb);
     let source = unique("rotate-in");
     kafka.create(&source, 2).await;
@@ -548,32 +563,13 @@ async fn each_pipeline_gets_its_own_least_privilege_principal_removed_with_it() 
     ca_only.metadata.name = Some("kafka-ca".to_owned());
     put_secret(&op_secrets, &ca_only).await;
     put_secret(&ns_secrets, &ca_only).await;
-    let config = config_file(
+    let operator = secure.operator(
         &tb,
-        ns.name(),
-        &format!(
-            r#"
-kafkaClusters:
-  secure:
-    bootstrapServers: "{}"
-    securityProtocol: SASL_SSL
-    sasl:
-      mechanism: SCRAM-SHA-512
-      username: {{secret: kafka-credentials, key: username}}
-      password: {{secret: kafka-credentials, key: password}}
-    tls:
-      ca: {{secret: kafka-ca, key: ca.pem}}
-    authorization: {{mode: Acls}}
-"#,
-            secure.bootstrap
-        ),
-    );
-    let operator = OperatorProcess::start_with(
-        &tb,
-        ns.name(),
-        op_ns.name(),
+        &ns,
+        &op_ns,
         "op-acls",
-        &[("KEYSTONE_OPERATOR_CONFIG", config.as_str())],
+        "kafka-ca",
+        "    authorization: {mode: Acls}\n",
     );
     let kafka = Kafka::new(&tb);
     let pipelines: Api<Pipeline> = ns.api();

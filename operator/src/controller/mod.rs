@@ -502,7 +502,40 @@ async fn sync_finalizer(
     Ok(())
 }
 
-/// A deleted pipeline: with `Delete`, its created topics go, then the finalizer.
+/// A cleanup step of a deleted pipeline that failed: retried (the error) until
+/// [`CLEANUP_GRACE`] after the deletion, then given up with a warning event so
+/// that the deletion can finish.
+async fn retry_or_give_up(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    error: Error,
+    (reason, action, what): (&str, &str, &str),
+) -> Result<(), Error> {
+    let since = pipeline
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    if since < CLEANUP_GRACE {
+        return Err(error);
+    }
+    ctx.publish(
+        pipeline,
+        true,
+        reason,
+        action,
+        format!(
+            "gave up {what} after {}s so that deletion can finish: {error}; do it by hand",
+            since.as_secs()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// A deleted pipeline: with `Delete`, its created topics go; its Kafka
+/// principal and ACLs, when it has them; then the finalizer.
 async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(pipeline);
     ctx.metrics.set_phase(&key, None).await;
@@ -516,54 +549,22 @@ async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             namespace: namespace.clone(),
             name: pipeline.name_any(),
         };
-        match delete_owned_topics(pipeline, ctx, &owner).await {
-            Ok(()) => {}
-            Err(error) => {
-                let since = pipeline
-                    .metadata
-                    .deletion_timestamp
-                    .as_ref()
-                    .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
-                    .unwrap_or_default();
-                if since < CLEANUP_GRACE {
-                    return Err(error);
-                }
-                ctx.publish(
-                    pipeline,
-                    true,
-                    "TopicsNotDeleted",
-                    "DeleteTopics",
-                    format!(
-                        "gave up deleting the pipeline's topics after {}s so that deletion can finish: {error}; delete them by hand",
-                        since.as_secs()
-                    ),
-                )
-                .await;
-            }
+        if let Err(error) = delete_owned_topics(pipeline, ctx, &owner).await {
+            let step = (
+                "TopicsNotDeleted",
+                "DeleteTopics",
+                "deleting the pipeline's topics",
+            );
+            retry_or_give_up(pipeline, ctx, error, step).await?;
         }
     }
-    // Its Kafka principal and ACLs, when it has them.
     if let Err(error) = crate::acls::revoke_pipeline(ctx, pipeline).await {
-        let since = pipeline
-            .metadata
-            .deletion_timestamp
-            .as_ref()
-            .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
-            .unwrap_or_default();
-        if since < CLEANUP_GRACE {
-            return Err(error);
-        }
-        ctx.publish(
-            pipeline,
-            true,
+        let step = (
             "PrincipalNotRemoved",
             "RevokeAcls",
-            format!(
-                "gave up removing the pipeline's Kafka principal and ACLs after {}s so that deletion can finish: {error}; remove them by hand",
-                since.as_secs()
-            ),
-        )
-        .await;
+            "removing the pipeline's Kafka principal and ACLs",
+        );
+        retry_or_give_up(pipeline, ctx, error, step).await?;
     }
     let finalizers: Vec<String> = pipeline
         .finalizers()
