@@ -452,6 +452,27 @@ mod tests {
     }
 
     #[test]
+    fn serve_arguments_print_no_secret() {
+        let args = crate::host::ServeArgs {
+            plan: "/etc/keystone/plan.json".into(),
+            stage: "s0".into(),
+            kafka: crate::kafka::KafkaSettings {
+                bootstrap_servers: "kafka:9093".into(),
+                instance_id: "orders-s0-0".into(),
+                extra: vec![
+                    ("sasl.username".into(), "orders".into()),
+                    ("sasl.password".into(), "hunter2-do-not-print".into()),
+                ],
+            },
+            http_addr: "127.0.0.1:8080".parse().expect("address"),
+            restore: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2-do-not-print"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
     fn other_settings_are_taken() {
         let cli = serve(&[
             "--kafka-config=security.protocol=sasl_ssl",
