@@ -394,3 +394,126 @@ async fn cluster_wide_rbac_is_enough_for_the_operator_and_no_more() {
     let _ = std::fs::remove_file(&path);
     ns.delete().await.expect("delete namespace");
 }
+
+/// One template of the chart, rendered with extra arguments.
+fn render_one(tb: &Testbed, template: &str, extra: &[&str]) -> String {
+    let mut cmd = helm(tb);
+    cmd.args([
+        "template",
+        "ks-policy",
+        &chart(),
+        "--skip-crds",
+        "--show-only",
+        template,
+    ]);
+    cmd.args(extra);
+    run_ok(cmd)
+}
+
+/// The rendered operator configuration (the ConfigMap's `config.yaml`).
+fn rendered_config(tb: &Testbed, extra: &[&str]) -> serde_yaml_ng::Value {
+    let map: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&render_one(tb, "templates/configmap.yaml", extra))
+            .expect("the ConfigMap is YAML");
+    let text = map["data"]["config.yaml"]
+        .as_str()
+        .expect("config.yaml")
+        .to_owned();
+    serde_yaml_ng::from_str(&text).expect("config.yaml is YAML")
+}
+
+#[tokio::test]
+async fn chart_limits_images_and_topics_by_default_and_reads_only_the_credentials_pods_use() {
+    let tb = testbed().await;
+    // By default only the chart's own runtime repository may be run, and
+    // topic quotas are on.
+    let config = rendered_config(
+        &tb,
+        &[
+            "--set",
+            "runtime.image.repository=reg.example/keystone/runtime",
+        ],
+    );
+    let policy = &config["policy"];
+    let images: Vec<&str> = policy["allowedRuntimeImages"]
+        .as_sequence()
+        .expect("allowedRuntimeImages")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(
+        images,
+        vec![
+            "reg.example/keystone/runtime:*",
+            "reg.example/keystone/runtime@*"
+        ]
+    );
+    assert_eq!(policy["maxPartitions"].as_i64(), Some(256));
+    assert!(
+        policy["allowedTopicConfigs"]
+            .as_sequence()
+            .is_some_and(|keys| keys.iter().any(|k| k.as_str() == Some("retention.ms")))
+    );
+
+    // Overrides: an explicit image list; no topic-config allow-list (null).
+    let config = rendered_config(
+        &tb,
+        &[
+            "--set-json",
+            r#"policy.allowedRuntimeImages=["*"]"#,
+            "--set-json",
+            "policy.allowedTopicConfigs=null",
+            "--set",
+            "policy.maxPartitions=0",
+        ],
+    );
+    let policy = &config["policy"];
+    assert_eq!(policy["allowedRuntimeImages"][0].as_str(), Some("*"));
+    assert!(policy.get("allowedTopicConfigs").is_none(), "{policy:?}");
+    assert!(policy.get("maxPartitions").is_none(), "{policy:?}");
+
+    // Values outside the schema are refused.
+    for bad in ["policy.maxPartitions=-1", "policy.unknown=1"] {
+        let mut template = helm(&tb);
+        template.args(["template", "x", &chart(), "--set", bad]);
+        let out = template.output().expect("helm template");
+        assert!(!out.status.success(), "{bad} must be refused");
+    }
+
+    // Where Pipelines live, the operator may read the cluster's credential
+    // Secrets by name (to roll pods on rotation) and no other Secret.
+    let rendered = render_one(
+        &tb,
+        "templates/rbac.yaml",
+        &[
+            "--set-json",
+            r#"kafka.clusters.default={"bootstrapServers":"k:9093","securityProtocol":"SASL_SSL","sasl":{"mechanism":"SCRAM-SHA-512","username":{"secret":"kafka-user","key":"username"},"password":{"secret":"kafka-user","key":"password"}}}"#,
+        ],
+    );
+    let cluster_role = rendered
+        .split("\n---")
+        .find(|doc| doc.contains("kind: ClusterRole\n"))
+        .expect("a ClusterRole");
+    let role: serde_yaml_ng::Value = serde_yaml_ng::from_str(cluster_role).expect("yaml");
+    let secret_rules: Vec<&serde_yaml_ng::Value> = role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| {
+            r["resources"]
+                .as_sequence()
+                .is_some_and(|s| s.iter().any(|x| x.as_str() == Some("secrets")))
+        })
+        .collect();
+    assert_eq!(secret_rules.len(), 1, "{cluster_role}");
+    assert_eq!(
+        secret_rules[0]["resourceNames"][0].as_str(),
+        Some("kafka-user")
+    );
+    assert_eq!(secret_rules[0]["verbs"][0].as_str(), Some("get"));
+    assert!(
+        secret_rules[0]["verbs"]
+            .as_sequence()
+            .is_some_and(|v| v.len() == 1)
+    );
+}

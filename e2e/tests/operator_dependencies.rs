@@ -220,7 +220,44 @@ async fn a_topic_config_kafka_refuses_is_a_condition_not_a_retry_storm() {
     );
     assert_eq!(kafka.partitions(&format!("{source}.out")), None);
 
-    // A Kafka cluster the operator does not know: Invalid, waiting for a change.
+    // A sink on another cluster than the source: refused by the checker (one
+    // stage's clients and transaction are bound to one cluster), nothing deployed.
+    let manifest = pipeline_yaml(
+        ns.name(),
+        "split",
+        &source,
+        &format!("{source}.split"),
+        1,
+        "Retain",
+    )
+    .replace("      kafka:\n", "      kafka:\n        cluster: nowhere\n");
+    apply_yaml(&tb, &manifest).await;
+    let p = wait_for(
+        &pipelines,
+        "split",
+        WAIT,
+        "ContractsValid=False naming the sink's cluster",
+        |p| {
+            condition(p, "ContractsValid").is_some_and(|c| {
+                c.status == "False" && c.message.contains("spec.sinks[0].kafka.cluster")
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let c = condition(&p, "ContractsValid").expect("condition");
+    assert!(c.message.contains("one Kafka cluster"), "{}", c.message);
+    assert_eq!(kafka.partitions(&format!("{source}.split")), None);
+    assert!(
+        ns.api::<k8s_openapi::api::apps::v1::Deployment>()
+            .get_opt("split-s0")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // A Kafka cluster the operator does not know (named by the source and the
+    // sink alike): Invalid, waiting for a change.
     let manifest = pipeline_yaml(
         ns.name(),
         "elsewhere",
@@ -229,7 +266,8 @@ async fn a_topic_config_kafka_refuses_is_a_condition_not_a_retry_storm() {
         1,
         "Retain",
     )
-    .replace("      kafka:\n", "      kafka:\n        cluster: nowhere\n");
+    .replace("      kafka:\n", "      kafka:\n        cluster: nowhere\n")
+    .replace("  source:\n", "  source:\n    cluster: nowhere\n");
     apply_yaml(&tb, &manifest).await;
     let p = wait_for(
         &pipelines,

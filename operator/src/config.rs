@@ -42,6 +42,10 @@ pub struct OperatorConfig {
     /// per watched namespace; `DEFAULT_RECONCILE_CONCURRENCY` when unset.
     #[serde(default)]
     pub reconcile_concurrency: Option<u16>,
+    /// What Pipelines may ask for: runtime images, partitions, replication
+    /// factors and topic configs. Nothing is limited when unset.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 /// Reconciles at once per controller: enough to overlap the API server's and
@@ -66,6 +70,37 @@ pub struct KafkaCluster {
     /// Extra librdkafka properties for the operator's admin client.
     #[serde(default)]
     pub client_config: BTreeMap<String, String>,
+    /// How Pipelines' runtime pods are authorized on this cluster; with the
+    /// cluster's credentials (the operator's) when unset.
+    #[serde(default)]
+    pub authorization: Option<Authorization>,
+}
+
+impl KafkaCluster {
+    /// Whether each Pipeline gets its own principal and ACLs here.
+    pub fn per_pipeline_acls(&self) -> bool {
+        self.authorization
+            .as_ref()
+            .is_some_and(|a| a.mode == AuthorizationMode::Acls)
+    }
+}
+
+/// How runtime pods are authorized on a cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Authorization {
+    pub mode: AuthorizationMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthorizationMode {
+    /// Per Pipeline, the operator creates a SCRAM principal (its password in a
+    /// Secret the Pipeline owns, which its pods read) and least-privilege ACLs:
+    /// read its source and table topics, write its sinks and its own internal
+    /// topics, its consumer groups and transactional ids; all removed with the
+    /// Pipeline. The cluster's `sasl` must be SCRAM and its credentials a super
+    /// user (or allowed to alter ACLs and SCRAM credentials).
+    Acls,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -192,6 +227,17 @@ impl OperatorConfig {
                 return Err(ConfigError::ClusterName { name: name.clone() });
             }
         }
+        for cluster in self.kafka_clusters.values() {
+            let scram = cluster
+                .sasl
+                .as_ref()
+                .is_some_and(|s| s.mechanism.to_ascii_uppercase().starts_with("SCRAM-"));
+            if cluster.per_pipeline_acls() && !scram {
+                return Err(ConfigError::Invalid {
+                    problem: "authorization mode Acls needs the cluster's sasl with a SCRAM mechanism (per-Pipeline principals are SCRAM credentials)",
+                });
+            }
+        }
         if let Some(default) = &self.default_cluster
             && !self.kafka_clusters.contains_key(default)
         {
@@ -259,6 +305,13 @@ kafkaClusters:
   logs:
     bootstrapServers: logs:9092
 watchNamespaces: [a, b]
+policy:
+  allowedRuntimeImages: ["ghcr.io/keystone/runtime:*"]
+  maxPartitions: 64
+  maxReplicationFactor: 3
+  allowedReplicationFactors: [3]
+  allowedTopicConfigs: [retention.ms]
+  maxTopicConfigValues: {retention.ms: 604800000}
 "#,
         )
         .expect("parses");
@@ -270,6 +323,45 @@ watchNamespaces: [a, b]
         );
         assert_eq!(config.resolve_cluster(Some("nope")), None);
         assert_eq!(config.watch_namespaces, vec!["a", "b"]);
+        assert_eq!(config.policy.max_partitions, Some(64));
+        assert_eq!(
+            config.policy.allowed_topic_configs,
+            Some(vec!["retention.ms".to_owned()])
+        );
+    }
+
+    #[test]
+    fn per_pipeline_acls_need_scram() {
+        let mut config = OperatorConfig::parse(
+            r#"
+kafkaClusters:
+  secure:
+    bootstrapServers: kafka:9093
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {secret: kafka-admin, key: username}
+      password: {secret: kafka-admin, key: password}
+    authorization: {mode: Acls}
+"#,
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        assert!(config.kafka_clusters["secure"].per_pipeline_acls());
+        if let Some(sasl) = config
+            .kafka_clusters
+            .get_mut("secure")
+            .and_then(|c| c.sasl.as_mut())
+        {
+            sasl.mechanism = "PLAIN".into();
+        }
+        assert!(config.validate().is_err());
+        assert!(
+            OperatorConfig::parse(
+                "kafkaClusters: {a: {bootstrapServers: k, authorization: {mode: Everything}}}"
+            )
+            .is_err()
+        );
     }
 
     #[test]

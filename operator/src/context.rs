@@ -5,15 +5,16 @@
 //! It is a module of its own so that the controllers and the checkpoint
 //! protocol both take it without importing each other.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use keystone_crds::pipeline::Pipeline;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource};
 use tokio::sync::Mutex;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::OperatorConfig;
 use crate::error::Error;
@@ -25,6 +26,17 @@ use crate::metrics::Metrics;
 /// The one field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "keystone-operator";
 
+/// How long the operator trusts the credentials it read for an admin client
+/// before reading its Secrets again.
+pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(30);
+
+/// An admin client and the properties (credentials included) it was built with.
+struct CachedAdmin {
+    admin: Admin,
+    props: BTreeMap<String, String>,
+    checked: Instant,
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     pub client: Client,
@@ -34,7 +46,7 @@ pub struct Context {
     pub events: EventPublisher,
     pub metrics: Metrics,
     pub ledger: LedgerStore,
-    admins: Mutex<HashMap<String, Admin>>,
+    admins: Mutex<HashMap<String, CachedAdmin>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The caches of Pipelines, one per watched namespace (or one for all): the
     /// check for cycles between pipelines needs every pipeline, not one.
@@ -103,11 +115,16 @@ impl Context {
         pipelines
     }
 
-    /// The admin client of a configured Kafka cluster, connected on first use.
+    /// The admin client of a configured Kafka cluster, connected on first use
+    /// and rebuilt when its credentials change. The Secrets are read again at
+    /// most every [`CREDENTIALS_RECHECK`]: a rotated password (or certificate)
+    /// takes effect without restarting the operator.
     pub(crate) async fn admin(&self, cluster: &str) -> Result<Admin, Error> {
         let mut admins = self.admins.lock().await;
-        if let Some(admin) = admins.get(cluster) {
-            return Ok(admin.clone());
+        if let Some(cached) = admins.get(cluster)
+            && cached.checked.elapsed() < CREDENTIALS_RECHECK
+        {
+            return Ok(cached.admin.clone());
         }
         let config = self
             .config
@@ -118,9 +135,39 @@ impl Context {
                 field: "kafkaClusters entry",
             })?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.operator_namespace);
-        let props = client_properties(cluster, config, &secrets).await?;
+        let props = match client_properties(cluster, config, &secrets).await {
+            Ok(props) => props,
+            // The API server is away (or the Secret is being replaced): keep
+            // the client that worked rather than fail every reconcile.
+            Err(error) if admins.contains_key(cluster) => {
+                warn!(cluster, %error, "could not re-read the cluster's credentials; keeping the current client");
+                let cached = admins.get_mut(cluster).expect("checked above");
+                cached.checked = Instant::now();
+                return Ok(cached.admin.clone());
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some(cached) = admins.get_mut(cluster)
+            && cached.props == props
+        {
+            cached.checked = Instant::now();
+            return Ok(cached.admin.clone());
+        }
+        if admins.contains_key(cluster) {
+            info!(
+                cluster,
+                "the cluster's credentials changed; reconnecting the admin client"
+            );
+        }
         let admin = Admin::connect(cluster, &props)?;
-        admins.insert(cluster.to_owned(), admin.clone());
+        admins.insert(
+            cluster.to_owned(),
+            CachedAdmin {
+                admin: admin.clone(),
+                props,
+                checked: Instant::now(),
+            },
+        );
         Ok(admin)
     }
 

@@ -25,6 +25,14 @@ pub enum Error {
         source: rdkafka::error::RDKafkaErrorCode,
     },
 
+    /// Creating, listing or deleting a Pipeline's principal or ACLs failed.
+    #[error("Kafka cluster {cluster:?}: {source}")]
+    KafkaAuthorization {
+        cluster: String,
+        #[source]
+        source: keystone_kafka_admin::AdminError,
+    },
+
     #[error("Kafka cluster {cluster:?} did not answer within {after:?}")]
     KafkaTimeout { cluster: String, after: Duration },
 
@@ -77,6 +85,7 @@ impl Error {
             Error::Kafka { .. } => "kafka",
             Error::Topic { .. } => "kafka_topic",
             Error::KafkaTimeout { .. } => "kafka_timeout",
+            Error::KafkaAuthorization { .. } => "kafka_authorization",
             Error::SecretKey { .. } => "secret",
             Error::Serialize { .. } => "serialize",
             Error::Checkpoint { .. } => "checkpoint",

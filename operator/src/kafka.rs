@@ -80,19 +80,7 @@ async fn secret_value(
         name: key.secret.clone(),
         key: key.key.clone(),
     };
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&key.key))
-        .map(|b| b.0.clone())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(&key.key))
-                .map(|s| s.clone().into_bytes())
-        })
-        .ok_or_else(missing)?;
+    let bytes = crate::resources::secret_bytes(&secret, &key.key).ok_or_else(missing)?;
     String::from_utf8(bytes).map_err(|_| missing())
 }
 
@@ -112,6 +100,15 @@ impl Admin {
             cluster: cluster.to_owned(),
             client: Arc::new(client),
         })
+    }
+
+    /// The same connection, for ACLs and SCRAM credentials.
+    pub fn authorization(&self) -> keystone_kafka_admin::KafkaAdmin {
+        keystone_kafka_admin::KafkaAdmin::with_client(self.client.clone())
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     fn options() -> AdminOptions {

@@ -1,6 +1,7 @@
 //! The Keystone operator: Pipelines and Processors become Kafka topics, plan
 //! ConfigMaps, runtime Deployments and a status that tells the truth.
 
+pub mod acls;
 pub mod checkpoint;
 pub mod config;
 pub mod context;
@@ -10,6 +11,7 @@ pub mod events;
 pub mod kafka;
 pub mod ledger;
 pub mod metrics;
+pub mod policy;
 pub mod resources;
 pub mod rollout;
 pub mod status;

@@ -503,9 +503,9 @@ apiVersion: keystone.dev/v1alpha1
 kind: Pipeline
 metadata: {name: p, namespace: n}
 spec:
-  source: {topic: in, schema: {fields: [{name: a, type: string}]}}
+  source: {topic: in, cluster: elsewhere, schema: {fields: [{name: a, type: string}]}}
   sinks:
-    - {name: here, kafka: {topic: out}}
+    - {name: here, kafka: {topic: out, cluster: elsewhere}}
     - {name: there, kafka: {topic: out2, cluster: elsewhere}}
 "#,
         )

@@ -85,8 +85,12 @@ pub struct ServeCli {
     /// Where /metrics, /healthz, /readyz and /checkpoint listen.
     #[arg(long, env = "KEYSTONE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
-    /// Extra librdkafka settings, `KEY=VALUE` (TLS, SASL, ...); repeatable.
-    #[arg(long = "kafka-config", value_parser = parse_key_value)]
+    /// Extra librdkafka settings, `KEY=VALUE` (TLS, SASL mechanism, ...);
+    /// repeatable. Secrets are refused here, where every user of the node can
+    /// read them: the SASL credentials come from `KAFKA_SASL_USERNAME` and
+    /// `KAFKA_SASL_PASSWORD` (or `KAFKA_SASL_PASSWORD_FILE`) in the environment,
+    /// key material from files (`ssl.key.location`).
+    #[arg(long = "kafka-config", value_parser = parse_kafka_property)]
     pub kafka_config: Vec<(String, String)>,
     /// Log as JSON lines.
     #[arg(long, env = "KEYSTONE_LOG_JSON")]
@@ -113,6 +117,21 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `--kafka-config` setting: `KEY=VALUE`, and no secret.
+fn parse_kafka_property(text: &str) -> Result<(String, String), String> {
+    let (key, value) = parse_key_value(text)?;
+    if crate::kafka::is_secret_property(&key) || key == "sasl.username" {
+        return Err(format!(
+            "{key} is a credential and the command line is visible to every user of the node; \
+             set it in the environment instead ({} and {}, or {} naming a mounted file)",
+            crate::kafka::ENV_SASL_USERNAME,
+            crate::kafka::ENV_SASL_PASSWORD,
+            crate::kafka::ENV_SASL_PASSWORD_FILE
+        ));
+    }
+    Ok((key, value))
+}
+
 fn serve(args: ServeCli) -> i32 {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -124,13 +143,26 @@ fn serve(args: ServeCli) -> i32 {
     } else {
         builder.init();
     }
+    let credentials = match crate::kafka::sasl_credentials(
+        |name| std::env::var(name).ok(),
+        |path| std::fs::read_to_string(path),
+    ) {
+        Ok(credentials) => credentials,
+        Err(error) => {
+            tracing::error!(%error, "no Kafka credentials");
+            eprintln!("error: {error}");
+            return 2;
+        }
+    };
+    let mut extra = args.kafka_config;
+    extra.extend(credentials);
     let result = crate::host::serve(crate::host::ServeArgs {
         plan: args.plan,
         stage: args.stage,
         kafka: crate::kafka::KafkaSettings {
             bootstrap_servers: args.bootstrap_servers,
             instance_id: args.instance_id,
-            extra: args.kafka_config,
+            extra,
         },
         http_addr: args.http_addr,
         restore: args.restore,
@@ -468,4 +500,78 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
         eprint!("{}", summary.render());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn serve(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let base = [
+            "keystone-runtime",
+            "serve",
+            "--stage",
+            "s0",
+            "--bootstrap-servers",
+            "kafka:9093",
+            "--instance-id",
+            "orders-s0-0",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn credentials_on_the_command_line_are_refused() {
+        for setting in [
+            "--kafka-config=sasl.password=hunter2",
+            "--kafka-config=sasl.username=orders",
+            "--kafka-config=ssl.key.password=k",
+            "--kafka-config=ssl.key.pem=-----BEGIN",
+        ] {
+            let error = serve(&[setting]).expect_err(setting).to_string();
+            assert!(error.contains("environment"), "{setting}: {error}");
+        }
+    }
+
+    #[test]
+    fn serve_arguments_print_no_secret() {
+        let args = crate::host::ServeArgs {
+            plan: "/etc/keystone/plan.json".into(),
+            stage: "s0".into(),
+            kafka: crate::kafka::KafkaSettings {
+                bootstrap_servers: "kafka:9093".into(),
+                instance_id: "orders-s0-0".into(),
+                extra: vec![
+                    ("sasl.username".into(), "orders".into()),
+                    ("sasl.password".into(), "hunter2-do-not-print".into()),
+                ],
+            },
+            http_addr: "127.0.0.1:8080".parse().expect("address"),
+            restore: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2-do-not-print"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn other_settings_are_taken() {
+        let cli = serve(&[
+            "--kafka-config=security.protocol=sasl_ssl",
+            "--kafka-config=sasl.mechanism=SCRAM-SHA-512",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            args.kafka_config,
+            vec![
+                ("security.protocol".to_owned(), "sasl_ssl".to_owned()),
+                ("sasl.mechanism".to_owned(), "SCRAM-SHA-512".to_owned()),
+            ]
+        );
+    }
 }

@@ -47,6 +47,9 @@ pub enum ErrorKind {
     /// A field that may be absent where every event must carry it (a search
     /// sink's document id or external version).
     OptionalField,
+    /// A sink or table on another Kafka cluster than the source: one
+    /// transaction (and one set of clients) cannot span clusters.
+    CrossCluster,
 }
 
 /// One contract violation, located in the manifest.

@@ -157,6 +157,12 @@ impl Checker<'_> {
                     &sink.name,
                     "the record key",
                 );
+                self.require_source_cluster(
+                    kafka.cluster.as_deref(),
+                    &format!("{path}.kafka.cluster"),
+                    &sink.name,
+                    "sink",
+                );
                 if kafka.topic == spec.source.topic && kafka.cluster == spec.source.cluster {
                     self.error(
                         ErrorKind::TopicCycle,
@@ -249,6 +255,43 @@ impl Checker<'_> {
             });
         }
         sinks
+    }
+
+    /// A Kafka sink or table must be on the source's cluster. A stage's
+    /// clients (and, under exactly-once, the one transaction that commits its
+    /// input offsets with its outputs) are bound to one cluster: a topic named
+    /// on another would be created there by the operator but written or read on
+    /// the source's. Both sides are compared as written, since the checker
+    /// does not know which cluster the operator's configuration makes the
+    /// default: naming it on one side only is refused too.
+    pub(super) fn require_source_cluster(
+        &mut self,
+        cluster: Option<&str>,
+        path: &str,
+        subject: &str,
+        what: &str,
+    ) {
+        let source = self.pipeline.spec.source.cluster.as_deref();
+        if cluster == source {
+            return;
+        }
+        let show = |c: Option<&str>| match c {
+            Some(name) => format!("cluster {name:?}"),
+            None => "the default cluster".to_owned(),
+        };
+        self.error(
+            ErrorKind::CrossCluster,
+            path,
+            Some(subject),
+            format!(
+                "the {what} is on {} but the source is on {}: a pipeline reads and writes one Kafka cluster \
+                 (its offsets and outputs commit in one transaction, which cannot span clusters); \
+                 name the same cluster as spec.source.cluster (or leave both unset), or move the data \
+                 between clusters with a replicator such as MirrorMaker 2",
+                show(cluster),
+                show(source)
+            ),
+        );
     }
 
     /// A search sink: a valid index name; an id made of required scalar

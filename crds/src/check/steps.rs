@@ -274,6 +274,12 @@ impl<'a> Checker<'a> {
         step: &str,
         need: &mut impl FnMut(&str, FieldType, String),
     ) {
+        self.require_source_cluster(
+            table.cluster.as_deref(),
+            &format!("{path}.table.cluster"),
+            step,
+            "table",
+        );
         let table_schema = Schema::from_spec(&table.schema);
         if on.len() != table.key.len() {
             self.error(

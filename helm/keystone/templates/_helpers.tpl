@@ -72,6 +72,25 @@ kafkaClusters:
 {{ toYaml .Values.kafka.clusters | indent 2 }}
 watchNamespaces: {{ toJson .Values.watchNamespaces }}
 reconcileConcurrency: {{ .Values.reconcileConcurrency }}
+{{- with .Values.policy }}
+policy:
+  {{- if .allowedRuntimeImages }}
+  allowedRuntimeImages: {{ toJson .allowedRuntimeImages }}
+  {{- else }}
+  allowedRuntimeImages: [{{ printf "%s:*" $.Values.runtime.image.repository | quote }}, {{ printf "%s@*" $.Values.runtime.image.repository | quote }}]
+  {{- end }}
+  {{- if .maxPartitions }}
+  maxPartitions: {{ .maxPartitions }}
+  {{- end }}
+  {{- if .maxReplicationFactor }}
+  maxReplicationFactor: {{ .maxReplicationFactor }}
+  {{- end }}
+  allowedReplicationFactors: {{ toJson (.allowedReplicationFactors | default list) }}
+  {{- if kindIs "slice" .allowedTopicConfigs }}
+  allowedTopicConfigs: {{ toJson .allowedTopicConfigs }}
+  {{- end }}
+  maxTopicConfigValues: {{ toJson (.maxTopicConfigValues | default dict) }}
+{{- end }}
 {{- end -}}
 
 {{/* What the operator needs where Pipelines live. */}}
@@ -104,4 +123,27 @@ reconcileConcurrency: {{ .Values.reconcileConcurrency }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+{{- $acls := false }}
+{{- range $name, $cluster := .Values.kafka.clusters }}
+{{- if and $cluster.authorization (eq $cluster.authorization.mode "Acls") }}{{- $acls = true }}{{- end }}
+{{- end }}
+{{- if $acls }}
+# Per-pipeline Kafka principals: the Secret holding each Pipeline's credential
+# (named <pipeline>-kafka-user, owned by the Pipeline) is created, read and
+# deleted by the operator. Secret names cannot be known in advance, so this is
+# every Secret of the namespaces where Pipelines live: list them in
+# watchNamespaces to bound it.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, delete]
+{{- end }}
+{{- $secrets := include "keystone.kafkaSecrets" . | fromJsonArray }}
+{{- if and $secrets (not $acls) }}
+# The Kafka credential Secrets the runtime pods read (and no others): a digest
+# of them on the pod template rolls the pods when a credential is rotated.
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: {{ toJson $secrets }}
+  verbs: [get]
+{{- end }}
 {{- end }}

@@ -254,6 +254,25 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
+    // The operator's policy (the chart's allow-lists and quotas) is refused
+    // like a broken contract: the condition names the field and the limit, and
+    // nothing is created with the operator's credentials.
+    let violations =
+        ctx.config
+            .policy
+            .violations(&pipeline.spec, &plan, ctx.config.runtime_image());
+    if !violations.is_empty() {
+        let message = violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let contracts = Cond::new(CONTRACTS_VALID, false, "PolicyViolation", message);
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::await_change());
+    }
     let contracts = Cond::new(
         CONTRACTS_VALID,
         true,
@@ -293,7 +312,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    sync_finalizer(pipeline, &observed.api).await?;
+    let has_principal = crate::acls::acl_cluster(ctx, plan.source.cluster.as_deref()).is_some();
+    sync_finalizer(pipeline, &observed.api, has_principal).await?;
 
     // Record what validation found before acting, so a slow or failing act
     // never hides it.
@@ -338,6 +358,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
                 find_cond(&observed.status, RUNTIME_READY)
             }
             Prepared::Deploy(target) => {
+                // The pipeline's own principal and ACLs, before pods use them.
+                crate::acls::reconcile_pipeline(ctx, pipeline, &target.plan).await?;
                 let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
                 let mut runtime = runtime_condition(&workloads.stages, workloads.rolled_out);
                 if !runtime.ok && !workloads.failing.is_empty() {
@@ -445,9 +467,14 @@ fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
         })
 }
 
-/// Adds the finalizer when the pipeline deletes its topics, removes it otherwise.
-async fn sync_finalizer(pipeline: &Pipeline, api: &Api<Pipeline>) -> Result<(), Error> {
-    let wants = pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete;
+/// Adds the finalizer when the pipeline deletes its topics or has its own
+/// Kafka principal (removed with it), removes it otherwise.
+async fn sync_finalizer(
+    pipeline: &Pipeline,
+    api: &Api<Pipeline>,
+    has_principal: bool,
+) -> Result<(), Error> {
+    let wants = pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete || has_principal;
     let has = pipeline.finalizers().iter().any(|f| f == FINALIZER);
     if wants == has {
         return Ok(());
@@ -477,7 +504,40 @@ async fn sync_finalizer(pipeline: &Pipeline, api: &Api<Pipeline>) -> Result<(), 
     Ok(())
 }
 
-/// A deleted pipeline: with `Delete`, its created topics go, then the finalizer.
+/// A cleanup step of a deleted pipeline that failed: retried (the error) until
+/// [`CLEANUP_GRACE`] after the deletion, then given up with a warning event so
+/// that the deletion can finish.
+async fn retry_or_give_up(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    error: Error,
+    (reason, action, what): (&str, &str, &str),
+) -> Result<(), Error> {
+    let since = pipeline
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    if since < CLEANUP_GRACE {
+        return Err(error);
+    }
+    ctx.publish(
+        pipeline,
+        true,
+        reason,
+        action,
+        format!(
+            "gave up {what} after {}s so that deletion can finish: {error}; do it by hand",
+            since.as_secs()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// A deleted pipeline: with `Delete`, its created topics go; its Kafka
+/// principal and ACLs, when it has them; then the finalizer.
 async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(pipeline);
     ctx.metrics.set_phase(&key, None).await;
@@ -491,31 +551,22 @@ async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             namespace: namespace.clone(),
             name: pipeline.name_any(),
         };
-        match delete_owned_topics(pipeline, ctx, &owner).await {
-            Ok(()) => {}
-            Err(error) => {
-                let since = pipeline
-                    .metadata
-                    .deletion_timestamp
-                    .as_ref()
-                    .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
-                    .unwrap_or_default();
-                if since < CLEANUP_GRACE {
-                    return Err(error);
-                }
-                ctx.publish(
-                    pipeline,
-                    true,
-                    "TopicsNotDeleted",
-                    "DeleteTopics",
-                    format!(
-                        "gave up deleting the pipeline's topics after {}s so that deletion can finish: {error}; delete them by hand",
-                        since.as_secs()
-                    ),
-                )
-                .await;
-            }
+        if let Err(error) = delete_owned_topics(pipeline, ctx, &owner).await {
+            let step = (
+                "TopicsNotDeleted",
+                "DeleteTopics",
+                "deleting the pipeline's topics",
+            );
+            retry_or_give_up(pipeline, ctx, error, step).await?;
         }
+    }
+    if let Err(error) = crate::acls::revoke_pipeline(ctx, pipeline).await {
+        let step = (
+            "PrincipalNotRemoved",
+            "RevokeAcls",
+            "removing the pipeline's Kafka principal and ACLs",
+        );
+        retry_or_give_up(pipeline, ctx, error, step).await?;
     }
     let finalizers: Vec<String> = pipeline
         .finalizers()

@@ -1,5 +1,7 @@
 //! The plan ConfigMap and per-stage Deployments, Services and PodDisruptionBudgets.
 
+use k8s_openapi::api::core::v1::Secret;
+
 use super::*;
 
 /// Environment the runtime needs to reach the plan's clusters.
@@ -44,13 +46,53 @@ fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar
     out
 }
 
-/// The source cluster's security settings for the runtime pods.
-fn runtime_security(ctx: &Context, plan: &Plan) -> resources::RuntimeSecurity {
-    ctx.config
+/// The source cluster's security settings for the runtime pods, with a digest
+/// of the Secret data they read (from the pipeline's namespace), so that a
+/// rotated credential rolls them.
+async fn runtime_security(ctx: &Context, plan: &Plan) -> resources::RuntimeSecurity {
+    let Some(cluster) = ctx
+        .config
         .resolve_cluster(plan.source.cluster.as_deref())
         .and_then(|c| ctx.config.kafka_clusters.get(&c))
-        .map(resources::runtime_security)
-        .unwrap_or_default()
+    else {
+        return resources::RuntimeSecurity::default();
+    };
+    // With per-pipeline ACLs, the pods authenticate as the pipeline's own principal.
+    let cluster = &if cluster.per_pipeline_acls() {
+        crate::acls::runtime_cluster(cluster, &plan.pipeline)
+    } else {
+        cluster.clone()
+    };
+    let mut security = resources::runtime_security(cluster);
+    let keys = resources::referenced_secret_keys(cluster);
+    if keys.is_empty() {
+        return security;
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    let mut secrets = BTreeMap::new();
+    for key in &keys {
+        if secrets.contains_key(&key.secret) {
+            continue;
+        }
+        match api.get_opt(&key.secret).await {
+            Ok(Some(secret)) => {
+                secrets.insert(key.secret.clone(), secret);
+            }
+            // Absent: the pods wait for it; its creation changes the digest.
+            Ok(None) => {}
+            // Not allowed to read it (an older chart's RBAC): no digest, and
+            // rotations need a restart of the pods, as before.
+            Err(error) => {
+                warn!(secret = %key.secret, %error, "cannot read a Kafka credential Secret; its rotation will not roll the pods");
+                return security;
+            }
+        }
+    }
+    security.annotations.insert(
+        resources::ANNOTATION_CREDENTIALS_HASH.to_owned(),
+        resources::credentials_hash(&keys, &secrets),
+    );
+    security
 }
 
 async fn ssa<K>(api: &Api<K>, object: &K) -> Result<K, Error>
@@ -130,7 +172,7 @@ pub(super) async fn apply_workloads(
             .or_else(|| ctx.config.runtime_resources.clone()),
         strategy: target.spec.upgrade.strategy,
         kafka_env: kafka_env(ctx, desired, plan),
-        security: runtime_security(ctx, plan),
+        security: runtime_security(ctx, plan).await,
         bind_host: ctx.config.runtime_bind_address.clone(),
         replicas: target.replicas,
         restore: target.restore.clone(),

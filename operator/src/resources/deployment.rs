@@ -211,6 +211,8 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
                                     .iter()
                                     .map(|name| (ANNOTATION_RESTORE.to_owned(), name.clone())),
                             )
+                            // So does a change of the credentials the pods read.
+                            .chain(params.security.annotations.clone())
                             .collect(),
                     ),
                     ..ObjectMeta::default()

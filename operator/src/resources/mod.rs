@@ -17,7 +17,10 @@ mod tests;
 
 pub use config_maps::{plan_config_map, plan_json, restore_config_map, restore_config_map_name};
 pub use deployment::{WorkloadParams, default_resources, deployment};
-pub use security::{RuntimeSecurity, TLS_DIR, runtime_security};
+pub use security::{
+    ANNOTATION_CREDENTIALS_HASH, RuntimeSecurity, TLS_DIR, credentials_hash,
+    referenced_secret_keys, runtime_security, secret_bytes,
+};
 pub use services::{pod_disruption_budget, service};
 pub use sink_secrets::sink_secret_env;
 

@@ -1,13 +1,21 @@
 //! How the runtime reaches a secured source cluster: SASL credentials from
 //! Secrets as environment, TLS certificates from Secrets as files.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{
-    EnvVar, EnvVarSource, KeyToPath, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    EnvVar, EnvVarSource, KeyToPath, Secret, SecretKeySelector, SecretVolumeSource, Volume,
+    VolumeMount,
 };
 
+use sha2::{Digest, Sha256};
+
+use crate::config::{KafkaCluster, SecretKey};
+
 /// How the runtime authenticates to its source cluster: `--kafka-config`
-/// arguments, credentials as environment from Secrets, certificates as files.
-/// Secrets are read in the pipeline's namespace, under the names the operator
+/// arguments (no secret among them), credentials as environment from
+/// Secrets (the runtime reads them itself), certificates as files. Secrets are
+/// read in the pipeline's namespace, under the names the operator
 /// configuration gives (the operator's own copies live in its namespace).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RuntimeSecurity {
@@ -15,9 +23,73 @@ pub struct RuntimeSecurity {
     pub env: Vec<EnvVar>,
     pub volumes: Vec<Volume>,
     pub mounts: Vec<VolumeMount>,
+    /// Pod-template annotations: a digest of the credentials the pods read, so
+    /// that rotating a Secret rolls them (environment from a Secret is read once,
+    /// at container start).
+    pub annotations: BTreeMap<String, String>,
 }
 
-pub const TLS_DIR: &str = "/etc/keystone/kafka-tls";
+/// The digest of the Secret data a stage's pods read.
+pub const ANNOTATION_CREDENTIALS_HASH: &str = "keystone.dev/kafka-credentials-hash";
+
+/// Every Secret key the runtime of a cluster reads, in a stable order.
+pub fn referenced_secret_keys(cluster: &KafkaCluster) -> Vec<&SecretKey> {
+    let mut keys = Vec::new();
+    if let Some(sasl) = &cluster.sasl {
+        keys.extend([&sasl.username, &sasl.password]);
+    }
+    if let Some(tls) = &cluster.tls {
+        keys.extend([&tls.ca, &tls.certificate, &tls.key].into_iter().flatten());
+    }
+    keys
+}
+
+/// A digest of the values of `keys` in `secrets` (by Secret name; a missing
+/// Secret or key counts as absent, so that its creation rolls the pods too).
+/// Not a password hash: a change detector that never leaves the cluster,
+/// stored where only those who may read the pod template see it.
+pub fn credentials_hash(keys: &[&SecretKey], secrets: &BTreeMap<String, Secret>) -> String {
+    let mut hasher = Sha256::new();
+    for key in keys {
+        for part in [key.secret.as_bytes(), key.key.as_bytes()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        match secrets
+            .get(&key.secret)
+            .and_then(|s| secret_bytes(s, &key.key))
+        {
+            Some(value) => {
+                hasher.update([1]);
+                hasher.update((value.len() as u64).to_be_bytes());
+                hasher.update(&value);
+            }
+            None => hasher.update([0]),
+        }
+    }
+    let digest = hasher.finalize();
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The value of `key` in a Secret (`data`, or `stringData` not yet merged).
+pub fn secret_bytes(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+}
+
+/// Beside the plan's mount, not inside it: a mount point cannot be made in
+/// the plan's read-only volume.
+pub const TLS_DIR: &str = "/etc/keystone-kafka-tls";
 
 pub fn runtime_security(cluster: &crate::config::KafkaCluster) -> RuntimeSecurity {
     let mut out = RuntimeSecurity::default();
@@ -28,11 +100,8 @@ pub fn runtime_security(cluster: &crate::config::KafkaCluster) -> RuntimeSecurit
     }
     if let Some(sasl) = &cluster.sasl {
         out.args.push(setting("sasl.mechanism", &sasl.mechanism));
-        // Expanded by the kubelet from the environment: the Deployment holds no secret.
-        out.args
-            .push(setting("sasl.username", "$(KAFKA_SASL_USERNAME)"));
-        out.args
-            .push(setting("sasl.password", "$(KAFKA_SASL_PASSWORD)"));
+        // The runtime reads these itself: neither the Deployment nor the
+        // process's command line (visible to every user of the node) holds them.
         for (name, key) in [
             ("KAFKA_SASL_USERNAME", &sasl.username),
             ("KAFKA_SASL_PASSWORD", &sasl.password),

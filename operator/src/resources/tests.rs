@@ -150,14 +150,21 @@ fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
     for wanted in [
         "--kafka-config=security.protocol=sasl_ssl",
         "--kafka-config=sasl.mechanism=SCRAM-SHA-512",
-        "--kafka-config=sasl.password=$(KAFKA_SASL_PASSWORD)",
-        "--kafka-config=ssl.ca.location=/etc/keystone/kafka-tls/ca/ca.pem",
+        "--kafka-config=ssl.ca.location=/etc/keystone-kafka-tls/ca/ca.pem",
     ] {
         assert!(
             args.iter().any(|a| a == wanted),
             "{wanted} missing from {args:?}"
         );
     }
+    // Credentials never reach the command line, not even as $(VAR) references
+    // the kubelet would expand into it: the runtime reads the environment.
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("sasl.password") || a.contains("sasl.username")),
+        "credentials in {args:?}"
+    );
     let env = c.env.clone().expect("env");
     let password = env
         .iter()
@@ -187,7 +194,7 @@ fn sasl_and_tls_reach_the_runtime_without_secrets_in_the_deployment() {
             .as_ref()
             .expect("mounts")
             .iter()
-            .any(|m| m.mount_path == "/etc/keystone/kafka-tls/ca")
+            .any(|m| m.mount_path == "/etc/keystone-kafka-tls/ca")
     );
 }
 
@@ -382,4 +389,70 @@ fn service_pdb_and_config_map_select_and_carry_the_plan() {
     let value = with_type_meta(&cm).expect("value");
     assert_eq!(value["kind"], "ConfigMap");
     assert_eq!(value["apiVersion"], "v1");
+}
+
+#[test]
+fn credentials_hash_follows_the_secret_data() {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+
+    use super::{credentials_hash, referenced_secret_keys};
+    use crate::config::{KafkaCluster, SaslConfig, SecretKey};
+
+    let key = |secret: &str, key: &str| SecretKey {
+        secret: secret.into(),
+        key: key.into(),
+    };
+    let cluster = KafkaCluster {
+        bootstrap_servers: "kafka:9093".into(),
+        sasl: Some(SaslConfig {
+            mechanism: "SCRAM-SHA-512".into(),
+            username: key("kafka-user", "username"),
+            password: key("kafka-user", "password"),
+        }),
+        ..KafkaCluster::default()
+    };
+    let keys = referenced_secret_keys(&cluster);
+    assert_eq!(keys.len(), 2);
+    let secret = |password: &str| {
+        let mut data = BTreeMap::new();
+        data.insert("username".to_owned(), ByteString(b"orders".to_vec()));
+        data.insert(
+            "password".to_owned(),
+            ByteString(password.as_bytes().to_vec()),
+        );
+        BTreeMap::from([(
+            "kafka-user".to_owned(),
+            Secret {
+                data: Some(data),
+                ..Secret::default()
+            },
+        )])
+    };
+    let first = credentials_hash(&keys, &secret("one"));
+    assert_eq!(first, credentials_hash(&keys, &secret("one")), "stable");
+    assert_ne!(first, credentials_hash(&keys, &secret("two")), "rotation");
+    let absent = credentials_hash(&keys, &BTreeMap::new());
+    assert_ne!(first, absent, "a created Secret rolls the pods too");
+    assert!(!first.contains("one"));
+
+    // The digest rides on the pod template, where a change rolls the pods.
+    let (plan, mut params) = fixture();
+    params.security = runtime_security(&cluster);
+    params
+        .security
+        .annotations
+        .insert(super::ANNOTATION_CREDENTIALS_HASH.to_owned(), first.clone());
+    let d = deployment(&plan, &plan.stages[0], &params);
+    let annotations = d
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .expect("annotations");
+    assert_eq!(
+        annotations.get(super::ANNOTATION_CREDENTIALS_HASH),
+        Some(&first)
+    );
 }

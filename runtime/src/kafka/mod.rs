@@ -25,13 +25,81 @@ use crate::kafka::metadata::CommitMetadata;
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the brokers are and how every client of one instance connects.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// The instance's stable identity: client id, static group membership.
     pub instance_id: String,
     /// Extra librdkafka settings (TLS, SASL, ...), applied to every client last.
+    /// Credentials among them come from the environment, never the command line.
     pub extra: Vec<(String, String)>,
+}
+
+/// librdkafka properties whose values are secrets: never printed, never taken
+/// from the command line (where any user of the node sees them).
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key == "ssl.key.pem"
+        || key == "sasl.oauthbearer.config"
+}
+
+/// Secrets print as `<redacted>`, so that logging the settings (or anything
+/// that holds them, such as the serve arguments) leaks none.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("instance_id", &self.instance_id)
+            .field("extra", &extra)
+            .finish()
+    }
+}
+
+/// The environment variable holding the SASL user name.
+pub const ENV_SASL_USERNAME: &str = "KAFKA_SASL_USERNAME";
+/// The environment variable holding the SASL password.
+pub const ENV_SASL_PASSWORD: &str = "KAFKA_SASL_PASSWORD";
+/// A file holding the SASL password (a mounted Secret key), instead of the variable.
+pub const ENV_SASL_PASSWORD_FILE: &str = "KAFKA_SASL_PASSWORD_FILE";
+
+/// SASL credentials from the environment (as the operator sets them from a
+/// Secret), as librdkafka properties: none when no user name is set. The
+/// password comes from `KAFKA_SASL_PASSWORD_FILE` when it names a file, else
+/// from `KAFKA_SASL_PASSWORD`; a user name without a password is an error.
+pub fn sasl_credentials(
+    env: impl Fn(&str) -> Option<String>,
+    read_file: impl Fn(&str) -> std::io::Result<String>,
+) -> Result<Vec<(String, String)>, String> {
+    let Some(username) = env(ENV_SASL_USERNAME).filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let password = match env(ENV_SASL_PASSWORD_FILE).filter(|s| !s.is_empty()) {
+        Some(path) => read_file(&path)
+            // A Secret written by hand often ends with a newline the broker never saw.
+            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|e| format!("{ENV_SASL_PASSWORD_FILE}={path}: {e}"))?,
+        None => env(ENV_SASL_PASSWORD).ok_or_else(|| {
+            format!("{ENV_SASL_USERNAME} is set but neither {ENV_SASL_PASSWORD} nor {ENV_SASL_PASSWORD_FILE} is")
+        })?,
+    };
+    Ok(vec![
+        ("sasl.username".to_owned(), username),
+        ("sasl.password".to_owned(), password),
+    ])
 }
 
 /// A failure of the transport.
@@ -181,5 +249,98 @@ mod tests {
         let committed = committed_in_group(&consumer, "input", &[0]).unwrap();
         assert_eq!(committed[&0].0, Some(6));
         assert_eq!(committed[&0].1.restore.as_deref(), Some("r1"));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    fn no_file(path: &str) -> std::io::Result<String> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            path.to_owned(),
+        ))
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let settings = KafkaSettings {
+            bootstrap_servers: "kafka:9093".into(),
+            instance_id: "orders-s0-abc".into(),
+            extra: vec![
+                ("security.protocol".into(), "sasl_ssl".into()),
+                ("sasl.username".into(), "orders".into()),
+                ("sasl.password".into(), "hunter2-secret-value".into()),
+                ("ssl.key.pem".into(), "-----BEGIN PRIVATE KEY-----".into()),
+                ("ssl.key.password".into(), "keypass".into()),
+            ],
+        };
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("sasl_ssl"), "{shown}");
+        assert!(shown.contains("orders"), "{shown}");
+        for secret in ["hunter2-secret-value", "BEGIN PRIVATE KEY", "keypass"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert_eq!(shown.matches("<redacted>").count(), 3, "{shown}");
+    }
+
+    #[test]
+    fn secret_properties_are_recognised() {
+        for key in [
+            "sasl.password",
+            "SASL.PASSWORD",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+        ] {
+            assert!(is_secret_property(key), "{key}");
+        }
+        for key in ["sasl.username", "sasl.mechanism", "ssl.ca.location"] {
+            assert!(!is_secret_property(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn credentials_come_from_the_environment() {
+        assert!(sasl_credentials(env(&[]), no_file).unwrap().is_empty());
+        let props = sasl_credentials(
+            env(&[(ENV_SASL_USERNAME, "u"), (ENV_SASL_PASSWORD, "p")]),
+            no_file,
+        )
+        .unwrap();
+        assert_eq!(
+            props,
+            vec![
+                ("sasl.username".to_owned(), "u".to_owned()),
+                ("sasl.password".to_owned(), "p".to_owned())
+            ]
+        );
+        // The file wins over the variable, without its trailing newline.
+        let props = sasl_credentials(
+            env(&[
+                (ENV_SASL_USERNAME, "u"),
+                (ENV_SASL_PASSWORD, "old"),
+                (ENV_SASL_PASSWORD_FILE, "/run/secret/password"),
+            ]),
+            |path| {
+                assert_eq!(path, "/run/secret/password");
+                Ok("from-file\n".to_owned())
+            },
+        )
+        .unwrap();
+        assert_eq!(props[1].1, "from-file");
+        let error = sasl_credentials(env(&[(ENV_SASL_USERNAME, "u")]), no_file).unwrap_err();
+        assert!(error.contains(ENV_SASL_PASSWORD), "{error}");
+        let error = sasl_credentials(
+            env(&[(ENV_SASL_USERNAME, "u"), (ENV_SASL_PASSWORD_FILE, "/nope")]),
+            no_file,
+        )
+        .unwrap_err();
+        assert!(error.contains("/nope"), "{error}");
     }
 }
