@@ -219,6 +219,36 @@ fn collect<'e>(expression: &'e IdedExpr, bound: &mut Vec<&'e str>, names: &mut B
     }
 }
 
+/// The parser's message for mistakes people coming from SQL or other languages
+/// make, said in CEL's terms.
+fn common_mistake(message: &str) -> Option<String> {
+    let token = ["mismatched input ", "extraneous input "]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next());
+    let replacement = match token {
+        Some("'and'") => Some(("and", "&&")),
+        Some("'or'") => Some(("or", "||")),
+        Some("'not'") => Some(("not", "!")),
+        Some("'AND'") => Some(("AND", "&&")),
+        Some("'OR'") => Some(("OR", "||")),
+        Some("'NOT'") => Some(("NOT", "!")),
+        _ => None,
+    };
+    if let Some((word, operator)) = replacement {
+        return Some(format!("`{word}` is not a CEL operator: write {operator}"));
+    }
+    if message.starts_with("token recognition error at: '=") {
+        return Some("`=` alone is not a CEL operator: compare with ==".to_owned());
+    }
+    if message.starts_with("invalid argument to has() macro") {
+        return Some(
+            "has() takes a field of an object, as has(customer.tier), or has(event.region) for a top-level field".to_owned(),
+        );
+    }
+    None
+}
+
 /// The variable that holds the whole event in expressions.
 pub const EVENT_VARIABLE: &str = "event";
 
@@ -246,6 +276,9 @@ fn plain_message(message: &str) -> String {
         .strip_prefix("Syntax error: ")
         .unwrap_or(&message)
         .to_owned();
+    if let Some(plain) = common_mistake(&message) {
+        return plain;
+    }
     // ANTLR lists every token that may start an operand when one is missing.
     let expecting_operand = |set: &str| set.contains("IDENTIFIER") && set.contains("NUM_INT");
     if let Some((head, set)) = message.split_once(" expecting ")
@@ -311,6 +344,28 @@ mod tests {
         assert!(
             message.starts_with("the CEL expression does not parse: 1:"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn mistakes_from_other_languages_are_named() {
+        let message = |source: &str| expression_variables(source).unwrap_err();
+        assert!(
+            message("status == 'paid' and amount > 1")
+                .ends_with("`and` is not a CEL operator: write &&"),
+            "{}",
+            message("status == 'paid' and amount > 1")
+        );
+        assert!(message("a or b").ends_with("`or` is not a CEL operator: write ||"));
+        assert!(
+            message("status = 'paid'").contains("`=` alone is not a CEL operator: compare with =="),
+            "{}",
+            message("status = 'paid'")
+        );
+        assert!(
+            message("has(region)").ends_with("has(event.region) for a top-level field"),
+            "{}",
+            message("has(region)")
         );
     }
 
