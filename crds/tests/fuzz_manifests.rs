@@ -39,7 +39,14 @@ fn samples() -> Vec<String> {
 /// Reads and checks `text`: the properties every input must have.
 fn read_and_check(text: &str) {
     let reading = Reading::parse("fuzz.yaml", text);
-    let lines = text.lines().count().max(1) + 1;
+    // Lines as YAML counts them: `\r\n`, `\r` and `\n` each end one.
+    let lines = text
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .lines()
+        .count()
+        .max(1)
+        + 1;
     let checked = manifest::check(&reading);
     for diagnostic in &checked.diagnostics {
         assert!(
@@ -235,6 +242,15 @@ proptest! {
         let text = sample.get(&samples);
         read_and_check(&mutate(text, &mutations));
     }
+}
+
+/// Inputs the fuzzers found, kept as regressions.
+#[test]
+fn regressions() {
+    // A lone carriage return ends a line in YAML (the diagnostic was on a line
+    // the documents, cut by `\n`, did not have).
+    read_and_check("\r\r\0");
+    read_and_check("a: 1\r---\rb: [\r");
 }
 
 /// The samples, unmutated, are valid: the mutations start from real manifests.

@@ -139,6 +139,16 @@ impl Reading {
         if text.len() > MAX_MANIFEST_BYTES {
             return Reading::too_large(file, text.len() as u64);
         }
+        // YAML ends a line at a lone carriage return too, and documents are cut
+        // from the text by lines; as a newline it means the same and keeps
+        // every line, column and offset.
+        let normalized;
+        let text = if text.contains('\r') {
+            normalized = lone_carriage_returns_as_newlines(text);
+            normalized.as_str()
+        } else {
+            text
+        };
         let mut reading = Reading {
             files: vec![file.to_owned()],
             ..Reading::default()
@@ -447,6 +457,20 @@ impl Reading {
         self.diagnostic(origin, at, kinds::TYPE, Some(path), message, hint);
         None
     }
+}
+
+/// `text` with every `\r` not followed by `\n` replaced by `\n`.
+fn lone_carriage_returns_as_newlines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() != Some(&'\n') {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A YAML syntax error in words: the readers' "recursion limit exceeded" is
@@ -822,6 +846,23 @@ spec:
             "]".repeat(200)
         );
         deep(text, 3);
+    }
+
+    #[test]
+    fn lone_carriage_returns_end_lines_as_in_yaml() {
+        // Found by fuzzing: `\r\r\0` was reported on line 3 of a file whose
+        // documents were cut as if it had one line.
+        let errors = errors("cr.yaml", "\r\r\0");
+        assert_eq!((errors[0].line, errors[0].column), (3, 1), "{errors:?}");
+        // Old Mac line endings read as any other.
+        let text = PIPELINE.replace('\n', "\r");
+        let manifests = parse_manifests("p.yaml", &format!("{text}---\r{text}")).unwrap();
+        assert_eq!(manifests.pipelines.len(), 2);
+        let windows = PIPELINE.replace('\n', "\r\n");
+        assert_eq!(
+            parse_manifests("w.yaml", &windows).unwrap().pipelines.len(),
+            1
+        );
     }
 
     #[test]
