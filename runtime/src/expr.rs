@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cel::objects::{Key, Map};
 use cel::{Context, Program, Value as CelValue};
-use keystone_crds::check::EVENT_VARIABLE;
+use keystone_crds::check::{EVENT_VARIABLE, compile_bounded};
 use sonic_rs::{JsonContainerTrait, JsonType, JsonValueTrait, Object, Value};
 
 use crate::error::RuntimeError;
@@ -22,10 +22,14 @@ pub struct Expr {
 }
 
 impl Expr {
+    /// Compiles within the checker's limits (length, nesting), which keep the
+    /// parser and the interpreter in the engine thread's stack even for a plan
+    /// that did not come from the checker.
     pub fn compile(source: &str) -> Result<Self, RuntimeError> {
-        let program = Program::compile(source).map_err(|e| RuntimeError::Expression {
-            expression: source.to_owned(),
-            message: keystone_crds::check::parse_error_message(&e),
+        let program = compile_bounded(source).map_err(|message| RuntimeError::Expression {
+            // A refused expression may be megabytes long.
+            expression: source.chars().take(200).collect(),
+            message,
         })?;
         Ok(Self {
             source: source.to_owned(),

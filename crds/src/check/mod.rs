@@ -17,6 +17,7 @@ use crate::schema::{FieldType, Schema};
 mod contracts;
 mod expressions;
 mod graph;
+pub mod limits;
 mod sinks;
 mod stages;
 mod steps;
@@ -24,7 +25,7 @@ mod topics;
 mod typing;
 
 pub use contracts::check_processor;
-pub use expressions::{EVENT_VARIABLE, expression_variables, parse_error_message};
+pub use expressions::{EVENT_VARIABLE, compile_bounded, expression_variables, parse_error_message};
 pub use graph::{CycleError, PipelineId, topic_cycles};
 pub use sinks::WRITABLE_SINKS;
 

@@ -116,11 +116,39 @@ pub struct Checked {
 
 const API_VERSION: &str = "keystone.dev/v1alpha1";
 
+/// The largest manifest file read, in bytes; a larger one is refused before it
+/// is parsed (parsing takes time and memory in its size). The API server
+/// refuses a request body over 3 MiB, so no object a cluster holds comes from
+/// a larger document, and files of Pipelines and Processors are a few KiB.
+pub const MAX_MANIFEST_BYTES: usize = 3 << 20;
+
+/// The largest document, in bytes of JSON: etcd refuses to store a larger
+/// object (its default `--max-request-bytes`), which `kubectl apply` reports as
+/// "etcdserver: request is too large".
+pub const MAX_OBJECT_BYTES: usize = 1536 << 10;
+
+/// How deeply the YAML reader nests collections (serde_yaml_ng's limit; the
+/// event parser stops at twice that): Keystone manifests nest about ten deep.
+const MAX_YAML_NESTING: usize = 128;
+
 impl Reading {
     /// Reads every YAML document in `text` (named `file` in diagnostics).
     /// Documents of other kinds are an error: a manifest given to Keystone should
     /// hold only its kinds.
     pub fn parse(file: &str, text: &str) -> Reading {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Reading::too_large(file, text.len() as u64);
+        }
+        // YAML ends a line at a lone carriage return too, and documents are cut
+        // from the text by lines; as a newline it means the same and keeps
+        // every line, column and offset.
+        let normalized;
+        let text = if text.contains('\r') {
+            normalized = lone_carriage_returns_as_newlines(text);
+            normalized.as_str()
+        } else {
+            text
+        };
         let mut reading = Reading {
             files: vec![file.to_owned()],
             ..Reading::default()
@@ -135,7 +163,7 @@ impl Reading {
                     path: None,
                     step: None,
                     kind: kinds::SYNTAX.to_owned(),
-                    message: error.message,
+                    message: syntax_message(error.message),
                     hint: None,
                 }),
                 Ok(locations) => {
@@ -148,6 +176,16 @@ impl Reading {
             }
         }
         reading
+    }
+
+    /// A file of `size` bytes, over [`MAX_MANIFEST_BYTES`]: not read.
+    pub fn too_large(file: &str, size: u64) -> Reading {
+        Reading::unreadable(
+            file,
+            format!(
+                "the file is {size} bytes, over the limit of {MAX_MANIFEST_BYTES} (3 MiB, the largest request the API server accepts); Pipelines and Processors are a few KiB: split the documents across several files"
+            ),
+        )
     }
 
     /// A file that could not be read at all.
@@ -253,7 +291,7 @@ impl Reading {
                     },
                     None => origin.locate(""),
                 };
-                let message = strip_location(&error.to_string());
+                let message = syntax_message(strip_location(&error.to_string()));
                 self.diagnostic(&origin, at, kinds::SYNTAX, None, message, None);
                 return;
             }
@@ -270,6 +308,15 @@ impl Reading {
                 return;
             }
         };
+        let stored = serde_json::to_vec(&json).map_or(0, |bytes| bytes.len());
+        if stored > MAX_OBJECT_BYTES {
+            let at = origin.locate("");
+            let message = format!(
+                "the document is {stored} bytes as JSON, over the {MAX_OBJECT_BYTES} (1.5 MiB) the API server can store for one object"
+            );
+            self.diagnostic(&origin, at, kinds::SCHEMA, None, message, None);
+            return;
+        }
         let kind = json.get("kind").and_then(Json::as_str).unwrap_or_default();
         let api_version = json
             .get("apiVersion")
@@ -409,6 +456,32 @@ impl Reading {
         let at = origin.locate(path);
         self.diagnostic(origin, at, kinds::TYPE, Some(path), message, hint);
         None
+    }
+}
+
+/// `text` with every `\r` not followed by `\n` replaced by `\n`.
+fn lone_carriage_returns_as_newlines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() != Some(&'\n') {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A YAML syntax error in words: the readers' "recursion limit exceeded" is
+/// collections nested too deeply.
+fn syntax_message(message: String) -> String {
+    if message.starts_with("recursion limit exceeded") {
+        format!(
+            "collections nest too deeply (recursion limit exceeded): Keystone reads YAML nested at most {MAX_YAML_NESTING} levels deep, and its manifests nest about ten"
+        )
+    } else {
+        message
     }
 }
 
@@ -697,6 +770,99 @@ spec:
         let version = errors("y.yaml", "apiVersion: keystone.dev/v1\nkind: Pipeline\n");
         assert_eq!(version[0].path.as_deref(), Some("apiVersion"));
         assert_eq!((version[0].line, version[0].column), (1, 13));
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_unread() {
+        // 24 MB, one expression: parsing it took seconds and gigabytes.
+        let text = format!(
+            "{}\n        expression: '{}'\n",
+            PIPELINE,
+            "seq == 0 || ".repeat(2 << 20)
+        );
+        let errors = errors("big.yaml", &text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].kind, kinds::IO);
+        assert_eq!((errors[0].line, errors[0].column), (1, 1));
+        assert_eq!(
+            errors[0].message,
+            format!(
+                "the file is {} bytes, over the limit of 3145728 (3 MiB, the largest request the API server accepts); Pipelines and Processors are a few KiB: split the documents across several files",
+                text.len()
+            )
+        );
+        assert_eq!(ManifestErrors(errors).exit_status(), 2);
+    }
+
+    #[test]
+    fn a_document_over_the_object_limit_is_refused() {
+        // Under the file limit, over what etcd stores: a long list of labels.
+        let labels: String = (0..40_000)
+            .map(|i| format!("    label-{i}: value-of-label-number-{i}\n"))
+            .collect();
+        let text = PIPELINE.replace("  name: p\n", &format!("  name: p\n  labels:\n{labels}"));
+        assert!(text.len() < MAX_MANIFEST_BYTES);
+        let errors = errors("labels.yaml", &text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].kind, kinds::SCHEMA);
+        assert!(
+            errors[0].message.ends_with(
+                "bytes as JSON, over the 1572864 (1.5 MiB) the API server can store for one object"
+            ),
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn deep_yaml_is_refused_with_its_position() {
+        let deep = |text: String, line: usize| {
+            let errors = errors("deep.yaml", &text);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].kind, kinds::SYNTAX);
+            assert_eq!(errors[0].line, line, "{:?}", errors[0]);
+            assert!(
+                errors[0].message.starts_with("collections nest too deeply"),
+                "{:?}",
+                errors[0]
+            );
+        };
+        // 200 KB of `[`: refused by the event parser at its limit.
+        deep("[".repeat(200_000), 1);
+        deep("{a: ".repeat(50_000), 1);
+        // Block collections, one level a line.
+        let block: String = (0..1000)
+            .map(|i| format!("{}a:\n", " ".repeat(i)))
+            .collect();
+        deep(block, 256);
+        let dashes: String = (0..1000)
+            .map(|i| format!("{}- \n", "  ".repeat(i)))
+            .collect();
+        deep(dashes, 256);
+        // Deeper than serde_yaml_ng reads, within what the event parser does.
+        let text = format!(
+            "apiVersion: keystone.dev/v1alpha1\nkind: Pipeline\nspec: {}{}\n",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        deep(text, 3);
+    }
+
+    #[test]
+    fn lone_carriage_returns_end_lines_as_in_yaml() {
+        // Found by fuzzing: `\r\r\0` was reported on line 3 of a file whose
+        // documents were cut as if it had one line.
+        let errors = errors("cr.yaml", "\r\r\0");
+        assert_eq!((errors[0].line, errors[0].column), (3, 1), "{errors:?}");
+        // Old Mac line endings read as any other.
+        let text = PIPELINE.replace('\n', "\r");
+        let manifests = parse_manifests("p.yaml", &format!("{text}---\r{text}")).unwrap();
+        assert_eq!(manifests.pipelines.len(), 2);
+        let windows = PIPELINE.replace('\n', "\r\n");
+        assert_eq!(
+            parse_manifests("w.yaml", &windows).unwrap().pipelines.len(),
+            1
+        );
     }
 
     #[test]

@@ -43,14 +43,31 @@ pub fn read_all(files: &[PathBuf]) -> Reading {
     let mut reading = Reading::default();
     for file in files {
         let name = file.display().to_string();
-        match std::fs::read_to_string(file) {
-            Ok(text) => reading.extend(Reading::parse(&name, &text)),
+        match read_manifest_file(file) {
+            Ok(Ok(text)) => reading.extend(Reading::parse(&name, &text)),
+            Ok(Err(size)) => reading.extend(Reading::too_large(&name, size)),
             Err(error) => {
                 reading.extend(Reading::unreadable(&name, format!("cannot read: {error}")))
             }
         }
     }
     reading
+}
+
+/// A manifest file's text, or its size when that is over the limit: a file too
+/// large is not read into memory.
+fn read_manifest_file(path: &Path) -> std::io::Result<Result<String, u64>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let limit = keystone_crds::manifest::MAX_MANIFEST_BYTES as u64;
+    if size > limit {
+        return Ok(Err(size));
+    }
+    // No more than the limit, and one byte to tell, even if the file grows.
+    let mut text = String::new();
+    file.take(limit + 1).read_to_string(&mut text)?;
+    Ok(Ok(text))
 }
 
 /// Reads and merges manifest files; any problem in them is an error, listing all.

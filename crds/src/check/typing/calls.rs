@@ -164,6 +164,25 @@ impl Typer<'_> {
                 }
                 Type::scalar(INT)
             }
+            (
+                macro_name @ ("all" | "exists" | "exists_one" | "map" | "filter"),
+                Some(target),
+                _,
+            ) => {
+                // The parser expands these only with a variable and a body.
+                self.infer(target);
+                let example = match macro_name {
+                    "map" => "x * 2",
+                    _ => "x > 0",
+                };
+                self.fail(
+                    expression,
+                    format!(
+                        "{macro_name} takes a variable and an expression of it, as {}.{macro_name}(x, {example})",
+                        super::source::show(target)
+                    ),
+                )
+            }
             _ => {
                 // A function the checker does not know: its arguments may still fail.
                 if let Some(target) = &call.target {
@@ -419,6 +438,14 @@ mod tests {
         assert_eq!(ty("name.contains('x')"), "bool");
         assert_eq!(ty("name.startsWith('x') || name.endsWith('y')"), "bool");
         assert_eq!(ty("name.matches('^a')"), "bool");
+        assert_eq!(
+            failure("tags.exists(x > 1)"),
+            "tags.exists(x > 1): exists takes a variable and an expression of it, as tags.exists(x, x > 0)"
+        );
+        assert_eq!(
+            failure("tags.map(x)"),
+            "tags.map(x): map takes a variable and an expression of it, as tags.map(x, x * 2)"
+        );
         assert_eq!(
             failure("count.startsWith('1')"),
             "count.startsWith(\"1\"): startsWith does not apply to int"

@@ -101,6 +101,14 @@ mod tests {
             failure("count.all(x, x > 0)"),
             "count.all(x, …): only lists and maps can be iterated, not int"
         );
+        assert_eq!(
+            failure("count.filter(x, x > 0)"),
+            "count.filter(x, …): only lists and maps can be iterated, not int"
+        );
+        assert_eq!(
+            failure("count.map(x, x > 0, x + 1)"),
+            "count.map(x, …): only lists and maps can be iterated, not int"
+        );
         assert_eq!(ty("[].all(x, x + 'a')"), "bool");
     }
 }

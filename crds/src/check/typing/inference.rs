@@ -1,6 +1,8 @@
 //! The typer: the types of literals, variables, members and indexes, and the
 //! failures it collects; calls and comprehensions have their own modules.
 
+use std::collections::HashMap;
+
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 
 use super::kinds::{
@@ -27,6 +29,9 @@ pub(super) struct Typed {
     /// skipped (`false && x`), so these are mistakes, not certain failures of
     /// the whole expression.
     pub(super) failures: Vec<Failure>,
+    /// The type of every part, by node id (a comprehension's parts as its
+    /// last, widest round typed them), for the cost estimate.
+    pub(super) types: HashMap<u64, Type>,
 }
 
 /// Types `expression` over events of `schema`: top-level fields are variables,
@@ -36,11 +41,13 @@ pub(super) fn type_of(expression: &IdedExpr, schema: &Schema) -> Typed {
         schema,
         scopes: Vec::new(),
         failures: Vec::new(),
+        types: HashMap::new(),
     };
     let result = typer.infer(expression);
     Typed {
         result,
         failures: typer.failures,
+        types: typer.types,
     }
 }
 
@@ -49,6 +56,7 @@ pub(super) struct Typer<'s> {
     /// Comprehension variables in scope, innermost last.
     pub(super) scopes: Vec<(String, Type)>,
     failures: Vec<Failure>,
+    types: HashMap<u64, Type>,
 }
 
 impl Typer<'_> {
@@ -66,6 +74,12 @@ impl Typer<'_> {
     }
 
     pub(super) fn infer(&mut self, expression: &IdedExpr) -> Type {
+        let ty = self.infer_part(expression);
+        self.types.insert(expression.id, ty.clone());
+        ty
+    }
+
+    fn infer_part(&mut self, expression: &IdedExpr) -> Type {
         match &expression.expr {
             Expr::Literal(literal) => Type::scalar(match literal {
                 LiteralValue::Boolean(_) => BOOL,

@@ -134,6 +134,16 @@ impl Type {
             && self.scalars & !bits == 0
     }
 
+    /// Whether every value of it is a scalar of bounded size (a number, bool,
+    /// null, timestamp or duration): not a string, bytes, list or map, whose
+    /// size only the event bounds.
+    pub(super) fn is_small(&self) -> bool {
+        !self.dynamic
+            && self.list.is_none()
+            && self.map.is_none()
+            && self.scalars & (STRING | BYTES) == 0
+    }
+
     pub(super) fn may_be_list(&self) -> bool {
         self.dynamic || self.list.is_some()
     }

@@ -14,12 +14,14 @@ use std::collections::BTreeSet;
 use cel::common::ast::operators;
 use cel::common::ast::{Expr, IdedExpr};
 
-use super::expressions::free_variables;
+use super::expressions::{compile_bounded, free_variables};
+use super::limits::{MAX_COMPREHENSION_NESTING, MAX_EVENT_BYTES, MAX_EXPRESSION_COST};
 use super::{Checker, ErrorKind};
 use crate::schema::{FieldType, Schema};
 
 mod calls;
 mod comprehensions;
+mod cost;
 mod inference;
 mod kinds;
 mod source;
@@ -43,9 +45,10 @@ pub(super) enum Usage<'u> {
 }
 
 impl Checker<'_> {
-    /// Parses and types an expression over `schema`, reporting a parse error,
-    /// parts that fail whenever evaluated, and a result that can never serve
-    /// `usage`. Returns the top-level names it reads, unless it does not parse.
+    /// Parses and types an expression over `schema`, reporting an expression
+    /// over the limits (length, nesting, cost: see [`super::limits`]) or that
+    /// does not parse, parts that fail whenever evaluated, and a result that
+    /// can never serve `usage`. Returns the top-level names it reads, unless it does not parse.
     pub(super) fn check_expression(
         &mut self,
         expression: &str,
@@ -54,18 +57,10 @@ impl Checker<'_> {
         path: &str,
         subject: &str,
     ) -> Option<BTreeSet<String>> {
-        let program = match cel::Program::compile(expression) {
+        let program = match compile_bounded(expression) {
             Ok(program) => program,
-            Err(parse_error) => {
-                self.error(
-                    ErrorKind::InvalidExpression,
-                    path,
-                    Some(subject),
-                    format!(
-                        "the CEL expression does not parse: {}",
-                        super::expressions::parse_error_message(&parse_error)
-                    ),
-                );
+            Err(message) => {
+                self.error(ErrorKind::InvalidExpression, path, Some(subject), message);
                 return None;
             }
         };
@@ -84,6 +79,9 @@ impl Checker<'_> {
         }
         if let Some(problem) = result_problem(expression.trim(), root, &typed.result, usage) {
             self.error(ErrorKind::WrongType, path, Some(subject), problem);
+        }
+        if let Some(problem) = cost_problem(&cost::estimate(root, &typed.types)) {
+            self.error(ErrorKind::InvalidExpression, path, Some(subject), problem);
         }
         Some(free_variables(root))
     }
@@ -153,6 +151,52 @@ fn result_problem(
             ))
         }
     }
+}
+
+/// Why an expression with this estimate could take too long on one event, if
+/// it could.
+fn cost_problem(estimate: &cost::Estimate) -> Option<String> {
+    if estimate.nesting > MAX_COMPREHENSION_NESTING {
+        return Some(format!(
+            "the CEL expression runs {} iterations (all, exists, exists_one, map, filter) inside one another, over the limit of {MAX_COMPREHENSION_NESTING}; iterate over one list at a time, in separate steps if need be",
+            estimate.nesting
+        ));
+    }
+    if estimate.cost <= MAX_EXPRESSION_COST as f64 {
+        return None;
+    }
+    let event = format!("{} MiB", MAX_EVENT_BYTES >> 20);
+    let costliest = match &estimate.costliest {
+        Some(c) => format!(
+            ": `{}` runs its body up to {} times, {} in all",
+            c.at,
+            show_number(c.iterations),
+            show_number(c.total)
+        ),
+        None => String::new(),
+    };
+    Some(format!(
+        "the CEL expression may cost up to {} on one event, over the limit of {}{costliest}. A list, map or string read from the event may be as large as the largest event ({event}): iterating over one inside an iteration over another, or `in` on one inside an iteration, grows with the square of the event's size, and `matches` compiles its pattern again on every call; iterate over one event list at a time (lists nested in its elements are fine), compare against literal lists, match a pattern against one field rather than each element, or split the work across several steps",
+        show_number(estimate.cost),
+        show_number(MAX_EXPRESSION_COST as f64)
+    ))
+}
+
+/// A cost or a count in a message: with thousands separators, or in
+/// scientific notation when it is astronomical.
+fn show_number(value: f64) -> String {
+    if value >= 1e15 {
+        return format!("{value:.1e}");
+    }
+    let digits = format!("{:.0}", value.ceil());
+    let mut shown = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            shown.push(',');
+        }
+        shown.push(digit);
+    }
+    shown
 }
 
 /// Whether a result of type `result` may be written to a field declared

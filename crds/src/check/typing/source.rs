@@ -2,7 +2,7 @@
 //! precedence needs.
 
 use cel::common::ast::operators;
-use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue};
+use cel::common::ast::{CallExpr, ComprehensionExpr, EntryExpr, Expr, IdedExpr, LiteralValue};
 
 pub(super) fn binary_symbol(function: &str) -> &'static str {
     match function {
@@ -76,6 +76,7 @@ pub(super) fn show(expression: &IdedExpr) -> String {
                 Expr::Literal(LiteralValue::Boolean(b)) if *b.inner() => "all",
                 Expr::Literal(LiteralValue::Boolean(_)) => "exists",
                 Expr::Literal(LiteralValue::Int(_)) => "exists_one",
+                _ if appends_element(comprehension) => "filter",
                 _ => "map",
             };
             format!(
@@ -87,6 +88,27 @@ pub(super) fn show(expression: &IdedExpr) -> String {
         Expr::Struct(s) => format!("{}{{…}}", s.type_name),
         Expr::Unspecified => "…".to_owned(),
     }
+}
+
+/// Whether a comprehension's step is `filter`'s: `p ? @result + [x] : @result`
+/// with `x` the element itself (a `map` with a predicate appends what it makes).
+fn appends_element(comprehension: &ComprehensionExpr) -> bool {
+    let Expr::Call(step) = &comprehension.loop_step.expr else {
+        return false;
+    };
+    if step.func_name != operators::CONDITIONAL || step.args.len() != 3 {
+        return false;
+    }
+    let Expr::Call(append) = &step.args[1].expr else {
+        return false;
+    };
+    matches!(
+        append.args.get(1).map(|a| &a.expr),
+        Some(Expr::List(list)) if matches!(
+            list.elements.as_slice(),
+            [element] if matches!(&element.expr, Expr::Ident(name) if *name == comprehension.iter_var)
+        )
+    )
 }
 
 fn show_call(call: &CallExpr) -> String {
