@@ -342,6 +342,13 @@ pub(crate) fn wide_number(value: &Value) -> Option<sonic_rs::RawNumber> {
 mod tests {
     use super::*;
 
+    /// The checker bounds an expression's cost by the largest event it can
+    /// see: no event the runtime accepts may be larger.
+    #[test]
+    fn accepted_events_fit_the_checkers_cost_bound() {
+        assert!(MAX_EVENT_BYTES as u64 <= keystone_crds::check::limits::MAX_EVENT_BYTES);
+    }
+
     fn parse(text: &str) -> Result<String, String> {
         parse_document(text.as_bytes(), MAX_DEPTH).map(|v| sonic_rs::to_string(&v).unwrap())
     }

@@ -21,6 +21,7 @@ use keystone_crds::ops::Operator as Op;
 use keystone_crds::pipeline::Delivery;
 use keystone_crds::plan::{Plan, PlanStage, StageOutput};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 
@@ -233,6 +234,15 @@ pub(super) fn run(
                         source,
                     ));
                     polled += 1;
+                }
+                // A fatal consumer error (fenced by a newer member with this
+                // instance's id) leaves the consumer unusable: polling on would
+                // hang the stage for good. Stop, so the pod restarts and rejoins.
+                Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
+                    return Err(ServeError::Kafka {
+                        what: "consuming (the consumer is no longer usable)",
+                        source: error,
+                    });
                 }
                 Some(Err(error)) => {
                     // Transient broker conditions (a leader moving, a broker down) are
