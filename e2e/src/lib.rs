@@ -10,6 +10,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod http;
 pub mod kubelet;
 pub mod opensearch;
 pub mod schema_cases;

@@ -1,7 +1,9 @@
 //! The operations endpoints on one port: `/metrics`, `/healthz`, `/readyz`,
 //! `POST /checkpoint[?stop=true]`, which finishes the current transaction at a
 //! barrier and answers with the committed positions (and stops processing with
-//! `stop=true`), and `POST /resume`, which undoes a stop.
+//! `stop=true`), and `POST /resume`, which undoes a stop. The two `POST`s need
+//! the control token (`control`); metrics and probes are open to the kubelet
+//! and the scraper. A stopped instance is not ready: it processes nothing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,6 +22,7 @@ use tokio::sync::oneshot;
 use keystone_crds::checkpoint::InstanceCheckpoint;
 
 use crate::host::Shared;
+use crate::host::control::{ControlToken, refusal};
 
 /// A request handed to the engine thread, answered between two batches.
 pub enum Control {
@@ -46,16 +49,34 @@ pub async fn serve(
     addr: SocketAddr,
     shared: Arc<Shared>,
     controls: mpsc::Sender<Control>,
+    token: Option<ControlToken>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "operations endpoints listening");
+    tracing::info!(
+        %addr,
+        control = if token.is_some() { "token" } else { "disabled (no token)" },
+        "operations endpoints listening"
+    );
+    serve_on(listener, shared, controls, token).await
+}
+
+/// Serves the endpoints on a bound listener.
+pub async fn serve_on(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    controls: mpsc::Sender<Control>,
+    token: Option<ControlToken>,
+) -> std::io::Result<()> {
+    let token = Arc::new(token);
     loop {
         let (stream, _) = listener.accept().await?;
         let shared = shared.clone();
         let controls = controls.clone();
+        let token = token.clone();
         tokio::spawn(async move {
-            let service =
-                service_fn(move |request| handle(request, shared.clone(), controls.clone()));
+            let service = service_fn(move |request| {
+                handle(request, shared.clone(), controls.clone(), token.clone())
+            });
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -82,23 +103,67 @@ async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
     controls: mpsc::Sender<Control>,
+    token: Arc<Option<ControlToken>>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let text = "text/plain; charset=utf-8";
+    if request.method() == Method::POST {
+        let authorization = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Some((status, body)) = refusal(token.as_ref().as_ref(), authorization) {
+            // Who asked is worth a line; the credential presented never is.
+            tracing::warn!(
+                path = request.uri().path(),
+                status,
+                "control request refused"
+            );
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            let mut response = respond(status, text, body);
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer realm=\"keystone-control\""),
+                );
+            }
+            return Ok(response);
+        }
+    }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             let body = shared
                 .metrics
                 .lock()
-                .map(|m| m.encode())
+                .map(|m| {
+                    m.set_watchdog(
+                        shared.watchdog.since_beat(),
+                        shared.watchdog.stalled().is_some(),
+                    );
+                    m.encode()
+                })
                 .unwrap_or_default();
             respond(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::GET, "/healthz") => {
+            let stalled = shared
+                .watchdog
+                .stalled()
+                .filter(|_| shared.restoring.load(Ordering::Relaxed) == 0);
             if shared.failed.load(Ordering::Relaxed) {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     text,
                     "the engine stopped on an error\n",
+                )
+            } else if let Some(stalled) = stalled {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    text,
+                    format!(
+                        "the engine made no progress for {}s (watchdog limit {}s): a step, a sink or a Kafka call is stuck\n",
+                        stalled.as_secs(),
+                        shared.watchdog.limit().as_secs()
+                    ),
                 )
             } else {
                 respond(StatusCode::OK, text, "ok\n")
@@ -119,9 +184,13 @@ async fn handle(
                     format!("restoring state of {restoring} partition(s)\n"),
                 )
             } else if shared.stopped.load(Ordering::Relaxed) {
-                // Stopped on purpose (just before a replacement): still ready, so
-                // that the stop does not look like a failure.
-                respond(StatusCode::OK, text, "ready (stopped after a checkpoint)\n")
+                // Stopped on purpose (before a replacement, or for an aligned
+                // cut): it processes nothing, and says so.
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    text,
+                    "stopped after a checkpoint (POST /resume continues)\n",
+                )
             } else {
                 respond(StatusCode::OK, text, "ready\n")
             }
