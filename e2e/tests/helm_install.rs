@@ -58,7 +58,7 @@ async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
     run_ok(lint);
 
     // Both RBAC shapes: cluster-wide, and namespaced Roles for listed namespaces.
-    let ns = tb.namespace("helm-render").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-render").await;
     for extra in [
         vec![],
         vec![
@@ -132,7 +132,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
     let tb = testbed().await;
     operator_binary();
     install_crds(&tb);
-    let ns = tb.namespace("helm-app").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-app").await;
     let release_ns = operator_namespace(&tb, &ns).await;
     let release = unique("ks");
     let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
@@ -280,7 +280,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
 async fn cluster_wide_rbac_is_enough_for_the_operator_and_no_more() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("helm-rbac").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-rbac").await;
     let release_ns = operator_namespace(&tb, &ns).await;
     let release = unique("ksr");
     let mut install = helm(&tb);

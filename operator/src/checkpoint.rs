@@ -118,6 +118,9 @@ pub async fn take_checkpoint(
     let plan_hash = plan.hash();
     let mut kafka = offsets::KafkaView::new(ctx);
 
+    let token = crate::control::token(ctx, &plan.namespace, &plan.pipeline)
+        .await
+        .map_err(|e| CheckpointFailure::new(e.to_string()))?;
     let mut targets = Vec::with_capacity(plan.stages.len());
     for stage in &plan.stages {
         targets.push(instances::ready_instances(ctx, plan, stage, &plan_hash).await?);
@@ -151,7 +154,7 @@ pub async fn take_checkpoint(
                         CheckpointFailure::new(format!("stage {}: {reason}", stage.name))
                     })?;
             }
-            let answers = instances::checkpoint_all(&targets[index], stop).await;
+            let answers = instances::checkpoint_all(&targets[index], stop, &token).await;
             for (instance, answer) in targets[index].iter().zip(&answers) {
                 if answer.as_ref().is_ok_and(|a| a.stopped) {
                     stopped.push(instance.clone());
@@ -181,7 +184,7 @@ pub async fn take_checkpoint(
     }
     if let Err(failure) = outcome {
         if !stopped.is_empty()
-            && let Err(resume_failure) = instances::post_resume(&stopped).await
+            && let Err(resume_failure) = instances::post_resume(&stopped, &token).await
         {
             warn!(reason = %resume_failure, "could not resume instances after a failed checkpoint");
             return Err(CheckpointFailure::new(format!(
@@ -702,4 +705,46 @@ pub async fn end_offsets(
         ends.insert(topic.clone(), kafka.end_offsets(cluster, topic).await?);
     }
     Ok(ends)
+}
+
+/// What earlier runs left of a pipeline's internal state, in words: consumer
+/// groups of its stages with committed offsets, changelog topics with records.
+/// Empty for a pipeline that never ran under this name.
+pub async fn retained_state(ctx: &Context, plan: &Plan) -> Result<Vec<String>, CheckpointFailure> {
+    let mut kafka = offsets::KafkaView::new(ctx);
+    let mut found = Vec::new();
+    for stage in &plan.stages {
+        let cluster = ctx.config.resolve_cluster(stage.input.cluster.as_deref());
+        let committed = kafka
+            .committed_partitions(cluster.as_deref(), stage)
+            .await
+            .map_err(CheckpointFailure::new)?;
+        if !committed.is_empty() {
+            found.push(format!(
+                "consumer group {} has committed offsets on {} partition(s) of {}",
+                stage.consumer_group,
+                committed.len(),
+                stage.input.topic
+            ));
+        }
+    }
+    for topic in plan
+        .topics
+        .iter()
+        .filter(|t| t.role == TopicRole::Changelog)
+    {
+        let cluster = ctx.config.resolve_cluster(topic.cluster.as_deref());
+        let records: i64 = kafka
+            .end_offsets(cluster.as_deref(), &topic.name)
+            .await?
+            .values()
+            .sum();
+        if records > 0 {
+            found.push(format!(
+                "changelog topic {} holds {records} record(s)",
+                topic.name
+            ));
+        }
+    }
+    Ok(found)
 }

@@ -66,6 +66,10 @@ pub enum Error {
     /// A restore could not be planned from a checkpoint.
     #[error("planning a restore: {0}")]
     Restore(String),
+
+    /// The key of the runtime control tokens is unusable.
+    #[error("the control key {0}")]
+    ControlKey(String),
 }
 
 impl Error {
@@ -84,6 +88,7 @@ impl Error {
             Error::MissingField { .. } => "missing_field",
             Error::Stopping(_) => "stopping",
             Error::Restore(_) => "restore",
+            Error::ControlKey(_) => "control_key",
         }
     }
 
@@ -115,6 +120,7 @@ impl Error {
                 | Error::Serialize { .. }
                 | Error::MissingField { .. }
                 | Error::Checkpoint { .. }
+                | Error::ControlKey(_)
         )
     }
 }

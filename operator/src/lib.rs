@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod controller;
 pub mod error;
 pub mod events;

@@ -72,6 +72,11 @@ kafkaClusters:
 {{ toYaml .Values.kafka.clusters | indent 2 }}
 watchNamespaces: {{ toJson .Values.watchNamespaces }}
 reconcileConcurrency: {{ .Values.reconcileConcurrency }}
+networkPolicy:
+  enabled: {{ .Values.networkPolicy.enabled }}
+  operatorPodLabels:
+    {{- include "keystone.selectorLabels" . | nindent 4 }}
+  metricsFrom: {{ toJson .Values.networkPolicy.metricsFrom }}
 {{- end -}}
 
 {{/* What the operator needs where Pipelines live. */}}
@@ -104,4 +109,14 @@ reconcileConcurrency: {{ .Values.reconcileConcurrency }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# Each pipeline's control token Secret, created once and never read back.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+{{- if .Values.networkPolicy.enabled }}
+# Each pipeline's NetworkPolicy: only the operator and the metrics scraper reach its pods.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
 {{- end }}

@@ -18,6 +18,7 @@ pub use processor::{
 };
 use provision::{delete_owned_topics, reconcile_topics};
 use upgrade::Prepared;
+pub use upgrade::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
 use workloads::apply_workloads;
 
 use std::collections::BTreeMap;

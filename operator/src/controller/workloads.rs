@@ -1,6 +1,7 @@
 //! The plan ConfigMap and per-stage Deployments, Services and PodDisruptionBudgets.
 
 use super::*;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// Environment the runtime needs to reach the plan's clusters.
 fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar> {
@@ -114,6 +115,21 @@ pub(super) async fn apply_workloads(
         &resources::plan_config_map(plan, plan_json, &owner),
     )
     .await?;
+    crate::control::ensure_secret(ctx, namespace, &plan.pipeline, &owner).await?;
+    if let Some(config) = ctx.config.network_policy.as_ref().filter(|c| c.enabled) {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+        ssa(
+            &policies,
+            &resources::network_policy(
+                &plan.pipeline,
+                namespace,
+                &ctx.operator_namespace,
+                config,
+                &owner,
+            ),
+        )
+        .await?;
+    }
 
     let params = WorkloadParams {
         owner: owner.clone(),

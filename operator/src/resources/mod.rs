@@ -9,6 +9,7 @@ use serde::Serialize;
 
 mod config_maps;
 mod deployment;
+mod network_policy;
 mod security;
 mod services;
 mod sink_secrets;
@@ -17,6 +18,7 @@ mod tests;
 
 pub use config_maps::{plan_config_map, plan_json, restore_config_map, restore_config_map_name};
 pub use deployment::{WorkloadParams, default_resources, deployment};
+pub use network_policy::{network_policy, network_policy_name};
 pub use security::{RuntimeSecurity, TLS_DIR, runtime_security};
 pub use services::{pod_disruption_budget, service};
 pub use sink_secrets::sink_secret_env;

@@ -13,6 +13,7 @@ use keystone_crds::pipeline::{
 use keystone_crds::upgrade::{ChangeClass, classify};
 
 use super::health::instances_ready;
+use super::incarnation;
 use super::restore::{
     restore_incompatibility, restore_to, roll_back, stop_instances, write_restore,
 };
@@ -45,8 +46,12 @@ pub(in crate::controller) async fn prepare(
     let spec = &pipeline.spec;
     let new_hash = plan.hash();
 
-    // Never deployed: nothing to carry over.
+    // Never deployed: whose state it starts from is settled first (an earlier
+    // pipeline of the same name may have left some), then nothing to carry over.
     let Some(deployed_hash) = observed.status.plan_hash.clone() else {
+        if let Some(wait) = incarnation::settle(pipeline, ctx, plan, observed).await? {
+            return Ok(Prepared::Hold(wait));
+        }
         observed.status.last_reconciled_spec = Some(spec_json(spec));
         let mut target = v.new_target(&observed.status);
         if spec.state == PipelineState::Suspended {
@@ -54,6 +59,8 @@ pub(in crate::controller) async fn prepare(
         }
         return Ok(Prepared::Deploy(Box::new(target)));
     };
+
+    incarnation::record_existing(pipeline, ctx, observed).await?;
 
     // Suspend: stop at a checkpoint, then scale to zero. Resuming needs nothing
     // special: the stopped instances committed nothing after the checkpoint.
