@@ -136,7 +136,10 @@ fn assert_per_order(seen: &[(String, u64)], expected: &[u64]) {
             .filter(|(o, _)| *o == order)
             .map(|(_, s)| *s)
             .collect();
-        assert_eq!(seqs, expected, "{order}: each incarnation's output once, in order");
+        assert_eq!(
+            seqs, expected,
+            "{order}: each incarnation's output once, in order"
+        );
     }
 }
 

@@ -257,7 +257,121 @@ async fn await_engine<T>(
 
 #[cfg(test)]
 mod tests {
-    use super::wants_stop;
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::host::{Metrics, Watchdog};
+
+    /// One request to the endpoints on `addr`: (status, body).
+    async fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let header = authorization
+            .map(|v| format!("Authorization: {v}\r\n"))
+            .unwrap_or_default();
+        stream
+            .write_all(
+                format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{header}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The real endpoints over TCP, with an engine that beats only when told to
+    /// and a clock the test moves.
+    #[tokio::test]
+    async fn a_stalled_engine_fails_healthz_and_control_needs_the_token() {
+        let clock = ManualClock::new(1_000);
+        let shared = Arc::new(Shared::new(
+            Metrics::new("p", "s0"),
+            Watchdog::new(Arc::new(clock.clone()), Duration::from_secs(60)),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (controls, engine) = mpsc::channel();
+        let token = ControlToken::new("t0k3n");
+        tokio::spawn(serve_on(listener, shared.clone(), controls, token));
+
+        shared.running.store(true, Ordering::SeqCst);
+        shared.watchdog.beat();
+        assert_eq!(request(addr, "GET", "/healthz", None).await.0, 200);
+        clock.advance(30_000);
+        assert_eq!(request(addr, "GET", "/healthz", None).await.0, 200);
+        // The engine is stuck in one turn: no beat for longer than the limit.
+        clock.advance(31_000);
+        let (status, body) = request(addr, "GET", "/healthz", None).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("no progress for 61s"), "{body}");
+        let (_, metrics) = request(addr, "GET", "/metrics", None).await;
+        let sample = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            sample("keystone_engine_stalled").as_deref(),
+            Some("1"),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample("keystone_engine_seconds_since_progress").as_deref(),
+            Some("61"),
+            "{metrics}"
+        );
+        // Restoring state is progress of another kind: not a stall.
+        shared.restoring.store(1, Ordering::SeqCst);
+        assert_eq!(request(addr, "GET", "/healthz", None).await.0, 200);
+        shared.restoring.store(0, Ordering::SeqCst);
+        shared.watchdog.beat();
+        assert_eq!(request(addr, "GET", "/healthz", None).await.0, 200);
+
+        // Control requests: refused without the token, before reaching the engine.
+        for (authorization, expected) in [(None, 401), (Some("Bearer nope"), 403)] {
+            let (status, body) =
+                request(addr, "POST", "/checkpoint?stop=true", authorization).await;
+            assert_eq!(status, expected, "{body}");
+        }
+        assert!(
+            engine.try_recv().is_err(),
+            "a refused request reaches no engine"
+        );
+        // With it, the request is handed to the engine (which answers here).
+        let answer =
+            tokio::spawn(
+                async move { request(addr, "POST", "/resume", Some("Bearer t0k3n")).await },
+            );
+        let control = tokio::task::spawn_blocking(move || {
+            engine
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a control request")
+        })
+        .await
+        .expect("engine");
+        match control {
+            Control::Resume { reply } => reply.send(Ok(())).expect("reply"),
+            Control::Checkpoint { .. } => panic!("expected a resume"),
+        }
+        assert_eq!(answer.await.expect("answer").0, 200);
+    }
 
     #[test]
     fn stop_is_read_from_the_query() {
