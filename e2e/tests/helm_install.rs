@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keystone_crds::Pipeline;
 use keystone_e2e::{Testbed, wait_for, wait_until};
 use kube::Api;
@@ -230,6 +231,43 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         .await
         .expect("stage deployment");
     assert_eq!(kafka.partitions(&format!("{source}.out")), Some(1));
+    // The chart's default NetworkPolicy, made by the operator under the chart's
+    // RBAC and accepted by the API server: the runtime pods' port is open to
+    // the operator's pods and the metrics namespace only.
+    let policy = ns
+        .api::<NetworkPolicy>()
+        .get("charted-runtime")
+        .await
+        .expect("the pipeline's NetworkPolicy");
+    let policy = serde_json::to_value(&policy).expect("json");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["keystone.dev/pipeline"],
+        "charted"
+    );
+    let from = &policy["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        release_ns.name(),
+        "{policy}"
+    );
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        release.as_str(),
+        "{policy}"
+    );
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring",
+        "{policy}"
+    );
+    // The control token's Secret exists; the operator may create Secrets there
+    // but never read them.
+    assert!(
+        ns.api::<k8s_openapi::api::core::v1::Secret>()
+            .get_opt("charted-control")
+            .await
+            .expect("get secret")
+            .is_some()
+    );
 
     // Least privilege: the ServiceAccount can do its job and not more.
     let sa = format!("system:serviceaccount:{release_ns}:{release}-keystone");

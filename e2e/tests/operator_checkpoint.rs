@@ -323,7 +323,17 @@ async fn checkpoints_on_demand_periodically_with_retention_and_failures() {
                 "image": "keystone/testapp:dev",
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1},
+                // The namespace enforces Pod Security "restricted".
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                },
             }],
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
         },
     }))
     .expect("pod");

@@ -300,10 +300,12 @@ pub fn checkpoint_config_map(
         kind: "Pipeline",
         field: "metadata.uid",
     })?;
-    let json = serde_json::to_string_pretty(checkpoint).map_err(|source| Error::Serialize {
-        what: "checkpoint",
-        source,
-    })?;
+    let json = resources::fitting_json(
+        checkpoint,
+        "checkpoint",
+        " (it lists offsets per stage, partition and changelog: fewer partitions per stage)",
+    )
+    .map_err(|e| Error::fit("checkpoint", e))?;
     let mut labels = resources::pipeline_labels(&checkpoint.pipeline);
     labels.insert(LABEL_CHECKPOINT.to_owned(), checkpoint.id.clone());
     Ok(ConfigMap {

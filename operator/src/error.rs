@@ -67,6 +67,10 @@ pub enum Error {
     #[error("planning a restore: {0}")]
     Restore(String),
 
+    /// A document does not fit in a ConfigMap.
+    #[error(transparent)]
+    TooLarge(#[from] crate::resources::TooLarge),
+
     /// The key of the runtime control tokens is unusable.
     #[error("the control key {0}")]
     ControlKey(String),
@@ -89,6 +93,7 @@ impl Error {
             Error::Stopping(_) => "stopping",
             Error::Restore(_) => "restore",
             Error::ControlKey(_) => "control_key",
+            Error::TooLarge(_) => "too_large",
         }
     }
 
@@ -121,7 +126,18 @@ impl Error {
                 | Error::MissingField { .. }
                 | Error::Checkpoint { .. }
                 | Error::ControlKey(_)
+                | Error::TooLarge(_)
         )
+    }
+}
+
+impl Error {
+    /// A ConfigMap document that failed to serialize or does not fit.
+    pub fn fit(what: &'static str, error: crate::resources::FitError) -> Self {
+        match error {
+            crate::resources::FitError::Serialize(source) => Error::Serialize { what, source },
+            crate::resources::FitError::TooLarge(too_large) => Error::TooLarge(too_large),
+        }
     }
 }
 

@@ -253,6 +253,20 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
+    // A plan that cannot be stored cannot run: refused like a broken contract,
+    // naming its size, before anything is created.
+    if let Err(resources::FitError::TooLarge(too_large)) = resources::plan_json(&plan) {
+        let contracts = Cond::new(
+            CONTRACTS_VALID,
+            false,
+            "PlanTooLarge",
+            too_large.to_string(),
+        );
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::await_change());
+    }
     let contracts = Cond::new(
         CONTRACTS_VALID,
         true,

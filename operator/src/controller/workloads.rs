@@ -105,10 +105,7 @@ pub(super) async fn apply_workloads(
     let plan = &target.plan;
     let namespace = plan.namespace.as_str();
     let owner = controller_owner(pipeline)?;
-    let plan_json = resources::plan_json(plan).map_err(|source| Error::Serialize {
-        what: "plan",
-        source,
-    })?;
+    let plan_json = resources::plan_json(plan).map_err(|e| Error::fit("plan", e))?;
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     ssa(
         &config_maps,
