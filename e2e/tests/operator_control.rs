@@ -375,3 +375,132 @@ async fn control_endpoints_refuse_anyone_but_the_operator() {
     assert!(spec.contains(&format!("{NAME}-control")), "{spec}");
     assert!(!spec.contains("Bearer"), "{spec}");
 }
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves
+/// no frozen pod behind.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[tokio::test]
+async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
+    let tb = testbed().await;
+    require_runtime_binary();
+    install_crds(&tb);
+    let ns = pipeline_namespace(&tb, "op-hang").await;
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-hang");
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.hang");
+    kafka.create(&source, 2).await;
+    let manifest =
+        manifest(ns.name(), &source, &format!("{source}.out"), "") + "  checkpointInterval: 1h\n";
+    apply_yaml(&tb, &manifest).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    wait_ready_with_runtime(&pipelines, NAME, &operator).await;
+
+    // The stage's one instance keeps its socket, so connections are accepted
+    // by the kernel, but the process answers nothing: a hung pod.
+    let pods: Api<Pod> = ns.api();
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("keystone.dev/pipeline={NAME}")))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("a runtime pod");
+    let pid_file = tb
+        .state_dir()
+        .join("kubelet/pids")
+        .join(format!("{}_runtime.pid", pod.uid().expect("pod uid")));
+    // "<pid> <start time>", as the process kubelet records it.
+    let recorded = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+    let pid: i32 = recorded
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{}: {recorded:?}", pid_file.display()));
+    let frozen = Frozen::freeze(pid);
+
+    // A manual checkpoint: the operator asks the hung pod and waits for up to
+    // its request timeout. Meanwhile another change of the same pipeline is
+    // reconciled and recorded.
+    pipelines
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"checkpointTrigger": "hang-1"}})),
+        )
+        .await
+        .expect("trigger a checkpoint");
+    let changed = pipelines
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"upgrade": {"healthWindow": "7s"}}})),
+        )
+        .await
+        .expect("change the spec");
+    let generation = changed.metadata.generation.expect("generation");
+    let seen = wait_for(
+        &pipelines,
+        NAME,
+        Duration::from_secs(60),
+        "the change observed",
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == Some(generation))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let status = seen.status.clone().unwrap_or_default();
+    assert!(
+        status.last_failed_checkpoint.is_none() && status.checkpoints.is_empty(),
+        "the change was recorded while the checkpoint still waited on the hung pod: {status:?}"
+    );
+
+    // The checkpoint fails, naming the pod: on the bounded request timeout, or
+    // earlier when the kubelet restarts the hung pod (its /healthz stops
+    // answering too) and the connection is reset.
+    let failed = wait_for(
+        &pipelines,
+        NAME,
+        Duration::from_secs(150),
+        "the checkpoint failed",
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.last_failed_checkpoint.is_some())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let status = failed.status.unwrap_or_default();
+    assert_eq!(status.last_checkpoint_trigger.as_deref(), Some("hang-1"));
+    let reason = status
+        .last_failed_checkpoint
+        .and_then(|c| c.reason)
+        .unwrap_or_default();
+    let pod_name = pod.name_any();
+    assert!(
+        reason.contains(&pod_name) && reason.contains("POST"),
+        "the failure names the pod that did not answer: {reason}"
+    );
+    drop(frozen);
+}

@@ -38,6 +38,8 @@ pub struct Context {
     pub state_owners: LedgerStore,
     /// The key control tokens derive from, once read (`control`).
     pub control_key: tokio::sync::OnceCell<Vec<u8>>,
+    /// Periodic and manual checkpoints running outside the reconcile, per pipeline.
+    pub background_checkpoints: std::sync::Mutex<HashMap<String, crate::checkpoint::Background>>,
     admins: Mutex<HashMap<String, Admin>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The caches of Pipelines, one per watched namespace (or one for all): the
@@ -69,6 +71,7 @@ impl Context {
             config,
             operator_namespace,
             metrics,
+            background_checkpoints: std::sync::Mutex::new(HashMap::new()),
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),

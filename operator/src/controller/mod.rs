@@ -202,7 +202,7 @@ impl Observed {
     }
 }
 
-async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
+async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error> {
     // Observe.
     let namespace = pipeline.namespace().ok_or(Error::MissingField {
         kind: "Pipeline",
@@ -339,6 +339,11 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     observed.set(&outcome.condition);
     observed.status.topics = outcome.statuses;
     let mut rolled_out_plan: Option<Plan> = None;
+
+    // A background checkpoint that finished is recorded before anything else
+    // happens to the pipeline; one still running holds what would stop or
+    // replace its instances (`upgrade::prepare`).
+    checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
 
     let mut again: Option<Duration> = None;
     let runtime = if outcome.blocked {

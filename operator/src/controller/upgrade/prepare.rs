@@ -28,6 +28,9 @@ use crate::rollout;
 use crate::status::Cond;
 use crate::topics::DesiredTopic;
 
+/// How soon a change held by a background checkpoint is looked at again.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(1);
+
 /// Decides what to run before the workloads are applied.
 pub(in crate::controller) async fn prepare(
     pipeline: &Pipeline,
@@ -65,6 +68,9 @@ pub(in crate::controller) async fn prepare(
     // Suspend: stop at a checkpoint, then scale to zero. Resuming needs nothing
     // special: the stopped instances committed nothing after the checkpoint.
     if spec.state == PipelineState::Suspended {
+        if ckpt::in_flight(ctx, plan) {
+            return Ok(Prepared::Hold(BACKGROUND_WAIT));
+        }
         let mut running = v.running_target(ctx, &observed.status).await?;
         if observed.status.phase != Some(PipelinePhase::Suspended)
             && instances_ready(ctx, &running.plan).await?
@@ -101,6 +107,9 @@ pub(in crate::controller) async fn prepare(
     if let Some(request) = &spec.restore {
         let done = observed.status.last_restore_request.as_ref() == Some(request);
         if !done {
+            if ckpt::in_flight(ctx, plan) {
+                return Ok(Prepared::Hold(BACKGROUND_WAIT));
+            }
             let checkpoint = match ckpt::load_checkpoint(
                 ctx,
                 &v.namespace,
@@ -196,7 +205,12 @@ pub(in crate::controller) async fn prepare(
         return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
     }
 
-    // A change: classify it on the compiled plans.
+    // A change: classify it on the compiled plans. Whatever it needs (a
+    // checkpoint, a stop, a rollout) waits for a background checkpoint that
+    // may hold stopped instances.
+    if ckpt::in_flight(ctx, plan) {
+        return Ok(Prepared::Hold(BACKGROUND_WAIT));
+    }
     let running = v.running_target(ctx, &observed.status).await?;
     let mut class = if deployed_hash == new_hash {
         ChangeClass::Ignore
