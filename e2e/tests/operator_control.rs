@@ -172,24 +172,72 @@ async fn delete_and_wait_gone(tb_ns: &keystone_e2e::TestNamespace, operator: &Op
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
 }
 
+/// A test's testbed, restricted namespace, operator and source topic.
+struct Setup {
+    tb: keystone_e2e::Testbed,
+    ns: keystone_e2e::TestNamespace,
+    _operator_ns: OperatorNamespace,
+    operator: OperatorProcess,
+    bootstrap: String,
+    source: String,
+    sink: String,
+    pipelines: Api<Pipeline>,
+}
+
+impl Setup {
+    async fn new(test: &str) -> Self {
+        let tb = testbed().await;
+        require_runtime_binary();
+        install_crds(&tb);
+        let ns = pipeline_namespace(&tb, test).await;
+        let operator_ns = operator_namespace(&tb, &ns).await;
+        let operator = OperatorProcess::start(&tb, ns.name(), operator_ns.name(), test);
+        let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+        let source = unique(&format!("e2e.{test}"));
+        Kafka::new(&tb).create(&source, 2).await;
+        let pipelines = ns.api();
+        Self {
+            sink: format!("{source}.out"),
+            tb,
+            ns,
+            _operator_ns: operator_ns,
+            operator,
+            bootstrap,
+            source,
+            pipelines,
+        }
+    }
+
+    /// Applies the pipeline (with `annotations` and `extra` spec lines) and
+    /// waits until it is Ready.
+    async fn apply_ready(&self, annotations: &str, extra: &str) -> Pipeline {
+        let yaml = manifest(self.ns.name(), &self.source, &self.sink, annotations) + extra;
+        apply_yaml(&self.tb, &yaml).await;
+        wait_ready_with_runtime(&self.pipelines, NAME, &self.operator).await
+    }
+
+    /// The pipeline's (first) runtime pod.
+    async fn pod(&self) -> Pod {
+        self.ns
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&format!("keystone.dev/pipeline={NAME}")))
+            .await
+            .expect("pods")
+            .items
+            .into_iter()
+            .next()
+            .expect("a runtime pod")
+    }
+}
+
 #[tokio::test]
 async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() {
-    let tb = testbed().await;
-    require_runtime_binary();
-    install_crds(&tb);
-    let ns = pipeline_namespace(&tb, "op-incarnation").await;
-    let op_ns = operator_namespace(&tb, &ns).await;
-    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-incarnation");
-    let kafka = Kafka::new(&tb);
-    let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
-    let source = unique("e2e.incarnation");
-    let sink = format!("{source}.out");
-    kafka.create(&source, 2).await;
-    let pipelines: Api<Pipeline> = ns.api();
+    let t = Setup::new("op-incarnation").await;
+    let (tb, ns, operator, pipelines) = (&t.tb, &t.ns, &t.operator, &t.pipelines);
+    let (bootstrap, source, sink) = (&t.bootstrap, &t.source, &t.sink);
 
     // The first incarnation processes seqs 1..=5 of every order.
-    apply_yaml(&tb, &manifest(ns.name(), &source, &sink, "")).await;
-    let first = wait_ready_with_runtime(&pipelines, NAME, &operator).await;
+    let first = t.apply_ready("", "").await;
     assert_eq!(
         state_origin(&first).map(|c| c.1),
         Some("Fresh".to_owned()),
@@ -294,31 +342,12 @@ fn post(ip: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
 
 #[tokio::test]
 async fn control_endpoints_refuse_anyone_but_the_operator() {
-    let tb = testbed().await;
-    require_runtime_binary();
-    install_crds(&tb);
-    let ns = pipeline_namespace(&tb, "op-control").await;
-    let op_ns = operator_namespace(&tb, &ns).await;
-    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-control");
-    let kafka = Kafka::new(&tb);
-    let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
-    let source = unique("e2e.control");
-    let sink = format!("{source}.out");
-    kafka.create(&source, 2).await;
-    apply_yaml(&tb, &manifest(ns.name(), &source, &sink, "")).await;
-    let pipelines: Api<Pipeline> = ns.api();
-    wait_ready_with_runtime(&pipelines, NAME, &operator).await;
-    let batch = produce(&bootstrap, &source, 1..=3).await;
-
-    let pods: Api<Pod> = ns.api();
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("keystone.dev/pipeline={NAME}")))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("a runtime pod");
+    let t = Setup::new("op-control").await;
+    let (operator, pipelines) = (&t.operator, &t.pipelines);
+    let (bootstrap, source, sink) = (&t.bootstrap, &t.source, &t.sink);
+    t.apply_ready("", "").await;
+    let batch = produce(bootstrap, source, 1..=3).await;
+    let pod = t.pod().await;
     let ip = pod
         .status
         .as_ref()
@@ -396,32 +425,13 @@ impl Drop for Frozen {
 
 #[tokio::test]
 async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
-    let tb = testbed().await;
-    require_runtime_binary();
-    install_crds(&tb);
-    let ns = pipeline_namespace(&tb, "op-hang").await;
-    let op_ns = operator_namespace(&tb, &ns).await;
-    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-hang");
-    let kafka = Kafka::new(&tb);
-    let source = unique("e2e.hang");
-    kafka.create(&source, 2).await;
-    let manifest =
-        manifest(ns.name(), &source, &format!("{source}.out"), "") + "  checkpointInterval: 1h\n";
-    apply_yaml(&tb, &manifest).await;
-    let pipelines: Api<Pipeline> = ns.api();
-    wait_ready_with_runtime(&pipelines, NAME, &operator).await;
+    let t = Setup::new("op-hang").await;
+    let (tb, operator, pipelines) = (&t.tb, &t.operator, &t.pipelines);
+    t.apply_ready("", "  checkpointInterval: 1h\n").await;
 
     // The stage's one instance keeps its socket, so connections are accepted
     // by the kernel, but the process answers nothing: a hung pod.
-    let pods: Api<Pod> = ns.api();
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("keystone.dev/pipeline={NAME}")))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("a runtime pod");
+    let pod = t.pod().await;
     let pid_file = tb
         .state_dir()
         .join("kubelet/pids")
