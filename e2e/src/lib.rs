@@ -11,6 +11,7 @@
 //! ```
 
 pub mod audit;
+pub mod http;
 pub mod kubelet;
 pub mod opensearch;
 pub mod schema_cases;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keystone_crds::Pipeline;
 use keystone_e2e::{Testbed, wait_for, wait_until};
 use kube::Api;
@@ -58,7 +59,7 @@ async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
     run_ok(lint);
 
     // Both RBAC shapes: cluster-wide, and namespaced Roles for listed namespaces.
-    let ns = tb.namespace("helm-render").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-render").await;
     for extra in [
         vec![],
         vec![
@@ -132,7 +133,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
     let tb = testbed().await;
     operator_binary();
     install_crds(&tb);
-    let ns = tb.namespace("helm-app").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-app").await;
     let release_ns = operator_namespace(&tb, &ns).await;
     let release = unique("ks");
     let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
@@ -230,6 +231,43 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         .await
         .expect("stage deployment");
     assert_eq!(kafka.partitions(&format!("{source}.out")), Some(1));
+    // The chart's default NetworkPolicy, made by the operator under the chart's
+    // RBAC and accepted by the API server: the runtime pods' port is open to
+    // the operator's pods and the metrics namespace only.
+    let policy = ns
+        .api::<NetworkPolicy>()
+        .get("charted-runtime")
+        .await
+        .expect("the pipeline's NetworkPolicy");
+    let policy = serde_json::to_value(&policy).expect("json");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["keystone.dev/pipeline"],
+        "charted"
+    );
+    let from = &policy["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        release_ns.name(),
+        "{policy}"
+    );
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        release.as_str(),
+        "{policy}"
+    );
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring",
+        "{policy}"
+    );
+    // The control token's Secret exists; the operator may create Secrets there
+    // but never read them.
+    assert!(
+        ns.api::<k8s_openapi::api::core::v1::Secret>()
+            .get_opt("charted-control")
+            .await
+            .expect("get secret")
+            .is_some()
+    );
 
     // Least privilege: the ServiceAccount can do its job and not more.
     let sa = format!("system:serviceaccount:{release_ns}:{release}-keystone");
@@ -280,7 +318,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
 async fn cluster_wide_rbac_is_enough_for_the_operator_and_no_more() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("helm-rbac").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "helm-rbac").await;
     let release_ns = operator_namespace(&tb, &ns).await;
     let release = unique("ksr");
     let mut install = helm(&tb);

@@ -113,7 +113,7 @@ async fn checkpoints_on_demand_periodically_with_retention_and_failures() {
     let tb = testbed().await;
     require_runtime_binary();
     install_crds(&tb);
-    let ns = tb.namespace("op-ckpt").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-ckpt").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-ckpt");
     let kafka = Kafka::new(&tb);
@@ -323,7 +323,17 @@ async fn checkpoints_on_demand_periodically_with_retention_and_failures() {
                 "image": "keystone/testapp:dev",
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1},
+                // The namespace enforces Pod Security "restricted".
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                },
             }],
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
         },
     }))
     .expect("pod");

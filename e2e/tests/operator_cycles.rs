@@ -85,7 +85,7 @@ async fn set_sink(api: &Api<Pipeline>, name: &str, topic: &str) {
 async fn a_cycle_is_refused_on_both_sides_until_one_side_breaks_it() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-cycles").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-cycles").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let kafka = Kafka::new(&tb);
     // Both sources exist, so the pipelines deploy once they are valid (a sink
@@ -161,7 +161,7 @@ async fn a_cycle_is_refused_on_both_sides_until_one_side_breaks_it() {
 async fn a_cycle_is_accepted_only_when_every_pipeline_in_it_allows_it() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-cycles-ok").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-cycles-ok").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-cycles-ok");
     let kafka = Kafka::new(&tb);

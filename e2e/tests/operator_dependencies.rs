@@ -55,7 +55,7 @@ spec:
 async fn a_processor_change_re_reconciles_the_pipelines_that_use_it() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-processor").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-processor").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-p");
     let kafka = Kafka::new(&tb);
@@ -127,7 +127,7 @@ async fn a_processor_change_re_reconciles_the_pipelines_that_use_it() {
 async fn an_unreachable_kafka_shows_in_a_condition() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-nokafka").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-nokafka").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     // Nothing listens on port 9 of loopback.
     let operator = OperatorProcess::start_with(
@@ -186,7 +186,7 @@ async fn an_unreachable_kafka_shows_in_a_condition() {
 async fn a_topic_config_kafka_refuses_is_a_condition_not_a_retry_storm() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-rejected").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-rejected").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-rej");
     let kafka = Kafka::new(&tb);

@@ -39,7 +39,7 @@ async fn nudge(api: &Api<Pipeline>, name: &str, n: u32) {
 async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-pipeline").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-pipeline").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-a");
     let kafka = Kafka::new(&tb);
@@ -340,7 +340,7 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
 async fn retain_keeps_topics_and_the_namespace_goes() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-retain").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-retain").await;
     let ns_name = ns.name().to_owned();
     let op_ns = operator_namespace(&tb, &ns).await;
     let _operator = OperatorProcess::start(&tb, &ns_name, op_ns.name(), "op-r");
@@ -390,7 +390,7 @@ async fn retain_keeps_topics_and_the_namespace_goes() {
 async fn another_pipelines_topic_is_a_conflict_and_a_missing_source_is_reported() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-conflict").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-conflict").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let _operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-c");
     let kafka = Kafka::new(&tb);

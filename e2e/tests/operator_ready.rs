@@ -37,7 +37,7 @@ async fn a_pipeline_runs_ready_and_processes_events_end_to_end() {
     let tb = testbed().await;
     runtime_binary();
     install_crds(&tb);
-    let ns = tb.namespace("op-ready").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-ready").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-ready");
     let kafka = Kafka::new(&tb);

@@ -16,7 +16,7 @@ use operator_support::*;
 async fn killed_mid_reconcile_then_restarted_converges_to_the_same_state() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-restart").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-restart").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let kafka = Kafka::new(&tb);
     let source = unique("e2e.restart");
@@ -101,7 +101,7 @@ async fn killed_mid_reconcile_then_restarted_converges_to_the_same_state() {
 async fn only_the_leader_acts_and_the_standby_takes_over() {
     let tb = testbed().await;
     install_crds(&tb);
-    let ns = tb.namespace("op-leader").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-leader").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let kafka = Kafka::new(&tb);
     let pipelines: Api<Pipeline> = ns.api();

@@ -59,7 +59,7 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
     let search = OpenSearch::from_env()
         .await
         .expect("the testbed's OpenSearch");
-    let ns = tb.namespace("op-search").await.expect("namespace");
+    let ns = pipeline_namespace(&tb, "op-search").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-search");
     let kafka = Kafka::new(&tb);

@@ -61,7 +61,7 @@ impl Flow {
     ) -> Flow {
         let tb = testbed().await;
         install_crds(&tb);
-        let ns = tb.namespace(test).await.expect("namespace");
+        let ns = pipeline_namespace(&tb, test).await;
         let op_ns = operator_namespace(&tb, &ns).await;
         let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), test);
         let kafka = Kafka::new(&tb);

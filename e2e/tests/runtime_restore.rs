@@ -249,10 +249,28 @@ async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
         "the stop's checkpoint covers everything consumed: {stopped:?}"
     );
     assert_eq!(h.metric("a", "keystone_runtime_stopped"), 1.0);
+    // A stopped instance processes nothing, and says so to the kubelet (and to
+    // anyone looking at the Deployment): it is not ready until resumed.
+    let (ready, why) = h.http("a", "GET", "/readyz");
+    assert_eq!(ready, 503, "a stopped instance is not ready: {why}");
+    assert!(why.contains("stopped after a checkpoint"), "{why}");
+    // Nobody without the token can resume it (or stop it again).
+    let port = h.port("a");
+    for authorization in [
+        None,
+        Some("Bearer not-the-token"),
+        Some("Basic e2e-control-token"),
+    ] {
+        let (status, body) = http_request_as(port, "POST", "/resume", authorization);
+        assert!(
+            status == 401 || status == 403,
+            "POST /resume with {authorization:?} answered {status}: {body}"
+        );
+    }
     assert_eq!(
-        h.http("a", "GET", "/readyz").0,
-        200,
-        "a stopped instance stays ready"
+        h.metric("a", "keystone_runtime_stopped"),
+        1.0,
+        "still stopped"
     );
     let before = read_committed(
         &h.bootstrap,
@@ -282,6 +300,7 @@ async fn stop_processes_nothing_more_and_resume_processes_exactly_the_rest() {
     let (status, body) = h.http("a", "POST", "/resume");
     assert_eq!(status, 200, "{body}");
     assert_eq!(h.metric("a", "keystone_runtime_stopped"), 0.0);
+    h.wait_ready("a");
     let records = read_committed(
         &h.bootstrap,
         &h.sink_topic(),

@@ -20,6 +20,7 @@ mod instances;
 mod offsets;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -118,6 +119,9 @@ pub async fn take_checkpoint(
     let plan_hash = plan.hash();
     let mut kafka = offsets::KafkaView::new(ctx);
 
+    let token = crate::control::token(ctx, &plan.namespace, &plan.pipeline)
+        .await
+        .map_err(|e| CheckpointFailure::new(e.to_string()))?;
     let mut targets = Vec::with_capacity(plan.stages.len());
     for stage in &plan.stages {
         targets.push(instances::ready_instances(ctx, plan, stage, &plan_hash).await?);
@@ -151,7 +155,7 @@ pub async fn take_checkpoint(
                         CheckpointFailure::new(format!("stage {}: {reason}", stage.name))
                     })?;
             }
-            let answers = instances::checkpoint_all(&targets[index], stop).await;
+            let answers = instances::checkpoint_all(&targets[index], stop, &token).await;
             for (instance, answer) in targets[index].iter().zip(&answers) {
                 if answer.as_ref().is_ok_and(|a| a.stopped) {
                     stopped.push(instance.clone());
@@ -181,7 +185,7 @@ pub async fn take_checkpoint(
     }
     if let Err(failure) = outcome {
         if !stopped.is_empty()
-            && let Err(resume_failure) = instances::post_resume(&stopped).await
+            && let Err(resume_failure) = instances::post_resume(&stopped, &token).await
         {
             warn!(reason = %resume_failure, "could not resume instances after a failed checkpoint");
             return Err(CheckpointFailure::new(format!(
@@ -297,10 +301,12 @@ pub fn checkpoint_config_map(
         kind: "Pipeline",
         field: "metadata.uid",
     })?;
-    let json = serde_json::to_string_pretty(checkpoint).map_err(|source| Error::Serialize {
-        what: "checkpoint",
-        source,
-    })?;
+    let json = resources::fitting_json(
+        checkpoint,
+        "checkpoint",
+        " (it lists offsets per stage, partition and changelog: fewer partitions per stage)",
+    )
+    .map_err(|e| Error::fit("checkpoint", e))?;
     let mut labels = resources::pipeline_labels(&checkpoint.pipeline);
     labels.insert(LABEL_CHECKPOINT.to_owned(), checkpoint.id.clone());
     Ok(ConfigMap {
@@ -411,6 +417,19 @@ pub async fn checkpoint_now(
     status: &mut PipelineStatus,
     pinned: &[String],
 ) -> Result<PipelineCheckpoint, CheckpointFailure> {
+    let result = take_and_store(ctx, pipeline, plan, trigger, stop).await;
+    record_outcome(ctx, pipeline, plan, trigger, &result, status, pinned).await;
+    result
+}
+
+/// Takes a checkpoint and stores its ConfigMap; times it. No status, no events.
+async fn take_and_store(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    trigger: CheckpointTrigger,
+    stop: bool,
+) -> Result<PipelineCheckpoint, CheckpointFailure> {
     let timer = ctx.metrics.checkpoint_duration.start_timer();
     let result = match take_checkpoint(ctx, pipeline, plan, trigger, stop).await {
         Ok(checkpoint) => match store_checkpoint(ctx, pipeline, &checkpoint).await {
@@ -424,8 +443,22 @@ pub async fn checkpoint_now(
         Err(failure) => Err(failure),
     };
     timer.observe_duration();
+    result
+}
+
+/// Records a checkpoint's outcome in `status` (listing and pruning on
+/// success), with its event and metric.
+async fn record_outcome(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    trigger: CheckpointTrigger,
+    result: &Result<PipelineCheckpoint, CheckpointFailure>,
+    status: &mut PipelineStatus,
+    pinned: &[String],
+) {
     let now = Timestamp::now();
-    match &result {
+    match result {
         Ok(checkpoint) => {
             ctx.metrics
                 .checkpoints
@@ -498,7 +531,6 @@ pub async fn checkpoint_now(
             .await;
         }
     }
-    result
 }
 
 /// A checkpoint as status lists it, from its ConfigMap: from `checkpoint.json`,
@@ -648,40 +680,140 @@ pub fn next_checkpoint_in(pipeline: &Pipeline, now: Timestamp) -> Duration {
     )
 }
 
-/// Takes the checkpoint that is due, if any, recording it in `status` (which
-/// the caller writes), and returns how long until the next one is due. Call it
-/// when the pipeline is Running with every stage rolled out. A manual trigger
-/// counts as handled whether the checkpoint succeeds or fails; the checkpoint an
-/// upgrade may roll back to (`status.upgrade.checkpoint`) is never pruned.
+/// How often a reconcile looks whether a background checkpoint has finished.
+const BACKGROUND_POLL: Duration = Duration::from_secs(1);
+
+/// A periodic or manual checkpoint running outside the reconcile: its pods may
+/// take up to a minute each to answer (or hang until the request timeout), and
+/// the pipeline's other changes must not wait for that.
+pub struct Background {
+    trigger: CheckpointTrigger,
+    /// `spec.checkpointTrigger` of a manual one: handled once its outcome is recorded.
+    manual: Option<String>,
+    /// The plan it was taken of.
+    plan: Plan,
+    task: tokio::task::JoinHandle<Result<PipelineCheckpoint, CheckpointFailure>>,
+}
+
+fn background_key(plan: &Plan) -> String {
+    format!("{}/{}", plan.namespace, plan.pipeline)
+}
+
+/// Records the outcome of the pipeline's background checkpoint if it has
+/// finished (status, events, metrics, pruning); true while one still runs.
+/// Every reconcile calls it first, whatever it then does, so an outcome is
+/// recorded in the order it happened.
+pub async fn collect_finished(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    status: &mut PipelineStatus,
+) -> bool {
+    let key = background_key(plan);
+    let finished = {
+        let mut running = ctx
+            .background_checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match running.get(&key) {
+            Some(b) if b.task.is_finished() => running.remove(&key),
+            Some(_) => return true,
+            None => return false,
+        }
+    };
+    if let Some(done) = finished {
+        let result = done.task.await.unwrap_or_else(|e| {
+            Err(CheckpointFailure::new(format!(
+                "the checkpoint task ended without an answer: {e}"
+            )))
+        });
+        if done.trigger == CheckpointTrigger::Manual {
+            status.last_checkpoint_trigger = done.manual;
+        }
+        record_outcome(
+            ctx,
+            pipeline,
+            &done.plan,
+            done.trigger,
+            &result,
+            status,
+            &pinned(status),
+        )
+        .await;
+    }
+    false
+}
+
+/// The checkpoint an upgrade may roll back to: never pruned.
+fn pinned(status: &PipelineStatus) -> Vec<String> {
+    status
+        .upgrade
+        .as_ref()
+        .and_then(|u| u.checkpoint.clone())
+        .into_iter()
+        .collect()
+}
+
+/// Whether a background checkpoint of the pipeline is running: what stops or
+/// replaces instances waits for it (an aligned one stops and resumes them).
+pub fn in_flight(ctx: &Context, plan: &Plan) -> bool {
+    ctx.background_checkpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&background_key(plan))
+        .is_some_and(|b| !b.task.is_finished())
+}
+
+/// Starts the periodic or manual checkpoint that is due, in the background,
+/// and records the outcome of the one that finished (status, events,
+/// metrics, pruning); returns when to look again. The reconcile never waits
+/// for an instance: a pod that accepts the connection and never answers holds
+/// only the background task, for the bounded request time.
 pub async fn run_due(
     pipeline: &Pipeline,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     plan: &Plan,
     status: &mut PipelineStatus,
 ) -> Duration {
+    if collect_finished(ctx, pipeline, plan, status).await {
+        return BACKGROUND_POLL;
+    }
     if let Some(trigger) = due(&pipeline.spec, status, Timestamp::now()) {
-        if trigger == CheckpointTrigger::Manual {
-            status.last_checkpoint_trigger = pipeline.spec.checkpoint_trigger.clone();
-        }
-        let pinned: Vec<String> = status
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.checkpoint.clone())
-            .into_iter()
-            .collect();
+        // A manual trigger counts as handled (whether the checkpoint succeeds or
+        // fails) when its outcome is recorded.
+        let manual = (trigger == CheckpointTrigger::Manual)
+            .then(|| pipeline.spec.checkpoint_trigger.clone())
+            .flatten();
         // With more than one stage the cut is aligned (stop, drain, resume): a
         // restore starts later stages at their input's end, which is exact only
         // for an aligned cut. One stage needs no pause: offsets and state of a
         // partition are committed together.
         let aligned = plan.stages.len() > 1;
-        // The outcome is in status and events; nothing else to do with it here.
-        let taken = checkpoint_now(ctx, pipeline, plan, trigger, aligned, status, &pinned).await;
-        if aligned
-            && taken.is_ok()
-            && let Err(failure) = resume(ctx, plan).await
-        {
-            warn!(pipeline = %pipeline.name_any(), reason = %failure, "resuming after an aligned checkpoint failed; retried next reconcile");
-        }
+        let (task_ctx, task_pipeline, task_plan) = (ctx.clone(), pipeline.clone(), plan.clone());
+        let task = tokio::spawn(async move {
+            let taken =
+                take_and_store(&task_ctx, &task_pipeline, &task_plan, trigger, aligned).await;
+            if aligned
+                && taken.is_ok()
+                && let Err(failure) = resume(&task_ctx, &task_plan).await
+            {
+                warn!(pipeline = %task_plan.pipeline, reason = %failure, "resuming after an aligned checkpoint failed; retried next reconcile");
+            }
+            taken
+        });
+        ctx.background_checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                background_key(plan),
+                Background {
+                    trigger,
+                    manual,
+                    plan: plan.clone(),
+                    task,
+                },
+            );
+        return BACKGROUND_POLL;
     }
     next_in(&pipeline.spec, status, Timestamp::now())
 }
@@ -702,4 +834,46 @@ pub async fn end_offsets(
         ends.insert(topic.clone(), kafka.end_offsets(cluster, topic).await?);
     }
     Ok(ends)
+}
+
+/// What earlier runs left of a pipeline's internal state, in words: consumer
+/// groups of its stages with committed offsets, changelog topics with records.
+/// Empty for a pipeline that never ran under this name.
+pub async fn retained_state(ctx: &Context, plan: &Plan) -> Result<Vec<String>, CheckpointFailure> {
+    let mut kafka = offsets::KafkaView::new(ctx);
+    let mut found = Vec::new();
+    for stage in &plan.stages {
+        let cluster = ctx.config.resolve_cluster(stage.input.cluster.as_deref());
+        let committed = kafka
+            .committed_partitions(cluster.as_deref(), stage)
+            .await
+            .map_err(CheckpointFailure::new)?;
+        if !committed.is_empty() {
+            found.push(format!(
+                "consumer group {} has committed offsets on {} partition(s) of {}",
+                stage.consumer_group,
+                committed.len(),
+                stage.input.topic
+            ));
+        }
+    }
+    for topic in plan
+        .topics
+        .iter()
+        .filter(|t| t.role == TopicRole::Changelog)
+    {
+        let cluster = ctx.config.resolve_cluster(topic.cluster.as_deref());
+        let records: i64 = kafka
+            .end_offsets(cluster.as_deref(), &topic.name)
+            .await?
+            .values()
+            .sum();
+        if records > 0 {
+            found.push(format!(
+                "changelog topic {} holds {records} record(s)",
+                topic.name
+            ));
+        }
+    }
+    Ok(found)
 }

@@ -46,6 +46,26 @@ pub struct OperatorConfig {
     /// factors and topic configs. Nothing is limited when unset.
     #[serde(default)]
     pub policy: crate::policy::Policy,
+    /// A NetworkPolicy per pipeline that lets only the operator and the metrics
+    /// scraper reach its pods' port; none when unset.
+    #[serde(default)]
+    pub network_policy: Option<NetworkPolicyConfig>,
+}
+
+/// Who may reach runtime pods (`resources::network_policy`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicyConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Labels of the operator's pods (in the operator's namespace): they send
+    /// the checkpoints and read `/metrics` for the health gate.
+    #[serde(default)]
+    pub operator_pod_labels: BTreeMap<String, String>,
+    /// Peers that scrape `/metrics` (NetworkPolicy `from` entries, e.g. a
+    /// `namespaceSelector` of the monitoring namespace).
+    #[serde(default)]
+    pub metrics_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 }
 
 /// Reconciles at once per controller: enough to overlap the API server's and

@@ -46,6 +46,12 @@ pub struct Context {
     pub events: EventPublisher,
     pub metrics: Metrics,
     pub ledger: LedgerStore,
+    /// Which incarnation (UID) of each pipeline its internal state belongs to.
+    pub state_owners: LedgerStore,
+    /// The key control tokens derive from, once read (`control`).
+    pub control_key: tokio::sync::OnceCell<Vec<u8>>,
+    /// Periodic and manual checkpoints running outside the reconcile, per pipeline.
+    pub background_checkpoints: std::sync::Mutex<HashMap<String, crate::checkpoint::Background>>,
     admins: Mutex<HashMap<String, CachedAdmin>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The caches of Pipelines, one per watched namespace (or one for all): the
@@ -67,10 +73,17 @@ impl Context {
                 std::env::var("POD_NAME").ok(),
             ),
             ledger: LedgerStore::new(Api::namespaced(client.clone(), &operator_namespace)),
+            state_owners: LedgerStore::named(
+                Api::namespaced(client.clone(), &operator_namespace),
+                crate::controller::STATE_OWNERS,
+                "Which incarnation of each Pipeline its internal state (changelogs, consumer groups) belongs to: <namespace>.<pipeline> = <metadata.uid>. Written by the operator.",
+            ),
+            control_key: tokio::sync::OnceCell::new(),
             client,
             config,
             operator_namespace,
             metrics,
+            background_checkpoints: std::sync::Mutex::new(HashMap::new()),
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),

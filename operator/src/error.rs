@@ -74,6 +74,14 @@ pub enum Error {
     /// A restore could not be planned from a checkpoint.
     #[error("planning a restore: {0}")]
     Restore(String),
+
+    /// A document does not fit in a ConfigMap.
+    #[error(transparent)]
+    TooLarge(#[from] crate::resources::TooLarge),
+
+    /// The key of the runtime control tokens is unusable.
+    #[error("the control key {0}")]
+    ControlKey(String),
 }
 
 impl Error {
@@ -93,6 +101,8 @@ impl Error {
             Error::MissingField { .. } => "missing_field",
             Error::Stopping(_) => "stopping",
             Error::Restore(_) => "restore",
+            Error::ControlKey(_) => "control_key",
+            Error::TooLarge(_) => "too_large",
         }
     }
 
@@ -124,7 +134,19 @@ impl Error {
                 | Error::Serialize { .. }
                 | Error::MissingField { .. }
                 | Error::Checkpoint { .. }
+                | Error::ControlKey(_)
+                | Error::TooLarge(_)
         )
+    }
+}
+
+impl Error {
+    /// A ConfigMap document that failed to serialize or does not fit.
+    pub fn fit(what: &'static str, error: crate::resources::FitError) -> Self {
+        match error {
+            crate::resources::FitError::Serialize(source) => Error::Serialize { what, source },
+            crate::resources::FitError::TooLarge(too_large) => Error::TooLarge(too_large),
+        }
     }
 }
 

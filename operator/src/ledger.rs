@@ -49,22 +49,35 @@ impl Ledger {
     }
 }
 
-/// Reads and updates the ledger ConfigMap.
+const LEDGER_DESCRIPTION: &str = "Which Pipeline created (owns) each Kafka topic: <cluster>.<topic> = <namespace>/<pipeline>. Written by the operator.";
+
+/// Reads and updates the ledger ConfigMap (or another map kept the same way).
 #[derive(Clone)]
 pub struct LedgerStore {
     api: Api<ConfigMap>,
+    name: &'static str,
+    description: &'static str,
 }
 
 impl LedgerStore {
     pub fn new(api: Api<ConfigMap>) -> Self {
-        Self { api }
+        Self::named(api, LEDGER_NAME, LEDGER_DESCRIPTION)
+    }
+
+    /// A map in the ConfigMap `name`, with optimistic concurrency like the ledger.
+    pub fn named(api: Api<ConfigMap>, name: &'static str, description: &'static str) -> Self {
+        Self {
+            api,
+            name,
+            description,
+        }
     }
 
     pub async fn read(&self) -> Result<Ledger, Error> {
         Ok(Ledger {
             entries: self
                 .api
-                .get_opt(LEDGER_NAME)
+                .get_opt(self.name)
                 .await?
                 .and_then(|cm| cm.data)
                 .unwrap_or_default(),
@@ -78,7 +91,7 @@ impl LedgerStore {
         mut change: impl FnMut(&mut BTreeMap<String, String>) -> bool,
     ) -> Result<Ledger, Error> {
         for _ in 0..8 {
-            let current = self.api.get_opt(LEDGER_NAME).await?;
+            let current = self.api.get_opt(self.name).await?;
             let mut entries = current
                 .as_ref()
                 .and_then(|cm| cm.data.clone())
@@ -90,21 +103,20 @@ impl LedgerStore {
                 Some(mut cm) => {
                     cm.data = Some(entries.clone());
                     self.api
-                        .replace(LEDGER_NAME, &PostParams::default(), &cm)
+                        .replace(self.name, &PostParams::default(), &cm)
                         .await
                 }
                 None => {
                     let cm = ConfigMap {
                         metadata: ObjectMeta {
-                            name: Some(LEDGER_NAME.to_owned()),
+                            name: Some(self.name.to_owned()),
                             labels: Some(BTreeMap::from([(
                                 "app.kubernetes.io/managed-by".to_owned(),
                                 "keystone-operator".to_owned(),
                             )])),
                             annotations: Some(BTreeMap::from([(
                                 "keystone.dev/description".to_owned(),
-                                "Which Pipeline created (owns) each Kafka topic: <cluster>.<topic> = <namespace>/<pipeline>. Written by the operator."
-                                    .to_owned(),
+                                self.description.to_owned(),
                             )])),
                             ..ObjectMeta::default()
                         },

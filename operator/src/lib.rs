@@ -5,6 +5,7 @@ pub mod acls;
 pub mod checkpoint;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod controller;
 pub mod error;
 pub mod events;

@@ -133,6 +133,24 @@ pub fn reset_state(id: &str, plan: &Plan, start: UpgradeStartPosition) -> Restor
     }
 }
 
+/// The restore of a new incarnation that starts empty: every changelog emptied,
+/// the first stage from the beginning of its source (as a pipeline that never
+/// ran), later stages from the ends of their inputs as they are now, before
+/// anything of this incarnation runs (what is there was written by the earlier
+/// one and is produced again).
+pub fn fresh_start(id: &str, plan: &Plan, downstream_ends: &Positions) -> RestorePlan {
+    let mut restore = reset_state(id, plan, UpgradeStartPosition::Earliest);
+    for stage in plan.stages.iter().skip(1) {
+        if let (Some(restored), Some(ends)) = (
+            restore.stages.get_mut(&stage.name),
+            downstream_ends.get(&stage.input.topic),
+        ) {
+            restored.input = InputRestore::Offsets(ends.clone());
+        }
+    }
+    restore
+}
+
 /// What the operator saw of a new version's instances.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HealthSample {
@@ -346,6 +364,25 @@ spec:
                 .values()
                 .all(|s| s.input == InputRestore::Committed)
         );
+    }
+
+    #[test]
+    fn a_fresh_start_empties_state_rereads_the_source_and_skips_what_downstream_holds() {
+        let plan = plan(TWO_STAGES);
+        let downstream = downstream_inputs(&plan);
+        assert_eq!(downstream.len(), 1);
+        let ends = Positions::from([(downstream[0].clone(), BTreeMap::from([(0, 7), (1, 9)]))]);
+        let fresh = fresh_start("fresh-1", &plan, &ends);
+        assert_eq!(fresh.checkpoint, None);
+        assert_eq!(fresh.stages["s0"].input, InputRestore::Earliest);
+        assert_eq!(
+            fresh.stages["s1"].input,
+            InputRestore::Offsets(BTreeMap::from([(0, 7), (1, 9)]))
+        );
+        for stage in fresh.stages.values() {
+            assert!(stage.state.values().all(|s| *s == StateRestore::Empty));
+        }
+        assert!(!fresh.stages["s1"].state.is_empty());
     }
 
     #[test]

@@ -99,6 +99,32 @@ pub struct ServeCli {
     /// processing it; every offset commit then carries `keystone.restore=<id>`.
     #[arg(long, env = "KEYSTONE_RESTORE")]
     pub restore: Option<PathBuf>,
+    /// The credential `POST /checkpoint` and `POST /resume` require, as
+    /// `Authorization: Bearer <token>` (the operator sets it from a Secret it
+    /// owns). Without it those endpoints refuse every request.
+    #[arg(long, env = "KEYSTONE_CONTROL_TOKEN", hide_env_values = true, value_parser = parse_control_token)]
+    pub control_token: Option<crate::host::ControlToken>,
+    /// How long the engine may go without making progress (a turn of its loop)
+    /// before `/healthz` fails and the kubelet restarts the instance, e.g. `60s`, `5m`.
+    #[arg(long, env = "KEYSTONE_WATCHDOG_TIMEOUT", default_value = "60s", value_parser = parse_watchdog_timeout)]
+    pub watchdog_timeout: std::time::Duration,
+}
+
+fn parse_control_token(text: &str) -> Result<crate::host::ControlToken, String> {
+    crate::host::ControlToken::new(text).ok_or_else(|| "the control token is empty".to_owned())
+}
+
+fn parse_watchdog_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let duration = text
+        .parse::<keystone_crds::duration::Duration>()
+        .map_err(|e| e.to_string())?
+        .as_std();
+    if duration < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "{text}: the watchdog needs at least 1s (a turn may take a few hundred ms)"
+        ));
+    }
+    Ok(duration)
 }
 
 /// How `check` prints what it finds.
@@ -166,6 +192,8 @@ fn serve(args: ServeCli) -> i32 {
         },
         http_addr: args.http_addr,
         restore: args.restore,
+        control_token: args.control_token,
+        watchdog_timeout: args.watchdog_timeout,
     });
     match result {
         Ok(()) => 0,

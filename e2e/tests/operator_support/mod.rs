@@ -147,16 +147,36 @@ impl Drop for OperatorNamespace {
     }
 }
 
+/// The Pod Security Standard every namespace of these tests enforces: the
+/// API server refuses any pod (runtime or operator) that does not meet it.
+pub const POD_SECURITY: (&str, &str) = ("pod-security.kubernetes.io/enforce", "restricted");
+
+/// A test namespace for pipelines, enforcing Pod Security "restricted".
+pub async fn pipeline_namespace(tb: &Testbed, prefix: &str) -> TestNamespace {
+    let ns = tb.namespace(prefix).await.expect("namespace");
+    let api: Api<Namespace> = Api::all(tb.client().expect("client"));
+    api.patch(
+        ns.name(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"labels": {POD_SECURITY.0: POD_SECURITY.1}}
+        })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("labelling namespace {} restricted: {e}", ns.name()));
+    ns
+}
+
 pub async fn operator_namespace(tb: &Testbed, test: &TestNamespace) -> OperatorNamespace {
     let name = format!("{}-op", test.name());
     let api: Api<Namespace> = Api::all(tb.client().expect("client"));
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            labels: Some(BTreeMap::from([(
-                "keystone.dev/e2e".to_owned(),
-                "true".to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([
+                ("keystone.dev/e2e".to_owned(), "true".to_owned()),
+                (POD_SECURITY.0.to_owned(), POD_SECURITY.1.to_owned()),
+            ])),
             ..ObjectMeta::default()
         },
         ..Namespace::default()

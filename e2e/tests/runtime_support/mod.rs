@@ -156,6 +156,7 @@ impl Harness {
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("POD_NAME", instance)
             .env("KEYSTONE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("KEYSTONE_CONTROL_TOKEN", CONTROL_TOKEN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log));
@@ -226,6 +227,11 @@ impl Harness {
             .to_string()
     }
 
+    /// The port of an instance's endpoints.
+    pub fn port(&self, instance: &str) -> u16 {
+        self.ports[instance]
+    }
+
     pub fn http(&self, instance: &str, method: &str, path: &str) -> (u16, String) {
         let port = self.ports[instance];
         http_request(port, method, path)
@@ -278,30 +284,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The control token the instances started here are given; [`http_request`]
+/// presents it on every `POST`.
+pub const CONTROL_TOKEN: &str = "e2e-control-token";
+
+/// A request to an instance's endpoints; a `POST` carries the control token.
 pub fn http_request(port: u16, method: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    stream.set_read_timeout(Some(Duration::from_secs(70))).ok();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    if stream.write_all(request.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let authorization = (method == "POST").then(|| format!("Bearer {CONTROL_TOKEN}"));
+    http_request_as(port, method, path, authorization.as_deref())
+}
+
+/// A request with the given `Authorization` header value, or none.
+pub fn http_request_as(
+    port: u16,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, String) {
+    keystone_e2e::http::request("127.0.0.1", port, method, path, authorization)
 }
 
 pub fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {

@@ -91,6 +91,11 @@ policy:
   {{- end }}
   maxTopicConfigValues: {{ toJson (.maxTopicConfigValues | default dict) }}
 {{- end }}
+networkPolicy:
+  enabled: {{ .Values.networkPolicy.enabled }}
+  operatorPodLabels:
+    {{- include "keystone.selectorLabels" . | nindent 4 }}
+  metricsFrom: {{ toJson .Values.networkPolicy.metricsFrom }}
 {{- end -}}
 
 {{/* What the operator needs where Pipelines live. */}}
@@ -145,5 +150,15 @@ policy:
   resources: [secrets]
   resourceNames: {{ toJson $secrets }}
   verbs: [get]
+{{- end }}
+# Each pipeline's control token Secret, created once and never read back.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+{{- if .Values.networkPolicy.enabled }}
+# Each pipeline's NetworkPolicy: only the operator and the metrics scraper reach its pods.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
 {{- end }}
 {{- end }}

@@ -156,13 +156,15 @@ pub(super) async fn ready_instances(
 }
 
 /// One request with an empty body: the body of a 2xx answer, or what went wrong.
-async fn exchange(method: Method, url: String) -> Result<Bytes, String> {
+async fn exchange(method: Method, url: String, token: Option<&str>) -> Result<Bytes, String> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let request = Request::builder()
-        .method(method.clone())
-        .uri(&url)
+    let mut request = Request::builder().method(method.clone()).uri(&url);
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("building {method} {url}: {e}"))?;
     let answer = async {
@@ -208,8 +210,14 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn post(instance: &Instance, path: &str) -> Result<Bytes, String> {
-    exchange(Method::POST, format!("{}{path}", instance.base)).await
+/// A control request: it carries the pipeline's control token.
+async fn post(instance: &Instance, path: &str, token: &str) -> Result<Bytes, String> {
+    exchange(
+        Method::POST,
+        format!("{}{path}", instance.base),
+        Some(token),
+    )
+    .await
 }
 
 /// GETs `path` from a runtime pod's HTTP port (`/metrics`, say): the text of a
@@ -220,7 +228,7 @@ pub async fn pod_get(ip: &str, port: i32, path: &str) -> Result<String, String> 
     } else {
         ip.to_owned()
     };
-    let body = exchange(Method::GET, format!("http://{host}:{port}{path}")).await?;
+    let body = exchange(Method::GET, format!("http://{host}:{port}{path}"), None).await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -231,6 +239,7 @@ pub async fn pod_get(ip: &str, port: i32, path: &str) -> Result<String, String> 
 pub(super) async fn checkpoint_all(
     instances: &[Instance],
     stop: bool,
+    token: &str,
 ) -> Vec<Result<InstanceCheckpoint, String>> {
     let path = if stop {
         "/checkpoint?stop=true"
@@ -238,7 +247,7 @@ pub(super) async fn checkpoint_all(
         "/checkpoint"
     };
     join_all(instances.iter().map(|instance| async move {
-        let body = post(instance, path).await?;
+        let body = post(instance, path, token).await?;
         serde_json::from_slice::<InstanceCheckpoint>(&body).map_err(|e| {
             format!(
                 "the answer to POST {}{path} is not a checkpoint: {e}",
@@ -251,8 +260,8 @@ pub(super) async fn checkpoint_all(
 
 /// Asks stopped instances to resume consuming; all are asked, the first
 /// failure is returned.
-pub(super) async fn post_resume(instances: &[Instance]) -> Result<(), String> {
-    let results = join_all(instances.iter().map(|i| post(i, "/resume"))).await;
+pub(super) async fn post_resume(instances: &[Instance], token: &str) -> Result<(), String> {
+    let results = join_all(instances.iter().map(|i| post(i, "/resume", token))).await;
     let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     match failures.is_empty() {
         true => Ok(()),
@@ -279,5 +288,10 @@ pub async fn resume(ctx: &Context, plan: &Plan) -> Result<(), CheckpointFailure>
             }
         }
     }
-    post_resume(&targets).await.map_err(CheckpointFailure::new)
+    let token = crate::control::token(ctx, &plan.namespace, &plan.pipeline)
+        .await
+        .map_err(|e| CheckpointFailure::new(e.to_string()))?;
+    post_resume(&targets, &token)
+        .await
+        .map_err(CheckpointFailure::new)
 }

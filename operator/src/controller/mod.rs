@@ -18,6 +18,7 @@ pub use processor::{
 };
 use provision::{delete_owned_topics, reconcile_topics};
 use upgrade::Prepared;
+pub use upgrade::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
 use workloads::apply_workloads;
 
 use std::collections::BTreeMap;
@@ -203,7 +204,7 @@ impl Observed {
     }
 }
 
-async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
+async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error> {
     // Observe.
     let namespace = pipeline.namespace().ok_or(Error::MissingField {
         kind: "Pipeline",
@@ -268,6 +269,20 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             .collect::<Vec<_>>()
             .join("; ");
         let contracts = Cond::new(CONTRACTS_VALID, false, "PolicyViolation", message);
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::await_change());
+    }
+    // A plan that cannot be stored cannot run: refused like a broken contract,
+    // naming its size, before anything is created.
+    if let Err(resources::FitError::TooLarge(too_large)) = resources::plan_json(&plan) {
+        let contracts = Cond::new(
+            CONTRACTS_VALID,
+            false,
+            "PlanTooLarge",
+            too_large.to_string(),
+        );
         observed.set(&contracts);
         observed.summarize(&contracts, None, None);
         observed.record(pipeline, ctx).await?;
@@ -346,6 +361,11 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     observed.set(&outcome.condition);
     observed.status.topics = outcome.statuses;
     let mut rolled_out_plan: Option<Plan> = None;
+
+    // A background checkpoint that finished is recorded before anything else
+    // happens to the pipeline; one still running holds what would stop or
+    // replace its instances (`upgrade::prepare`).
+    checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
 
     let mut again: Option<Duration> = None;
     let runtime = if outcome.blocked {

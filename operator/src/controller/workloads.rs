@@ -3,6 +3,7 @@
 use k8s_openapi::api::core::v1::Secret;
 
 use super::*;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// Environment the runtime needs to reach the plan's clusters.
 fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar> {
@@ -146,16 +147,28 @@ pub(super) async fn apply_workloads(
     let plan = &target.plan;
     let namespace = plan.namespace.as_str();
     let owner = controller_owner(pipeline)?;
-    let plan_json = resources::plan_json(plan).map_err(|source| Error::Serialize {
-        what: "plan",
-        source,
-    })?;
+    let plan_json = resources::plan_json(plan).map_err(|e| Error::fit("plan", e))?;
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     ssa(
         &config_maps,
         &resources::plan_config_map(plan, plan_json, &owner),
     )
     .await?;
+    crate::control::ensure_secret(ctx, namespace, &plan.pipeline, &owner).await?;
+    if let Some(config) = ctx.config.network_policy.as_ref().filter(|c| c.enabled) {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+        ssa(
+            &policies,
+            &resources::network_policy(
+                &plan.pipeline,
+                namespace,
+                &ctx.operator_namespace,
+                config,
+                &owner,
+            ),
+        )
+        .await?;
+    }
 
     let params = WorkloadParams {
         owner: owner.clone(),

@@ -9,14 +9,19 @@ use serde::Serialize;
 
 mod config_maps;
 mod deployment;
+mod network_policy;
 mod security;
 mod services;
 mod sink_secrets;
 #[cfg(test)]
 mod tests;
 
-pub use config_maps::{plan_config_map, plan_json, restore_config_map, restore_config_map_name};
+pub use config_maps::{
+    CONFIG_MAP_DATA_LIMIT, FitError, TooLarge, fitting_json, plan_config_map, plan_json,
+    restore_config_map, restore_config_map_name,
+};
 pub use deployment::{WorkloadParams, default_resources, deployment};
+pub use network_policy::{network_policy, network_policy_name};
 pub use security::{
     ANNOTATION_CREDENTIALS_HASH, RuntimeSecurity, TLS_DIR, credentials_hash,
     referenced_secret_keys, runtime_security, secret_bytes,

@@ -456,3 +456,60 @@ fn credentials_hash_follows_the_secret_data() {
         Some(&first)
     );
 }
+
+#[test]
+fn config_map_documents_fit_compactly_or_are_refused_with_their_size() {
+    use super::{CONFIG_MAP_DATA_LIMIT, FitError, fitting_json};
+    use keystone_crds::checkpoint::{CheckpointTrigger, PipelineCheckpoint, StageCheckpoint};
+    // A checkpoint of two stages, each with `partitions` input partitions and
+    // two changelogs, as the operator stores it.
+    let checkpoint = |partitions: i32| PipelineCheckpoint {
+        id: "20260102-150405-123".into(),
+        pipeline: "p".into(),
+        namespace: "ns".into(),
+        plan_hash: "0123456789abcdef".into(),
+        time: "2026-01-02T15:04:05Z".into(),
+        trigger: CheckpointTrigger::Manual,
+        stages: (0..2)
+            .map(|s| StageCheckpoint {
+                name: format!("s{s}"),
+                input_topic: format!("keystone.ns.p.s{s}.input"),
+                source_offsets: (0..partitions)
+                    .map(|p| (p, 1_000_000_000 + i64::from(p)))
+                    .collect(),
+                changelog_positions: (0..2)
+                    .map(|c| {
+                        (
+                            format!("keystone.ns.p.s{s}.step{c}.changelog"),
+                            (0..partitions)
+                                .map(|p| (p, 2_000_000_000 + i64::from(p)))
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect(),
+        sink_positions: Default::default(),
+    };
+    // Small: legible, pretty-printed.
+    let small = fitting_json(&checkpoint(10), "checkpoint", "").expect("fits");
+    assert!(small.contains('\n'));
+    // Thousands of partitions: too large pretty-printed, fits compact.
+    let many = checkpoint(8_000);
+    assert!(serde_json::to_string_pretty(&many).unwrap().len() > CONFIG_MAP_DATA_LIMIT);
+    let compact = fitting_json(&many, "checkpoint", "").expect("fits compactly");
+    assert!(!compact.contains('\n') && compact.len() <= CONFIG_MAP_DATA_LIMIT);
+    let back: PipelineCheckpoint = serde_json::from_str(&compact).expect("reads back");
+    assert_eq!(back, many);
+    // Beyond what any encoding here holds: refused, naming the size.
+    match fitting_json(&checkpoint(40_000), "checkpoint", " (fewer partitions)") {
+        Err(FitError::TooLarge(too_large)) => {
+            let message = too_large.to_string();
+            assert!(message.contains("checkpoint is"), "{message}");
+            assert!(message.contains(&too_large.size.to_string()), "{message}");
+            assert!(too_large.size > CONFIG_MAP_DATA_LIMIT);
+            assert!(message.contains("fewer partitions"), "{message}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub restore_compensations: IntCounter,
     /// Sink records not written again because the sink already holds them (replay suppression).
     pub suppressed_records: IntCounterVec,
+    /// Seconds since the engine loop last made progress (0 before it runs).
+    engine_since_progress: prometheus::Gauge,
+    /// 1 while the watchdog finds the engine stuck (then `/healthz` fails).
+    engine_stalled: IntGauge,
     /// The totals already added to the counters, per step, so that cumulative
     /// task counters can be turned into increments.
     reported: HashMap<String, StepMetrics>,
@@ -194,6 +198,22 @@ impl Metrics {
                 "Sink records skipped on replay because the sink already holds them",
                 &["topic"],
             ),
+            engine_since_progress: {
+                let gauge = prometheus::Gauge::new(
+                    "keystone_engine_seconds_since_progress",
+                    "Seconds since the engine loop last made progress (0 before it runs)",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(gauge.clone()))
+                    .expect("unique metric");
+                gauge
+            },
+            engine_stalled: gauge(
+                &registry,
+                "keystone_engine_stalled",
+                "1 while the engine made no progress for longer than the watchdog limit (/healthz fails)",
+            ),
             registry,
             reported: HashMap::new(),
         }
@@ -223,6 +243,14 @@ impl Metrics {
                 .inc_by(total.dead_lettered.saturating_sub(last.dead_lettered));
             *last = total.clone();
         }
+    }
+
+    /// The watchdog as of a scrape: set by the endpoint, not the engine, which
+    /// cannot report that it is stuck.
+    pub fn set_watchdog(&self, since_beat: Option<std::time::Duration>, stalled: bool) {
+        self.engine_since_progress
+            .set(since_beat.map_or(0.0, |d| d.as_secs_f64()));
+        self.engine_stalled.set(i64::from(stalled));
     }
 
     pub fn encode(&self) -> Vec<u8> {

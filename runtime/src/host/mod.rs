@@ -39,6 +39,7 @@
 
 mod checkpoint;
 mod commit;
+mod control;
 mod http;
 mod metrics;
 mod process;
@@ -57,10 +58,12 @@ use keystone_crds::checkpoint::RestorePlan;
 use keystone_crds::{PLAN_VERSION, Plan};
 use rdkafka::error::KafkaError;
 
+use crate::clock::SystemClock;
 use crate::connectors::SinkError;
 use crate::kafka::{KafkaSettings, TransportError};
 
 use crate::error::RuntimeError;
+pub use control::{ControlToken, DEFAULT_WATCHDOG_TIMEOUT, Watchdog};
 pub use metrics::Metrics;
 
 /// What `serve` needs to know; the CLI fills it from flags and the pod's environment.
@@ -77,6 +80,11 @@ pub struct ServeArgs {
     pub http_addr: SocketAddr,
     /// A restore to apply once per partition (`--restore`, a `RestorePlan` as JSON).
     pub restore: Option<PathBuf>,
+    /// The credential `POST /checkpoint` and `POST /resume` require; without
+    /// one they refuse every request.
+    pub control_token: Option<ControlToken>,
+    /// How long the engine may go without progress before `/healthz` fails.
+    pub watchdog_timeout: std::time::Duration,
 }
 
 /// State shared between the engine thread and the operations endpoints.
@@ -94,6 +102,23 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Processing is stopped after a checkpoint (`POST /checkpoint?stop=true`).
     pub stopped: AtomicBool,
+    /// The engine loop's progress heartbeat.
+    pub watchdog: Watchdog,
+}
+
+impl Shared {
+    pub fn new(metrics: Metrics, watchdog: Watchdog) -> Self {
+        Self {
+            metrics: Mutex::new(metrics),
+            running: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            restoring: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            watchdog,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,15 +250,10 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2
 /// commit cannot finish within [`SHUTDOWN_GRACE`], returns without it.
 pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let (plan, stage) = load_plan(&args.plan, &args.stage)?;
-    let shared = Arc::new(Shared {
-        metrics: Mutex::new(Metrics::new(&plan.pipeline, &stage.name)),
-        running: AtomicBool::new(false),
-        joined: AtomicBool::new(false),
-        restoring: AtomicUsize::new(0),
-        failed: AtomicBool::new(false),
-        shutdown: AtomicBool::new(false),
-        stopped: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new(
+        Metrics::new(&plan.pipeline, &stage.name),
+        Watchdog::new(Arc::new(SystemClock), args.watchdog_timeout),
+    ));
     let restore = args.restore.as_ref().map(load_restore).transpose()?;
     let (control_tx, control_rx) = mpsc::channel();
 
@@ -267,7 +287,12 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .map_err(ServeError::Http)?;
     let http_shared = shared.clone();
     runtime.block_on(async move {
-        let mut server = tokio::spawn(http::serve(args.http_addr, http_shared, control_tx));
+        let mut server = tokio::spawn(http::serve(
+            args.http_addr,
+            http_shared,
+            control_tx,
+            args.control_token.clone(),
+        ));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(ServeError::Http)?;
         let watch = shared.clone();

@@ -199,6 +199,9 @@ pub(super) fn run(
     let mut lag_reported = false;
     let mut consecutive_failures = 0u32;
     loop {
+        // One beat per turn: a turn that never ends (a hung expression, a blocked
+        // client call) is what the watchdog behind `/healthz` looks for.
+        shared.watchdog.beat();
         if let Some(error) = core.lock().unwrap_or_else(|p| p.into_inner()).fatal.take() {
             return Err(error);
         }
@@ -341,6 +344,7 @@ pub(super) fn run(
     }
 
     // Shutdown: commit what was processed, then leave.
+    shared.watchdog.disarm();
     let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
     core.commit(&consumer, "shutdown")?;
     core.publish_metrics();

@@ -28,10 +28,12 @@ use crate::resources;
 use crate::status::Cond;
 
 mod health;
+mod incarnation;
 mod observe;
 mod prepare;
 mod restore;
 
+pub use incarnation::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
 pub(super) use observe::observe;
 pub(super) use prepare::prepare;
 

@@ -13,6 +13,7 @@ use keystone_crds::pipeline::{
 use keystone_crds::upgrade::{ChangeClass, classify};
 
 use super::health::instances_ready;
+use super::incarnation;
 use super::restore::{
     restore_incompatibility, restore_to, roll_back, stop_instances, write_restore,
 };
@@ -26,6 +27,9 @@ use crate::error::Error;
 use crate::rollout;
 use crate::status::Cond;
 use crate::topics::DesiredTopic;
+
+/// How soon a change held by a background checkpoint is looked at again.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(1);
 
 /// Decides what to run before the workloads are applied.
 pub(in crate::controller) async fn prepare(
@@ -45,8 +49,12 @@ pub(in crate::controller) async fn prepare(
     let spec = &pipeline.spec;
     let new_hash = plan.hash();
 
-    // Never deployed: nothing to carry over.
+    // Never deployed: whose state it starts from is settled first (an earlier
+    // pipeline of the same name may have left some), then nothing to carry over.
     let Some(deployed_hash) = observed.status.plan_hash.clone() else {
+        if let Some(wait) = incarnation::settle(pipeline, ctx, plan, observed).await? {
+            return Ok(Prepared::Hold(wait));
+        }
         observed.status.last_reconciled_spec = Some(spec_json(spec));
         let mut target = v.new_target(&observed.status);
         if spec.state == PipelineState::Suspended {
@@ -55,9 +63,14 @@ pub(in crate::controller) async fn prepare(
         return Ok(Prepared::Deploy(Box::new(target)));
     };
 
+    incarnation::record_existing(pipeline, ctx, observed).await?;
+
     // Suspend: stop at a checkpoint, then scale to zero. Resuming needs nothing
     // special: the stopped instances committed nothing after the checkpoint.
     if spec.state == PipelineState::Suspended {
+        if ckpt::in_flight(ctx, plan) {
+            return Ok(Prepared::Hold(BACKGROUND_WAIT));
+        }
         let mut running = v.running_target(ctx, &observed.status).await?;
         if observed.status.phase != Some(PipelinePhase::Suspended)
             && instances_ready(ctx, &running.plan).await?
@@ -94,6 +107,9 @@ pub(in crate::controller) async fn prepare(
     if let Some(request) = &spec.restore {
         let done = observed.status.last_restore_request.as_ref() == Some(request);
         if !done {
+            if ckpt::in_flight(ctx, plan) {
+                return Ok(Prepared::Hold(BACKGROUND_WAIT));
+            }
             let checkpoint = match ckpt::load_checkpoint(
                 ctx,
                 &v.namespace,
@@ -189,7 +205,12 @@ pub(in crate::controller) async fn prepare(
         return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
     }
 
-    // A change: classify it on the compiled plans.
+    // A change: classify it on the compiled plans. Whatever it needs (a
+    // checkpoint, a stop, a rollout) waits for a background checkpoint that
+    // may hold stopped instances.
+    if ckpt::in_flight(ctx, plan) {
+        return Ok(Prepared::Hold(BACKGROUND_WAIT));
+    }
     let running = v.running_target(ctx, &observed.status).await?;
     let mut class = if deployed_hash == new_hash {
         ChangeClass::Ignore

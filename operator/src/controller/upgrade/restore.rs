@@ -67,12 +67,8 @@ pub(super) async fn write_restore(
     status: &mut PipelineStatus,
 ) -> Result<String, Error> {
     let owner = controller_owner(pipeline)?;
-    let cm = resources::restore_config_map(plan, restore, &owner).map_err(|source| {
-        Error::Serialize {
-            what: "restore",
-            source,
-        }
-    })?;
+    let cm = resources::restore_config_map(plan, restore, &owner)
+        .map_err(|e| Error::fit("restore", e))?;
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &plan.namespace);
     match config_maps.create(&PostParams::default(), &cm).await {
         Ok(_) => {}
