@@ -245,8 +245,8 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
         first.status
     );
     let first_uid = first.uid().expect("uid");
-    let batch = produce(&bootstrap, &source, 1..=5).await;
-    let seen = read_all(&bootstrap, &sink, batch);
+    let batch = produce(bootstrap, source, 1..=5).await;
+    let seen = read_all(bootstrap, sink, batch);
     assert_eq!(
         seen.len(),
         batch,
@@ -256,10 +256,10 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
     // Deleted with Retain: its changelogs and consumer groups stay. The same
     // events arrive again (a producer re-sending its snapshot), then the
     // pipeline is created again under the same name.
-    delete_and_wait_gone(&ns, &operator).await;
-    produce(&bootstrap, &source, 1..=5).await;
-    apply_yaml(&tb, &manifest(ns.name(), &source, &sink, "")).await;
-    let second = wait_ready_with_runtime(&pipelines, NAME, &operator).await;
+    delete_and_wait_gone(ns, operator).await;
+    produce(bootstrap, source, 1..=5).await;
+    apply_yaml(tb, &manifest(ns.name(), source, sink, "")).await;
+    let second = wait_ready_with_runtime(pipelines, NAME, operator).await;
     let second_uid = second.uid().expect("uid");
     assert_ne!(second_uid, first_uid);
     let (status, reason, message) = state_origin(&second).expect("a StateOrigin condition");
@@ -275,7 +275,7 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
     // It runs as a new pipeline: from the beginning of the source with empty
     // state, so the first batch passes again and its re-sent copy is a
     // duplicate. (With the old state, every event was dropped as stale.)
-    let seen = read_all(&bootstrap, &sink, 2 * batch);
+    let seen = read_all(bootstrap, sink, 2 * batch);
     assert_eq!(
         seen.len(),
         2 * batch,
@@ -286,10 +286,10 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
     // A third incarnation adopts the second's state: it goes on from its
     // committed offsets with its dedup and order state, so a re-sent old event
     // is dropped and only the new ones pass.
-    delete_and_wait_gone(&ns, &operator).await;
+    delete_and_wait_gone(ns, operator).await;
     let adopt = format!("  annotations:\n    keystone.dev/adopt-state-from: {second_uid}\n");
-    apply_yaml(&tb, &manifest(ns.name(), &source, &sink, &adopt)).await;
-    let third = wait_ready_with_runtime(&pipelines, NAME, &operator).await;
+    apply_yaml(tb, &manifest(ns.name(), source, sink, &adopt)).await;
+    let third = wait_ready_with_runtime(pipelines, NAME, operator).await;
     let (status, reason, message) = state_origin(&third).expect("a StateOrigin condition");
     assert_eq!(
         (status.as_str(), reason.as_str()),
@@ -297,9 +297,9 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
         "{message}"
     );
     assert!(message.contains(&second_uid), "{message}");
-    produce(&bootstrap, &source, 3..=3).await;
-    let new = produce(&bootstrap, &source, 6..=7).await;
-    let seen = read_all(&bootstrap, &sink, 2 * batch + new);
+    produce(bootstrap, source, 3..=3).await;
+    let new = produce(bootstrap, source, 6..=7).await;
+    let seen = read_all(bootstrap, sink, 2 * batch + new);
     assert_eq!(
         seen.len(),
         2 * batch + new,
@@ -309,12 +309,12 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
     assert_per_order(&seen, &[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7]);
 
     // An adoption naming another incarnation is refused, not guessed.
-    delete_and_wait_gone(&ns, &operator).await;
+    delete_and_wait_gone(ns, operator).await;
     let wrong =
         "  annotations:\n    keystone.dev/adopt-state-from: 00000000-0000-0000-0000-000000000000\n";
-    apply_yaml(&tb, &manifest(ns.name(), &source, &sink, wrong)).await;
+    apply_yaml(tb, &manifest(ns.name(), source, sink, wrong)).await;
     let refused = wait_for(
-        &pipelines,
+        pipelines,
         NAME,
         Duration::from_secs(60),
         "AdoptRefused",
@@ -368,7 +368,7 @@ async fn control_endpoints_refuse_anyone_but_the_operator() {
         }
     }
     assert_eq!(
-        read_all(&bootstrap, &sink, batch).len(),
+        read_all(bootstrap, sink, batch).len(),
         batch,
         "the refused stop stopped nothing"
     );
@@ -383,7 +383,7 @@ async fn control_endpoints_refuse_anyone_but_the_operator() {
         .await
         .expect("trigger a checkpoint");
     let done = wait_for(
-        &pipelines,
+        pipelines,
         NAME,
         Duration::from_secs(120),
         "a checkpoint",
@@ -467,7 +467,7 @@ async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
         .expect("change the spec");
     let generation = changed.metadata.generation.expect("generation");
     let seen = wait_for(
-        &pipelines,
+        pipelines,
         NAME,
         Duration::from_secs(60),
         "the change observed",
@@ -489,7 +489,7 @@ async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
     // earlier when the kubelet restarts the hung pod (its /healthz stops
     // answering too) and the connection is reset.
     let failed = wait_for(
-        &pipelines,
+        pipelines,
         NAME,
         Duration::from_secs(150),
         "the checkpoint failed",

@@ -578,9 +578,12 @@ mod tests {
             },
             http_addr: "127.0.0.1:8080".parse().expect("address"),
             restore: None,
+            control_token: crate::host::ControlToken::new("control-token-do-not-print"),
+            watchdog_timeout: std::time::Duration::from_secs(60),
         };
         let shown = format!("{args:?}");
         assert!(!shown.contains("hunter2-do-not-print"), "{shown}");
+        assert!(!shown.contains("control-token-do-not-print"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");
     }
 
