@@ -518,8 +518,9 @@ async fn chart_limits_images_and_topics_by_default_and_reads_only_the_credential
         assert!(!out.status.success(), "{bad} must be refused");
     }
 
-    // Where Pipelines live, the operator may read the cluster's credential
-    // Secrets by name (to roll pods on rotation) and no other Secret.
+    // Where Pipelines live, the operator may read and watch the cluster's
+    // credential Secrets by name (to roll pods on rotation) and no other
+    // Secret (it may create control token Secrets, never read them).
     let rendered = render_one(
         &tb,
         "templates/rbac.yaml",
@@ -543,15 +544,28 @@ async fn chart_limits_images_and_topics_by_default_and_reads_only_the_credential
                 .is_some_and(|s| s.iter().any(|x| x.as_str() == Some("secrets")))
         })
         .collect();
-    assert_eq!(secret_rules.len(), 1, "{cluster_role}");
-    assert_eq!(
-        secret_rules[0]["resourceNames"][0].as_str(),
-        Some("kafka-user")
-    );
-    assert_eq!(secret_rules[0]["verbs"][0].as_str(), Some("get"));
-    assert!(
-        secret_rules[0]["verbs"]
+    let verbs = |rule: &serde_yaml_ng::Value| -> Vec<String> {
+        rule["verbs"]
             .as_sequence()
-            .is_some_and(|v| v.len() == 1)
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (named, unnamed): (Vec<_>, Vec<_>) = secret_rules
+        .into_iter()
+        .partition(|r| !r["resourceNames"].is_null());
+    assert_eq!(named.len(), 1, "{cluster_role}");
+    assert_eq!(
+        named[0]["resourceNames"].as_sequence().map(Vec::len),
+        Some(1),
+        "{cluster_role}"
     );
+    assert_eq!(named[0]["resourceNames"][0].as_str(), Some("kafka-user"));
+    assert_eq!(verbs(named[0]), ["get", "list", "watch"], "{cluster_role}");
+    for rule in unnamed {
+        assert_eq!(verbs(rule), ["create"], "{cluster_role}");
+    }
 }

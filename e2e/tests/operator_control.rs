@@ -6,7 +6,9 @@
 //!   one's committed offsets included), and says so; created with
 //!   `keystone.dev/adopt-state-from: <uid>` it continues from that state;
 //! - `POST /checkpoint` on a pod needs the operator's token (no token: 401, a
-//!   wrong one: 403), and the operator's own checkpoints still succeed.
+//!   wrong one: 403), and the operator's own checkpoints still succeed;
+//! - a pod that accepts connections and never answers holds no reconcile,
+//!   whether a manual checkpoint or a suspend's asks it.
 //!
 //! Needs `cargo build -p keystone-operator -p keystone-runtime`.
 
@@ -14,8 +16,10 @@ mod operator_support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use keystone_crds::Pipeline;
+use keystone_crds::pipeline::PipelinePhase;
 use keystone_e2e::{wait_for, wait_until};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -410,7 +414,21 @@ async fn control_endpoints_refuse_anyone_but_the_operator() {
 struct Frozen(nix::unistd::Pid);
 
 impl Frozen {
-    fn freeze(pid: i32) -> Self {
+    /// Stops the runtime process of `pod`: its socket stays open, so
+    /// connections are accepted by the kernel, but nothing answers.
+    fn freeze(t: &Setup, pod: &Pod) -> Self {
+        let pid_file =
+            t.tb.state_dir()
+                .join("kubelet/pids")
+                .join(format!("{}_runtime.pid", pod.uid().expect("pod uid")));
+        // "<pid> <start time>", as the process kubelet records it.
+        let recorded = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+        let pid: i32 = recorded
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{}: {recorded:?}", pid_file.display()));
         let pid = nix::unistd::Pid::from_raw(pid);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
         Self(pid)
@@ -426,25 +444,12 @@ impl Drop for Frozen {
 #[tokio::test]
 async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
     let t = Setup::new("op-hang").await;
-    let (tb, operator, pipelines) = (&t.tb, &t.operator, &t.pipelines);
+    let (operator, pipelines) = (&t.operator, &t.pipelines);
     t.apply_ready("", "  checkpointInterval: 1h\n").await;
 
-    // The stage's one instance keeps its socket, so connections are accepted
-    // by the kernel, but the process answers nothing: a hung pod.
+    // The stage's one instance hangs.
     let pod = t.pod().await;
-    let pid_file = tb
-        .state_dir()
-        .join("kubelet/pids")
-        .join(format!("{}_runtime.pid", pod.uid().expect("pod uid")));
-    // "<pid> <start time>", as the process kubelet records it.
-    let recorded = std::fs::read_to_string(&pid_file)
-        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
-    let pid: i32 = recorded
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{}: {recorded:?}", pid_file.display()));
-    let frozen = Frozen::freeze(pid);
+    let frozen = Frozen::freeze(&t, &pod);
 
     // A manual checkpoint: the operator asks the hung pod and waits for up to
     // its request timeout. Meanwhile another change of the same pipeline is
@@ -513,4 +518,112 @@ async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
         "the failure names the pod that did not answer: {reason}"
     );
     drop(frozen);
+}
+
+#[tokio::test]
+async fn a_suspend_waits_for_a_hung_pod_in_the_background() {
+    let t = Setup::new("op-hang-suspend").await;
+    let (operator, pipelines) = (&t.operator, &t.pipelines);
+    t.apply_ready("", "  checkpointInterval: 1h\n").await;
+    let log = || operator.log_text();
+
+    // The suspend's checkpoint (stop at a barrier) asks the hung pod and
+    // waits for its answer, outside the reconcile: the pipeline says it is
+    // suspending, and a further change is reconciled meanwhile. The kubelet
+    // restarts a pod whose /healthz fails 3 times 10 s apart, so the pod
+    // stays frozen well below 30 s.
+    let pod = t.pod().await;
+    let frozen = Frozen::freeze(&t, &pod);
+    let suspended = pipelines
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"state": "Suspended"}})),
+        )
+        .await
+        .expect("suspend");
+    let generation = suspended.metadata.generation.expect("generation");
+    let suspending = wait_for(
+        pipelines,
+        NAME,
+        Duration::from_secs(10),
+        "the suspend's checkpoint waiting on the hung pod",
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == Some(generation))
+                && condition(p, "SpecApplied").is_some_and(|c| c.reason == "Suspending")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", log()));
+    assert_ne!(
+        suspending.status.as_ref().and_then(|s| s.phase),
+        Some(PipelinePhase::Suspended),
+        "suspended before the checkpoint was taken"
+    );
+    let changed = pipelines
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"upgrade": {"healthWindow": "7s"}}})),
+        )
+        .await
+        .expect("change the spec");
+    let generation = changed.metadata.generation.expect("generation");
+    let seen = wait_for(
+        pipelines,
+        NAME,
+        Duration::from_secs(10),
+        "the further change observed",
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == Some(generation))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", log()));
+    let status = seen.status.clone().unwrap_or_default();
+    assert!(
+        status.last_checkpoint.is_none() && status.last_failed_checkpoint.is_none(),
+        "the checkpoint did not wait for the hung pod: {status:?}"
+    );
+    assert_ne!(status.phase, Some(PipelinePhase::Suspended));
+
+    // The pod answers the request it holds: the checkpoint completes, and the
+    // reconcile that collects it scales the stage to zero.
+    drop(frozen);
+    let done = wait_for(pipelines, NAME, Duration::from_secs(90), "suspended", |p| {
+        p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Suspended)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", log()));
+    let last = done
+        .status
+        .as_ref()
+        .and_then(|s| s.last_checkpoint.clone())
+        .expect("the suspend's checkpoint is recorded");
+    assert_eq!(last.trigger.as_deref(), Some("Suspend"), "{last:?}");
+    let deployments: Api<Deployment> = t.ns.api();
+    let selector = format!("keystone.dev/pipeline={NAME}");
+    wait_until(
+        Duration::from_secs(60),
+        "the stage scaled to zero",
+        || async {
+            deployments
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()
+                .filter(|l| {
+                    !l.items.is_empty()
+                        && l.items
+                            .iter()
+                            .all(|d| d.spec.as_ref().and_then(|s| s.replicas) == Some(0))
+                })
+        },
+        || async { log() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }

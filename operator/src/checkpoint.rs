@@ -403,25 +403,6 @@ pub fn retain(
     (kept, pruned)
 }
 
-/// Takes a checkpoint and records the outcome: on success its ConfigMap,
-/// `status.lastCheckpoint` and `status.checkpoints` (then pruned to
-/// `spec.checkpointRetention` plus `pinned`, deleting the pruned ConfigMaps);
-/// on failure `status.lastFailedCheckpoint`. Also an event (`CheckpointCompleted`
-/// or `CheckpointFailed`) and the checkpoint metrics. The caller writes `status`.
-pub async fn checkpoint_now(
-    ctx: &Context,
-    pipeline: &Pipeline,
-    plan: &Plan,
-    trigger: CheckpointTrigger,
-    stop: bool,
-    status: &mut PipelineStatus,
-    pinned: &[String],
-) -> Result<PipelineCheckpoint, CheckpointFailure> {
-    let result = take_and_store(ctx, pipeline, plan, trigger, stop).await;
-    record_outcome(ctx, pipeline, plan, trigger, &result, status, pinned).await;
-    result
-}
-
 /// Takes a checkpoint and stores its ConfigMap; times it. No status, no events.
 async fn take_and_store(
     ctx: &Context,
@@ -683,11 +664,24 @@ pub fn next_checkpoint_in(pipeline: &Pipeline, now: Timestamp) -> Duration {
 /// How often a reconcile looks whether a background checkpoint has finished.
 const BACKGROUND_POLL: Duration = Duration::from_secs(1);
 
-/// A periodic or manual checkpoint running outside the reconcile: its pods may
-/// take up to a minute each to answer (or hang until the request timeout), and
-/// the pipeline's other changes must not wait for that.
+/// What a background checkpoint is taken for, which decides what follows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Periodic or manual: the instances go on (an aligned one resumes them).
+    Routine,
+    /// Before a suspend, or before an upgrade replaces the instances (the
+    /// rollback point and the new version's start): a stop checkpoint, whose
+    /// instances stay stopped until the reconcile that collects it scales them
+    /// to zero or replaces them. One it does not use resumes them.
+    Stop,
+}
+
+/// A checkpoint running outside the reconcile: its pods may take up to a
+/// minute each to answer (or hang until the request timeout), and the
+/// pipeline's other changes must not wait for that.
 pub struct Background {
     trigger: CheckpointTrigger,
+    purpose: Purpose,
     /// `spec.checkpointTrigger` of a manual one: handled once its outcome is recorded.
     manual: Option<String>,
     /// The plan it was taken of.
@@ -695,53 +689,75 @@ pub struct Background {
     task: tokio::task::JoinHandle<Result<PipelineCheckpoint, CheckpointFailure>>,
 }
 
+/// A background checkpoint that has finished, as the reconcile that collected
+/// it sees it (its outcome is already recorded in status).
+#[derive(Debug)]
+pub struct Finished {
+    pub trigger: CheckpointTrigger,
+    pub purpose: Purpose,
+    /// The plan it was taken of.
+    pub plan: Plan,
+    /// The checkpoint's id, or why it failed.
+    pub result: Result<String, String>,
+}
+
+impl Finished {
+    /// Whether this is the stop checkpoint `trigger` asked for, of the plan
+    /// with `plan_hash`.
+    pub fn is_stop_for(&self, trigger: CheckpointTrigger, plan_hash: &str) -> bool {
+        self.purpose == Purpose::Stop && self.trigger == trigger && self.plan.hash() == plan_hash
+    }
+}
+
 fn background_key(plan: &Plan) -> String {
     format!("{}/{}", plan.namespace, plan.pipeline)
 }
 
 /// Records the outcome of the pipeline's background checkpoint if it has
-/// finished (status, events, metrics, pruning); true while one still runs.
-/// Every reconcile calls it first, whatever it then does, so an outcome is
-/// recorded in the order it happened.
+/// finished (status, events, metrics, pruning) and returns it. Every reconcile
+/// calls it first, whatever it then does, so an outcome is recorded in the
+/// order it happened.
 pub async fn collect_finished(
     ctx: &Context,
     pipeline: &Pipeline,
     plan: &Plan,
     status: &mut PipelineStatus,
-) -> bool {
+) -> Option<Finished> {
     let key = background_key(plan);
-    let finished = {
+    let done = {
         let mut running = ctx
             .background_checkpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match running.get(&key) {
-            Some(b) if b.task.is_finished() => running.remove(&key),
-            Some(_) => return true,
-            None => return false,
+            Some(b) if b.task.is_finished() => running.remove(&key)?,
+            _ => return None,
         }
     };
-    if let Some(done) = finished {
-        let result = done.task.await.unwrap_or_else(|e| {
-            Err(CheckpointFailure::new(format!(
-                "the checkpoint task ended without an answer: {e}"
-            )))
-        });
-        if done.trigger == CheckpointTrigger::Manual {
-            status.last_checkpoint_trigger = done.manual;
-        }
-        record_outcome(
-            ctx,
-            pipeline,
-            &done.plan,
-            done.trigger,
-            &result,
-            status,
-            &pinned(status),
-        )
-        .await;
+    let result = done.task.await.unwrap_or_else(|e| {
+        Err(CheckpointFailure::new(format!(
+            "the checkpoint task ended without an answer: {e}"
+        )))
+    });
+    if done.trigger == CheckpointTrigger::Manual {
+        status.last_checkpoint_trigger = done.manual;
     }
-    false
+    record_outcome(
+        ctx,
+        pipeline,
+        &done.plan,
+        done.trigger,
+        &result,
+        status,
+        &pinned(status),
+    )
+    .await;
+    Some(Finished {
+        trigger: done.trigger,
+        purpose: done.purpose,
+        plan: done.plan,
+        result: result.map(|c| c.id).map_err(|f| f.reason),
+    })
 }
 
 /// The checkpoint an upgrade may roll back to: never pruned.
@@ -754,65 +770,81 @@ fn pinned(status: &PipelineStatus) -> Vec<String> {
         .collect()
 }
 
-/// Whether a background checkpoint of the pipeline is running: what stops or
-/// replaces instances waits for it (an aligned one stops and resumes them).
+/// Whether a background checkpoint of the pipeline is running, or has
+/// finished and waits to be collected: what stops or replaces instances, or
+/// starts another checkpoint, waits for it (an aligned or stop checkpoint
+/// holds stopped instances).
 pub fn in_flight(ctx: &Context, plan: &Plan) -> bool {
     ctx.background_checkpoints
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&background_key(plan))
-        .is_some_and(|b| !b.task.is_finished())
+        .contains_key(&background_key(plan))
 }
 
-/// Starts the periodic or manual checkpoint that is due, in the background,
-/// and records the outcome of the one that finished (status, events,
-/// metrics, pruning); returns when to look again. The reconcile never waits
-/// for an instance: a pod that accepts the connection and never answers holds
-/// only the background task, for the bounded request time.
-pub async fn run_due(
+/// Starts a checkpoint of `plan` in the background; [`collect_finished`]
+/// records its outcome in a later reconcile. A routine one with `stop`
+/// resumes the instances once taken; a [`Purpose::Stop`] one leaves them
+/// stopped. A failed one resumes whatever it stopped.
+pub fn start_background(
+    ctx: &Arc<Context>,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    trigger: CheckpointTrigger,
+    purpose: Purpose,
+    stop: bool,
+) {
+    // A manual trigger counts as handled (whether the checkpoint succeeds or
+    // fails) when its outcome is recorded.
+    let manual = (trigger == CheckpointTrigger::Manual)
+        .then(|| pipeline.spec.checkpoint_trigger.clone())
+        .flatten();
+    let resume_after = stop && purpose == Purpose::Routine;
+    let (task_ctx, task_pipeline, task_plan) = (ctx.clone(), pipeline.clone(), plan.clone());
+    let task = tokio::spawn(async move {
+        let taken = take_and_store(&task_ctx, &task_pipeline, &task_plan, trigger, stop).await;
+        if resume_after
+            && taken.is_ok()
+            && let Err(failure) = resume(&task_ctx, &task_plan).await
+        {
+            warn!(pipeline = %task_plan.pipeline, reason = %failure, "resuming after an aligned checkpoint failed; retried next reconcile");
+        }
+        taken
+    });
+    ctx.background_checkpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            background_key(plan),
+            Background {
+                trigger,
+                purpose,
+                manual,
+                plan: plan.clone(),
+                task,
+            },
+        );
+}
+
+/// Starts the periodic or manual checkpoint that is due, in the background;
+/// returns when to look again. The reconcile never waits for an instance: a
+/// pod that accepts the connection and never answers holds only the
+/// background task, for the bounded request time.
+pub fn run_due(
     pipeline: &Pipeline,
     ctx: &Arc<Context>,
     plan: &Plan,
-    status: &mut PipelineStatus,
+    status: &PipelineStatus,
 ) -> Duration {
-    if collect_finished(ctx, pipeline, plan, status).await {
+    if in_flight(ctx, plan) {
         return BACKGROUND_POLL;
     }
     if let Some(trigger) = due(&pipeline.spec, status, Timestamp::now()) {
-        // A manual trigger counts as handled (whether the checkpoint succeeds or
-        // fails) when its outcome is recorded.
-        let manual = (trigger == CheckpointTrigger::Manual)
-            .then(|| pipeline.spec.checkpoint_trigger.clone())
-            .flatten();
         // With more than one stage the cut is aligned (stop, drain, resume): a
         // restore starts later stages at their input's end, which is exact only
         // for an aligned cut. One stage needs no pause: offsets and state of a
         // partition are committed together.
         let aligned = plan.stages.len() > 1;
-        let (task_ctx, task_pipeline, task_plan) = (ctx.clone(), pipeline.clone(), plan.clone());
-        let task = tokio::spawn(async move {
-            let taken =
-                take_and_store(&task_ctx, &task_pipeline, &task_plan, trigger, aligned).await;
-            if aligned
-                && taken.is_ok()
-                && let Err(failure) = resume(&task_ctx, &task_plan).await
-            {
-                warn!(pipeline = %task_plan.pipeline, reason = %failure, "resuming after an aligned checkpoint failed; retried next reconcile");
-            }
-            taken
-        });
-        ctx.background_checkpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                background_key(plan),
-                Background {
-                    trigger,
-                    manual,
-                    plan: plan.clone(),
-                    task,
-                },
-            );
+        start_background(ctx, pipeline, plan, trigger, Purpose::Routine, aligned);
         return BACKGROUND_POLL;
     }
     next_in(&pipeline.spec, status, Timestamp::now())

@@ -302,9 +302,54 @@ impl OperatorConfig {
     }
 }
 
+impl OperatorConfig {
+    /// The Secrets runtime pods read their Kafka credentials from (by name, in
+    /// the pipeline's namespace): those of clusters without per-pipeline
+    /// principals (whose pods read a Secret the operator makes).
+    pub fn runtime_secret_names(&self) -> std::collections::BTreeSet<String> {
+        self.kafka_clusters
+            .values()
+            .filter(|cluster| !cluster.per_pipeline_acls())
+            .flat_map(crate::resources::referenced_secret_keys)
+            .map(|key| key.secret.clone())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_secrets_are_those_of_clusters_without_per_pipeline_principals() {
+        let config = OperatorConfig::parse(
+            r#"
+kafkaClusters:
+  main:
+    bootstrapServers: kafka:9093
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {secret: kafka-user, key: username}
+      password: {secret: kafka-user, key: password}
+    tls:
+      ca: {secret: kafka-ca, key: ca.crt}
+  shared:
+    bootstrapServers: shared:9093
+    securityProtocol: SASL_SSL
+    sasl:
+      mechanism: SCRAM-SHA-512
+      username: {secret: shared-admin, key: username}
+      password: {secret: shared-admin, key: password}
+    authorization: {mode: Acls}
+  plain:
+    bootstrapServers: plain:9092
+"#,
+        )
+        .expect("parses");
+        let names: Vec<String> = config.runtime_secret_names().into_iter().collect();
+        assert_eq!(names, ["kafka-ca", "kafka-user"]);
+    }
 
     #[test]
     fn parses_helm_rendered_config() {

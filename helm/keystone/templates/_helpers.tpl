@@ -54,6 +54,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $names | uniq | sortAlpha | toJson -}}
 {{- end -}}
 
+{{/* The credential Secrets runtime pods read (in their own namespace): those of
+clusters without per-pipeline principals. */}}
+{{- define "keystone.runtimeKafkaSecrets" -}}
+{{- $names := list -}}
+{{- range $name, $cluster := .Values.kafka.clusters -}}
+{{- if not (and $cluster.authorization (eq $cluster.authorization.mode "Acls")) -}}
+{{- with $cluster.tls -}}
+{{- range $k := list "ca" "certificate" "key" -}}
+{{- with (get $.Values.kafka.clusters $name).tls -}}
+{{- with (get . $k) -}}{{- $names = append $names .secret -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $cluster.sasl -}}
+{{- $names = append $names .username.secret -}}
+{{- $names = append $names .password.secret -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $names | uniq | sortAlpha | toJson -}}
+{{- end -}}
+
 {{/* The operator's configuration file. */}}
 {{- define "keystone.config" -}}
 runtimeImage: {{ include "keystone.runtimeImage" . | quote }}
@@ -142,14 +164,15 @@ networkPolicy:
   resources: [secrets]
   verbs: [get, create, delete]
 {{- end }}
-{{- $secrets := include "keystone.kafkaSecrets" . | fromJsonArray }}
-{{- if and $secrets (not $acls) }}
+{{- $secrets := include "keystone.runtimeKafkaSecrets" . | fromJsonArray }}
+{{- if $secrets }}
 # The Kafka credential Secrets the runtime pods read (and no others): a digest
-# of them on the pod template rolls the pods when a credential is rotated.
+# of them on the pod template rolls the pods when a credential is rotated, and
+# the operator watches them by name to do so at once.
 - apiGroups: [""]
   resources: [secrets]
   resourceNames: {{ toJson $secrets }}
-  verbs: [get]
+  verbs: [get, list, watch]
 {{- end }}
 # Each pipeline's control token Secret, created once and never read back.
 - apiGroups: [""]

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use keystone_crds::pipeline::{
@@ -36,7 +36,7 @@ use keystone_crds::pipeline::{
 };
 use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{ContractErrors, Plan, check_processor, compile};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::ResetTimerBackoff;
@@ -142,6 +142,9 @@ struct Observed {
     generation: Option<i64>,
     old: Option<PipelineStatus>,
     status: PipelineStatus,
+    /// A background checkpoint this reconcile collected; `upgrade::prepare`
+    /// takes the stop checkpoint it was waiting for.
+    finished_checkpoint: Option<checkpoint::Finished>,
 }
 
 impl Observed {
@@ -218,6 +221,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         generation: pipeline.metadata.generation,
         old: pipeline.status.clone(),
         status: pipeline.status.clone().unwrap_or_default(),
+        finished_checkpoint: None,
     };
     let processors: Vec<Processor> = Api::<Processor>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default())
@@ -365,7 +369,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     // A background checkpoint that finished is recorded before anything else
     // happens to the pipeline; one still running holds what would stop or
     // replace its instances (`upgrade::prepare`).
-    checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
+    observed.finished_checkpoint =
+        checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
 
     let mut again: Option<Duration> = None;
     let runtime = if outcome.blocked {
@@ -410,6 +415,21 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             }
         }
     };
+    // A stop checkpoint nothing took (the spec changed again while it ran, or
+    // the topics are blocked): its instances must not stay stopped.
+    if let Some(unused) = observed.finished_checkpoint.take()
+        && unused.purpose == checkpoint::Purpose::Stop
+        && unused.result.is_ok()
+    {
+        info!(pipeline = %name, checkpoint = ?unused.result, "resuming the instances a stop checkpoint left that is no longer needed");
+        // In the background: a hung pod must not hold the reconcile.
+        let (task_ctx, plan) = (ctx.clone(), unused.plan);
+        tokio::spawn(async move {
+            if let Err(failure) = checkpoint::resume(&task_ctx, &plan).await {
+                warn!(pipeline = %plan.pipeline, reason = %failure, "could not resume the instances after an unneeded stop checkpoint");
+            }
+        });
+    }
     let generation = pipeline.metadata.generation.unwrap_or_default();
     let mut phase = observed.summarize(&contracts, Some(&outcome.condition), runtime.as_ref());
     if pipeline.spec.state == PipelineState::Suspended && !outcome.blocked {
@@ -424,8 +444,12 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     if phase == PipelinePhase::Running
         && let Some(running) = &rolled_out_plan
     {
-        next_checkpoint =
-            Some(checkpoint::run_due(pipeline, ctx, running, &mut observed.status).await);
+        next_checkpoint = Some(checkpoint::run_due(
+            pipeline,
+            ctx,
+            running,
+            &observed.status,
+        ));
     }
     observed.record(pipeline, ctx).await?;
 
@@ -671,6 +695,24 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             // Every watched namespace's pipelines: topics are shared across them.
             let known: Vec<Arc<Pipeline>> = cycle_ctx.pipeline_stores_now();
             cycles::pipelines_to_recheck(&changed, &known, cycle_default_cluster.as_deref())
+        });
+    // A rotated Kafka credential rolls the pods that read it at once (their
+    // template carries a digest of it): each such Secret is watched by name,
+    // which is all the chart's RBAC allows.
+    let pipeline_controller = watchable_secret_names(client, ns, &ctx.config)
+        .await
+        .into_iter()
+        .fold(pipeline_controller, |controller, secret| {
+            let in_namespace = store.clone();
+            // Names only: the reconcile reads the data itself when it needs it.
+            let changes = watcher(
+                api_for::<PartialObjectMeta<Secret>>(client, ns),
+                watcher::Config::default().fields(&format!("metadata.name={secret}")),
+            )
+            .touched_objects();
+            controller.watches_stream(changes, move |changed| {
+                pipelines_in_namespace(&in_namespace, &changed)
+            })
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
@@ -703,6 +745,50 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             });
     info!(namespace = ns.unwrap_or("(all)"), "controllers started");
     futures::join!(pipeline_controller, processor_controller);
+}
+
+/// The runtime credential Secrets the operator may watch. A watch it may not
+/// make (RBAC of an older chart) would fail on every retry and slow every
+/// other watch of the controller (they share one backoff), so each name is
+/// tried once first; without the watch, a rotation rolls the pods at the
+/// pipeline's next reconcile.
+async fn watchable_secret_names(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &crate::config::OperatorConfig,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for name in config.runtime_secret_names() {
+        let probe = ListParams::default()
+            .fields(&format!("metadata.name={name}"))
+            .limit(1);
+        match api_for::<Secret>(client, namespace)
+            .list_metadata(&probe)
+            .await
+        {
+            Ok(_) => names.push(name),
+            Err(error) => warn!(
+                secret = %name,
+                %error,
+                "cannot watch a Kafka credential Secret; its rotation rolls the pods at each pipeline's next reconcile"
+            ),
+        }
+    }
+    names
+}
+
+/// Every Pipeline in the namespace of `object`.
+fn pipelines_in_namespace<K: Resource>(
+    store: &Store<Pipeline>,
+    object: &K,
+) -> Vec<ObjectRef<Pipeline>> {
+    let namespace = object.meta().namespace.clone();
+    store
+        .state()
+        .iter()
+        .filter(|p| p.metadata.namespace == namespace)
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
 }
 
 /// How long a controller's watches wait after an error. kube-runtime merges

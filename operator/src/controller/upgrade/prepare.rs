@@ -2,6 +2,7 @@
 //! plan, the last stable one, or the running one held), and the checkpoints
 //! and restores a suspend, resume, restore or upgrade needs first.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keystone_crds::Plan;
@@ -34,7 +35,7 @@ const BACKGROUND_WAIT: Duration = Duration::from_secs(1);
 /// Decides what to run before the workloads are applied.
 pub(in crate::controller) async fn prepare(
     pipeline: &Pipeline,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     plan: &Plan,
     observed: &mut Observed,
     desired: &[DesiredTopic],
@@ -67,37 +68,50 @@ pub(in crate::controller) async fn prepare(
 
     // Suspend: stop at a checkpoint, then scale to zero. Resuming needs nothing
     // special: the stopped instances committed nothing after the checkpoint.
+    // The checkpoint runs in the background (a hung pod must not hold the
+    // reconcile); the reconcile that collects it scales to zero.
     if spec.state == PipelineState::Suspended {
         if ckpt::in_flight(ctx, plan) {
             return Ok(Prepared::Hold(BACKGROUND_WAIT));
         }
         let mut running = v.running_target(ctx, &observed.status).await?;
-        if observed.status.phase != Some(PipelinePhase::Suspended)
-            && instances_ready(ctx, &running.plan).await?
-        {
-            let pins = pinned(&observed.status);
-            let taken = ckpt::checkpoint_now(
-                ctx,
-                pipeline,
-                &running.plan,
-                CheckpointTrigger::Suspend,
-                true,
-                &mut observed.status,
-                &pins,
-            )
-            .await;
-            match taken {
-                Ok(_) => {}
-                Err(failure) => {
-                    observed.set(&Cond::new(
-                        SPEC_APPLIED,
-                        false,
-                        "SuspendCheckpointFailed",
-                        format!("the pipeline keeps running until a checkpoint at suspend succeeds: {failure}"),
-                    ));
-                    return Ok(Prepared::Hold(Duration::from_secs(30)));
-                }
+        let running_hash = running.plan.hash();
+        let taken = observed
+            .finished_checkpoint
+            .take_if(|f| f.is_stop_for(CheckpointTrigger::Suspend, &running_hash));
+        match taken.map(|f| f.result) {
+            Some(Ok(_)) => {}
+            Some(Err(failure)) => {
+                observed.set(&Cond::new(
+                    SPEC_APPLIED,
+                    false,
+                    "SuspendCheckpointFailed",
+                    format!("the pipeline keeps running until a checkpoint at suspend succeeds: {failure}"),
+                ));
+                return Ok(Prepared::Hold(Duration::from_secs(30)));
             }
+            // Not yet taken: take it, unless nothing runs to take it of (a
+            // stage not Ready commits nothing, as after a stop checkpoint).
+            None if observed.status.phase != Some(PipelinePhase::Suspended)
+                && instances_ready(ctx, &running.plan).await? =>
+            {
+                ckpt::start_background(
+                    ctx,
+                    pipeline,
+                    &running.plan,
+                    CheckpointTrigger::Suspend,
+                    ckpt::Purpose::Stop,
+                    true,
+                );
+                observed.set(&Cond::new(
+                    SPEC_APPLIED,
+                    false,
+                    "Suspending",
+                    "stopping every instance at a checkpoint before scaling to zero",
+                ));
+                return Ok(Prepared::Hold(BACKGROUND_WAIT));
+            }
+            None => {}
         }
         running.replicas = Some(0);
         return Ok(Prepared::Deploy(Box::new(running)));
@@ -110,6 +124,9 @@ pub(in crate::controller) async fn prepare(
             if ckpt::in_flight(ctx, plan) {
                 return Ok(Prepared::Hold(BACKGROUND_WAIT));
             }
+            // A restore replaces the instances: a stop checkpoint that just
+            // finished leaves them stopped, as the restore wants them.
+            observed.finished_checkpoint = None;
             let checkpoint = match ckpt::load_checkpoint(
                 ctx,
                 &v.namespace,
@@ -293,47 +310,67 @@ pub(in crate::controller) async fn prepare(
     let stateless = spec.upgrade.mode == UpgradeMode::Stateless;
     let state_reset = state_incompatible || stateless;
 
-    // The rollback point: a fresh checkpoint, or the last one (LastState, Stateless, Scale).
+    // The rollback point: a fresh checkpoint, or the last one (LastState,
+    // Stateless, Scale). A fresh one runs in the background with the upgrade
+    // in phase Checkpointing; the reconcile that collects it goes on.
     let fresh = spec.upgrade.mode == UpgradeMode::Checkpoint && change != "Scale";
-    if fresh && instances_ready(ctx, &running.plan).await? {
-        // The stable version's rollback point stays pinned until this upgrade has its own.
-        let pins = pinned(&observed.status);
-        let taken = ckpt::checkpoint_now(
-            ctx,
-            pipeline,
-            &running.plan,
-            CheckpointTrigger::Upgrade,
-            // Always a stop checkpoint: its cut is aligned across stages (what a
-            // rollback's restore of later stages relies on), and the new version
-            // starts exactly there. With Rolling the stopped instances hand
-            // their partitions over as they are replaced.
-            true,
-            &mut observed.status,
-            &pins,
-        )
-        .await;
-        match taken {
-            Ok(checkpoint) => {
-                upgrade.checkpoint = Some(checkpoint.id.clone());
-            }
-            Err(failure) => {
-                let message = format!(
-                    "the checkpoint before the upgrade failed, so the previous version keeps running and the upgrade is retried: {failure}"
-                );
-                upgrade.phase = UpgradePhase::Blocked;
-                upgrade.message = Some(message.clone());
-                observed.status.upgrade = Some(upgrade);
-                observed.set(&Cond::new(SPEC_APPLIED, false, "CheckpointFailed", message));
-                return Ok(Prepared::Hold(Duration::from_secs(30)));
-            }
+    let running_hash = running.plan.hash();
+    // A scale keeps the instances that run (a stopped one would stay
+    // stopped): a stop checkpoint taken for an earlier form of the change is
+    // left to the reconcile, which resumes them.
+    let taken = observed
+        .finished_checkpoint
+        .take_if(|f| change != "Scale" && f.is_stop_for(CheckpointTrigger::Upgrade, &running_hash));
+    match taken.map(|f| f.result) {
+        Some(Ok(id)) if fresh => upgrade.checkpoint = Some(id),
+        Some(Err(failure)) if fresh => {
+            let message = format!(
+                "the checkpoint before the upgrade failed, so the previous version keeps running and the upgrade is retried: {failure}"
+            );
+            upgrade.phase = UpgradePhase::Blocked;
+            upgrade.message = Some(message.clone());
+            observed.status.upgrade = Some(upgrade);
+            observed.set(&Cond::new(SPEC_APPLIED, false, "CheckpointFailed", message));
+            return Ok(Prepared::Hold(Duration::from_secs(30)));
         }
-    } else if change != "Scale" {
-        upgrade.checkpoint = observed
-            .status
-            .last_checkpoint
-            .as_ref()
-            .filter(|c| c.plan_hash.as_deref() == Some(deployed_hash.as_str()))
-            .map(|c| c.id.clone());
+        // Taken for a change that has since changed into one without a
+        // fresh checkpoint: the instances it stopped are replaced all the
+        // same, and it is the newest rollback point.
+        Some(Ok(id)) => upgrade.checkpoint = Some(id),
+        Some(Err(_)) => upgrade.checkpoint = last_checkpoint_of(&observed.status, &deployed_hash),
+        None if fresh && instances_ready(ctx, &running.plan).await? => {
+            // Always a stop checkpoint: its cut is aligned across stages (what
+            // a rollback's restore of later stages relies on), and the new
+            // version starts exactly there. With Rolling the stopped instances
+            // hand their partitions over as they are replaced.
+            ckpt::start_background(
+                ctx,
+                pipeline,
+                &running.plan,
+                CheckpointTrigger::Upgrade,
+                ckpt::Purpose::Stop,
+                true,
+            );
+            let message = format!(
+                "{change} from plan {deployed_hash} to {new_hash}: taking the checkpoint it starts from and can roll back to"
+            );
+            upgrade.phase = UpgradePhase::Checkpointing;
+            if let Some(previous) = &observed.status.upgrade
+                && previous.generation == upgrade.generation
+                && previous.to_plan_hash == upgrade.to_plan_hash
+            {
+                upgrade.started = previous.started.clone();
+            }
+            observed.status.upgrade = Some(upgrade);
+            observed.set(&Cond::new(SPEC_APPLIED, false, "Checkpointing", message));
+            return Ok(Prepared::Hold(BACKGROUND_WAIT));
+        }
+        // Not fresh, or no instance to ask (a stage not Ready commits
+        // nothing): the last checkpoint of the running plan.
+        None if change != "Scale" => {
+            upgrade.checkpoint = last_checkpoint_of(&observed.status, &deployed_hash);
+        }
+        None => {}
     }
 
     if state_reset {
@@ -384,13 +421,13 @@ pub(in crate::controller) async fn prepare(
     Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))))
 }
 
-/// Checkpoints an upgrade or a suspend must keep beyond the retention count.
-fn pinned(status: &PipelineStatus) -> Vec<String> {
+/// The newest checkpoint of the plan with `plan_hash`, if it is the last one taken.
+fn last_checkpoint_of(status: &PipelineStatus, plan_hash: &str) -> Option<String> {
     status
-        .upgrade
-        .iter()
-        .filter_map(|u| u.checkpoint.clone())
-        .collect()
+        .last_checkpoint
+        .as_ref()
+        .filter(|c| c.plan_hash.as_deref() == Some(plan_hash))
+        .map(|c| c.id.clone())
 }
 /// Publishes an event the first time an upgrade reaches a state.
 async fn announce_once(
