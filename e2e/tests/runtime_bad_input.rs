@@ -291,3 +291,82 @@ async fn a_record_over_the_size_limit_is_a_dead_letter_with_its_bytes() {
     );
     assert_eq!(dead[0].2["keystone.offset"], "0");
 }
+
+/// An event a step made larger than the record limit (a `map` doubling a
+/// 600,000-byte field) is a dead letter of step `sinks` with its original,
+/// instead of a sink record the broker refuses, which failed the
+/// transaction and, retried, stopped the stage; the partition goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_the_steps_grew_past_the_limit_is_a_dead_letter() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::ThreadedProducer;
+    let name = unique("grown");
+    let manifest = format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [id]
+    schema:
+      fields:
+        - {{name: id, type: string}}
+        - {{name: payload, type: string}}
+  steps:
+    - name: twice
+      map:
+        fields:
+          - {{name: payload, expression: 'payload + payload', type: string}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 1}}
+  delivery: ExactlyOnce
+  commitInterval: 300ms
+"#
+    );
+    let mut h = Harness::new(&name, &manifest, 1).await;
+    let source = h.plan.source.topic.clone();
+    let p: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .create()
+        .unwrap();
+    h.start("a", &[]);
+    let large = format!(r#"{{"id":"large","payload":"{}"}}"#, "x".repeat(600_000));
+    let records = vec![
+        ("k".to_owned(), r#"{"id":"before","payload":"ab"}"#.to_owned()),
+        ("k".to_owned(), large.clone()),
+        ("k".to_owned(), r#"{"id":"after","payload":"cd"}"#.to_owned()),
+    ];
+    produce(&p, &source, &records);
+    let values = sink_values(&h, 2);
+    assert_eq!(
+        values,
+        [
+            r#"{"id":"before","payload":"abab"}"#,
+            r#"{"id":"after","payload":"cdcd"}"#
+        ],
+        "{}",
+        h.log("a")
+    );
+    let dead = read_committed(
+        &h.bootstrap,
+        &h.plan.dead_letter_topic,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1, large, "the whole original");
+    assert_eq!(dead[0].2["keystone.step"], "sinks");
+    let grown = r#"{"id":"large","payload":""}"#.len() + 1_200_000;
+    assert_eq!(
+        dead[0].2["keystone.reason"],
+        format!(
+            "the event is {grown} bytes after the steps, larger than the limit of 1000000 bytes for a record a stage writes"
+        )
+    );
+    assert_eq!(dead[0].2["keystone.offset"], "1");
+    assert!(!h.log("a").contains("panicked"), "{}", h.log("a"));
+}

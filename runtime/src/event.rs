@@ -28,6 +28,19 @@ pub struct Provenance {
     pub offset: i64,
 }
 
+/// Why an event that left the steps is too large to be written as one record
+/// (`bytes` serialized), if it is: a step can make an event larger than any
+/// input (a `map` adding fields), and a broker refuses a record over its
+/// limit, which would fail the batch and, retried, stop the stage. The bound
+/// is the one for input, so whatever a stage writes another stage can read.
+pub fn too_large_to_write(bytes: usize) -> Option<String> {
+    (bytes > MAX_EVENT_BYTES).then(|| {
+        format!(
+            "the event is {bytes} bytes after the steps, larger than the limit of {MAX_EVENT_BYTES} bytes for a record a stage writes"
+        )
+    })
+}
+
 impl Event {
     /// An event of a document and the bytes it was read from, of no known source record.
     pub fn new(value: Value, raw: Vec<u8>) -> Event {

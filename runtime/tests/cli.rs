@@ -519,3 +519,83 @@ fn run_reads_stdin_and_refuses_invalid_pipelines() {
         )
     );
 }
+
+/// A step can make an event larger than any input (here a `map` doubling a
+/// 600,000-byte field): such an event is a dead letter of step `sinks`, with
+/// its size and original, whether it would go to `--output` or to a routed
+/// sink, and the events after it are written.
+#[test]
+fn run_dead_letters_events_the_steps_grew_past_the_record_limit() {
+    let pipeline = scratch(
+        "grow.yaml",
+        r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: grow, namespace: tests}
+spec:
+  source:
+    topic: in
+    schema:
+      fields:
+        - {name: id, type: string}
+        - {name: payload, type: string}
+  steps:
+    - name: twice
+      map:
+        fields:
+          - {name: payload, expression: 'payload + payload', type: string}
+  sinks:
+    - name: out
+      kafka: {topic: out}
+"#,
+    );
+    let large = format!(r#"{{"id":"large","payload":"{}"}}"#, "x".repeat(600_000));
+    let input = scratch(
+        "grow-in.jsonl",
+        &format!(
+            "{}\n{large}\n{}\n",
+            r#"{"id":"before","payload":"ab"}"#, r#"{"id":"after","payload":"cd"}"#
+        ),
+    );
+    for routed in [false, true] {
+        let output = scratch(&format!("grow-out-{routed}.jsonl"), "");
+        let dead = scratch(&format!("grow-dead-{routed}.jsonl"), "");
+        let mut command = bin();
+        command.arg("run").arg(&pipeline).arg("--input").arg(&input);
+        if routed {
+            command.arg("--sink").arg(format!("out={}", output.display()));
+        } else {
+            command.arg("--output").arg(&output);
+        }
+        let out = command.arg("--dead-letters").arg(&dead).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let written: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            written,
+            [
+                serde_json::json!({"id": "before", "payload": "abab"}),
+                serde_json::json!({"id": "after", "payload": "cdcd"}),
+            ],
+            "routed: {routed}"
+        );
+        let letters: Vec<serde_json::Value> = std::fs::read_to_string(&dead)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(letters.len(), 1, "routed: {routed}");
+        assert_eq!(letters[0]["step"], "sinks");
+        assert_eq!(letters[0]["original"], large.as_str());
+        let grown = r#"{"id":"large","payload":""}"#.len() + 1_200_000;
+        assert_eq!(
+            letters[0]["reason"],
+            format!(
+                "the event is {grown} bytes after the steps, larger than the limit of 1000000 bytes for a record a stage writes"
+            ),
+            "routed: {routed}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::clock::SystemClock;
 use crate::connectors::SinkOutput;
-use crate::event::{DeadLetter, FieldPath, Provenance};
+use crate::event::{DeadLetter, FieldPath, Provenance, too_large_to_write};
 use crate::host::commit::SealedEpoch;
 use crate::host::rebalance::ConsumerCtx;
 use crate::host::restore::ActiveRestore;
@@ -179,6 +179,18 @@ impl Core {
             .collect();
         for event in events {
             let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
+            if let Some(reason) = too_large_to_write(value.len()) {
+                let step = match self.route {
+                    Route::Repartition { .. } => "repartition",
+                    Route::Sinks(_) => "sinks",
+                };
+                dead_letters.push(DeadLetter {
+                    step: step.to_owned(),
+                    reason,
+                    original: event.raw,
+                });
+                continue;
+            }
             match &mut self.route {
                 Route::Repartition { topic, key } => match record_key(&event, key) {
                     Some(key) => self.outbox.send(
@@ -188,7 +200,7 @@ impl Core {
                         None,
                         provenance_headers(event.source),
                     )?,
-                    None => dead_letters.push(crate::event::DeadLetter {
+                    None => dead_letters.push(DeadLetter {
                         step: "repartition".to_owned(),
                         reason: format!(
                             "the event lacks a key field of the repartition topic {topic} ({})",

@@ -20,7 +20,7 @@ use keystone_crds::{ManifestErrors, PLAN_VERSION, Plan, Reading};
 
 use crate::clock::Clock;
 use crate::error::RuntimeError;
-use crate::event::{DeadLetter, Event};
+use crate::event::{DeadLetter, Event, too_large_to_write};
 use crate::ops::Table;
 use crate::task::{SourceCheck, StageTask, StepMetrics, TaskOptions};
 
@@ -380,20 +380,35 @@ pub fn run<R: BufRead, W: Write, D: Write>(
     let mut out_buf = Vec::with_capacity(1 << 20);
     let mut dl_buf = Vec::new();
     let output_name = Path::new("output");
-    let mut write = |(events, mut dead): Batch,
+    let mut write = |(mut events, mut dead): Batch,
                      last: bool,
                      summary: &mut RunSummary|
      -> Result<(), RuntimeError> {
         if sinks.output_used {
             out_buf.clear();
-            for event in &events {
+            let mut written = Vec::with_capacity(events.len());
+            for event in events {
+                let start = out_buf.len();
                 event.write_json_line(&mut out_buf);
+                // Without the line end: the record a Kafka sink would write.
+                match too_large_to_write(out_buf.len() - start - 1) {
+                    None => written.push(event),
+                    Some(reason) => {
+                        out_buf.truncate(start);
+                        dead.push(DeadLetter {
+                            step: "sinks".to_owned(),
+                            reason,
+                            original: event.raw,
+                        });
+                    }
+                }
             }
+            events = written;
             output
                 .write_all(&out_buf)
                 .map_err(|e| RuntimeError::io(output_name, e))?;
         }
-        dead.extend(sinks.write(&events)?);
+        dead.extend(sinks.write(&mut events)?);
         if last {
             // What the routed sinks refuse while they finish writing.
             dead.extend(sinks.finish()?);

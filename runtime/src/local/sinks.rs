@@ -18,7 +18,7 @@ use crate::connectors::{
     self, Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord,
 };
 use crate::error::RuntimeError;
-use crate::event::{DeadLetter, Event};
+use crate::event::{DeadLetter, Event, too_large_to_write};
 
 /// How long the end of a run waits for connected sinks to finish writing.
 const FINISH_WAIT: Duration = Duration::from_secs(120);
@@ -88,22 +88,35 @@ impl LocalSinks {
         self.routed.is_empty()
     }
 
-    /// Writes events to the routed sinks; what they refuse is returned.
-    pub fn write(&mut self, events: &[Event]) -> Result<Vec<DeadLetter>, RuntimeError> {
+    /// Writes events to the routed sinks; what they refuse is returned. An
+    /// event too large to be written as one record is refused before any sink
+    /// sees it, and taken out of `events`, as the stage's host does.
+    pub fn write(&mut self, events: &mut Vec<Event>) -> Result<Vec<DeadLetter>, RuntimeError> {
         let mut out = SinkOutput::default();
         if self.routed.is_empty() {
             return Ok(out.dead_letters);
         }
-        for event in events {
+        let mut written = Vec::with_capacity(events.len());
+        for event in events.drain(..) {
             let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
+            if let Some(reason) = too_large_to_write(value.len()) {
+                out.dead_letters.push(DeadLetter {
+                    step: "sinks".to_owned(),
+                    reason,
+                    original: event.raw,
+                });
+                continue;
+            }
             let record = SinkRecord {
-                event,
+                event: &event,
                 value: &value,
             };
             for sink in &mut self.routed {
                 sink.write(&record, &mut out).map_err(sink_error)?;
             }
+            written.push(event);
         }
+        *events = written;
         Ok(out.dead_letters)
     }
 
