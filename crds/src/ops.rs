@@ -82,7 +82,9 @@ pub struct DedupSpec {
     /// How long a key is remembered after its first event.
     pub window: Duration,
     /// A timestamp or epoch-milliseconds field to measure the window in event time.
-    /// Without it the window runs on processing time.
+    /// Without it the window runs on processing time. An event whose time is
+    /// more than 1 hour ahead of processing time is dead-lettered (one event
+    /// far in the future would otherwise expire every remembered key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub event_time_field: Option<String>,
