@@ -409,38 +409,6 @@ async fn control_endpoints_refuse_anyone_but_the_operator() {
     assert!(!spec.contains("Bearer"), "{spec}");
 }
 
-/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves
-/// no frozen pod behind.
-struct Frozen(nix::unistd::Pid);
-
-impl Frozen {
-    /// Stops the runtime process of `pod`: its socket stays open, so
-    /// connections are accepted by the kernel, but nothing answers.
-    fn freeze(t: &Setup, pod: &Pod) -> Self {
-        let pid_file =
-            t.tb.state_dir()
-                .join("kubelet/pids")
-                .join(format!("{}_runtime.pid", pod.uid().expect("pod uid")));
-        // "<pid> <start time>", as the process kubelet records it.
-        let recorded = std::fs::read_to_string(&pid_file)
-            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
-        let pid: i32 = recorded
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("{}: {recorded:?}", pid_file.display()));
-        let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-        Self(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
 #[tokio::test]
 async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
     let t = Setup::new("op-hang").await;
@@ -449,7 +417,7 @@ async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
 
     // The stage's one instance hangs.
     let pod = t.pod().await;
-    let frozen = Frozen::freeze(&t, &pod);
+    let frozen = Frozen::freeze(&t.tb, &pod);
 
     // A manual checkpoint: the operator asks the hung pod and waits for up to
     // its request timeout. Meanwhile another change of the same pipeline is
@@ -533,7 +501,7 @@ async fn a_suspend_waits_for_a_hung_pod_in_the_background() {
     // restarts a pod whose /healthz fails 3 times 10 s apart, so the pod
     // stays frozen well below 30 s.
     let pod = t.pod().await;
-    let frozen = Frozen::freeze(&t, &pod);
+    let frozen = Frozen::freeze(&t.tb, &pod);
     let suspended = pipelines
         .patch(
             NAME,

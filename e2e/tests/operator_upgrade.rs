@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::{PipelinePhase, UpgradePhase};
 use keystone_e2e::{TestNamespace, Testbed, wait_for};
@@ -1009,6 +1009,72 @@ async fn the_operator_killed_while_checkpointing_for_an_upgrade_leaves_nothing_s
         23,
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_operator_killed_during_an_aligned_checkpoint_leaves_nothing_stopped() {
+    // Two stages (declared keyed by `action`, deduplicated by (user, seq)
+    // behind a repartition topic): a checkpoint stops every instance at an
+    // aligned cut and resumes them once taken. The operator dies in between.
+    let steps = r#"    - name: once
+      dedup: {key: [user, seq], window: 10m}"#;
+    let (flow, producer) = Flow::start_keyed("kill-aligned", 2, "", steps, "action")
+        .await
+        .under_load()
+        .await;
+    // The second stage hangs, so the checkpoint holds the first one stopped
+    // while it waits for the second to consume its input (up to a minute):
+    // the kill lands there.
+    let second: Api<Pod> = flow.ns.api();
+    let pod = second
+        .list(&ListParams::default().labels("keystone.dev/pipeline=orders,keystone.dev/stage=s1"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("a pod of the second stage");
+    let frozen = Frozen::freeze(&flow.tb, &pod);
+    flow.patch(json!({"spec": {"checkpointTrigger": "k1"}}))
+        .await;
+    let (successor, _) = kill_operator_when(
+        &flow,
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.checkpoint_in_progress.is_some())
+        },
+        Duration::from_millis(1000),
+        41,
+    )
+    .await;
+    drop(frozen);
+    // The successor records the unfinished checkpoint as failed, resumes what
+    // it stopped, and takes the manual checkpoint again (its trigger was not
+    // handled); the pipeline is Ready with every instance processing.
+    let done = wait_with(&flow, &successor, "checkpointed again and Ready", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            s.last_checkpoint_trigger.as_deref() == Some("k1")
+                && s.checkpoint_in_progress.is_none()
+                && s.last_checkpoint.is_some()
+        }) && condition_is(p, "Ready", "True")
+    })
+    .await;
+    let status = done.status.clone().unwrap_or_default();
+    let failed = status
+        .last_failed_checkpoint
+        .and_then(|c| c.reason)
+        .unwrap_or_default();
+    assert!(
+        failed.contains("the operator stopped while taking this checkpoint"),
+        "{failed}\n{}",
+        tail(&successor.log_text(), 40)
+    );
+    let seen = flow.finish(producer, false).await;
+    eprintln!(
+        "| operator SIGKILLed during an aligned (stop) checkpoint of 2 stages | 100 events/s, 8 users | 2 stages | {} | 0 | 0 | n/a (2 stages) | |",
+        seen.len()
+    );
 }
 
 #[tokio::test]

@@ -335,9 +335,15 @@ spec:
     h.start("a", &[]);
     let large = format!(r#"{{"id":"large","payload":"{}"}}"#, "x".repeat(600_000));
     let records = vec![
-        ("k".to_owned(), r#"{"id":"before","payload":"ab"}"#.to_owned()),
+        (
+            "k".to_owned(),
+            r#"{"id":"before","payload":"ab"}"#.to_owned(),
+        ),
         ("k".to_owned(), large.clone()),
-        ("k".to_owned(), r#"{"id":"after","payload":"cd"}"#.to_owned()),
+        (
+            "k".to_owned(),
+            r#"{"id":"after","payload":"cd"}"#.to_owned(),
+        ),
     ];
     produce(&p, &source, &records);
     let values = sink_values(&h, 2);

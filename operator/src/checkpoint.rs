@@ -30,7 +30,7 @@ use keystone_crds::checkpoint::{
     CheckpointTrigger, InstanceCheckpoint, PipelineCheckpoint, Positions, StageCheckpoint,
 };
 use keystone_crds::pipeline::{
-    CheckpointSummary, Pipeline, PipelinePhase, PipelineSpec, PipelineStatus,
+    CheckpointInProgress, CheckpointSummary, Pipeline, PipelinePhase, PipelineSpec, PipelineStatus,
 };
 use keystone_crds::plan::{Plan, PlanStage, TopicRole};
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -739,6 +739,7 @@ pub async fn collect_finished(
             "the checkpoint task ended without an answer: {e}"
         )))
     });
+    status.checkpoint_in_progress = None;
     if done.trigger == CheckpointTrigger::Manual {
         status.last_checkpoint_trigger = done.manual;
     }
@@ -758,6 +759,70 @@ pub async fn collect_finished(
         plan: done.plan,
         result: result.map(|c| c.id).map_err(|f| f.reason),
     })
+}
+
+/// A checkpoint status says is being taken, but that no task of this
+/// operator takes: its predecessor stopped (crashed, was killed, lost its
+/// lease) while taking it. It is recorded as failed; the instances a
+/// periodic or manual one stopped at its barrier are resumed (a manual one
+/// is taken again: its trigger was not handled). An upgrade's or suspend's
+/// stopped instances are left to the upgrade or suspend, which replaces them
+/// or scales them to zero.
+pub async fn recover_orphaned(
+    ctx: &Arc<Context>,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    status: &mut PipelineStatus,
+) {
+    let Some(orphan) = status.checkpoint_in_progress.clone() else {
+        return;
+    };
+    if in_flight(ctx, plan) {
+        return;
+    }
+    status.checkpoint_in_progress = None;
+    let reason = format!(
+        "the operator stopped while taking this checkpoint (started {}); {}",
+        orphan.started.0,
+        if orphan.stop {
+            "its instances may have stopped at the barrier"
+        } else {
+            "nothing was stopped"
+        }
+    );
+    warn!(pipeline = %pipeline.name_any(), %reason, "a checkpoint was left unfinished");
+    status.last_failed_checkpoint = Some(CheckpointSummary {
+        id: checkpoint_id(orphan.started.0),
+        time: Time(Timestamp::now()),
+        reason: Some(reason.clone()),
+        trigger: Some(orphan.trigger.clone()),
+        plan_hash: Some(orphan.plan_hash.clone()),
+    });
+    ctx.metrics.checkpoints.with_label_values(&["failed"]).inc();
+    ctx.publish(
+        pipeline,
+        true,
+        "CheckpointFailed",
+        "Checkpoint",
+        format!("{} checkpoint failed: {reason}", orphan.trigger),
+    )
+    .await;
+    let routine = orphan.trigger == CheckpointTrigger::Periodic.as_str()
+        || orphan.trigger == CheckpointTrigger::Manual.as_str();
+    if orphan.stop && routine {
+        // In the background: a hung pod must not hold the reconcile.
+        let (task_ctx, task_plan) = (ctx.clone(), plan.clone());
+        tokio::spawn(async move {
+            match resume(&task_ctx, &task_plan).await {
+                Ok(()) => {
+                    info!(pipeline = %task_plan.pipeline, "resumed the instances an unfinished checkpoint stopped")
+                }
+                Err(failure) => {
+                    warn!(pipeline = %task_plan.pipeline, reason = %failure, "could not resume the instances an unfinished checkpoint stopped")
+                }
+            }
+        });
+    }
 }
 
 /// The checkpoint an upgrade may roll back to: never pruned.
@@ -792,7 +857,14 @@ pub fn start_background(
     trigger: CheckpointTrigger,
     purpose: Purpose,
     stop: bool,
+    status: &mut PipelineStatus,
 ) {
+    status.checkpoint_in_progress = Some(CheckpointInProgress {
+        trigger: trigger.as_str().to_owned(),
+        plan_hash: plan.hash(),
+        stop,
+        started: Time(Timestamp::now()),
+    });
     // A manual trigger counts as handled (whether the checkpoint succeeds or
     // fails) when its outcome is recorded.
     let manual = (trigger == CheckpointTrigger::Manual)
@@ -833,7 +905,7 @@ pub fn run_due(
     pipeline: &Pipeline,
     ctx: &Arc<Context>,
     plan: &Plan,
-    status: &PipelineStatus,
+    status: &mut PipelineStatus,
 ) -> Duration {
     if in_flight(ctx, plan) {
         return BACKGROUND_POLL;
@@ -844,7 +916,15 @@ pub fn run_due(
         // for an aligned cut. One stage needs no pause: offsets and state of a
         // partition are committed together.
         let aligned = plan.stages.len() > 1;
-        start_background(ctx, pipeline, plan, trigger, Purpose::Routine, aligned);
+        start_background(
+            ctx,
+            pipeline,
+            plan,
+            trigger,
+            Purpose::Routine,
+            aligned,
+            status,
+        );
         return BACKGROUND_POLL;
     }
     next_in(&pipeline.spec, status, Timestamp::now())

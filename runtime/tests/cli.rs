@@ -562,7 +562,9 @@ spec:
         let mut command = bin();
         command.arg("run").arg(&pipeline).arg("--input").arg(&input);
         if routed {
-            command.arg("--sink").arg(format!("out={}", output.display()));
+            command
+                .arg("--sink")
+                .arg(format!("out={}", output.display()));
         } else {
             command.arg("--output").arg(&output);
         }

@@ -19,8 +19,8 @@ pub use sinks::{
     ParquetSinkSpec, SinkKind, SinkSecretKey, SinkSecretRef, SinkSpec,
 };
 pub use status::{
-    CheckpointSummary, PipelinePhase, PipelineStatus, RestoreStatus, StageStatus, TopicStatus,
-    UpgradePhase, UpgradeStatus,
+    CheckpointInProgress, CheckpointSummary, PipelinePhase, PipelineStatus, RestoreStatus,
+    StageStatus, TopicStatus, UpgradePhase, UpgradeStatus,
 };
 
 /// A real-time data pipeline: events from a Kafka topic flow through an ordered

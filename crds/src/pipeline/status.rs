@@ -40,6 +40,12 @@ pub struct PipelineStatus {
     /// with the per-stage, per-partition offsets and state positions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointSummary>,
+    /// The checkpoint being taken, while it is. An operator that takes over
+    /// from one that stopped while taking it records it as failed and resumes
+    /// the instances it may have stopped.
+    // Written as null when none, so that the operator's merge patch of status removes it.
+    #[serde(default)]
+    pub checkpoint_in_progress: Option<CheckpointInProgress>,
     /// The `spec.checkpointTrigger` value last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_trigger: Option<String>,
@@ -64,6 +70,21 @@ pub struct PipelineStatus {
     /// The `spec.restore` request last acted on: a request is carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restore_request: Option<RestoreSpec>,
+}
+
+/// A checkpoint being taken.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointInProgress {
+    /// What asked for it: Periodic, Manual, Upgrade or Suspend.
+    pub trigger: String,
+    /// Hash of the plan it is taken of.
+    pub plan_hash: String,
+    /// Whether the instances stop at its barrier (and wait there to be resumed,
+    /// replaced or scaled to zero).
+    pub stop: bool,
+    /// When it started.
+    pub started: Time,
 }
 
 /// Where an upgrade is.

@@ -563,3 +563,37 @@ pub async fn wait_ready_with_runtime(
     .await
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
 }
+
+/// A runtime pod's process stopped with SIGSTOP: its socket stays open, so
+/// connections are accepted by the kernel, but nothing answers and nothing
+/// is consumed. SIGCONT when dropped, so a failing test leaves no frozen pod.
+/// The kubelet restarts a pod whose /healthz fails 3 times 10 s apart: keep
+/// it frozen well below 30 s.
+pub struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    pub fn freeze(tb: &Testbed, pod: &k8s_openapi::api::core::v1::Pod) -> Self {
+        use kube::ResourceExt as _;
+        let pid_file = tb
+            .state_dir()
+            .join("kubelet/pids")
+            .join(format!("{}_runtime.pid", pod.uid().expect("pod uid")));
+        // "<pid> <start time>", as the process kubelet records it.
+        let recorded = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+        let pid: i32 = recorded
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{}: {recorded:?}", pid_file.display()));
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}

@@ -269,23 +269,28 @@ pub(super) async fn post_resume(instances: &[Instance], token: &str) -> Result<(
     }
 }
 
-/// Resumes every instance of the pipeline's stages (after a checkpoint with
-/// `stop`, or a suspend), whatever its plan. Instances that are not stopped
+/// Resumes every instance of the pipeline (after a checkpoint with `stop`, or
+/// a suspend), whatever its plan or stage. Instances that are not stopped
 /// ignore it.
 pub async fn resume(ctx: &Context, plan: &Plan) -> Result<(), CheckpointFailure> {
+    let selector = format!("{LABEL_PIPELINE}={}", plan.pipeline);
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &plan.namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| {
+            CheckpointFailure::new(format!(
+                "listing pods {selector} in {}: {e}",
+                plan.namespace
+            ))
+        })?;
     let mut targets = Vec::new();
-    for stage in &plan.stages {
-        for pod in stage_pods(ctx, plan, stage)
-            .await
-            .map_err(CheckpointFailure::new)?
-        {
-            if pod.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            if let Some(base) = base_url(&pod) {
-                let pod = pod.metadata.name.clone().unwrap_or_default();
-                targets.push(Instance { pod, base });
-            }
+    for pod in pods.items {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Some(base) = base_url(&pod) {
+            let pod = pod.metadata.name.clone().unwrap_or_default();
+            targets.push(Instance { pod, base });
         }
     }
     let token = crate::control::token(ctx, &plan.namespace, &plan.pipeline)

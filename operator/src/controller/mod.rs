@@ -371,6 +371,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     // replace its instances (`upgrade::prepare`).
     observed.finished_checkpoint =
         checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
+    checkpoint::recover_orphaned(ctx, pipeline, &plan, &mut observed.status).await;
 
     let mut again: Option<Duration> = None;
     let runtime = if outcome.blocked {
@@ -448,7 +449,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             pipeline,
             ctx,
             running,
-            &observed.status,
+            &mut observed.status,
         ));
     }
     observed.record(pipeline, ctx).await?;

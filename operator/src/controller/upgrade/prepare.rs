@@ -102,6 +102,7 @@ pub(in crate::controller) async fn prepare(
                     CheckpointTrigger::Suspend,
                     ckpt::Purpose::Stop,
                     true,
+                    &mut observed.status,
                 );
                 observed.set(&Cond::new(
                     SPEC_APPLIED,
@@ -350,6 +351,7 @@ pub(in crate::controller) async fn prepare(
                 CheckpointTrigger::Upgrade,
                 ckpt::Purpose::Stop,
                 true,
+                &mut observed.status,
             );
             let message = format!(
                 "{change} from plan {deployed_hash} to {new_hash}: taking the checkpoint it starts from and can roll back to"
