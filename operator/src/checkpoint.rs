@@ -695,17 +695,26 @@ pub struct Background {
 pub struct Finished {
     pub trigger: CheckpointTrigger,
     pub purpose: Purpose,
-    /// The plan it was taken of.
+    /// A plan of the pipeline, to find its instances by (the one it was taken
+    /// of, or for an orphan the current one).
     pub plan: Plan,
+    /// The hash of the plan it was taken of.
+    pub plan_hash: String,
     /// The checkpoint's id, or why it failed.
     pub result: Result<String, String>,
+    /// Left unfinished by an operator that stopped while taking it: whether
+    /// its instances stopped is unknown, and nothing resumed them.
+    pub orphan: bool,
 }
 
 impl Finished {
     /// Whether this is the stop checkpoint `trigger` asked for, of the plan
-    /// with `plan_hash`.
+    /// with `plan_hash`, taken by this operator.
     pub fn is_stop_for(&self, trigger: CheckpointTrigger, plan_hash: &str) -> bool {
-        self.purpose == Purpose::Stop && self.trigger == trigger && self.plan.hash() == plan_hash
+        self.purpose == Purpose::Stop
+            && !self.orphan
+            && self.trigger == trigger
+            && self.plan_hash == plan_hash
     }
 }
 
@@ -756,8 +765,10 @@ pub async fn collect_finished(
     Some(Finished {
         trigger: done.trigger,
         purpose: done.purpose,
+        plan_hash: done.plan.hash(),
         plan: done.plan,
         result: result.map(|c| c.id).map_err(|f| f.reason),
+        orphan: false,
     })
 }
 
@@ -765,20 +776,20 @@ pub async fn collect_finished(
 /// operator takes: its predecessor stopped (crashed, was killed, lost its
 /// lease) while taking it. It is recorded as failed; the instances a
 /// periodic or manual one stopped at its barrier are resumed (a manual one
-/// is taken again: its trigger was not handled). An upgrade's or suspend's
-/// stopped instances are left to the upgrade or suspend, which replaces them
-/// or scales them to zero.
+/// is taken again: its trigger was not handled). An upgrade's or suspend's is
+/// returned: the upgrade or suspend goes on as if it had not started (its
+/// stopped instances are not Ready, so they are replaced or scaled to zero
+/// without a new checkpoint), and if the change was withdrawn meanwhile the
+/// reconcile resumes them.
 pub async fn recover_orphaned(
     ctx: &Arc<Context>,
     pipeline: &Pipeline,
     plan: &Plan,
     status: &mut PipelineStatus,
-) {
-    let Some(orphan) = status.checkpoint_in_progress.clone() else {
-        return;
-    };
+) -> Option<Finished> {
+    let orphan = status.checkpoint_in_progress.clone()?;
     if in_flight(ctx, plan) {
-        return;
+        return None;
     }
     status.checkpoint_in_progress = None;
     let reason = format!(
@@ -807,9 +818,20 @@ pub async fn recover_orphaned(
         format!("{} checkpoint failed: {reason}", orphan.trigger),
     )
     .await;
-    let routine = orphan.trigger == CheckpointTrigger::Periodic.as_str()
-        || orphan.trigger == CheckpointTrigger::Manual.as_str();
-    if orphan.stop && routine {
+    let stopping = [CheckpointTrigger::Upgrade, CheckpointTrigger::Suspend]
+        .into_iter()
+        .find(|t| t.as_str() == orphan.trigger);
+    if let Some(trigger) = stopping {
+        return Some(Finished {
+            trigger,
+            purpose: Purpose::Stop,
+            plan: plan.clone(),
+            plan_hash: orphan.plan_hash,
+            result: Err(reason),
+            orphan: true,
+        });
+    }
+    if orphan.stop {
         // In the background: a hung pod must not hold the reconcile.
         let (task_ctx, task_plan) = (ctx.clone(), plan.clone());
         tokio::spawn(async move {
@@ -823,6 +845,7 @@ pub async fn recover_orphaned(
             }
         });
     }
+    None
 }
 
 /// The checkpoint an upgrade may roll back to: never pruned.

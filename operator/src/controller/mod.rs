@@ -371,9 +371,15 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     // replace its instances (`upgrade::prepare`).
     observed.finished_checkpoint =
         checkpoint::collect_finished(ctx, pipeline, &plan, &mut observed.status).await;
-    checkpoint::recover_orphaned(ctx, pipeline, &plan, &mut observed.status).await;
+    if let Some(orphan) =
+        checkpoint::recover_orphaned(ctx, pipeline, &plan, &mut observed.status).await
+    {
+        observed.finished_checkpoint = Some(orphan);
+    }
 
     let mut again: Option<Duration> = None;
+    // The plan hash and replicas just deployed, if any.
+    let mut deployed: Option<(String, Option<i32>)> = None;
     let runtime = if outcome.blocked {
         // The runtime keeps the version it runs; it cannot run the new plan without its topics.
         find_cond(&observed.status, RUNTIME_READY)
@@ -384,6 +390,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 find_cond(&observed.status, RUNTIME_READY)
             }
             Prepared::Deploy(target) => {
+                deployed = Some((target.plan.hash(), target.replicas));
                 // The pipeline's own principal and ACLs, before pods use them.
                 crate::acls::reconcile_pipeline(ctx, pipeline, &target.plan).await?;
                 let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
@@ -417,10 +424,17 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         }
     };
     // A stop checkpoint nothing took (the spec changed again while it ran, or
-    // the topics are blocked): its instances must not stay stopped.
+    // the topics are blocked): its instances must not stay stopped. One left
+    // unfinished by a predecessor may have stopped them too: they are resumed
+    // when the plan it was taken of keeps running as it is (instances being
+    // replaced or scaled to zero are left alone).
     if let Some(unused) = observed.finished_checkpoint.take()
         && unused.purpose == checkpoint::Purpose::Stop
-        && unused.result.is_ok()
+        && (unused.result.is_ok() && !unused.orphan
+            || unused.orphan
+                && deployed.as_ref().is_some_and(|(hash, replicas)| {
+                    *hash == unused.plan_hash && *replicas != Some(0)
+                }))
     {
         info!(pipeline = %name, checkpoint = ?unused.result, "resuming the instances a stop checkpoint left that is no longer needed");
         // In the background: a hung pod must not hold the reconcile.
