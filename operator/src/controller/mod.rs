@@ -447,7 +447,13 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     let generation = pipeline.metadata.generation.unwrap_or_default();
     let mut phase = observed.summarize(&contracts, Some(&outcome.condition), runtime.as_ref());
-    if pipeline.spec.state == PipelineState::Suspended && !outcome.blocked {
+    // Suspended once scaled to zero (or still, while nothing is deployed), not
+    // while the suspend's checkpoint is being taken.
+    let scaled_to_zero = match &deployed {
+        Some((_, replicas)) => *replicas == Some(0),
+        None => observed.old.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Suspended),
+    };
+    if pipeline.spec.state == PipelineState::Suspended && scaled_to_zero {
         phase = PipelinePhase::Suspended;
     } else if let Some(upgrading) = upgrade::phase_override(&observed.status, generation) {
         phase = upgrading;
