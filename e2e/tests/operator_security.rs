@@ -54,7 +54,9 @@ async fn policy_refuses_a_disallowed_image_and_an_oversize_topic_and_creates_not
 policy:
   allowedRuntimeImages: ["keystone/runtime:*"]
   maxPartitions: 8
+  maxReplicationFactor: 1
   allowedTopicConfigs: [retention.ms]
+  maxTopicConfigValues: {retention.ms: 2592000000}
 "#,
     );
     let operator = OperatorProcess::start_with(
@@ -98,7 +100,8 @@ policy:
     assert!(c.message.contains("spec.runtimeImage"), "{}", c.message);
     assert!(c.message.contains("keystone/runtime:*"), "{}", c.message);
 
-    // More partitions than the quota, and a topic config off the allow-list.
+    // More partitions than the quota, a replication factor above the
+    // maximum, a topic config off the allow-list and one above its bound.
     let manifest = pipeline_yaml(
         ns.name(),
         "wide",
@@ -109,7 +112,7 @@ policy:
     )
     .replace(
         r#"config: {retention.ms: "3600000"}"#,
-        r#"config: {retention.ms: "3600000", unclean.leader.election.enable: "true"}"#,
+        "replicationFactor: 3\n        config: {retention.ms: \"99999999999\", unclean.leader.election.enable: \"true\"}",
     );
     apply_yaml(&tb, &manifest).await;
     let p = wait_for(
@@ -130,6 +133,19 @@ policy:
     assert!(
         c.message
             .contains("spec.sinks[0].kafka.config.unclean.leader.election.enable"),
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message.contains("spec.sinks[0].kafka.replicationFactor")
+            && c.message.contains("replication factor 3"),
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message
+            .contains("spec.sinks[0].kafka.config.retention.ms")
+            && c.message.contains("at most 2592000000"),
         "{}",
         c.message
     );
