@@ -6,6 +6,7 @@
 use keystone_runtime::event::Event;
 use keystone_runtime::expr::{from_cel, to_cel};
 use libfuzzer_sys::fuzz_target;
+use sonic_rs::JsonValueTrait as _;
 
 fuzz_target!(|bytes: &[u8]| {
     match Event::parse(bytes.to_vec()) {
