@@ -404,15 +404,36 @@ async fn sigterm_while_the_broker_is_away_exits_within_the_grace_period() {
         .await;
 }
 
+/// What happens to the search sink's cluster for a minute.
+enum SearchFault {
+    /// SIGSTOP: connections open, nothing answers.
+    Stall,
+    /// The index refuses every write (`index.blocks.write`, as the cluster
+    /// itself sets a read-only block at its flood-stage disk watermark): each
+    /// bulk item comes back 403 `cluster_block_exception`.
+    WriteBlock,
+}
+
 /// The search sink's cluster stalls (SIGSTOP: connections open, nothing
 /// answers) for a minute under load; then it goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn search_sink_stalled_for_a_minute() {
+    search_sink_fault("fault-stall", SearchFault::Stall).await;
+}
+
+/// The search index refuses every write for a minute under load: nothing is
+/// dead-lettered (the documents are not at fault) and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn search_index_refusing_writes_for_a_minute() {
+    search_sink_fault("fault-block", SearchFault::WriteBlock).await;
+}
+
+async fn search_sink_fault(prefix: &str, fault: SearchFault) {
     let _turn = FAULT.lock().await;
     let tb = testbed().await;
     let os = OpenSearch::from_env().await.expect("OpenSearch");
     os.wait_ready(Duration::from_secs(60)).await.expect("ready");
-    let name = unique("fault-stall");
+    let name = unique(prefix);
     let index = name.clone();
     let manifest = cdc_manifest(
         &name,
@@ -437,16 +458,46 @@ async fn search_sink_stalled_for_a_minute() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     os.refresh(&index).await.expect("refresh");
     let before = os.count(&index).await.expect("count");
-    let pid = opensearch_pid(&tb);
     let fault_at = Instant::now();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    let resume = Resume(pid);
+    let block = |on: bool| {
+        let (os, index) = (&os, &index);
+        async move {
+            let setting = if on {
+                serde_json::json!({"index.blocks.write": true})
+            } else {
+                serde_json::json!({"index.blocks.write": null})
+            };
+            let reply = os
+                .request_json(
+                    hyper::Method::PUT,
+                    &format!("/{index}/_settings"),
+                    Some(&setting),
+                )
+                .await
+                .expect("index settings");
+            assert!(reply.is_success(), "{}", reply.text());
+        }
+    };
+    let resume = match fault {
+        SearchFault::Stall => {
+            let pid = opensearch_pid(&tb);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+            Some(Resume(pid))
+        }
+        SearchFault::WriteBlock => {
+            block(true).await;
+            None
+        }
+    };
     let mut restarts = 0;
     while fault_at.elapsed() < Duration::from_secs(60) {
         restart_exited(&mut h, &mut restarts);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    drop(resume);
+    match fault {
+        SearchFault::Stall => drop(resume),
+        SearchFault::WriteBlock => block(false).await,
+    }
     let resumed = Instant::now();
     let expected = load.expected();
     let deadline = Instant::now() + CATCH_UP;
@@ -479,12 +530,18 @@ async fn search_sink_stalled_for_a_minute() {
             )
         }),
     );
-    assert!(before > 0, "nothing was indexed before the stall");
+    assert!(before > 0, "nothing was indexed before the fault");
     assert!(audit.is_clean(), "{audit}\nlogs: {}", h.log("a"));
+    let what = match fault {
+        SearchFault::Stall => "search cluster stalled 60 s (SIGSTOP)",
+        SearchFault::WriteBlock => {
+            "search index refusing writes 60 s (index.blocks.write: 403 cluster_block_exception)"
+        }
+    };
     eprintln!(
         "{}\n({restarts} instance restarts; output resumed {:.1} s after the cluster did)",
         audit.row(
-            "search cluster stalled 60 s (SIGSTOP)",
+            what,
             &description,
             1,
             (resumed - fault_at) + recovered.unwrap_or_default()

@@ -146,7 +146,17 @@ fn classify(item: Item) -> ItemOutcome {
     // Elasticsearch names a full write queue `es_rejected_execution_exception`,
     // OpenSearch `rejected_execution_exception`; both come with 429 as well.
     let rejected = error_type.ends_with("rejected_execution_exception");
-    if item.status == 429 || item.status >= 500 || rejected {
+    // About the index or the credentials, not the document: a write block
+    // (set by an administrator, or by the cluster itself at its flood-stage
+    // disk watermark until space is freed), a closed index, a permission the
+    // sink's user lacks. Every document would be refused alike, so the sink
+    // waits (the stage commits nothing meanwhile) instead of dead-lettering
+    // them all.
+    let not_the_document = matches!(
+        error_type.as_str(),
+        "cluster_block_exception" | "index_closed_exception" | "security_exception"
+    ) || matches!(item.status, 401 | 403);
+    if item.status == 429 || item.status >= 500 || rejected || not_the_document {
         return ItemOutcome::Retry {
             status: item.status,
             error: format!("{error_type}: {}", error.describe()),
@@ -236,6 +246,26 @@ mod tests {
             &outcomes[8],
             ItemOutcome::Refused { error_type, .. } if error_type == "index_not_found_exception"
         ));
+    }
+
+    #[test]
+    fn a_blocked_or_closed_index_or_a_missing_permission_is_retried_not_dead_lettered() {
+        // As OpenSearch 2.19 answers a write to an index with
+        // `index.blocks.write: true`, one at the flood-stage disk watermark, a
+        // closed index, and a user without the index permission.
+        let body = r#"{"errors":true,"items":[
+          {"index":{"_index":"orders","_id":"1","status":403,"error":{"type":"cluster_block_exception","reason":"index [orders] blocked by: [FORBIDDEN/8/index write (api)];"}}},
+          {"index":{"_index":"orders","_id":"2","status":429,"error":{"type":"cluster_block_exception","reason":"index [orders] blocked by: [TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete block];"}}},
+          {"index":{"_index":"orders","_id":"3","status":400,"error":{"type":"index_closed_exception","reason":"closed","index":"orders"}}},
+          {"index":{"_index":"orders","_id":"4","status":403,"error":{"type":"security_exception","reason":"no permissions for [indices:data/write/bulk[s]] and User [name=writer]"}}}
+        ]}"#;
+        let outcomes = parse_bulk_response(body.as_bytes(), 4).unwrap();
+        for (i, outcome) in outcomes.iter().enumerate() {
+            assert!(
+                matches!(outcome, ItemOutcome::Retry { .. }),
+                "item {i}: {outcome:?}"
+            );
+        }
     }
 
     #[test]
