@@ -340,7 +340,29 @@ fn regressions() {
         b"{\"a\":\"\\\"[[[[",
         b"{\"a\":18446744073709551616e1}",
         b"{\"a\":-0.0e-0}",
+        // Found by cargo-fuzz: a repeated key holding a byte that is not UTF-8,
+        // in a document with a wide number (sonic-rs's raw-number path does
+        // not check UTF-8); formatting the key for the dead letter panicked.
+        b"{\"a\xd4\":180.188888055521677,\"a\xd4\":1}",
+        b"{\"ay{{.1\":180.1888880555216777,\"$.1\xd4\":180.1888880555216777,\"c\":180.1888880555216777,\"$.1\xd4\":180.1888880555216777,\"cp2rcneu:ayment_id,,p2rcneu:ayment_id,,,,,,,,,-606{{\x8c{t\":false}",
+        b"{\"\xff\":1}",
+        b"{\"a\":\"\xc3\x28\"}",
     ] {
         check_any(bytes);
+    }
+}
+
+#[test]
+fn bytes_that_are_not_utf8_are_refused_with_where() {
+    for (bytes, at) in [
+        (&b"{\"a\xd4\":180.188888055521677}"[..], 3),
+        (b"{\"a\xd4\":1}", 3),
+        (b"{\"a\":\"\xc3\x28\"}", 6),
+    ] {
+        let (_, reason) = Event::parse(bytes.to_vec()).expect_err("not UTF-8");
+        assert_eq!(
+            reason,
+            format!("not valid UTF-8: invalid byte sequence at byte {at}")
+        );
     }
 }

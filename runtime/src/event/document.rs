@@ -35,6 +35,16 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// The document in `bytes` (a leading byte order mark ignored), or why there is none.
 pub(crate) fn parse_document(bytes: &[u8], max_depth: usize) -> Result<Value, String> {
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    // JSON is UTF-8 (RFC 8259). sonic-rs checks it when it builds numbers as
+    // values but not with raw numbers (found by fuzzing: a key with a stray
+    // 0xD4 byte became a `str` that is not UTF-8, and formatting it panicked),
+    // so every document is checked here, once.
+    if let Err(error) = std::str::from_utf8(bytes) {
+        return Err(format!(
+            "not valid UTF-8: invalid byte sequence at byte {}",
+            error.valid_up_to()
+        ));
+    }
     let scan = scan(bytes, max_depth);
     if scan.too_deep {
         return Err(format!(
