@@ -1,4 +1,5 @@
 use super::*;
+use keystone_crds::pipeline::PipelinePhase;
 
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
