@@ -7,39 +7,12 @@
 //! a schema, and as arbitrary text over CEL's tokens. `PROPTEST_CASES` sets
 //! how many cases each target runs (docs/RELIABILITY.md records the long runs).
 
-use keystone_crds::{Pipeline, compile};
-use keystone_runtime::expr::{Bindings, Expr};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-/// The source schema of the pipeline each expression filters.
-fn pipeline(expression: &str) -> Pipeline {
-    serde_json::from_value(json!({
-        "apiVersion": "keystone.dev/v1alpha1",
-        "kind": "Pipeline",
-        "metadata": {"name": "fuzz", "namespace": "test"},
-        "spec": {
-            "source": {
-                "topic": "in",
-                "schema": {"fields": [
-                    {"name": "n", "type": "integer"},
-                    {"name": "x", "type": "number"},
-                    {"name": "s", "type": "string"},
-                    {"name": "b", "type": "boolean"},
-                    {"name": "ts", "type": "timestamp"},
-                    {"name": "tags", "type": "array"},
-                    {"name": "o", "type": "object"},
-                    {"name": "o.k", "type": "string"},
-                    {"name": "opt", "type": "string", "optional": true},
-                    {"name": "any", "type": "any"}
-                ]}
-            },
-            "steps": [{"name": "f", "filter": {"expression": expression}}],
-            "sinks": [{"name": "out", "kafka": {"topic": "out"}}]
-        }
-    }))
-    .expect("the fuzz pipeline deserializes")
-}
+// Shared with the cargo-fuzz target `fuzz/fuzz_targets/cel.rs`.
+#[path = "properties/cel.rs"]
+mod properties;
 
 /// A small JSON value of any shape.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -230,21 +203,14 @@ fn cel_text() -> impl Strategy<Value = String> {
     proptest::collection::vec(token, 0..60).prop_map(|tokens| tokens.concat())
 }
 
-/// Checks `source` as a filter and, when the checker accepts it, evaluates it
-/// on `events` as the runtime does.
+/// Checks `source` as a filter and evaluates it on `events` (see
+/// [`properties::check_and_evaluate`]).
 fn check_and_evaluate(source: &str, events: &[Value]) {
-    let checked = compile(&pipeline(source), &[]);
-    let runtime = Expr::compile(source);
-    let Ok(_plan) = checked else {
-        return;
-    };
-    // What the checker accepts, the runtime compiles.
-    let expr = runtime.unwrap_or_else(|e| panic!("{source}: checked, but {e}"));
-    let bindings = Bindings::new([&expr]);
-    for event in events {
-        let event: sonic_rs::Value = sonic_rs::from_str(&event.to_string()).unwrap();
-        let _ = bindings.with_scope(&event, |scope| expr.execute(scope));
-    }
+    let events: Vec<sonic_rs::Value> = events
+        .iter()
+        .map(|e| sonic_rs::from_str(&e.to_string()).unwrap())
+        .collect();
+    properties::check_and_evaluate(source, &events);
 }
 
 proptest! {

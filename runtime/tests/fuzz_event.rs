@@ -14,10 +14,14 @@
 //! runs and their results are in docs/RELIABILITY.md. A failure prints the
 //! smallest input found: keep it as a case in `regressions()`.
 
-use keystone_runtime::event::{Event, FieldPath, MAX_DEPTH, Pointer};
-use keystone_runtime::expr::{from_cel, to_cel};
+use keystone_runtime::event::{Event, MAX_DEPTH, Pointer};
 use proptest::prelude::*;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
+
+// Shared with the cargo-fuzz targets `fuzz/fuzz_targets/{event_parser,pointers}.rs`.
+#[path = "properties/event.rs"]
+mod properties;
+use properties::{check_any, check_pointer_and_path};
 
 /// A generated document, rendered as canonical JSON text by [`render`].
 #[derive(Clone, Debug)]
@@ -183,27 +187,6 @@ fn event_text(doc: &Doc, extra: usize) -> String {
     )
 }
 
-/// Every parse result is a clear Ok or Err; what parses writes back to text
-/// that parses to the same document, and every walk over it is safe.
-fn check_any(bytes: &[u8]) {
-    match Event::parse(bytes.to_vec()) {
-        Ok(event) => {
-            assert_eq!(event.raw, bytes);
-            assert!(event.value.is_object());
-            let mut line = Vec::new();
-            event.write_json_line(&mut line);
-            let again = Event::parse(line[..line.len() - 1].to_vec())
-                .unwrap_or_else(|(_, reason)| panic!("the written event does not parse: {reason}"));
-            assert_eq!(again.value, event.value);
-            let _ = from_cel(&to_cel(&event.value));
-        }
-        Err((raw, reason)) => {
-            assert_eq!(raw, bytes);
-            assert!(!reason.is_empty());
-        }
-    }
-}
-
 /// The paths to every value in `value`, as pointer tokens.
 fn paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     out.push(prefix.clone());
@@ -311,18 +294,7 @@ proptest! {
 
     #[test]
     fn any_pointer_or_field_path_is_safe(doc in doc(), text in "[/~01a-b.\\[\\]]{0,24}") {
-        let event = Event::parse(event_text(&doc, 0).into_bytes());
-        let mut value = match event {
-            Ok(event) => event.value,
-            Err(_) => sonic_rs::from_str("{}").unwrap(),
-        };
-        if let Some(pointer) = Pointer::parse(&text) {
-            let _ = pointer.get(&value);
-        }
-        let path = FieldPath::new(&text);
-        let _ = path.get(&value);
-        path.set(&mut value, Value::from(true));
-        prop_assert_eq!(path.get(&value).and_then(|v| v.as_bool()), Some(true));
+        check_pointer_and_path(&text, event_text(&doc, 0).as_bytes());
     }
 }
 
