@@ -220,6 +220,32 @@ impl Setup {
         wait_ready_with_runtime(&self.pipelines, NAME, &self.operator).await
     }
 
+    /// Merge-patches the pipeline's spec; returns the new generation.
+    async fn patch_spec(&self, spec: serde_json::Value) -> i64 {
+        self.pipelines
+            .patch(
+                NAME,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": spec })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patch {spec}: {e}"))
+            .metadata
+            .generation
+            .expect("generation")
+    }
+
+    /// Waits until the status describes `generation` (the operator reconciled it).
+    async fn wait_observed(&self, generation: i64, within: Duration) -> Pipeline {
+        wait_for(&self.pipelines, NAME, within, "the change observed", |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == Some(generation))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", self.operator.log_text()))
+    }
+
     /// The pipeline's (first) runtime pod.
     async fn pod(&self) -> Pod {
         self.ns
@@ -422,36 +448,11 @@ async fn a_pod_that_accepts_and_never_answers_holds_no_reconcile() {
     // A manual checkpoint: the operator asks the hung pod and waits for up to
     // its request timeout. Meanwhile another change of the same pipeline is
     // reconciled and recorded.
-    pipelines
-        .patch(
-            NAME,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"checkpointTrigger": "hang-1"}})),
-        )
-        .await
-        .expect("trigger a checkpoint");
-    let changed = pipelines
-        .patch(
-            NAME,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"upgrade": {"healthWindow": "7s"}}})),
-        )
-        .await
-        .expect("change the spec");
-    let generation = changed.metadata.generation.expect("generation");
-    let seen = wait_for(
-        pipelines,
-        NAME,
-        Duration::from_secs(60),
-        "the change observed",
-        |p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.observed_generation == Some(generation))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    t.patch_spec(json!({"checkpointTrigger": "hang-1"})).await;
+    let generation = t
+        .patch_spec(json!({"upgrade": {"healthWindow": "7s"}}))
+        .await;
+    let seen = t.wait_observed(generation, Duration::from_secs(60)).await;
     let status = seen.status.clone().unwrap_or_default();
     assert!(
         status.last_failed_checkpoint.is_none() && status.checkpoints.is_empty(),
@@ -502,15 +503,7 @@ async fn a_suspend_waits_for_a_hung_pod_in_the_background() {
     // stays frozen well below 30 s.
     let pod = t.pod().await;
     let frozen = Frozen::freeze(&t.tb, &pod);
-    let suspended = pipelines
-        .patch(
-            NAME,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"state": "Suspended"}})),
-        )
-        .await
-        .expect("suspend");
-    let generation = suspended.metadata.generation.expect("generation");
+    let generation = t.patch_spec(json!({"state": "Suspended"})).await;
     let suspending = wait_for(
         pipelines,
         NAME,
@@ -530,28 +523,10 @@ async fn a_suspend_waits_for_a_hung_pod_in_the_background() {
         Some(PipelinePhase::Suspended),
         "suspended before the checkpoint was taken"
     );
-    let changed = pipelines
-        .patch(
-            NAME,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"upgrade": {"healthWindow": "7s"}}})),
-        )
-        .await
-        .expect("change the spec");
-    let generation = changed.metadata.generation.expect("generation");
-    let seen = wait_for(
-        pipelines,
-        NAME,
-        Duration::from_secs(10),
-        "the further change observed",
-        |p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.observed_generation == Some(generation))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", log()));
+    let generation = t
+        .patch_spec(json!({"upgrade": {"healthWindow": "7s"}}))
+        .await;
+    let seen = t.wait_observed(generation, Duration::from_secs(10)).await;
     let status = seen.status.clone().unwrap_or_default();
     assert!(
         status.last_checkpoint.is_none() && status.last_failed_checkpoint.is_none(),
