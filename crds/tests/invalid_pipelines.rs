@@ -763,19 +763,39 @@ fn source_key_not_in_schema() {
 
 #[test]
 fn warehouse_partition_column_missing() {
-    // A sink this version cannot write is still checked in full.
     assert_errors(
         &with_sinks(
             "    - name: lake\n      parquet: {path: 's3://lake/orders', partitionBy: [country]}\n",
         ),
+        &[(
+            ErrorKind::MissingField,
+            "spec.sinks[0].parquet.partitionBy[0] (lake): partition term country needs field \"country\", but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+        )],
+    );
+}
+
+#[test]
+fn lake_partition_terms_are_checked_against_their_transform_and_format() {
+    assert_errors(
+        &with_sinks(
+            "    - name: lake\n      parquet: {path: 'lake/orders', partitionBy: ['month(ts)', 'hour(note)', 'bucket(x, seq)', customer_id]}\n",
+        ),
         &[
             (
-                ErrorKind::UnsupportedSink,
-                "spec.sinks[0].parquet (lake): parquet sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job writes out as Parquet files",
+                ErrorKind::InvalidSink,
+                "spec.sinks[0].parquet.path (lake): path \"lake/orders\" must be an absolute file:/// URL or an s3://bucket/prefix URL",
             ),
             (
-                ErrorKind::MissingField,
-                "spec.sinks[0].parquet.partitionBy[0] (lake): needs field \"country\" for a partition directory, but it does not reach the sink; available: amount: number, customer_id: string, event_id: string, note: string, order_id: string, seq: integer, ts: integer",
+                ErrorKind::InvalidSink,
+                "spec.sinks[0].parquet.partitionBy[0] (lake): month(ts): Parquet folders are a field (field=value), day(field) (date=YYYY-MM-DD) or hour(field) (hour=HH)",
+            ),
+            (
+                ErrorKind::WrongType,
+                "spec.sinks[0].parquet.partitionBy[1] (lake): partition term hour(note) takes a timestamp field, but note is string",
+            ),
+            (
+                ErrorKind::InvalidSink,
+                "spec.sinks[0].parquet.partitionBy[2] (lake): \"bucket(x, seq)\": the bucket count \"x\" is not a positive integer",
             ),
         ],
     );
@@ -791,7 +811,7 @@ fn iceberg_sinks_cannot_be_written_yet() {
         )),
         &[(
             ErrorKind::UnsupportedSink,
-            "spec.sinks[0].iceberg (warehouse): iceberg sinks cannot be written by this version of Keystone yet (it writes kafka and elasticsearch sinks); remove the sink or write to a Kafka topic that a separate job loads into the table",
+            "spec.sinks[0].iceberg (warehouse): iceberg sinks cannot be written by this version of Keystone yet (it writes kafka, elasticsearch and parquet sinks); remove the sink or write to a Kafka topic that a separate job loads into the table",
         )],
     );
 }

@@ -17,6 +17,7 @@ use crate::schema::{FieldType, Schema};
 mod contracts;
 mod expressions;
 mod graph;
+mod lake;
 pub mod limits;
 mod sinks;
 mod stages;

@@ -14,7 +14,8 @@ use crate::schema::{FieldType, Schema};
 /// The kinds of sink this version of Keystone can write. The checker refuses
 /// the others, so a pipeline with one is never deployed only for its runtime
 /// to refuse the plan.
-pub const WRITABLE_SINKS: &[SinkKind] = &[SinkKind::Kafka, SinkKind::Elasticsearch];
+pub const WRITABLE_SINKS: &[SinkKind] =
+    &[SinkKind::Kafka, SinkKind::Elasticsearch, SinkKind::Parquet];
 
 /// The field whose string value `d` marks a delete in a search sink without
 /// `deleteWhen` (the Debezium convention).
@@ -230,22 +231,10 @@ impl Checker<'_> {
                 self.check_search_sink(es, stream, &format!("{path}.elasticsearch"), &sink.name);
             }
             if let Some(iceberg) = &sink.iceberg {
-                self.require_sink_fields(
-                    &iceberg.partition_by,
-                    stream,
-                    &format!("{path}.iceberg.partitionBy"),
-                    &sink.name,
-                    "a partition column",
-                );
+                self.check_iceberg_sink(iceberg, stream, &format!("{path}.iceberg"), &sink.name);
             }
             if let Some(parquet) = &sink.parquet {
-                self.require_sink_fields(
-                    &parquet.partition_by,
-                    stream,
-                    &format!("{path}.parquet.partitionBy"),
-                    &sink.name,
-                    "a partition directory",
-                );
+                self.check_parquet_sink(parquet, stream, &format!("{path}.parquet"), &sink.name);
             }
             sinks.push(PlanSink {
                 name: sink.name.clone(),

@@ -11,6 +11,7 @@ use crate::duration::Duration;
 use crate::ops::OperatorSpec;
 use crate::schema::SchemaSpec;
 
+pub mod partitioning;
 mod sinks;
 mod status;
 

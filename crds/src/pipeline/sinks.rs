@@ -33,8 +33,8 @@ pub struct SinkSpec {
     /// Keystone yet: a pipeline with such a sink does not pass its contract check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iceberg: Option<IcebergSinkSpec>,
-    /// Write Hive-style partitioned Parquet files. Not written by this version
-    /// of Keystone yet: a pipeline with such a sink does not pass its contract check.
+    /// Write Hive-style partitioned Parquet files, exactly once: files are
+    /// staged before the input offsets are committed and published after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parquet: Option<ParquetSinkSpec>,
 }
@@ -125,8 +125,9 @@ impl SinkSpec {
     /// The Secret values the sink's writer reads, each through the variable
     /// [`SinkSpec::secret_env`] names. A search sink reads `username`,
     /// `password` and `apiKey` of `credentialsSecret`, each optional (basic
-    /// authentication or an API key is there), and `ca.crt` of `caSecret`.
-    // Iceberg and Parquet credentials get their keys with their writers.
+    /// authentication or an API key is there), and `ca.crt` of `caSecret`. A
+    /// Parquet sink reads the object store's `endpoint`, `region`,
+    /// `accessKeyId` and `secretAccessKey` of `credentialsSecret`, each optional.
     pub fn secret_refs(&self) -> Vec<SinkSecretRef<'_>> {
         let mut refs = Vec::new();
         if let Some(es) = &self.elasticsearch {
@@ -148,6 +149,19 @@ impl SinkSpec {
                     secret,
                     key: SinkSecretKey::CaCert,
                     optional: false,
+                });
+            }
+        }
+        if let Some(secret) = self
+            .parquet
+            .as_ref()
+            .and_then(|p| p.credentials_secret.as_deref())
+        {
+            for key in SinkSecretKey::OBJECT_STORE {
+                refs.push(SinkSecretRef {
+                    secret,
+                    key,
+                    optional: true,
                 });
             }
         }
@@ -176,9 +190,26 @@ pub enum SinkSecretKey {
     ApiKey,
     /// `ca.crt` of `caSecret`.
     CaCert,
+    /// `endpoint` of an object store's `credentialsSecret` (an S3-compatible
+    /// store's URL; AWS S3 when unset).
+    Endpoint,
+    /// `region` of an object store's `credentialsSecret`.
+    Region,
+    /// `accessKeyId` of an object store's `credentialsSecret`.
+    AccessKeyId,
+    /// `secretAccessKey` of an object store's `credentialsSecret`.
+    SecretAccessKey,
 }
 
 impl SinkSecretKey {
+    /// The keys of an object store's credentials Secret.
+    pub const OBJECT_STORE: [SinkSecretKey; 4] = [
+        SinkSecretKey::Endpoint,
+        SinkSecretKey::Region,
+        SinkSecretKey::AccessKeyId,
+        SinkSecretKey::SecretAccessKey,
+    ];
+
     /// The key in the Secret.
     pub fn secret_key(self) -> &'static str {
         match self {
@@ -186,6 +217,10 @@ impl SinkSecretKey {
             SinkSecretKey::Password => "password",
             SinkSecretKey::ApiKey => "apiKey",
             SinkSecretKey::CaCert => "ca.crt",
+            SinkSecretKey::Endpoint => "endpoint",
+            SinkSecretKey::Region => "region",
+            SinkSecretKey::AccessKeyId => "accessKeyId",
+            SinkSecretKey::SecretAccessKey => "secretAccessKey",
         }
     }
 
@@ -195,6 +230,10 @@ impl SinkSecretKey {
             SinkSecretKey::Password => "PASSWORD",
             SinkSecretKey::ApiKey => "API_KEY",
             SinkSecretKey::CaCert => "CA_CERT",
+            SinkSecretKey::Endpoint => "ENDPOINT",
+            SinkSecretKey::Region => "REGION",
+            SinkSecretKey::AccessKeyId => "ACCESS_KEY_ID",
+            SinkSecretKey::SecretAccessKey => "SECRET_ACCESS_KEY",
         }
     }
 }
@@ -342,7 +381,9 @@ pub struct IcebergSinkSpec {
     /// The table's name.
     #[schemars(length(min = 1, max = 255))]
     pub table: String,
-    /// Fields to partition the table by (identity partitions).
+    /// The table's partition spec, one term each: a field (identity),
+    /// `year(field)`, `month(field)`, `day(field)`, `hour(field)` (of a
+    /// timestamp field) or `bucket(N, field)` (of a string or integer field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 256)))]
     pub partition_by: Vec<String>,
@@ -382,18 +423,30 @@ pub enum IcebergCatalogType {
     Sql,
 }
 
-/// Hive-style partitioned Parquet files (`path/field=value/part-*.parquet`).
+/// Hive-style partitioned Parquet files (`path/field=value/part-*.parquet`),
+/// with the columns of the output contract (partition columns live in the
+/// folder names, as Hive has them) and zstd compression. Files are staged under
+/// `path/_staging/` and moved into place once the offsets that cover them are
+/// committed, so readers never see a partial or uncommitted file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ParquetSinkSpec {
     /// Base location, for example `s3://bucket/events` or `file:///data/events`.
+    /// An `s3://` path is written through the S3 API: the endpoint and region
+    /// come from `credentialsSecret` (keys `endpoint`, `region`,
+    /// `accessKeyId`, `secretAccessKey`).
     #[schemars(length(min = 1, max = 2048))]
     pub path: String,
-    /// Fields that become directory partitions, in order.
+    /// Partition folders, in order: a top-level field (`field=value/`),
+    /// `day(field)` (`date=YYYY-MM-DD/`) or `hour(field)` (`hour=HH/`) of a
+    /// timestamp field. When event time passes the end of a `day` or `hour`
+    /// folder, a `_SUCCESS` file is written in it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 256)))]
     pub partition_by: Vec<String>,
-    /// How often open files are closed and made visible.
+    /// How often open files are closed and made visible, at the latest (a
+    /// file also closes when it reaches 128 MiB, and at every commit of the
+    /// pipeline: set `spec.commitInterval` near this to avoid small files).
     #[serde(default = "default_file_commit_interval")]
     pub roll_interval: Duration,
     /// A Secret with the object store's credentials.

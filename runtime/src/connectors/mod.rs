@@ -22,6 +22,8 @@
 //! Adding a sink is one folder here and one arm in [`build`].
 
 pub mod kafka;
+pub mod lake;
+pub mod parquet;
 pub mod search;
 
 use std::time::Duration;
@@ -85,6 +87,12 @@ pub enum SinkError {
         #[source]
         source: Box<search::SearchError>,
     },
+    #[error("sink {sink:?}: {source}")]
+    Lake {
+        sink: String,
+        #[source]
+        source: Box<lake::LakeError>,
+    },
     #[error("sink {sink:?}: writing {path}: {source}")]
     File {
         sink: String,
@@ -103,6 +111,7 @@ impl SinkError {
         match self {
             SinkError::Transport { .. } => "sink_kafka",
             SinkError::Search { .. } => "sink_search",
+            SinkError::Lake { .. } => "sink_lake",
             SinkError::File { .. } => "sink_file",
             SinkError::Unsupported { .. } => "unsupported_sink",
             SinkError::NoKind { .. } => "sink_kind",
@@ -112,10 +121,11 @@ impl SinkError {
     /// Errors that no retry can mend (the plan asks for something this runtime
     /// does not have).
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            SinkError::Unsupported { .. } | SinkError::NoKind { .. }
-        )
+        match self {
+            SinkError::Unsupported { .. } | SinkError::NoKind { .. } => true,
+            SinkError::Lake { source, .. } => source.is_permanent(),
+            _ => false,
+        }
     }
 }
 
@@ -147,6 +157,21 @@ pub trait Sink: Send {
     /// The host goes back to its last commit: drop what is staged or buffered;
     /// the events will be written again.
     fn abort(&mut self) {}
+
+    /// After a `Ready` prepare, what a two-phase sink has staged and not yet
+    /// published: the host commits it with the input offsets (in their
+    /// metadata), so that whoever reads those partitions next can publish it
+    /// (see [`lake`]).
+    fn staged(&self) -> Vec<lake::StagedEpochs> {
+        Vec::new()
+    }
+
+    /// This instance was given partitions whose last commits name `staged`
+    /// epochs of this sink: they were committed, so whatever of them is not
+    /// published yet must be (now, or with this sink's next publish).
+    fn recover(&mut self, staged: Vec<lake::StagedEpochs>) {
+        let _ = staged;
+    }
 }
 
 /// What a sink needs from its host to be built.
@@ -170,7 +195,8 @@ pub fn build(
     match kind {
         SinkKind::Kafka => kafka(sink),
         SinkKind::Elasticsearch => Ok(Box::new(search::SearchSink::connect(sink, context)?)),
-        SinkKind::Iceberg | SinkKind::Parquet => Err(SinkError::Unsupported {
+        SinkKind::Parquet => Ok(Box::new(parquet::ParquetSink::connect(sink, context)?)),
+        SinkKind::Iceberg => Err(SinkError::Unsupported {
             sink: sink.name.clone(),
             kind,
         }),

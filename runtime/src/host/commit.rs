@@ -85,6 +85,10 @@ impl Core {
         &self,
         positions: &BTreeMap<i32, i64>,
     ) -> Result<TopicPartitionList, ServeError> {
+        let staged = match &self.route {
+            Route::Sinks(sinks) => sinks.staged(),
+            Route::Repartition { .. } => BTreeMap::new(),
+        };
         let mut tpl = TopicPartitionList::new();
         for (&partition, &offset) in positions {
             let mut element = tpl.add_partition(&self.stage.input.topic, partition);
@@ -103,6 +107,7 @@ impl Core {
                 } else {
                     self.changelog_positions_of(partition)
                 },
+                staged: staged.clone(),
             };
             if metadata != CommitMetadata::default() {
                 element.set_metadata(metadata.encode_for_commit());

@@ -11,7 +11,8 @@ use keystone_crds::plan::PlanStage;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::host::process::Core;
+use crate::connectors::lake::StagedEpochs;
+use crate::host::process::{Core, Route};
 use crate::host::rebalance::ConsumerCtx;
 use crate::host::tables::table_changes;
 use crate::host::{ServeArgs, ServeError};
@@ -63,8 +64,37 @@ impl Core {
         consumer: &BaseConsumer<ConsumerCtx>,
         partitions: &[i32],
     ) -> Result<(), ServeError> {
+        self.recover_staged(consumer, partitions)?;
         self.committed_changelog_positions(consumer, partitions)
             .and_then(|at_commit| self.restore_tasks(partitions, &at_commit))
+    }
+
+    /// Gives the two-phase sinks the epochs the last commits of `partitions`
+    /// name: committed, and perhaps not yet published when their writer
+    /// stopped (see `connectors::lake`).
+    fn recover_staged(
+        &mut self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        partitions: &[i32],
+    ) -> Result<(), ServeError> {
+        if !matches!(&self.route, Route::Sinks(sinks) if sinks.two_phase()) {
+            return Ok(());
+        }
+        let mut staged: BTreeMap<String, Vec<StagedEpochs>> = BTreeMap::new();
+        for (_, (_, metadata)) in self.committed_in_group(consumer, partitions)? {
+            for (sink, epochs) in metadata.staged {
+                let known = staged.entry(sink).or_default();
+                for epoch in epochs {
+                    if !known.contains(&epoch) {
+                        known.push(epoch);
+                    }
+                }
+            }
+        }
+        if let Route::Sinks(sinks) = &mut self.route {
+            sinks.recover(staged);
+        }
+        Ok(())
     }
 
     /// At-least-once: the changelog positions committed with each partition's

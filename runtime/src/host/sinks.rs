@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use crate::connectors::{Prepared, Sink, SinkError, SinkOutput, SinkRecord};
+use std::collections::BTreeMap;
+
+use crate::connectors::lake::StagedEpochs;
+use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
 use crate::event::Event;
 
 /// Every sink of the plan; each receives every event that reaches the sinks.
@@ -62,6 +65,31 @@ impl Sinks {
             sink.publish()?;
         }
         Ok(())
+    }
+
+    /// Whether some sink stages and publishes (and so has epochs to recover).
+    pub(super) fn two_phase(&self) -> bool {
+        self.sinks
+            .iter()
+            .any(|sink| sink.guarantee() == Guarantee::TwoPhase)
+    }
+
+    /// What each sink has staged and not published, for the commit metadata.
+    pub(super) fn staged(&self) -> BTreeMap<String, Vec<StagedEpochs>> {
+        self.sinks
+            .iter()
+            .map(|sink| (sink.name().to_owned(), sink.staged()))
+            .filter(|(_, staged)| !staged.is_empty())
+            .collect()
+    }
+
+    /// Hands each sink the epochs the last commits of its new partitions name.
+    pub(super) fn recover(&mut self, mut staged: BTreeMap<String, Vec<StagedEpochs>>) {
+        for sink in &mut self.sinks {
+            if let Some(epochs) = staged.remove(sink.name()) {
+                sink.recover(epochs);
+            }
+        }
     }
 
     pub(super) fn abort(&mut self) {

@@ -12,13 +12,19 @@
 //!   these positions (undoing later records with compensations), so the events
 //!   read again are not taken for duplicates of themselves. Exactly-once needs
 //!   none: the transaction commits the changelog with the offsets.
+//! - `keystone.staged=<sink>:<epochs>+<epochs>,...`: the epochs each two-phase
+//!   sink staged and had not published when the offset was committed (see
+//!   `connectors::lake`); whoever reads the partition next publishes them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use keystone_crds::checkpoint::RESTORE_METADATA_PREFIX;
 
+use crate::connectors::lake::StagedEpochs;
+
 const CHANGELOG_PREFIX: &str = "keystone.changelog=";
+const STAGED_PREFIX: &str = "keystone.staged=";
 
 /// Brokers' default `offset.metadata.max.bytes`.
 const MAX_COMMIT_METADATA_BYTES: usize = 4096;
@@ -29,6 +35,8 @@ pub struct CommitMetadata {
     pub restore: Option<String>,
     /// Changelog topic to the position (next offset) committed with the input offset.
     pub changelog: BTreeMap<String, i64>,
+    /// Sink name to the epochs it staged and had not published.
+    pub staged: BTreeMap<String, Vec<StagedEpochs>>,
 }
 
 impl CommitMetadata {
@@ -45,6 +53,16 @@ impl CommitMetadata {
                         && let Ok(position) = position.parse()
                     {
                         metadata.changelog.insert(topic.to_owned(), position);
+                    }
+                }
+            } else if let Some(sinks) = field.strip_prefix(STAGED_PREFIX) {
+                for entry in sinks.split(',') {
+                    if let Some((sink, epochs)) = entry.split_once(':') {
+                        let epochs: Vec<StagedEpochs> =
+                            epochs.split('+').filter_map(StagedEpochs::parse).collect();
+                        if !epochs.is_empty() {
+                            metadata.staged.insert(sink.to_owned(), epochs);
+                        }
                     }
                 }
             }
@@ -68,15 +86,18 @@ impl CommitMetadata {
                 "changelog positions do not fit in the offset metadata; not recorded"
             );
         }
+        // Staged epochs must stay: without them a crash before publishing
+        // would lose committed files. They are a few bytes a sink.
         Self {
             restore: self.restore.clone(),
             changelog: BTreeMap::new(),
+            staged: self.staged.clone(),
         }
         .encode()
     }
 
     pub fn encode(&self) -> String {
-        let mut fields = Vec::with_capacity(2);
+        let mut fields = Vec::with_capacity(3);
         if let Some(id) = &self.restore {
             fields.push(format!("{RESTORE_METADATA_PREFIX}{id}"));
         }
@@ -87,6 +108,17 @@ impl CommitMetadata {
                 .map(|(topic, position)| format!("{topic}@{position}"))
                 .collect();
             fields.push(format!("{CHANGELOG_PREFIX}{}", positions.join(",")));
+        }
+        if !self.staged.is_empty() {
+            let sinks: Vec<String> = self
+                .staged
+                .iter()
+                .map(|(sink, epochs)| {
+                    let epochs: Vec<String> = epochs.iter().map(ToString::to_string).collect();
+                    format!("{sink}:{}", epochs.join("+"))
+                })
+                .collect();
+            fields.push(format!("{STAGED_PREFIX}{}", sinks.join(",")));
         }
         fields.join(";")
     }
@@ -112,6 +144,7 @@ mod tests {
                 ("keystone.ns.p.changelog.a".to_owned(), 17),
                 ("keystone.ns.p.changelog.b".to_owned(), 0),
             ]),
+            staged: BTreeMap::new(),
         };
         let text = metadata.encode();
         assert_eq!(
@@ -127,14 +160,47 @@ mod tests {
         let metadata = CommitMetadata {
             restore: Some("r1".to_owned()),
             changelog: (0..20).map(|n| (format!("{topic}{n}"), 1)).collect(),
+            staged: BTreeMap::from([("lake".to_owned(), vec![epochs("ab12", 3, 4)])]),
         };
         assert!(metadata.encode().len() > MAX_COMMIT_METADATA_BYTES);
-        assert_eq!(metadata.encode_for_commit(), "keystone.restore=r1");
+        assert_eq!(
+            metadata.encode_for_commit(),
+            "keystone.restore=r1;keystone.staged=lake:ab12.3-4"
+        );
         let small = CommitMetadata {
             restore: None,
             changelog: BTreeMap::from([("log".to_owned(), 3)]),
+            staged: BTreeMap::new(),
         };
         assert_eq!(small.encode_for_commit(), "keystone.changelog=log@3");
+    }
+
+    fn epochs(instance: &str, first: u64, last: u64) -> StagedEpochs {
+        StagedEpochs {
+            instance: instance.to_owned(),
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn staged_epochs_of_each_sink_round_trip() {
+        let metadata = CommitMetadata {
+            restore: None,
+            changelog: BTreeMap::new(),
+            staged: BTreeMap::from([
+                (
+                    "lake".to_owned(),
+                    vec![epochs("0a", 1, 1), epochs("ff01", 7, 9)],
+                ),
+                ("files".to_owned(), vec![epochs("b2", 2, 5)]),
+            ]),
+        };
+        let text = metadata.encode();
+        assert_eq!(text, "keystone.staged=files:b2.2-5,lake:0a.1-1+ff01.7-9");
+        assert_eq!(CommitMetadata::parse(&text), metadata);
+        let foreign = CommitMetadata::parse("keystone.staged=lake:zz.1-2+0a.3-1,files");
+        assert!(foreign.staged.is_empty(), "{foreign:?}");
     }
 
     #[test]

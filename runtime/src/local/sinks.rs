@@ -142,6 +142,14 @@ impl LocalSinks {
                 }
             }
             sink.publish().map_err(sink_error)?;
+            // A two-phase sink retries a failed publish at its next commit;
+            // a local run has none left, so what is still staged is an error.
+            if !sink.staged().is_empty() {
+                return Err(RuntimeError::Usage(format!(
+                    "sink {:?} could not publish its staged files; its destination may be unreachable (see the log)",
+                    sink.name()
+                )));
+            }
         }
         Ok(out.dead_letters)
     }

@@ -1,0 +1,190 @@
+//! What the lake sinks (Iceberg tables, Hive-style Parquet) share: the
+//! columns of the output contract, rows into Arrow, and the staged epochs by
+//! which they keep exactly once.
+//!
+//! Exactly once, as Flink's two-phase file sinks do it, with the Kafka offset
+//! commit in the place of Flink's checkpoint:
+//!
+//! 1. each sink instance has a random id; every `prepare` closes the files it
+//!    wrote since the last one and stages them as one epoch (numbered from 1)
+//!    under that id, durably, before the host commits;
+//! 2. the host commits the input offsets with the instance's
+//!    [`StagedEpochs`] (the epochs staged and not yet published) in the
+//!    offset metadata: the commit and the staged files agree atomically;
+//! 3. after the commit the sink publishes (moves files into place, commits a
+//!    snapshot) and forgets the epochs;
+//! 4. an instance that is given partitions reads the markers in their last
+//!    commits and publishes whatever they name that is still staged: a crash
+//!    between commit and publish loses nothing. An epoch that was staged but
+//!    never committed is never published (its events are read again).
+//!
+//! Publishing is idempotent (a file already moved, a snapshot whose summary
+//! already names the epoch), so two instances recovering the same marker, or
+//! a recovery racing the owner's own publish, write each epoch once.
+
+pub mod columns;
+pub mod rows;
+
+use std::fmt;
+use std::ops::RangeInclusive;
+
+/// Why a lake sink cannot be built or cannot go on. Messages name the setting
+/// or the location; never a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error(transparent)]
+    Columns(#[from] columns::ColumnsError),
+    #[error("partitionBy[{index}] {term:?}: {message}")]
+    Partition {
+        index: usize,
+        term: String,
+        message: String,
+    },
+    #[error("path {path:?}: {message}")]
+    Path { path: String, message: String },
+    #[error("the object store, at {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("encoding Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("building the rows: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("starting the sink's I/O runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl LakeError {
+    /// Errors of the manifest, which no retry mends.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            LakeError::Columns(_) | LakeError::Partition { .. } | LakeError::Path { .. }
+        )
+    }
+}
+
+/// A sink instance's staged, unpublished epochs: `<instance>.<first>-<last>`
+/// in the offset metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedEpochs {
+    /// The sink instance's id (hex).
+    pub instance: String,
+    pub first: u64,
+    pub last: u64,
+}
+
+impl StagedEpochs {
+    pub fn epochs(&self) -> RangeInclusive<u64> {
+        self.first..=self.last
+    }
+
+    /// Reads a marker; `None` for text this version did not write.
+    pub fn parse(text: &str) -> Option<StagedEpochs> {
+        let (instance, range) = text.split_once('.')?;
+        let (first, last) = range.split_once('-')?;
+        let (first, last) = (first.parse().ok()?, last.parse().ok()?);
+        let valid = !instance.is_empty()
+            && instance.chars().all(|c| c.is_ascii_hexdigit())
+            && first <= last;
+        valid.then(|| StagedEpochs {
+            instance: instance.to_owned(),
+            first,
+            last,
+        })
+    }
+}
+
+impl fmt::Display for StagedEpochs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}-{}", self.instance, self.first, self.last)
+    }
+}
+
+/// A new sink instance id: 12 random hex digits, so that two instances (or
+/// one instance before and after a restart) never stage under the same name.
+pub fn new_instance_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..12].to_owned()
+}
+
+/// The epochs staged and not published, tracked by a sink instance.
+#[derive(Debug)]
+pub struct EpochLedger {
+    pub instance: String,
+    /// The epoch files are being written into now.
+    pub current: u64,
+    /// The oldest staged epoch not yet published, if any.
+    pub unpublished_from: Option<u64>,
+}
+
+impl EpochLedger {
+    pub fn new() -> Self {
+        Self {
+            instance: new_instance_id(),
+            current: 1,
+            unpublished_from: None,
+        }
+    }
+
+    /// The current epoch is staged: the next one begins.
+    pub fn staged(&mut self) {
+        self.unpublished_from.get_or_insert(self.current);
+        self.current += 1;
+    }
+
+    /// What the host commits: the staged epochs not published.
+    pub fn marker(&self) -> Option<StagedEpochs> {
+        self.unpublished_from.map(|first| StagedEpochs {
+            instance: self.instance.clone(),
+            first,
+            last: self.current - 1,
+        })
+    }
+
+    /// Every staged epoch is published.
+    pub fn published(&mut self) {
+        self.unpublished_from = None;
+    }
+}
+
+impl Default for EpochLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_refuse_foreign_text() {
+        let marker = StagedEpochs {
+            instance: "0a1b2c3d4e5f".into(),
+            first: 3,
+            last: 7,
+        };
+        assert_eq!(marker.to_string(), "0a1b2c3d4e5f.3-7");
+        assert_eq!(StagedEpochs::parse("0a1b2c3d4e5f.3-7"), Some(marker));
+        for foreign in ["", "x.1-2", "ab.2-1", "ab.1", "ab1-2", "ab.-1-2"] {
+            assert_eq!(StagedEpochs::parse(foreign), None, "{foreign:?}");
+        }
+    }
+
+    #[test]
+    fn the_ledger_names_every_staged_epoch_until_published() {
+        let mut ledger = EpochLedger::new();
+        assert_eq!(ledger.marker(), None, "nothing staged yet");
+        ledger.staged();
+        ledger.staged();
+        let marker = ledger.marker().unwrap();
+        assert_eq!((marker.first, marker.last), (1, 2));
+        ledger.published();
+        assert_eq!(ledger.marker(), None);
+        ledger.staged();
+        assert_eq!(ledger.marker().unwrap().epochs(), 3..=3);
+    }
+}

@@ -1,0 +1,389 @@
+//! The Hive-style Parquet sink: rows of the output contract in zstd Parquet
+//! files under `field=value/` folders, on a local folder or an S3-compatible
+//! store, exactly once (see [`lake`](super::lake) for the protocol).
+//!
+//! - [`Sink::write`] routes each event to its folder's open file (an event
+//!   that fits no folder or no row is a dead letter naming the field);
+//! - a file closes when it reaches [`FILE_BYTES`], when `rollInterval` has
+//!   passed, and at every `prepare`; closed files are uploaded under
+//!   `_staging/<instance>/<epoch>/`, with the name they will be published as;
+//! - [`Sink::publish`] moves each staged file into place (rename, or copy and
+//!   delete on S3): a reader never sees a partial or uncommitted file, and a
+//!   publish repeated after a crash moves what is left;
+//! - when event time (the lowest of the input partitions' highest times)
+//!   passes the end of a `day` or `hour` folder this instance published into,
+//!   it writes `_SUCCESS` there.
+//!
+//! A store that is down makes `prepare` answer `Pending` (the host holds its
+//! input and asks again) and leaves publishing to the next commit: nothing is
+//! lost, nothing is published twice.
+
+mod layout;
+mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use keystone_crds::plan::PlanSink;
+use object_store::{ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use self::layout::{Folder, Layout, SUCCESS, file_name, join, staging_prefix};
+use self::store::Store;
+use super::lake::columns::{Column, columns_of};
+use super::lake::rows::Rows;
+use super::lake::{EpochLedger, LakeError, StagedEpochs};
+use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
+use crate::event::DeadLetter;
+
+/// A file closes when its rows reach this many bytes of JSON.
+pub const FILE_BYTES: usize = 128 * 1024 * 1024;
+/// Closed files waiting for upload beyond this hold the host's input.
+const MAX_UNUPLOADED_BYTES: usize = 256 * 1024 * 1024;
+
+/// The Parquet sink (see the module documentation).
+pub struct ParquetSink {
+    name: String,
+    step: String,
+    /// The columns in the files: the contract's, less the folder fields.
+    columns: Arc<Vec<Column>>,
+    layout: Layout,
+    store: Store,
+    io: tokio::runtime::Runtime,
+    properties: WriterProperties,
+    roll_interval: Duration,
+    ledger: EpochLedger,
+    /// Open files of the current epoch, per folder.
+    open: BTreeMap<Folder, OpenFile>,
+    /// Files of the current epoch per folder so far (the next file's number).
+    files_in_epoch: BTreeMap<Folder, usize>,
+    /// Closed files of the current epoch not yet uploaded: (staged path, bytes).
+    unuploaded: Vec<(String, Vec<u8>)>,
+    unuploaded_bytes: usize,
+    /// The folders of each staged, unpublished epoch.
+    staged_folders: BTreeMap<u64, Vec<Folder>>,
+    /// Epochs of other instances (or of this one before a rewind) that the
+    /// last commits name: published with this sink's next publish.
+    recovered: Vec<StagedEpochs>,
+    /// Time folders published into, waiting for event time to pass their end.
+    awaiting_success: BTreeMap<String, i64>,
+    /// The highest event time seen per input partition (epoch microseconds).
+    event_time: BTreeMap<i32, i64>,
+}
+
+struct OpenFile {
+    rows: Rows,
+    opened: Instant,
+}
+
+impl ParquetSink {
+    /// Builds the sink of `sink`, reading the store's credentials from the
+    /// environment. The store is not contacted until the first upload.
+    pub fn connect(sink: &PlanSink, context: &SinkContext<'_>) -> Result<ParquetSink, SinkError> {
+        let _ = context;
+        Self::build(sink, &|name| std::env::var(name).ok()).map_err(|source| SinkError::Lake {
+            sink: sink.name.clone(),
+            source: Box::new(source),
+        })
+    }
+
+    fn build(sink: &PlanSink, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, LakeError> {
+        let Some(spec) = &sink.spec.parquet else {
+            return Err(LakeError::Path {
+                path: String::new(),
+                message: "the sink sets no parquet settings".to_owned(),
+            });
+        };
+        let layout = Layout::new(&spec.partition_by)?;
+        let folder_fields = layout.folder_fields();
+        let columns: Vec<Column> = columns_of(&sink.schema)?
+            .into_iter()
+            .filter(|c| !folder_fields.contains(&c.name.as_str()))
+            .collect();
+        let store = Store::open(&sink.spec, env)?;
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(LakeError::Runtime)?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let ledger = EpochLedger::new();
+        tracing::info!(
+            sink = %sink.name,
+            path = %store.location,
+            instance = %ledger.instance,
+            "parquet sink ready"
+        );
+        Ok(ParquetSink {
+            step: format!("sink:{}", sink.name),
+            name: sink.name.clone(),
+            columns: Arc::new(columns),
+            layout,
+            store,
+            io,
+            properties,
+            roll_interval: spec.roll_interval.as_std(),
+            ledger,
+            open: BTreeMap::new(),
+            files_in_epoch: BTreeMap::new(),
+            unuploaded: Vec::new(),
+            unuploaded_bytes: 0,
+            staged_folders: BTreeMap::new(),
+            recovered: Vec::new(),
+            awaiting_success: BTreeMap::new(),
+            event_time: BTreeMap::new(),
+        })
+    }
+
+    fn error(&self, source: LakeError) -> SinkError {
+        SinkError::Lake {
+            sink: self.name.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Closes the open file of `folder`: encoded, and queued for upload under
+    /// the current epoch's staging prefix.
+    fn close(&mut self, folder: &Folder) -> Result<(), LakeError> {
+        let Some(mut file) = self.open.remove(folder) else {
+            return Ok(());
+        };
+        if file.rows.is_empty() {
+            return Ok(());
+        }
+        let batch = file.rows.take_batch()?;
+        let mut writer = ArrowWriter::try_new(
+            Vec::new(),
+            file.rows.schema().clone(),
+            Some(self.properties.clone()),
+        )?;
+        writer.write(&batch)?;
+        let bytes = writer.into_inner()?;
+        let n = self.files_in_epoch.entry(folder.clone()).or_insert(0);
+        let name = file_name(&self.ledger.instance, self.ledger.current, *n);
+        *n += 1;
+        let staged = join(
+            &staging_prefix(&self.ledger.instance, self.ledger.current),
+            &join(&folder.path, &name),
+        );
+        self.unuploaded_bytes += bytes.len();
+        self.unuploaded.push((staged, bytes));
+        Ok(())
+    }
+
+    fn close_all(&mut self) -> Result<(), LakeError> {
+        let folders: Vec<Folder> = self.open.keys().cloned().collect();
+        folders.iter().try_for_each(|f| self.close(f))
+    }
+
+    /// Uploads the closed files; false when the store did not take them all
+    /// (the rest are tried again).
+    fn upload(&mut self) -> bool {
+        while let Some((staged, bytes)) = self.unuploaded.last() {
+            let path = self.store.path(staged);
+            let payload = PutPayload::from(bytes.clone());
+            let objects = self.store.objects.clone();
+            if let Err(error) = self.io.block_on(objects.put(&path, payload)) {
+                tracing::warn!(sink = %self.name, file = %self.store.show(staged), %error, "staging a file failed; trying again at the next commit");
+                return false;
+            }
+            self.unuploaded_bytes -= bytes.len();
+            self.unuploaded.pop();
+        }
+        true
+    }
+
+    /// Moves every staged file of one epoch into place. Files already moved
+    /// (by an earlier try, or by another instance recovering the same epoch)
+    /// are simply not there any more.
+    fn publish_epoch(&self, instance: &str, epoch: u64) -> Result<(), LakeError> {
+        let prefix_text = staging_prefix(instance, epoch);
+        let prefix = self.store.path(&prefix_text);
+        let objects = self.store.objects.clone();
+        let store_error = |source| LakeError::Store {
+            location: self.store.show(&prefix_text),
+            source,
+        };
+        let staged: Vec<_> = self
+            .io
+            .block_on(objects.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .map_err(store_error)?;
+        for object in staged {
+            let Some(relative) = object.location.prefix_match(&prefix) else {
+                continue;
+            };
+            let target = self.store.path_of_parts(relative);
+            match self.io.block_on(objects.rename(&object.location, &target)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => return Err(store_error(source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes every staged epoch the last commit covers; on failure they
+    /// stay staged (and named in the next commits) and are tried again.
+    fn publish_staged(&mut self) -> Result<(), LakeError> {
+        let mut markers = self.recovered.clone();
+        markers.extend(self.ledger.marker());
+        for marker in &markers {
+            for epoch in marker.epochs() {
+                self.publish_epoch(&marker.instance, epoch)?;
+            }
+        }
+        self.recovered.clear();
+        if let Some(own) = self.ledger.marker() {
+            for epoch in own.epochs() {
+                for folder in self.staged_folders.remove(&epoch).unwrap_or_default() {
+                    if let Some(end) = folder.ends_at {
+                        self.awaiting_success.insert(folder.path, end);
+                    }
+                }
+            }
+        }
+        self.ledger.published();
+        self.mark_complete_folders()
+    }
+
+    /// Writes `_SUCCESS` in each time folder that event time has passed.
+    fn mark_complete_folders(&mut self) -> Result<(), LakeError> {
+        let Some(watermark) = self.event_time.values().min().copied() else {
+            return Ok(());
+        };
+        let complete: Vec<String> = self
+            .awaiting_success
+            .iter()
+            .filter(|(_, end)| **end <= watermark)
+            .map(|(folder, _)| folder.clone())
+            .collect();
+        for folder in complete {
+            let marker = join(&folder, SUCCESS);
+            let objects = self.store.objects.clone();
+            self.io
+                .block_on(objects.put(&self.store.path(&marker), PutPayload::new()))
+                .map_err(|source| LakeError::Store {
+                    location: self.store.show(&marker),
+                    source,
+                })?;
+            self.awaiting_success.remove(&folder);
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, record: &SinkRecord<'_>, reason: String, out: &mut SinkOutput) {
+        out.dead_letters.push(DeadLetter {
+            step: self.step.clone(),
+            reason,
+            original: record.event.raw.clone(),
+        });
+    }
+}
+
+impl Sink for ParquetSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        Guarantee::TwoPhase
+    }
+
+    fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
+        let value = &record.event.value;
+        let folder = match self.layout.folder_of(value) {
+            Ok(folder) => folder,
+            Err(reason) => {
+                self.refuse(record, reason, out);
+                return Ok(());
+            }
+        };
+        let columns = &self.columns;
+        let file = self.open.entry(folder.clone()).or_insert_with(|| OpenFile {
+            rows: Rows::new(columns.clone()),
+            opened: Instant::now(),
+        });
+        if let Err(reason) = file.rows.push(value, record.value.len()) {
+            self.refuse(record, reason, out);
+            return Ok(());
+        }
+        let full = file.rows.bytes() >= FILE_BYTES;
+        let old = file.opened.elapsed() >= self.roll_interval;
+        if let Some(micros) = self.layout.event_time(value) {
+            let partition = record.event.source.map_or(-1, |s| s.partition);
+            let seen = self.event_time.entry(partition).or_insert(micros);
+            *seen = (*seen).max(micros);
+        }
+        let result = if old {
+            self.close_all()
+        } else if full {
+            self.close(&folder)
+        } else {
+            Ok(())
+        };
+        result.map_err(|e| self.error(e))
+    }
+
+    fn backpressured(&self) -> bool {
+        self.unuploaded_bytes >= MAX_UNUPLOADED_BYTES
+    }
+
+    fn prepare(&mut self, _wait: Duration, _out: &mut SinkOutput) -> Result<Prepared, SinkError> {
+        self.close_all().map_err(|e| self.error(e))?;
+        if !self.upload() {
+            return Ok(Prepared::Pending);
+        }
+        if !self.files_in_epoch.is_empty() {
+            let folders: Vec<Folder> = std::mem::take(&mut self.files_in_epoch)
+                .into_keys()
+                .collect();
+            self.staged_folders.insert(self.ledger.current, folders);
+            self.ledger.staged();
+        }
+        Ok(Prepared::Ready)
+    }
+
+    fn staged(&self) -> Vec<StagedEpochs> {
+        let mut staged = self.recovered.clone();
+        staged.extend(self.ledger.marker());
+        staged
+    }
+
+    fn publish(&mut self) -> Result<(), SinkError> {
+        if let Err(error) = self.publish_staged() {
+            // The epochs stay staged and named in the next commits: publishing
+            // is tried again then, or by whoever reads these partitions next.
+            tracing::warn!(sink = %self.name, %error, "publishing staged files failed; trying again at the next commit");
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.open.clear();
+        self.files_in_epoch.clear();
+        self.unuploaded.clear();
+        self.unuploaded_bytes = 0;
+        // What the last commit covers is named in its metadata, and comes back
+        // through `recover`; the rest is never published. The next epoch gets
+        // a new number, so nothing staged now is reused.
+        self.ledger.published();
+        self.staged_folders.clear();
+        self.ledger.current += 1;
+    }
+
+    fn recover(&mut self, staged: Vec<StagedEpochs>) {
+        for marker in staged {
+            if !self.recovered.contains(&marker) {
+                tracing::info!(sink = %self.name, epochs = %marker, "publishing epochs a commit names, if still staged");
+                self.recovered.push(marker);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
