@@ -10,15 +10,16 @@
 //! - [`Sink::publish`] moves each staged file into place (rename, or copy and
 //!   delete on S3): a reader never sees a partial or uncommitted file, and a
 //!   publish repeated after a crash moves what is left;
-//! - when event time (the lowest of the input partitions' highest times)
-//!   passes the end of a `day` or `hour` folder this instance published into,
-//!   it writes `_SUCCESS` there.
+//! - when event time (the lowest of the input partitions' highest published
+//!   times) passes the end of a `day` or `hour` folder, the next publish
+//!   writes `_SUCCESS` there (bookkeeping in the store: `marks`).
 //!
 //! A store that is down makes `prepare` answer `Pending` (the host holds its
 //! input and asks again) and leaves publishing to the next commit: nothing is
 //! lost, nothing is published twice.
 
 mod layout;
+mod marks;
 mod store;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use self::layout::{Folder, Layout, SUCCESS, file_name, join, staging_prefix};
+use self::layout::{Folder, Layout, file_name, join, staging_prefix};
+use self::marks::Marks;
 use self::store::Store;
 use super::lake::columns::{Column, columns_of};
 use super::lake::rows::Rows;
@@ -64,14 +66,13 @@ pub struct ParquetSink {
     /// Closed files of the current epoch not yet uploaded: (staged path, bytes).
     unuploaded: Vec<(String, Vec<u8>)>,
     unuploaded_bytes: usize,
-    /// The folders of each staged, unpublished epoch.
-    staged_folders: BTreeMap<u64, Vec<Folder>>,
+    /// The folders of each staged, unpublished epoch, and the event time
+    /// per input partition its files reach.
+    staged_folders: BTreeMap<u64, (Vec<Folder>, BTreeMap<i32, i64>)>,
     /// Epochs of other instances (or of this one before a rewind) that the
     /// last commits name: published with this sink's next publish.
     recovered: Vec<StagedEpochs>,
-    /// Time folders published into, waiting for event time to pass their end.
-    awaiting_success: BTreeMap<String, i64>,
-    /// The highest event time seen per input partition (epoch microseconds).
+    /// The highest event time written per input partition (epoch microseconds).
     event_time: BTreeMap<i32, i64>,
 }
 
@@ -135,7 +136,6 @@ impl ParquetSink {
             unuploaded_bytes: 0,
             staged_folders: BTreeMap::new(),
             recovered: Vec::new(),
-            awaiting_success: BTreeMap::new(),
             event_time: BTreeMap::new(),
         })
     }
@@ -237,40 +237,33 @@ impl ParquetSink {
             }
         }
         self.recovered.clear();
+        let mut folders: BTreeMap<String, i64> = BTreeMap::new();
+        let mut event_time: BTreeMap<i32, i64> = BTreeMap::new();
         if let Some(own) = self.ledger.marker() {
             for epoch in own.epochs() {
-                for folder in self.staged_folders.remove(&epoch).unwrap_or_default() {
+                let (staged, times) = self.staged_folders.remove(&epoch).unwrap_or_default();
+                for folder in staged {
                     if let Some(end) = folder.ends_at {
-                        self.awaiting_success.insert(folder.path, end);
+                        folders.insert(folder.path, end);
                     }
+                }
+                for (partition, micros) in times {
+                    let time = event_time.entry(partition).or_insert(micros);
+                    *time = (*time).max(micros);
                 }
             }
         }
         self.ledger.published();
-        self.mark_complete_folders()
-    }
-
-    /// Writes `_SUCCESS` in each time folder that event time has passed.
-    fn mark_complete_folders(&mut self) -> Result<(), LakeError> {
-        let Some(watermark) = self.event_time.values().min().copied() else {
-            return Ok(());
-        };
-        let complete: Vec<String> = self
-            .awaiting_success
-            .iter()
-            .filter(|(_, end)| **end <= watermark)
-            .map(|(folder, _)| folder.clone())
-            .collect();
-        for folder in complete {
-            let marker = join(&folder, SUCCESS);
-            let objects = self.store.objects.clone();
-            self.io
-                .block_on(objects.put(&self.store.path(&marker), PutPayload::new()))
-                .map_err(|source| LakeError::Store {
-                    location: self.store.show(&marker),
-                    source,
-                })?;
-            self.awaiting_success.remove(&folder);
+        if self.layout.time_field().is_some() {
+            let marks = Marks {
+                store: &self.store,
+                io: &self.io,
+            };
+            marks.await_folders(&folders)?;
+            marks.advance(&event_time)?;
+            for folder in marks.mark_complete()? {
+                tracing::debug!(sink = %self.name, %folder, "time folder complete");
+            }
         }
         Ok(())
     }
@@ -341,7 +334,8 @@ impl Sink for ParquetSink {
             let folders: Vec<Folder> = std::mem::take(&mut self.files_in_epoch)
                 .into_keys()
                 .collect();
-            self.staged_folders.insert(self.ledger.current, folders);
+            self.staged_folders
+                .insert(self.ledger.current, (folders, self.event_time.clone()));
             self.ledger.staged();
         }
         Ok(Prepared::Ready)

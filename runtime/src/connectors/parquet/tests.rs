@@ -328,7 +328,21 @@ fn success_marks_a_time_folder_once_event_time_passes_its_end() {
     sink.publish().unwrap();
     let all = files(&dir);
     assert!(all.contains(&marker.to_owned()), "{all:?}");
-    assert!(!all.contains(&"date=2026-12-03/hour=11/_SUCCESS".to_owned()));
+    let next_hour = "date=2026-12-03/hour=11/_SUCCESS".to_owned();
+    assert!(!all.contains(&next_hour));
+    // The bookkeeping lives in the store: another instance (this one gone)
+    // completes the folder once every partition passes its end.
+    drop(sink);
+    let mut next = super::tests::sink(&dir, &["day(at)", "hour(at)"]);
+    write(&mut next, 0, &[r#"{"id":4,"country":"NL","at":"2026-12-03T12:00:00Z"}"#]);
+    prepare(&mut next);
+    next.publish().unwrap();
+    assert!(!files(&dir).contains(&next_hour), "partition 1 is still at 11:30");
+    write(&mut next, 1, &[r#"{"id":5,"country":"NL","at":"2026-12-03T12:10:00Z"}"#]);
+    prepare(&mut next);
+    next.publish().unwrap();
+    assert!(files(&dir).contains(&next_hour), "{:?}", files(&dir));
+    assert_eq!(published_ids(&dir), [1, 2, 3, 4, 5]);
 }
 
 #[test]
