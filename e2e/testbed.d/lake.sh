@@ -1,0 +1,214 @@
+# shellcheck shell=bash
+# The lake components of e2e/testbed (sourced by it; uses its log, die,
+# cache_lock, start_proc, stop_proc, is_running, wait_until, require_port):
+#
+#   s3       gofakes3, an S3-compatible store (objects are plain files under
+#            $STATE/s3), bucket "keystone", for the Hive-style Parquet sink;
+#   iceberg  Apache Iceberg's RESTCatalogServer, a JDBC catalog on SQLite
+#            with a file:// warehouse under $STATE/iceberg, for the Iceberg sink;
+#   a Python virtualenv with pyiceberg and pyarrow, for the independent
+#            readers in e2e/readers/ that the e2e tests call.
+#
+# `up --only lake` starts these; `up` starts them with the rest.
+
+GOFAKES3_VERSION="${KEYSTONE_GOFAKES3_VERSION:-v1.2.0}"
+ICEBERG_VERSION="${KEYSTONE_ICEBERG_VERSION:-1.10.1}"
+S3_PORT="${KEYSTONE_TESTBED_S3_PORT:-19900}"
+ICEBERG_PORT="${KEYSTONE_TESTBED_ICEBERG_PORT:-19181}"
+S3_BUCKET="keystone"
+# The interpreter the readers' virtualenv is made with.
+LAKE_PYTHON_BIN="${KEYSTONE_LAKE_PYTHON_BIN:-python3.11}"
+LAKE_REQUIREMENTS="$REPO/e2e/readers/requirements.txt"
+
+# Set again by lake_pin_env when an existing state pins other versions.
+lake_paths() {
+  GOFAKES3_BIN="$CACHE/gofakes3-$GOFAKES3_VERSION/bin/gofakes3"
+  ICEBERG_LIBS="$CACHE/iceberg-rest-$ICEBERG_VERSION/lib"
+  LAKE_VENV=""
+}
+lake_paths
+
+# lake_venv: sets LAKE_VENV, the virtualenv's folder. It names the
+# interpreter and the requirements' hash: editing
+# e2e/readers/requirements.txt makes a new one.
+lake_venv() {
+  [[ -n "$LAKE_VENV" ]] && return
+  local py hash
+  py="$("$LAKE_PYTHON_BIN" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \
+    || die "no $LAKE_PYTHON_BIN for the lake readers' virtualenv; set KEYSTONE_LAKE_PYTHON_BIN"
+  hash="$(sha256sum "$LAKE_REQUIREMENTS" | cut -c1-12)"
+  LAKE_VENV="$CACHE/lake-python$py-$hash"
+}
+
+# ------------------------------------------------------------------ installs
+
+ensure_gofakes3() {
+  [[ -x "$GOFAKES3_BIN" ]] && return
+  cache_lock
+  if [[ -x "$GOFAKES3_BIN" ]]; then cache_unlock; return; fi
+  local dir="$CACHE/gofakes3-$GOFAKES3_VERSION" flog="$CACHE/gofakes3-$GOFAKES3_VERSION.build.log" t=$SECONDS
+  log "building gofakes3 $GOFAKES3_VERSION from the Go module proxy into $dir"
+  rm -rf "$dir" "$dir.tmp"
+  # From the cache folder, so that no go.mod of the caller's folder is read.
+  (
+    cd "$CACHE"
+    GOTOOLCHAIN="${KEYSTONE_GOTOOLCHAIN:-auto}" GOBIN="$dir.tmp/bin" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+      nice -n 10 go install -trimpath -ldflags "-s -w" "github.com/johannesboyne/gofakes3/cmd/gofakes3@$GOFAKES3_VERSION"
+  ) >"$flog" 2>&1 || die "gofakes3 build failed; see $flog"
+  mv "$dir.tmp" "$dir"
+  log "gofakes3 built in $((SECONDS - t)) s"
+  cache_unlock
+}
+
+ensure_iceberg_rest() {
+  [[ -f "$ICEBERG_LIBS/.complete" ]] && return
+  cache_lock
+  if [[ -f "$ICEBERG_LIBS/.complete" ]]; then cache_unlock; return; fi
+  local flog="$CACHE/iceberg-rest-$ICEBERG_VERSION.fetch.log" t=$SECONDS
+  log "fetching the Iceberg REST catalog server $ICEBERG_VERSION from Maven Central into $ICEBERG_LIBS"
+  rm -rf "$ICEBERG_LIBS"
+  mkdir -p "$ICEBERG_LIBS"
+  mvn -q -B -f "$HERE/iceberg-rest-pom.xml" -Diceberg.version="$ICEBERG_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$ICEBERG_LIBS" \
+    >"$flog" 2>&1 || die "maven could not resolve the Iceberg $ICEBERG_VERSION REST catalog; see $flog"
+  touch "$ICEBERG_LIBS/.complete"
+  log "Iceberg REST catalog fetched in $((SECONDS - t)) s"
+  cache_unlock
+}
+
+# The readers' virtualenv, made once per interpreter and requirements file;
+# .complete marks a finished install (a half-made one is made again).
+ensure_lake_python() {
+  lake_venv
+  local venv="$LAKE_VENV"
+  [[ -f "$venv/.complete" ]] && return
+  cache_lock
+  if [[ -f "$venv/.complete" ]]; then cache_unlock; return; fi
+  local flog="$venv.install.log" t=$SECONDS
+  log "making the readers' virtualenv $venv (pip install -r e2e/readers/requirements.txt)"
+  rm -rf "$venv"
+  {
+    "$LAKE_PYTHON_BIN" -m venv "$venv" \
+      && "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$LAKE_REQUIREMENTS" \
+      && "$venv/bin/python" -c 'import pyiceberg.catalog.rest, pyarrow.dataset, pyarrow.fs'
+  } >"$flog" 2>&1 || die "making the readers' virtualenv failed; see $flog"
+  touch "$venv/.complete"
+  log "readers' virtualenv made in $((SECONDS - t)) s"
+  cache_unlock
+}
+
+# ------------------------------------------------------------------------ s3
+
+s3_ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$S3_PORT/$S3_BUCKET"; }
+
+# Starts gofakes3 unless running and waits until the bucket answers. Its
+# objects are files under $STATE/s3 and survive stop/start.
+up_s3() {
+  ensure_gofakes3
+  if is_running s3; then
+    log "s3 already running"
+  else
+    require_port "$S3_PORT" "s3 (gofakes3)" KEYSTONE_TESTBED_S3_PORT
+    mkdir -p "$STATE/s3"
+    start_proc s3 "$GOFAKES3_BIN" -host "127.0.0.1:$S3_PORT" -backend fs -fs.path "$STATE/s3" -fs.create \
+      -initialbucket "$S3_BUCKET" -autobucket
+  fi
+  wait_until 30 "s3 (http://127.0.0.1:$S3_PORT, bucket $S3_BUCKET)" s3_ready \
+    || die "s3 (gofakes3) did not answer within 30 s; see $STATE/logs/s3.log"
+}
+
+# ------------------------------------------------------------------- iceberg
+
+iceberg_ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$ICEBERG_PORT/v1/config"; }
+
+# start_iceberg: starts the REST catalog unless running (does not wait). Its
+# catalog (SQLite) and warehouse live in $STATE/iceberg and survive
+# stop/start. It binds 0.0.0.0 (RESTCatalogServer has no host setting).
+start_iceberg() {
+  ensure_iceberg_rest
+  if is_running iceberg; then
+    log "iceberg already running"
+    return
+  fi
+  require_port "$ICEBERG_PORT" "iceberg REST catalog" KEYSTONE_TESTBED_ICEBERG_PORT
+  local dir="$STATE/iceberg"
+  mkdir -p "$dir/warehouse" "$dir/tmp"
+  # java.io.tmpdir: sqlite-jdbc unpacks its native library there.
+  start_proc iceberg env -C "$dir" -u JAVA_TOOL_OPTIONS \
+    CATALOG_WAREHOUSE="file://$dir/warehouse" \
+    CATALOG_URI="jdbc:sqlite:file:$dir/catalog.db" \
+    CATALOG_JDBC_USER=user CATALOG_JDBC_PASSWORD=password \
+    CATALOG_REST_PORT="$ICEBERG_PORT" \
+    java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.io.tmpdir="$dir/tmp" \
+    -cp "$ICEBERG_LIBS/*" org.apache.iceberg.rest.RESTCatalogServer
+}
+
+wait_iceberg() {
+  local deadline=$((SECONDS + 60))
+  until iceberg_ready; do
+    is_running iceberg \
+      || die "the iceberg REST catalog exited; see $STATE/logs/iceberg.log: $(tail -n 3 "$STATE/logs/iceberg.log" 2>/dev/null)"
+    ((SECONDS < deadline)) || die "the iceberg REST catalog did not answer /v1/config within 60 s; see $STATE/logs/iceberg.log"
+    sleep 0.2
+  done
+  log "iceberg REST catalog (http://127.0.0.1:$ICEBERG_PORT) ready"
+}
+
+up_iceberg() {
+  start_iceberg
+  wait_iceberg
+}
+
+# ---------------------------------------------------------------- the parts
+
+# up_lake: after start_iceberg (cmd_up starts the JVM early).
+up_lake() {
+  up_s3
+  ensure_lake_python
+  wait_iceberg
+}
+
+lake_write_env() {
+  lake_venv
+  echo "export KEYSTONE_TESTBED_S3_PORT='$S3_PORT'"
+  echo "export KEYSTONE_TESTBED_S3_ENDPOINT='http://127.0.0.1:$S3_PORT'"
+  echo "export KEYSTONE_TESTBED_S3_BUCKET='$S3_BUCKET'"
+  echo "export KEYSTONE_GOFAKES3_VERSION='$GOFAKES3_VERSION'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_PORT='$ICEBERG_PORT'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_URI='http://127.0.0.1:$ICEBERG_PORT'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_WAREHOUSE='file://$STATE/iceberg/warehouse'"
+  echo "export KEYSTONE_ICEBERG_VERSION='$ICEBERG_VERSION'"
+  echo "export KEYSTONE_TESTBED_LAKE_PYTHON='$LAKE_VENV/bin/python'"
+  echo "export KEYSTONE_TESTBED_READERS='$REPO/e2e/readers'"
+}
+
+lake_pin_env() {
+  S3_PORT="${KEYSTONE_TESTBED_S3_PORT:-$S3_PORT}"
+  ICEBERG_PORT="${KEYSTONE_TESTBED_ICEBERG_PORT:-$ICEBERG_PORT}"
+  GOFAKES3_VERSION="${KEYSTONE_GOFAKES3_VERSION:-$GOFAKES3_VERSION}"
+  # The catalog and warehouse were written by this version.
+  ICEBERG_VERSION="${KEYSTONE_ICEBERG_VERSION:-$ICEBERG_VERSION}"
+  lake_paths
+}
+
+# lake_status: one line per check; returns non-zero when one fails.
+lake_status() {
+  local rc=0
+  lake_venv
+  if s3_ready; then
+    echo "s3 bucket $S3_BUCKET       ok (http://127.0.0.1:$S3_PORT, gofakes3 $GOFAKES3_VERSION)"
+  else
+    echo "s3 bucket $S3_BUCKET       FAILING"; rc=1
+  fi
+  if iceberg_ready; then
+    echo "iceberg /v1/config      ok (http://127.0.0.1:$ICEBERG_PORT, $ICEBERG_VERSION)"
+  else
+    echo "iceberg /v1/config      FAILING"; rc=1
+  fi
+  if [[ -f "$LAKE_VENV/.complete" ]]; then
+    echo "readers' python         ok ($LAKE_VENV/bin/python)"
+  else
+    echo "readers' python         MISSING ($LAKE_VENV): run e2e/testbed up"; rc=1
+  fi
+  return "$rc"
+}
