@@ -108,17 +108,6 @@ fn changelog_topic(h: &Harness) -> String {
         .clone()
 }
 
-/// End offsets of every partition of `topic`.
-fn end_offsets(h: &Harness, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &h.bootstrap)
-        .create()
-        .unwrap();
-    (0..partitions)
-        .map(|p| (p, consumer.fetch_watermarks(topic, p, TIMEOUT).unwrap().1))
-        .collect()
-}
-
 /// Writes the restore plan and (re)starts `instance` with it.
 fn start_with_restore(h: &mut Harness, instance: &str, plan: &RestorePlan) {
     let path = h.dir.join("restore.json");

@@ -22,23 +22,18 @@ mod runtime_support;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use keystone_crds::checkpoint::{
     InputRestore, InstanceCheckpoint, RestorePlan, StageRestore, StateRestore,
 };
 use keystone_e2e::opensearch::OpenSearch;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use runtime_support::*;
 use serde_json::{Value, json};
 
 /// The outage tests stop the one OpenSearch: they take this exclusively, the
 /// other tests of this file share it.
 static OPENSEARCH: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-/// How long a stage may take to consume everything produced.
-const CATCH_UP: Duration = Duration::from_secs(180);
 
 async fn opensearch() -> OpenSearch {
     let os = OpenSearch::from_env()
@@ -315,72 +310,7 @@ async fn assert_index_is_reference(
 // ---------------------------------------------------------------------------
 
 /// End offsets of every partition of `topic`.
-fn end_offsets(h: &Harness, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &h.bootstrap)
-        .create()
-        .unwrap();
-    (0..partitions)
-        .map(|p| (p, consumer.fetch_watermarks(topic, p, TIMEOUT).unwrap().1))
-        .collect()
-}
-
-fn committed(h: &Harness, partitions: i32) -> BTreeMap<i32, i64> {
-    group_offsets(h, partitions)
-        .into_iter()
-        .map(|(p, (o, _))| (p, o))
-        .collect()
-}
-
-/// Waits until the stage's group committed the end of every input partition:
-/// with the sink prepared before each commit, everything is in the index.
-/// Fails at once when an instance exits (none should, on its own).
-fn wait_caught_up(h: &mut Harness, partitions: i32, logs: &str) {
-    let source = h.plan.source.topic.clone();
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
-        assert_running(h, logs);
-        let ends = end_offsets(h, &source, partitions);
-        let done = committed(h, partitions);
-        // A partition that never held a record may have no committed offset.
-        if ends
-            .iter()
-            .all(|(p, end)| done.get(p).copied().unwrap_or(0) == *end)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the group did not commit the end of the input within {CATCH_UP:?}: committed {done:?}, ends {ends:?}; logs: {logs}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Every instance the harness started is still running.
-fn assert_running(h: &mut Harness, logs: &str) {
-    for (instance, child) in &mut h.instances {
-        if let Some(status) = child.try_wait().unwrap() {
-            let log =
-                std::fs::read_to_string(h.dir.join(format!("{instance}.log"))).unwrap_or_default();
-            let last: Vec<&str> = log.lines().rev().take(3).collect();
-            panic!(
-                "{instance} exited ({status}) by itself; its last lines:\n{}\nlogs: {logs}",
-                last.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-    }
-}
-
 const VERSION_CONFLICTS: &str = r#"keystone_sink_items_total{result="version_conflict""#;
-
-fn logs(h: &Harness, instances: &[&str]) -> String {
-    instances
-        .iter()
-        .map(|i| h.log(i))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// One checkpoint of the whole stage: every instance's answer, merged, once
 /// they cover every partition exactly once and everything produced.
@@ -436,20 +366,6 @@ fn stage_checkpoint(
 }
 
 /// A seed that differs from run to run, printed so that a failure can be replayed.
-fn seed(test: &str) -> u64 {
-    let seed = std::env::var("KEYSTONE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("{test}: seed {seed} (KEYSTONE_TEST_SEED={seed} replays it)");
-    seed
-}
-
 // ---------------------------------------------------------------------------
 // 1. CDC, SIGKILLs and a rollback
 // ---------------------------------------------------------------------------

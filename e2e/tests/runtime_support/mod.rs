@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keystone_crds::plan::{Partitions, Plan, TopicRole};
 use keystone_e2e::Testbed;
@@ -559,4 +559,90 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .reduce(|a, b| a + b)
+}
+
+/// How long a stage may take to consume everything produced.
+pub const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// End offsets of every partition of `topic`.
+pub fn end_offsets(h: &Harness, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &h.bootstrap)
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| (p, consumer.fetch_watermarks(topic, p, TIMEOUT).unwrap().1))
+        .collect()
+}
+
+/// The group's committed offsets per partition.
+pub fn committed(h: &Harness, partitions: i32) -> BTreeMap<i32, i64> {
+    group_offsets(h, partitions)
+        .into_iter()
+        .map(|(p, (o, _))| (p, o))
+        .collect()
+}
+
+/// Waits until the stage's group committed the end of every input partition:
+/// with the sink prepared before each commit, everything is in the index.
+/// Fails at once when an instance exits (none should, on its own).
+pub fn wait_caught_up(h: &mut Harness, partitions: i32, logs: &str) {
+    let source = h.plan.source.topic.clone();
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        assert_running(h, logs);
+        let ends = end_offsets(h, &source, partitions);
+        let done = committed(h, partitions);
+        // A partition that never held a record may have no committed offset.
+        if ends
+            .iter()
+            .all(|(p, end)| done.get(p).copied().unwrap_or(0) == *end)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group did not commit the end of the input within {CATCH_UP:?}: committed {done:?}, ends {ends:?}; logs: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every instance the harness started is still running.
+pub fn assert_running(h: &mut Harness, logs: &str) {
+    for (instance, child) in &mut h.instances {
+        if let Some(status) = child.try_wait().unwrap() {
+            let log =
+                std::fs::read_to_string(h.dir.join(format!("{instance}.log"))).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(3).collect();
+            panic!(
+                "{instance} exited ({status}) by itself; its last lines:\n{}\nlogs: {logs}",
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+/// The log paths of `instances`, for failure messages.
+pub fn logs(h: &Harness, instances: &[&str]) -> String {
+    instances
+        .iter()
+        .map(|i| h.log(i))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The test's random seed: `KEYSTONE_TEST_SEED`, else the clock (printed, to replay).
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("KEYSTONE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: seed {seed} (KEYSTONE_TEST_SEED={seed} replays it)");
+    seed
 }

@@ -1,0 +1,330 @@
+//! The Parquet sink end to end: `keystone-runtime serve` instances read the
+//! testbed's real Kafka and write Hive-style Parquet to the testbed's
+//! S3-compatible store (gofakes3); an independent reader (pyarrow's dataset
+//! with hive partitioning, `e2e/readers/read_parquet.py`) reads the result.
+//! Each test computes its reference from the input it produces.
+//!
+//! - instances SIGKILLed three times mid-stream: every event once, in its
+//!   folder, and `_SUCCESS` in exactly the hours event time has passed;
+//! - the store stopped for 30 s mid-stream: the instance stays up, commits
+//!   nothing it could not stage, and afterwards nothing is lost or doubled.
+//!
+//! Needs `target/debug/keystone-runtime` and a running testbed with Kafka and
+//! the lake (`e2e/testbed up`).
+
+mod runtime_support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use keystone_e2e::Testbed;
+use runtime_support::*;
+use serde_json::Value;
+
+/// The outage test stops the one store: it takes this exclusively.
+static STORE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// How long published files may take to appear after the commit that covers
+/// them (the publish follows the commit at once; this is slack for a slow
+/// machine).
+const PUBLISH_SLACK: Duration = Duration::from_secs(30);
+
+/// The testbed's store and readers.
+struct Lake {
+    endpoint: String,
+    bucket: String,
+    python: String,
+    readers: String,
+}
+
+impl Lake {
+    fn from_env() -> Lake {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: start the testbed with the lake (e2e/testbed up) and eval \"$(e2e/testbed env)\"")
+            })
+        };
+        Lake {
+            endpoint: var("KEYSTONE_TESTBED_S3_ENDPOINT"),
+            bucket: var("KEYSTONE_TESTBED_S3_BUCKET"),
+            python: var("KEYSTONE_TESTBED_LAKE_PYTHON"),
+            readers: std::env::var("KEYSTONE_TESTBED_READERS")
+                .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/readers").to_owned()),
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// The sink's credentials, as the operator would pass them from its Secret.
+    fn sink_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KEYSTONE_SINK_LAKE_ENDPOINT", self.endpoint.clone()),
+            ("KEYSTONE_SINK_LAKE_ACCESS_KEY_ID", "keystone".to_owned()),
+            (
+                "KEYSTONE_SINK_LAKE_SECRET_ACCESS_KEY",
+                "keystone".to_owned(),
+            ),
+        ]
+    }
+
+    fn reader(&self, args: &[&str]) -> Vec<Value> {
+        let output = Command::new(&self.python)
+            .arg(format!("{}/read_parquet.py", self.readers))
+            .args(args)
+            .args(["--endpoint", &self.endpoint])
+            .output()
+            .expect("running the Parquet reader");
+        assert!(
+            output.status.success(),
+            "read_parquet.py {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    /// The rows under `prefix` (none when nothing is published yet).
+    fn rows(&self, prefix: &str) -> Vec<Value> {
+        if self.keys(prefix).iter().all(|k| k.starts_with('_')) {
+            return Vec::new();
+        }
+        self.reader(&["--path", &self.url(prefix), "--partition-strings"])
+    }
+
+    /// Every object key under `prefix`, relative to it.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.reader(&["--path", &self.url(prefix), "--list"])
+            .into_iter()
+            .map(|entry| entry["key"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// A pipeline reading `<name>.in` into Parquet at `s3://<bucket>/<name>`,
+/// folders by shard, date and hour.
+fn manifest(name: &str, lake: &Lake) -> String {
+    format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [id]
+    schema:
+      fields:
+        - {{name: id, type: string}}
+        - {{name: shard, type: integer}}
+        - {{name: at, type: timestamp}}
+        - {{name: amount, type: number}}
+  sinks:
+    - name: lake
+      parquet:
+        path: {url}
+        partitionBy: [shard, "day(at)", "hour(at)"]
+        credentialsSecret: lake-s3
+  delivery: ExactlyOnce
+  commitInterval: 500ms
+"#,
+        url = lake.url(name)
+    )
+}
+
+/// One input event of the reference.
+struct Row {
+    id: String,
+    shard: i64,
+    at: DateTime<Utc>,
+    amount: f64,
+}
+
+/// `count` events whose time runs from 10:00 to 13:00 in input order.
+fn input(count: usize) -> Vec<Row> {
+    let start = DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let span = chrono::Duration::hours(3);
+    (0..count)
+        .map(|i| Row {
+            id: format!("e{i:06}"),
+            shard: (i % 3) as i64,
+            at: start + span * i as i32 / count as i32,
+            amount: i as f64 / 4.0,
+        })
+        .collect()
+}
+
+fn pairs(rows: &[Row]) -> Vec<(String, String)> {
+    rows.iter()
+        .map(|r| {
+            let at = r.at.to_rfc3339_opts(SecondsFormat::Millis, true);
+            let value = format!(
+                r#"{{"id":"{}","shard":{},"at":"{at}","amount":{}}}"#,
+                r.id, r.shard, r.amount
+            );
+            (r.id.clone(), value)
+        })
+        .collect()
+}
+
+/// The lake holds each input event once, with its values, in its folder.
+fn assert_rows_are_reference(lake: &Lake, prefix: &str, input: &[Row], logs: &str) {
+    let deadline = Instant::now() + PUBLISH_SLACK;
+    let mut rows = lake.rows(prefix);
+    while rows.len() < input.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        rows = lake.rows(prefix);
+    }
+    let mut seen: BTreeMap<String, Value> = BTreeMap::new();
+    for row in &rows {
+        let id = row["id"].as_str().unwrap().to_owned();
+        if let Some(first) = seen.insert(id.clone(), row.clone()) {
+            panic!("{id} is in the lake twice: {first} and {row}; logs: {logs}");
+        }
+    }
+    assert_eq!(
+        rows.len(),
+        input.len(),
+        "the lake holds {} rows for {} events; logs: {logs}",
+        rows.len(),
+        input.len()
+    );
+    for r in input {
+        let row = seen
+            .get(&r.id)
+            .unwrap_or_else(|| panic!("{} is missing from the lake; logs: {logs}", r.id));
+        assert_eq!(row["shard"], Value::from(r.shard.to_string()), "{row}");
+        assert_eq!(
+            row["date"],
+            Value::from(r.at.format("%Y-%m-%d").to_string()),
+            "{row}"
+        );
+        assert_eq!(
+            row["hour"],
+            Value::from(r.at.format("%H").to_string()),
+            "{row}"
+        );
+        let at = DateTime::parse_from_rfc3339(row["at"].as_str().unwrap()).unwrap();
+        assert_eq!(at, r.at, "{row}");
+        assert_eq!(row["amount"].as_f64(), Some(r.amount), "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_on_s3_holds_every_event_once_through_sigkills() {
+    let _shared = STORE.read().await;
+    let lake = Lake::from_env();
+    let seed = seed("parquet_on_s3_holds_every_event_once_through_sigkills");
+    let mut rng = Lcg(seed);
+    let name = unique("lake-pq");
+    let partitions = 4;
+    let mut h = Harness::new(&name, &manifest(&name, &lake), partitions).await;
+    let source = h.plan.source.topic.clone();
+    let instances = ["a", "b"];
+    let logs = logs(&h, &instances);
+    let sink_env = lake.sink_env();
+    let env: Vec<(&str, &str)> = sink_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let rows = input(6000);
+    let streaming = Duration::from_secs(8);
+    let mut kill_at: Vec<Duration> = (0..3)
+        .map(|_| Duration::from_millis(300 + rng.below(streaming.as_millis() as u64 - 300)))
+        .collect();
+    kill_at.sort();
+    for instance in instances {
+        h.start(instance, &env);
+    }
+    let slices = 40;
+    let batches: Vec<Vec<(String, String)>> = (0..slices)
+        .map(|s| pairs(&rows[rows.len() * s / slices..rows.len() * (s + 1) / slices]))
+        .collect();
+    let (bootstrap, topic) = (h.bootstrap.clone(), source.clone());
+    let pause = streaming / slices as u32;
+    let started = Instant::now();
+    let producing = std::thread::spawn(move || {
+        let p = producer(&bootstrap);
+        for batch in batches {
+            produce(&p, &topic, &batch);
+            std::thread::sleep(pause);
+        }
+    });
+    for at in kill_at {
+        std::thread::sleep(at.saturating_sub(started.elapsed()));
+        let victim = instances[rng.below(2) as usize];
+        eprintln!("SIGKILL {victim} at {:?}", started.elapsed());
+        h.kill(victim);
+        h.start(victim, &env);
+    }
+    producing.join().expect("producer");
+    wait_caught_up(&mut h, partitions, &logs);
+    assert_rows_are_reference(&lake, &name, &rows, &logs);
+
+    // Event time reached 12:59 on every partition: the hours 10 and 11 of
+    // every shard are complete, 12 is not.
+    let keys = lake.keys(&name);
+    for shard in 0..3 {
+        for (hour, complete) in [(10, true), (11, true), (12, false)] {
+            let marker = format!("shard={shard}/date=2026-12-03/hour={hour}/_SUCCESS");
+            assert_eq!(
+                keys.contains(&marker),
+                complete,
+                "{marker} present: {}; keys: {keys:?}; logs: {logs}",
+                keys.contains(&marker)
+            );
+        }
+    }
+    for instance in instances {
+        h.terminate(instance);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_waits_while_the_store_is_down_and_loses_nothing() {
+    let _exclusive = STORE.write().await;
+    let lake = Lake::from_env();
+    let testbed = Testbed::from_env().await.expect("testbed");
+    let name = unique("lake-pq-down");
+    let partitions = 2;
+    let mut h = Harness::new(&name, &manifest(&name, &lake), partitions).await;
+    let source = h.plan.source.topic.clone();
+    let logs = logs(&h, &["a"]);
+    let sink_env = lake.sink_env();
+    let env: Vec<(&str, &str)> = sink_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let rows = input(3000);
+    let p = producer(&h.bootstrap);
+
+    h.start("a", &env);
+    produce(&p, &source, &pairs(&rows[..1000]));
+    wait_caught_up(&mut h, partitions, &logs);
+    testbed.stop("s3").await.expect("stopping the store");
+    let stopped = Instant::now();
+    produce(&p, &source, &pairs(&rows[1000..2000]));
+    let committed_when_stopped = committed(&h, partitions);
+    while stopped.elapsed() < Duration::from_secs(30) {
+        assert_running(&mut h, &logs);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Nothing was committed that the store did not take.
+    let committed_while_down = committed(&h, partitions);
+    let moved: i64 = committed_while_down
+        .iter()
+        .map(|(p, o)| o - committed_when_stopped.get(p).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        moved, 0,
+        "offsets moved while the store was down; logs: {logs}"
+    );
+    testbed.start("s3").await.expect("starting the store");
+    produce(&p, &source, &pairs(&rows[2000..]));
+    wait_caught_up(&mut h, partitions, &logs);
+    assert_rows_are_reference(&lake, &name, &rows, &logs);
+    h.terminate("a");
+}
