@@ -4,8 +4,9 @@
 //! with hive partitioning, `e2e/readers/read_parquet.py`) reads the result.
 //! Each test computes its reference from the input it produces.
 //!
-//! - instances SIGKILLed three times mid-stream: every event once, in its
-//!   folder, and `_SUCCESS` in exactly the hours event time has passed;
+//! - instances SIGKILLed three times mid-stream, then a rollback to a
+//!   checkpoint: every event once, in its folder (the replay skips what the
+//!   lake holds), and `_SUCCESS` in exactly the hours event time has passed;
 //! - the store stopped for 30 s mid-stream: the instance stays up, commits
 //!   nothing it could not stage, and afterwards nothing is lost or doubled.
 //!
@@ -19,6 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use keystone_crds::checkpoint::{InputRestore, ReplaySuppression, RestorePlan, StageRestore};
 use keystone_e2e::Testbed;
 use runtime_support::*;
 use serde_json::Value;
@@ -219,10 +221,10 @@ fn assert_rows_are_reference(lake: &Lake, prefix: &str, input: &[Row], logs: &st
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn parquet_on_s3_holds_every_event_once_through_sigkills() {
+async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() {
     let _shared = STORE.read().await;
     let lake = Lake::from_env();
-    let seed = seed("parquet_on_s3_holds_every_event_once_through_sigkills");
+    let seed = seed("parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback");
     let mut rng = Lcg(seed);
     let name = unique("lake-pq");
     let partitions = 4;
@@ -234,6 +236,9 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills() {
     let env: Vec<(&str, &str)> = sink_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
 
     let rows = input(6000);
+    // Two thirds stream in through the SIGKILLs; then a checkpoint, a sixth
+    // after it (rolled back, so read twice), and the last sixth.
+    let (checkpoint_at, restore_at) = (rows.len() * 2 / 3, rows.len() * 5 / 6);
     let streaming = Duration::from_secs(8);
     let mut kill_at: Vec<Duration> = (0..3)
         .map(|_| Duration::from_millis(300 + rng.below(streaming.as_millis() as u64 - 300)))
@@ -244,7 +249,7 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills() {
     }
     let slices = 40;
     let batches: Vec<Vec<(String, String)>> = (0..slices)
-        .map(|s| pairs(&rows[rows.len() * s / slices..rows.len() * (s + 1) / slices]))
+        .map(|s| pairs(&rows[checkpoint_at * s / slices..checkpoint_at * (s + 1) / slices]))
         .collect();
     let (bootstrap, topic) = (h.bootstrap.clone(), source.clone());
     let pause = streaming / slices as u32;
@@ -265,6 +270,60 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills() {
     }
     producing.join().expect("producer");
     wait_caught_up(&mut h, partitions, &logs);
+    for instance in instances {
+        h.wait_ready(instance);
+    }
+    h.wait_for_partitions(&instances);
+    let at = stage_checkpoint(&h, &instances, partitions, checkpoint_at);
+    let p = producer(&h.bootstrap);
+    produce(&p, &source, &pairs(&rows[checkpoint_at..restore_at]));
+    wait_caught_up(&mut h, partitions, &logs);
+    for instance in instances {
+        h.terminate(instance);
+    }
+    let restore = RestorePlan {
+        id: unique("rollback"),
+        checkpoint: None,
+        stages: BTreeMap::from([(
+            "s0".to_owned(),
+            StageRestore {
+                input: InputRestore::Offsets(at.source_offsets.clone()),
+                state: BTreeMap::new(),
+            },
+        )]),
+        suppress: Some(ReplaySuppression {
+            sink_positions: BTreeMap::new(),
+        }),
+    };
+    let restore_path = h.dir.join("restore.json");
+    std::fs::write(&restore_path, serde_json::to_vec_pretty(&restore).unwrap()).unwrap();
+    let restore_path = restore_path.display().to_string();
+    let mut with_restore = env.clone();
+    with_restore.push(("KEYSTONE_RESTORE", restore_path.as_str()));
+    for instance in instances {
+        h.start(instance, &with_restore);
+    }
+    produce(&p, &source, &pairs(&rows[restore_at..]));
+    wait_caught_up(&mut h, partitions, &logs);
+    let suppressed: f64 = instances
+        .iter()
+        .map(|i| {
+            let (_, metrics) = h.http(i, "GET", "/metrics");
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keystone_replay_suppressed_records_total{")
+                        && l.contains(r#"topic="lake""#)
+                })
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(
+        suppressed as usize,
+        restore_at - checkpoint_at,
+        "the replay skips exactly the events after the checkpoint; logs: {logs}"
+    );
     assert_rows_are_reference(&lake, &name, &rows, &logs);
 
     // Event time reached 12:59 on every partition: the hours 10 and 11 of

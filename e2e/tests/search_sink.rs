@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use keystone_crds::checkpoint::{
-    InputRestore, InstanceCheckpoint, RestorePlan, StageRestore, StateRestore,
-};
+use keystone_crds::checkpoint::{InputRestore, RestorePlan, StageRestore, StateRestore};
 use keystone_e2e::opensearch::OpenSearch;
 use runtime_support::*;
 use serde_json::{Value, json};
@@ -309,63 +307,8 @@ async fn assert_index_is_reference(
 // Stage helpers
 // ---------------------------------------------------------------------------
 
-/// End offsets of every partition of `topic`.
 const VERSION_CONFLICTS: &str = r#"keystone_sink_items_total{result="version_conflict""#;
 
-/// One checkpoint of the whole stage: every instance's answer, merged, once
-/// they cover every partition exactly once and everything produced.
-fn stage_checkpoint(
-    h: &Harness,
-    instances: &[&str],
-    partitions: i32,
-    produced: usize,
-) -> InstanceCheckpoint {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut merged: Option<InstanceCheckpoint> = None;
-        let mut overlap = false;
-        let mut last = String::new();
-        for instance in instances {
-            let (status, body) = h.http(instance, "POST", "/checkpoint");
-            if status != 200 {
-                last = format!("{instance}: HTTP {status}: {body}");
-                overlap = true;
-                break;
-            }
-            let one: InstanceCheckpoint =
-                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-            match &mut merged {
-                None => merged = Some(one),
-                Some(all) => {
-                    for (p, o) in one.source_offsets {
-                        overlap |= all.source_offsets.insert(p, o).is_some();
-                    }
-                    for (topic, positions) in one.changelog_positions {
-                        all.changelog_positions
-                            .entry(topic)
-                            .or_default()
-                            .extend(positions);
-                    }
-                }
-            }
-        }
-        if let Some(all) = merged.filter(|_| !overlap) {
-            let covered: Vec<i32> = all.source_offsets.keys().copied().collect();
-            let sum: i64 = all.source_offsets.values().sum();
-            if covered == (0..partitions).collect::<Vec<_>>() && sum as usize == produced {
-                return all;
-            }
-            last = format!("{all:?}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of the stage covering its {partitions} partitions and {produced} records; last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// A seed that differs from run to run, printed so that a failure can be replayed.
 // ---------------------------------------------------------------------------
 // 1. CDC, SIGKILLs and a rollback
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use keystone_crds::checkpoint::InstanceCheckpoint;
 use keystone_crds::plan::{Partitions, Plan, TopicRole};
 use keystone_e2e::Testbed;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -645,4 +646,57 @@ pub fn seed(test: &str) -> u64 {
         });
     eprintln!("{test}: seed {seed} (KEYSTONE_TEST_SEED={seed} replays it)");
     seed
+}
+
+/// One checkpoint of the whole stage: every instance's answer, merged, once
+/// they cover every partition exactly once and everything produced.
+pub fn stage_checkpoint(
+    h: &Harness,
+    instances: &[&str],
+    partitions: i32,
+    produced: usize,
+) -> InstanceCheckpoint {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut merged: Option<InstanceCheckpoint> = None;
+        let mut overlap = false;
+        let mut last = String::new();
+        for instance in instances {
+            let (status, body) = h.http(instance, "POST", "/checkpoint");
+            if status != 200 {
+                last = format!("{instance}: HTTP {status}: {body}");
+                overlap = true;
+                break;
+            }
+            let one: InstanceCheckpoint =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            match &mut merged {
+                None => merged = Some(one),
+                Some(all) => {
+                    for (p, o) in one.source_offsets {
+                        overlap |= all.source_offsets.insert(p, o).is_some();
+                    }
+                    for (topic, positions) in one.changelog_positions {
+                        all.changelog_positions
+                            .entry(topic)
+                            .or_default()
+                            .extend(positions);
+                    }
+                }
+            }
+        }
+        if let Some(all) = merged.filter(|_| !overlap) {
+            let covered: Vec<i32> = all.source_offsets.keys().copied().collect();
+            let sum: i64 = all.source_offsets.values().sum();
+            if covered == (0..partitions).collect::<Vec<_>>() && sum as usize == produced {
+                return all;
+            }
+            last = format!("{all:?}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of the stage covering its {partitions} partitions and {produced} records; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

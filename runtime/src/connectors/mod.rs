@@ -21,11 +21,13 @@
 //! ([`keystone_crds::check::WRITABLE_SINKS`]) names the kinds [`build`] can build.
 //! Adding a sink is one folder here and one arm in [`build`].
 
+pub mod iceberg;
 pub mod kafka;
 pub mod lake;
 pub mod parquet;
 pub mod search;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keystone_crds::pipeline::SinkKind;
@@ -172,6 +174,19 @@ pub trait Sink: Send {
     fn recover(&mut self, staged: Vec<lake::StagedEpochs>) {
         let _ = staged;
     }
+
+    /// A rollback replays the input from `from` (per partition; `None`: every
+    /// partition from its beginning): events the sink already holds from
+    /// there on are not written again, each counted in `suppressed`. Kafka
+    /// sinks get theirs when built (`kafka::load_delivered`).
+    fn suppress_replay(
+        &mut self,
+        from: Option<&BTreeMap<i32, i64>>,
+        suppressed: prometheus::IntCounter,
+    ) -> Result<(), SinkError> {
+        let _ = (from, suppressed);
+        Ok(())
+    }
 }
 
 /// What a sink needs from its host to be built.
@@ -196,9 +211,8 @@ pub fn build(
         SinkKind::Kafka => kafka(sink),
         SinkKind::Elasticsearch => Ok(Box::new(search::SearchSink::connect(sink, context)?)),
         SinkKind::Parquet => Ok(Box::new(parquet::ParquetSink::connect(sink, context)?)),
-        SinkKind::Iceberg => Err(SinkError::Unsupported {
-            sink: sink.name.clone(),
-            kind,
-        }),
+        SinkKind::Iceberg => Ok(Box::new(self::iceberg::IcebergSink::connect(
+            sink, context,
+        )?)),
     }
 }

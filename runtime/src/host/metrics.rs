@@ -195,7 +195,7 @@ impl Metrics {
             suppressed_records: counter_vec(
                 &registry,
                 "keystone_replay_suppressed_records_total",
-                "Sink records skipped on replay because the sink already holds them",
+                "Sink records skipped on replay because the sink already holds them (per topic of a Kafka sink, per sink name of the others)",
                 &["topic"],
             ),
             engine_since_progress: {

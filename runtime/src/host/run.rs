@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use keystone_crds::checkpoint::RestorePlan;
+use keystone_crds::checkpoint::{InputRestore, ReplaySuppression, RestorePlan};
 use keystone_crds::ops::Operator as Op;
 use keystone_crds::pipeline::Delivery;
 use keystone_crds::plan::{Plan, PlanStage, StageOutput};
@@ -112,11 +112,14 @@ pub(super) fn run(
         == keystone_crds::pipeline::StartPosition::Earliest
         || !stage.input.topic.eq(&plan.source.topic);
     // Before anything is processed: what the sinks already hold past the checkpoint.
-    let suppress = match restore.as_ref() {
+    let replay = match restore.as_ref() {
         Some(wanted)
             if wanted.suppress.is_some() && !restore_applied_everywhere(args, &stage, wanted)? =>
         {
-            wanted.suppress.as_ref()
+            wanted
+                .suppress
+                .as_ref()
+                .map(|suppress| (suppress, wanted.stages.get(&stage.name).map(|s| &s.input)))
         }
         _ => None,
     };
@@ -125,9 +128,9 @@ pub(super) fn run(
             topic: topic.clone(),
             key: key.iter().map(|k| FieldPath::new(k)).collect(),
         },
-        StageOutput::Sinks => Route::Sinks(build_sinks(
-            args, &plan, &stage, &shared, &outbox, suppress,
-        )?),
+        StageOutput::Sinks => {
+            Route::Sinks(build_sinks(args, &plan, &stage, &shared, &outbox, replay)?)
+        }
     };
     let reads_source = stage.input.topic == plan.source.topic;
     let core = Arc::new(Mutex::new(Core {
@@ -370,15 +373,16 @@ fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, core: &Core) {
 }
 
 /// The connectors of the plan's sinks. Kafka sinks write through the stage's
-/// producer; after a rollback they skip what their topic already holds.
+/// producer; after a rollback every sink skips what it already holds.
 fn build_sinks(
     args: &ServeArgs,
     plan: &Plan,
     stage: &PlanStage,
     shared: &Arc<Shared>,
     outbox: &Arc<Outbox>,
-    suppress: Option<&keystone_crds::checkpoint::ReplaySuppression>,
+    replay: Option<(&ReplaySuppression, Option<&InputRestore>)>,
 ) -> Result<Sinks, ServeError> {
+    let suppress = replay.map(|(suppress, _)| suppress);
     let kafka_topics: Vec<&str> = plan
         .sinks
         .iter()
@@ -414,6 +418,20 @@ fn build_sinks(
                     sink: sink.name.clone(),
                 })
         })?);
+    }
+    // Other sinks find what they hold themselves, from where the input replays.
+    let replayed_from = match replay {
+        Some((_, Some(InputRestore::Offsets(offsets)))) => Some(Some(offsets)),
+        Some((_, Some(InputRestore::Earliest))) => Some(None),
+        _ => None,
+    };
+    if let Some(from) = replayed_from {
+        for (sink, spec) in sinks.iter_mut().zip(&plan.sinks) {
+            if spec.spec.kafka.is_none() {
+                let suppressed = metrics.suppressed_records.with_label_values(&[&spec.name]);
+                sink.suppress_replay(from, suppressed)?;
+            }
+        }
     }
     Ok(Sinks::new(sinks))
 }

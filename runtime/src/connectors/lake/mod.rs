@@ -23,6 +23,7 @@
 //! a recovery racing the owner's own publish, write each epoch once.
 
 pub mod columns;
+pub mod provenance;
 pub mod rows;
 
 use std::fmt;
@@ -54,14 +55,32 @@ pub enum LakeError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("starting the sink's I/O runtime: {0}")]
     Runtime(std::io::Error),
+    /// A call to an Iceberg catalog or to the table's files failed.
+    #[error("{what}: {source}")]
+    Iceberg {
+        what: String,
+        #[source]
+        source: Box<iceberg::Error>,
+    },
+    /// An existing table cannot take the contract's rows (a column missing,
+    /// of another type, or required where events may lack it).
+    #[error("table {table}: {message}")]
+    Table { table: String, message: String },
 }
 
 impl LakeError {
-    /// Errors of the manifest, which no retry mends.
+    /// Errors of the manifest (or of a table it names), which no retry mends.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            LakeError::Columns(_) | LakeError::Partition { .. } | LakeError::Path { .. }
+            LakeError::Columns(_)
+                | LakeError::Partition { .. }
+                | LakeError::Path { .. }
+                | LakeError::Table { .. }
+        ) || matches!(
+            self,
+            LakeError::Iceberg { source, .. }
+                if source.kind() == iceberg::ErrorKind::FeatureUnsupported
         )
     }
 }

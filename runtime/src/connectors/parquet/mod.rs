@@ -37,6 +37,7 @@ use self::layout::{Folder, Layout, file_name, join, staging_prefix};
 use self::marks::Marks;
 use self::store::Store;
 use super::lake::columns::{Column, columns_of};
+use super::lake::provenance::Runs;
 use super::lake::rows::Rows;
 use super::lake::{EpochLedger, LakeError, StagedEpochs};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
@@ -44,6 +45,8 @@ use crate::event::DeadLetter;
 
 /// A file closes when its rows reach this many bytes of JSON.
 pub const FILE_BYTES: usize = 128 * 1024 * 1024;
+/// Where published epochs record their source records.
+const PROVENANCE: &str = "_keystone/provenance";
 /// Closed files waiting for upload beyond this hold the host's input.
 const MAX_UNUPLOADED_BYTES: usize = 256 * 1024 * 1024;
 
@@ -74,6 +77,12 @@ pub struct ParquetSink {
     recovered: Vec<StagedEpochs>,
     /// The highest event time written per input partition (epoch microseconds).
     event_time: BTreeMap<i32, i64>,
+    /// The source records of the current epoch's rows.
+    provenance: Runs,
+    /// After a rollback: the source records the lake already holds, which the
+    /// replay must not append again, and their count.
+    delivered: Runs,
+    suppressed: Option<prometheus::IntCounter>,
 }
 
 struct OpenFile {
@@ -137,6 +146,9 @@ impl ParquetSink {
             staged_folders: BTreeMap::new(),
             recovered: Vec::new(),
             event_time: BTreeMap::new(),
+            provenance: Runs::default(),
+            delivered: Runs::default(),
+            suppressed: None,
         })
     }
 
@@ -268,6 +280,73 @@ impl ParquetSink {
         Ok(())
     }
 
+    /// Queues the current epoch's source records for staging beside its
+    /// files: `_keystone/provenance/<partition>/<first>-<last>-<instance>-<epoch>`
+    /// once published (names sort by offset; the text holds the runs).
+    fn stage_provenance(&mut self) {
+        let prefix = staging_prefix(&self.ledger.instance, self.ledger.current);
+        for (partition, first, last, runs) in self.provenance.by_partition() {
+            let key = format!(
+                "{prefix}/{PROVENANCE}/{partition}/{first:020}-{last:020}-{}-{:08}",
+                self.ledger.instance, self.ledger.current
+            );
+            self.unuploaded_bytes += runs.len();
+            self.unuploaded.push((key, runs.into_bytes()));
+        }
+        self.provenance.clear();
+    }
+
+    /// Reads the source records the lake holds from `from` on (see
+    /// [`Sink::suppress_replay`]).
+    fn load_delivered(&mut self, from: Option<&BTreeMap<i32, i64>>) -> Result<(), LakeError> {
+        let objects = self.store.objects.clone();
+        let base = self.store.path(PROVENANCE);
+        let store_error = |source| LakeError::Store {
+            location: self.store.show(PROVENANCE),
+            source,
+        };
+        let listed = self
+            .io
+            .block_on(objects.list(Some(&base)).try_collect::<Vec<_>>())
+            .map_err(store_error)?;
+        for object in listed {
+            let Some(parts) = object.location.prefix_match(&base) else {
+                continue;
+            };
+            let parts: Vec<String> = parts.map(|p| p.as_ref().to_owned()).collect();
+            let [partition, name] = parts.as_slice() else {
+                continue;
+            };
+            let Ok(partition) = partition.parse::<i32>() else {
+                continue;
+            };
+            let start = match from {
+                Some(from) => match from.get(&partition) {
+                    Some(offset) => *offset,
+                    None => continue,
+                },
+                None => 0,
+            };
+            let last = name
+                .split('-')
+                .nth(1)
+                .and_then(|l| l.parse::<i64>().ok())
+                .unwrap_or(i64::MAX);
+            if last < start {
+                continue;
+            }
+            let bytes = self
+                .io
+                .block_on(async { objects.get(&object.location).await?.bytes().await })
+                .map_err(store_error)?;
+            let text = String::from_utf8_lossy(&bytes);
+            if !self.delivered.add_text(partition, &text, start) {
+                tracing::warn!(sink = %self.name, file = %object.location, "unreadable provenance file ignored");
+            }
+        }
+        Ok(())
+    }
+
     fn refuse(&self, record: &SinkRecord<'_>, reason: String, out: &mut SinkOutput) {
         out.dead_letters.push(DeadLetter {
             step: self.step.clone(),
@@ -287,6 +366,15 @@ impl Sink for ParquetSink {
     }
 
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
+        let source = record.event.source;
+        if let Some(source) = source
+            && self.delivered.contains(source.partition, source.offset)
+        {
+            if let Some(counter) = &self.suppressed {
+                counter.inc();
+            }
+            return Ok(());
+        }
         let value = &record.event.value;
         let folder = match self.layout.folder_of(value) {
             Ok(folder) => folder,
@@ -303,6 +391,9 @@ impl Sink for ParquetSink {
         if let Err(reason) = file.rows.push(value, record.value.len()) {
             self.refuse(record, reason, out);
             return Ok(());
+        }
+        if let Some(source) = source {
+            self.provenance.record(source.partition, source.offset);
         }
         let full = file.rows.bytes() >= FILE_BYTES;
         let old = file.opened.elapsed() >= self.roll_interval;
@@ -327,6 +418,7 @@ impl Sink for ParquetSink {
 
     fn prepare(&mut self, _wait: Duration, _out: &mut SinkOutput) -> Result<Prepared, SinkError> {
         self.close_all().map_err(|e| self.error(e))?;
+        self.stage_provenance();
         if !self.upload() {
             return Ok(Prepared::Pending);
         }
@@ -358,6 +450,7 @@ impl Sink for ParquetSink {
 
     fn abort(&mut self) {
         self.open.clear();
+        self.provenance.clear();
         self.files_in_epoch.clear();
         self.unuploaded.clear();
         self.unuploaded_bytes = 0;
@@ -367,6 +460,17 @@ impl Sink for ParquetSink {
         self.ledger.published();
         self.staged_folders.clear();
         self.ledger.current += 1;
+    }
+
+    fn suppress_replay(
+        &mut self,
+        from: Option<&BTreeMap<i32, i64>>,
+        suppressed: prometheus::IntCounter,
+    ) -> Result<(), SinkError> {
+        self.load_delivered(from).map_err(|e| self.error(e))?;
+        tracing::info!(sink = %self.name, held = self.delivered.len(), "the replay skips the source records the lake holds");
+        self.suppressed = Some(suppressed);
+        Ok(())
     }
 
     fn recover(&mut self, staged: Vec<StagedEpochs>) {

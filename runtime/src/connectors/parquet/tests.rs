@@ -158,10 +158,21 @@ fn files_are_staged_at_prepare_and_published_after_the_commit() {
         published(&dir).is_empty(),
         "staged files are invisible to readers"
     );
+    let staged_data: Vec<String> = files(&dir)
+        .into_iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .collect();
     assert_eq!(
-        files(&dir).len(),
+        staged_data.len(),
         2,
         "one file per folder: {:?}",
+        files(&dir)
+    );
+    assert!(
+        files(&dir)
+            .iter()
+            .any(|f| f.contains("/_keystone/provenance/0/")),
+        "the epoch's source records are staged beside its files: {:?}",
         files(&dir)
     );
     sink.publish().unwrap();
@@ -334,11 +345,22 @@ fn success_marks_a_time_folder_once_event_time_passes_its_end() {
     // completes the folder once every partition passes its end.
     drop(sink);
     let mut next = super::tests::sink(&dir, &["day(at)", "hour(at)"]);
-    write(&mut next, 0, &[r#"{"id":4,"country":"NL","at":"2026-12-03T12:00:00Z"}"#]);
+    write(
+        &mut next,
+        0,
+        &[r#"{"id":4,"country":"NL","at":"2026-12-03T12:00:00Z"}"#],
+    );
     prepare(&mut next);
     next.publish().unwrap();
-    assert!(!files(&dir).contains(&next_hour), "partition 1 is still at 11:30");
-    write(&mut next, 1, &[r#"{"id":5,"country":"NL","at":"2026-12-03T12:10:00Z"}"#]);
+    assert!(
+        !files(&dir).contains(&next_hour),
+        "partition 1 is still at 11:30"
+    );
+    write(
+        &mut next,
+        1,
+        &[r#"{"id":5,"country":"NL","at":"2026-12-03T12:10:00Z"}"#],
+    );
     prepare(&mut next);
     next.publish().unwrap();
     assert!(files(&dir).contains(&next_hour), "{:?}", files(&dir));
@@ -371,4 +393,47 @@ fn a_contract_without_fields_or_an_unwritable_term_is_refused_at_build() {
     plan.schema = SchemaSpec::default();
     let error = ParquetSink::build(&plan, &|_| None).err().unwrap();
     assert!(error.to_string().contains("lists no fields"), "{error}");
+}
+
+#[test]
+fn a_replay_after_a_rollback_skips_what_the_lake_holds() {
+    let dir = temp_dir("rollback");
+    let events: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"id":{i},"country":"NL","at":{i}}}"#))
+        .collect();
+    let texts: Vec<&str> = events.iter().map(String::as_str).collect();
+    let mut first = sink(&dir, &["country"]);
+    write(&mut first, 0, &texts[..6]);
+    prepare(&mut first);
+    first.publish().unwrap();
+    drop(first);
+
+    // Rolled back to offset 2 of partition 0: offsets 2..=5 are held already.
+    let mut second = sink(&dir, &["country"]);
+    let suppressed = prometheus::IntCounter::new("suppressed", "test").unwrap();
+    second
+        .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
+        .unwrap();
+    let mut out = SinkOutput::default();
+    for (offset, text) in texts.iter().enumerate().skip(2) {
+        let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
+        event.source = Some(Provenance {
+            partition: 0,
+            offset: offset as i64,
+        });
+        let value = sonic_rs::to_vec(&event.value).unwrap();
+        second
+            .write(
+                &SinkRecord {
+                    event: &event,
+                    value: &value,
+                },
+                &mut out,
+            )
+            .unwrap();
+    }
+    prepare(&mut second);
+    second.publish().unwrap();
+    assert_eq!(suppressed.get(), 4);
+    assert_eq!(published_ids(&dir), [0, 1, 2, 3, 4, 5, 6, 7]);
 }
