@@ -804,14 +804,14 @@ fn lake_partition_terms_are_checked_against_their_transform_and_format() {
 const ICEBERG_SINK: &str = "iceberg: {catalog: {type: rest, uri: 'http://catalog:8181', warehouse: 's3://warehouse/'}, namespace: shop, table: orders}";
 
 #[test]
-fn iceberg_sinks_cannot_be_written_yet() {
+fn iceberg_sinks_are_written_through_a_rest_catalog_only() {
     assert_errors(
-        &with_sinks(&format!(
-            "    - name: warehouse\n      {ICEBERG_SINK}\n    - name: out\n      kafka: {{topic: orders.clean}}\n"
-        )),
+        &with_sinks(
+            "    - name: warehouse\n      iceberg: {catalog: {type: sql, uri: 'jdbc:sqlite:lake.db', warehouse: 's3://warehouse/'}, namespace: shop, table: orders}\n    - name: out\n      kafka: {topic: orders.clean}\n",
+        ),
         &[(
             ErrorKind::UnsupportedSink,
-            "spec.sinks[0].iceberg (warehouse): iceberg sinks cannot be written by this version of Keystone yet (it writes kafka, elasticsearch and parquet sinks); remove the sink or write to a Kafka topic that a separate job loads into the table",
+            "spec.sinks[0].iceberg.catalog.type (warehouse): sql catalogs are not written by this version of Keystone yet; use an Iceberg REST catalog (type: rest)",
         )],
     );
 }

@@ -14,8 +14,12 @@ use crate::schema::{FieldType, Schema};
 /// The kinds of sink this version of Keystone can write. The checker refuses
 /// the others, so a pipeline with one is never deployed only for its runtime
 /// to refuse the plan.
-pub const WRITABLE_SINKS: &[SinkKind] =
-    &[SinkKind::Kafka, SinkKind::Elasticsearch, SinkKind::Parquet];
+pub const WRITABLE_SINKS: &[SinkKind] = &[
+    SinkKind::Kafka,
+    SinkKind::Elasticsearch,
+    SinkKind::Iceberg,
+    SinkKind::Parquet,
+];
 
 /// The field whose string value `d` marks a delete in a search sink without
 /// `deleteWhen` (the Debezium convention).

@@ -29,8 +29,9 @@ pub struct SinkSpec {
     /// Index into Elasticsearch or OpenSearch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elasticsearch: Option<ElasticsearchSinkSpec>,
-    /// Append to an Apache Iceberg table. Not written by this version of
-    /// Keystone yet: a pipeline with such a sink does not pass its contract check.
+    /// Append to an Apache Iceberg table through a REST catalog, exactly once:
+    /// data files are staged before the input offsets are committed and
+    /// appended as one snapshot per `commitInterval` after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iceberg: Option<IcebergSinkSpec>,
     /// Write Hive-style partitioned Parquet files, exactly once: files are
@@ -128,6 +129,8 @@ impl SinkSpec {
     /// authentication or an API key is there), and `ca.crt` of `caSecret`. A
     /// Parquet sink reads the object store's `endpoint`, `region`,
     /// `accessKeyId` and `secretAccessKey` of `credentialsSecret`, each optional.
+    /// An Iceberg sink reads the REST catalog's bearer `token` and the same
+    /// four object-store keys of `catalog.credentialsSecret`, each optional.
     pub fn secret_refs(&self) -> Vec<SinkSecretRef<'_>> {
         let mut refs = Vec::new();
         if let Some(es) = &self.elasticsearch {
@@ -158,6 +161,19 @@ impl SinkSpec {
             .and_then(|p| p.credentials_secret.as_deref())
         {
             for key in SinkSecretKey::OBJECT_STORE {
+                refs.push(SinkSecretRef {
+                    secret,
+                    key,
+                    optional: true,
+                });
+            }
+        }
+        if let Some(secret) = self
+            .iceberg
+            .as_ref()
+            .and_then(|i| i.catalog.credentials_secret.as_deref())
+        {
+            for key in std::iter::once(SinkSecretKey::Token).chain(SinkSecretKey::OBJECT_STORE) {
                 refs.push(SinkSecretRef {
                     secret,
                     key,
@@ -199,6 +215,9 @@ pub enum SinkSecretKey {
     AccessKeyId,
     /// `secretAccessKey` of an object store's `credentialsSecret`.
     SecretAccessKey,
+    /// `token` of an Iceberg catalog's `credentialsSecret`: a bearer token
+    /// for the REST catalog.
+    Token,
 }
 
 impl SinkSecretKey {
@@ -221,6 +240,7 @@ impl SinkSecretKey {
             SinkSecretKey::Region => "region",
             SinkSecretKey::AccessKeyId => "accessKeyId",
             SinkSecretKey::SecretAccessKey => "secretAccessKey",
+            SinkSecretKey::Token => "token",
         }
     }
 
@@ -234,6 +254,7 @@ impl SinkSecretKey {
             SinkSecretKey::Region => "REGION",
             SinkSecretKey::AccessKeyId => "ACCESS_KEY_ID",
             SinkSecretKey::SecretAccessKey => "SECRET_ACCESS_KEY",
+            SinkSecretKey::Token => "TOKEN",
         }
     }
 }
@@ -368,8 +389,10 @@ fn default_bulk_size() -> i32 {
     1000
 }
 
-/// An Apache Iceberg table sink. Each commit records the consumed offsets in the
-/// snapshot properties, so a replay after a failure does not append twice.
+/// An Apache Iceberg table sink. The table is created from the output contract
+/// when missing. Each snapshot's summary names the staged epochs it appends
+/// (`keystone.instance`, `keystone.epochs`), so an append repeated after a
+/// failure is recognised and not made twice.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IcebergSinkSpec {
@@ -384,10 +407,12 @@ pub struct IcebergSinkSpec {
     /// The table's partition spec, one term each: a field (identity),
     /// `year(field)`, `month(field)`, `day(field)`, `hour(field)` (of a
     /// timestamp field) or `bucket(N, field)` (of a string or integer field).
+    /// Used when the sink creates the table; an existing table keeps its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 256)))]
     pub partition_by: Vec<String>,
-    /// How often data files are committed as a new snapshot.
+    /// How often staged data files are committed as a new snapshot: rows
+    /// become visible at most this long after the pipeline commits them.
     #[serde(default = "default_file_commit_interval")]
     pub commit_interval: Duration,
 }
@@ -409,7 +434,10 @@ pub struct IcebergCatalogSpec {
     /// Where table data is written, for example `s3://bucket/warehouse`.
     #[schemars(length(min = 1, max = 2048))]
     pub warehouse: String,
-    /// A Secret with the catalog's and object store's credentials.
+    /// A Secret with the catalog's and object store's credentials, each key
+    /// optional: `token` (a bearer token for the REST catalog) and, for an
+    /// `s3://` warehouse, `endpoint` (an S3-compatible store's URL; AWS S3
+    /// when unset), `region`, `accessKeyId` and `secretAccessKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,

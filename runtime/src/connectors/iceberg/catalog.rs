@@ -161,6 +161,27 @@ mod tests {
     }
 
     #[test]
+    fn the_operator_passes_every_key_the_sink_reads() {
+        let (sink, _) = spec("http://catalog:8181");
+        let passed: Vec<(String, &str, bool)> = sink
+            .secret_refs()
+            .iter()
+            .map(|r| (sink.secret_env(r.key), r.secret, r.optional))
+            .collect();
+        let read = [
+            "KEYSTONE_SINK_ORDERS_LAKE_TOKEN",
+            "KEYSTONE_SINK_ORDERS_LAKE_ENDPOINT",
+            "KEYSTONE_SINK_ORDERS_LAKE_REGION",
+            "KEYSTONE_SINK_ORDERS_LAKE_ACCESS_KEY_ID",
+            "KEYSTONE_SINK_ORDERS_LAKE_SECRET_ACCESS_KEY",
+        ];
+        assert_eq!(
+            passed,
+            read.map(|env| (env.to_owned(), "lake-credentials", true))
+        );
+    }
+
+    #[test]
     fn half_a_key_pair_and_other_catalogs_are_refused() {
         let (sink, iceberg) = spec("http://catalog:8181");
         let env = |name: &str| {

@@ -420,7 +420,10 @@ impl IcebergSink {
         // their staging manifests are done with.
         if let Some(table) = appended.table {
             let deleting = async {
-                for (instance, epoch) in epochs.keys() {
+                let left = epochs
+                    .iter()
+                    .filter(|(_, held)| !matches!(held, Held::Gone));
+                for ((instance, epoch), _) in left {
                     if let Err(error) = commit::delete_manifest(&table, instance, *epoch).await {
                         tracing::warn!(instance = %instance, epoch, %error, "deleting a staging manifest failed; it is left behind");
                     }

@@ -143,6 +143,12 @@ impl Lake {
     }
 }
 
+impl Drop for Lake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn field(name: &str, field_type: FieldType, optional: bool) -> FieldSpec {
     FieldSpec {
         name: name.into(),
