@@ -167,7 +167,7 @@ fn prepare(sink: &mut IcebergSink) {
 }
 
 #[test]
-fn a_partitioned_table_written_through_the_rest_catalog_reads_back_exactly_once() {
+fn a_partitioned_iceberg_table_written_through_the_rest_catalog_reads_back_exactly_once() {
     let Some(bed) = testbed() else {
         return;
     };
