@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod http;
 pub mod kubelet;
+pub mod lake;
 pub mod opensearch;
 pub mod schema_cases;
 pub mod testapp;
@@ -20,4 +21,15 @@ mod testbed;
 mod wait;
 
 pub use testbed::{TestNamespace, Testbed, TestbedError};
+
+/// Installs rustls's ring provider for this process, once: two providers are
+/// linked into workspace builds (ring, and aws-lc-rs through the lake
+/// crates), and rustls then picks none by itself. Every entry point that
+/// makes a TLS client calls it first.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
 pub use wait::{WaitError, recent_events, wait_for, wait_for_deletion, wait_for_event, wait_until};

@@ -99,6 +99,7 @@ impl Testbed {
                     kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                         .await
                         .map_err(|source| TestbedError::Kubeconfig { path, source })?;
+                crate::install_crypto_provider();
                 Some(Client::try_from(config)?)
             }
         };

@@ -49,6 +49,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Before any client: two providers are linked in, and rustls picks none.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));

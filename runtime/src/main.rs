@@ -9,6 +9,9 @@ use keystone_runtime::cli::{Cli, execute};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // Before any client: two rustls providers are linked in (ring, and
+    // aws-lc-rs through the Iceberg storage crates), and rustls picks none.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let code = match execute(cli) {
         Ok(code) => code,

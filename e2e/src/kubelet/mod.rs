@@ -131,6 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("reading kubeconfig {}", config.kubeconfig.display()))?;
     let client_config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    crate::install_crypto_provider();
     let client = Client::try_from(client_config)?;
     std::fs::create_dir_all(config.state_dir.join("pids"))?;
     std::fs::create_dir_all(config.state_dir.join("pods"))?;
