@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::ops::Operator;
 use crate::plan::{Plan, PlanStep};
+use crate::schema::FieldType;
 
 /// The kind of change, from the least to the most disruptive.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,10 +23,19 @@ pub enum ChangeClass {
     /// The existing state cannot serve the new version. Rolling it out means
     /// dropping that state, which only an explicit `allowStateReset` permits.
     StateIncompatible { reasons: Vec<String> },
+    /// A lake sink's table (or Parquet tree) cannot hold what the new version
+    /// writes: a column removed while required, retyped, made optional, or a
+    /// new required one. Only a new optional column is added in place; the
+    /// rest needs a new table or path, so the change is not rolled out.
+    TableIncompatible { reasons: Vec<String> },
 }
 
 /// Classifies the change from `old` to `new`.
 pub fn classify(old: &Plan, new: &Plan) -> ChangeClass {
+    let tables = table_incompatibilities(old, new);
+    if !tables.is_empty() {
+        return ChangeClass::TableIncompatible { reasons: tables };
+    }
     let incompatible = state_incompatibilities(old, new);
     if !incompatible.is_empty() {
         return ChangeClass::StateIncompatible {
@@ -99,6 +109,68 @@ pub fn classify(old: &Plan, new: &Plan) -> ChangeClass {
         return ChangeClass::Scale { stages: scaled };
     }
     ChangeClass::Ignore
+}
+
+/// Why the tables of lake sinks that stay (same name, same table or path)
+/// cannot hold the new version's output, if they cannot.
+fn table_incompatibilities(old: &Plan, new: &Plan) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for before in &old.sinks {
+        let Some(after) = new.sinks.iter().find(|s| s.name == before.name) else {
+            continue;
+        };
+        let Some(table) = lake_destination(&before.spec) else {
+            continue;
+        };
+        if lake_destination(&after.spec).as_ref() != Some(&table) {
+            continue;
+        }
+        let fields = |schema: &crate::schema::SchemaSpec| -> BTreeMap<String, (FieldType, bool)> {
+            schema
+                .fields
+                .iter()
+                .map(|f| (f.name.clone(), (f.field_type, f.optional)))
+                .collect()
+        };
+        let (was, now) = (fields(&before.schema), fields(&after.schema));
+        let sink = &before.name;
+        for (name, (old_type, old_optional)) in &was {
+            match now.get(name) {
+                None if !old_optional => reasons.push(format!(
+                    "sink {sink:?} writes {table}, whose column {name} is required, but the new output has no field {name}"
+                )),
+                Some((new_type, _)) if new_type != old_type => reasons.push(format!(
+                    "sink {sink:?} writes {table}, whose column {name} holds {old_type}, but the new output's {name} is {new_type}"
+                )),
+                Some((_, true)) if !old_optional => reasons.push(format!(
+                    "sink {sink:?} writes {table}, whose column {name} is required, but the new output's {name} is optional"
+                )),
+                _ => {}
+            }
+        }
+        for (name, (_, optional)) in &now {
+            if !was.contains_key(name) && !optional {
+                reasons.push(format!(
+                    "sink {sink:?} writes {table}, which has no column {name}: a new column can only be added as optional (the rows already there have no value)"
+                ));
+            }
+        }
+    }
+    reasons
+}
+
+/// The table or tree a lake sink writes, for messages and to tell whether two
+/// versions of a sink write the same one.
+fn lake_destination(sink: &crate::pipeline::SinkSpec) -> Option<String> {
+    if let Some(iceberg) = &sink.iceberg {
+        return Some(format!(
+            "table {}.{} of {}",
+            iceberg.namespace, iceberg.table, iceberg.catalog.uri
+        ));
+    }
+    sink.parquet
+        .as_ref()
+        .map(|p| format!("Parquet tree {}", p.path))
 }
 
 fn steps_by_name(plan: &Plan) -> BTreeMap<&str, &PlanStep> {
@@ -336,5 +408,79 @@ spec:
                 reasons: vec!["step \"again\" was added".into()]
             }
         );
+    }
+
+    fn lake_plan(fields: &str, path: &str) -> Plan {
+        let text = format!(
+            r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: p, namespace: ns}}
+spec:
+  source:
+    topic: in
+    key: [id]
+    schema:
+      fields:
+        - {{name: id, type: string}}
+{fields}  sinks:
+    - name: lake
+      parquet: {{path: '{path}'}}
+"#
+        );
+        let manifests = parse_manifests("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        compile(&manifests.pipelines[0], &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_lake_table_takes_new_optional_columns_and_refuses_other_changes() {
+        let base = "        - {name: amount, type: number}\n        - {name: note, type: string, optional: true}\n";
+        let old = lake_plan(base, "s3://lake/t");
+        let added = format!("{base}        - {{name: tag, type: string, optional: true}}\n");
+        assert!(matches!(
+            classify(&old, &lake_plan(&added, "s3://lake/t")),
+            ChangeClass::Upgrade { .. }
+        ));
+        let cases = [
+            (
+                format!("{base}        - {{name: tag, type: string}}\n"),
+                "sink \"lake\" writes Parquet tree s3://lake/t, which has no column tag: a new column can only be added as optional (the rows already there have no value)",
+            ),
+            (
+                base.replace("amount, type: number", "amount, type: integer"),
+                "sink \"lake\" writes Parquet tree s3://lake/t, whose column amount holds number, but the new output's amount is integer",
+            ),
+            (
+                base.replace(
+                    "{name: amount, type: number}",
+                    "{name: amount, type: number, optional: true}",
+                ),
+                "sink \"lake\" writes Parquet tree s3://lake/t, whose column amount is required, but the new output's amount is optional",
+            ),
+            (
+                base.replace("        - {name: amount, type: number}\n", ""),
+                "sink \"lake\" writes Parquet tree s3://lake/t, whose column amount is required, but the new output has no field amount",
+            ),
+        ];
+        for (fields, reason) in cases {
+            assert_eq!(
+                classify(&old, &lake_plan(&fields, "s3://lake/t")),
+                ChangeClass::TableIncompatible {
+                    reasons: vec![reason.to_owned()]
+                },
+                "{fields}"
+            );
+        }
+        // Dropping an optional column is fine; a new path is a new tree.
+        let dropped = base.replace("        - {name: note, type: string, optional: true}\n", "");
+        assert!(matches!(
+            classify(&old, &lake_plan(&dropped, "s3://lake/t")),
+            ChangeClass::Upgrade { .. }
+        ));
+        let retyped = base.replace("amount, type: number", "amount, type: integer");
+        assert!(matches!(
+            classify(&old, &lake_plan(&retyped, "s3://lake/t2")),
+            ChangeClass::Upgrade { .. }
+        ));
     }
 }

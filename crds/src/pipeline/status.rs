@@ -116,7 +116,8 @@ pub struct UpgradeStatus {
     pub phase: UpgradePhase,
     /// The spec generation being rolled out.
     pub generation: i64,
-    /// How the change was classified: Ignore, Scale, Upgrade or StateIncompatible.
+    /// How the change was classified: Ignore, Scale, Upgrade, StateIncompatible
+    /// or TableIncompatible (a lake sink's table cannot hold the new output).
     pub change: String,
     /// What changed, in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -276,6 +276,39 @@ pub(in crate::controller) async fn prepare(
         ),
         ChangeClass::Upgrade { reasons } => ("Upgrade", reasons, false),
         ChangeClass::StateIncompatible { reasons } => ("StateIncompatible", reasons, true),
+        ChangeClass::TableIncompatible { reasons } => {
+            // No setting makes a table hold what it cannot: the user writes a
+            // new table (or path), or changes the output back.
+            let message = format!(
+                "a lake sink's table cannot hold the new output ({}); the previous version keeps running. Write the sink to a new table or path, or keep the output compatible (new columns optional)",
+                reasons.join("; ")
+            );
+            let upgrade = UpgradeStatus {
+                change: "TableIncompatible".to_owned(),
+                reasons,
+                phase: UpgradePhase::Blocked,
+                message: Some(message.clone()),
+                ..started
+            };
+            announce_once(
+                ctx,
+                pipeline,
+                &observed.status,
+                &upgrade,
+                true,
+                "UpgradeBlocked",
+                &message,
+            )
+            .await;
+            observed.status.upgrade = Some(upgrade);
+            observed.set(&Cond::new(
+                SPEC_APPLIED,
+                false,
+                "TableIncompatible",
+                message,
+            ));
+            return Ok(Prepared::Deploy(Box::new(running)));
+        }
     };
     let mut upgrade = UpgradeStatus {
         change: change.to_owned(),
