@@ -16,12 +16,12 @@
 mod runtime_support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use keystone_crds::checkpoint::{InputRestore, ReplaySuppression, RestorePlan, StageRestore};
 use keystone_e2e::Testbed;
+use keystone_e2e::lake::Lake;
 use runtime_support::*;
 use serde_json::Value;
 
@@ -32,82 +32,6 @@ static STORE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// them (the publish follows the commit at once; this is slack for a slow
 /// machine).
 const PUBLISH_SLACK: Duration = Duration::from_secs(30);
-
-/// The testbed's store and readers.
-struct Lake {
-    endpoint: String,
-    bucket: String,
-    python: String,
-    readers: String,
-}
-
-impl Lake {
-    fn from_env() -> Lake {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: start the testbed with the lake (e2e/testbed up) and eval \"$(e2e/testbed env)\"")
-            })
-        };
-        Lake {
-            endpoint: var("KEYSTONE_TESTBED_S3_ENDPOINT"),
-            bucket: var("KEYSTONE_TESTBED_S3_BUCKET"),
-            python: var("KEYSTONE_TESTBED_LAKE_PYTHON"),
-            readers: std::env::var("KEYSTONE_TESTBED_READERS")
-                .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/readers").to_owned()),
-        }
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.bucket)
-    }
-
-    /// The sink's credentials, as the operator would pass them from its Secret.
-    fn sink_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("KEYSTONE_SINK_LAKE_ENDPOINT", self.endpoint.clone()),
-            ("KEYSTONE_SINK_LAKE_ACCESS_KEY_ID", "keystone".to_owned()),
-            (
-                "KEYSTONE_SINK_LAKE_SECRET_ACCESS_KEY",
-                "keystone".to_owned(),
-            ),
-        ]
-    }
-
-    fn reader(&self, args: &[&str]) -> Vec<Value> {
-        let output = Command::new(&self.python)
-            .arg(format!("{}/read_parquet.py", self.readers))
-            .args(args)
-            .args(["--endpoint", &self.endpoint])
-            .output()
-            .expect("running the Parquet reader");
-        assert!(
-            output.status.success(),
-            "read_parquet.py {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect()
-    }
-
-    /// The rows under `prefix` (none when nothing is published yet).
-    fn rows(&self, prefix: &str) -> Vec<Value> {
-        if self.keys(prefix).iter().all(|k| k.starts_with('_')) {
-            return Vec::new();
-        }
-        self.reader(&["--path", &self.url(prefix), "--partition-strings"])
-    }
-
-    /// Every object key under `prefix`, relative to it.
-    fn keys(&self, prefix: &str) -> Vec<String> {
-        self.reader(&["--path", &self.url(prefix), "--list"])
-            .into_iter()
-            .map(|entry| entry["key"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
 
 /// A pipeline reading `<name>.in` into Parquet at `s3://<bucket>/<name>`,
 /// folders by shard, date and hour.

@@ -1,0 +1,233 @@
+//! The clickstream sample, `config/samples/clickstream-etl.yaml`, on the
+//! cluster: the operator deploys it, the runtime pods write its Iceberg table
+//! through the testbed's REST catalog and its Parquet tree to the testbed's
+//! S3-compatible store with the keys of a Secret, and independent readers
+//! (pyiceberg, pyarrow) find each kept click once: in the table, and in its
+//! `action=` and `date=` folders.
+//!
+//! Needs `cargo build -p keystone-runtime` as well as the operator, and the
+//! testbed's lake.
+
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use keystone_crds::Pipeline;
+use keystone_e2e::lake::Lake;
+use keystone_e2e::{wait_for, wait_until};
+use kube::Api;
+use kube::api::PostParams;
+use operator_support::*;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+/// The clicks the sample keeps (real users' views and purchases), by
+/// (user, time), with the folder values the lake must put them in.
+fn reference(input: &str) -> BTreeMap<(String, i64), Value> {
+    let mut kept = BTreeMap::new();
+    for line in input.lines() {
+        let click: Value = serde_json::from_str(line).expect("the sample's clicks are JSON");
+        let action = click["action"].as_str().unwrap_or_default();
+        if click["user"]["bot"] == Value::Bool(true) || !["view", "purchase"].contains(&action) {
+            continue;
+        }
+        let ts = click["ts"].as_i64().expect("ts");
+        let date = chrono::DateTime::from_timestamp_millis(ts)
+            .expect("a time")
+            .format("%Y-%m-%d")
+            .to_string();
+        let user = click["user"]["id"].as_str().expect("user.id").to_owned();
+        kept.insert(
+            (user.clone(), ts),
+            serde_json::json!({
+                "user_id": user,
+                "session_id": click["session_id"],
+                "action": action,
+                "page": click["page"],
+                "ts": ts,
+                "price": click["price"],
+                "epoch_day": ts / 86_400_000,
+                "date": date,
+            }),
+        );
+    }
+    kept
+}
+
+#[tokio::test]
+async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
+    let tb = testbed().await;
+    require_runtime_binary();
+    install_crds(&tb);
+    let lake = Lake::from_env();
+    let ns = pipeline_namespace(&tb, "op-lake").await;
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-lake");
+    let kafka = Kafka::new(&tb);
+
+    // The sample as a user would apply it, pointed at this testbed: its own
+    // topics and lake prefix, the store's endpoint and keys in the Secret.
+    let source = unique("e2e.web.clicks");
+    let clean = format!("{source}.clean");
+    let prefix = unique("clickstream").replace('.', "-");
+    let table = unique("clicks").replace(['.', '-'], "_");
+    kafka.create(&source, 3).await;
+    let secrets: Api<Secret> = ns.api();
+    let secret_key = "lake-secret-never-in-the-plan";
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("lake-s3".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("endpoint".to_owned(), lake.endpoint.clone()),
+            ("accessKeyId".to_owned(), "keystone".to_owned()),
+            ("secretAccessKey".to_owned(), secret_key.to_owned()),
+        ])),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the store's Secret");
+    let sample = std::fs::read_to_string(repo().join("config/samples/clickstream-etl.yaml"))
+        .expect("the sample");
+    let manifest = sample
+        .replace("namespace: default", &format!("namespace: {}", ns.name()))
+        .replace("topic: web.clicks.clean", &format!("topic: {clean}"))
+        .replace("topic: web.clicks", &format!("topic: {source}"))
+        .replace("s3://keystone/clickstream", &lake.url(&prefix))
+        .replace("http://iceberg-rest.lake.svc:8181", &lake.catalog)
+        .replace("s3://keystone/warehouse", &lake.warehouse)
+        .replace("table: clicks", &format!("table: {table}"))
+        .replace("commitInterval: 1m", "commitInterval: 2s")
+        .replace(
+            "commitInterval: 10s",
+            "commitInterval: 500ms\n  topicDeletionPolicy: Delete",
+        )
+        .replace("parallelism: 3", "parallelism: 2");
+    assert!(manifest.contains(&lake.url(&prefix)), "{manifest}");
+    apply_yaml(&tb, &manifest).await;
+
+    let pipelines: Api<Pipeline> = ns.api();
+    wait_for(
+        &pipelines,
+        "clickstream-etl",
+        Duration::from_secs(180),
+        "Ready=True",
+        |p| condition_is(p, "Ready", "True"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+
+    // The keys reach the pods as Secret references, never through the plan.
+    let deployments: Api<Deployment> = ns.api();
+    let deployment = deployments
+        .get("clickstream-etl-s0")
+        .await
+        .expect("the stage's Deployment");
+    let rendered = serde_json::to_string(&deployment).expect("JSON");
+    assert!(
+        rendered.contains("KEYSTONE_SINK_LAKE_SECRET_ACCESS_KEY") && rendered.contains("lake-s3"),
+        "{rendered}"
+    );
+    assert!(!rendered.contains(secret_key), "{rendered}");
+
+    let input = std::fs::read_to_string(repo().join("config/samples/data/clicks.jsonl"))
+        .expect("the sample data");
+    let producer: FutureProducer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            tb.kafka_bootstrap_servers().expect("kafka"),
+        )
+        .create()
+        .expect("producer");
+    for line in input.lines() {
+        let click: Value = serde_json::from_str(line).expect("JSON");
+        let key = click["session_id"].as_str().unwrap_or_default().to_owned();
+        producer
+            .send(
+                FutureRecord::to(&source).key(&key).payload(line),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
+    let expected = reference(&input);
+    assert_eq!(expected.len(), 28, "the sample keeps 28 clicks");
+    let rows = wait_until(
+        Duration::from_secs(120),
+        "the lake holds every kept click",
+        || async {
+            let rows = lake.rows(&prefix);
+            (rows.len() >= expected.len()).then_some(rows)
+        },
+        || async { format!("{} rows so far", lake.rows(&prefix).len()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    assert_eq!(rows.len(), expected.len(), "each click once: {rows:?}");
+    for row in rows {
+        let key = (
+            row["user_id"].as_str().expect("user_id").to_owned(),
+            row["ts"].as_i64().expect("ts"),
+        );
+        let want = expected
+            .get(&key)
+            .unwrap_or_else(|| panic!("{row} is not a kept click"));
+        for field in [
+            "session_id",
+            "action",
+            "page",
+            "ts",
+            "price",
+            "epoch_day",
+            "date",
+        ] {
+            assert_eq!(row[field], want[field], "{field} of {row}");
+        }
+    }
+
+    // The table: every kept click once, its values as the contract types them.
+    let table = format!("web.{table}");
+    let rows = wait_until(
+        Duration::from_secs(120),
+        "the Iceberg table holds every kept click",
+        || async {
+            let rows = lake.iceberg_rows(&table).ok()?;
+            (rows.len() >= expected.len()).then_some(rows)
+        },
+        || async { format!("{:?}", lake.iceberg_rows(&table).map(|r| r.len())) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    assert_eq!(rows.len(), expected.len(), "each click once: {rows:?}");
+    for row in &rows {
+        let key = (
+            row["user_id"].as_str().expect("user_id").to_owned(),
+            row["ts"].as_i64().expect("ts"),
+        );
+        let want = expected
+            .get(&key)
+            .unwrap_or_else(|| panic!("{row} is not a kept click"));
+        for field in ["session_id", "action", "page", "ts", "price", "epoch_day"] {
+            assert_eq!(row[field], want[field], "{field} of {row}");
+        }
+        let at = chrono::DateTime::parse_from_rfc3339(row["at"].as_str().expect("at"))
+            .expect("at is a timestamp");
+        assert_eq!(at.timestamp_millis(), key.1, "{row}");
+    }
+    let snapshots = lake.iceberg_snapshots(&table).expect("snapshots");
+    assert!(
+        snapshots.iter().all(|s| s["summary"]["keystone.pipeline"]
+            .as_str()
+            .is_some_and(|p| p.contains("clickstream-etl"))),
+        "every snapshot names the pipeline: {snapshots:?}"
+    );
+    ns.delete().await.expect("delete namespace");
+}
