@@ -119,6 +119,25 @@ up_s3() {
 
 # ------------------------------------------------------------------- iceberg
 
+# Pods get a private /tmp (the emptyDir over their read-only root), so a
+# warehouse under /tmp would be another folder in each pod: a state under /tmp
+# keeps its warehouse under /var/tmp instead, named after the state.
+iceberg_warehouse_dir() {
+  case "$STATE/" in
+    /tmp/*) echo "/var/tmp/keystone-testbed-$(printf %s "$STATE" | sha1sum | cut -c1-12)/iceberg-warehouse" ;;
+    *) echo "$STATE/iceberg/warehouse" ;;
+  esac
+}
+
+# lake_cleanup: removes a warehouse kept outside the state (see above).
+lake_cleanup() {
+  local warehouse
+  warehouse="$(iceberg_warehouse_dir)"
+  case "$warehouse" in
+    /var/tmp/keystone-testbed-*) rm -rf "${warehouse%/iceberg-warehouse}" ;;
+  esac
+}
+
 iceberg_ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$ICEBERG_PORT/v1/config"; }
 
 # start_iceberg: starts the REST catalog unless running (does not wait). Its
@@ -131,11 +150,12 @@ start_iceberg() {
     return
   fi
   require_port "$ICEBERG_PORT" "iceberg REST catalog" KEYSTONE_TESTBED_ICEBERG_PORT
-  local dir="$STATE/iceberg"
-  mkdir -p "$dir/warehouse" "$dir/tmp"
+  local dir="$STATE/iceberg" warehouse
+  warehouse="$(iceberg_warehouse_dir)"
+  mkdir -p "$warehouse" "$dir/tmp"
   # java.io.tmpdir: sqlite-jdbc unpacks its native library there.
   start_proc iceberg env -C "$dir" -u JAVA_TOOL_OPTIONS \
-    CATALOG_WAREHOUSE="file://$dir/warehouse" \
+    CATALOG_WAREHOUSE="file://$warehouse" \
     CATALOG_URI="jdbc:sqlite:file:$dir/catalog.db" \
     CATALOG_JDBC_USER=user CATALOG_JDBC_PASSWORD=password \
     CATALOG_REST_PORT="$ICEBERG_PORT" \
@@ -176,7 +196,7 @@ lake_write_env() {
   echo "export KEYSTONE_GOFAKES3_VERSION='$GOFAKES3_VERSION'"
   echo "export KEYSTONE_TESTBED_ICEBERG_PORT='$ICEBERG_PORT'"
   echo "export KEYSTONE_TESTBED_ICEBERG_URI='http://127.0.0.1:$ICEBERG_PORT'"
-  echo "export KEYSTONE_TESTBED_ICEBERG_WAREHOUSE='file://$STATE/iceberg/warehouse'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_WAREHOUSE='file://$(iceberg_warehouse_dir)'"
   echo "export KEYSTONE_ICEBERG_VERSION='$ICEBERG_VERSION'"
   echo "export KEYSTONE_TESTBED_LAKE_PYTHON='$LAKE_VENV/bin/python'"
   echo "export KEYSTONE_TESTBED_READERS='$REPO/e2e/readers'"
