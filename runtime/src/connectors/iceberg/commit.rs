@@ -27,6 +27,7 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, Error, ErrorKind, TableIdent};
 use serde::{Deserialize, Serialize};
 
+use crate::connectors::lake::provenance::Runs;
 use crate::connectors::lake::{LakeError, StagedEpochs};
 
 pub const PIPELINE: &str = "keystone.pipeline";
@@ -44,6 +45,35 @@ const COMMIT_ATTEMPTS: usize = 5;
 /// One sink instance's epoch.
 pub type EpochId = (String, u64);
 
+/// The source records the table's snapshots hold from `from` on (per
+/// partition; `None`: from each partition's start), read from their
+/// summaries: what a replay after a rollback must not append again.
+pub fn delivered(table: &Table, from: Option<&BTreeMap<i32, i64>>) -> Runs {
+    let mut delivered = Runs::default();
+    for snapshot in table.metadata().snapshots() {
+        let Some(text) = snapshot.summary().additional_properties.get(PROVENANCE) else {
+            continue;
+        };
+        for entry in text.split(';') {
+            let Some((partition, runs)) = entry.split_once(':') else {
+                continue;
+            };
+            let Ok(partition) = partition.parse::<i32>() else {
+                continue;
+            };
+            let start = match from {
+                Some(from) => match from.get(&partition) {
+                    Some(offset) => *offset,
+                    None => continue,
+                },
+                None => 0,
+            };
+            delivered.add_text(partition, runs, start);
+        }
+    }
+    delivered
+}
+
 /// Who commits: recorded in each snapshot's summary.
 pub struct Committer<'a> {
     pub pipeline: &'a str,
@@ -51,12 +81,19 @@ pub struct Committer<'a> {
     pub instance: &'a str,
 }
 
-/// The data files of one epoch, all of one partition spec.
+/// The data files of one epoch, all of one partition spec, and the source
+/// records its rows come from (runs of offsets per input partition, as
+/// `lake::provenance` writes them).
 #[derive(Clone, Debug)]
 pub struct EpochFiles {
     pub spec_id: i32,
     pub files: Vec<DataFile>,
+    pub provenance: BTreeMap<i32, String>,
 }
+
+/// The snapshot summary property with the source records a snapshot
+/// appends: `<partition>:<runs>;...` (read back after a rollback).
+pub const PROVENANCE: &str = "keystone.provenance";
 
 /// An epoch to append, and its data files once known.
 pub enum Held {
@@ -81,6 +118,9 @@ struct StagingManifest {
     /// Each file as the crate serializes it: kept as its text, since the
     /// crate reads a partition's fields in the order they are written.
     data_files: Vec<String>,
+    /// The epoch's source records per input partition.
+    #[serde(default)]
+    provenance: BTreeMap<i32, String>,
 }
 
 pub fn manifest_path(table: &Table, instance: &str, epoch: u64) -> String {
@@ -123,6 +163,7 @@ pub async fn write_manifest(
         partition_spec_id: spec_id,
         schema_id: schema.schema_id(),
         data_files,
+        provenance: staged.provenance.clone(),
     };
     let bytes = serde_json::to_vec(&manifest)
         .map_err(|e| invalid(format!("a staging manifest's JSON: {e}")))?;
@@ -175,6 +216,7 @@ pub async fn read_manifest(
     Ok(Some(EpochFiles {
         spec_id: manifest.partition_spec_id,
         files,
+        provenance: manifest.provenance,
     }))
 }
 
@@ -321,6 +363,7 @@ pub async fn append(
         let default_spec = table.metadata().default_partition_spec_id();
         let mut files = Vec::new();
         let mut appending = BTreeSet::new();
+        let mut provenance = Runs::default();
         for (id, held) in epochs.iter_mut() {
             if coverage.covers(id) {
                 continue;
@@ -348,6 +391,9 @@ pub async fn append(
                 });
             }
             files.extend(staged.files.iter().cloned());
+            for (partition, runs) in &staged.provenance {
+                provenance.add_text(*partition, runs, 0);
+            }
             appending.insert(id.clone());
         }
         if appending.is_empty() {
@@ -357,9 +403,17 @@ pub async fn append(
             });
         }
         let transaction = Transaction::new(&table);
+        let mut properties = summary(who, &appending);
+        if !provenance.is_empty() {
+            let text: Vec<String> = provenance
+                .by_partition()
+                .map(|(partition, _, _, runs)| format!("{partition}:{runs}"))
+                .collect();
+            properties.insert(PROVENANCE.to_owned(), text.join(";"));
+        }
         let action = transaction
             .fast_append()
-            .set_snapshot_properties(summary(who, &appending))
+            .set_snapshot_properties(properties)
             .add_data_files(files);
         let result = match action.apply(transaction) {
             Ok(transaction) => transaction.commit(catalog).await,

@@ -97,6 +97,7 @@ impl EpochWriter {
             self.rows
         );
         Ok(EpochFiles {
+            provenance: Default::default(),
             spec_id: self.spec_id,
             files,
         })

@@ -47,6 +47,7 @@ use self::commit::{Committer, EpochFiles, EpochId, Held};
 use self::files::EpochWriter;
 use self::table::{Shape, TableSpec};
 use super::lake::columns::{Column, columns_of};
+use super::lake::provenance::Runs;
 use super::lake::rows::Rows;
 use super::lake::{EpochLedger, LakeError, StagedEpochs};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
@@ -96,6 +97,12 @@ pub struct IcebergSink {
     /// before a rewind): appended with the next publish.
     recovered: Vec<StagedEpochs>,
     last_snapshot: Option<Instant>,
+    /// The source records of the current epoch's rows.
+    provenance: Runs,
+    /// After a rollback: the source records the table already holds, which
+    /// the replay must not append again, and their count.
+    delivered: Runs,
+    suppressed: Option<prometheus::IntCounter>,
     io: tokio::runtime::Runtime,
 }
 
@@ -168,6 +175,9 @@ impl IcebergSink {
             staged_files: BTreeMap::new(),
             recovered: Vec::new(),
             last_snapshot: None,
+            provenance: Runs::default(),
+            delivered: Runs::default(),
+            suppressed: None,
             io,
         };
         match sink.bind(START_TIMEOUT) {
@@ -342,6 +352,7 @@ impl IcebergSink {
                     let closed = self.closed.get_or_insert(EpochFiles {
                         spec_id: files.spec_id,
                         files: Vec::new(),
+                        provenance: BTreeMap::new(),
                     });
                     closed.files.extend(files.files);
                     self.batches.clear();
@@ -354,6 +365,11 @@ impl IcebergSink {
                     tracing::warn!(sink = %self.name, %error, "closing data files failed; writing them again at the next commit");
                     return Ok(false);
                 }
+            }
+        }
+        if let Some(closed) = self.closed.as_mut() {
+            for (partition, _, _, runs) in self.provenance.by_partition() {
+                closed.provenance.insert(partition, runs);
             }
         }
         let Some(closed) = &self.closed else {
@@ -379,6 +395,7 @@ impl IcebergSink {
         if let Some(closed) = self.closed.take() {
             self.staged_files.insert(epoch, closed);
         }
+        self.provenance.clear();
         self.ledger.staged();
         self.attempt = 0;
         Ok(true)
@@ -468,9 +485,21 @@ impl Sink for IcebergSink {
     }
 
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
+        let source = record.event.source;
+        if let Some(source) = source
+            && self.delivered.contains(source.partition, source.offset)
+        {
+            if let Some(counter) = &self.suppressed {
+                counter.inc();
+            }
+            return Ok(());
+        }
         if let Err(reason) = self.rows.push(&record.event.value, record.value.len()) {
             self.refuse(record, reason, out);
             return Ok(());
+        }
+        if let Some(source) = source {
+            self.provenance.record(source.partition, source.offset);
         }
         if self.rows.len() >= BATCH_ROWS {
             self.take_rows().map_err(|e| self.error(e))?;
@@ -525,6 +554,7 @@ impl Sink for IcebergSink {
 
     fn abort(&mut self) {
         self.rows = Rows::new(self.columns.clone());
+        self.provenance.clear();
         self.batches.clear();
         self.batch_bytes = 0;
         self.abandon_files();
@@ -536,6 +566,22 @@ impl Sink for IcebergSink {
         self.ledger.published();
         self.ledger.current += 1;
         self.attempt = 0;
+    }
+
+    fn suppress_replay(
+        &mut self,
+        from: Option<&BTreeMap<i32, i64>>,
+        suppressed: prometheus::IntCounter,
+    ) -> Result<(), SinkError> {
+        // The table must be read now: a replay that cannot tell what the
+        // table holds would append it twice.
+        self.bind(IO_TIMEOUT).map_err(|e| self.error(e))?;
+        if let Some(bound) = &self.bound {
+            self.delivered = commit::delivered(&bound.table, from);
+        }
+        tracing::info!(sink = %self.name, held = self.delivered.len(), "the replay skips the source records the table holds");
+        self.suppressed = Some(suppressed);
+        Ok(())
     }
 
     fn recover(&mut self, staged: Vec<StagedEpochs>) {

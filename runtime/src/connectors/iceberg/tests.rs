@@ -735,3 +735,47 @@ fn two_instances_appending_the_same_epoch_at_once_append_it_once() {
     assert_eq!(lake.summaries()[0][RECOVERED], marker.to_string());
     assert_eq!(lake.ids(), (0..9).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_replay_after_a_rollback_skips_what_the_table_holds() {
+    let lake = Lake::new("rollback");
+    let mut first = lake.sink(&["country"], 60);
+    // Offsets 0..6 of partition 0 (write_texts numbers them from 0).
+    write(&mut first, 0..6);
+    prepare(&mut first);
+    first.publish().unwrap();
+    let summaries = lake.summaries();
+    assert_eq!(summaries[0][super::commit::PROVENANCE], "0:0-5");
+    drop(first);
+
+    // Rolled back to offset 2: the replay reads offsets 2..8 again.
+    let mut second = lake.sink(&["country"], 60);
+    let suppressed = prometheus::IntCounter::new("suppressed", "test").unwrap();
+    second
+        .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
+        .unwrap();
+    let texts: Vec<String> = (0..8).map(event).collect();
+    let mut out = SinkOutput::default();
+    for (offset, text) in texts.iter().enumerate().skip(2) {
+        let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
+        event.source = Some(Provenance {
+            partition: 0,
+            offset: offset as i64,
+        });
+        let value = sonic_rs::to_vec(&event.value).unwrap();
+        second
+            .write(
+                &SinkRecord {
+                    event: &event,
+                    value: &value,
+                },
+                &mut out,
+            )
+            .unwrap();
+    }
+    prepare(&mut second);
+    second.publish().unwrap();
+    assert_eq!(suppressed.get(), 4, "offsets 2..=5 are in the table");
+    assert_eq!(lake.ids(), (0..8).collect::<Vec<_>>());
+    assert_eq!(lake.summaries()[1][super::commit::PROVENANCE], "0:6-7");
+}

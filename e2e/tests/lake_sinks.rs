@@ -1,14 +1,17 @@
-//! The Parquet sink end to end: `keystone-runtime serve` instances read the
+//! The lake sinks end to end: `keystone-runtime serve` instances read the
 //! testbed's real Kafka and write Hive-style Parquet to the testbed's
-//! S3-compatible store (gofakes3); an independent reader (pyarrow's dataset
-//! with hive partitioning, `e2e/readers/read_parquet.py`) reads the result.
+//! S3-compatible store (gofakes3), or an Iceberg table through the testbed's
+//! REST catalog (Apache Iceberg's own); independent readers (pyarrow's
+//! dataset with hive partitioning, pyiceberg: `e2e/readers`) read the result.
 //! Each test computes its reference from the input it produces.
 //!
 //! - instances SIGKILLed three times mid-stream, then a rollback to a
-//!   checkpoint: every event once, in its folder (the replay skips what the
-//!   lake holds), and `_SUCCESS` in exactly the hours event time has passed;
-//! - the store stopped for 30 s mid-stream: the instance stays up, commits
-//!   nothing it could not stage, and afterwards nothing is lost or doubled.
+//!   checkpoint: every event once (the replay skips what the lake holds);
+//!   Parquet rows in their folders and `_SUCCESS` in exactly the hours event
+//!   time has passed, Iceberg snapshots naming their epochs;
+//! - the store (Parquet) or the catalog (Iceberg) stopped for 30 s
+//!   mid-stream: the instance stays up, and afterwards nothing is lost or
+//!   doubled; the Parquet sink commits nothing it could not stage.
 //!
 //! Needs `target/debug/keystone-runtime` and a running testbed with Kafka and
 //! the lake (`e2e/testbed up`).
@@ -25,17 +28,49 @@ use keystone_e2e::lake::Lake;
 use runtime_support::*;
 use serde_json::Value;
 
-/// The outage test stops the one store: it takes this exclusively.
+/// The outage tests stop the one store or the one catalog: they take these
+/// exclusively.
 static STORE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+static CATALOG: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// How long published files may take to appear after the commit that covers
 /// them (the publish follows the commit at once; this is slack for a slow
 /// machine).
 const PUBLISH_SLACK: Duration = Duration::from_secs(30);
 
-/// A pipeline reading `<name>.in` into Parquet at `s3://<bucket>/<name>`,
-/// folders by shard, date and hour.
-fn manifest(name: &str, lake: &Lake) -> String {
+/// A Parquet sink writing `s3://<bucket>/<name>`, folders by shard, date
+/// and hour.
+fn parquet_sink(name: &str, lake: &Lake) -> String {
+    format!(
+        r#"    - name: lake
+      parquet:
+        path: {url}
+        partitionBy: [shard, "day(at)", "hour(at)"]
+        credentialsSecret: lake-s3
+"#,
+        url = lake.url(name)
+    )
+}
+
+/// An Iceberg sink appending to table `e2e.<table>`, partitioned by shard
+/// and hour, a snapshot a second.
+fn iceberg_sink(table: &str, lake: &Lake) -> String {
+    format!(
+        r#"    - name: lake
+      iceberg:
+        catalog: {{type: rest, uri: '{uri}', warehouse: '{warehouse}'}}
+        namespace: e2e
+        table: {table}
+        partitionBy: [shard, "hour(at)"]
+        commitInterval: 1s
+"#,
+        uri = lake.catalog,
+        warehouse = lake.warehouse
+    )
+}
+
+/// A pipeline reading `<name>.in` into `sink`.
+fn manifest(name: &str, sink: &str) -> String {
     format!(
         r#"
 apiVersion: keystone.dev/v1alpha1
@@ -52,15 +87,9 @@ spec:
         - {{name: at, type: timestamp}}
         - {{name: amount, type: number}}
   sinks:
-    - name: lake
-      parquet:
-        path: {url}
-        partitionBy: [shard, "day(at)", "hour(at)"]
-        credentialsSecret: lake-s3
-  delivery: ExactlyOnce
+{sink}  delivery: ExactlyOnce
   commitInterval: 500ms
-"#,
-        url = lake.url(name)
+"#
     )
 }
 
@@ -101,13 +130,32 @@ fn pairs(rows: &[Row]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The lake holds each input event once, with its values, in its folder.
-fn assert_rows_are_reference(lake: &Lake, prefix: &str, input: &[Row], logs: &str) {
+/// Where a test's rows are.
+enum Written<'a> {
+    /// A Parquet tree under this prefix of the bucket.
+    Parquet(&'a str),
+    /// Iceberg table `namespace.table`.
+    Iceberg(&'a str),
+}
+
+impl Written<'_> {
+    fn rows(&self, lake: &Lake) -> Vec<Value> {
+        match self {
+            Written::Parquet(prefix) => lake.rows(prefix),
+            // Not there yet (no table before the first commit): no rows.
+            Written::Iceberg(table) => lake.iceberg_rows(table).unwrap_or_default(),
+        }
+    }
+}
+
+/// The lake holds each input event once, with its values (and, in a
+/// Parquet tree, in its folder).
+fn assert_rows_are_reference(lake: &Lake, written: &Written<'_>, input: &[Row], logs: &str) {
     let deadline = Instant::now() + PUBLISH_SLACK;
-    let mut rows = lake.rows(prefix);
+    let mut rows = written.rows(lake);
     while rows.len() < input.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        rows = lake.rows(prefix);
+        rows = written.rows(lake);
     }
     let mut seen: BTreeMap<String, Value> = BTreeMap::new();
     for row in &rows {
@@ -127,32 +175,39 @@ fn assert_rows_are_reference(lake: &Lake, prefix: &str, input: &[Row], logs: &st
         let row = seen
             .get(&r.id)
             .unwrap_or_else(|| panic!("{} is missing from the lake; logs: {logs}", r.id));
-        assert_eq!(row["shard"], Value::from(r.shard.to_string()), "{row}");
-        assert_eq!(
-            row["date"],
-            Value::from(r.at.format("%Y-%m-%d").to_string()),
-            "{row}"
-        );
-        assert_eq!(
-            row["hour"],
-            Value::from(r.at.format("%H").to_string()),
-            "{row}"
-        );
+        if let Written::Parquet(_) = written {
+            // Folder values, read as text.
+            assert_eq!(row["shard"], Value::from(r.shard.to_string()), "{row}");
+            let date = r.at.format("%Y-%m-%d").to_string();
+            assert_eq!(row["date"], Value::from(date), "{row}");
+            assert_eq!(
+                row["hour"],
+                Value::from(r.at.format("%H").to_string()),
+                "{row}"
+            );
+        } else {
+            assert_eq!(row["shard"], Value::from(r.shard), "{row}");
+        }
         let at = DateTime::parse_from_rfc3339(row["at"].as_str().unwrap()).unwrap();
         assert_eq!(at, r.at, "{row}");
         assert_eq!(row["amount"].as_f64(), Some(r.amount), "{row}");
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() {
-    let _shared = STORE.read().await;
-    let lake = Lake::from_env();
-    let seed = seed("parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback");
-    let mut rng = Lcg(seed);
-    let name = unique("lake-pq");
+/// Streams 6000 events into `sink` while instances are SIGKILLed three
+/// times, then rolls the stage back to a checkpoint and streams the rest:
+/// the lake must hold every event once. Returns the harness (instances still
+/// running) and the logs, for the caller's own checks.
+async fn sigkills_and_a_rollback(
+    test: &str,
+    name: &str,
+    sink: &str,
+    lake: &Lake,
+    written: &Written<'_>,
+) -> (Harness, String) {
+    let mut rng = Lcg(seed(test));
     let partitions = 4;
-    let mut h = Harness::new(&name, &manifest(&name, &lake), partitions).await;
+    let mut h = Harness::new(name, &manifest(name, sink), partitions).await;
     let source = h.plan.source.topic.clone();
     let instances = ["a", "b"];
     let logs = logs(&h, &instances);
@@ -248,7 +303,23 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() 
         restore_at - checkpoint_at,
         "the replay skips exactly the events after the checkpoint; logs: {logs}"
     );
-    assert_rows_are_reference(&lake, &name, &rows, &logs);
+    assert_rows_are_reference(lake, written, &rows, &logs);
+    (h, logs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() {
+    let _shared = STORE.read().await;
+    let lake = Lake::from_env();
+    let name = unique("lake-pq");
+    let (mut h, logs) = sigkills_and_a_rollback(
+        "parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback",
+        &name,
+        &parquet_sink(&name, &lake),
+        &lake,
+        &Written::Parquet(&name),
+    )
+    .await;
 
     // Event time reached 12:59 on every partition: the hours 10 and 11 of
     // every shard are complete, 12 is not.
@@ -264,19 +335,69 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() 
             );
         }
     }
-    for instance in instances {
+    for instance in ["a", "b"] {
         h.terminate(instance);
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn parquet_waits_while_the_store_is_down_and_loses_nothing() {
-    let _exclusive = STORE.write().await;
+async fn iceberg_holds_every_event_once_through_sigkills_and_a_rollback() {
+    let _shared = CATALOG.read().await;
     let lake = Lake::from_env();
+    let name = unique("lake-ice");
+    let table = name.replace('-', "_");
+    let qualified = format!("e2e.{table}");
+    let (mut h, logs) = sigkills_and_a_rollback(
+        "iceberg_holds_every_event_once_through_sigkills_and_a_rollback",
+        &name,
+        &iceberg_sink(&table, &lake),
+        &lake,
+        &Written::Iceberg(&qualified),
+    )
+    .await;
+    // Every snapshot names the epochs it appends; none is named twice.
+    let snapshots = lake.iceberg_snapshots(&qualified).expect("snapshots");
+    let mut epochs = std::collections::BTreeSet::new();
+    for snapshot in &snapshots {
+        let summary = &snapshot["summary"];
+        let instance = summary["keystone.instance"].as_str().expect("instance");
+        let mut named = Vec::new();
+        if let Some(own) = summary["keystone.epochs"].as_str() {
+            named.extend(own.split(',').map(|r| format!("{instance}.{r}")));
+        }
+        if let Some(recovered) = summary["keystone.recovered"].as_str() {
+            named.extend(recovered.split(',').map(str::to_owned));
+        }
+        for range in named {
+            let (who, span) = range.split_once('.').expect("instance.first-last");
+            let (first, last) = span.split_once('-').expect("first-last");
+            for epoch in first.parse::<u64>().unwrap()..=last.parse::<u64>().unwrap() {
+                assert!(
+                    epochs.insert((who.to_owned(), epoch)),
+                    "epoch {who}.{epoch} appended twice: {snapshots:?}; logs: {logs}"
+                );
+            }
+        }
+    }
+    for instance in ["a", "b"] {
+        h.terminate(instance);
+    }
+}
+
+/// Streams 3000 events into `sink`, a third of them while `component` of the
+/// testbed is stopped for 30 s: the instance must stay up, commit nothing it
+/// could not stage when `stages_need_it`, and lose and double nothing.
+async fn outage(
+    component: &str,
+    stages_need_it: bool,
+    name: &str,
+    sink: &str,
+    lake: &Lake,
+    written: &Written<'_>,
+) {
     let testbed = Testbed::from_env().await.expect("testbed");
-    let name = unique("lake-pq-down");
     let partitions = 2;
-    let mut h = Harness::new(&name, &manifest(&name, &lake), partitions).await;
+    let mut h = Harness::new(name, &manifest(name, sink), partitions).await;
     let source = h.plan.source.topic.clone();
     let logs = logs(&h, &["a"]);
     let sink_env = lake.sink_env();
@@ -287,7 +408,7 @@ async fn parquet_waits_while_the_store_is_down_and_loses_nothing() {
     h.start("a", &env);
     produce(&p, &source, &pairs(&rows[..1000]));
     wait_caught_up(&mut h, partitions, &logs);
-    testbed.stop("s3").await.expect("stopping the store");
+    testbed.stop(component).await.expect("stopping it");
     let stopped = Instant::now();
     produce(&p, &source, &pairs(&rows[1000..2000]));
     let committed_when_stopped = committed(&h, partitions);
@@ -295,19 +416,52 @@ async fn parquet_waits_while_the_store_is_down_and_loses_nothing() {
         assert_running(&mut h, &logs);
         std::thread::sleep(Duration::from_secs(1));
     }
-    // Nothing was committed that the store did not take.
-    let committed_while_down = committed(&h, partitions);
-    let moved: i64 = committed_while_down
-        .iter()
-        .map(|(p, o)| o - committed_when_stopped.get(p).copied().unwrap_or(0))
-        .sum();
-    assert_eq!(
-        moved, 0,
-        "offsets moved while the store was down; logs: {logs}"
-    );
-    testbed.start("s3").await.expect("starting the store");
+    if stages_need_it {
+        // Nothing was committed that the store did not take.
+        let committed_while_down = committed(&h, partitions);
+        let moved: i64 = committed_while_down
+            .iter()
+            .map(|(p, o)| o - committed_when_stopped.get(p).copied().unwrap_or(0))
+            .sum();
+        assert_eq!(
+            moved, 0,
+            "offsets moved while {component} was down; logs: {logs}"
+        );
+    }
+    testbed.start(component).await.expect("starting it again");
     produce(&p, &source, &pairs(&rows[2000..]));
     wait_caught_up(&mut h, partitions, &logs);
-    assert_rows_are_reference(&lake, &name, &rows, &logs);
+    assert_rows_are_reference(lake, written, &rows, &logs);
     h.terminate("a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_waits_while_the_store_is_down_and_loses_nothing() {
+    let _exclusive = STORE.write().await;
+    let lake = Lake::from_env();
+    let name = unique("lake-pq-down");
+    let sink = parquet_sink(&name, &lake);
+    outage("s3", true, &name, &sink, &lake, &Written::Parquet(&name)).await;
+}
+
+/// Staging needs no catalog (files and staging manifests go to the
+/// warehouse): offsets go on committing while the catalog is away, with the
+/// staged epochs named in their metadata, and the snapshot comes after.
+#[tokio::test(flavor = "multi_thread")]
+async fn iceberg_waits_while_the_catalog_is_down_and_loses_nothing() {
+    let _exclusive = CATALOG.write().await;
+    let lake = Lake::from_env();
+    let name = unique("lake-ice-down");
+    let table = name.replace('-', "_");
+    let qualified = format!("e2e.{table}");
+    let sink = iceberg_sink(&table, &lake);
+    outage(
+        "iceberg",
+        false,
+        &name,
+        &sink,
+        &lake,
+        &Written::Iceberg(&qualified),
+    )
+    .await;
 }
