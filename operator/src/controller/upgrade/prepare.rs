@@ -276,50 +276,27 @@ pub(in crate::controller) async fn prepare(
         ),
         ChangeClass::Upgrade { reasons } => ("Upgrade", reasons, false),
         ChangeClass::StateIncompatible { reasons } => ("StateIncompatible", reasons, true),
-        ChangeClass::TableIncompatible { reasons } => {
-            // No setting makes a table hold what it cannot: the user writes a
-            // new table (or path), or changes the output back.
-            let message = format!(
-                "a lake sink's table cannot hold the new output ({}); the previous version keeps running. Write the sink to a new table or path, or keep the output compatible (new columns optional)",
-                reasons.join("; ")
-            );
-            let upgrade = UpgradeStatus {
-                change: "TableIncompatible".to_owned(),
-                reasons,
-                phase: UpgradePhase::Blocked,
-                message: Some(message.clone()),
-                ..started
-            };
-            announce_once(
-                ctx,
-                pipeline,
-                &observed.status,
-                &upgrade,
-                true,
-                "UpgradeBlocked",
-                &message,
-            )
-            .await;
-            observed.status.upgrade = Some(upgrade);
-            observed.set(&Cond::new(
-                SPEC_APPLIED,
-                false,
-                "TableIncompatible",
-                message,
-            ));
-            return Ok(Prepared::Deploy(Box::new(running)));
-        }
+        ChangeClass::TableIncompatible { reasons } => ("TableIncompatible", reasons, false),
     };
     let mut upgrade = UpgradeStatus {
         change: change.to_owned(),
         reasons: reasons.clone(),
         ..started
     };
-    if state_incompatible && !spec.upgrade.allow_state_reset {
-        let message = format!(
+    let blocked = match change {
+        // No setting makes a table hold what it cannot: the user writes a new
+        // table (or path), or changes the output back.
+        "TableIncompatible" => Some(format!(
+            "a lake sink's table cannot hold the new output ({}); the previous version keeps running. Write the sink to a new table or path, or keep the output compatible (new columns optional)",
+            reasons.join("; ")
+        )),
+        "StateIncompatible" if !spec.upgrade.allow_state_reset => Some(format!(
             "the running state cannot serve the new spec ({}); the previous version keeps running. Set spec.upgrade.allowStateReset: true to drop that state and roll out",
             reasons.join("; ")
-        );
+        )),
+        _ => None,
+    };
+    if let Some(message) = blocked {
         upgrade.phase = UpgradePhase::Blocked;
         upgrade.message = Some(message.clone());
         announce_once(
@@ -333,12 +310,7 @@ pub(in crate::controller) async fn prepare(
         )
         .await;
         observed.status.upgrade = Some(upgrade);
-        observed.set(&Cond::new(
-            SPEC_APPLIED,
-            false,
-            "StateIncompatible",
-            message,
-        ));
+        observed.set(&Cond::new(SPEC_APPLIED, false, change, message));
         return Ok(Prepared::Deploy(Box::new(running)));
     }
     let stateless = spec.upgrade.mode == UpgradeMode::Stateless;

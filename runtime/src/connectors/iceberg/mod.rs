@@ -47,7 +47,7 @@ use self::commit::{Committer, EpochFiles, EpochId, Held};
 use self::files::EpochWriter;
 use self::table::{Shape, TableSpec};
 use super::lake::columns::{Column, columns_of};
-use super::lake::provenance::Runs;
+use super::lake::provenance::{Replay, Runs};
 use super::lake::rows::Rows;
 use super::lake::{EpochLedger, LakeError, StagedEpochs};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
@@ -99,10 +99,8 @@ pub struct IcebergSink {
     last_snapshot: Option<Instant>,
     /// The source records of the current epoch's rows.
     provenance: Runs,
-    /// After a rollback: the source records the table already holds, which
-    /// the replay must not append again, and their count.
-    delivered: Runs,
-    suppressed: Option<prometheus::IntCounter>,
+    /// After a rollback: what the replay must not append again.
+    replay: Replay,
     io: tokio::runtime::Runtime,
 }
 
@@ -176,8 +174,7 @@ impl IcebergSink {
             recovered: Vec::new(),
             last_snapshot: None,
             provenance: Runs::default(),
-            delivered: Runs::default(),
-            suppressed: None,
+            replay: Replay::default(),
             io,
         };
         match sink.bind(START_TIMEOUT) {
@@ -486,12 +483,7 @@ impl Sink for IcebergSink {
 
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
         let source = record.event.source;
-        if let Some(source) = source
-            && self.delivered.contains(source.partition, source.offset)
-        {
-            if let Some(counter) = &self.suppressed {
-                counter.inc();
-            }
+        if self.replay.skips(source) {
             return Ok(());
         }
         if let Err(reason) = self.rows.push(&record.event.value, record.value.len()) {
@@ -576,11 +568,13 @@ impl Sink for IcebergSink {
         // The table must be read now: a replay that cannot tell what the
         // table holds would append it twice.
         self.bind(IO_TIMEOUT).map_err(|e| self.error(e))?;
-        if let Some(bound) = &self.bound {
-            self.delivered = commit::delivered(&bound.table, from);
-        }
-        tracing::info!(sink = %self.name, held = self.delivered.len(), "the replay skips the source records the table holds");
-        self.suppressed = Some(suppressed);
+        let delivered = self
+            .bound
+            .as_ref()
+            .map(|bound| commit::delivered(&bound.table, from))
+            .unwrap_or_default();
+        self.replay = Replay::new(delivered, suppressed);
+        tracing::info!(sink = %self.name, held = self.replay.held(), "the replay skips the source records the table holds");
         Ok(())
     }
 

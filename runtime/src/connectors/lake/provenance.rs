@@ -92,6 +92,37 @@ impl Runs {
     }
 }
 
+/// After a rollback: the source records a lake already holds, which the
+/// replay skips (counting them), as `RestorePlan.suppress` asks.
+#[derive(Default)]
+pub struct Replay {
+    delivered: Runs,
+    suppressed: Option<prometheus::IntCounter>,
+}
+
+impl Replay {
+    pub fn new(delivered: Runs, suppressed: prometheus::IntCounter) -> Replay {
+        Replay {
+            delivered,
+            suppressed: Some(suppressed),
+        }
+    }
+
+    /// How many source records the lake holds from the replay's start on.
+    pub fn held(&self) -> u64 {
+        self.delivered.len()
+    }
+
+    /// Whether the event from `source` is one the lake holds (then counted).
+    pub fn skips(&self, source: Option<crate::event::Provenance>) -> bool {
+        let held = source.is_some_and(|s| self.delivered.contains(s.partition, s.offset));
+        if held && let Some(counter) = &self.suppressed {
+            counter.inc();
+        }
+        held
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,7 +37,7 @@ use self::layout::{Folder, Layout, file_name, join, staging_prefix};
 use self::marks::Marks;
 use self::store::Store;
 use super::lake::columns::{Column, columns_of};
-use super::lake::provenance::Runs;
+use super::lake::provenance::{Replay, Runs};
 use super::lake::rows::Rows;
 use super::lake::{EpochLedger, LakeError, StagedEpochs};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
@@ -79,10 +79,8 @@ pub struct ParquetSink {
     event_time: BTreeMap<i32, i64>,
     /// The source records of the current epoch's rows.
     provenance: Runs,
-    /// After a rollback: the source records the lake already holds, which the
-    /// replay must not append again, and their count.
-    delivered: Runs,
-    suppressed: Option<prometheus::IntCounter>,
+    /// After a rollback: what the replay must not write again.
+    replay: Replay,
 }
 
 struct OpenFile {
@@ -147,8 +145,7 @@ impl ParquetSink {
             recovered: Vec::new(),
             event_time: BTreeMap::new(),
             provenance: Runs::default(),
-            delivered: Runs::default(),
-            suppressed: None,
+            replay: Replay::default(),
         })
     }
 
@@ -298,7 +295,8 @@ impl ParquetSink {
 
     /// Reads the source records the lake holds from `from` on (see
     /// [`Sink::suppress_replay`]).
-    fn load_delivered(&mut self, from: Option<&BTreeMap<i32, i64>>) -> Result<(), LakeError> {
+    fn load_delivered(&self, from: Option<&BTreeMap<i32, i64>>) -> Result<Runs, LakeError> {
+        let mut delivered = Runs::default();
         let objects = self.store.objects.clone();
         let base = self.store.path(PROVENANCE);
         let store_error = |source| LakeError::Store {
@@ -340,11 +338,11 @@ impl ParquetSink {
                 .block_on(async { objects.get(&object.location).await?.bytes().await })
                 .map_err(store_error)?;
             let text = String::from_utf8_lossy(&bytes);
-            if !self.delivered.add_text(partition, &text, start) {
+            if !delivered.add_text(partition, &text, start) {
                 tracing::warn!(sink = %self.name, file = %object.location, "unreadable provenance file ignored");
             }
         }
-        Ok(())
+        Ok(delivered)
     }
 
     fn refuse(&self, record: &SinkRecord<'_>, reason: String, out: &mut SinkOutput) {
@@ -367,12 +365,7 @@ impl Sink for ParquetSink {
 
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
         let source = record.event.source;
-        if let Some(source) = source
-            && self.delivered.contains(source.partition, source.offset)
-        {
-            if let Some(counter) = &self.suppressed {
-                counter.inc();
-            }
+        if self.replay.skips(source) {
             return Ok(());
         }
         let value = &record.event.value;
@@ -467,9 +460,9 @@ impl Sink for ParquetSink {
         from: Option<&BTreeMap<i32, i64>>,
         suppressed: prometheus::IntCounter,
     ) -> Result<(), SinkError> {
-        self.load_delivered(from).map_err(|e| self.error(e))?;
-        tracing::info!(sink = %self.name, held = self.delivered.len(), "the replay skips the source records the lake holds");
-        self.suppressed = Some(suppressed);
+        let delivered = self.load_delivered(from).map_err(|e| self.error(e))?;
+        self.replay = Replay::new(delivered, suppressed);
+        tracing::info!(sink = %self.name, held = self.replay.held(), "the replay skips the source records the lake holds");
         Ok(())
     }
 
