@@ -15,6 +15,7 @@ use iceberg::spec::{
     Type, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 use keystone_crds::pipeline::partitioning::{PartitionTerm, Transform};
 
@@ -155,8 +156,70 @@ impl TableSpec {
             Err(e) if is_missing(e.kind()) => self.create(catalog).await?,
             Err(e) => return Err(call("loading table")(e)),
         };
+        let table = self.add_new_columns(catalog, table).await?;
         self.check(&table)?;
         Ok(table)
+    }
+
+    /// Schema evolution: the contract's optional fields the table lacks
+    /// become optional columns (the rows already there read them as null).
+    /// A missing required field is left to `check`, which refuses it.
+    async fn add_new_columns(
+        &self,
+        catalog: &dyn Catalog,
+        table: Table,
+    ) -> Result<Table, LakeError> {
+        let missing = missing_optional(
+            &self.columns,
+            table.metadata().current_schema().as_struct(),
+            None,
+        );
+        if missing.is_empty() {
+            return Ok(table);
+        }
+        let names: Vec<&str> = missing.iter().map(|(_, c)| c.path.as_str()).collect();
+        let transaction = Transaction::new(&table);
+        let mut action = transaction.update_schema();
+        for (parent, column) in &missing {
+            let field_type = match &column.kind {
+                ColumnKind::Struct(members) => {
+                    // Ids are placeholders: the commit assigns fresh ones.
+                    Type::Struct(StructType::new(nested_fields(members, &mut 0)))
+                }
+                kind => Type::Primitive(primitive(kind)),
+            };
+            let add = match parent {
+                Some(parent) => AddColumn::builder()
+                    .parent(parent.clone())
+                    .name(column.name.clone())
+                    .field_type(field_type)
+                    .build(),
+                None => AddColumn::optional(&column.name, field_type),
+            };
+            action = action.add_column(add);
+        }
+        let committed = match action.apply(transaction) {
+            Ok(transaction) => transaction.commit(catalog).await,
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(table) => {
+                tracing::info!(table = %self.show(), columns = ?names, "added the contract's new optional columns to the table");
+                Ok(table)
+            }
+            // Another instance may have added them first: read the table
+            // again, and `check` says whether it fits now.
+            Err(error) => {
+                tracing::info!(table = %self.show(), columns = ?names, %error, "adding columns failed; reading the table again");
+                catalog
+                    .load_table(&self.ident)
+                    .await
+                    .map_err(|source| LakeError::Iceberg {
+                        what: format!("loading table {}", self.show()),
+                        source: Box::new(source),
+                    })
+            }
+        }
     }
 
     async fn create(&self, catalog: &dyn Catalog) -> Result<Table, LakeError> {
@@ -240,6 +303,28 @@ impl TableSpec {
         }
         Ok(())
     }
+}
+
+/// The optional columns of `columns` that `table` (a struct at `parent`)
+/// lacks, with the dotted path of the struct they go in.
+fn missing_optional<'c>(
+    columns: &'c [Column],
+    table: &StructType,
+    parent: Option<&str>,
+) -> Vec<(Option<String>, &'c Column)> {
+    let mut missing = Vec::new();
+    for column in columns {
+        match (table.field_by_name(&column.name), &column.kind) {
+            (None, _) if column.optional => missing.push((parent.map(str::to_owned), column)),
+            (Some(field), ColumnKind::Struct(members)) => {
+                if let Type::Struct(nested) = field.field_type.as_ref() {
+                    missing.extend(missing_optional(members, nested, Some(&column.path)));
+                }
+            }
+            _ => {}
+        }
+    }
+    missing
 }
 
 fn is_missing(kind: ErrorKind) -> bool {

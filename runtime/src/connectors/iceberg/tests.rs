@@ -779,3 +779,74 @@ fn a_replay_after_a_rollback_skips_what_the_table_holds() {
     assert_eq!(lake.ids(), (0..8).collect::<Vec<_>>());
     assert_eq!(lake.summaries()[1][super::commit::PROVENANCE], "0:6-7");
 }
+
+#[test]
+fn new_optional_fields_of_the_contract_become_columns_of_the_table() {
+    let lake = Lake::new("evolve");
+    // Without the struct column: the crate's scan cannot read a struct
+    // column of files older than a schema change ("Incorrect number of
+    // arrays for StructArray fields"), which other readers do.
+    let without_struct = || {
+        let mut plan = plan_sink(&["country"], 60);
+        plan.schema.fields.retain(|f| !f.name.starts_with("user."));
+        plan
+    };
+    let build = |plan: &PlanSink| {
+        IcebergSink::build(
+            plan,
+            "orders-pipeline",
+            runtime().unwrap(),
+            lake.catalog.clone(),
+        )
+    };
+    let mut first = build(&without_struct()).unwrap();
+    write(&mut first, 0..3);
+    prepare(&mut first);
+    first.publish().unwrap();
+    drop(first);
+
+    // The next version's contract adds an optional field.
+    let mut plan = without_struct();
+    plan.schema
+        .fields
+        .push(field("note", FieldType::String, true));
+    let mut second = build(&plan).unwrap();
+    let texts =
+        vec![r#"{"id":3,"country":"NL","at":"2026-03-01T10:00:00Z","note":"new"}"#.to_owned()];
+    assert!(write_texts(&mut second, &texts).is_empty());
+    prepare(&mut second);
+    second.publish().unwrap();
+
+    let schema = lake.table().metadata().current_schema().clone();
+    let note = schema.field_by_name("note").expect("note was added");
+    assert!(!note.required);
+    assert_eq!(lake.ids(), [0, 1, 2, 3]);
+    let notes: Vec<Option<String>> = lake
+        .batches()
+        .iter()
+        .flat_map(|b| {
+            let column = b.column_by_name("note").unwrap().as_string::<i32>().clone();
+            (0..column.len())
+                .map(|i| column.is_valid(i).then(|| column.value(i).to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(notes.iter().flatten().collect::<Vec<_>>(), ["new"]);
+    assert_eq!(
+        notes.iter().filter(|n| n.is_none()).count(),
+        3,
+        "older rows read null"
+    );
+
+    // A new required field is refused, naming it: the rows there have none.
+    let mut plan = without_struct();
+    plan.schema
+        .fields
+        .push(field("region", FieldType::String, false));
+    let error = build(&plan).err().expect("a new required field is refused");
+    assert!(
+        error.to_string().contains("field region has no column"),
+        "{error}"
+    );
+    assert!(error.is_permanent());
+}
