@@ -154,10 +154,14 @@ start_iceberg() {
   warehouse="$(iceberg_warehouse_dir)"
   mkdir -p "$warehouse" "$dir/tmp"
   # java.io.tmpdir: sqlite-jdbc unpacks its native library there.
+  # CATALOG_CLIENTS=1: one JDBC connection. With the default pool of two,
+  # concurrent commits of several sink instances made SQLite answer
+  # SQLITE_BUSY, which the server returns as a 500 ("commit state unknown").
   start_proc iceberg env -C "$dir" -u JAVA_TOOL_OPTIONS \
     CATALOG_WAREHOUSE="file://$warehouse" \
     CATALOG_URI="jdbc:sqlite:file:$dir/catalog.db" \
     CATALOG_JDBC_USER=user CATALOG_JDBC_PASSWORD=password \
+    CATALOG_CLIENTS=1 \
     CATALOG_REST_PORT="$ICEBERG_PORT" \
     java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.io.tmpdir="$dir/tmp" \
     -cp "$ICEBERG_LIBS/*" org.apache.iceberg.rest.RESTCatalogServer
