@@ -93,9 +93,6 @@ pub struct IcebergSink {
     ledger: EpochLedger,
     /// The files of each staged epoch not yet appended.
     staged_files: BTreeMap<u64, EpochFiles>,
-    /// Epochs the last commits name (another instance's, or this one's
-    /// before a rewind): appended with the next publish.
-    recovered: Vec<StagedEpochs>,
     last_snapshot: Option<Instant>,
     /// The source records of the current epoch's rows.
     provenance: Runs,
@@ -171,7 +168,6 @@ impl IcebergSink {
             closed: None,
             ledger,
             staged_files: BTreeMap::new(),
-            recovered: Vec::new(),
             last_snapshot: None,
             provenance: Runs::default(),
             replay: Replay::default(),
@@ -403,7 +399,7 @@ impl IcebergSink {
     fn append_staged(&mut self) -> Result<(), LakeError> {
         self.bind(IO_TIMEOUT)?;
         let mut epochs: BTreeMap<EpochId, Held> = BTreeMap::new();
-        for marker in &self.recovered {
+        for marker in &self.ledger.recovered {
             for epoch in marker.epochs() {
                 epochs.insert((marker.instance.clone(), epoch), Held::Unread);
             }
@@ -446,7 +442,7 @@ impl IcebergSink {
             };
             let _ = self.run("deleting staging manifests", IO_TIMEOUT, deleting);
         }
-        self.recovered.clear();
+        self.ledger.recovered.clear();
         self.staged_files.clear();
         self.ledger.published();
         Ok(())
@@ -520,16 +516,14 @@ impl Sink for IcebergSink {
     }
 
     fn staged(&self) -> Vec<StagedEpochs> {
-        let mut staged = self.recovered.clone();
-        staged.extend(self.ledger.marker());
-        staged
+        self.ledger.staged_markers()
     }
 
     fn publish(&mut self) -> Result<(), SinkError> {
-        if self.ledger.marker().is_none() && self.recovered.is_empty() {
+        if self.ledger.marker().is_none() && self.ledger.recovered.is_empty() {
             return Ok(());
         }
-        let due = !self.recovered.is_empty()
+        let due = !self.ledger.recovered.is_empty()
             || self
                 .last_snapshot
                 .is_none_or(|at| at.elapsed() >= self.commit_interval);
@@ -579,11 +573,8 @@ impl Sink for IcebergSink {
     }
 
     fn recover(&mut self, staged: Vec<StagedEpochs>) {
-        for marker in staged {
-            if !self.recovered.contains(&marker) {
-                tracing::info!(sink = %self.name, epochs = %marker, "appending epochs a commit names, unless a snapshot has them");
-                self.recovered.push(marker);
-            }
+        for marker in self.ledger.recover(staged) {
+            tracing::info!(sink = %self.name, epochs = %marker, "appending epochs a commit names, unless a snapshot has them");
         }
     }
 }

@@ -137,6 +137,9 @@ pub struct EpochLedger {
     pub current: u64,
     /// The oldest staged epoch not yet published, if any.
     pub unpublished_from: Option<u64>,
+    /// Epochs of other instances (or of this one before a rewind) that the
+    /// last commits name, to publish with this instance's next publish.
+    pub recovered: Vec<StagedEpochs>,
 }
 
 impl EpochLedger {
@@ -145,6 +148,7 @@ impl EpochLedger {
             instance: new_instance_id(),
             current: 1,
             unpublished_from: None,
+            recovered: Vec::new(),
         }
     }
 
@@ -166,6 +170,26 @@ impl EpochLedger {
     /// Every staged epoch is published.
     pub fn published(&mut self) {
         self.unpublished_from = None;
+    }
+
+    /// Takes the epochs a commit names; returns those not known yet.
+    pub fn recover(&mut self, staged: Vec<StagedEpochs>) -> Vec<StagedEpochs> {
+        let mut new = Vec::new();
+        for marker in staged {
+            if !self.recovered.contains(&marker) {
+                self.recovered.push(marker.clone());
+                new.push(marker);
+            }
+        }
+        new
+    }
+
+    /// What the host commits: the recovered epochs and this instance's own
+    /// staged, unpublished ones.
+    pub fn staged_markers(&self) -> Vec<StagedEpochs> {
+        let mut staged = self.recovered.clone();
+        staged.extend(self.marker());
+        staged
     }
 }
 

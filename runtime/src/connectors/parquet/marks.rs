@@ -85,9 +85,10 @@ impl Marks<'_> {
     }
 
     /// Records the highest event time published per input partition (a time
-    /// lower than the one recorded, as after a replay, changes nothing).
-    pub fn advance(&self, event_time: &BTreeMap<i32, i64>) -> Result<(), LakeError> {
-        let recorded = self.event_times()?;
+    /// lower than the one recorded, as after a replay, changes nothing), and
+    /// returns event time: the lowest of every partition's, once any has one.
+    pub fn advance(&self, event_time: &BTreeMap<i32, i64>) -> Result<Option<i64>, LakeError> {
+        let mut recorded = self.event_times()?;
         for (&partition, &micros) in event_time {
             let old = recorded.get(&partition).copied();
             if old.is_some_and(|old| old >= micros) {
@@ -97,8 +98,9 @@ impl Marks<'_> {
             if let Some(old) = old {
                 self.delete(&format!("{EVENT_TIME}/{partition}/{old}"))?;
             }
+            recorded.insert(partition, micros);
         }
-        Ok(())
+        Ok(recorded.values().min().copied())
     }
 
     /// The recorded event time of each input partition.
@@ -116,12 +118,9 @@ impl Marks<'_> {
         Ok(times)
     }
 
-    /// Writes `_SUCCESS` in every awaiting folder that event time has passed;
-    /// returns those folders.
-    pub fn mark_complete(&self) -> Result<Vec<String>, LakeError> {
-        let Some(watermark) = self.event_times()?.values().min().copied() else {
-            return Ok(Vec::new());
-        };
+    /// Writes `_SUCCESS` in every awaiting folder that event time
+    /// (`watermark`) has passed; returns those folders.
+    pub fn mark_complete(&self, watermark: i64) -> Result<Vec<String>, LakeError> {
         let mut marked = Vec::new();
         for key in self.list(AWAITING)? {
             let Some((end, rest)) = key.split_once('/') else {
@@ -135,14 +134,10 @@ impl Marks<'_> {
             };
             if end <= watermark {
                 self.put(&join(folder, SUCCESS))?;
-                self.delete(&key_in(AWAITING, &key))?;
+                self.delete(&format!("{AWAITING}/{key}"))?;
                 marked.push(folder.to_owned());
             }
         }
         Ok(marked)
     }
-}
-
-fn key_in(prefix: &str, key: &str) -> String {
-    format!("{prefix}/{key}")
 }

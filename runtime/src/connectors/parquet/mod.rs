@@ -72,9 +72,6 @@ pub struct ParquetSink {
     /// The folders of each staged, unpublished epoch, and the event time
     /// per input partition its files reach.
     staged_folders: BTreeMap<u64, (Vec<Folder>, BTreeMap<i32, i64>)>,
-    /// Epochs of other instances (or of this one before a rewind) that the
-    /// last commits name: published with this sink's next publish.
-    recovered: Vec<StagedEpochs>,
     /// The highest event time written per input partition (epoch microseconds).
     event_time: BTreeMap<i32, i64>,
     /// The source records of the current epoch's rows.
@@ -142,7 +139,6 @@ impl ParquetSink {
             unuploaded: Vec::new(),
             unuploaded_bytes: 0,
             staged_folders: BTreeMap::new(),
-            recovered: Vec::new(),
             event_time: BTreeMap::new(),
             provenance: Runs::default(),
             replay: Replay::default(),
@@ -238,14 +234,13 @@ impl ParquetSink {
     /// Publishes every staged epoch the last commit covers; on failure they
     /// stay staged (and named in the next commits) and are tried again.
     fn publish_staged(&mut self) -> Result<(), LakeError> {
-        let mut markers = self.recovered.clone();
-        markers.extend(self.ledger.marker());
+        let markers = self.ledger.staged_markers();
         for marker in &markers {
             for epoch in marker.epochs() {
                 self.publish_epoch(&marker.instance, epoch)?;
             }
         }
-        self.recovered.clear();
+        self.ledger.recovered.clear();
         let mut folders: BTreeMap<String, i64> = BTreeMap::new();
         let mut event_time: BTreeMap<i32, i64> = BTreeMap::new();
         if let Some(own) = self.ledger.marker() {
@@ -269,8 +264,10 @@ impl ParquetSink {
                 io: &self.io,
             };
             marks.await_folders(&folders)?;
-            marks.advance(&event_time)?;
-            for folder in marks.mark_complete()? {
+            let Some(watermark) = marks.advance(&event_time)? else {
+                return Ok(());
+            };
+            for folder in marks.mark_complete(watermark)? {
                 tracing::debug!(sink = %self.name, %folder, "time folder complete");
             }
         }
@@ -427,9 +424,7 @@ impl Sink for ParquetSink {
     }
 
     fn staged(&self) -> Vec<StagedEpochs> {
-        let mut staged = self.recovered.clone();
-        staged.extend(self.ledger.marker());
-        staged
+        self.ledger.staged_markers()
     }
 
     fn publish(&mut self) -> Result<(), SinkError> {
@@ -467,11 +462,8 @@ impl Sink for ParquetSink {
     }
 
     fn recover(&mut self, staged: Vec<StagedEpochs>) {
-        for marker in staged {
-            if !self.recovered.contains(&marker) {
-                tracing::info!(sink = %self.name, epochs = %marker, "publishing epochs a commit names, if still staged");
-                self.recovered.push(marker);
-            }
+        for marker in self.ledger.recover(staged) {
+            tracing::info!(sink = %self.name, epochs = %marker, "publishing epochs a commit names, if still staged");
         }
     }
 }
