@@ -11,8 +11,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StructArray, new_null_array};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema as ArrowSchema};
 use iceberg::arrow::schema_to_arrow_schema;
 use iceberg::spec::{
-    NestedField, NestedFieldRef, PrimitiveType, Schema, StructType, Transform as IcebergTransform,
-    Type, UnboundPartitionSpec,
+    Schema, StructType, Transform as IcebergTransform, Type, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
@@ -21,6 +20,9 @@ use keystone_crds::pipeline::partitioning::{PartitionTerm, Transform};
 
 use crate::connectors::lake::LakeError;
 use crate::connectors::lake::columns::{Column, ColumnKind};
+use keystone_lake::iceberg_schema::{
+    missing_optional, nested_fields, primitive, schema_of, takes_rows,
+};
 
 /// The table a sink writes: its name and what the contract asks of it.
 pub struct TableSpec {
@@ -88,16 +90,10 @@ impl TableSpec {
     /// The Iceberg schema of the columns (field ids assigned depth first; a
     /// catalog may assign its own, and the table's are the ones written).
     pub fn schema(&self) -> Result<Schema, LakeError> {
-        let mut next_id = 0;
-        let fields = nested_fields(&self.columns, &mut next_id);
-        Schema::builder()
-            .with_schema_id(0)
-            .with_fields(fields)
-            .build()
-            .map_err(|source| LakeError::Iceberg {
-                what: format!("the schema of table {}", self.show()),
-                source: Box::new(source),
-            })
+        schema_of(&self.columns).map_err(|source| LakeError::Iceberg {
+            what: format!("the schema of table {}", self.show()),
+            source: Box::new(source),
+        })
     }
 
     /// The partition spec of `partitionBy` over `schema`, with spec id 0 (a
@@ -279,7 +275,7 @@ impl TableSpec {
     /// required column the contract lacks.
     pub fn check(&self, table: &Table) -> Result<(), LakeError> {
         let schema = table.metadata().current_schema();
-        check_struct(&self.columns, schema.as_struct(), "").map_err(|m| self.table_error(m))?;
+        takes_rows(&self.columns, schema.as_struct()).map_err(|m| self.table_error(m))?;
         let spec = table.metadata().default_partition_spec();
         let wanted: Vec<String> = self.terms.iter().map(ToString::to_string).collect();
         let has: Vec<String> = spec
@@ -305,124 +301,11 @@ impl TableSpec {
     }
 }
 
-/// The optional columns of `columns` that `table` (a struct at `parent`)
-/// lacks, with the dotted path of the struct they go in.
-fn missing_optional<'c>(
-    columns: &'c [Column],
-    table: &StructType,
-    parent: Option<&str>,
-) -> Vec<(Option<String>, &'c Column)> {
-    let mut missing = Vec::new();
-    for column in columns {
-        match (table.field_by_name(&column.name), &column.kind) {
-            (None, _) if column.optional => missing.push((parent.map(str::to_owned), column)),
-            (Some(field), ColumnKind::Struct(members)) => {
-                if let Type::Struct(nested) = field.field_type.as_ref() {
-                    missing.extend(missing_optional(members, nested, Some(&column.path)));
-                }
-            }
-            _ => {}
-        }
-    }
-    missing
-}
-
 fn is_missing(kind: ErrorKind) -> bool {
     matches!(
         kind,
         ErrorKind::TableNotFound | ErrorKind::NamespaceNotFound
     )
-}
-
-fn nested_fields(columns: &[Column], next_id: &mut i32) -> Vec<NestedFieldRef> {
-    columns
-        .iter()
-        .map(|column| {
-            *next_id += 1;
-            let id = *next_id;
-            let field_type = match &column.kind {
-                ColumnKind::Struct(members) => {
-                    Type::Struct(StructType::new(nested_fields(members, next_id)))
-                }
-                kind => Type::Primitive(primitive(kind)),
-            };
-            Arc::new(NestedField::new(
-                id,
-                &column.name,
-                field_type,
-                !column.optional,
-            ))
-        })
-        .collect()
-}
-
-fn primitive(kind: &ColumnKind) -> PrimitiveType {
-    match kind {
-        ColumnKind::String | ColumnKind::Json => PrimitiveType::String,
-        ColumnKind::Long => PrimitiveType::Long,
-        ColumnKind::Double => PrimitiveType::Double,
-        ColumnKind::Boolean => PrimitiveType::Boolean,
-        ColumnKind::Timestamp => PrimitiveType::Timestamptz,
-        // Structs are not primitive; `nested_fields` handles them.
-        ColumnKind::Struct(_) => PrimitiveType::String,
-    }
-}
-
-fn type_name(kind: &ColumnKind) -> &'static str {
-    match kind {
-        ColumnKind::String | ColumnKind::Json => "string",
-        ColumnKind::Long => "long",
-        ColumnKind::Double => "double",
-        ColumnKind::Boolean => "boolean",
-        ColumnKind::Timestamp => "timestamptz",
-        ColumnKind::Struct(_) => "struct",
-    }
-}
-
-/// Why the columns cannot be written into `table` (members of `parent`).
-fn check_struct(columns: &[Column], table: &StructType, parent: &str) -> Result<(), String> {
-    for column in columns {
-        let Some(field) = table.field_by_name(&column.name) else {
-            return Err(format!(
-                "the output contract's field {} has no column in the table; add it ({}) or leave it out of the contract",
-                column.path,
-                type_name(&column.kind)
-            ));
-        };
-        match (&column.kind, field.field_type.as_ref()) {
-            (ColumnKind::Struct(members), Type::Struct(nested)) => {
-                check_struct(members, nested, &column.path)?;
-            }
-            (kind, Type::Primitive(p))
-                if !matches!(kind, ColumnKind::Struct(_)) && *p == primitive(kind) => {}
-            (kind, other) => {
-                return Err(format!(
-                    "column {} is {other} in the table, but the output contract makes it {}",
-                    column.path,
-                    type_name(kind)
-                ));
-            }
-        }
-        if field.required && column.optional {
-            return Err(format!(
-                "column {} is required in the table, but the output contract marks it optional: events without it could not be written",
-                column.path
-            ));
-        }
-    }
-    for field in table.fields() {
-        if field.required && !columns.iter().any(|c| c.name == field.name) {
-            let path = if parent.is_empty() {
-                field.name.clone()
-            } else {
-                format!("{parent}.{}", field.name)
-            };
-            return Err(format!(
-                "column {path} is required in the table, but the output contract does not list it"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Rows of the contract's shape as the table has them: its column order,

@@ -22,7 +22,7 @@
 //! already names the epoch), so two instances recovering the same marker, or
 //! a recovery racing the owner's own publish, write each epoch once.
 
-pub mod columns;
+pub use keystone_lake::columns;
 pub mod provenance;
 pub mod rows;
 

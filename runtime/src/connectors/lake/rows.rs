@@ -154,20 +154,6 @@ fn describe(value: &Value) -> &'static str {
     }
 }
 
-impl ColumnKind {
-    fn describe(&self) -> &'static str {
-        match self {
-            ColumnKind::String => "string",
-            ColumnKind::Long => "64-bit integer",
-            ColumnKind::Double => "floating-point",
-            ColumnKind::Boolean => "boolean",
-            ColumnKind::Timestamp => "timestamp (RFC 3339 text or epoch milliseconds)",
-            ColumnKind::Json => "JSON text",
-            ColumnKind::Struct(_) => "struct (a JSON object)",
-        }
-    }
-}
-
 /// A timestamp value as epoch microseconds: an integer is epoch milliseconds,
 /// a string RFC 3339 (kept to the microsecond).
 pub fn timestamp_micros(value: &Value) -> Option<i64> {

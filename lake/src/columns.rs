@@ -141,6 +141,19 @@ impl Column {
 }
 
 impl ColumnKind {
+    /// What a value of the column must be, for dead-letter reasons.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ColumnKind::String => "string",
+            ColumnKind::Long => "64-bit integer",
+            ColumnKind::Double => "floating-point",
+            ColumnKind::Boolean => "boolean",
+            ColumnKind::Timestamp => "timestamp (RFC 3339 text or epoch milliseconds)",
+            ColumnKind::Json => "JSON text",
+            ColumnKind::Struct(_) => "struct (a JSON object)",
+        }
+    }
+
     pub fn arrow_type(&self) -> DataType {
         match self {
             ColumnKind::String | ColumnKind::Json => DataType::Utf8,
