@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import math
+import os
 import sys
 import uuid
 
@@ -22,6 +23,28 @@ import pyarrow as pa
 def fail(prog, message, code=1):
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def add_table_args(parser):
+    """--uri (the REST catalog) and --table (namespace.table)."""
+    parser.add_argument("--uri", default=os.environ.get("KEYSTONE_TESTBED_ICEBERG_URI"),
+                        help="the REST catalog (default: $KEYSTONE_TESTBED_ICEBERG_URI)")
+    parser.add_argument("--table", required=True, help="namespace.table")
+
+
+def check_table_args(parser, args):
+    if not args.uri:
+        parser.error("--uri is required (or set KEYSTONE_TESTBED_ICEBERG_URI)")
+    if "." not in args.table:
+        parser.error("--table must be namespace.table")
+
+
+def require_lake_python(prog):
+    """Fails naming the interpreter to use when pyiceberg is missing."""
+    try:
+        import pyiceberg  # noqa: F401
+    except ImportError as e:
+        fail(prog, f"{e}: run this with the testbed's $KEYSTONE_TESTBED_LAKE_PYTHON")
 
 
 def _ns_iso(value, tz):

@@ -33,9 +33,7 @@ PROG = "read_iceberg"
 
 def parse_args():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--uri", default=os.environ.get("KEYSTONE_TESTBED_ICEBERG_URI"),
-                   help="the REST catalog (default: $KEYSTONE_TESTBED_ICEBERG_URI)")
-    p.add_argument("--table", required=True, help="namespace.table")
+    lakejson.add_table_args(p)
     p.add_argument("--warehouse", default=None, help="the catalog's warehouse, if it needs one")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--snapshots", action="store_true", help="print the snapshots instead of the rows")
@@ -43,10 +41,7 @@ def parse_args():
     p.add_argument("--snapshot-id", type=int, default=None, help="read the rows as of this snapshot")
     p.add_argument("--filter", default=None, help="a pyiceberg row filter expression")
     args = p.parse_args()
-    if not args.uri:
-        p.error("--uri is required (or set KEYSTONE_TESTBED_ICEBERG_URI)")
-    if "." not in args.table:
-        p.error("--table must be namespace.table")
+    lakejson.check_table_args(p, args)
     return args
 
 
@@ -82,11 +77,9 @@ def file_lines(table):
 
 def main():
     args = parse_args()
-    try:
-        from pyiceberg.catalog.rest import RestCatalog
-        from pyiceberg.exceptions import NoSuchTableError, NoSuchNamespaceError
-    except ImportError as e:
-        lakejson.fail(PROG, f"{e}: run this with the testbed's $KEYSTONE_TESTBED_LAKE_PYTHON")
+    lakejson.require_lake_python(PROG)
+    from pyiceberg.catalog.rest import RestCatalog
+    from pyiceberg.exceptions import NoSuchTableError, NoSuchNamespaceError
     props = {"uri": args.uri}
     if args.warehouse:
         props["warehouse"] = args.warehouse

@@ -78,6 +78,24 @@ impl Lake {
         )
     }
 
+    /// Creates Iceberg table `namespace.table` with `columns`
+    /// (`name:type[:required]`) through pyiceberg, as a team's own tooling
+    /// would: a table Keystone did not create.
+    pub fn create_iceberg_table(&self, table: &str, columns: &[&str]) -> Result<(), String> {
+        let mut args = vec!["--uri", &self.catalog, "--table", table, "--create"];
+        args.extend(columns);
+        self.run("iceberg_table.py", &args).map(drop)
+    }
+
+    /// Drops Iceberg table `namespace.table` and its data, if it exists.
+    pub fn drop_iceberg_table(&self, table: &str) -> Result<(), String> {
+        self.run(
+            "iceberg_table.py",
+            &["--uri", &self.catalog, "--table", table, "--drop"],
+        )
+        .map(drop)
+    }
+
     fn run(&self, reader: &str, args: &[&str]) -> Result<Vec<Value>, String> {
         let output = Command::new(&self.python)
             .arg(format!("{}/{reader}", self.readers))

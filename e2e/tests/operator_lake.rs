@@ -231,3 +231,126 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
     );
     ns.delete().await.expect("delete namespace");
 }
+
+/// An Iceberg table made by other tooling whose schema cannot take the
+/// pipeline's rows is refused before anything is deployed, with a condition
+/// naming the sink, the table and the column; once the table is gone, the
+/// operator's own recheck (no Kubernetes change) deploys the pipeline and its
+/// sink creates the table from the contract.
+#[tokio::test]
+async fn an_existing_table_that_cannot_take_the_contract_is_refused_before_deploy() {
+    let tb = testbed().await;
+    require_runtime_binary();
+    install_crds(&tb);
+    let lake = Lake::from_env();
+    let ns = pipeline_namespace(&tb, "op-table").await;
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-table");
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.orders");
+    kafka.create(&source, 1).await;
+    let name = unique("t").replace(['.', '-'], "_");
+    let table = format!("e2e_check.{name}");
+    lake.create_iceberg_table(&table, &["id:string:required", "amount:string"])
+        .expect("create the other tooling's table");
+
+    let manifest = format!(
+        r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: orders-lake
+  namespace: {ns}
+spec:
+  topicDeletionPolicy: Delete
+  source:
+    topic: {source}
+    key: [id]
+    schema:
+      fields:
+        - {{name: id, type: string}}
+        - {{name: amount, type: number, optional: true}}
+  sinks:
+    - name: warehouse
+      iceberg:
+        catalog:
+          type: rest
+          uri: {catalog}
+          warehouse: {warehouse}
+        namespace: e2e_check
+        table: {name}
+        commitInterval: 2s
+"#,
+        ns = ns.name(),
+        catalog = lake.catalog,
+        warehouse = lake.warehouse,
+    );
+    apply_yaml(&tb, &manifest).await;
+    let pipelines: Api<Pipeline> = ns.api();
+    let refused = wait_for(
+        &pipelines,
+        "orders-lake",
+        Duration::from_secs(90),
+        "ContractsValid=False TableIncompatible",
+        |p| {
+            condition_is(p, "ContractsValid", "False")
+                && condition(p, "ContractsValid").is_some_and(|c| c.reason == "TableIncompatible")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let message = &condition(&refused, "ContractsValid")
+        .expect("condition")
+        .message;
+    assert_eq!(
+        message,
+        &format!(
+            "sink warehouse: table {table} cannot take the output contract's rows: column amount is string in the table, but the output contract makes it double"
+        )
+    );
+    let deployments: Api<Deployment> = ns.api();
+    let deployed = deployments
+        .list(&Default::default())
+        .await
+        .expect("list Deployments");
+    assert!(
+        deployed.items.is_empty(),
+        "nothing is deployed for a table that cannot take the rows: {:?}",
+        deployed
+            .items
+            .iter()
+            .map(|d| &d.metadata.name)
+            .collect::<Vec<_>>()
+    );
+
+    // The table is dropped behind Kubernetes' back: the recheck finds it gone.
+    lake.drop_iceberg_table(&table).expect("drop the table");
+    let ready = wait_for(
+        &pipelines,
+        "orders-lake",
+        Duration::from_secs(120),
+        "Ready=True after the table is gone",
+        |p| condition_is(p, "Ready", "True"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let message = &condition(&ready, "ContractsValid")
+        .expect("condition")
+        .message;
+    assert!(
+        message.contains(&format!("sink warehouse: table {table} does not exist yet"))
+            || message.contains(&format!(
+                "sink warehouse: table {table} takes the contract's rows"
+            )),
+        "{message}"
+    );
+    // The sink made the table from the contract: amount is a double now.
+    wait_until(
+        Duration::from_secs(60),
+        "the sink creates the table",
+        || async { lake.iceberg_snapshots(&table).ok() },
+        || async { format!("{:?}", lake.iceberg_snapshots(&table)) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    ns.delete().await.expect("delete namespace");
+}

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod resources;
 pub mod rollout;
 pub mod status;
+pub mod tables;
 pub mod topics;
 
 pub use config::OperatorConfig;

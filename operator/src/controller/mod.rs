@@ -56,6 +56,7 @@ use crate::status::{
     CONTRACTS_VALID, Cond, RUNTIME_READY, TOPICS_READY, differs, ready_stages, runtime_condition,
     set_condition, summarize, transitions,
 };
+use crate::tables::TableCheck;
 use crate::topics::{
     DesiredTopic, Owner, Ownership, TopicProblem, TopicStep, decide, desired_topics,
     resolve_partitions,
@@ -73,6 +74,9 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(600);
 const DRIFT_CHECK: Duration = Duration::from_secs(300);
 /// How often a pipeline with a topic problem (missing, conflicting, refused) looks again.
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
+/// How soon an Iceberg table that was incompatible or could not be checked
+/// is checked again.
+const TABLE_RECHECK: Duration = Duration::from_secs(30);
 
 fn key_of<K: Resource>(object: &K) -> String {
     format!(
@@ -292,17 +296,41 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         observed.record(pipeline, ctx).await?;
         return Ok(Action::await_change());
     }
-    let contracts = Cond::new(
-        CONTRACTS_VALID,
-        true,
-        "ContractsValid",
-        format!(
-            "{} step(s) checked; {} stage(s), {} topic(s)",
-            plan.stages.iter().map(|s| s.steps.len()).sum::<usize>(),
-            plan.stages.len(),
-            plan.topics.len()
-        ),
+    // An existing Iceberg table that cannot take the contract's rows is
+    // refused like a broken contract: its sink would refuse to start. Nothing
+    // in Kubernetes changes when the table is fixed, so it is looked at again.
+    let tables = crate::tables::check_tables(&plan).await;
+    let table_recheck = tables
+        .iter()
+        .any(TableCheck::wants_recheck)
+        .then_some(TABLE_RECHECK);
+    let incompatible: Vec<String> = tables
+        .iter()
+        .filter(|t| t.is_incompatible())
+        .map(ToString::to_string)
+        .collect();
+    if !incompatible.is_empty() {
+        let contracts = Cond::new(
+            CONTRACTS_VALID,
+            false,
+            "TableIncompatible",
+            incompatible.join("; "),
+        );
+        observed.set(&contracts);
+        observed.summarize(&contracts, None, None);
+        observed.record(pipeline, ctx).await?;
+        return Ok(Action::requeue(TABLE_RECHECK));
+    }
+    let mut checked = format!(
+        "{} step(s) checked; {} stage(s), {} topic(s)",
+        plan.stages.iter().map(|s| s.steps.len()).sum::<usize>(),
+        plan.stages.len(),
+        plan.topics.len()
     );
+    for table in &tables {
+        checked.push_str(&format!("; {table}"));
+    }
+    let contracts = Cond::new(CONTRACTS_VALID, true, "ContractsValid", checked);
     observed.set(&contracts);
     let desired = match desired_topics(&plan, pipeline.spec.checkpoint_retention, |c| {
         ctx.config.resolve_cluster(c)
@@ -474,10 +502,13 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     observed.record(pipeline, ctx).await?;
 
-    let wait = [again, next_checkpoint].into_iter().flatten().fold(
-        idle_requeue(&key_of(pipeline), outcome.condition.ok),
-        Duration::min,
-    );
+    let wait = [again, next_checkpoint, table_recheck]
+        .into_iter()
+        .flatten()
+        .fold(
+            idle_requeue(&key_of(pipeline), outcome.condition.ok),
+            Duration::min,
+        );
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 
