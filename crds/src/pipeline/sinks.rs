@@ -437,7 +437,8 @@ pub struct IcebergCatalogSpec {
     /// A Secret with the catalog's and object store's credentials, each key
     /// optional: `token` (a bearer token for the REST catalog) and, for an
     /// `s3://` warehouse, `endpoint` (an S3-compatible store's URL; AWS S3
-    /// when unset), `region`, `accessKeyId` and `secretAccessKey`.
+    /// when unset), `region` (`us-east-1` when unset with an `endpoint`),
+    /// `accessKeyId` and `secretAccessKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,

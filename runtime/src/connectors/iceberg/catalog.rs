@@ -17,6 +17,10 @@ use keystone_crds::pipeline::{IcebergCatalogType, IcebergSinkSpec, SinkSecretKey
 
 use crate::connectors::lake::LakeError;
 
+/// The region requests to an S3-compatible `endpoint` are signed with when
+/// the Secret names none.
+const DEFAULT_REGION: &str = "us-east-1";
+
 /// The REST catalog property of a bearer token (sent as `Authorization`).
 const REST_TOKEN: &str = "token";
 
@@ -56,13 +60,20 @@ pub fn rest_properties(
     }
     // The object store's settings reach the FileIO of every table the catalog
     // loads; the catalog's own (vended) settings do not override them.
-    if let Some(endpoint) = secret(SinkSecretKey::Endpoint) {
+    let endpoint = secret(SinkSecretKey::Endpoint);
+    let region = secret(SinkSecretKey::Region);
+    if let Some(region) = region.clone() {
+        props.insert(S3_REGION.to_owned(), region);
+    }
+    if let Some(endpoint) = endpoint {
         props.insert(S3_ENDPOINT.to_owned(), endpoint);
         // S3-compatible stores (MinIO, gofakes3) serve buckets by path.
         props.insert(S3_PATH_STYLE_ACCESS.to_owned(), "true".to_owned());
-    }
-    if let Some(region) = secret(SinkSecretKey::Region) {
-        props.insert(S3_REGION.to_owned(), region);
+        // They ignore the region, but requests are signed with one; as the
+        // Parquet sink does, us-east-1 unless the Secret names another.
+        if region.is_none() {
+            props.insert(S3_REGION.to_owned(), DEFAULT_REGION.to_owned());
+        }
     }
     match (
         secret(SinkSecretKey::AccessKeyId),
@@ -157,7 +168,24 @@ mod tests {
         assert_eq!(props[S3_ENDPOINT], "http://s3:9000");
         assert_eq!(props[S3_PATH_STYLE_ACCESS], "true");
         assert_eq!(props[S3_ACCESS_KEY_ID], "id");
-        assert!(!props.contains_key(S3_REGION));
+        // Signed with a region even when the Secret names none (opendal
+        // refuses to build the store without one).
+        assert_eq!(props[S3_REGION], "us-east-1");
+    }
+
+    #[test]
+    fn the_secrets_region_wins_and_aws_s3_gets_none_by_default() {
+        let (sink, iceberg) = spec("http://catalog:8181");
+        let env = |name: &str| match name {
+            "KEYSTONE_SINK_ORDERS_LAKE_ENDPOINT" => Some("http://s3:9000".to_owned()),
+            "KEYSTONE_SINK_ORDERS_LAKE_REGION" => Some("eu-west-1".to_owned()),
+            _ => None,
+        };
+        let props = rest_properties(&sink, &iceberg, &env).unwrap();
+        assert_eq!(props[S3_REGION], "eu-west-1");
+        // Without an endpoint (AWS S3), the catalog or the environment names it.
+        let props = rest_properties(&sink, &iceberg, &|_| None).unwrap();
+        assert!(!props.contains_key(S3_REGION), "{props:?}");
     }
 
     #[test]
