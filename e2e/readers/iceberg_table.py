@@ -54,10 +54,9 @@ def schema_of(specs):
 def main():
     args = parse_args()
     lakejson.require_lake_python(PROG)
-    from pyiceberg.catalog.rest import RestCatalog
     from pyiceberg.exceptions import NoSuchTableError
     try:
-        catalog = RestCatalog("testbed", uri=args.uri)
+        catalog = lakejson.rest_catalog(args)
         if args.drop:
             try:
                 catalog.purge_table(args.table)

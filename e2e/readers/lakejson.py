@@ -30,6 +30,27 @@ def add_table_args(parser):
     parser.add_argument("--uri", default=os.environ.get("KEYSTONE_TESTBED_ICEBERG_URI"),
                         help="the REST catalog (default: $KEYSTONE_TESTBED_ICEBERG_URI)")
     parser.add_argument("--table", required=True, help="namespace.table")
+    parser.add_argument("--endpoint", default=os.environ.get("KEYSTONE_TESTBED_S3_ENDPOINT"),
+                        help="the S3 endpoint of s3:// warehouses (default: $KEYSTONE_TESTBED_S3_ENDPOINT)")
+
+
+def rest_catalog(args, warehouse=None):
+    """The REST catalog of --uri; its tables' s3:// files are read through
+    --endpoint with $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY, else
+    "keystone" (gofakes3 accepts any)."""
+    from pyiceberg.catalog.rest import RestCatalog
+    props = {"uri": args.uri}
+    if warehouse:
+        props["warehouse"] = warehouse
+    if args.endpoint:
+        props.update({
+            "s3.endpoint": args.endpoint,
+            "s3.access-key-id": os.environ.get("AWS_ACCESS_KEY_ID", "keystone"),
+            "s3.secret-access-key": os.environ.get("AWS_SECRET_ACCESS_KEY", "keystone"),
+            "s3.region": os.environ.get("AWS_REGION", "us-east-1"),
+            "s3.force-virtual-addressing": "false",
+        })
+    return RestCatalog("testbed", **props)
 
 
 def check_table_args(parser, args):

@@ -15,7 +15,8 @@
     ... --filter EXPR       a pyiceberg row filter, e.g. "id >= 10 and region = 'eu'"
 
 Run it with the testbed's virtualenv ($KEYSTONE_TESTBED_LAKE_PYTHON).
---uri defaults to $KEYSTONE_TESTBED_ICEBERG_URI. Value encoding: see
+--uri defaults to $KEYSTONE_TESTBED_ICEBERG_URI; the files of an s3://
+warehouse are read through --endpoint (default $KEYSTONE_TESTBED_S3_ENDPOINT). Value encoding: see
 lakejson.py (timestamps as ISO strings). Exits 1 with a message on stderr
 on any error (unknown table, catalog down), 2 on bad arguments.
 """
@@ -78,13 +79,9 @@ def file_lines(table):
 def main():
     args = parse_args()
     lakejson.require_lake_python(PROG)
-    from pyiceberg.catalog.rest import RestCatalog
     from pyiceberg.exceptions import NoSuchTableError, NoSuchNamespaceError
-    props = {"uri": args.uri}
-    if args.warehouse:
-        props["warehouse"] = args.warehouse
     try:
-        catalog = RestCatalog("testbed", **props)
+        catalog = lakejson.rest_catalog(args, args.warehouse)
         table = catalog.load_table(args.table)
         if args.snapshots:
             lines = snapshot_lines(table)

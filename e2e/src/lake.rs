@@ -37,6 +37,20 @@ impl Lake {
         }
     }
 
+    /// The same lake with the testbed's other Iceberg REST catalog, whose
+    /// warehouse is `s3://<bucket>/warehouse` on the store: its tables' files
+    /// are read and written with the store's endpoint and keys.
+    pub fn with_s3_warehouse(mut self) -> Lake {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: restart the testbed (e2e/testbed down; e2e/testbed up) and eval \"$(e2e/testbed env)\"")
+            })
+        };
+        self.catalog = var("KEYSTONE_TESTBED_ICEBERG_S3_URI");
+        self.warehouse = var("KEYSTONE_TESTBED_ICEBERG_S3_WAREHOUSE");
+        self
+    }
+
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{}/{prefix}", self.bucket)
     }
@@ -100,6 +114,8 @@ impl Lake {
         let output = Command::new(&self.python)
             .arg(format!("{}/{reader}", self.readers))
             .args(args)
+            // The store of s3:// warehouses (the Parquet reader's flag too).
+            .env("KEYSTONE_TESTBED_S3_ENDPOINT", &self.endpoint)
             .output()
             .map_err(|e| format!("running {reader}: {e}"))?;
         if !output.status.success() {

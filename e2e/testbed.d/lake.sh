@@ -6,6 +6,8 @@
 #            $STATE/s3), bucket "keystone", for the Hive-style Parquet sink;
 #   iceberg  Apache Iceberg's RESTCatalogServer, a JDBC catalog on SQLite
 #            with a file:// warehouse under $STATE/iceberg, for the Iceberg sink;
+#   iceberg-s3  a second one whose warehouse is s3://keystone/warehouse on the
+#            store above (S3FileIO), as catalogs in production have it;
 #   a Python virtualenv with pyiceberg and pyarrow, for the independent
 #            readers in e2e/readers/ that the e2e tests call.
 #
@@ -15,6 +17,7 @@ GOFAKES3_VERSION="${KEYSTONE_GOFAKES3_VERSION:-v1.2.0}"
 ICEBERG_VERSION="${KEYSTONE_ICEBERG_VERSION:-1.10.1}"
 S3_PORT="${KEYSTONE_TESTBED_S3_PORT:-19900}"
 ICEBERG_PORT="${KEYSTONE_TESTBED_ICEBERG_PORT:-19181}"
+ICEBERG_S3_PORT="${KEYSTONE_TESTBED_ICEBERG_S3_PORT:-19182}"
 S3_BUCKET="keystone"
 # The interpreter the readers' virtualenv is made with.
 LAKE_PYTHON_BIN="${KEYSTONE_LAKE_PYTHON_BIN:-python3.11}"
@@ -23,7 +26,8 @@ LAKE_REQUIREMENTS="$REPO/e2e/readers/requirements.txt"
 # Set again by lake_pin_env when an existing state pins other versions.
 lake_paths() {
   GOFAKES3_BIN="$CACHE/gofakes3-$GOFAKES3_VERSION/bin/gofakes3"
-  ICEBERG_LIBS="$CACHE/iceberg-rest-$ICEBERG_VERSION/lib"
+  # Named after the pom too: a jar added to it makes a new folder.
+  ICEBERG_LIBS="$CACHE/iceberg-rest-$ICEBERG_VERSION-$(sha256sum "$HERE/iceberg-rest-pom.xml" | cut -c1-12)/lib"
   LAKE_VENV=""
 }
 lake_paths
@@ -64,7 +68,7 @@ ensure_iceberg_rest() {
   [[ -f "$ICEBERG_LIBS/.complete" ]] && return
   cache_lock
   if [[ -f "$ICEBERG_LIBS/.complete" ]]; then cache_unlock; return; fi
-  local flog="$CACHE/iceberg-rest-$ICEBERG_VERSION.fetch.log" t=$SECONDS
+  local flog="${ICEBERG_LIBS%/lib}.fetch.log" t=$SECONDS
   log "fetching the Iceberg REST catalog server $ICEBERG_VERSION from Maven Central into $ICEBERG_LIBS"
   rm -rf "$ICEBERG_LIBS"
   mkdir -p "$ICEBERG_LIBS"
@@ -138,44 +142,70 @@ lake_cleanup() {
   esac
 }
 
-iceberg_ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$ICEBERG_PORT/v1/config"; }
+catalog_ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$1/v1/config"; }
+iceberg_ready() { catalog_ready "$ICEBERG_PORT" && catalog_ready "$ICEBERG_S3_PORT"; }
 
-# start_iceberg: starts the REST catalog unless running (does not wait). Its
-# catalog (SQLite) and warehouse live in $STATE/iceberg and survive
-# stop/start. It binds 0.0.0.0 (RESTCatalogServer has no host setting).
+# start_iceberg: starts the REST catalogs unless running (does not wait).
+# Their catalogs (SQLite) and warehouses live in $STATE/iceberg and in the
+# store, and survive stop/start. They bind 0.0.0.0 (RESTCatalogServer has no
+# host setting).
 start_iceberg() {
   ensure_iceberg_rest
-  if is_running iceberg; then
-    log "iceberg already running"
+  local warehouse
+  warehouse="$(iceberg_warehouse_dir)"
+  mkdir -p "$warehouse"
+  start_catalog iceberg "$ICEBERG_PORT" "file://$warehouse"
+  # S3FileIO with the store's keys; the AWS SDK's default checksums are
+  # streamed as aws-chunked trailers, which gofakes3 would store verbatim.
+  start_catalog iceberg-s3 "$ICEBERG_S3_PORT" "s3://$S3_BUCKET/warehouse" \
+    CATALOG_IO__IMPL=org.apache.iceberg.aws.s3.S3FileIO \
+    CATALOG_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" \
+    CATALOG_S3_PATH__STYLE__ACCESS=true \
+    CATALOG_S3_ACCESS__KEY__ID=keystone CATALOG_S3_SECRET__ACCESS__KEY=keystone \
+    CATALOG_CLIENT_REGION=us-east-1 AWS_REGION=us-east-1 \
+    AWS_REQUEST_CHECKSUM_CALCULATION=when_required \
+    AWS_RESPONSE_CHECKSUM_VALIDATION=when_required
+}
+
+# start_catalog NAME PORT WAREHOUSE [VAR=VALUE...]: one RESTCatalogServer.
+start_catalog() {
+  local name="$1" port="$2" warehouse="$3"
+  shift 3
+  if is_running "$name"; then
+    log "$name already running"
     return
   fi
-  require_port "$ICEBERG_PORT" "iceberg REST catalog" KEYSTONE_TESTBED_ICEBERG_PORT
-  local dir="$STATE/iceberg" warehouse
-  warehouse="$(iceberg_warehouse_dir)"
-  mkdir -p "$warehouse" "$dir/tmp"
+  require_port "$port" "$name REST catalog" "KEYSTONE_TESTBED_$(echo "${name^^}" | tr - _)_PORT"
+  local dir="$STATE/$name"
+  mkdir -p "$dir/tmp"
   # java.io.tmpdir: sqlite-jdbc unpacks its native library there.
   # CATALOG_CLIENTS=1: one JDBC connection. With the default pool of two,
   # concurrent commits of several sink instances made SQLite answer
   # SQLITE_BUSY, which the server returns as a 500 ("commit state unknown").
-  start_proc iceberg env -C "$dir" -u JAVA_TOOL_OPTIONS \
-    CATALOG_WAREHOUSE="file://$warehouse" \
+  start_proc "$name" env -C "$dir" -u JAVA_TOOL_OPTIONS \
+    CATALOG_WAREHOUSE="$warehouse" \
     CATALOG_URI="jdbc:sqlite:file:$dir/catalog.db" \
     CATALOG_JDBC_USER=user CATALOG_JDBC_PASSWORD=password \
     CATALOG_CLIENTS=1 \
-    CATALOG_REST_PORT="$ICEBERG_PORT" \
+    CATALOG_REST_PORT="$port" \
+    "$@" \
     java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.io.tmpdir="$dir/tmp" \
     -cp "$ICEBERG_LIBS/*" org.apache.iceberg.rest.RESTCatalogServer
 }
 
 wait_iceberg() {
-  local deadline=$((SECONDS + 60))
-  until iceberg_ready; do
-    is_running iceberg \
-      || die "the iceberg REST catalog exited; see $STATE/logs/iceberg.log: $(tail -n 3 "$STATE/logs/iceberg.log" 2>/dev/null)"
-    ((SECONDS < deadline)) || die "the iceberg REST catalog did not answer /v1/config within 60 s; see $STATE/logs/iceberg.log"
-    sleep 0.2
+  local deadline=$((SECONDS + 60)) name port
+  for name in iceberg iceberg-s3; do
+    port="$ICEBERG_PORT"
+    [[ "$name" == iceberg-s3 ]] && port="$ICEBERG_S3_PORT"
+    until catalog_ready "$port"; do
+      is_running "$name" \
+        || die "the $name REST catalog exited; see $STATE/logs/$name.log: $(tail -n 3 "$STATE/logs/$name.log" 2>/dev/null)"
+      ((SECONDS < deadline)) || die "the $name REST catalog did not answer /v1/config within 60 s; see $STATE/logs/$name.log"
+      sleep 0.2
+    done
+    log "$name REST catalog (http://127.0.0.1:$port) ready"
   done
-  log "iceberg REST catalog (http://127.0.0.1:$ICEBERG_PORT) ready"
 }
 
 up_iceberg() {
@@ -201,6 +231,9 @@ lake_write_env() {
   echo "export KEYSTONE_TESTBED_ICEBERG_PORT='$ICEBERG_PORT'"
   echo "export KEYSTONE_TESTBED_ICEBERG_URI='http://127.0.0.1:$ICEBERG_PORT'"
   echo "export KEYSTONE_TESTBED_ICEBERG_WAREHOUSE='file://$(iceberg_warehouse_dir)'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_S3_PORT='$ICEBERG_S3_PORT'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_S3_URI='http://127.0.0.1:$ICEBERG_S3_PORT'"
+  echo "export KEYSTONE_TESTBED_ICEBERG_S3_WAREHOUSE='s3://$S3_BUCKET/warehouse'"
   echo "export KEYSTONE_ICEBERG_VERSION='$ICEBERG_VERSION'"
   echo "export KEYSTONE_TESTBED_LAKE_PYTHON='$LAKE_VENV/bin/python'"
   echo "export KEYSTONE_TESTBED_READERS='$REPO/e2e/readers'"
@@ -209,6 +242,7 @@ lake_write_env() {
 lake_pin_env() {
   S3_PORT="${KEYSTONE_TESTBED_S3_PORT:-$S3_PORT}"
   ICEBERG_PORT="${KEYSTONE_TESTBED_ICEBERG_PORT:-$ICEBERG_PORT}"
+  ICEBERG_S3_PORT="${KEYSTONE_TESTBED_ICEBERG_S3_PORT:-$ICEBERG_S3_PORT}"
   GOFAKES3_VERSION="${KEYSTONE_GOFAKES3_VERSION:-$GOFAKES3_VERSION}"
   # The catalog and warehouse were written by this version.
   ICEBERG_VERSION="${KEYSTONE_ICEBERG_VERSION:-$ICEBERG_VERSION}"
@@ -224,10 +258,15 @@ lake_status() {
   else
     echo "s3 bucket $S3_BUCKET       FAILING"; rc=1
   fi
-  if iceberg_ready; then
+  if catalog_ready "$ICEBERG_PORT"; then
     echo "iceberg /v1/config      ok (http://127.0.0.1:$ICEBERG_PORT, $ICEBERG_VERSION)"
   else
     echo "iceberg /v1/config      FAILING"; rc=1
+  fi
+  if catalog_ready "$ICEBERG_S3_PORT"; then
+    echo "iceberg-s3 /v1/config   ok (http://127.0.0.1:$ICEBERG_S3_PORT, s3://$S3_BUCKET/warehouse)"
+  else
+    echo "iceberg-s3 /v1/config   FAILING"; rc=1
   fi
   if [[ -f "$LAKE_VENV/.complete" ]]; then
     echo "readers' python         ok ($LAKE_VENV/bin/python)"

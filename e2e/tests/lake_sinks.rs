@@ -53,12 +53,18 @@ fn parquet_sink(name: &str, lake: &Lake) -> String {
 }
 
 /// An Iceberg sink appending to table `e2e.<table>`, partitioned by shard
-/// and hour, a snapshot a second.
+/// and hour, a snapshot a second; an s3:// warehouse takes the store's keys
+/// from the sink's Secret.
 fn iceberg_sink(table: &str, lake: &Lake) -> String {
+    let secret = if lake.warehouse.starts_with("s3://") {
+        ", credentialsSecret: lake-s3"
+    } else {
+        ""
+    };
     format!(
         r#"    - name: lake
       iceberg:
-        catalog: {{type: rest, uri: '{uri}', warehouse: '{warehouse}'}}
+        catalog: {{type: rest, uri: '{uri}', warehouse: '{warehouse}'{secret}}}
         namespace: e2e
         table: {table}
         partitionBy: [shard, "hour(at)"]
@@ -343,7 +349,8 @@ async fn parquet_on_s3_holds_every_event_once_through_sigkills_and_a_rollback() 
 #[tokio::test(flavor = "multi_thread")]
 async fn iceberg_holds_every_event_once_through_sigkills_and_a_rollback() {
     let _shared = CATALOG.read().await;
-    let lake = Lake::from_env();
+    // Data files, staging manifests and table metadata all on the store.
+    let lake = Lake::from_env().with_s3_warehouse();
     let name = unique("lake-ice");
     let table = name.replace('-', "_");
     let qualified = format!("e2e.{table}");

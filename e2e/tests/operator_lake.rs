@@ -63,7 +63,8 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
     let tb = testbed().await;
     require_runtime_binary();
     install_crds(&tb);
-    let lake = Lake::from_env();
+    // The sample's warehouse is s3://keystone/warehouse, the testbed's S3 catalog's.
+    let lake = Lake::from_env().with_s3_warehouse();
     let ns = pipeline_namespace(&tb, "op-lake").await;
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-lake");
@@ -102,7 +103,6 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
         .replace("topic: web.clicks", &format!("topic: {source}"))
         .replace("s3://keystone/clickstream", &lake.url(&prefix))
         .replace("http://iceberg-rest.lake.svc:8181", &lake.catalog)
-        .replace("s3://keystone/warehouse", &lake.warehouse)
         .replace("table: clicks", &format!("table: {table}"))
         .replace("commitInterval: 1m", "commitInterval: 2s")
         .replace(
@@ -111,6 +111,7 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
         )
         .replace("parallelism: 3", "parallelism: 2");
     assert!(manifest.contains(&lake.url(&prefix)), "{manifest}");
+    assert!(manifest.contains(&lake.warehouse), "{manifest}");
     apply_yaml(&tb, &manifest).await;
 
     let pipelines: Api<Pipeline> = ns.api();
