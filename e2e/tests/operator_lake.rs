@@ -14,15 +14,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
 use keystone_crds::Pipeline;
 use keystone_e2e::lake::Lake;
 use keystone_e2e::{wait_for, wait_until};
 use kube::Api;
-use kube::api::PostParams;
 use operator_support::*;
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 /// The clicks the sample keeps (real users' views and purchases), by
@@ -77,24 +73,17 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
     let prefix = unique("clickstream").replace('.', "-");
     let table = unique("clicks").replace(['.', '-'], "_");
     kafka.create(&source, 3).await;
-    let secrets: Api<Secret> = ns.api();
     let secret_key = "lake-secret-never-in-the-plan";
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("lake-s3".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([
-            ("endpoint".to_owned(), lake.endpoint.clone()),
-            ("accessKeyId".to_owned(), "keystone".to_owned()),
-            ("secretAccessKey".to_owned(), secret_key.to_owned()),
-        ])),
-        ..Default::default()
-    };
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create the store's Secret");
+    create_secret(
+        &ns,
+        "lake-s3",
+        &[
+            ("endpoint", &lake.endpoint),
+            ("accessKeyId", "keystone"),
+            ("secretAccessKey", secret_key),
+        ],
+    )
+    .await;
     let sample = std::fs::read_to_string(repo().join("config/samples/clickstream-etl.yaml"))
         .expect("the sample");
     let manifest = sample
@@ -114,16 +103,7 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
     assert!(manifest.contains(&lake.warehouse), "{manifest}");
     apply_yaml(&tb, &manifest).await;
 
-    let pipelines: Api<Pipeline> = ns.api();
-    wait_for(
-        &pipelines,
-        "clickstream-etl",
-        Duration::from_secs(180),
-        "Ready=True",
-        |p| condition_is(p, "Ready", "True"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    wait_ready(&ns, "clickstream-etl", &operator).await;
 
     // The keys reach the pods as Secret references, never through the plan.
     let deployments: Api<Deployment> = ns.api();
@@ -140,24 +120,11 @@ async fn the_clickstream_sample_lands_in_the_lake_on_the_cluster() {
 
     let input = std::fs::read_to_string(repo().join("config/samples/data/clicks.jsonl"))
         .expect("the sample data");
-    let producer: FutureProducer = ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            tb.kafka_bootstrap_servers().expect("kafka"),
-        )
-        .create()
-        .expect("producer");
-    for line in input.lines() {
+    produce_lines(&tb, &source, &input, |line| {
         let click: Value = serde_json::from_str(line).expect("JSON");
-        let key = click["session_id"].as_str().unwrap_or_default().to_owned();
-        producer
-            .send(
-                FutureRecord::to(&source).key(&key).payload(line),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
-    }
+        click["session_id"].as_str().unwrap_or_default().to_owned()
+    })
+    .await;
 
     let expected = reference(&input);
     assert_eq!(expected.len(), 28, "the sample keeps 28 clicks");
@@ -325,15 +292,7 @@ spec:
 
     // The table is dropped behind Kubernetes' back: the recheck finds it gone.
     lake.drop_iceberg_table(&table).expect("drop the table");
-    let ready = wait_for(
-        &pipelines,
-        "orders-lake",
-        Duration::from_secs(120),
-        "Ready=True after the table is gone",
-        |p| condition_is(p, "Ready", "True"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let ready = wait_ready(&ns, "orders-lake", &operator).await;
     let message = &condition(&ready, "ContractsValid")
         .expect("condition")
         .message;

@@ -11,15 +11,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use keystone_crds::Pipeline;
+use k8s_openapi::api::core::v1::ConfigMap;
 use keystone_e2e::opensearch::OpenSearch;
-use keystone_e2e::{wait_for, wait_until};
+use keystone_e2e::wait_until;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use operator_support::*;
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
 /// What the index must hold: per order, the source fields of its event with the
@@ -70,23 +67,13 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
     let ordered = format!("{source}.ordered");
     let index = unique("e2e-orders").replace('.', "-").to_lowercase();
     kafka.create(&source, 2).await;
-    let secrets: Api<Secret> = ns.api();
     let password = "s3cr3t-never-in-the-plan";
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("search-credentials".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([
-            ("username".to_owned(), "keystone".to_owned()),
-            ("password".to_owned(), password.to_owned()),
-        ])),
-        ..Default::default()
-    };
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create the credentials Secret");
+    create_secret(
+        &ns,
+        "search-credentials",
+        &[("username", "keystone"), ("password", password)],
+    )
+    .await;
     let sample = std::fs::read_to_string(repo().join("config/samples/orders-cdc-to-search.yaml"))
         .expect("the sample");
     let manifest = sample
@@ -111,16 +98,7 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
     );
     apply_yaml(&tb, &manifest).await;
 
-    let pipelines: Api<Pipeline> = ns.api();
-    wait_for(
-        &pipelines,
-        "orders-cdc-to-search",
-        Duration::from_secs(180),
-        "Ready=True",
-        |p| condition_is(p, "Ready", "True"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    wait_ready(&ns, "orders-cdc-to-search", &operator).await;
 
     // The credentials reach the pod as Secret references, never through the plan.
     let deployments: Api<Deployment> = ns.api();
@@ -143,26 +121,13 @@ async fn the_cdc_to_search_sample_runs_on_the_cluster() {
 
     let input = std::fs::read_to_string(repo().join("config/samples/data/orders-cdc.jsonl"))
         .expect("the sample data");
-    let producer: FutureProducer = ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            tb.kafka_bootstrap_servers().expect("kafka"),
-        )
-        .create()
-        .expect("producer");
-    for line in input.lines() {
-        let key = serde_json::from_str::<Value>(line)
+    produce_lines(&tb, &source, &input, |line| {
+        serde_json::from_str::<Value>(line)
             .ok()
             .and_then(|e| e["order_id"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "poison".to_owned());
-        producer
-            .send(
-                FutureRecord::to(&source).key(&key).payload(line),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
-    }
+            .unwrap_or_else(|| "poison".to_owned())
+    })
+    .await;
 
     let expected = reference(&input);
     assert_eq!(expected.len(), 6, "the sample has six orders");

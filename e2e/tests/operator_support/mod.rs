@@ -597,3 +597,65 @@ impl Drop for Frozen {
         let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
     }
 }
+
+/// Creates Secret `name` in `ns` with `data` (as `stringData`).
+pub async fn create_secret(ns: &TestNamespace, name: &str, data: &[(&str, &str)]) {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap_or_else(|e| panic!("create Secret {name}: {e}"));
+}
+
+/// Waits (3 min) until Pipeline `name` is Ready=True for its generation;
+/// panics with the operator's log otherwise.
+pub async fn wait_ready(ns: &TestNamespace, name: &str, operator: &OperatorProcess) -> Pipeline {
+    wait_for(
+        &ns.api::<Pipeline>(),
+        name,
+        Duration::from_secs(180),
+        "Ready=True",
+        |p| condition_is(p, "Ready", "True"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+}
+
+/// Produces every line of `input` to `topic`, keyed by `key_of(line)`.
+pub async fn produce_lines(
+    tb: &Testbed,
+    topic: &str,
+    input: &str,
+    key_of: impl Fn(&str) -> String,
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            tb.kafka_bootstrap_servers().expect("kafka"),
+        )
+        .create()
+        .expect("producer");
+    for line in input.lines() {
+        let key = key_of(line);
+        producer
+            .send(
+                FutureRecord::to(topic).key(&key).payload(line),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+}
