@@ -201,7 +201,7 @@ fn a_partitioned_iceberg_table_written_through_the_rest_catalog_reads_back_exact
 
     // The instance given its partitions appends them with its own epoch.
     let mut heir = connect(&plan);
-    heir.recover(vec![marker.clone()]);
+    heir.recover(vec![marker.clone()]).unwrap();
     write(&mut heir, 900..950);
     prepare(&mut heir);
     heir.publish().unwrap();
@@ -209,7 +209,7 @@ fn a_partitioned_iceberg_table_written_through_the_rest_catalog_reads_back_exact
 
     // Another recovery of the same marker appends nothing.
     let mut late = connect(&plan);
-    late.recover(vec![marker.clone()]);
+    late.recover(vec![marker.clone()]).unwrap();
     late.publish().unwrap();
     assert!(late.staged().is_empty());
 

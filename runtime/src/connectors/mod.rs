@@ -170,9 +170,13 @@ pub trait Sink: Send {
 
     /// This instance was given partitions whose last commits name `staged`
     /// epochs of this sink: they were committed, so whatever of them is not
-    /// published yet must be (now, or with this sink's next publish).
-    fn recover(&mut self, staged: Vec<lake::StagedEpochs>) {
+    /// published yet must be (now, or with this sink's next publish). During
+    /// a replay (`suppress_replay`) it is now, before any replayed event is
+    /// written, and what they hold joins what the replay skips; an error
+    /// then fails the assignment rather than let the replay append them twice.
+    fn recover(&mut self, staged: Vec<lake::StagedEpochs>) -> Result<(), SinkError> {
         let _ = staged;
+        Ok(())
     }
 
     /// A rollback replays the input from `from` (per partition; `None`: every

@@ -92,7 +92,7 @@ impl Core {
             }
         }
         if let Route::Sinks(sinks) = &mut self.route {
-            sinks.recover(staged);
+            sinks.recover(staged)?;
         }
         Ok(())
     }

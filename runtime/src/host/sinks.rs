@@ -84,12 +84,16 @@ impl Sinks {
     }
 
     /// Hands each sink the epochs the last commits of its new partitions name.
-    pub(super) fn recover(&mut self, mut staged: BTreeMap<String, Vec<StagedEpochs>>) {
+    pub(super) fn recover(
+        &mut self,
+        mut staged: BTreeMap<String, Vec<StagedEpochs>>,
+    ) -> Result<(), SinkError> {
         for sink in &mut self.sinks {
             if let Some(epochs) = staged.remove(sink.name()) {
-                sink.recover(epochs);
+                sink.recover(epochs)?;
             }
         }
+        Ok(())
     }
 
     pub(super) fn abort(&mut self) {

@@ -98,6 +98,9 @@ pub struct IcebergSink {
     provenance: Runs,
     /// After a rollback: what the replay must not append again.
     replay: Replay,
+    /// After a rollback: where the replay starts (`None`: every partition
+    /// from its beginning), to read the table's provenance again from.
+    replay_from: Option<BTreeMap<i32, i64>>,
     io: tokio::runtime::Runtime,
 }
 
@@ -171,6 +174,7 @@ impl IcebergSink {
             last_snapshot: None,
             provenance: Runs::default(),
             replay: Replay::default(),
+            replay_from: None,
             io,
         };
         match sink.bind(START_TIMEOUT) {
@@ -396,7 +400,8 @@ impl IcebergSink {
 
     /// Appends every staged epoch the last commit covers (and every
     /// recovered one) as one snapshot, then deletes their staging manifests.
-    fn append_staged(&mut self) -> Result<(), LakeError> {
+    /// Appends the staged epochs; the table as of the append, if one was read.
+    fn append_staged(&mut self) -> Result<Option<Table>, LakeError> {
         self.bind(IO_TIMEOUT)?;
         let mut epochs: BTreeMap<EpochId, Held> = BTreeMap::new();
         for marker in &self.ledger.recovered {
@@ -428,13 +433,13 @@ impl IcebergSink {
         }
         // Every epoch is in the table now (this snapshot, or an earlier one):
         // their staging manifests are done with.
-        if let Some(table) = appended.table {
+        if let Some(table) = &appended.table {
             let deleting = async {
                 let left = epochs
                     .iter()
                     .filter(|(_, held)| !matches!(held, Held::Gone));
                 for ((instance, epoch), _) in left {
-                    if let Err(error) = commit::delete_manifest(&table, instance, *epoch).await {
+                    if let Err(error) = commit::delete_manifest(table, instance, *epoch).await {
                         tracing::warn!(instance = %instance, epoch, %error, "deleting a staging manifest failed; it is left behind");
                     }
                 }
@@ -445,7 +450,7 @@ impl IcebergSink {
         self.ledger.recovered.clear();
         self.staged_files.clear();
         self.ledger.published();
-        Ok(())
+        Ok(appended.table)
     }
 
     fn refuse(&self, record: &SinkRecord<'_>, reason: String, out: &mut SinkOutput) {
@@ -568,14 +573,27 @@ impl Sink for IcebergSink {
             .map(|bound| commit::delivered(&bound.table, from))
             .unwrap_or_default();
         self.replay = Replay::new(delivered, suppressed);
+        self.replay_from = from.cloned();
         tracing::info!(sink = %self.name, held = self.replay.held(), "the replay skips the source records the table holds");
         Ok(())
     }
 
-    fn recover(&mut self, staged: Vec<StagedEpochs>) {
+    fn recover(&mut self, staged: Vec<StagedEpochs>) -> Result<(), SinkError> {
         for marker in self.ledger.recover(staged) {
             tracing::info!(sink = %self.name, epochs = %marker, "appending epochs a commit names, unless a snapshot has them");
         }
+        if !self.replay.is_active() || self.ledger.recovered.is_empty() {
+            return Ok(());
+        }
+        // The replay must skip what these epochs hold too: they are appended
+        // now, and the table's provenance read again, before it starts.
+        let table = self.append_staged().map_err(|e| self.error(e))?;
+        if let Some(table) = table {
+            self.replay
+                .renew(commit::delivered(&table, self.replay_from.as_ref()));
+            tracing::info!(sink = %self.name, held = self.replay.held(), "appended the recovered epochs before the replay; it skips what they hold too");
+        }
+        Ok(())
     }
 }
 

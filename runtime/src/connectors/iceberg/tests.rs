@@ -204,12 +204,17 @@ fn event(id: i64) -> String {
 }
 
 fn write_texts(sink: &mut IcebergSink, texts: &[String]) -> Vec<DeadLetter> {
+    write_texts_from(sink, 0, texts)
+}
+
+/// Writes `texts` as the records of partition 0 from offset `first` on.
+fn write_texts_from(sink: &mut IcebergSink, first: i64, texts: &[String]) -> Vec<DeadLetter> {
     let mut out = SinkOutput::default();
-    for (offset, text) in texts.iter().enumerate() {
+    for (offset, text) in (first..).zip(texts) {
         let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
         event.source = Some(Provenance {
             partition: 0,
-            offset: offset as i64,
+            offset,
         });
         let value = sonic_rs::to_vec(&event.value).unwrap();
         sink.write(
@@ -366,14 +371,17 @@ fn rows_staged_at_prepare_are_appended_once_at_publish() {
         instance: instance.clone(),
         first: 1,
         last: 1,
-    }]);
+    }])
+    .unwrap();
     sink.publish().unwrap();
     let mut other = lake.sink(&["country", "day(at)"], 60);
-    other.recover(vec![StagedEpochs {
-        instance,
-        first: 1,
-        last: 1,
-    }]);
+    other
+        .recover(vec![StagedEpochs {
+            instance,
+            first: 1,
+            last: 1,
+        }])
+        .unwrap();
     other.publish().unwrap();
     assert_eq!(lake.summaries().len(), 1, "no second snapshot");
     assert_eq!(lake.ids(), (0..30).collect::<Vec<_>>());
@@ -421,7 +429,8 @@ fn epochs_accumulate_until_the_commit_interval_has_passed() {
         instance: instance.clone(),
         first: 2,
         last: 2,
-    }]);
+    }])
+    .unwrap();
     sink.publish().unwrap();
     let summaries = lake.summaries();
     assert_eq!(summaries.len(), 2);
@@ -450,7 +459,7 @@ fn a_recovered_epoch_of_another_instance_is_appended_exactly_once() {
     let kept = std::fs::read(&manifest).unwrap();
 
     let mut heir = lake.sink(TERMS, 3600);
-    heir.recover(vec![marker.clone()]);
+    heir.recover(vec![marker.clone()]).unwrap();
     assert_eq!(
         heir.staged(),
         std::slice::from_ref(&marker),
@@ -477,7 +486,7 @@ fn a_recovered_epoch_of_another_instance_is_appended_exactly_once() {
     // third instance recovering the same marker appends nothing.
     std::fs::write(&manifest, kept).unwrap();
     let mut third = lake.sink(TERMS, 60);
-    third.recover(vec![marker]);
+    third.recover(vec![marker]).unwrap();
     third.publish().unwrap();
     assert_eq!(lake.summaries().len(), 1);
     assert_eq!(lake.ids(), expected);
@@ -754,30 +763,52 @@ fn a_replay_after_a_rollback_skips_what_the_table_holds() {
     second
         .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
         .unwrap();
-    let texts: Vec<String> = (0..8).map(event).collect();
-    let mut out = SinkOutput::default();
-    for (offset, text) in texts.iter().enumerate().skip(2) {
-        let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
-        event.source = Some(Provenance {
-            partition: 0,
-            offset: offset as i64,
-        });
-        let value = sonic_rs::to_vec(&event.value).unwrap();
-        second
-            .write(
-                &SinkRecord {
-                    event: &event,
-                    value: &value,
-                },
-                &mut out,
-            )
-            .unwrap();
-    }
+    let texts: Vec<String> = (2..8).map(event).collect();
+    assert!(write_texts_from(&mut second, 2, &texts).is_empty());
     prepare(&mut second);
     second.publish().unwrap();
     assert_eq!(suppressed.get(), 4, "offsets 2..=5 are in the table");
     assert_eq!(lake.ids(), (0..8).collect::<Vec<_>>());
     assert_eq!(lake.summaries()[1][super::commit::PROVENANCE], "0:6-7");
+}
+
+#[test]
+fn a_replay_skips_what_committed_epochs_not_yet_appended_hold() {
+    let lake = Lake::new("rollback-staged");
+    let mut first = lake.sink(&["country"], 3600);
+    write(&mut first, 0..6);
+    prepare(&mut first);
+    first.publish().unwrap();
+    // Offsets 6 and 7: staged and committed, not appended yet (the commit
+    // interval has not passed) when the instance stops.
+    let texts: Vec<String> = (6..8).map(event).collect();
+    assert!(write_texts_from(&mut first, 6, &texts).is_empty());
+    prepare(&mut first);
+    first.publish().unwrap();
+    assert_eq!(lake.summaries().len(), 1, "epoch 2 waits for the interval");
+    let marker = first.staged().pop().expect("epoch 2 is staged");
+    drop(first);
+
+    // Rolled back to offset 2: the replay reads 2..=9 again, and the epoch
+    // its partition's last commit names is recovered before it starts.
+    // (No commit interval: the replay's epoch is appended at its publish.)
+    let mut second = lake.sink(&["country"], 0);
+    let suppressed = prometheus::IntCounter::new("suppressed", "test").unwrap();
+    second
+        .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
+        .unwrap();
+    second.recover(vec![marker]).unwrap();
+    assert_eq!(
+        lake.summaries().len(),
+        2,
+        "appended before the replay starts"
+    );
+    let texts: Vec<String> = (2..10).map(event).collect();
+    assert!(write_texts_from(&mut second, 2, &texts).is_empty());
+    prepare(&mut second);
+    second.publish().unwrap();
+    assert_eq!(suppressed.get(), 6, "offsets 2..=7 are in the table");
+    assert_eq!(lake.ids(), (0..10).collect::<Vec<_>>());
 }
 
 #[test]

@@ -108,6 +108,16 @@ impl Replay {
         }
     }
 
+    /// Whether a replay is being filtered (`RestorePlan.suppress`).
+    pub fn is_active(&self) -> bool {
+        self.suppressed.is_some()
+    }
+
+    /// What the lake holds, read again (after epochs were published).
+    pub fn renew(&mut self, delivered: Runs) {
+        self.delivered = delivered;
+    }
+
     /// How many source records the lake holds from the replay's start on.
     pub fn held(&self) -> u64 {
         self.delivered.len()

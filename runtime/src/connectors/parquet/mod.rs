@@ -78,6 +78,9 @@ pub struct ParquetSink {
     provenance: Runs,
     /// After a rollback: what the replay must not write again.
     replay: Replay,
+    /// After a rollback: where the replay starts (`None`: every partition
+    /// from its beginning), to read the published provenance again from.
+    replay_from: Option<BTreeMap<i32, i64>>,
 }
 
 struct OpenFile {
@@ -142,6 +145,7 @@ impl ParquetSink {
             event_time: BTreeMap::new(),
             provenance: Runs::default(),
             replay: Replay::default(),
+            replay_from: None,
         })
     }
 
@@ -457,14 +461,27 @@ impl Sink for ParquetSink {
     ) -> Result<(), SinkError> {
         let delivered = self.load_delivered(from).map_err(|e| self.error(e))?;
         self.replay = Replay::new(delivered, suppressed);
+        self.replay_from = from.cloned();
         tracing::info!(sink = %self.name, held = self.replay.held(), "the replay skips the source records the lake holds");
         Ok(())
     }
 
-    fn recover(&mut self, staged: Vec<StagedEpochs>) {
+    fn recover(&mut self, staged: Vec<StagedEpochs>) -> Result<(), SinkError> {
         for marker in self.ledger.recover(staged) {
             tracing::info!(sink = %self.name, epochs = %marker, "publishing epochs a commit names, if still staged");
         }
+        if !self.replay.is_active() || self.ledger.recovered.is_empty() {
+            return Ok(());
+        }
+        // The replay must skip what these epochs hold too: they are published
+        // now, and the provenance read again, before it starts.
+        self.publish_staged().map_err(|e| self.error(e))?;
+        let delivered = self
+            .load_delivered(self.replay_from.as_ref())
+            .map_err(|e| self.error(e))?;
+        self.replay.renew(delivered);
+        tracing::info!(sink = %self.name, held = self.replay.held(), "published the recovered epochs before the replay; it skips what they hold too");
+        Ok(())
     }
 }
 

@@ -60,13 +60,20 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn write(sink: &mut ParquetSink, partition: i32, texts: &[&str]) -> Vec<DeadLetter> {
+    write_from(sink, partition, 0, texts)
+}
+
+/// Writes `texts` as the records of `partition` from offset `first` on.
+fn write_from(
+    sink: &mut ParquetSink,
+    partition: i32,
+    first: i64,
+    texts: &[&str],
+) -> Vec<DeadLetter> {
     let mut out = SinkOutput::default();
-    for (offset, text) in texts.iter().enumerate() {
+    for (offset, text) in (first..).zip(texts) {
         let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
-        event.source = Some(Provenance {
-            partition,
-            offset: offset as i64,
-        });
+        event.source = Some(Provenance { partition, offset });
         let value = sonic_rs::to_vec(&event.value).unwrap();
         sink.write(
             &SinkRecord {
@@ -241,7 +248,7 @@ fn epochs_a_commit_names_are_published_by_whoever_recovers_them() {
     drop(first);
 
     let mut second = sink(&dir, &["country"]);
-    second.recover(committed.clone());
+    second.recover(committed.clone()).unwrap();
     assert_eq!(
         second.staged(),
         committed,
@@ -258,7 +265,7 @@ fn epochs_a_commit_names_are_published_by_whoever_recovers_them() {
     // A second recovery of the same epochs (another instance, or a retry)
     // finds nothing left to move.
     let mut third = sink(&dir, &["country"]);
-    third.recover(committed);
+    third.recover(committed).unwrap();
     prepare(&mut third);
     third.publish().unwrap();
     assert_eq!(published_ids(&dir), [1, 2, 3]);
@@ -395,17 +402,28 @@ fn a_contract_without_fields_or_an_unwritable_term_is_refused_at_build() {
     assert!(error.to_string().contains("lists no fields"), "{error}");
 }
 
-#[test]
-fn a_replay_after_a_rollback_skips_what_the_lake_holds() {
-    let dir = temp_dir("rollback");
-    let events: Vec<String> = (0..8)
+/// Events 0..n of one country, as partition 0 holds them at offsets 0..n.
+fn numbered_events(n: i64) -> Vec<String> {
+    (0..n)
         .map(|i| format!(r#"{{"id":{i},"country":"NL","at":{i}}}"#))
-        .collect();
-    let texts: Vec<&str> = events.iter().map(String::as_str).collect();
-    let mut first = sink(&dir, &["country"]);
+        .collect()
+}
+
+/// A sink by country that has published the first six of `texts`.
+fn sink_with_six_published(dir: &Path, texts: &[&str]) -> ParquetSink {
+    let mut first = sink(dir, &["country"]);
     write(&mut first, 0, &texts[..6]);
     prepare(&mut first);
     first.publish().unwrap();
+    first
+}
+
+#[test]
+fn a_replay_after_a_rollback_skips_what_the_lake_holds() {
+    let dir = temp_dir("rollback");
+    let events = numbered_events(8);
+    let texts: Vec<&str> = events.iter().map(String::as_str).collect();
+    let first = sink_with_six_published(&dir, &texts);
     drop(first);
 
     // Rolled back to offset 2 of partition 0: offsets 2..=5 are held already.
@@ -414,26 +432,37 @@ fn a_replay_after_a_rollback_skips_what_the_lake_holds() {
     second
         .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
         .unwrap();
-    let mut out = SinkOutput::default();
-    for (offset, text) in texts.iter().enumerate().skip(2) {
-        let mut event = Event::parse(text.as_bytes().to_vec()).unwrap();
-        event.source = Some(Provenance {
-            partition: 0,
-            offset: offset as i64,
-        });
-        let value = sonic_rs::to_vec(&event.value).unwrap();
-        second
-            .write(
-                &SinkRecord {
-                    event: &event,
-                    value: &value,
-                },
-                &mut out,
-            )
-            .unwrap();
-    }
+    assert!(write_from(&mut second, 0, 2, &texts[2..]).is_empty());
     prepare(&mut second);
     second.publish().unwrap();
     assert_eq!(suppressed.get(), 4);
     assert_eq!(published_ids(&dir), [0, 1, 2, 3, 4, 5, 6, 7]);
+}
+
+#[test]
+fn a_replay_skips_what_committed_epochs_not_yet_published_hold() {
+    let dir = temp_dir("rollback-staged");
+    let events = numbered_events(10);
+    let texts: Vec<&str> = events.iter().map(String::as_str).collect();
+    let mut first = sink_with_six_published(&dir, &texts);
+    // Offsets 6 and 7: staged and committed, then the instance stops
+    // before publishing them.
+    write_from(&mut first, 0, 6, &texts[6..8]);
+    prepare(&mut first);
+    let committed = first.staged();
+    drop(first);
+
+    // Rolled back to offset 2: the replay reads 2..=9 again, and the epoch
+    // its partition's last commit names is recovered before it starts.
+    let mut second = sink(&dir, &["country"]);
+    let suppressed = prometheus::IntCounter::new("suppressed", "test").unwrap();
+    second
+        .suppress_replay(Some(&BTreeMap::from([(0, 2)])), suppressed.clone())
+        .unwrap();
+    second.recover(committed).unwrap();
+    assert!(write_from(&mut second, 0, 2, &texts[2..]).is_empty());
+    prepare(&mut second);
+    second.publish().unwrap();
+    assert_eq!(suppressed.get(), 6, "offsets 2..=7 are in the lake");
+    assert_eq!(published_ids(&dir), (0..10).collect::<Vec<_>>());
 }
