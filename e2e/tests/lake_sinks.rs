@@ -224,36 +224,19 @@ async fn sigkills_and_a_rollback(
     // Two thirds stream in through the SIGKILLs; then a checkpoint, a sixth
     // after it (rolled back, so read twice), and the last sixth.
     let (checkpoint_at, restore_at) = (rows.len() * 2 / 3, rows.len() * 5 / 6);
-    let streaming = Duration::from_secs(8);
-    let mut kill_at: Vec<Duration> = (0..3)
-        .map(|_| Duration::from_millis(300 + rng.below(streaming.as_millis() as u64 - 300)))
-        .collect();
-    kill_at.sort();
-    for instance in instances {
-        h.start(instance, &env);
-    }
     let slices = 40;
     let batches: Vec<Vec<(String, String)>> = (0..slices)
         .map(|s| pairs(&rows[checkpoint_at * s / slices..checkpoint_at * (s + 1) / slices]))
         .collect();
-    let (bootstrap, topic) = (h.bootstrap.clone(), source.clone());
-    let pause = streaming / slices as u32;
-    let started = Instant::now();
-    let producing = std::thread::spawn(move || {
-        let p = producer(&bootstrap);
-        for batch in batches {
-            produce(&p, &topic, &batch);
-            std::thread::sleep(pause);
-        }
-    });
-    for at in kill_at {
-        std::thread::sleep(at.saturating_sub(started.elapsed()));
-        let victim = instances[rng.below(2) as usize];
-        eprintln!("SIGKILL {victim} at {:?}", started.elapsed());
-        h.kill(victim);
-        h.start(victim, &env);
-    }
-    producing.join().expect("producer");
+    stream_through_sigkills(
+        &mut h,
+        &mut rng,
+        &instances,
+        &env,
+        &source,
+        batches,
+        Duration::from_secs(8),
+    );
     wait_caught_up(&mut h, partitions, &logs);
     for instance in instances {
         h.wait_ready(instance);
@@ -280,14 +263,7 @@ async fn sigkills_and_a_rollback(
             sink_positions: BTreeMap::new(),
         }),
     };
-    let restore_path = h.dir.join("restore.json");
-    std::fs::write(&restore_path, serde_json::to_vec_pretty(&restore).unwrap()).unwrap();
-    let restore_path = restore_path.display().to_string();
-    let mut with_restore = env.clone();
-    with_restore.push(("KEYSTONE_RESTORE", restore_path.as_str()));
-    for instance in instances {
-        h.start(instance, &with_restore);
-    }
+    start_restored(&mut h, &instances, &env, &restore);
     produce(&p, &source, &pairs(&rows[restore_at..]));
     wait_caught_up(&mut h, partitions, &logs);
     let suppressed: f64 = instances

@@ -342,40 +342,21 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
     // three random moments; then a checkpoint, a sixth after it (rolled
     // back), and the last sixth after the restore.
     let (checkpoint_at, restore_at) = (total * 2 / 3, total * 5 / 6);
-    let streaming = Duration::from_secs(8);
-    let mut kill_at: Vec<Duration> = (0..3)
-        .map(|_| Duration::from_millis(300 + rng.below(streaming.as_millis() as u64 - 300)))
-        .collect();
-    kill_at.sort();
-    eprintln!("{total} records; SIGKILLs at {kill_at:?} of {streaming:?} of streaming");
-
     let p = producer(&h.bootstrap);
-    for instance in instances {
-        h.start(instance, &[]);
-    }
     let slices = 40;
     let first: Vec<Vec<(String, String)>> = (0..slices)
         .map(|s| cdc.pairs(checkpoint_at * s / slices..checkpoint_at * (s + 1) / slices))
         .collect();
-    let (bootstrap, topic) = (h.bootstrap.clone(), source.clone());
-    let pause = streaming / slices as u32;
-    let streaming_started = Instant::now();
-    let producing = std::thread::spawn(move || {
-        let p = producer(&bootstrap);
-        for slice in first {
-            produce(&p, &topic, &slice);
-            std::thread::sleep(pause);
-        }
-    });
-    for at in kill_at {
-        std::thread::sleep(at.saturating_sub(streaming_started.elapsed()));
-        // Mid-stream, with no chance to commit; restarted at once.
-        let victim = instances[rng.below(2) as usize];
-        eprintln!("SIGKILL {victim} at {:?}", streaming_started.elapsed());
-        h.kill(victim);
-        h.start(victim, &[]);
-    }
-    producing.join().expect("producer");
+    eprintln!("{total} records");
+    stream_through_sigkills(
+        &mut h,
+        &mut rng,
+        &instances,
+        &[],
+        &source,
+        first,
+        Duration::from_secs(8),
+    );
 
     // The rollback: a checkpoint of the stage once it consumed everything so
     // far, more input through the stage and into the index, then the stage
@@ -412,12 +393,7 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
         )]),
         suppress: None,
     };
-    let restore_path = h.dir.join("restore.json");
-    std::fs::write(&restore_path, serde_json::to_vec_pretty(&restore).unwrap()).unwrap();
-    let restore_path = restore_path.display().to_string();
-    for instance in instances {
-        h.start(instance, &[("KEYSTONE_RESTORE", restore_path.as_str())]);
-    }
+    start_restored(&mut h, &instances, &[], &restore);
     produce(&p, &source, &cdc.pairs(restore_at..total));
     wait_caught_up(&mut h, partitions, &logs);
 

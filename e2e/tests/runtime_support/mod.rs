@@ -700,3 +700,62 @@ pub fn stage_checkpoint(
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Starts `instances` with `env`, produces `slices` to `topic` one after
+/// another over `streaming`, and meanwhile SIGKILLs a random instance at
+/// three random moments, mid-stream with no chance to commit, restarting it
+/// at once. Returns when every slice is produced.
+pub fn stream_through_sigkills(
+    h: &mut Harness,
+    rng: &mut Lcg,
+    instances: &[&str],
+    env: &[(&str, &str)],
+    topic: &str,
+    slices: Vec<Vec<(String, String)>>,
+    streaming: Duration,
+) {
+    let mut kill_at: Vec<Duration> = (0..3)
+        .map(|_| Duration::from_millis(300 + rng.below(streaming.as_millis() as u64 - 300)))
+        .collect();
+    kill_at.sort();
+    eprintln!("SIGKILLs at {kill_at:?} of {streaming:?} of streaming");
+    for instance in instances {
+        h.start(instance, env);
+    }
+    let (bootstrap, topic) = (h.bootstrap.clone(), topic.to_owned());
+    let pause = streaming / slices.len().max(1) as u32;
+    let started = Instant::now();
+    let producing = std::thread::spawn(move || {
+        let p = producer(&bootstrap);
+        for slice in slices {
+            produce(&p, &topic, &slice);
+            std::thread::sleep(pause);
+        }
+    });
+    for at in kill_at {
+        std::thread::sleep(at.saturating_sub(started.elapsed()));
+        let victim = instances[rng.below(instances.len() as u64) as usize];
+        eprintln!("SIGKILL {victim} at {:?}", started.elapsed());
+        h.kill(victim);
+        h.start(victim, env);
+    }
+    producing.join().expect("producer");
+}
+
+/// Starts `instances` again with `env` and `restore` (written to the
+/// harness's folder and named by `KEYSTONE_RESTORE`).
+pub fn start_restored(
+    h: &mut Harness,
+    instances: &[&str],
+    env: &[(&str, &str)],
+    restore: &keystone_crds::checkpoint::RestorePlan,
+) {
+    let restore_path = h.dir.join("restore.json");
+    std::fs::write(&restore_path, serde_json::to_vec_pretty(restore).unwrap()).unwrap();
+    let restore_path = restore_path.display().to_string();
+    let mut with_restore = env.to_vec();
+    with_restore.push(("KEYSTONE_RESTORE", restore_path.as_str()));
+    for instance in instances {
+        h.start(instance, &with_restore);
+    }
+}
