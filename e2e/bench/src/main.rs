@@ -46,7 +46,7 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Run scenarios for Keystone and the peers and write RESULTS.md / RESULTS.json.
-    Run(runner::RunArgs),
+    Run(Box<runner::RunArgs>),
     /// Load the generated events into a Kafka topic (S5-S7 input) and time it.
     Load(kafka::LoadArgs),
     /// The ceiling for Kafka-mode scenarios: a plain consume-produce loop.
@@ -56,6 +56,12 @@ enum Command {
     S8(s8::S8Args),
     /// S9's ceiling: a plain bulk loader of the final documents into an index.
     SearchCeiling(search::CeilingArgs),
+    /// Write RESULTS.md again from RESULTS.json (after a change to the report code).
+    Report {
+        /// The folder of RESULTS.json; e2e/bench by default.
+        #[arg(long)]
+        results_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -112,6 +118,10 @@ fn main() -> anyhow::Result<()> {
         Command::Ceiling(args) => kafka::ceiling(&args)?,
         Command::S8(args) => s8::record(&args)?,
         Command::SearchCeiling(args) => search::ceiling(&args)?,
+        Command::Report { results_dir } => {
+            let dir = results_dir.unwrap_or_else(runner::bench_dir);
+            report::Results::load_or_new(&dir.join("RESULTS.json"))?.write(&dir)?;
+        }
     }
     Ok(())
 }

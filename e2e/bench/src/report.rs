@@ -183,30 +183,39 @@ fn sh(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
+/// S1 < S2 < ... < S10: scenarios in their numeric order.
+fn scenario_number(id: &str) -> u32 {
+    id.trim_start_matches('S').parse().unwrap_or(u32::MAX)
+}
+
 impl Results {
     /// The previous results, so that scenarios not run keep theirs.
     pub fn load_or_new(path: &Path) -> anyhow::Result<Results> {
         match std::fs::read_to_string(path) {
             Err(_) => Ok(Results::default()),
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot read the previous results in {}: {e}; move the file away to start afresh",
-                    path.display()
-                )
-            }),
+            Ok(text) => {
+                let mut results: Results = serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read the previous results in {}: {e}; move the file away to start afresh",
+                        path.display()
+                    )
+                })?;
+                results.scenarios.sort_by_key(|s| scenario_number(&s.id));
+                Ok(results)
+            }
         }
     }
 
     pub fn put(&mut self, result: ScenarioResult) {
         self.scenarios.retain(|s| s.id != result.id);
         self.scenarios.push(result);
-        self.scenarios.sort_by(|a, b| a.id.cmp(&b.id));
+        self.scenarios.sort_by_key(|s| scenario_number(&s.id));
         for s in scenario::ALL {
             if !self.scenarios.iter().any(|r| r.id == s.id()) {
                 self.scenarios.push(ScenarioResult::not_measured(s));
             }
         }
-        self.scenarios.sort_by(|a, b| a.id.cmp(&b.id));
+        self.scenarios.sort_by_key(|s| scenario_number(&s.id));
     }
 
     pub fn stamp(&mut self, args: &RunArgs, data: &Dataset, limits: &Limits) {
@@ -428,6 +437,9 @@ impl Results {
                         "drain"
                     } else if e.time_basis.starts_with("latency") {
                         "p99 latency ms (median column); p50 in the wall-time column"
+                    } else if let Some((basis, _)) = e.time_basis.split_once(':') {
+                        // S9's "applied", S10's "commit", "publish" and "write".
+                        basis
                     } else {
                         "wall"
                     },

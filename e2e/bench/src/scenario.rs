@@ -1,4 +1,4 @@
-//! The scenarios S1-S9, their engines, inputs and targets (shared/BENCHMARKS.md).
+//! The scenarios S1-S10, their engines, inputs and targets (shared/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +19,10 @@ pub enum Scenario {
     S7,
     S8,
     S9,
+    S10,
 }
 
-pub const ALL: [Scenario; 9] = [
+pub const ALL: [Scenario; 10] = [
     Scenario::S1,
     Scenario::S2,
     Scenario::S3,
@@ -31,6 +32,7 @@ pub const ALL: [Scenario; 9] = [
     Scenario::S7,
     Scenario::S8,
     Scenario::S9,
+    Scenario::S10,
 ];
 
 /// One engine configuration that runs a scenario.
@@ -48,6 +50,12 @@ pub enum Engine {
     FlinkSearch,
     /// S9: a plain bulk loader of the final documents (the index's ceiling).
     BulkCeiling,
+    /// S10: Flink 1.19 with flink-connector-kafka and the Iceberg Flink sink.
+    FlinkIceberg,
+    /// S10's Parquet part: Keystone with the parquet sink.
+    KeystoneParquet,
+    /// S10's Parquet part: pyarrow writing the same rows (the writer's ceiling).
+    ParquetCeiling,
 }
 
 impl Engine {
@@ -61,6 +69,9 @@ impl Engine {
             Engine::KafkaStreams => "kafka-streams",
             Engine::FlinkSearch => "flink",
             Engine::BulkCeiling => "bulk-ceiling",
+            Engine::FlinkIceberg => "flink",
+            Engine::KeystoneParquet => "keystone-parquet",
+            Engine::ParquetCeiling => "pyarrow-ceiling",
         }
     }
 }
@@ -83,7 +94,8 @@ impl Scenario {
             "S7" => Scenario::S7,
             "S8" => Scenario::S8,
             "S9" => Scenario::S9,
-            other => bail!("unknown scenario {other:?} (S1..S9 or all)"),
+            "S10" => Scenario::S10,
+            other => bail!("unknown scenario {other:?} (S1..S10 or all)"),
         })
     }
 
@@ -98,6 +110,7 @@ impl Scenario {
             Scenario::S7 => "S7",
             Scenario::S8 => "S8",
             Scenario::S9 => "S9",
+            Scenario::S10 => "S10",
         }
     }
 
@@ -114,6 +127,7 @@ impl Scenario {
                 "memory: runtime RSS at S2 steady state; operator RSS with 1,000 Pipelines"
             }
             Scenario::S9 => "Kafka -> dedup, order, project -> OpenSearch bulk (idempotent writes)",
+            Scenario::S10 => "Kafka -> project -> Iceberg (exactly once); Parquet against pyarrow",
         }
     }
 
@@ -128,6 +142,9 @@ impl Scenario {
             Scenario::S7 => "<= 0.2x Flink's p99",
             Scenario::S8 => "runtime <= 0.25x Flink; operator <= 50 MB, reconcile p99 < 1 s",
             Scenario::S9 => ">= 2x Flink (OpenSearch connector); >= 0.8x the plain bulk ceiling",
+            Scenario::S10 => {
+                ">= 2x Flink (Iceberg Flink sink) at equal guarantees; Parquet rows/s against a pyarrow writer's ceiling"
+            }
         }
     }
 
@@ -149,6 +166,11 @@ impl Scenario {
         self == Scenario::S9
     }
 
+    /// S10: Kafka in, the testbed's Iceberg catalog (and a Parquet folder) out.
+    pub fn is_lake(self) -> bool {
+        self == Scenario::S10
+    }
+
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
@@ -160,6 +182,9 @@ impl Scenario {
             }
             Scenario::S9 => {
                 "not run yet: `keystone-bench run --scenario S9` with the runner built with `--features kafka` and the testbed's Kafka and OpenSearch up (`eval \"$(e2e/testbed env)\"`)"
+            }
+            Scenario::S10 => {
+                "not run yet: `keystone-bench run --scenario S10` with the runner built with `--features kafka` and the testbed's Kafka and lake up (`eval \"$(e2e/testbed env)\"`)"
             }
             _ => "",
         }
@@ -178,6 +203,12 @@ impl Scenario {
                 vec![Engine::Keystone, Engine::FlinkKafka, Engine::KafkaStreams]
             }
             Scenario::S9 => vec![Engine::Keystone, Engine::FlinkSearch, Engine::BulkCeiling],
+            Scenario::S10 => vec![
+                Engine::Keystone,
+                Engine::FlinkIceberg,
+                Engine::KeystoneParquet,
+                Engine::ParquetCeiling,
+            ],
             _ => Vec::new(),
         }
     }
@@ -194,6 +225,7 @@ impl Scenario {
             // The ceiling: Keystone's rate over the loader's, both as input events
             // over the time to apply the same documents.
             Scenario::S9 => vec![t(Engine::FlinkSearch, 2.0), t(Engine::BulkCeiling, 0.8)],
+            Scenario::S10 => vec![t(Engine::FlinkIceberg, 2.0)],
             _ => Vec::new(),
         }
     }
@@ -206,6 +238,7 @@ impl Scenario {
             Scenario::S5 => "s5-kafka-dedup-project.yaml",
             Scenario::S6 => "s6-kafka-dedup-project.yaml",
             Scenario::S9 => "s9-kafka-search.yaml",
+            Scenario::S10 => "s10-kafka-iceberg.yaml",
             _ => "s4-join.yaml",
         };
         bench_dir.join("pipelines").join(file)

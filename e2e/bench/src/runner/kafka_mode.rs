@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-use super::{Ctx, Summary, bench_dir, count_lines, engine_selected, rounds, summarize};
+use super::{Ctx, Summary, bench_dir, count_lines, rounds, selected_engines, summarize};
 use crate::digest::OutputDigest;
 use crate::measure::{self, Measured};
 use crate::report::{self, EngineSummary, RatioSummary, RunRecord, ScenarioResult, Stat};
@@ -31,11 +31,7 @@ pub(super) fn run_kafka_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scena
             data: args.data.clone(),
         })?;
     }
-    let engines: Vec<Engine> = s
-        .engines()
-        .into_iter()
-        .filter(|e| engine_selected(args, *e))
-        .collect();
+    let engines = selected_engines(args, s);
     let load_start = measure::loadavg();
     let runs = rounds(ctx, s, &engines, |engine, round| {
         kafka_run(ctx, s, engine, round, events, &reference)
@@ -223,6 +219,33 @@ pub(super) fn keystone_serve(
         "--http-addr".into(),
         format!("127.0.0.1:{port}"),
     ])
+}
+
+/// Loads `input` into `topic` (2 partitions, keyed by `key_field`) unless it
+/// already holds exactly `events` records in 2 partitions.
+pub(super) fn load_once(
+    ctx: &Ctx,
+    s: Scenario,
+    topic: &str,
+    input: &Path,
+    events: u64,
+    key_field: &str,
+) -> anyhow::Result<()> {
+    let args = ctx.args;
+    if let Some((2, n)) = crate::kafka::drive::records(&args.brokers, topic)?
+        && n as u64 == events
+    {
+        return Ok(());
+    }
+    eprintln!("[{}] loading {events} events into {topic}", s.id());
+    crate::kafka::load(&crate::kafka::LoadArgs {
+        brokers: args.brokers.clone(),
+        topic: topic.into(),
+        partitions: 2,
+        input: Some(input.to_path_buf()),
+        key_field: key_field.into(),
+        data: args.data.clone(),
+    })
 }
 
 pub(super) fn empty_record(engine: Engine, m: &Measured, time_basis: &str) -> RunRecord {
@@ -471,11 +494,7 @@ pub(super) fn run_latency_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Sce
         .lines()
         .map(str::to_owned)
         .collect();
-    let engines: Vec<Engine> = s
-        .engines()
-        .into_iter()
-        .filter(|e| engine_selected(args, *e))
-        .collect();
+    let engines = selected_engines(args, s);
     let load_start = measure::loadavg();
     let mut runs = Vec::new();
     for round in 0..args.warmup + args.runs {

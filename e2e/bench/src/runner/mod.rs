@@ -14,11 +14,13 @@ use crate::measure::{self, Limits, Measured};
 use crate::report::{self, EngineSummary, RatioSummary, Results, RunRecord, ScenarioResult, Stat};
 use crate::scenario::{self, Engine, Scenario};
 
-pub const PEERS: [&str; 3] = ["flink", "kstreams", "flink-opensearch"];
+pub const PEERS: [&str; 4] = ["flink", "kstreams", "flink-opensearch", "flink-iceberg"];
 pub const FLINK_VERSION: &str = "2.3.0";
 /// S9's Flink: no OpenSearch connector is published for Flink 2.x.
 pub const FLINK_SEARCH_VERSION: &str = "1.19.3";
 pub const KAFKA_STREAMS_VERSION: &str = "4.1.1";
+/// S10's Iceberg Flink runtime: the newest built for Flink 1.19 (1.10+ has none).
+pub const ICEBERG_FLINK_VERSION: &str = "1.9.2";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -81,6 +83,19 @@ pub struct RunArgs {
     /// S9: concurrent connections of the plain bulk loader (the ceiling).
     #[arg(long, default_value_t = 4)]
     pub bulk_concurrency: usize,
+    /// S10: the Iceberg REST catalog (the testbed's: `eval "$(e2e/testbed env)"`).
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_ICEBERG_URI",
+        default_value = "http://127.0.0.1:19181"
+    )]
+    pub iceberg_uri: String,
+    /// S10: the catalog's warehouse (a file:// folder on the testbed).
+    #[arg(long, env = "KEYSTONE_TESTBED_ICEBERG_WAREHOUSE", default_value = "")]
+    pub iceberg_warehouse: String,
+    /// S10: the Python with pyarrow and pyiceberg (the testbed's readers' virtualenv).
+    #[arg(long, env = "KEYSTONE_TESTBED_LAKE_PYTHON", default_value = "python3")]
+    pub lake_python: String,
 }
 
 pub fn bench_dir() -> PathBuf {
@@ -142,7 +157,33 @@ struct Ctx<'a> {
     /// The S9 Flink peer's class path; only the Kafka-mode scenarios use it.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     flink_search_cp: Option<String>,
+    /// The S10 Flink peer's class path.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    flink_iceberg_cp: Option<String>,
     scratch: PathBuf,
+}
+
+/// S10's Keystone engines: the iceberg sink, or the parquet sink.
+fn keystone_lake_config(engine: Engine, brokers: &str) -> String {
+    format!(
+        "keystone-runtime serve (release build, one process running the stage of the plan compiled from pipelines/{}: project, then the {} sink; delivery ExactlyOnce, commitInterval 1 s: at each commit the epoch's files are closed and staged (zstd level 1) before the input offsets are committed, then {}) against Kafka 4.1.1 at {}",
+        if engine == Engine::Keystone {
+            "s10-kafka-iceberg.yaml"
+        } else {
+            "s10-kafka-parquet.yaml"
+        },
+        if engine == Engine::Keystone {
+            "iceberg"
+        } else {
+            "parquet"
+        },
+        if engine == Engine::Keystone {
+            "appended to the table as one snapshot through the REST catalog (sink commitInterval 1 s)"
+        } else {
+            "published by renames into Hive folders by country on a local folder"
+        },
+        brokers
+    )
 }
 
 impl Ctx<'_> {
@@ -162,6 +203,14 @@ impl Ctx<'_> {
                 "keystone-bench search-ceiling: the final documents already projected, each order's changes in sequence order, 1,000 per bulk request with id and external version, on {} keep-alive HTTP/1.1 connections (documents routed by order id), request bodies built before the clock starts; no Kafka, no parsing of events",
                 a.bulk_concurrency
             ),
+            Engine::Keystone if s.is_lake() => keystone_lake_config(engine, &a.brokers),
+            Engine::KeystoneParquet => keystone_lake_config(engine, &a.brokers),
+            Engine::FlinkIceberg => format!(
+                "Flink {FLINK_SEARCH_VERSION} DataStream on a local MiniCluster (peers/flink-iceberg S10Job), flink-connector-kafka 3.3.0-1.19 (KafkaSource from the earliest offset, a new group), Jackson projection to RowData, iceberg-flink-runtime-1.19 {ICEBERG_FLINK_VERSION} FlinkSink (writer + single committer: the data files of each checkpoint appended as one snapshot when it completes: exactly once), checkpoints every 1 s in EXACTLY_ONCE mode (file storage), the same REST catalog (HadoopFileIO on the file:// warehouse), table partitioned identity(country), zstd level 1, parallelism {}, object reuse on, JVM -Xms{h} -Xmx{h}",
+                a.parallelism,
+                h = a.jvm_heap
+            ),
+            Engine::ParquetCeiling => "e2e/bench/lake_s10.py ceiling with the testbed's lake Python: pyarrow write_to_dataset of the same rows (Hive folders by country, zstd level 1), the Arrow table built from the events before the clock starts; no Kafka, no parsing, no commits".to_owned(),
             Engine::Keystone if !s.is_engine_only() => format!(
                 "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: every commitInterval (1 s) the offsets of that moment are committed (async) once the outputs sent before them are acknowledged, without pausing consumption; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
                 a.brokers
@@ -256,8 +305,11 @@ impl Ctx<'_> {
             Engine::FlinkKafka
             | Engine::KafkaStreams
             | Engine::FlinkSearch
-            | Engine::BulkCeiling => {
-                unreachable!("Kafka-mode engines are driven by kafka_run and search_run")
+            | Engine::BulkCeiling
+            | Engine::FlinkIceberg
+            | Engine::KeystoneParquet
+            | Engine::ParquetCeiling => {
+                unreachable!("Kafka-mode engines are driven by kafka_run, search_run and lake_run")
             }
         }
     }
@@ -339,16 +391,7 @@ fn one_run(
     }
     if let Some(reference) = reference {
         match digest::digest_files(&output_files(&output), s.digest_mode()) {
-            Ok(d) => {
-                record.digest_ok = &d == reference;
-                if !record.digest_ok {
-                    record.error = Some(format!(
-                        "output digest {} ({} lines) differs from the reference {} ({} lines)",
-                        d.sha256, d.lines, reference.sha256, reference.lines
-                    ));
-                }
-                record.output = Some(d);
-            }
+            Ok(d) => check_digest(&mut record, d, reference, "output"),
             Err(e) => record.error = Some(format!("cannot digest the output: {e:#}")),
         }
     } else {
@@ -356,6 +399,19 @@ fn one_run(
     }
     clear_outputs(&output);
     Ok((m, record))
+}
+
+/// Records an output's digest and whether it equals the reference's (an error
+/// naming both when not); `what` names the output ("output", "rows").
+fn check_digest(record: &mut RunRecord, d: OutputDigest, reference: &OutputDigest, what: &str) {
+    record.digest_ok = &d == reference;
+    if !record.digest_ok {
+        record.error = Some(format!(
+            "{what} digest {} ({} lines) differs from the reference {} ({} lines)",
+            d.sha256, d.lines, reference.sha256, reference.lines
+        ));
+    }
+    record.output = Some(d);
 }
 
 /// The warm-up and measured rounds, every engine once per round in turn.
@@ -401,6 +457,14 @@ fn print_run(s: Scenario, rec: &RunRecord) {
     );
 }
 
+/// The scenario's engines that `--engines` selects.
+fn selected_engines(args: &RunArgs, s: Scenario) -> Vec<Engine> {
+    s.engines()
+        .into_iter()
+        .filter(|e| engine_selected(args, *e))
+        .collect()
+}
+
 fn engine_selected(args: &RunArgs, engine: Engine) -> bool {
     match &args.engines {
         None => true,
@@ -414,11 +478,7 @@ fn run_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
     let events = count_lines(&input)?;
     eprintln!("[{}] {}: computing the reference output", s.id(), s.title());
     let reference = s.reference(ctx.data)?;
-    let engines: Vec<Engine> = s
-        .engines()
-        .into_iter()
-        .filter(|e| engine_selected(args, *e))
-        .collect();
+    let engines = selected_engines(args, s);
     let load_start = measure::loadavg();
 
     // Start-up cost: each engine on an empty input (reported, not subtracted).
@@ -665,6 +725,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let flink_iceberg_cp = if kafka_wanted(Engine::FlinkIceberg) {
+        Some(build_peer("flink-iceberg", false)?)
+    } else {
+        None
+    };
     let scratch = generate::cache_dir().join("out");
     std::fs::create_dir_all(&scratch)?;
     let limits = Limits::new(&args.cpus, args.mem_limit_mib);
@@ -677,6 +742,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         flink_cp,
         kstreams_cp,
         flink_search_cp,
+        flink_iceberg_cp,
         scratch,
     };
     let mut results = Results::load_or_new(&results_dir.join("RESULTS.json"))?;
@@ -690,6 +756,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 run_latency_scenario(&ctx, s)?
             } else if s.is_search() {
                 run_search_scenario(&ctx, s)?
+            } else if s.is_lake() {
+                run_lake_scenario(&ctx, s)?
             } else {
                 // Not measured by this command: keep what the results file says.
                 continue;
@@ -736,13 +804,25 @@ fn run_search_scenario(_: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
     )
 }
 
+#[cfg(not(feature = "kafka"))]
+fn run_lake_scenario(_: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
+    bail!(
+        "{} runs on Kafka: build the runner with `cargo build --release -p keystone-bench --features kafka`",
+        s.id()
+    )
+}
+
 // The Kafka-mode scenarios (S5-S7) and S9 drive a broker (and OpenSearch):
 // built with the kafka feature only.
 #[cfg(feature = "kafka")]
 mod kafka_mode;
+#[cfg(feature = "kafka")]
+mod s10;
 #[cfg(feature = "kafka")]
 mod s9;
 #[cfg(feature = "kafka")]
 use kafka_mode::{run_kafka_scenario, run_latency_scenario};
 #[cfg(feature = "kafka")]
 use s9::run_search_scenario;
+#[cfg(feature = "kafka")]
+use s10::run_lake_scenario;

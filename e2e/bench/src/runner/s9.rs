@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::bail;
 
-use super::kafka_mode::{empty_record, keystone_serve};
-use super::{Ctx, Summary, bench_dir, count_lines, engine_selected, rounds, summarize};
+use super::kafka_mode::{empty_record, keystone_serve, load_once};
+use super::{Ctx, Summary, bench_dir, count_lines, rounds, selected_engines, summarize};
 use crate::measure;
 use crate::report::{RunRecord, ScenarioResult, Stat};
 use crate::scenario::{Engine, Scenario};
@@ -64,25 +64,8 @@ pub(super) fn run_search_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scen
     let docs_file = ctx.scratch.join("s9-documents.tsv");
     search::write_docs(&docs_file, &reference)?;
     let source = "bench.cdc";
-    match crate::kafka::drive::records(&args.brokers, source)? {
-        Some((2, n)) if n as u64 == events => {}
-        _ => {
-            eprintln!("[{}] loading {events} CDC events into {source}", s.id());
-            crate::kafka::load(&crate::kafka::LoadArgs {
-                brokers: args.brokers.clone(),
-                topic: source.into(),
-                partitions: 2,
-                input: Some(input.clone()),
-                key_field: "order_id".into(),
-                data: args.data.clone(),
-            })?;
-        }
-    }
-    let engines: Vec<Engine> = s
-        .engines()
-        .into_iter()
-        .filter(|e| engine_selected(args, *e))
-        .collect();
+    load_once(ctx, s, source, &input, events, "order_id")?;
+    let engines = selected_engines(args, s);
     let load_start = measure::loadavg();
     let runs = rounds(ctx, s, &engines, |engine, round| {
         search_run(ctx, engine, round, events, &reference, &docs_file, source)
