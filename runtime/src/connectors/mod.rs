@@ -156,6 +156,12 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// The instance stops after its final commit: publish now what waits for
+    /// a later publish (a commit interval), so that a stopped pipeline's
+    /// destination holds everything it committed. What cannot be published
+    /// stays staged and named in that commit, for whoever reads next.
+    fn finish(&mut self) {}
+
     /// The host goes back to its last commit: drop what is staged or buffered;
     /// the events will be written again.
     fn abort(&mut self) {}

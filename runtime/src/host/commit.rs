@@ -449,6 +449,13 @@ impl Core {
         Ok(prepared)
     }
 
+    /// After the final commit (see `Sink::finish`).
+    pub(super) fn finish_sinks(&mut self) {
+        if let Route::Sinks(sinks) = &mut self.route {
+            sinks.finish();
+        }
+    }
+
     fn publish_sinks(&mut self) -> Result<(), ServeError> {
         if let Route::Sinks(sinks) = &mut self.route {
             sinks.publish()?;

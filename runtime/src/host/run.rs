@@ -350,6 +350,7 @@ pub(super) fn run(
     shared.watchdog.disarm();
     let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
     core.commit(&consumer, "shutdown")?;
+    core.finish_sinks();
     core.publish_metrics();
     shared.running.store(false, Ordering::SeqCst);
     tracing::info!("stopped after a final commit");

@@ -67,6 +67,12 @@ impl Sinks {
         Ok(())
     }
 
+    pub(super) fn finish(&mut self) {
+        for sink in &mut self.sinks {
+            sink.finish();
+        }
+    }
+
     /// Whether some sink stages and publishes (and so has epochs to recover).
     pub(super) fn two_phase(&self) -> bool {
         self.sinks

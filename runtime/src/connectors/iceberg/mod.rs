@@ -64,6 +64,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the sink waits for the catalog when it starts; beyond that it
 /// starts anyway and opens the table at the first `prepare`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long appending may take after the final commit (the pod's shutdown
+/// grace is 25 s, the commit comes first).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The Iceberg sink (see the module documentation).
 pub struct IcebergSink {
@@ -401,8 +404,8 @@ impl IcebergSink {
     /// Appends every staged epoch the last commit covers (and every
     /// recovered one) as one snapshot, then deletes their staging manifests.
     /// Appends the staged epochs; the table as of the append, if one was read.
-    fn append_staged(&mut self) -> Result<Option<Table>, LakeError> {
-        self.bind(IO_TIMEOUT)?;
+    fn append_staged(&mut self, limit: Duration) -> Result<Option<Table>, LakeError> {
+        self.bind(limit)?;
         let mut epochs: BTreeMap<EpochId, Held> = BTreeMap::new();
         for marker in &self.ledger.recovered {
             for epoch in marker.epochs() {
@@ -422,7 +425,7 @@ impl IcebergSink {
         let what = format!("appending to table {}", self.table.show());
         let appended = self.run(
             &what,
-            IO_TIMEOUT,
+            limit,
             commit::append(self.catalog.as_ref(), &self.table.ident, &who, &mut epochs),
         )?;
         if let Some(snapshot) = appended.snapshot {
@@ -445,7 +448,7 @@ impl IcebergSink {
                 }
                 Ok(())
             };
-            let _ = self.run("deleting staging manifests", IO_TIMEOUT, deleting);
+            let _ = self.run("deleting staging manifests", limit, deleting);
         }
         self.ledger.recovered.clear();
         self.staged_files.clear();
@@ -535,12 +538,27 @@ impl Sink for IcebergSink {
         if !due {
             return Ok(());
         }
-        if let Err(error) = self.append_staged() {
+        if let Err(error) = self.append_staged(IO_TIMEOUT) {
             // The epochs stay staged and named in the next commits: appending
             // is tried again then, or by whoever reads these partitions next.
             tracing::warn!(sink = %self.name, %error, "appending the staged epochs failed; trying again at the next commit");
         }
         Ok(())
+    }
+
+    fn finish(&mut self) {
+        if self.ledger.marker().is_none() && self.ledger.recovered.is_empty() {
+            return;
+        }
+        // Within the pod's shutdown grace, whatever the commit interval.
+        match self.append_staged(FINISH_TIMEOUT) {
+            Ok(_) => {
+                tracing::info!(sink = %self.name, "appended the staged epochs before stopping")
+            }
+            Err(error) => {
+                tracing::warn!(sink = %self.name, %error, "appending the staged epochs before stopping failed; whoever reads these partitions next appends them");
+            }
+        }
     }
 
     fn abort(&mut self) {
@@ -587,7 +605,7 @@ impl Sink for IcebergSink {
         }
         // The replay must skip what these epochs hold too: they are appended
         // now, and the table's provenance read again, before it starts.
-        let table = self.append_staged().map_err(|e| self.error(e))?;
+        let table = self.append_staged(IO_TIMEOUT).map_err(|e| self.error(e))?;
         if let Some(table) = table {
             self.replay
                 .renew(commit::delivered(&table, self.replay_from.as_ref()));

@@ -812,6 +812,27 @@ fn a_replay_skips_what_committed_epochs_not_yet_appended_hold() {
 }
 
 #[test]
+fn a_stopping_instance_appends_what_waits_for_the_commit_interval() {
+    let lake = Lake::new("finish");
+    let mut sink = lake.sink(&["country"], 3600);
+    write(&mut sink, 0..6);
+    prepare(&mut sink);
+    sink.publish().unwrap();
+    let texts: Vec<String> = (6..9).map(event).collect();
+    assert!(write_texts_from(&mut sink, 6, &texts).is_empty());
+    prepare(&mut sink);
+    sink.publish().unwrap();
+    assert_eq!(lake.summaries().len(), 1, "epoch 2 waits for the interval");
+    sink.finish();
+    assert_eq!(lake.summaries().len(), 2);
+    assert_eq!(lake.ids(), (0..9).collect::<Vec<_>>());
+    assert!(
+        sink.staged().is_empty(),
+        "nothing left for the next instance"
+    );
+}
+
+#[test]
 fn new_optional_fields_of_the_contract_become_columns_of_the_table() {
     let lake = Lake::new("evolve");
     // Without the struct column: the crate's scan cannot read a struct
