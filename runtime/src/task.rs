@@ -43,6 +43,15 @@ pub struct StepMetrics {
 }
 
 impl StepMetrics {
+    /// Adds `other`'s counts and busy time (not its name).
+    pub fn add(&mut self, other: &StepMetrics) {
+        self.events_in += other.events_in;
+        self.events_out += other.events_out;
+        self.dropped += other.dropped;
+        self.dead_lettered += other.dead_lettered;
+        self.busy += other.busy;
+    }
+
     /// Events in per second of busy time.
     pub fn throughput(&self) -> Option<f64> {
         let secs = self.busy.as_secs_f64();
@@ -94,37 +103,62 @@ impl SourceCheck {
         records: impl IntoIterator<Item = (Vec<u8>, Option<Provenance>)>,
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Vec<Event> {
+        let checked = self.check_apart(records);
+        self.metrics.add(&checked.metrics);
+        dead_letters.extend(checked.dead_letters);
+        checked.events
+    }
+
+    /// As [`check`](Self::check), without touching this checker: what it
+    /// found and counted comes back whole, for the task that takes it
+    /// ([`StageTask::push_checked`]). A serving stage checks on another
+    /// thread than its steps this way.
+    pub fn check_apart(
+        &self,
+        records: impl IntoIterator<Item = (Vec<u8>, Option<Provenance>)>,
+    ) -> Checked {
         let started = Instant::now();
-        let mut batch = Vec::new();
-        let mut dead_letter = |original: Vec<u8>, reason: String| {
-            self.metrics.dead_lettered += 1;
-            dead_letters.push(DeadLetter {
-                step: SOURCE_STEP.to_owned(),
-                reason,
-                original,
-            });
-        };
+        let mut checked = Checked::default();
         for (raw, source) in records {
-            self.metrics.events_in += 1;
-            match Event::parse(raw) {
+            checked.metrics.events_in += 1;
+            let refused = match Event::parse(raw) {
                 Ok(mut event) => match self.schema.as_ref().map(|v| v.check(&event.value)) {
-                    Some(Err(reason)) => dead_letter(event.raw, reason),
+                    Some(Err(reason)) => Some((event.raw, reason)),
                     _ => {
                         event.source = source;
-                        batch.push(event);
+                        checked.events.push(event);
+                        None
                     }
                 },
-                Err((raw, reason)) => dead_letter(raw, reason),
+                Err(refused) => Some(refused),
+            };
+            if let Some((original, reason)) = refused {
+                checked.metrics.dead_lettered += 1;
+                checked.dead_letters.push(DeadLetter {
+                    step: SOURCE_STEP.to_owned(),
+                    reason,
+                    original,
+                });
             }
         }
-        self.metrics.events_out += batch.len() as u64;
-        self.metrics.busy += started.elapsed();
-        batch
+        checked.metrics.events_out += checked.events.len() as u64;
+        checked.metrics.busy += started.elapsed();
+        checked
     }
 
     pub fn metrics(&self) -> &StepMetrics {
         &self.metrics
     }
+}
+
+/// Input parsed and checked apart from its task
+/// ([`SourceCheck::check_apart`]): the events in input order, the refused
+/// records as dead letters of step `source`, and the source check's counts.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub events: Vec<Event>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub metrics: StepMetrics,
 }
 
 /// One instance of a stage's chain of steps.
@@ -241,6 +275,15 @@ impl StageTask {
     ) {
         let batch = self.source.check(records, &mut self.dead_letters);
         self.push_events(batch);
+    }
+
+    /// Runs input checked apart ([`SourceCheck::check_apart`] with this
+    /// task's source schema) through the steps, as
+    /// [`push_records`](Self::push_records) would have.
+    pub fn push_checked(&mut self, checked: Checked) {
+        self.source.metrics.add(&checked.metrics);
+        self.dead_letters.extend(checked.dead_letters);
+        self.push_events(checked.events);
     }
 
     /// Runs parsed events (for example the previous stage's output in local mode)

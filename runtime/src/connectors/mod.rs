@@ -51,7 +51,8 @@ pub enum Guarantee {
 /// One event as the sinks receive it.
 pub struct SinkRecord<'a> {
     pub event: &'a Event,
-    /// The event serialized once for every sink.
+    /// The event serialized once for every sink; empty when no sink of the
+    /// stage [takes it](Sink::takes_serialized).
     pub value: &'a [u8],
 }
 
@@ -137,6 +138,13 @@ pub trait Sink: Send {
     fn name(&self) -> &str;
 
     fn guarantee(&self) -> Guarantee;
+
+    /// Whether [`write`](Self::write) reads [`SinkRecord::value`]. The host
+    /// serializes an event only when some sink does, and only then refuses
+    /// an event too large to be one record (a column holds any size).
+    fn takes_serialized(&self) -> bool {
+        true
+    }
 
     /// Takes one event. Refused events go to `out.dead_letters`.
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError>;

@@ -4,7 +4,8 @@
 //! headers, the sinks bound to the commit protocol (`crate::connectors`), and the
 //! operations endpoints.
 //!
-//! Modules by concern: `run` (the loop), `process` (tasks, routing to the next
+//! Modules by concern: `run` (the loop), `parse` (parsing a polled batch on a
+//! second thread ahead of the steps), `process` (tasks, routing to the next
 //! stage or the sinks, dead letters), `commit` (transactions, at-least-once
 //! epochs, rewinds), `checkpoint` (barriers, stop, resume), `rebalance`
 //! (assignments), `restore` (state from changelogs and `--restore` plans),
@@ -42,6 +43,7 @@ mod commit;
 mod control;
 mod http;
 mod metrics;
+mod parse;
 mod process;
 mod rebalance;
 mod restore;

@@ -17,6 +17,7 @@ use crate::clock::SystemClock;
 use crate::connectors::SinkOutput;
 use crate::event::{DeadLetter, FieldPath, Provenance, too_large_to_write};
 use crate::host::commit::SealedEpoch;
+use crate::host::parse::{self, Parsed};
 use crate::host::rebalance::ConsumerCtx;
 use crate::host::restore::ActiveRestore;
 use crate::host::sinks::Sinks;
@@ -24,7 +25,7 @@ use crate::host::tables::Tables;
 use crate::host::{ServeError, Shared};
 use crate::kafka::outbox::Outbox;
 use crate::kafka::records::{provenance_headers, record_key};
-use crate::task::{StageTask, StepMetrics, TaskOptions};
+use crate::task::{SourceCheck, StageTask, StepMetrics, TaskOptions};
 
 /// Records of one input partition as polled: offset, value and the source record
 /// they come from.
@@ -58,6 +59,9 @@ pub(super) struct Core {
     pub(super) route: Route,
     pub(super) state_sources: Vec<StateSource>,
     pub(super) tasks: BTreeMap<i32, StageTask>,
+    /// Parses and checks input for every task (their source check, shared
+    /// with the thread that parses ahead).
+    pub(super) checker: Arc<SourceCheck>,
     pub(super) tables: Tables,
     /// Partitions whose timers may fire: they processed input since they were
     /// (re)assigned, or have none waiting. Until then a restored task's
@@ -116,28 +120,33 @@ impl Core {
         .map_err(ServeError::Runtime)
     }
 
-    /// Processes records of one partition (in offset order).
-    pub(super) fn process(&mut self, partition: i32, records: Records) -> Result<(), ServeError> {
+    /// Processes a polled batch, partition by partition in offset order,
+    /// parsing ahead of the steps on a second thread (see [`parse`](super::parse)).
+    pub(super) fn process(&mut self, batch: BTreeMap<i32, Records>) -> Result<(), ServeError> {
+        let checker = self.checker.clone();
+        parse::parse_ahead(&checker, batch, |parsed| self.process_parsed(parsed))
+    }
+
+    /// Runs one partition's parsed records through its task and routes what
+    /// comes out.
+    fn process_parsed(&mut self, parsed: Parsed) -> Result<(), ServeError> {
+        let Parsed {
+            partition,
+            last_offset,
+            mut offsets,
+            checked,
+        } = parsed;
         if !self.tasks.contains_key(&partition) {
             // Records of a partition revoked while they were buffered: the new
             // owner reprocesses them from the committed offset.
             return Ok(());
         }
-        let Some(last_offset) = records.last().map(|(offset, _, _)| *offset) else {
-            return Ok(());
-        };
         self.begin_if_needed()?;
-        // The whole batch goes through the steps at once; dead letters find their
-        // offsets again by their original bytes.
-        let mut offsets = OffsetLookup::default();
         let Some(task) = self.tasks.get_mut(&partition) else {
             return Ok(());
         };
-        task.push_records(records.into_iter().map(|(offset, payload, source)| {
-            let payload = payload.unwrap_or_default();
-            offsets.record(&payload, offset);
-            (payload, source)
-        }));
+        // Dead letters find their offsets again by their original bytes.
+        task.push_checked(checked);
         let input_topic = self.stage.input.topic.clone();
         self.drain(partition, &input_topic, &mut offsets)?;
         self.positions.insert(partition, last_offset + 1);
@@ -177,8 +186,17 @@ impl Core {
             .iter()
             .map(|record| task.changelog_topic(record.step).map(str::to_owned))
             .collect();
+        let serialize = match &self.route {
+            Route::Repartition { .. } => true,
+            Route::Sinks(sinks) => sinks.takes_serialized(),
+        };
         for event in events {
-            let value = sonic_rs::to_vec(&event.value).unwrap_or_default();
+            // Columns (the lake sinks) read the document itself.
+            let value = if serialize {
+                sonic_rs::to_vec(&event.value).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             if let Some(reason) = too_large_to_write(value.len()) {
                 let step = match self.route {
                     Route::Repartition { .. } => "repartition",

@@ -39,6 +39,7 @@ use crate::host::{ServeArgs, ServeError, Shared};
 use crate::kafka::outbox::Outbox;
 use crate::kafka::records::provenance_of;
 use crate::kafka::{KAFKA_TIMEOUT, config};
+use crate::task::SourceCheck;
 
 /// Records taken from `poll` before they are processed together.
 const MAX_BATCH: usize = 2048;
@@ -144,6 +145,9 @@ pub(super) fn run(
         route,
         state_sources,
         tasks: BTreeMap::new(),
+        checker: Arc::new(SourceCheck::new(
+            reads_source.then_some(&plan.source.schema),
+        )),
         tables: Tables {
             reader: table_reader,
             assignment: BTreeSet::new(),
@@ -274,11 +278,8 @@ pub(super) fn run(
             // again from the committed offsets on resume.
             batch.clear();
         }
-        for (partition, records) in batch {
-            if step_result.is_err() {
-                break;
-            }
-            step_result = core.process(partition, records);
+        if step_result.is_ok() {
+            step_result = core.process(batch);
         }
         // Timers wait while intake is stopped or held: a held-back event released
         // now would go ahead of its predecessor, still unread in the topic.

@@ -11,11 +11,21 @@ use crate::event::Event;
 /// Every sink of the plan; each receives every event that reaches the sinks.
 pub(super) struct Sinks {
     sinks: Vec<Box<dyn Sink>>,
+    takes_serialized: bool,
 }
 
 impl Sinks {
     pub(super) fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
-        Self { sinks }
+        let takes_serialized = sinks.iter().any(|sink| sink.takes_serialized());
+        Self {
+            sinks,
+            takes_serialized,
+        }
+    }
+
+    /// Whether some sink reads the serialized event.
+    pub(super) fn takes_serialized(&self) -> bool {
+        self.takes_serialized
     }
 
     /// Writes one event to every sink; what a sink refuses goes to `out`.

@@ -21,7 +21,8 @@ pub struct Rows {
     schema: Arc<ArrowSchema>,
     builders: Vec<ColumnBuilder>,
     len: usize,
-    /// The JSON size of the rows taken, a cheap measure of what they weigh.
+    /// The bytes of the values taken (strings at their length, numbers at
+    /// eight), a cheap measure of what the rows weigh in memory.
     bytes: usize,
 }
 
@@ -71,16 +72,14 @@ impl Rows {
     }
 
     /// Takes `event` as a row, or says why it does not fit (nothing taken).
-    /// `bytes` is its serialized size.
-    pub fn push(&mut self, event: &Value, bytes: usize) -> Result<(), String> {
+    pub fn push(&mut self, event: &Value) -> Result<(), String> {
         for column in self.columns.iter() {
             check(column, event.get(column.name.as_str()))?;
         }
         for (column, builder) in self.columns.iter().zip(&mut self.builders) {
-            builder.append(column, event.get(column.name.as_str()));
+            self.bytes += builder.append(column, event.get(column.name.as_str()));
         }
         self.len += 1;
-        self.bytes += bytes;
         Ok(())
     }
 
@@ -187,29 +186,55 @@ impl ColumnBuilder {
         }
     }
 
-    /// Appends a value `check` accepted (or a null).
-    fn append(&mut self, column: &Column, value: Option<&Value>) {
+    /// Appends a value `check` accepted (or a null); returns the bytes it
+    /// weighs.
+    fn append(&mut self, column: &Column, value: Option<&Value>) -> usize {
+        const NUMBER: usize = 8;
         let value = present(value);
         match self {
             ColumnBuilder::String(b) => match value {
                 Some(v) if matches!(column.kind, ColumnKind::Json) => {
-                    b.append_value(sonic_rs::to_string(v).unwrap_or_default())
+                    let text = sonic_rs::to_string(v).unwrap_or_default();
+                    b.append_value(&text);
+                    text.len()
                 }
-                Some(v) => b.append_option(v.as_str()),
-                None => b.append_null(),
+                Some(v) => {
+                    let text = v.as_str();
+                    b.append_option(text);
+                    text.map_or(0, str::len)
+                }
+                None => {
+                    b.append_null();
+                    0
+                }
             },
-            ColumnBuilder::Long(b) => b.append_option(value.and_then(|v| v.as_i64())),
-            ColumnBuilder::Double(b) => b.append_option(value.and_then(|v| v.as_f64())),
-            ColumnBuilder::Boolean(b) => b.append_option(value.and_then(|v| v.as_bool())),
-            ColumnBuilder::Timestamp(b) => b.append_option(value.and_then(timestamp_micros)),
+            ColumnBuilder::Long(b) => {
+                b.append_option(value.and_then(|v| v.as_i64()));
+                NUMBER
+            }
+            ColumnBuilder::Double(b) => {
+                b.append_option(value.and_then(|v| v.as_f64()));
+                NUMBER
+            }
+            ColumnBuilder::Boolean(b) => {
+                b.append_option(value.and_then(|v| v.as_bool()));
+                1
+            }
+            ColumnBuilder::Timestamp(b) => {
+                b.append_option(value.and_then(timestamp_micros));
+                NUMBER
+            }
             ColumnBuilder::Struct { members, valid, .. } => {
                 let ColumnKind::Struct(columns) = &column.kind else {
-                    return;
+                    return 0;
                 };
+                let mut bytes = 0;
                 for (member, builder) in columns.iter().zip(members.iter_mut()) {
-                    builder.append(member, value.and_then(|v| v.get(member.name.as_str())));
+                    bytes +=
+                        builder.append(member, value.and_then(|v| v.get(member.name.as_str())));
                 }
                 valid.push(value.is_some());
+                bytes
             }
         }
     }
