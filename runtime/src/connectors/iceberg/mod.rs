@@ -10,7 +10,8 @@
 //!   type or a required column the events may lack is a permanent error.
 //! - [`Sink::write`] buffers rows (an event that does not fit is a dead
 //!   letter naming the column) and writes them, every [`BATCH_ROWS`], into
-//!   the epoch's Parquet files, one writer per partition.
+//!   the epoch's Parquet files, one writer per partition, on the sink's I/O
+//!   runtime: encoding and compressing run beside the stage's thread.
 //! - [`Sink::prepare`] closes the epoch's files and stages them: a staging
 //!   manifest beside the table's metadata names them.
 //! - [`Sink::publish`] appends every staged epoch as one snapshot, at most
@@ -86,9 +87,15 @@ pub struct IcebergSink {
     /// are closed: a failed try writes them again.
     batches: Vec<RecordBatch>,
     batch_bytes: usize,
-    /// The open files of the current epoch and how many of `batches` they hold.
+    /// The open files of the current epoch and how many of `batches` they
+    /// hold (or are being written into them).
     writer: Option<EpochWriter>,
     written: usize,
+    /// Batches being encoded into the files on the I/O runtime, off the
+    /// stage's thread; the files come back when they are written. At most
+    /// one such write at a time (the next waits for it), so the stage never
+    /// runs more than a batch ahead of its files.
+    writing: Option<tokio::task::JoinHandle<Result<EpochWriter, LakeError>>>,
     /// Tries at writing the current epoch (part of the file names).
     attempt: u32,
     /// Files of the current epoch closed but not yet staged.
@@ -170,6 +177,7 @@ impl IcebergSink {
             batch_bytes: 0,
             writer: None,
             written: 0,
+            writing: None,
             attempt: 0,
             closed: None,
             ledger,
@@ -254,28 +262,69 @@ impl IcebergSink {
         Ok(())
     }
 
-    /// Writes the epoch's batches not yet in its files (opening them first).
-    /// On failure the files are abandoned: the next try writes every batch
-    /// again into new ones.
-    fn write_batches(&mut self) -> Result<(), LakeError> {
+    /// Starts writing the epoch's batches not yet in its files (opening them
+    /// first) on the I/O runtime, after the write before it has finished;
+    /// with `settle`, waits for it too. On failure the files are abandoned:
+    /// the next try writes every batch again into new ones.
+    fn write_batches(&mut self, settle: bool) -> Result<(), LakeError> {
         if self.bound.is_none() {
             return Ok(());
         }
-        let writer = self.writer.take();
-        match self.write_into(writer) {
+        self.settle_writing()?;
+        if self.written < self.batches.len() {
+            let writing = self.start_writing();
+            match writing {
+                Ok(handle) => {
+                    self.writing = Some(handle);
+                    self.written = self.batches.len();
+                }
+                Err(error) => {
+                    self.abandon_files();
+                    return Err(error);
+                }
+            }
+        }
+        if settle {
+            self.settle_writing()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write under way, if any, and takes the files back.
+    fn settle_writing(&mut self) -> Result<(), LakeError> {
+        let Some(handle) = self.writing.take() else {
+            return Ok(());
+        };
+        let what = format!("writing data files of table {}", self.table.show());
+        let abort = handle.abort_handle();
+        let settled = self.run(&what, IO_TIMEOUT, async {
+            handle.await.unwrap_or_else(|joined| {
+                Err(LakeError::Iceberg {
+                    what: what.clone(),
+                    source: Box::new(iceberg::Error::new(
+                        iceberg::ErrorKind::Unexpected,
+                        format!("the write stopped: {joined}"),
+                    )),
+                })
+            })
+        });
+        match settled {
             Ok(writer) => {
                 self.writer = Some(writer);
-                self.written = self.batches.len();
                 Ok(())
             }
             Err(error) => {
+                abort.abort();
                 self.abandon_files();
                 Err(error)
             }
         }
     }
 
-    fn write_into(&self, writer: Option<EpochWriter>) -> Result<EpochWriter, LakeError> {
+    /// Spawns the write of the batches not yet in the files.
+    fn start_writing(
+        &mut self,
+    ) -> Result<tokio::task::JoinHandle<Result<EpochWriter, LakeError>>, LakeError> {
         let what = format!("writing data files of table {}", self.table.show());
         let Some(bound) = &self.bound else {
             return Err(LakeError::Table {
@@ -283,7 +332,7 @@ impl IcebergSink {
                 message: "not opened yet".to_owned(),
             });
         };
-        let mut writer = match writer {
+        let mut writer = match self.writer.take() {
             Some(writer) => writer,
             None => {
                 let prefix = format!(
@@ -300,7 +349,7 @@ impl IcebergSink {
             .iter()
             .map(|batch| bound.shape.conform(batch))
             .collect::<Result<Vec<_>, _>>()?;
-        self.run(&what, IO_TIMEOUT, async {
+        Ok(self.io.spawn(async move {
             for batch in shaped {
                 writer
                     .write(batch)
@@ -311,12 +360,15 @@ impl IcebergSink {
                     })?;
             }
             Ok(writer)
-        })
+        }))
     }
 
     /// Drops the open files (orphans); the next try starts new ones.
     fn abandon_files(&mut self) {
         let _context = self.io.enter();
+        if let Some(writing) = self.writing.take() {
+            writing.abort();
+        }
         self.writer = None;
         self.written = 0;
         self.attempt += 1;
@@ -333,7 +385,7 @@ impl IcebergSink {
             return Ok(false);
         }
         if !self.batches.is_empty() {
-            if let Err(error) = self.write_batches() {
+            if let Err(error) = self.write_batches(true) {
                 tracing::warn!(sink = %self.name, %error, "writing data files failed; trying again at the next commit");
                 return Ok(false);
             }
@@ -485,12 +537,16 @@ impl Sink for IcebergSink {
         Guarantee::TwoPhase
     }
 
+    fn takes_serialized(&self) -> bool {
+        false
+    }
+
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
         let source = record.event.source;
         if self.replay.skips(source) {
             return Ok(());
         }
-        if let Err(reason) = self.rows.push(&record.event.value, record.value.len()) {
+        if let Err(reason) = self.rows.push(&record.event.value) {
             self.refuse(record, reason, out);
             return Ok(());
         }
@@ -499,7 +555,7 @@ impl Sink for IcebergSink {
         }
         if self.rows.len() >= BATCH_ROWS {
             self.take_rows().map_err(|e| self.error(e))?;
-            if let Err(error) = self.write_batches() {
+            if let Err(error) = self.write_batches(false) {
                 // The batches are kept: `prepare` writes them again.
                 tracing::warn!(sink = %self.name, %error, "writing data files failed; trying again at the next commit");
             }

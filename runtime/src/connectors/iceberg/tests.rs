@@ -541,6 +541,24 @@ fn batches_are_written_as_they_fill_and_files_close_at_prepare() {
 }
 
 #[test]
+fn an_abort_while_a_batch_is_being_written_leaves_none_of_it_in_the_table() {
+    let lake = Lake::new("abort-writing");
+    let mut sink = lake.sink(&["country"], 60);
+    let n = BATCH_ROWS as i64;
+    write(&mut sink, 0..n);
+    assert!(
+        sink.writing.is_some(),
+        "a full batch is written beside the stage's thread"
+    );
+    sink.abort();
+    assert!(sink.writing.is_none());
+    write(&mut sink, n..n + 5);
+    prepare(&mut sink);
+    sink.publish().unwrap();
+    assert_eq!(lake.ids(), (n..n + 5).collect::<Vec<_>>());
+}
+
+#[test]
 fn an_event_that_does_not_fit_is_a_dead_letter_naming_the_column() {
     let lake = Lake::new("dead");
     let mut sink = lake.sink(&[], 60);

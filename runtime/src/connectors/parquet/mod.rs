@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_array::RecordBatch;
 use futures::TryStreamExt;
 use keystone_crds::plan::PlanSink;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -43,7 +44,8 @@ use super::lake::{EpochLedger, LakeError, StagedEpochs};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
 use crate::event::DeadLetter;
 
-/// A file closes when its rows reach this many bytes of JSON.
+/// A file closes when its rows reach this many bytes of values (see
+/// [`Rows::bytes`]).
 pub const FILE_BYTES: usize = 128 * 1024 * 1024;
 /// Where published epochs record their source records.
 const PROVENANCE: &str = "_keystone/provenance";
@@ -81,6 +83,13 @@ pub struct ParquetSink {
     /// After a rollback: where the replay starts (`None`: every partition
     /// from its beginning), to read the published provenance again from.
     replay_from: Option<BTreeMap<i32, i64>>,
+}
+
+/// One file's rows as zstd Parquet.
+fn encode(batch: &RecordBatch, properties: &WriterProperties) -> Result<Vec<u8>, LakeError> {
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties.clone()))?;
+    writer.write(batch)?;
+    Ok(writer.into_inner()?)
 }
 
 struct OpenFile {
@@ -159,20 +168,70 @@ impl ParquetSink {
     /// Closes the open file of `folder`: encoded, and queued for upload under
     /// the current epoch's staging prefix.
     fn close(&mut self, folder: &Folder) -> Result<(), LakeError> {
-        let Some(mut file) = self.open.remove(folder) else {
+        let Some(batch) = self.take_file(folder)? else {
             return Ok(());
         };
-        if file.rows.is_empty() {
-            return Ok(());
+        let bytes = encode(&batch, &self.properties)?;
+        self.queue(folder, bytes);
+        Ok(())
+    }
+
+    /// Closes every open file, encoding them on two threads (a commit closes
+    /// a file per folder, and encoding is most of a commit's work).
+    fn close_all(&mut self) -> Result<(), LakeError> {
+        let folders: Vec<Folder> = self.open.keys().cloned().collect();
+        let mut batches = Vec::new();
+        for folder in folders {
+            if let Some(batch) = self.take_file(&folder)? {
+                batches.push((folder, batch));
+            }
         }
-        let batch = file.rows.take_batch()?;
-        let mut writer = ArrowWriter::try_new(
-            Vec::new(),
-            file.rows.schema().clone(),
-            Some(self.properties.clone()),
-        )?;
-        writer.write(&batch)?;
-        let bytes = writer.into_inner()?;
+        let properties = &self.properties;
+        let encoded: Vec<(Folder, Result<Vec<u8>, LakeError>)> = std::thread::scope(|scope| {
+            // The second half on another thread, the first here.
+            let half = batches.len() / 2;
+            let (mine, theirs) = batches.split_at(batches.len() - half);
+            let other = (!theirs.is_empty()).then(|| {
+                scope.spawn(move || {
+                    theirs
+                        .iter()
+                        .map(|(folder, batch)| (folder.clone(), encode(batch, properties)))
+                        .collect::<Vec<_>>()
+                })
+            });
+            let mut encoded: Vec<_> = mine
+                .iter()
+                .map(|(folder, batch)| (folder.clone(), encode(batch, properties)))
+                .collect();
+            if let Some(other) = other {
+                encoded.extend(
+                    other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            encoded
+        });
+        for (folder, bytes) in encoded {
+            self.queue(&folder, bytes?);
+        }
+        Ok(())
+    }
+
+    /// Takes the rows of `folder`'s open file, which closes; `None` for no file.
+    fn take_file(&mut self, folder: &Folder) -> Result<Option<RecordBatch>, LakeError> {
+        let Some(mut file) = self.open.remove(folder) else {
+            return Ok(None);
+        };
+        if file.rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(file.rows.take_batch()?))
+    }
+
+    /// Queues a closed file of `folder` for upload under the current epoch's
+    /// staging prefix.
+    fn queue(&mut self, folder: &Folder, bytes: Vec<u8>) {
         let n = self.files_in_epoch.entry(folder.clone()).or_insert(0);
         let name = file_name(&self.ledger.instance, self.ledger.current, *n);
         *n += 1;
@@ -182,12 +241,6 @@ impl ParquetSink {
         );
         self.unuploaded_bytes += bytes.len();
         self.unuploaded.push((staged, bytes));
-        Ok(())
-    }
-
-    fn close_all(&mut self) -> Result<(), LakeError> {
-        let folders: Vec<Folder> = self.open.keys().cloned().collect();
-        folders.iter().try_for_each(|f| self.close(f))
     }
 
     /// Uploads the closed files; false when the store did not take them all
@@ -364,6 +417,10 @@ impl Sink for ParquetSink {
         Guarantee::TwoPhase
     }
 
+    fn takes_serialized(&self) -> bool {
+        false
+    }
+
     fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
         let source = record.event.source;
         if self.replay.skips(source) {
@@ -382,7 +439,7 @@ impl Sink for ParquetSink {
             rows: Rows::new(columns.clone()),
             opened: Instant::now(),
         });
-        if let Err(reason) = file.rows.push(value, record.value.len()) {
+        if let Err(reason) = file.rows.push(value) {
             self.refuse(record, reason, out);
             return Ok(());
         }
