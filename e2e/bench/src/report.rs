@@ -42,6 +42,11 @@ impl Stat {
     }
 }
 
+/// serde_json writes a NaN (a figure not measured) as `null`.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRecord {
     pub round: usize,
@@ -52,9 +57,13 @@ pub struct RunRecord {
     /// (without JVM and MiniCluster start) for the JVM peers when they report it.
     pub engine_s: f64,
     pub time_basis: String,
+    /// Not measured (NaN) is written as JSON `null` and read back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub cpu_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub peak_rss_mib: f64,
     pub events_per_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub cpu_s_per_m_events: f64,
     pub output: Option<OutputDigest>,
     pub digest_ok: bool,
@@ -554,5 +563,27 @@ impl Results {
             }
         }
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_figure_not_measured_survives_being_written_and_read_back() {
+        let written = serde_json::json!({
+            "round": 3, "warmup": false, "engine": "keystone-parquet",
+            "wall_s": 18.9, "engine_s": 17.1, "time_basis": "publish",
+            "cpu_s": f64::NAN, "peak_rss_mib": f64::NAN, "events_per_s": 109407.4,
+            "cpu_s_per_m_events": f64::NAN, "output": null, "digest_ok": true,
+            "loadavg_1m": 1.2, "error": null
+        })
+        .to_string();
+        assert!(written.contains(r#""cpu_s":null"#), "{written}");
+        let read: RunRecord = serde_json::from_str(&written).unwrap();
+        assert!(read.cpu_s.is_nan() && read.peak_rss_mib.is_nan());
+        assert!(read.cpu_s_per_m_events.is_nan());
+        assert_eq!(read.events_per_s, 109407.4);
     }
 }
