@@ -390,10 +390,7 @@ pub(super) fn add_task_metrics(totals: &mut BTreeMap<String, StepMetrics>, task:
                 name: metrics.name.clone(),
                 ..StepMetrics::default()
             });
-        total.events_in += metrics.events_in;
-        total.events_out += metrics.events_out;
-        total.dropped += metrics.dropped;
-        total.dead_lettered += metrics.dead_lettered;
+        total.add(metrics);
     }
 }
 

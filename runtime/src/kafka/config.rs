@@ -5,6 +5,10 @@
 //! once the prefetch queue has room, producer batches of 256 KiB that linger
 //! 5 ms (latency stays far below the commit interval), lz4 compression.
 
+use rdkafka::ClientConfig;
+
+use crate::kafka::KafkaSettings;
+
 /// How long a consumer waits before it fetches again for a partition whose
 /// prefetch queue was full (`fetch.queue.backoff.ms`). librdkafka's default, a
 /// second, caps a stage at about one full queue (100,000 records) per second
@@ -12,10 +16,6 @@
 /// the default and at 320k with 10 ms, on the same machine and input
 /// (`e2e/bench/ANALYSIS.md`).
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
-
-use rdkafka::ClientConfig;
-
-use crate::kafka::KafkaSettings;
 
 /// Settings shared by every client: brokers and any user-given settings (TLS,
 /// SASL, ...), which come last so that they win.

@@ -272,8 +272,7 @@ impl IcebergSink {
         }
         self.settle_writing()?;
         if self.written < self.batches.len() {
-            let writing = self.start_writing();
-            match writing {
+            match self.start_writing() {
                 Ok(handle) => {
                     self.writing = Some(handle);
                     self.written = self.batches.len();
