@@ -15,6 +15,7 @@ pub mod http;
 pub mod kubelet;
 pub mod lake;
 pub mod opensearch;
+pub mod postgres;
 pub mod schema_cases;
 pub mod testapp;
 mod testbed;
