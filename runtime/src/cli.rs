@@ -65,6 +65,9 @@ pub enum Command {
     Run(RunArgs),
     /// Run one stage of a compiled plan on Kafka (what a runtime pod runs).
     Serve(ServeCli),
+    /// Capture a PostgreSQL database's changes into a Kafka topic (what a
+    /// pipeline's capture pod runs for `spec.source.postgres`).
+    Capture(crate::capture::cli::CaptureCli),
 }
 
 /// `serve`: flags default to the pod's environment as the operator sets it.
@@ -144,7 +147,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 }
 
 /// A `--kafka-config` setting: `KEY=VALUE`, and no secret.
-fn parse_kafka_property(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kafka_property(text: &str) -> Result<(String, String), String> {
     let (key, value) = parse_key_value(text)?;
     if crate::kafka::is_secret_property(&key) || key == "sasl.username" {
         return Err(format!(
@@ -158,30 +161,47 @@ fn parse_kafka_property(text: &str) -> Result<(String, String), String> {
     Ok((key, value))
 }
 
-fn serve(args: ServeCli) -> i32 {
+/// Logs to stderr, as JSON lines when asked; `RUST_LOG` filters (default `info`).
+pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if args.log_json {
+    if json {
         builder.json().init();
     } else {
         builder.init();
     }
-    let credentials = match crate::kafka::sasl_credentials(
+}
+
+/// The `--kafka-config` settings with the SASL credentials from the
+/// environment; `None` (printed) when the credentials are incomplete.
+pub(crate) fn kafka_settings_with_credentials(
+    settings: Vec<(String, String)>,
+) -> Option<Vec<(String, String)>> {
+    match crate::kafka::sasl_credentials(
         |name| std::env::var(name).ok(),
         |path| std::fs::read_to_string(path),
     ) {
-        Ok(credentials) => credentials,
+        Ok(credentials) => {
+            let mut extra = settings;
+            extra.extend(credentials);
+            Some(extra)
+        }
         Err(error) => {
             tracing::error!(%error, "no Kafka credentials");
             eprintln!("error: {error}");
-            return 2;
+            None
         }
+    }
+}
+
+fn serve(args: ServeCli) -> i32 {
+    init_logging(args.log_json);
+    let Some(extra) = kafka_settings_with_credentials(args.kafka_config) else {
+        return 2;
     };
-    let mut extra = args.kafka_config;
-    extra.extend(credentials);
     let result = crate::host::serve(crate::host::ServeArgs {
         plan: args.plan,
         stage: args.stage,
@@ -265,6 +285,7 @@ pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
             &mut std::io::stderr(),
         )),
         Command::Serve(args) => Ok(serve(args)),
+        Command::Capture(args) => Ok(crate::capture::cli::capture(args)),
         Command::Run(args) => match run(&args) {
             Ok(()) => Ok(0),
             Err(

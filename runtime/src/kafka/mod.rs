@@ -164,7 +164,7 @@ pub fn committed_in_group<C: ConsumerContext>(
 /// panic is caught (the workspace builds with unwinding panics). Anyone may
 /// commit for a group; Keystone only ever writes UTF-8, so such metadata is
 /// someone else's and reads as none.
-fn commit_metadata_text(
+pub(crate) fn commit_metadata_text(
     element: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>,
 ) -> Option<String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

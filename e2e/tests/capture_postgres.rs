@@ -1,0 +1,480 @@
+//! `keystone-runtime capture` against the testbed's real PostgreSQL and
+//! Kafka: an initial snapshot interleaved with concurrent writers, and
+//! SIGKILLs mid-snapshot and mid-stream. The topic is compared with the table
+//! by SELECT at the end, and each row's events are checked for order, gaps
+//! and repeats.
+//!
+//! Needs `target/debug/keystone-runtime` (scripts/test builds it) and a
+//! testbed with Kafka and PostgreSQL.
+
+mod runtime_support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keystone_e2e::Testbed;
+use keystone_e2e::postgres::Postgres;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use runtime_support::{Lcg, read_committed, runtime_binary, unique};
+use serde_json::{Value, json};
+
+/// One capture under test: its table, topic, slot and process.
+struct Capture {
+    pg: Postgres,
+    bootstrap: String,
+    name: String,
+    table: String,
+    topic: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Capture {
+    async fn new(prefix: &str) -> Option<Capture> {
+        let pg = Postgres::require()?;
+        let testbed = Testbed::from_env().await.expect("testbed");
+        let bootstrap = testbed.kafka_bootstrap_servers().expect("kafka").to_owned();
+        // Slot, publication and table names: lower case, digits, underscores.
+        let name = unique(prefix).replace('-', "_");
+        let dir = testbed.state_dir().join("capture-tests").join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Some(Capture {
+            table: format!("public.{name}"),
+            topic: format!("cdc.{name}"),
+            pg,
+            bootstrap,
+            name,
+            dir,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    /// A connection as the capture's role, which owns the test's tables.
+    async fn connect(&self) -> tokio_postgres::Client {
+        self.pg.connect().await
+    }
+
+    async fn create_topic(&self, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        let topic = NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1));
+        for result in admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+        }
+    }
+
+    fn start(&mut self, chunk_size: u32) {
+        let config = json!({
+            "postgres": {"host": self.pg.host, "port": self.pg.port, "database": self.pg.database, "user": self.pg.user},
+            "tables": [self.table],
+            "publication": self.name, "createPublication": true,
+            "slot": self.name, "createSlot": true,
+            "topic": self.topic,
+            "snapshot": {"chunkSize": chunk_size},
+            "commitInterval": "100ms",
+        });
+        let path = self.dir.join("capture.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.dir.join(format!("capture-{}.log", self.starts))).unwrap();
+        let child = Command::new(runtime_binary())
+            .arg("capture")
+            .arg("--config")
+            .arg(&path)
+            .arg("--bootstrap-servers")
+            .arg(&self.bootstrap)
+            .env("KEYSTONE_POSTGRES_PASSWORD", &self.pg.password)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("the capture starts");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok(); // SIGKILL: no chance to commit
+            child.wait().ok();
+        }
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                let path = self.dir.join(format!("capture-{n}.log"));
+                format!(
+                    "--- {}\n{}",
+                    path.display(),
+                    std::fs::read_to_string(&path).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("the capture exited with {status}\n{}", self.logs());
+        }
+    }
+
+    /// Waits until the slot has confirmed everything written so far: every
+    /// change is then in Kafka.
+    async fn wait_caught_up(&mut self, admin: &tokio_postgres::Client) {
+        let target: String = admin
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            self.assert_running();
+            let done: Option<bool> = admin
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&target, &self.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if done == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the slot did not confirm {target} within 120 s\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Drops the slot and publication (a test's slot would keep WAL forever).
+    async fn clean_up(mut self, admin: &tokio_postgres::Client) {
+        self.kill();
+        // The walsender may take a moment to release the slot.
+        for _ in 0..50 {
+            let dropped = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.name],
+                )
+                .await;
+            if dropped.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        admin
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {0}; DROP TABLE IF EXISTS {0}",
+                self.name
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+/// Writers that change the table until stopped: updates that add one to a
+/// row's `version` (70%), deletes (10%), inserts of new rows (20%), one to
+/// three rows per transaction, on separate connections.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    transactions: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    async fn start(capture: &Capture, count: u64, existing_rows: i64) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let transactions = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for writer in 0..count {
+            let client = capture.connect().await;
+            let (stop, transactions, table) =
+                (stop.clone(), transactions.clone(), capture.table.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = Lcg(writer * 7919 + 17);
+                let mut next_new = 1_000_000 * (writer as i64 + 1);
+                let mut client = client;
+                while !stop.load(Ordering::Relaxed) {
+                    // Distinct rows per transaction: two changes of one row in
+                    // one transaction are one event (their net change).
+                    let mut ids = Vec::new();
+                    let mut statements = Vec::new();
+                    for _ in 0..=rng.below(3) {
+                        let id = 1 + rng.below(existing_rows as u64) as i64;
+                        if ids.contains(&id) {
+                            continue;
+                        }
+                        ids.push(id);
+                        statements.push(match rng.below(10) {
+                            0 => format!("DELETE FROM {table} WHERE id = {id}"),
+                            1 | 2 => {
+                                next_new += 1;
+                                format!(
+                                    "INSERT INTO {table} (id, account, version, amount, note) VALUES ({next_new}, {}, 0, 1.25, 'new')",
+                                    rng.below(100)
+                                )
+                            }
+                            _ => format!(
+                                "UPDATE {table} SET version = version + 1, amount = amount + 0.01, note = 'w{writer}' WHERE id = {id}"
+                            ),
+                        });
+                    }
+                    let txn = client.transaction().await.unwrap();
+                    let mut result = Ok(());
+                    for sql in &statements {
+                        result = txn.batch_execute(sql).await;
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    // Two writers may lock rows in opposite orders: the
+                    // database aborts one, which changes nothing.
+                    let result = match result {
+                        Ok(()) => txn.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(()) => {
+                            transactions.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {}
+                        Err(e) => panic!("writer {writer}: {e}"),
+                    }
+                }
+            }));
+        }
+        Writers {
+            stop,
+            transactions,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("a writer failed");
+        }
+        self.transactions.load(Ordering::Relaxed)
+    }
+}
+
+async fn create_table(capture: &Capture, rows: i64) {
+    let client = capture.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL, version int NOT NULL, amount numeric(12,2), note text);
+             INSERT INTO {t} SELECT g, g % 100, 0, 10.00, 'initial' FROM generate_series(1, {rows}) g;",
+            t = capture.table
+        ))
+        .await
+        .unwrap();
+}
+
+/// The table's rows as the capture renders them, by id.
+async fn table_rows(admin: &tokio_postgres::Client, table: &str) -> BTreeMap<i64, Value> {
+    admin
+        .query(
+            &format!("SELECT id, account, version, amount::text, note FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let row = json!({
+                "id": id,
+                "account": r.get::<_, i32>(1),
+                "version": r.get::<_, i32>(2),
+                "amount": r.get::<_, Option<String>>(3),
+                "note": r.get::<_, Option<String>>(4),
+            });
+            (id, row)
+        })
+        .collect()
+}
+
+/// Checks each row's events: sequences strictly increase; an update adds one
+/// to the version of the event before it (a gap is a lost change, a repeat a
+/// duplicate); a snapshot row repeats it (the log overtook it otherwise); the
+/// last event of each row matches the table. Returns (events, snapshot rows).
+fn assert_matches_table(
+    records: &[(String, String, BTreeMap<String, String>)],
+    table: &BTreeMap<i64, Value>,
+    logs: &str,
+) -> (usize, usize) {
+    let mut last: BTreeMap<i64, Value> = BTreeMap::new();
+    let mut snapshot_rows = 0;
+    for (_, value, _) in records {
+        let event: Value = serde_json::from_str(value).unwrap();
+        let id = event["id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no id in {event}"));
+        let op = event["op"].as_str().unwrap();
+        if op == "r" {
+            snapshot_rows += 1;
+        }
+        if let Some(previous) = last.get(&id) {
+            let (seq, previous_seq) = (
+                event["seq"].as_u64().unwrap(),
+                previous["seq"].as_u64().unwrap(),
+            );
+            assert!(
+                seq > previous_seq,
+                "row {id}: seq {seq} after {previous_seq}\n{previous}\n{event}\n{logs}"
+            );
+            let version = |e: &Value| e["after"]["version"].as_i64();
+            match (previous["op"].as_str().unwrap(), op) {
+                (_, "d") => {}
+                ("d", _) => panic!("row {id}: {op} after its delete\n{previous}\n{event}"),
+                (_, "u") => assert_eq!(
+                    version(&event),
+                    version(previous).map(|v| v + 1),
+                    "row {id}: a change lost or repeated\n{previous}\n{event}\n{logs}"
+                ),
+                (_, "r") => assert_eq!(
+                    version(&event),
+                    version(previous),
+                    "row {id}: a snapshot row older or newer than the log before it\n{previous}\n{event}"
+                ),
+                (p, o) => panic!("row {id}: {o} after {p}\n{previous}\n{event}"),
+            }
+        }
+        last.insert(id, event);
+    }
+    let captured: BTreeMap<i64, Value> = last
+        .into_iter()
+        .filter(|(_, e)| e["op"] != "d")
+        .map(|(id, e)| (id, e["after"].clone()))
+        .collect();
+    let missing: Vec<_> = table
+        .keys()
+        .filter(|id| !captured.contains_key(id))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = captured
+        .keys()
+        .filter(|id| !table.contains_key(id))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "rows missing from the topic {missing:?}, in the topic but not the table {extra:?}\n{logs}"
+    );
+    for (id, row) in table {
+        assert_eq!(&captured[id], row, "row {id} differs from the table");
+    }
+    (records.len(), snapshot_rows)
+}
+
+/// Records of the topic in partition order (each row's events in order).
+fn read_topic(capture: &Capture) -> Vec<(String, String, BTreeMap<String, String>)> {
+    read_committed(
+        &capture.bootstrap,
+        &capture.topic,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+}
+
+/// Stops the writers, waits until the capture has everything, and compares
+/// the topic with the table; returns (events, snapshot rows).
+async fn finish(
+    capture: &mut Capture,
+    admin: &tokio_postgres::Client,
+    writers: Writers,
+) -> (usize, usize) {
+    let transactions = writers.stop().await;
+    assert!(
+        transactions > 100,
+        "the writers committed only {transactions} transactions"
+    );
+    capture.wait_caught_up(admin).await;
+    let records = read_topic(capture);
+    let table = table_rows(admin, &capture.table).await;
+    assert_matches_table(&records, &table, &capture.logs())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_during_a_snapshot_of_100k_rows_end_equal_to_the_table() {
+    let Some(mut capture) = Capture::new("cdc-snap").await else {
+        return;
+    };
+    let admin = capture.pg.admin().await;
+    let rows = 100_000;
+    create_table(&capture, rows).await;
+    capture.create_topic(6).await;
+    let writers = Writers::start(&capture, 4, rows).await;
+    // The writers run before, during and after the snapshot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    capture.start(2_000);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (events, snapshot_rows) = finish(&mut capture, &admin, writers).await;
+    assert!(
+        snapshot_rows > 90_000,
+        "{snapshot_rows} snapshot rows of {rows}"
+    );
+    assert!(
+        events > snapshot_rows + 100,
+        "{events} events, {snapshot_rows} from the snapshot: the log's changes are missing"
+    );
+    capture.clean_up(&admin).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkills_mid_snapshot_and_mid_stream_lose_and_repeat_nothing() {
+    let Some(mut capture) = Capture::new("cdc-kill").await else {
+        return;
+    };
+    let admin = capture.pg.admin().await;
+    let rows = 40_000;
+    create_table(&capture, rows).await;
+    capture.create_topic(4).await;
+    let writers = Writers::start(&capture, 3, rows).await;
+    // Small chunks: the snapshot takes several seconds, and the first kills land in it.
+    capture.start(200);
+    let mut rng = Lcg(11);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500 + rng.below(1500))).await;
+        capture.assert_running();
+        capture.kill();
+        capture.start(200);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, snapshot_rows) = finish(&mut capture, &admin, writers).await;
+    assert!(
+        snapshot_rows > 30_000,
+        "{snapshot_rows} snapshot rows of {rows}"
+    );
+    // A restart resumed a snapshot half done: the kills hit it.
+    let logs = capture.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("capture starting")
+            && l.contains("after: Some(")
+            && l.contains("done: false")),
+        "no instance started in the middle of the snapshot\n{logs}"
+    );
+    capture.clean_up(&admin).await;
+}

@@ -1,0 +1,104 @@
+//! `keystone-runtime capture`: flags default to the pod's environment as the
+//! operator sets it.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::capture::config::{CaptureConfig, password};
+use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
+use crate::kafka::KafkaSettings;
+
+#[derive(Debug, Args)]
+pub struct CaptureCli {
+    /// The capture's configuration (JSON): database, tables, slot,
+    /// publication, topic and snapshot policy. The database password comes
+    /// from `KEYSTONE_POSTGRES_PASSWORD` or the file `KEYSTONE_POSTGRES_PASSWORD_FILE` names.
+    #[arg(
+        long,
+        env = "KEYSTONE_CAPTURE",
+        default_value = "/etc/keystone/capture.json"
+    )]
+    pub config: PathBuf,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    /// This instance's identity (Kafka client id).
+    #[arg(long, env = "POD_NAME", default_value = "capture")]
+    pub instance_id: String,
+    /// Extra librdkafka settings, `KEY=VALUE`, as for `serve` (no secrets:
+    /// SASL credentials come from the environment).
+    #[arg(long = "kafka-config", value_parser = parse_kafka_property)]
+    pub kafka_config: Vec<(String, String)>,
+    /// Log as JSON lines.
+    #[arg(long, env = "KEYSTONE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// Runs the capture until SIGTERM or SIGINT (then commits what it has and
+/// stops); returns the exit status.
+pub fn capture(args: CaptureCli) -> i32 {
+    init_logging(args.log_json);
+    let config = match CaptureConfig::read(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return 2;
+        }
+    };
+    let password = match password(|name| std::env::var(name).ok()) {
+        Ok(password) => password,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return 2;
+        }
+    };
+    let Some(extra) = kafka_settings_with_credentials(args.kafka_config) else {
+        return 2;
+    };
+    let kafka = KafkaSettings {
+        bootstrap_servers: args.bootstrap_servers,
+        instance_id: args.instance_id,
+        extra,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return 3;
+        }
+    };
+    let result = runtime.block_on(crate::capture::run(
+        config,
+        kafka,
+        password,
+        shutdown_signal(),
+    ));
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!(%error, "the capture stopped");
+            eprintln!("error: {error}");
+            3
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The database side of a capture, over an ordinary SQL connection: the
+//! captured tables' columns and primary keys, the publication and the slot,
+//! watermarks, snapshot chunks, and how much WAL the slot retains.
+
+use std::sync::Arc;
+
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::capture::changes::{Cell, Change, Column, Relation, Row, TableName};
+use crate::capture::config::Connection;
+use crate::capture::snapshot::{WATERMARK_PREFIX, Watermark};
+use crate::capture::values::{DecimalHandling, to_json};
+
+/// Session settings of both connections (SQL and replication), so that values
+/// render the same whichever of them reads a row.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c extra_float_digits=3 -c standard_conforming_strings=on";
+
+/// A captured table as the catalog describes it.
+#[derive(Clone, Debug)]
+pub struct TableInfo {
+    pub name: Arc<TableName>,
+    pub columns: Vec<Column>,
+    /// Each column's type as SQL (`numeric(10,2)`), to cast key literals.
+    pub column_types: Vec<String>,
+    pub primary_key: Vec<String>,
+    /// `REPLICA IDENTITY FULL`: updates and deletes carry the whole old row.
+    pub replica_full: bool,
+}
+
+impl TableInfo {
+    pub fn relation(&self) -> Result<Relation, String> {
+        Relation::new(self.name.clone(), self.columns.clone(), &self.primary_key)
+    }
+}
+
+pub async fn connect(connection: &Connection, password: &str) -> Result<Client, String> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&connection.host)
+        .port(connection.port)
+        .dbname(&connection.database)
+        .user(&connection.user)
+        .password(password)
+        .options(SESSION_OPTIONS)
+        .application_name("keystone-capture")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    let (client, driver) = config.connect(NoTls).await.map_err(|e| {
+        format!(
+            "connecting to postgres://{}@{}:{}/{}: {}",
+            connection.user,
+            connection.host,
+            connection.port,
+            connection.database,
+            error_text(&e)
+        )
+    })?;
+    tokio::spawn(async move {
+        if let Err(error) = driver.await {
+            tracing::warn!(error = %error_text(&error), "the SQL connection to the database ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A database error with the server's message, not only "db error".
+pub fn error_text(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => error.to_string(),
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(text: &str) -> String {
+    // standard_conforming_strings is on (SESSION_OPTIONS): only quotes escape.
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+pub fn qualified(table: &TableName) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.name)
+    )
+}
+
+/// Reads a table's columns, primary key and replica identity; refuses a table
+/// that does not exist, has no primary key or publishes no old rows.
+pub async fn describe(client: &Client, table: &TableName) -> Result<TableInfo, String> {
+    let rows = client
+        .query(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| format!("{table}: {}", error_text(&e)))?;
+    let Some(row) = rows.first() else {
+        return Err(format!(
+            "table {table} does not exist (or this user cannot see it)"
+        ));
+    };
+    let oid: u32 = row.get(0);
+    let identity: String = row.get(1);
+    if identity == "n" {
+        return Err(format!(
+            "{table} has REPLICA IDENTITY NOTHING: its updates and deletes are not in the log; \
+             set REPLICA IDENTITY DEFAULT or FULL"
+        ));
+    }
+    let columns = client
+        .query(
+            "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| format!("{table}: {}", error_text(&e)))?;
+    let key = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.position",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| format!("{table}: {}", error_text(&e)))?;
+    if key.is_empty() {
+        return Err(format!(
+            "{table} has no primary key: its changes could not be keyed or ordered per row; add one"
+        ));
+    }
+    Ok(TableInfo {
+        name: Arc::new(table.clone()),
+        columns: columns
+            .iter()
+            .map(|r| Column {
+                name: r.get::<_, String>(0).into(),
+                type_oid: r.get(1),
+            })
+            .collect(),
+        column_types: columns.iter().map(|r| r.get(2)).collect(),
+        primary_key: key.iter().map(|r| r.get(0)).collect(),
+        replica_full: identity == "f",
+    })
+}
+
+/// Makes sure the publication exists and publishes every table; creates it
+/// when asked.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[TableInfo],
+    create: bool,
+) -> Result<(), String> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| format!("publication {publication}: {}", error_text(&e)))?
+        .is_some();
+    if !exists {
+        if !create {
+            return Err(format!(
+                "publication {publication} does not exist; create it (CREATE PUBLICATION {publication} FOR TABLE ...) or let the capture create it"
+            ));
+        }
+        let list: Vec<String> = tables.iter().map(|t| qualified(&t.name)).collect();
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(publication),
+                list.join(", ")
+            ))
+            .await
+            .map_err(|e| format!("creating publication {publication}: {}", error_text(&e)))?;
+        tracing::info!(publication, "created the publication");
+    }
+    for table in tables {
+        let published = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &table.name.schema, &table.name.name],
+            )
+            .await
+            .map_err(|e| format!("publication {publication}: {}", error_text(&e)))?
+            .is_some();
+        if !published {
+            return Err(format!(
+                "publication {publication} does not publish {}; ALTER PUBLICATION {publication} ADD TABLE {}",
+                table.name,
+                qualified(&table.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the slot exists and decodes with `pgoutput`; creates it when asked.
+pub async fn ensure_slot(client: &Client, slot: &str, create: bool) -> Result<(), String> {
+    let plugin: Option<String> = client
+        .query_opt(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("slot {slot}: {}", error_text(&e)))?
+        .map(|r| r.get(0));
+    match plugin.as_deref() {
+        Some("pgoutput") => Ok(()),
+        Some(other) => Err(format!(
+            "slot {slot} decodes with {other}; the capture needs a pgoutput slot"
+        )),
+        None if create => {
+            client
+                .query(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| format!("creating slot {slot}: {}", error_text(&e)))?;
+            tracing::info!(slot, "created the replication slot");
+            Ok(())
+        }
+        None => Err(format!(
+            "replication slot {slot} does not exist; create it (pg_create_logical_replication_slot('{slot}', 'pgoutput')) or let the capture create it"
+        )),
+    }
+}
+
+/// Writes a watermark into the log (its own transaction).
+pub async fn emit_watermark(client: &Client, watermark: &Watermark) -> Result<(), String> {
+    client
+        .query(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+            &[&WATERMARK_PREFIX, &watermark.content()],
+        )
+        .await
+        .map_err(|e| format!("writing a snapshot watermark: {}", error_text(&e)))?;
+    Ok(())
+}
+
+/// Up to `limit` rows of `table` after the key `after`, in key order, with the
+/// text of the last row's key.
+pub async fn select_chunk(
+    client: &Client,
+    table: &TableInfo,
+    relation: &Relation,
+    after: Option<&[String]>,
+    limit: u32,
+    decimals: DecimalHandling,
+) -> Result<(Vec<Change>, Option<Vec<String>>), String> {
+    let key_columns: Vec<usize> = table
+        .primary_key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|c| &*c.name == k))
+        .collect();
+    let keys: Vec<String> = key_columns
+        .iter()
+        .map(|&i| quote_ident(&table.columns[i].name))
+        .collect();
+    let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let mut sql = format!(
+        "SELECT {} FROM {}",
+        columns.join(", "),
+        qualified(&table.name)
+    );
+    if let Some(after) = after {
+        let literals: Vec<String> = key_columns
+            .iter()
+            .zip(after)
+            .map(|(&i, text)| format!("{}::{}", quote_literal(text), table.column_types[i]))
+            .collect();
+        sql.push_str(&format!(
+            " WHERE ({}) > ({})",
+            keys.join(", "),
+            literals.join(", ")
+        ));
+    }
+    sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", keys.join(", ")));
+    let messages = client.simple_query(&sql).await.map_err(|e| {
+        format!(
+            "reading a snapshot chunk of {}: {}",
+            table.name,
+            error_text(&e)
+        )
+    })?;
+    let mut changes = Vec::new();
+    let mut last_key = None;
+    for message in messages {
+        let SimpleQueryMessage::Row(row) = message else {
+            continue;
+        };
+        let mut values: Row = Vec::with_capacity(table.columns.len());
+        for (i, column) in table.columns.iter().enumerate() {
+            let cell = match row.get(i) {
+                None => Cell::Null,
+                Some(text) => Cell::Value(to_json(column.type_oid, text, decimals)),
+            };
+            values.push((column.name.clone(), cell));
+        }
+        last_key = Some(
+            key_columns
+                .iter()
+                .map(|&i| row.get(i).unwrap_or_default().to_owned())
+                .collect(),
+        );
+        changes.push(Change::read(relation, values)?);
+    }
+    Ok((changes, last_key))
+}
+
+/// Bytes of WAL the slot holds back (the server's position less the slot's
+/// confirmed one): what a stalled capture costs the database's disk.
+pub async fn retained_wal_bytes(client: &Client, slot: &str) -> Result<Option<i64>, String> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("slot {slot}: {}", error_text(&e)))?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(quote_literal("o'brien"), "'o''brien'");
+        let table = TableName::parse("Shop.Orders").unwrap();
+        assert_eq!(qualified(&table), r#""Shop"."Orders""#);
+    }
+}
