@@ -34,6 +34,10 @@ pub struct Plan {
     pub sinks: Vec<PlanSink>,
     /// Every topic the pipeline reads or writes, with who creates it.
     pub topics: Vec<PlanTopic>,
+    /// The change data capture that writes the source topic
+    /// (`spec.source.postgres`), run by its own instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::pipeline::capture::CaptureConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

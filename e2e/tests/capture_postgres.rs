@@ -21,7 +21,9 @@ use keystone_e2e::postgres::Postgres;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use runtime_support::{Lcg, read_committed, runtime_binary, unique};
+use runtime_support::{
+    Lcg, free_port, http_request, metric_value, read_committed, runtime_binary, unique,
+};
 use serde_json::{Value, json};
 
 /// One capture under test: its table, topic, slot and process.
@@ -34,6 +36,8 @@ struct Capture {
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Where its operations endpoints listen.
+    port: u16,
 }
 
 impl Capture {
@@ -54,6 +58,7 @@ impl Capture {
             dir,
             child: None,
             starts: 0,
+            port: free_port(),
         })
     }
 
@@ -98,6 +103,8 @@ impl Capture {
             .arg(&path)
             .arg("--bootstrap-servers")
             .arg(&self.bootstrap)
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.port))
             .env("KEYSTONE_POSTGRES_PASSWORD", &self.pg.password)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -105,6 +112,26 @@ impl Capture {
             .spawn()
             .expect("the capture starts");
         self.child = Some(child);
+    }
+
+    /// Waits until the running instance has completed `chunks` snapshot chunks.
+    async fn wait_for_chunks(&mut self, chunks: u32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.assert_running();
+            let (_, metrics) = http_request(self.port, "GET", "/metrics");
+            if metric_value(&metrics, "keystone_capture_snapshot_chunks_total").unwrap_or(0.0)
+                >= f64::from(chunks)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {chunks} snapshot chunks within 60 s\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn kill(&mut self) {
@@ -440,6 +467,19 @@ async fn writes_during_a_snapshot_of_100k_rows_end_equal_to_the_table() {
         events > snapshot_rows + 100,
         "{events} events, {snapshot_rows} from the snapshot: the log's changes are missing"
     );
+    let (status, metrics) = http_request(capture.port, "GET", "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "keystone_capture_snapshot_rows_total"),
+        Some(snapshot_rows as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "keystone_capture_snapshot_done"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(http_request(capture.port, "GET", "/readyz").0, 200);
     capture.clean_up(&admin).await;
 }
 
@@ -453,10 +493,16 @@ async fn sigkills_mid_snapshot_and_mid_stream_lose_and_repeat_nothing() {
     create_table(&capture, rows).await;
     capture.create_topic(4).await;
     let writers = Writers::start(&capture, 3, rows).await;
-    // Small chunks: the snapshot takes several seconds, and the first kills land in it.
+    // Small chunks: the snapshot takes several seconds. The first kill lands
+    // once some chunks are in (a restart then resumes a snapshot half done),
+    // the next two anywhere.
+    capture.start(200);
+    capture.wait_for_chunks(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    capture.kill();
     capture.start(200);
     let mut rng = Lcg(11);
-    for _ in 0..3 {
+    for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1500 + rng.below(1500))).await;
         capture.assert_running();
         capture.kill();

@@ -14,6 +14,7 @@ use crate::plan::Plan;
 use crate::processor::Processor;
 use crate::schema::{FieldType, Schema};
 
+mod capture;
 mod contracts;
 mod expressions;
 mod graph;

@@ -26,6 +26,7 @@ impl Checker<'_> {
             rekeyed_by: None,
             removed_by: BTreeMap::new(),
         };
+        self.check_capture(&stream.schema);
         for (i, key_field) in source_key.iter().enumerate() {
             if stream.schema.get(key_field).is_none() {
                 self.error(
@@ -47,15 +48,7 @@ impl Checker<'_> {
             .topic
             .clone()
             .unwrap_or_else(|| self.topic_name("dlq", None));
-        let mut topics = vec![PlanTopic {
-            name: source.topic.clone(),
-            cluster: source.cluster.clone(),
-            role: TopicRole::Source,
-            create: false,
-            partitions: None,
-            replication_factor: None,
-            config: BTreeMap::new(),
-        }];
+        let mut topics = vec![self.source_topic()];
         let mut dlq_config = BTreeMap::new();
         if let Some(retention) = &spec.dead_letter.retention {
             dlq_config.insert("retention.ms".to_owned(), retention.as_millis().to_string());
@@ -304,6 +297,7 @@ impl Checker<'_> {
             stages,
             sinks,
             topics,
+            capture: self.capture_config(),
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::duration::Duration;
 use crate::ops::OperatorSpec;
 use crate::schema::SchemaSpec;
 
+pub mod capture;
 pub mod partitioning;
 mod sinks;
 mod status;
@@ -178,7 +179,8 @@ fn default_true() -> bool {
     true
 }
 
-/// The source of a pipeline: a Kafka topic of JSON events.
+/// The source of a pipeline: a Kafka topic of JSON events, or a PostgreSQL
+/// table whose changes are captured into one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
@@ -186,9 +188,15 @@ pub struct SourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub cluster: Option<String>,
-    /// The topic to read. It must exist.
+    /// The topic to read. It must exist, unless `postgres` is set: then the
+    /// operator creates it (and owns it) and the capture writes the table's
+    /// changes into it.
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._\-]+$"))]
     pub topic: String,
+    /// Capture a PostgreSQL table's changes into `topic` (change data capture
+    /// with an initial snapshot); see the fields for what the database needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<capture::PostgresSourceSpec>,
     /// The encoding of event values. Only `json` is supported.
     #[serde(default)]
     pub format: Format,

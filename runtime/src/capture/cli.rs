@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::capture::config::{CaptureConfig, password};
+use std::sync::Arc;
+
+use crate::capture::config::{password, read, user};
+use crate::capture::http::{CaptureMetrics, serve};
 use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
 use crate::kafka::KafkaSettings;
 
@@ -30,6 +33,9 @@ pub struct CaptureCli {
     /// SASL credentials come from the environment).
     #[arg(long = "kafka-config", value_parser = parse_kafka_property)]
     pub kafka_config: Vec<(String, String)>,
+    /// Where /metrics, /healthz and /readyz listen.
+    #[arg(long, env = "KEYSTONE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: std::net::SocketAddr,
     /// Log as JSON lines.
     #[arg(long, env = "KEYSTONE_LOG_JSON")]
     pub log_json: bool,
@@ -39,15 +45,16 @@ pub struct CaptureCli {
 /// stops); returns the exit status.
 pub fn capture(args: CaptureCli) -> i32 {
     init_logging(args.log_json);
-    let config = match CaptureConfig::read(&args.config) {
+    let config = match read(&args.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");
             return 2;
         }
     };
-    let password = match password(|name| std::env::var(name).ok()) {
-        Ok(password) => password,
+    let env = |name: &str| std::env::var(name).ok();
+    let (user, password) = match user(&config, env).and_then(|u| Ok((u, password(env)?))) {
+        Ok(credentials) => credentials,
         Err(error) => {
             eprintln!("error: {error}");
             return 2;
@@ -72,12 +79,26 @@ pub fn capture(args: CaptureCli) -> i32 {
             return 3;
         }
     };
-    let result = runtime.block_on(crate::capture::run(
-        config,
-        kafka,
-        password,
-        shutdown_signal(),
-    ));
+    let metrics = match CaptureMetrics::new(&config.slot) {
+        Ok(metrics) => Arc::new(metrics),
+        Err(error) => {
+            eprintln!("error: registering metrics: {error}");
+            return 3;
+        }
+    };
+    let http_addr = args.http_addr;
+    let result = runtime.block_on(async {
+        let served = metrics.clone();
+        let endpoints = tokio::spawn(async move {
+            if let Err(error) = serve(http_addr, served).await {
+                tracing::error!(%error, %http_addr, "the operations endpoints stopped");
+            }
+        });
+        let result =
+            crate::capture::run(config, kafka, user, password, metrics, shutdown_signal()).await;
+        endpoints.abort();
+        result
+    });
     match result {
         Ok(()) => 0,
         Err(error) => {

@@ -1,167 +1,101 @@
 //! What a capture instance runs: the database, the tables, the replication
 //! slot and publication, the topic and the snapshot policy (JSON, camelCase;
-//! the operator writes it from `spec.source.postgres`).
+//! the operator compiles it from `spec.source.postgres` into the plan), and
+//! the credentials from the environment.
 
 use std::path::Path;
 
-use keystone_crds::duration::Duration;
-use serde::{Deserialize, Serialize};
+pub use keystone_crds::pipeline::capture::{CaptureConfig, Connection, SnapshotMode};
 
 use crate::capture::changes::TableName;
-use crate::capture::events::Envelope;
-use crate::capture::values::DecimalHandling;
 
 /// The variable holding the database password (from a Secret).
 pub const ENV_PASSWORD: &str = "KEYSTONE_POSTGRES_PASSWORD";
 /// A file holding it instead (a mounted Secret key).
 pub const ENV_PASSWORD_FILE: &str = "KEYSTONE_POSTGRES_PASSWORD_FILE";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CaptureConfig {
-    pub postgres: Connection,
-    /// The tables captured, as `schema.table` (`public` when no schema is given).
-    pub tables: Vec<String>,
-    /// The publication the slot streams.
-    pub publication: String,
-    /// Create the publication (for exactly `tables`) when it does not exist.
-    #[serde(default)]
-    pub create_publication: bool,
-    /// The logical replication slot (`pgoutput`).
-    pub slot: String,
-    /// Create the slot when it does not exist.
-    #[serde(default)]
-    pub create_slot: bool,
-    /// The Kafka topic the events go to. It must exist.
-    pub topic: String,
-    #[serde(default)]
-    pub envelope: Envelope,
-    #[serde(default)]
-    pub decimal_handling: DecimalHandling,
-    #[serde(default)]
-    pub snapshot: SnapshotConfig,
-    /// How often captured transactions are committed to Kafka (one Kafka
-    /// transaction each, with the position reached).
-    #[serde(default = "default_commit_interval")]
-    pub commit_interval: Duration,
-    /// The Kafka transactional id; by default `keystone-capture.<slot>`.
-    #[serde(default)]
-    pub transactional_id: Option<String>,
+/// The variable holding the database user when the configuration names none
+/// (the operator sets it from the credentials Secret).
+pub const ENV_USER: &str = "KEYSTONE_POSTGRES_USER";
+
+/// Reads a capture's configuration: a `CaptureConfig`, or a compiled plan
+/// whose `capture` it is (what the operator mounts).
+pub fn read(path: &Path) -> Result<CaptureConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = if value.get("pipeline").is_some() && value.get("stages").is_some() {
+        let plan: keystone_crds::Plan =
+            serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))?;
+        plan.capture.ok_or_else(|| {
+            format!(
+                "{}: the plan has no capture (spec.source.postgres)",
+                path.display()
+            )
+        })?
+    } else {
+        serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    validate(&config).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config)
 }
 
-fn default_commit_interval() -> Duration {
-    Duration::from_millis(100)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Connection {
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-}
-
-fn default_port() -> u16 {
-    5432
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SnapshotConfig {
-    #[serde(default)]
-    pub mode: SnapshotMode,
-    /// A new value starts a new snapshot of every table (as
-    /// `checkpointTrigger` takes a checkpoint).
-    #[serde(default)]
-    pub trigger: Option<String>,
-    /// Stop reading chunks (the log keeps flowing); false resumes.
-    #[serde(default)]
-    pub paused: bool,
-    /// Rows per chunk.
-    #[serde(default = "default_chunk_size")]
-    pub chunk_size: u32,
-}
-
-fn default_chunk_size() -> u32 {
-    4096
-}
-
-impl Default for SnapshotConfig {
-    fn default() -> Self {
-        SnapshotConfig {
-            mode: SnapshotMode::default(),
-            trigger: None,
-            paused: false,
-            chunk_size: default_chunk_size(),
+pub fn validate(config: &CaptureConfig) -> Result<(), String> {
+    if config.tables.is_empty() {
+        return Err("tables: name at least one table".into());
+    }
+    table_names(config)?;
+    if config.snapshot.chunk_size == 0 {
+        return Err("snapshot.chunkSize must be at least 1".into());
+    }
+    for (field, name) in [("slot", &config.slot), ("publication", &config.publication)] {
+        // PostgreSQL's rule for slot names, applied to both: lower case,
+        // digits and underscores, at most 63 bytes.
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!(
+                "{field}: {name:?} must be 1-63 lower-case letters, digits or underscores"
+            ));
         }
     }
+    Ok(())
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum SnapshotMode {
-    /// Copy the tables' rows when the capture first starts, then only the log.
-    #[default]
-    Initial,
-    /// Only the log (a snapshot may still be asked for with a trigger).
-    Never,
+pub fn table_names(config: &CaptureConfig) -> Result<Vec<TableName>, String> {
+    config
+        .tables
+        .iter()
+        .map(|t| TableName::parse(t).map_err(|e| format!("tables: {e}")))
+        .collect()
 }
 
-impl CaptureConfig {
-    pub fn read(path: &Path) -> Result<CaptureConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: CaptureConfig =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(config)
-    }
+pub fn transactional_id(config: &CaptureConfig) -> String {
+    config
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("keystone-capture.{}", config.slot))
+}
 
-    pub fn validate(&self) -> Result<(), String> {
-        if self.tables.is_empty() {
-            return Err("tables: name at least one table".into());
-        }
-        self.table_names()?;
-        if self.snapshot.chunk_size == 0 {
-            return Err("snapshot.chunkSize must be at least 1".into());
-        }
-        for (field, name) in [("slot", &self.slot), ("publication", &self.publication)] {
-            // PostgreSQL's rule for slot names, applied to both: lower case,
-            // digits and underscores, at most 63 bytes.
-            if name.is_empty()
-                || name.len() > 63
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                return Err(format!(
-                    "{field}: {name:?} must be 1-63 lower-case letters, digits or underscores"
-                ));
-            }
-        }
-        Ok(())
-    }
+/// The consumer group whose committed offset carries the capture's progress.
+pub fn progress_group(config: &CaptureConfig) -> String {
+    format!("keystone-capture.{}", config.slot)
+}
 
-    pub fn table_names(&self) -> Result<Vec<TableName>, String> {
-        self.tables
-            .iter()
-            .map(|t| TableName::parse(t).map_err(|e| format!("tables: {e}")))
-            .collect()
-    }
-
-    pub fn transactional_id(&self) -> String {
-        self.transactional_id
-            .clone()
-            .unwrap_or_else(|| format!("keystone-capture.{}", self.slot))
-    }
-
-    /// The consumer group whose committed offset carries the capture's progress.
-    pub fn progress_group(&self) -> String {
-        format!("keystone-capture.{}", self.slot)
-    }
+/// The user: the configuration's, else `KEYSTONE_POSTGRES_USER`.
+pub fn user(
+    config: &CaptureConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    config
+        .postgres
+        .user
+        .clone()
+        .or_else(|| env(ENV_USER).filter(|u| !u.is_empty()))
+        .ok_or_else(|| format!("no database user: set postgres.user or {ENV_USER}"))
 }
 
 /// The password: from the file named by `KEYSTONE_POSTGRES_PASSWORD_FILE`,
@@ -186,7 +120,7 @@ mod tests {
                 "topic": "shop.cdc"{extra}}}"#
         );
         let config: CaptureConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        config.validate()?;
+        validate(&config)?;
         Ok(config)
     }
 
@@ -200,8 +134,9 @@ mod tests {
             c.commit_interval.as_std(),
             std::time::Duration::from_millis(100)
         );
-        assert_eq!(c.transactional_id(), "keystone-capture.s");
-        let tables = c.table_names().unwrap();
+        assert_eq!(transactional_id(&c), "keystone-capture.s");
+        assert_eq!(user(&c, |_| None).unwrap(), "cdc");
+        let tables = table_names(&c).unwrap();
         assert_eq!(tables[0].to_string(), "public.orders");
         assert_eq!(tables[1].to_string(), "billing.invoices");
     }
@@ -210,7 +145,7 @@ mod tests {
     fn bad_names_and_unknown_fields_are_refused_by_name() {
         let mut c = config("").unwrap();
         c.slot = "Bad-Slot".into();
-        assert!(c.validate().unwrap_err().starts_with("slot:"));
+        assert!(validate(&c).unwrap_err().starts_with("slot:"));
         let error = config(r#", "snapshot": {"chunkSize": 0}"#).unwrap_err();
         assert!(error.contains("chunkSize"), "{error}");
         let error = config(r#", "tabels": []"#).unwrap_err();

@@ -5,19 +5,7 @@ use serde_json::{Map, Value, json};
 
 use crate::capture::changes::{Cell, Change, Row};
 
-/// The shape of the captured events.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Envelope {
-    /// The primary key's columns at the top level, then `op` (`c`, `u`, `d`,
-    /// or `r` for a snapshot's row), `seq`, `ts`, `before`, `after`, `source`
-    /// and, when an update left TOAST values out, `unchanged`.
-    #[default]
-    Keystone,
-    /// Debezium's change-event envelope (`before`, `after`, `source`, `op`,
-    /// `ts_ms`) with a JSON key object, for consumers already written for it.
-    Debezium,
-}
+pub use keystone_crds::pipeline::capture::Envelope;
 
 /// Names of the Keystone envelope: a primary key column cannot take one.
 pub const ENVELOPE_FIELDS: [&str; 7] =

@@ -10,6 +10,7 @@ pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod run;
 pub mod snapshot;
 pub mod source;

@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::capture::changes::{Change, Relation, TableName, TransactionChanges};
 use crate::capture::config::{CaptureConfig, SnapshotMode};
 use crate::capture::events::{Commit, ENVELOPE_FIELDS, Envelope, lsn_text, render};
+use crate::capture::http::CaptureMetrics;
 use crate::capture::snapshot::{Chunk, Reached, SnapshotProgress, Watermark};
 use crate::capture::source::{self, SESSION_OPTIONS, TableInfo};
 use crate::kafka::{KAFKA_TIMEOUT, KafkaSettings, config as kafka_config};
@@ -111,15 +112,9 @@ struct Capture {
     current: Option<OpenTransaction>,
     chunk: Option<Chunk>,
     acked: u64,
-    counts: Counts,
-}
-
-/// What the capture did, for its logs.
-#[derive(Default, Debug)]
-struct Counts {
-    transactions: u64,
-    events: u64,
-    snapshot_rows: u64,
+    metrics: Arc<CaptureMetrics>,
+    /// Commit time of the last transaction in the open Kafka transaction.
+    pending_time_ms: i64,
     skipped_transactions: u64,
 }
 
@@ -127,11 +122,13 @@ struct Counts {
 pub async fn run(
     config: CaptureConfig,
     kafka: KafkaSettings,
+    user: String,
     password: String,
+    metrics: Arc<CaptureMetrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let names = config.table_names()?;
-    let sql = source::connect(&config.postgres, &password).await?;
+    let names = crate::capture::config::table_names(&config)?;
+    let sql = source::connect(&config.postgres, &user, &password).await?;
     let mut tables = Vec::new();
     for name in &names {
         let table = source::describe(&sql, name).await?;
@@ -172,7 +169,7 @@ pub async fn run(
 
     let replication = ReplicationConfig::new(
         config.postgres.host.clone(),
-        config.postgres.user.clone(),
+        user,
         password,
         config.postgres.database.clone(),
         config.slot.clone(),
@@ -185,6 +182,7 @@ pub async fn run(
     .with_status_interval(Duration::from_secs(1))
     .with_ack_lsn(Lsn::from_u64(committed.ack));
     let mut replication = start_replication(replication).await?;
+    metrics.set_ready(true);
 
     let by_name = tables
         .iter()
@@ -207,7 +205,9 @@ pub async fn run(
         events_in_transaction: 0,
         current: None,
         chunk: None,
-        counts: Counts::default(),
+        metrics,
+        pending_time_ms: 0,
+        skipped_transactions: 0,
         config,
     };
     let result = capture.run(&mut replication, shutdown).await;
@@ -263,12 +263,14 @@ fn open_kafka(
         let what = what.to_owned();
         move |e: KafkaError| format!("{what}: {e}")
     };
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        kafka_config::producer(kafka, Some(&config.transactional_id()))
-            .create()
-            .map_err(kafka_error("creating the producer"))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka_config::producer(
+        kafka,
+        Some(&crate::capture::config::transactional_id(config)),
+    )
+    .create()
+    .map_err(kafka_error("creating the producer"))?;
     let mut reader: ClientConfig = kafka_config::restore_reader(kafka, "unused");
-    reader.set("group.id", config.progress_group());
+    reader.set("group.id", crate::capture::config::progress_group(config));
     let consumer: BaseConsumer = reader
         .create()
         .map_err(kafka_error("creating the progress reader"))?;
@@ -337,6 +339,10 @@ impl Capture {
         let mut report = tokio::time::interval(Duration::from_secs(10));
         tokio::pin!(shutdown);
         loop {
+            self.metrics.beat();
+            self.metrics.snapshot_done.set(i64::from(
+                self.pending.snapshot.as_ref().is_none_or(|s| s.done),
+            ));
             if self.wants_chunk() {
                 self.start_chunk().await?;
             }
@@ -348,7 +354,7 @@ impl Capture {
                     // Only whole database transactions are in the open Kafka
                     // transaction: committing it is safe.
                     self.commit(replication)?;
-                    tracing::info!(counts = ?self.counts, "capture stopped");
+                    tracing::info!(position = %lsn_text(self.committed.lsn), "capture stopped");
                     return Ok(());
                 }
                 event = replication.recv() => match event {
@@ -359,7 +365,16 @@ impl Capture {
                 () = tokio::time::sleep_until(deadline), if must_commit => {}
                 _ = report.tick() => {
                     let retained = source::retained_wal_bytes(&self.sql, &self.config.slot).await?;
-                    tracing::info!(counts = ?self.counts, retained_wal_bytes = ?retained, position = %lsn_text(self.committed.lsn), "capture progress");
+                    self.metrics.retained_wal_bytes.set(retained.unwrap_or(0));
+                    tracing::info!(
+                        transactions = self.metrics.transactions.get(),
+                        events = self.metrics.events.get(),
+                        snapshot_rows = self.metrics.snapshot_rows.get(),
+                        skipped_transactions = self.skipped_transactions,
+                        retained_wal_bytes = ?retained,
+                        position = %lsn_text(self.committed.lsn),
+                        "capture progress"
+                    );
                 }
             }
             let due = self.transaction_began.elapsed() >= interval
@@ -567,7 +582,7 @@ impl Capture {
         }
         if lsn <= self.committed.lsn {
             // Sent again after a restart: already in Kafka.
-            self.counts.skipped_transactions += 1;
+            self.skipped_transactions += 1;
             return Ok(());
         }
         let database = self.config.postgres.database.clone();
@@ -591,7 +606,7 @@ impl Capture {
             }
             let (key, value) = render(&change, &commit, self.config.envelope);
             self.send(Some(key), value)?;
-            self.counts.events += 1;
+            self.metrics.events.inc();
         }
         for watermark in &current.watermarks {
             let reached = match &mut self.chunk {
@@ -603,7 +618,8 @@ impl Capture {
                 self.emit_chunk(chunk, &commit)?;
             }
         }
-        self.counts.transactions += 1;
+        self.metrics.transactions.inc();
+        self.pending_time_ms = current.time_ms;
         self.pending.lsn = lsn;
         self.pending.ack = end_lsn;
         Ok(())
@@ -620,7 +636,8 @@ impl Capture {
             self.send(Some(key), value)?;
             rows += 1;
         }
-        self.counts.snapshot_rows += rows;
+        self.metrics.snapshot_rows.inc_by(rows);
+        self.metrics.snapshot_chunks.inc();
         let tables = self.tables.len();
         let snapshot = self
             .pending
@@ -700,6 +717,8 @@ impl Capture {
         .map_err(|e| format!("committing a Kafka transaction: {e}"))?;
         self.in_transaction = false;
         self.committed = self.pending.clone();
+        self.metrics.kafka_commits.inc();
+        self.metrics.last_commit_time_ms.set(self.pending_time_ms);
         if self.committed.ack > self.acked {
             self.acked = self.committed.ack;
             replication.update_applied_lsn(Lsn::from_u64(self.committed.ack));

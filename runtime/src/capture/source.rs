@@ -33,13 +33,17 @@ impl TableInfo {
     }
 }
 
-pub async fn connect(connection: &Connection, password: &str) -> Result<Client, String> {
+pub async fn connect(
+    connection: &Connection,
+    user: &str,
+    password: &str,
+) -> Result<Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&connection.host)
         .port(connection.port)
         .dbname(&connection.database)
-        .user(&connection.user)
+        .user(user)
         .password(password)
         .options(SESSION_OPTIONS)
         .application_name("keystone-capture")
@@ -47,7 +51,7 @@ pub async fn connect(connection: &Connection, password: &str) -> Result<Client, 
     let (client, driver) = config.connect(NoTls).await.map_err(|e| {
         format!(
             "connecting to postgres://{}@{}:{}/{}: {}",
-            connection.user,
+            user,
             connection.host,
             connection.port,
             connection.database,

@@ -9,16 +9,7 @@
 use keystone_crds::schema::FieldType;
 use serde_json::Value;
 
-/// How `numeric` columns are rendered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum DecimalHandling {
-    /// As strings with every digit (`"12.50"`): exact, as Debezium's `string` mode.
-    #[default]
-    String,
-    /// As JSON numbers (64-bit floats): digits beyond 15-17 significant ones are rounded.
-    Number,
-}
+pub use keystone_crds::pipeline::capture::DecimalHandling;
 
 // Type OIDs from pg_type.dat: fixed since PostgreSQL 7 and never reused.
 const BOOL: u32 = 16;

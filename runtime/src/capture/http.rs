@@ -1,0 +1,178 @@
+//! The capture's operations endpoints: `/metrics` (Prometheus), `/healthz`
+//! (the loop turned within the last two minutes) and `/readyz` (streaming).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+/// How long the loop may go without a turn before `/healthz` fails.
+const STALL: Duration = Duration::from_secs(120);
+
+/// What the capture exports, labelled with its slot.
+pub struct CaptureMetrics {
+    registry: Registry,
+    pub transactions: IntCounter,
+    pub events: IntCounter,
+    pub snapshot_rows: IntCounter,
+    pub snapshot_chunks: IntCounter,
+    pub snapshot_done: IntGauge,
+    pub kafka_commits: IntCounter,
+    pub retained_wal_bytes: IntGauge,
+    /// Commit time of the last transaction in Kafka, epoch milliseconds.
+    pub last_commit_time_ms: IntGauge,
+    ready: AtomicBool,
+    last_beat_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl CaptureMetrics {
+    pub fn new(slot: &str) -> Result<CaptureMetrics, prometheus::Error> {
+        let registry = Registry::new_custom(
+            None,
+            Some([("slot".to_owned(), slot.to_owned())].into_iter().collect()),
+        )?;
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::with_opts(Opts::new(name, help))?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::with_opts(Opts::new(name, help))?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(CaptureMetrics {
+            transactions: counter(
+                "keystone_capture_transactions_total",
+                "Database transactions captured into Kafka.",
+            )?,
+            events: counter(
+                "keystone_capture_events_total",
+                "Change events produced from the log.",
+            )?,
+            snapshot_rows: counter(
+                "keystone_capture_snapshot_rows_total",
+                "Rows produced by snapshots.",
+            )?,
+            snapshot_chunks: counter(
+                "keystone_capture_snapshot_chunks_total",
+                "Snapshot chunks completed.",
+            )?,
+            snapshot_done: gauge(
+                "keystone_capture_snapshot_done",
+                "1 when no snapshot is in progress.",
+            )?,
+            kafka_commits: counter(
+                "keystone_capture_kafka_commits_total",
+                "Kafka transactions committed.",
+            )?,
+            retained_wal_bytes: gauge(
+                "keystone_capture_retained_wal_bytes",
+                "WAL the database keeps for the slot (its position less the slot's confirmed one).",
+            )?,
+            last_commit_time_ms: gauge(
+                "keystone_capture_last_commit_time_ms",
+                "Commit time (epoch ms) of the last database transaction in Kafka.",
+            )?,
+            registry,
+            ready: AtomicBool::new(false),
+            last_beat_ms: AtomicU64::new(now_ms()),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The loop turned.
+    pub fn beat(&self) {
+        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn stalled(&self) -> bool {
+        now_ms().saturating_sub(self.last_beat_ms.load(Ordering::Relaxed))
+            > STALL.as_millis() as u64
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut body);
+        body
+    }
+}
+
+pub async fn serve(addr: SocketAddr, metrics: Arc<CaptureMetrics>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "operations endpoints listening");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| handle(request, metrics.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    metrics: Arc<CaptureMetrics>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (status, body): (StatusCode, Bytes) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode().into()),
+        (&Method::GET, "/healthz") if metrics.stalled() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the capture loop has not turned for two minutes\n".into(),
+        ),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") if metrics.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "ready\n".into())
+        }
+        (&Method::GET, "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not streaming yet\n".into(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+    };
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(body))
+        .expect("a valid response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_carry_the_slot_and_stalls_show() {
+        let metrics = CaptureMetrics::new("orders").unwrap();
+        metrics.events.inc_by(3);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(
+            text.contains(r#"keystone_capture_events_total{slot="orders"} 3"#),
+            "{text}"
+        );
+        assert!(!metrics.stalled());
+        metrics.last_beat_ms.store(0, Ordering::Relaxed);
+        assert!(metrics.stalled());
+    }
+}
