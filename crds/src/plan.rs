@@ -203,6 +203,18 @@ impl Plan {
             self.source.topic,
             self.source.key.join(", ")
         ));
+        if let Some(capture) = &self.capture {
+            out.push_str(&format!(
+                "capture: postgres {}:{}/{} tables [{}] via slot {} and publication {} -> {}\n",
+                capture.postgres.host,
+                capture.postgres.port,
+                capture.postgres.database,
+                capture.tables.join(", "),
+                capture.slot,
+                capture.publication,
+                capture.topic
+            ));
+        }
         out.push_str("stages:\n");
         for stage in &self.stages {
             let steps: Vec<&str> = stage.steps.iter().map(|s| s.name.as_str()).collect();

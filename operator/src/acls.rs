@@ -84,6 +84,8 @@ pub fn desired_acls(principal: &str, plan: &Plan, topics: &[DesiredTopic]) -> BT
     for topic in topics {
         // READ and WRITE imply DESCRIBE (metadata, offsets).
         let operations: &[Operation] = match topic.role {
+            // A capture source: the capture writes the topic the stages read.
+            TopicRole::Source if plan.capture.is_some() => &[Operation::Read, Operation::Write],
             TopicRole::Source | TopicRole::Table => &[Operation::Read],
             TopicRole::Sink | TopicRole::DeadLetter => &[Operation::Write],
             // Written by one stage, read by the next or on restore.
@@ -112,6 +114,22 @@ pub fn desired_acls(principal: &str, plan: &Plan, topics: &[DesiredTopic]) -> BT
             &format!("{}.", stage.consumer_group),
             PatternType::Prefixed,
             Operation::Write,
+        ));
+    }
+    if let Some(capture) = &plan.capture {
+        // Its fenced transactional id, and the group whose committed offset
+        // carries its position.
+        out.insert(allow(
+            ResourceType::TransactionalId,
+            &capture.transactional_id(),
+            PatternType::Literal,
+            Operation::Write,
+        ));
+        out.insert(allow(
+            ResourceType::Group,
+            &capture.progress_group(),
+            PatternType::Literal,
+            Operation::Read,
         ));
     }
     out

@@ -229,11 +229,37 @@ pub(super) async fn apply_workloads(
         });
     }
 
-    let wanted: Vec<String> = plan
+    let mut wanted: Vec<String> = plan
         .stages
         .iter()
         .map(|s| resources::stage_object_name(&plan.pipeline, &s.name))
         .collect();
+    // The capture that writes the source topic: one instance, counted as a
+    // stage so that the pipeline is ready only when it streams.
+    if let (Some(_), Some(postgres)) = (&plan.capture, &target.spec.source.postgres) {
+        let applied = ssa(
+            &deployments,
+            &resources::capture_deployment(plan, &postgres.credentials_secret, &params),
+        )
+        .await?;
+        let replicas = applied.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let status = applied.status.clone().unwrap_or_default();
+        if status.updated_replicas.unwrap_or_default() < replicas
+            || status.replicas.unwrap_or_default() > replicas
+        {
+            rolled_out = false;
+        }
+        stages.push(StageStatus {
+            name: resources::CAPTURE_COMPONENT.to_owned(),
+            steps: Vec::new(),
+            replicas,
+            ready_replicas: status.ready_replicas.unwrap_or_default(),
+        });
+        wanted.push(resources::stage_object_name(
+            &plan.pipeline,
+            resources::CAPTURE_COMPONENT,
+        ));
+    }
     let uid = pipeline.uid().unwrap_or_default();
     let selector = format!(
         "{LABEL_PIPELINE}={},{LABEL_MANAGED_BY}={MANAGED_BY}",

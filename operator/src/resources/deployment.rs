@@ -93,36 +93,94 @@ pub fn default_resources() -> ResourceRequirements {
         ..ResourceRequirements::default()
     }
 }
-pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
-    let name = stage_object_name(&plan.pipeline, &stage.name);
-    let labels = stage_labels(&plan.pipeline, &stage.name);
+/// The environment every runtime container gets (with `control`, when
+/// given, after the Kafka settings), before its own.
+fn common_env(
+    plan: &Plan,
+    component: &str,
+    params: &WorkloadParams,
+    control: Option<EnvVar>,
+) -> Vec<EnvVar> {
     let mut pod_env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         // The runtime binds its endpoints to the pod's address.
         field_env("POD_IP", "status.podIP"),
         env("KEYSTONE_PIPELINE", plan.pipeline.clone()),
-        env("KEYSTONE_STAGE", stage.name.clone()),
+        env("KEYSTONE_STAGE", component.to_owned()),
         env("KEYSTONE_PLAN", format!("{PLAN_DIR}/{PLAN_KEY}")),
     ];
     pod_env.extend(params.kafka_env.iter().cloned());
-    // The credential of `POST /checkpoint` and `/resume`, from the Secret the
-    // operator made for this pipeline (`crate::control`).
-    pod_env.push(EnvVar {
-        name: crate::control::CONTROL_TOKEN_ENV.to_owned(),
+    pod_env.extend(control);
+    if let Some(host) = &params.bind_host {
+        pod_env.push(env("KEYSTONE_HTTP_ADDR", format!("{host}:{HTTP_PORT}")));
+    }
+    pod_env.extend(params.security.env.iter().cloned());
+    pod_env
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
-                name: crate::control::control_secret_name(&plan.pipeline),
-                key: crate::control::CONTROL_TOKEN_FIELD.to_owned(),
+                name: secret.to_owned(),
+                key: key.to_owned(),
                 optional: Some(false),
             }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
-    });
-    if let Some(host) = &params.bind_host {
-        pod_env.push(env("KEYSTONE_HTTP_ADDR", format!("{host}:{HTTP_PORT}")));
     }
+}
+
+/// The Deployment of the pipeline's capture (`spec.source.postgres`): one
+/// instance, replaced rather than rolled (two would only wait on each
+/// other's replication slot), with the database credentials from the Secret.
+pub fn capture_deployment(
+    plan: &Plan,
+    credentials_secret: &str,
+    params: &WorkloadParams,
+) -> Deployment {
+    let mut pod_env = common_env(plan, CAPTURE_COMPONENT, params, None);
+    pod_env.push(secret_env(
+        "KEYSTONE_POSTGRES_USER",
+        credentials_secret,
+        "username",
+    ));
+    pod_env.push(secret_env(
+        "KEYSTONE_POSTGRES_PASSWORD",
+        credentials_secret,
+        "password",
+    ));
+    let mut args = vec![
+        "capture".to_owned(),
+        "--plan".to_owned(),
+        format!("{PLAN_DIR}/{PLAN_KEY}"),
+    ];
+    args.extend(params.security.args.iter().cloned());
+    let params = WorkloadParams {
+        strategy: UpgradeStrategy::Recreate,
+        // A restore reprocesses the stages' input; the capture goes on.
+        restore: None,
+        ..params.clone()
+    };
+    let replicas = params.replicas.unwrap_or(1).min(1);
+    runtime_deployment(plan, CAPTURE_COMPONENT, args, pod_env, replicas, &params)
+}
+
+/// The component name of the capture's objects and pods.
+pub const CAPTURE_COMPONENT: &str = "capture";
+
+pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
+    // The credential of `POST /checkpoint` and `/resume`, from the Secret the
+    // operator made for this pipeline (`crate::control`).
+    let control = secret_env(
+        crate::control::CONTROL_TOKEN_ENV,
+        &crate::control::control_secret_name(&plan.pipeline),
+        crate::control::CONTROL_TOKEN_FIELD,
+    );
+    let mut pod_env = common_env(plan, &stage.name, params, Some(control));
     let mut args = vec![
         "serve".to_owned(),
         "--plan".to_owned(),
@@ -137,8 +195,23 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
         ]);
     }
     args.extend(params.security.args.iter().cloned());
-    pod_env.extend(params.security.env.iter().cloned());
     pod_env.extend(sink_secret_env(plan, stage));
+    let replicas = params.replicas.unwrap_or(stage.parallelism);
+    runtime_deployment(plan, &stage.name, args, pod_env, replicas, params)
+}
+
+/// A Deployment of the runtime binary for one component of the pipeline (a
+/// stage, or the capture).
+fn runtime_deployment(
+    plan: &Plan,
+    component: &str,
+    args: Vec<String>,
+    pod_env: Vec<EnvVar>,
+    replicas: i32,
+    params: &WorkloadParams,
+) -> Deployment {
+    let name = stage_object_name(&plan.pipeline, component);
+    let labels = stage_labels(&plan.pipeline, component);
     let container = Container {
         name: "runtime".to_owned(),
         image: Some(params.image.clone()),
@@ -207,9 +280,9 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
     Deployment {
         metadata: meta(name, &plan.namespace, labels.clone(), &params.owner),
         spec: Some(DeploymentSpec {
-            replicas: Some(params.replicas.unwrap_or(stage.parallelism)),
+            replicas: Some(replicas),
             selector: LabelSelector {
-                match_labels: Some(selector_labels(&plan.pipeline, &stage.name)),
+                match_labels: Some(selector_labels(&plan.pipeline, component)),
                 ..LabelSelector::default()
             },
             strategy: Some(strategy),

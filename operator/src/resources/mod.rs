@@ -20,7 +20,9 @@ pub use config_maps::{
     CONFIG_MAP_DATA_LIMIT, FitError, TooLarge, fitting_json, plan_config_map, plan_json,
     restore_config_map, restore_config_map_name,
 };
-pub use deployment::{WorkloadParams, default_resources, deployment};
+pub use deployment::{
+    CAPTURE_COMPONENT, WorkloadParams, capture_deployment, default_resources, deployment,
+};
 pub use network_policy::{network_policy, network_policy_name};
 pub use security::{
     ANNOTATION_CREDENTIALS_HASH, RuntimeSecurity, TLS_DIR, credentials_hash,

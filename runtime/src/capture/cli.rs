@@ -14,13 +14,17 @@ use crate::kafka::KafkaSettings;
 
 #[derive(Debug, Args)]
 pub struct CaptureCli {
-    /// The capture's configuration (JSON): database, tables, slot,
-    /// publication, topic and snapshot policy. The database password comes
-    /// from `KEYSTONE_POSTGRES_PASSWORD` or the file `KEYSTONE_POSTGRES_PASSWORD_FILE` names.
+    /// The compiled plan whose `capture` to run (what the operator mounts),
+    /// or a capture configuration alone (JSON: database, tables, slot,
+    /// publication, topic and snapshot policy). The database password comes
+    /// from `KEYSTONE_POSTGRES_PASSWORD` or the file
+    /// `KEYSTONE_POSTGRES_PASSWORD_FILE` names, the user from the
+    /// configuration or `KEYSTONE_POSTGRES_USER`.
     #[arg(
-        long,
-        env = "KEYSTONE_CAPTURE",
-        default_value = "/etc/keystone/capture.json"
+        long = "plan",
+        visible_alias = "config",
+        env = "KEYSTONE_PLAN",
+        default_value = "/etc/keystone/plan.json"
     )]
     pub config: PathBuf,
     /// Kafka bootstrap servers.
