@@ -207,20 +207,26 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     assert!(result, "an order's seq went backwards in the sink topic");
 
-    ns.delete().await.expect("delete namespace");
-    // The slot would keep WAL forever: drop it once the capture pod is gone.
+    // topicDeletionPolicy: Delete: the capture drops its slot, which would
+    // otherwise keep WAL forever, when the operator asks it to.
+    ns.api::<keystone_crds::Pipeline>()
+        .delete("orders-from-postgres", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete the pipeline");
     let admin = db;
-    let drop_slot = format!(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
-    );
-    let dropped = wait_until(
-        Duration::from_secs(60),
-        "the capture released its slot",
-        || async { admin.execute(&drop_slot, &[]).await.ok() },
-        || async { String::new() },
+    let slots = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'");
+    wait_until(
+        Duration::from_secs(90),
+        "the operator dropped the capture's slot",
+        || async {
+            let row = admin.query_one(&slots, &[]).await.ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        },
+        || async { operator.log_text() },
     )
-    .await;
-    dropped.expect("dropping the slot");
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    ns.delete().await.expect("delete namespace");
     admin
         .batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {slot}; DROP TABLE {table};

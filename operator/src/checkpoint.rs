@@ -44,7 +44,7 @@ pub use background::{
     Background, Finished, Purpose, collect_finished, in_flight, recover_orphaned, run_due,
     start_background,
 };
-pub use instances::{pod_get, resume};
+pub use instances::{pod_get, pod_post, resume};
 pub use schedule::{checkpoint_due, next_checkpoint_in};
 
 /// Label of a checkpoint ConfigMap: the checkpoint id.

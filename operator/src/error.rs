@@ -82,6 +82,10 @@ pub enum Error {
     /// The key of the runtime control tokens is unusable.
     #[error("the control key {0}")]
     ControlKey(String),
+
+    /// The capture's database (spec.source.postgres) refused or did not answer.
+    #[error("the capture's database: {0}")]
+    Capture(String),
 }
 
 impl Error {
@@ -103,6 +107,7 @@ impl Error {
             Error::Restore(_) => "restore",
             Error::ControlKey(_) => "control_key",
             Error::TooLarge(_) => "too_large",
+            Error::Capture(_) => "capture",
         }
     }
 

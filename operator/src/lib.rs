@@ -2,6 +2,7 @@
 //! ConfigMaps, runtime Deployments and a status that tells the truth.
 
 pub mod acls;
+pub mod capture;
 pub mod checkpoint;
 pub mod config;
 pub mod context;

@@ -113,7 +113,7 @@ pub struct ServeCli {
     pub watchdog_timeout: std::time::Duration,
 }
 
-fn parse_control_token(text: &str) -> Result<crate::host::ControlToken, String> {
+pub(crate) fn parse_control_token(text: &str) -> Result<crate::host::ControlToken, String> {
     crate::host::ControlToken::new(text).ok_or_else(|| "the control token is empty".to_owned())
 }
 

@@ -211,6 +211,20 @@ fn default_connection_port() -> u16 {
     5432
 }
 
+impl CaptureConfig {
+    /// The Kafka transactional id that fences earlier instances.
+    pub fn transactional_id(&self) -> String {
+        self.transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("keystone-capture.{}", self.slot))
+    }
+
+    /// The consumer group whose committed offset carries the capture's position.
+    pub fn progress_group(&self) -> String {
+        format!("keystone-capture.{}", self.slot)
+    }
+}
+
 impl PostgresSourceSpec {
     /// The publication's name: given, or derived from the pipeline's.
     pub fn publication_name(&self, namespace: &str, pipeline: &str) -> String {

@@ -405,6 +405,8 @@ pub enum TopicDeletionPolicy {
     /// Keep them.
     #[default]
     Retain,
-    /// Delete the sink and internal topics this pipeline created.
+    /// Delete the sink and internal topics this pipeline created and, for a
+    /// `postgres` source, the capture topic and the replication slot (the
+    /// publication stays).
     Delete,
 }

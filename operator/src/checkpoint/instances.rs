@@ -220,6 +220,23 @@ async fn post(instance: &Instance, path: &str, token: &str) -> Result<Bytes, Str
     .await
 }
 
+/// POSTs to `path` of a runtime pod's HTTP port with the control token: the
+/// answer's text when 2xx, else what went wrong, naming the URL.
+pub async fn pod_post(ip: &str, port: i32, path: &str, token: &str) -> Result<String, String> {
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    };
+    let body = exchange(
+        Method::POST,
+        format!("http://{host}:{port}{path}"),
+        Some(token),
+    )
+    .await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// GETs `path` from a runtime pod's HTTP port (`/metrics`, say): the text of a
 /// 2xx answer, or what went wrong, naming the URL.
 pub async fn pod_get(ip: &str, port: i32, path: &str) -> Result<String, String> {

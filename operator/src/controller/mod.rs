@@ -655,6 +655,14 @@ async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             );
             retry_or_give_up(pipeline, ctx, error, step).await?;
         }
+        if let Err(error) = crate::capture::drop_slot(pipeline, ctx).await {
+            let step = (
+                "SlotNotDropped",
+                "DropSlot",
+                "dropping the capture's replication slot",
+            );
+            retry_or_give_up(pipeline, ctx, error, step).await?;
+        }
     }
     if let Err(error) = crate::acls::revoke_pipeline(ctx, pipeline).await {
         let step = (

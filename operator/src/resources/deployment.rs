@@ -142,7 +142,13 @@ pub fn capture_deployment(
     credentials_secret: &str,
     params: &WorkloadParams,
 ) -> Deployment {
-    let mut pod_env = common_env(plan, CAPTURE_COMPONENT, params, None);
+    // The control token authorizes `POST /drop-slot` (see `crate::capture`).
+    let control = secret_env(
+        crate::control::CONTROL_TOKEN_ENV,
+        &crate::control::control_secret_name(&plan.pipeline),
+        crate::control::CONTROL_TOKEN_FIELD,
+    );
+    let mut pod_env = common_env(plan, CAPTURE_COMPONENT, params, Some(control));
     pod_env.push(secret_env(
         "KEYSTONE_POSTGRES_USER",
         credentials_secret,

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use crate::capture::config::{password, read, user};
 use crate::capture::http::{CaptureMetrics, serve};
-use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
+use crate::capture::run::Stopped;
+use crate::cli::{
+    init_logging, kafka_settings_with_credentials, parse_control_token, parse_kafka_property,
+};
 use crate::kafka::KafkaSettings;
 
 #[derive(Debug, Args)]
@@ -43,6 +46,11 @@ pub struct CaptureCli {
     /// Log as JSON lines.
     #[arg(long, env = "KEYSTONE_LOG_JSON")]
     pub log_json: bool,
+    /// The credential `POST /drop-slot` requires, as `Authorization: Bearer
+    /// <token>` (the operator sets it from a Secret it owns). Without it that
+    /// endpoint refuses every request.
+    #[arg(long, env = "KEYSTONE_CONTROL_TOKEN", hide_env_values = true, value_parser = parse_control_token)]
+    pub control_token: Option<crate::host::ControlToken>,
 }
 
 /// Runs the capture until SIGTERM or SIGINT (then commits what it has and
@@ -90,21 +98,46 @@ pub fn capture(args: CaptureCli) -> i32 {
             return 3;
         }
     };
-    let http_addr = args.http_addr;
+    let (http_addr, token) = (args.http_addr, args.control_token);
     let result = runtime.block_on(async {
+        let (drops, requests) = tokio::sync::mpsc::channel(1);
         let served = metrics.clone();
         let endpoints = tokio::spawn(async move {
-            if let Err(error) = serve(http_addr, served).await {
+            if let Err(error) = serve(http_addr, served, token, drops).await {
                 tracing::error!(%error, %http_addr, "the operations endpoints stopped");
             }
         });
-        let result =
-            crate::capture::run(config, kafka, user, password, metrics, shutdown_signal()).await;
+        let mut shutdown = Box::pin(shutdown_signal());
+        let beats = metrics.clone();
+        let result = crate::capture::run(
+            config,
+            kafka,
+            user,
+            password,
+            metrics,
+            requests,
+            &mut shutdown,
+        )
+        .await;
+        if result == Ok(Stopped::SlotDropped) {
+            // Exiting would have the Deployment start a capture that makes
+            // the slot again: stay alive (and not ready) until the pod is deleted.
+            let idle = async {
+                loop {
+                    beats.beat();
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = idle => {}
+            }
+        }
         endpoints.abort();
         result
     });
     match result {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(error) => {
             tracing::error!(%error, "the capture stopped");
             eprintln!("error: {error}");

@@ -73,18 +73,6 @@ pub fn table_names(config: &CaptureConfig) -> Result<Vec<TableName>, String> {
         .collect()
 }
 
-pub fn transactional_id(config: &CaptureConfig) -> String {
-    config
-        .transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("keystone-capture.{}", config.slot))
-}
-
-/// The consumer group whose committed offset carries the capture's progress.
-pub fn progress_group(config: &CaptureConfig) -> String {
-    format!("keystone-capture.{}", config.slot)
-}
-
 /// The user: the configuration's, else `KEYSTONE_POSTGRES_USER`.
 pub fn user(
     config: &CaptureConfig,
@@ -134,7 +122,7 @@ mod tests {
             c.commit_interval.as_std(),
             std::time::Duration::from_millis(100)
         );
-        assert_eq!(transactional_id(&c), "keystone-capture.s");
+        assert_eq!(c.transactional_id(), "keystone-capture.s");
         assert_eq!(user(&c, |_| None).unwrap(), "cdc");
         let tables = table_names(&c).unwrap();
         assert_eq!(tables[0].to_string(), "public.orders");

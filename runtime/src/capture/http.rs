@@ -1,5 +1,9 @@
 //! The capture's operations endpoints: `/metrics` (Prometheus), `/healthz`
-//! (the loop turned within the last two minutes) and `/readyz` (streaming).
+//! (the loop turned within the last two minutes), `/readyz` (streaming), and
+//! `POST /drop-slot` (with the control token): the operator's request, when
+//! the pipeline is deleted with `topicDeletionPolicy: Delete`, to stop
+//! streaming and drop the replication slot. The capture holds the database
+//! credentials, so the operator never needs to read them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +18,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::host::{ControlToken, refusal};
+
+/// A request to the capture loop: drop the slot, answer how it went.
+pub type DropSlot = oneshot::Sender<Result<(), String>>;
 
 /// How long the loop may go without a turn before `/healthz` fails.
 const STALL: Duration = Duration::from_secs(120);
@@ -116,14 +126,22 @@ impl CaptureMetrics {
     }
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Arc<CaptureMetrics>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<CaptureMetrics>,
+    token: Option<ControlToken>,
+    drops: mpsc::Sender<DropSlot>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "operations endpoints listening");
+    let token = Arc::new(token);
     loop {
         let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
+        let (metrics, token, drops) = (metrics.clone(), token.clone(), drops.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| handle(request, metrics.clone()));
+            let service = service_fn(move |request| {
+                handle(request, metrics.clone(), token.clone(), drops.clone())
+            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -134,8 +152,37 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<CaptureMetrics>) -> std::io::R
 async fn handle(
     request: Request<Incoming>,
     metrics: Arc<CaptureMetrics>,
+    token: Arc<Option<ControlToken>>,
+    drops: mpsc::Sender<DropSlot>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (status, body): (StatusCode, Bytes) = match (request.method(), request.uri().path()) {
+        (&Method::POST, "/drop-slot") => {
+            let authorization = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            match refusal(token.as_ref().as_ref(), authorization) {
+                Some((status, body)) => (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                    body.into(),
+                ),
+                None => {
+                    let (reply, answer) = oneshot::channel();
+                    let result = match drops.send(reply).await {
+                        Ok(()) => answer
+                            .await
+                            .unwrap_or_else(|_| Err("the capture stopped".into())),
+                        Err(_) => Err("the capture is not running".into()),
+                    };
+                    match result {
+                        Ok(()) => (StatusCode::OK, "slot dropped\n".into()),
+                        Err(error) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n").into())
+                        }
+                    }
+                }
+            }
+        }
         (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode().into()),
         (&Method::GET, "/healthz") if metrics.stalled() => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -22,11 +22,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use crate::capture::changes::{Change, Relation, TableName, TransactionChanges};
 use crate::capture::config::{CaptureConfig, SnapshotMode};
 use crate::capture::events::{Commit, ENVELOPE_FIELDS, Envelope, lsn_text, render};
-use crate::capture::http::CaptureMetrics;
+use crate::capture::http::{CaptureMetrics, DropSlot};
 use crate::capture::snapshot::{Chunk, Reached, SnapshotProgress, Watermark};
 use crate::capture::source::{self, SESSION_OPTIONS, TableInfo};
 use crate::kafka::{KAFKA_TIMEOUT, KafkaSettings, config as kafka_config};
@@ -125,8 +126,9 @@ pub async fn run(
     user: String,
     password: String,
     metrics: Arc<CaptureMetrics>,
+    drops: mpsc::Receiver<DropSlot>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<Stopped, String> {
     let names = crate::capture::config::table_names(&config)?;
     let sql = source::connect(&config.postgres, &user, &password).await?;
     let mut tables = Vec::new();
@@ -210,9 +212,19 @@ pub async fn run(
         skipped_transactions: 0,
         config,
     };
-    let result = capture.run(&mut replication, shutdown).await;
+    let result = capture.run(&mut replication, drops, shutdown).await;
     replication.stop();
     result
+}
+
+/// Why a capture stopped without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to (SIGTERM): the next instance goes on from its position.
+    Shutdown,
+    /// Its slot was dropped (the pipeline is being deleted): nothing may
+    /// stream again, or a new slot would be made.
+    SlotDropped,
 }
 
 /// How long a new instance waits for the slot a killed one held: the server
@@ -263,14 +275,12 @@ fn open_kafka(
         let what = what.to_owned();
         move |e: KafkaError| format!("{what}: {e}")
     };
-    let producer: ThreadedProducer<DefaultProducerContext> = kafka_config::producer(
-        kafka,
-        Some(&crate::capture::config::transactional_id(config)),
-    )
-    .create()
-    .map_err(kafka_error("creating the producer"))?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        kafka_config::producer(kafka, Some(&config.transactional_id()))
+            .create()
+            .map_err(kafka_error("creating the producer"))?;
     let mut reader: ClientConfig = kafka_config::restore_reader(kafka, "unused");
-    reader.set("group.id", crate::capture::config::progress_group(config));
+    reader.set("group.id", config.progress_group());
     let consumer: BaseConsumer = reader
         .create()
         .map_err(kafka_error("creating the progress reader"))?;
@@ -333,8 +343,9 @@ impl Capture {
     async fn run(
         &mut self,
         replication: &mut ReplicationClient,
+        mut drops: mpsc::Receiver<DropSlot>,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), String> {
+    ) -> Result<Stopped, String> {
         let interval = self.config.commit_interval.as_std();
         let mut report = tokio::time::interval(Duration::from_secs(10));
         tokio::pin!(shutdown);
@@ -355,7 +366,15 @@ impl Capture {
                     // transaction: committing it is safe.
                     self.commit(replication)?;
                     tracing::info!(position = %lsn_text(self.committed.lsn), "capture stopped");
-                    return Ok(());
+                    return Ok(Stopped::Shutdown);
+                }
+                Some(reply) = drops.recv() => {
+                    let result = self.drop_slot(replication).await;
+                    let dropped = result.is_ok();
+                    let _ = reply.send(result);
+                    if dropped {
+                        return Ok(Stopped::SlotDropped);
+                    }
                 }
                 event = replication.recv() => match event {
                     Ok(Some(event)) => self.on_event(event, replication)?,
@@ -384,6 +403,46 @@ impl Capture {
                 && due
             {
                 self.commit(replication)?;
+            }
+        }
+    }
+
+    /// Commits what is open, stops streaming and drops the slot once the
+    /// server has let go of it.
+    async fn drop_slot(&mut self, replication: &mut ReplicationClient) -> Result<(), String> {
+        if self.current.is_none() {
+            self.commit(replication)?;
+        }
+        replication.stop();
+        self.metrics.set_ready(false);
+        let slot = self.config.slot.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let active: Option<bool> = self
+                .sql
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| format!("reading slot {slot}: {}", source::error_text(&e)))?
+                .map(|row| row.get(0));
+            match active {
+                None => return Ok(()),
+                Some(false) => {
+                    self.sql
+                        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                        .await
+                        .map_err(|e| format!("dropping slot {slot}: {}", source::error_text(&e)))?;
+                    tracing::info!(%slot, "dropped the replication slot: the pipeline is being deleted");
+                    return Ok(());
+                }
+                Some(true) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "slot {slot} is still held by a replication session after 30 s"
+                    ));
+                }
+                Some(true) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }

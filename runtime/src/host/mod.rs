@@ -65,7 +65,7 @@ use crate::connectors::SinkError;
 use crate::kafka::{KafkaSettings, TransportError};
 
 use crate::error::RuntimeError;
-pub use control::{ControlToken, DEFAULT_WATCHDOG_TIMEOUT, Watchdog};
+pub use control::{ControlToken, DEFAULT_WATCHDOG_TIMEOUT, Watchdog, refusal};
 pub use metrics::Metrics;
 
 /// What `serve` needs to know; the CLI fills it from flags and the pod's environment.
