@@ -513,3 +513,68 @@ fn config_map_documents_fit_compactly_or_are_refused_with_their_size() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
 }
+
+const CAPTURE_PIPELINE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: orders, namespace: shop, uid: "5678", generation: 1}
+spec:
+  source:
+    topic: shop.orders.cdc
+    key: [id]
+    postgres: {host: db, database: shop, credentialsSecret: shop-db, tables: [orders]}
+    schema:
+      fields:
+        - {name: id, type: integer}
+  parallelism: 3
+  sinks:
+    - name: out
+      kafka: {topic: shop.orders.out, partitions: 3}
+"#;
+
+#[test]
+fn the_capture_runs_alone_replaced_not_rolled_with_credentials_by_reference() {
+    let (plan, mut params) = fixture_of(CAPTURE_PIPELINE);
+    let capture = super::capture_deployment(&plan, "shop-db", &params);
+    assert_eq!(capture.metadata.name.as_deref(), Some("orders-capture"));
+    let spec = capture.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.replicas,
+        Some(1),
+        "one capture, whatever the parallelism"
+    );
+    assert_eq!(
+        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("Recreate")
+    );
+    let labels = spec.selector.match_labels.as_ref().unwrap();
+    assert_eq!(labels[LABEL_STAGE], super::CAPTURE_COMPONENT);
+    let container = &spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        container.args.as_deref().unwrap()[..3],
+        ["capture", "--plan", &format!("/etc/keystone/{PLAN_KEY}")]
+    );
+    let env = container_env(&capture);
+    for (name, key) in [
+        ("KEYSTONE_POSTGRES_USER", "username"),
+        ("KEYSTONE_POSTGRES_PASSWORD", "password"),
+    ] {
+        let var = env.iter().find(|e| e.name == name).unwrap();
+        let secret = var
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("shop-db", key)
+        );
+        assert!(var.value.is_none());
+    }
+    // Suspended: no capture either.
+    params.replicas = Some(0);
+    let suspended = super::capture_deployment(&plan, "shop-db", &params);
+    assert_eq!(suspended.spec.unwrap().replicas, Some(0));
+}
