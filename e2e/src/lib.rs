@@ -11,6 +11,7 @@
 //! ```
 
 pub mod audit;
+pub mod debezium;
 pub mod http;
 pub mod kubelet;
 pub mod lake;

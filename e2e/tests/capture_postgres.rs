@@ -11,99 +11,51 @@ mod capture_support;
 mod runtime_support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use capture_support::Capture;
+use capture_support::{Capture, Writers, table_rows};
+use keystone_e2e::postgres::Postgres;
 use runtime_support::{Lcg, http_request, metric_value, read_committed};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Writers that change the table until stopped: updates that add one to a
 /// row's `version` (70%), deletes (10%), inserts of new rows (20%), one to
 /// three rows per transaction, on separate connections.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    transactions: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    async fn start(capture: &Capture, count: u64, existing_rows: i64) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let transactions = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for writer in 0..count {
-            let client = capture.connect().await;
-            let (stop, transactions, table) =
-                (stop.clone(), transactions.clone(), capture.table.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut rng = Lcg(writer * 7919 + 17);
-                let mut next_new = 1_000_000 * (writer as i64 + 1);
-                let mut client = client;
-                while !stop.load(Ordering::Relaxed) {
-                    // Distinct rows per transaction: two changes of one row in
-                    // one transaction are one event (their net change).
-                    let mut ids = Vec::new();
-                    let mut statements = Vec::new();
-                    for _ in 0..=rng.below(3) {
-                        let id = 1 + rng.below(existing_rows as u64) as i64;
-                        if ids.contains(&id) {
-                            continue;
-                        }
-                        ids.push(id);
-                        statements.push(match rng.below(10) {
-                            0 => format!("DELETE FROM {table} WHERE id = {id}"),
-                            1 | 2 => {
-                                next_new += 1;
-                                format!(
-                                    "INSERT INTO {table} (id, account, version, amount, note) VALUES ({next_new}, {}, 0, 1.25, 'new')",
-                                    rng.below(100)
-                                )
-                            }
-                            _ => format!(
-                                "UPDATE {table} SET version = version + 1, amount = amount + 0.01, note = 'w{writer}' WHERE id = {id}"
-                            ),
-                        });
-                    }
-                    let txn = client.transaction().await.unwrap();
-                    let mut result = Ok(());
-                    for sql in &statements {
-                        result = txn.batch_execute(sql).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    // Two writers may lock rows in opposite orders: the
-                    // database aborts one, which changes nothing.
-                    let result = match result {
-                        Ok(()) => txn.commit().await,
-                        Err(e) => Err(e),
-                    };
-                    match result {
-                        Ok(()) => {
-                            transactions.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {}
-                        Err(e) => panic!("writer {writer}: {e}"),
-                    }
+async fn start_writers(pg: &Postgres, table: &str, count: u64, existing_rows: i64) -> Writers {
+    let table = table.to_owned();
+    Writers::start(pg, count, |writer| {
+        let table = table.clone();
+        let mut rng = Lcg(writer * 7919 + 17);
+        let mut next_new = 1_000_000 * (writer as i64 + 1);
+        move || {
+            // Distinct rows per transaction: two changes of one row in
+            // one transaction are one event (their net change).
+            let mut ids = Vec::new();
+            let mut statements = Vec::new();
+            for _ in 0..=rng.below(3) {
+                let id = 1 + rng.below(existing_rows as u64) as i64;
+                if ids.contains(&id) {
+                    continue;
                 }
-            }));
+                ids.push(id);
+                statements.push(match rng.below(10) {
+                    0 => format!("DELETE FROM {table} WHERE id = {id}"),
+                    1 | 2 => {
+                        next_new += 1;
+                        format!(
+                            "INSERT INTO {table} (id, account, version, amount, note) VALUES ({next_new}, {}, 0, 1.25, 'new')",
+                            rng.below(100)
+                        )
+                    }
+                    _ => format!(
+                        "UPDATE {table} SET version = version + 1, amount = amount + 0.01, note = 'w{writer}' WHERE id = {id}"
+                    ),
+                });
+            }
+            statements
         }
-        Writers {
-            stop,
-            transactions,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.expect("a writer failed");
-        }
-        self.transactions.load(Ordering::Relaxed)
-    }
+    })
+    .await
 }
 
 async fn create_table(capture: &Capture, rows: i64) {
@@ -116,30 +68,6 @@ async fn create_table(capture: &Capture, rows: i64) {
         ))
         .await
         .unwrap();
-}
-
-/// The table's rows as the capture renders them, by id.
-async fn table_rows(admin: &tokio_postgres::Client, table: &str) -> BTreeMap<i64, Value> {
-    admin
-        .query(
-            &format!("SELECT id, account, version, amount::text, note FROM {table}"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let id: i64 = r.get(0);
-            let row = json!({
-                "id": id,
-                "account": r.get::<_, i32>(1),
-                "version": r.get::<_, i32>(2),
-                "amount": r.get::<_, Option<String>>(3),
-                "note": r.get::<_, Option<String>>(4),
-            });
-            (id, row)
-        })
-        .collect()
 }
 
 /// Checks each row's events: sequences strictly increase; an update adds one
@@ -253,7 +181,7 @@ async fn writes_during_a_snapshot_of_100k_rows_end_equal_to_the_table() {
     let rows = 100_000;
     create_table(&capture, rows).await;
     capture.create_topic(6).await;
-    let writers = Writers::start(&capture, 4, rows).await;
+    let writers = start_writers(&capture.pg, &capture.table, 4, rows).await;
     // The writers run before, during and after the snapshot.
     tokio::time::sleep(Duration::from_millis(500)).await;
     capture.start(2_000);
@@ -292,7 +220,7 @@ async fn sigkills_mid_snapshot_and_mid_stream_lose_and_repeat_nothing() {
     let rows = 40_000;
     create_table(&capture, rows).await;
     capture.create_topic(4).await;
-    let writers = Writers::start(&capture, 3, rows).await;
+    let writers = start_writers(&capture.pg, &capture.table, 3, rows).await;
     // Small chunks: the snapshot takes several seconds. The first kill lands
     // once some chunks are in (a restart then resumes a snapshot half done),
     // the next two anywhere.

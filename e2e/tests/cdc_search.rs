@@ -15,11 +15,9 @@ mod capture_support;
 mod runtime_support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use capture_support::Capture;
+use capture_support::{Capture, Writers};
 use keystone_e2e::Testbed;
 use keystone_e2e::opensearch::OpenSearch;
 use keystone_e2e::postgres::Postgres;
@@ -83,136 +81,85 @@ async fn create_table(client: &tokio_postgres::Client, table: &str) {
 /// per transaction, each on its own connection: updates of every column
 /// (some to and from NULL), deletes, inserts of new rows, and inserts again
 /// of rows deleted earlier (the same id back after its delete).
-struct Writers {
-    stop: Arc<AtomicBool>,
-    transactions: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    async fn start(pg: &Postgres, table: &str, count: u64) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let transactions = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for writer in 0..count {
-            let mut client = pg.connect().await;
-            let (stop, transactions, table) =
-                (stop.clone(), transactions.clone(), table.to_owned());
-            tasks.push(tokio::spawn(async move {
-                let mut rng = Lcg(writer * 7919 + 23);
-                let mut next_new = 1_000_000 * (writer as i64 + 1);
-                let mut inserted: Vec<i64> = Vec::new();
-                let mut deleted: Vec<i64> = Vec::new();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut ids = Vec::new();
-                    let mut statements = Vec::new();
-                    for _ in 0..=rng.below(3) {
-                        n += 1;
-                        let kind = rng.below(20);
-                        // Again a row deleted earlier (maybe by another writer:
-                        // a row already back is left alone).
-                        if kind == 0 && !deleted.is_empty() {
-                            let id = deleted.swap_remove(rng.below(deleted.len() as u64) as usize);
-                            if !ids.contains(&id) {
-                                ids.push(id);
-                                statements.push(format!(
-                                    "INSERT INTO {table} (id, account, amount, note, active) VALUES ({id}, {}, 7.77, 'back {n}', true) ON CONFLICT (id) DO NOTHING",
-                                    rng.below(100)
-                                ));
-                            }
-                            continue;
-                        }
-                        if kind < 4 {
-                            next_new += 1;
-                            inserted.push(next_new);
-                            ids.push(next_new);
-                            let amount = if rng.below(5) == 0 {
-                                "NULL".to_owned()
-                            } else {
-                                format!("{}.{:02}", rng.below(10_000), rng.below(100))
-                            };
-                            let note = if rng.below(5) == 0 {
-                                "NULL".to_owned()
-                            } else {
-                                format!("'new {n} ''quoted'' ü'")
-                            };
-                            statements.push(format!(
-                                "INSERT INTO {table} (id, account, amount, note, active) VALUES ({next_new}, {}, {amount}, {note}, {})",
-                                rng.below(100),
-                                rng.below(2) == 0
-                            ));
-                            continue;
-                        }
-                        // An existing row: mostly the snapshot's, some inserted here.
-                        let id = if !inserted.is_empty() && rng.below(4) == 0 {
-                            inserted[rng.below(inserted.len() as u64) as usize]
-                        } else {
-                            1 + rng.below(ROWS as u64) as i64
-                        };
-                        if ids.contains(&id) {
-                            continue;
-                        }
+async fn start_writers(pg: &Postgres, table: &str, count: u64) -> Writers {
+    let table = table.to_owned();
+    Writers::start(pg, count, |writer| {
+        let table = table.clone();
+        let mut rng = Lcg(writer * 7919 + 23);
+        let mut next_new = 1_000_000 * (writer as i64 + 1);
+        let mut inserted: Vec<i64> = Vec::new();
+        let mut deleted: Vec<i64> = Vec::new();
+        let mut n = 0u64;
+        move || {
+            let mut ids = Vec::new();
+            let mut statements = Vec::new();
+            for _ in 0..=rng.below(3) {
+                n += 1;
+                let kind = rng.below(20);
+                // Again a row deleted earlier (maybe by another writer:
+                // a row already back is left alone).
+                if kind == 0 && !deleted.is_empty() {
+                    let id = deleted.swap_remove(rng.below(deleted.len() as u64) as usize);
+                    if !ids.contains(&id) {
                         ids.push(id);
-                        statements.push(match kind {
-                            4 | 5 => {
-                                deleted.push(id);
-                                format!("DELETE FROM {table} WHERE id = {id}")
-                            }
-                            6 => format!(
-                                "UPDATE {table} SET amount = NULL, note = NULL WHERE id = {id}"
-                            ),
-                            7 => format!(
-                                "UPDATE {table} SET amount = 3.50, note = 'restored {n}' WHERE id = {id}"
-                            ),
-                            _ => format!(
-                                "UPDATE {table} SET account = account + 1, amount = amount + 0.01, note = 'w{writer} {n}', active = NOT active WHERE id = {id}"
-                            ),
-                        });
+                        statements.push(format!(
+                            "INSERT INTO {table} (id, account, amount, note, active) VALUES ({id}, {}, 7.77, 'back {n}', true) ON CONFLICT (id) DO NOTHING",
+                            rng.below(100)
+                        ));
                     }
-                    if statements.is_empty() {
-                        continue;
-                    }
-                    let txn = client.transaction().await.unwrap();
-                    let mut result = Ok(());
-                    for sql in &statements {
-                        result = txn.batch_execute(sql).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    // Two writers may lock rows in opposite orders: the
-                    // database aborts one, which changes nothing.
-                    let result = match result {
-                        Ok(()) => txn.commit().await,
-                        Err(e) => Err(e),
-                    };
-                    match result {
-                        Ok(()) => {
-                            transactions.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e)
-                            if e.code()
-                                == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {}
-                        Err(e) => panic!("writer {writer}: {e}"),
-                    }
+                    continue;
                 }
-            }));
+                if kind < 4 {
+                    next_new += 1;
+                    inserted.push(next_new);
+                    ids.push(next_new);
+                    let amount = if rng.below(5) == 0 {
+                        "NULL".to_owned()
+                    } else {
+                        format!("{}.{:02}", rng.below(10_000), rng.below(100))
+                    };
+                    let note = if rng.below(5) == 0 {
+                        "NULL".to_owned()
+                    } else {
+                        format!("'new {n} ''quoted'' ü'")
+                    };
+                    statements.push(format!(
+                        "INSERT INTO {table} (id, account, amount, note, active) VALUES ({next_new}, {}, {amount}, {note}, {})",
+                        rng.below(100),
+                        rng.below(2) == 0
+                    ));
+                    continue;
+                }
+                // An existing row: mostly the snapshot's, some inserted here.
+                let id = if !inserted.is_empty() && rng.below(4) == 0 {
+                    inserted[rng.below(inserted.len() as u64) as usize]
+                } else {
+                    1 + rng.below(ROWS as u64) as i64
+                };
+                if ids.contains(&id) {
+                    continue;
+                }
+                ids.push(id);
+                statements.push(match kind {
+                    4 | 5 => {
+                        deleted.push(id);
+                        format!("DELETE FROM {table} WHERE id = {id}")
+                    }
+                    6 => format!(
+                        "UPDATE {table} SET amount = NULL, note = NULL WHERE id = {id}"
+                    ),
+                    7 => format!(
+                        "UPDATE {table} SET amount = 3.50, note = 'restored {n}' WHERE id = {id}"
+                    ),
+                    _ => format!(
+                        "UPDATE {table} SET account = account + 1, amount = amount + 0.01, note = 'w{writer} {n}', active = NOT active WHERE id = {id}"
+                    ),
+                });
+            }
+            statements
         }
-        Writers {
-            stop,
-            transactions,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.expect("a writer failed");
-        }
-        self.transactions.load(Ordering::Relaxed)
-    }
+    })
+    .await
 }
 
 /// The table's rows as the documents carry them, by id.
@@ -461,7 +408,7 @@ async fn a_table_changed_by_concurrent_writers_ends_equal_to_its_search_index() 
 
     // The writers run before, during and after the snapshot; the stage
     // indexes while the capture still snapshots and streams.
-    let writers = Writers::start(&pg, &capture.table, 3).await;
+    let writers = start_writers(&pg, &capture.table, 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     capture.start(2000);
     let instances = ["a", "b"];

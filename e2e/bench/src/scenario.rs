@@ -1,4 +1,4 @@
-//! The scenarios S1-S10, their engines, inputs and targets (shared/BENCHMARKS.md).
+//! The scenarios S1-S11, their engines, inputs and targets (shared/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
@@ -20,9 +20,10 @@ pub enum Scenario {
     S8,
     S9,
     S10,
+    S11,
 }
 
-pub const ALL: [Scenario; 10] = [
+pub const ALL: [Scenario; 11] = [
     Scenario::S1,
     Scenario::S2,
     Scenario::S3,
@@ -33,6 +34,7 @@ pub const ALL: [Scenario; 10] = [
     Scenario::S8,
     Scenario::S9,
     Scenario::S10,
+    Scenario::S11,
 ];
 
 /// One engine configuration that runs a scenario.
@@ -56,6 +58,13 @@ pub enum Engine {
     KeystoneParquet,
     /// S10's Parquet part: pyarrow writing the same rows (the writer's ceiling).
     ParquetCeiling,
+    /// S11: Debezium's PostgreSQL connector in Kafka Connect, streaming changes
+    /// (Keystone's counterpart is `Keystone`: the capture streaming them).
+    Debezium,
+    /// S11: Keystone's capture copying a table (the initial snapshot).
+    KeystoneSnapshot,
+    /// S11: Debezium copying the same table.
+    DebeziumSnapshot,
 }
 
 impl Engine {
@@ -72,6 +81,9 @@ impl Engine {
             Engine::FlinkIceberg => "flink",
             Engine::KeystoneParquet => "keystone-parquet",
             Engine::ParquetCeiling => "pyarrow-ceiling",
+            Engine::Debezium => "debezium",
+            Engine::KeystoneSnapshot => "keystone-snapshot",
+            Engine::DebeziumSnapshot => "debezium-snapshot",
         }
     }
 }
@@ -95,7 +107,8 @@ impl Scenario {
             "S8" => Scenario::S8,
             "S9" => Scenario::S9,
             "S10" => Scenario::S10,
-            other => bail!("unknown scenario {other:?} (S1..S10 or all)"),
+            "S11" => Scenario::S11,
+            other => bail!("unknown scenario {other:?} (S1..S11 or all)"),
         })
     }
 
@@ -111,6 +124,7 @@ impl Scenario {
             Scenario::S8 => "S8",
             Scenario::S9 => "S9",
             Scenario::S10 => "S10",
+            Scenario::S11 => "S11",
         }
     }
 
@@ -128,6 +142,9 @@ impl Scenario {
             }
             Scenario::S9 => "Kafka -> dedup, order, project -> OpenSearch bulk (idempotent writes)",
             Scenario::S10 => "Kafka -> project -> Iceberg (exactly once); Parquet against pyarrow",
+            Scenario::S11 => {
+                "PostgreSQL change capture into Kafka: changes/s from a write-heavy table, snapshot rows/s"
+            }
         }
     }
 
@@ -144,6 +161,9 @@ impl Scenario {
             Scenario::S9 => ">= 2x Flink (OpenSearch connector); >= 0.8x the plain bulk ceiling",
             Scenario::S10 => {
                 ">= 2x Flink (Iceberg Flink sink) at equal guarantees; Parquet rows/s against a pyarrow writer's ceiling"
+            }
+            Scenario::S11 => {
+                ">= 2x Debezium (Kafka Connect) in changes/s; >= 2x its snapshot rows/s"
             }
         }
     }
@@ -171,6 +191,11 @@ impl Scenario {
         self == Scenario::S10
     }
 
+    /// S11: the testbed's PostgreSQL in, Kafka out.
+    pub fn is_capture(self) -> bool {
+        self == Scenario::S11
+    }
+
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
@@ -185,6 +210,9 @@ impl Scenario {
             }
             Scenario::S10 => {
                 "not run yet: `keystone-bench run --scenario S10` with the runner built with `--features kafka` and the testbed's Kafka and lake up (`eval \"$(e2e/testbed env)\"`)"
+            }
+            Scenario::S11 => {
+                "not run yet: `keystone-bench run --scenario S11` with the runner built with `--features kafka` and the testbed's Kafka and PostgreSQL up (`eval \"$(e2e/testbed env)\"`)"
             }
             _ => "",
         }
@@ -209,6 +237,13 @@ impl Scenario {
                 Engine::KeystoneParquet,
                 Engine::ParquetCeiling,
             ],
+            // Streaming first: its runs need the round's writes, made once for both.
+            Scenario::S11 => vec![
+                Engine::Keystone,
+                Engine::Debezium,
+                Engine::KeystoneSnapshot,
+                Engine::DebeziumSnapshot,
+            ],
             _ => Vec::new(),
         }
     }
@@ -226,6 +261,9 @@ impl Scenario {
             // over the time to apply the same documents.
             Scenario::S9 => vec![t(Engine::FlinkSearch, 2.0), t(Engine::BulkCeiling, 0.8)],
             Scenario::S10 => vec![t(Engine::FlinkIceberg, 2.0)],
+            // The snapshot's 2x (keystone-snapshot / debezium-snapshot) is
+            // paired by the S11 runner.
+            Scenario::S11 => vec![t(Engine::Debezium, 2.0)],
             _ => Vec::new(),
         }
     }

@@ -8,8 +8,11 @@
 // Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keystone_e2e::Testbed;
@@ -18,6 +21,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use serde_json::{Value, json};
+use tokio_postgres::error::SqlState;
 
 use crate::runtime_support::{free_port, http_request, metric_value, runtime_binary, unique};
 
@@ -249,4 +253,98 @@ impl Drop for Capture {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Writers changing a table until stopped, each on its own connection: each
+/// transaction runs the statements its writer's generator gives (none: no
+/// transaction). Two writers locking rows in opposite orders make the
+/// database abort one, which changes nothing.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    transactions: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// `count` writers; `generator(writer)` makes each one's statements.
+    pub async fn start<F, G>(pg: &Postgres, count: u64, generator: F) -> Writers
+    where
+        F: Fn(u64) -> G,
+        G: FnMut() -> Vec<String> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let transactions = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for writer in 0..count {
+            let mut client = pg.connect().await;
+            let mut next = generator(writer);
+            let (stop, transactions) = (stop.clone(), transactions.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let statements = next();
+                    if statements.is_empty() {
+                        continue;
+                    }
+                    let txn = client.transaction().await.unwrap();
+                    let mut result = Ok(());
+                    for sql in &statements {
+                        result = txn.batch_execute(sql).await;
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    let result = match result {
+                        Ok(()) => txn.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(()) => {
+                            transactions.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) => {}
+                        Err(e) => panic!("writer {writer}: {e}"),
+                    }
+                }
+            }));
+        }
+        Writers {
+            stop,
+            transactions,
+            tasks,
+        }
+    }
+
+    /// Stops them; the transactions they committed.
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("a writer failed");
+        }
+        self.transactions.load(Ordering::Relaxed)
+    }
+}
+
+/// The rows of a test table `(id, account, version, amount, note)` as the
+/// captures render them, by id.
+pub async fn table_rows(admin: &tokio_postgres::Client, table: &str) -> BTreeMap<i64, Value> {
+    admin
+        .query(
+            &format!("SELECT id, account, version, amount::text, note FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let row = json!({
+                "id": id,
+                "account": r.get::<_, i32>(1),
+                "version": r.get::<_, i32>(2),
+                "amount": r.get::<_, Option<String>>(3),
+                "note": r.get::<_, Option<String>>(4),
+            });
+            (id, row)
+        })
+        .collect()
 }

@@ -21,6 +21,8 @@ pub const FLINK_SEARCH_VERSION: &str = "1.19.3";
 pub const KAFKA_STREAMS_VERSION: &str = "4.1.1";
 /// S10's Iceberg Flink runtime: the newest built for Flink 1.19 (1.10+ has none).
 pub const ICEBERG_FLINK_VERSION: &str = "1.9.2";
+/// S11's peer: Debezium's PostgreSQL connector (e2e/testbed.d/debezium-pom.xml).
+pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -96,6 +98,55 @@ pub struct RunArgs {
     /// S10: the Python with pyarrow and pyiceberg (the testbed's readers' virtualenv).
     #[arg(long, env = "KEYSTONE_TESTBED_LAKE_PYTHON", default_value = "python3")]
     pub lake_python: String,
+    /// S11: rows of the snapshot table, and changes written per round.
+    #[arg(long, default_value_t = 500_000)]
+    pub capture_rows: u64,
+    /// S11: rows per transaction of the writes.
+    #[arg(long, default_value_t = 10)]
+    pub capture_txn_rows: u32,
+    /// S11: the PostgreSQL superuser's URL (the testbed's: `eval "$(e2e/testbed env)"`).
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_ADMIN_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:15432/keystone",
+        hide_env_values = true
+    )]
+    pub pg_admin_url: String,
+    /// S11: the database the captures read, and how they log in.
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_HOST",
+        default_value = "127.0.0.1"
+    )]
+    pub pg_host: String,
+    #[arg(long, env = "KEYSTONE_TESTBED_POSTGRES_PORT", default_value_t = 15432)]
+    pub pg_port: u16,
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_DATABASE",
+        default_value = "keystone"
+    )]
+    pub pg_database: String,
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_USER",
+        default_value = "keystone"
+    )]
+    pub pg_user: String,
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_PASSWORD",
+        default_value = "keystone",
+        hide_env_values = true
+    )]
+    pub pg_password: String,
+    /// S11: the folder of `psql` (PostgreSQL 15's client).
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_POSTGRES_BIN",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
+    pub pg_bin: PathBuf,
 }
 
 pub fn bench_dir() -> PathBuf {
@@ -147,6 +198,32 @@ fn newest_mtime(dir: &Path) -> anyhow::Result<std::time::SystemTime> {
     Ok(newest)
 }
 
+/// S11's engines (runner/s11.rs writes these configurations).
+fn capture_config_text(args: &RunArgs, engine: Engine) -> String {
+    match engine {
+        Engine::Keystone | Engine::KeystoneSnapshot => format!(
+            "keystone-runtime capture (release build): a pgoutput slot into a Kafka topic exactly once (events and the position reached in one Kafka transaction every commitInterval, 100 ms; librdkafka producer acks=all, idempotent, lz4, linger 5 ms, 256 KiB batches), envelope debezium, decimalHandling string, {}; against PostgreSQL 15 at {}:{} and Kafka 4.1.1 at {}",
+            if engine == Engine::KeystoneSnapshot {
+                "snapshot mode initial (DBLog watermarks, chunkSize 4096, the default), slot created by the capture"
+            } else {
+                "snapshot mode never, an existing slot"
+            },
+            args.pg_host,
+            args.pg_port,
+            args.brokers
+        ),
+        _ => format!(
+            "Debezium {DEBEZIUM_VERSION} PostgreSQL connector in Kafka Connect 4.1.1 standalone (ConnectStandalone, one task), plugin.name pgoutput, an existing publication (publication.autocreate.mode disabled), decimal.handling.mode string, JsonConverter without schemas for keys and values, offsets in a file flushed every 1 s, the connector's defaults otherwise (max.batch.size 2048, max.queue.size 8192); Connect's producer (acks=all, idempotent: at-least-once) with Keystone's batching (lz4, linger 5 ms, 256 KiB batches); {}; JVM -Xms{h} -Xmx{h} (default G1), Java 17",
+            if engine == Engine::DebeziumSnapshot {
+                "snapshot.mode initial (the slot created by the connector, its exported snapshot read with snapshot.fetch.size 10240, the default)"
+            } else {
+                "snapshot.mode no_data, an existing slot"
+            },
+            h = args.jvm_heap
+        ),
+    }
+}
+
 struct Ctx<'a> {
     args: &'a RunArgs,
     data: &'a Dataset,
@@ -190,6 +267,10 @@ impl Ctx<'_> {
     fn config_text(&self, s: Scenario, engine: Engine) -> String {
         let a = self.args;
         match engine {
+            Engine::Keystone if s.is_capture() => capture_config_text(a, engine),
+            Engine::KeystoneSnapshot | Engine::Debezium | Engine::DebeziumSnapshot => {
+                capture_config_text(a, engine)
+            }
             Engine::Keystone if s.is_search() => format!(
                 "keystone-runtime serve (release build, one process running the stage of the plan compiled from pipelines/s9-kafka-search.yaml: dedup, order, project, the elasticsearch sink: bulk requests of 1,000 documents or 5 MB sent concurrently (external versions make their order irrelevant) up to 32 MB in flight, every request flushed and answered before the offsets are committed every commitInterval (1 s): at-least-once delivery into idempotent writes) against Kafka 4.1.1 at {} and OpenSearch at {}",
                 a.brokers, a.search_url
@@ -308,8 +389,13 @@ impl Ctx<'_> {
             | Engine::BulkCeiling
             | Engine::FlinkIceberg
             | Engine::KeystoneParquet
-            | Engine::ParquetCeiling => {
-                unreachable!("Kafka-mode engines are driven by kafka_run, search_run and lake_run")
+            | Engine::ParquetCeiling
+            | Engine::Debezium
+            | Engine::KeystoneSnapshot
+            | Engine::DebeziumSnapshot => {
+                unreachable!(
+                    "Kafka-mode engines are driven by kafka_run, search_run, lake_run and capture_run"
+                )
             }
         }
     }
@@ -758,6 +844,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 run_search_scenario(&ctx, s)?
             } else if s.is_lake() {
                 run_lake_scenario(&ctx, s)?
+            } else if s.is_capture() {
+                run_capture_scenario(&ctx, s)?
             } else {
                 // Not measured by this command: keep what the results file says.
                 continue;
@@ -812,12 +900,22 @@ fn run_lake_scenario(_: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
     )
 }
 
+#[cfg(not(feature = "kafka"))]
+fn run_capture_scenario(_: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> {
+    bail!(
+        "{} runs on Kafka: build the runner with `cargo build --release -p keystone-bench --features kafka`",
+        s.id()
+    )
+}
+
 // The Kafka-mode scenarios (S5-S7) and S9 drive a broker (and OpenSearch):
 // built with the kafka feature only.
 #[cfg(feature = "kafka")]
 mod kafka_mode;
 #[cfg(feature = "kafka")]
 mod s10;
+#[cfg(feature = "kafka")]
+mod s11;
 #[cfg(feature = "kafka")]
 mod s9;
 #[cfg(feature = "kafka")]
@@ -826,3 +924,5 @@ use kafka_mode::{run_kafka_scenario, run_latency_scenario};
 use s9::run_search_scenario;
 #[cfg(feature = "kafka")]
 use s10::run_lake_scenario;
+#[cfg(feature = "kafka")]
+use s11::run_capture_scenario;
