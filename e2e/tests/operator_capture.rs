@@ -121,6 +121,27 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
     );
     apply_yaml(&tb, &manifest).await;
     wait_ready(&ns, "orders-from-postgres", &operator).await;
+    // The snapshot's progress reaches the status.
+    let status = keystone_e2e::wait_for(
+        &ns.api::<keystone_crds::Pipeline>(),
+        "orders-from-postgres",
+        Duration::from_secs(60),
+        "status.capture with the snapshot done",
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.capture.as_ref())
+                .is_some_and(|c| c.snapshot_done && c.snapshot_rows == ROWS)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let capture_status = status.status.unwrap().capture.unwrap();
+    assert!(capture_status.snapshot_chunks >= 6, "{capture_status:?}");
+    assert!(
+        capture_status.last_commit_time.is_some(),
+        "{capture_status:?}"
+    );
 
     // The operator created the capture topic, and the capture's credentials
     // reach its pod from the Secret, never through the plan.

@@ -21,8 +21,8 @@ pub use sinks::{
     ParquetSinkSpec, SinkKind, SinkSecretKey, SinkSecretRef, SinkSpec,
 };
 pub use status::{
-    CheckpointInProgress, CheckpointSummary, PipelinePhase, PipelineStatus, RestoreStatus,
-    StageStatus, TopicStatus, UpgradePhase, UpgradeStatus,
+    CaptureStatus, CheckpointInProgress, CheckpointSummary, PipelinePhase, PipelineStatus,
+    RestoreStatus, StageStatus, TopicStatus, UpgradePhase, UpgradeStatus,
 };
 
 /// A real-time data pipeline: events from a Kafka topic flow through an ordered

@@ -70,6 +70,31 @@ pub struct PipelineStatus {
     /// The `spec.restore` request last acted on: a request is carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restore_request: Option<RestoreSpec>,
+    /// What the capture of a `postgres` source last reported (from its
+    /// metrics, read while the pipeline is reconciled and every 10 s while a
+    /// snapshot runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureStatus>,
+}
+
+/// The capture's progress: its snapshot and the database's WAL it holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureStatus {
+    /// Whether no snapshot is in progress (the initial one, or one a
+    /// `snapshot.trigger` asked for, is done, or none was asked for).
+    pub snapshot_done: bool,
+    /// Rows of the current (or last) snapshot in the capture topic.
+    pub snapshot_rows: i64,
+    /// Chunks of the current (or last) snapshot done.
+    pub snapshot_chunks: i64,
+    /// Bytes of WAL the database keeps for the replication slot: it grows
+    /// while the capture does not advance (stopped, failing, or slower than
+    /// the writes), and the database's disk pays for it.
+    pub retained_wal_bytes: i64,
+    /// When the last captured transaction committed in the database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_commit_time: Option<Time>,
 }
 
 /// A checkpoint being taken.

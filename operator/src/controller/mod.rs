@@ -74,6 +74,8 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(600);
 const DRIFT_CHECK: Duration = Duration::from_secs(300);
 /// How often a pipeline with a topic problem (missing, conflicting, refused) looks again.
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
+/// How often the status follows a capture's snapshot in progress.
+const CAPTURE_POLL: Duration = Duration::from_secs(10);
 /// How soon an Iceberg table that was incompatible or could not be checked
 /// is checked again.
 const TABLE_RECHECK: Duration = Duration::from_secs(30);
@@ -406,6 +408,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
 
     let mut again: Option<Duration> = None;
+    let mut capture_poll: Option<Duration> = None;
     // The plan hash and replicas just deployed, if any.
     let mut deployed: Option<(String, Option<i32>)> = None;
     let runtime = if outcome.blocked {
@@ -439,6 +442,16 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 observed.status.ready_stages = Some(ready_stages(&workloads.stages));
                 observed.status.stages = workloads.stages.clone();
                 observed.status.plan_hash = Some(target.plan.hash());
+                if target.plan.capture.is_some() {
+                    let capture = crate::capture::status(ctx, &target.plan.namespace, &name).await;
+                    // A snapshot in progress is followed every 10 s.
+                    if capture.as_ref().is_some_and(|c| !c.snapshot_done) {
+                        capture_poll = Some(CAPTURE_POLL);
+                    }
+                    if capture.is_some() {
+                        observed.status.capture = capture;
+                    }
+                }
                 again = upgrade::observe(pipeline, ctx, &target, &workloads, &mut observed).await?;
                 if workloads.rolled_out
                     && observed.status.upgrade.as_ref().is_none_or(|u| {
@@ -502,7 +515,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     observed.record(pipeline, ctx).await?;
 
-    let wait = [again, next_checkpoint, table_recheck]
+    let wait = [again, next_checkpoint, table_recheck, capture_poll]
         .into_iter()
         .flatten()
         .fold(

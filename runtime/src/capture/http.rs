@@ -36,6 +36,10 @@ pub struct CaptureMetrics {
     pub snapshot_rows: IntCounter,
     pub snapshot_chunks: IntCounter,
     pub snapshot_done: IntGauge,
+    /// Rows and chunks of the current (or last) snapshot committed to Kafka,
+    /// over the capture's restarts.
+    pub snapshot_committed_rows: IntGauge,
+    pub snapshot_committed_chunks: IntGauge,
     pub kafka_commits: IntCounter,
     pub retained_wal_bytes: IntGauge,
     /// Commit time of the last transaction in Kafka, epoch milliseconds.
@@ -86,6 +90,14 @@ impl CaptureMetrics {
             snapshot_done: gauge(
                 "keystone_capture_snapshot_done",
                 "1 when no snapshot is in progress.",
+            )?,
+            snapshot_committed_rows: gauge(
+                "keystone_capture_snapshot_committed_rows",
+                "Rows of the current (or last) snapshot in Kafka, over restarts.",
+            )?,
+            snapshot_committed_chunks: gauge(
+                "keystone_capture_snapshot_committed_chunks",
+                "Chunks of the current (or last) snapshot in Kafka, over restarts.",
             )?,
             kafka_commits: counter(
                 "keystone_capture_kafka_commits_total",

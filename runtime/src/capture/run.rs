@@ -354,6 +354,15 @@ impl Capture {
             self.metrics.snapshot_done.set(i64::from(
                 self.pending.snapshot.as_ref().is_none_or(|s| s.done),
             ));
+            if let Some(snapshot) = &self.committed.snapshot {
+                let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                self.metrics
+                    .snapshot_committed_rows
+                    .set(count(snapshot.rows));
+                self.metrics
+                    .snapshot_committed_chunks
+                    .set(count(snapshot.chunks));
+            }
             if self.wants_chunk() {
                 self.start_chunk().await?;
             }
