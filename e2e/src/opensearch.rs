@@ -123,6 +123,15 @@ impl OpenSearch {
         &self.authority
     }
 
+    /// A guard that deletes `index` when dropped, so a test leaves no index
+    /// behind whether it passes or fails.
+    pub fn delete_on_drop(&self, index: &str) -> IndexCleanup {
+        IndexCleanup {
+            authority: self.authority.clone(),
+            index: index.to_owned(),
+        }
+    }
+
     /// One request; `body` is `(content type, bytes)`. Any status is `Ok`.
     pub async fn request(
         &self,
@@ -389,6 +398,32 @@ fn encode(segment: &str) -> String {
         }
     }
     out
+}
+
+/// Deletes its index when dropped; see [`OpenSearch::delete_on_drop`]. The
+/// request is blocking: `Drop` cannot await, and a test's runtime may already
+/// be shutting down.
+pub struct IndexCleanup {
+    authority: String,
+    index: String,
+}
+
+impl Drop for IndexCleanup {
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(&self.authority) else {
+            return;
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let request = format!(
+            "DELETE /{} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.index, self.authority
+        );
+        if stream.write_all(request.as_bytes()).is_ok() {
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).ok();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,20 +15,15 @@ mod capture_support;
 mod runtime_support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capture_support::{Writers, table_rows};
-use keystone_e2e::Testbed;
+use capture_support::{Capture, Writers, create_topics, drop_slot, table_rows};
 use keystone_e2e::debezium::{Debezium, DebeziumConfig};
 use keystone_e2e::postgres::Postgres;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use runtime_support::{Lcg, free_port, runtime_binary, unique};
+use runtime_support::{Lcg, unique};
 use serde_json::{Value, json};
 
 /// Rows in the table before the captures start (their snapshots).
@@ -216,126 +211,19 @@ async fn start_writers(pg: &Postgres, table: &str, count: u64) -> Writers {
     .await
 }
 
-/// Keystone's capture process.
-struct Keystone {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Keystone {
-    fn start(pg: &Postgres, bootstrap: &str, dir: &std::path::Path, config: &Value) -> Keystone {
-        let path = dir.join("keystone-capture.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-        let log = dir.join("keystone-capture.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(runtime_binary())
-            .arg("capture")
-            .arg("--config")
-            .arg(&path)
-            .arg("--bootstrap-servers")
-            .arg(bootstrap)
-            .env("KEYSTONE_POSTGRES_USER", &pg.user)
-            .env("KEYSTONE_POSTGRES_PASSWORD", &pg.password)
-            .env("KEYSTONE_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("the capture starts");
-        Keystone { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("the capture exited with {status}\n{}", self.logs());
-        }
-    }
-}
-
-impl Drop for Keystone {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).ok();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-async fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(&new, &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
-    }
-}
-
-/// Drops the slots (retrying while a walsender still holds one), the
-/// publications and the table.
-async fn clean_up(
-    admin: &tokio_postgres::Client,
-    slots: &[&str],
-    publications: &[&str],
-    table: &str,
-) {
-    for slot in slots {
-        for _ in 0..50 {
-            let dropped = admin
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[slot],
-                )
-                .await;
-            if dropped.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    for publication in publications {
-        admin
-            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"))
-            .await
-            .unwrap();
-    }
-    admin
-        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn keystone_and_debezium_capture_the_same_changes_of_concurrent_writers() {
-    let Some(pg) = Postgres::require() else {
+    let Some(mut keystone) = Capture::new("cdc-dbz").await else {
         return;
     };
     let started = Instant::now();
-    let testbed = Testbed::from_env().await.expect("testbed");
-    let bootstrap = testbed.kafka_bootstrap_servers().expect("kafka").to_owned();
-    let name = unique("cdc-dbz").replace('-', "_");
-    let dir = testbed.state_dir().join("capture-tests").join(&name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let table = format!("public.{name}");
-    let (ks_slot, ks_publication) = (format!("{name}_ks"), format!("{name}_ks"));
+    let (pg, bootstrap) = (keystone.pg.clone(), keystone.bootstrap.clone());
+    let (name, table, dir) = (
+        keystone.name.clone(),
+        keystone.table.clone(),
+        keystone.dir.clone(),
+    );
     let (dbz_slot, dbz_publication) = (format!("{name}_dbz"), format!("{name}_dbz"));
-    let ks_topic = format!("cdc.{name}");
     let dbz_config = DebeziumConfig {
         // Quicker to start (C1 only, serial GC); a few thousand events.
         jvm_options: ["-Xmx512m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
@@ -346,39 +234,21 @@ async fn keystone_and_debezium_capture_the_same_changes_of_concurrent_writers() 
     let dbz_topic = dbz_config.topic(&table);
 
     let admin = pg.admin().await;
-    pg.connect()
-        .await
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id bigint PRIMARY KEY, account int NOT NULL, version int NOT NULL, amount numeric(12,2), note text);
-             INSERT INTO {table} SELECT g, g % 100, 0, 10.00, 'initial' FROM generate_series(1, {INITIAL_ROWS}) g;"
-        ))
-        .await
-        .unwrap();
+    keystone.create_table(INITIAL_ROWS).await;
     admin
         .batch_execute(&format!(
             "CREATE PUBLICATION {dbz_publication} FOR TABLE {table}"
         ))
         .await
         .unwrap();
-    create_topics(&bootstrap, &[&ks_topic, &dbz_topic]).await;
+    create_topics(&bootstrap, &[&keystone.topic, &dbz_topic], 1).await;
 
     // Debezium first: its JVM takes 10-20 s to start.
     let mut debezium = Debezium::start(&pg, &bootstrap, &dir, &dbz_config)
         .unwrap_or_else(|e| panic!("Debezium (Kafka Connect) could not start: {e:#}"));
-    let mut keystone = Keystone::start(
-        &pg,
-        &bootstrap,
-        &dir,
-        &json!({
-            "postgres": {"host": pg.host, "port": pg.port, "database": pg.database, "user": pg.user},
-            "tables": [table],
-            "publication": ks_publication, "createPublication": true,
-            "slot": ks_slot, "createSlot": true,
-            "topic": ks_topic,
-            "envelope": "debezium",
-            "decimalHandling": "string",
-            "commitInterval": "100ms",
-        }),
+    keystone.start_with(
+        4096,
+        json!({"envelope": "debezium", "decimalHandling": "string"}),
     );
     debezium
         .wait_running(Duration::from_secs(90))
@@ -390,9 +260,9 @@ async fn keystone_and_debezium_capture_the_same_changes_of_concurrent_writers() 
     // Both snapshots whole before the writers: a snapshot read while rows
     // change holds other states (DBLog's chunks are read later than
     // Debezium's exported snapshot), which only the final state would match.
-    let mut ks_reader = TopicReader::new(&bootstrap, &ks_topic);
+    let mut ks_reader = TopicReader::new(&bootstrap, &keystone.topic);
     let mut dbz_reader = TopicReader::new(&bootstrap, &dbz_topic);
-    let ks_log = keystone.log.clone();
+    let ks_log = keystone.log_path();
     let ks_logs = move || std::fs::read_to_string(&ks_log).unwrap_or_default();
     ks_reader.read_until(
         Duration::from_secs(60),
@@ -506,13 +376,11 @@ async fn keystone_and_debezium_capture_the_same_changes_of_concurrent_writers() 
         started.elapsed().as_secs_f64()
     );
 
-    drop(keystone);
     debezium.stop();
-    clean_up(
-        &admin,
-        &[&ks_slot, &dbz_slot],
-        &[&ks_publication, &dbz_publication],
-        &table,
-    )
-    .await;
+    keystone.clean_up(&admin).await;
+    drop_slot(&admin, &dbz_slot).await;
+    admin
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {dbz_publication}"))
+        .await
+        .unwrap();
 }

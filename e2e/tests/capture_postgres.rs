@@ -58,18 +58,6 @@ async fn start_writers(pg: &Postgres, table: &str, count: u64, existing_rows: i6
     .await
 }
 
-async fn create_table(capture: &Capture, rows: i64) {
-    let client = capture.connect().await;
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL, version int NOT NULL, amount numeric(12,2), note text);
-             INSERT INTO {t} SELECT g, g % 100, 0, 10.00, 'initial' FROM generate_series(1, {rows}) g;",
-            t = capture.table
-        ))
-        .await
-        .unwrap();
-}
-
 /// Checks each row's events: sequences strictly increase; an update adds one
 /// to the version of the event before it (a gap is a lost change, a repeat a
 /// duplicate); a snapshot row repeats it (the log overtook it otherwise); the
@@ -179,7 +167,7 @@ async fn writes_during_a_snapshot_of_100k_rows_end_equal_to_the_table() {
     };
     let admin = capture.pg.admin().await;
     let rows = 100_000;
-    create_table(&capture, rows).await;
+    capture.create_table(rows).await;
     capture.create_topic(6).await;
     let writers = start_writers(&capture.pg, &capture.table, 4, rows).await;
     // The writers run before, during and after the snapshot.
@@ -218,7 +206,7 @@ async fn sigkills_mid_snapshot_and_mid_stream_lose_and_repeat_nothing() {
     };
     let admin = capture.pg.admin().await;
     let rows = 40_000;
-    create_table(&capture, rows).await;
+    capture.create_table(rows).await;
     capture.create_topic(4).await;
     let writers = start_writers(&capture.pg, &capture.table, 3, rows).await;
     // Small chunks: the snapshot takes several seconds. The first kill lands

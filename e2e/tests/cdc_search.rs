@@ -36,30 +36,6 @@ const WRITING: Duration = Duration::from_secs(6);
 /// Partitions of the capture's topic (the stage's source).
 const PARTITIONS: i32 = 3;
 
-/// Deletes the test's index when the test ends, passed or failed (a blocking
-/// request: `Drop` cannot await).
-struct IndexCleanup {
-    authority: String,
-    index: String,
-}
-
-impl Drop for IndexCleanup {
-    fn drop(&mut self) {
-        use std::io::{Read, Write};
-        if let Ok(mut stream) = std::net::TcpStream::connect(&self.authority) {
-            stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-            let request = format!(
-                "DELETE /{} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.index, self.authority
-            );
-            if stream.write_all(request.as_bytes()).is_ok() {
-                let mut answer = Vec::new();
-                stream.read_to_end(&mut answer).ok();
-            }
-        }
-    }
-}
-
 /// The table: one column of each kind the document carries; some amounts
 /// and notes are NULL.
 async fn create_table(client: &tokio_postgres::Client, table: &str) {
@@ -392,10 +368,7 @@ async fn a_table_changed_by_concurrent_writers_ends_equal_to_its_search_index() 
 
     let name = unique("cdc-search");
     let index = name.clone();
-    let _index_cleanup = IndexCleanup {
-        authority: os.authority().to_owned(),
-        index: index.clone(),
-    };
+    let _index_cleanup = os.delete_on_drop(&index);
     let Some(mut capture) = Capture::new("cdc-search").await else {
         return;
     };

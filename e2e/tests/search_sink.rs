@@ -43,37 +43,6 @@ async fn opensearch() -> OpenSearch {
     os
 }
 
-/// Deletes the test's index when the test ends, passed or failed (a blocking
-/// request: `Drop` cannot await).
-struct IndexCleanup {
-    authority: String,
-    index: String,
-}
-
-impl Drop for IndexCleanup {
-    fn drop(&mut self) {
-        use std::io::{Read, Write};
-        if let Ok(mut stream) = std::net::TcpStream::connect(&self.authority) {
-            stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-            let request = format!(
-                "DELETE /{} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.index, self.authority
-            );
-            if stream.write_all(request.as_bytes()).is_ok() {
-                let mut answer = Vec::new();
-                stream.read_to_end(&mut answer).ok();
-            }
-        }
-    }
-}
-
-fn cleanup(os: &OpenSearch, index: &str) -> IndexCleanup {
-    IndexCleanup {
-        authority: os.authority().to_owned(),
-        index: index.to_owned(),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The CDC workload and its reference
 // ---------------------------------------------------------------------------
@@ -323,7 +292,7 @@ async fn cdc_into_search_survives_sigkills_and_a_rollback() {
 
     let name = unique("search-cdc");
     let index = name.clone();
-    let _cleanup = cleanup(&os, &index);
+    let _cleanup = os.delete_on_drop(&index);
     let partitions = 4;
     let manifest = cdc_search_pipeline(&name, os.url(), &index, Some("seq"));
     let mut h = Harness::new(&name, &manifest, partitions).await;
@@ -458,7 +427,7 @@ async fn a_document_that_breaks_the_mapping_is_dead_lettered_and_the_rest_flows(
     let os = opensearch().await;
     let name = unique("search-dlq");
     let index = name.clone();
-    let _cleanup = cleanup(&os, &index);
+    let _cleanup = os.delete_on_drop(&index);
     os.delete_index(&index)
         .await
         .expect("delete leftover index");
@@ -611,7 +580,7 @@ async fn opensearch_outage(prefix: &str, version_field: Option<&str>) {
     let seed = seed(prefix);
     let name = unique(prefix);
     let index = name.clone();
-    let _cleanup = cleanup(&os, &index);
+    let _cleanup = os.delete_on_drop(&index);
     let partitions = 3;
     let manifest = cdc_search_pipeline(&name, os.url(), &index, version_field);
     let mut h = Harness::new(&name, &manifest, partitions).await;

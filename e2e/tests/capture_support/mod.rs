@@ -67,18 +67,21 @@ impl Capture {
     }
 
     pub async fn create_topic(&self, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .unwrap();
-        let topic = NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1));
-        for result in admin
-            .create_topics(&[topic], &AdminOptions::new())
+        create_topics(&self.bootstrap, &[&self.topic], partitions).await;
+    }
+
+    /// Creates the test table `(id, account, version, amount, note)` (see
+    /// [`table_rows`]) with `rows` rows, owned by the capture's role.
+    pub async fn create_table(&self, rows: i64) {
+        self.connect()
             .await
-            .unwrap()
-        {
-            result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
-        }
+            .batch_execute(&format!(
+                "CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL, version int NOT NULL, amount numeric(12,2), note text);
+                 INSERT INTO {t} SELECT g, g % 100, 0, 10.00, 'initial' FROM generate_series(1, {rows}) g;",
+                t = self.table
+            ))
+            .await
+            .unwrap();
     }
 
     pub fn start(&mut self, chunk_size: u32) {
@@ -204,19 +207,7 @@ impl Capture {
     /// Drops the slot and publication (a test's slot would keep WAL forever).
     pub async fn clean_up(mut self, admin: &tokio_postgres::Client) {
         self.kill();
-        // The walsender may take a moment to release the slot.
-        for _ in 0..50 {
-            let dropped = admin
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.name],
-                )
-                .await;
-            if dropped.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        drop_slot(admin, &self.name).await;
         admin
             .batch_execute(&format!(
                 "DROP PUBLICATION IF EXISTS {0}; DROP TABLE IF EXISTS {0}",
@@ -347,4 +338,40 @@ pub async fn table_rows(admin: &tokio_postgres::Client, table: &str) -> BTreeMap
             (id, row)
         })
         .collect()
+}
+
+/// Creates `topics` with `partitions` each on the testbed's Kafka.
+pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+    }
+}
+
+/// Drops a replication slot (a test's slot would keep WAL forever), waiting
+/// for a walsender that still holds it to let go.
+pub async fn drop_slot(admin: &tokio_postgres::Client, slot: &str) {
+    for _ in 0..50 {
+        let dropped = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        if dropped.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
