@@ -17,7 +17,9 @@ pub mod schema;
 pub mod upgrade;
 pub mod validate;
 
-pub use check::{ContractError, ContractErrors, ErrorKind, check_processor, compile};
+pub use check::{
+    ContractError, ContractErrors, ErrorKind, check_processor, compile, compile_with_source,
+};
 pub use diagnostic::Diagnostic;
 pub use duration::Duration;
 pub use manifest::{Checked, ManifestErrors, Manifests, Origin, Reading, parse_manifests};

@@ -1,15 +1,25 @@
 //! `spec.source.postgres`: the capture topic and configuration in the plan,
 //! and what the checker refuses before any database is reached.
 
-use keystone_crds::pipeline::capture::Envelope;
+use keystone_crds::pipeline::capture::{Envelope, SourceColumn, SourceTable};
 use keystone_crds::plan::{Partitions, TopicRole};
-use keystone_crds::{ContractErrors, Plan, compile, parse_manifests};
+use keystone_crds::schema::FieldType;
+use keystone_crds::{ContractErrors, Plan, compile_with_source, parse_manifests};
 
 fn compile_source(source: &str, name: &str) -> Result<Plan, ContractErrors> {
     compile_in("shop", source, name)
 }
 
 fn compile_in(namespace: &str, source: &str, name: &str) -> Result<Plan, ContractErrors> {
+    compile_in_with(namespace, source, name, None)
+}
+
+fn compile_in_with(
+    namespace: &str,
+    source: &str,
+    name: &str,
+    table: Option<&SourceTable>,
+) -> Result<Plan, ContractErrors> {
     let text = format!(
         r#"
 apiVersion: keystone.dev/v1alpha1
@@ -24,7 +34,7 @@ spec:
 "#
     );
     let manifests = parse_manifests("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
-    compile(&manifests.pipelines[0], &[])
+    compile_with_source(&manifests.pipelines[0], &[], table)
 }
 
 const KEYSTONE_SOURCE: &str = r#"    topic: orders.cdc
@@ -139,4 +149,140 @@ fn derived_names_past_postgres_limits_must_be_given() {
     );
     let plan = compile_in(namespace, &given, "orders-cdc").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(plan.capture.unwrap().slot, "orders_pub");
+}
+
+fn orders_table(columns: &[(&str, &str, FieldType, bool)]) -> SourceTable {
+    SourceTable {
+        name: "public.orders".into(),
+        columns: columns
+            .iter()
+            .map(|&(name, sql_type, field_type, primary_key)| SourceColumn {
+                name: name.into(),
+                sql_type: sql_type.into(),
+                field_type,
+                nullable: !primary_key,
+                primary_key,
+            })
+            .collect(),
+    }
+}
+
+fn compile_against(source: &str, table: &SourceTable) -> Result<Plan, ContractErrors> {
+    compile_in_with("shop", source, "orders-cdc", Some(table))
+}
+
+#[test]
+fn the_declared_schema_is_checked_against_the_captured_table() {
+    use FieldType::*;
+    let table = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("status", "text", String, false),
+    ]);
+    let plan = compile_against(KEYSTONE_SOURCE, &table).unwrap_or_else(|e| panic!("{e}"));
+    let without_table = compile_source(KEYSTONE_SOURCE, "orders-cdc").unwrap();
+    assert_eq!(
+        plan, without_table,
+        "a table that agrees changes nothing in the plan"
+    );
+
+    // The column the schema declares was dropped: named, with the table's columns.
+    let dropped = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("note", "text", String, false),
+    ]);
+    let errors = compile_against(KEYSTONE_SOURCE, &dropped)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains(r#"spec.source.schema.fields[4]: after.status is declared, but public.orders has no column "status" (its columns: id, note)"#),
+        "{errors}"
+    );
+
+    // Retyped: status is now an integer.
+    let retyped = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("status", "integer", Integer, false),
+    ]);
+    let errors = compile_against(KEYSTONE_SOURCE, &retyped)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("after.status is declared string, but column status of public.orders is integer, which the capture writes as integer"),
+        "{errors}"
+    );
+
+    // Another primary key than the declared key.
+    let rekeyed = orders_table(&[
+        ("id", "bigint", Integer, false),
+        ("order_no", "text", String, true),
+        ("status", "text", String, false),
+    ]);
+    let errors = compile_against(KEYSTONE_SOURCE, &rekeyed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("spec.source.key: the capture keys events by public.orders's primary key [order_no], but key is [id]"),
+        "{errors}"
+    );
+    assert!(
+        errors
+            .contains(r#""id" is a column of public.orders but not of its primary key [order_no]"#),
+        "{errors}"
+    );
+
+    // A table of another name (the spec moved on) is not held against it.
+    let mut other = dropped.clone();
+    other.name = "public.invoices".into();
+    compile_against(KEYSTONE_SOURCE, &other).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn integer_columns_satisfy_number_fields_and_json_columns_hold_nested_ones() {
+    use FieldType::*;
+    let source = r#"    topic: orders.cdc
+    key: [id]
+    postgres: {host: db, database: shop, credentialsSecret: shop-db, tables: [orders]}
+    schema:
+      fields:
+        - {name: id, type: number}
+        - {name: after.payload.customer, type: string, optional: true}
+        - {name: after.total.cents, type: integer, optional: true}"#;
+    let table = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("payload", "jsonb", Any, false),
+        ("total", "numeric(12,2)", String, false),
+    ]);
+    let errors = compile_against(source, &table).unwrap_err().to_string();
+    assert!(
+        !errors.contains("fields[0]") && !errors.contains("fields[1]"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("spec.source.schema.fields[2]: after.total.cents is declared integer, but column total of public.orders is numeric(12,2), which the capture writes as string"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn table_changes_are_described_column_by_column() {
+    use FieldType::*;
+    let old = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("status", "text", String, false),
+        ("note", "text", String, false),
+    ]);
+    let new = orders_table(&[
+        ("id", "bigint", Integer, true),
+        ("status", "varchar(20)", String, false),
+        ("discount", "numeric(12,2)", String, false),
+    ]);
+    assert_eq!(
+        new.changes_since(&old),
+        vec![
+            "column status changed from text to varchar(20)",
+            "column discount numeric(12,2) added",
+            "column note dropped",
+        ]
+    );
+    assert!(old.changes_since(&old).is_empty());
 }

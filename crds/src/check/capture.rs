@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::{Checker, ErrorKind};
-use crate::pipeline::capture::{CaptureConfig, Envelope};
+use crate::pipeline::capture::{CaptureConfig, Envelope, SourceTable, qualified_table};
 use crate::plan::{Partitions, PlanTopic, TopicRole};
 use crate::schema::{FieldType, Schema};
 
@@ -140,5 +140,106 @@ impl Checker<'_> {
                 }
             }
         }
+        let table = self
+            .source_table
+            .filter(|t| postgres.tables.iter().any(|n| qualified_table(n) == t.name));
+        if let Some(table) = table {
+            self.check_against_table(table, postgres.envelope);
+        }
     }
+
+    /// Checks the declared source schema and key against the captured
+    /// table: every declared column field names a column whose values have
+    /// the declared type, and the key is the primary key.
+    fn check_against_table(&mut self, table: &SourceTable, envelope: Envelope) {
+        let source = &self.pipeline.spec.source;
+        let primary_key = table.primary_key();
+        if envelope == Envelope::Keystone && !source.key.is_empty() && source.key != primary_key {
+            self.error(
+                ErrorKind::MissingField,
+                "spec.source.key",
+                None,
+                format!(
+                    "the capture keys events by {}'s primary key [{}], but key is [{}]",
+                    table.name,
+                    primary_key.join(", "),
+                    source.key.join(", ")
+                ),
+            );
+        }
+        let row_objects: &[&str] = &["before", "after"];
+        for (i, field) in source.schema.fields.iter().enumerate() {
+            let mut segments = field.name.split('.');
+            let first = segments.next().unwrap_or_default();
+            let (column_name, nested) = if row_objects.contains(&first) {
+                match segments.next() {
+                    Some(column) => (column, segments.next().is_some()),
+                    None => continue,
+                }
+            } else if envelope == Envelope::Keystone && !is_envelope_field(first) {
+                // Top-level fields of Keystone's envelope are the key's columns.
+                if table.column(first).is_some_and(|c| !c.primary_key) {
+                    self.error(
+                        ErrorKind::MissingField,
+                        format!("spec.source.schema.fields[{i}]"),
+                        None,
+                        format!(
+                            "{first:?} is a column of {} but not of its primary key [{}]: events carry only the key's columns at the top level (the rest is under after and before)",
+                            table.name,
+                            primary_key.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                (first, segments.next().is_some())
+            } else {
+                continue;
+            };
+            let Some(column) = table.column(column_name) else {
+                self.error(
+                    ErrorKind::MissingField,
+                    format!("spec.source.schema.fields[{i}]"),
+                    None,
+                    format!(
+                        "{} is declared, but {} has no column {column_name:?} (its columns: {})",
+                        field.name,
+                        table.name,
+                        table
+                            .columns
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                continue;
+            };
+            // Fields inside a column (a json or jsonb value) are the user's to know.
+            let holds = if nested {
+                matches!(column.field_type, FieldType::Any | FieldType::Object)
+            } else {
+                column.field_type.satisfies(field.field_type)
+            };
+            if !holds {
+                self.error(
+                    ErrorKind::WrongType,
+                    format!("spec.source.schema.fields[{i}]"),
+                    None,
+                    format!(
+                        "{} is declared {}, but column {} of {} is {}, which the capture writes as {}",
+                        field.name,
+                        field.field_type,
+                        column.name,
+                        table.name,
+                        column.sql_type,
+                        column.field_type
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn is_envelope_field(name: &str) -> bool {
+    ENVELOPE_FIELDS.iter().any(|(field, _)| *field == name) || name == "unchanged"
 }

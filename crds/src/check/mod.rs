@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::pipeline::Pipeline;
+use crate::pipeline::capture::SourceTable;
 use crate::plan::Plan;
 use crate::processor::Processor;
 use crate::schema::{FieldType, Schema};
@@ -153,6 +154,9 @@ struct Requirement {
 
 struct Checker<'a> {
     pipeline: &'a Pipeline,
+    /// The captured table as its capture last described it, for a
+    /// `postgres` source: the declared source schema is checked against it.
+    source_table: Option<&'a SourceTable>,
     processors: BTreeMap<&'a str, &'a Processor>,
     errors: Vec<ContractError>,
     namespace: String,
@@ -168,9 +172,21 @@ struct Checker<'a> {
 
 /// Checks a pipeline against the processors it may reference and compiles it.
 pub fn compile(pipeline: &Pipeline, processors: &[Processor]) -> Result<Plan, ContractErrors> {
+    compile_with_source(pipeline, processors, None)
+}
+
+/// [`compile`], with the table a `postgres` source captures as its capture
+/// described it (`status.capture.table`): the source schema's declared
+/// fields and key are then checked against the table's columns.
+pub fn compile_with_source(
+    pipeline: &Pipeline,
+    processors: &[Processor],
+    source_table: Option<&SourceTable>,
+) -> Result<Plan, ContractErrors> {
     let id = PipelineId::of(pipeline);
     let mut checker = Checker {
         pipeline,
+        source_table,
         processors: processors
             .iter()
             .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p)))

@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::schema::FieldType;
 
 /// Capture a PostgreSQL database's changes into the source `topic`, which
 /// the operator then creates and owns (compacted, keyed by primary key). A
@@ -72,6 +73,18 @@ pub struct PostgresSourceSpec {
     /// When the table's existing rows are copied.
     #[serde(default)]
     pub snapshot: SnapshotSpec,
+    /// Bytes of WAL the replication slot may hold back before the pipeline's
+    /// `WalRetention` condition turns False: the database keeps every WAL
+    /// segment the slot has not confirmed, and its disk pays for a capture
+    /// that is stopped or slower than the writes. The slot is never dropped
+    /// for it (that would lose changes). 1 GiB by default.
+    #[serde(default = "default_max_retained_wal_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_retained_wal_bytes: i64,
+}
+
+fn default_max_retained_wal_bytes() -> i64 {
+    1 << 30
 }
 
 fn default_port() -> i32 {
@@ -222,6 +235,93 @@ impl CaptureConfig {
     /// The consumer group whose committed offset carries the capture's position.
     pub fn progress_group(&self) -> String {
         format!("keystone-capture.{}", self.slot)
+    }
+}
+
+/// A captured table as the capture read it from the database's catalog.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceTable {
+    /// `schema.table`.
+    pub name: String,
+    /// The columns, in the table's order.
+    pub columns: Vec<SourceColumn>,
+}
+
+/// One column of a captured table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceColumn {
+    pub name: String,
+    /// The SQL type, as PostgreSQL prints it (`numeric(12,2)`).
+    #[serde(rename = "type")]
+    pub sql_type: String,
+    /// The contract type of its values in events (`decimalHandling` decides
+    /// `numeric`'s).
+    pub field_type: FieldType,
+    /// Whether the column may be NULL.
+    pub nullable: bool,
+    /// Whether it is part of the primary key.
+    #[serde(default)]
+    pub primary_key: bool,
+}
+
+impl SourceTable {
+    pub fn column(&self, name: &str) -> Option<&SourceColumn> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn primary_key(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter(|c| c.primary_key)
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// What changed from `old` to this table, one phrase per column
+    /// (`column discount numeric(12,2) added`); empty when nothing did.
+    pub fn changes_since(&self, old: &SourceTable) -> Vec<String> {
+        let mut changes = Vec::new();
+        for column in &self.columns {
+            match old.column(&column.name) {
+                None => changes.push(format!("column {} {} added", column.name, column.sql_type)),
+                Some(was) if was.sql_type != column.sql_type => changes.push(format!(
+                    "column {} changed from {} to {}",
+                    column.name, was.sql_type, column.sql_type
+                )),
+                Some(was) if was.nullable != column.nullable => changes.push(format!(
+                    "column {} {}",
+                    column.name,
+                    if column.nullable {
+                        "may now be NULL"
+                    } else {
+                        "is now NOT NULL"
+                    }
+                )),
+                Some(was) if was.primary_key != column.primary_key => changes.push(format!(
+                    "column {} {} the primary key",
+                    column.name,
+                    if column.primary_key { "joined" } else { "left" }
+                )),
+                Some(_) => {}
+            }
+        }
+        for column in &old.columns {
+            if self.column(&column.name).is_none() {
+                changes.push(format!("column {} dropped", column.name));
+            }
+        }
+        changes
+    }
+}
+
+/// `schema.table` for a `tables` entry (`public` when no schema is given).
+pub fn qualified_table(table: &str) -> String {
+    if table.contains('.') {
+        table.to_owned()
+    } else {
+        format!("public.{table}")
     }
 }
 

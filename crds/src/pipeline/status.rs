@@ -95,6 +95,17 @@ pub struct CaptureStatus {
     /// When the last captured transaction committed in the database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_commit_time: Option<Time>,
+    /// The captured table's columns as the capture last read them from the
+    /// database; the declared source schema is checked against them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<super::capture::SourceTable>,
+    /// Why the capture does not stream, when it refuses to (a table without
+    /// a primary key, a missing publication, an unreachable database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// When the operator last read these from the capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_time: Option<Time>,
 }
 
 /// A checkpoint being taken.
