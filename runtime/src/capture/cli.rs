@@ -15,6 +15,9 @@ use crate::cli::{
 };
 use crate::kafka::KafkaSettings;
 
+/// How long a capture that cannot start waits before it tries again.
+const REFUSAL_RETRY: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[derive(Debug, Args)]
 pub struct CaptureCli {
     /// The compiled plan whose `capture` to run (what the operator mounts),
@@ -100,7 +103,7 @@ pub fn capture(args: CaptureCli) -> i32 {
     };
     let (http_addr, token) = (args.http_addr, args.control_token);
     let result = runtime.block_on(async {
-        let (drops, requests) = tokio::sync::mpsc::channel(1);
+        let (drops, mut requests) = tokio::sync::mpsc::channel(1);
         let served = metrics.clone();
         let endpoints = tokio::spawn(async move {
             if let Err(error) = serve(http_addr, served, token, drops).await {
@@ -109,16 +112,48 @@ pub fn capture(args: CaptureCli) -> i32 {
         });
         let mut shutdown = Box::pin(shutdown_signal());
         let beats = metrics.clone();
-        let result = crate::capture::run(
-            config,
-            kafka,
-            user,
-            password,
-            metrics,
-            requests,
-            &mut shutdown,
-        )
-        .await;
+        let result = loop {
+            let result = crate::capture::run(
+                config.clone(),
+                kafka.clone(),
+                user.clone(),
+                password.clone(),
+                metrics.clone(),
+                &mut requests,
+                &mut shutdown,
+            )
+            .await;
+            // A capture that never streamed was refused (no primary key, no
+            // publication, no database): it says why on /table, where the
+            // operator reads it into a condition, and tries again, rather
+            // than crash-looping with the reason only in its log.
+            let Err(problem) = &result else { break result };
+            if metrics.streamed() {
+                break result;
+            }
+            tracing::warn!(%problem, retry_in = ?REFUSAL_RETRY, "the capture cannot start");
+            metrics.set_problem(Some(problem.clone()));
+            let waiting = async {
+                let deadline = tokio::time::Instant::now() + REFUSAL_RETRY;
+                loop {
+                    beats.beat();
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => break,
+                        Some(reply) = requests.recv() => {
+                            // Nothing streams, so no slot is held: a slot
+                            // this capture made before the refusal is left
+                            // to the next instance, which can drop it.
+                            let _ = reply.send(Err(format!("the capture is not streaming: {problem}")));
+                        }
+                        () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                    }
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break Ok(Stopped::Shutdown),
+                () = waiting => {}
+            }
+        };
         if result == Ok(Stopped::SlotDropped) {
             // Exiting would have the Deployment start a capture that makes
             // the slot again: stay alive (and not ready) until the pod is deleted.

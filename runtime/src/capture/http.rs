@@ -1,13 +1,15 @@
 //! The capture's operations endpoints: `/metrics` (Prometheus), `/healthz`
-//! (the loop turned within the last two minutes), `/readyz` (streaming), and
+//! (the loop turned within the last two minutes), `/readyz` (streaming),
+//! `/table` (the captured table's columns as the catalog has them, and why
+//! the capture refuses to stream, if it does; JSON), and
 //! `POST /drop-slot` (with the control token): the operator's request, when
 //! the pipeline is deleted with `topicDeletionPolicy: Delete`, to stop
 //! streaming and drop the replication slot. The capture holds the database
 //! credentials, so the operator never needs to read them.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
@@ -16,7 +18,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use keystone_crds::pipeline::capture::SourceTable;
 use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,7 +49,20 @@ pub struct CaptureMetrics {
     /// Commit time of the last transaction in Kafka, epoch milliseconds.
     pub last_commit_time_ms: IntGauge,
     ready: AtomicBool,
+    /// Whether the capture streamed at some point since it started.
+    streamed: AtomicBool,
     last_beat_ms: AtomicU64,
+    report: Mutex<TableReport>,
+}
+
+/// What `GET /table` answers.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TableReport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<SourceTable>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -113,12 +130,41 @@ impl CaptureMetrics {
             )?,
             registry,
             ready: AtomicBool::new(false),
+            streamed: AtomicBool::new(false),
             last_beat_ms: AtomicU64::new(now_ms()),
+            report: Mutex::default(),
         })
     }
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        if ready {
+            self.streamed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the capture streamed at some point: an error before it did
+    /// is a refusal to report and retry, not a crash.
+    pub fn streamed(&self) -> bool {
+        self.streamed.load(Ordering::Relaxed)
+    }
+
+    /// The table as the catalog describes it now.
+    pub fn set_table(&self, table: SourceTable) {
+        if let Ok(mut report) = self.report.lock() {
+            report.table = Some(table);
+        }
+    }
+
+    /// Why the capture does not stream (`None` once it does).
+    pub fn set_problem(&self, problem: Option<String>) {
+        if let Ok(mut report) = self.report.lock() {
+            report.problem = problem;
+        }
+    }
+
+    pub fn table_report(&self) -> TableReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// The loop turned.
@@ -167,6 +213,11 @@ async fn handle(
     token: Arc<Option<ControlToken>>,
     drops: mpsc::Sender<DropSlot>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let content_type = if request.uri().path() == "/table" {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let (status, body): (StatusCode, Bytes) = match (request.method(), request.uri().path()) {
         (&Method::POST, "/drop-slot") => {
             let authorization = request
@@ -196,6 +247,12 @@ async fn handle(
             }
         }
         (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode().into()),
+        (&Method::GET, "/table") => (
+            StatusCode::OK,
+            serde_json::to_vec(&metrics.table_report())
+                .unwrap_or_default()
+                .into(),
+        ),
         (&Method::GET, "/healthz") if metrics.stalled() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the capture loop has not turned for two minutes\n".into(),
@@ -212,7 +269,7 @@ async fn handle(
     };
     Ok(Response::builder()
         .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-type", content_type)
         .body(Full::new(body))
         .expect("a valid response"))
 }

@@ -117,6 +117,9 @@ struct Capture {
     /// Commit time of the last transaction in the open Kafka transaction.
     pending_time_ms: i64,
     skipped_transactions: u64,
+    /// A captured table whose columns the log says changed: described again
+    /// from the catalog before the next event.
+    changed_table: Option<usize>,
 }
 
 /// Runs a capture until `shutdown` resolves or an error stops it.
@@ -126,7 +129,7 @@ pub async fn run(
     user: String,
     password: String,
     metrics: Arc<CaptureMetrics>,
-    drops: mpsc::Receiver<DropSlot>,
+    drops: &mut mpsc::Receiver<DropSlot>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Stopped, String> {
     let names = crate::capture::config::table_names(&config)?;
@@ -146,6 +149,7 @@ pub async fn run(
                 ENVELOPE_FIELDS.join(", ")
             ));
         }
+        metrics.set_table(table.report(config.decimal_handling));
         tables.push(table);
     }
     source::ensure_publication(
@@ -184,6 +188,7 @@ pub async fn run(
     .with_status_interval(Duration::from_secs(1))
     .with_ack_lsn(Lsn::from_u64(committed.ack));
     let mut replication = start_replication(replication).await?;
+    metrics.set_problem(None);
     metrics.set_ready(true);
 
     let by_name = tables
@@ -210,6 +215,7 @@ pub async fn run(
         metrics,
         pending_time_ms: 0,
         skipped_transactions: 0,
+        changed_table: None,
         config,
     };
     let result = capture.run(&mut replication, drops, shutdown).await;
@@ -343,7 +349,7 @@ impl Capture {
     async fn run(
         &mut self,
         replication: &mut ReplicationClient,
-        mut drops: mpsc::Receiver<DropSlot>,
+        drops: &mut mpsc::Receiver<DropSlot>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<Stopped, String> {
         let interval = self.config.commit_interval.as_std();
@@ -386,7 +392,12 @@ impl Capture {
                     }
                 }
                 event = replication.recv() => match event {
-                    Ok(Some(event)) => self.on_event(event, replication)?,
+                    Ok(Some(event)) => {
+                        self.on_event(event, replication)?;
+                        if let Some(index) = self.changed_table.take() {
+                            self.describe_again(index).await;
+                        }
+                    }
                     Ok(None) => return Err("the replication stream ended".into()),
                     Err(e) => return Err(format!("replication from slot {}: {e}", self.config.slot)),
                 },
@@ -412,6 +423,25 @@ impl Capture {
                 && due
             {
                 self.commit(replication)?;
+            }
+        }
+    }
+
+    /// Reads a table's columns again after the log announced new ones (an
+    /// `ALTER TABLE`): snapshot chunks select them, and `/table` shows them.
+    /// A table the catalog no longer describes keeps its last description:
+    /// the log goes on either way.
+    async fn describe_again(&mut self, index: usize) {
+        let name = self.tables[index].name.clone();
+        match source::describe(&self.sql, &name).await {
+            Ok(table) => {
+                tracing::info!(table = %name, columns = table.columns.len(), "the table's columns changed");
+                self.metrics
+                    .set_table(table.report(self.config.decimal_handling));
+                self.tables[index] = table;
+            }
+            Err(error) => {
+                tracing::warn!(table = %name, %error, "could not describe the table again after its columns changed");
             }
         }
     }
@@ -568,13 +598,16 @@ impl Capture {
                 };
                 if let Some(&index) = self.by_name.get(&name) {
                     let table = &self.tables[index];
-                    let columns = columns
+                    let columns: Vec<_> = columns
                         .iter()
                         .map(|c| crate::capture::changes::Column {
                             name: c.name.clone(),
                             type_oid: c.type_id,
                         })
                         .collect();
+                    if columns != table.columns {
+                        self.changed_table = Some(index);
+                    }
                     let relation = Relation::new(table.name.clone(), columns, &table.primary_key)?;
                     self.relations.insert(relation_id, Arc::new(relation));
                 }

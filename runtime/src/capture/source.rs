@@ -9,7 +9,8 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use crate::capture::changes::{Cell, Change, Column, Relation, Row, TableName};
 use crate::capture::config::Connection;
 use crate::capture::snapshot::{WATERMARK_PREFIX, Watermark};
-use crate::capture::values::{DecimalHandling, to_json};
+use crate::capture::values::{DecimalHandling, field_type, to_json};
+use keystone_crds::pipeline::capture::{SourceColumn, SourceTable};
 
 /// Session settings of both connections (SQL and replication), so that values
 /// render the same whichever of them reads a row.
@@ -22,6 +23,8 @@ pub struct TableInfo {
     pub columns: Vec<Column>,
     /// Each column's type as SQL (`numeric(10,2)`), to cast key literals.
     pub column_types: Vec<String>,
+    /// Each column's NOT NULL constraint.
+    pub not_null: Vec<bool>,
     pub primary_key: Vec<String>,
     /// `REPLICA IDENTITY FULL`: updates and deletes carry the whole old row.
     pub replica_full: bool,
@@ -30,6 +33,26 @@ pub struct TableInfo {
 impl TableInfo {
     pub fn relation(&self) -> Result<Relation, String> {
         Relation::new(self.name.clone(), self.columns.clone(), &self.primary_key)
+    }
+
+    /// The table as the operator checks the declared source schema against it.
+    pub fn report(&self, decimals: DecimalHandling) -> SourceTable {
+        SourceTable {
+            name: self.name.to_string(),
+            columns: self
+                .columns
+                .iter()
+                .zip(&self.column_types)
+                .zip(&self.not_null)
+                .map(|((column, sql_type), not_null)| SourceColumn {
+                    name: column.name.to_string(),
+                    sql_type: sql_type.clone(),
+                    field_type: field_type(column.type_oid, decimals),
+                    nullable: !not_null,
+                    primary_key: self.primary_key.iter().any(|k| **k == *column.name),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -117,7 +140,7 @@ pub async fn describe(client: &Client, table: &TableName) -> Result<TableInfo, S
     }
     let columns = client
         .query(
-            "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
+            "SELECT attname::text, atttypid, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
@@ -148,6 +171,7 @@ pub async fn describe(client: &Client, table: &TableName) -> Result<TableInfo, S
             })
             .collect(),
         column_types: columns.iter().map(|r| r.get(2)).collect(),
+        not_null: columns.iter().map(|r| r.get(3)).collect(),
         primary_key: key.iter().map(|r| r.get(0)).collect(),
         replica_full: identity == "f",
     })
@@ -336,6 +360,54 @@ pub async fn retained_wal_bytes(client: &Client, slot: &str) -> Result<Option<i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_maps_each_column_to_its_contract_type() {
+        use keystone_crds::schema::FieldType;
+        let column = |name: &str, type_oid| Column {
+            name: name.into(),
+            type_oid,
+        };
+        let table = TableInfo {
+            name: Arc::new(TableName::parse("shop.orders").unwrap()),
+            columns: vec![
+                column("id", 20),
+                column("total", 1700),
+                column("meta", 3802),
+            ],
+            column_types: vec!["bigint".into(), "numeric(12,2)".into(), "jsonb".into()],
+            not_null: vec![true, false, false],
+            primary_key: vec!["id".into()],
+            replica_full: false,
+        };
+        let report = table.report(DecimalHandling::String);
+        assert_eq!(report.name, "shop.orders");
+        let rows: Vec<_> = report
+            .columns
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.sql_type.as_str(),
+                    c.field_type,
+                    c.nullable,
+                    c.primary_key,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("id", "bigint", FieldType::Integer, false, true),
+                ("total", "numeric(12,2)", FieldType::String, true, false),
+                ("meta", "jsonb", FieldType::Any, true, false),
+            ]
+        );
+        assert_eq!(
+            table.report(DecimalHandling::Number).columns[1].field_type,
+            FieldType::Number
+        );
+    }
 
     #[test]
     fn identifiers_and_literals_are_quoted() {
