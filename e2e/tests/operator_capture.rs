@@ -19,6 +19,7 @@ use keystone_e2e::postgres::Postgres;
 use keystone_e2e::wait_until;
 use kube::Api;
 use kube::api::ListParams;
+use operator_support::capture::{CaptureSample, wait_slot_dropped};
 use operator_support::*;
 use serde_json::{Value, json};
 
@@ -77,48 +78,23 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
     let op_ns = operator_namespace(&tb, &ns).await;
     let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-capture");
 
-    let suffix = unique("t").replace('-', "_");
-    let table = format!("public.orders_{suffix}");
-    let slot = format!("orders_{suffix}");
-    // A role of its own, whose password appears nowhere else: the capture
-    // needs REPLICATION, ownership of the table (to create the publication)
-    // and CREATE on the database.
-    let role = format!("capture_{suffix}");
-    let password = format!("pw-{}", unique("secret"));
-    let db = pg.admin().await;
-    db.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}';
-         GRANT CREATE ON DATABASE {database} TO {role};
-         CREATE TABLE {table} (id bigint PRIMARY KEY, status text, amount numeric(10,2));
-         INSERT INTO {table} SELECT g, 'created', g * 1.5 FROM generate_series(1, {ROWS}) g;
-         ALTER TABLE {table} OWNER TO {role};",
-        database = pg.database
-    ))
-    .await
-    .expect("the role and table");
-    create_secret(
+    let sample = CaptureSample::create(
+        &pg,
         &ns,
-        "shop-db",
-        &[("username", role.as_str()), ("password", password.as_str())],
+        "id bigint PRIMARY KEY, status text, amount numeric(10,2)",
+        "SELECT g, 'created', g * 1.5",
+        ROWS,
+        "\n      snapshot: {chunkSize: 500}",
     )
     .await;
-
-    let source = unique("e2e.shop.orders.cdc");
-    let states = format!("{source}.states");
-    let sample = std::fs::read_to_string(repo().join("config/samples/orders-from-postgres.yaml"))
-        .expect("the sample");
-    let manifest = sample
-        .replace("namespace: default", &format!("namespace: {}", ns.name()))
-        .replace("topic: shop.orders.cdc", &format!("topic: {source}"))
-        .replace("topic: shop.orders.states", &format!("topic: {states}"))
-        .replace("host: postgres.shop.svc", &format!("host: {}\n      port: {}", pg.host, pg.port))
-        .replace("database: shop", &format!("database: {}", pg.database))
-        .replace("tables: [public.orders]", &format!("tables: [{table}]\n      slot: {slot}\n      publication: {slot}\n      snapshot: {{chunkSize: 500}}"))
-        .replace("commitInterval: 500ms", "commitInterval: 200ms\n  topicDeletionPolicy: Delete");
-    assert!(
-        manifest.contains(&table) && manifest.contains(&source),
-        "{manifest}"
+    let (table, source, states, password) = (
+        sample.table.clone(),
+        sample.source.clone(),
+        sample.states.clone(),
+        sample.password.clone(),
     );
+    let db = pg.admin().await;
+    let manifest = sample.manifest.clone();
     apply_yaml(&tb, &manifest).await;
     wait_ready(&ns, "orders-from-postgres", &operator).await;
     // The snapshot's progress reaches the status.
@@ -189,29 +165,25 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
 
     let expected = table_states(&db, &table).await;
     let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+    let read_sink = || {
+        let records = runtime_support::read_committed(
+            &bootstrap,
+            &states,
+            1,
+            Duration::from_secs(20),
+            Duration::from_secs(1),
+        );
+        sink_states(&records)
+    };
     let result = wait_until(
         Duration::from_secs(120),
         "the sink topic's last state per order equals the table",
         || async {
-            let records = runtime_support::read_committed(
-                &bootstrap,
-                &states,
-                1,
-                Duration::from_secs(20),
-                Duration::from_secs(1),
-            );
-            let (states, ordered) = sink_states(&records);
+            let (states, ordered) = read_sink();
             (states == expected).then_some(ordered)
         },
         || async {
-            let records = runtime_support::read_committed(
-                &bootstrap,
-                &states,
-                1,
-                Duration::from_secs(20),
-                Duration::from_secs(1),
-            );
-            let (states, _) = sink_states(&records);
+            let (states, _) = read_sink();
             let differing: Vec<_> = expected
                 .iter()
                 .filter(|(id, state)| states.get(id) != Some(state))
@@ -234,26 +206,7 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
         .delete("orders-from-postgres", &kube::api::DeleteParams::default())
         .await
         .expect("delete the pipeline");
-    let admin = db;
-    let slots = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'");
-    wait_until(
-        Duration::from_secs(90),
-        "the operator dropped the capture's slot",
-        || async {
-            let row = admin.query_one(&slots, &[]).await.ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        },
-        || async { operator.log_text() },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    wait_slot_dropped(&db, &sample.slot, &operator).await;
     ns.delete().await.expect("delete namespace");
-    admin
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {slot}; DROP TABLE {table};
-             REVOKE CREATE ON DATABASE {database} FROM {role}; DROP ROLE {role}",
-            database = pg.database
-        ))
-        .await
-        .expect("clean up");
+    sample.clean_up(&db, &pg).await;
 }

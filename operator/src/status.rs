@@ -9,6 +9,12 @@ pub const READY: &str = "Ready";
 pub const CONTRACTS_VALID: &str = "ContractsValid";
 pub const TOPICS_READY: &str = "TopicsReady";
 pub const RUNTIME_READY: &str = "RuntimeReady";
+/// A `postgres` source's table: described by the capture, and agreeing with
+/// the declared source schema (or why the capture refuses it).
+pub const SOURCE_TABLE: &str = "SourceTable";
+/// A `postgres` source's replication slot: the WAL it holds back, against
+/// `maxRetainedWalBytes`.
+pub const WAL_RETENTION: &str = "WalRetention";
 
 /// One condition as the reconciler decides it, before timestamps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,8 +198,13 @@ pub struct Transition {
 }
 
 /// The event reason for a condition becoming true or false.
-fn event_reason(type_: &str, ok: bool) -> &'static str {
+fn event_reason(type_: &str, ok: bool, reason: &str) -> &'static str {
     match (type_, ok) {
+        (SOURCE_TABLE, true) if reason == "ColumnsChanged" => "SourceSchemaChanged",
+        (SOURCE_TABLE, true) => "SourceTableCompatible",
+        (SOURCE_TABLE, false) => "SourceTableProblem",
+        (WAL_RETENTION, true) => "WalWithinLimit",
+        (WAL_RETENTION, false) => "WalRetained",
         (CONTRACTS_VALID, true) => "ContractsValid",
         (CONTRACTS_VALID, false) => "ContractsInvalid",
         (TOPICS_READY, true) => "TopicsReady",
@@ -208,7 +219,14 @@ fn event_reason(type_: &str, ok: bool) -> &'static str {
 /// The transitions between two condition lists (Ready last, as the summary).
 pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
     let mut out = Vec::new();
-    let order = [CONTRACTS_VALID, TOPICS_READY, RUNTIME_READY, READY];
+    let order = [
+        CONTRACTS_VALID,
+        SOURCE_TABLE,
+        WAL_RETENTION,
+        TOPICS_READY,
+        RUNTIME_READY,
+        READY,
+    ];
     for type_ in order {
         let Some(n) = new.iter().find(|c| c.type_ == type_) else {
             continue;
@@ -227,7 +245,7 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
                 );
             out.push(Transition {
                 warning,
-                reason: event_reason(type_, ok).to_owned(),
+                reason: event_reason(type_, ok, &n.reason).to_owned(),
                 note: format!("{type_}={}: {}: {}", n.status, n.reason, n.message),
             });
         }

@@ -4,6 +4,8 @@
 //! testbed or binary fails the test, it never skips.
 #![allow(dead_code)]
 
+pub mod capture;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -35,7 +35,7 @@ use keystone_crds::pipeline::{
     TopicDeletionPolicy, TopicStatus, UpgradePhase,
 };
 use keystone_crds::processor::{Processor, ProcessorStatus};
-use keystone_crds::{ContractErrors, Plan, check_processor, compile};
+use keystone_crds::{ContractErrors, Plan, check_processor, compile, compile_with_source};
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -53,8 +53,8 @@ use crate::error::{Error, backoff};
 use crate::ledger::key as ledger_key;
 use crate::resources::{self, LABEL_MANAGED_BY, LABEL_PIPELINE, MANAGED_BY, WorkloadParams};
 use crate::status::{
-    CONTRACTS_VALID, Cond, RUNTIME_READY, TOPICS_READY, differs, ready_stages, runtime_condition,
-    set_condition, summarize, transitions,
+    CONTRACTS_VALID, Cond, RUNTIME_READY, SOURCE_TABLE, TOPICS_READY, differs, ready_stages,
+    runtime_condition, set_condition, summarize, transitions,
 };
 use crate::tables::TableCheck;
 use crate::topics::{
@@ -76,6 +76,10 @@ const DRIFT_CHECK: Duration = Duration::from_secs(300);
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
 /// How often the status follows a capture's snapshot in progress.
 const CAPTURE_POLL: Duration = Duration::from_secs(10);
+/// How often a capture's table, refusals and retained WAL are looked at.
+const CAPTURE_RECHECK: Duration = Duration::from_secs(30);
+/// The least time between two reads of a capture's status.
+const CAPTURE_READ_GAP_SECS: i64 = 8;
 /// How soon an Iceberg table that was incompatible or could not be checked
 /// is checked again.
 const TABLE_RECHECK: Duration = Duration::from_secs(30);
@@ -247,7 +251,62 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     let known = ctx.known_pipelines().await;
     let default_cluster = ctx.config.resolve_cluster(None);
     let cycles = cycles::cycle_errors(pipeline, &known, default_cluster.as_deref());
-    let compiled = match (compile(pipeline, &processors), cycles.is_empty()) {
+    // A capture describes its table (or says why it refuses it): read before
+    // the check, which holds the declared source schema against the table.
+    let previous_table = observed
+        .status
+        .capture
+        .as_ref()
+        .and_then(|c| c.table.clone());
+    // At most every few seconds: each read that finds something new is a
+    // status write, and each write another reconcile.
+    let read_recently = observed
+        .status
+        .capture
+        .as_ref()
+        .and_then(|c| c.read_time.as_ref())
+        .is_some_and(|t| Timestamp::now().duration_since(t.0).as_secs() < CAPTURE_READ_GAP_SECS);
+    let source_table = if pipeline.spec.source.postgres.is_some() {
+        if read_recently {
+            // What the last read found stands.
+        } else if let Some(mut capture) = crate::capture::status(ctx, &namespace, &name).await {
+            if capture.table.is_none() {
+                capture.table = previous_table.clone();
+            }
+            observed.status.capture = Some(capture);
+        }
+        observed
+            .status
+            .capture
+            .as_ref()
+            .and_then(|c| c.table.clone())
+    } else {
+        None
+    };
+    let checked = compile_with_source(pipeline, &processors, source_table.as_ref());
+    if let (Some(postgres), Some(capture)) = (
+        &pipeline.spec.source.postgres,
+        observed.status.capture.clone(),
+    ) {
+        let table_errors = match &checked {
+            Err(with_table) => crate::capture::table_errors(
+                with_table,
+                compile(pipeline, &processors).err().as_ref(),
+            ),
+            Ok(_) => Vec::new(),
+        };
+        let current = find_cond(&observed.status, SOURCE_TABLE);
+        if let Some(table) = crate::capture::table_condition(
+            &capture,
+            previous_table.as_ref(),
+            &table_errors,
+            current.as_ref(),
+        ) {
+            observed.set(&table);
+        }
+        observed.set(&crate::capture::wal_condition(postgres, &capture));
+    }
+    let compiled = match (checked, cycles.is_empty()) {
         (Ok(plan), true) => Ok(plan),
         (Ok(_), false) => Err(("TopicCycle", ContractErrors(cycles))),
         (Err(mut errors), _) => {
@@ -262,6 +321,10 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             observed.set(&contracts);
             observed.summarize(&contracts, None, None);
             observed.record(pipeline, ctx).await?;
+            // The table may change back without a change in Kubernetes.
+            if source_table.is_some() {
+                return Ok(Action::requeue(CAPTURE_RECHECK));
+            }
             return Ok(Action::await_change());
         }
     };
@@ -408,7 +471,21 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
 
     let mut again: Option<Duration> = None;
-    let mut capture_poll: Option<Duration> = None;
+    // A snapshot in progress is followed every 10 s; the table's columns,
+    // the capture's refusals and the WAL it holds back every 30 s, whatever
+    // an upgrade is doing.
+    let capture_poll = plan.capture.as_ref().map(|_| {
+        let snapshot_running = observed
+            .status
+            .capture
+            .as_ref()
+            .is_some_and(|c| !c.snapshot_done);
+        if snapshot_running {
+            CAPTURE_POLL
+        } else {
+            CAPTURE_RECHECK
+        }
+    });
     // The plan hash and replicas just deployed, if any.
     let mut deployed: Option<(String, Option<i32>)> = None;
     let runtime = if outcome.blocked {
@@ -442,16 +519,6 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 observed.status.ready_stages = Some(ready_stages(&workloads.stages));
                 observed.status.stages = workloads.stages.clone();
                 observed.status.plan_hash = Some(target.plan.hash());
-                if target.plan.capture.is_some() {
-                    let capture = crate::capture::status(ctx, &target.plan.namespace, &name).await;
-                    // A snapshot in progress is followed every 10 s.
-                    if capture.as_ref().is_some_and(|c| !c.snapshot_done) {
-                        capture_poll = Some(CAPTURE_POLL);
-                    }
-                    if capture.is_some() {
-                        observed.status.capture = capture;
-                    }
-                }
                 again = upgrade::observe(pipeline, ctx, &target, &workloads, &mut observed).await?;
                 if workloads.rolled_out
                     && observed.status.upgrade.as_ref().is_none_or(|u| {
@@ -660,19 +727,21 @@ async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
             namespace: namespace.clone(),
             name: pipeline.name_any(),
         };
-        if let Err(error) = delete_owned_topics(pipeline, ctx, &owner).await {
-            let step = (
-                "TopicsNotDeleted",
-                "DeleteTopics",
-                "deleting the pipeline's topics",
-            );
-            retry_or_give_up(pipeline, ctx, error, step).await?;
-        }
+        // The slot first: the capture commits what it holds into its topic
+        // before it drops the slot, and cannot once the topic is gone.
         if let Err(error) = crate::capture::drop_slot(pipeline, ctx).await {
             let step = (
                 "SlotNotDropped",
                 "DropSlot",
                 "dropping the capture's replication slot",
+            );
+            retry_or_give_up(pipeline, ctx, error, step).await?;
+        }
+        if let Err(error) = delete_owned_topics(pipeline, ctx, &owner).await {
+            let step = (
+                "TopicsNotDeleted",
+                "DeleteTopics",
+                "deleting the pipeline's topics",
             );
             retry_or_give_up(pipeline, ctx, error, step).await?;
         }
