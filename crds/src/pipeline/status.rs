@@ -101,7 +101,8 @@ pub struct CaptureStatus {
     pub table: Option<super::capture::SourceTable>,
     /// Why the capture does not stream, when it refuses to (a table without
     /// a primary key, a missing publication, an unreachable database).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Written as null when none, so that the operator's merge patch of status removes it.
+    #[serde(default)]
     pub problem: Option<String>,
     /// When the operator last read these from the capture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
