@@ -108,12 +108,57 @@ pub async fn status(ctx: &Context, namespace: &str, pipeline: &str) -> Option<Ca
     Some(status)
 }
 
+/// The least time between two reads of a capture's status: each read that
+/// finds something new is a status write, and each write another reconcile.
+const READ_GAP_SECS: i64 = 8;
+
+/// Reads the capture's status into `capture`, unless it was read within the
+/// last few seconds; a capture that does not describe its table (yet) keeps
+/// the last description. Returns the table as it was before.
+pub async fn refresh(
+    ctx: &Context,
+    namespace: &str,
+    pipeline: &str,
+    capture: &mut Option<CaptureStatus>,
+) -> Option<SourceTable> {
+    let previous = capture.as_ref().and_then(|c| c.table.clone());
+    let read_recently = capture
+        .as_ref()
+        .and_then(|c| c.read_time.as_ref())
+        .is_some_and(|t| Timestamp::now().duration_since(t.0).as_secs() < READ_GAP_SECS);
+    if !read_recently && let Some(mut read) = status(ctx, namespace, pipeline).await {
+        if read.table.is_none() {
+            read.table = previous.clone();
+        }
+        *capture = Some(read);
+    }
+    previous
+}
+
+/// The `SourceTable` and `WalRetention` conditions of a capture pipeline
+/// (none until its capture first answers).
+pub fn conditions(
+    spec: &PostgresSourceSpec,
+    capture: Option<&CaptureStatus>,
+    previous: Option<&SourceTable>,
+    table_errors: &[String],
+    current: Option<&Cond>,
+) -> Vec<Cond> {
+    let Some(capture) = capture else {
+        return Vec::new();
+    };
+    table_condition(capture, previous, table_errors, current)
+        .into_iter()
+        .chain([wal_condition(spec, capture)])
+        .collect()
+}
+
 /// The `SourceTable` condition: why the capture refuses to stream, the
 /// declared schema's disagreements with the table (`table_errors`: the
 /// contract errors only the table's columns cause), or that it holds, and
 /// what changed in the table since `previous`. `None` until the capture
 /// first describes the table or refuses it.
-pub fn table_condition(
+fn table_condition(
     status: &CaptureStatus,
     previous: Option<&SourceTable>,
     table_errors: &[String],
@@ -189,7 +234,7 @@ pub fn table_errors(with_table: &ContractErrors, without: Option<&ContractErrors
 }
 
 /// The `WalRetention` condition from the WAL the slot holds back.
-pub fn wal_condition(spec: &PostgresSourceSpec, status: &CaptureStatus) -> Cond {
+fn wal_condition(spec: &PostgresSourceSpec, status: &CaptureStatus) -> Cond {
     let limit = spec.max_retained_wal_bytes;
     if status.retained_wal_bytes > limit {
         Cond::new(

@@ -78,8 +78,6 @@ const TOPIC_RECHECK: Duration = Duration::from_secs(30);
 const CAPTURE_POLL: Duration = Duration::from_secs(10);
 /// How often a capture's table, refusals and retained WAL are looked at.
 const CAPTURE_RECHECK: Duration = Duration::from_secs(30);
-/// The least time between two reads of a capture's status.
-const CAPTURE_READ_GAP_SECS: i64 = 8;
 /// How soon an Iceberg table that was incompatible or could not be checked
 /// is checked again.
 const TABLE_RECHECK: Duration = Duration::from_secs(30);
@@ -253,41 +251,18 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     let cycles = cycles::cycle_errors(pipeline, &known, default_cluster.as_deref());
     // A capture describes its table (or says why it refuses it): read before
     // the check, which holds the declared source schema against the table.
-    let previous_table = observed
-        .status
-        .capture
-        .as_ref()
-        .and_then(|c| c.table.clone());
-    // At most every few seconds: each read that finds something new is a
-    // status write, and each write another reconcile.
-    let read_recently = observed
-        .status
-        .capture
-        .as_ref()
-        .and_then(|c| c.read_time.as_ref())
-        .is_some_and(|t| Timestamp::now().duration_since(t.0).as_secs() < CAPTURE_READ_GAP_SECS);
-    let source_table = if pipeline.spec.source.postgres.is_some() {
-        if read_recently {
-            // What the last read found stands.
-        } else if let Some(mut capture) = crate::capture::status(ctx, &namespace, &name).await {
-            if capture.table.is_none() {
-                capture.table = previous_table.clone();
-            }
-            observed.status.capture = Some(capture);
+    let postgres = pipeline.spec.source.postgres.as_ref();
+    let previous_table = match postgres {
+        Some(_) => {
+            crate::capture::refresh(ctx, &namespace, &name, &mut observed.status.capture).await
         }
-        observed
-            .status
-            .capture
-            .as_ref()
-            .and_then(|c| c.table.clone())
-    } else {
-        None
+        None => None,
     };
+    let source_table = postgres
+        .and(observed.status.capture.as_ref())
+        .and_then(|c| c.table.clone());
     let checked = compile_with_source(pipeline, &processors, source_table.as_ref());
-    if let (Some(postgres), Some(capture)) = (
-        &pipeline.spec.source.postgres,
-        observed.status.capture.clone(),
-    ) {
+    if let Some(postgres) = postgres {
         let table_errors = match &checked {
             Err(with_table) => crate::capture::table_errors(
                 with_table,
@@ -296,15 +271,16 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             Ok(_) => Vec::new(),
         };
         let current = find_cond(&observed.status, SOURCE_TABLE);
-        if let Some(table) = crate::capture::table_condition(
-            &capture,
+        let conditions = crate::capture::conditions(
+            postgres,
+            observed.status.capture.as_ref(),
             previous_table.as_ref(),
             &table_errors,
             current.as_ref(),
-        ) {
-            observed.set(&table);
+        );
+        for condition in conditions {
+            observed.set(&condition);
         }
-        observed.set(&crate::capture::wal_condition(postgres, &capture));
     }
     let compiled = match (checked, cycles.is_empty()) {
         (Ok(plan), true) => Ok(plan),

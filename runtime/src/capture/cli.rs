@@ -112,7 +112,7 @@ pub fn capture(args: CaptureCli) -> i32 {
         });
         let mut shutdown = Box::pin(shutdown_signal());
         let beats = metrics.clone();
-        let result = loop {
+        let result = 'attempts: loop {
             let result = crate::capture::run(
                 config.clone(),
                 kafka.clone(),
@@ -127,31 +127,29 @@ pub fn capture(args: CaptureCli) -> i32 {
             // publication, no database): it says why on /table, where the
             // operator reads it into a condition, and tries again, rather
             // than crash-looping with the reason only in its log.
-            let Err(problem) = &result else { break result };
+            let Err(problem) = &result else {
+                break result;
+            };
             if metrics.streamed() {
                 break result;
             }
             tracing::warn!(%problem, retry_in = ?REFUSAL_RETRY, "the capture cannot start");
             metrics.set_problem(Some(problem.clone()));
-            let waiting = async {
-                let deadline = tokio::time::Instant::now() + REFUSAL_RETRY;
-                loop {
-                    beats.beat();
-                    tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => break,
-                        Some(reply) = requests.recv() => {
-                            // Nothing streams, so no slot is held: a slot
-                            // this capture made before the refusal is left
-                            // to the next instance, which can drop it.
-                            let _ = reply.send(Err(format!("the capture is not streaming: {problem}")));
-                        }
-                        () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            // The wait is far shorter than /healthz's stall limit: one beat.
+            beats.beat();
+            let retry = tokio::time::sleep(REFUSAL_RETRY);
+            tokio::pin!(retry);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break 'attempts Ok(Stopped::Shutdown),
+                    () = &mut retry => break,
+                    Some(reply) = requests.recv() => {
+                        // Nothing streams, so no slot is held: a slot this
+                        // capture made before the refusal is left to the
+                        // next instance, which can drop it.
+                        let _ = reply.send(Err(format!("the capture is not streaming: {problem}")));
                     }
                 }
-            };
-            tokio::select! {
-                () = &mut shutdown => break Ok(Stopped::Shutdown),
-                () = waiting => {}
             }
         };
         if result == Ok(Stopped::SlotDropped) {
