@@ -181,9 +181,10 @@ fn the_declared_schema_is_checked_against_the_captured_table() {
     let plan = compile_against(KEYSTONE_SOURCE, &table).unwrap_or_else(|e| panic!("{e}"));
     let without_table = compile_source(KEYSTONE_SOURCE, "orders-cdc").unwrap();
     assert_eq!(
-        plan, without_table,
-        "a table that agrees changes nothing in the plan"
+        plan.stages, without_table.stages,
+        "a table that agrees changes only the source schema (its columns are added)"
     );
+    assert_eq!(plan.topics, without_table.topics);
 
     // The column the schema declares was dropped: named, with the table's columns.
     let dropped = orders_table(&[

@@ -1,14 +1,14 @@
 //! `spec.source.postgres`: the capture topic the operator creates, the
-//! capture's configuration in the plan, and what the checker can tell
-//! without the database (the table's columns are checked by the capture
-//! when it starts).
+//! capture's configuration in the plan, the source schema the capture's
+//! events have (its envelope, and the table's columns once the capture
+//! described the table), and the declared schema checked against the table.
 
 use std::collections::BTreeMap;
 
 use super::{Checker, ErrorKind};
 use crate::pipeline::capture::{CaptureConfig, Envelope, SourceTable, qualified_table};
-use crate::plan::{Partitions, PlanTopic, TopicRole};
-use crate::schema::{FieldType, Schema};
+use crate::plan::{PLAN_VERSION, Partitions, Plan, PlanSource, PlanTopic, TopicRole};
+use crate::schema::{FieldSpec, FieldType, Schema, SchemaSpec};
 
 /// PostgreSQL's identifier limit: longer names are cut, and two pipelines'
 /// slots could then collide.
@@ -27,7 +27,77 @@ const ENVELOPE_FIELDS: [(&str, &[FieldType]); 6] = [
     ("source", &[FieldType::Object]),
 ];
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
+    /// The table the capture described, if it is one the spec captures.
+    fn captured_table(&self) -> Option<&'a SourceTable> {
+        let postgres = self.pipeline.spec.source.postgres.as_ref()?;
+        self.source_table
+            .filter(|t| postgres.tables.iter().any(|n| qualified_table(n) == t.name))
+    }
+
+    /// The schema of the source's events: the declared fields, and for a
+    /// capture the fields its envelope always has and, once the capture
+    /// described the table, the table's columns. Steps are then checked
+    /// against the real table, and a column added or dropped changes the
+    /// plan, so that the classifier judges it as an upgrade.
+    pub(super) fn source_schema(&self) -> SchemaSpec {
+        let source = &self.pipeline.spec.source;
+        let Some(postgres) = &source.postgres else {
+            return source.schema.clone();
+        };
+        let mut schema = source.schema.clone();
+        let table = self.captured_table();
+        for field in captured_fields(postgres.envelope, table) {
+            if !declared_elsewhere(&source.schema, &field) {
+                schema.fields.push(field);
+            }
+        }
+        // With the table the events' whole shape is known: a step that uses
+        // a column the table lacks is refused, not left to the runtime.
+        if table.is_some() {
+            schema.open = false;
+        }
+        schema
+    }
+
+    /// The plan of a capture alone: its topic and configuration, no stages
+    /// and no sinks. Checked without the steps, it can run before the table
+    /// is known, so that the capture describes the table the steps are then
+    /// checked against.
+    pub(super) fn capture_plan(&mut self) -> Plan {
+        let spec = &self.pipeline.spec;
+        let schema = self.source_schema();
+        self.check_capture(&Schema::from_spec(&schema));
+        if spec.source.postgres.is_none() {
+            self.error(
+                ErrorKind::InvalidOperator,
+                "spec.source",
+                None,
+                "only a postgres source has a capture to run on its own",
+            );
+        }
+        Plan {
+            version: PLAN_VERSION,
+            namespace: self.namespace.clone(),
+            pipeline: self.name.clone(),
+            source: PlanSource {
+                cluster: spec.source.cluster.clone(),
+                topic: spec.source.topic.clone(),
+                key: spec.source.key.clone(),
+                start_from: spec.source.start_from,
+                schema,
+            },
+            delivery: spec.delivery,
+            commit_interval_ms: spec.commit_interval.as_millis(),
+            checkpoint_interval_ms: spec.checkpoint_interval.as_millis(),
+            dead_letter_topic: String::new(),
+            stages: Vec::new(),
+            sinks: Vec::new(),
+            topics: vec![self.source_topic()],
+            capture: self.capture_config(),
+        }
+    }
+
     /// The source topic: the user's (it must exist), or the capture's, which
     /// the operator creates compacted, with the spec's partitions and retention.
     pub(super) fn source_topic(&self) -> PlanTopic {
@@ -140,10 +210,7 @@ impl Checker<'_> {
                 }
             }
         }
-        let table = self
-            .source_table
-            .filter(|t| postgres.tables.iter().any(|n| qualified_table(n) == t.name));
-        if let Some(table) = table {
+        if let Some(table) = self.captured_table() {
             self.check_against_table(table, postgres.envelope);
         }
     }
@@ -238,6 +305,86 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// The fields of a capture's events: its envelope's, and with the table the
+/// columns (the key's at the top level of Keystone's envelope, every one
+/// under `after` and `before`, which a delete or an insert lacks).
+fn captured_fields(envelope: Envelope, table: Option<&SourceTable>) -> Vec<FieldSpec> {
+    use FieldType::{Array, Boolean, Integer, Object, String, Timestamp};
+    let field = |name: &str, field_type: FieldType, optional: bool| FieldSpec {
+        name: name.to_owned(),
+        field_type,
+        optional,
+    };
+    let mut fields = match envelope {
+        Envelope::Keystone => vec![
+            field("op", String, false),
+            field("seq", Integer, false),
+            field("ts", Timestamp, false),
+            field("before", Object, true),
+            field("after", Object, true),
+            field("unchanged", Array, true),
+            field("source", Object, false),
+            field("source.db", String, false),
+            field("source.schema", String, false),
+            field("source.table", String, false),
+            field("source.lsn", String, false),
+            field("source.snapshot", Boolean, false),
+            field("source.txid", Integer, true),
+        ],
+        Envelope::Debezium => vec![
+            field("op", String, false),
+            field("ts_ms", Timestamp, false),
+            field("before", Object, true),
+            field("after", Object, true),
+            field("source", Object, false),
+            field("source.version", String, false),
+            field("source.connector", String, false),
+            field("source.name", String, false),
+            field("source.ts_ms", Timestamp, false),
+            field("source.snapshot", String, false),
+            field("source.db", String, false),
+            field("source.schema", String, false),
+            field("source.table", String, false),
+            field("source.txId", Integer, true),
+            field("source.lsn", Integer, false),
+        ],
+    };
+    let Some(table) = table else {
+        return fields;
+    };
+    if envelope == Envelope::Keystone {
+        for column in table.columns.iter().filter(|c| c.primary_key) {
+            fields.push(field(&column.name, column.field_type, false));
+        }
+    }
+    for row in ["after", "before"] {
+        for column in &table.columns {
+            fields.push(field(
+                &format!("{row}.{}", column.name),
+                column.field_type,
+                true,
+            ));
+        }
+    }
+    fields
+}
+
+/// Whether the declared schema already says what `derived` is: it declares
+/// the path itself, an ancestor that is not an object (so the path cannot
+/// exist), or members of a column that is not an object (a `json` column
+/// whose shape the user knows).
+fn declared_elsewhere(declared: &SchemaSpec, derived: &FieldSpec) -> bool {
+    let path = derived.name.as_str();
+    let below = format!("{path}.");
+    declared.fields.iter().any(|f| {
+        f.name == path
+            || (f.name.starts_with(&below) && derived.field_type != FieldType::Object)
+            || path
+                .strip_prefix(f.name.as_str())
+                .is_some_and(|rest| rest.starts_with('.') && f.field_type != FieldType::Object)
+    })
 }
 
 fn is_envelope_field(name: &str) -> bool {

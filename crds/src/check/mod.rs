@@ -155,7 +155,8 @@ struct Requirement {
 struct Checker<'a> {
     pipeline: &'a Pipeline,
     /// The captured table as its capture last described it, for a
-    /// `postgres` source: the declared source schema is checked against it.
+    /// `postgres` source: its columns join the source schema, and the
+    /// declared fields are checked against it.
     source_table: Option<&'a SourceTable>,
     processors: BTreeMap<&'a str, &'a Processor>,
     errors: Vec<ContractError>,
@@ -183,30 +184,49 @@ pub fn compile_with_source(
     processors: &[Processor],
     source_table: Option<&SourceTable>,
 ) -> Result<Plan, ContractErrors> {
-    let id = PipelineId::of(pipeline);
-    let mut checker = Checker {
-        pipeline,
-        source_table,
-        processors: processors
-            .iter()
-            .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p)))
-            .collect(),
-        errors: Vec::new(),
-        namespace: id.namespace,
-        name: id.name,
-        missing_reported: BTreeMap::new(),
-        processors_reported: BTreeSet::new(),
-    };
-    let plan = checker.run();
-    checker.finish_errors();
-    if checker.errors.is_empty() {
-        Ok(plan)
-    } else {
-        Err(ContractErrors(checker.errors))
-    }
+    Checker::new(pipeline, processors, source_table).finish(Checker::run)
+}
+
+/// The plan of a `postgres` source's capture alone (its topic and
+/// configuration; no stages, no sinks), checked without the steps. The
+/// operator runs it before the rest when the steps need the table's columns,
+/// which the capture describes once it runs.
+pub fn compile_capture(pipeline: &Pipeline) -> Result<Plan, ContractErrors> {
+    Checker::new(pipeline, &[], None).finish(Checker::capture_plan)
 }
 
 impl<'a> Checker<'a> {
+    fn new(
+        pipeline: &'a Pipeline,
+        processors: &'a [Processor],
+        source_table: Option<&'a SourceTable>,
+    ) -> Self {
+        let id = PipelineId::of(pipeline);
+        Checker {
+            pipeline,
+            source_table,
+            processors: processors
+                .iter()
+                .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p)))
+                .collect(),
+            errors: Vec::new(),
+            namespace: id.namespace,
+            name: id.name,
+            missing_reported: BTreeMap::new(),
+            processors_reported: BTreeSet::new(),
+        }
+    }
+
+    fn finish(mut self, build: impl FnOnce(&mut Self) -> Plan) -> Result<Plan, ContractErrors> {
+        let plan = build(&mut self);
+        self.finish_errors();
+        if self.errors.is_empty() {
+            Ok(plan)
+        } else {
+            Err(ContractErrors(self.errors))
+        }
+    }
+
     fn error(
         &mut self,
         kind: ErrorKind,

@@ -18,8 +18,9 @@ impl Checker<'_> {
         let spec = &self.pipeline.spec;
         let source = &spec.source;
         let source_key = source.key.clone();
+        let source_schema = self.source_schema();
         let mut stream = StreamState {
-            schema: Schema::from_spec(&source.schema),
+            schema: Schema::from_spec(&source_schema),
             key: source_key.clone(),
             partitioned_by: (!source_key.is_empty()).then(|| key_set(&source_key)),
             ordered_by: (!source_key.is_empty()).then(|| key_set(&source_key)),
@@ -288,7 +289,7 @@ impl Checker<'_> {
                 topic: source.topic.clone(),
                 key: source_key,
                 start_from: source.start_from,
-                schema: source.schema.clone(),
+                schema: source_schema,
             },
             delivery: spec.delivery,
             commit_interval_ms: spec.commit_interval.as_millis(),

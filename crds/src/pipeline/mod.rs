@@ -209,7 +209,19 @@ pub struct SourceSpec {
     #[serde(default)]
     pub start_from: StartPosition,
     /// The schema of the events; the checker propagates it through the steps.
+    /// With `postgres`, the capture's envelope fields and, once the capture
+    /// has described the table, its columns (the key's at the top level,
+    /// all under `after` and `before`) are added to the fields declared
+    /// here; a declared field is checked against the table's column.
+    #[serde(default = "open_schema")]
     pub schema: SchemaSpec,
+}
+
+fn open_schema() -> SchemaSpec {
+    SchemaSpec {
+        fields: Vec::new(),
+        open: true,
+    }
 }
 
 /// Encoding of event values.

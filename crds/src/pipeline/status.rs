@@ -96,7 +96,8 @@ pub struct CaptureStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_commit_time: Option<Time>,
     /// The captured table's columns as the capture last read them from the
-    /// database; the declared source schema is checked against them.
+    /// database; the source schema takes its columns from them, and the
+    /// declared fields are checked against them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<super::capture::SourceTable>,
     /// Why the capture does not stream, when it refuses to (a table without

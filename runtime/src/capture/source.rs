@@ -35,7 +35,7 @@ impl TableInfo {
         Relation::new(self.name.clone(), self.columns.clone(), &self.primary_key)
     }
 
-    /// The table as the operator checks the declared source schema against it.
+    /// The table as the operator checks the pipeline against it.
     pub fn report(&self, decimals: DecimalHandling) -> SourceTable {
         SourceTable {
             name: self.name.to_string(),
