@@ -137,6 +137,7 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
     );
     assert!(rendered.contains("\"capture\""), "{rendered}");
     let config_maps: Api<ConfigMap> = ns.api();
+    let mut plans_with_columns = 0;
     for config_map in config_maps
         .list(&ListParams::default())
         .await
@@ -147,7 +148,13 @@ async fn the_postgres_sample_captures_a_table_into_its_pipeline_on_the_cluster()
             !text.contains(&password),
             "a ConfigMap holds the database password"
         );
+        plans_with_columns += usize::from(text.contains("after.amount"));
     }
+    // The sample declares only the key: the columns came from the table.
+    assert!(
+        plans_with_columns > 0,
+        "no plan has the table's columns in its source schema"
+    );
 
     // Changes while the pipeline runs: updates, deletes and inserts.
     for round in 0..30_i64 {

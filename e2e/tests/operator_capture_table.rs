@@ -1,12 +1,13 @@
-//! A captured table on the cluster, as the operator follows it: a table
+//! A captured table on the cluster, as the operator follows it: the capture
+//! runs alone until it has described the table (no stage before); a table
 //! without a primary key is refused in the `SourceTable` condition (and the
 //! capture starts once the key is added, without a restart); the capture's
-//! description of the table reaches `status.capture.table`; a column added
-//! in the database is reported as a change the declared schema survives; a
-//! slot holding back more WAL than `maxRetainedWalBytes` turns
-//! `WalRetention` False; a column the declared schema uses, dropped in the
-//! database, turns `SourceTable` and `ContractsValid` False while the
-//! running version goes on.
+//! description of the table reaches `status.capture.table`, and the key the
+//! spec does not declare comes from it; a column added in the database is
+//! reported and rolled out as an upgrade; a slot holding back more WAL than
+//! `maxRetainedWalBytes` turns `WalRetention` False; a column the declared
+//! schema uses, dropped in the database, turns `SourceTable` and
+//! `ContractsValid` False while the running version goes on.
 //!
 //! Needs `cargo build -p keystone-runtime` as well as the operator, and the
 //! testbed's PostgreSQL.
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use keystone_crds::Pipeline;
+use keystone_crds::pipeline::UpgradePhase;
 use keystone_e2e::postgres::Postgres;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -81,7 +83,13 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
         "",
     )
     .await;
-    let (table, manifest) = (sample.table.clone(), sample.manifest.clone());
+    let table = sample.table.clone();
+    // Nothing of the table declared but a column the test drops later.
+    let manifest = sample.manifest.replace(
+        "- {name: id, type: integer}",
+        "- {name: after.status, type: string, optional: true}",
+    );
+    assert_ne!(manifest, sample.manifest);
     let suffix = table.trim_start_matches("public.orders_").to_owned();
     let db = pg.admin().await;
     apply_yaml(&tb, &manifest).await;
@@ -98,6 +106,26 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     .await;
     assert!(refused.contains("has no primary key"), "{refused}");
     assert!(refused.contains(&format!("orders_{suffix}")), "{refused}");
+    // The capture runs alone: the steps wait for the table's columns.
+    let waiting = wait_condition(
+        &pipelines,
+        &operator,
+        "Ready",
+        "False",
+        "AwaitingSourceTable",
+    )
+    .await;
+    assert!(waiting.contains("has no primary key"), "{waiting}");
+    let deployments: Api<Deployment> = ns.api();
+    let names: Vec<String> = deployments
+        .list(&Default::default())
+        .await
+        .expect("Deployments")
+        .items
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    assert_eq!(names, vec![format!("{NAME}-capture")]);
 
     // The key added, the same capture starts; the table is in the status.
     db.batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)"))
@@ -199,9 +227,27 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
         changed.contains("column discount numeric(5,2) added"),
         "{changed}"
     );
-    let pipeline = pipelines.get(NAME).await.expect("the pipeline");
+    assert!(changed.contains("rolls out as an upgrade"), "{changed}");
+    let upgraded = keystone_e2e::wait_for(
+        &pipelines,
+        NAME,
+        Duration::from_secs(150),
+        "the new column rolled out as an upgrade",
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.upgrade.as_ref())
+                .is_some_and(|u| {
+                    // Deployed; it becomes Stable after the health window.
+                    matches!(u.phase, UpgradePhase::Observing | UpgradePhase::Stable)
+                        && u.reasons.iter().any(|r| r == "the source schema changed")
+                })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     assert_eq!(
-        condition(&pipeline, "ContractsValid").map(|c| c.0),
+        condition(&upgraded, "ContractsValid").map(|c| c.0),
         Some("True".to_owned())
     );
 
@@ -227,7 +273,6 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     let pipeline = pipelines.get(NAME).await.expect("the pipeline");
     let contracts = condition(&pipeline, "ContractsValid").expect("ContractsValid");
     assert_eq!(contracts.0, "False", "{contracts:?}");
-    let deployments: Api<Deployment> = ns.api();
     let capture = deployments
         .get(&format!("{NAME}-capture"))
         .await

@@ -154,9 +154,9 @@ pub fn conditions(
 }
 
 /// The `SourceTable` condition: why the capture refuses to stream, the
-/// declared schema's disagreements with the table (`table_errors`: the
-/// contract errors only the table's columns cause), or that it holds, and
-/// what changed in the table since `previous`. `None` until the capture
+/// spec's disagreements with the table (`table_errors`: the contract errors
+/// only the table's columns cause), or that it holds, and what changed in
+/// the table since `previous`. `None` until the capture
 /// first describes the table or refuses it.
 fn table_condition(
     status: &CaptureStatus,
@@ -187,7 +187,7 @@ fn table_condition(
             false,
             "SchemaMismatch",
             format!(
-                "{changed}the declared source schema does not hold for {}: {}; the running version (if any) goes on until the spec agrees with the table",
+                "{changed}the spec does not check against {}: {}; the running version (if any) goes on until the spec agrees with the table",
                 table.name,
                 table_errors.join("; ")
             ),
@@ -199,7 +199,7 @@ fn table_condition(
             true,
             "ColumnsChanged",
             format!(
-                "{changed}the declared source schema still holds, so the plan is unchanged and the running version goes on"
+                "{changed}the steps still check against it; the source schema follows the table, so the change rolls out as an upgrade (see status.upgrade)"
             ),
         ));
     }
@@ -215,7 +215,7 @@ fn table_condition(
         true,
         "Compatible",
         format!(
-            "{} ({} columns, primary key [{}]) holds the declared source schema",
+            "the steps check against {} ({} columns, primary key [{}])",
             table.name,
             table.columns.len(),
             table.primary_key().join(", ")

@@ -9,8 +9,8 @@ pub const READY: &str = "Ready";
 pub const CONTRACTS_VALID: &str = "ContractsValid";
 pub const TOPICS_READY: &str = "TopicsReady";
 pub const RUNTIME_READY: &str = "RuntimeReady";
-/// A `postgres` source's table: described by the capture, and agreeing with
-/// the declared source schema (or why the capture refuses it).
+/// A `postgres` source's table: described by the capture, and the steps
+/// checking against its columns (or why the capture refuses it).
 pub const SOURCE_TABLE: &str = "SourceTable";
 /// A `postgres` source's replication slot: the WAL it holds back, against
 /// `maxRetainedWalBytes`.
@@ -206,6 +206,8 @@ fn event_reason(type_: &str, ok: bool, reason: &str) -> &'static str {
         (WAL_RETENTION, true) => "WalWithinLimit",
         (WAL_RETENTION, false) => "WalRetained",
         (CONTRACTS_VALID, true) => "ContractsValid",
+        // Not checked yet: the steps wait for the captured table's columns.
+        (CONTRACTS_VALID, false) if reason == "AwaitingSourceTable" => "AwaitingSourceTable",
         (CONTRACTS_VALID, false) => "ContractsInvalid",
         (TOPICS_READY, true) => "TopicsReady",
         (TOPICS_READY, false) => "TopicsNotReady",
@@ -241,7 +243,7 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
             let warning = !ok
                 && !matches!(
                     n.reason.as_str(),
-                    "Provisioning" | "InstancesNotReady" | "RollingOut"
+                    "Provisioning" | "InstancesNotReady" | "RollingOut" | "AwaitingSourceTable"
                 );
             out.push(Transition {
                 warning,
@@ -390,6 +392,18 @@ mod tests {
         assert_eq!(events[0].reason, "ContractsInvalid");
         assert_eq!(events[1].reason, "NotReady");
         assert!(transitions(&new, &new).is_empty());
+
+        // A capture's table not described yet is a normal start.
+        let mut waiting = Vec::new();
+        set_condition(
+            &mut waiting,
+            &Cond::new(CONTRACTS_VALID, false, "AwaitingSourceTable", "m"),
+            Some(1),
+            t(1),
+        );
+        let events = transitions(&[], &waiting);
+        assert!(!events[0].warning);
+        assert_eq!(events[0].reason, "AwaitingSourceTable");
     }
 
     #[test]

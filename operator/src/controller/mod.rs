@@ -6,6 +6,7 @@
 //! controller waits for a change), record status, act (topics, then the plan
 //! ConfigMap and per-stage workloads), and record status again.
 
+mod capture_first;
 mod cycles;
 mod processor;
 mod provision;
@@ -250,7 +251,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     let default_cluster = ctx.config.resolve_cluster(None);
     let cycles = cycles::cycle_errors(pipeline, &known, default_cluster.as_deref());
     // A capture describes its table (or says why it refuses it): read before
-    // the check, which holds the declared source schema against the table.
+    // the check, which takes the source schema's columns from the table.
     let postgres = pipeline.spec.source.postgres.as_ref();
     let previous_table = match postgres {
         Some(_) => {
@@ -281,6 +282,14 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         for condition in conditions {
             observed.set(&condition);
         }
+    }
+    // Never deployed, and the table not described yet: the capture runs
+    // alone until it is, then the steps are checked against its columns.
+    if cycles.is_empty()
+        && capture_first::wanted(pipeline, &observed.status)
+        && let Some(action) = capture_first::run(pipeline, ctx, &mut observed).await?
+    {
+        return Ok(action);
     }
     let compiled = match (checked, cycles.is_empty()) {
         (Ok(plan), true) => Ok(plan),
