@@ -303,13 +303,7 @@ pub async fn resume(ctx: &Context, plan: &Plan) -> Result<(), CheckpointFailure>
     let mut targets = Vec::new();
     for pod in pods.items {
         // The capture (spec.source.postgres) takes no checkpoints: it never stops.
-        let capture = pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_STAGE))
-            .is_some_and(|stage| stage == crate::resources::CAPTURE_COMPONENT);
-        if pod.metadata.deletion_timestamp.is_some() || capture {
+        if pod.metadata.deletion_timestamp.is_some() || crate::resources::is_capture_pod(&pod) {
             continue;
         }
         if let Some(base) = base_url(&pod) {

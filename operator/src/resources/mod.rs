@@ -77,6 +77,16 @@ pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Whether the pod is a pipeline's capture (`spec.source.postgres`), which
+/// holds no stage state and takes no checkpoints.
+pub fn is_capture_pod(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_STAGE))
+        .is_some_and(|stage| stage == CAPTURE_COMPONENT)
+}
+
 pub fn pipeline_labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (

@@ -22,12 +22,13 @@ pub(super) async fn pipeline_pods(ctx: &Context, plan: &Plan) -> Result<Vec<Pod>
         .items)
 }
 
-/// Whether any instance of `plan` is ready (there is something to checkpoint).
+/// Whether any instance of `plan`'s stages is ready (there is something to
+/// checkpoint; a capture takes no checkpoints).
 pub(super) async fn instances_ready(ctx: &Context, plan: &Plan) -> Result<bool, Error> {
     Ok(pipeline_pods(ctx, plan)
         .await?
         .iter()
-        .any(resources::pod_ready))
+        .any(|pod| resources::pod_ready(pod) && !resources::is_capture_pod(pod)))
 }
 /// What the health gate reads of the instances of `plan_hash`.
 pub(super) async fn sample_health(

@@ -128,8 +128,14 @@ pub(super) async fn settle(
     let recorded = ctx.state_owners.read().await?.entries.get(&key).cloned();
     if recorded.as_deref() != Some(uid.as_str()) {
         // Pods of a deleted incarnation may still be finishing; they could
-        // commit after whatever is decided here.
-        let previous = pipeline_pods(ctx, plan).await?.len();
+        // commit after whatever is decided here. A capture holds no stage
+        // state (and this incarnation's may already run: it describes the
+        // table before the first deployment).
+        let previous = pipeline_pods(ctx, plan)
+            .await?
+            .iter()
+            .filter(|pod| !crate::resources::is_capture_pod(pod))
+            .count();
         if previous > 0 {
             observed.set(&Cond::new(
                 STATE_ORIGIN,
