@@ -29,7 +29,7 @@ const ENVELOPE_FIELDS: [(&str, &[FieldType]); 6] = [
 
 impl<'a> Checker<'a> {
     /// The table the capture described, if it is one the spec captures.
-    fn captured_table(&self) -> Option<&'a SourceTable> {
+    pub(super) fn captured_table(&self) -> Option<&'a SourceTable> {
         let postgres = self.pipeline.spec.source.postgres.as_ref()?;
         self.source_table
             .filter(|t| postgres.tables.iter().any(|n| qualified_table(n) == t.name))

@@ -28,14 +28,22 @@ impl Checker<'_> {
             removed_by: BTreeMap::new(),
         };
         self.check_capture(&stream.schema);
+        // Without the database a capture's columns are unknown: the operator
+        // adds them from the table, an offline check needs them declared.
+        let columns_unknown = source.postgres.is_some() && self.captured_table().is_none();
         for (i, key_field) in source_key.iter().enumerate() {
             if stream.schema.get(key_field).is_none() {
+                let hint = if columns_unknown {
+                    "; the operator adds the table's columns once the capture has described it, so declare the key to check without the database"
+                } else {
+                    ""
+                };
                 self.error(
                     ErrorKind::MissingField,
                     format!("spec.source.key[{i}]"),
                     None,
                     format!(
-                        "key field {key_field:?} is not in the source schema ({})",
+                        "key field {key_field:?} is not in the source schema ({}){hint}",
                         stream.schema.describe()
                     ),
                 );
