@@ -116,6 +116,12 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     )
     .await;
     assert!(waiting.contains("has no primary key"), "{waiting}");
+    let pipeline = pipelines.get(NAME).await.expect("the pipeline");
+    assert_eq!(
+        condition(&pipeline, "ContractsValid").map(|c| (c.0, c.1)),
+        Some(("Unknown".to_owned(), "AwaitingSourceTable".to_owned())),
+        "not checked yet, not invalid"
+    );
     let deployments: Api<Deployment> = ns.api();
     let names: Vec<String> = deployments
         .list(&Default::default())

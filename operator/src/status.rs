@@ -21,6 +21,8 @@ pub const WAL_RETENTION: &str = "WalRetention";
 pub struct Cond {
     pub type_: &'static str,
     pub ok: bool,
+    /// Not decided yet (status `Unknown`); `ok` is false.
+    pub unknown: bool,
     pub reason: String,
     pub message: String,
 }
@@ -35,8 +37,22 @@ impl Cond {
         Self {
             type_,
             ok,
+            unknown: false,
             reason: reason.into(),
             message: message.into(),
+        }
+    }
+
+    /// A condition that cannot be decided yet, such as the contracts of a
+    /// capture pipeline before its table is described.
+    pub fn unknown(
+        type_: &'static str,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            unknown: true,
+            ..Self::new(type_, false, reason, message)
         }
     }
 }
@@ -49,7 +65,11 @@ pub fn set_condition(
     generation: Option<i64>,
     now: Timestamp,
 ) {
-    let status = if cond.ok { "True" } else { "False" };
+    let status = match (cond.ok, cond.unknown) {
+        (_, true) => "Unknown",
+        (true, false) => "True",
+        (false, false) => "False",
+    };
     // Kubernetes limits condition messages to 32 KiB; keep them readable.
     let message: String = cond.message.chars().take(4000).collect();
     match conditions.iter_mut().find(|c| c.type_ == cond.type_) {
@@ -206,7 +226,7 @@ fn event_reason(type_: &str, ok: bool, reason: &str) -> &'static str {
         (WAL_RETENTION, true) => "WalWithinLimit",
         (WAL_RETENTION, false) => "WalRetained",
         (CONTRACTS_VALID, true) => "ContractsValid",
-        // Not checked yet: the steps wait for the captured table's columns.
+        // Not checked yet (Unknown): the steps wait for the captured table's columns.
         (CONTRACTS_VALID, false) if reason == "AwaitingSourceTable" => "AwaitingSourceTable",
         (CONTRACTS_VALID, false) => "ContractsInvalid",
         (TOPICS_READY, true) => "TopicsReady",
@@ -397,10 +417,11 @@ mod tests {
         let mut waiting = Vec::new();
         set_condition(
             &mut waiting,
-            &Cond::new(CONTRACTS_VALID, false, "AwaitingSourceTable", "m"),
+            &Cond::unknown(CONTRACTS_VALID, "AwaitingSourceTable", "m"),
             Some(1),
             t(1),
         );
+        assert_eq!(waiting[0].status, "Unknown");
         let events = transitions(&[], &waiting);
         assert!(!events[0].warning);
         assert_eq!(events[0].reason, "AwaitingSourceTable");

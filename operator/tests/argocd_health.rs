@@ -83,6 +83,18 @@ fn invalid_contracts_are_degraded_with_the_checker_message() {
 }
 
 #[test]
+fn a_capture_waiting_for_its_table_is_progressing() {
+    let status = json!({"observedGeneration": 1, "phase": "Provisioning", "conditions": [
+        cond("ContractsValid", "Unknown", "AwaitingSourceTable", "the steps are checked against the columns of public.orders once the capture has described it"),
+        cond("Ready", "False", "AwaitingSourceTable", "waiting for its description"),
+    ]});
+    assert_eq!(
+        health(PIPELINE, &pipeline(1, Some(status))).0,
+        "Progressing"
+    );
+}
+
+#[test]
 fn degraded_phase_is_degraded_and_provisioning_is_progressing() {
     let degraded = json!({"observedGeneration": 1, "phase": "Degraded", "conditions": [
         cond("ContractsValid", "True", "ContractsValid", ""),

@@ -3,7 +3,8 @@
 //! against its columns (`compile_with_source`) before any stage runs. The
 //! stages would otherwise start on a plan without the columns and be
 //! upgraded a minute later, or never start at all when the steps use columns
-//! nobody declared.
+//! nobody declared. Until then `ContractsValid` is Unknown (not checked yet,
+//! so Argo CD's health check says Progressing, not Degraded).
 
 use super::*;
 use keystone_crds::compile_capture;
@@ -69,7 +70,7 @@ pub(super) async fn run(
     let waiting = format!(
         "the steps are checked against the columns of {tables} once the capture has described it; the capture runs first"
     );
-    let contracts = Cond::new(CONTRACTS_VALID, false, "AwaitingSourceTable", &waiting);
+    let contracts = Cond::unknown(CONTRACTS_VALID, "AwaitingSourceTable", &waiting);
     observed.set(&contracts);
     let has_principal = crate::acls::acl_cluster(ctx, plan.source.cluster.as_deref()).is_some();
     sync_finalizer(pipeline, &observed.api, has_principal).await?;

@@ -618,8 +618,9 @@ fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
-        .map(|c| {
-            Cond::new(
+        .map(|c| Cond {
+            unknown: c.status == "Unknown",
+            ..Cond::new(
                 type_,
                 c.status == "True",
                 c.reason.clone(),
