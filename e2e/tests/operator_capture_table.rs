@@ -30,19 +30,9 @@ use serde_json::json;
 
 const NAME: &str = "orders-from-postgres";
 
-fn condition(pipeline: &Pipeline, type_: &str) -> Option<(String, String, String)> {
-    pipeline
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 /// Waits until the pipeline's condition `type_` has `status` and `reason`;
 /// returns its message.
-async fn wait_condition(
+async fn wait_reason(
     api: &Api<Pipeline>,
     operator: &OperatorProcess,
     type_: &str,
@@ -54,11 +44,11 @@ async fn wait_condition(
         NAME,
         Duration::from_secs(150),
         &format!("condition {type_}={status} ({reason})"),
-        |p| condition(p, type_).is_some_and(|(s, r, _)| s == status && r == reason),
+        |p| condition(p, type_).is_some_and(|c| c.status == status && c.reason == reason),
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
-    condition(&pipeline, type_).unwrap().2
+    condition(&pipeline, type_).unwrap().message.clone()
 }
 
 #[tokio::test]
@@ -96,7 +86,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     let pipelines: Api<Pipeline> = ns.api();
 
     // Refused, with the reason, while the capture waits for the key.
-    let refused = wait_condition(
+    let refused = wait_reason(
         &pipelines,
         &operator,
         "SourceTable",
@@ -107,7 +97,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     assert!(refused.contains("has no primary key"), "{refused}");
     assert!(refused.contains(&format!("orders_{suffix}")), "{refused}");
     // The capture runs alone: the steps wait for the table's columns.
-    let waiting = wait_condition(
+    let waiting = wait_reason(
         &pipelines,
         &operator,
         "Ready",
@@ -118,7 +108,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     assert!(waiting.contains("has no primary key"), "{waiting}");
     let pipeline = pipelines.get(NAME).await.expect("the pipeline");
     assert_eq!(
-        condition(&pipeline, "ContractsValid").map(|c| (c.0, c.1)),
+        condition(&pipeline, "ContractsValid").map(|c| (c.status.clone(), c.reason.clone())),
         Some(("Unknown".to_owned(), "AwaitingSourceTable".to_owned())),
         "not checked yet, not invalid"
     );
@@ -137,8 +127,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     db.batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)"))
         .await
         .expect("add the primary key");
-    let compatible =
-        wait_condition(&pipelines, &operator, "SourceTable", "True", "Compatible").await;
+    let compatible = wait_reason(&pipelines, &operator, "SourceTable", "True", "Compatible").await;
     assert!(
         compatible.contains("3 columns, primary key [id]"),
         "{compatible}"
@@ -194,7 +183,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
         .patch(NAME, &PatchParams::default(), &Patch::Merge(&limit))
         .await
         .expect("patch the WAL limit");
-    let retained = wait_condition(
+    let retained = wait_reason(
         &pipelines,
         &operator,
         "WalRetention",
@@ -212,7 +201,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
         .patch(NAME, &PatchParams::default(), &Patch::Merge(&limit))
         .await
         .expect("patch the WAL limit back");
-    wait_condition(&pipelines, &operator, "WalRetention", "True", "WithinLimit").await;
+    wait_reason(&pipelines, &operator, "WalRetention", "True", "WithinLimit").await;
 
     // A column added: a change the declared schema survives. The writer's
     // next update sends the new columns through the log.
@@ -221,7 +210,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     ))
     .await
     .expect("add a column");
-    let changed = wait_condition(
+    let changed = wait_reason(
         &pipelines,
         &operator,
         "SourceTable",
@@ -253,8 +242,8 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     .await
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     assert_eq!(
-        condition(&upgraded, "ContractsValid").map(|c| c.0),
-        Some("True".to_owned())
+        condition(&upgraded, "ContractsValid").map(|c| c.status.as_str()),
+        Some("True")
     );
 
     // A column the declared schema uses, dropped: refused, and the running
@@ -262,7 +251,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     db.batch_execute(&format!("ALTER TABLE {table} DROP COLUMN status"))
         .await
         .expect("drop a column");
-    let mismatch = wait_condition(
+    let mismatch = wait_reason(
         &pipelines,
         &operator,
         "SourceTable",
@@ -278,7 +267,7 @@ async fn the_operator_follows_the_captured_tables_columns_key_and_wal() {
     );
     let pipeline = pipelines.get(NAME).await.expect("the pipeline");
     let contracts = condition(&pipeline, "ContractsValid").expect("ContractsValid");
-    assert_eq!(contracts.0, "False", "{contracts:?}");
+    assert_eq!(contracts.status, "False", "{contracts:?}");
     let capture = deployments
         .get(&format!("{NAME}-capture"))
         .await

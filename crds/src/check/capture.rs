@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::{Checker, ErrorKind};
-use crate::pipeline::capture::{CaptureConfig, Envelope, SourceTable, qualified_table};
+use crate::pipeline::capture::{CaptureConfig, Envelope, SourceTable};
 use crate::plan::{PLAN_VERSION, Partitions, Plan, PlanSource, PlanTopic, TopicRole};
 use crate::schema::{FieldSpec, FieldType, Schema, SchemaSpec};
 
@@ -31,8 +31,7 @@ impl<'a> Checker<'a> {
     /// The table the capture described, if it is one the spec captures.
     pub(super) fn captured_table(&self) -> Option<&'a SourceTable> {
         let postgres = self.pipeline.spec.source.postgres.as_ref()?;
-        self.source_table
-            .filter(|t| postgres.tables.iter().any(|n| qualified_table(n) == t.name))
+        self.source_table.filter(|t| postgres.captures(t))
     }
 
     /// The schema of the source's events: the declared fields, and for a

@@ -326,6 +326,11 @@ pub fn qualified_table(table: &str) -> String {
 }
 
 impl PostgresSourceSpec {
+    /// Whether `table` (as a capture describes it) is one this spec captures.
+    pub fn captures(&self, table: &SourceTable) -> bool {
+        self.tables.iter().any(|n| qualified_table(n) == table.name)
+    }
+
     /// The publication's name: given, or derived from the pipeline's.
     pub fn publication_name(&self, namespace: &str, pipeline: &str) -> String {
         self.publication

@@ -8,7 +8,6 @@
 
 use super::*;
 use keystone_crds::compile_capture;
-use keystone_crds::pipeline::capture::SourceTable;
 
 use crate::status::READY;
 
@@ -22,18 +21,8 @@ pub(super) fn wanted(pipeline: &Pipeline, status: &PipelineStatus) -> bool {
         .capture
         .as_ref()
         .and_then(|c| c.table.as_ref())
-        .is_some_and(|table| captures(postgres, table));
+        .is_some_and(|table| postgres.captures(table));
     status.plan_hash.is_none() && !described && pipeline.spec.state != PipelineState::Suspended
-}
-
-fn captures(
-    postgres: &keystone_crds::pipeline::capture::PostgresSourceSpec,
-    table: &SourceTable,
-) -> bool {
-    postgres
-        .tables
-        .iter()
-        .any(|name| keystone_crds::pipeline::capture::qualified_table(name) == table.name)
 }
 
 /// Provisions the capture's topic and runs the capture alone. `None` when
@@ -119,6 +108,7 @@ pub(super) async fn run(
 mod tests {
     use super::*;
     use keystone_crds::pipeline::CaptureStatus;
+    use keystone_crds::pipeline::capture::SourceTable;
 
     fn pipeline() -> Pipeline {
         let text = r#"

@@ -259,17 +259,20 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         }
         None => None,
     };
-    let source_table = postgres
-        .and(observed.status.capture.as_ref())
-        .and_then(|c| c.table.clone());
+    // Only a table the spec captures counts (the spec may have moved on).
+    let source_table = postgres.and_then(|postgres| {
+        let table = observed.status.capture.as_ref()?.table.as_ref()?;
+        postgres.captures(table).then(|| table.clone())
+    });
     let checked = compile_with_source(pipeline, &processors, source_table.as_ref());
     if let Some(postgres) = postgres {
+        // Without a table both checks are the same: no error is the table's.
         let table_errors = match &checked {
-            Err(with_table) => crate::capture::table_errors(
+            Err(with_table) if source_table.is_some() => crate::capture::table_errors(
                 with_table,
                 compile(pipeline, &processors).err().as_ref(),
             ),
-            Ok(_) => Vec::new(),
+            _ => Vec::new(),
         };
         let current = find_cond(&observed.status, SOURCE_TABLE);
         let conditions = crate::capture::conditions(
