@@ -116,6 +116,8 @@ pub struct OrderSpec {
     /// The most events buffered per key; past it the lowest sequence is released.
     #[serde(default = "default_max_buffered")]
     #[schemars(range(min = 1, max = 1_000_000))]
+    // Kubernetes knows no "uint32" format (kubectl warns on apply).
+    #[schemars(extend("format" = "int64"))]
     pub max_buffered: u32,
     /// Whether sequences are contiguous (each change is the previous plus one). When
     /// true, an event is released as soon as its predecessor was; otherwise events wait

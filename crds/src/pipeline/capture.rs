@@ -143,6 +143,8 @@ pub struct SnapshotSpec {
     /// until the log reaches the second.
     #[serde(default = "default_chunk_size")]
     #[schemars(range(min = 1, max = 1000000))]
+    // Kubernetes knows no "uint32" format (kubectl warns on apply).
+    #[schemars(extend("format" = "int64"))]
     pub chunk_size: u32,
 }
 
