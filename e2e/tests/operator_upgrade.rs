@@ -898,13 +898,35 @@ async fn kill_operator_when(
         .as_ref()
         .and_then(upgrade_phase);
     eprintln!("operator SIGKILLed {delay:?} after the kill point, in upgrade phase {phase:?}");
-    let successor = OperatorProcess::start(
+    (start_successor(flow), phase)
+}
+
+/// A second operator for the flow's namespace, after the first was killed.
+fn start_successor(flow: &Flow) -> OperatorProcess {
+    OperatorProcess::start(
         &flow.tb,
         flow.ns.name(),
         &format!("{}-op", flow.ns.name()),
         "successor",
-    );
-    (successor, phase)
+    )
+}
+
+/// The plan hash each stage Deployment's pod template names.
+async fn deployed_plans(flow: &Flow) -> Vec<Option<String>> {
+    let deployments: Api<Deployment> = flow.ns.api();
+    let list = deployments
+        .list(&ListParams::default())
+        .await
+        .expect("deployments");
+    list.items
+        .into_iter()
+        .map(|d| {
+            d.spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+                .and_then(|mut a| a.remove("keystone.dev/plan-hash"))
+        })
+        .collect()
 }
 
 /// Waits (with the successor's log on failure) until `check` holds.
@@ -922,6 +944,19 @@ async fn wait_with(
                 tail(&operator.log_text(), 60)
             )
         })
+}
+
+/// Waits until `successor` completed the upgrade, then asserts that every
+/// Deployment runs the new plan and the sink holds each event once, in order
+/// per user; returns what the sink holds.
+async fn completed_by(
+    flow: &Flow,
+    successor: &OperatorProcess,
+    producer: Producing,
+) -> Vec<(String, u64, serde_json::Value)> {
+    let stable = wait_with(flow, successor, "the upgrade completed", upgraded_to_stable).await;
+    assert_one_plan_everywhere(flow, &stable).await;
+    flow.finish(producer, true).await
 }
 
 /// Every stage Deployment runs the plan the status names: nothing is left
@@ -966,20 +1001,43 @@ async fn upgrade_survives_an_operator_kill(
 ) {
     let (flow, producer) = start_upgrade(test).await;
     let (successor, phase) = kill_operator_when(&flow, at, jitter, seed).await;
-    let stable = wait_with(
-        &flow,
-        &successor,
-        "the upgrade completed",
-        upgraded_to_stable,
-    )
-    .await;
-    assert_one_plan_everywhere(&flow, &stable).await;
-    let seen = flow.finish(producer, true).await;
-    // finish() asserted each event once and in order per user.
+    let seen = completed_by(&flow, &successor, producer).await;
     eprintln!(
         "| operator SIGKILLed ({test}, upgrade phase {phase:?}) | 100 events/s | 2 | {} | 0 | 0 | 0 | |",
         seen.len()
     );
+}
+
+#[tokio::test]
+async fn the_operator_killed_as_it_deploys_an_upgrade_leaves_the_status_naming_the_new_plan() {
+    // The kill lands the moment a Deployment names the new plan. The status
+    // must name it already (the plan is recorded before it is applied):
+    // naming the old one, the successor would retake the old plan's
+    // checkpoint of pods that run the new one, and fail forever.
+    let (flow, producer) = start_upgrade("kill-apply").await;
+    let status = |p: Pipeline| p.status.unwrap_or_default();
+    let old = status(flow.api().get(flow.name).await.expect("get"))
+        .stable_plan_hash
+        .expect("a stable plan before the upgrade");
+    let deadline = tokio::time::Instant::now() + LONG;
+    while deployed_plans(&flow)
+        .await
+        .iter()
+        .all(|plan| plan.as_deref() == Some(old.as_str()))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Deployment took the new plan within {LONG:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    flow.operator.sigkill();
+    let recorded = status(flow.api().get(flow.name).await.expect("get")).plan_hash;
+    assert!(
+        recorded.is_some() && recorded.as_deref() != Some(old.as_str()),
+        "a Deployment runs the new plan while the status names {recorded:?} (the old plan is {old})"
+    );
+    completed_by(&flow, &start_successor(&flow), producer).await;
 }
 
 #[tokio::test]

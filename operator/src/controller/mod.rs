@@ -486,7 +486,25 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 find_cond(&observed.status, RUNTIME_READY)
             }
             Prepared::Deploy(target) => {
-                deployed = Some((target.plan.hash(), target.replicas));
+                let hash = target.plan.hash();
+                deployed = Some((hash.clone(), target.replicas));
+                // Write-ahead: a plan replacing the one recorded is recorded
+                // (with the checkpoint it starts from) before any workload runs
+                // it, so that an operator stopped in between is succeeded by
+                // one that knows which plan the pods run.
+                let replaces = observed
+                    .old
+                    .as_ref()
+                    .and_then(|old| old.plan_hash.as_deref())
+                    .is_some_and(|old| old != hash);
+                observed.status.plan_hash = Some(hash);
+                if replaces {
+                    let generation = pipeline.metadata.generation.unwrap_or_default();
+                    if let Some(upgrading) = upgrade::phase_override(&observed.status, generation) {
+                        observed.status.phase = Some(upgrading);
+                    }
+                    observed.record(pipeline, ctx).await?;
+                }
                 // The pipeline's own principal and ACLs, before pods use them.
                 crate::acls::reconcile_pipeline(ctx, pipeline, &target.plan).await?;
                 let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
@@ -506,7 +524,6 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 observed.set(&runtime);
                 observed.status.ready_stages = Some(ready_stages(&workloads.stages));
                 observed.status.stages = workloads.stages.clone();
-                observed.status.plan_hash = Some(target.plan.hash());
                 again = upgrade::observe(pipeline, ctx, &target, &workloads, &mut observed).await?;
                 if workloads.rolled_out
                     && observed.status.upgrade.as_ref().is_none_or(|u| {
