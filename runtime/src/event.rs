@@ -97,6 +97,12 @@ pub fn parse_value(bytes: &[u8]) -> Result<Value, String> {
     document::parse_document(bytes, MAX_DEPTH)
 }
 
+/// As [`parse_value`], with nesting within `max_depth` (a batch of events one
+/// level above them).
+pub fn parse_nested(bytes: &[u8], max_depth: usize) -> Result<Value, String> {
+    document::parse_document(bytes, max_depth)
+}
+
 /// Parses back a document the runtime wrote or checked before (a stored row, a
 /// waiting event in a changelog), keeping numbers as they were.
 pub(crate) fn reparse(bytes: &[u8]) -> Option<Value> {

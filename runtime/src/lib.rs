@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod expr;
 pub mod host;
+pub mod ingest;
 pub mod kafka;
 pub mod local;
 pub mod operator;

@@ -14,6 +14,15 @@ struct Field {
     optional: bool,
 }
 
+/// The first declared field an event fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The field's dotted name as declared (`meta.seq`).
+    pub field: String,
+    /// Says what is wrong, naming the field and whose requirement it is.
+    pub message: String,
+}
+
 /// A list of fields an event must carry, with their types.
 pub struct Validator {
     fields: Vec<Field>,
@@ -152,6 +161,11 @@ impl Validator {
 
     /// `Err(reason)` for the first field that is missing or of the wrong type.
     pub fn check(&self, event: &Value) -> Result<(), String> {
+        self.violation(event).map_err(|v| v.message)
+    }
+
+    /// As [`Validator::check`], naming the field apart from the message.
+    pub fn violation(&self, event: &Value) -> Result<(), Violation> {
         if self.fields.is_empty() {
             return Ok(());
         }
@@ -195,15 +209,19 @@ impl Validator {
         }
     }
 
-    fn check_found<'v>(&self, found: impl Fn(usize) -> Option<&'v Value>) -> Result<(), String> {
+    fn check_found<'v>(&self, found: impl Fn(usize) -> Option<&'v Value>) -> Result<(), Violation> {
         for (index, field) in self.fields.iter().enumerate() {
+            let violation = |message: String| Violation {
+                field: field.path.dotted.clone(),
+                message,
+            };
             match found(index) {
                 None if field.optional => {}
                 None => {
-                    return Err(format!(
+                    return Err(violation(format!(
                         "missing field {:?} ({}) required by {}",
                         field.path.dotted, field.field_type, self.owner
-                    ));
+                    )));
                 }
                 Some(v)
                     if v.is_null() && (field.optional || field.field_type == FieldType::Any) => {}
@@ -213,10 +231,10 @@ impl Validator {
                     } else {
                         type_name(v)
                     };
-                    return Err(format!(
+                    return Err(violation(format!(
                         "field {:?} is {found}, but {} requires {}",
                         field.path.dotted, self.owner, field.field_type
-                    ));
+                    )));
                 }
                 Some(_) => {}
             }
@@ -286,7 +304,9 @@ mod tests {
         let validator = Validator::for_source(&schema);
         let per_field = |text: &str| {
             let value: Value = sonic_rs::from_str(text).unwrap();
-            validator.check_found(|i| validator.fields[i].path.get(&value))
+            validator
+                .check_found(|i| validator.fields[i].path.get(&value))
+                .map_err(|v| v.message)
         };
         for text in [
             r#"{"a":1,"d":{"x":"s"},"long_member_name":null}"#,
