@@ -5,7 +5,7 @@ use std::io::Write;
 
 use keystone_crds::schema::SchemaSpec;
 use keystone_runtime::ingest::body::{
-    Checked, Contract, Encoding, Framing, Limits, Refusal, decode, records,
+    Checked, Contract, Encoding, Framing, Limits, Refusal, Stamp, decode, records,
 };
 use keystone_runtime::schema::Validator;
 
@@ -28,7 +28,7 @@ fn contract() -> Contract {
 }
 
 fn check(body: &str, framing: Framing) -> Result<Vec<Checked>, Refusal> {
-    records(body.as_bytes(), framing, LIMITS, &contract())
+    records(body.as_bytes(), framing, LIMITS, &contract(), None)
 }
 
 /// Each record's outcome: `Ok(raw JSON)` or `Err((field, reason))`.
@@ -264,7 +264,7 @@ fn odd_bodies_are_refused_without_a_panic() {
     bytes.extend_from_slice(&[0xff, 0xfe]);
     bytes.extend_from_slice(br#"","amount":1}"#);
     for framing in [Framing::Json, Framing::Ndjson] {
-        let got = records(&bytes, framing, LIMITS, &contract()).unwrap();
+        let got = records(&bytes, framing, LIMITS, &contract(), None).unwrap();
         assert!(
             matches!(&got[..], [Err(e)] if e.field.is_none()),
             "{framing:?}"
@@ -272,7 +272,7 @@ fn odd_bodies_are_refused_without_a_panic() {
     }
     let array = [b"[".as_slice(), &bytes, b"]"].concat();
     assert_eq!(
-        records(&array, Framing::Json, LIMITS, &contract())
+        records(&array, Framing::Json, LIMITS, &contract(), None)
             .unwrap_err()
             .status,
         400
@@ -309,5 +309,39 @@ fn odd_bodies_are_refused_without_a_panic() {
     assert!(
         matches!(&got[0], Err((Some(f), _)) if f == "amount"),
         "{got:?}"
+    );
+}
+
+#[test]
+fn an_idempotency_key_is_stamped_on_each_record_before_the_check() {
+    // The stamped field may be declared (here required), and overrides a
+    // value the sender put there.
+    let schema: SchemaSpec = serde_json::from_str(
+        r#"{"fields": [{"name": "user", "type": "string"}, {"name": "rid", "type": "string"}]}"#,
+    )
+    .unwrap();
+    let contract = Contract::new(Validator::for_source(&schema), &["user".to_owned()]);
+    let stamp = Stamp {
+        field: "rid",
+        key: "req-7",
+    };
+    let got = records(
+        br#"[{"user":"a"},{"user":"b","rid":"mine"}]"#,
+        Framing::Json,
+        LIMITS,
+        &contract,
+        Some(stamp),
+    )
+    .unwrap();
+    let stamped: Vec<serde_json::Value> = outcomes(got)
+        .into_iter()
+        .map(|raw| serde_json::from_str(&raw.expect("accepted")).unwrap())
+        .collect();
+    assert_eq!(
+        stamped,
+        vec![
+            serde_json::json!({"user": "a", "rid": "req-7/0"}),
+            serde_json::json!({"user": "b", "rid": "req-7/1"}),
+        ]
     );
 }

@@ -9,7 +9,7 @@
 
 use std::io::Read;
 
-use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
+use sonic_rs::{JsonContainerTrait, JsonValueMutTrait, JsonValueTrait, Value};
 
 use crate::event::{
     Event, FieldPath, MAX_DEPTH, MAX_EVENT_BYTES, parse_nested, parse_value, type_name,
@@ -202,14 +202,23 @@ impl Contract {
     }
 }
 
-/// Splits a decoded body into records and checks each against `contract`.
-/// A body that is not a batch at all (malformed JSON around an array, a bare
-/// number, more records than the limit) is refused whole.
+/// The idempotency key of a request, written into each of its records as
+/// `<key>/<index>` before they are checked (the field may be declared).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    pub field: &'a str,
+    pub key: &'a str,
+}
+
+/// Splits a decoded body into records, stamps them, and checks each against
+/// `contract`. A body that is not a batch at all (malformed JSON around an
+/// array, more records than the limit) is refused whole.
 pub fn records(
     bytes: &[u8],
     framing: Framing,
     limits: Limits,
     contract: &Contract,
+    stamp: Option<Stamp<'_>>,
 ) -> Result<Vec<Checked>, Refusal> {
     let parsed = match framing {
         Framing::Json => json_records(bytes, limits.max_records)?,
@@ -219,11 +228,22 @@ pub fn records(
         .into_iter()
         .enumerate()
         .map(|(index, record)| {
-            let (value, raw) = record.map_err(|reason| RecordError {
+            let (mut value, mut raw) = record.map_err(|reason| RecordError {
                 index,
                 field: None,
                 reason,
             })?;
+            if let Some(stamp) = stamp
+                && let Some(object) = value.as_object_mut()
+            {
+                let key = format!("{}/{index}", stamp.key);
+                object.insert(stamp.field, Value::from(key.as_str()));
+                raw = sonic_rs::to_vec(&value).map_err(|e| RecordError {
+                    index,
+                    field: None,
+                    reason: e.to_string(),
+                })?;
+            }
             contract.check(index, value, raw)
         })
         .collect())

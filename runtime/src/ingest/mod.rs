@@ -1,8 +1,16 @@
 //! HTTP ingest: events from applications and devices that have no Kafka
 //! client, checked against the pipeline's source contract at the door.
 //!
-//! [`body`] turns a request's bytes into checked events or a refusal that
-//! names what is wrong; the endpoint that authenticates, limits and produces
-//! them builds on it.
+//! - [`body`]: a request's bytes to checked events, or a refusal naming what
+//!   is wrong (content type and encoding, limits, framing, the contract).
+//! - [`tokens`]: the named bearer tokens an endpoint admits.
+//! - [`endpoint`]: one request to its answer; a 2xx only once every
+//!   accepted record is delivered.
+//! - [`server`]: the HTTP server around it, with its timeouts, probes and
+//!   metrics.
 
 pub mod body;
+pub mod endpoint;
+pub mod metrics;
+pub mod server;
+pub mod tokens;

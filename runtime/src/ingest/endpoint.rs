@@ -1,0 +1,335 @@
+//! One ingest request, from its headers to the answer: who sent it, whether
+//! it is within its limits, its records checked against the contract, and a
+//! 2xx only once every accepted record is delivered (acknowledged by the
+//! broker, or handed to a local pipeline).
+//!
+//! The answer is always JSON: `{"accepted": n}` on success; with refused
+//! records `{"error", "accepted", "refused", "errors": [{index, field,
+//! reason}]}`; for a refusal of the whole request `{"error": reason}`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde_json::json;
+
+use super::body::{self, Contract, Encoding, Framing, Limits, RecordError, Refusal, Stamp};
+use super::metrics::IngestMetrics;
+use super::tokens::{Identity, Tokens};
+use crate::Event;
+use crate::kafka::records::record_key;
+
+/// A record accepted at the edge, ready for the topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The Kafka record key, from the contract's key fields.
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    /// The name of the token that sent it (none on an open endpoint).
+    pub token: Option<String>,
+}
+
+/// Why records cannot be delivered now: not the sender's fault, so the
+/// answer is 503 with `Retry-After`, and nothing of the request is promised.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub reason: String,
+    pub retry_after: Duration,
+}
+
+/// Where accepted records go: a Kafka topic (acks=all), or a local pipeline.
+pub trait Deliver: Send + Sync + 'static {
+    /// Resolves `Ok` once every record is durable.
+    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>>;
+}
+
+/// What a batch with refused records gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Partial {
+    /// The batch is refused whole (422): nothing of it enters the topic.
+    #[default]
+    RejectAll,
+    /// The valid records are delivered; the answer lists the refused ones.
+    AcceptValid,
+}
+
+/// How retried requests are told apart from new ones.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Idempotency {
+    #[default]
+    None,
+    /// Each request carries an `Idempotency-Key` header; the endpoint writes
+    /// `<key>/<index>` into this top-level field of each record, which the
+    /// pipeline's dedup keys on.
+    Header { field: String },
+}
+
+/// A rate limit per token, in records.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub records_per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+/// The endpoint's settings and what it delivers to.
+pub struct Endpoint {
+    pub path: String,
+    pub limits: Limits,
+    pub partial: Partial,
+    pub idempotency: Idempotency,
+    contract: Contract,
+    /// `None`: an open endpoint (local mode on a laptop).
+    tokens: Option<Tokens>,
+    rate: Option<(RateLimit, DefaultKeyedRateLimiter<String>)>,
+    deliver: Arc<dyn Deliver>,
+    pub metrics: IngestMetrics,
+}
+
+/// An answer: the status, its JSON body, and a `Retry-After` in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub retry_after: Option<u64>,
+}
+
+impl Answer {
+    fn refused(refusal: Refusal) -> Self {
+        Answer {
+            status: refusal.status,
+            body: json!({ "error": refusal.reason }),
+            retry_after: None,
+        }
+    }
+}
+
+/// The parts of a request the endpoint reads.
+#[derive(Debug, Default)]
+pub struct Request<'a> {
+    pub authorization: Option<&'a [u8]>,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+    pub body: Vec<u8>,
+}
+
+impl Endpoint {
+    pub fn new(
+        path: String,
+        limits: Limits,
+        contract: Contract,
+        tokens: Option<Tokens>,
+        rate: Option<RateLimit>,
+        deliver: Arc<dyn Deliver>,
+    ) -> Self {
+        let rate = rate.map(|rate| {
+            let quota = Quota::per_second(rate.records_per_second).allow_burst(rate.burst);
+            (rate, RateLimiter::keyed(quota))
+        });
+        Endpoint {
+            path,
+            limits,
+            partial: Partial::default(),
+            idempotency: Idempotency::default(),
+            contract,
+            tokens,
+            rate,
+            deliver,
+            metrics: IngestMetrics::new(),
+        }
+    }
+
+    /// Who sent the request, or the refusal (401) of one that proves nothing.
+    pub fn identify(&self, authorization: Option<&[u8]>) -> Result<Option<String>, Answer> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(None);
+        };
+        match tokens.identify(authorization) {
+            Identity::Token(name) => Ok(Some(name)),
+            Identity::Missing => Err(Answer::refused(Refusal {
+                status: 401,
+                reason: "send a bearer token of this pipeline: Authorization: Bearer <token>"
+                    .to_owned(),
+            })),
+            Identity::Unknown => Err(Answer::refused(Refusal {
+                status: 401,
+                reason: "the bearer token is none of this pipeline's".to_owned(),
+            })),
+        }
+    }
+
+    /// Answers one request, delivering its accepted records first.
+    pub async fn handle(&self, request: Request<'_>) -> Answer {
+        let started = Instant::now();
+        let token = match self.identify(request.authorization) {
+            Ok(token) => token,
+            Err(answer) => {
+                self.metrics.refused("unauthorized", None);
+                return answer;
+            }
+        };
+        let answer = self.accept(request, token.as_deref()).await;
+        self.metrics.answered(answer.status, started.elapsed());
+        answer
+    }
+
+    async fn accept(&self, request: Request<'_>, token: Option<&str>) -> Answer {
+        let refuse = |reason: &'static str, refusal: Refusal| {
+            self.metrics.refused(reason, token);
+            Answer::refused(refusal)
+        };
+        self.metrics.received_bytes(request.body.len());
+        let framing = match Framing::from_content_type(request.content_type) {
+            Ok(framing) => framing,
+            Err(refusal) => return refuse("unsupported_media_type", refusal),
+        };
+        let encoding = match Encoding::from_header(request.content_encoding) {
+            Ok(encoding) => encoding,
+            Err(refusal) => return refuse("unsupported_media_type", refusal),
+        };
+        let stamp = match (&self.idempotency, request.idempotency_key) {
+            (Idempotency::Header { .. }, None | Some("")) => {
+                return refuse(
+                    "bad_request",
+                    Refusal {
+                        status: 400,
+                        reason: "this endpoint needs an Idempotency-Key header: a key unique to the request, sent again unchanged with each retry".to_owned(),
+                    },
+                );
+            }
+            (Idempotency::Header { field }, Some(key)) => Some(Stamp { field, key }),
+            (Idempotency::None, _) => None,
+        };
+        let decoded = match body::decode(request.body, encoding, self.limits.max_body_bytes) {
+            Ok(decoded) => decoded,
+            Err(refusal) => return refuse(reason_of(refusal.status), refusal),
+        };
+        let checked = match body::records(&decoded, framing, self.limits, &self.contract, stamp) {
+            Ok(checked) => checked,
+            Err(refusal) => return refuse(reason_of(refusal.status), refusal),
+        };
+        let total = checked.len();
+        let (mut events, mut errors) = (Vec::with_capacity(total), Vec::new());
+        for record in checked {
+            match record {
+                Ok(event) => events.push(event),
+                Err(error) => errors.push(error),
+            }
+        }
+        if !errors.is_empty() {
+            self.metrics.refused_records(token, errors.len());
+            if self.partial == Partial::RejectAll || events.is_empty() {
+                self.metrics.refused("invalid", token);
+                return Answer {
+                    status: 422,
+                    body: batch_body(0, total, &errors, "no record was accepted"),
+                    retry_after: None,
+                };
+            }
+        }
+        if let Some((rate, limiter)) = &self.rate {
+            let cost = NonZeroU32::new(u32::try_from(events.len()).unwrap_or(u32::MAX));
+            if let Some(cost) = cost {
+                let wait = match limiter.check_key_n(&token.unwrap_or_default().to_owned(), cost) {
+                    Ok(Ok(())) => None,
+                    Ok(Err(not_until)) => {
+                        Some(not_until.wait_time_from(DefaultClock::default().now()))
+                    }
+                    // More records than the burst: never admitted, whatever the wait.
+                    Err(_) => {
+                        return refuse(
+                            "rate_limited",
+                            Refusal {
+                                status: 413,
+                                reason: format!(
+                                    "the request has {} records, more than the rate limit's burst of {}: send smaller batches",
+                                    events.len(),
+                                    rate.burst
+                                ),
+                            },
+                        );
+                    }
+                };
+                if let Some(wait) = wait {
+                    self.metrics.refused("rate_limited", token);
+                    return Answer {
+                        status: 429,
+                        body: json!({ "error": format!(
+                            "past the rate limit of {} records per second for this token: retry after the Retry-After seconds",
+                            rate.records_per_second
+                        )}),
+                        retry_after: Some(wait.as_secs().max(1)),
+                    };
+                }
+            }
+        }
+        let records: Vec<Record> = events
+            .into_iter()
+            .map(|event| self.record(event, token))
+            .collect();
+        let accepted = records.len();
+        if accepted > 0
+            && let Err(unavailable) = self.deliver.deliver(records).await
+        {
+            self.metrics.refused("unavailable", token);
+            tracing::warn!(reason = %unavailable.reason, "ingest request not delivered");
+            return Answer {
+                status: 503,
+                body: json!({ "error": format!(
+                    "the records cannot be stored now ({}); nothing of this request was accepted: retry it",
+                    unavailable.reason
+                )}),
+                retry_after: Some(unavailable.retry_after.as_secs().max(1)),
+            };
+        }
+        self.metrics.accepted_records(token, accepted);
+        let body = if errors.is_empty() {
+            json!({ "accepted": accepted })
+        } else {
+            batch_body(accepted, total, &errors, "some records were refused")
+        };
+        Answer {
+            status: 200,
+            body,
+            retry_after: None,
+        }
+    }
+
+    fn record(&self, event: Event, token: Option<&str>) -> Record {
+        Record {
+            key: record_key(&event, self.contract.key()),
+            value: event.raw,
+            token: token.map(str::to_owned),
+        }
+    }
+}
+
+fn batch_body(
+    accepted: usize,
+    total: usize,
+    errors: &[RecordError],
+    summary: &str,
+) -> serde_json::Value {
+    let errors: Vec<serde_json::Value> = errors
+        .iter()
+        .map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason }))
+        .collect();
+    json!({
+        "error": format!("{summary}: {} of {total} record(s) do not meet the pipeline's source contract", errors.len()),
+        "accepted": accepted,
+        "refused": errors.len(),
+        "errors": errors,
+    })
+}
+
+/// The metrics label of a whole-request refusal.
+fn reason_of(status: u16) -> &'static str {
+    match status {
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        _ => "bad_request",
+    }
+}

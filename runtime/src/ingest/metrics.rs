@@ -1,0 +1,123 @@
+//! Prometheus metrics of an ingest endpoint, on the runtime's conventions
+//! (`keystone_<noun>_<verb>_total`). Labels are bounded: status codes, a
+//! fixed set of refusal reasons, and the endpoint's token names ("" when the
+//! sender proved no token).
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct IngestMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    records: IntCounterVec,
+    bytes: IntCounter,
+    latency: Histogram,
+    refusals: IntCounterVec,
+}
+
+impl Default for IngestMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IngestMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("unique metric");
+            counter
+        };
+        let requests = counter_vec(
+            "keystone_ingest_requests_total",
+            "Ingest requests answered, by HTTP status code",
+            &["code"],
+        );
+        let records = counter_vec(
+            "keystone_ingest_records_total",
+            "Records received, by outcome (accepted: delivered; refused: not meeting the contract)",
+            &["outcome", "token"],
+        );
+        let refusals = counter_vec(
+            "keystone_ingest_refusals_total",
+            "Requests refused, by reason and token",
+            &["reason", "token"],
+        );
+        let bytes = IntCounter::new(
+            "keystone_ingest_received_bytes_total",
+            "Request body bytes received, as sent (before decompression)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bytes.clone()))
+            .expect("unique metric");
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "keystone_ingest_request_duration_seconds",
+                "Time from a request's body read to its answer, delivery to the topic included",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        IngestMetrics {
+            registry,
+            requests,
+            records,
+            bytes,
+            latency,
+            refusals,
+        }
+    }
+
+    pub fn answered(&self, status: u16, took: Duration) {
+        self.requests
+            .with_label_values(&[status.to_string().as_str()])
+            .inc();
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// A refusal of the request; a 401 is counted here too, before any
+    /// `answered` (the sender proved no token).
+    pub fn refused(&self, reason: &str, token: Option<&str>) {
+        self.refusals
+            .with_label_values(&[reason, token.unwrap_or_default()])
+            .inc();
+        if reason == "unauthorized" {
+            self.requests.with_label_values(&["401"]).inc();
+        }
+    }
+
+    pub fn refused_records(&self, token: Option<&str>, count: usize) {
+        self.records
+            .with_label_values(&["refused", token.unwrap_or_default()])
+            .inc_by(count as u64);
+    }
+
+    pub fn accepted_records(&self, token: Option<&str>, count: usize) {
+        self.records
+            .with_label_values(&["accepted", token.unwrap_or_default()])
+            .inc_by(count as u64);
+    }
+
+    pub fn received_bytes(&self, count: usize) {
+        self.bytes.inc_by(count as u64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}

@@ -1,0 +1,228 @@
+//! The HTTP server of an ingest endpoint: `POST <path>` for events, `GET
+//! /healthz`, `/readyz` and `/metrics` beside it.
+//!
+//! Memory stays bounded whatever clients do: at most `max_in_flight`
+//! requests are read at once (each at most the body limit); past that a
+//! request is answered 503 with `Retry-After` at once, before its body is
+//! read. Slow clients are cut off: headers must arrive within
+//! `header_timeout`, the body within `body_timeout` (408).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::endpoint::{Answer, Endpoint, Request};
+
+/// How the server treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    pub max_in_flight: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    /// How long a shutdown waits for requests being answered.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_in_flight: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Serves `endpoint` on `listener` until `shutdown` resolves; then stops
+/// accepting and waits (up to the drain timeout) for the requests being
+/// answered, so that no delivered request loses its answer to a shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    settings: ServerSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(settings.max_in_flight));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => break,
+        };
+        let (endpoint, permits) = (endpoint.clone(), permits.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                answer(request, endpoint.clone(), permits.clone(), settings)
+            });
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%peer, %error, "ingest connection closed with an error");
+            }
+        });
+    }
+    let draining = permits.acquire_many(settings.max_in_flight as u32);
+    if tokio::time::timeout(settings.drain_timeout, draining)
+        .await
+        .is_err()
+    {
+        tracing::warn!("ingest requests still being answered at shutdown");
+    }
+    Ok(())
+}
+
+/// Binds `addr` and serves until `shutdown`.
+pub async fn bind_and_serve(
+    addr: SocketAddr,
+    endpoint: Arc<Endpoint>,
+    settings: ServerSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, path = %endpoint.path, "ingest endpoint listening");
+    serve(listener, endpoint, settings, shutdown).await
+}
+
+async fn answer(
+    request: hyper::Request<Incoming>,
+    endpoint: Arc<Endpoint>,
+    permits: Arc<Semaphore>,
+    settings: ServerSettings,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = request.uri().path();
+    if path != endpoint.path {
+        return Ok(match (request.method(), path) {
+            (&Method::GET, "/healthz" | "/readyz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/metrics") => Response::builder()
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(endpoint.metrics.render())))
+                .expect("a valid response"),
+            _ => json(&Answer {
+                status: 404,
+                body: serde_json::json!({
+                    "error": format!("no endpoint at {path:?}: events go to POST {}", endpoint.path)
+                }),
+                retry_after: None,
+            }),
+        });
+    }
+    if request.method() != Method::POST {
+        let mut response = json(&Answer {
+            status: 405,
+            body: serde_json::json!({ "error": "send events with POST" }),
+            retry_after: None,
+        });
+        response
+            .headers_mut()
+            .insert("allow", HeaderValue::from_static("POST"));
+        return Ok(response);
+    }
+    // Who sent it is settled before the body is read: a stranger's body is
+    // never buffered.
+    let headers = request.headers().clone();
+    let authorization = headers.get("authorization").map(HeaderValue::as_bytes);
+    if let Err(refused) = endpoint.identify(authorization) {
+        endpoint.metrics.refused("unauthorized", None);
+        let mut response = json(&refused);
+        response.headers_mut().insert(
+            "www-authenticate",
+            HeaderValue::from_static("Bearer realm=\"keystone-ingest\""),
+        );
+        return Ok(response);
+    }
+    let Ok(_permit) = permits.try_acquire() else {
+        return Ok(json(&Answer {
+            status: 503,
+            body: serde_json::json!({ "error": "too many requests in flight: retry after the Retry-After seconds" }),
+            retry_after: Some(1),
+        }));
+    };
+    let limit = endpoint.limits.max_body_bytes;
+    let too_large = || {
+        json(&Answer {
+            status: 413,
+            body: serde_json::json!({ "error": format!("the body is larger than the limit of {limit} bytes") }),
+            retry_after: None,
+        })
+    };
+    let declared = header(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Ok(too_large());
+    }
+    let read = Limited::new(request.into_body(), limit).collect();
+    let body = match tokio::time::timeout(settings.body_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes().to_vec(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            return Ok(too_large());
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "ingest body not read");
+            return Ok(json(&Answer {
+                status: 400,
+                body: serde_json::json!({ "error": format!("the body could not be read: {error}") }),
+                retry_after: None,
+            }));
+        }
+        Err(_) => {
+            return Ok(json(&Answer {
+                status: 408,
+                body: serde_json::json!({ "error": format!(
+                    "the body did not arrive within {} s", settings.body_timeout.as_secs()
+                )}),
+                retry_after: None,
+            }));
+        }
+    };
+    let answer = endpoint
+        .handle(Request {
+            authorization,
+            content_type: header(&headers, "content-type"),
+            content_encoding: header(&headers, "content-encoding"),
+            idempotency_key: header(&headers, "idempotency-key"),
+            body,
+        })
+        .await;
+    Ok(json(&answer))
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("a valid response")
+}
+
+fn json(answer: &Answer) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec(&answer.body).unwrap_or_default();
+    body.push(b'\n');
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response");
+    if let Some(seconds) = answer.retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(seconds));
+    }
+    response
+}
