@@ -231,8 +231,14 @@ pub struct RunArgs {
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Input events, one JSON object per line; `-` for stdin.
-    #[arg(long, short)]
-    pub input: PathBuf,
+    #[arg(long, short, required_unless_present = "listen")]
+    pub input: Option<PathBuf>,
+    /// Instead of `--input`: serve the pipeline's HTTP ingest endpoint on this
+    /// address (`127.0.0.1:8080`) and run what it accepts, until Ctrl-C. Each
+    /// request (one JSON object, an array, or NDJSON) is checked against the
+    /// source schema and key and answered once its events were processed.
+    #[arg(long, value_name = "ADDR", conflicts_with = "input")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Where events reaching the sinks go, as JSON lines; `-` for stdout.
     #[arg(long, short, default_value = "-")]
     pub output: PathBuf,
@@ -413,8 +419,8 @@ enum FileIdentity {
 /// each other). Checked before any file is opened for writing.
 fn refuse_overlapping_files(args: &RunArgs) -> Result<(), RuntimeError> {
     let mut inputs: Vec<(String, &std::path::Path)> = Vec::new();
-    if !is_stdio(&args.input) {
-        inputs.push(("the --input file".into(), &args.input));
+    if let Some(input) = args.input.as_deref().filter(|i| !is_stdio(i)) {
+        inputs.push(("the --input file".into(), input));
     }
     for file in &args.files {
         inputs.push(("the manifest file".into(), file));
@@ -465,21 +471,26 @@ fn refuse_overlapping_files(args: &RunArgs) -> Result<(), RuntimeError> {
 }
 
 /// `run`: local mode.
+/// The path of the local ingest endpoint.
+const LISTEN_PATH: &str = "/";
+
 pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     refuse_overlapping_files(args)?;
     let manifests = local::read_manifests(&args.files)?;
     let plan = local::compile_pipeline(&manifests, args.pipeline.as_deref())?;
     let tables = local::load_tables(&plan, &args.tables)?;
     let mut pipeline = LocalPipeline::new(&plan, &tables, Arc::new(SystemClock))?;
-
-    let (input, length): (Box<dyn BufRead>, Option<u64>) = if is_stdio(&args.input) {
+    let input_path = args.input.clone().unwrap_or_else(|| PathBuf::from("-"));
+    let (input, length): (Box<dyn BufRead>, Option<u64>) = if args.listen.is_some() {
+        (Box::new(std::io::empty()), None)
+    } else if is_stdio(&input_path) {
         (
             Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock())),
             None,
         )
     } else {
-        let file = File::open(&args.input).map_err(|e| {
-            RuntimeError::Usage(format!("cannot open input {}: {e}", args.input.display()))
+        let file = File::open(&input_path).map_err(|e| {
+            RuntimeError::Usage(format!("cannot open input {}: {e}", input_path.display()))
         })?;
         let length = file.metadata().ok().map(|m| m.len());
         (Box::new(BufReader::with_capacity(1 << 20, file)), length)
@@ -517,6 +528,26 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
         _ => Box::new(std::io::stderr()),
     };
 
+    if let Some(addr) = args.listen {
+        let summary = local::listen::listen(
+            &plan,
+            &mut pipeline,
+            &mut output,
+            &mut sinks,
+            &mut dead_letters,
+            addr,
+            LISTEN_PATH,
+            |bound| {
+                eprintln!(
+                    "listening on http://{bound}{LISTEN_PATH}: POST events (a JSON object, an array, or NDJSON); Ctrl-C stops"
+                )
+            },
+        )?;
+        if !args.quiet {
+            eprint!("{}", summary.render());
+        }
+        return Ok(());
+    }
     let progress = (!args.quiet && std::io::stderr().is_terminal()).then(|| match length {
         Some(total) => ProgressBar::new(total).with_style(
             ProgressStyle::with_template(
@@ -540,7 +571,7 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
                 bar.inc(bytes);
             }
         },
-        &args.input,
+        &input_path,
     )?;
     if let Some(bar) = progress {
         bar.finish_and_clear();

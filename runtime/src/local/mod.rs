@@ -20,13 +20,16 @@ use keystone_crds::{ManifestErrors, PLAN_VERSION, Plan, Reading};
 
 use crate::clock::Clock;
 use crate::error::RuntimeError;
-use crate::event::{DeadLetter, Event, too_large_to_write};
+use crate::event::{DeadLetter, Event};
 use crate::ops::Table;
 use crate::task::{SourceCheck, StageTask, StepMetrics, TaskOptions};
 
+pub mod listen;
 pub mod sinks;
+mod writer;
 
 pub use sinks::{LocalSinks, SinkTarget};
+use writer::BatchWriter;
 
 /// Lines read and processed together: large enough to amortize per-batch work,
 /// small enough that a batch's parsed documents stay in cache.
@@ -260,7 +263,7 @@ impl LocalPipeline {
 }
 
 /// What a local run did.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RunSummary {
     pub input_events: u64,
     pub output_events: u64,
@@ -370,60 +373,10 @@ pub fn run<R: BufRead, W: Write, D: Write>(
     input_name: &Path,
 ) -> Result<RunSummary, RuntimeError> {
     let started = Instant::now();
-    let mut summary = RunSummary {
-        input_events: 0,
-        output_events: 0,
-        dead_letters: 0,
-        elapsed: Duration::ZERO,
-        steps: Vec::new(),
-    };
-    let mut out_buf = Vec::with_capacity(1 << 20);
-    let mut dl_buf = Vec::new();
-    let output_name = Path::new("output");
-    let mut write = |(mut events, mut dead): Batch,
-                     last: bool,
-                     summary: &mut RunSummary|
-     -> Result<(), RuntimeError> {
-        if sinks.output_used {
-            out_buf.clear();
-            let mut written = Vec::with_capacity(events.len());
-            for event in events {
-                let start = out_buf.len();
-                event.write_json_line(&mut out_buf);
-                // Without the line end: the record a Kafka sink would write.
-                match too_large_to_write(out_buf.len() - start - 1) {
-                    None => written.push(event),
-                    Some(reason) => {
-                        out_buf.truncate(start);
-                        dead.push(DeadLetter {
-                            step: "sinks".to_owned(),
-                            reason,
-                            original: event.raw,
-                        });
-                    }
-                }
-            }
-            events = written;
-            output
-                .write_all(&out_buf)
-                .map_err(|e| RuntimeError::io(output_name, e))?;
-        }
-        dead.extend(sinks.write(&mut events)?);
-        if last {
-            // What the routed sinks refuse while they finish writing.
-            dead.extend(sinks.finish()?);
-        }
-        dl_buf.clear();
-        for letter in &dead {
-            letter.write_json_line(&mut dl_buf);
-        }
-        dead_letters
-            .write_all(&dl_buf)
-            .map_err(|e| RuntimeError::io("dead letters", e))?;
-        summary.output_events += events.len() as u64;
-        summary.dead_letters += dead.len() as u64;
-        Ok(())
-    };
+    let mut summary = RunSummary::default();
+    let mut writer = BatchWriter::new(output, sinks, dead_letters);
+    let mut write =
+        |batch: Batch, last: bool, summary: &mut RunSummary| writer.write(batch, last, summary);
     let LocalPipeline { source, stages } = pipeline;
     std::thread::scope(|scope| {
         // Unbounded channels, but never more than BATCHES_IN_FLIGHT batches in
@@ -480,12 +433,7 @@ pub fn run<R: BufRead, W: Write, D: Write>(
     })?;
     let finished = pipeline.finish();
     write(finished, true, &mut summary)?;
-    output
-        .flush()
-        .map_err(|e| RuntimeError::io(output_name, e))?;
-    dead_letters
-        .flush()
-        .map_err(|e| RuntimeError::io("dead letters", e))?;
+    writer.flush()?;
     summary.elapsed = started.elapsed();
     summary.steps = pipeline.metrics();
     Ok(summary)

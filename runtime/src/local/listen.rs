@@ -1,0 +1,174 @@
+//! `run --listen`: the ingest endpoint in front of a local pipeline, so that
+//! events can be `curl`ed into a manifest on a laptop. The endpoint checks
+//! each request against the pipeline's source schema and key, as it does on
+//! a cluster; an accepted request is answered once its events went through
+//! the steps and their results were written (output, routed sinks, dead
+//! letters). Timers fire as time passes. SIGINT or SIGTERM stops the
+//! endpoint, flushes the steps and prints the summary.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use keystone_crds::Plan;
+use tokio::sync::oneshot;
+
+use super::{BatchWriter, LocalPipeline, LocalSinks, RunSummary};
+use crate::error::RuntimeError;
+use crate::ingest::body::{Contract, Limits};
+use crate::ingest::endpoint::{Deliver, Endpoint, Record, Unavailable};
+use crate::ingest::server::{ServerSettings, serve};
+use crate::schema::Validator;
+
+/// How often timers are fired while no request arrives.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Requests waiting for the steps at most; past that, 503.
+const QUEUED: usize = 16;
+
+/// The limits of the local endpoint.
+pub const LOCAL_LIMITS: Limits = Limits {
+    max_body_bytes: 16 << 20,
+    max_records: 10_000,
+};
+
+type Delivery = (Vec<Record>, oneshot::Sender<Result<(), Unavailable>>);
+
+/// Hands records to the pipeline's thread and waits until it wrote them.
+struct ToPipeline {
+    requests: SyncSender<Delivery>,
+}
+
+impl Deliver for ToPipeline {
+    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
+        Box::pin(async move {
+            let stopped = || Unavailable {
+                reason: "the local pipeline stopped".to_owned(),
+                retry_after: Duration::from_secs(1),
+            };
+            let (reply, written) = oneshot::channel();
+            match self.requests.try_send((records, reply)) {
+                Ok(()) => written.await.unwrap_or_else(|_| Err(stopped())),
+                Err(TrySendError::Full(_)) => Err(Unavailable {
+                    reason: format!("{QUEUED} requests are waiting for the steps"),
+                    retry_after: Duration::from_secs(1),
+                }),
+                Err(TrySendError::Disconnected(_)) => Err(stopped()),
+            }
+        })
+    }
+}
+
+/// Serves the endpoint on `addr` (at `path`) until SIGINT or SIGTERM,
+/// running what it accepts through `pipeline`. `on_listening` is told the
+/// bound address (a port of 0 picks a free one).
+#[allow(clippy::too_many_arguments)]
+pub fn listen<W: Write, D: Write>(
+    plan: &Plan,
+    pipeline: &mut LocalPipeline,
+    output: &mut W,
+    sinks: &mut LocalSinks,
+    dead_letters: &mut D,
+    addr: SocketAddr,
+    path: &str,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<RunSummary, RuntimeError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| RuntimeError::Usage(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| RuntimeError::Usage(format!("cannot listen on {addr}: {e}")))?;
+    let (requests, incoming) = mpsc::sync_channel::<Delivery>(QUEUED);
+    let endpoint = Endpoint::new(
+        path.to_owned(),
+        LOCAL_LIMITS,
+        Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key),
+        None,
+        None,
+        Arc::new(ToPipeline { requests }),
+    );
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            serve(
+                listener,
+                Arc::new(endpoint),
+                ServerSettings::default(),
+                stop_signal(),
+            )
+            .await
+        })
+        // Dropping the runtime drops the endpoint: the pipeline's loop ends.
+    });
+    on_listening(bound);
+
+    let started = Instant::now();
+    let mut summary = RunSummary::default();
+    let mut writer = BatchWriter::new(output, sinks, dead_letters);
+    loop {
+        match incoming.recv_timeout(TICK) {
+            Ok((records, reply)) => {
+                summary.input_events += records.len() as u64;
+                let lines = records.into_iter().map(|r| r.value).collect();
+                let batch = pipeline.push_lines(lines);
+                let written = writer
+                    .write(batch, true, &mut summary)
+                    .and_then(|()| writer.flush());
+                let failed = written.as_ref().err().map(ToString::to_string);
+                let _ = reply.send(written.map_err(|e| Unavailable {
+                    reason: e.to_string(),
+                    retry_after: Duration::from_secs(1),
+                }));
+                if let Some(reason) = failed {
+                    return Err(RuntimeError::Usage(format!(
+                        "the results could not be written, so the endpoint stops: {reason}"
+                    )));
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let (events, dead) = pipeline.tick();
+                if !events.is_empty() || !dead.is_empty() {
+                    writer.write((events, dead), false, &mut summary)?;
+                    writer.flush()?;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    match server.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(RuntimeError::Usage(format!("the endpoint failed: {e}"))),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    let finished = pipeline.finish();
+    writer.write(finished, true, &mut summary)?;
+    writer.flush()?;
+    summary.elapsed = started.elapsed();
+    summary.steps = pipeline.metrics();
+    Ok(summary)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated => {}
+    }
+}
