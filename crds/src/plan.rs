@@ -38,6 +38,10 @@ pub struct Plan {
     /// (`spec.source.postgres`), run by its own instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<crate::pipeline::capture::CaptureConfig>,
+    /// The HTTP ingest endpoint that writes the source topic
+    /// (`spec.source.http`), run by its own instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<crate::pipeline::http::HttpSourceSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

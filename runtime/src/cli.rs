@@ -68,6 +68,9 @@ pub enum Command {
     /// Capture a PostgreSQL database's changes into a Kafka topic (what a
     /// pipeline's capture pod runs for `spec.source.postgres`).
     Capture(crate::capture::cli::CaptureCli),
+    /// Serve a pipeline's HTTP ingest endpoint, writing what it accepts into
+    /// the source topic (what a pipeline's ingest pods run).
+    Ingest(crate::ingest::cli::IngestCli),
 }
 
 /// `serve`: flags default to the pod's environment as the operator sets it.
@@ -292,6 +295,7 @@ pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
         )),
         Command::Serve(args) => Ok(serve(args)),
         Command::Capture(args) => Ok(crate::capture::cli::capture(args)),
+        Command::Ingest(args) => Ok(crate::ingest::cli::ingest(args)),
         Command::Run(args) => match run(&args) {
             Ok(()) => Ok(0),
             Err(

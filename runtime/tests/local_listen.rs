@@ -94,7 +94,8 @@ async fn post(url: &str, content_type: &str, body: &str) -> (u16, Value) {
         .await
         .unwrap();
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    let body = response.bytes().await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
 }
 
 #[tokio::test]

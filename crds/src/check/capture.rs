@@ -94,6 +94,7 @@ impl<'a> Checker<'a> {
             sinks: Vec::new(),
             topics: vec![self.source_topic()],
             capture: self.capture_config(),
+            ingest: None,
         }
     }
 

@@ -307,6 +307,9 @@ impl Checker<'_> {
             sinks,
             topics,
             capture: self.capture_config(),
+            // `spec.source.http` is not in the API yet: the operator cannot run
+            // an ingest Deployment.
+            ingest: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::ops::OperatorSpec;
 use crate::schema::SchemaSpec;
 
 pub mod capture;
+pub mod http;
 pub mod partitioning;
 mod sinks;
 mod status;

@@ -279,7 +279,7 @@ impl Endpoint {
             return Answer {
                 status: 503,
                 body: json!({ "error": format!(
-                    "the records cannot be stored now ({}); nothing of this request was accepted: retry it",
+                    "the request was not stored ({}): retry it, with the same Idempotency-Key if it has one, so that records stored before the failure are not kept twice",
                     unavailable.reason
                 )}),
                 retry_after: Some(unavailable.retry_after.as_secs().max(1)),

@@ -8,9 +8,13 @@
 //!   accepted record is delivered.
 //! - [`server`]: the HTTP server around it, with its timeouts, probes and
 //!   metrics.
+//! - [`kafka`]: delivery to the source topic; [`cli`]: `keystone-runtime
+//!   ingest`, what an ingest pod runs.
 
 pub mod body;
+pub mod cli;
 pub mod endpoint;
+pub mod kafka;
 pub mod metrics;
 pub mod server;
 pub mod tokens;

@@ -226,3 +226,21 @@ fn json(answer: &Answer) -> Response<Full<Bytes>> {
     }
     response
 }
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn stop_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated => {}
+    }
+}

@@ -20,7 +20,7 @@ use super::{BatchWriter, LocalPipeline, LocalSinks, RunSummary};
 use crate::error::RuntimeError;
 use crate::ingest::body::{Contract, Limits};
 use crate::ingest::endpoint::{Deliver, Endpoint, Record, Unavailable};
-use crate::ingest::server::{ServerSettings, serve};
+use crate::ingest::server::{ServerSettings, serve, stop_signal};
 use crate::schema::Validator;
 
 /// How often timers are fired while no request arrives.
@@ -153,22 +153,4 @@ pub fn listen<W: Write, D: Write>(
     summary.elapsed = started.elapsed();
     summary.steps = pipeline.metrics();
     Ok(summary)
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn stop_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async {
-        match terminate.as_mut() {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminated => {}
-    }
 }

@@ -1,0 +1,109 @@
+//! Delivery to the pipeline's source topic with the stages' producer settings
+//! (idempotent, `acks=all`, the Java partitioner): a 2xx means every record
+//! of the request is on the in-sync replicas. The producer's queue bounds the
+//! memory held for the broker; a full queue, a failed delivery or one that
+//! takes longer than the delivery timeout is a 503, and the client retries.
+//! A retry may write again records that were stored before the failure: the
+//! idempotency key stamped on each record lets the pipeline's dedup drop them.
+
+use std::time::Duration;
+
+use futures::future::{BoxFuture, join_all};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::endpoint::{Deliver, Record, Unavailable};
+use crate::kafka::KafkaSettings;
+
+/// The header naming the token that sent a record.
+pub const TOKEN_HEADER: &str = "keystone-ingest-token";
+
+/// How long a client is asked to wait after the broker failed it.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+pub struct KafkaDelivery {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl KafkaDelivery {
+    /// A producer for `topic`; a record not acknowledged within
+    /// `delivery_timeout` fails its request. At most `max_queued_bytes` wait
+    /// for the broker at once.
+    pub fn new(
+        settings: &KafkaSettings,
+        topic: String,
+        delivery_timeout: Duration,
+        max_queued_bytes: usize,
+    ) -> Result<Self, KafkaError> {
+        let mut config = crate::kafka::config::producer(settings, None);
+        config
+            .set(
+                "message.timeout.ms",
+                delivery_timeout.as_millis().to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                (max_queued_bytes / 1024).max(1).to_string(),
+            );
+        for (key, value) in &settings.extra {
+            config.set(key, value);
+        }
+        Ok(KafkaDelivery {
+            producer: config.create()?,
+            topic,
+        })
+    }
+}
+
+impl Deliver for KafkaDelivery {
+    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
+        Box::pin(async move {
+            let mut pending = Vec::with_capacity(records.len());
+            for record in &records {
+                let mut message = FutureRecord::to(&self.topic).payload(&record.value);
+                if let Some(key) = &record.key {
+                    message = message.key(key);
+                }
+                if let Some(token) = &record.token {
+                    message = message.headers(OwnedHeaders::new().insert(Header {
+                        key: TOKEN_HEADER,
+                        value: Some(token.as_bytes()),
+                    }));
+                }
+                match self.producer.send_result(message) {
+                    Ok(delivery) => pending.push(delivery),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        return Err(Unavailable {
+                            reason: "the records waiting for the broker fill the ingest's buffer"
+                                .to_owned(),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                    Err((error, _)) => return Err(unavailable(&error)),
+                }
+            }
+            for outcome in join_all(pending).await {
+                match outcome {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((error, _))) => return Err(unavailable(&error)),
+                    Err(_cancelled) => {
+                        return Err(Unavailable {
+                            reason: "the producer stopped".to_owned(),
+                            retry_after: RETRY_AFTER,
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn unavailable(error: &KafkaError) -> Unavailable {
+    Unavailable {
+        reason: format!("the broker did not store the records: {error}"),
+        retry_after: RETRY_AFTER,
+    }
+}
