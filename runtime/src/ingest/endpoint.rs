@@ -230,41 +230,8 @@ impl Endpoint {
                 };
             }
         }
-        if let Some((rate, limiter)) = &self.rate {
-            let cost = NonZeroU32::new(u32::try_from(events.len()).unwrap_or(u32::MAX));
-            if let Some(cost) = cost {
-                let wait = match limiter.check_key_n(&token.unwrap_or_default().to_owned(), cost) {
-                    Ok(Ok(())) => None,
-                    Ok(Err(not_until)) => {
-                        Some(not_until.wait_time_from(DefaultClock::default().now()))
-                    }
-                    // More records than the burst: never admitted, whatever the wait.
-                    Err(_) => {
-                        return refuse(
-                            "rate_limited",
-                            Refusal {
-                                status: 413,
-                                reason: format!(
-                                    "the request has {} records, more than the rate limit's burst of {}: send smaller batches",
-                                    events.len(),
-                                    rate.burst
-                                ),
-                            },
-                        );
-                    }
-                };
-                if let Some(wait) = wait {
-                    self.metrics.refused("rate_limited", token);
-                    return Answer {
-                        status: 429,
-                        body: json!({ "error": format!(
-                            "past the rate limit of {} records per second for this token: retry after the Retry-After seconds",
-                            rate.records_per_second
-                        )}),
-                        retry_after: Some(wait.as_secs().max(1)),
-                    };
-                }
-            }
+        if let Err(refused) = self.admit(token, events.len()) {
+            return refused;
         }
         let records: Vec<Record> = events
             .into_iter()
@@ -296,6 +263,45 @@ impl Endpoint {
             body,
             retry_after: None,
         }
+    }
+
+    /// Takes `count` records from the token's rate budget, or answers why not:
+    /// 429 with the wait, or 413 for a batch larger than the burst (it would
+    /// never pass).
+    fn admit(&self, token: Option<&str>, count: usize) -> Result<(), Answer> {
+        let Some((rate, limiter)) = &self.rate else {
+            return Ok(());
+        };
+        let Some(cost) = NonZeroU32::new(u32::try_from(count).unwrap_or(u32::MAX)) else {
+            return Ok(());
+        };
+        let wait = match limiter.check_key_n(&token.unwrap_or_default().to_owned(), cost) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(not_until)) => not_until.wait_time_from(DefaultClock::default().now()),
+            Err(_) => {
+                self.metrics.refused("rate_limited", token);
+                return Err(Answer::refused(Refusal {
+                    status: 413,
+                    reason: format!(
+                        "the request has {count} records, more than the rate limit's burst of {}: send smaller batches",
+                        rate.burst
+                    ),
+                }));
+            }
+        };
+        self.metrics.refused("rate_limited", token);
+        Err(Answer {
+            status: 429,
+            body: json!({ "error": format!(
+                "past the rate limit of {} records per second for this token: retry after the Retry-After seconds",
+                rate.records_per_second
+            )}),
+            retry_after: Some(
+                u64::try_from(wait.as_millis().div_ceil(1000))
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+        })
     }
 
     fn record(&self, event: Event, token: Option<&str>) -> Record {
