@@ -298,6 +298,29 @@ fn odd_bodies_are_refused_without_a_panic() {
     );
     assert_eq!(check(&deep, Framing::Json).unwrap_err().status, 400);
 
+    // Numbers without a 64-bit form, anywhere: refused with their place.
+    for (body, pointer) in [
+        (
+            r#"{"user":"a","amount":1,"id":123456789012345678901234567890}"#,
+            "id",
+        ),
+        (
+            r#"{"user":"a","amount":1,"m":{"x":[1,-18446744073709551617]}}"#,
+            "m.x[1]",
+        ),
+        (r#"{"user":"a","amount":1,"big":1e400}"#, "big"),
+    ] {
+        let got = outcomes(check(body, Framing::Json).unwrap());
+        let Err((Some(field), reason)) = &got[0] else {
+            panic!("{body}: {got:?}")
+        };
+        assert_eq!(field, pointer, "{reason}");
+        assert!(reason.contains("does not fit in 64 bits"), "{reason}");
+    }
+    // What has one passes: the 64-bit extremes, long floats, small exponents.
+    let fits = r#"{"user":"a","amount":-9223372036854775808,"u":18446744073709551615,"pi":3.14159265358979323846264,"e":1.5e300,"s":"12345678901234567890123"}"#;
+    assert!(outcomes(check(fits, Framing::Json).unwrap())[0].is_ok());
+
     // Integers wider than 64 bits where the contract wants an integer.
     let got = outcomes(
         check(

@@ -176,6 +176,17 @@ impl Contract {
     }
 
     fn check(&self, index: usize, value: Value, raw: Vec<u8>) -> Checked {
+        if may_hold_wide_numbers(&raw)
+            && let Some((place, number)) = first_wide_number(&value, &mut String::new())
+        {
+            return Err(RecordError {
+                index,
+                reason: format!(
+                    "field {place:?} is the number {number}, which does not fit in 64 bits: sinks cannot store it; send it as a string"
+                ),
+                field: Some(place),
+            });
+        }
         if let Err(violation) = self.validator.violation(&value) {
             return Err(RecordError {
                 index,
@@ -328,4 +339,70 @@ fn too_many(count: usize, max: usize) -> Refusal {
 
 fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// Whether `raw` may hold a number without a 64-bit form: an integer of 19 or
+/// more digits, or an exponent of 3 or more digits. One pass over the bytes,
+/// so that ordinary records skip the walk of [`first_wide_number`].
+fn may_hold_wide_numbers(raw: &[u8]) -> bool {
+    let mut digits = 0;
+    let mut bytes = raw.iter().peekable();
+    while let Some(&byte) = bytes.next() {
+        if byte.is_ascii_digit() {
+            digits += 1;
+            if digits >= 19 {
+                return true;
+            }
+            continue;
+        }
+        if digits > 0 && (byte == b'e' || byte == b'E') {
+            bytes.next_if(|b| **b == b'+' || **b == b'-');
+            let mut exponent = 0;
+            while bytes.next_if(|b| b.is_ascii_digit()).is_some() {
+                exponent += 1;
+            }
+            if exponent >= 3 {
+                return true;
+            }
+        }
+        digits = 0;
+    }
+    false
+}
+
+/// The place (`a.b[2]`) and text of the first number in `value` that is
+/// neither a 64-bit integer nor a finite double.
+fn first_wide_number(value: &Value, pointer: &mut String) -> Option<(String, String)> {
+    if let Some(number) = value.as_raw_number()
+        && !value.is_i64()
+        && !value.is_u64()
+    {
+        let text = number.as_str();
+        let integer = !text.contains(['.', 'e', 'E']);
+        if integer || !text.parse::<f64>().is_ok_and(f64::is_finite) {
+            return Some((pointer.clone(), text.to_owned()));
+        }
+        return None;
+    }
+    let length = pointer.len();
+    let found = if let Some(object) = value.as_object() {
+        object.iter().find_map(|(name, member)| {
+            pointer.truncate(length);
+            if length > 0 {
+                pointer.push('.');
+            }
+            pointer.push_str(name);
+            first_wide_number(member, pointer)
+        })
+    } else if let Some(items) = value.as_array() {
+        items.iter().enumerate().find_map(|(i, item)| {
+            pointer.truncate(length);
+            pointer.push_str(&format!("[{i}]"));
+            first_wide_number(item, pointer)
+        })
+    } else {
+        None
+    };
+    pointer.truncate(length);
+    found
 }
