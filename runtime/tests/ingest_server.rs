@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ use tokio::sync::Notify;
 /// Records delivered so far; fails while `down`, holds while `held`.
 #[derive(Default)]
 struct Memory {
+    /// Deliveries begun (held ones included).
+    entered: AtomicUsize,
     records: Mutex<Vec<Record>>,
     down: Mutex<bool>,
     held: Mutex<bool>,
@@ -33,8 +36,14 @@ struct Memory {
 impl Deliver for Memory {
     fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
-            while *self.held.lock().unwrap() {
-                self.released.notified().await;
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            loop {
+                // Created before the check: a release in between still wakes it.
+                let released = self.released.notified();
+                if !*self.held.lock().unwrap() {
+                    break;
+                }
+                released.await;
             }
             if *self.down.lock().unwrap() {
                 return Err(Unavailable {
@@ -325,8 +334,15 @@ async fn requests_past_the_in_flight_bound_are_503_at_once() {
     let held: Vec<_> = (0..2)
         .map(|_| tokio::spawn(answer(server.post(Some("tok-mobile")).body(one))))
         .collect();
-    // Until both hold a permit, a third might take one.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both hold a permit once their delivery has begun.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server.memory.entered.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held requests never reached delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (status, reply, headers) = answer(server.post(Some("tok-mobile")).body(one)).await;
     assert_eq!(status, 503, "{reply}");
     assert_eq!(headers["retry-after"], "1");
