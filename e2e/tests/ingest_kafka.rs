@@ -114,7 +114,10 @@ async fn post(
     key: &str,
     body: String,
 ) -> (u16, Value, reqwest::header::HeaderMap) {
-    let response = reqwest::Client::new()
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
         .post(&ingest.url)
         .bearer_auth("tok-mobile")
         .header("content-type", "application/x-ndjson")

@@ -100,7 +100,10 @@ async fn start(configure: impl FnOnce(&mut Endpoint), settings: ServerSettings) 
     Server {
         url,
         memory,
-        client: reqwest::Client::new(),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
     }
 }
 

@@ -86,7 +86,10 @@ fn lines(path: &Path) -> Vec<Value> {
 }
 
 async fn post(url: &str, content_type: &str, body: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
         .post(url)
         .header("content-type", content_type)
         .body(body.to_owned())
@@ -141,7 +144,17 @@ async fn events_posted_to_a_local_pipeline_are_processed_before_the_answer() {
         .status()
         .unwrap();
     assert!(stopped.success());
-    let status = listening.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = listening.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(status.success(), "{status:?}");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut listening.stderr, &mut rest).unwrap();
