@@ -41,6 +41,9 @@ impl<'a> Checker<'a> {
     /// plan, so that the classifier judges it as an upgrade.
     pub(super) fn source_schema(&self) -> SchemaSpec {
         let source = &self.pipeline.spec.source;
+        if let Some(http) = &source.http {
+            return ingest_schema(&source.schema, http);
+        }
         let Some(postgres) = &source.postgres else {
             return source.schema.clone();
         };
@@ -111,6 +114,10 @@ impl<'a> Checker<'a> {
             replication_factor: None,
             config: BTreeMap::new(),
         };
+        if let Some(http) = &source.http {
+            topic.create = true;
+            topic.partitions = Some(Partitions::Fixed(http.partitions));
+        }
         if let Some(postgres) = &source.postgres {
             topic.create = true;
             topic.partitions = Some(Partitions::Fixed(postgres.partitions));
@@ -147,6 +154,9 @@ impl<'a> Checker<'a> {
     /// the schema declares.
     pub(super) fn check_capture(&mut self, schema: &Schema) {
         let source = &self.pipeline.spec.source;
+        if let Some(http) = &source.http {
+            self.check_ingest(http);
+        }
         let Some(postgres) = &source.postgres else {
             return;
         };
@@ -389,4 +399,55 @@ fn declared_elsewhere(declared: &SchemaSpec, derived: &FieldSpec) -> bool {
 
 fn is_envelope_field(name: &str) -> bool {
     ENVELOPE_FIELDS.iter().any(|(field, _)| *field == name) || name == "unchanged"
+}
+
+impl Checker<'_> {
+    /// The idempotency field is a string the endpoint writes: a declaration
+    /// of it as anything else could never hold.
+    fn check_ingest(&mut self, http: &crate::pipeline::http::HttpSourceSpec) {
+        let Some(field) = &http.idempotency_field else {
+            return;
+        };
+        let declared = self
+            .pipeline
+            .spec
+            .source
+            .schema
+            .fields
+            .iter()
+            .find(|f| &f.name == field);
+        if let Some(declared) = declared
+            && !matches!(declared.field_type, FieldType::String | FieldType::Any)
+        {
+            self.error(
+                ErrorKind::InvalidOperator,
+                "spec.source.http.idempotencyField",
+                None,
+                format!(
+                    "the endpoint writes \"<Idempotency-Key>/<index>\" (a string) into {field:?}, which the source schema declares {}; declare it a string or leave it out",
+                    declared.field_type
+                ),
+            );
+        }
+    }
+}
+
+/// The source schema of an HTTP source: the declared fields, and the field
+/// the endpoint stamps with each request's idempotency key (a string on every
+/// record), unless declared.
+fn ingest_schema(
+    declared: &SchemaSpec,
+    http: &crate::pipeline::http::HttpSourceSpec,
+) -> SchemaSpec {
+    let mut schema = declared.clone();
+    if let Some(field) = &http.idempotency_field
+        && !declared.fields.iter().any(|f| &f.name == field)
+    {
+        schema.fields.push(FieldSpec {
+            name: field.clone(),
+            field_type: FieldType::String,
+            optional: false,
+        });
+    }
+    schema
 }

@@ -307,9 +307,7 @@ impl Checker<'_> {
             sinks,
             topics,
             capture: self.capture_config(),
-            // `spec.source.http` is not in the API yet: the operator cannot run
-            // an ingest Deployment.
-            ingest: None,
+            ingest: source.http.clone(),
         }
     }
 }

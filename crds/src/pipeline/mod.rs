@@ -180,24 +180,33 @@ fn default_true() -> bool {
     true
 }
 
-/// The source of a pipeline: a Kafka topic of JSON events, or a PostgreSQL
-/// table whose changes are captured into one.
+/// The source of a pipeline: a Kafka topic of JSON events, a PostgreSQL
+/// table whose changes are captured into one, or an HTTP endpoint that
+/// writes into one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.postgres) && has(self.http))",
+     "message": "set at most one of postgres and http: each writes the source topic"},
+]))]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
     /// The Kafka cluster, by its name in the operator's configuration; the default cluster when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub cluster: Option<String>,
-    /// The topic to read. It must exist, unless `postgres` is set: then the
-    /// operator creates it (and owns it) and the capture writes the table's
-    /// changes into it.
+    /// The topic to read. It must exist, unless `postgres` or `http` is set:
+    /// then the operator creates it (and owns it), and the capture or the
+    /// ingest endpoint writes into it.
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._\-]+$"))]
     pub topic: String,
     /// Capture a PostgreSQL table's changes into `topic` (change data capture
     /// with an initial snapshot); see the fields for what the database needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<capture::PostgresSourceSpec>,
+    /// Receive events over HTTP into `topic`: an ingest endpoint that checks
+    /// every record against `schema` and `key` before it is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<http::HttpSourceSpec>,
     /// The encoding of event values. Only `json` is supported.
     #[serde(default)]
     pub format: Format,

@@ -459,6 +459,25 @@ fn rule_each_sink_sets_exactly_one_kind() {
 }
 
 #[test]
+fn rule_a_source_sets_at_most_one_of_postgres_and_http() {
+    let postgres =
+        json!({"host": "db", "database": "shop", "credentialsSecret": "s", "tables": ["orders"]});
+    let http = json!({"tokensSecret": "t"});
+    let both = with(
+        with(pipeline(), "/spec/source/postgres", postgres.clone()),
+        "/spec/source/http",
+        http.clone(),
+    );
+    refused(
+        both,
+        "spec.source",
+        "set at most one of postgres and http: each writes the source topic",
+    );
+    accepted(with(pipeline(), "/spec/source/http", http));
+    accepted(with(pipeline(), "/spec/source/postgres", postgres));
+}
+
+#[test]
 fn rule_a_processor_sets_exactly_one_operator() {
     refused(
         with(processor(), "/spec/rekey", json!({"key": ["id"]})),
@@ -473,7 +492,7 @@ fn transition_rules_are_skipped_on_create_and_every_rule_compiles() {
     for kind in ["Pipeline", "Processor"] {
         collect_rules(crd_schema(kind).unwrap(), &mut rules);
     }
-    assert_eq!(rules.len(), 6, "{rules:#?}");
+    assert_eq!(rules.len(), 7, "{rules:#?}");
     let mut transitions = 0;
     for rule in &rules {
         let source = rule["rule"].as_str().unwrap();
