@@ -84,8 +84,11 @@ pub fn desired_acls(principal: &str, plan: &Plan, topics: &[DesiredTopic]) -> BT
     for topic in topics {
         // READ and WRITE imply DESCRIBE (metadata, offsets).
         let operations: &[Operation] = match topic.role {
-            // A capture source: the capture writes the topic the stages read.
-            TopicRole::Source if plan.capture.is_some() => &[Operation::Read, Operation::Write],
+            // A capture or HTTP source: the capture or the ingest endpoint
+            // writes the topic the stages read.
+            TopicRole::Source if plan.capture.is_some() || plan.ingest.is_some() => {
+                &[Operation::Read, Operation::Write]
+            }
             TopicRole::Source | TopicRole::Table => &[Operation::Read],
             TopicRole::Sink | TopicRole::DeadLetter => &[Operation::Write],
             // Written by one stage, read by the next or on restore.

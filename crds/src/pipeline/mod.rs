@@ -22,8 +22,8 @@ pub use sinks::{
     ParquetSinkSpec, SinkKind, SinkSecretKey, SinkSecretRef, SinkSpec,
 };
 pub use status::{
-    CaptureStatus, CheckpointInProgress, CheckpointSummary, PipelinePhase, PipelineStatus,
-    RestoreStatus, StageStatus, TopicStatus, UpgradePhase, UpgradeStatus,
+    CaptureStatus, CheckpointInProgress, CheckpointSummary, IngestStatus, PipelinePhase,
+    PipelineStatus, RestoreStatus, StageStatus, TopicStatus, UpgradePhase, UpgradeStatus,
 };
 
 /// A real-time data pipeline: events from a Kafka topic flow through an ordered

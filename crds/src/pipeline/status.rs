@@ -75,6 +75,18 @@ pub struct PipelineStatus {
     /// snapshot runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureStatus>,
+    /// Where the HTTP ingest endpoint of an `http` source takes events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<IngestStatus>,
+}
+
+/// The HTTP ingest endpoint of an `http` source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestStatus {
+    /// The endpoint inside the cluster: `POST` events here with a bearer
+    /// token from the tokens Secret (its Service, port 8080, and the path).
+    pub url: String,
 }
 
 /// The capture's progress: its snapshot and the database's WAL it holds.

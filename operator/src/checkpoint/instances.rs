@@ -303,7 +303,7 @@ pub async fn resume(ctx: &Context, plan: &Plan) -> Result<(), CheckpointFailure>
     let mut targets = Vec::new();
     for pod in pods.items {
         // The capture (spec.source.postgres) takes no checkpoints: it never stops.
-        if pod.metadata.deletion_timestamp.is_some() || crate::resources::is_capture_pod(&pod) {
+        if pod.metadata.deletion_timestamp.is_some() || crate::resources::is_source_pod(&pod) {
             continue;
         }
         if let Some(base) = base_url(&pod) {

@@ -20,7 +20,7 @@ pub use processor::{
 use provision::{delete_owned_topics, reconcile_topics};
 use upgrade::Prepared;
 pub use upgrade::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
-use workloads::apply_workloads;
+use workloads::{apply_workloads, ingest_status};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -508,6 +508,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 // The pipeline's own principal and ACLs, before pods use them.
                 crate::acls::reconcile_pipeline(ctx, pipeline, &target.plan).await?;
                 let workloads = apply_workloads(pipeline, ctx, &target, &desired).await?;
+                observed.status.ingest =
+                    ingest_status(ctx, pipeline, &target.plan, observed.old.as_ref()).await?;
                 let mut runtime = runtime_condition(&workloads.stages, workloads.rolled_out);
                 if !runtime.ok && !workloads.failing.is_empty() {
                     runtime = Cond::new(

@@ -4,6 +4,7 @@ use k8s_openapi::api::core::v1::Secret;
 
 use super::*;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use keystone_crds::pipeline::IngestStatus;
 
 /// Environment the runtime needs to reach the plan's clusters.
 fn kafka_env(ctx: &Context, desired: &[DesiredTopic], plan: &Plan) -> Vec<EnvVar> {
@@ -242,23 +243,47 @@ pub(super) async fn apply_workloads(
             &resources::capture_deployment(plan, &postgres.credentials_secret, &params),
         )
         .await?;
-        let replicas = applied.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-        let status = applied.status.clone().unwrap_or_default();
-        if status.updated_replicas.unwrap_or_default() < replicas
-            || status.replicas.unwrap_or_default() > replicas
-        {
-            rolled_out = false;
-        }
-        stages.push(StageStatus {
-            name: resources::CAPTURE_COMPONENT.to_owned(),
-            steps: Vec::new(),
-            replicas,
-            ready_replicas: status.ready_replicas.unwrap_or_default(),
-        });
-        wanted.push(resources::stage_object_name(
-            &plan.pipeline,
+        rolled_out &= source_component(
+            plan,
+            &applied,
             resources::CAPTURE_COMPONENT,
-        ));
+            &mut stages,
+            &mut wanted,
+        );
+    }
+    // The HTTP ingest endpoint that writes the source topic, with its
+    // Service; counted as a stage as the capture is.
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    if let Some(http) = &plan.ingest {
+        let applied = ssa(
+            &deployments,
+            &resources::ingest_deployment(plan, http, &params),
+        )
+        .await?;
+        ssa(
+            &services,
+            &resources::component_service(plan, resources::INGEST_COMPONENT, &owner),
+        )
+        .await?;
+        if ctx
+            .config
+            .network_policy
+            .as_ref()
+            .is_some_and(|c| c.enabled)
+        {
+            ssa(
+                &policies,
+                &resources::ingest_network_policy(&plan.pipeline, namespace, &owner),
+            )
+            .await?;
+        }
+        rolled_out &= source_component(
+            plan,
+            &applied,
+            resources::INGEST_COMPONENT,
+            &mut stages,
+            &mut wanted,
+        );
     }
     let uid = pipeline.uid().unwrap_or_default();
     let selector = format!(
@@ -286,6 +311,63 @@ pub(super) async fn apply_workloads(
         rolled_out,
         failing,
     })
+}
+
+/// The status of the pipeline's HTTP ingest endpoint, if it has one; the
+/// NetworkPolicy that opened the endpoint of one it no longer has is removed.
+pub(super) async fn ingest_status(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    old: Option<&PipelineStatus>,
+) -> Result<Option<IngestStatus>, Error> {
+    if let Some(http) = &plan.ingest {
+        let service = resources::stage_object_name(&plan.pipeline, resources::INGEST_COMPONENT);
+        return Ok(Some(IngestStatus {
+            url: format!(
+                "http://{service}.{}.svc:{}{}",
+                plan.namespace,
+                resources::HTTP_PORT,
+                http.path
+            ),
+        }));
+    }
+    if old.is_some_and(|s| s.ingest.is_some()) {
+        let policies: Api<NetworkPolicy> = Api::namespaced(
+            ctx.client.clone(),
+            &pipeline.namespace().unwrap_or_default(),
+        );
+        let name = resources::ingest_network_policy_name(&plan.pipeline);
+        match policies.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Records a component that writes the source topic (the capture, the
+/// ingest endpoint) among the stages and the wanted objects; returns whether
+/// its Deployment has rolled out.
+fn source_component(
+    plan: &Plan,
+    applied: &Deployment,
+    component: &str,
+    stages: &mut Vec<StageStatus>,
+    wanted: &mut Vec<String>,
+) -> bool {
+    let replicas = applied.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = applied.status.clone().unwrap_or_default();
+    stages.push(StageStatus {
+        name: component.to_owned(),
+        steps: Vec::new(),
+        replicas,
+        ready_replicas: status.ready_replicas.unwrap_or_default(),
+    });
+    wanted.push(resources::stage_object_name(&plan.pipeline, component));
+    status.updated_replicas.unwrap_or_default() >= replicas
+        && status.replicas.unwrap_or_default() <= replicas
 }
 
 pub(super) struct Workloads {

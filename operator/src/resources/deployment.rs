@@ -7,14 +7,15 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy}
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use keystone_crds::Plan;
 use keystone_crds::pipeline::UpgradeStrategy;
+use keystone_crds::pipeline::http::HttpSourceSpec;
 use keystone_crds::plan::PlanStage;
 
 use super::security::RuntimeSecurity;
@@ -177,6 +178,70 @@ pub fn capture_deployment(
 
 /// The component name of the capture's objects and pods.
 pub const CAPTURE_COMPONENT: &str = "capture";
+
+/// The component name of the HTTP ingest endpoint's objects and pods.
+pub const INGEST_COMPONENT: &str = "ingest";
+
+/// Where an ingest pod reads its tokens: the tokens Secret, one file per key.
+/// Not below the plan's directory: a mount point inside a read-only volume
+/// cannot be created.
+const INGEST_TOKENS_DIR: &str = "/var/run/secrets/keystone/ingest-tokens";
+
+/// The Deployment of the pipeline's HTTP ingest endpoint (`spec.source.http`):
+/// `http.replicas` instances rolled one by one (the Service keeps serving),
+/// with the tokens Secret mounted, so that a rotation reaches them without a
+/// restart.
+pub fn ingest_deployment(
+    plan: &Plan,
+    http: &HttpSourceSpec,
+    params: &WorkloadParams,
+) -> Deployment {
+    let mut pod_env = common_env(plan, INGEST_COMPONENT, params, None);
+    pod_env.push(env("KEYSTONE_INGEST_TOKENS", INGEST_TOKENS_DIR.to_owned()));
+    let mut args = vec![
+        "ingest".to_owned(),
+        "--plan".to_owned(),
+        format!("{PLAN_DIR}/{PLAN_KEY}"),
+    ];
+    args.extend(params.security.args.iter().cloned());
+    let params = WorkloadParams {
+        strategy: UpgradeStrategy::Rolling,
+        // A restore reprocesses the stages' input; the endpoint goes on.
+        restore: None,
+        ..params.clone()
+    };
+    let replicas = params
+        .replicas
+        .map_or(http.replicas, |r| r.min(http.replicas));
+    let mut deployment =
+        runtime_deployment(plan, INGEST_COMPONENT, args, pod_env, replicas, &params);
+    if let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|spec| spec.template.spec.as_mut())
+    {
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: "ingest-tokens".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(http.tokens_secret.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        for container in &mut pod.containers {
+            container
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: "ingest-tokens".to_owned(),
+                    mount_path: INGEST_TOKENS_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+        }
+    }
+    deployment
+}
 
 pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> Deployment {
     // The credential of `POST /checkpoint` and `/resume`, from the Secret the

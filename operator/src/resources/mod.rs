@@ -21,14 +21,17 @@ pub use config_maps::{
     restore_config_map, restore_config_map_name,
 };
 pub use deployment::{
-    CAPTURE_COMPONENT, WorkloadParams, capture_deployment, default_resources, deployment,
+    CAPTURE_COMPONENT, INGEST_COMPONENT, WorkloadParams, capture_deployment, default_resources,
+    deployment, ingest_deployment,
 };
-pub use network_policy::{network_policy, network_policy_name};
+pub use network_policy::{
+    ingest_network_policy, ingest_network_policy_name, network_policy, network_policy_name,
+};
 pub use security::{
     ANNOTATION_CREDENTIALS_HASH, RuntimeSecurity, TLS_DIR, credentials_hash,
     referenced_secret_keys, runtime_security, secret_bytes,
 };
-pub use services::{pod_disruption_budget, service};
+pub use services::{component_service, pod_disruption_budget, service};
 pub use sink_secrets::sink_secret_env;
 
 pub const MANAGED_BY: &str = "keystone-operator";
@@ -77,14 +80,15 @@ pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Whether the pod is a pipeline's capture (`spec.source.postgres`), which
-/// holds no stage state and takes no checkpoints.
-pub fn is_capture_pod(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+/// Whether the pod writes the pipeline's source topic (its capture, or its
+/// HTTP ingest endpoint) rather than running a stage: it holds no stage
+/// state and takes no checkpoints.
+pub fn is_source_pod(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(LABEL_STAGE))
-        .is_some_and(|stage| stage == CAPTURE_COMPONENT)
+        .is_some_and(|stage| stage == CAPTURE_COMPONENT || stage == INGEST_COMPONENT)
 }
 
 pub fn pipeline_labels(pipeline: &str) -> BTreeMap<String, String> {

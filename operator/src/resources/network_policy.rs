@@ -11,7 +11,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{HTTP_PORT, LABEL_PIPELINE, meta, pipeline_labels};
+use super::{HTTP_PORT, INGEST_COMPONENT, LABEL_PIPELINE, meta, pipeline_labels, selector_labels};
 use crate::config::NetworkPolicyConfig;
 
 /// The NetworkPolicy's name: one per pipeline, for all its stages.
@@ -62,6 +62,45 @@ pub fn network_policy(
                         .chain(config.metrics_from.iter().cloned())
                         .collect(),
                 ),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(HTTP_PORT)),
+                    protocol: Some("TCP".to_owned()),
+                    ..NetworkPolicyPort::default()
+                }]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+pub fn ingest_network_policy_name(pipeline: &str) -> String {
+    format!("{pipeline}-ingest")
+}
+
+/// Lets clients reach the HTTP ingest endpoint (`spec.source.http`): its pods'
+/// port is open to every peer, on top of the pipeline's policy, which admits
+/// only the operator and the scrapers. The endpoint authenticates each
+/// request itself.
+pub fn ingest_network_policy(
+    pipeline: &str,
+    namespace: &str,
+    owner: &OwnerReference,
+) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta(
+            ingest_network_policy_name(pipeline),
+            namespace,
+            pipeline_labels(pipeline),
+            owner,
+        ),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(pipeline, INGEST_COMPONENT)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: None,
                 ports: Some(vec![NetworkPolicyPort {
                     port: Some(IntOrString::Int(HTTP_PORT)),
                     protocol: Some("TCP".to_owned()),

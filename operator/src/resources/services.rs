@@ -1,4 +1,5 @@
-//! A stage's metrics Service and its PodDisruptionBudget.
+//! A stage's metrics Service (the ingest endpoint's Service too) and its
+//! PodDisruptionBudget.
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -10,16 +11,22 @@ use keystone_crds::plan::PlanStage;
 use super::{HTTP_PORT, meta, selector_labels, stage_labels, stage_object_name};
 
 pub fn service(plan: &Plan, stage: &PlanStage, owner: &OwnerReference) -> Service {
-    let name = stage_object_name(&plan.pipeline, &stage.name);
+    component_service(plan, &stage.name, owner)
+}
+
+/// The Service of one component's pods (a stage, or the ingest endpoint) on
+/// their HTTP port.
+pub fn component_service(plan: &Plan, component: &str, owner: &OwnerReference) -> Service {
+    let name = stage_object_name(&plan.pipeline, component);
     Service {
         metadata: meta(
             name,
             &plan.namespace,
-            stage_labels(&plan.pipeline, &stage.name),
+            stage_labels(&plan.pipeline, component),
             owner,
         ),
         spec: Some(ServiceSpec {
-            selector: Some(selector_labels(&plan.pipeline, &stage.name)),
+            selector: Some(selector_labels(&plan.pipeline, component)),
             ports: Some(vec![ServicePort {
                 name: Some("http".to_owned()),
                 port: HTTP_PORT,

@@ -578,3 +578,95 @@ fn the_capture_runs_alone_replaced_not_rolled_with_credentials_by_reference() {
     let suspended = super::capture_deployment(&plan, "shop-db", &params);
     assert_eq!(suspended.spec.unwrap().replicas, Some(0));
 }
+
+const INGEST_PIPELINE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks, namespace: web, uid: "9012", generation: 1}
+spec:
+  source:
+    topic: web.clicks
+    key: [user]
+    http: {path: /v1/clicks, tokensSecret: clicks-tokens, replicas: 3}
+    schema:
+      fields:
+        - {name: user, type: string}
+  sinks:
+    - name: out
+      kafka: {topic: web.clicks.out, partitions: 3}
+"#;
+
+#[test]
+fn the_ingest_endpoint_rolls_its_replicas_with_the_tokens_secret_mounted() {
+    let (plan, mut params) = fixture_of(INGEST_PIPELINE);
+    let http = plan.ingest.clone().expect("the plan's ingest");
+    let ingest = super::ingest_deployment(&plan, &http, &params);
+    assert_eq!(ingest.metadata.name.as_deref(), Some("clicks-ingest"));
+    let spec = ingest.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(
+        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("RollingUpdate")
+    );
+    assert_eq!(
+        spec.selector.match_labels.as_ref().unwrap()[LABEL_STAGE],
+        super::INGEST_COMPONENT
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.args.as_deref().unwrap()[..3],
+        ["ingest", "--plan", &format!("/etc/keystone/{PLAN_KEY}")]
+    );
+    let tokens = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "ingest-tokens")
+        .expect("the tokens volume");
+    assert_eq!(
+        tokens
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref()),
+        Some("clicks-tokens")
+    );
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "ingest-tokens")
+        .expect("the tokens mount");
+    let env = container_env(&ingest);
+    let dir = env
+        .iter()
+        .find(|e| e.name == "KEYSTONE_INGEST_TOKENS")
+        .and_then(|e| e.value.clone());
+    assert_eq!(dir.as_deref(), Some(mount.mount_path.as_str()));
+    assert_eq!(mount.read_only, Some(true));
+    // Suspended: no endpoint either.
+    params.replicas = Some(0);
+    let suspended = super::ingest_deployment(&plan, &http, &params);
+    assert_eq!(suspended.spec.unwrap().replicas, Some(0));
+}
+
+#[test]
+fn the_ingest_endpoint_is_open_to_clients_on_its_port_only() {
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        name: "clicks".into(),
+        ..Default::default()
+    };
+    let policy = super::ingest_network_policy("clicks", "web", &owner);
+    let json = serde_json::to_value(&policy).expect("json");
+    assert_eq!(json["metadata"]["name"], "clicks-ingest");
+    assert_eq!(
+        json["spec"]["podSelector"]["matchLabels"][LABEL_STAGE],
+        super::INGEST_COMPONENT
+    );
+    let rule = &json["spec"]["ingress"][0];
+    assert!(rule.get("from").is_none(), "every peer: {rule}");
+    assert_eq!(
+        rule["ports"],
+        serde_json::json!([{"port": super::HTTP_PORT, "protocol": "TCP"}])
+    );
+}

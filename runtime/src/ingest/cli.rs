@@ -49,7 +49,7 @@ pub struct IngestCli {
     #[arg(
         long,
         env = "KEYSTONE_INGEST_TOKENS",
-        default_value = "/etc/keystone/ingest-tokens"
+        default_value = "/var/run/secrets/keystone/ingest-tokens"
     )]
     pub tokens_dir: PathBuf,
     /// Seconds the broker may take to acknowledge a request's records before

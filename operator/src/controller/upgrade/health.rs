@@ -28,7 +28,7 @@ pub(super) async fn instances_ready(ctx: &Context, plan: &Plan) -> Result<bool, 
     Ok(pipeline_pods(ctx, plan)
         .await?
         .iter()
-        .any(|pod| resources::pod_ready(pod) && !resources::is_capture_pod(pod)))
+        .any(|pod| resources::pod_ready(pod) && !resources::is_source_pod(pod)))
 }
 /// What the health gate reads of the instances of `plan_hash`.
 pub(super) async fn sample_health(

@@ -134,7 +134,7 @@ pub(super) async fn settle(
         let previous = pipeline_pods(ctx, plan)
             .await?
             .iter()
-            .filter(|pod| !crate::resources::is_capture_pod(pod))
+            .filter(|pod| !crate::resources::is_source_pod(pod))
             .count();
         if previous > 0 {
             observed.set(&Cond::new(
