@@ -475,9 +475,6 @@ fn refuse_overlapping_files(args: &RunArgs) -> Result<(), RuntimeError> {
 }
 
 /// `run`: local mode.
-/// The path of the local ingest endpoint.
-const LISTEN_PATH: &str = "/";
-
 pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     refuse_overlapping_files(args)?;
     let manifests = local::read_manifests(&args.files)?;
@@ -540,10 +537,9 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
             &mut sinks,
             &mut dead_letters,
             addr,
-            LISTEN_PATH,
-            |bound| {
+            |bound, path| {
                 eprintln!(
-                    "listening on http://{bound}{LISTEN_PATH}: POST events (a JSON object, an array, or NDJSON); Ctrl-C stops"
+                    "listening on http://{bound}{path}: POST events (a JSON object, an array, or NDJSON); Ctrl-C stops"
                 )
             },
         )?;

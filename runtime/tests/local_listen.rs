@@ -164,3 +164,38 @@ async fn events_posted_to_a_local_pipeline_are_processed_before_the_answer() {
     );
     assert!(lines(&dir.join("dead.jsonl")).is_empty());
 }
+
+#[tokio::test]
+async fn a_manifests_http_source_sets_the_local_endpoints_path_and_idempotency_key() {
+    let dir = scratch("http-source");
+    let manifest = MANIFEST.replace(
+        "    key: [user]\n",
+        "    key: [user]\n    http: {path: /v1/clicks, tokensSecret: unused-locally, idempotencyField: rid}\n",
+    );
+    std::fs::write(dir.join("pipeline.yaml"), manifest).unwrap();
+    let listening = listen(&dir);
+    assert!(listening.url.ends_with("/v1/clicks"), "{}", listening.url);
+    let one = r#"{"user":"ann","action":"buy","seq":1}"#;
+    let (status, reply) = post(&listening.url, "application/json", one).await;
+    assert_eq!(status, 400, "no Idempotency-Key: {reply}");
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .post(&listening.url)
+        .header("idempotency-key", "r-9")
+        .body(one)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines(&dir.join("out.jsonl")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the event never reached the output"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines(&dir.join("out.jsonl"))[0]["rid"], "r-9/0");
+}

@@ -3,17 +3,16 @@
 //! sets it.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use keystone_crds::pipeline::http::{HttpPartial, HttpSourceSpec};
+use keystone_crds::pipeline::http::HttpSourceSpec;
 use keystone_crds::{PLAN_VERSION, Plan};
 
-use super::body::{Contract, Limits};
-use super::endpoint::{Endpoint, Idempotency, Partial, RateLimit};
+use super::body::Contract;
+use super::endpoint::Endpoint;
 use super::kafka::KafkaDelivery;
 use super::server::{ServerSettings, bind_and_serve, stop_signal};
 use super::tokens::Tokens;
@@ -122,36 +121,12 @@ async fn serve(
         max_body_bytes.saturating_mul(args.max_in_flight),
     )
     .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
-    let mut endpoint = Endpoint::new(
-        http.path.clone(),
-        Limits {
-            max_body_bytes,
-            max_records: usize::try_from(http.max_records).unwrap_or(1),
-        },
+    let endpoint = Endpoint::from_spec(
+        http,
         Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key),
         Some(tokens),
-        http.rate_limit.as_ref().and_then(|limit| {
-            let per_second = NonZeroU32::new(u32::try_from(limit.records_per_second).ok()?)?;
-            let burst = limit
-                .burst
-                .and_then(|b| NonZeroU32::new(u32::try_from(b).ok()?))
-                .unwrap_or(per_second);
-            Some(RateLimit {
-                records_per_second: per_second,
-                burst,
-            })
-        }),
         Arc::new(delivery),
     );
-    endpoint.partial = match http.partial {
-        HttpPartial::RejectAll => Partial::RejectAll,
-        HttpPartial::AcceptValid => Partial::AcceptValid,
-    };
-    if let Some(field) = &http.idempotency_field {
-        endpoint.idempotency = Idempotency::Header {
-            field: field.clone(),
-        };
-    }
     let server = ServerSettings {
         max_in_flight: args.max_in_flight.max(1),
         ..ServerSettings::default()

@@ -21,6 +21,7 @@ use super::metrics::IngestMetrics;
 use super::tokens::{Identity, Tokens};
 use crate::Event;
 use crate::kafka::records::record_key;
+use keystone_crds::pipeline::http::{HttpPartial, HttpSourceSpec};
 
 /// A record accepted at the edge, ready for the topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +141,42 @@ impl Endpoint {
             deliver,
             metrics: IngestMetrics::new(),
         }
+    }
+
+    /// The endpoint a pipeline's `spec.source.http` declares.
+    pub fn from_spec(
+        http: &HttpSourceSpec,
+        contract: Contract,
+        tokens: Option<Tokens>,
+        deliver: Arc<dyn Deliver>,
+    ) -> Self {
+        let rate = http.rate_limit.as_ref().and_then(|limit| {
+            let per_second = NonZeroU32::new(u32::try_from(limit.records_per_second).ok()?)?;
+            let burst = limit
+                .burst
+                .and_then(|b| NonZeroU32::new(u32::try_from(b).ok()?))
+                .unwrap_or(per_second);
+            Some(RateLimit {
+                records_per_second: per_second,
+                burst,
+            })
+        });
+        let limits = Limits {
+            max_body_bytes: usize::try_from(http.max_body_bytes).unwrap_or(usize::MAX),
+            max_records: usize::try_from(http.max_records).unwrap_or(1),
+        };
+        let mut endpoint =
+            Endpoint::new(http.path.clone(), limits, contract, tokens, rate, deliver);
+        endpoint.partial = match http.partial {
+            HttpPartial::RejectAll => Partial::RejectAll,
+            HttpPartial::AcceptValid => Partial::AcceptValid,
+        };
+        if let Some(field) = &http.idempotency_field {
+            endpoint.idempotency = Idempotency::Header {
+                field: field.clone(),
+            };
+        }
+        endpoint
     }
 
     /// Who sent the request, or the refusal (401) of one that proves nothing.

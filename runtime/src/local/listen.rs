@@ -62,9 +62,10 @@ impl Deliver for ToPipeline {
     }
 }
 
-/// Serves the endpoint on `addr` (at `path`) until SIGINT or SIGTERM,
-/// running what it accepts through `pipeline`. `on_listening` is told the
-/// bound address (a port of 0 picks a free one).
+/// Serves the endpoint on `addr` until SIGINT or SIGTERM, running what it
+/// accepts through `pipeline`: the manifest's `spec.source.http` without its
+/// tokens, or a plain endpoint at `/`. `on_listening` is told the bound
+/// address (a port of 0 picks a free one) and the path.
 #[allow(clippy::too_many_arguments)]
 pub fn listen<W: Write, D: Write>(
     plan: &Plan,
@@ -73,8 +74,7 @@ pub fn listen<W: Write, D: Write>(
     sinks: &mut LocalSinks,
     dead_letters: &mut D,
     addr: SocketAddr,
-    path: &str,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, &str),
 ) -> Result<RunSummary, RuntimeError> {
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -83,14 +83,15 @@ pub fn listen<W: Write, D: Write>(
         .local_addr()
         .map_err(|e| RuntimeError::Usage(format!("cannot listen on {addr}: {e}")))?;
     let (requests, incoming) = mpsc::sync_channel::<Delivery>(QUEUED);
-    let endpoint = Endpoint::new(
-        path.to_owned(),
-        LOCAL_LIMITS,
-        Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key),
-        None,
-        None,
-        Arc::new(ToPipeline { requests }),
-    );
+    let contract = Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key);
+    let deliver = Arc::new(ToPipeline { requests });
+    // The manifest's endpoint, when it declares one, with its path, limits
+    // and idempotency key; no tokens on a laptop.
+    let endpoint = match &plan.ingest {
+        Some(http) => Endpoint::from_spec(http, contract, None, deliver),
+        None => Endpoint::new("/".to_owned(), LOCAL_LIMITS, contract, None, None, deliver),
+    };
+    let path = endpoint.path.clone();
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -107,7 +108,7 @@ pub fn listen<W: Write, D: Write>(
         })
         // Dropping the runtime drops the endpoint: the pipeline's loop ends.
     });
-    on_listening(bound);
+    on_listening(bound, &path);
 
     let started = Instant::now();
     let mut summary = RunSummary::default();
