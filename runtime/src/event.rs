@@ -156,6 +156,15 @@ pub fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// The text of a number no sink can store, if `value` is one: an integer
+/// beyond the 64-bit range, or a float beyond a double's.
+pub(crate) fn unstorable_number(value: &Value) -> Option<String> {
+    let number = document::wide_number(value)?;
+    let text = number.as_str();
+    (is_integer_text(&number) || !text.parse::<f64>().is_ok_and(f64::is_finite))
+        .then(|| text.to_owned())
+}
+
 fn is_integer_text(number: &sonic_rs::RawNumber) -> bool {
     !number.as_str().contains(['.', 'e', 'E'])
 }

@@ -42,7 +42,7 @@ mod checkpoint;
 mod commit;
 mod control;
 mod http;
-mod metrics;
+pub(crate) mod metrics;
 mod parse;
 mod process;
 mod rebalance;

@@ -13,6 +13,7 @@ use sonic_rs::{JsonContainerTrait, JsonValueMutTrait, JsonValueTrait, Value};
 
 use crate::event::{
     Event, FieldPath, MAX_DEPTH, MAX_EVENT_BYTES, parse_nested, parse_value, type_name,
+    unstorable_number,
 };
 use crate::schema::Validator;
 
@@ -271,29 +272,30 @@ fn json_records(bytes: &[u8], max_records: usize) -> Result<Vec<Parsed>, Refusal
     // The array adds a level above its events.
     let array = parse_nested(text, MAX_DEPTH + 1)
         .map_err(|reason| Refusal::new(400, format!("the body is not a JSON array: {reason}")))?;
-    let Some(items) = array.as_array() else {
+    let Some(items) = array.into_array() else {
         return Err(Refusal::new(400, "the body is not a JSON array"));
     };
     if items.len() > max_records {
         return Err(too_many(items.len(), max_records));
     }
+    // The items are taken out of the array, not copied.
     Ok(items
-        .iter()
+        .into_iter()
         .map(|item| {
             if !item.is_object() {
                 return Err(format!(
                     "not a JSON object: the record is a JSON {}",
-                    type_name(item)
+                    type_name(&item)
                 ));
             }
-            let raw = sonic_rs::to_vec(item).map_err(|e| e.to_string())?;
+            let raw = sonic_rs::to_vec(&item).map_err(|e| e.to_string())?;
             if raw.len() > MAX_EVENT_BYTES {
                 return Err(format!(
                     "the record is {} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes",
                     raw.len()
                 ));
             }
-            Ok((item.clone(), raw))
+            Ok((item, raw))
         })
         .collect())
 }
@@ -373,16 +375,8 @@ fn may_hold_wide_numbers(raw: &[u8]) -> bool {
 /// The place (`a.b[2]`) and text of the first number in `value` that is
 /// neither a 64-bit integer nor a finite double.
 fn first_wide_number(value: &Value, pointer: &mut String) -> Option<(String, String)> {
-    if let Some(number) = value.as_raw_number()
-        && !value.is_i64()
-        && !value.is_u64()
-    {
-        let text = number.as_str();
-        let integer = !text.contains(['.', 'e', 'E']);
-        if integer || !text.parse::<f64>().is_ok_and(f64::is_finite) {
-            return Some((pointer.clone(), text.to_owned()));
-        }
-        return None;
+    if value.is_number() {
+        return unstorable_number(value).map(|text| (pointer.clone(), text));
     }
     let length = pointer.len();
     let found = if let Some(object) = value.as_object() {

@@ -110,7 +110,9 @@ impl Answer {
 /// The parts of a request the endpoint reads.
 #[derive(Debug, Default)]
 pub struct Request<'a> {
-    pub authorization: Option<&'a [u8]>,
+    /// The name of the token that sent it (`None` on an open endpoint), as
+    /// [`Endpoint::identify`] found it before the body was read.
+    pub token: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub content_encoding: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
@@ -198,22 +200,17 @@ impl Endpoint {
         }
     }
 
-    /// Answers one request, delivering its accepted records first.
+    /// Answers one request of the sender [`Endpoint::identify`] named,
+    /// delivering its accepted records first.
     pub async fn handle(&self, request: Request<'_>) -> Answer {
         let started = Instant::now();
-        let token = match self.identify(request.authorization) {
-            Ok(token) => token,
-            Err(answer) => {
-                self.metrics.refused("unauthorized", None);
-                return answer;
-            }
-        };
-        let answer = self.accept(request, token.as_deref()).await;
+        let answer = self.accept(request).await;
         self.metrics.answered(answer.status, started.elapsed());
         answer
     }
 
-    async fn accept(&self, request: Request<'_>, token: Option<&str>) -> Answer {
+    async fn accept(&self, request: Request<'_>) -> Answer {
+        let token = request.token;
         let refuse = |reason: &'static str, refusal: Refusal| {
             self.metrics.refused(reason, token);
             Answer::refused(refusal)

@@ -47,6 +47,7 @@ impl KafkaDelivery {
                 "queue.buffering.max.kbytes",
                 (max_queued_bytes / 1024).max(1).to_string(),
             );
+        // The user's settings win over these too, as over the stages'.
         for (key, value) in &settings.extra {
             config.set(key, value);
         }

@@ -6,8 +6,10 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Registry, TextEncoder,
 };
+
+use crate::host::metrics::{counter, counter_vec};
 
 pub struct IngestMetrics {
     registry: Registry,
@@ -27,36 +29,29 @@ impl Default for IngestMetrics {
 impl IngestMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(counter.clone()))
-                .expect("unique metric");
-            counter
-        };
         let requests = counter_vec(
+            &registry,
             "keystone_ingest_requests_total",
             "Ingest requests answered, by HTTP status code",
             &["code"],
         );
         let records = counter_vec(
+            &registry,
             "keystone_ingest_records_total",
             "Records received, by outcome (accepted: delivered; refused: not meeting the contract)",
             &["outcome", "token"],
         );
         let refusals = counter_vec(
+            &registry,
             "keystone_ingest_refusals_total",
             "Requests refused, by reason and token",
             &["reason", "token"],
         );
-        let bytes = IntCounter::new(
+        let bytes = counter(
+            &registry,
             "keystone_ingest_received_bytes_total",
             "Request body bytes received, as sent (before decompression)",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(bytes.clone()))
-            .expect("unique metric");
+        );
         let latency = Histogram::with_opts(
             HistogramOpts::new(
                 "keystone_ingest_request_duration_seconds",

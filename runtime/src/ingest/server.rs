@@ -135,15 +135,18 @@ async fn answer(
     // never buffered.
     let headers = request.headers().clone();
     let authorization = headers.get("authorization").map(HeaderValue::as_bytes);
-    if let Err(refused) = endpoint.identify(authorization) {
-        endpoint.metrics.refused("unauthorized", None);
-        let mut response = json(&refused);
-        response.headers_mut().insert(
-            "www-authenticate",
-            HeaderValue::from_static("Bearer realm=\"keystone-ingest\""),
-        );
-        return Ok(response);
-    }
+    let token = match endpoint.identify(authorization) {
+        Ok(token) => token,
+        Err(refused) => {
+            endpoint.metrics.refused("unauthorized", None);
+            let mut response = json(&refused);
+            response.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"keystone-ingest\""),
+            );
+            return Ok(response);
+        }
+    };
     let Ok(_permit) = permits.try_acquire() else {
         return Ok(json(&Answer {
             status: 503,
@@ -189,7 +192,7 @@ async fn answer(
     };
     let answer = endpoint
         .handle(Request {
-            authorization,
+            token: token.as_deref(),
             content_type: header(&headers, "content-type"),
             content_encoding: header(&headers, "content-encoding"),
             idempotency_key: header(&headers, "idempotency-key"),
