@@ -47,21 +47,7 @@ lake_venv() {
 # ------------------------------------------------------------------ installs
 
 ensure_gofakes3() {
-  [[ -x "$GOFAKES3_BIN" ]] && return
-  cache_lock
-  if [[ -x "$GOFAKES3_BIN" ]]; then cache_unlock; return; fi
-  local dir="$CACHE/gofakes3-$GOFAKES3_VERSION" flog="$CACHE/gofakes3-$GOFAKES3_VERSION.build.log" t=$SECONDS
-  log "building gofakes3 $GOFAKES3_VERSION from the Go module proxy into $dir"
-  rm -rf "$dir" "$dir.tmp"
-  # From the cache folder, so that no go.mod of the caller's folder is read.
-  (
-    cd "$CACHE"
-    GOTOOLCHAIN="${KEYSTONE_GOTOOLCHAIN:-auto}" GOBIN="$dir.tmp/bin" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
-      nice -n 10 go install -trimpath -ldflags "-s -w" "github.com/johannesboyne/gofakes3/cmd/gofakes3@$GOFAKES3_VERSION"
-  ) >"$flog" 2>&1 || die "gofakes3 build failed; see $flog"
-  mv "$dir.tmp" "$dir"
-  log "gofakes3 built in $((SECONDS - t)) s"
-  cache_unlock
+  go_install_cached gofakes3 "$GOFAKES3_VERSION" "github.com/johannesboyne/gofakes3/cmd/gofakes3@$GOFAKES3_VERSION"
 }
 
 ensure_iceberg_rest() {
