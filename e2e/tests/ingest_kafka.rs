@@ -56,6 +56,8 @@ async fn harness(name: &str) -> Harness {
     h.plan.ingest = Some(HttpSourceSpec {
         path: "/events".to_owned(),
         tokens_secret: "unused-here".to_owned(),
+        granted_tokens: Vec::new(),
+        tls: None,
         max_body_bytes: 1 << 20,
         max_records: 1000,
         rate_limit: None,

@@ -27,6 +27,21 @@ pub struct HttpSourceSpec {
     /// token that sent it (Kafka header `keystone-ingest-token`).
     #[schemars(length(min = 1, max = 253))]
     pub tokens_secret: String,
+    /// The names of the tokens in `tokensSecret` that may send to this
+    /// pipeline, when one Secret holds the tokens of several pipelines: a
+    /// token of the Secret not listed here is refused with 403. Every token
+    /// of the Secret may send when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))
+    )]
+    pub granted_tokens: Vec<String>,
+    /// Serve the endpoint over TLS (port 8443), optionally requiring client
+    /// certificates (mutual TLS). The pods' health and metrics stay on the
+    /// plain port 8080, which then serves no events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HttpTls>,
     /// The most bytes of one request's body, after decompression (413 past it).
     #[serde(default = "default_max_body_bytes")]
     #[schemars(range(min = 1024, max = 268_435_456))]
@@ -63,6 +78,25 @@ pub struct HttpSourceSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
+}
+
+/// The endpoint's TLS. Certificates are read again every minute, so that a
+/// renewed Secret (cert-manager's, for instance) takes effect without a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpTls {
+    /// A Secret of type `kubernetes.io/tls` in the pipeline's namespace: the
+    /// server's certificate chain (`tls.crt`) and private key (`tls.key`), PEM.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret: String,
+    /// Mutual TLS: a Secret in the pipeline's namespace whose `ca.crt` holds
+    /// the PEM certificates of the authorities that sign client certificates.
+    /// A client without a certificate signed by one of them is refused during
+    /// the handshake. Bearer tokens are still required. No client
+    /// certificate is asked for when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_ca_secret: Option<String>,
 }
 
 /// A per-token rate limit, in records.

@@ -85,8 +85,13 @@ pub struct PipelineStatus {
 #[serde(rename_all = "camelCase")]
 pub struct IngestStatus {
     /// The endpoint inside the cluster: `POST` events here with a bearer
-    /// token from the tokens Secret (its Service, port 8080, and the path).
+    /// token from the tokens Secret (its Service, port 8080, or 8443 over
+    /// TLS, and the path).
     pub url: String,
+    /// The endpoint outside the cluster, through the Ingress the operator
+    /// made for it (the chart's `ingest.ingress`); none without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_url: Option<String>,
 }
 
 /// The capture's progress: its snapshot and the database's WAL it holds.

@@ -14,7 +14,8 @@ use keystone_crds::{PLAN_VERSION, Plan};
 use super::body::Contract;
 use super::endpoint::Endpoint;
 use super::kafka::KafkaDelivery;
-use super::server::{ServerSettings, bind_and_serve, stop_signal};
+use super::server::{Listening, ServerSettings, bind_and_serve, bind_and_serve_as, stop_signal};
+use super::tls::{ReloadingTls, TlsFiles};
 use super::tokens::Tokens;
 use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
 use crate::kafka::KafkaSettings;
@@ -23,6 +24,10 @@ use crate::schema::Validator;
 /// How often the tokens directory is read again (the kubelet updates a
 /// mounted Secret within about a minute).
 const TOKENS_RELOAD: Duration = Duration::from_secs(15);
+
+/// How often the TLS files are read again (certificates are renewed days
+/// ahead of their expiry).
+const TLS_RELOAD: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
 pub struct IngestCli {
@@ -51,6 +56,27 @@ pub struct IngestCli {
         default_value = "/var/run/secrets/keystone/ingest-tokens"
     )]
     pub tokens_dir: PathBuf,
+    /// Where the endpoint takes events over TLS when the plan asks for TLS
+    /// (`spec.source.http.tls`); `--listen` then serves only the probes and
+    /// metrics.
+    #[arg(long, env = "KEYSTONE_HTTPS_ADDR", default_value = "0.0.0.0:8443")]
+    pub tls_listen: SocketAddr,
+    /// The server's `tls.crt` and `tls.key` (the TLS Secret, mounted), when
+    /// the plan asks for TLS.
+    #[arg(
+        long,
+        env = "KEYSTONE_INGEST_TLS",
+        default_value = "/var/run/secrets/keystone/ingest-tls"
+    )]
+    pub tls_dir: PathBuf,
+    /// The client authorities' `ca.crt` (the client CA Secret, mounted), when
+    /// the plan asks for mutual TLS.
+    #[arg(
+        long,
+        env = "KEYSTONE_INGEST_CLIENT_CA",
+        default_value = "/var/run/secrets/keystone/ingest-client-ca"
+    )]
+    pub client_ca_dir: PathBuf,
     /// Seconds the broker may take to acknowledge a request's records before
     /// the request is answered 503.
     #[arg(long, default_value_t = 10)]
@@ -103,15 +129,30 @@ async fn serve(
     http: &HttpSourceSpec,
     settings: &KafkaSettings,
 ) -> Result<(), String> {
-    let tokens = Tokens::watch_dir(args.tokens_dir.clone(), TOKENS_RELOAD).map_err(|e| {
-        format!(
-            "cannot read the ingest tokens in {}: {e}",
-            args.tokens_dir.display()
-        )
-    })?;
+    let tokens = Tokens::watch_dir(args.tokens_dir.clone(), TOKENS_RELOAD)
+        .map_err(|e| {
+            format!(
+                "cannot read the ingest tokens in {}: {e}",
+                args.tokens_dir.display()
+            )
+        })?
+        .granted(&http.granted_tokens);
     if tokens.names().is_empty() {
         tracing::warn!(dir = %args.tokens_dir.display(), "no ingest token yet: every request is refused (401) until the tokens Secret has one");
     }
+    let tls = match &http.tls {
+        None => None,
+        Some(tls) => {
+            let files = TlsFiles {
+                dir: args.tls_dir.clone(),
+                client_ca_dir: tls
+                    .client_ca_secret
+                    .as_ref()
+                    .map(|_| args.client_ca_dir.clone()),
+            };
+            Some(ReloadingTls::watch(files, TLS_RELOAD)?)
+        }
+    };
     let max_body_bytes = usize::try_from(http.max_body_bytes).unwrap_or(usize::MAX);
     let delivery = KafkaDelivery::new(
         settings,
@@ -121,19 +162,63 @@ async fn serve(
         max_body_bytes.saturating_mul(args.max_in_flight),
     )
     .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
-    let endpoint = Endpoint::from_spec(
+    let endpoint = Arc::new(Endpoint::from_spec(
         http,
         Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key),
         Some(tokens),
         Arc::new(delivery),
-    );
+    ));
     let server = ServerSettings {
         max_in_flight: args.max_in_flight.max(1),
         ..ServerSettings::default()
     };
-    bind_and_serve(args.listen, Arc::new(endpoint), server, stop_signal())
+    let Some(tls) = tls else {
+        return bind_and_serve(args.listen, endpoint, server, stop_signal())
+            .await
+            .map_err(|e| format!("cannot serve on {}: {e}", args.listen));
+    };
+    // Events over TLS; the plain port keeps the probes and metrics, which
+    // the kubelet and the scraper reach without a client certificate.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = stop.send(true);
+    });
+    let on_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let probes = Listening {
+        tls: None,
+        events: false,
+    };
+    let events = Listening {
+        tls: Some(tls),
+        events: true,
+    };
+    // One that cannot bind ends both: a pod half up would pass its probes.
+    let plain = async {
+        bind_and_serve_as(
+            args.listen,
+            endpoint.clone(),
+            server,
+            probes,
+            on_stop(stopped.clone()),
+        )
         .await
         .map_err(|e| format!("cannot serve on {}: {e}", args.listen))
+    };
+    let secure = async {
+        bind_and_serve_as(
+            args.tls_listen,
+            endpoint.clone(),
+            server,
+            events,
+            on_stop(stopped.clone()),
+        )
+        .await
+        .map_err(|e| format!("cannot serve on {}: {e}", args.tls_listen))
+    };
+    tokio::try_join!(plain, secure).map(|_| ())
 }
 
 fn read_plan(path: &Path) -> Result<(Plan, HttpSourceSpec), String> {

@@ -181,7 +181,8 @@ impl Endpoint {
         endpoint
     }
 
-    /// Who sent the request, or the refusal (401) of one that proves nothing.
+    /// Who sent the request, or its refusal: 401 for one that proves nothing,
+    /// 403 for a token granted to other pipelines only.
     pub fn identify(&self, authorization: Option<&[u8]>) -> Result<Option<String>, Answer> {
         let Some(tokens) = &self.tokens else {
             return Ok(None);
@@ -196,6 +197,12 @@ impl Endpoint {
             Identity::Unknown => Err(Answer::refused(Refusal {
                 status: 401,
                 reason: "the bearer token is none of this pipeline's".to_owned(),
+            })),
+            Identity::NotGranted(name) => Err(Answer::refused(Refusal {
+                status: 403,
+                reason: format!(
+                    "the token {name:?} may not send to this pipeline (it is not in spec.source.http.grantedTokens)"
+                ),
             })),
         }
     }

@@ -7,7 +7,7 @@
 //! - [`endpoint`]: one request to its answer; a 2xx only once every
 //!   accepted record is delivered.
 //! - [`server`]: the HTTP server around it, with its timeouts, probes and
-//!   metrics.
+//!   metrics; [`tls`]: its TLS and mutual TLS.
 //! - [`kafka`]: delivery to the source topic; [`cli`]: `keystone-runtime
 //!   ingest`, what an ingest pod runs.
 
@@ -17,4 +17,5 @@ pub mod endpoint;
 pub mod kafka;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 pub mod tokens;

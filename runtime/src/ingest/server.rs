@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::endpoint::{Answer, Endpoint, Request};
+use super::tls::ReloadingTls;
 
 /// How the server treats connections.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +45,26 @@ impl Default for ServerSettings {
     }
 }
 
+/// What one listener serves.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// TLS on every connection; plain HTTP when `None`.
+    pub tls: Option<ReloadingTls>,
+    /// Whether events are taken here. A plain port beside a TLS one serves
+    /// only the probes and metrics, so no event crosses the network in clear.
+    pub events: bool,
+}
+
+impl Listening {
+    /// Plain HTTP, events included: an endpoint without TLS.
+    pub fn plain() -> Self {
+        Listening {
+            tls: None,
+            events: true,
+        }
+    }
+}
+
 /// Serves `endpoint` on `listener` until `shutdown` resolves; then stops
 /// accepting and waits (up to the drain timeout) for the requests being
 /// answered, so that no delivered request loses its answer to a shutdown.
@@ -53,6 +74,17 @@ pub async fn serve(
     settings: ServerSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_as(listener, endpoint, settings, Listening::plain(), shutdown).await
+}
+
+/// [`serve`], with TLS or without events as `listening` says.
+pub async fn serve_as(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    settings: ServerSettings,
+    listening: Listening,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     tokio::pin!(shutdown);
     loop {
@@ -60,18 +92,31 @@ pub async fn serve(
             accepted = listener.accept() => accepted?,
             () = &mut shutdown => break,
         };
-        let (endpoint, permits) = (endpoint.clone(), permits.clone());
+        let connection = Connection {
+            endpoint: endpoint.clone(),
+            permits: permits.clone(),
+            settings,
+            events: listening.events,
+            peer,
+        };
+        let tls = listening.tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                answer(request, endpoint.clone(), permits.clone(), settings)
-            });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(error) = served {
-                tracing::debug!(%peer, %error, "ingest connection closed with an error");
+            let Some(tls) = tls else {
+                return connection.serve(stream).await;
+            };
+            // A client that never finishes its handshake is cut off like one
+            // that never sends its headers.
+            match tokio::time::timeout(settings.header_timeout, tls.acceptor().accept(stream)).await
+            {
+                Ok(Ok(stream)) => connection.serve(stream).await,
+                Ok(Err(error)) => {
+                    connection.endpoint.metrics.refused("tls", None);
+                    tracing::debug!(%peer, %error, "ingest TLS handshake refused");
+                }
+                Err(_) => {
+                    connection.endpoint.metrics.refused("tls", None);
+                    tracing::debug!(%peer, "ingest TLS handshake timed out");
+                }
             }
         });
     }
@@ -85,6 +130,41 @@ pub async fn serve(
     Ok(())
 }
 
+/// One accepted connection and what it shares with the others.
+struct Connection {
+    endpoint: Arc<Endpoint>,
+    permits: Arc<Semaphore>,
+    settings: ServerSettings,
+    events: bool,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            endpoint,
+            permits,
+            settings,
+            events,
+            peer,
+        } = self;
+        let service = service_fn(move |request| {
+            answer(request, endpoint.clone(), permits.clone(), settings, events)
+        });
+        let served = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+        if let Err(error) = served {
+            tracing::debug!(%peer, %error, "ingest connection closed with an error");
+        }
+    }
+}
+
 /// Binds `addr` and serves until `shutdown`.
 pub async fn bind_and_serve(
     addr: SocketAddr,
@@ -92,9 +172,26 @@ pub async fn bind_and_serve(
     settings: ServerSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    bind_and_serve_as(addr, endpoint, settings, Listening::plain(), shutdown).await
+}
+
+/// [`bind_and_serve`], as `listening` says.
+pub async fn bind_and_serve_as(
+    addr: SocketAddr,
+    endpoint: Arc<Endpoint>,
+    settings: ServerSettings,
+    listening: Listening,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, path = %endpoint.path, "ingest endpoint listening");
-    serve(listener, endpoint, settings, shutdown).await
+    tracing::info!(
+        %addr,
+        path = %endpoint.path,
+        tls = listening.tls.is_some(),
+        events = listening.events,
+        "ingest endpoint listening"
+    );
+    serve_as(listener, endpoint, settings, listening, shutdown).await
 }
 
 async fn answer(
@@ -102,15 +199,23 @@ async fn answer(
     endpoint: Arc<Endpoint>,
     permits: Arc<Semaphore>,
     settings: ServerSettings,
+    events: bool,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = request.uri().path();
-    if path != endpoint.path {
+    if path != endpoint.path || !events {
         return Ok(match (request.method(), path) {
             (&Method::GET, "/healthz" | "/readyz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/metrics") => Response::builder()
                 .header("content-type", "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(endpoint.metrics.render())))
                 .expect("a valid response"),
+            _ if !events => json(&Answer {
+                status: 404,
+                body: serde_json::json!({
+                    "error": "this port serves only probes and metrics: events go to the endpoint's TLS port"
+                }),
+                retry_after: None,
+            }),
             _ => json(&Answer {
                 status: 404,
                 body: serde_json::json!({
@@ -137,6 +242,10 @@ async fn answer(
     let authorization = headers.get("authorization").map(HeaderValue::as_bytes);
     let token = match endpoint.identify(authorization) {
         Ok(token) => token,
+        Err(refused) if refused.status == 403 => {
+            endpoint.metrics.refused("forbidden", None);
+            return Ok(json(&refused));
+        }
         Err(refused) => {
             endpoint.metrics.refused("unauthorized", None);
             let mut response = json(&refused);

@@ -4,6 +4,7 @@
 //! one file per token, the file's name being the token's name; the directory
 //! is read again when the kubelet updates it.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,12 +33,17 @@ pub enum Identity {
     Unknown,
     /// The token of this name.
     Token(String),
+    /// A token of the Secret that is not granted to this endpoint (one Secret
+    /// shared by several pipelines): its name.
+    NotGranted(String),
 }
 
 /// The tokens an endpoint admits; shared with the task that reloads them.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
     tokens: Arc<RwLock<Vec<Token>>>,
+    /// The names that may send; every token when `None`.
+    granted: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Tokens {
@@ -46,6 +52,13 @@ impl Tokens {
         let set = Self::default();
         set.replace(tokens_of(tokens.into_iter().collect()));
         set
+    }
+
+    /// Only the tokens named in `granted` may send (the others are known,
+    /// and refused as another pipeline's); every token when it is empty.
+    pub fn granted(mut self, granted: &[String]) -> Self {
+        self.granted = (!granted.is_empty()).then(|| Arc::new(granted.iter().cloned().collect()));
+        self
     }
 
     /// Reads every token of `dir`: each regular file is a token named after
@@ -116,7 +129,13 @@ impl Tokens {
                 found = Some(token.name.clone());
             }
         }
-        found.map_or(Identity::Unknown, Identity::Token)
+        match found {
+            None => Identity::Unknown,
+            Some(name) if self.granted.as_ref().is_some_and(|g| !g.contains(&name)) => {
+                Identity::NotGranted(name)
+            }
+            Some(name) => Identity::Token(name),
+        }
     }
 }
 
