@@ -50,6 +50,43 @@ pub struct OperatorConfig {
     /// scraper reach its pods' port; none when unset.
     #[serde(default)]
     pub network_policy: Option<NetworkPolicyConfig>,
+    /// The pods and Ingress of HTTP ingest endpoints (`spec.source.http`).
+    #[serde(default)]
+    pub ingest: IngestConfig,
+}
+
+/// How HTTP ingest endpoints are run and exposed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Resources of the ingest containers; those of the stages when unset.
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    /// An Ingress per endpoint, so that clients outside the cluster reach it.
+    #[serde(default)]
+    pub ingress: Option<IngestIngressConfig>,
+}
+
+/// The Ingress made for each HTTP ingest endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngestIngressConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// `spec.ingressClassName`; the cluster's default class when unset.
+    #[serde(default)]
+    pub class_name: Option<String>,
+    /// The host of each endpoint, with `{pipeline}` and `{namespace}` replaced,
+    /// e.g. `{pipeline}.{namespace}.ingest.example.com`.
+    pub host: String,
+    /// Annotations of each Ingress (the controller's settings, e.g. the
+    /// backend protocol for endpoints served over TLS).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// A TLS Secret (in each pipeline's namespace) the Ingress terminates TLS
+    /// with, for the host; plain HTTP when unset.
+    #[serde(default)]
+    pub tls_secret: Option<String>,
 }
 
 /// Who may reach runtime pods (`resources::network_policy`).

@@ -3,7 +3,7 @@
 use k8s_openapi::api::core::v1::Secret;
 
 use super::*;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use keystone_crds::pipeline::IngestStatus;
 
 /// Environment the runtime needs to reach the plan's clusters.
@@ -255,25 +255,39 @@ pub(super) async fn apply_workloads(
     // Service; counted as a stage as the capture is.
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     if let Some(http) = &plan.ingest {
+        let params = WorkloadParams {
+            resources: ctx
+                .config
+                .ingest
+                .resources
+                .clone()
+                .or_else(|| params.resources.clone()),
+            ..params.clone()
+        };
         let applied = ssa(
             &deployments,
             &resources::ingest_deployment(plan, http, &params),
         )
         .await?;
-        ssa(
-            &services,
-            &resources::component_service(plan, resources::INGEST_COMPONENT, &owner),
-        )
-        .await?;
+        ssa(&services, &resources::ingest_service(plan, http, &owner)).await?;
         if ctx
             .config
             .network_policy
             .as_ref()
             .is_some_and(|c| c.enabled)
         {
+            let (port, _) = resources::ingest_port(http);
             ssa(
                 &policies,
-                &resources::ingest_network_policy(&plan.pipeline, namespace, &owner),
+                &resources::ingest_network_policy(&plan.pipeline, namespace, port, &owner),
+            )
+            .await?;
+        }
+        if let Some(ingress) = ingest_ingress_config(ctx) {
+            let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), namespace);
+            ssa(
+                &ingresses,
+                &resources::ingest_ingress(ingress, plan, http, &owner),
             )
             .await?;
         }
@@ -314,37 +328,63 @@ pub(super) async fn apply_workloads(
 }
 
 /// The status of the pipeline's HTTP ingest endpoint, if it has one; the
-/// NetworkPolicy that opened the endpoint of one it no longer has is removed.
+/// NetworkPolicy that opened the endpoint of one it no longer has, and an
+/// Ingress no longer wanted, are removed.
 pub(super) async fn ingest_status(
     ctx: &Context,
     pipeline: &Pipeline,
     plan: &Plan,
     old: Option<&PipelineStatus>,
 ) -> Result<Option<IngestStatus>, Error> {
-    if let Some(http) = &plan.ingest {
-        let service = resources::stage_object_name(&plan.pipeline, resources::INGEST_COMPONENT);
-        return Ok(Some(IngestStatus {
-            url: format!(
-                "http://{service}.{}.svc:{}{}",
-                plan.namespace,
-                resources::HTTP_PORT,
-                http.path
-            ),
-        }));
-    }
-    if old.is_some_and(|s| s.ingest.is_some()) {
-        let policies: Api<NetworkPolicy> = Api::namespaced(
-            ctx.client.clone(),
-            &pipeline.namespace().unwrap_or_default(),
-        );
-        let name = resources::ingest_network_policy_name(&plan.pipeline);
-        match policies.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(e.into()),
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let had = old.and_then(|s| s.ingest.as_ref());
+    let ingress = ingest_ingress_config(ctx);
+    // An Ingress made before (the endpoint, or the chart's ingress, since
+    // removed) goes; its name is known from the status that reported it.
+    if had.is_some_and(|h| h.ingress_url.is_some()) && (plan.ingest.is_none() || ingress.is_none())
+    {
+        let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), &namespace);
+        let name = resources::ingest_ingress_name(&plan.pipeline);
+        match delete_if_present(&ingresses, &name).await {
+            // The chart's ingress turned off takes the operator's right to
+            // Ingresses with it: the object stays until its Pipeline goes.
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 403 => {
+                tracing::warn!(pipeline = %plan.pipeline, ingress = %name, "the Ingress of an ingest endpoint is no longer wanted but the operator may not delete it; delete it by hand")
+            }
+            other => other?,
         }
     }
+    if let Some(http) = &plan.ingest {
+        return Ok(Some(IngestStatus {
+            url: resources::ingest_service_url(plan, http),
+            ingress_url: ingress.map(|i| resources::ingest_ingress_url(i, plan, http)),
+        }));
+    }
+    if had.is_some() {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        delete_if_present(
+            &policies,
+            &resources::ingest_network_policy_name(&plan.pipeline),
+        )
+        .await?;
+    }
     Ok(None)
+}
+
+/// The chart's Ingress for ingest endpoints, when enabled.
+fn ingest_ingress_config(ctx: &Context) -> Option<&crate::config::IngestIngressConfig> {
+    ctx.config.ingest.ingress.as_ref().filter(|i| i.enabled)
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Records a component that writes the source topic (the capture, the

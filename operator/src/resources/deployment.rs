@@ -186,11 +186,18 @@ pub const INGEST_COMPONENT: &str = "ingest";
 /// Not below the plan's directory: a mount point inside a read-only volume
 /// cannot be created.
 const INGEST_TOKENS_DIR: &str = "/var/run/secrets/keystone/ingest-tokens";
+/// Where an ingest pod reads its TLS certificate and key (`spec.source.http.tls`).
+const INGEST_TLS_DIR: &str = "/var/run/secrets/keystone/ingest-tls";
+/// Where an ingest pod reads the client authorities of mutual TLS.
+const INGEST_CLIENT_CA_DIR: &str = "/var/run/secrets/keystone/ingest-client-ca";
+
+/// The port an ingest pod takes events on over TLS.
+pub const HTTPS_PORT: i32 = 8443;
 
 /// The Deployment of the pipeline's HTTP ingest endpoint (`spec.source.http`):
 /// `http.replicas` instances rolled one by one (the Service keeps serving),
-/// with the tokens Secret mounted, so that a rotation reaches them without a
-/// restart.
+/// with the tokens Secret (and the TLS Secrets) mounted, so that a rotation
+/// reaches them without a restart.
 pub fn ingest_deployment(
     plan: &Plan,
     http: &HttpSourceSpec,
@@ -198,6 +205,25 @@ pub fn ingest_deployment(
 ) -> Deployment {
     let mut pod_env = common_env(plan, INGEST_COMPONENT, params, None);
     pod_env.push(env("KEYSTONE_INGEST_TOKENS", INGEST_TOKENS_DIR.to_owned()));
+    let mut mounts = vec![(
+        "ingest-tokens",
+        http.tokens_secret.as_str(),
+        INGEST_TOKENS_DIR,
+    )];
+    if let Some(tls) = &http.tls {
+        pod_env.push(env("KEYSTONE_INGEST_TLS", INGEST_TLS_DIR.to_owned()));
+        mounts.push(("ingest-tls", tls.secret.as_str(), INGEST_TLS_DIR));
+        if let Some(client_ca) = &tls.client_ca_secret {
+            pod_env.push(env(
+                "KEYSTONE_INGEST_CLIENT_CA",
+                INGEST_CLIENT_CA_DIR.to_owned(),
+            ));
+            mounts.push(("ingest-client-ca", client_ca.as_str(), INGEST_CLIENT_CA_DIR));
+        }
+        if let Some(host) = &params.bind_host {
+            pod_env.push(env("KEYSTONE_HTTPS_ADDR", format!("{host}:{HTTPS_PORT}")));
+        }
+    }
     let mut args = vec![
         "ingest".to_owned(),
         "--plan".to_owned(),
@@ -220,24 +246,39 @@ pub fn ingest_deployment(
         .as_mut()
         .and_then(|spec| spec.template.spec.as_mut())
     {
-        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
-            name: "ingest-tokens".to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(http.tokens_secret.clone()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        for container in &mut pod.containers {
-            container
-                .volume_mounts
-                .get_or_insert_with(Vec::new)
-                .push(VolumeMount {
-                    name: "ingest-tokens".to_owned(),
-                    mount_path: INGEST_TOKENS_DIR.to_owned(),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                });
+        for (volume, secret, dir) in mounts {
+            pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+                name: volume.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.to_owned()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            for container in &mut pod.containers {
+                container
+                    .volume_mounts
+                    .get_or_insert_with(Vec::new)
+                    .push(VolumeMount {
+                        name: volume.to_owned(),
+                        mount_path: dir.to_owned(),
+                        read_only: Some(true),
+                        ..VolumeMount::default()
+                    });
+            }
+        }
+        if http.tls.is_some() {
+            for container in &mut pod.containers {
+                container
+                    .ports
+                    .get_or_insert_with(Vec::new)
+                    .push(ContainerPort {
+                        name: Some("https".to_owned()),
+                        container_port: HTTPS_PORT,
+                        protocol: Some("TCP".to_owned()),
+                        ..ContainerPort::default()
+                    });
+            }
         }
     }
     deployment

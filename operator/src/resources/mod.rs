@@ -9,6 +9,7 @@ use serde::Serialize;
 
 mod config_maps;
 mod deployment;
+mod ingest;
 mod network_policy;
 mod security;
 mod services;
@@ -21,8 +22,12 @@ pub use config_maps::{
     restore_config_map, restore_config_map_name,
 };
 pub use deployment::{
-    CAPTURE_COMPONENT, INGEST_COMPONENT, WorkloadParams, capture_deployment, default_resources,
-    deployment, ingest_deployment,
+    CAPTURE_COMPONENT, HTTPS_PORT, INGEST_COMPONENT, WorkloadParams, capture_deployment,
+    default_resources, deployment, ingest_deployment,
+};
+pub use ingest::{
+    ingest_host, ingest_ingress, ingest_ingress_name, ingest_ingress_url, ingest_port,
+    ingest_service, ingest_service_url,
 };
 pub use network_policy::{
     ingest_network_policy, ingest_network_policy_name, network_policy, network_policy_name,

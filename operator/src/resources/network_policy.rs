@@ -78,12 +78,13 @@ pub fn ingest_network_policy_name(pipeline: &str) -> String {
 }
 
 /// Lets clients reach the HTTP ingest endpoint (`spec.source.http`): its pods'
-/// port is open to every peer, on top of the pipeline's policy, which admits
-/// only the operator and the scrapers. The endpoint authenticates each
-/// request itself.
+/// events port (`port`: the TLS one when the endpoint has TLS) is open to
+/// every peer, on top of the pipeline's policy, which admits only the
+/// operator and the scrapers. The endpoint authenticates each request itself.
 pub fn ingest_network_policy(
     pipeline: &str,
     namespace: &str,
+    port: i32,
     owner: &OwnerReference,
 ) -> NetworkPolicy {
     NetworkPolicy {
@@ -102,7 +103,7 @@ pub fn ingest_network_policy(
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: None,
                 ports: Some(vec![NetworkPolicyPort {
-                    port: Some(IntOrString::Int(HTTP_PORT)),
+                    port: Some(IntOrString::Int(port)),
                     protocol: Some("TCP".to_owned()),
                     ..NetworkPolicyPort::default()
                 }]),

@@ -656,7 +656,7 @@ fn the_ingest_endpoint_is_open_to_clients_on_its_port_only() {
         name: "clicks".into(),
         ..Default::default()
     };
-    let policy = super::ingest_network_policy("clicks", "web", &owner);
+    let policy = super::ingest_network_policy("clicks", "web", super::HTTP_PORT, &owner);
     let json = serde_json::to_value(&policy).expect("json");
     assert_eq!(json["metadata"]["name"], "clicks-ingest");
     assert_eq!(
@@ -668,5 +668,149 @@ fn the_ingest_endpoint_is_open_to_clients_on_its_port_only() {
     assert_eq!(
         rule["ports"],
         serde_json::json!([{"port": super::HTTP_PORT, "protocol": "TCP"}])
+    );
+}
+
+const TLS_INGEST_PIPELINE: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks, namespace: web, uid: "9012", generation: 1}
+spec:
+  source:
+    topic: web.clicks
+    key: [user]
+    http:
+      path: /v1/clicks
+      tokensSecret: clicks-tokens
+      tls: {secret: clicks-tls, clientCaSecret: devices-ca}
+    schema:
+      fields:
+        - {name: user, type: string}
+  sinks:
+    - name: out
+      kafka: {topic: web.clicks.out, partitions: 3}
+"#;
+
+#[test]
+fn an_ingest_endpoint_with_tls_mounts_its_secrets_and_takes_events_on_the_tls_port() {
+    let (plan, mut params) = fixture_of(TLS_INGEST_PIPELINE);
+    params.bind_host = Some("$(POD_IP)".into());
+    let http = plan.ingest.clone().expect("the plan's ingest");
+    let ingest = super::ingest_deployment(&plan, &http, &params);
+    let pod = ingest
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let container = &pod.containers[0];
+    let env = container_env(&ingest);
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    for (volume, secret, variable) in [
+        ("ingest-tls", "clicks-tls", "KEYSTONE_INGEST_TLS"),
+        (
+            "ingest-client-ca",
+            "devices-ca",
+            "KEYSTONE_INGEST_CLIENT_CA",
+        ),
+    ] {
+        let found = pod.volumes.iter().flatten().find(|v| v.name == volume);
+        assert_eq!(
+            found.and_then(|v| v.secret.as_ref()?.secret_name.as_deref()),
+            Some(secret)
+        );
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume)
+            .expect("mounted");
+        assert_eq!(value(variable), mount.mount_path);
+    }
+    assert_eq!(
+        value("KEYSTONE_HTTPS_ADDR"),
+        format!("$(POD_IP):{}", super::HTTPS_PORT)
+    );
+    let ports: Vec<_> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("http".to_owned(), super::HTTP_PORT),
+            ("https".to_owned(), super::HTTPS_PORT)
+        ]
+    );
+
+    let owner = params.owner.clone();
+    let service = serde_json::to_value(super::ingest_service(&plan, &http, &owner)).unwrap();
+    assert_eq!(service["spec"]["ports"][1]["port"], super::HTTPS_PORT);
+    assert_eq!(service["spec"]["ports"][1]["targetPort"], "https");
+    assert_eq!(
+        super::ingest_service_url(&plan, &http),
+        "https://clicks-ingest.web.svc:8443/v1/clicks"
+    );
+    let (port, _) = super::ingest_port(&http);
+    let policy =
+        serde_json::to_value(super::ingest_network_policy("clicks", "web", port, &owner)).unwrap();
+    assert_eq!(
+        policy["spec"]["ingress"][0]["ports"],
+        serde_json::json!([{"port": super::HTTPS_PORT, "protocol": "TCP"}]),
+        "only the TLS port is open to clients"
+    );
+}
+
+#[test]
+fn the_charts_ingress_routes_the_endpoints_path_on_its_host() {
+    let (plan, params) = fixture_of(INGEST_PIPELINE);
+    let http = plan.ingest.clone().expect("the plan's ingest");
+    let config = crate::config::IngestIngressConfig {
+        enabled: true,
+        class_name: Some("nginx".into()),
+        host: "{pipeline}.{namespace}.ingest.example.com".into(),
+        annotations: std::collections::BTreeMap::from([(
+            "nginx.ingress.kubernetes.io/proxy-body-size".into(),
+            "16m".into(),
+        )]),
+        tls_secret: Some("ingest-wildcard".into()),
+    };
+    let ingress =
+        serde_json::to_value(super::ingest_ingress(&config, &plan, &http, &params.owner)).unwrap();
+    assert_eq!(ingress["metadata"]["name"], "clicks-ingest");
+    assert_eq!(ingress["metadata"]["namespace"], "web");
+    assert_eq!(
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"],
+        "16m"
+    );
+    assert_eq!(ingress["metadata"]["ownerReferences"][0]["name"], "clicks");
+    assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+    let rule = &ingress["spec"]["rules"][0];
+    assert_eq!(rule["host"], "clicks.web.ingest.example.com");
+    assert_eq!(
+        rule["http"]["paths"],
+        serde_json::json!([{
+            "path": "/v1/clicks",
+            "pathType": "Exact",
+            "backend": {"service": {"name": "clicks-ingest", "port": {"name": "http"}}}
+        }]),
+        "only the events path: probes and metrics stay inside"
+    );
+    assert_eq!(
+        ingress["spec"]["tls"],
+        serde_json::json!([{"hosts": ["clicks.web.ingest.example.com"], "secretName": "ingest-wildcard"}])
+    );
+    assert_eq!(
+        super::ingest_ingress_url(&config, &plan, &http),
+        "https://clicks.web.ingest.example.com/v1/clicks"
     );
 }
