@@ -35,6 +35,9 @@ spec:
   sinks: [{name: out, kafka: {topic: e2e.NAME.out}}]
 "#;
 
+/// The sender's trace context, carried onto each record.
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// An ingest process and the URL of its endpoint.
 struct Ingest {
     child: Child,
@@ -124,6 +127,7 @@ async fn post(
         .bearer_auth("tok-mobile")
         .header("content-type", "application/x-ndjson")
         .header("idempotency-key", key)
+        .header("traceparent", TRACE)
         .body(body)
         .send()
         .await
@@ -164,6 +168,7 @@ async fn accepted_records_are_in_the_source_topic_when_the_answer_comes() {
             headers.get("keystone-ingest-token").map(String::as_str),
             Some("mobile")
         );
+        assert_eq!(headers.get("traceparent").map(String::as_str), Some(TRACE));
         stamps.push(value["rid"].as_str().unwrap().to_owned());
     }
     stamps.sort();

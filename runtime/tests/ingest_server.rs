@@ -229,6 +229,42 @@ async fn a_token_granted_to_other_pipelines_only_is_403_and_delivers_nothing() {
 }
 
 #[tokio::test]
+async fn a_well_formed_trace_context_is_carried_onto_each_record() {
+    let server = start(|_| {}, ServerSettings::default()).await;
+    let two = "{\"user\":\"a\",\"amount\":1}\n{\"user\":\"b\",\"amount\":2}";
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, reply, _) = answer(
+        server
+            .post(Some("tok-mobile"))
+            .header("content-type", "application/x-ndjson")
+            .header("traceparent", trace)
+            .body(two),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply, _) = answer(
+        server
+            .post(Some("tok-mobile"))
+            .header("traceparent", "not-a-trace")
+            .body("{\"user\":\"c\",\"amount\":3}"),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "a malformed trace context is no reason to refuse: {reply}"
+    );
+    let traces: Vec<Option<String>> = server
+        .delivered()
+        .into_iter()
+        .map(|r| r.traceparent)
+        .collect();
+    assert_eq!(
+        traces,
+        [Some(trace.to_owned()), Some(trace.to_owned()), None]
+    );
+}
+
+#[tokio::test]
 async fn a_batch_with_bad_records_is_422_listing_each_and_delivers_nothing() {
     let server = start(|_| {}, ServerSettings::default()).await;
     let body = r#"[{"user":"a","amount":1},{"user":"b","amount":"x"},{"amount":3}]"#;
@@ -390,6 +426,21 @@ async fn requests_past_the_in_flight_bound_are_503_at_once() {
     let (status, reply, headers) = answer(server.post(Some("tok-mobile")).body(one)).await;
     assert_eq!(status, 503, "{reply}");
     assert_eq!(headers["retry-after"], "1");
+    let metrics = server
+        .client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "keystone_ingest_requests_in_flight 2",
+        r#"keystone_ingest_refusals_total{reason="busy",token="mobile"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
     *server.memory.held.lock().unwrap() = false;
     server.memory.released.notify_waiters();
     for request in held {
@@ -538,7 +589,9 @@ async fn metrics_count_requests_records_and_refusals_by_token() {
         r#"keystone_ingest_records_total{outcome="refused",token="mobile"} 1"#,
         r#"keystone_ingest_refusals_total{reason="invalid",token="mobile"} 1"#,
         r#"keystone_ingest_refusals_total{reason="unauthorized",token=""} 1"#,
-        "keystone_ingest_request_duration_seconds_count 2",
+        // Every answer of the events path, refusals before the body too.
+        "keystone_ingest_request_duration_seconds_count 3",
+        "keystone_ingest_requests_in_flight 0",
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }

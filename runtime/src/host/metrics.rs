@@ -67,7 +67,7 @@ pub(crate) fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter
     counter
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let gauge = IntGauge::new(name, help).expect("valid metric");
     registry
         .register(Box::new(gauge.clone()))

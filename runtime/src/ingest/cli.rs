@@ -14,6 +14,7 @@ use keystone_crds::{PLAN_VERSION, Plan};
 use super::body::Contract;
 use super::endpoint::Endpoint;
 use super::kafka::KafkaDelivery;
+use super::metrics::IngestMetrics;
 use super::server::{Listening, ServerSettings, bind_and_serve, bind_and_serve_as, stop_signal};
 use super::tls::{ReloadingTls, TlsFiles};
 use super::tokens::Tokens;
@@ -162,12 +163,14 @@ async fn serve(
         max_body_bytes.saturating_mul(args.max_in_flight),
     )
     .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
-    let endpoint = Arc::new(Endpoint::from_spec(
+    let mut endpoint = Endpoint::from_spec(
         http,
         Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key),
         Some(tokens),
         Arc::new(delivery),
-    ));
+    );
+    endpoint.metrics = IngestMetrics::for_pipeline(&plan.pipeline);
+    let endpoint = Arc::new(endpoint);
     let server = ServerSettings {
         max_in_flight: args.max_in_flight.max(1),
         ..ServerSettings::default()

@@ -22,6 +22,7 @@ use super::tokens::{Identity, Tokens};
 use crate::Event;
 use crate::kafka::records::record_key;
 use keystone_crds::pipeline::http::{HttpPartial, HttpSourceSpec};
+use tracing::Instrument;
 
 /// A record accepted at the edge, ready for the topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub struct Record {
     pub value: Vec<u8>,
     /// The name of the token that sent it (none on an open endpoint).
     pub token: Option<String>,
+    /// The W3C trace context the request carried (`traceparent`), so that a
+    /// consumer can join the sender's trace.
+    pub traceparent: Option<String>,
 }
 
 /// Why records cannot be delivered now: not the sender's fault, so the
@@ -116,6 +120,8 @@ pub struct Request<'a> {
     pub content_type: Option<&'a str>,
     pub content_encoding: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
+    /// The `traceparent` header; kept on the records when well-formed.
+    pub traceparent: Option<&'a str>,
     pub body: Vec<u8>,
 }
 
@@ -211,8 +217,21 @@ impl Endpoint {
     /// delivering its accepted records first.
     pub async fn handle(&self, request: Request<'_>) -> Answer {
         let started = Instant::now();
-        let answer = self.accept(request).await;
-        self.metrics.answered(answer.status, started.elapsed());
+        let span = tracing::debug_span!(
+            "ingest_request",
+            token = request.token.unwrap_or_default(),
+            idempotency_key = request.idempotency_key.unwrap_or_default(),
+            traceparent = request.traceparent.unwrap_or_default(),
+        );
+        let answer = self.accept(request).instrument(span.clone()).await;
+        let elapsed = started.elapsed();
+        span.in_scope(|| {
+            tracing::debug!(
+                status = answer.status,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "ingest request answered"
+            )
+        });
         answer
     }
 
@@ -274,9 +293,10 @@ impl Endpoint {
         if let Err(refused) = self.admit(token, events.len()) {
             return refused;
         }
+        let traceparent = request.traceparent.filter(|t| is_trace_context(t));
         let records: Vec<Record> = events
             .into_iter()
-            .map(|event| self.record(event, token))
+            .map(|event| self.record(event, token, traceparent))
             .collect();
         let accepted = records.len();
         if accepted > 0
@@ -345,13 +365,26 @@ impl Endpoint {
         })
     }
 
-    fn record(&self, event: Event, token: Option<&str>) -> Record {
+    fn record(&self, event: Event, token: Option<&str>, traceparent: Option<&str>) -> Record {
         Record {
             key: record_key(&event, self.contract.key()),
             value: event.raw,
             token: token.map(str::to_owned),
+            traceparent: traceparent.map(str::to_owned),
         }
     }
+}
+
+/// A W3C `traceparent` of version 00: `00-<32 hex>-<16 hex>-<2 hex>`. Anything
+/// else is not carried onto the records.
+fn is_trace_context(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
 }
 
 fn batch_body(

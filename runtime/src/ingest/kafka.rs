@@ -16,6 +16,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use super::endpoint::{Deliver, Record, Unavailable};
 use crate::kafka::KafkaSettings;
 
+/// The header carrying the sender's W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 /// The header naming the token that sent a record.
 pub const TOKEN_HEADER: &str = "keystone-ingest-token";
 
@@ -67,11 +70,21 @@ impl Deliver for KafkaDelivery {
                 if let Some(key) = &record.key {
                     message = message.key(key);
                 }
+                let mut headers = OwnedHeaders::new();
                 if let Some(token) = &record.token {
-                    message = message.headers(OwnedHeaders::new().insert(Header {
+                    headers = headers.insert(Header {
                         key: TOKEN_HEADER,
                         value: Some(token.as_bytes()),
-                    }));
+                    });
+                }
+                if let Some(traceparent) = &record.traceparent {
+                    headers = headers.insert(Header {
+                        key: TRACEPARENT_HEADER,
+                        value: Some(traceparent.as_bytes()),
+                    });
+                }
+                if record.token.is_some() || record.traceparent.is_some() {
+                    message = message.headers(headers);
                 }
                 match self.producer.send_result(message) {
                     Ok(delivery) => pending.push(delivery),

@@ -6,13 +6,23 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
 };
 
-use crate::host::metrics::{counter, counter_vec};
+use crate::host::metrics::{counter, counter_vec, gauge};
+
+/// A request in flight; counted down when dropped.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 pub struct IngestMetrics {
     registry: Registry,
+    in_flight: IntGauge,
     requests: IntCounterVec,
     records: IntCounterVec,
     bytes: IntCounter,
@@ -27,8 +37,20 @@ impl Default for IngestMetrics {
 }
 
 impl IngestMetrics {
+    /// Unlabelled metrics: an endpoint of no pipeline (tests, local mode).
     pub fn new() -> Self {
-        let registry = Registry::new();
+        Self::with_registry(Registry::new())
+    }
+
+    /// The metrics of `pipeline`'s endpoint, each with its `pipeline` label,
+    /// as the stages' metrics have.
+    pub fn for_pipeline(pipeline: &str) -> Self {
+        let labels =
+            std::collections::HashMap::from([("pipeline".to_owned(), pipeline.to_owned())]);
+        Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid registry"))
+    }
+
+    fn with_registry(registry: Registry) -> Self {
         let requests = counter_vec(
             &registry,
             "keystone_ingest_requests_total",
@@ -55,7 +77,7 @@ impl IngestMetrics {
         let latency = Histogram::with_opts(
             HistogramOpts::new(
                 "keystone_ingest_request_duration_seconds",
-                "Time from a request's body read to its answer, delivery to the topic included",
+                "Time from a request's headers to its answer, reading its body and delivering its records included",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -65,8 +87,14 @@ impl IngestMetrics {
         registry
             .register(Box::new(latency.clone()))
             .expect("unique metric");
+        let in_flight = gauge(
+            &registry,
+            "keystone_ingest_requests_in_flight",
+            "Requests being read, checked or delivered now (at most the server's bound)",
+        );
         IngestMetrics {
             registry,
+            in_flight,
             requests,
             records,
             bytes,
@@ -82,15 +110,17 @@ impl IngestMetrics {
         self.latency.observe(took.as_secs_f64());
     }
 
-    /// A refusal of the request; a 401 is counted here too, before any
-    /// `answered` (the sender proved no token).
+    /// A refusal of the request (its answer is counted by `answered`).
     pub fn refused(&self, reason: &str, token: Option<&str>) {
         self.refusals
             .with_label_values(&[reason, token.unwrap_or_default()])
             .inc();
-        if reason == "unauthorized" {
-            self.requests.with_label_values(&["401"]).inc();
-        }
+    }
+
+    /// Counts a request as being read or delivered until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     pub fn refused_records(&self, token: Option<&str>, count: usize) {

@@ -194,7 +194,27 @@ pub async fn bind_and_serve_as(
     serve_as(listener, endpoint, settings, listening, shutdown).await
 }
 
+/// Answers one request; every answer of the events path is counted by its
+/// status, refusals before the body included.
 async fn answer(
+    request: hyper::Request<Incoming>,
+    endpoint: Arc<Endpoint>,
+    permits: Arc<Semaphore>,
+    settings: ServerSettings,
+    events: bool,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let counted = events && request.uri().path() == endpoint.path;
+    let started = std::time::Instant::now();
+    let response = respond(request, endpoint.clone(), permits, settings, events).await;
+    if counted && let Ok(response) = &response {
+        endpoint
+            .metrics
+            .answered(response.status().as_u16(), started.elapsed());
+    }
+    response
+}
+
+async fn respond(
     request: hyper::Request<Incoming>,
     endpoint: Arc<Endpoint>,
     permits: Arc<Semaphore>,
@@ -257,12 +277,14 @@ async fn answer(
         }
     };
     let Ok(_permit) = permits.try_acquire() else {
+        endpoint.metrics.refused("busy", token.as_deref());
         return Ok(json(&Answer {
             status: 503,
             body: serde_json::json!({ "error": "too many requests in flight: retry after the Retry-After seconds" }),
             retry_after: Some(1),
         }));
     };
+    let _in_flight = endpoint.metrics.in_flight();
     let limit = endpoint.limits.max_body_bytes;
     let too_large = || {
         json(&Answer {
@@ -305,6 +327,7 @@ async fn answer(
             content_type: header(&headers, "content-type"),
             content_encoding: header(&headers, "content-encoding"),
             idempotency_key: header(&headers, "idempotency-key"),
+            traceparent: header(&headers, "traceparent"),
             body,
         })
         .await;
