@@ -569,3 +569,65 @@ async fn chart_limits_images_and_topics_by_default_and_reads_only_the_credential
         assert_eq!(verbs(rule), ["create"], "{cluster_role}");
     }
 }
+
+#[tokio::test]
+async fn chart_ingest_values_reach_the_operator_and_the_ingress_rights_follow_them() {
+    let tb = testbed().await;
+    let values = [
+        "--set",
+        "ingest.ingress.enabled=true",
+        "--set",
+        "ingest.ingress.className=nginx",
+        "--set",
+        "ingest.ingress.tlsSecret=ingest-wildcard",
+        "--set",
+        "ingest.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-body-size=16m",
+        "--set",
+        "ingest.resources.limits.memory=1Gi",
+    ];
+    let config = rendered_config(&tb, &values);
+    // Read by the operator's own type: an unknown or misspelt key fails here.
+    let config: keystone_operator::config::OperatorConfig =
+        serde_yaml_ng::from_value(config).expect("the operator reads the chart's config");
+    let ingress = config.ingest.ingress.expect("ingest.ingress");
+    assert!(ingress.enabled);
+    assert_eq!(ingress.class_name.as_deref(), Some("nginx"));
+    assert_eq!(ingress.host, "{pipeline}.{namespace}.ingest.example.com");
+    assert_eq!(ingress.tls_secret.as_deref(), Some("ingest-wildcard"));
+    assert_eq!(
+        ingress
+            .annotations
+            .get("nginx.ingress.kubernetes.io/proxy-body-size")
+            .map(String::as_str),
+        Some("16m")
+    );
+    let memory = config
+        .ingest
+        .resources
+        .and_then(|r| r.limits)
+        .and_then(|l| l.get("memory").cloned());
+    assert_eq!(memory.map(|q| q.0), Some("1Gi".to_owned()));
+
+    let ingress_rule = |extra: &[&str]| {
+        render_one(&tb, "templates/rbac.yaml", extra)
+            .lines()
+            .any(|line| line.contains("resources: [ingresses]"))
+    };
+    assert!(ingress_rule(&values), "the operator may make the Ingresses");
+    assert!(!ingress_rule(&[]), "and may not when they are off");
+    let config: keystone_operator::config::OperatorConfig =
+        serde_yaml_ng::from_value(rendered_config(&tb, &[])).expect("the default config");
+    assert_eq!(
+        config.ingest,
+        Default::default(),
+        "no ingest settings by default"
+    );
+
+    let mut template = helm(&tb);
+    template.args(["template", "x", &chart(), "--set", "ingest.ingress.hosts=a"]);
+    let out = template.output().expect("helm template");
+    assert!(
+        !out.status.success(),
+        "a value outside the schema is refused"
+    );
+}

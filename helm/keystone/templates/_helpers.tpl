@@ -118,6 +118,27 @@ networkPolicy:
   operatorPodLabels:
     {{- include "keystone.selectorLabels" . | nindent 4 }}
   metricsFrom: {{ toJson .Values.networkPolicy.metricsFrom }}
+{{- with .Values.ingest }}
+{{- if or .resources .ingress.enabled }}
+ingest:
+  {{- with .resources }}
+  resources:
+{{ toYaml . | indent 4 }}
+  {{- end }}
+  {{- if .ingress.enabled }}
+  ingress:
+    enabled: true
+    {{- with .ingress.className }}
+    className: {{ . | quote }}
+    {{- end }}
+    host: {{ .ingress.host | quote }}
+    annotations: {{ toJson (.ingress.annotations | default dict) }}
+    {{- with .ingress.tlsSecret }}
+    tlsSecret: {{ . | quote }}
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* What the operator needs where Pipelines live. */}}
@@ -183,5 +204,11 @@ networkPolicy:
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
+{{- end }}
+{{- if .Values.ingest.ingress.enabled }}
+# The Ingress of each HTTP ingest endpoint.
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses]
+  verbs: [get, create, patch, delete]
 {{- end }}
 {{- end }}
