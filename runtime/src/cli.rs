@@ -538,8 +538,13 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
             &mut dead_letters,
             addr,
             |bound, path| {
+                let unused = match plan.ingest.as_ref() {
+                    Some(http) if http.tls.is_some() => " (no tokens or TLS in local mode)",
+                    Some(_) => " (no tokens in local mode)",
+                    None => "",
+                };
                 eprintln!(
-                    "listening on http://{bound}{path}: POST events (a JSON object, an array, or NDJSON); Ctrl-C stops"
+                    "listening on http://{bound}{path}{unused}: POST events (a JSON object, an array, or NDJSON); Ctrl-C stops"
                 )
             },
         )?;

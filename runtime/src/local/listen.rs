@@ -64,7 +64,7 @@ impl Deliver for ToPipeline {
 
 /// Serves the endpoint on `addr` until SIGINT or SIGTERM, running what it
 /// accepts through `pipeline`: the manifest's `spec.source.http` without its
-/// tokens, or a plain endpoint at `/`. `on_listening` is told the bound
+/// tokens and TLS (plain HTTP on a laptop), or a plain endpoint at `/`. `on_listening` is told the bound
 /// address (a port of 0 picks a free one) and the path.
 #[allow(clippy::too_many_arguments)]
 pub fn listen<W: Write, D: Write>(
@@ -86,7 +86,7 @@ pub fn listen<W: Write, D: Write>(
     let contract = Contract::new(Validator::for_source(&plan.source.schema), &plan.source.key);
     let deliver = Arc::new(ToPipeline { requests });
     // The manifest's endpoint, when it declares one, with its path, limits
-    // and idempotency key; no tokens on a laptop.
+    // and idempotency key; no tokens and no TLS on a laptop.
     let endpoint = match &plan.ingest {
         Some(http) => Endpoint::from_spec(http, contract, None, deliver),
         None => Endpoint::new("/".to_owned(), LOCAL_LIMITS, contract, None, None, deliver),
