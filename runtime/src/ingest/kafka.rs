@@ -28,7 +28,14 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 pub struct KafkaDelivery {
     producer: FutureProducer,
     topic: String,
+    delivery_timeout: Duration,
 }
+
+/// How much longer than the delivery timeout a request waits for the
+/// producer's own verdict before it is answered 503 regardless: librdkafka
+/// expires the records of a broker that went away only when it next tries to
+/// reconnect, up to its reconnect backoff later.
+const VERDICT_GRACE: Duration = Duration::from_millis(500);
 
 impl KafkaDelivery {
     /// A producer for `topic`; a record not acknowledged within
@@ -49,7 +56,9 @@ impl KafkaDelivery {
             .set(
                 "queue.buffering.max.kbytes",
                 (max_queued_bytes / 1024).max(1).to_string(),
-            );
+            )
+            // A broker back from an outage is found within a second, not ten.
+            .set("reconnect.backoff.max.ms", "1000");
         // The user's settings win over these too, as over the stages'.
         for (key, value) in &settings.extra {
             config.set(key, value);
@@ -57,6 +66,7 @@ impl KafkaDelivery {
         Ok(KafkaDelivery {
             producer: config.create()?,
             topic,
+            delivery_timeout,
         })
     }
 }
@@ -98,7 +108,17 @@ impl Deliver for KafkaDelivery {
                     Err((error, _)) => return Err(unavailable(&error)),
                 }
             }
-            for outcome in join_all(pending).await {
+            let waited = self.delivery_timeout + VERDICT_GRACE;
+            let Ok(outcomes) = tokio::time::timeout(waited, join_all(pending)).await else {
+                return Err(Unavailable {
+                    reason: format!(
+                        "the broker did not acknowledge the records within {} s",
+                        self.delivery_timeout.as_secs_f64()
+                    ),
+                    retry_after: RETRY_AFTER,
+                });
+            };
+            for outcome in outcomes {
                 match outcome {
                     Ok(Ok(_)) => {}
                     Ok(Err((error, _))) => return Err(unavailable(&error)),
