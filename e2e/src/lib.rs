@@ -22,7 +22,7 @@ pub mod testapp;
 mod testbed;
 mod wait;
 
-pub use testbed::{TestNamespace, Testbed, TestbedError};
+pub use testbed::{Stopped, TestNamespace, Testbed, TestbedError};
 
 /// Installs rustls's ring provider for this process, once: two providers are
 /// linked into workspace builds (ring, and aws-lc-rs through the lake

@@ -285,6 +285,49 @@ fn parse_env(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A testbed component stopped for a fault test ([`Stopped::stop`]); started
+/// again when dropped unstarted, so a failing test never leaves a shared
+/// component (the broker, OpenSearch) down for the tests after it.
+pub struct Stopped {
+    state: PathBuf,
+    component: &'static str,
+    started: bool,
+}
+
+impl Stopped {
+    /// `e2e/testbed stop COMPONENT`; panics if it fails.
+    pub async fn stop(tb: &Testbed, component: &'static str) -> Self {
+        tb.stop(component)
+            .await
+            .unwrap_or_else(|e| panic!("e2e/testbed stop {component}: {e}"));
+        Self {
+            state: tb.state_dir().to_owned(),
+            component,
+            started: false,
+        }
+    }
+
+    /// `e2e/testbed start COMPONENT`: back on its port and answering.
+    pub async fn start(mut self, tb: &Testbed) {
+        self.started = true;
+        tb.start(self.component)
+            .await
+            .unwrap_or_else(|e| panic!("e2e/testbed start {}: {e}", self.component));
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.started {
+            std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed"))
+                .args(["start", self.component])
+                .env("KEYSTONE_TESTBED_STATE", &self.state)
+                .status()
+                .ok();
+        }
+    }
+}
+
 /// Runs `e2e/testbed ARGS` on the testbed whose state is in `state`.
 pub(crate) async fn run_script(state: &Path, args: &[&str]) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed");

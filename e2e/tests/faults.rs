@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Event;
 use keystone_crds::Pipeline;
-use keystone_e2e::Testbed;
 use keystone_e2e::audit::{Audit, Expected};
 use keystone_e2e::opensearch::OpenSearch;
+use keystone_e2e::{Stopped, Testbed};
 use kube::Api;
 use kube::api::ListParams;
 use operator_support::{
@@ -712,46 +712,6 @@ fn opensearch_pid(tb: &Testbed) -> nix::unistd::Pid {
         .and_then(|p| p.parse().ok())
         .expect("a pid");
     nix::unistd::Pid::from_raw(pid)
-}
-
-/// Stops a testbed component and starts it again when dropped, so a failing
-/// test never leaves the shared broker down for the tests after it.
-struct Stopped {
-    state: std::path::PathBuf,
-    component: &'static str,
-    started: bool,
-}
-
-impl Stopped {
-    async fn stop(tb: &Testbed, component: &'static str) -> Self {
-        tb.stop(component)
-            .await
-            .unwrap_or_else(|e| panic!("e2e/testbed stop {component}: {e}"));
-        Self {
-            state: tb.state_dir().to_owned(),
-            component,
-            started: false,
-        }
-    }
-
-    async fn start(mut self, tb: &Testbed) {
-        self.started = true;
-        tb.start(self.component)
-            .await
-            .unwrap_or_else(|e| panic!("e2e/testbed start {}: {e}", self.component));
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        if !self.started {
-            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed"))
-                .args(["start", self.component])
-                .env("KEYSTONE_TESTBED_STATE", &self.state)
-                .status()
-                .ok();
-        }
-    }
 }
 
 /// Sends SIGCONT when dropped, so a failing test never leaves the shared
