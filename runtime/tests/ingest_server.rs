@@ -293,15 +293,7 @@ async fn requests_past_the_in_flight_bound_are_503_at_once() {
     let (status, reply, headers) = answer(server.post(Some("tok-mobile")).body(one)).await;
     assert_eq!(status, 503, "{reply}");
     assert_eq!(headers["retry-after"], "1");
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     for line in [
         "keystone_ingest_requests_in_flight 2",
         r#"keystone_ingest_refusals_total{reason="busy",token="mobile"} 1"#,
@@ -439,15 +431,7 @@ async fn metrics_count_requests_records_and_refusals_by_token() {
     .await;
     answer(server.post(Some("tok-mobile")).body(r#"{"user":"a"}"#)).await;
     answer(server.post(None).body("{}")).await;
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     for line in [
         r#"keystone_ingest_requests_total{code="200"} 1"#,
         r#"keystone_ingest_requests_total{code="422"} 1"#,

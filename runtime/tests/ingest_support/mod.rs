@@ -131,6 +131,16 @@ impl Server {
         }
     }
 
+    /// The endpoint's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await;
+        response.unwrap().text().await.unwrap()
+    }
+
     pub fn delivered(&self) -> Vec<Record> {
         self.memory.records.lock().unwrap().clone()
     }
