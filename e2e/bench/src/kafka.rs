@@ -22,6 +22,10 @@ pub struct LoadArgs {
     /// Field whose value is the record key.
     #[arg(long, default_value = "event_id")]
     pub key_field: String,
+    /// Records to produce, the input's lines in turn (the input once when unset):
+    /// S13 sends as many as the endpoint took in the same round.
+    #[arg(long)]
+    pub records: Option<u64>,
     #[command(flatten)]
     pub data: crate::GenArgs,
 }
@@ -137,19 +141,29 @@ mod with_kafka {
         recreate(&args.brokers, &args.topic, args.partitions)?;
         let p = producer(&args.brokers)?;
         let start = Instant::now();
-        let file = std::fs::File::open(&input).with_context(|| format!("{}", input.display()))?;
         let mut n: u64 = 0;
-        for line in std::io::BufReader::with_capacity(1 << 20, file).lines() {
-            let line = line?;
-            send(
-                &p,
-                &args.topic,
-                field(&line, &args.key_field).as_bytes(),
-                line.as_bytes(),
-            )?;
-            n += 1;
-            if n.is_multiple_of(10_000) {
-                p.poll(Duration::ZERO);
+        'passes: loop {
+            let file =
+                std::fs::File::open(&input).with_context(|| format!("{}", input.display()))?;
+            for line in std::io::BufReader::with_capacity(1 << 20, file).lines() {
+                if args.records.is_some_and(|max| n >= max) {
+                    break 'passes;
+                }
+                let line = line?;
+                send(
+                    &p,
+                    &args.topic,
+                    field(&line, &args.key_field).as_bytes(),
+                    line.as_bytes(),
+                )?;
+                n += 1;
+                if n.is_multiple_of(10_000) {
+                    p.poll(Duration::ZERO);
+                }
+            }
+            // Once through by default; an empty input would never reach `records`.
+            if n == 0 || args.records.is_none_or(|max| n >= max) {
+                break;
             }
         }
         p.flush(Duration::from_secs(120))?;
@@ -446,7 +460,7 @@ pub mod drive {
     }
 
     /// The engine: the only child of the timer process `timer_pid`.
-    fn engine_pid(timer_pid: u32) -> Option<u32> {
+    pub fn engine_pid(timer_pid: u32) -> Option<u32> {
         std::fs::read_to_string(format!("/proc/{timer_pid}/task/{timer_pid}/children"))
             .ok()?
             .split_whitespace()

@@ -327,7 +327,7 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "events/s = input events / time; the time is Keystone's whole process wall time, but only the JVM peers' net job time (their JVM and MiniCluster start-up is left out, which favours the peers; the start-up on an empty input is listed per scenario). CPU-s/M = user+sys CPU seconds of the whole process per million input events (start-up included for every engine). Peak RSS of the process (GNU time). Ratios are Keystone over the peer for events/s, per pair of runs of the same round. Kafka mode (S5, S6): the time of every engine is its drain time, from its first output record's broker append time to the moment the harness read the last expected one (read_committed), so start-up is left out for all engines alike; S7 reports latencies instead (see its section); S8 is recorded by `keystone-bench s8` (see README.md).\n"
+            "events/s = input events / time; the time is Keystone's whole process wall time, but only the JVM peers' net job time (their JVM and MiniCluster start-up is left out, which favours the peers; the start-up on an empty input is listed per scenario). CPU-s/M = user+sys CPU seconds of the whole process per million input events (start-up included for every engine). Peak RSS of the process (GNU time). Ratios are Keystone over the peer for events/s, per pair of runs of the same round. Kafka mode (S5, S6): the time of every engine is its drain time, from its first output record's broker append time to the moment the harness read the last expected one (read_committed), so start-up is left out for all engines alike; S7 reports latencies instead (see its section); S8 is recorded by `keystone-bench s8` (see README.md); S13 counts records acknowledged over HTTP against a plain producer's (see its section).\n"
         );
 
         let _ = writeln!(md, "## Summary\n");
@@ -391,6 +391,17 @@ impl Results {
                     md,
                     "Input: the generated events in order, {} measured per run (a fresh input topic per run). Pipeline: `{}` (runtime `{}`). Load average (1 min) at start {:.2}, at end {:.2}. The engine table's events/s column holds the p99 latency in ms and the by-wall-time column the p50.\n",
                     input.events,
+                    s.pipeline.as_deref().unwrap_or("-"),
+                    s.runtime_bin.as_deref().unwrap_or("-"),
+                    s.loadavg_start.unwrap_or(f64::NAN),
+                    s.loadavg_end.unwrap_or(f64::NAN)
+                );
+            } else if s.id == "S13" {
+                let _ = writeln!(
+                    md,
+                    "Input: the first {} generated events as request bodies ({:.1} MB), sent in turn; the plain producer writes the generated events in turn, as many as the endpoint took in the same round. Endpoint: `{}` (runtime `{}`). Load average (1 min) at start {:.2}, at end {:.2}. The engine table's events/s column holds records/s; p99 request latencies are in the notes above.\n",
+                    input.events,
+                    input.bytes as f64 / 1e6,
                     s.pipeline.as_deref().unwrap_or("-"),
                     s.runtime_bin.as_deref().unwrap_or("-"),
                     s.loadavg_start.unwrap_or(f64::NAN),

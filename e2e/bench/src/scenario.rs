@@ -1,4 +1,4 @@
-//! The scenarios S1-S11, their engines, inputs and targets (shared/BENCHMARKS.md).
+//! The scenarios S1-S11 and S13, their engines, inputs and targets (shared/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
@@ -21,9 +21,10 @@ pub enum Scenario {
     S9,
     S10,
     S11,
+    S13,
 }
 
-pub const ALL: [Scenario; 11] = [
+pub const ALL: [Scenario; 12] = [
     Scenario::S1,
     Scenario::S2,
     Scenario::S3,
@@ -35,6 +36,7 @@ pub const ALL: [Scenario; 11] = [
     Scenario::S9,
     Scenario::S10,
     Scenario::S11,
+    Scenario::S13,
 ];
 
 /// One engine configuration that runs a scenario.
@@ -65,6 +67,9 @@ pub enum Engine {
     KeystoneSnapshot,
     /// S11: Debezium copying the same table.
     DebeziumSnapshot,
+    /// S13: a plain rdkafka producer writing the same records (`keystone-bench
+    /// load`), the ceiling of the HTTP ingest endpoint (`Keystone`).
+    ProducerCeiling,
 }
 
 impl Engine {
@@ -84,6 +89,7 @@ impl Engine {
             Engine::Debezium => "debezium",
             Engine::KeystoneSnapshot => "keystone-snapshot",
             Engine::DebeziumSnapshot => "debezium-snapshot",
+            Engine::ProducerCeiling => "rdkafka-producer",
         }
     }
 }
@@ -108,7 +114,8 @@ impl Scenario {
             "S9" => Scenario::S9,
             "S10" => Scenario::S10,
             "S11" => Scenario::S11,
-            other => bail!("unknown scenario {other:?} (S1..S11 or all)"),
+            "S13" => Scenario::S13,
+            other => bail!("unknown scenario {other:?} (S1..S11, S13 or all)"),
         })
     }
 
@@ -125,6 +132,7 @@ impl Scenario {
             Scenario::S9 => "S9",
             Scenario::S10 => "S10",
             Scenario::S11 => "S11",
+            Scenario::S13 => "S13",
         }
     }
 
@@ -145,6 +153,9 @@ impl Scenario {
             Scenario::S11 => {
                 "PostgreSQL change capture into Kafka: changes/s from a write-heavy table, snapshot rows/s"
             }
+            Scenario::S13 => {
+                "HTTP ingest into Kafka: NDJSON batches of 100 on 64 connections, 2xx after acks=all"
+            }
         }
     }
 
@@ -164,6 +175,9 @@ impl Scenario {
             }
             Scenario::S11 => {
                 ">= 2x Debezium (Kafka Connect) in changes/s; >= 2x its snapshot rows/s"
+            }
+            Scenario::S13 => {
+                ">= 0.7x a plain rdkafka producer's records/s (acks=all, idempotent); p99 request latency reported"
             }
         }
     }
@@ -196,6 +210,11 @@ impl Scenario {
         self == Scenario::S11
     }
 
+    /// S13: the HTTP ingest endpoint, driven by vegeta, into Kafka.
+    pub fn is_http(self) -> bool {
+        self == Scenario::S13
+    }
+
     /// Why a scenario is not measured by this harness yet.
     pub fn not_measured_reason(self) -> &'static str {
         match self {
@@ -213,6 +232,9 @@ impl Scenario {
             }
             Scenario::S11 => {
                 "not run yet: `keystone-bench run --scenario S11` with the runner built with `--features kafka` and the testbed's Kafka and PostgreSQL up (`eval \"$(e2e/testbed env)\"`)"
+            }
+            Scenario::S13 => {
+                "not run yet: `keystone-bench run --scenario S13` with the runner built with `--features kafka`, the testbed's Kafka up and its vegeta (`eval \"$(e2e/testbed env)\"`)"
             }
             _ => "",
         }
@@ -244,6 +266,7 @@ impl Scenario {
                 Engine::KeystoneSnapshot,
                 Engine::DebeziumSnapshot,
             ],
+            Scenario::S13 => vec![Engine::Keystone, Engine::ProducerCeiling],
             _ => Vec::new(),
         }
     }
@@ -264,6 +287,9 @@ impl Scenario {
             // The snapshot's 2x (keystone-snapshot / debezium-snapshot) is
             // paired by the S11 runner.
             Scenario::S11 => vec![t(Engine::Debezium, 2.0)],
+            // No peer HTTP-to-Kafka path runs here (README.md, S13): the
+            // ceiling is a plain producer of the same records on the same broker.
+            Scenario::S13 => vec![t(Engine::ProducerCeiling, 0.7)],
             _ => Vec::new(),
         }
     }
@@ -277,6 +303,7 @@ impl Scenario {
             Scenario::S6 => "s6-kafka-dedup-project.yaml",
             Scenario::S9 => "s9-kafka-search.yaml",
             Scenario::S10 => "s10-kafka-iceberg.yaml",
+            Scenario::S13 => "s13-http-ingest.yaml",
             _ => "s4-join.yaml",
         };
         bench_dir.join("pipelines").join(file)

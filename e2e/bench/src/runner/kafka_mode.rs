@@ -28,6 +28,7 @@ pub(super) fn run_kafka_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scena
             partitions: source_partitions as i32,
             input: Some(input.clone()),
             key_field: "event_id".into(),
+            records: None,
             data: args.data.clone(),
         })?;
     }
@@ -244,6 +245,7 @@ pub(super) fn load_once(
         partitions: 2,
         input: Some(input.to_path_buf()),
         key_field: key_field.into(),
+        records: None,
         data: args.data.clone(),
     })
 }

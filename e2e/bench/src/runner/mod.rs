@@ -147,6 +147,8 @@ pub struct RunArgs {
         default_value = "/usr/lib/postgresql/15/bin"
     )]
     pub pg_bin: PathBuf,
+    #[command(flatten)]
+    pub http: s13::HttpArgs,
 }
 
 pub fn bench_dir() -> PathBuf {
@@ -267,6 +269,8 @@ impl Ctx<'_> {
     fn config_text(&self, s: Scenario, engine: Engine) -> String {
         let a = self.args;
         match engine {
+            Engine::Keystone if s.is_http() => s13::config_text(a, engine),
+            Engine::ProducerCeiling => s13::config_text(a, engine),
             Engine::Keystone if s.is_capture() => capture_config_text(a, engine),
             Engine::KeystoneSnapshot | Engine::Debezium | Engine::DebeziumSnapshot => {
                 capture_config_text(a, engine)
@@ -392,9 +396,10 @@ impl Ctx<'_> {
             | Engine::ParquetCeiling
             | Engine::Debezium
             | Engine::KeystoneSnapshot
-            | Engine::DebeziumSnapshot => {
+            | Engine::DebeziumSnapshot
+            | Engine::ProducerCeiling => {
                 unreachable!(
-                    "Kafka-mode engines are driven by kafka_run, search_run, lake_run and capture_run"
+                    "Kafka-mode engines are driven by kafka_run, search_run, lake_run, capture_run and s13"
                 )
             }
         }
@@ -846,6 +851,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 run_lake_scenario(&ctx, s)?
             } else if s.is_capture() {
                 run_capture_scenario(&ctx, s)?
+            } else if s.is_http() {
+                s13::run_http_scenario(&ctx, s)?
             } else {
                 // Not measured by this command: keep what the results file says.
                 continue;
@@ -916,6 +923,8 @@ mod kafka_mode;
 mod s10;
 #[cfg(feature = "kafka")]
 mod s11;
+// S13's options and configurations build without Kafka; its runs need it.
+mod s13;
 #[cfg(feature = "kafka")]
 mod s9;
 #[cfg(feature = "kafka")]
