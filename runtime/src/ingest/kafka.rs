@@ -8,10 +8,15 @@
 
 use std::time::Duration;
 
-use futures::future::{BoxFuture, join_all};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use tokio::sync::Notify;
 
 use super::endpoint::{Deliver, Record, Unavailable};
 use crate::kafka::KafkaSettings;
@@ -26,7 +31,7 @@ pub const TOKEN_HEADER: &str = "keystone-ingest-token";
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 pub struct KafkaDelivery {
-    producer: FutureProducer,
+    producer: ThreadedProducer<AckContext>,
     topic: String,
     delivery_timeout: Duration,
 }
@@ -64,40 +69,76 @@ impl KafkaDelivery {
             config.set(key, value);
         }
         Ok(KafkaDelivery {
-            producer: config.create()?,
+            producer: config.create_with_context(AckContext)?,
             topic,
             delivery_timeout,
         })
     }
 }
 
+/// What the broker said of one request's records so far: the request waits
+/// for one signal, not for a future per record.
+pub struct RequestAcks {
+    remaining: AtomicUsize,
+    failure: Mutex<Option<KafkaError>>,
+    done: Notify,
+}
+
+/// Counts each request's acknowledgements down from the producer's thread.
+pub struct AckContext;
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Arc<RequestAcks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<RequestAcks>) {
+        if let Err((error, _)) = result
+            && let Ok(mut failure) = acks.failure.lock()
+        {
+            failure.get_or_insert_with(|| error.clone());
+        }
+        if acks.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stored as a permit when the request is not waiting yet.
+            acks.done.notify_one();
+        }
+    }
+}
+
 impl Deliver for KafkaDelivery {
     fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
-            let mut pending = Vec::with_capacity(records.len());
+            let acks = Arc::new(RequestAcks {
+                remaining: AtomicUsize::new(records.len()),
+                failure: Mutex::new(None),
+                done: Notify::new(),
+            });
+            // Built once: every record of a request names the same sender.
+            let mut headers = OwnedHeaders::new_with_capacity(2);
+            if let Some(token) = records.first().and_then(|r| r.token.as_ref()) {
+                headers = headers.insert(Header {
+                    key: TOKEN_HEADER,
+                    value: Some(token.as_bytes()),
+                });
+            }
+            if let Some(traceparent) = records.first().and_then(|r| r.traceparent.as_ref()) {
+                headers = headers.insert(Header {
+                    key: TRACEPARENT_HEADER,
+                    value: Some(traceparent.as_bytes()),
+                });
+            }
+            let with_headers = headers.count() > 0;
             for record in &records {
-                let mut message = FutureRecord::to(&self.topic).payload(&record.value);
+                let mut message =
+                    BaseRecord::with_opaque_to(&self.topic, acks.clone()).payload(&record.value);
                 if let Some(key) = &record.key {
                     message = message.key(key);
                 }
-                let mut headers = OwnedHeaders::new();
-                if let Some(token) = &record.token {
-                    headers = headers.insert(Header {
-                        key: TOKEN_HEADER,
-                        value: Some(token.as_bytes()),
-                    });
+                if with_headers {
+                    message = message.headers(headers.clone());
                 }
-                if let Some(traceparent) = &record.traceparent {
-                    headers = headers.insert(Header {
-                        key: TRACEPARENT_HEADER,
-                        value: Some(traceparent.as_bytes()),
-                    });
-                }
-                if record.token.is_some() || record.traceparent.is_some() {
-                    message = message.headers(headers);
-                }
-                match self.producer.send_result(message) {
-                    Ok(delivery) => pending.push(delivery),
+                match self.producer.send(message) {
+                    Ok(()) => {}
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         return Err(Unavailable {
                             reason: "the records waiting for the broker fill the ingest's buffer"
@@ -109,7 +150,10 @@ impl Deliver for KafkaDelivery {
                 }
             }
             let waited = self.delivery_timeout + VERDICT_GRACE;
-            let Ok(outcomes) = tokio::time::timeout(waited, join_all(pending)).await else {
+            if tokio::time::timeout(waited, acks.done.notified())
+                .await
+                .is_err()
+            {
                 return Err(Unavailable {
                     reason: format!(
                         "the broker did not acknowledge the records within {} s",
@@ -117,20 +161,11 @@ impl Deliver for KafkaDelivery {
                     ),
                     retry_after: RETRY_AFTER,
                 });
-            };
-            for outcome in outcomes {
-                match outcome {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((error, _))) => return Err(unavailable(&error)),
-                    Err(_cancelled) => {
-                        return Err(Unavailable {
-                            reason: "the producer stopped".to_owned(),
-                            retry_after: RETRY_AFTER,
-                        });
-                    }
-                }
             }
-            Ok(())
+            match acks.failure.lock().ok().and_then(|mut f| f.take()) {
+                Some(error) => Err(unavailable(&error)),
+                None => Ok(()),
+            }
         })
     }
 }
