@@ -33,9 +33,10 @@ async fn accepted_records_are_delivered_with_their_key_and_token_before_the_answ
     assert_eq!(delivered[0].key.as_deref(), Some(&b"a"[..]));
     assert_eq!(delivered[1].value, br#"{"user":"b","amount":2}"#);
     assert!(
-        delivered
+        server
+            .origins()
             .iter()
-            .all(|r| r.token.as_deref() == Some("partner"))
+            .all(|o| o.token.as_deref() == Some("partner"))
     );
 
     // gzip on the wire.
@@ -121,9 +122,9 @@ async fn a_well_formed_trace_context_is_carried_onto_each_record() {
         "a malformed trace context is no reason to refuse: {reply}"
     );
     let traces: Vec<Option<String>> = server
-        .delivered()
+        .origins()
         .into_iter()
-        .map(|r| r.traceparent)
+        .map(|o| o.traceparent)
         .collect();
     assert_eq!(
         traces,

@@ -13,6 +13,9 @@ use keystone_runtime::ingest::tls::{self, ReloadingTls, TlsFiles};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+/// A new P-256 key, unencrypted, in `openssl req`'s words.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+
 /// Certificates made by `openssl` in a directory of their own.
 struct Pki {
     dir: std::path::PathBuf,
@@ -27,42 +30,26 @@ impl Pki {
         Pki { dir }
     }
 
-    fn openssl(&self, args: &[&str]) {
+    /// Runs `openssl` with `command`'s words (none holds a space).
+    fn openssl(&self, command: &str) {
         let out = std::process::Command::new("openssl")
-            .args(args)
+            .args(command.split_whitespace())
             .current_dir(&self.dir)
             .output()
             .expect("openssl runs");
         assert!(
             out.status.success(),
-            "openssl {args:?}: {}",
+            "openssl {command}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
     /// A certificate authority: `<name>.crt`, `<name>.key`.
     fn authority(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
+        self.openssl(&format!(
+            "req -x509 {NEW_KEY} -keyout {name}.key -out {name}.crt -days 2 -subj /CN={name} \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+        ));
     }
 
     /// A certificate for a server on 127.0.0.1 or for a client, signed by `ca`.
@@ -73,37 +60,13 @@ impl Pki {
             "extendedKeyUsage=clientAuth\n"
         };
         std::fs::write(self.dir.join(format!("{name}.ext")), extensions).unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.crt"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
+        self.openssl(&format!(
+            "req {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"
+        ));
+        self.openssl(&format!(
+            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 2 \
+             -out {name}.crt -extfile {name}.ext"
+        ));
     }
 
     fn read(&self, file: &str) -> Vec<u8> {

@@ -163,15 +163,7 @@ exec /usr/bin/time -f "%e %U %S %M" -o "$KSB_TIME" taskset -c "$KSB_CPUS" "$@""#
     started(child.id());
     let status = child.wait()?;
     let wall_s = start.elapsed().as_secs_f64();
-    let time = std::fs::read_to_string(&time_file).unwrap_or_default();
-    // GNU time writes "Command exited with non-zero status N" before the numbers.
-    let numbers: Vec<f64> = time
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let numbers = time_numbers(&time_file);
     let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
     let tail: String = {
         let lines: Vec<&str> = stderr.lines().collect();
@@ -190,4 +182,17 @@ exec /usr/bin/time -f "%e %U %S %M" -o "$KSB_TIME" taskset -c "$KSB_CPUS" "$@""#
         stderr_tail: tail,
         loadavg_1m: load,
     })
+}
+
+/// The numbers of the last line `/usr/bin/time -f` wrote to `file` (GNU time
+/// writes "Command exited with non-zero status N" before them); none when
+/// it wrote nothing.
+pub fn time_numbers(file: &std::path::Path) -> Vec<f64> {
+    let time = std::fs::read_to_string(file).unwrap_or_default();
+    time.lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
 }

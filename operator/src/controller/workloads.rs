@@ -376,6 +376,7 @@ fn ingest_ingress_config(ctx: &Context) -> Option<&crate::config::IngestIngressC
     ctx.config.ingest.ingress.as_ref().filter(|i| i.enabled)
 }
 
+/// Deletes `name`; one already gone is no error.
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -437,11 +438,7 @@ where
             .any(|o| o.uid == uid && o.controller == Some(true));
         if ours && unwanted(&name) {
             info!(object = %name, "removing a stage the plan no longer has");
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_if_present(api, &name).await?;
         }
     }
     Ok(())

@@ -671,29 +671,13 @@ fn the_ingest_endpoint_is_open_to_clients_on_its_port_only() {
     );
 }
 
-const TLS_INGEST_PIPELINE: &str = r#"
-apiVersion: keystone.dev/v1alpha1
-kind: Pipeline
-metadata: {name: clicks, namespace: web, uid: "9012", generation: 1}
-spec:
-  source:
-    topic: web.clicks
-    key: [user]
-    http:
-      path: /v1/clicks
-      tokensSecret: clicks-tokens
-      tls: {secret: clicks-tls, clientCaSecret: devices-ca}
-    schema:
-      fields:
-        - {name: user, type: string}
-  sinks:
-    - name: out
-      kafka: {topic: web.clicks.out, partitions: 3}
-"#;
-
 #[test]
 fn an_ingest_endpoint_with_tls_mounts_its_secrets_and_takes_events_on_the_tls_port() {
-    let (plan, mut params) = fixture_of(TLS_INGEST_PIPELINE);
+    let manifest = INGEST_PIPELINE.replace(
+        "replicas: 3}",
+        "replicas: 3, tls: {secret: clicks-tls, clientCaSecret: devices-ca}}",
+    );
+    let (plan, mut params) = fixture_of(&manifest);
     params.bind_host = Some("$(POD_IP)".into());
     let http = plan.ingest.clone().expect("the plan's ingest");
     let ingest = super::ingest_deployment(&plan, &http, &params);

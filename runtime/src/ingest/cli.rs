@@ -15,7 +15,7 @@ use super::body::Contract;
 use super::endpoint::Endpoint;
 use super::kafka::KafkaDelivery;
 use super::metrics::IngestMetrics;
-use super::server::{Listening, ServerSettings, bind_and_serve, bind_and_serve_as, stop_signal};
+use super::server::{Listening, ServerSettings, bind_and_serve, stop_signal};
 use super::tls::{ReloadingTls, TlsFiles};
 use super::tokens::Tokens;
 use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
@@ -175,53 +175,46 @@ async fn serve(
         max_in_flight: args.max_in_flight.max(1),
         ..ServerSettings::default()
     };
-    let Some(tls) = tls else {
-        return bind_and_serve(args.listen, endpoint, server, stop_signal())
-            .await
-            .map_err(|e| format!("cannot serve on {}: {e}", args.listen));
+    // With TLS, events take the TLS port and the plain one keeps the probes
+    // and metrics, which the kubelet and the scraper reach without a client
+    // certificate.
+    let listeners = match tls {
+        None => vec![(args.listen, Listening::plain())],
+        Some(tls) => vec![
+            (
+                args.listen,
+                Listening {
+                    tls: None,
+                    events: false,
+                },
+            ),
+            (
+                args.tls_listen,
+                Listening {
+                    tls: Some(tls),
+                    events: true,
+                },
+            ),
+        ],
     };
-    // Events over TLS; the plain port keeps the probes and metrics, which
-    // the kubelet and the scraper reach without a client certificate.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         stop_signal().await;
         let _ = stop.send(true);
     });
-    let on_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    let probes = Listening {
-        tls: None,
-        events: false,
-    };
-    let events = Listening {
-        tls: Some(tls),
-        events: true,
-    };
-    // One that cannot bind ends both: a pod half up would pass its probes.
-    let plain = async {
-        bind_and_serve_as(
-            args.listen,
-            endpoint.clone(),
-            server,
-            probes,
-            on_stop(stopped.clone()),
-        )
-        .await
-        .map_err(|e| format!("cannot serve on {}: {e}", args.listen))
-    };
-    let secure = async {
-        bind_and_serve_as(
-            args.tls_listen,
-            endpoint.clone(),
-            server,
-            events,
-            on_stop(stopped.clone()),
-        )
-        .await
-        .map_err(|e| format!("cannot serve on {}: {e}", args.tls_listen))
-    };
-    tokio::try_join!(plain, secure).map(|_| ())
+    // One that cannot bind ends them all: a pod half up would pass its probes.
+    let serving = listeners.into_iter().map(|(addr, listening)| {
+        let (endpoint, mut stopped) = (endpoint.clone(), stopped.clone());
+        async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            bind_and_serve(addr, endpoint, server, listening, shutdown)
+                .await
+                .map_err(|e| format!("cannot serve on {addr}: {e}"))
+        }
+    });
+    futures::future::try_join_all(serving).await.map(|_| ())
 }
 
 fn read_plan(path: &Path) -> Result<(Plan, HttpSourceSpec), String> {

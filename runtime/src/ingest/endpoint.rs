@@ -30,7 +30,13 @@ pub struct Record {
     /// The Kafka record key, from the contract's key fields.
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
-    /// The name of the token that sent it (none on an open endpoint).
+}
+
+/// Who sent a request's records: the same for each of them, so it travels
+/// once per request, not on every record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The name of the token that sent them (none on an open endpoint).
     pub token: Option<String>,
     /// The W3C trace context the request carried (`traceparent`), so that a
     /// consumer can join the sender's trace.
@@ -48,7 +54,11 @@ pub struct Unavailable {
 /// Where accepted records go: a Kafka topic (acks=all), or a local pipeline.
 pub trait Deliver: Send + Sync + 'static {
     /// Resolves `Ok` once every record is durable.
-    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>>;
+    fn deliver(
+        &self,
+        origin: Origin,
+        records: Vec<Record>,
+    ) -> BoxFuture<'_, Result<(), Unavailable>>;
 }
 
 /// What a batch with refused records gets.
@@ -293,14 +303,17 @@ impl Endpoint {
         if let Err(refused) = self.admit(token, events.len()) {
             return refused;
         }
-        let traceparent = request.traceparent.filter(|t| is_trace_context(t));
-        let records: Vec<Record> = events
-            .into_iter()
-            .map(|event| self.record(event, token, traceparent))
-            .collect();
+        let origin = Origin {
+            token: token.map(str::to_owned),
+            traceparent: request
+                .traceparent
+                .filter(|t| is_trace_context(t))
+                .map(str::to_owned),
+        };
+        let records: Vec<Record> = events.into_iter().map(|event| self.record(event)).collect();
         let accepted = records.len();
         if accepted > 0
-            && let Err(unavailable) = self.deliver.deliver(records).await
+            && let Err(unavailable) = self.deliver.deliver(origin, records).await
         {
             self.metrics.refused("unavailable", token);
             tracing::warn!(reason = %unavailable.reason, "ingest request not delivered");
@@ -365,12 +378,10 @@ impl Endpoint {
         })
     }
 
-    fn record(&self, event: Event, token: Option<&str>, traceparent: Option<&str>) -> Record {
+    fn record(&self, event: Event) -> Record {
         Record {
             key: record_key(&event, self.contract.key()),
             value: event.raw,
-            token: token.map(str::to_owned),
-            traceparent: traceparent.map(str::to_owned),
         }
     }
 }
@@ -378,13 +389,10 @@ impl Endpoint {
 /// A W3C `traceparent` of version 00: `00-<32 hex>-<16 hex>-<2 hex>`. Anything
 /// else is not carried onto the records.
 fn is_trace_context(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
+    let mut parts = value.split('-');
+    let mut next = |n: usize| parts.next().is_some_and(|p| hex(p, n));
+    value.starts_with("00-") && next(2) && next(32) && next(16) && next(2) && parts.next().is_none()
 }
 
 fn batch_body(

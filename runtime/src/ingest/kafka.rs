@@ -18,7 +18,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
-use super::endpoint::{Deliver, Record, Unavailable};
+use super::endpoint::{Deliver, Origin, Record, Unavailable};
 use crate::kafka::KafkaSettings;
 
 /// The header carrying the sender's W3C trace context.
@@ -106,7 +106,11 @@ impl ProducerContext for AckContext {
 }
 
 impl Deliver for KafkaDelivery {
-    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
+    fn deliver(
+        &self,
+        origin: Origin,
+        records: Vec<Record>,
+    ) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
             let acks = Arc::new(RequestAcks {
                 remaining: AtomicUsize::new(records.len()),
@@ -115,13 +119,13 @@ impl Deliver for KafkaDelivery {
             });
             // Built once: every record of a request names the same sender.
             let mut headers = OwnedHeaders::new_with_capacity(2);
-            if let Some(token) = records.first().and_then(|r| r.token.as_ref()) {
+            if let Some(token) = &origin.token {
                 headers = headers.insert(Header {
                     key: TOKEN_HEADER,
                     value: Some(token.as_bytes()),
                 });
             }
-            if let Some(traceparent) = records.first().and_then(|r| r.traceparent.as_ref()) {
+            if let Some(traceparent) = &origin.traceparent {
                 headers = headers.insert(Header {
                     key: TRACEPARENT_HEADER,
                     value: Some(traceparent.as_bytes()),

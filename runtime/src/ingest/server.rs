@@ -165,18 +165,8 @@ impl Connection {
     }
 }
 
-/// Binds `addr` and serves until `shutdown`.
+/// Binds `addr` and serves until `shutdown`, as `listening` says.
 pub async fn bind_and_serve(
-    addr: SocketAddr,
-    endpoint: Arc<Endpoint>,
-    settings: ServerSettings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
-    bind_and_serve_as(addr, endpoint, settings, Listening::plain(), shutdown).await
-}
-
-/// [`bind_and_serve`], as `listening` says.
-pub async fn bind_and_serve_as(
     addr: SocketAddr,
     endpoint: Arc<Endpoint>,
     settings: ServerSettings,

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::{BatchWriter, LocalPipeline, LocalSinks, RunSummary};
 use crate::error::RuntimeError;
 use crate::ingest::body::{Contract, Limits};
-use crate::ingest::endpoint::{Deliver, Endpoint, Record, Unavailable};
+use crate::ingest::endpoint::{Deliver, Endpoint, Origin, Record, Unavailable};
 use crate::ingest::server::{ServerSettings, serve, stop_signal};
 use crate::schema::Validator;
 
@@ -43,7 +43,11 @@ struct ToPipeline {
 }
 
 impl Deliver for ToPipeline {
-    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
+    fn deliver(
+        &self,
+        _origin: Origin,
+        records: Vec<Record>,
+    ) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
             let stopped = || Unavailable {
                 reason: "the local pipeline stopped".to_owned(),

@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use keystone_crds::schema::SchemaSpec;
 use keystone_runtime::ingest::body::{Contract, Limits};
-use keystone_runtime::ingest::endpoint::{Deliver, Endpoint, RateLimit, Record, Unavailable};
+use keystone_runtime::ingest::endpoint::{
+    Deliver, Endpoint, Origin, RateLimit, Record, Unavailable,
+};
 use keystone_runtime::ingest::server::{ServerSettings, serve};
 use keystone_runtime::ingest::tokens::Tokens;
 use keystone_runtime::schema::Validator;
@@ -26,13 +28,19 @@ pub struct Memory {
     /// Deliveries begun (held ones included).
     pub entered: AtomicUsize,
     pub records: Mutex<Vec<Record>>,
+    /// The origin of each record of `records`.
+    pub origins: Mutex<Vec<Origin>>,
     pub down: Mutex<bool>,
     pub held: Mutex<bool>,
     pub released: Notify,
 }
 
 impl Deliver for Memory {
-    fn deliver(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), Unavailable>> {
+    fn deliver(
+        &self,
+        origin: Origin,
+        records: Vec<Record>,
+    ) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
             self.entered.fetch_add(1, Ordering::SeqCst);
             loop {
@@ -49,6 +57,11 @@ impl Deliver for Memory {
                     retry_after: Duration::from_secs(5),
                 });
             }
+            let count = records.len();
+            self.origins
+                .lock()
+                .unwrap()
+                .extend(std::iter::repeat_n(origin, count));
             self.records.lock().unwrap().extend(records);
             Ok(())
         })
@@ -139,6 +152,11 @@ impl Server {
             .send()
             .await;
         response.unwrap().text().await.unwrap()
+    }
+
+    /// The origin of each delivered record.
+    pub fn origins(&self) -> Vec<Origin> {
+        self.memory.origins.lock().unwrap().clone()
     }
 
     pub fn delivered(&self) -> Vec<Record> {

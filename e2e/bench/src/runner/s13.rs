@@ -481,14 +481,7 @@ mod with_kafka {
             // Idle threads (the main one, rdk:main) would only add noise.
             .filter(|(_, v)| *v >= 0.05)
             .collect();
-        let time = std::fs::read_to_string(&time_file).unwrap_or_default();
-        let numbers: Vec<f64> = time
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
+        let numbers = measure::time_numbers(&time_file);
         Ok(Attack {
             vegeta_cpu_s: match numbers.as_slice() {
                 [_, user, sys, _] => Some(user + sys),
