@@ -6,6 +6,11 @@
 //! after traffic and failures that make their labelled series exist. And the
 //! chart ships it as a ConfigMap for Grafana's sidecar only when asked.
 //!
+//! The chart's alerts (`templates/prometheusrule.yaml`, rendered with
+//! `alerts.enabled=true`) get the same check of their expressions against the
+//! same scrapes, a PrometheusRule only when asked, and a runbook link to a
+//! section of `docs/alerts.md` each.
+//!
 //! Needs `cargo build -p keystone-runtime -p keystone-operator` and a running
 //! testbed; the parsing tests need neither.
 
@@ -568,9 +573,15 @@ fn wait_for_sample(what: &str, prefix: &str, within: Duration, scrape: impl Fn()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn every_metric_and_label_the_dashboard_queries_is_exported_by_a_running_binary() {
+async fn every_metric_and_label_the_dashboard_and_the_alerts_query_is_exported_by_a_running_binary()
+{
     let queries = queries(&dashboard());
     let tb = testbed().await;
+    let alerts: Vec<Query> = alert_rules(&helm_template(&tb, &["--set", "alerts.enabled=true"]))
+        .into_iter()
+        .map(alert_query)
+        .collect();
+    assert!(!alerts.is_empty(), "alerts.enabled=true rendered no alert");
     operator_binary();
     install_crds(&tb);
 
@@ -664,6 +675,12 @@ async fn every_metric_and_label_the_dashboard_queries_is_exported_by_a_running_b
     assert!(
         found.is_empty(),
         "the dashboard asks for what the binaries do not export:\n{}",
+        found.join("\n")
+    );
+    let found = problems(&alerts, &scrapes);
+    assert!(
+        found.is_empty(),
+        "the alerts ask for what the binaries do not export:\n{}",
         found.join("\n")
     );
     // Each binary's metrics are on the dashboard (and its scrape was read).
@@ -779,4 +796,252 @@ async fn the_chart_ships_the_dashboard_config_map_only_when_enabled() {
         "the API server refused the dashboard ConfigMap:\n{text}"
     );
     ns.delete().await.expect("delete namespace");
+}
+
+// ---------------------------------------------------------------------------
+// The chart's alerts
+// ---------------------------------------------------------------------------
+
+/// The alerts the chart ships, by name: a change of the set is a change of
+/// `docs/alerts.md` too.
+const ALERTS: [&str; 6] = [
+    "KeystoneConsumerLagGrowing",
+    "KeystoneDeadLetterRateHigh",
+    "KeystoneCommitsFailing",
+    "KeystoneCheckpointsFailing",
+    "KeystonePipelineDegraded",
+    "KeystoneOperatorReconcileErrors",
+];
+
+fn prometheus_rules(docs: &[serde_yaml_ng::Value]) -> Vec<&serde_yaml_ng::Value> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some("PrometheusRule"))
+        .collect()
+}
+
+/// Every rule of every group of every PrometheusRule.
+fn alert_rules(docs: &[serde_yaml_ng::Value]) -> Vec<&serde_yaml_ng::Value> {
+    prometheus_rules(docs)
+        .into_iter()
+        .flat_map(|rule| rule["spec"]["groups"].as_sequence().into_iter().flatten())
+        .flat_map(|group| group["rules"].as_sequence().into_iter().flatten())
+        .collect()
+}
+
+fn alert_name(rule: &serde_yaml_ng::Value) -> &str {
+    rule["alert"].as_str().unwrap_or_default()
+}
+
+fn alert_query(rule: &serde_yaml_ng::Value) -> Query {
+    let place = format!("alert {}", alert_name(rule));
+    let expr = rule["expr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{place} has no expr"));
+    Query {
+        place,
+        expr: expr.to_owned(),
+        lists: None,
+    }
+}
+
+/// The labels a Prometheus template refers to (`{{ $labels.pipeline }}`).
+fn template_labels(text: &str) -> BTreeSet<String> {
+    text.split("$labels.")
+        .skip(1)
+        .map(|rest| rest.chars().take_while(|c| is_name_char(*c)).collect())
+        .collect()
+}
+
+fn alerts_doc_path() -> std::path::PathBuf {
+    repo().join("docs/alerts.md")
+}
+
+/// The anchors GitHub gives the headings of a Markdown file: lower case,
+/// punctuation dropped, spaces as hyphens. A `#` line in a fenced code block
+/// (a shell comment) is no heading.
+fn heading_anchors(markdown: &str) -> BTreeSet<String> {
+    let mut fenced = false;
+    markdown
+        .lines()
+        .filter(|l| {
+            fenced ^= l.starts_with("```");
+            !fenced && l.starts_with('#')
+        })
+        .map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn headings_are_anchored_as_github_anchors_them_and_templates_name_their_labels() {
+    let anchors = heading_anchors(
+        "# Alerts\n\ntext # not a heading\n```sh\n# a comment\n```\n## KeystoneX\n### Why: it's `on`\n",
+    );
+    assert_eq!(
+        anchors,
+        ["alerts", "keystonex", "why-its-on"]
+            .map(str::to_owned)
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(
+        template_labels("{{ $labels.namespace }}/{{$labels.pipeline}} {{ $value }}"),
+        ["namespace", "pipeline"]
+            .map(str::to_owned)
+            .into_iter()
+            .collect()
+    );
+}
+
+#[tokio::test]
+async fn the_chart_ships_the_alerts_only_when_enabled() {
+    let tb = testbed().await;
+    let by_default = helm_template(&tb, &[]);
+    assert!(!by_default.is_empty(), "the chart rendered nothing");
+    assert!(
+        prometheus_rules(&by_default).is_empty(),
+        "a PrometheusRule without alerts.enabled"
+    );
+
+    let enabled = helm_template(
+        &tb,
+        &[
+            "--set",
+            "alerts.enabled=true",
+            "--set",
+            "alerts.labels.release=prometheus",
+            "--set",
+            "alerts.consumerLag.threshold=2500",
+            "--set",
+            "alerts.pipelineDegraded.for=3m",
+        ],
+    );
+    let found = prometheus_rules(&enabled);
+    assert_eq!(found.len(), 1, "{enabled:?}");
+    let metadata = &found[0]["metadata"];
+    assert_eq!(metadata["namespace"].as_str(), Some("keystone-system"));
+    // What the Prometheus operator's ruleSelector picks it by.
+    assert_eq!(metadata["labels"]["release"].as_str(), Some("prometheus"));
+    assert_eq!(
+        metadata["labels"]["app.kubernetes.io/part-of"].as_str(),
+        Some("keystone")
+    );
+
+    let rules = alert_rules(&enabled);
+    let rendered: Vec<&str> = rules.iter().map(|r| alert_name(r)).collect();
+    assert_eq!(rendered, ALERTS, "the chart's alerts");
+    for rule in &rules {
+        let name = alert_name(rule);
+        let expr = alert_query(rule).expr;
+        assert!(
+            rule["for"].as_str().is_some_and(|f| !f.is_empty()),
+            "{name} has no `for`"
+        );
+        assert!(
+            rule["labels"]["severity"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "{name} has no severity"
+        );
+        let annotations = &rule["annotations"];
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(
+                annotations[key].as_str().is_some_and(|a| !a.is_empty()),
+                "{name} has no {key}"
+            );
+        }
+        // The labels an alert's text shows are labels its expression keeps;
+        // any other renders empty.
+        let description = annotations["description"].as_str().unwrap_or_default();
+        let used = template_labels(description);
+        assert!(
+            used.contains("namespace"),
+            "{name}'s description names no namespace: {description}"
+        );
+        let kept = names(&expr).grouping;
+        let lost: Vec<&String> = used.iter().filter(|l| !kept.contains(*l)).collect();
+        assert!(
+            lost.is_empty(),
+            "{name}'s description shows {lost:?}, which `{expr}` aggregates away (it keeps {kept:?})"
+        );
+    }
+    // The values reach the rules.
+    let by_name: BTreeMap<&str, &serde_yaml_ng::Value> =
+        rules.iter().map(|r| (alert_name(r), *r)).collect();
+    let lag = alert_query(by_name["KeystoneConsumerLagGrowing"]).expr;
+    assert!(lag.contains("> 2500"), "{lag}");
+    assert_eq!(
+        by_name["KeystonePipelineDegraded"]["for"].as_str(),
+        Some("3m")
+    );
+}
+
+#[tokio::test]
+async fn every_alert_links_a_section_of_docs_alerts_md() {
+    let tb = testbed().await;
+    let text = std::fs::read_to_string(alerts_doc_path())
+        .unwrap_or_else(|e| panic!("{}: {e}", alerts_doc_path().display()));
+    let anchors = heading_anchors(&text);
+    let rendered = helm_template(&tb, &["--set", "alerts.enabled=true"]);
+    let rules = alert_rules(&rendered);
+    assert!(!rules.is_empty(), "alerts.enabled=true rendered no alert");
+    // By default the links lead to this repository's docs/alerts.md.
+    let base = "https://github.com/keystone-dev/keystone/blob/main/docs/alerts.md#";
+    let mut linked = BTreeSet::new();
+    for rule in &rules {
+        let name = alert_name(rule);
+        let url = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_default();
+        let anchor = url
+            .strip_prefix(base)
+            .unwrap_or_else(|| panic!("{name}'s runbook_url {url:?} is not {base}ANCHOR"));
+        assert!(
+            anchors.contains(anchor),
+            "{name}'s runbook_url anchor #{anchor} is no heading of {} (it has {anchors:?})",
+            alerts_doc_path().display()
+        );
+        linked.insert(anchor.to_owned());
+    }
+    // And no section is left for an alert that is gone.
+    let sections: BTreeSet<&String> = anchors
+        .iter()
+        .filter(|a| a.starts_with("keystone"))
+        .collect();
+    assert_eq!(
+        sections,
+        linked.iter().collect(),
+        "the alert sections of {} and the chart's alerts",
+        alerts_doc_path().display()
+    );
+
+    // Another base: the links move with it.
+    let moved = helm_template(
+        &tb,
+        &[
+            "--set",
+            "alerts.enabled=true",
+            "--set",
+            "alerts.runbookBaseUrl=https://wiki.example.com/keystone/",
+        ],
+    );
+    for rule in alert_rules(&moved) {
+        let url = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(
+            url,
+            format!(
+                "https://wiki.example.com/keystone#{}",
+                alert_name(rule).to_lowercase()
+            )
+        );
+    }
 }

@@ -631,3 +631,802 @@ async fn chart_ingest_values_reach_the_operator_and_the_ingress_rights_follow_th
         "a value outside the schema is refused"
     );
 }
+
+// The web console (`console.*` values): off by default; its own ServiceAccount
+// holds no rights in token mode and only `impersonate` in proxy mode.
+
+/// The release name of the console's rendering tests.
+const CONSOLE_RELEASE: &str = "ks-console";
+
+/// The console's ServiceAccount (and Deployment, Service, Ingress, ClusterRole) name.
+fn console_name(release: &str) -> String {
+    format!("{release}-keystone-console")
+}
+
+/// The whole chart rendered into `namespace`, as text.
+fn render_chart(tb: &Testbed, namespace: &str, extra: &[&str]) -> String {
+    let mut cmd = helm(tb);
+    cmd.args([
+        "template",
+        CONSOLE_RELEASE,
+        &chart(),
+        "--namespace",
+        namespace,
+        "--skip-crds",
+    ]);
+    cmd.args(extra);
+    let out = cmd.output().expect("helm template");
+    assert!(
+        out.status.success(),
+        "helm template {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every object of the rendered chart.
+fn render_objects(tb: &Testbed, namespace: &str, extra: &[&str]) -> Vec<serde_yaml_ng::Value> {
+    use serde::Deserialize;
+    let text = render_chart(tb, namespace, extra);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml_ng::Value::deserialize(doc).expect("the chart renders YAML"))
+        .filter(|object| !object.is_null())
+        .collect()
+}
+
+fn kind(object: &serde_yaml_ng::Value) -> &str {
+    object["kind"].as_str().unwrap_or_default()
+}
+
+fn name(object: &serde_yaml_ng::Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn object<'a>(
+    objects: &'a [serde_yaml_ng::Value],
+    kind_: &str,
+    name_: &str,
+) -> &'a serde_yaml_ng::Value {
+    objects
+        .iter()
+        .find(|o| kind(o) == kind_ && name(o) == name_)
+        .unwrap_or_else(|| panic!("no {kind_} {name_} among {} objects", objects.len()))
+}
+
+/// The objects labelled as the console's.
+fn console_objects(objects: &[serde_yaml_ng::Value]) -> Vec<&serde_yaml_ng::Value> {
+    objects
+        .iter()
+        .filter(|o| {
+            o["metadata"]["labels"]["app.kubernetes.io/name"].as_str() == Some("keystone-console")
+        })
+        .collect()
+}
+
+fn strings(value: &serde_yaml_ng::Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A container's environment variable with a literal value.
+fn env_value<'a>(container: &'a serde_yaml_ng::Value, var: &str) -> Option<&'a str> {
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(var))?["value"]
+        .as_str()
+}
+
+/// The rules of every Role and ClusterRole the rendered bindings grant the
+/// ServiceAccount `namespace/account`. A binding to a role the chart does not
+/// render fails the test (its rules could not be checked).
+fn rules_granted_to(
+    objects: &[serde_yaml_ng::Value],
+    namespace: &str,
+    account: &str,
+) -> Vec<serde_yaml_ng::Value> {
+    let mut rules = Vec::new();
+    for binding in objects
+        .iter()
+        .filter(|o| matches!(kind(o), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let names_account = binding["subjects"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                s["kind"].as_str() == Some("ServiceAccount")
+                    && s["name"].as_str() == Some(account)
+                    && s["namespace"].as_str() == Some(namespace)
+            });
+        if !names_account {
+            continue;
+        }
+        let role_kind = binding["roleRef"]["kind"].as_str().unwrap_or_default();
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let role = objects
+            .iter()
+            .find(|o| {
+                kind(o) == role_kind
+                    && name(o) == role_name
+                    && (role_kind == "ClusterRole"
+                        || o["metadata"]["namespace"] == binding["metadata"]["namespace"])
+            })
+            .unwrap_or_else(|| panic!("{binding:?} names a role the chart does not render"));
+        rules.extend(role["rules"].as_sequence().cloned().unwrap_or_default());
+    }
+    rules
+}
+
+/// `kubectl auth can-i ARGS --as ACCOUNT`, against the testbed's authorizer.
+/// Asserts `kubectl auth can-i` says no to each request for the account.
+fn assert_refused(tb: &Testbed, account: &str, requests: &[&[&str]]) {
+    for request in requests {
+        assert!(
+            !can_i(tb, account, request),
+            "{account} may {}",
+            request.join(" ")
+        );
+    }
+}
+
+fn can_i(tb: &Testbed, account: &str, args: &[&str]) -> bool {
+    let mut cmd = tb.kubectl().expect("kubectl");
+    cmd.args(["auth", "can-i"])
+        .args(args)
+        .args(["--as", account]);
+    let out = cmd.output().expect("kubectl auth can-i");
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+/// `kubectl auth can-i --list -n NAMESPACE --as ACCOUNT`: every rule that applies there.
+fn rules_listed(tb: &Testbed, account: &str, namespace: &str) -> String {
+    let mut cmd = tb.kubectl().expect("kubectl");
+    cmd.args(["auth", "can-i", "--list", "-n", namespace, "--as", account]);
+    run_ok(cmd)
+}
+
+/// Installs the chart with the console on and nothing running (no operator,
+/// no console pods), to ask the API server's authorizer what its
+/// ServiceAccount may do. Uninstalled when the returned guard drops.
+fn install_console_only(tb: &Testbed, release: &str, namespace: &str, extra: &[&str]) -> Release {
+    let mut install = helm(tb);
+    install.args([
+        "install",
+        release,
+        &chart(),
+        "--namespace",
+        namespace,
+        "--set",
+        "replicaCount=0",
+        "--set",
+        "console.enabled=true",
+        "--set",
+        "console.replicaCount=0",
+    ]);
+    install.args(extra);
+    run_ok(install);
+    Release {
+        helm: tb.helm().expect("helm"),
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+        name: release.to_owned(),
+        namespace: namespace.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn console_is_absent_unless_enabled() {
+    let tb = testbed().await;
+    // Off by default, and off whatever else is set under `console`.
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "console.auth.mode=proxy",
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "console.ingress.tlsSecret=console-tls",
+        ][..],
+    ] {
+        let objects = render_objects(&tb, "default", extra);
+        assert!(!objects.is_empty());
+        let console = console_objects(&objects);
+        assert!(console.is_empty(), "{extra:?} rendered {console:?}");
+        assert!(
+            objects
+                .iter()
+                .all(|o| name(o) != console_name(CONSOLE_RELEASE) && kind(o) != "Ingress"),
+            "{extra:?}: {objects:?}"
+        );
+    }
+    // And on when enabled: its own ServiceAccount, Deployment and Service.
+    let objects = render_objects(&tb, "default", &["--set", "console.enabled=true"]);
+    let mut kinds: Vec<&str> = console_objects(&objects).into_iter().map(kind).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["Deployment", "Service", "ServiceAccount"]);
+}
+
+#[tokio::test]
+async fn console_manifests_are_accepted_by_the_api_server_and_its_pod_by_pod_security() {
+    let tb = testbed().await;
+    install_crds(&tb);
+    // A namespace enforcing Pod Security "restricted".
+    let ns = pipeline_namespace(&tb, "helm-console").await;
+    let variants: [&[&str]; 4] = [
+        &["--set", "console.enabled=true"],
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.auth.mode=proxy",
+            "--set",
+            "console.auth.impersonate.users={alice,bob}",
+            "--set",
+            "console.auth.impersonate.groups={team-a}",
+        ],
+        // The Ingress, with a host, a class, annotations and TLS.
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "console.ingress.className=nginx",
+            "--set",
+            "console.ingress.host=console.example.com",
+            "--set",
+            "console.ingress.tlsSecret=console-tls",
+            "--set-string",
+            "console.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=60",
+        ],
+        // The Ingress for any host, proxy mode for anyone, namespaced operator RBAC.
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.auth.mode=proxy",
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "console.service.type=NodePort",
+            "--set",
+            &format!("watchNamespaces={{{}}}", ns.name()),
+        ],
+    ];
+    let console = console_name(CONSOLE_RELEASE);
+    for extra in variants {
+        let manifests = render_chart(&tb, ns.name(), extra);
+        assert!(manifests.contains(&format!("name: {console}\n")));
+        let mut apply = tb.kubectl().expect("kubectl");
+        apply.args(["apply", "--dry-run=server", "-n", ns.name(), "-f", "-"]);
+        let (ok, text) = run_with_stdin(apply, &manifests);
+        assert!(
+            ok,
+            "the API server refused the chart with the console ({extra:?}):\n{text}"
+        );
+        for object in ["serviceaccount", "deployment.apps", "service"] {
+            assert!(
+                text.contains(&format!("{object}/{console} created (server dry run)")),
+                "{extra:?}: {object} missing:\n{text}"
+            );
+        }
+        if extra.contains(&"console.ingress.enabled=true") {
+            assert!(
+                text.contains(&format!(
+                    "ingress.networking.k8s.io/{console} created (server dry run)"
+                )),
+                "{text}"
+            );
+        }
+
+        // Pod Security is enforced on pods, not on Deployments: a pod made of
+        // the Deployment's template must be admitted in the restricted
+        // namespace. (Under the namespace's default account: the console's
+        // exists only in the dry run.)
+        let objects = render_objects(&tb, ns.name(), extra);
+        let deployment = object(&objects, "Deployment", &console);
+        let mut spec = serde_json::to_value(&deployment["spec"]["template"]["spec"]).expect("json");
+        spec["serviceAccountName"] = "default".into();
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "console-pod-security", "namespace": ns.name()},
+            "spec": spec,
+        });
+        let mut apply = tb.kubectl().expect("kubectl");
+        apply.args(["apply", "--dry-run=server", "-n", ns.name(), "-f", "-"]);
+        let (ok, text) = run_with_stdin(apply, &pod.to_string());
+        assert!(
+            ok,
+            "the console's pod is refused in a restricted namespace ({extra:?}):\n{text}"
+        );
+    }
+    ns.delete().await.expect("delete namespace");
+}
+
+#[tokio::test]
+async fn console_deployment_reads_the_operator_config_writes_only_tmp_and_gets_its_flags() {
+    let tb = testbed().await;
+    let console = console_name(CONSOLE_RELEASE);
+    let operator = format!("{CONSOLE_RELEASE}-keystone");
+    // A cluster with SASL credentials: the operator reads them through the API
+    // (nothing mounted), so the console mounts exactly what the operator does.
+    let sasl = r#"kafka.clusters.default={"bootstrapServers":"k:9093","securityProtocol":"SASL_SSL","sasl":{"mechanism":"SCRAM-SHA-512","username":{"secret":"kafka-user","key":"username"},"password":{"secret":"kafka-user","key":"password"}},"tls":{"ca":{"secret":"kafka-ca","key":"ca.crt"}}}"#;
+    let objects = render_objects(
+        &tb,
+        "ks",
+        &["--set", "console.enabled=true", "--set-json", sasl],
+    );
+    let deployment = object(&objects, "Deployment", &console);
+    let pod = &deployment["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(
+        pod["spec"]["containers"].as_sequence().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(container["image"].as_str(), Some("keystone/console:0.1.0"));
+
+    // Its own ServiceAccount, not the operator's.
+    object(&objects, "ServiceAccount", &console);
+    assert_eq!(
+        pod["spec"]["serviceAccountName"].as_str(),
+        Some(console.as_str())
+    );
+    assert_ne!(console, operator);
+
+    // Restricted: non-root, read-only root filesystem, a writable /tmp.
+    assert_eq!(
+        pod["spec"]["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        pod["spec"]["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let security = &container["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    let mounts = container["volumeMounts"].as_sequence().expect("mounts");
+    let volumes = pod["spec"]["volumes"].as_sequence().expect("volumes");
+    let tmp = mounts
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/tmp"))
+        .expect("a /tmp mount");
+    let tmp_volume = volumes
+        .iter()
+        .find(|v| v["name"] == tmp["name"])
+        .expect("the /tmp volume");
+    assert!(tmp_volume["emptyDir"].is_mapping(), "{tmp_volume:?}");
+
+    // The operator's ConfigMap, at the operator's path, read through
+    // KEYSTONE_OPERATOR_CONFIG as the operator reads it through --config.
+    let operator_deployment = object(&objects, "Deployment", &operator);
+    let operator_pod = &operator_deployment["spec"]["template"]["spec"];
+    let operator_container = &operator_pod["containers"][0];
+    let config_arg = strings(&operator_container["args"])
+        .into_iter()
+        .find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
+        .expect("the operator's --config");
+    assert_eq!(
+        env_value(container, "KEYSTONE_OPERATOR_CONFIG"),
+        Some(config_arg.as_str())
+    );
+    let without_tmp = |list: &[serde_yaml_ng::Value]| -> Vec<serde_yaml_ng::Value> {
+        list.iter()
+            .filter(|v| v["name"] != tmp["name"])
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        without_tmp(mounts),
+        operator_container["volumeMounts"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default(),
+        "the console mounts what the operator mounts, and /tmp"
+    );
+    assert_eq!(
+        without_tmp(volumes),
+        operator_pod["volumes"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default()
+    );
+    assert!(
+        volumes.iter().all(|v| v["secret"].is_null()),
+        "no Secret is mounted: {volumes:?}"
+    );
+    // It restarts when the operator's configuration changes.
+    assert_eq!(
+        pod["metadata"]["annotations"]["checksum/config"],
+        operator_deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    );
+
+    // Probes on /healthz at the port named http, where it listens.
+    assert_eq!(container["ports"][0]["name"].as_str(), Some("http"));
+    assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(8080));
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            container[probe]["httpGet"]["path"].as_str(),
+            Some("/healthz")
+        );
+        assert_eq!(container[probe]["httpGet"]["port"].as_str(), Some("http"));
+    }
+    // The defaults: token sign-in, cookies without Secure, no proxy headers.
+    assert_eq!(
+        env_value(container, "KEYSTONE_CONSOLE_LISTEN"),
+        Some("0.0.0.0:8080")
+    );
+    assert_eq!(env_value(container, "KEYSTONE_CONSOLE_AUTH"), Some("token"));
+    assert_eq!(
+        env_value(container, "KEYSTONE_CONSOLE_SECURE_COOKIES"),
+        Some("false")
+    );
+    assert_eq!(env_value(container, "KEYSTONE_LOG_FORMAT"), Some("json"));
+    assert!(env_value(container, "RUST_LOG").is_some());
+    assert_eq!(env_value(container, "KEYSTONE_CONSOLE_USER_HEADER"), None);
+
+    // Its pods are not the operator's: the operator's Service and the
+    // pipelines' NetworkPolicies (which admit the operator's pods) skip them.
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(
+        labels["app.kubernetes.io/name"].as_str(),
+        Some("keystone-console")
+    );
+    let service = object(&objects, "Service", &console);
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(service["spec"]["type"].as_str(), Some("ClusterIP"));
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(80));
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("http")
+    );
+    let operator_service = object(&objects, "Service", &format!("{operator}-metrics"));
+    assert_ne!(
+        operator_service["spec"]["selector"],
+        service["spec"]["selector"]
+    );
+
+    // Secure cookies: when asked, and whenever the Ingress terminates TLS.
+    let secure = |extra: &[&str]| {
+        let mut args = vec!["--set", "console.enabled=true"];
+        args.extend_from_slice(extra);
+        let objects = render_objects(&tb, "ks", &args);
+        let container =
+            &object(&objects, "Deployment", &console)["spec"]["template"]["spec"]["containers"][0];
+        env_value(container, "KEYSTONE_CONSOLE_SECURE_COOKIES").map(str::to_owned)
+    };
+    assert_eq!(
+        secure(&["--set", "console.secureCookies=true"]).as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        secure(&[
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "console.ingress.tlsSecret=console-tls"
+        ])
+        .as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        secure(&["--set", "console.ingress.enabled=true"]).as_deref(),
+        Some("false")
+    );
+
+    // Proxy mode: the identity headers; the Ingress: host, TLS, path / as a prefix.
+    let objects = render_objects(
+        &tb,
+        "ks",
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.auth.mode=proxy",
+            "--set",
+            "console.auth.userHeader=X-Auth-Request-User",
+            "--set",
+            "console.auth.groupsHeader=X-Auth-Request-Groups",
+            "--set",
+            "console.bindAddress=$(POD_IP)",
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "console.ingress.host=console.example.com",
+            "--set",
+            "console.ingress.tlsSecret=console-tls",
+        ],
+    );
+    let container =
+        &object(&objects, "Deployment", &console)["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(container, "KEYSTONE_CONSOLE_AUTH"), Some("proxy"));
+    assert_eq!(
+        env_value(container, "KEYSTONE_CONSOLE_USER_HEADER"),
+        Some("X-Auth-Request-User")
+    );
+    assert_eq!(
+        env_value(container, "KEYSTONE_CONSOLE_GROUPS_HEADER"),
+        Some("X-Auth-Request-Groups")
+    );
+    // $(POD_IP) is expanded by the kubelet from a variable defined before it.
+    let env_names: Vec<&str> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    let position = |var: &str| env_names.iter().position(|n| *n == var);
+    assert!(position("POD_IP") < position("KEYSTONE_CONSOLE_LISTEN"));
+    assert_eq!(
+        env_value(container, "KEYSTONE_CONSOLE_LISTEN"),
+        Some("$(POD_IP):8080")
+    );
+    let ingress = object(&objects, "Ingress", &console);
+    assert_eq!(ingress["apiVersion"].as_str(), Some("networking.k8s.io/v1"));
+    let rule = &ingress["spec"]["rules"][0];
+    assert_eq!(rule["host"].as_str(), Some("console.example.com"));
+    let path = &rule["http"]["paths"][0];
+    assert_eq!(path["path"].as_str(), Some("/"));
+    assert_eq!(path["pathType"].as_str(), Some("Prefix"));
+    assert_eq!(
+        path["backend"]["service"]["name"].as_str(),
+        Some(console.as_str())
+    );
+    assert_eq!(
+        path["backend"]["service"]["port"]["name"].as_str(),
+        Some("http")
+    );
+    let tls = &ingress["spec"]["tls"][0];
+    assert_eq!(tls["secretName"].as_str(), Some("console-tls"));
+    assert_eq!(strings(&tls["hosts"]), ["console.example.com"]);
+}
+
+#[tokio::test]
+async fn console_in_token_mode_has_a_service_account_bound_to_nothing() {
+    let tb = testbed().await;
+    let console = console_name(CONSOLE_RELEASE);
+    // Both shapes of the operator's RBAC, and the Ingress.
+    for extra in [
+        &["--set", "console.enabled=true"][..],
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.ingress.enabled=true",
+            "--set",
+            "watchNamespaces={apps,more-apps}",
+        ][..],
+    ] {
+        let objects = render_objects(&tb, "ks", extra);
+        object(&objects, "ServiceAccount", &console);
+        // Every binding names ServiceAccounts only (no User or Group that
+        // the console's account could belong to), and none names the console's.
+        for binding in objects
+            .iter()
+            .filter(|o| matches!(kind(o), "RoleBinding" | "ClusterRoleBinding"))
+        {
+            for subject in binding["subjects"].as_sequence().expect("subjects") {
+                assert_eq!(
+                    subject["kind"].as_str(),
+                    Some("ServiceAccount"),
+                    "{binding:?}"
+                );
+                assert_ne!(
+                    subject["name"].as_str(),
+                    Some(console.as_str()),
+                    "{extra:?}: {binding:?}"
+                );
+            }
+        }
+        assert!(
+            rules_granted_to(&objects, "ks", &console).is_empty(),
+            "{extra:?}"
+        );
+        let roles: Vec<&str> = console_objects(&objects)
+            .into_iter()
+            .map(kind)
+            .filter(|k| k.contains("Role"))
+            .collect();
+        assert!(roles.is_empty(), "{extra:?}: {roles:?}");
+    }
+
+    // Installed, the API server's authorizer agrees: the console's account may
+    // do exactly what an account nobody bound anything to may do.
+    let ns = pipeline_namespace(&tb, "helm-console-token").await;
+    let release_ns = operator_namespace(&tb, &ns).await;
+    let release = unique("ksct");
+    let installed = install_console_only(&tb, &release, release_ns.name(), &[]);
+    let account = format!(
+        "system:serviceaccount:{release_ns}:{}",
+        console_name(&release)
+    );
+    let nobody = format!("system:serviceaccount:{release_ns}:nobody-bound-this");
+    for namespace in [release_ns.name(), ns.name()] {
+        assert_eq!(
+            rules_listed(&tb, &account, namespace),
+            rules_listed(&tb, &nobody, namespace),
+            "the console's account has rights in {namespace}"
+        );
+    }
+    assert_refused(
+        &tb,
+        &account,
+        &[
+            &["impersonate", "users"],
+            &["impersonate", "groups"],
+            &["list", "pipelines.keystone.dev", "--all-namespaces"],
+            &["get", "secrets", "-n", release_ns.name()],
+        ],
+    );
+    // The operator's account still has its rights (the check can say yes).
+    let operator = format!("system:serviceaccount:{release_ns}:{release}-keystone");
+    assert!(can_i(
+        &tb,
+        &operator,
+        &["list", "pipelines.keystone.dev", "--all-namespaces"]
+    ));
+    drop(installed);
+    ns.delete().await.expect("delete namespace");
+}
+
+#[tokio::test]
+async fn console_in_proxy_mode_may_impersonate_users_and_groups_and_nothing_else() {
+    let tb = testbed().await;
+    let console = console_name(CONSOLE_RELEASE);
+    let rule_of = |rules: &[serde_yaml_ng::Value], resource: &str| -> serde_yaml_ng::Value {
+        let matching: Vec<&serde_yaml_ng::Value> = rules
+            .iter()
+            .filter(|r| strings(&r["resources"]).contains(&resource.to_owned()))
+            .collect();
+        assert_eq!(matching.len(), 1, "one rule on {resource}: {rules:?}");
+        matching[0].clone()
+    };
+    let check = |rules: &[serde_yaml_ng::Value], users: &[&str], groups: &[&str]| {
+        assert_eq!(rules.len(), 2, "{rules:?}");
+        for (resource, names) in [("users", users), ("groups", groups)] {
+            let rule = rule_of(rules, resource);
+            assert_eq!(strings(&rule["apiGroups"]), [""], "{rule:?}");
+            assert_eq!(strings(&rule["resources"]), [resource], "{rule:?}");
+            assert_eq!(strings(&rule["verbs"]), ["impersonate"], "{rule:?}");
+            if names.is_empty() {
+                assert!(rule["resourceNames"].is_null(), "{rule:?}");
+            } else {
+                assert_eq!(strings(&rule["resourceNames"]), names, "{rule:?}");
+            }
+        }
+    };
+
+    // Any user and group when none are listed.
+    let objects = render_objects(
+        &tb,
+        "ks",
+        &[
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "console.auth.mode=proxy",
+        ],
+    );
+    check(&rules_granted_to(&objects, "ks", &console), &[], &[]);
+    // Bounded by the lists.
+    let bounded = [
+        "--set",
+        "console.enabled=true",
+        "--set",
+        "console.auth.mode=proxy",
+        "--set",
+        "console.auth.impersonate.users={alice,bob}",
+        "--set",
+        "console.auth.impersonate.groups={team-a}",
+    ];
+    let objects = render_objects(&tb, "ks", &bounded);
+    check(
+        &rules_granted_to(&objects, "ks", &console),
+        &["alice", "bob"],
+        &["team-a"],
+    );
+    // A ClusterRole and its binding, to the console's account alone.
+    let binding = object(&objects, "ClusterRoleBinding", &console);
+    assert_eq!(binding["roleRef"]["kind"].as_str(), Some("ClusterRole"));
+    assert_eq!(binding["roleRef"]["name"].as_str(), Some(console.as_str()));
+    let subjects = binding["subjects"].as_sequence().expect("subjects");
+    assert_eq!(subjects.len(), 1, "{binding:?}");
+    assert_eq!(subjects[0]["name"].as_str(), Some(console.as_str()));
+    let mut kinds: Vec<&str> = console_objects(&objects)
+        .into_iter()
+        .map(kind)
+        .filter(|k| k.contains("Role"))
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["ClusterRole", "ClusterRoleBinding"]);
+    // Without rbac.create the chart makes no RBAC, the console's included.
+    let objects = render_objects(
+        &tb,
+        "ks",
+        &[&bounded[..], &["--set", "rbac.create=false"]].concat(),
+    );
+    assert!(
+        objects.iter().all(|o| !kind(o).contains("Role")),
+        "{objects:?}"
+    );
+
+    // Installed, the API server's authorizer agrees.
+    let ns = pipeline_namespace(&tb, "helm-console-proxy").await;
+    let release_ns = operator_namespace(&tb, &ns).await;
+    let release = unique("kscp");
+    let installed = install_console_only(&tb, &release, release_ns.name(), &bounded[2..]);
+    let account = format!(
+        "system:serviceaccount:{release_ns}:{}",
+        console_name(&release)
+    );
+    assert!(can_i(&tb, &account, &["impersonate", "users/alice"]));
+    assert!(can_i(&tb, &account, &["impersonate", "users/bob"]));
+    assert!(can_i(&tb, &account, &["impersonate", "groups/team-a"]));
+    assert_refused(
+        &tb,
+        &account,
+        &[
+            &["impersonate", "users/mallory"],
+            &["impersonate", "groups/system:masters"],
+            &["impersonate", "serviceaccounts"],
+            &["impersonate", "userextras/scopes"],
+            &["list", "pipelines.keystone.dev", "--all-namespaces"],
+            &["get", "secrets", "-n", release_ns.name()],
+            &["list", "pods", "-n", ns.name()],
+        ],
+    );
+    drop(installed);
+    ns.delete().await.expect("delete namespace");
+}
+
+#[tokio::test]
+async fn console_values_outside_the_schema_are_refused() {
+    let tb = testbed().await;
+    for bad in [
+        "console.auth.mode=oidc",
+        "console.auth.mode=",
+        "console.unknown=1",
+        "console.auth.impersonate.serviceaccounts={a}",
+        "console.ingress.hosts=a",
+        "console.replicaCount=-1",
+        "console.service.port=0",
+    ] {
+        let mut template = helm(&tb);
+        template.args([
+            "template",
+            "x",
+            &chart(),
+            "--set",
+            "console.enabled=true",
+            "--set",
+            bad,
+        ]);
+        let out = template.output().expect("helm template");
+        assert!(!out.status.success(), "{bad} must be refused");
+    }
+    for good in ["console.auth.mode=proxy", "console.auth.mode=token"] {
+        let mut template = helm(&tb);
+        template.args([
+            "template",
+            "x",
+            &chart(),
+            "--set",
+            "console.enabled=true",
+            "--set",
+            good,
+        ]);
+        run_ok(template);
+    }
+}

@@ -35,6 +35,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.runtime.image.repository (default .Chart.AppVersion .Values.runtime.image.tag) -}}
 {{- end -}}
 
+{{/* The web console: its own name (also its ServiceAccount's), and labels that
+never match the operator's selector (the operator's pods are the ones its
+NetworkPolicies admit to the runtime pods). */}}
+{{- define "keystone.console.fullname" -}}
+{{- printf "%s-console" (include "keystone.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "keystone.console.selectorLabels" -}}
+app.kubernetes.io/name: keystone-console
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "keystone.console.labels" -}}
+{{ include "keystone.console.selectorLabels" . }}
+app.kubernetes.io/component: console
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: keystone
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "keystone.console.image" -}}
+{{- printf "%s:%s" .Values.console.image.repository (default .Chart.AppVersion .Values.console.image.tag) -}}
+{{- end -}}
+
 {{/* The Secrets holding Kafka credentials, so the Role can name them and nothing else. */}}
 {{- define "keystone.kafkaSecrets" -}}
 {{- $names := list -}}
