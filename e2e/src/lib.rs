@@ -11,6 +11,7 @@
 //! ```
 
 pub mod audit;
+pub mod browser;
 pub mod debezium;
 pub mod http;
 pub mod kubelet;
