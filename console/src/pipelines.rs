@@ -283,6 +283,15 @@ pub async fn detail(
             }
         }
         h2 { "Checkpoints" }
+        @if let Some(failed) = &status.last_failed_checkpoint {
+            p.error role="status" {
+                "Checkpoint " code { (failed.id) } " failed " (ago(&failed.time))
+                @if let Some(reason) = &failed.reason { ": " (reason) }
+            }
+        }
+        @if let Some(running) = &status.checkpoint_in_progress {
+            p.muted role="status" { "A checkpoint is being taken (" (running.trigger) ", started " (ago(&running.started)) ")." }
+        }
         @if status.checkpoints.is_empty() { p.muted { "None retained yet." } }
         @else {
             table {
