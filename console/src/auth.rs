@@ -407,10 +407,16 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
-/// Whether the user may `verb` the keystone.dev `resource` in `namespace`, as
+/// Whether the user may `verb` the keystone.dev `resource` (or
+/// `resource/subresource`) in `namespace`, as
 /// the API server answers a SelfSubjectAccessReview: pages show only the
 /// controls that would work.
 pub async fn allowed(session: &Session, verb: &str, resource: &str, namespace: &str) -> bool {
+    // `pipelines/deadletters`: a subresource is asked for apart.
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((resource, sub)) => (resource, Some(sub)),
+        None => (resource, None),
+    };
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
     };
@@ -419,6 +425,7 @@ pub async fn allowed(session: &Session, verb: &str, resource: &str, namespace: &
             resource_attributes: Some(ResourceAttributes {
                 group: Some("keystone.dev".to_owned()),
                 resource: Some(resource.to_owned()),
+                subresource: subresource.map(str::to_owned),
                 verb: Some(verb.to_owned()),
                 namespace: Some(namespace.to_owned()),
                 ..ResourceAttributes::default()

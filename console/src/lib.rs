@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 
 pub mod actions;
 pub mod auth;
+pub mod deadletters;
 pub mod editor;
 pub mod form;
 pub mod graph;
@@ -44,16 +45,23 @@ pub struct AppState {
     pub sessions: Arc<auth::Sessions>,
     /// Rates computed from the runtime pods' metrics between two scrapes.
     pub rates: Arc<live::Rates>,
+    pub dead_letters: Arc<deadletters::DeadLetterReader>,
 }
 
 impl AppState {
-    pub fn new(kube: kube::Config, auth: AuthMode, secure_cookies: bool) -> Self {
+    pub fn new(
+        kube: kube::Config,
+        auth: AuthMode,
+        secure_cookies: bool,
+        dead_letters: deadletters::DeadLetterReader,
+    ) -> Self {
         Self {
             kube,
             auth,
             secure_cookies,
             sessions: Arc::default(),
             rates: Arc::default(),
+            dead_letters: Arc::new(dead_letters),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use keystone_console::deadletters::DeadLetterReader;
 use keystone_console::{AppState, AuthMode, router};
 
 #[derive(Parser, Debug)]
@@ -42,10 +43,13 @@ struct Cli {
     /// Mark the session cookie `Secure` (the console is reached over HTTPS).
     #[arg(long, env = "KEYSTONE_CONSOLE_SECURE_COOKIES", default_value_t = false, action = clap::ArgAction::Set)]
     secure_cookies: bool,
-    /// The operator's config file; accepted for the chart's sake (recent dead
-    /// letters are not shown yet).
+    /// The operator's config file: the Kafka clusters the console reads
+    /// pipelines' dead letters from (`KAFKA_BOOTSTRAP_SERVERS` when unset).
     #[arg(long, env = "KEYSTONE_OPERATOR_CONFIG")]
     operator_config: Option<std::path::PathBuf>,
+    /// The namespace of the Secrets holding Kafka credentials (the console's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "keystone-system")]
+    namespace: String,
     /// Log lines as `text` or `json`; the level from RUST_LOG.
     #[arg(long, env = "KEYSTONE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -88,8 +92,15 @@ async fn main() -> anyhow::Result<()> {
             groups_header: cli.groups_header.to_ascii_lowercase(),
         },
     };
-    let _ = cli.operator_config;
-    let app = router(AppState::new(kube, auth, cli.secure_cookies));
+    // The console's own account reads only the Kafka credentials the
+    // operator's configuration names; everything else is done as the user.
+    let own = kube::Client::try_from(kube.clone()).context("the console's own client")?;
+    let dead_letters =
+        DeadLetterReader::load(cli.operator_config.as_deref(), own, &cli.namespace).await;
+    if let Some(reason) = &dead_letters.unavailable {
+        tracing::warn!(%reason, "dead letters will not be shown");
+    }
+    let app = router(AppState::new(kube, auth, cli.secure_cookies, dead_letters));
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding {}", cli.listen))?;

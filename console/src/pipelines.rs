@@ -237,6 +237,10 @@ pub async fn detail(
         .of(&session.client, &pipeline)
         .await
         .unwrap_or_default();
+    let dead_letters = match &plan {
+        Some(plan) => recent_dead_letters(&state, &session, &namespace, plan).await,
+        None => html! { p.muted { "Unknown until the plan compiles." } },
+    };
     let status = pipeline.status.clone().unwrap_or_default();
     let base = format!("/pipelines/{namespace}/{name}");
     let suspended = pipeline.spec.state == keystone_crds::pipeline::PipelineState::Suspended;
@@ -312,6 +316,8 @@ pub async fn detail(
                 }
             }
         }
+        h2 { "Recent dead letters" }
+        (dead_letters)
         h2 { "Events" }
         @if events.is_empty() { p.muted { "No recent events." } }
         @else {
@@ -328,6 +334,44 @@ pub async fn detail(
         body,
     )
     .into_response()
+}
+
+/// The last dead letters, for a user allowed to read them.
+async fn recent_dead_letters(
+    state: &AppState,
+    session: &Session,
+    namespace: &str,
+    plan: &keystone_crds::Plan,
+) -> Markup {
+    if !allowed(session, "get", "pipelines/deadletters", namespace).await {
+        return html! {
+            p.muted {
+                "Dead letters hold the events themselves: reading them needs "
+                code { "get" } " on " code { "pipelines/deadletters" } " in " (namespace) " (the chart's edit role gives it)."
+            }
+        };
+    }
+    match state
+        .dead_letters
+        .recent(plan.source.cluster.as_deref(), &plan.dead_letter_topic, 20)
+        .await
+    {
+        Ok(letters) if letters.is_empty() => {
+            html! { p.muted { "None in " code { (plan.dead_letter_topic) } "." } }
+        }
+        Ok(letters) => html! {
+            table #dead-letters {
+                caption.muted { "The newest of " code { (plan.dead_letter_topic) } " first" }
+                thead { tr { th scope="col" { "Step" } th scope="col" { "Reason" } th scope="col" { "Read from" } th scope="col" { "Event" } } }
+                tbody {
+                    @for l in &letters {
+                        tr { td { (l.step) } td { (l.reason) } td { code { (l.read_from) } } td { code { (l.original) } } }
+                    }
+                }
+            }
+        },
+        Err(reason) => html! { p.muted role="status" { "Dead letters cannot be read: " (reason) } },
+    }
 }
 
 fn action_button(

@@ -257,6 +257,27 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
         |_| "a".to_owned(),
     )
     .await;
+    // A record that is not JSON is a dead letter; the page shows it with
+    // its reason to a user allowed to read dead letters.
+    produce_lines(&w.tb, &source, "this is not json", |_| "bad".to_owned()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = text_of(&ana.get(&detail_path).await.body);
+        if page.contains("this is not json") {
+            let section = &page[page.find("Recent dead letters").unwrap()..];
+            assert!(
+                section.contains(&format!("{source}/")),
+                "where it was read: {section}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter on the page after 60 s: {page}\n{}",
+            console.log_text()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let live = ana.get(&format!("{detail_path}/live")).await;
     let live_text = text_of(&live.body);
     assert!(
@@ -444,6 +465,10 @@ async fn a_viewer_sees_no_edit_controls_and_a_direct_post_is_refused() {
     assert!(
         !detail.body.contains("/actions/"),
         "no action form for a viewer"
+    );
+    assert!(
+        text.contains("reading them needs get on pipelines/deadletters"),
+        "a viewer is not shown dead letters: {text}"
     );
 
     // Posting anyway: the API server refuses, the console says so.

@@ -97,10 +97,21 @@ async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
                 "cluster-wide RBAC expected"
             );
         } else {
+            // Only the users' aggregated roles are cluster-wide, and nothing
+            // binds them: the operator's rights are namespaced.
             assert!(
-                !manifests.contains("kind: ClusterRole"),
+                !manifests.contains("kind: ClusterRoleBinding"),
                 "namespaced RBAC must not be cluster-wide"
             );
+            for role in manifests
+                .split("\n---")
+                .filter(|doc| doc.contains("kind: ClusterRole\n"))
+            {
+                assert!(
+                    role.contains("rbac.authorization.k8s.io/aggregate-to-edit: \"true\""),
+                    "a cluster-wide role that is not a user role:\n{role}"
+                );
+            }
         }
     }
 
@@ -972,6 +983,26 @@ async fn console_deployment_reads_the_operator_config_writes_only_tmp_and_gets_i
         Some(1)
     );
     assert_eq!(container["image"].as_str(), Some("keystone/console:0.1.0"));
+
+    // The Kafka credentials, to read dead letters with: get on exactly the
+    // Secrets the configuration names, bound to the console's account.
+    let role = object(&objects, "Role", &format!("{console}-kafka-credentials"));
+    assert_eq!(role["rules"].as_sequence().map(Vec::len), Some(1));
+    assert_eq!(strings(&role["rules"][0]["resources"]), ["secrets"]);
+    assert_eq!(strings(&role["rules"][0]["verbs"]), ["get"]);
+    assert_eq!(
+        strings(&role["rules"][0]["resourceNames"]),
+        ["kafka-ca", "kafka-user"]
+    );
+    let binding = object(
+        &objects,
+        "RoleBinding",
+        &format!("{console}-kafka-credentials"),
+    );
+    assert_eq!(
+        binding["subjects"][0]["name"].as_str(),
+        Some(console.as_str())
+    );
 
     // Its own ServiceAccount, not the operator's.
     object(&objects, "ServiceAccount", &console);

@@ -49,6 +49,11 @@ impl Console {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(console_binary())
             .env("KUBECONFIG", tb.kubeconfig().expect("kubeconfig"))
+            // Dead letters are read from the testbed's Kafka, as the operator would.
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                tb.kafka_bootstrap_servers().expect("kafka"),
+            )
             .env("RUST_LOG", "info")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
