@@ -834,6 +834,29 @@ fn install_console_only(tb: &Testbed, release: &str, namespace: &str, extra: &[&
 #[tokio::test]
 async fn console_is_absent_unless_enabled() {
     let tb = testbed().await;
+    // Enabled, its pods may read the runtime pods' metrics (the operator's
+    // NetworkPolicies let the metricsFrom peers in), and only then.
+    let peers = |extra: &[&str]| {
+        rendered_config(&tb, extra)["networkPolicy"]["metricsFrom"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let console_peer = |peer: &serde_yaml_ng::Value| {
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str()
+            == Some("keystone-console")
+    };
+    let enabled = peers(&["--set", "console.enabled=true"]);
+    assert_eq!(
+        enabled.iter().filter(|p| console_peer(p)).count(),
+        1,
+        "{enabled:?}"
+    );
+    assert!(
+        enabled.len() > 1,
+        "the configured peers are kept: {enabled:?}"
+    );
+    assert!(!peers(&[]).iter().any(console_peer));
     // Off by default, and off whatever else is set under `console`.
     for extra in [
         &[][..],

@@ -142,7 +142,13 @@ networkPolicy:
   enabled: {{ .Values.networkPolicy.enabled }}
   operatorPodLabels:
     {{- include "keystone.selectorLabels" . | nindent 4 }}
-  metricsFrom: {{ toJson .Values.networkPolicy.metricsFrom }}
+  {{- $metricsFrom := .Values.networkPolicy.metricsFrom | default list }}
+  {{- if .Values.console.enabled }}
+  {{- /* The console reads the runtime pods' metrics for its live numbers. */}}
+  {{- $console := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "keystone.console.selectorLabels" . | fromYaml)) }}
+  {{- $metricsFrom = append $metricsFrom $console }}
+  {{- end }}
+  metricsFrom: {{ toJson $metricsFrom }}
 {{- with .Values.ingest }}
 {{- if or .resources .ingress.enabled }}
 ingest:
