@@ -55,7 +55,12 @@ impl Drop for Listening {
 }
 
 fn listen(dir: &Path) -> Listening {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keystone-runtime"))
+    listen_with(dir, Command::new(env!("CARGO_BIN_EXE_keystone-runtime")))
+}
+
+/// `listen`, the binary run by `command` (`prlimit … BINARY`).
+fn listen_with(dir: &Path, mut command: Command) -> Listening {
+    let mut child = command
         .arg("run")
         .arg(dir.join("pipeline.yaml"))
         .args(["--listen", "127.0.0.1:0", "--output"])
@@ -198,4 +203,58 @@ async fn a_manifests_http_source_sets_the_local_endpoints_path_and_idempotency_k
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(lines(&dir.join("out.jsonl"))[0]["rid"], "r-9/0");
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_refuses_connections_for_a_while_not_for_good() {
+    let dir = scratch("descriptors");
+    // Few descriptors: the connections below use them all up.
+    let mut command = Command::new("prlimit");
+    command
+        .arg("--nofile=64:64")
+        .arg(env!("CARGO_BIN_EXE_keystone-runtime"));
+    let mut listening = listen_with(&dir, command);
+    let address = listening
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(&address).await {
+            held.push(stream);
+        }
+    }
+    // Let the server try (and fail) to accept them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        listening.child.try_wait().unwrap().is_none(),
+        "the endpoint exited when it ran out of descriptors"
+    );
+    drop(held);
+    let body = "{\"user\":\"ann\",\"action\":\"buy\",\"seq\":1}\n";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+            .post(&listening.url)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await;
+        if let Ok(response) = attempt
+            && response.status() == 200
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the endpoint did not answer again once descriptors were free"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
