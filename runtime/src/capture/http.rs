@@ -194,7 +194,7 @@ pub async fn serve(
     tracing::info!(%addr, "operations endpoints listening");
     let token = Arc::new(token);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, _) = crate::host::accept_retrying(&listener).await;
         let (metrics, token, drops) = (metrics.clone(), token.clone(), drops.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| {

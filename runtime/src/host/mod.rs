@@ -66,6 +66,7 @@ use crate::kafka::{KafkaSettings, TransportError};
 
 use crate::error::RuntimeError;
 pub use control::{ControlToken, DEFAULT_WATCHDOG_TIMEOUT, Watchdog, refusal};
+pub use http::accept_retrying;
 pub use metrics::Metrics;
 
 /// What `serve` needs to know; the CLI fills it from flags and the pod's environment.

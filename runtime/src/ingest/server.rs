@@ -65,9 +65,6 @@ impl Listening {
     }
 }
 
-/// The pause after a failed `accept` (EMFILE and the like) before the next.
-const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Serves `endpoint` on `listener` until `shutdown` resolves; then stops
 /// accepting and waits (up to the drain timeout) for the requests being
 /// answered, so that no delivered request loses its answer to a shutdown.
@@ -91,21 +88,9 @@ pub async fn serve_as(
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (stream, peer) = tokio::select! {
+            accepted = crate::host::accept_retrying(&listener) => accepted,
             () = &mut shutdown => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            // Out of file descriptors or memory for a moment, or a connection
-            // reset before it was taken: the listener itself is fine, and
-            // stopping would take every client's endpoint down. Wait for
-            // connections to close and go on.
-            Err(error) => {
-                tracing::warn!(%error, "ingest could not accept a connection; retrying");
-                tokio::time::sleep(ACCEPT_RETRY).await;
-                continue;
-            }
         };
         let connection = Connection {
             endpoint: endpoint.clone(),
