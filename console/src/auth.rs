@@ -407,6 +407,14 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// The namespace a service account lives in, from its user name
+/// (`system:serviceaccount:NAMESPACE:NAME`): where such a user most likely
+/// has rights.
+pub fn home_namespace(user: &str) -> Option<&str> {
+    let mut parts = user.strip_prefix("system:serviceaccount:")?.split(':');
+    parts.next().filter(|ns| !ns.is_empty())
+}
+
 /// Whether the user may `verb` the keystone.dev `resource` (or
 /// `resource/subresource`) in `namespace`, as
 /// the API server answers a SelfSubjectAccessReview: pages show only the
@@ -445,6 +453,16 @@ pub async fn allowed(session: &Session, verb: &str, resource: &str, namespace: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_accounts_home_is_its_namespace() {
+        assert_eq!(
+            home_namespace("system:serviceaccount:team-a:ana"),
+            Some("team-a")
+        );
+        assert_eq!(home_namespace("ana@example.com"), None);
+        assert_eq!(home_namespace("system:serviceaccount::x"), None);
+    }
 
     #[test]
     fn reads_the_session_cookie_among_others() {

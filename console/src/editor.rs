@@ -52,7 +52,7 @@ fn blank_manifest(kind: Kind, namespace: &str) -> Value {
             "apiVersion": API_VERSION, "kind": "Pipeline",
             "metadata": {"name": "my-pipeline", "namespace": namespace},
             "spec": {
-                "source": {"topic": "", "key": [], "schema": {"fields": [{"name": "id", "type": "string"}]}},
+                "source": {"topic": "", "schema": {"fields": [{"name": "id", "type": "string"}]}},
                 "steps": [],
                 "sinks": [{"name": "out", "kafka": {"topic": ""}}]
             }
@@ -463,7 +463,11 @@ fn editor(view: &EditorView) -> Markup {
             (summary(view.diagnostics))
             @if let Some(Err(message)) = view.notice { p.error role="alert" #notice { (message) } }
             div.editor {
-                section.pane #form-pane aria-label="Form" hx-post="/editor" hx-trigger="change" hx-target="#editor" hx-swap="outerHTML" {
+                // A change re-renders the form, except the choice in an "Add a
+                // field" select, which only its Add button posts: re-rendering
+                // would reset it to its first option (with the keyboard, every
+                // arrow key is a change, so no other option could be reached).
+                section.pane #form-pane aria-label="Form" hx-post="/editor" hx-trigger="change[!target.name.endsWith('#add')]" hx-target="#editor" hx-swap="outerHTML" {
                     h2 { "Form" }
                     div.field {
                         label for="f-metadata_name" { "Name" }
@@ -474,7 +478,8 @@ fn editor(view: &EditorView) -> Markup {
                         label for="f-metadata_namespace" { "Namespace" }
                         input #f-metadata_namespace type="text" name="metadata.namespace" value=(namespace) readonly[draft.existing] required;
                     }
-                    (form::render(form::spec_schema(draft.kind), &spec, &problems, "spec"))
+                    // The target of the summary's links to problems of the whole spec.
+                    div id=(form::field_id("spec")) { (form::render(form::spec_schema(draft.kind), &spec, &problems, "spec")) }
                 }
                 section.pane aria-label="YAML" {
                     h2 { label for="yaml" { "YAML" } }

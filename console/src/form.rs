@@ -260,7 +260,9 @@ fn object_fields(schema: &Value, value: &Value, problems: &Problems, path: &str)
                 select id=(select_id) name=(format!("{path}#add")) {
                     @for name in &addable { option value=(name) { (name) } }
                 }
-                button type="submit" name="op" value=(format!("addprop:{path}")) { "Add" }
+                // Named apart from the other objects' Add buttons.
+                button type="submit" name="op" value=(format!("addprop:{path}"))
+                    aria-label=(format!("Add the chosen field to {path}")) { "Add" }
             }
         }
     }
@@ -277,6 +279,17 @@ fn node(
     let id = field_id(path);
     let help = description(schema);
     let help_id = format!("{id}-help");
+    // Screen readers read a control's problems and help with it.
+    let described: Option<String> = {
+        let ids: Vec<String> = [
+            (!problems.at(path).is_empty()).then(|| format!("{id}-problem")),
+            help.as_ref().map(|_| help_id.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!ids.is_empty()).then(|| ids.join(" "))
+    };
     let remove = (!required).then(|| {
         html! {
             button type="submit" name="op" value=(format!("remove:{path}"))
@@ -294,10 +307,10 @@ fn node(
                 label for=(id) { (label) " (YAML)" }
                 div {
                     textarea id=(id) name=(format!("{path}#yaml")) rows="4"
-                        aria-describedby=[help.as_ref().map(|_| &help_id)] { (text) }
+                        aria-describedby=[described.as_deref()] { (text) }
                     (remove.clone().unwrap_or_default())
                 }
-                (problem_lines(problems.at(path)))
+                (problem_lines(&id, problems.at(path)))
                 @if let Some(help) = &help { span.help id=(help_id) { (help) } }
             }
         };
@@ -335,14 +348,23 @@ fn node(
                         }
                     }
                     button type="submit" name="op" value=(format!("add:{path}"))
-                        aria-label=(format!("Add to {path}")) { "Add " (singular(label)) }
+                        // The name starts with the visible text ("Add step"),
+                        // which speech input users say.
+                        aria-label=(format!("Add {} to {path}", singular(label))) { "Add " (singular(label)) }
                 }
             }
         }
         kind => {
             let invalid = (!problems.at(path).is_empty()).then_some("true");
-            let described = help.as_ref().map(|_| help_id.as_str());
-            let control = scalar_control(schema, kind, value, &id, path, invalid, described);
+            let control = scalar_control(
+                schema,
+                kind,
+                value,
+                &id,
+                path,
+                invalid,
+                described.as_deref(),
+            );
             scalar(
                 &id,
                 label,
@@ -435,14 +457,23 @@ fn scalar(
         div.field {
             label for=(id) { (label) }
             div { (control) " " (remove.unwrap_or_default()) }
-            (problem_lines(problems.at(path)))
+            (problem_lines(id, problems.at(path)))
             @if let Some(help) = help { span.help id=(help_id) { (help) } }
         }
     }
 }
 
-fn problem_lines(messages: &[String]) -> Markup {
-    html! { @for message in messages { span.problem role="alert" { (message) } } }
+fn problem_lines(id: &str, messages: &[String]) -> Markup {
+    html! {
+        @if !messages.is_empty() {
+            span.problem role="alert" id=(format!("{id}-problem")) {
+                @for (i, message) in messages.iter().enumerate() {
+                    @if i > 0 { br; }
+                    (message)
+                }
+            }
+        }
+    }
 }
 
 fn singular(label: &str) -> &str {

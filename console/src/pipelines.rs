@@ -2,7 +2,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use keystone_crds::pipeline::PipelinePhase;
 use keystone_crds::{Pipeline, Processor, Reading};
@@ -10,7 +10,7 @@ use kube::api::ListParams;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use crate::auth::{Session, User, allowed};
+use crate::auth::{Session, User, allowed, home_namespace};
 use crate::layout::{Section, ago, api_problem, csrf, page};
 use crate::live::{Live, rate};
 use crate::{AppState, graph};
@@ -65,6 +65,14 @@ pub async fn list(
 ) -> Response {
     let table = match table(&state, &session, &filter.namespace).await {
         Ok(table) => table,
+        Err(kube::Error::Api(s)) if s.code == 403 && filter.namespace.is_empty() => {
+            match home_namespace(&session.user) {
+                Some(home) => {
+                    return Redirect::to(&format!("/pipelines?namespace={home}")).into_response();
+                }
+                None => not_everywhere("Pipelines"),
+            }
+        }
         Err(e) => return api_problem(&session, "list Pipelines", &e),
     };
     let may_create = allowed(
@@ -94,6 +102,11 @@ pub async fn list(
         (table)
     };
     page("Pipelines", Section::Pipelines, Some(&session), body).into_response()
+}
+
+/// What a user who may not list every namespace sees instead of a refusal.
+pub fn not_everywhere(kind: &str) -> Markup {
+    html! { p.note role="note" { "You may not list " (kind) " in every namespace: name one above." } }
 }
 
 /// The table's body alone, which the list page polls for fresh numbers.
@@ -139,7 +152,7 @@ async fn table(
                             tr class=[bad.then_some("unhealthy")] {
                                 td {
                                     a href=(format!("/pipelines/{ns}/{name}")) { (name) }
-                                    @if bad { " " span.error aria-label="unhealthy" title="unhealthy" { "⚠ unhealthy" } }
+                                    @if bad { " " span.error { "⚠ unhealthy" } }
                                 }
                                 td { (ns) }
                                 td { span class=(format!("badge {}", phase_name(pipeline))) { (phase_name(pipeline)) } }

@@ -1,15 +1,15 @@
 //! Processors: the list, and one with the Pipelines that use it.
 
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use keystone_crds::{Pipeline, Processor};
 use kube::api::ListParams;
 use maud::html;
 
 use crate::AppState;
-use crate::auth::{User, allowed};
+use crate::auth::{User, allowed, home_namespace};
 use crate::layout::{Section, api_problem, page};
-use crate::pipelines::{Filter, managed_by_argo};
+use crate::pipelines::{Filter, managed_by_argo, not_everywhere};
 
 /// The names of the Processors a pipeline's steps refer to.
 pub fn references(pipeline: &Pipeline) -> Vec<String> {
@@ -31,8 +31,16 @@ pub async fn list(
     } else {
         kube::Api::namespaced(session.client.clone(), &filter.namespace)
     };
-    let processors = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
+    let (processors, refusal) = match api.list(&ListParams::default()).await {
+        Ok(list) => (list.items, None),
+        Err(kube::Error::Api(s)) if s.code == 403 && filter.namespace.is_empty() => {
+            match home_namespace(&session.user) {
+                Some(home) => {
+                    return Redirect::to(&format!("/processors?namespace={home}")).into_response();
+                }
+                None => (Vec::new(), Some(not_everywhere("Processors"))),
+            }
+        }
         Err(e) => return api_problem(&session, "list Processors", &e),
     };
     let namespace_for_new = if filter.namespace.is_empty() {
@@ -51,7 +59,8 @@ pub async fn list(
             }
             @if may_create { a.button href=(format!("/processors/new?namespace={namespace_for_new}")) { "New processor" } }
         }
-        @if processors.is_empty() { p.muted { "No processors here yet." } }
+        @if let Some(refusal) = refusal { (refusal) }
+        @else if processors.is_empty() { p.muted { "No processors here yet." } }
         @else {
             table {
                 thead { tr { th scope="col" { "Processor" } th scope="col" { "Namespace" } th scope="col" { "Operator" } th scope="col" { "Description" } } }

@@ -14,7 +14,7 @@ mod runtime_support;
 
 use std::time::Duration;
 
-use console_support::{Console, Visitor, install_user_roles, sign_in, text_of, user};
+use console_support::{Console, Visitor, install_user_roles, sign_in, sign_in_at, text_of, user};
 use keystone_crds::{Pipeline, Processor};
 use keystone_e2e::{TestNamespace, Testbed, wait_for};
 use kube::api::{Patch, PatchParams};
@@ -101,6 +101,13 @@ async fn signing_in_takes_only_a_token_the_api_server_accepts() {
     );
 
     let visitor = signed_in(&console, &w.editor_token).await;
+    // ana may not list every namespace: the list opens on her own.
+    let everywhere = visitor.get("/pipelines").await;
+    assert_eq!(everywhere.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        everywhere.location(),
+        Some(format!("/pipelines?namespace={}", w.ns.name()).as_str())
+    );
     let list = visitor
         .get(&format!("/pipelines?namespace={}", w.ns.name()))
         .await;
@@ -215,22 +222,11 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
 
     // Create: a server-side apply as ana, under the console's field manager.
     let created = ana.post("/editor", &yaml_post(&good, "apply")).await;
-    assert_eq!(
-        created.status,
-        StatusCode::SEE_OTHER,
-        "{}",
-        text_of(&created.body)
-    );
+    created.assert_redirect();
     let detail_path = format!("/pipelines/{}/{name}", w.ns.name());
     assert_eq!(created.location(), Some(detail_path.as_str()));
     let pipeline = w.ns.api::<Pipeline>().get(name).await.unwrap();
-    let managers: Vec<String> = pipeline
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter_map(|f| f.manager.clone())
-        .collect();
+    let managers = console_support::field_managers(&pipeline.metadata);
     assert!(
         managers.contains(&"keystone-console".to_owned()),
         "{managers:?}"
@@ -303,12 +299,7 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
         let answer = ana
             .post(&format!("{detail_path}/actions/checkpoint"), &[])
             .await;
-        assert_eq!(
-            answer.status,
-            StatusCode::SEE_OTHER,
-            "{}",
-            text_of(&answer.body)
-        );
+        answer.assert_redirect();
         assert!(
             api.get(name)
                 .await
@@ -361,12 +352,7 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
     let answer = ana
         .post(&format!("{detail_path}/actions/suspend"), &[])
         .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::SEE_OTHER,
-        "{}",
-        text_of(&answer.body)
-    );
+    answer.assert_redirect();
     let suspended = w.ns.api::<Pipeline>().get(name).await.unwrap();
     assert_eq!(format!("{:?}", suspended.spec.state), "Suspended");
     wait_for(
@@ -399,12 +385,7 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
             &[("checkpoint", checkpoint.as_str())],
         )
         .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::SEE_OTHER,
-        "{}",
-        text_of(&answer.body)
-    );
+    answer.assert_redirect();
     let restoring = w.ns.api::<Pipeline>().get(name).await.unwrap();
     assert_eq!(
         restoring
@@ -423,17 +404,52 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
 
-    // The list marks its phase and links the page.
+    // The list marks its phase and links the page; its polled rows too.
     let list = ana
         .get(&format!("/pipelines?namespace={}", w.ns.name()))
         .await;
     assert!(list.body.contains(&format!("href=\"{detail_path}\"")));
+    let rows = ana
+        .get(&format!("/pipelines/rows?namespace={}", w.ns.name()))
+        .await;
+    assert_eq!(rows.status, StatusCode::OK);
+    assert!(
+        rows.body.starts_with("<div id=\"pipelines\""),
+        "a fragment: {}",
+        rows.body
+    );
+    assert!(rows.body.contains(&format!("href=\"{detail_path}\"")));
 
     // Editing shows the object as written, without server fields.
     let edit = ana.get(&format!("{detail_path}/edit")).await;
     assert_eq!(edit.status, StatusCode::OK);
     assert!(!edit.body.contains("resourceVersion"));
     assert!(!edit.body.contains("managedFields"));
+    assert!(
+        edit.body.contains("readonly"),
+        "the name of an existing pipeline is fixed"
+    );
+
+    // Roll back: the spec becomes the last stable one (the restore request,
+    // made after it, goes with it).
+    let stable: serde_json::Value = serde_json::from_str(
+        api.get(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .last_stable_spec
+            .as_deref()
+            .expect("a stable spec"),
+    )
+    .unwrap();
+    let answer = ana
+        .post(&format!("{detail_path}/actions/rollback"), &[])
+        .await;
+    answer.assert_redirect();
+    let rolled_back = api.get(name).await.unwrap();
+    assert!(rolled_back.spec.restore.is_none());
+    assert_eq!(serde_json::to_value(&rolled_back.spec).unwrap(), stable);
     drop(operator);
 }
 
@@ -561,7 +577,7 @@ async fn changes_without_the_sessions_csrf_token_or_from_another_site_are_refuse
             ],
         )
         .await;
-    assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", text_of(&ok.body));
+    ok.assert_redirect();
     let suspended = w.ns.api::<Pipeline>().get(name).await.unwrap();
     assert_eq!(format!("{:?}", suspended.spec.state), "Suspended");
 }
@@ -675,12 +691,7 @@ async fn processors_are_created_in_the_editor_and_list_the_pipelines_using_them(
             ],
         )
         .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::SEE_OTHER,
-        "{}",
-        text_of(&answer.body)
-    );
+    answer.assert_redirect();
     assert!(
         w.ns.api::<Processor>()
             .get_opt("only-views")
@@ -727,9 +738,126 @@ async fn processors_are_created_in_the_editor_and_list_the_pipelines_using_them(
         )),
         "{text}"
     );
+    let new = ana
+        .get(&format!("/processors/new?namespace={}", w.ns.name()))
+        .await;
+    assert_eq!(new.status, StatusCode::OK);
+    assert!(
+        new.body.contains("kind: Processor"),
+        "{}",
+        text_of(&new.body)
+    );
+    let edit = ana
+        .get(&format!("/processors/{}/only-views/edit", w.ns.name()))
+        .await;
+    assert_eq!(edit.status, StatusCode::OK);
+    assert!(
+        edit.body.contains("id=\"f-spec_filter_expression\""),
+        "the operator's field in the form"
+    );
     let detail = ana
         .get(&format!("/processors/{}/only-views", w.ns.name()))
         .await;
     let text = text_of(&detail.body);
     assert!(text.contains("Used by uses-it"), "{text}");
+}
+
+#[tokio::test]
+async fn the_chart_installs_a_console_that_users_sign_in_to() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+
+    let w = world("console-chart").await;
+    console_support::console_binary();
+    let release_ns = operator_namespace(&w.tb, &w.ns).await;
+    let release = unique("ksc");
+    let bootstrap = w.tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+    let mut install = std::process::Command::new(w.tb.helm().expect("helm"));
+    install
+        .env("KUBECONFIG", w.tb.kubeconfig().expect("kubeconfig"))
+        .args([
+            "install",
+            &release,
+            &repo().join("helm/keystone").display().to_string(),
+            "--namespace",
+            release_ns.name(),
+            "--set",
+            &format!("kafka.clusters.default.bootstrapServers={bootstrap}"),
+            "--set",
+            &format!("watchNamespaces={{{}}}", w.ns.name()),
+            "--set",
+            "console.enabled=true",
+            // Each pod of the process kubelet has its own loopback address.
+            "--set",
+            "console.bindAddress=$(POD_IP)",
+            "--set",
+            "metrics.bindAddress=$(POD_IP)",
+            "--set",
+            "runtime.bindAddress=$(POD_IP)",
+        ]);
+    run_ok(install);
+    let _release = HelmRelease::new(&w.tb, &release, release_ns.name());
+    apply_yaml(
+        &w.tb,
+        &sample_pipeline(
+            w.ns.name(),
+            "listed",
+            "e2e.console.h.in",
+            "e2e.console.h.out",
+        ),
+    )
+    .await;
+
+    // The console pod runs under its own account and becomes ready.
+    let pods: kube::Api<Pod> = kube::Api::namespaced(w.tb.client().unwrap(), release_ns.name());
+    let selector =
+        format!("app.kubernetes.io/instance={release},app.kubernetes.io/name=keystone-console");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let ip = loop {
+        let ready_ip = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()
+            .and_then(|list| {
+                list.items.into_iter().find_map(|p| {
+                    let status = p.status?;
+                    let ready = status
+                        .conditions
+                        .as_ref()?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    ready.then_some(status.pod_ip?)
+                })
+            });
+        if let Some(ip) = ready_ip {
+            break ip;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console pod was not Ready within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    let base = format!("http://{ip}:8080");
+    let ana = match sign_in_at(&base, &w.editor_token).await {
+        Ok(visitor) => visitor,
+        Err(answer) => panic!(
+            "sign-in refused ({}): {}",
+            answer.status,
+            text_of(&answer.body)
+        ),
+    };
+    let list = ana
+        .get(&format!("/pipelines?namespace={}", w.ns.name()))
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{}", text_of(&list.body));
+    let text = text_of(&list.body);
+    assert!(text.contains("listed"), "{text}");
+    assert!(text.contains(&format!(
+        "Signed in as system:serviceaccount:{}:ana",
+        w.ns.name()
+    )));
+    // A stranger's token does not sign in.
+    assert!(sign_in_at(&base, "nope").await.is_err());
 }

@@ -4,7 +4,6 @@
 
 mod operator_support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,28 +27,6 @@ fn helm(tb: &Testbed) -> Command {
 }
 
 /// Uninstalls the release when dropped, so a failed test leaves no operator running.
-struct Release {
-    helm: PathBuf,
-    kubeconfig: PathBuf,
-    name: String,
-    namespace: String,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.helm)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .args([
-                "uninstall",
-                &self.name,
-                "--namespace",
-                &self.namespace,
-                "--ignore-not-found",
-            ])
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn chart_lints_and_renders_manifests_the_api_server_accepts() {
     let tb = testbed().await;
@@ -169,12 +146,7 @@ async fn installed_chart_runs_an_operator_that_reconciles_under_its_own_service_
         "logFormat=text",
     ]);
     run_ok(install);
-    let _release = Release {
-        helm: tb.helm().expect("helm"),
-        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
-        name: release.clone(),
-        namespace: release_ns.name().to_owned(),
-    };
+    let _release = HelmRelease::new(&tb, &release, release_ns.name());
 
     // The operator pod runs and becomes ready.
     let pods: Api<Pod> = Api::namespaced(tb.client().expect("client"), release_ns.name());
@@ -344,12 +316,7 @@ async fn cluster_wide_rbac_is_enough_for_the_operator_and_no_more() {
         "replicaCount=0",
     ]);
     run_ok(install);
-    let _release = Release {
-        helm: tb.helm().expect("helm"),
-        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
-        name: release.clone(),
-        namespace: release_ns.name().to_owned(),
-    };
+    let _release = HelmRelease::new(&tb, &release, release_ns.name());
     let sa = format!("system:serviceaccount:{release_ns}:{release}-keystone");
 
     let can = |args: &[&str]| {
@@ -806,7 +773,12 @@ fn rules_listed(tb: &Testbed, account: &str, namespace: &str) -> String {
 /// Installs the chart with the console on and nothing running (no operator,
 /// no console pods), to ask the API server's authorizer what its
 /// ServiceAccount may do. Uninstalled when the returned guard drops.
-fn install_console_only(tb: &Testbed, release: &str, namespace: &str, extra: &[&str]) -> Release {
+fn install_console_only(
+    tb: &Testbed,
+    release: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> HelmRelease {
     let mut install = helm(tb);
     install.args([
         "install",
@@ -823,12 +795,7 @@ fn install_console_only(tb: &Testbed, release: &str, namespace: &str, extra: &[&
     ]);
     install.args(extra);
     run_ok(install);
-    Release {
-        helm: tb.helm().expect("helm"),
-        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
-        name: release.to_owned(),
-        namespace: namespace.to_owned(),
-    }
+    HelmRelease::new(tb, release, namespace)
 }
 
 #[tokio::test]

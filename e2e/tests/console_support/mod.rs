@@ -185,6 +185,28 @@ impl Answer {
     pub fn location(&self) -> Option<&str> {
         self.headers.get(LOCATION).and_then(|v| v.to_str().ok())
     }
+
+    /// Asserts the answer is the redirect a successful form post gets,
+    /// showing the page's text otherwise.
+    #[track_caller]
+    pub fn assert_redirect(&self) {
+        assert_eq!(
+            self.status,
+            StatusCode::SEE_OTHER,
+            "{}",
+            text_of(&self.body)
+        );
+    }
+}
+
+/// The field managers of an object (`keystone-console` for the console's
+/// applies and patches).
+pub fn field_managers(meta: &kube::api::ObjectMeta) -> Vec<String> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect()
 }
 
 fn client() -> reqwest::Client {
@@ -205,9 +227,14 @@ async fn answer(response: reqwest::Response) -> Answer {
 
 /// Signs in with a token; the answer to the sign-in POST when it fails.
 pub async fn sign_in(console: &Console, token: &str) -> Result<Visitor, Answer> {
+    sign_in_at(&console.base, token).await
+}
+
+/// Signs in to the console at `base` (`http://host:port`).
+pub async fn sign_in_at(base: &str, token: &str) -> Result<Visitor, Answer> {
     let http = client();
     let response = http
-        .post(console.url("/login"))
+        .post(format!("{base}/login"))
         .header("sec-fetch-site", "same-origin")
         .form(&[("token", token)])
         .send()
@@ -225,11 +252,15 @@ pub async fn sign_in(console: &Console, token: &str) -> Result<Visitor, Answer> 
     };
     let mut visitor = Visitor {
         http,
-        base: console.base.clone(),
+        base: base.to_owned(),
         cookie,
         csrf: String::new(),
     };
-    let page = visitor.get("/pipelines").await;
+    let mut page = visitor.get("/pipelines").await;
+    // A user who may not list every namespace is sent to their own.
+    if let Some(location) = page.location().map(str::to_owned) {
+        page = visitor.get(&location).await;
+    }
     visitor.csrf = csrf_of(&page.body).expect("a CSRF token on the pipelines page");
     Ok(visitor)
 }

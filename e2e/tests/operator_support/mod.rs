@@ -661,3 +661,37 @@ pub async fn produce_lines(
             .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
     }
 }
+
+/// A Helm release uninstalled when dropped (a failing test leaves none).
+pub struct HelmRelease {
+    pub helm: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl HelmRelease {
+    pub fn new(tb: &Testbed, name: &str, namespace: &str) -> Self {
+        Self {
+            helm: tb.helm().expect("helm"),
+            kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        }
+    }
+}
+
+impl Drop for HelmRelease {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.helm)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args([
+                "uninstall",
+                &self.name,
+                "--namespace",
+                &self.namespace,
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
