@@ -8,7 +8,7 @@
 //! otherwise the form was.
 
 use axum::Form;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use keystone_crds::{Diagnostic, Pipeline, Processor, Reading};
@@ -16,12 +16,12 @@ use kube::api::{Patch, PatchParams};
 use maud::{Markup, html};
 use serde_json::{Value, json};
 
+use crate::FIELD_MANAGER;
 use crate::auth::{Session, User, allowed};
 use crate::form::{self, Fields, Kind, Problems};
 use crate::layout::{Section, api_problem, csrf, page};
 use crate::pipelines::{Filter, managed_by_argo, processors_reading};
 use crate::tryit::{self, TryOutcome};
-use crate::{AppState, FIELD_MANAGER};
 
 const API_VERSION: &str = "keystone.dev/v1alpha1";
 /// The name the checker's diagnostics give the editor's text.
@@ -95,7 +95,6 @@ fn as_written<T: serde::Serialize>(object: &T) -> Value {
 /// The editor on a blank Pipeline or Processor.
 pub async fn new_object(
     kind: Kind,
-    State(state): State<AppState>,
     User(session): User,
     Query(filter): Query<Filter>,
     headers: HeaderMap,
@@ -106,13 +105,12 @@ pub async fn new_object(
         filter.namespace
     };
     let manifest = blank_manifest(kind, &namespace);
-    start(&state, &session, &headers, kind, false, manifest).await
+    start(&session, &headers, kind, false, manifest).await
 }
 
 /// The editor on an existing Pipeline or Processor, as its author wrote it.
 pub async fn edit_object<K>(
     kind: Kind,
-    State(state): State<AppState>,
     User(session): User,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
@@ -126,7 +124,7 @@ where
 {
     let api: kube::Api<K> = kube::Api::namespaced(session.client.clone(), &namespace);
     match api.get(&name).await {
-        Ok(object) => start(&state, &session, &headers, kind, true, as_written(&object)).await,
+        Ok(object) => start(&session, &headers, kind, true, as_written(&object)).await,
         Err(e) => api_problem(
             &session,
             &format!("read {} {namespace}/{name}", kind.name()),
@@ -136,7 +134,6 @@ where
 }
 
 async fn start(
-    state: &AppState,
     session: &Session,
     headers: &HeaderMap,
     kind: Kind,
@@ -152,7 +149,7 @@ async fn start(
         events: String::new(),
         tables: Vec::new(),
     };
-    respond(state, session, headers, draft, Step::Check).await
+    respond(session, headers, draft, Step::Check).await
 }
 
 /// What a post asks for besides keeping the two halves in sync.
@@ -163,7 +160,6 @@ enum Step {
 }
 
 pub async fn submit(
-    State(state): State<AppState>,
     User(session): User,
     headers: HeaderMap,
     Form(pairs): Form<Vec<(String, String)>>,
@@ -207,7 +203,7 @@ pub async fn submit(
         "apply-force" => Step::Apply { force: true },
         _ => Step::Check,
     };
-    respond(&state, &session, &headers, draft, step).await
+    respond(&session, &headers, draft, step).await
 }
 
 /// The manifest the form describes; metadata other than the name and
@@ -234,13 +230,7 @@ fn meta_str<'a>(manifest: &'a Value, key: &str) -> &'a str {
     manifest["metadata"][key].as_str().unwrap_or_default()
 }
 
-async fn respond(
-    _state: &AppState,
-    session: &Session,
-    headers: &HeaderMap,
-    draft: Draft,
-    step: Step,
-) -> Response {
+async fn respond(session: &Session, headers: &HeaderMap, draft: Draft, step: Step) -> Response {
     let namespace = meta_str(&draft.manifest, "namespace").to_owned();
     let namespace = if namespace.is_empty() {
         "default".to_owned()

@@ -2,7 +2,7 @@
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 
 use crate::auth::{CSRF_FIELD, Session};
 
@@ -136,11 +136,6 @@ pub fn api_problem(session: &Session, what: &str, error: &kube::Error) -> Respon
             &format!("Could not {what}: {other}"),
         ),
     }
-}
-
-/// Markup that is already HTML-safe text (the embedded SVG of a graph).
-pub fn raw(text: String) -> Markup {
-    PreEscaped(text)
 }
 
 /// "3 minutes ago" for a timestamp.

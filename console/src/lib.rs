@@ -79,13 +79,13 @@ pub fn router(state: AppState) -> Router {
         .route("/pipelines/rows", get(pipelines::rows))
         .route(
             "/pipelines/new",
-            get(|s, u, q, h| editor::new_object(Kind::Pipeline, s, u, q, h)),
+            get(|u, q, h| editor::new_object(Kind::Pipeline, u, q, h)),
         )
         .route("/pipelines/{namespace}/{name}", get(pipelines::detail))
         .route("/pipelines/{namespace}/{name}/live", get(pipelines::live))
         .route(
             "/pipelines/{namespace}/{name}/edit",
-            get(|s, u, p, h| editor::edit_object::<Pipeline>(Kind::Pipeline, s, u, p, h)),
+            get(|u, p, h| editor::edit_object::<Pipeline>(Kind::Pipeline, u, p, h)),
         )
         .route(
             "/pipelines/{namespace}/{name}/actions/{action}",
@@ -94,12 +94,12 @@ pub fn router(state: AppState) -> Router {
         .route("/processors", get(processors::list))
         .route(
             "/processors/new",
-            get(|s, u, q, h| editor::new_object(Kind::Processor, s, u, q, h)),
+            get(|u, q, h| editor::new_object(Kind::Processor, u, q, h)),
         )
         .route("/processors/{namespace}/{name}", get(processors::detail))
         .route(
             "/processors/{namespace}/{name}/edit",
-            get(|s, u, p, h| editor::edit_object::<Processor>(Kind::Processor, s, u, p, h)),
+            get(|u, p, h| editor::edit_object::<Processor>(Kind::Processor, u, p, h)),
         )
         .route("/editor", post(editor::submit))
         .layer(middleware::from_fn_with_state(

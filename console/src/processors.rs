@@ -1,12 +1,11 @@
 //! Processors: the list, and one with the Pipelines that use it.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::response::{IntoResponse, Redirect, Response};
 use keystone_crds::{Pipeline, Processor};
 use kube::api::ListParams;
 use maud::html;
 
-use crate::AppState;
 use crate::auth::{User, allowed, home_namespace};
 use crate::layout::{Section, api_problem, page};
 use crate::pipelines::{Filter, managed_by_argo, not_everywhere};
@@ -21,11 +20,7 @@ pub fn references(pipeline: &Pipeline) -> Vec<String> {
         .collect()
 }
 
-pub async fn list(
-    State(_state): State<AppState>,
-    User(session): User,
-    Query(filter): Query<Filter>,
-) -> Response {
+pub async fn list(User(session): User, Query(filter): Query<Filter>) -> Response {
     let api: kube::Api<Processor> = if filter.namespace.is_empty() {
         kube::Api::all(session.client.clone())
     } else {
@@ -83,7 +78,6 @@ pub async fn list(
 }
 
 pub async fn detail(
-    State(_state): State<AppState>,
     User(session): User,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
