@@ -961,8 +961,10 @@ async fn the_chart_ships_the_alerts_only_when_enabled() {
         // any other renders empty.
         let description = annotations["description"].as_str().unwrap_or_default();
         let used = template_labels(description);
+        // A pipeline's namespace is `pipeline_namespace` in the operator's
+        // series (its scrape's `namespace` is the operator's own).
         assert!(
-            used.contains("namespace"),
+            used.contains("namespace") || used.contains("pipeline_namespace"),
             "{name}'s description names no namespace: {description}"
         );
         let kept = names(&expr).grouping;

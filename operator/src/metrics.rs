@@ -55,6 +55,10 @@ pub struct Metrics {
     /// How long a checkpoint took, barrier requests and waits included.
     pub checkpoint_duration: Histogram,
     pipelines: IntGaugeVec,
+    /// 1 for each Pipeline's current phase (kube-state-metrics' style), so
+    /// alerts name the Pipeline. `pipeline_namespace`, not `namespace`: the
+    /// scrape's own `namespace` label is the operator's.
+    pipeline_phase: IntGaugeVec,
     phases: Arc<Mutex<HashMap<String, PipelinePhase>>>,
 }
 
@@ -121,6 +125,14 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
+        let pipeline_phase = IntGaugeVec::new(
+            Opts::new(
+                "keystone_operator_pipeline_phase",
+                "1 for the phase each Pipeline is in",
+            ),
+            &["pipeline_namespace", "pipeline", "phase"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
@@ -129,6 +141,7 @@ impl Metrics {
             Box::new(checkpoints.clone()),
             Box::new(checkpoint_duration.clone()),
             Box::new(pipelines.clone()),
+            Box::new(pipeline_phase.clone()),
         ] {
             registry.register(m).expect("metrics register once");
         }
@@ -148,6 +161,7 @@ impl Metrics {
             checkpoints,
             checkpoint_duration,
             pipelines,
+            pipeline_phase,
             phases: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -155,12 +169,21 @@ impl Metrics {
     /// Records a pipeline's phase (None: the pipeline is gone).
     pub async fn set_phase(&self, key: &str, phase: Option<PipelinePhase>) {
         let mut phases = self.phases.lock().await;
-        match phase {
-            Some(phase) => {
-                phases.insert(key.to_owned(), phase);
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        let previous = match phase {
+            Some(phase) => phases.insert(key.to_owned(), phase),
+            None => phases.remove(key),
+        };
+        if previous != phase {
+            if let Some(old) = previous {
+                let _ =
+                    self.pipeline_phase
+                        .remove_label_values(&[namespace, name, phase_label(old)]);
             }
-            None => {
-                phases.remove(key);
+            if let Some(new) = phase {
+                self.pipeline_phase
+                    .with_label_values(&[namespace, name, phase_label(new)])
+                    .set(1);
             }
         }
         for p in PHASES {
@@ -273,11 +296,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("keystone_operator_reconciles_total{controller=\"pipeline\"} 1"));
+        // One series per Pipeline, for its current phase only.
+        let y = |phase: &str| {
+            format!(
+                "keystone_operator_pipeline_phase{{phase=\"{phase}\",pipeline=\"y\",pipeline_namespace=\"a\"}} 1"
+            )
+        };
+        assert!(text.contains(&y("Degraded")), "{text}");
+        assert!(!text.contains(&y("Running")), "{text}");
         metrics.set_phase("a/x", None).await;
+        let text = metrics.render();
+        assert!(text.contains("keystone_operator_pipelines{phase=\"Running\"} 0"));
         assert!(
-            metrics
-                .render()
-                .contains("keystone_operator_pipelines{phase=\"Running\"} 0")
+            !text.contains("pipeline=\"x\""),
+            "a deleted Pipeline leaves no series: {text}"
         );
     }
 
