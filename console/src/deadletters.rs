@@ -49,11 +49,11 @@ pub struct DeadLetterReader {
 impl DeadLetterReader {
     /// Reads the operator's configuration and the credentials it names.
     pub async fn load(
-        config: Option<&std::path::Path>,
+        config: Result<&OperatorConfig, String>,
         client: kube::Client,
         namespace: &str,
     ) -> Self {
-        let config = match OperatorConfig::load(config) {
+        let config = match config {
             Ok(config) => config,
             Err(e) => return Self::unavailable(format!("the operator's configuration: {e}")),
         };

@@ -8,7 +8,7 @@
 //! otherwise the form was.
 
 use axum::Form;
-use axum::extract::{Path, Query};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use keystone_crds::{Diagnostic, Pipeline, Processor, Reading};
@@ -16,12 +16,13 @@ use kube::api::{Patch, PatchParams};
 use maud::{Markup, html};
 use serde_json::{Value, json};
 
-use crate::FIELD_MANAGER;
 use crate::auth::{Session, User, allowed};
 use crate::form::{self, Fields, Kind, Problems};
 use crate::layout::{Section, api_problem, csrf, page};
 use crate::pipelines::{Filter, managed_by_argo, processors_reading};
 use crate::tryit::{self, TryOutcome};
+use crate::{AppState, FIELD_MANAGER};
+use keystone_operator::OperatorConfig;
 
 const API_VERSION: &str = "keystone.dev/v1alpha1";
 /// The name the checker's diagnostics give the editor's text.
@@ -95,6 +96,7 @@ fn as_written<T: serde::Serialize>(object: &T) -> Value {
 /// The editor on a blank Pipeline or Processor.
 pub async fn new_object(
     kind: Kind,
+    State(state): State<AppState>,
     User(session): User,
     Query(filter): Query<Filter>,
     headers: HeaderMap,
@@ -105,12 +107,13 @@ pub async fn new_object(
         filter.namespace
     };
     let manifest = blank_manifest(kind, &namespace);
-    start(&session, &headers, kind, false, manifest).await
+    start(&state.operator, &session, &headers, kind, false, manifest).await
 }
 
 /// The editor on an existing Pipeline or Processor, as its author wrote it.
 pub async fn edit_object<K>(
     kind: Kind,
+    State(state): State<AppState>,
     User(session): User,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
@@ -124,7 +127,17 @@ where
 {
     let api: kube::Api<K> = kube::Api::namespaced(session.client.clone(), &namespace);
     match api.get(&name).await {
-        Ok(object) => start(&session, &headers, kind, true, as_written(&object)).await,
+        Ok(object) => {
+            start(
+                &state.operator,
+                &session,
+                &headers,
+                kind,
+                true,
+                as_written(&object),
+            )
+            .await
+        }
         Err(e) => api_problem(
             &session,
             &format!("read {} {namespace}/{name}", kind.name()),
@@ -134,6 +147,7 @@ where
 }
 
 async fn start(
+    operator: &OperatorConfig,
     session: &Session,
     headers: &HeaderMap,
     kind: Kind,
@@ -149,7 +163,7 @@ async fn start(
         events: String::new(),
         tables: Vec::new(),
     };
-    respond(session, headers, draft, Step::Check).await
+    respond(operator, session, headers, draft, Step::Check).await
 }
 
 /// What a post asks for besides keeping the two halves in sync.
@@ -160,6 +174,7 @@ enum Step {
 }
 
 pub async fn submit(
+    State(state): State<AppState>,
     User(session): User,
     headers: HeaderMap,
     Form(pairs): Form<Vec<(String, String)>>,
@@ -203,7 +218,7 @@ pub async fn submit(
         "apply-force" => Step::Apply { force: true },
         _ => Step::Check,
     };
-    respond(&session, &headers, draft, step).await
+    respond(&state.operator, &session, &headers, draft, step).await
 }
 
 /// The manifest the form describes; metadata other than the name and
@@ -230,7 +245,13 @@ fn meta_str<'a>(manifest: &'a Value, key: &str) -> &'a str {
     manifest["metadata"][key].as_str().unwrap_or_default()
 }
 
-async fn respond(session: &Session, headers: &HeaderMap, draft: Draft, step: Step) -> Response {
+async fn respond(
+    operator: &OperatorConfig,
+    session: &Session,
+    headers: &HeaderMap,
+    draft: Draft,
+    step: Step,
+) -> Response {
     let namespace = meta_str(&draft.manifest, "namespace").to_owned();
     let namespace = if namespace.is_empty() {
         "default".to_owned()
@@ -245,17 +266,26 @@ async fn respond(session: &Session, headers: &HeaderMap, draft: Draft, step: Ste
     // The edited Processor replaces the cluster's copy in the check.
     reading.extend(Reading::parse(EDITED, &draft.yaml));
     let checked = keystone_crds::manifest::check(&reading);
-    let diagnostics: Vec<Diagnostic> = checked
+    let mut diagnostics: Vec<Diagnostic> = checked
         .diagnostics
         .into_iter()
         .filter(|d| d.file == EDITED)
         .collect();
-    let plan = match draft.kind {
+    let mut plan = match draft.kind {
         Kind::Pipeline if diagnostics.is_empty() => {
             checked.plans.into_iter().find(|p| p.pipeline == name)
         }
         _ => None,
     };
+    // The operator refuses what its policy does not allow as it refuses a
+    // broken contract (ContractsValid=False, PolicyViolation): say so here.
+    if let Some(compiled) = &plan {
+        let violations = policy_diagnostics(operator, &reading, &name, compiled);
+        if !violations.is_empty() {
+            diagnostics = violations;
+            plan = None;
+        }
+    }
 
     let resource = match draft.kind {
         Kind::Pipeline => "pipelines",
@@ -349,6 +379,44 @@ async fn respond(session: &Session, headers: &HeaderMap, draft: Draft, step: Ste
         )
         .into_response()
     }
+}
+
+/// The operator's policy violations of a pipeline that passed the check,
+/// located in the edited text.
+fn policy_diagnostics(
+    operator: &OperatorConfig,
+    reading: &Reading,
+    name: &str,
+    plan: &keystone_crds::Plan,
+) -> Vec<Diagnostic> {
+    let (Some(pipeline), Some(origin)) = (
+        reading
+            .manifests
+            .pipelines
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name)),
+        reading.pipeline_origin(name),
+    ) else {
+        return Vec::new();
+    };
+    operator
+        .policy
+        .violations(&pipeline.spec, plan, operator.runtime_image())
+        .into_iter()
+        .map(|violation| {
+            let at = origin.locate(&violation.path);
+            Diagnostic {
+                file: EDITED.to_owned(),
+                line: at.line,
+                column: at.column,
+                path: Some(violation.path),
+                step: None,
+                kind: "PolicyViolation".to_owned(),
+                message: format!("the operator's policy: {}", violation.message),
+                hint: None,
+            }
+        })
+        .collect()
 }
 
 /// A redirect that htmx follows as a full navigation.
@@ -596,6 +664,38 @@ mod tests {
         assert!(written["metadata"].get("resourceVersion").is_none());
         assert!(written["metadata"].get("uid").is_none());
         assert_eq!(written["metadata"]["name"], "clickstream-etl");
+    }
+
+    #[test]
+    fn the_operators_policy_is_located_in_the_edited_text() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/samples/orders-join-customers.yaml"
+        ))
+        .unwrap();
+        let reading = Reading::parse(EDITED, &text);
+        let name = reading.manifests.pipelines[0]
+            .metadata
+            .name
+            .clone()
+            .unwrap();
+        let plan = reading.compile(0).unwrap();
+        let mut operator: OperatorConfig =
+            serde_yaml_ng::from_str("policy: {maxPartitions: 1}").unwrap();
+        let found = policy_diagnostics(&operator, &reading, &name, &plan);
+        assert!(!found.is_empty());
+        let first = &found[0];
+        let path = first.path.as_deref().unwrap();
+        assert!(path.ends_with(".partitions"), "{path}");
+        assert!(
+            first.message.starts_with("the operator's policy"),
+            "{}",
+            first.message
+        );
+        let line = text.lines().nth(first.line - 1).unwrap();
+        assert!(line.contains("partitions"), "line {}: {line}", first.line);
+        operator.policy = Default::default();
+        assert!(policy_diagnostics(&operator, &reading, &name, &plan).is_empty());
     }
 
     #[test]

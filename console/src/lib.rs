@@ -46,6 +46,9 @@ pub struct AppState {
     /// Rates computed from the runtime pods' metrics between two scrapes.
     pub rates: Arc<live::Rates>,
     pub dead_letters: Arc<deadletters::DeadLetterReader>,
+    /// The operator's configuration, for its policy (what Pipelines may ask
+    /// for), checked with the contracts; the default (no limits) without one.
+    pub operator: Arc<keystone_operator::OperatorConfig>,
 }
 
 impl AppState {
@@ -54,6 +57,7 @@ impl AppState {
         auth: AuthMode,
         secure_cookies: bool,
         dead_letters: deadletters::DeadLetterReader,
+        operator: keystone_operator::OperatorConfig,
     ) -> Self {
         Self {
             kube,
@@ -62,6 +66,7 @@ impl AppState {
             sessions: Arc::default(),
             rates: Arc::default(),
             dead_letters: Arc::new(dead_letters),
+            operator: Arc::new(operator),
         }
     }
 }
@@ -79,13 +84,13 @@ pub fn router(state: AppState) -> Router {
         .route("/pipelines/rows", get(pipelines::rows))
         .route(
             "/pipelines/new",
-            get(|u, q, h| editor::new_object(Kind::Pipeline, u, q, h)),
+            get(|s, u, q, h| editor::new_object(Kind::Pipeline, s, u, q, h)),
         )
         .route("/pipelines/{namespace}/{name}", get(pipelines::detail))
         .route("/pipelines/{namespace}/{name}/live", get(pipelines::live))
         .route(
             "/pipelines/{namespace}/{name}/edit",
-            get(|u, p, h| editor::edit_object::<Pipeline>(Kind::Pipeline, u, p, h)),
+            get(|s, u, p, h| editor::edit_object::<Pipeline>(Kind::Pipeline, s, u, p, h)),
         )
         .route(
             "/pipelines/{namespace}/{name}/actions/{action}",
@@ -94,12 +99,12 @@ pub fn router(state: AppState) -> Router {
         .route("/processors", get(processors::list))
         .route(
             "/processors/new",
-            get(|u, q, h| editor::new_object(Kind::Processor, u, q, h)),
+            get(|s, u, q, h| editor::new_object(Kind::Processor, s, u, q, h)),
         )
         .route("/processors/{namespace}/{name}", get(processors::detail))
         .route(
             "/processors/{namespace}/{name}/edit",
-            get(|u, p, h| editor::edit_object::<Processor>(Kind::Processor, u, p, h)),
+            get(|s, u, p, h| editor::edit_object::<Processor>(Kind::Processor, s, u, p, h)),
         )
         .route("/editor", post(editor::submit))
         .layer(middleware::from_fn_with_state(

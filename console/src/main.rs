@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use keystone_console::deadletters::DeadLetterReader;
 use keystone_console::{AppState, AuthMode, router};
+use keystone_operator::OperatorConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,12 +96,23 @@ async fn main() -> anyhow::Result<()> {
     // The console's own account reads only the Kafka credentials the
     // operator's configuration names; everything else is done as the user.
     let own = kube::Client::try_from(kube.clone()).context("the console's own client")?;
+    let operator = OperatorConfig::load(cli.operator_config.as_deref()).map_err(|e| e.to_string());
     let dead_letters =
-        DeadLetterReader::load(cli.operator_config.as_deref(), own, &cli.namespace).await;
+        DeadLetterReader::load(operator.as_ref().map_err(Clone::clone), own, &cli.namespace).await;
     if let Some(reason) = &dead_letters.unavailable {
         tracing::warn!(%reason, "dead letters will not be shown");
     }
-    let app = router(AppState::new(kube, auth, cli.secure_cookies, dead_letters));
+    let operator = operator.unwrap_or_else(|reason| {
+        tracing::warn!(%reason, "the operator's policy will not be checked");
+        OperatorConfig::default()
+    });
+    let app = router(AppState::new(
+        kube,
+        auth,
+        cli.secure_cookies,
+        dead_letters,
+        operator,
+    ));
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding {}", cli.listen))?;

@@ -861,3 +861,46 @@ async fn the_chart_installs_a_console_that_users_sign_in_to() {
     // A stranger's token does not sign in.
     assert!(sign_in_at(&base, "nope").await.is_err());
 }
+
+#[tokio::test]
+async fn the_operators_policy_is_checked_with_the_contracts() {
+    let w = world("console-policy").await;
+    // The operator's configuration, as the chart mounts it for both.
+    let config =
+        w.tb.state_dir()
+            .join(format!("e2e-console-policy-{}.yaml", std::process::id()));
+    std::fs::write(&config, "policy:\n  maxPartitions: 4\n").unwrap();
+    let console =
+        Console::start_with(&w.tb, &["--operator-config", &config.display().to_string()]).await;
+    let ana = signed_in(&console, &w.editor_token).await;
+    let within = sample_pipeline(
+        w.ns.name(),
+        "sized",
+        "e2e.console.q.in",
+        "e2e.console.q.out",
+    );
+    let beyond = within.replace("partitions: 2", "partitions: 8");
+    assert_ne!(within, beyond);
+
+    let checked = ana.post("/editor", &yaml_post(&beyond, "check")).await;
+    let text = text_of(&checked.body);
+    assert!(text.contains("the operator's policy"), "{text}");
+    assert!(text.contains("spec.sinks[0].kafka.partitions"), "{text}");
+    let applied = ana.post("/editor", &yaml_post(&beyond, "apply")).await;
+    assert!(text_of(&applied.body).contains("Not applied"));
+    assert!(
+        w.ns.api::<Pipeline>()
+            .get_opt("sized")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let checked = ana.post("/editor", &yaml_post(&within, "check")).await;
+    assert!(
+        text_of(&checked.body).contains("finds no problem"),
+        "{}",
+        text_of(&checked.body)
+    );
+    let _ = std::fs::remove_file(&config);
+}
