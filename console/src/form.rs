@@ -208,10 +208,11 @@ pub fn render(schema: &Value, value: &Value, problems: &Problems, path: &str) ->
 fn object_fields(schema: &Value, value: &Value, problems: &Problems, path: &str) -> Markup {
     let required = required(schema);
     let present = |name: &str| value.get(name).is_some_and(|v| !v.is_null());
-    let addable: Vec<&String> = ordered(schema)
-        .into_iter()
+    let props = ordered(schema);
+    let addable: Vec<&String> = props
+        .iter()
         .filter(|(name, _)| !present(name) && !required.contains(&name.as_str()))
-        .map(|(name, _)| name)
+        .map(|(name, _)| *name)
         .collect();
     let drawn = |name: &str| present(name) || required.contains(&name);
     let stray = problems.under_absent(path, &drawn);
@@ -219,8 +220,8 @@ fn object_fields(schema: &Value, value: &Value, problems: &Problems, path: &str)
     // API server fills with defaults, folds away below what it reads and writes.
     let settings: Vec<&str> =
         if path == "spec" && properties(schema).is_some_and(|p| p.contains_key("steps")) {
-            ordered(schema)
-                .into_iter()
+            props
+                .iter()
                 .map(|(name, _)| name.as_str())
                 .filter(|name| present(name) && !matches!(*name, "source" | "steps" | "sinks"))
                 .collect()
@@ -236,7 +237,7 @@ fn object_fields(schema: &Value, value: &Value, problems: &Problems, path: &str)
     html! {
         @for message in problems.at(path) { p.problem role="alert" { (message) } }
         @for message in &stray { p.problem role="alert" { (message) } }
-        @for (name, child) in ordered(schema) {
+        @for (name, child) in &props {
             @if drawn(name) && !settings.contains(&name.as_str()) {
                 (node(child, value.get(name.as_str()).unwrap_or(&Value::Null), problems,
                       &format!("{path}.{name}"), name, required.contains(&name.as_str())))
@@ -245,7 +246,7 @@ fn object_fields(schema: &Value, value: &Value, problems: &Problems, path: &str)
         @if !settings.is_empty() {
             details open[settings_have_problems] {
                 summary { "Settings (" (settings.len()) ")" }
-                @for (name, child) in ordered(schema) {
+                @for (name, child) in &props {
                     @if settings.contains(&name.as_str()) {
                         (node(child, value.get(name.as_str()).unwrap_or(&Value::Null), problems,
                               &format!("{path}.{name}"), name, false))

@@ -103,10 +103,23 @@ pub fn parse_sample(text: &str) -> PodSample {
     sample
 }
 
-/// The previous scrape of each pod, by pod UID.
-#[derive(Default)]
+/// The previous scrape of each pod, by pod UID, and the one HTTP client
+/// every scrape shares (its connection pool lives as long as the console).
 pub struct Rates {
     previous: Mutex<HashMap<String, (Instant, PodSample)>>,
+    http: reqwest::Client,
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Self {
+            previous: Mutex::default(),
+            http: reqwest::Client::builder()
+                .timeout(SCRAPE_TIMEOUT)
+                .build()
+                .expect("an HTTP client without TLS settings"),
+        }
+    }
 }
 
 /// A pipeline's live numbers.
@@ -137,10 +150,6 @@ impl Rates {
         let pods = pods
             .list(&ListParams::default().labels(&format!("{PIPELINE_LABEL}={name}")))
             .await?;
-        let http = reqwest::Client::builder()
-            .timeout(SCRAPE_TIMEOUT)
-            .build()
-            .expect("an HTTP client without TLS settings");
         let targets: Vec<(String, String)> = pods
             .items
             .iter()
@@ -150,7 +159,7 @@ impl Rates {
             })
             .collect();
         let scrapes = futures::future::join_all(targets.iter().map(|(uid, ip)| {
-            let http = http.clone();
+            let http = &self.http;
             async move {
                 let url = format!("http://{}/metrics", host_port(ip, METRICS_PORT));
                 let text = async { http.get(url).send().await?.error_for_status()?.text().await };
