@@ -49,6 +49,18 @@ fn sample_pipeline(ns: &str, name: &str, source: &str, sink: &str) -> String {
     pipeline_yaml(ns, name, source, sink, 2, "Delete")
 }
 
+/// Applies the sample pipeline `name` (topics `e2e.console.TAG.in`/`.out`)
+/// as the testbed's admin, for tests of what users see of it.
+async fn apply_sample(w: &World, name: &str, tag: &str) {
+    let yaml = sample_pipeline(
+        w.ns.name(),
+        name,
+        &format!("e2e.console.{tag}.in"),
+        &format!("e2e.console.{tag}.out"),
+    );
+    apply_yaml(&w.tb, &yaml).await;
+}
+
 async fn signed_in(console: &Console, token: &str) -> Visitor {
     match sign_in(console, token).await {
         Ok(visitor) => visitor,
@@ -457,11 +469,7 @@ async fn an_editor_checks_tries_creates_and_runs_a_pipeline_and_acts_on_it() {
 async fn a_viewer_sees_no_edit_controls_and_a_direct_post_is_refused() {
     let w = world("console-view").await;
     let name = "watched";
-    apply_yaml(
-        &w.tb,
-        &sample_pipeline(w.ns.name(), name, "e2e.console.v.in", "e2e.console.v.out"),
-    )
-    .await;
+    apply_sample(&w, name, "v").await;
     let console = Console::start(&w.tb).await;
     let vic = signed_in(&console, &w.viewer_token).await;
     let detail_path = format!("/pipelines/{}/{name}", w.ns.name());
@@ -532,11 +540,7 @@ async fn a_viewer_sees_no_edit_controls_and_a_direct_post_is_refused() {
 async fn changes_without_the_sessions_csrf_token_or_from_another_site_are_refused() {
     let w = world("console-csrf").await;
     let name = "guarded";
-    apply_yaml(
-        &w.tb,
-        &sample_pipeline(w.ns.name(), name, "e2e.console.c.in", "e2e.console.c.out"),
-    )
-    .await;
+    apply_sample(&w, name, "c").await;
     let console = Console::start(&w.tb).await;
     let ana = signed_in(&console, &w.editor_token).await;
     let path = format!("/pipelines/{}/{name}/actions/suspend", w.ns.name());
@@ -586,11 +590,7 @@ async fn changes_without_the_sessions_csrf_token_or_from_another_site_are_refuse
 async fn behind_a_proxy_the_console_impersonates_the_user_it_names() {
     let w = world("console-proxy").await;
     let name = "proxied";
-    apply_yaml(
-        &w.tb,
-        &sample_pipeline(w.ns.name(), name, "e2e.console.p.in", "e2e.console.p.out"),
-    )
-    .await;
+    apply_sample(&w, name, "p").await;
     // The testbed's admin kubeconfig stands for the console's account, which
     // the chart allows only to impersonate.
     let console = Console::start_with(&w.tb, &["--auth", "proxy"]).await;
@@ -634,11 +634,7 @@ async fn behind_a_proxy_the_console_impersonates_the_user_it_names() {
 async fn argo_cd_managed_objects_are_read_only_with_the_yaml_to_commit() {
     let w = world("console-argo").await;
     let name = "from-git";
-    apply_yaml(
-        &w.tb,
-        &sample_pipeline(w.ns.name(), name, "e2e.console.a.in", "e2e.console.a.out"),
-    )
-    .await;
+    apply_sample(&w, name, "a").await;
     w.ns.api::<Pipeline>()
         .patch(
             name,
@@ -797,16 +793,7 @@ async fn the_chart_installs_a_console_that_users_sign_in_to() {
         ]);
     run_ok(install);
     let _release = HelmRelease::new(&w.tb, &release, release_ns.name());
-    apply_yaml(
-        &w.tb,
-        &sample_pipeline(
-            w.ns.name(),
-            "listed",
-            "e2e.console.h.in",
-            "e2e.console.h.out",
-        ),
-    )
-    .await;
+    apply_sample(&w, "listed", "h").await;
 
     // The console pod runs under its own account and becomes ready.
     let pods: kube::Api<Pod> = kube::Api::namespaced(w.tb.client().unwrap(), release_ns.name());
