@@ -139,8 +139,10 @@ fn read_tail(
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = config.create().map_err(|e| format!("Kafka client: {e}"))?;
+    // All topics: naming a missing topic in a metadata request may create it
+    // (auto.create.topics.enable), and reading must never create one.
     let metadata = consumer
-        .fetch_metadata(Some(topic), READ_TIMEOUT)
+        .fetch_metadata(None, READ_TIMEOUT)
         .map_err(|e| format!("reading the metadata of {topic}: {e}"))?;
     let partitions: Vec<i32> = metadata
         .topics()
