@@ -127,18 +127,22 @@ impl Capture {
 
     /// Waits until the running instance has completed `chunks` snapshot chunks.
     pub async fn wait_for_chunks(&mut self, chunks: u32) {
+        self.wait_for_metric("keystone_capture_snapshot_chunks_total", f64::from(chunks))
+            .await;
+    }
+
+    /// Waits until the running instance's metric `name` is `at_least`.
+    pub async fn wait_for_metric(&mut self, name: &str, at_least: f64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             self.assert_running();
             let (_, metrics) = http_request(self.port, "GET", "/metrics");
-            if metric_value(&metrics, "keystone_capture_snapshot_chunks_total").unwrap_or(0.0)
-                >= f64::from(chunks)
-            {
+            if metric_value(&metrics, name).unwrap_or(0.0) >= at_least {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "no {chunks} snapshot chunks within 60 s\n{}",
+                "{name} not {at_least} within 60 s\n{metrics}\n{}",
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -39,6 +39,9 @@ pub struct CaptureMetrics {
     pub events: IntCounter,
     pub snapshot_rows: IntCounter,
     pub snapshot_chunks: IntCounter,
+    /// Chunks read again because their select missed a transaction whose
+    /// events were already captured.
+    pub snapshot_chunk_retries: IntCounter,
     pub snapshot_done: IntGauge,
     /// Rows and chunks of the current (or last) snapshot committed to Kafka,
     /// over the capture's restarts.
@@ -103,6 +106,10 @@ impl CaptureMetrics {
             snapshot_chunks: counter(
                 "keystone_capture_snapshot_chunks_total",
                 "Snapshot chunks completed.",
+            )?,
+            snapshot_chunk_retries: counter(
+                "keystone_capture_snapshot_chunk_retries_total",
+                "Snapshot chunks read again: their select missed a transaction already captured (committed in the log, not yet visible).",
             )?,
             snapshot_done: gauge(
                 "keystone_capture_snapshot_done",

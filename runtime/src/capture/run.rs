@@ -28,7 +28,7 @@ use crate::capture::changes::{Change, Relation, TableName, TransactionChanges};
 use crate::capture::config::{CaptureConfig, SnapshotMode};
 use crate::capture::events::{Commit, ENVELOPE_FIELDS, Envelope, lsn_text, render};
 use crate::capture::http::{CaptureMetrics, DropSlot};
-use crate::capture::snapshot::{Chunk, Reached, SnapshotProgress, Watermark};
+use crate::capture::snapshot::{Chunk, Reached, RecentTransactions, SnapshotProgress, Watermark};
 use crate::capture::source::{self, SESSION_OPTIONS, TableInfo};
 use crate::kafka::{KAFKA_TIMEOUT, KafkaSettings, config as kafka_config};
 
@@ -49,6 +49,16 @@ const PROGRESS_PREFIX: &str = "keystone.capture=";
 const MAX_PROGRESS_BYTES: usize = 4096;
 /// Events per Kafka transaction before it is committed early.
 const MAX_EVENTS_PER_COMMIT: usize = 100_000;
+
+/// How many of the transactions last sent to Kafka a chunk's select is
+/// checked against. A transaction is invisible only between writing its
+/// commit record and leaving the server's list of running ones: far fewer
+/// commits than this pass meanwhile.
+const RECENT_TRANSACTIONS: usize = 16_384;
+
+/// How long a chunk whose select missed a captured transaction waits before
+/// it is read again.
+const CHUNK_RETRY_WAIT: Duration = Duration::from_millis(20);
 
 impl Progress {
     fn encode(&self) -> Result<String, String> {
@@ -112,6 +122,9 @@ struct Capture {
     events_in_transaction: usize,
     current: Option<OpenTransaction>,
     chunk: Option<Chunk>,
+    /// Transactions lately sent to Kafka, to tell whether a chunk's select
+    /// missed one of them.
+    recent: RecentTransactions,
     acked: u64,
     metrics: Arc<CaptureMetrics>,
     /// Commit time of the last transaction in the open Kafka transaction.
@@ -212,6 +225,7 @@ pub async fn run(
         events_in_transaction: 0,
         current: None,
         chunk: None,
+        recent: RecentTransactions::new(RECENT_TRANSACTIONS),
         metrics,
         pending_time_ms: 0,
         skipped_transactions: 0,
@@ -504,22 +518,35 @@ impl Capture {
         let relation = table.relation()?;
         let id = uuid::Uuid::new_v4().to_string();
         source::emit_watermark(&self.sql, &Watermark::Low(id.clone())).await?;
-        let (rows, last_key) = source::select_chunk(
-            &self.sql,
+        let query = source::ChunkQuery {
             table,
-            &relation,
-            snapshot.after.as_deref(),
-            self.config.snapshot.chunk_size,
-            self.config.decimal_handling,
-        )
-        .await?;
-        let ends_table = rows.len() < self.config.snapshot.chunk_size as usize;
+            relation: &relation,
+            after: snapshot.after.as_deref(),
+            limit: self.config.snapshot.chunk_size,
+            decimals: self.config.decimal_handling,
+        };
+        let selected = source::select_chunk(&self.sql, &query).await?;
+        if let Some(xid) = self.recent.any_unseen_by(&selected.visibility) {
+            // Its events are in Kafka already, and the chunk's rows would
+            // follow them with older values. It is visible by now, or in a
+            // moment: the chunk is read again (its watermarks, left in the
+            // log without a chunk, are passed over).
+            tracing::debug!(
+                xid,
+                "a transaction already captured was not yet visible to a snapshot chunk's select: reading the chunk again"
+            );
+            self.metrics.snapshot_chunk_retries.inc();
+            tokio::time::sleep(CHUNK_RETRY_WAIT).await;
+            return Ok(());
+        }
+        let ends_table = selected.rows.len() < self.config.snapshot.chunk_size as usize;
         source::emit_watermark(&self.sql, &Watermark::High(id.clone())).await?;
         self.chunk = Some(Chunk::new(
             id,
             table.name.clone(),
-            rows,
-            last_key,
+            selected.visibility,
+            selected.rows,
+            selected.last_key,
             ends_table,
         ));
         Ok(())
@@ -703,7 +730,7 @@ impl Capture {
         }
         for change in current.changes.into_changes() {
             if let Some(chunk) = &mut self.chunk {
-                chunk.overtaken_by(&change.table, &change.key);
+                chunk.overtaken_by(current.xid, &change.table, &change.key);
             }
             let (key, value) = render(&change, &commit, self.config.envelope);
             self.send(Some(key), value)?;
@@ -719,6 +746,7 @@ impl Capture {
                 self.emit_chunk(chunk, &commit)?;
             }
         }
+        self.recent.push(current.xid);
         self.metrics.transactions.inc();
         self.pending_time_ms = current.time_ms;
         self.pending.lsn = lsn;

@@ -8,11 +8,18 @@
 //! watermark the chunk opens; every change the log carries for one of its
 //! keys before the high watermark removes that key from the chunk (the change
 //! is as new as the selected row, or newer); at the high watermark the rows
-//! left are emitted, ordered by the high watermark's commit LSN. A change of
-//! a row that the chunk's select could not see commits after the select, so
-//! after the high watermark: every row's events stay in commit order.
+//! left are emitted, ordered by the high watermark's commit LSN.
+//!
+//! Commit order in the log is not quite visibility order: a transaction
+//! writes its commit record, and only then do other sessions see it. One
+//! whose commit record precedes the low watermark can still be invisible to
+//! the chunk's select. So the select runs in a repeatable-read transaction
+//! that also reads its own snapshot (`pg_current_snapshot()`), and a change
+//! by a transaction that snapshot could not see overtakes the chunk's row
+//! wherever in the log it comes before the high watermark. Every row's
+//! events then stay in commit order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::capture::changes::{Change, Key, TableName, key_text};
@@ -69,10 +76,86 @@ impl Watermark {
     }
 }
 
+/// Which transactions a PostgreSQL snapshot sees, from the text of
+/// `pg_current_snapshot()` (`xmin:xmax:xip,...`), by 32-bit transaction id
+/// as the log names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    xmax: u32,
+    in_progress: HashSet<u32>,
+}
+
+impl Visibility {
+    pub fn parse(text: &str) -> Result<Visibility, String> {
+        let invalid = || format!("a snapshot {text:?} is not xmin:xmax:xip");
+        let mut parts = text.trim().splitn(3, ':');
+        let (Some(_xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        // The log's transaction ids are the 64-bit ones without their epoch.
+        let xid = |t: &str| t.parse::<u64>().map(|x| x as u32).map_err(|_| invalid());
+        let in_progress = xip
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(xid)
+            .collect::<Result<_, _>>()?;
+        Ok(Visibility {
+            xmax: xid(xmax)?,
+            in_progress,
+        })
+    }
+
+    /// Whether a transaction that committed is visible to the snapshot: one
+    /// it found running, or that started at or after its `xmax`, is not.
+    pub fn sees(&self, xid: u32) -> bool {
+        precedes(xid, self.xmax) && !self.in_progress.contains(&xid)
+    }
+}
+
+/// PostgreSQL's circular order of 32-bit transaction ids.
+fn precedes(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// The ids of the transactions the capture emitted most recently.
+pub struct RecentTransactions {
+    order: VecDeque<u32>,
+    capacity: usize,
+}
+
+impl RecentTransactions {
+    pub fn new(capacity: usize) -> RecentTransactions {
+        RecentTransactions {
+            order: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    pub fn push(&mut self, xid: u32) {
+        if self.order.len() == self.capacity {
+            self.order.pop_front();
+        }
+        self.order.push_back(xid);
+    }
+
+    /// One the snapshot does not see: emitted before a select that missed
+    /// its changes, so that select's rows would be older than events already
+    /// sent.
+    pub fn any_unseen_by(&self, visibility: &Visibility) -> Option<u32> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&xid| !visibility.sees(xid))
+    }
+}
+
 /// A chunk selected between its watermarks, waiting for the log to reach them.
 pub struct Chunk {
     pub id: String,
     pub table: Arc<TableName>,
+    /// What the chunk's select saw.
+    visibility: Visibility,
     rows: Vec<Option<Change>>,
     keys: HashMap<String, usize>,
     /// The primary key text of the chunk's last row: where the next chunk starts.
@@ -95,6 +178,7 @@ impl Chunk {
     pub fn new(
         id: String,
         table: Arc<TableName>,
+        visibility: Visibility,
         rows: Vec<Change>,
         last_key: Option<Vec<String>>,
         ends_table: bool,
@@ -107,6 +191,7 @@ impl Chunk {
         Chunk {
             id,
             table,
+            visibility,
             rows: rows.into_iter().map(Some).collect(),
             keys,
             last_key,
@@ -127,10 +212,11 @@ impl Chunk {
         }
     }
 
-    /// A change the log carries: between the watermarks, it wins over the
-    /// chunk's row of the same key.
-    pub fn overtaken_by(&mut self, table: &Arc<TableName>, key: &Key) {
-        if self.open
+    /// A change the log carries, by transaction `xid`: between the
+    /// watermarks, or anywhere before the high one when the select could not
+    /// see its transaction, it wins over the chunk's row of the same key.
+    pub fn overtaken_by(&mut self, xid: u32, table: &Arc<TableName>, key: &Key) {
+        if (self.open || !self.visibility.sees(xid))
             && *table == self.table
             && let Some(&index) = self.keys.get(&key_text(key))
         {
@@ -170,26 +256,81 @@ mod tests {
         let table = Arc::new(TableName::parse("public.t").unwrap());
         let other = Arc::new(TableName::parse("public.u").unwrap());
         let rows = (1..=4).map(|id| read(&table, id)).collect();
+        // The select saw every transaction before 100.
+        let visibility = Visibility::parse("90:100:").unwrap();
         let mut chunk = Chunk::new(
             "c1".into(),
             table.clone(),
+            visibility,
             rows,
             Some(vec!["4".into()]),
             false,
         );
         // Before the low watermark the log is older than the select.
-        chunk.overtaken_by(&table, &key(1));
+        chunk.overtaken_by(95, &table, &key(1));
         assert_eq!(
             chunk.reach(&Watermark::Low("other".into())),
             Reached::Nothing
         );
         assert_eq!(chunk.reach(&Watermark::Low("c1".into())), Reached::Low);
-        chunk.overtaken_by(&table, &key(2));
-        chunk.overtaken_by(&other, &key(3));
-        chunk.overtaken_by(&table, &key(99));
+        chunk.overtaken_by(101, &table, &key(2));
+        chunk.overtaken_by(101, &other, &key(3));
+        chunk.overtaken_by(101, &table, &key(99));
         assert_eq!(chunk.reach(&Watermark::High("c1".into())), Reached::High);
         let left: Vec<_> = chunk.into_rows().map(|c| c.key[0].1.clone()).collect();
         assert_eq!(left, vec![json!(1), json!(3), json!(4)]);
+    }
+
+    #[test]
+    fn a_change_the_select_could_not_see_wins_even_before_the_low_watermark() {
+        let table = Arc::new(TableName::parse("public.t").unwrap());
+        let rows = (1..=4).map(|id| read(&table, id)).collect();
+        // 97 was running when the select took its snapshot, and 100 had not
+        // started; both may have written their commit records already.
+        let visibility = Visibility::parse("95:100:95,97").unwrap();
+        let mut chunk = Chunk::new("c1".into(), table.clone(), visibility, rows, None, true);
+        chunk.overtaken_by(96, &table, &key(1));
+        chunk.overtaken_by(97, &table, &key(2));
+        chunk.overtaken_by(100, &table, &key(3));
+        assert_eq!(chunk.reach(&Watermark::Low("c1".into())), Reached::Low);
+        assert_eq!(chunk.reach(&Watermark::High("c1".into())), Reached::High);
+        let left: Vec<_> = chunk.into_rows().map(|c| c.key[0].1.clone()).collect();
+        assert_eq!(left, vec![json!(1), json!(4)]);
+    }
+
+    #[test]
+    fn snapshot_visibility_follows_postgres_with_epochs_and_wraparound() {
+        let visibility = Visibility::parse("4294967390:4294967400:4294967395").unwrap();
+        // Epoch 1: the log's ids are the low 32 bits.
+        assert!(visibility.sees(94));
+        assert!(!visibility.sees(99));
+        assert!(!visibility.sees(104));
+        assert!(visibility.sees(u32::MAX - 5), "before the wrap, older");
+        let wrapped = Visibility::parse("4294967290:4294967300:").unwrap();
+        assert!(wrapped.sees(3), "xmax is 4 once the epoch is dropped");
+        assert!(
+            wrapped.sees(u32::MAX - 2),
+            "just before xmax across the wrap"
+        );
+        assert!(!wrapped.sees(4), "xmax itself, across the wrap");
+        assert!(Visibility::parse("1:2").is_err());
+        assert!(Visibility::parse("1:x:").is_err());
+        assert!(Visibility::parse("1:2:3,y").is_err());
+    }
+
+    #[test]
+    fn a_recent_transaction_the_select_missed_is_found() {
+        let mut recent = RecentTransactions::new(3);
+        for xid in [10, 11, 12, 13] {
+            recent.push(xid);
+        }
+        let seeing_all = Visibility::parse("14:14:").unwrap();
+        assert_eq!(recent.any_unseen_by(&seeing_all), None);
+        let missing_12 = Visibility::parse("12:14:12").unwrap();
+        assert_eq!(recent.any_unseen_by(&missing_12), Some(12));
+        // 10 fell out of the window of three.
+        let missing_10 = Visibility::parse("10:14:10").unwrap();
+        assert_eq!(recent.any_unseen_by(&missing_10), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::capture::changes::{Cell, Change, Column, Relation, Row, TableName};
 use crate::capture::config::Connection;
-use crate::capture::snapshot::{WATERMARK_PREFIX, Watermark};
+use crate::capture::snapshot::{Visibility, WATERMARK_PREFIX, Watermark};
 use crate::capture::values::{DecimalHandling, field_type, to_json};
 use keystone_crds::pipeline::capture::{SourceColumn, SourceTable};
 
@@ -274,16 +274,79 @@ pub async fn emit_watermark(client: &Client, watermark: &Watermark) -> Result<()
     Ok(())
 }
 
-/// Up to `limit` rows of `table` after the key `after`, in key order, with the
-/// text of the last row's key.
+/// A snapshot chunk as one repeatable-read transaction saw it.
+pub struct SelectedChunk {
+    pub rows: Vec<Change>,
+    /// The primary key text of the last row.
+    pub last_key: Option<Vec<String>>,
+    pub visibility: Visibility,
+}
+
+/// Which rows a chunk reads: up to `limit` rows of `table` after the key
+/// `after`, in key order.
+pub struct ChunkQuery<'a> {
+    pub table: &'a TableInfo,
+    pub relation: &'a Relation,
+    pub after: Option<&'a [String]>,
+    pub limit: u32,
+    pub decimals: DecimalHandling,
+}
+
+/// A chunk's rows, with the transactions the select could see.
 pub async fn select_chunk(
     client: &Client,
-    table: &TableInfo,
-    relation: &Relation,
-    after: Option<&[String]>,
-    limit: u32,
-    decimals: DecimalHandling,
+    query: &ChunkQuery<'_>,
+) -> Result<SelectedChunk, String> {
+    let table = query.table;
+    let failed = |e: tokio_postgres::Error| {
+        format!(
+            "reading a snapshot chunk of {}: {}",
+            table.name,
+            error_text(&e)
+        )
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(failed)?;
+    let selected = async {
+        // The first statement fixes the transaction's snapshot: this one.
+        let snapshot: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        let visibility = Visibility::parse(&snapshot)?;
+        let (rows, last_key) = select_rows(client, query).await?;
+        Ok::<_, String>(SelectedChunk {
+            rows,
+            last_key,
+            visibility,
+        })
+    }
+    .await;
+    let end = if selected.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = client.batch_execute(end).await.map_err(failed);
+    let selected = selected?;
+    ended?;
+    Ok(selected)
+}
+
+async fn select_rows(
+    client: &Client,
+    query: &ChunkQuery<'_>,
 ) -> Result<(Vec<Change>, Option<Vec<String>>), String> {
+    let ChunkQuery {
+        table,
+        relation,
+        after,
+        limit,
+        decimals,
+    } = *query;
     let key_columns: Vec<usize> = table
         .primary_key
         .iter()
