@@ -114,6 +114,8 @@ pub struct OrderSpec {
     /// How long an event may wait for a gap before it is released anyway.
     pub max_delay: Duration,
     /// The most events buffered per key; past it the lowest sequence is released.
+    /// Over all keys, an instance whose waiting events take more than half its
+    /// memory limit stops reading input until enough of them have left.
     #[serde(default = "default_max_buffered")]
     #[schemars(range(min = 1, max = 1_000_000))]
     // Kubernetes knows no "uint32" format (kubectl warns on apply).

@@ -114,6 +114,12 @@ pub struct ServeCli {
     /// before `/healthz` fails and the kubelet restarts the instance, e.g. `60s`, `5m`.
     #[arg(long, env = "KEYSTONE_WATCHDOG_TIMEOUT", default_value = "60s", value_parser = parse_watchdog_timeout)]
     pub watchdog_timeout: std::time::Duration,
+    /// Bytes of held-back events (those `order` steps wait with) past which
+    /// the instance stops reading input until its timers have released
+    /// enough, e.g. `256MiB`. Default: half the container's memory limit
+    /// (cgroup v2), or 256MiB when there is none.
+    #[arg(long, env = "KEYSTONE_MAX_BUFFERED_BYTES", value_name = "SIZE")]
+    pub max_buffered_bytes: Option<crate::buffers::Size>,
 }
 
 pub(crate) fn parse_control_token(text: &str) -> Result<crate::host::ControlToken, String> {
@@ -217,6 +223,9 @@ fn serve(args: ServeCli) -> i32 {
         restore: args.restore,
         control_token: args.control_token,
         watchdog_timeout: args.watchdog_timeout,
+        max_buffered_bytes: args
+            .max_buffered_bytes
+            .map_or_else(crate::buffers::default_limit, |size| size.0),
     });
     match result {
         Ok(()) => 0,
@@ -266,6 +275,12 @@ pub struct RunArgs {
     /// No summary on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Bytes of held-back events (those `order` steps wait with) past which
+    /// the instance stops reading input until its timers have released
+    /// enough, e.g. `256MiB`. Default: half the container's memory limit
+    /// (cgroup v2), or 256MiB when there is none.
+    #[arg(long, env = "KEYSTONE_MAX_BUFFERED_BYTES", value_name = "SIZE")]
+    pub max_buffered_bytes: Option<crate::buffers::Size>,
 }
 
 fn parse_table(text: &str) -> Result<(String, PathBuf), String> {
@@ -481,6 +496,9 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     let plan = local::compile_pipeline(&manifests, args.pipeline.as_deref())?;
     let tables = local::load_tables(&plan, &args.tables)?;
     let mut pipeline = LocalPipeline::new(&plan, &tables, Arc::new(SystemClock))?;
+    if let Some(limit) = args.max_buffered_bytes {
+        pipeline = pipeline.with_buffer_limit(limit.0);
+    }
     let input_path = args.input.clone().unwrap_or_else(|| PathBuf::from("-"));
     let (input, length): (Box<dyn BufRead>, Option<u64>) = if args.listen.is_some() {
         (Box::new(std::io::empty()), None)
@@ -637,6 +655,7 @@ mod tests {
             restore: None,
             control_token: crate::host::ControlToken::new("control-token-do-not-print"),
             watchdog_timeout: std::time::Duration::from_secs(60),
+            max_buffered_bytes: crate::buffers::DEFAULT_LIMIT,
         };
         let shown = format!("{args:?}");
         assert!(!shown.contains("hunter2-do-not-print"), "{shown}");

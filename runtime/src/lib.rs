@@ -13,6 +13,7 @@
 //!   fires timers from an injectable [`Clock`], and keeps per-step metrics.
 //! - [`local`] runs all stages of a plan in one process over JSON-lines files.
 
+pub mod buffers;
 pub mod capture;
 pub mod cli;
 pub mod clock;

@@ -40,8 +40,15 @@ pub trait Operator: Send {
     /// Processing time has advanced to `ctx.now_ms`: release or expire what is due.
     fn on_timer(&mut self, _ctx: &Ctx, _out: &mut Output) {}
 
-    /// End of input: emit everything still held back.
+    /// End of input: emit what is still held back, all of it or a part at
+    /// a time (then [`holds_back`](Self::holds_back) says there is more, and
+    /// it is called again).
     fn on_close(&mut self, _ctx: &Ctx, _out: &mut Output) {}
+
+    /// Whether events are still held back after `on_close`.
+    fn holds_back(&self) -> bool {
+        false
+    }
 
     /// Whether the operator keeps keyed state (and so has a changelog topic).
     fn is_stateful(&self) -> bool {
@@ -79,6 +86,12 @@ pub trait Operator: Send {
 
     /// Live state entries (keys), for metrics.
     fn state_entries(&self) -> usize {
+        0
+    }
+
+    /// Memory the events it holds back take, in bytes: what the instance's
+    /// buffer limit ([`crate::buffers`]) counts.
+    fn buffered_bytes(&self) -> usize {
         0
     }
 }

@@ -171,6 +171,8 @@ pub struct StageTask {
     dead_letters: Vec<DeadLetter>,
     changelog: Vec<ChangelogRecord>,
     started: bool,
+    /// At end of input, the step being closed.
+    closing: usize,
 }
 
 impl StageTask {
@@ -240,6 +242,7 @@ impl StageTask {
             dead_letters: Vec::new(),
             changelog: Vec::new(),
             started: false,
+            closing: 0,
         })
     }
 
@@ -303,16 +306,32 @@ impl StageTask {
     /// End of input: closes the steps in order, so that what one flushes passes
     /// through the steps after it before they close.
     pub fn finish(&mut self) {
+        while self.finish_part() {}
+    }
+
+    /// End of input, a part at a time: flushes some of what the step being
+    /// closed holds back and passes it through the steps after it. Returns
+    /// whether there is more; the caller takes the events out in between, so
+    /// that a step holding a lot never has all of it parsed at once.
+    pub fn finish_part(&mut self) -> bool {
         let ctx = self.ctx();
-        self.fire_timers(&ctx);
-        for index in 0..self.steps.len() {
-            let step = &mut self.steps[index];
-            let started = Instant::now();
-            step.op.on_close(&ctx, &mut step.out);
-            step.metrics.busy += started.elapsed();
-            let produced = self.collect(index, Vec::new());
-            self.run_from(index + 1, produced, &ctx);
+        if self.closing == 0 {
+            self.fire_timers(&ctx);
         }
+        let Some(step) = self.steps.get_mut(self.closing) else {
+            return false;
+        };
+        let started = Instant::now();
+        step.op.on_close(&ctx, &mut step.out);
+        step.metrics.busy += started.elapsed();
+        let done = !step.op.holds_back();
+        let index = self.closing;
+        let produced = self.collect(index, Vec::new());
+        self.run_from(index + 1, produced, &ctx);
+        if done {
+            self.closing += 1;
+        }
+        self.closing < self.steps.len()
     }
 
     fn fire_timers(&mut self, ctx: &Ctx) {
@@ -452,6 +471,19 @@ impl StageTask {
     }
 
     /// Live state entries per step, for metrics.
+    /// Bytes of events its steps hold back.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.steps
+            .iter()
+            .map(|s| s.op.buffered_bytes() as u64)
+            .sum()
+    }
+
+    /// The clock's time, epoch milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     pub fn state_entries(&self) -> Vec<(String, usize)> {
         self.steps
             .iter()

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// 1 while intake is paused because a sink is behind (backpressure, or
     /// writes not yet durable at a commit).
     pub sink_held: IntGauge,
+    /// 1 while intake is paused because held-back events reached the limit.
+    pub buffer_held: IntGauge,
+    /// Bytes of events the instance's steps hold back.
+    pub buffered_bytes: IntGauge,
     /// Partitions to which this process applied a `--restore` plan.
     pub restores_applied: IntCounter,
     /// Changelog records written to undo state changes after a restore position.
@@ -186,6 +190,16 @@ impl Metrics {
                 &registry,
                 "keystone_sink_intake_held",
                 "1 while intake is paused because a sink is behind (backpressure, or writes not yet durable)",
+            ),
+            buffer_held: gauge(
+                &registry,
+                "keystone_buffer_intake_held",
+                "1 while intake is paused because the events steps hold back reached the instance's limit (--max-buffered-bytes)",
+            ),
+            buffered_bytes: gauge(
+                &registry,
+                "keystone_buffered_bytes",
+                "Bytes of events the instance's steps hold back (order steps waiting for predecessors)",
             ),
             restores_applied: counter(
                 &registry,

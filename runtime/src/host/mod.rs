@@ -88,6 +88,8 @@ pub struct ServeArgs {
     pub control_token: Option<ControlToken>,
     /// How long the engine may go without progress before `/healthz` fails.
     pub watchdog_timeout: std::time::Duration,
+    /// Bytes of held-back events past which intake pauses ([`crate::buffers`]).
+    pub max_buffered_bytes: u64,
 }
 
 /// State shared between the engine thread and the operations endpoints.

@@ -103,6 +103,9 @@ pub(super) struct Core {
     pub(super) sinks_pending: bool,
     /// Intake paused because a sink is backpressured or not prepared yet.
     pub(super) held: bool,
+    /// Whether intake is paused because held-back events reached the limit
+    /// (timers go on: they are what makes room).
+    pub(super) buffers: crate::buffers::IntakeGate,
 }
 
 impl Core {

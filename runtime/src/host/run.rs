@@ -171,6 +171,7 @@ pub(super) fn run(
         stopped: false,
         sinks_pending: false,
         held: false,
+        buffers: crate::buffers::IntakeGate::new(args.max_buffered_bytes),
     }));
     let consumer: BaseConsumer<ConsumerCtx> = config::consumer(
         &args.kafka,
@@ -334,7 +335,7 @@ pub(super) fn run(
         if polled == 0 {
             core.mark_idle_partitions_live(&consumer);
         }
-        core.hold_for_sinks(&consumer);
+        core.hold_intake(&consumer);
         // Lag needs a broker round trip per partition: every 5 s, and once as soon
         // as there is a first commit to measure from.
         if last_lag.elapsed() >= Duration::from_secs(5)

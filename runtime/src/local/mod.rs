@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use keystone_crds::ops::Operator as Op;
 use keystone_crds::{ManifestErrors, PLAN_VERSION, Plan, Reading};
 
+use crate::buffers::IntakeGate;
 use crate::clock::Clock;
 use crate::error::RuntimeError;
 use crate::event::{DeadLetter, Event};
@@ -179,6 +180,8 @@ pub struct LocalPipeline {
     /// [`run`] can do it on another thread than the steps'.
     source: SourceCheck,
     stages: Vec<StageTask>,
+    /// Bytes of held-back events past which [`run`] stops reading input.
+    buffer_limit: u64,
 }
 
 impl LocalPipeline {
@@ -210,7 +213,15 @@ impl LocalPipeline {
         Ok(Self {
             source: SourceCheck::new(Some(&plan.source.schema)),
             stages,
+            buffer_limit: crate::buffers::default_limit(),
         })
+    }
+
+    /// Sets the bytes of held-back events past which [`run`] stops reading
+    /// input until timers have released enough.
+    pub fn with_buffer_limit(mut self, bytes: u64) -> Self {
+        self.buffer_limit = bytes;
+        self
     }
 
     /// Runs raw input lines through every stage; returns what reached the sinks
@@ -227,7 +238,42 @@ impl LocalPipeline {
 
     /// End of input: every stage flushes, in order.
     pub fn finish(&mut self) -> (Vec<Event>, Vec<DeadLetter>) {
-        self.flow(|stage| stage.finish())
+        let (mut events, mut dead) = (Vec::new(), Vec::new());
+        self.finish_parts(|(mut part, mut letters)| {
+            events.append(&mut part);
+            dead.append(&mut letters);
+            Ok::<_, std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+        (events, dead)
+    }
+
+    /// End of input, handing what reaches the sinks to `each` a part at a
+    /// time: a step that held back a lot flushes it in parts, and no part
+    /// waits in memory for the others.
+    pub fn finish_parts<E>(
+        &mut self,
+        mut each: impl FnMut((Vec<Event>, Vec<DeadLetter>)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for closing in 0..self.stages.len() {
+            loop {
+                let more = self.stages[closing].finish_part();
+                let mut dead = self.stages[closing].take_dead_letters();
+                let mut events = self.stages[closing].take_events();
+                for stage in &mut self.stages[closing + 1..] {
+                    if !events.is_empty() {
+                        stage.push_events(std::mem::take(&mut events));
+                    }
+                    dead.append(&mut stage.take_dead_letters());
+                    events = stage.take_events();
+                }
+                each((events, dead))?;
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn flow(&mut self, mut hook: impl FnMut(&mut StageTask)) -> (Vec<Event>, Vec<DeadLetter>) {
@@ -316,6 +362,34 @@ fn check_lines(source: &mut SourceCheck, lines: Vec<Vec<u8>>) -> Batch {
 
 /// Runs a checked batch through every stage; returns what reached the sinks and
 /// the dead letters (the batch's own first), in order.
+/// Bytes of events the stages hold back.
+fn buffered_bytes(stages: &[StageTask]) -> u64 {
+    stages.iter().map(StageTask::buffered_bytes).sum()
+}
+
+/// How long the steps wait for their timers while the buffers are full.
+const BUFFER_WAIT: Duration = Duration::from_millis(10);
+
+/// Backpressure: while the held-back events are past the limit, no more
+/// input; the timers release what is due and it is handed to `send`.
+fn wait_for_buffers(
+    stages: &mut [StageTask],
+    gate: &mut IntakeGate,
+    mut send: impl FnMut(Batch) -> bool,
+) {
+    while gate.update(buffered_bytes(stages)) {
+        let before = stages.first().map(StageTask::now_ms);
+        std::thread::sleep(BUFFER_WAIT);
+        if stages.first().map(StageTask::now_ms) == before {
+            // A clock that does not move (a test's) never releases anything.
+            return;
+        }
+        if !send(push_checked(stages, Batch::default())) {
+            return;
+        }
+    }
+}
+
 fn push_checked(stages: &mut [StageTask], (mut events, mut dead): Batch) -> Batch {
     for stage in stages {
         stage.push_events(events);
@@ -377,17 +451,27 @@ pub fn run<R: BufRead, W: Write, D: Write>(
     let mut writer = BatchWriter::new(output, sinks, dead_letters);
     let mut write =
         |batch: Batch, last: bool, summary: &mut RunSummary| writer.write(batch, last, summary);
-    let LocalPipeline { source, stages } = pipeline;
+    let LocalPipeline {
+        source,
+        stages,
+        buffer_limit,
+    } = pipeline;
+    let mut gate = IntakeGate::new(*buffer_limit);
     std::thread::scope(|scope| {
         // Unbounded channels, but never more than BATCHES_IN_FLIGHT batches in
         // them: this thread waits for a processed batch before it sends more.
         let (to_steps, checked) = mpsc::channel::<Batch>();
-        let (to_writer, processed) = mpsc::channel::<Batch>();
+        // Each processed batch says whether it answers an input batch (or
+        // only carries what timers released while the buffers were full).
+        let (to_writer, processed) = mpsc::channel::<(Batch, bool)>();
         let steps = scope.spawn(move || {
             for batch in checked {
-                if to_writer.send(push_checked(stages, batch)).is_err() {
+                if to_writer.send((push_checked(stages, batch), true)).is_err() {
                     return; // The writer stopped on an error.
                 }
+                wait_for_buffers(stages, &mut gate, |batch| {
+                    to_writer.send((batch, false)).is_ok()
+                });
             }
         });
         let mut in_flight = 0;
@@ -417,13 +501,17 @@ pub fn run<R: BufRead, W: Write, D: Write>(
                 } else {
                     processed.try_recv().ok()
                 };
-                let Some(batch) = batch else { break };
+                let Some((batch, answers_input)) = batch else {
+                    break;
+                };
                 write(batch, false, &mut summary)?;
-                in_flight -= 1;
+                if answers_input {
+                    in_flight -= 1;
+                }
             }
         }
         drop(to_steps);
-        for batch in processed.iter() {
+        for (batch, _) in processed.iter() {
             write(batch, false, &mut summary)?;
         }
         if let Err(panic) = steps.join() {
@@ -431,8 +519,8 @@ pub fn run<R: BufRead, W: Write, D: Write>(
         }
         read_error.map_or(Ok(()), Err)
     })?;
-    let finished = pipeline.finish();
-    write(finished, true, &mut summary)?;
+    pipeline.finish_parts(|part| write(part, false, &mut summary))?;
+    write((Vec::new(), Vec::new()), true, &mut summary)?;
     writer.flush()?;
     summary.elapsed = started.elapsed();
     summary.steps = pipeline.metrics();
@@ -634,5 +722,84 @@ spec:
         assert!(events > 0 && dead > 0);
         assert_eq!(output.iter().filter(|b| **b == b'\n').count(), events);
         assert_eq!(dead_letters.iter().filter(|b| **b == b'\n').count(), dead);
+    }
+
+    fn waiting_pipeline(max_delay: &str, clock: Arc<dyn Clock>) -> LocalPipeline {
+        let manifest = MANIFEST.replace(
+            "maxDelay: 5s, contiguous: true",
+            &format!("maxDelay: {max_delay}, maxBuffered: 100000, contiguous: false"),
+        );
+        let reading = Reading::parse("t.yaml", &manifest);
+        let plan = compile_pipeline(&reading, None).unwrap();
+        LocalPipeline::new(&plan, &BTreeMap::new(), clock).unwrap()
+    }
+
+    fn numbered(count: i64) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|i| format!(r#"{{"k":{},"seq":{},"id":"e{i}"}}"#, i % 7, i).into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn past_the_buffer_limit_intake_waits_until_timers_release_enough() {
+        let mut pipeline = waiting_pipeline("50ms", Arc::new(crate::clock::SystemClock));
+        let checked = check_lines(&mut pipeline.source, numbered(500));
+        let (held, _) = push_checked(&mut pipeline.stages, checked);
+        assert!(held.is_empty(), "every event waits its maxDelay");
+        let buffered = buffered_bytes(&pipeline.stages);
+        assert!(buffered > 500 * 30, "{buffered} bytes held for 500 events");
+        let mut gate = IntakeGate::new(buffered / 2);
+        let mut released = Vec::new();
+        wait_for_buffers(&mut pipeline.stages, &mut gate, |(events, _)| {
+            released.extend(events);
+            true
+        });
+        assert!(!gate.is_full());
+        assert!(buffered_bytes(&pipeline.stages) < buffered / 2 / 10 * 9);
+        assert!(
+            released.len() >= 250,
+            "{} events released while intake waited",
+            released.len()
+        );
+    }
+
+    #[test]
+    fn a_clock_that_does_not_move_never_holds_intake_forever() {
+        let mut pipeline = waiting_pipeline("5s", Arc::new(ManualClock::new(0)));
+        let checked = check_lines(&mut pipeline.source, numbered(50));
+        let _ = push_checked(&mut pipeline.stages, checked);
+        let mut gate = IntakeGate::new(1);
+        wait_for_buffers(&mut pipeline.stages, &mut gate, |_| true);
+        assert!(gate.is_full(), "nothing could be released");
+    }
+
+    #[test]
+    fn end_of_input_flushes_what_waits_in_parts_in_order() {
+        let mut pipeline = waiting_pipeline("1h", Arc::new(ManualClock::new(0)));
+        let count = 20_000;
+        let checked = check_lines(&mut pipeline.source, numbered(count));
+        let (early, _) = push_checked(&mut pipeline.stages, checked);
+        assert!(early.is_empty(), "every event waits");
+        let mut parts = Vec::new();
+        pipeline
+            .finish_parts(|(events, _)| {
+                parts.push(events);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        assert!(parts.len() > 2, "{} parts", parts.len());
+        assert!(parts.iter().all(|p| p.len() <= 8192 + 20_000 / 7 + 1));
+        let seqs: Vec<i64> = parts
+            .iter()
+            .flatten()
+            .map(|e| sonic_rs::JsonValueTrait::as_i64(&e.value["seq"]).unwrap())
+            .collect();
+        assert_eq!(seqs.len(), count as usize);
+        // Each key's events ascend.
+        for k in 0..7 {
+            let of_key: Vec<i64> = seqs.iter().copied().filter(|s| s % 7 == k).collect();
+            assert!(of_key.windows(2).all(|w| w[0] < w[1]), "key {k}");
+        }
+        assert_eq!(buffered_bytes(&pipeline.stages), 0);
     }
 }

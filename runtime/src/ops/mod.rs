@@ -123,6 +123,9 @@ pub(crate) mod testing {
     pub fn close(op: &mut dyn Operator, now_ms: i64) -> TestOut {
         let mut out = Output::new("test", true);
         op.on_close(&Ctx { now_ms }, &mut out);
+        while op.holds_back() {
+            op.on_close(&Ctx { now_ms }, &mut out);
+        }
         collect(out)
     }
 

@@ -27,12 +27,17 @@
 //! - **Key**: the `key` fields' values, typed and hashed to 128 bits (xxh3), so
 //!   distinct keys practically never share a sequence history.
 //! - **Memory**: per key ever seen, about 60 bytes (hash, `last`, an empty waiting
-//!   list); plus each waiting event and a 32-byte timer entry per event for
-//!   `maxDelay`. `last` is kept for every key: that is what makes late duplicates
-//!   stale.
+//!   list); plus each waiting event as its JSON bytes (the bytes it arrived as
+//!   too, when a step before changed it) and about 100 bytes beside them
+//!   ([`held`]): a parsed document would cost several times its bytes. `last`
+//!   is kept for every key: that is what makes late duplicates stale.
+//! - **Cost**: a key's waiting events are a short sorted vector, a B-tree once
+//!   it holds many; holding and releasing an event is O(log n).
 //! - **Changelog**: `hash (16 bytes) + 'L' -> last (8 bytes)` whenever an event
 //!   leaves; `hash + 'B' + sequence (8 bytes) -> arrival time, arrival number, the
 //!   original bytes and the current event` while it waits, a tombstone when it leaves.
+
+mod held;
 
 use std::collections::VecDeque;
 
@@ -42,19 +47,12 @@ use sonic_rs::JsonValueTrait;
 use crate::event::{Event, FieldPath, Provenance, encode_key};
 use crate::operator::{Ctx, Operator, Output};
 use crate::state::{HashKeyed, StateChange, StateError, compact, hash128, hex, read_i64, read_u32};
-
-struct Pending {
-    seq: i64,
-    arrived_ms: i64,
-    arrival: u64,
-    event: Event,
-}
+use held::{Held, Waiting};
 
 #[derive(Default)]
 struct KeyState {
     last: Option<i64>,
-    /// Ascending by sequence.
-    pending: VecDeque<Pending>,
+    waiting: Waiting,
 }
 
 struct Deadline {
@@ -80,6 +78,8 @@ pub struct Order {
     /// first call after the restore moves every wait forward by the time since
     /// then, so that the time the pipeline was down does not count as waiting.
     restored_latest_arrival: Option<i64>,
+    /// Memory the waiting events take.
+    buffered_bytes: usize,
     key_buf: Vec<u8>,
 }
 
@@ -96,45 +96,95 @@ fn pending_key(key: u128, seq: i64) -> Vec<u8> {
     k
 }
 
-fn pending_value(p: &Pending) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20 + p.event.raw.len() * 2);
-    v.extend_from_slice(&p.arrived_ms.to_be_bytes());
-    v.extend_from_slice(&p.arrival.to_be_bytes());
-    v.extend_from_slice(
-        &u32::try_from(p.event.raw.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    v.extend_from_slice(&p.event.raw);
+fn pending_value(held: &Held) -> Vec<u8> {
+    let raw = held.raw();
+    let document = held.document();
+    let mut v = Vec::with_capacity(33 + raw.len() + document.len());
+    v.extend_from_slice(&held.arrived_ms.to_be_bytes());
+    v.extend_from_slice(&held.arrival.to_be_bytes());
+    v.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_be_bytes());
+    v.extend_from_slice(raw);
     // The source record, so that a replay after a restore still recognises a
     // waiting event the sink already holds. Marked by a byte a JSON document never
     // starts with; values written before it was added go straight on with JSON.
-    if let Some(source) = p.event.source {
+    if let Some(source) = held.source {
         v.push(SOURCE_MARK);
         v.extend_from_slice(&source.partition.to_be_bytes());
         v.extend_from_slice(&source.offset.to_be_bytes());
     }
-    let _ = sonic_rs::to_writer(&mut v, &p.event.value);
+    v.extend_from_slice(document);
     v
 }
 
 const SOURCE_MARK: u8 = 0x01;
 
-/// Emits one event of `key` and records the new `last`.
-fn release(
+/// Events released per call at end of input, at most (a key's whole run
+/// beyond it): parsed again, they cost several times their waiting bytes.
+const CLOSE_PART: usize = 8192;
+
+/// Where released events go: one key's state, the step's output, and the
+/// count of bytes waiting.
+struct Release<'a> {
     key: u128,
-    state: &mut KeyState,
-    event: Event,
-    seq: i64,
-    was_pending: bool,
-    out: &mut Output,
-) {
-    state.last = Some(seq);
-    if was_pending {
-        out.change(|| StateChange::delete(pending_key(key, seq)));
+    state: &'a mut KeyState,
+    out: &'a mut Output,
+    buffered_bytes: &'a mut usize,
+}
+
+impl Release<'_> {
+    /// Emits one event and records the new `last`.
+    fn emit(&mut self, event: Event, seq: i64, was_waiting: bool) {
+        self.state.last = Some(seq);
+        if was_waiting {
+            self.out
+                .change(|| StateChange::delete(pending_key(self.key, seq)));
+        }
+        self.out
+            .change(|| StateChange::upsert(last_key(self.key), seq.to_be_bytes().to_vec()));
+        self.out.emit(event);
     }
-    out.change(|| StateChange::upsert(last_key(key), seq.to_be_bytes().to_vec()));
-    out.emit(event);
+
+    /// Emits the lowest waiting event.
+    fn emit_first(&mut self) -> bool {
+        let Some(held) = self.state.waiting.pop_first() else {
+            return false;
+        };
+        *self.buffered_bytes = self.buffered_bytes.saturating_sub(held.footprint());
+        let seq = held.seq;
+        match held.into_event() {
+            Ok(event) => self.emit(event, seq, true),
+            Err(event) => {
+                // Only a changelog written by something else could hold one.
+                self.state.last = Some(seq);
+                self.out
+                    .change(|| StateChange::delete(pending_key(self.key, seq)));
+                self.out
+                    .dead_letter(event, "order: a waiting event read back is not JSON");
+            }
+        }
+        true
+    }
+
+    /// Emits waiting events up to sequence `through`, then, if contiguous
+    /// (`run_from` is the first sequence), the run without gaps that follows.
+    fn through(&mut self, through: i64, run_from: Option<i64>) {
+        while self
+            .state
+            .waiting
+            .first_seq()
+            .is_some_and(|seq| seq <= through)
+        {
+            self.emit_first();
+        }
+        if let Some(first) = run_from {
+            while let Some(seq) = self.state.waiting.first_seq() {
+                if next_in_run(self.state.last, first) != Some(seq) {
+                    break;
+                }
+                self.emit_first();
+            }
+        }
+    }
 }
 
 /// In contiguous mode, the sequence that may leave at once after `last`;
@@ -143,36 +193,6 @@ fn next_in_run(last: Option<i64>, first: i64) -> Option<i64> {
     match last {
         Some(last) => last.checked_add(1),
         None => Some(first),
-    }
-}
-
-/// Releases waiting events up to index `upto` (inclusive), then, if contiguous,
-/// the run without gaps that follows.
-fn release_upto(
-    key: u128,
-    state: &mut KeyState,
-    upto: Option<usize>,
-    run_from: Option<i64>,
-    out: &mut Output,
-) {
-    if let Some(upto) = upto {
-        for _ in 0..=upto {
-            let p = state.pending.pop_front().expect("upto is an index");
-            release(key, state, p.event, p.seq, true, out);
-        }
-    }
-    if let Some(first) = run_from {
-        while let Some(front) = state.pending.front() {
-            if next_in_run(state.last, first) != Some(front.seq) {
-                break;
-            }
-            let p = state.pending.pop_front().expect("front exists");
-            release(key, state, p.event, p.seq, true, out);
-        }
-    }
-    if state.pending.is_empty() && state.pending.capacity() > 0 {
-        // Most keys wait rarely: give the memory back rather than keep a buffer per key.
-        state.pending = VecDeque::new();
     }
 }
 
@@ -192,6 +212,7 @@ impl Order {
             deadlines: VecDeque::new(),
             next_arrival: 0,
             restored_latest_arrival: None,
+            buffered_bytes: 0,
             key_buf: Vec::with_capacity(64),
         }
     }
@@ -205,7 +226,7 @@ impl Order {
 
     /// Events waiting, over all keys.
     pub fn waiting(&self) -> usize {
-        self.keys.values().map(|s| s.pending.len()).sum()
+        self.keys.values().map(|s| s.waiting.len()).sum()
     }
 }
 
@@ -233,42 +254,37 @@ impl Operator for Order {
                 format!("stale: sequence {seq} is not above {last}, the last emitted for its key");
             return self.stale(event, reason, out);
         }
-        let position = match state.pending.binary_search_by_key(&seq, |p| p.seq) {
-            Ok(_) => {
-                let reason =
-                    format!("stale: sequence {seq} is already waiting to be emitted for its key");
-                return self.stale(event, reason, out);
-            }
-            Err(position) => position,
+        if state.waiting.contains(seq) {
+            let reason =
+                format!("stale: sequence {seq} is already waiting to be emitted for its key");
+            return self.stale(event, reason, out);
+        }
+        let mut release = Release {
+            key,
+            state,
+            out,
+            buffered_bytes: &mut self.buffered_bytes,
         };
-        let contiguous = self.contiguous;
-        if contiguous && next_in_run(state.last, first_sequence) == Some(seq) {
-            release(key, state, event, seq, false, out);
-            release_upto(key, state, None, Some(first_sequence), out);
+        if self.contiguous && next_in_run(release.state.last, first_sequence) == Some(seq) {
+            release.emit(event, seq, false);
+            release.through(i64::MIN, Some(first_sequence));
             return;
         }
-        let pending = Pending {
-            seq,
-            arrived_ms: ctx.now_ms,
-            arrival: self.next_arrival,
-            event,
-        };
+        let held = Held::new(seq, ctx.now_ms, self.next_arrival, event);
         self.next_arrival += 1;
-        out.change(|| StateChange::upsert(pending_key(key, seq), pending_value(&pending)));
-        state.pending.insert(position, pending);
+        *release.buffered_bytes += held.footprint();
+        release
+            .out
+            .change(|| StateChange::upsert(pending_key(key, seq), pending_value(&held)));
+        release.state.waiting.insert(held);
         self.deadlines.push_back(Deadline {
             due_ms: ctx.now_ms.saturating_add(self.max_delay_ms),
             key,
             seq,
         });
-        if state.pending.len() > self.max_buffered {
-            release_upto(
-                key,
-                state,
-                Some(0),
-                contiguous.then_some(first_sequence),
-                out,
-            );
+        if release.state.waiting.len() > self.max_buffered {
+            release.emit_first();
+            release.through(i64::MIN, self.contiguous.then_some(first_sequence));
         }
     }
 
@@ -283,8 +299,8 @@ impl Operator for Order {
             deadline.due_ms = deadline.due_ms.saturating_add(downtime);
         }
         for state in self.keys.values_mut() {
-            for pending in &mut state.pending {
-                pending.arrived_ms = pending.arrived_ms.saturating_add(downtime);
+            for held in state.waiting.iter_mut() {
+                held.arrived_ms = held.arrived_ms.saturating_add(downtime);
             }
         }
     }
@@ -297,22 +313,45 @@ impl Operator for Order {
             }
             let Deadline { key, seq, .. } = self.deadlines.pop_front().expect("front exists");
             if let Some(state) = self.keys.get_mut(&key)
-                && let Ok(index) = state.pending.binary_search_by_key(&seq, |p| p.seq)
+                && state.waiting.contains(seq)
             {
-                release_upto(key, state, Some(index), run_from, out);
+                Release {
+                    key,
+                    state,
+                    out: &mut *out,
+                    buffered_bytes: &mut self.buffered_bytes,
+                }
+                .through(seq, run_from);
             }
         }
     }
 
     fn on_close(&mut self, _ctx: &Ctx, out: &mut Output) {
-        for deadline in std::mem::take(&mut self.deadlines) {
-            if let Some(state) = self.keys.get_mut(&deadline.key)
-                && !state.pending.is_empty()
-            {
-                let last = state.pending.len() - 1;
-                release_upto(deadline.key, state, Some(last), None, out);
+        // Keys in the order their oldest waiting event arrived.
+        let mut released = 0;
+        while released < CLOSE_PART {
+            let Some(deadline) = self.deadlines.pop_front() else {
+                break;
+            };
+            if let Some(state) = self.keys.get_mut(&deadline.key) {
+                released += state.waiting.len();
+                Release {
+                    key: deadline.key,
+                    state,
+                    out: &mut *out,
+                    buffered_bytes: &mut self.buffered_bytes,
+                }
+                .through(i64::MAX, None);
             }
         }
+    }
+
+    fn holds_back(&self) -> bool {
+        !self.deadlines.is_empty()
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes
     }
 
     fn is_stateful(&self) -> bool {
@@ -328,10 +367,10 @@ impl Operator for Order {
                     last.to_be_bytes().to_vec(),
                 ));
             }
-            for p in &state.pending {
+            for held in state.waiting.iter() {
                 records.push(StateChange::upsert(
-                    pending_key(*key, p.seq),
-                    pending_value(p),
+                    pending_key(*key, held.seq),
+                    pending_value(held),
                 ));
             }
         }
@@ -342,6 +381,7 @@ impl Operator for Order {
     fn restore(&mut self, changes: Vec<StateChange>) -> Result<(), StateError> {
         self.keys.clear();
         self.deadlines.clear();
+        self.buffered_bytes = 0;
         let mut waiting: Vec<(u64, u128, i64, i64)> = Vec::new();
         for (record_key, value) in compact(changes) {
             let bad = |message: String| StateError::Value {
@@ -370,8 +410,7 @@ impl Operator for Order {
                         read_u32(&value, 16).ok_or_else(|| bad("truncated".into()))? as usize;
                     let raw = value
                         .get(20..20 + raw_len)
-                        .ok_or_else(|| bad("truncated original bytes".into()))?
-                        .to_vec();
+                        .ok_or_else(|| bad("truncated original bytes".into()))?;
                     let mut at = 20 + raw_len;
                     let mut source = None;
                     if value.get(at) == Some(&SOURCE_MARK) {
@@ -385,25 +424,16 @@ impl Operator for Order {
                         });
                         at += 13;
                     }
-                    let document = crate::event::reparse(&value[at..])
-                        .ok_or_else(|| bad("the waiting event is not JSON".into()))?;
+                    let document = &value[at..];
+                    if crate::event::reparse(document).is_none() {
+                        return Err(bad("the waiting event is not JSON".into()));
+                    }
+                    let held = Held::from_parts(seq, arrived_ms, arrival, source, raw, document);
                     let state = self.keys.entry(key).or_default();
-                    let position = state
-                        .pending
-                        .binary_search_by_key(&seq, |p| p.seq)
-                        .unwrap_or_else(|p| p);
-                    state.pending.insert(
-                        position,
-                        Pending {
-                            seq,
-                            arrived_ms,
-                            arrival,
-                            event: Event {
-                                source,
-                                ..Event::new(document, raw)
-                            },
-                        },
-                    );
+                    if !state.waiting.contains(seq) {
+                        self.buffered_bytes += held.footprint();
+                        state.waiting.insert(held);
+                    }
                     waiting.push((arrival, key, seq, arrived_ms));
                 }
                 (tag, len) => {
