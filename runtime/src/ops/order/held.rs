@@ -104,7 +104,7 @@ impl Held {
 }
 
 /// A key with more waiting events than this keeps them in a B-tree.
-const MANY: usize = 32;
+const MANY: usize = 64;
 
 /// One key's waiting events, ascending by sequence: a short sorted vector for
 /// the few most keys hold, a B-tree once a key holds many, so that each insert

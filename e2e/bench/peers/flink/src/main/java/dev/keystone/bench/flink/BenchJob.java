@@ -119,7 +119,16 @@ public final class BenchJob {
         DataStream<String> lines = env.fromSource(source, WatermarkStrategy.noWatermarks(), "cdc");
         out = lines.flatMap(new KeyTsExtract("order_id", "seq")).name("parse")
             .keyBy(t -> t.f0, Types.STRING)
-            .process(new Reorder(maxDelayMs)).name("order");
+            .process(new Reorder(maxDelayMs, true)).name("order");
+        break;
+      }
+      case "s3b": {
+        // Every event waits (no contiguous run); the delay outlasts the run.
+        long waitMs = Long.parseLong(opts.getOrDefault("max-delay-ms", "600000"));
+        DataStream<String> lines = env.fromSource(source, WatermarkStrategy.noWatermarks(), "cdc");
+        out = lines.flatMap(new KeyTsExtract("order_id", "seq")).name("parse")
+            .keyBy(t -> t.f0, Types.STRING)
+            .process(new Reorder(waitMs, false)).name("order");
         break;
       }
       case "s4": {
@@ -298,19 +307,21 @@ public final class BenchJob {
   /**
    * S3: per key, ascending by seq, contiguous: seq == last + 1 (or 1 for a key with no
    * history: contiguous sequences start at 1, as in Keystone) leaves at once with the
-   * run that follows; anything else waits until max-delay of processing time after it
+   * run that follows (S3b, not contiguous: nothing leaves at once); anything else waits until max-delay of processing time after it
    * arrived, then leaves with every lower waiting seq. Stale (<= last or already
    * waiting) is dropped. End of input (the final watermark) flushes every key.
    */
   static final class Reorder extends KeyedProcessFunction<String, Tuple3<String, Long, String>, String> {
     private static final long FLUSH_AT_END = Long.MAX_VALUE - 1;
     private final long maxDelayMs;
+    private final boolean contiguous;
     private transient ValueState<Long> last;
     /** seq -> arrival ms + "\n" + line. */
     private transient MapState<Long, String> pending;
 
-    Reorder(long maxDelayMs) {
+    Reorder(long maxDelayMs, boolean contiguous) {
       this.maxDelayMs = maxDelayMs;
+      this.contiguous = contiguous;
     }
 
     @Override
@@ -330,7 +341,7 @@ public final class BenchJob {
       if (pending.contains(seq)) {
         return;
       }
-      if (seq == (lastSeq == null ? 1 : lastSeq + 1)) {
+      if (contiguous && seq == (lastSeq == null ? 1 : lastSeq + 1)) {
         out.collect(ev.f2);
         last.update(seq);
         releaseRun(seq, out);
@@ -392,7 +403,9 @@ public final class BenchJob {
         lastOut = e.getKey();
       }
       last.update(lastOut);
-      releaseRun(lastOut, out);
+      if (contiguous) {
+        releaseRun(lastOut, out);
+      }
     }
   }
 
