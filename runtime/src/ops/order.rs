@@ -98,8 +98,7 @@ fn pending_key(key: u128, seq: i64) -> Vec<u8> {
 
 fn pending_value(held: &Held) -> Vec<u8> {
     let raw = held.raw();
-    let document = held.document();
-    let mut v = Vec::with_capacity(33 + raw.len() + document.len());
+    let mut v = Vec::with_capacity(33 + raw.len() * 2);
     v.extend_from_slice(&held.arrived_ms.to_be_bytes());
     v.extend_from_slice(&held.arrival.to_be_bytes());
     v.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -107,16 +106,20 @@ fn pending_value(held: &Held) -> Vec<u8> {
     // The source record, so that a replay after a restore still recognises a
     // waiting event the sink already holds. Marked by a byte a JSON document never
     // starts with; values written before it was added go straight on with JSON.
-    if let Some(source) = held.source {
+    if let Some(source) = held.source() {
         v.push(SOURCE_MARK);
         v.extend_from_slice(&source.partition.to_be_bytes());
         v.extend_from_slice(&source.offset.to_be_bytes());
     }
-    v.extend_from_slice(document);
+    held.write_document(&mut v);
     v
 }
 
 const SOURCE_MARK: u8 = 0x01;
+
+/// Waiting events are kept parsed while those waiting take less than this;
+/// beyond, as bytes ([`held`]).
+const KEEP_PARSED_BELOW: usize = 8 << 20;
 
 /// Events released per call at end of input, at most (a key's whole run
 /// beyond it): parsed again, they cost several times their waiting bytes.
@@ -270,7 +273,11 @@ impl Operator for Order {
             release.through(i64::MIN, Some(first_sequence));
             return;
         }
-        let held = Held::new(seq, ctx.now_ms, self.next_arrival, event);
+        let held = if *release.buffered_bytes < KEEP_PARSED_BELOW {
+            Held::parsed(seq, ctx.now_ms, self.next_arrival, event)
+        } else {
+            Held::compact(seq, ctx.now_ms, self.next_arrival, event)
+        };
         self.next_arrival += 1;
         *release.buffered_bytes += held.footprint();
         release
