@@ -27,10 +27,13 @@
 //! - **Key**: the `key` fields' values, typed and hashed to 128 bits (xxh3), so
 //!   distinct keys practically never share a sequence history.
 //! - **Memory**: per key ever seen, about 60 bytes (hash, `last`, an empty waiting
-//!   list); plus each waiting event as its JSON bytes (the bytes it arrived as
-//!   too, when a step before changed it) and about 100 bytes beside them
-//!   ([`held`]): a parsed document would cost several times its bytes. `last`
-//!   is kept for every key: that is what makes late duplicates stale.
+//!   list); plus each waiting event and about 100 bytes beside it. Once more
+//!   than 8 MiB wait, a waiting event is kept as its JSON bytes (the bytes it
+//!   arrived as too, when a step before changed it), since a parsed document
+//!   costs several times its bytes; below, parsed, so that short waits cost no
+//!   serialization ([`held`]). `last` is kept for every key: that is what makes
+//!   late duplicates stale. The bytes waiting count toward the instance's
+//!   limit ([`crate::buffers`]).
 //! - **Cost**: a key's waiting events are a short sorted vector, a B-tree once
 //!   it holds many; holding and releasing an event is O(log n).
 //! - **Changelog**: `hash (16 bytes) + 'L' -> last (8 bytes)` whenever an event
