@@ -804,10 +804,11 @@ async fn the_chart_ships_the_dashboard_config_map_only_when_enabled() {
 
 /// The alerts the chart ships, by name: a change of the set is a change of
 /// `docs/alerts.md` too.
-const ALERTS: [&str; 6] = [
+const ALERTS: [&str; 7] = [
     "KeystoneConsumerLagGrowing",
     "KeystoneDeadLetterRateHigh",
     "KeystoneCommitsFailing",
+    "KeystoneBufferFull",
     "KeystoneCheckpointsFailing",
     "KeystonePipelineDegraded",
     "KeystoneOperatorReconcileErrors",
