@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use keystone_crds::Pipeline;
@@ -21,6 +22,7 @@ use keystone_crds::pipeline::{PipelinePhase, UpgradePhase};
 use keystone_e2e::{TestNamespace, Testbed, wait_for};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use operator_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
@@ -547,7 +549,14 @@ async fn a_state_incompatible_change_is_refused_until_a_reset_is_allowed() {
 /// A pipeline under load (two instances) whose projection has just been
 /// changed to keep `action` too: an upgrade from a checkpoint is under way.
 async fn start_upgrade(test: &str) -> (Arc<Flow>, Producing) {
-    let (flow, producer) = Flow::start(
+    let (flow, producer) = start_before_upgrade(test).await;
+    flow.keep_action().await;
+    (flow, producer)
+}
+
+/// The pipeline [`start_upgrade`] changes, under load, before the change.
+async fn start_before_upgrade(test: &str) -> (Arc<Flow>, Producing) {
+    Flow::start(
         test,
         2,
         "  parallelism: 2\n  upgrade: {healthWindow: 5s}",
@@ -555,9 +564,7 @@ async fn start_upgrade(test: &str) -> (Arc<Flow>, Producing) {
     )
     .await
     .under_load()
-    .await;
-    flow.keep_action().await;
-    (flow, producer)
+    .await
 }
 
 /// A pipeline under load whose change to a failing version has just been
@@ -875,16 +882,49 @@ async fn a_runtime_that_crashes_is_rolled_back_without_loss_or_duplicates() {
 // The operator SIGKILLed in the middle of a change
 // ---------------------------------------------------------------------------
 
-/// Kills the flow's operator (SIGKILL) once `at` holds for the pipeline, after
-/// a further random delay below `jitter`, and starts a successor; returns it
-/// and the upgrade phase the pipeline was in at the kill.
+/// Resolves once `at` holds for a version of the flow's Pipeline, seen by a
+/// watch that is in place when this returns (start it before the change that
+/// leads there): a state shorter than a poll, such as the checkpoint of a
+/// stage that commits every 200 ms, is still seen.
+async fn watch_until<F: Fn(&Pipeline) -> bool + Send + 'static>(
+    flow: &Flow,
+    at: F,
+) -> impl std::future::Future<Output = ()> + use<F> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", flow.name));
+    let mut versions = watcher(flow.api(), config).applied_objects().boxed();
+    // The first version: listed, and the watch goes on from it.
+    let first = versions.next().await;
+    async move {
+        if let Some(Ok(p)) = &first
+            && at(p)
+        {
+            return;
+        }
+        while let Some(version) = versions.next().await {
+            if let Ok(p) = version
+                && at(&p)
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Kills the flow's operator (SIGKILL) once `reached` (a [`watch_until`])
+/// resolves, after a further random delay below `jitter`, and starts a
+/// successor; returns it and the upgrade phase the pipeline was in at the kill.
 async fn kill_operator_when(
     flow: &Flow,
-    at: impl Fn(&Pipeline) -> bool,
+    reached: impl std::future::Future<Output = ()>,
     jitter: Duration,
     seed: u64,
 ) -> (OperatorProcess, Option<UpgradePhase>) {
-    flow.wait("the point to kill the operator at", at).await;
+    if tokio::time::timeout(LONG, reached).await.is_err() {
+        panic!(
+            "timed out after {LONG:?} waiting for the point to kill the operator at\noperator log (tail):\n{}",
+            tail(&flow.operator.log_text(), 60)
+        );
+    }
     let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     rng ^= rng >> 29;
     let delay = Duration::from_millis(rng % jitter.as_millis().max(1) as u64);
@@ -995,12 +1035,14 @@ async fn assert_one_plan_everywhere(flow: &Flow, p: &Pipeline) {
 /// plan, and the sink holds every event once, in order.
 async fn upgrade_survives_an_operator_kill(
     test: &str,
-    at: impl Fn(&Pipeline) -> bool,
+    at: impl Fn(&Pipeline) -> bool + Send + 'static,
     jitter: Duration,
     seed: u64,
 ) {
-    let (flow, producer) = start_upgrade(test).await;
-    let (successor, phase) = kill_operator_when(&flow, at, jitter, seed).await;
+    let (flow, producer) = start_before_upgrade(test).await;
+    let reached = watch_until(&flow, at).await;
+    flow.keep_action().await;
+    let (successor, phase) = kill_operator_when(&flow, reached, jitter, seed).await;
     let seen = completed_by(&flow, &successor, producer).await;
     eprintln!(
         "| operator SIGKILLed ({test}, upgrade phase {phase:?}) | 100 events/s | 2 | {} | 0 | 0 | 0 | |",
@@ -1093,19 +1135,15 @@ async fn the_operator_killed_during_an_aligned_checkpoint_leaves_nothing_stopped
         .next()
         .expect("a pod of the second stage");
     let frozen = Frozen::freeze(&flow.tb, &pod);
+    let reached = watch_until(&flow, |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.checkpoint_in_progress.is_some())
+    })
+    .await;
     flow.patch(json!({"spec": {"checkpointTrigger": "k1"}}))
         .await;
-    let (successor, _) = kill_operator_when(
-        &flow,
-        |p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.checkpoint_in_progress.is_some())
-        },
-        Duration::from_millis(1000),
-        41,
-    )
-    .await;
+    let (successor, _) = kill_operator_when(&flow, reached, Duration::from_millis(1000), 41).await;
     drop(frozen);
     // The successor records the unfinished checkpoint as failed, resumes what
     // it stopped, and takes the manual checkpoint again (its trigger was not
@@ -1138,13 +1176,12 @@ async fn the_operator_killed_during_an_aligned_checkpoint_leaves_nothing_stopped
 #[tokio::test]
 async fn the_operator_killed_during_a_rollback_is_succeeded_by_one_that_completes_it() {
     let (flow, producer, stable_hash) = start_failing_upgrade("kill-rollback").await;
-    let (successor, _) = kill_operator_when(
-        &flow,
-        |p| upgrade_phase(p) == Some(UpgradePhase::RollingBack),
-        Duration::from_millis(1500),
-        37,
-    )
+    // The roll back starts after the 20 s health window: the watch is in place.
+    let reached = watch_until(&flow, |p| {
+        upgrade_phase(p) == Some(UpgradePhase::RollingBack)
+    })
     .await;
+    let (successor, _) = kill_operator_when(&flow, reached, Duration::from_millis(1500), 37).await;
     let rolled = wait_with(&flow, &successor, "rolled back", |p| {
         upgrade_phase(p) == Some(UpgradePhase::RolledBack)
     })
