@@ -150,10 +150,10 @@ impl Release<'_> {
         self.out.emit(event);
     }
 
-    /// Emits the lowest waiting event.
-    fn emit_first(&mut self) -> bool {
+    /// Emits the lowest waiting event, if any.
+    fn emit_first(&mut self) {
         let Some(held) = self.state.waiting.pop_first() else {
-            return false;
+            return;
         };
         *self.buffered_bytes = self.buffered_bytes.saturating_sub(held.footprint());
         let seq = held.seq;
@@ -168,7 +168,6 @@ impl Release<'_> {
                     .dead_letter(event, "order: a waiting event read back is not JSON");
             }
         }
-        true
     }
 
     /// Emits waiting events up to sequence `through`, then, if contiguous
