@@ -24,7 +24,6 @@ fn crds_carry_validation_rules_printer_columns_and_names() {
     for needle in [
         "step names must be unique within a pipeline",
         "the source topic cannot also be a Kafka sink topic",
-        "rule: self >= oldSelf",
         "each step sets exactly one of processorRef",
         "each sink sets exactly one of kafka, elasticsearch, iceberg or parquet",
         "pattern: ^([0-9]+(ms|s|m|h|d))+$",

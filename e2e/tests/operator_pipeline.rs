@@ -199,17 +199,42 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // Lowering them: the API server refuses the spec (CEL), and a topic that has
-    // more partitions than the spec says (raised by hand) is refused with a condition.
+    // Lowering them: the API server accepts the spec (so that a GitOps sync of
+    // an older value succeeds), the topic keeps its partitions, and the
+    // pipeline says so and what to do.
     let patch =
         json!({"spec": {"sinks": [{"name": "out", "kafka": {"topic": sink, "partitions": 4}}]}});
-    let err = pipelines
+    pipelines
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .expect_err("a partition decrease is refused by the API server");
+        .expect("a lower partition count is accepted by the API server");
+    let p = wait_for(
+        &pipelines,
+        name,
+        WAIT,
+        "TopicsReady=False PartitionDecreaseRefused for the spec's 4",
+        |p| {
+            condition(p, "TopicsReady").is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "PartitionDecreaseRefused"
+                    && c.message.contains("asks for 4")
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let c = condition(&p, "TopicsReady").expect("condition");
     assert!(
-        err.to_string().contains("partitions can only be raised"),
-        "{err}"
+        c.message.contains("5 partitions")
+            && c.message
+                .contains("set partitions to 5 or more in the spec"),
+        "{}",
+        c.message
+    );
+    assert_eq!(
+        kafka.partitions(&sink),
+        Some(5),
+        "the topic keeps its partitions"
     );
     kafka.raise_partitions(&sink, 7).await;
     nudge(&pipelines, name, 1).await;
@@ -217,10 +242,13 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
         &pipelines,
         name,
         WAIT,
-        "TopicsReady=False PartitionDecreaseRefused",
+        "TopicsReady=False PartitionDecreaseRefused for the topic's 7",
         |p| {
-            condition(p, "TopicsReady")
-                .is_some_and(|c| c.status == "False" && c.reason == "PartitionDecreaseRefused")
+            condition(p, "TopicsReady").is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "PartitionDecreaseRefused"
+                    && c.message.contains("7 partitions")
+            })
         },
     )
     .await

@@ -194,7 +194,7 @@ impl TopicProblem {
                 "topic {topic:?} was created by pipeline {owner}; a pipeline never takes over another's topic (use another topic, or create: false to share it)"
             ),
             TopicProblem::DecreaseRefused { actual, desired } => format!(
-                "topic {topic:?} has {actual} partitions and the spec asks for {desired}: Kafka cannot remove partitions, the topic keeps {actual}"
+                "topic {topic:?} has {actual} partitions and the spec asks for {desired}: Kafka cannot remove partitions, so the topic keeps {actual}; set partitions to {actual} or more in the spec (in git, when the pipeline is synced from there)"
             ),
             TopicProblem::Unresolved { follows } => format!(
                 "topic {topic:?} gets as many partitions as {follows:?}, which does not exist"

@@ -277,12 +277,13 @@ pub struct KafkaSinkSpec {
     /// Whether the pipeline creates the topic (and owns it). When false it must exist.
     #[serde(default = "default_true")]
     pub create: bool,
-    /// Partitions of a created topic. Can be raised, never lowered.
+    /// Partitions of a created topic. Raising it raises the topic's. Kafka cannot
+    /// remove partitions: a value below the topic's count (for example git's
+    /// value after someone raised it by hand) is accepted, the topic keeps its
+    /// partitions, and the pipeline reports `TopicsReady=False`
+    /// (`PartitionDecreaseRefused`) until the spec is raised to match.
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 10000))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {"rule": "self >= oldSelf", "message": "partitions can only be raised: Kafka cannot remove partitions without losing their data"}
-    ]))]
     pub partitions: i32,
     /// Replication factor of a created topic; the broker default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

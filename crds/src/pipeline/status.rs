@@ -153,7 +153,8 @@ pub enum UpgradePhase {
     Observing,
     /// It passed the health window and is the stable version.
     Stable,
-    /// The change was not rolled out (state-incompatible without `allowStateReset`, or the checkpoint failed).
+    /// The change was not rolled out (state-incompatible without `allowStateReset`, the checkpoint failed,
+    /// or the spec went back to the running version while its checkpoint was taken).
     Blocked,
     /// It failed its health check; the last stable version is being restored.
     RollingBack,
@@ -164,6 +165,10 @@ pub enum UpgradePhase {
 }
 
 /// An upgrade from one plan to another.
+///
+/// Every field is written, unset ones as null: the operator merge-patches its
+/// status, and a new upgrade must not keep the last one's message, checkpoint
+/// or `readySince` (which would cut its health window short).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeStatus {
@@ -175,40 +180,41 @@ pub struct UpgradeStatus {
     /// or TableIncompatible (a lake sink's table cannot hold the new output).
     pub change: String,
     /// What changed, in words.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub reasons: Vec<String>,
     /// Plan hash before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub from_plan_hash: Option<String>,
     /// Plan hash after.
     pub to_plan_hash: String,
     /// The checkpoint taken before the upgrade (the rollback point).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub checkpoint: Option<String>,
     /// Whether keyed state was dropped (`allowStateReset`, or a `Stateless` upgrade).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub state_reset: bool,
     /// When the upgrade started.
     pub started: Time,
     /// When the new version was first seen fully ready (the health window starts).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ready_since: Option<Time>,
     /// Why it is blocked, failed or rolled back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub message: Option<String>,
 }
 
-/// A redeploy from a checkpoint.
+/// A redeploy from a checkpoint. Every field is written, unset ones as null,
+/// so that a new restore keeps nothing of the last one's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreStatus {
     /// The restore's id (the ConfigMap `<pipeline>-restore-<id>` the instances read).
     pub id: String,
     /// The checkpoint restored, if any (a state reset restores none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub checkpoint: Option<String>,
     /// The `spec.restore.nonce` it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub nonce: Option<String>,
     /// Why: Requested, Rollback, StateReset or Stateless.
     pub reason: String,
@@ -280,4 +286,44 @@ pub struct CheckpointSummary {
     /// Hash of the plan that was running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_hash: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator merge-patches its status: an unset field of a new upgrade
+    /// must be written as null, or the stored one keeps the last upgrade's.
+    #[test]
+    fn a_new_upgrade_record_clears_what_the_last_one_set() {
+        let upgrade = UpgradeStatus {
+            phase: UpgradePhase::Deploying,
+            generation: 2,
+            change: "Upgrade".into(),
+            reasons: Vec::new(),
+            from_plan_hash: None,
+            to_plan_hash: "b".into(),
+            checkpoint: None,
+            state_reset: false,
+            started: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            ready_since: None,
+            message: None,
+        };
+        let json = serde_json::to_value(&upgrade).unwrap();
+        for field in [
+            "reasons",
+            "fromPlanHash",
+            "checkpoint",
+            "stateReset",
+            "readySince",
+            "message",
+        ] {
+            assert!(json.get(field).is_some(), "{field} is not written: {json}");
+        }
+        let mut stored = serde_json::json!({"phase": "RolledBack", "message": "failed", "readySince": "2026-01-01T00:00:00Z", "checkpoint": "c1"});
+        json_patch::merge(&mut stored, &json);
+        assert_eq!(stored.get("message"), None, "{stored}");
+        assert_eq!(stored.get("readySince"), None, "{stored}");
+        assert_eq!(stored.get("checkpoint"), None, "{stored}");
+    }
 }
