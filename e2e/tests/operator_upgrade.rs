@@ -1116,25 +1116,11 @@ async fn the_operator_killed_during_an_aligned_checkpoint_leaves_nothing_stopped
     // Two stages (declared keyed by `action`, deduplicated by (user, seq)
     // behind a repartition topic): a checkpoint stops every instance at an
     // aligned cut and resumes them once taken. The operator dies in between.
-    let steps = r#"    - name: once
-      dedup: {key: [user, seq], window: 10m}"#;
-    let (flow, producer) = Flow::start_keyed("kill-aligned", 2, "", steps, "action")
-        .await
-        .under_load()
-        .await;
+    let (flow, producer) = two_stages_under_load("kill-aligned").await;
     // The second stage hangs, so the checkpoint holds the first one stopped
     // while it waits for the second to consume its input (up to a minute):
     // the kill lands there.
-    let second: Api<Pod> = flow.ns.api();
-    let pod = second
-        .list(&ListParams::default().labels("keystone.dev/pipeline=orders,keystone.dev/stage=s1"))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("a pod of the second stage");
-    let frozen = Frozen::freeze(&flow.tb, &pod);
+    let frozen = freeze_second_stage(&flow).await;
     let reached = watch_until(&flow, |p| {
         p.status
             .as_ref()
@@ -1199,4 +1185,104 @@ async fn the_operator_killed_during_a_rollback_is_succeeded_by_one_that_complete
         "| operator SIGKILLed during a rollback | 100 events/s | 2 | {} | 0 | 0 | n/a (replay) | |",
         seen.len()
     );
+}
+
+#[tokio::test]
+async fn a_change_undone_while_its_checkpoint_is_taken_is_withdrawn_and_the_pipeline_runs_on() {
+    // What GitOps self-heal does to a change made by hand: the spec goes back
+    // to the running version while the upgrade's checkpoint is being taken.
+    // Two stages, the second frozen: the (aligned, stop) checkpoint waits for
+    // it, so the spec goes back while the upgrade is in Checkpointing.
+    let (flow, producer) = two_stages_under_load("up-withdrawn").await;
+    let running_hash = flow
+        .api()
+        .get(flow.name)
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.plan_hash)
+        .expect("plan hash");
+    let frozen = freeze_second_stage(&flow).await;
+    let checkpointing = watch_until(&flow, |p| {
+        upgrade_phase(p) == Some(UpgradePhase::Checkpointing)
+    })
+    .await;
+    let once = json!({"name": "once", "dedup": {"key": ["user", "seq"], "window": "10m"}});
+    flow.patch(json!({"spec": {"steps": [
+        {"name": "all", "filter": {"expression": "true"}},
+        once.clone()
+    ]}}))
+    .await;
+    checkpointing.await;
+    flow.patch(json!({"spec": {"steps": [once]}})).await;
+    drop(frozen);
+    let done = flow
+        .wait("the upgrade withdrawn and the pipeline Running", |p| {
+            upgrade_phase(p) == Some(UpgradePhase::Blocked)
+                && p.status.as_ref().and_then(|s| s.phase) == Some(PipelinePhase::Running)
+                && condition_is(p, "Ready", "True")
+                && condition_is(p, "SpecApplied", "True")
+        })
+        .await;
+    let status = done.status.clone().expect("status");
+    assert_eq!(status.plan_hash.as_deref(), Some(running_hash.as_str()));
+    let message = status.upgrade.and_then(|u| u.message).unwrap_or_default();
+    assert!(message.starts_with("withdrawn: "), "{message}");
+    assert_eq!(flow.argo_health(), "Healthy");
+    let reasons: Vec<String> = flow.events().await.into_iter().map(|(r, _)| r).collect();
+    assert!(
+        reasons.iter().any(|r| r == "UpgradeWithdrawn"),
+        "{reasons:?}"
+    );
+    // The next upgrade keeps nothing of the withdrawn one's record (the status
+    // is merge-patched: its message would linger, and a stale readySince would
+    // cut a health window short).
+    let generation = done.metadata.generation.expect("generation");
+    flow.patch(json!({"spec": {"steps": [
+        {"name": "all", "filter": {"expression": "true"}},
+        {"name": "once", "dedup": {"key": ["user", "seq"], "window": "10m"}}
+    ]}}))
+    .await;
+    let upgraded = flow
+        .wait("the next upgrade Stable", |p| {
+            upgrade_phase(p) == Some(UpgradePhase::Stable)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.upgrade.as_ref())
+                    .is_some_and(|u| u.generation > generation)
+        })
+        .await;
+    let upgrade = upgraded.status.and_then(|s| s.upgrade).expect("upgrade");
+    assert_eq!(upgrade.message, None, "{upgrade:?}");
+    let ready_since = upgrade.ready_since.clone().expect("readySince");
+    assert!(ready_since.0 >= upgrade.started.0, "{upgrade:?}");
+    // Every instance processes again: nothing stays stopped, nothing is lost.
+    flow.finish(producer, false).await;
+}
+
+/// Two stages under load: the source declared keyed by `action`, deduplicated
+/// by (user, seq) behind a repartition topic, so that a checkpoint stops every
+/// instance at an aligned cut.
+async fn two_stages_under_load(test: &str) -> (Arc<Flow>, Producing) {
+    let steps = r#"    - name: once
+      dedup: {key: [user, seq], window: 10m}"#;
+    Flow::start_keyed(test, 2, "", steps, "action")
+        .await
+        .under_load()
+        .await
+}
+
+/// Freezes a pod of the second stage: a checkpoint then waits for it (up to a
+/// minute) with the first stage stopped. Thawed when dropped.
+async fn freeze_second_stage(flow: &Flow) -> Frozen {
+    let second: Api<Pod> = flow.ns.api();
+    let pod = second
+        .list(&ListParams::default().labels("keystone.dev/pipeline=orders,keystone.dev/stage=s1"))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("a pod of the second stage");
+    Frozen::freeze(&flow.tb, &pod)
 }

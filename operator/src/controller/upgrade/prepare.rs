@@ -32,6 +32,33 @@ use crate::topics::DesiredTopic;
 /// How soon a change held by a background checkpoint is looked at again.
 const BACKGROUND_WAIT: Duration = Duration::from_secs(1);
 
+/// An upgrade still taking its checkpoint when the spec went back to what
+/// runs (a revert, or GitOps self-heal undoing a change made by hand) never
+/// rolls out: it ends Blocked, saying so, or the pipeline would stay
+/// Upgrading. The reconcile resumes the instances its stop checkpoint left.
+async fn withdraw_unstarted_upgrade(
+    ctx: &Arc<Context>,
+    pipeline: &Pipeline,
+    observed: &mut Observed,
+    new_hash: &str,
+) {
+    let Some(upgrade) = observed.status.upgrade.as_mut() else {
+        return;
+    };
+    if upgrade.phase != UpgradePhase::Checkpointing || upgrade.to_plan_hash == new_hash {
+        return;
+    }
+    let message = format!(
+        "withdrawn: the spec went back to the running version while the upgrade of generation {} to plan {} took its checkpoint; nothing changed",
+        upgrade.generation, upgrade.to_plan_hash
+    );
+    upgrade.phase = UpgradePhase::Blocked;
+    upgrade.message = Some(message.clone());
+    observed.set(&super::deployed());
+    ctx.publish(pipeline, false, "UpgradeWithdrawn", "Upgrade", message)
+        .await;
+}
+
 /// Decides what to run before the workloads are applied.
 pub(in crate::controller) async fn prepare(
     pipeline: &Pipeline,
@@ -219,6 +246,7 @@ pub(in crate::controller) async fn prepare(
         .map(|old| runtime_changes(old, spec))
         .unwrap_or_default();
     if deployed_hash == new_hash && runtime_reasons.is_empty() {
+        withdraw_unstarted_upgrade(ctx, pipeline, observed, &new_hash).await;
         observed.status.last_reconciled_spec = Some(spec_json(spec));
         return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
     }
@@ -263,6 +291,7 @@ pub(in crate::controller) async fn prepare(
     let (change, reasons, state_incompatible) = match class {
         ChangeClass::Ignore => {
             // Nothing the runtime reads changed: keep the instances as they are.
+            withdraw_unstarted_upgrade(ctx, pipeline, observed, &new_hash).await;
             observed.status.last_reconciled_spec = Some(spec_json(spec));
             return Ok(Prepared::Deploy(Box::new(running)));
         }
