@@ -769,3 +769,135 @@ async fn every_sample_stays_synced_over_ten_resyncs_with_either_diff() {
     }
     drop(operators);
 }
+
+/// 2, on a cluster that has never seen the CRDs: Keystone's CRDs under a group
+/// of their own (the shared testbed keeps the real ones installed, and deleting
+/// them would delete every Pipeline), with the samples' Processors and a
+/// Pipeline of that group, in one commit: the first sync creates the CRDs and
+/// then the objects of their kinds, with no option and no retry.
+#[tokio::test]
+async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit() {
+    let argo = Argo::new().await;
+    let tb = testbed().await;
+    let ns = pipeline_namespace(&tb, "gitops-new").await;
+    let group = format!("{}.gitops.example.com", unique("g"));
+    let app = unique("new-crds");
+    let _cleanup = Cleanup {
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+        namespace: argo.namespace().to_owned(),
+        apps: vec![app.clone()],
+        appsets: vec![],
+        pipeline_namespaces: vec![],
+        release: None,
+    };
+    let _crds = NewCrds {
+        kubeconfig: tb.kubeconfig().expect("kubeconfig"),
+        names: vec![format!("pipelines.{group}"), format!("processors.{group}")],
+    };
+    let repo = GitRepo::new(&tb, "new-crds");
+    for crd in [
+        "keystone.dev_pipelines.yaml",
+        "keystone.dev_processors.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo_path("crds").join(crd)).expect("crd");
+        let mut crd: serde_json::Value = serde_yaml_ng::from_str(&text).expect("yaml");
+        let plural = crd["spec"]["names"]["plural"]
+            .as_str()
+            .expect("plural")
+            .to_owned();
+        crd["metadata"]["name"] = format!("{plural}.{group}").into();
+        crd["spec"]["group"] = group.clone().into();
+        // Short names and categories stay with the real CRDs.
+        let names = crd["spec"]["names"].as_object_mut().expect("names");
+        names.remove("shortNames");
+        names.remove("categories");
+        repo.write(
+            &format!("platform/crds/{plural}.yaml"),
+            &serde_yaml_ng::to_string(&crd).expect("yaml"),
+        );
+    }
+    let in_group = |file: &str| {
+        std::fs::read_to_string(repo_path("config/samples").join(file))
+            .expect("sample")
+            .replace("namespace: default", &format!("namespace: {}", ns.name()))
+            .replace(
+                "apiVersion: keystone.dev/",
+                &format!("apiVersion: {group}/"),
+            )
+    };
+    repo.write("platform/processors.yaml", &in_group("processors.yaml"));
+    repo.write(
+        "platform/pipelines/payments-enrich.yaml",
+        &in_group("payments-enrich.yaml"),
+    );
+    let commit = repo.commit("new CRDs and objects of their kinds");
+    argo.apply(&application(
+        &app,
+        &repo,
+        "platform",
+        ns.name(),
+        "\n    directory: {recurse: true}",
+        &[],
+    ));
+    let synced = argo
+        .wait(&app, "the first sync to succeed", SYNC, |a| {
+            a.operation_phase() == "Succeeded"
+                && a.operation_revision() == commit
+                && a.sync() == "Synced"
+        })
+        .await;
+    let retries = synced
+        .0
+        .pointer("/status/operationState/retryCount")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    assert_eq!(retries, 0, "synced without a retry: {}", synced.summary());
+    for kind in ["Processor", "Pipeline"] {
+        let synced_of_kind = synced
+            .0
+            .pointer("/status/resources")
+            .and_then(|r| r.as_array())
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| r["kind"] == kind && r["group"] == group.as_str())
+                    .count()
+            })
+            .unwrap_or(0);
+        assert!(
+            synced_of_kind > 0,
+            "no {kind} of {group} in the app: {}",
+            synced.summary()
+        );
+    }
+    assert!(synced.out_of_sync().is_empty(), "{}", synced.summary());
+    let mut get = tb.kubectl().expect("kubectl");
+    get.args([
+        "get",
+        &format!("pipelines.{group}"),
+        "-n",
+        ns.name(),
+        "-o",
+        "name",
+    ]);
+    assert!(
+        run_ok(get).contains("payments-enrich"),
+        "the Pipeline exists"
+    );
+}
+
+/// Deletes the test's own CRDs (and with them the objects of their kinds).
+struct NewCrds {
+    kubeconfig: std::path::PathBuf,
+    names: Vec<String>,
+}
+
+impl Drop for NewCrds {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("kubectl")
+                .env("KUBECONFIG", &self.kubeconfig)
+                .args(["delete", "crd", name, "--ignore-not-found", "--wait=false"])
+                .output();
+        }
+    }
+}
