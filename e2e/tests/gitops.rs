@@ -614,27 +614,7 @@ async fn crds_processors_and_pipelines_in_one_commit_are_synced_by_the_first_syn
         &in_ns("payments-enrich.yaml"),
     );
     let commit = repo.commit("CRDs, processors and a pipeline using them");
-    argo.apply(&application(
-        &app,
-        &repo,
-        "platform",
-        ns.name(),
-        "\n    directory: {recurse: true}",
-        &[],
-    ));
-    let synced = argo
-        .wait(&app, "the first sync to succeed", SYNC, |a| {
-            a.operation_phase() == "Succeeded"
-                && a.operation_revision() == commit
-                && a.sync() == "Synced"
-        })
-        .await;
-    let retries = synced
-        .0
-        .pointer("/status/operationState/retryCount")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0);
-    assert_eq!(retries, 0, "synced without a retry: {}", synced.summary());
+    let synced = sync_platform_folder(&argo, &app, &repo, ns.name(), &commit).await;
     for (kind, name) in [
         ("CustomResourceDefinition", "pipelines.keystone.dev"),
         ("CustomResourceDefinition", "processors.keystone.dev"),
@@ -646,6 +626,39 @@ async fn crds_processors_and_pipelines_in_one_commit_are_synced_by_the_first_syn
         assert_eq!(r["status"], "Synced", "{r}");
     }
     assert!(synced.out_of_sync().is_empty(), "{}", synced.summary());
+}
+
+/// An app of the repository's `platform` folder (recursively), synced to
+/// `commit` by its first sync, with no retry.
+async fn sync_platform_folder(
+    argo: &Argo,
+    app: &str,
+    repo: &GitRepo,
+    namespace: &str,
+    commit: &str,
+) -> App {
+    argo.apply(&application(
+        app,
+        repo,
+        "platform",
+        namespace,
+        "\n    directory: {recurse: true}",
+        &[],
+    ));
+    let synced = argo
+        .wait(app, "the first sync to succeed", SYNC, |a| {
+            a.operation_phase() == "Succeeded"
+                && a.operation_revision() == commit
+                && a.sync() == "Synced"
+        })
+        .await;
+    let retries = synced
+        .0
+        .pointer("/status/operationState/retryCount")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    assert_eq!(retries, 0, "synced without a retry: {}", synced.summary());
+    synced
 }
 
 /// 3. Every sample in config/samples stays Synced over at least 10 resyncs,
@@ -831,27 +844,7 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
         &in_group("payments-enrich.yaml"),
     );
     let commit = repo.commit("new CRDs and objects of their kinds");
-    argo.apply(&application(
-        &app,
-        &repo,
-        "platform",
-        ns.name(),
-        "\n    directory: {recurse: true}",
-        &[],
-    ));
-    let synced = argo
-        .wait(&app, "the first sync to succeed", SYNC, |a| {
-            a.operation_phase() == "Succeeded"
-                && a.operation_revision() == commit
-                && a.sync() == "Synced"
-        })
-        .await;
-    let retries = synced
-        .0
-        .pointer("/status/operationState/retryCount")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0);
-    assert_eq!(retries, 0, "synced without a retry: {}", synced.summary());
+    let synced = sync_platform_folder(&argo, &app, &repo, ns.name(), &commit).await;
     for kind in ["Processor", "Pipeline"] {
         let synced_of_kind = synced
             .0
