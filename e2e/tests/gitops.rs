@@ -83,10 +83,17 @@ impl Drop for Cleanup {
         for ns in &self.pipeline_namespaces {
             // Deleted first: an operator still running cannot put a finalizer
             // back on a Pipeline that is being deleted.
-            kubectl(&["delete", "pipelines", "--all", "-n", ns, "--wait=false"]);
+            kubectl(&[
+                "delete",
+                "pipelines.keystone.dev",
+                "--all",
+                "-n",
+                ns,
+                "--wait=false",
+            ]);
             let list = Command::new("kubectl")
                 .env("KUBECONFIG", &self.kubeconfig)
-                .args(["get", "pipelines", "-n", ns, "-o", "name"])
+                .args(["get", "pipelines.keystone.dev", "-n", ns, "-o", "name"])
                 .output();
             if let Ok(list) = list {
                 for p in String::from_utf8_lossy(&list.stdout).lines() {
@@ -456,7 +463,7 @@ spec:
     let mut raise = tb.kubectl().expect("kubectl");
     raise.args([
         "patch",
-        "pipeline",
+        "pipelines.keystone.dev",
         "orders",
         "-n",
         team_b.name(),
@@ -805,7 +812,10 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
     };
     let _crds = NewCrds {
         kubeconfig: tb.kubeconfig().expect("kubeconfig"),
-        names: vec![format!("pipelines.{group}"), format!("processors.{group}")],
+        names: vec![
+            format!("trialpipelines.{group}"),
+            format!("trialprocessors.{group}"),
+        ],
     };
     let repo = GitRepo::new(&tb, "new-crds");
     for crd in [
@@ -820,10 +830,20 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
             .to_owned();
         crd["metadata"]["name"] = format!("{plural}.{group}").into();
         crd["spec"]["group"] = group.clone().into();
-        // Short names and categories stay with the real CRDs.
+        // Kinds and names of their own too: `kubectl get pipeline` elsewhere
+        // must not find these (kubectl resolves a bare kind in any group).
         let names = crd["spec"]["names"].as_object_mut().expect("names");
         names.remove("shortNames");
         names.remove("categories");
+        for field in ["kind", "listKind"] {
+            let name = names[field].as_str().expect("kind").to_owned();
+            names.insert(field.into(), format!("Trial{name}").into());
+        }
+        for field in ["plural", "singular"] {
+            let name = names[field].as_str().expect("name").to_owned();
+            names.insert(field.into(), format!("trial{name}").into());
+        }
+        crd["metadata"]["name"] = format!("trial{plural}.{group}").into();
         repo.write(
             &format!("platform/crds/{plural}.yaml"),
             &serde_yaml_ng::to_string(&crd).expect("yaml"),
@@ -837,6 +857,8 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
                 "apiVersion: keystone.dev/",
                 &format!("apiVersion: {group}/"),
             )
+            .replace("kind: Pipeline\n", "kind: TrialPipeline\n")
+            .replace("kind: Processor\n", "kind: TrialProcessor\n")
     };
     repo.write("platform/processors.yaml", &in_group("processors.yaml"));
     repo.write(
@@ -845,7 +867,7 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
     );
     let commit = repo.commit("new CRDs and objects of their kinds");
     let synced = sync_platform_folder(&argo, &app, &repo, ns.name(), &commit).await;
-    for kind in ["Processor", "Pipeline"] {
+    for kind in ["TrialProcessor", "TrialPipeline"] {
         let synced_of_kind = synced
             .0
             .pointer("/status/resources")
@@ -866,7 +888,7 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
     let mut get = tb.kubectl().expect("kubectl");
     get.args([
         "get",
-        &format!("pipelines.{group}"),
+        &format!("trialpipelines.{group}"),
         "-n",
         ns.name(),
         "-o",

@@ -305,7 +305,14 @@ impl Drop for OperatorProcess {
         self.kill();
         let list = Command::new("kubectl")
             .env("KUBECONFIG", &self.kubeconfig)
-            .args(["get", "pipelines", "-n", &self.watch, "-o", "name"])
+            .args([
+                "get",
+                "pipelines.keystone.dev",
+                "-n",
+                &self.watch,
+                "-o",
+                "name",
+            ])
             .output();
         let Ok(list) = list else { return };
         for pipeline in String::from_utf8_lossy(&list.stdout).lines() {
