@@ -835,13 +835,18 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
         let names = crd["spec"]["names"].as_object_mut().expect("names");
         names.remove("shortNames");
         names.remove("categories");
-        for field in ["kind", "listKind"] {
-            let name = names[field].as_str().expect("kind").to_owned();
-            names.insert(field.into(), format!("Trial{name}").into());
-        }
-        for field in ["plural", "singular"] {
-            let name = names[field].as_str().expect("name").to_owned();
-            names.insert(field.into(), format!("trial{name}").into());
+        for (field, prefix) in [
+            ("kind", "Trial"),
+            ("listKind", "Trial"),
+            ("plural", "trial"),
+            ("singular", "trial"),
+        ] {
+            // listKind is left out of the generated CRDs (the API server
+            // derives it): rename what is there.
+            if let Some(name) = names.get(field).and_then(|n| n.as_str()) {
+                let renamed = format!("{prefix}{name}");
+                names.insert(field.into(), renamed.into());
+            }
         }
         crd["metadata"]["name"] = format!("trial{plural}.{group}").into();
         repo.write(
