@@ -182,6 +182,21 @@ async fn follow_health(
     }
 }
 
+/// Commits `content` as `file`, asks Argo CD to look now, and follows the
+/// Pipeline `orders`'s health in `app` until `until` holds on that commit.
+async fn push_and_follow(
+    (argo, repo, app): (&Argo, &GitRepo, &str),
+    file: &str,
+    content: &str,
+    message: &str,
+    until: impl Fn(&(String, String)) -> bool,
+) -> (Vec<String>, App) {
+    repo.write(file, content);
+    let commit = repo.commit(message);
+    argo.refresh(app).await;
+    follow_health(argo, app, "orders", &commit, until).await
+}
+
 /// A team's pipeline; it watches a new version for 10 s (not the default two
 /// minutes) before calling an upgrade done.
 fn team_pipeline(
@@ -227,7 +242,10 @@ async fn the_chart_and_the_teams_pipelines_sync_from_git_and_follow_the_operator
 
     // What the platform team keeps in git: the chart, and a folder per team.
     let repo = GitRepo::new(&tb, "platform");
-    repo.copy_dir(&repo_path("helm/keystone"), "charts/keystone");
+    repo.copy_dir(
+        &operator_support::repo().join("helm/keystone"),
+        "charts/keystone",
+    );
     let topic = |t: &str| unique(&format!("e2e.gitops.{t}"));
     let (src_a, out_a) = (topic("a"), topic("a.out"));
     let (src_b, out_b) = (topic("b"), topic("b.out"));
@@ -337,18 +355,16 @@ spec:
     };
     let original_hash = hash(&pipelines_a.get("orders").await.expect("pipeline"));
     let original = repo.read(&a_file);
-    repo.write(
+    let (seen, _) = push_and_follow(
+        (&argo, &repo, team_a.name()),
         &a_file,
         &original.replace(
             "  steps:\n",
             "  steps:\n    - name: no-views\n      filter: {expression: \"action != 'view'\"}\n",
         ),
-    );
-    let changed = repo.commit("orders: drop views");
-    argo.refresh(team_a.name()).await;
-    let (seen, _) = follow_health(&argo, team_a.name(), "orders", &changed, |(h, _)| {
-        *h == "Healthy"
-    })
+        "orders: drop views",
+        |(h, _)| *h == "Healthy",
+    )
     .await;
     assert!(
         seen.contains(&"Progressing".to_owned()),
@@ -365,12 +381,13 @@ spec:
     );
 
     // A revert rolls back the same way.
-    repo.write(&a_file, &original);
-    let reverted = repo.commit("Revert \"orders: drop views\"");
-    argo.refresh(team_a.name()).await;
-    let (seen, _) = follow_health(&argo, team_a.name(), "orders", &reverted, |(h, _)| {
-        *h == "Healthy"
-    })
+    let (seen, _) = push_and_follow(
+        (&argo, &repo, team_a.name()),
+        &a_file,
+        &original,
+        "Revert \"orders: drop views\"",
+        |(h, _)| *h == "Healthy",
+    )
     .await;
     assert!(
         seen.contains(&"Progressing".to_owned()),
@@ -383,18 +400,16 @@ spec:
 
     // A commit that breaks a contract: Degraded with the checker's message,
     // and the old version keeps running.
-    repo.write(
+    let (_, app) = push_and_follow(
+        (&argo, &repo, team_a.name()),
         &a_file,
         &original.replace(
             "  steps:\n",
             "  steps:\n    - name: big\n      filter: {expression: \"amount > 10\"}\n",
         ),
-    );
-    let broken = repo.commit("orders: filter on amount");
-    argo.refresh(team_a.name()).await;
-    let (_, app) = follow_health(&argo, team_a.name(), "orders", &broken, |(h, _)| {
-        *h == "Degraded"
-    })
+        "orders: filter on amount",
+        |(h, _)| *h == "Degraded",
+    )
     .await;
     let (_, message) = app.resource_health("Pipeline", "orders");
     assert!(
@@ -418,27 +433,26 @@ spec:
         users(&got).contains("eve"),
         "the old version processes: {got:?}"
     );
-    repo.write(&a_file, &original);
-    let fixed = repo.commit("orders: revert the amount filter");
-    argo.refresh(team_a.name()).await;
-    follow_health(&argo, team_a.name(), "orders", &fixed, |(h, _)| {
-        *h == "Healthy"
-    })
+    push_and_follow(
+        (&argo, &repo, team_a.name()),
+        &a_file,
+        &original,
+        "orders: revert the amount filter",
+        |(h, _)| *h == "Healthy",
+    )
     .await;
 
     // 5. Suspend and resume from git.
-    repo.write(
+    push_and_follow(
+        (&argo, &repo, team_a.name()),
         &a_file,
         &original.replace(
             "  parallelism: 2\n",
             "  parallelism: 2\n  state: Suspended\n",
         ),
-    );
-    let suspended = repo.commit("orders: suspend");
-    argo.refresh(team_a.name()).await;
-    follow_health(&argo, team_a.name(), "orders", &suspended, |(h, _)| {
-        *h == "Suspended"
-    })
+        "orders: suspend",
+        |(h, _)| *h == "Suspended",
+    )
     .await;
     let deployments: Api<Deployment> = team_a.api();
     let replicas = deployments
@@ -490,16 +504,15 @@ spec:
         Some(3),
         "the topic keeps its partitions"
     );
-    let b_original = repo.read(&b_file);
-    repo.write(
+    push_and_follow(
+        (&argo, &repo, team_b.name()),
         &b_file,
-        &b_original.replace("partitions: 1\n", "partitions: 3\n"),
-    );
-    let raised = repo.commit("orders: 3 partitions, as the topic has");
-    argo.refresh(team_b.name()).await;
-    follow_health(&argo, team_b.name(), "orders", &raised, |(h, _)| {
-        *h == "Healthy"
-    })
+        &repo
+            .read(&b_file)
+            .replace("partitions: 1\n", "partitions: 3\n"),
+        "orders: 3 partitions, as the topic has",
+        |(h, _)| *h == "Healthy",
+    )
     .await;
 
     // 5. Pipelines removed from git are pruned; the operator honours each one's
@@ -524,13 +537,9 @@ spec:
     );
 
     cleanup.apps.retain(|a| a != &release);
-    delete_team(&argo, &repo, &appset, &team_a, &team_b).await;
+    delete_team(&argo, &appset, &team_a, &team_b).await;
     argo.delete_app(&release).await;
     drop(cleanup);
-}
-
-fn repo_path(path: &str) -> std::path::PathBuf {
-    repo().join(path)
 }
 
 async fn wait_until_gone(api: &Api<Pipeline>, name: &str) {
@@ -546,13 +555,7 @@ async fn wait_until_gone(api: &Api<Pipeline>, name: &str) {
 
 /// The ApplicationSet and its apps go; the teams' pipelines are deleted while
 /// the operator still runs, so their finalizers complete.
-async fn delete_team(
-    argo: &Argo,
-    _repo: &GitRepo,
-    appset: &str,
-    a: &TestNamespace,
-    b: &TestNamespace,
-) {
+async fn delete_team(argo: &Argo, appset: &str, a: &TestNamespace, b: &TestNamespace) {
     argo.delete_appset(appset);
     for ns in [a, b] {
         argo.delete_app(ns.name()).await;
@@ -607,11 +610,11 @@ async fn crds_processors_and_pipelines_in_one_commit_are_synced_by_the_first_syn
     ] {
         repo.write(
             &format!("platform/crds/{crd}"),
-            &std::fs::read_to_string(repo_path("crds").join(crd)).expect("crd"),
+            &std::fs::read_to_string(operator_support::repo().join("crds").join(crd)).expect("crd"),
         );
     }
     let in_ns = |file: &str| {
-        std::fs::read_to_string(repo_path("config/samples").join(file))
+        std::fs::read_to_string(operator_support::repo().join("config/samples").join(file))
             .expect("sample")
             .replace("namespace: default", &format!("namespace: {}", ns.name()))
     };
@@ -677,7 +680,7 @@ async fn every_sample_stays_synced_over_ten_resyncs_with_either_diff() {
     let argo = Argo::new().await;
     let tb = testbed().await;
     install_crds(&tb);
-    let mut samples: Vec<_> = std::fs::read_dir(repo_path("config/samples"))
+    let mut samples: Vec<_> = std::fs::read_dir(operator_support::repo().join("config/samples"))
         .expect("samples")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
@@ -822,7 +825,8 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
         "keystone.dev_pipelines.yaml",
         "keystone.dev_processors.yaml",
     ] {
-        let text = std::fs::read_to_string(repo_path("crds").join(crd)).expect("crd");
+        let text =
+            std::fs::read_to_string(operator_support::repo().join("crds").join(crd)).expect("crd");
         let mut crd: serde_json::Value = serde_yaml_ng::from_str(&text).expect("yaml");
         let plural = crd["spec"]["names"]["plural"]
             .as_str()
@@ -855,7 +859,7 @@ async fn crds_new_to_the_cluster_and_objects_of_their_kinds_sync_in_one_commit()
         );
     }
     let in_group = |file: &str| {
-        std::fs::read_to_string(repo_path("config/samples").join(file))
+        std::fs::read_to_string(operator_support::repo().join("config/samples").join(file))
             .expect("sample")
             .replace("namespace: default", &format!("namespace: {}", ns.name()))
             .replace(

@@ -211,10 +211,6 @@ impl Argo {
         }
     }
 
-    pub fn testbed(&self) -> &Testbed {
-        &self.tb
-    }
-
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
