@@ -20,9 +20,11 @@ use keystone_e2e::TestNamespace;
 use kube::Api;
 use operator_support::*;
 
-/// The tests that put Keystone's CRDs under an Application take turns: two
-/// apps tracking one object would each see the other's mark as drift.
-static CRD_APPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests that run operators take turns: two apps tracking Keystone's CRDs
+/// would each see the other's mark as drift, and the samples' dozen runtime
+/// pods beside the chart test's on two cores kept a team's Pipeline
+/// Progressing past its timeout in CI.
+static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SYNC: Duration = Duration::from_secs(240);
 
@@ -215,7 +217,7 @@ fn team_pipeline(
 
 #[tokio::test]
 async fn the_chart_and_the_teams_pipelines_sync_from_git_and_follow_the_operator() {
-    let _turn = CRD_APPS.lock().await;
+    let _turn = TURNS.lock().await;
     let argo = Argo::new().await;
     let tb = testbed().await;
     operator_binary();
@@ -585,7 +587,7 @@ async fn delete_team(argo: &Argo, appset: &str, a: &TestNamespace, b: &TestNames
 /// skips the dry run of objects whose CRD the same sync brings).
 #[tokio::test]
 async fn crds_processors_and_pipelines_in_one_commit_are_synced_by_the_first_sync() {
-    let _turn = CRD_APPS.lock().await;
+    let _turn = TURNS.lock().await;
     let argo = Argo::new().await;
     let tb = testbed().await;
     operator_binary();
@@ -677,6 +679,7 @@ async fn sync_platform_folder(
 /// visible as OutOfSync instead of being applied away.
 #[tokio::test]
 async fn every_sample_stays_synced_over_ten_resyncs_with_either_diff() {
+    let _turn = TURNS.lock().await;
     let argo = Argo::new().await;
     let tb = testbed().await;
     install_crds(&tb);

@@ -162,6 +162,26 @@ impl App {
             })
             .unwrap_or_default()
     }
+    /// Resources whose health is known and not Healthy, with the health
+    /// check's message: what an app stuck Progressing waits for.
+    pub fn not_healthy(&self) -> Vec<String> {
+        self.0
+            .pointer("/status/resources")
+            .and_then(Value::as_array)
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| r["health"]["status"].is_string())
+                    .filter(|r| r["health"]["status"] != "Healthy")
+                    .map(|r| {
+                        format!(
+                            "{}/{} {} {}",
+                            r["kind"], r["name"], r["health"]["status"], r["health"]["message"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
     pub fn conditions(&self) -> String {
         self.0
             .pointer("/status/conditions")
@@ -170,14 +190,15 @@ impl App {
     }
     pub fn summary(&self) -> String {
         format!(
-            "sync={} health={} revision={} operation={} {:?} conditions={} out-of-sync={:?}",
+            "sync={} health={} revision={} operation={} {:?} conditions={} out-of-sync={:?} not-healthy={:?}",
             self.sync(),
             self.health(),
             self.revision(),
             self.operation_phase(),
             self.operation_message(),
             self.conditions(),
-            self.out_of_sync()
+            self.out_of_sync(),
+            self.not_healthy()
         )
     }
 }
