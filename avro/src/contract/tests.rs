@@ -1,0 +1,239 @@
+use super::*;
+use keystone_crds::schema::FieldType::{
+    Any, Array, Boolean, Integer, Number, Object, String as Str, Timestamp,
+};
+
+fn parse(json: &str) -> Schema {
+    Schema::parse_str(json).expect("schema")
+}
+
+fn fields(spec: &SchemaSpec) -> Vec<(String, FieldType, bool)> {
+    spec.fields
+        .iter()
+        .map(|f| (f.name.clone(), f.field_type, f.optional))
+        .collect()
+}
+
+fn f(name: &str, t: FieldType, optional: bool) -> (String, FieldType, bool) {
+    (name.to_owned(), t, optional)
+}
+
+const ORDER: &str = r#"{
+  "type": "record", "name": "Order", "namespace": "shop",
+  "fields": [
+    {"name": "id", "type": "long"},
+    {"name": "status", "type": {"type": "enum", "name": "Status", "symbols": ["NEW", "PAID"]}},
+    {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}},
+    {"name": "placed_at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "ship_on", "type": ["null", {"type": "int", "logicalType": "date"}], "default": null},
+    {"name": "token", "type": {"type": "string", "logicalType": "uuid"}},
+    {"name": "customer", "type": {"type": "record", "name": "Customer", "fields": [
+      {"name": "id", "type": "int"},
+      {"name": "tier", "type": ["string", "null"]}
+    ]}},
+    {"name": "coupon", "type": ["null", {"type": "record", "name": "Coupon", "fields": [
+      {"name": "code", "type": "string"}
+    ]}], "default": null},
+    {"name": "lines", "type": {"type": "array", "items": "string"}},
+    {"name": "labels", "type": {"type": "map", "values": "string"}},
+    {"name": "score", "type": ["null", "int", "double"], "default": null},
+    {"name": "either", "type": ["int", "string"]},
+    {"name": "weight", "type": "float"},
+    {"name": "gift", "type": "boolean"}
+  ]
+}"#;
+
+#[test]
+fn a_registered_record_is_a_closed_contract_of_dotted_fields() {
+    let spec = contract_of(&parse(ORDER)).expect("contract");
+    assert!(!spec.open, "a reader schema's fields are all an event has");
+    assert_eq!(
+        fields(&spec),
+        vec![
+            f("id", Integer, false),
+            f("status", Str, false),
+            f("amount", Str, false),
+            f("placed_at", Timestamp, false),
+            f("ship_on", Str, true),
+            f("token", Str, false),
+            f("customer", Object, false),
+            f("customer.id", Integer, false),
+            f("customer.tier", Str, true),
+            // Inside an optional record every field may be absent.
+            f("coupon", Object, true),
+            f("coupon.code", Str, true),
+            f("lines", Array, false),
+            f("labels", Object, false),
+            f("score", Any, true),
+            f("either", Any, false),
+            f("weight", Number, false),
+            f("gift", Boolean, false),
+        ]
+    );
+    // The contract is one the checker takes.
+    let schema = keystone_crds::schema::Schema::from_spec(&spec);
+    assert_eq!(schema.get("customer.tier").map(|i| i.field_type), Some(Str));
+}
+
+#[test]
+fn a_named_type_used_twice_is_listed_at_both_places() {
+    let schema = parse(
+        r#"{"type": "record", "name": "Shipment", "fields": [
+          {"name": "from", "type": {"type": "record", "name": "Address", "fields": [{"name": "city", "type": "string"}]}},
+          {"name": "to", "type": "Address"}
+        ]}"#,
+    );
+    assert_eq!(
+        fields(&contract_of(&schema).expect("contract")),
+        vec![
+            f("from", Object, false),
+            f("from.city", Str, false),
+            f("to", Object, false),
+            f("to.city", Str, false),
+        ]
+    );
+}
+
+#[test]
+fn a_record_that_contains_itself_is_refused() {
+    let direct = parse(
+        r#"{"type": "record", "name": "Node", "namespace": "graph", "fields": [
+          {"name": "value", "type": "long"},
+          {"name": "next", "type": ["null", "Node"], "default": null}
+        ]}"#,
+    );
+    assert_eq!(
+        contract_of(&direct).unwrap_err().to_string(),
+        "the schema's type graph.Node contains itself: Keystone does not read recursive records (their depth has no bound)"
+    );
+    let through_another = parse(
+        r#"{"type": "record", "name": "Tree", "namespace": "graph", "fields": [
+          {"name": "leaves", "type": {"type": "array", "items": {"type": "record", "name": "Leaf", "fields": [
+            {"name": "subtree", "type": ["null", "graph.Tree"], "default": null}
+          ]}}}
+        ]}"#,
+    );
+    assert_eq!(recursive_type(&through_another), Some("graph.Tree".into()));
+    // A type used twice side by side is not a recursion.
+    let twice = parse(
+        r#"{"type": "record", "name": "Pair", "fields": [
+          {"name": "a", "type": {"type": "record", "name": "P", "fields": [{"name": "x", "type": "int"}]}},
+          {"name": "b", "type": "P"}
+        ]}"#,
+    );
+    assert_eq!(recursive_type(&twice), None);
+}
+
+#[test]
+fn a_schema_that_is_not_a_record_is_refused_by_name() {
+    let error = contract_of(&parse(r#"["null", "string"]"#)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the registered schema is a union, not a record: Keystone reads events that are records"
+    );
+    let error = contract_of(&parse(r#""long""#)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the registered schema is of type long, not a record: Keystone reads events that are records"
+    );
+}
+
+#[test]
+fn a_record_wider_than_a_contract_is_refused() {
+    let many: Vec<_> = (0..=MAX_FIELDS)
+        .map(|i| format!(r#"{{"name": "f{i}", "type": "int"}}"#))
+        .collect();
+    let schema = parse(&format!(
+        r#"{{"type": "record", "name": "Wide", "fields": [{}]}}"#,
+        many.join(",")
+    ));
+    assert_eq!(
+        contract_of(&schema).unwrap_err(),
+        ContractError::TooManyFields {
+            count: MAX_FIELDS + 1,
+            max: MAX_FIELDS
+        }
+    );
+}
+
+fn spec(fields: &[(&str, FieldType, bool)]) -> SchemaSpec {
+    SchemaSpec {
+        fields: fields
+            .iter()
+            .map(|(name, field_type, optional)| FieldSpec {
+                name: (*name).to_owned(),
+                field_type: *field_type,
+                optional: *optional,
+            })
+            .collect(),
+        open: true,
+    }
+}
+
+#[test]
+fn an_output_contract_becomes_a_record_with_nullable_optionals() {
+    let contract = spec(&[
+        ("id", Str, false),
+        ("customer.id", Integer, false),
+        ("customer.tier", Str, true),
+        ("total", Number, true),
+        ("at", Timestamp, false),
+        ("tags", Array, true),
+        ("paid", Boolean, false),
+    ]);
+    let output = schema_for_output(&contract, "dev.keystone.shop", "Order").expect("schema");
+    let schema = output.schema;
+    let expected = parse(
+        r#"{"type": "record", "name": "Order", "namespace": "dev.keystone.shop", "fields": [
+          {"name": "id", "type": "string"},
+          {"name": "customer", "type": {"type": "record", "name": "Order_customer", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "tier", "type": ["null", "string"], "default": null}
+          ]}},
+          {"name": "total", "type": ["null", "double"], "default": null},
+          {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+          {"name": "tags", "type": ["null", "string"], "default": null, "doc": "tags: JSON text"},
+          {"name": "paid", "type": "boolean"}
+        ]}"#,
+    );
+    assert_eq!(schema.canonical_form(), expected.canonical_form());
+    // Stable: the same contract gives the same schema, so a redeploy registers
+    // nothing new.
+    assert_eq!(
+        schema_for_output(&contract, "dev.keystone.shop", "Order")
+            .expect("schema")
+            .text,
+        output.text
+    );
+    // The registered text keeps what the parsed form drops: docs.
+    let text: serde_json::Value = serde_json::from_str(&output.text).expect("json");
+    assert_eq!(text["fields"][4]["doc"], "tags: JSON text");
+    assert_eq!(
+        Schema::parse_str(&output.text)
+            .expect("text")
+            .canonical_form(),
+        schema.canonical_form()
+    );
+    // Read back, the contract's types come back (JSON text as strings).
+    assert_eq!(
+        fields(&contract_of(&schema).expect("contract")),
+        vec![
+            f("id", Str, false),
+            f("customer", Object, false),
+            f("customer.id", Integer, false),
+            f("customer.tier", Str, true),
+            f("total", Number, true),
+            f("at", Timestamp, false),
+            f("tags", Str, true),
+            f("paid", Boolean, false),
+        ]
+    );
+}
+
+#[test]
+fn an_output_contract_without_fields_has_no_schema() {
+    assert_eq!(
+        schema_for_output(&spec(&[]), "ns", "Empty").unwrap_err(),
+        ContractError::Columns(ColumnsError::NoFields)
+    );
+}

@@ -1,0 +1,247 @@
+use super::*;
+use serde_json::json;
+
+fn parse(json: &str) -> Schema {
+    Schema::parse_str(json).expect("schema")
+}
+
+/// Written with `schema`, encoded, decoded and read back as JSON.
+fn round_trip(event: &Value, schema: &Schema) -> Value {
+    let value = from_json(event, schema).expect("to avro");
+    let datum = apache_avro::to_avro_datum(schema, value).expect("encode");
+    let decoded = apache_avro::from_avro_datum(schema, &mut &datum[..], None).expect("decode");
+    to_json(&decoded, schema).expect("to json")
+}
+
+const EVERY_TYPE: &str = r#"{"type": "record", "name": "All", "fields": [
+  {"name": "i", "type": "int"},
+  {"name": "l", "type": "long"},
+  {"name": "d", "type": "double"},
+  {"name": "f", "type": "float"},
+  {"name": "b", "type": "boolean"},
+  {"name": "s", "type": "string"},
+  {"name": "raw", "type": "bytes"},
+  {"name": "four", "type": {"type": "fixed", "name": "Four", "size": 4}},
+  {"name": "e", "type": {"type": "enum", "name": "Color", "symbols": ["RED", "GREEN"]}},
+  {"name": "u", "type": {"type": "string", "logicalType": "uuid"}},
+  {"name": "money", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+  {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+  {"name": "clock", "type": {"type": "int", "logicalType": "time-millis"}},
+  {"name": "ms", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+  {"name": "us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+  {"name": "local", "type": {"type": "long", "logicalType": "local-timestamp-millis"}},
+  {"name": "tags", "type": {"type": "array", "items": "string"}},
+  {"name": "attrs", "type": {"type": "map", "values": "long"}},
+  {"name": "maybe", "type": ["null", "string"], "default": null},
+  {"name": "nested", "type": {"type": "record", "name": "Inner", "fields": [{"name": "x", "type": "long"}]}},
+  {"name": "again", "type": "Inner"}
+]}"#;
+
+#[test]
+fn every_type_reads_back_as_the_json_it_was_written_from() {
+    let schema = parse(EVERY_TYPE);
+    let event = json!({
+        "i": -7, "l": 9_007_199_254_740_993_i64, "d": 2.5, "f": 0.5, "b": true, "s": "ünï",
+        "raw": "AAEC/w==", "four": "AQIDBA==", "e": "GREEN",
+        "u": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+        "money": "-1234.50", "day": "2024-01-01", "clock": "13:45:07.250",
+        "ms": "2026-12-05T11:30:00.123Z", "us": "2026-12-05T11:30:00.123456Z",
+        "local": "2026-12-05T11:30:00.123",
+        "tags": ["a", "b"], "attrs": {"n": 3}, "maybe": "here",
+        "nested": {"x": 1}, "again": {"x": 2}
+    });
+    assert_eq!(round_trip(&event, &schema), event);
+}
+
+#[test]
+fn logical_types_read_as_the_contracts_json() {
+    let schema = parse(EVERY_TYPE);
+    let value = |name: &str, v: Avro| {
+        let Schema::Record(record) = &schema else {
+            unreachable!()
+        };
+        let field = &record.fields[record.lookup[name]];
+        read(&v, &field.schema, &Names::of(&schema).expect("names"), name).expect("read")
+    };
+    assert_eq!(value("day", Avro::Date(19_723)), json!("2024-01-01"));
+    assert_eq!(
+        value("ms", Avro::TimestampMillis(0)),
+        json!("1970-01-01T00:00:00Z")
+    );
+    assert_eq!(
+        value("us", Avro::TimestampMicros(1_500_001)),
+        json!("1970-01-01T00:00:01.500001Z")
+    );
+    assert_eq!(
+        value("money", Avro::Decimal(Decimal::from(vec![0x04, 0xE2]))),
+        json!("12.50"),
+        "1250 at scale 2"
+    );
+    assert_eq!(
+        value("money", Avro::Decimal(Decimal::from(vec![0xFB]))),
+        json!("-0.05")
+    );
+    assert_eq!(value("clock", Avro::TimeMillis(1)), json!("00:00:00.001"));
+}
+
+#[test]
+fn a_timestamp_may_be_written_from_epoch_milliseconds() {
+    let schema = parse(
+        r#"{"type": "record", "name": "T", "fields": [
+          {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}}
+        ]}"#,
+    );
+    assert_eq!(
+        from_json(&json!({"at": 1_500}), &schema).expect("avro"),
+        Avro::Record(vec![("at".into(), Avro::TimestampMicros(1_500_000))])
+    );
+    assert_eq!(
+        round_trip(&json!({"at": 1_500}), &schema),
+        json!({"at": "1970-01-01T00:00:01.500Z"})
+    );
+}
+
+#[test]
+fn timestamps_far_from_1970_are_written_back() {
+    let schema = parse(
+        r#"{"type": "record", "name": "T", "fields": [
+          {"name": "us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+          {"name": "ms", "type": {"type": "long", "logicalType": "local-timestamp-millis"}}
+        ]}"#,
+    );
+    // Beyond what 64-bit nanoseconds hold (years 1677 to 2262).
+    let event = json!({"us": "2794-01-04T20:26:37.116417Z", "ms": "1500-06-01T00:00:00"});
+    assert_eq!(round_trip(&event, &schema), event);
+}
+
+#[test]
+fn decimals_are_written_exactly_or_refused() {
+    let schema = parse(
+        r#"{"type": "record", "name": "D", "fields": [
+          {"name": "v", "type": {"type": "bytes", "logicalType": "decimal", "precision": 30, "scale": 2}}
+        ]}"#,
+    );
+    let back = |v: Value| round_trip(&json!({ "v": v }), &schema)["v"].clone();
+    assert_eq!(back(json!(3)), json!("3.00"));
+    assert_eq!(back(json!("0.1")), json!("0.10"));
+    assert_eq!(back(json!("-0.05")), json!("-0.05"));
+    assert_eq!(
+        back(json!("1.230")),
+        json!("1.23"),
+        "trailing zeros beyond the scale"
+    );
+    assert_eq!(
+        back(json!("123456789012345678901234567.89")),
+        json!("123456789012345678901234567.89"),
+        "beyond a double's precision"
+    );
+    let refused = |v: Value| {
+        from_json(&json!({ "v": v }), &schema)
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        refused(json!("1.234")),
+        "field v: 1.234 has 3 decimal places, the schema's scale is 2"
+    );
+    assert_eq!(
+        refused(json!("12345678901234567890123456789.1")),
+        "field v: 12345678901234567890123456789.1 has 31 digits, the schema's precision is 30"
+    );
+    assert_eq!(
+        refused(json!("1e3")),
+        "field v: \"1e3\" is not a decimal number"
+    );
+    assert_eq!(
+        refused(json!(".")),
+        "field v: \".\" is not a decimal number"
+    );
+}
+
+#[test]
+fn missing_and_mistyped_fields_are_named_by_path() {
+    let schema = parse(
+        r#"{"type": "record", "name": "O", "fields": [
+          {"name": "customer", "type": {"type": "record", "name": "C", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "tier", "type": ["null", "string"], "default": null},
+            {"name": "level", "type": "int", "default": 1}
+          ]}},
+          {"name": "color", "type": {"type": "enum", "name": "Color", "symbols": ["RED"]}}
+        ]}"#,
+    );
+    let error = |event: Value| from_json(&event, &schema).unwrap_err().to_string();
+    assert_eq!(
+        error(json!({"customer": {}, "color": "RED"})),
+        "field customer.id: missing, and the schema requires it (no default)"
+    );
+    assert_eq!(
+        error(json!({"customer": {"id": "7"}, "color": "RED"})),
+        "field customer.id: expected an integer, found a string"
+    );
+    assert_eq!(
+        error(json!({"customer": {"id": 7}, "color": "BLUE"})),
+        "field color: \"BLUE\" is not one of the enum's symbols [\"RED\"]"
+    );
+    assert_eq!(
+        error(json!({"customer": {"id": 7, "level": 1.5}, "color": "RED"})),
+        "field customer.level: expected a 32-bit integer, found a number"
+    );
+    // Absent optional fields are null; absent fields with a default take it.
+    assert_eq!(
+        round_trip(&json!({"customer": {"id": 7}, "color": "RED"}), &schema),
+        json!({"customer": {"id": 7, "tier": null, "level": 1}, "color": "RED"})
+    );
+}
+
+#[test]
+fn a_string_field_takes_other_json_as_its_text() {
+    let schema = parse(
+        r#"{"type": "record", "name": "J", "fields": [
+          {"name": "tags", "type": ["null", "string"], "default": null},
+          {"name": "any", "type": "string"}
+        ]}"#,
+    );
+    assert_eq!(
+        round_trip(&json!({"tags": ["a", 1], "any": {"k": true}}), &schema),
+        json!({"tags": "[\"a\",1]", "any": "{\"k\":true}"})
+    );
+}
+
+#[test]
+fn a_union_takes_the_first_branch_that_fits() {
+    let schema = parse(
+        r#"{"type": "record", "name": "U", "fields": [
+          {"name": "v", "type": ["null", "long", "double", "boolean"]}
+        ]}"#,
+    );
+    let written = |v: Value| from_json(&json!({ "v": v }), &schema).expect("avro");
+    let branch = |v: Value| match written(v) {
+        Avro::Record(fields) => match &fields[0].1 {
+            Avro::Union(i, _) => *i,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(branch(json!(null)), 0);
+    assert_eq!(branch(json!(3)), 1);
+    assert_eq!(branch(json!(3.5)), 2);
+    assert_eq!(branch(json!(false)), 3);
+    assert_eq!(
+        from_json(&json!({"v": "x"}), &schema)
+            .unwrap_err()
+            .to_string(),
+        "field v: fits no branch of the union: expected an integer, found a string; expected a number, found a string; expected a boolean, found a string"
+    );
+}
+
+#[test]
+fn non_finite_numbers_have_no_json_form() {
+    let schema =
+        parse(r#"{"type": "record", "name": "N", "fields": [{"name": "x", "type": "double"}]}"#);
+    let value = Avro::Record(vec![("x".into(), Avro::Double(f64::NAN))]);
+    assert_eq!(
+        to_json(&value, &schema).unwrap_err().to_string(),
+        "field x: NaN has no JSON form (JSON numbers are finite)"
+    );
+}

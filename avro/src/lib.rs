@@ -1,0 +1,175 @@
+//! Keystone's Avro: records framed in the schema registry's wire format,
+//! read as Keystone's JSON events and written from them, and the processing
+//! contracts that registered schemas give.
+//!
+//! - [`wire`]: the Confluent framing (magic byte, schema id, datum).
+//! - [`json`]: Avro values as JSON events and back, logical types included.
+//! - [`contract`]: a registered schema as an input contract; an output
+//!   contract as the schema a sink registers.
+//! - [`registry`]: a client of a Confluent-compatible schema registry.
+//! - [`decode`] and [`encode`]: one framed record each way, with the writer
+//!   schema resolved against the reader's by Avro's resolution rules.
+
+mod compat;
+pub mod contract;
+pub mod json;
+pub mod registry;
+pub mod wire;
+
+use std::io::{self, Read};
+
+use apache_avro::Schema;
+use apache_avro::types::Value as AvroValue;
+
+pub use apache_avro::Schema as AvroSchema;
+pub use compat::can_read;
+
+/// Why a record could not be read or written. Each is the record's fault, not
+/// the registry's: the reader dead-letters it with this reason.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error("the record does not decode with its writer schema (id {id}): {reason}")]
+    Undecodable { id: u32, reason: String },
+    #[error("the record's writer schema (id {id}) cannot be read as the reader schema: {reason}")]
+    Unresolvable { id: u32, reason: String },
+    #[error("{extra} bytes follow the record written with schema id {id}")]
+    TrailingBytes { id: u32, extra: usize },
+    #[error("{0}")]
+    Value(#[from] json::ValueError),
+    #[error("the value does not fit the sink's schema: {0}")]
+    Encode(String),
+}
+
+/// The longest string, bytes or sequence count a record may declare. The
+/// codec allocates what a length prefix declares before it reads the data, so
+/// a poison record could otherwise ask for gigabytes; a Kafka record is far
+/// smaller than this.
+pub const MAX_DECLARED_LENGTH: usize = 32 << 20;
+
+/// Caps what the codec allocates for one declared length. The codec's limit is
+/// process-wide and set by its first use: a process calls this before it
+/// reads anything Avro (an Iceberg manifest included); [`decode`] calls it too.
+/// Returns the limit in force.
+pub fn limit_allocations() -> usize {
+    apache_avro::util::max_allocation_bytes(MAX_DECLARED_LENGTH)
+}
+
+/// A datum read to its end and no further. The codec reads a string or a
+/// union cut short by the end of its input as null (it reads streams that may
+/// end there); past the end of a datum this reader fails instead, so a
+/// truncated record is an error and not a record with nulls.
+struct Datum<'a>(&'a [u8]);
+
+impl Read for Datum<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.0.is_empty() && !buf.is_empty() {
+            return Err(io::Error::other(
+                "the datum ends inside a field (truncated)",
+            ));
+        }
+        self.0.read(buf)
+    }
+}
+
+/// The JSON event of a datum written with `writer` (schema id `id`), read as
+/// `reader`. The caller checks [`can_read`] once per writer schema; a datum
+/// that still fails to resolve is reported as unresolvable.
+pub fn decode(
+    id: u32,
+    datum: &[u8],
+    writer: &Schema,
+    reader: &Schema,
+) -> Result<serde_json::Value, RecordError> {
+    limit_allocations();
+    let mut rest = Datum(datum);
+    let value = apache_avro::from_avro_datum(writer, &mut rest, None).map_err(|e| {
+        RecordError::Undecodable {
+            id,
+            reason: error_chain(&e),
+        }
+    })?;
+    if !rest.0.is_empty() {
+        return Err(RecordError::TrailingBytes {
+            id,
+            extra: rest.0.len(),
+        });
+    }
+    let resolved =
+        widen_decimals(value)
+            .resolve(reader)
+            .map_err(|e| RecordError::Unresolvable {
+                id,
+                reason: e.to_string(),
+            })?;
+    Ok(json::to_json(&resolved, reader)?)
+}
+
+/// The bytes every decimal is widened to before resolution: enough for 76
+/// digits.
+const DECIMAL_WIDTH: usize = 32;
+
+/// Decimals sign-extended to [`DECIMAL_WIDTH`] bytes. Writers store a bytes
+/// decimal in as few bytes as its value needs (`12.34` in two), and the
+/// codec's resolution refuses one whose byte length could not hold the
+/// schema's whole precision; the value is the same at any width.
+fn widen_decimals(value: AvroValue) -> AvroValue {
+    match value {
+        AvroValue::Decimal(decimal) => {
+            let unscaled = num_bigint::BigInt::from(decimal);
+            let bytes = unscaled.to_signed_bytes_be();
+            let fill = if unscaled.sign() == num_bigint::Sign::Minus {
+                0xFF
+            } else {
+                0
+            };
+            let mut wide = vec![fill; DECIMAL_WIDTH.saturating_sub(bytes.len())];
+            wide.extend_from_slice(&bytes);
+            AvroValue::Decimal(apache_avro::Decimal::from(wide))
+        }
+        AvroValue::Union(index, inner) => AvroValue::Union(index, Box::new(widen_decimals(*inner))),
+        AvroValue::Array(items) => {
+            AvroValue::Array(items.into_iter().map(widen_decimals).collect())
+        }
+        AvroValue::Map(entries) => AvroValue::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k, widen_decimals(v)))
+                .collect(),
+        ),
+        AvroValue::Record(fields) => AvroValue::Record(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, widen_decimals(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// An error with its sources: the codec's own message often leaves the cause
+/// (a truncation) to its source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A JSON event as a framed record of `schema`, registered as `id`.
+pub fn encode(event: &serde_json::Value, schema: &Schema, id: u32) -> Result<Vec<u8>, RecordError> {
+    let value = json::from_json(event, schema)?;
+    let datum = apache_avro::to_avro_datum(schema, value)
+        .map_err(|e| RecordError::Encode(e.to_string()))?;
+    Ok(wire::frame(id, &datum))
+}
+
+#[cfg(test)]
+mod tests;
