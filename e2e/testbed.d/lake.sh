@@ -8,8 +8,9 @@
 #            with a file:// warehouse under $STATE/iceberg, for the Iceberg sink;
 #   iceberg-s3  a second one whose warehouse is s3://keystone/warehouse on the
 #            store above (S3FileIO), as catalogs in production have it;
-#   a Python virtualenv with pyiceberg and pyarrow, for the independent
-#            readers in e2e/readers/ that the e2e tests call.
+#   a Python virtualenv with pyiceberg, pyarrow and confluent-kafka[avro],
+#            for the independent readers in e2e/readers/ that the e2e tests
+#            call (the registry component uses it too).
 #
 # `up --only lake` starts these; `up` starts them with the rest.
 
@@ -80,7 +81,7 @@ ensure_lake_python() {
   {
     "$LAKE_PYTHON_BIN" -m venv "$venv" \
       && "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$LAKE_REQUIREMENTS" \
-      && "$venv/bin/python" -c 'import pyiceberg.catalog.rest, pyarrow.dataset, pyarrow.fs'
+      && "$venv/bin/python" -c 'import pyiceberg.catalog.rest, pyarrow.dataset, pyarrow.fs, confluent_kafka.schema_registry.avro'
   } >"$flog" 2>&1 || die "making the readers' virtualenv failed; see $flog"
   touch "$venv/.complete"
   log "readers' virtualenv made in $((SECONDS - t)) s"
