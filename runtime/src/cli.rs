@@ -242,7 +242,8 @@ pub struct RunArgs {
     /// Files holding the Pipeline and the Processors it references.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Input events, one JSON object per line; `-` for stdin.
+    /// Input events, one JSON object per line; `-` for stdin. A file named
+    /// `*.avro` is read as an Avro container file, each record an event.
     #[arg(long, short, required_unless_present = "listen")]
     pub input: Option<PathBuf>,
     /// Instead of `--input`: serve the pipeline's HTTP ingest endpoint on this
@@ -251,7 +252,9 @@ pub struct RunArgs {
     /// source schema and key and answered once its events were processed.
     #[arg(long, value_name = "ADDR", conflicts_with = "input")]
     pub listen: Option<std::net::SocketAddr>,
-    /// Where events reaching the sinks go, as JSON lines; `-` for stdout.
+    /// Where events reaching the sinks go, as JSON lines; `-` for stdout. A
+    /// file named `*.avro` is written as an Avro container file whose schema
+    /// is derived from the output contract.
     #[arg(long, short, default_value = "-")]
     pub output: PathBuf,
     /// Where dead letters go, as JSON lines with reason, step and original; stderr when unset.
@@ -512,7 +515,13 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
             RuntimeError::Usage(format!("cannot open input {}: {e}", input_path.display()))
         })?;
         let length = file.metadata().ok().map(|m| m.len());
-        (Box::new(BufReader::with_capacity(1 << 20, file)), length)
+        if local::avro::is_avro(&input_path) {
+            // Progress counts the JSON read, not the file's bytes: no total.
+            let records = local::avro::AvroLines::new(BufReader::new(file), &input_path)?;
+            (Box::new(BufReader::with_capacity(1 << 20, records)), None)
+        } else {
+            (Box::new(BufReader::with_capacity(1 << 20, file)), length)
+        }
     };
     let create = |path: &PathBuf| {
         File::create(path)
@@ -520,6 +529,12 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     };
     let mut output: Box<dyn Write> = if is_stdio(&args.output) {
         Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
+    } else if local::avro::is_avro(&args.output) {
+        let (schema, _) = local::avro::output_schema(&plan)?;
+        Box::new(local::avro::AvroRecords::new(
+            BufWriter::with_capacity(1 << 20, create(&args.output)?),
+            schema,
+        ))
     } else {
         Box::new(BufWriter::with_capacity(1 << 20, create(&args.output)?))
     };

@@ -12,6 +12,9 @@ fn main() {
     // Before any client: two rustls providers are linked in (ring, and
     // aws-lc-rs through the Iceberg storage crates), and rustls picks none.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before anything reads Avro (an Iceberg manifest included): the codec's
+    // cap on what one declared length may allocate is set by its first use.
+    keystone_avro::limit_allocations();
     let cli = Cli::parse();
     let code = match execute(cli) {
         Ok(code) => code,

@@ -25,6 +25,7 @@ use crate::event::{DeadLetter, Event};
 use crate::ops::Table;
 use crate::task::{SourceCheck, StageTask, StepMetrics, TaskOptions};
 
+pub mod avro;
 pub mod listen;
 pub mod sinks;
 mod writer;
