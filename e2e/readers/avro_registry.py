@@ -29,6 +29,13 @@ for string or one of an enum's symbols, an object for a record whose fields
 it names or a map, an array), else the first one it converts to; timestamps,
 dates and times may also be given as their Avro numbers.
 
+    avro_registry.py write-container --schema-file F FILE
+        reads JSON values on stdin (as serialize does) and writes them to the
+        Avro container file FILE with fastavro (deflate blocks).
+    avro_registry.py read-container FILE
+        prints the records of the Avro container file FILE as JSON lines (as
+        deserialize does).
+
 Exits 1 with "avro_registry: error: ..." on stderr on any failure (a bad
 line names its number), 2 on bad arguments.
 """
@@ -208,6 +215,11 @@ dumps = lakejson.dumps
 def parse_args():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
+    w = sub.add_parser("write-container")
+    w.add_argument("--schema-file", required=True, help="the file's Avro schema (JSON)")
+    w.add_argument("file", help="the Avro container file to write")
+    r = sub.add_parser("read-container")
+    r.add_argument("file", help="the Avro container file to read")
     for mode in ("serialize", "deserialize"):
         s = sub.add_parser(mode)
         s.add_argument("--registry", default=os.environ.get("KEYSTONE_TESTBED_REGISTRY_URL"),
@@ -217,6 +229,8 @@ def parse_args():
         if mode == "serialize":
             s.add_argument("--schema-file", required=True, help="the writer's Avro schema (JSON)")
     args = p.parse_args()
+    if args.mode in ("write-container", "read-container"):
+        return args
     if not args.registry:
         p.error("--registry is required (or set KEYSTONE_TESTBED_REGISTRY_URL)")
     return args
@@ -232,6 +246,9 @@ def main():
     except ImportError as e:
         fail(f"{e}: run this with the testbed's $KEYSTONE_TESTBED_LAKE_PYTHON")
 
+    if args.mode in ("write-container", "read-container"):
+        containers(args, fastavro)
+        return
     client = SchemaRegistryClient({"url": args.registry})
     ctx = SerializationContext(args.topic, MessageField.KEY if args.key else MessageField.VALUE)
     out = sys.stdout
@@ -258,6 +275,33 @@ def main():
                 out.write(dumps(value))
                 out.write("\n")
         out.flush()
+    except Exception as e:  # noqa: BLE001 - any failure is reported the same way
+        where = f"line {n}: " if n else ""
+        fail(f"{where}{type(e).__name__}: {e}")
+
+
+def containers(args, fastavro):
+    """Avro container files with fastavro: JSON lines on stdin into a file
+    (deflate blocks), or a file's records out as JSON lines."""
+    n = 0
+    try:
+        if args.mode == "write-container":
+            with open(args.schema_file, encoding="utf-8") as f:
+                named = {}
+                parsed = fastavro.parse_schema(json.load(f), named_schemas=named)
+            converter = _Converter(named)
+            records = []
+            for n, line in enumerate(sys.stdin, 1):
+                if line.strip():
+                    records.append(converter.convert(parsed, json.loads(line)))
+            with open(args.file, "wb") as out:
+                fastavro.writer(out, parsed, records, codec="deflate")
+        else:
+            with open(args.file, "rb") as f:
+                for n, record in enumerate(fastavro.reader(f), 1):
+                    sys.stdout.write(dumps(record))
+                    sys.stdout.write("\n")
+            sys.stdout.flush()
     except Exception as e:  # noqa: BLE001 - any failure is reported the same way
         where = f"line {n}: " if n else ""
         fail(f"{where}{type(e).__name__}: {e}")

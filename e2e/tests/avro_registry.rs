@@ -8,8 +8,10 @@
 //!   compatible version;
 //! - records Keystone writes with a schema derived from an output contract
 //!   are read back by the Python deserializer;
-//! - registration, versions, the compatibility check under BACKWARD (with the
-//!   registry's reasons), and the errors of unknown ids and subjects.
+//! - registration, versions, the compatibility check under BACKWARD (Apicurio
+//!   answers it without reasons), and the errors of unknown ids and subjects;
+//! - local mode on Avro container files fastavro wrote, its output read back
+//!   by fastavro.
 //!
 //! Needs a running testbed with the registry (`e2e/testbed up`).
 
@@ -21,7 +23,7 @@ use std::process::{Command, Stdio};
 use keystone_avro::registry::{Registry, RegistryConfig, RegistryError};
 use keystone_avro::{AvroSchema, can_read, contract, decode, encode, wire};
 use keystone_crds::schema::{FieldSpec, FieldType, SchemaSpec};
-use runtime_support::unique;
+use runtime_support::{runtime_binary, unique};
 use serde_json::{Value, json};
 
 fn var(name: &str) -> String {
@@ -40,14 +42,17 @@ fn registry() -> Registry {
     .expect("registry client")
 }
 
-/// Runs `e2e/readers/avro_registry.py` with `args`, `input` lines on stdin;
-/// its stdout lines.
+/// Runs `e2e/readers/avro_registry.py` with `args` (and the testbed's
+/// registry, for the modes that use one), `input` lines on stdin; its stdout
+/// lines.
 fn python(args: &[&str], input: &[String]) -> Vec<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/readers/avro_registry.py");
-    let mut child = Command::new(var("KEYSTONE_TESTBED_LAKE_PYTHON"))
-        .arg(script)
-        .args(args)
-        .args(["--registry", &var("KEYSTONE_TESTBED_REGISTRY_URL")])
+    let mut command = Command::new(var("KEYSTONE_TESTBED_LAKE_PYTHON"));
+    command.arg(script).args(args);
+    if !args[0].ends_with("-container") {
+        command.args(["--registry", &var("KEYSTONE_TESTBED_REGISTRY_URL")]);
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -343,4 +348,94 @@ async fn the_registry_registers_versions_and_judges_compatibility() {
         matches!(missing, RegistryError::NotFound { .. }),
         "{missing}"
     );
+}
+
+/// The orders of [`ORDER_V1`], the paid ones' amount and buyer's tier.
+const PAID_ORDERS: &str = r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: paid-orders
+  namespace: shop
+spec:
+  source:
+    topic: orders
+    key: [id]
+    schema:
+      open: false
+      fields:
+        - {name: id, type: integer}
+        - {name: status, type: string}
+        - {name: amount, type: string}
+        - {name: placed_at, type: timestamp}
+        - {name: ship_on, type: string, optional: true}
+        - {name: token, type: string}
+        - {name: customer.id, type: integer}
+        - {name: customer.tier, type: string, optional: true}
+        - {name: lines, type: array}
+        - {name: labels, type: object}
+        - {name: gift, type: boolean}
+  steps:
+    - name: not-gifts
+      filter: {expression: "!gift"}
+    - name: shape
+      project:
+        fields:
+          - {name: id, from: /id}
+          - {name: amount, from: /amount}
+          - {name: placed_at, from: /placed_at}
+          - {name: tier, from: /customer/tier, optional: true}
+  sinks:
+    - name: out
+      kafka: {topic: orders.paid}
+"#;
+
+#[test]
+fn local_mode_reads_and_writes_the_avro_files_fastavro_writes_and_reads() {
+    let dir = std::env::temp_dir().join(unique("keystone-e2e-avro-local"));
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let manifest = dir.join("paid-orders.yaml");
+    std::fs::write(&manifest, PAID_ORDERS).expect("manifest");
+    let schema = SchemaFile::new(ORDER_V1);
+    let input = dir.join("orders.avro");
+    let input_path = input.to_str().expect("utf-8");
+    let orders: Vec<String> = orders().iter().map(Value::to_string).collect();
+    python(
+        &[
+            "write-container",
+            "--schema-file",
+            schema.path(),
+            input_path,
+        ],
+        &orders,
+    );
+    let output = dir.join("paid.avro");
+    let run = Command::new(runtime_binary())
+        .arg("run")
+        .arg(&manifest)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--quiet")
+        .output()
+        .expect("keystone-runtime");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Every event fits the source contract: no dead letters.
+    assert_eq!(String::from_utf8_lossy(&run.stderr), "");
+    let read: Vec<Value> = python(&["read-container", output.to_str().expect("utf-8")], &[])
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            json!({"id": 1, "amount": "12.50", "placed_at": "2026-12-01T10:00:00.123000+00:00", "tier": "gold"}),
+            json!({"id": 2, "amount": "22.50", "placed_at": "2026-12-02T10:00:00.123000+00:00", "tier": null}),
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
