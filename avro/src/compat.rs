@@ -43,6 +43,31 @@ pub fn can_read(writer: &Schema, reader: &Schema) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Why `candidate` breaks the compatibility rule `level` (the registry's
+/// names: BACKWARD, FORWARD, FULL and their `_TRANSITIVE` forms, NONE) against
+/// `latest`, version `version` of the subject: Keystone's own reading, for
+/// registries that answer the check without reasons. Transitive rules are
+/// explained against the latest version only. Empty when it does not break it.
+pub fn explain(level: &str, latest: &Schema, version: u32, candidate: &Schema) -> Vec<String> {
+    let level = level.trim_end_matches("_TRANSITIVE");
+    let mut reasons = Vec::new();
+    if matches!(level, "BACKWARD" | "FULL")
+        && let Err(reason) = can_read(latest, candidate)
+    {
+        reasons.push(format!(
+            "consumers using the new schema cannot read records written with version {version}: {reason}"
+        ));
+    }
+    if matches!(level, "FORWARD" | "FULL")
+        && let Err(reason) = can_read(candidate, latest)
+    {
+        reasons.push(format!(
+            "consumers still using version {version} cannot read records written with the new schema: {reason}"
+        ));
+    }
+    reasons
+}
+
 /// Every decimal of `schema` by its path (fields by name, `[]` for array
 /// items, `{}` for map values): (precision, scale).
 fn decimals(schema: &Schema) -> BTreeMap<String, (usize, usize)> {
@@ -163,6 +188,40 @@ mod tests {
         assert_eq!(
             can_read(&schema, &with_amount(&BYTES_10_2.replace("10", "8"))),
             Err("field amount: the writer's decimal(10, 2) cannot be read as the reader's decimal(8, 2)".into())
+        );
+    }
+
+    #[test]
+    fn a_broken_rule_is_explained_by_field() {
+        let v1 = Schema::parse_str(
+            r#"{"type": "record", "name": "U", "fields": [{"name": "id", "type": "long"}]}"#,
+        )
+        .expect("v1");
+        let required = Schema::parse_str(
+            r#"{"type": "record", "name": "U", "fields": [
+              {"name": "id", "type": "long"}, {"name": "email", "type": "string"}]}"#,
+        )
+        .expect("v2");
+        let backward = explain("BACKWARD", &v1, 3, &required);
+        assert_eq!(backward.len(), 1, "{backward:?}");
+        assert!(
+            backward[0].starts_with(
+                "consumers using the new schema cannot read records written with version 3: "
+            ) && backward[0].contains("email"),
+            "{backward:?}"
+        );
+        // Old consumers ignore the new field: FORWARD holds.
+        assert_eq!(
+            explain("FORWARD_TRANSITIVE", &v1, 3, &required),
+            Vec::<String>::new()
+        );
+        assert_eq!(explain("FULL", &v1, 3, &required).len(), 1);
+        assert_eq!(explain("NONE", &v1, 3, &required), Vec::<String>::new());
+        // Removing a field without a default breaks FORWARD.
+        let forward = explain("FORWARD", &required, 4, &v1);
+        assert!(
+            forward.len() == 1 && forward[0].contains("email"),
+            "{forward:?}"
         );
     }
 

@@ -22,7 +22,7 @@ use apache_avro::Schema;
 use apache_avro::types::Value as AvroValue;
 
 pub use apache_avro::Schema as AvroSchema;
-pub use compat::can_read;
+pub use compat::{can_read, explain};
 
 /// Why a record could not be read or written. Each is the record's fault, not
 /// the registry's: the reader dead-letters it with this reason.

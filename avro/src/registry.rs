@@ -335,9 +335,35 @@ impl Registry {
         Ok(id)
     }
 
+    /// The compatibility rule of `subject` (its own, else the registry's):
+    /// `BACKWARD`, `FORWARD`, `FULL`, their `_TRANSITIVE` forms, or `NONE`.
+    pub async fn compatibility_level(&self, subject: &str) -> Result<String, RegistryError> {
+        let mut url = self.url(&["config", subject]);
+        url.query_pairs_mut().append_pair("defaultToGlobal", "true");
+        let what = format!("the compatibility rule of subject {subject}");
+        let body = match self.call(Method::GET, url, None, &what).await {
+            // A subject with no version has no rule of its own.
+            Err(RegistryError::NotFound { .. }) => {
+                self.call(Method::GET, self.url(&["config"]), None, &what)
+                    .await?
+            }
+            other => other?,
+        };
+        body["compatibilityLevel"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| RegistryError::Refused {
+                what,
+                status: 200,
+                message: format!("the answer has no compatibilityLevel: {body}"),
+            })
+    }
+
     /// Whether the schema of JSON text `schema` may be registered next under
     /// `subject`, by the subject's compatibility rule. A subject with no
-    /// version yet takes any schema.
+    /// version yet takes any schema. When the registry refuses without saying
+    /// why (Apicurio does), the reasons are Keystone's own reading of the rule
+    /// against the latest version (see [`crate::explain`]).
     pub async fn compatibility(
         &self,
         subject: &str,
@@ -359,16 +385,33 @@ impl Registry {
             }
             Err(e) => return Err(e),
         };
+        let compatible = body["is_compatible"].as_bool().unwrap_or(false);
+        let mut messages: Vec<String> = body["messages"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !compatible && messages.is_empty() {
+            let candidate = Schema::parse_str(schema).map_err(|e| RegistryError::NotAvro {
+                what: format!("the schema for subject {subject}"),
+                reason: e.to_string(),
+            })?;
+            let latest = self.latest(subject).await?;
+            let level = self.compatibility_level(subject).await?;
+            messages = crate::explain(&level, &latest.schema, latest.version, &candidate);
+            if messages.is_empty() {
+                messages.push(format!(
+                    "the registry finds it incompatible under {level} with version {} (it gave no reason)",
+                    latest.version
+                ));
+            }
+        }
         Ok(Compatibility {
-            compatible: body["is_compatible"].as_bool().unwrap_or(false),
-            messages: body["messages"]
-                .as_array()
-                .map(|m| {
-                    m.iter()
-                        .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            compatible,
+            messages,
         })
     }
 }

@@ -9,7 +9,8 @@
 //! - records Keystone writes with a schema derived from an output contract
 //!   are read back by the Python deserializer;
 //! - registration, versions, the compatibility check under BACKWARD (Apicurio
-//!   answers it without reasons), and the errors of unknown ids and subjects;
+//!   answers it without reasons; Keystone's own reading names the field), and
+//!   the errors of unknown ids and subjects;
 //! - local mode on Avro container files fastavro wrote, its output read back
 //!   by fastavro.
 //!
@@ -313,6 +314,19 @@ async fn the_registry_registers_versions_and_judges_compatibility() {
         .await
         .expect("check");
     assert!(!verdict.compatible, "{verdict:?}");
+    // Apicurio gives no reason: Keystone's own reading names the field.
+    assert!(
+        verdict.messages.len() == 1
+            && verdict.messages[0].starts_with(
+                "consumers using the new schema cannot read records written with version 1: "
+            )
+            && verdict.messages[0].contains("email"),
+        "{verdict:?}"
+    );
+    assert_eq!(
+        registry.compatibility_level(&subject).await.expect("level"),
+        "BACKWARD"
+    );
     let refused = registry.register(&subject, breaking).await.unwrap_err();
     assert!(
         matches!(&refused, RegistryError::Refused { status: 409, .. }),
