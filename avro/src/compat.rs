@@ -70,7 +70,7 @@ pub fn explain(level: &str, latest: &Schema, version: u32, candidate: &Schema) -
 
 /// Every decimal of `schema` by its path (fields by name, `[]` for array
 /// items, `{}` for map values): (precision, scale).
-fn decimals(schema: &Schema) -> BTreeMap<String, (usize, usize)> {
+pub(crate) fn decimals(schema: &Schema) -> BTreeMap<String, (usize, usize)> {
     let mut found = BTreeMap::new();
     collect(schema, schema, "", &mut found, &mut Vec::new());
     found

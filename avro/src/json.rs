@@ -41,10 +41,10 @@ impl fmt::Display for ValueError {
 impl std::error::Error for ValueError {}
 
 /// Named types of a schema by full name, for its references.
-struct Names<'s>(HashMap<String, &'s Schema>);
+struct Names(HashMap<String, Schema>);
 
-impl<'s> Names<'s> {
-    fn of(schema: &'s Schema) -> Result<Self, ValueError> {
+impl Names {
+    fn of(schema: &Schema) -> Result<Self, ValueError> {
         let resolved = ResolvedSchema::try_from(schema).map_err(|e| ValueError {
             path: String::new(),
             reason: format!("the schema's named types do not resolve: {e}"),
@@ -53,13 +53,13 @@ impl<'s> Names<'s> {
             resolved
                 .get_names()
                 .iter()
-                .map(|(name, schema)| (name.fullname(None), *schema))
+                .map(|(name, schema)| (name.fullname(None), (*schema).clone()))
                 .collect(),
         ))
     }
 
-    fn get(&self, name: &Name, path: &str) -> Result<&'s Schema, ValueError> {
-        self.0.get(&name.fullname(None)).copied().ok_or_else(|| {
+    fn get(&self, name: &Name, path: &str) -> Result<&Schema, ValueError> {
+        self.0.get(&name.fullname(None)).ok_or_else(|| {
             err(
                 path,
                 format!(
@@ -68,6 +68,45 @@ impl<'s> Names<'s> {
                 ),
             )
         })
+    }
+}
+
+/// A schema ready to convert values with: its named types are indexed once
+/// here, not for every record.
+pub struct Shape {
+    schema: Schema,
+    names: Names,
+    has_decimals: bool,
+}
+
+impl Shape {
+    pub fn new(schema: Schema) -> Result<Self, ValueError> {
+        let names = Names::of(&schema)?;
+        let has_decimals = !crate::compat::decimals(&schema).is_empty();
+        Ok(Self {
+            schema,
+            names,
+            has_decimals,
+        })
+    }
+
+    /// Whether the schema has decimals anywhere (resolution treats them).
+    pub(crate) fn has_decimals(&self) -> bool {
+        self.has_decimals
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The JSON event of an Avro value read with (or resolved to) this schema.
+    pub fn to_json(&self, value: &Avro) -> Result<Value, ValueError> {
+        read(value, &self.schema, &self.names, "")
+    }
+
+    /// The Avro value of a JSON event, to be written with this schema.
+    pub fn from_json(&self, event: &Value) -> Result<Avro, ValueError> {
+        write(event, &self.schema, &self.names, "")
     }
 }
 
@@ -84,12 +123,6 @@ fn join(path: &str, name: &str) -> String {
     } else {
         format!("{path}.{name}")
     }
-}
-
-/// The JSON event of an Avro value read with (or resolved to) `schema`.
-pub fn to_json(value: &Avro, schema: &Schema) -> Result<Value, ValueError> {
-    let names = Names::of(schema)?;
-    read(value, schema, &names, "")
 }
 
 fn read(value: &Avro, schema: &Schema, names: &Names, path: &str) -> Result<Value, ValueError> {
@@ -222,12 +255,6 @@ fn utc(at: Option<DateTime<chrono::Utc>>, raw: i64, path: &str) -> Result<Value,
 fn local(at: Option<DateTime<chrono::Utc>>, raw: i64, path: &str) -> Result<Value, ValueError> {
     at.map(|t| Value::String(t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string()))
         .ok_or_else(|| err(path, format!("timestamp {raw} is out of range")))
-}
-
-/// The Avro value of a JSON event, to be written with `schema`.
-pub fn from_json(event: &Value, schema: &Schema) -> Result<Avro, ValueError> {
-    let names = Names::of(schema)?;
-    write(event, schema, &names, "")
 }
 
 fn write(value: &Value, schema: &Schema, names: &Names, path: &str) -> Result<Avro, ValueError> {

@@ -23,6 +23,7 @@ use apache_avro::types::Value as AvroValue;
 
 pub use apache_avro::Schema as AvroSchema;
 pub use compat::{can_read, explain};
+pub use json::Shape;
 
 /// Why a record could not be read or written. Each is the record's fault, not
 /// the registry's: the reader dead-letters it with this reason.
@@ -80,7 +81,7 @@ pub fn decode(
     id: u32,
     datum: &[u8],
     writer: &Schema,
-    reader: &Schema,
+    reader: &Shape,
 ) -> Result<serde_json::Value, RecordError> {
     limit_allocations();
     let mut rest = Datum(datum);
@@ -96,14 +97,19 @@ pub fn decode(
             extra: rest.0.len(),
         });
     }
-    let resolved =
+    // Only a reader with decimals meets the codec's decimal width check.
+    let value = if reader.has_decimals() {
         widen_decimals(value)
-            .resolve(reader)
-            .map_err(|e| RecordError::Unresolvable {
-                id,
-                reason: e.to_string(),
-            })?;
-    Ok(json::to_json(&resolved, reader)?)
+    } else {
+        value
+    };
+    let resolved = value
+        .resolve(reader.schema())
+        .map_err(|e| RecordError::Unresolvable {
+            id,
+            reason: e.to_string(),
+        })?;
+    Ok(reader.to_json(&resolved)?)
 }
 
 /// The bytes every decimal is widened to before resolution: enough for 76
@@ -163,10 +169,10 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// A JSON event as a framed record of `schema`, registered as `id`.
-pub fn encode(event: &serde_json::Value, schema: &Schema, id: u32) -> Result<Vec<u8>, RecordError> {
-    let value = json::from_json(event, schema)?;
-    let datum = apache_avro::to_avro_datum(schema, value)
+/// A JSON event as a framed record of `shape`'s schema, registered as `id`.
+pub fn encode(event: &serde_json::Value, shape: &Shape, id: u32) -> Result<Vec<u8>, RecordError> {
+    let value = shape.from_json(event)?;
+    let datum = apache_avro::to_avro_datum(shape.schema(), value)
         .map_err(|e| RecordError::Encode(e.to_string()))?;
     Ok(wire::frame(id, &datum))
 }

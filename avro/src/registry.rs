@@ -17,6 +17,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
+use crate::error_chain;
+
 /// How the client proves who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Auth {
@@ -468,10 +470,6 @@ fn avro_of(body: &Value, what: &str) -> Result<Schema, RegistryError> {
         .as_str()
         .ok_or_else(|| not_avro(format!("the answer has no schema: {body}")))?;
     Schema::parse_str(text).map_err(|e| not_avro(e.to_string()))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    crate::error_chain(error)
 }
 
 #[cfg(test)]

@@ -5,6 +5,26 @@ fn parse(json: &str) -> Schema {
     Schema::parse_str(json).expect("schema")
 }
 
+/// [`super::decode`] with the reader prepared for this one record.
+fn decode(
+    id: u32,
+    datum: &[u8],
+    writer: &Schema,
+    reader: &Schema,
+) -> Result<serde_json::Value, RecordError> {
+    super::decode(
+        id,
+        datum,
+        writer,
+        &Shape::new(reader.clone()).expect("shape"),
+    )
+}
+
+/// [`super::encode`] with the schema prepared for this one record.
+fn encode(event: &serde_json::Value, schema: &Schema, id: u32) -> Result<Vec<u8>, RecordError> {
+    super::encode(event, &Shape::new(schema.clone()).expect("shape"), id)
+}
+
 const V1: &str = r#"{"type": "record", "name": "User", "namespace": "app", "fields": [
   {"name": "id", "type": "int"},
   {"name": "name", "type": "string"}

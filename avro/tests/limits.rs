@@ -1,7 +1,7 @@
 //! The codec's allocation limit is process-wide and set by its first use, so
 //! this test has a process of its own.
 
-use keystone_avro::{MAX_DECLARED_LENGTH, RecordError, decode, limit_allocations};
+use keystone_avro::{MAX_DECLARED_LENGTH, RecordError, Shape, decode, limit_allocations};
 
 #[test]
 fn keystones_limit_is_in_force_when_set_first() {
@@ -20,7 +20,8 @@ fn keystones_limit_is_in_force_when_set_first() {
         n >>= 7;
     }
     count.push(n as u8);
-    let error = decode(1, &count, &list, &list).unwrap_err();
+    let reader = Shape::new(list.clone()).expect("shape");
+    let error = decode(1, &count, &list, &reader).unwrap_err();
     assert!(
         matches!(&error, RecordError::Undecodable { reason, .. } if reason.contains(&MAX_DECLARED_LENGTH.to_string())),
         "{error}"

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use keystone_avro::registry::{Registry, RegistryConfig, RegistryError};
-use keystone_avro::{AvroSchema, can_read, contract, decode, encode, wire};
+use keystone_avro::{AvroSchema, Shape, can_read, contract, decode, encode, wire};
 use keystone_crds::schema::{FieldSpec, FieldType, SchemaSpec};
 use runtime_support::{runtime_binary, unique};
 use serde_json::{Value, json};
@@ -172,6 +172,7 @@ async fn records_the_python_serializer_writes_are_read_field_by_field() {
     // The reader schema: the subject's latest version, as a source reads it.
     let reader = registry.latest(&subject).await.expect("latest");
     assert_eq!(reader.version, 1);
+    let reader_shape = Shape::new((*reader.schema).clone()).expect("reader");
     let mut read = Vec::new();
     for record in &framed {
         let bytes = unhex(record);
@@ -182,7 +183,7 @@ async fn records_the_python_serializer_writes_are_read_field_by_field() {
         );
         let writer = registry.schema_by_id(id).await.expect("writer schema");
         can_read(&writer, &reader.schema).expect("readable");
-        read.push(decode(id, datum, &writer, &reader.schema).expect("decode"));
+        read.push(decode(id, datum, &writer, &reader_shape).expect("decode"));
     }
     assert_eq!(read, orders());
 
@@ -198,12 +199,13 @@ async fn records_the_python_serializer_writes_are_read_field_by_field() {
     );
     let latest = registry.latest(&subject).await.expect("latest");
     assert_eq!(latest.version, 2);
+    let latest_shape = Shape::new((*latest.schema).clone()).expect("reader");
     let bytes = unhex(&framed_v2[0]);
     let (id_v2, datum) = wire::split(&bytes).expect("framed");
     assert_eq!(id_v2, latest.id);
     let writer_v2 = registry.schema_by_id(id_v2).await.expect("writer");
     assert_eq!(
-        decode(id_v2, datum, &writer_v2, &latest.schema).expect("decode"),
+        decode(id_v2, datum, &writer_v2, &latest_shape).expect("decode"),
         newer
     );
     let old = unhex(&framed[0]);
@@ -212,7 +214,7 @@ async fn records_the_python_serializer_writes_are_read_field_by_field() {
     let mut expected = orders()[0].clone();
     expected["note"] = Value::Null;
     assert_eq!(
-        decode(id_v1, datum, &writer_v1, &latest.schema).expect("decode"),
+        decode(id_v1, datum, &writer_v1, &latest_shape).expect("decode"),
         expected,
         "an old record read with the new reader has the new field's default"
     );
@@ -220,7 +222,7 @@ async fn records_the_python_serializer_writes_are_read_field_by_field() {
     let mut without_note = newer.clone();
     without_note.as_object_mut().expect("object").remove("note");
     assert_eq!(
-        decode(id_v2, &bytes[5..], &writer_v2, &reader.schema).expect("decode"),
+        decode(id_v2, &bytes[5..], &writer_v2, &reader_shape).expect("decode"),
         without_note
     );
 }
@@ -261,9 +263,10 @@ async fn records_keystone_writes_are_read_by_the_python_deserializer() {
         // Optional fields absent; a timestamp as epoch milliseconds.
         json!({"id": "o-2", "customer": {"id": 8}, "at": 1_764_928_800_000_i64, "paid": false}),
     ];
+    let shape = Shape::new(output.schema.clone()).expect("shape");
     let framed: Vec<String> = events
         .iter()
-        .map(|e| hex(&encode(e, &output.schema, id).expect("encode")))
+        .map(|e| hex(&encode(e, &shape, id).expect("encode")))
         .collect();
     let read: Vec<Value> = python(&["deserialize", "--topic", &topic], &framed)
         .iter()

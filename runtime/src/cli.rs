@@ -530,11 +530,11 @@ pub fn run(args: &RunArgs) -> Result<(), RuntimeError> {
     let mut output: Box<dyn Write> = if is_stdio(&args.output) {
         Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
     } else if local::avro::is_avro(&args.output) {
-        let (schema, _) = local::avro::output_schema(&plan)?;
+        let schema = local::avro::output_schema(&plan)?;
         Box::new(local::avro::AvroRecords::new(
             BufWriter::with_capacity(1 << 20, create(&args.output)?),
             schema,
-        ))
+        )?)
     } else {
         Box::new(BufWriter::with_capacity(1 << 20, create(&args.output)?))
     };

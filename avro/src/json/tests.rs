@@ -5,6 +5,14 @@ fn parse(json: &str) -> Schema {
     Schema::parse_str(json).expect("schema")
 }
 
+fn to_json(value: &Avro, schema: &Schema) -> Result<Value, ValueError> {
+    Shape::new(schema.clone())?.to_json(value)
+}
+
+fn from_json(event: &Value, schema: &Schema) -> Result<Avro, ValueError> {
+    Shape::new(schema.clone())?.from_json(event)
+}
+
 /// Written with `schema`, encoded, decoded and read back as JSON.
 fn round_trip(event: &Value, schema: &Schema) -> Value {
     let value = from_json(event, schema).expect("to avro");

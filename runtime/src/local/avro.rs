@@ -9,8 +9,8 @@ use std::path::Path;
 
 use apache_avro::types::Value as AvroValue;
 use apache_avro::{Codec, DeflateSettings, Reader, Schema, Writer};
+use keystone_avro::Shape;
 use keystone_avro::contract::schema_for_output;
-use keystone_avro::json;
 use keystone_crds::Plan;
 
 use crate::error::RuntimeError;
@@ -25,7 +25,8 @@ pub fn is_avro(path: &Path) -> bool {
 /// of local mode.
 pub struct AvroLines<R: Read> {
     records: Reader<'static, R>,
-    schema: Schema,
+    /// The file's writer schema.
+    shape: Shape,
     line: Vec<u8>,
     at: usize,
     /// The index of the next record, for messages.
@@ -42,10 +43,11 @@ impl<R: Read> AvroLines<R> {
                 name.display()
             ))
         })?;
-        let schema = records.writer_schema().clone();
+        let shape = Shape::new(records.writer_schema().clone())
+            .map_err(|e| RuntimeError::Usage(format!("the schema of {}: {e}", name.display())))?;
         Ok(Self {
             records,
-            schema,
+            shape,
             line: Vec::new(),
             at: 0,
             index: 0,
@@ -65,7 +67,10 @@ impl<R: Read> AvroLines<R> {
             )
         };
         let record = record.map_err(|e| invalid(e.to_string()))?;
-        let event = json::to_json(&record, &self.schema).map_err(|e| invalid(e.to_string()))?;
+        let event = self
+            .shape
+            .to_json(&record)
+            .map_err(|e| invalid(e.to_string()))?;
         self.line.clear();
         serde_json::to_writer(&mut self.line, &event).map_err(|e| invalid(e.to_string()))?;
         self.line.push(b'\n');
@@ -88,7 +93,7 @@ impl<R: Read> Read for AvroLines<R> {
 
 /// The Avro schema of a run's `--output`: the sinks' input contract (every
 /// sink receives the same events), as a record named after the pipeline.
-pub fn output_schema(plan: &Plan) -> Result<(Schema, String), RuntimeError> {
+pub fn output_schema(plan: &Plan) -> Result<Schema, RuntimeError> {
     let contract = plan.sinks.first().map(|s| &s.schema).ok_or_else(|| {
         RuntimeError::Usage("the pipeline has no sink, so --output has no schema".into())
     })?;
@@ -99,7 +104,7 @@ pub fn output_schema(plan: &Plan) -> Result<(Schema, String), RuntimeError> {
             "--output as Avro needs the output contract as a schema: {e}"
         ))
     })?;
-    Ok((output.schema, output.text))
+    Ok(output.schema)
 }
 
 /// A Kubernetes name (`orders-v2`) as an Avro name (`orders_v2`).
@@ -118,7 +123,7 @@ fn avro_name(name: &str) -> String {
 /// file (deflate blocks).
 pub struct AvroRecords<W: Write> {
     records: Writer<'static, W>,
-    schema: &'static Schema,
+    shape: &'static Shape,
     pending: Vec<u8>,
     /// The index of the next record, for messages.
     index: u64,
@@ -126,18 +131,23 @@ pub struct AvroRecords<W: Write> {
 
 impl<W: Write> AvroRecords<W> {
     /// `schema`: the record schema; kept for the run (a run writes one file).
-    pub fn new(output: W, schema: Schema) -> Self {
+    pub fn new(output: W, schema: Schema) -> Result<Self, RuntimeError> {
+        let shape = Shape::new(schema)
+            .map_err(|e| RuntimeError::Usage(format!("the output's Avro schema: {e}")))?;
         // The writer borrows its schema for as long as it lives; one schema
         // per run is leaked so that the writer can be boxed with the output.
-        let schema: &'static Schema = Box::leak(Box::new(schema));
-        let records =
-            Writer::with_codec(schema, output, Codec::Deflate(DeflateSettings::default()));
-        Self {
+        let shape: &'static Shape = Box::leak(Box::new(shape));
+        let records = Writer::with_codec(
+            shape.schema(),
+            output,
+            Codec::Deflate(DeflateSettings::default()),
+        );
+        Ok(Self {
             records,
-            schema,
+            shape,
             pending: Vec::new(),
             index: 0,
-        }
+        })
     }
 
     fn append(&mut self, line: &[u8]) -> io::Result<()> {
@@ -151,8 +161,10 @@ impl<W: Write> AvroRecords<W> {
         };
         let event: serde_json::Value =
             serde_json::from_slice(line).map_err(|e| invalid(e.to_string()))?;
-        let record: AvroValue =
-            json::from_json(&event, self.schema).map_err(|e| invalid(e.to_string()))?;
+        let record: AvroValue = self
+            .shape
+            .from_json(&event)
+            .map_err(|e| invalid(e.to_string()))?;
         self.records
             .append(record)
             .map_err(|e| invalid(e.to_string()))?;
@@ -205,7 +217,7 @@ mod tests {
         .expect("schema");
         let mut file = Vec::new();
         {
-            let mut records = AvroRecords::new(&mut file, schema);
+            let mut records = AvroRecords::new(&mut file, schema).expect("writer");
             // Written in pieces that split lines, as a buffered writer does.
             let text = "{\"id\":\"a\",\"at\":\"2026-12-05T10:00:00Z\",\"n\":1}\n\n{\"id\":\"b\",\"at\":0}\n";
             let (first, rest) = text.split_at(17);
@@ -237,7 +249,7 @@ mod tests {
             r#"{"type": "record", "name": "E", "fields": [{"name": "id", "type": "long"}]}"#,
         )
         .expect("schema");
-        let mut records = AvroRecords::new(Vec::new(), schema);
+        let mut records = AvroRecords::new(Vec::new(), schema).expect("writer");
         let error = records.write_all(b"{\"id\":\"x\"}\n").unwrap_err();
         assert_eq!(
             error.to_string(),
