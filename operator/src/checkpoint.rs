@@ -41,8 +41,8 @@ use crate::error::Error;
 use crate::resources;
 
 pub use background::{
-    Background, Finished, Purpose, collect_finished, in_flight, recover_orphaned, run_due,
-    start_background,
+    Background, Finished, Purpose, collect_finished, in_flight, recover_orphaned,
+    resume_in_background, run_due, start_background,
 };
 pub use instances::{pod_get, pod_post, resume};
 pub use schedule::{checkpoint_due, next_checkpoint_in};

@@ -52,6 +52,11 @@ pub struct Context {
     pub control_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Periodic and manual checkpoints running outside the reconcile, per pipeline.
     pub background_checkpoints: std::sync::Mutex<HashMap<String, crate::checkpoint::Background>>,
+    /// Resumes of stopped instances running outside the reconcile, per
+    /// pipeline: no checkpoint starts before its pipeline's has finished.
+    pub background_resumes: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Since when a due checkpoint has waited for its instances to be Ready, per pipeline.
+    pub checkpoint_waits: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     admins: Mutex<HashMap<String, CachedAdmin>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The caches of Pipelines, one per watched namespace (or one for all): the
@@ -84,6 +89,8 @@ impl Context {
             operator_namespace,
             metrics,
             background_checkpoints: std::sync::Mutex::new(HashMap::new()),
+            background_resumes: std::sync::Mutex::new(HashMap::new()),
+            checkpoint_waits: std::sync::Mutex::new(HashMap::new()),
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),

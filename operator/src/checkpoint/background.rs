@@ -3,7 +3,7 @@
 //! the operator that started one stopped before collecting it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -11,14 +11,21 @@ use keystone_crds::checkpoint::{CheckpointTrigger, PipelineCheckpoint};
 use keystone_crds::pipeline::{CheckpointInProgress, CheckpointSummary, Pipeline, PipelineStatus};
 use keystone_crds::plan::Plan;
 use kube::ResourceExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::instances::ready_instances;
 use super::schedule::{due, next_in};
 use super::{CheckpointFailure, checkpoint_id, record_outcome, resume, take_and_store};
 use crate::context::Context;
 
 /// How often a reconcile looks whether a background checkpoint has finished.
 const BACKGROUND_POLL: Duration = Duration::from_secs(1);
+/// How often a due checkpoint looks whether its instances are Ready again
+/// (readiness probes run every 5 s).
+const INSTANCES_POLL: Duration = Duration::from_secs(2);
+/// How long a due checkpoint waits for its instances to be Ready before it is
+/// taken anyway (and fails with the reason): two readiness periods and more.
+const READY_GRACE: Duration = Duration::from_secs(20);
 
 /// What a background checkpoint is taken for, which decides what follows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,20 +195,29 @@ pub async fn recover_orphaned(
         });
     }
     if orphan.stop {
-        // In the background: a hung pod must not hold the reconcile.
-        let (task_ctx, task_plan) = (ctx.clone(), plan.clone());
-        tokio::spawn(async move {
-            match resume(&task_ctx, &task_plan).await {
-                Ok(()) => {
-                    info!(pipeline = %task_plan.pipeline, "resumed the instances an unfinished checkpoint stopped")
-                }
-                Err(failure) => {
-                    warn!(pipeline = %task_plan.pipeline, reason = %failure, "could not resume the instances an unfinished checkpoint stopped")
-                }
-            }
-        });
+        resume_in_background(ctx, plan, "an unfinished checkpoint stopped");
     }
     None
+}
+
+/// Resumes the pipeline's stopped instances outside the reconcile (a hung pod
+/// must not hold it); `what` says what stopped them, for the log. Until the
+/// resume has finished the pipeline counts as [`in_flight`]: a checkpoint
+/// started meanwhile would find its instances stopped and fail.
+pub fn resume_in_background(ctx: &Arc<Context>, plan: &Plan, what: &'static str) {
+    let (task_ctx, task_plan) = (ctx.clone(), plan.clone());
+    let task = tokio::spawn(async move {
+        match resume(&task_ctx, &task_plan).await {
+            Ok(()) => info!(pipeline = %task_plan.pipeline, "resumed the instances {what}"),
+            Err(failure) => {
+                warn!(pipeline = %task_plan.pipeline, reason = %failure, "could not resume the instances {what}")
+            }
+        }
+    });
+    ctx.background_resumes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(background_key(plan), task);
 }
 
 /// The checkpoint an upgrade may roll back to: never pruned.
@@ -215,14 +231,25 @@ fn pinned(status: &PipelineStatus) -> Vec<String> {
 }
 
 /// Whether a background checkpoint of the pipeline is running, or has
-/// finished and waits to be collected: what stops or replaces instances, or
-/// starts another checkpoint, waits for it (an aligned or stop checkpoint
-/// holds stopped instances).
+/// finished and waits to be collected, or its stopped instances are being
+/// resumed: what stops or replaces instances, or starts another checkpoint,
+/// waits for it (an aligned or stop checkpoint holds stopped instances).
 pub fn in_flight(ctx: &Context, plan: &Plan) -> bool {
-    ctx.background_checkpoints
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains_key(&background_key(plan))
+    let key = background_key(plan);
+    let resuming = {
+        let mut resumes = ctx
+            .background_resumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        resumes.retain(|_, task| !task.is_finished());
+        resumes.contains_key(&key)
+    };
+    resuming
+        || ctx
+            .background_checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&key)
 }
 
 /// Starts a checkpoint of `plan` in the background; [`collect_finished`]
@@ -280,7 +307,14 @@ pub fn start_background(
 /// returns when to look again. The reconcile never waits for an instance: a
 /// pod that accepts the connection and never answers holds only the
 /// background task, for the bounded request time.
-pub fn run_due(
+///
+/// A due checkpoint waits up to [`READY_GRACE`] while an instance is not
+/// Ready or a rollout is in progress (the Deployments' status can lag behind
+/// their pods by seconds, so the pods are looked at): instances resumed a
+/// moment ago, or a pod being replaced, are not a failed checkpoint, and a
+/// manual trigger stays pending meanwhile. Past the grace it is taken, and
+/// fails naming the pod, so a lasting cause is reported, not hidden.
+pub async fn run_due(
     pipeline: &Pipeline,
     ctx: &Arc<Context>,
     plan: &Plan,
@@ -290,6 +324,21 @@ pub fn run_due(
         return BACKGROUND_POLL;
     }
     if let Some(trigger) = due(&pipeline.spec, status, Timestamp::now()) {
+        let key = background_key(plan);
+        let ready = every_instance_ready(ctx, plan).await;
+        let mut waits = ctx
+            .checkpoint_waits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(waiting) = ready {
+            let since = *waits.entry(key.clone()).or_insert_with(Instant::now);
+            if since.elapsed() < READY_GRACE {
+                debug!(pipeline = %plan.pipeline, trigger = trigger.as_str(), reason = %waiting, "a due checkpoint waits for the instances");
+                return INSTANCES_POLL;
+            }
+        }
+        waits.remove(&key);
+        drop(waits);
         // With more than one stage the cut is aligned (stop, drain, resume): a
         // restore starts later stages at their input's end, which is exact only
         // for an aligned cut. One stage needs no pause: offsets and state of a
@@ -307,4 +356,14 @@ pub fn run_due(
         return BACKGROUND_POLL;
     }
     next_in(&pipeline.spec, status, Timestamp::now())
+}
+
+/// Whether every stage has its desired instances Ready on the plan, as a
+/// checkpoint needs them ([`ready_instances`]); the first reason if not.
+async fn every_instance_ready(ctx: &Context, plan: &Plan) -> Result<(), CheckpointFailure> {
+    let plan_hash = plan.hash();
+    for stage in &plan.stages {
+        ready_instances(ctx, plan, stage, &plan_hash).await?;
+    }
+    Ok(())
 }

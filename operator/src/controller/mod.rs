@@ -552,13 +552,11 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
                 }))
     {
         info!(pipeline = %name, checkpoint = ?unused.result, "resuming the instances a stop checkpoint left that is no longer needed");
-        // In the background: a hung pod must not hold the reconcile.
-        let (task_ctx, plan) = (ctx.clone(), unused.plan);
-        tokio::spawn(async move {
-            if let Err(failure) = checkpoint::resume(&task_ctx, &plan).await {
-                warn!(pipeline = %plan.pipeline, reason = %failure, "could not resume the instances after an unneeded stop checkpoint");
-            }
-        });
+        checkpoint::resume_in_background(
+            ctx,
+            &unused.plan,
+            "a stop checkpoint no longer needed left",
+        );
     }
     let generation = pipeline.metadata.generation.unwrap_or_default();
     let mut phase = observed.summarize(&contracts, Some(&outcome.condition), runtime.as_ref());
@@ -580,12 +578,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     if phase == PipelinePhase::Running
         && let Some(running) = &rolled_out_plan
     {
-        next_checkpoint = Some(checkpoint::run_due(
-            pipeline,
-            ctx,
-            running,
-            &mut observed.status,
-        ));
+        next_checkpoint =
+            Some(checkpoint::run_due(pipeline, ctx, running, &mut observed.status).await);
     }
     observed.record(pipeline, ctx).await?;
 
