@@ -15,6 +15,7 @@ use keystone_crds::schema::{FieldType, SchemaSpec};
 use crate::clock::Clock;
 use crate::error::RuntimeError;
 use crate::event::{DeadLetter, Event, Provenance};
+use crate::kafka::avro::AvroDecoder;
 use crate::operator::{Ctx, Operator, Output};
 use crate::ops::{self, Table};
 use crate::schema::Validator;
@@ -80,6 +81,8 @@ struct Step {
 /// thread ahead of the steps.
 pub struct SourceCheck {
     schema: Option<Validator>,
+    /// Reads Avro records (the registry's wire format) instead of JSON.
+    avro: Option<Arc<AvroDecoder>>,
     metrics: StepMetrics,
 }
 
@@ -88,6 +91,7 @@ impl SourceCheck {
     pub fn new(schema: Option<&SchemaSpec>) -> Self {
         Self {
             schema: schema.map(Validator::for_source),
+            avro: None,
             metrics: StepMetrics {
                 name: SOURCE_STEP.to_owned(),
                 ..StepMetrics::default()
@@ -95,7 +99,15 @@ impl SourceCheck {
         }
     }
 
-    /// Parses raw input (one JSON object each) and checks the source schema.
+    /// Reads input as Avro records with `decoder` (whose writer schemas the
+    /// caller fetches before each batch) rather than as JSON.
+    pub fn reading_avro(mut self, decoder: Arc<AvroDecoder>) -> Self {
+        self.avro = Some(decoder);
+        self
+    }
+
+    /// Parses raw input (one JSON object each, or one Avro record with
+    /// [`reading_avro`](Self::reading_avro)) and checks the source schema.
     /// Unparseable or invalid input is appended to `dead_letters` as step `source`;
     /// the events carry the source record they come from.
     pub fn check(
@@ -121,7 +133,11 @@ impl SourceCheck {
         let mut checked = Checked::default();
         for (raw, source) in records {
             checked.metrics.events_in += 1;
-            let refused = match Event::parse(raw) {
+            let parsed = match &self.avro {
+                Some(decoder) => decoder.decode(raw),
+                None => Event::parse(raw),
+            };
+            let refused = match parsed {
                 Ok(mut event) => match self.schema.as_ref().map(|v| v.check(&event.value)) {
                     Some(Err(reason)) => Some((event.raw, reason)),
                     _ => {

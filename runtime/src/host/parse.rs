@@ -226,6 +226,85 @@ mod tests {
     }
 
     #[test]
+    fn avro_records_are_parsed_and_their_dead_letters_find_their_offsets() {
+        use keystone_avro::{AvroSchema, Shape};
+        let text =
+            r#"{"type": "record", "name": "Click", "fields": [{"name": "id", "type": "string"}]}"#;
+        let shape = || Shape::new(AvroSchema::parse_str(text).expect("schema")).expect("shape");
+        let decoder = std::sync::Arc::new(crate::kafka::avro::AvroDecoder::new(shape()));
+        let records: Records = (0..600i64)
+            .map(|offset| {
+                let payload = if offset % 9 == 4 {
+                    // JSON on an Avro topic.
+                    format!(r#"{{"id":"{offset}"}}"#).into_bytes()
+                } else {
+                    keystone_avro::encode(
+                        &serde_json::json!({"id": offset.to_string()}),
+                        &shape(),
+                        5,
+                    )
+                    .expect("encode")
+                };
+                (
+                    offset,
+                    Some(payload),
+                    Some(Provenance {
+                        partition: 0,
+                        offset,
+                    }),
+                )
+            })
+            .collect();
+        let payloads: Vec<&[u8]> = records
+            .iter()
+            .filter_map(|(_, p, _)| p.as_deref())
+            .collect();
+        assert_eq!(
+            decoder
+                .unknown_ids(payloads)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![5]
+        );
+        decoder
+            .learn(
+                5,
+                Ok(std::sync::Arc::new(
+                    AvroSchema::parse_str(text).expect("schema"),
+                )),
+            )
+            .expect("learn");
+        let schema: SchemaSpec =
+            serde_json::from_str(r#"{"fields":[{"name":"id","type":"string"}]}"#).unwrap();
+        let checker = SourceCheck::new(Some(&schema)).reading_avro(decoder);
+        let mut seen: Seen = Vec::new();
+        parse_ahead(&checker, BTreeMap::from([(0, records)]), |parsed| {
+            collect(parsed, &mut seen)
+        })
+        .unwrap();
+        let seen = by_partition(seen);
+        let (_, ids, letters, last) = &seen[0];
+        assert_eq!(*last, 599);
+        let expected_ids: Vec<String> = (0..600)
+            .filter(|o| o % 9 != 4)
+            .map(|o: i64| o.to_string())
+            .collect();
+        assert_eq!(ids, &expected_ids);
+        let expected_letters: Vec<Option<i64>> =
+            (0..600).filter(|o| o % 9 == 4).map(Some).collect();
+        assert_eq!(
+            letters.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            expected_letters
+        );
+        assert!(
+            letters
+                .iter()
+                .all(|(_, r)| r.contains("it looks like JSON")),
+            "{letters:?}"
+        );
+    }
+
+    #[test]
     fn small_batches_are_parsed_whole_per_partition() {
         let checker = checker();
         let mut seen: Seen = Vec::new();
