@@ -225,6 +225,11 @@ impl Registry {
         })
     }
 
+    /// The API's base URL, as messages name it.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
     /// The schema registered as `id`, asked once and then kept.
     pub async fn schema_by_id(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
         if let Some(schema) = self.cached(id) {

@@ -53,6 +53,25 @@ pub struct PlanSource {
     pub key: Vec<String>,
     pub start_from: StartPosition,
     pub schema: SchemaSpec,
+    /// Record values are Avro in the schema registry's wire format; absent: JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<PlanAvroSource>,
+}
+
+/// How a stage reads Avro record values: writer schemas by id from the
+/// registry, each resolved against one reader schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanAvroSource {
+    /// The registry's API base URL. Credentials and a CA come from the
+    /// instance's environment, never from the plan.
+    pub registry_url: String,
+    /// The subject and version the reader schema is.
+    pub subject: String,
+    pub version: u32,
+    /// The reader schema's text, fixed when the plan is compiled: every
+    /// instance reads the same shape, the one the contract was checked against.
+    pub reader_schema: String,
 }
 
 /// A group of steps fused into one runtime Deployment.

@@ -88,6 +88,7 @@ impl<'a> Checker<'a> {
                 key: spec.source.key.clone(),
                 start_from: spec.source.start_from,
                 schema,
+                avro: None,
             },
             delivery: spec.delivery,
             commit_interval_ms: spec.commit_interval.as_millis(),

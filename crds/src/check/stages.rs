@@ -298,6 +298,7 @@ impl Checker<'_> {
                 key: source_key,
                 start_from: source.start_from,
                 schema: source_schema,
+                avro: None,
             },
             delivery: spec.delivery,
             commit_interval_ms: spec.commit_interval.as_millis(),

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub sink_held: IntGauge,
     /// 1 while intake is paused because held-back events reached the limit.
     pub buffer_held: IntGauge,
+    /// 1 while intake waits for the schema registry to answer (Avro sources).
+    pub registry_waiting: IntGauge,
     /// Bytes of events the instance's steps hold back.
     pub buffered_bytes: IntGauge,
     /// Partitions to which this process applied a `--restore` plan.
@@ -195,6 +197,11 @@ impl Metrics {
                 &registry,
                 "keystone_buffer_intake_held",
                 "1 while intake is paused because the events steps hold back reached the instance's limit (--max-buffered-bytes)",
+            ),
+            registry_waiting: gauge(
+                &registry,
+                "keystone_schema_registry_waiting",
+                "1 while intake waits for the schema registry to answer for a writer schema (the batch is read again; nothing is dead-lettered)",
             ),
             buffered_bytes: gauge(
                 &registry,

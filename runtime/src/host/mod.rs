@@ -46,6 +46,7 @@ pub(crate) mod metrics;
 mod parse;
 mod process;
 mod rebalance;
+mod registry;
 mod restore;
 mod run;
 mod sinks;
@@ -157,6 +158,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Runtime(RuntimeError),
+    #[error("the schema registry: {0}")]
+    Registry(String),
     #[error("operations endpoints: {0}")]
     Http(#[source] std::io::Error),
     #[error("the final commit did not finish within {0:?} of SIGTERM; exited without it")]
@@ -194,6 +197,7 @@ impl ServeError {
             ServeError::SinkPending { .. } => "sink_pending",
             ServeError::Sink(error) => error.metric_label(),
             ServeError::Runtime(_) => "runtime",
+            ServeError::Registry(_) => "schema_registry",
             ServeError::Http(_) => "http",
             ServeError::ShutdownTimeout(_) => "shutdown_timeout",
         }

@@ -20,6 +20,7 @@ use keystone_crds::checkpoint::{InputRestore, ReplaySuppression, RestorePlan};
 use keystone_crds::ops::Operator as Op;
 use keystone_crds::pipeline::Delivery;
 use keystone_crds::plan::{Plan, PlanStage, StageOutput};
+use rdkafka::Offset;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -32,6 +33,7 @@ use crate::host::commit::COMMIT_RETRIES;
 use crate::host::http::Control;
 use crate::host::process::{Core, Records, Route, StateSource};
 use crate::host::rebalance::ConsumerCtx;
+use crate::host::registry::SchemaFetcher;
 use crate::host::restore::{ActiveRestore, restore_applied_everywhere};
 use crate::host::sinks::Sinks;
 use crate::host::tables::Tables;
@@ -134,6 +136,22 @@ pub(super) fn run(
         }
     };
     let reads_source = stage.input.topic == plan.source.topic;
+    // Only the source is Avro: later stages read what earlier ones wrote (JSON).
+    let mut schemas = match (&plan.source.avro, reads_source) {
+        (Some(avro), true) => Some(
+            SchemaFetcher::new(
+                avro,
+                |name| std::env::var(name).ok(),
+                |path| std::fs::read(path),
+            )
+            .map_err(ServeError::Registry)?,
+        ),
+        _ => None,
+    };
+    let mut checker = SourceCheck::new(reads_source.then_some(&plan.source.schema));
+    if let Some(fetcher) = &schemas {
+        checker = checker.reading_avro(fetcher.decoder());
+    }
     let core = Arc::new(Mutex::new(Core {
         reads_source,
         restore_config: config::restore_reader(&args.kafka, &stage.consumer_group),
@@ -145,9 +163,7 @@ pub(super) fn run(
         route,
         state_sources,
         tasks: BTreeMap::new(),
-        checker: Arc::new(SourceCheck::new(
-            reads_source.then_some(&plan.source.schema),
-        )),
+        checker: Arc::new(checker),
         tables: Tables {
             reader: table_reader,
             assignment: BTreeSet::new(),
@@ -265,6 +281,14 @@ pub(super) fn run(
             }
         }
 
+        // Writer schemas first, without the lock: the registry may be slow.
+        let waiting_for_registry = match schemas.as_mut() {
+            Some(fetcher) if !batch.is_empty() => {
+                wait_for_registry(fetcher, &consumer, &stage.input.topic, &mut batch, &shared)
+            }
+            _ => false,
+        };
+
         let mut guard = core.lock().unwrap_or_else(|p| p.into_inner());
         let core = &mut *guard;
         // A rebalance inside this poll may have failed (a partition's restore):
@@ -284,7 +308,7 @@ pub(super) fn run(
         }
         // Timers wait while intake is stopped or held: a held-back event released
         // now would go ahead of its predecessor, still unread in the topic.
-        if step_result.is_ok() && !core.stopped && !core.held {
+        if step_result.is_ok() && !core.stopped && !core.held && !waiting_for_registry {
             step_result = core.tick();
         }
         let control = controls.try_recv().ok();
@@ -357,6 +381,46 @@ pub(super) fn run(
     shared.running.store(false, Ordering::SeqCst);
     tracing::info!("stopped after a final commit");
     Ok(())
+}
+
+/// Fetches the writer schemas `batch` names; `true` when the registry did not
+/// answer: then the batch is emptied, its partitions are sought back to its
+/// first records (read again on a later turn), and the stage sleeps the
+/// backoff, beating the watchdog: waiting is not being stuck.
+fn wait_for_registry(
+    fetcher: &mut SchemaFetcher,
+    consumer: &BaseConsumer<ConsumerCtx>,
+    topic: &str,
+    batch: &mut BTreeMap<i32, Records>,
+    shared: &Shared,
+) -> bool {
+    let set_waiting = |waiting: bool| {
+        if let Ok(metrics) = shared.metrics.lock() {
+            metrics.registry_waiting.set(i64::from(waiting));
+        }
+    };
+    let Err(waiting) = fetcher.prepare(batch) else {
+        set_waiting(false);
+        return false;
+    };
+    set_waiting(true);
+    tracing::warn!(error = %waiting.error, retry_in = ?waiting.retry_in, "waiting for the schema registry; the batch is read again, nothing is dead-lettered");
+    for (partition, records) in std::mem::take(batch) {
+        let Some((first, _, _)) = records.first() else {
+            continue;
+        };
+        // A partition revoked in this poll is read by its new owner from the
+        // committed offset: nothing to seek.
+        if let Err(error) = consumer.seek(topic, partition, Offset::Offset(*first), KAFKA_TIMEOUT) {
+            tracing::warn!(partition, %error, "seeking back to the batch's first record");
+        }
+    }
+    let until = Instant::now() + waiting.retry_in;
+    while Instant::now() < until && !shared.shutdown.load(Ordering::SeqCst) {
+        shared.watchdog.beat();
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(500)));
+    }
+    true
 }
 
 fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, core: &Core) {

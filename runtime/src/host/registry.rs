@@ -1,0 +1,276 @@
+//! The schema registry, for a stage whose source values are Avro
+//! (`plan.source.avro`): before a polled batch is parsed, the writer schemas
+//! it names are fetched (once each, then kept). A registry that cannot answer
+//! is no record's fault: the batch is not parsed, its partitions are read
+//! again from its first records after a backoff, and nothing is dead-lettered
+//! or skipped; the stage says it waits in its log and its metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use keystone_avro::registry::{Auth, Registry, RegistryConfig, RegistryError};
+use keystone_avro::{AvroSchema, Shape};
+use keystone_crds::plan::PlanAvroSource;
+
+use super::process::Records;
+use crate::kafka::avro::AvroDecoder;
+
+/// Basic auth: the user name (the password in the next two).
+pub const ENV_REGISTRY_USERNAME: &str = "KEYSTONE_REGISTRY_USERNAME";
+pub const ENV_REGISTRY_PASSWORD: &str = "KEYSTONE_REGISTRY_PASSWORD";
+/// A file holding the password (a mounted Secret key), instead of the variable.
+pub const ENV_REGISTRY_PASSWORD_FILE: &str = "KEYSTONE_REGISTRY_PASSWORD_FILE";
+/// A bearer token, or a file holding one.
+pub const ENV_REGISTRY_TOKEN: &str = "KEYSTONE_REGISTRY_TOKEN";
+pub const ENV_REGISTRY_TOKEN_FILE: &str = "KEYSTONE_REGISTRY_TOKEN_FILE";
+/// PEM certificates to trust for an `https` registry, besides the system's.
+pub const ENV_REGISTRY_CA_FILE: &str = "KEYSTONE_REGISTRY_CA_FILE";
+
+/// How long one question to the registry may take before it counts as unanswered.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetches the writer schemas of the batches a stage reads.
+pub(super) struct SchemaFetcher {
+    decoder: Arc<AvroDecoder>,
+    registry: Registry,
+    /// The registry client is async; the stage's loop is not.
+    runtime: tokio::runtime::Runtime,
+    backoff: Option<ExponentialBackoff>,
+}
+
+/// Why a batch waits, and for how long.
+#[derive(Debug)]
+pub(super) struct Waiting {
+    pub(super) error: RegistryError,
+    pub(super) retry_in: Duration,
+}
+
+impl SchemaFetcher {
+    /// A fetcher for `avro`, with credentials and a CA from the environment.
+    pub(super) fn new(
+        avro: &PlanAvroSource,
+        env: impl Fn(&str) -> Option<String>,
+        read_file: impl Fn(&str) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Self, String> {
+        let reader = AvroSchema::parse_str(&avro.reader_schema).map_err(|e| {
+            format!(
+                "the plan's reader schema ({} version {}): {e}",
+                avro.subject, avro.version
+            )
+        })?;
+        let shape = Shape::new(reader).map_err(|e| {
+            format!(
+                "the plan's reader schema ({} version {}): {e}",
+                avro.subject, avro.version
+            )
+        })?;
+        let config = RegistryConfig {
+            url: avro.registry_url.clone(),
+            auth: auth_from(&env, &read_file)?,
+            ca_pem: match env(ENV_REGISTRY_CA_FILE).filter(|p| !p.is_empty()) {
+                Some(path) => Some(
+                    read_file(&path).map_err(|e| format!("{ENV_REGISTRY_CA_FILE}={path}: {e}"))?,
+                ),
+                None => None,
+            },
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the schema registry client: {e}"))?;
+        // The client's connection pool belongs to the runtime it is used on.
+        let registry = {
+            let _entered = runtime.enter();
+            Registry::new(&config).map_err(|e| e.to_string())?
+        };
+        Ok(Self {
+            decoder: Arc::new(AvroDecoder::new(shape)),
+            registry,
+            runtime,
+            backoff: None,
+        })
+    }
+
+    /// The decoder the stage's source check reads records with.
+    pub(super) fn decoder(&self) -> Arc<AvroDecoder> {
+        self.decoder.clone()
+    }
+
+    /// Fetches the writer schemas `batch` names that are not known yet. `Ok`:
+    /// every record of the batch can be parsed now. `Err`: the registry did
+    /// not answer (down, slow, refusing the credentials); the batch must be
+    /// read again after `retry_in`, which grows from 100 ms to 10 s while the
+    /// registry stays away.
+    pub(super) fn prepare(&mut self, batch: &BTreeMap<i32, Records>) -> Result<(), Waiting> {
+        let unknown = self.decoder.unknown_ids(
+            batch
+                .values()
+                .flatten()
+                .filter_map(|(_, payload, _)| payload.as_deref()),
+        );
+        for id in unknown {
+            let answer = self.runtime.block_on(async {
+                tokio::time::timeout(ASK_TIMEOUT, self.registry.schema_by_id(id))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RegistryError::Unavailable {
+                            url: self.registry.base_url().to_owned(),
+                            reason: format!("no answer for schema id {id} within {ASK_TIMEOUT:?}"),
+                        })
+                    })
+            });
+            if let Err(error) = self.decoder.learn(id, answer) {
+                let backoff = self.backoff.get_or_insert_with(|| {
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(10))
+                        .without_max_times()
+                        .build()
+                });
+                let retry_in = backoff.next().unwrap_or(Duration::from_secs(10));
+                return Err(Waiting { error, retry_in });
+            }
+        }
+        self.backoff = None;
+        Ok(())
+    }
+}
+
+/// Basic auth or a bearer token from the environment, if either is set.
+fn auth_from(
+    env: &impl Fn(&str) -> Option<String>,
+    read_file: &impl Fn(&str) -> std::io::Result<Vec<u8>>,
+) -> Result<Option<Auth>, String> {
+    let secret = |variable: &str, file_variable: &str| -> Result<Option<String>, String> {
+        match env(file_variable).filter(|p| !p.is_empty()) {
+            Some(path) => read_file(&path)
+                .map(|bytes| {
+                    // A Secret written by hand often ends with a newline.
+                    Some(
+                        String::from_utf8_lossy(&bytes)
+                            .trim_end_matches(['\r', '\n'])
+                            .to_owned(),
+                    )
+                })
+                .map_err(|e| format!("{file_variable}={path}: {e}")),
+            None => Ok(env(variable).filter(|v| !v.is_empty())),
+        }
+    };
+    let username = env(ENV_REGISTRY_USERNAME).filter(|u| !u.is_empty());
+    let token = secret(ENV_REGISTRY_TOKEN, ENV_REGISTRY_TOKEN_FILE)?;
+    match (username, token) {
+        (Some(_), Some(_)) => Err(format!(
+            "both {ENV_REGISTRY_USERNAME} and a bearer token ({ENV_REGISTRY_TOKEN} or {ENV_REGISTRY_TOKEN_FILE}) are set; set one"
+        )),
+        (Some(username), None) => {
+            let password = secret(ENV_REGISTRY_PASSWORD, ENV_REGISTRY_PASSWORD_FILE)?.ok_or_else(|| {
+                format!("{ENV_REGISTRY_USERNAME} is set but neither {ENV_REGISTRY_PASSWORD} nor {ENV_REGISTRY_PASSWORD_FILE} is")
+            })?;
+            Ok(Some(Auth::Basic { username, password }))
+        }
+        (None, Some(token)) => Ok(Some(Auth::Bearer(token))),
+        (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn auth(vars: &[(&str, &str)], files: &[(&str, &str)]) -> Result<Option<Auth>, String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let files: HashMap<String, Vec<u8>> = files
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        auth_from(&|name: &str| vars.get(name).cloned(), &|path: &str| {
+            files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
+        })
+    }
+
+    #[test]
+    fn credentials_come_from_the_environment_or_mounted_files() {
+        assert_eq!(auth(&[], &[]), Ok(None));
+        assert_eq!(
+            auth(
+                &[
+                    (ENV_REGISTRY_USERNAME, "app"),
+                    (ENV_REGISTRY_PASSWORD, "pw")
+                ],
+                &[]
+            ),
+            Ok(Some(Auth::Basic {
+                username: "app".into(),
+                password: "pw".into()
+            }))
+        );
+        assert_eq!(
+            auth(
+                &[
+                    (ENV_REGISTRY_USERNAME, "app"),
+                    (ENV_REGISTRY_PASSWORD_FILE, "/s/pw")
+                ],
+                &[("/s/pw", "secret\n")]
+            ),
+            Ok(Some(Auth::Basic {
+                username: "app".into(),
+                password: "secret".into()
+            })),
+            "a mounted key's trailing newline is not part of it"
+        );
+        assert_eq!(
+            auth(&[(ENV_REGISTRY_TOKEN_FILE, "/s/t")], &[("/s/t", "tok\n")]),
+            Ok(Some(Auth::Bearer("tok".into())))
+        );
+    }
+
+    #[test]
+    fn incomplete_or_conflicting_credentials_are_refused_by_name() {
+        let missing = auth(&[(ENV_REGISTRY_USERNAME, "app")], &[]).unwrap_err();
+        assert!(missing.contains(ENV_REGISTRY_PASSWORD), "{missing}");
+        let both = auth(
+            &[(ENV_REGISTRY_USERNAME, "app"), (ENV_REGISTRY_TOKEN, "t")],
+            &[],
+        )
+        .unwrap_err();
+        assert!(both.contains("set one"), "{both}");
+        let unreadable = auth(&[(ENV_REGISTRY_TOKEN_FILE, "/nope")], &[]).unwrap_err();
+        assert!(unreadable.contains("/nope"), "{unreadable}");
+    }
+
+    #[test]
+    fn a_registry_that_is_down_makes_the_batch_wait_longer_each_time() {
+        let plan = PlanAvroSource {
+            // Nothing listens on port 9 of loopback (discard is not served).
+            registry_url: "http://127.0.0.1:9".into(),
+            subject: "t-value".into(),
+            version: 1,
+            reader_schema:
+                r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#
+                    .into(),
+        };
+        let mut fetcher = SchemaFetcher::new(&plan, |_| None, |_| Ok(Vec::new())).expect("fetcher");
+        let record = keystone_avro::wire::frame(3, b"\x02");
+        let batch = BTreeMap::from([(0, vec![(0i64, Some(record), None)])]);
+        let first = fetcher.prepare(&batch).expect_err("waits");
+        assert!(first.error.is_transient(), "{:?}", first.error);
+        let second = fetcher.prepare(&batch).expect_err("waits");
+        assert!(
+            second.retry_in > first.retry_in,
+            "{first:?} then {second:?}"
+        );
+        // Bytes that name no schema need no registry: they are dead letters.
+        let not_avro = BTreeMap::from([(0, vec![(1i64, Some(b"{}".to_vec()), None)])]);
+        assert!(fetcher.prepare(&not_avro).is_ok());
+    }
+}
