@@ -16,78 +16,17 @@
 //!
 //! Needs a running testbed with the registry (`e2e/testbed up`).
 
+mod avro_support;
 mod runtime_support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use keystone_avro::registry::{Registry, RegistryConfig, RegistryError};
+use avro_support::{hex, python, registry, unhex};
+use keystone_avro::registry::RegistryError;
 use keystone_avro::{AvroSchema, Shape, can_read, contract, decode, encode, wire};
 use keystone_crds::schema::{FieldSpec, FieldType, SchemaSpec};
 use runtime_support::{runtime_binary, unique};
 use serde_json::{Value, json};
-
-fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the testbed (e2e/testbed up) and eval \"$(e2e/testbed env)\""
-        )
-    })
-}
-
-fn registry() -> Registry {
-    Registry::new(&RegistryConfig {
-        url: var("KEYSTONE_TESTBED_REGISTRY_URL"),
-        ..Default::default()
-    })
-    .expect("registry client")
-}
-
-/// Runs `e2e/readers/avro_registry.py` with `args` (and the testbed's
-/// registry, for the modes that use one), `input` lines on stdin; its stdout
-/// lines.
-fn python(args: &[&str], input: &[String]) -> Vec<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/readers/avro_registry.py");
-    let mut command = Command::new(var("KEYSTONE_TESTBED_LAKE_PYTHON"));
-    command.arg(script).args(args);
-    if !args[0].ends_with("-container") {
-        command.args(["--registry", &var("KEYSTONE_TESTBED_REGISTRY_URL")]);
-    }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for line in input {
-            writeln!(stdin, "{line}").expect("write");
-        }
-    }
-    let output = child.wait_with_output().expect("python ran");
-    assert!(
-        output.status.success(),
-        "avro_registry.py {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
-        .collect()
-}
 
 const ORDER_V1: &str = r#"{
   "type": "record", "name": "Order", "namespace": "shop",

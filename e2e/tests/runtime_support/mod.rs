@@ -314,15 +314,15 @@ pub fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
         .unwrap()
 }
 
-pub fn produce(
+pub fn produce<V: AsRef<[u8]>>(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
-    records: &[(String, String)],
+    records: &[(String, V)],
 ) {
     for (key, value) in records {
         let mut record = BaseRecord::to(topic)
             .key(key.as_bytes())
-            .payload(value.as_bytes());
+            .payload(value.as_ref());
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -1,0 +1,70 @@
+//! Helpers of the tests against the testbed's schema registry: its client,
+//! and confluent-kafka's serializers through `e2e/readers/avro_registry.py`.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use keystone_avro::registry::{Registry, RegistryConfig};
+
+pub fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the testbed (e2e/testbed up) and eval \"$(e2e/testbed env)\""
+        )
+    })
+}
+
+pub fn registry() -> Registry {
+    Registry::new(&RegistryConfig {
+        url: var("KEYSTONE_TESTBED_REGISTRY_URL"),
+        ..Default::default()
+    })
+    .expect("registry client")
+}
+
+/// Runs `e2e/readers/avro_registry.py` with `args` (and the testbed's
+/// registry, for the modes that use one), `input` lines on stdin; its stdout
+/// lines.
+pub fn python(args: &[&str], input: &[String]) -> Vec<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/readers/avro_registry.py");
+    let mut command = Command::new(var("KEYSTONE_TESTBED_LAKE_PYTHON"));
+    command.arg(script).args(args);
+    if !args[0].ends_with("-container") {
+        command.args(["--registry", &var("KEYSTONE_TESTBED_REGISTRY_URL")]);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for line in input {
+            writeln!(stdin, "{line}").expect("write");
+        }
+    }
+    let output = child.wait_with_output().expect("python ran");
+    assert!(
+        output.status.success(),
+        "avro_registry.py {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}

@@ -1,0 +1,372 @@
+//! A stage whose source values are Avro (`plan.source.avro`), on the
+//! testbed's Kafka and schema registry (Apicurio, its Confluent-compatible
+//! API), fed by a producer the project did not write: confluent-kafka's
+//! `AvroSerializer` (`e2e/readers/avro_registry.py`), which registers v1 and
+//! then a compatible v2 of the subject.
+//!
+//! - v1 records and v2 records (a new optional field) are read with the
+//!   plan's reader schema (v1) and flow through a filter exactly once;
+//! - poison bytes of each kind (JSON on the Avro topic, a truncated datum,
+//!   an id the registry does not know, a writer schema that cannot be read as
+//!   the reader's) are dead letters with the reason and offset, and the
+//!   partition goes on;
+//! - the registry cut off for 30 s while records of a writer schema the stage
+//!   has not seen arrive: the stage waits (its metric says so), dead-letters
+//!   nothing, and once the registry answers again everything arrives, once.
+//!
+//! The registry is reached through a gate in this test (a TCP forwarder that
+//! can refuse and cut connections): Apicurio keeps its schemas in memory, so
+//! stopping the process would lose them, and the outage is the network's.
+//!
+//! Needs `target/debug/keystone-runtime` and a running testbed with the
+//! registry (`e2e/testbed up`).
+
+mod avro_support;
+mod runtime_support;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use avro_support::{python, registry, unhex, var};
+use keystone_avro::{AvroSchema, Shape, contract, encode, wire};
+use keystone_crds::plan::PlanAvroSource;
+use runtime_support::*;
+use serde_json::{Value, json};
+
+const CLICK_V1: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
+  {"name": "id", "type": "long"},
+  {"name": "user", "type": "string"},
+  {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+]}"#;
+
+/// V1 and a new optional field: BACKWARD compatible.
+fn click_v2() -> String {
+    CLICK_V1.replace(
+        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}"#,
+        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+  {"name": "referrer", "type": ["null", "string"], "default": null}"#,
+    )
+}
+
+/// `id` as a string: a long is not read as a string.
+const CLICK_INCOMPATIBLE: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
+  {"name": "id", "type": "string"}
+]}"#;
+
+fn manifest(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [user]
+    schema:
+      fields:
+        - {{name: id, type: integer}}
+        - {{name: user, type: string}}
+  steps:
+    - name: keep
+      filter: {{expression: 'id % 3 != 0'}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2}}
+  delivery: ExactlyOnce
+  commitInterval: 300ms
+"#
+    )
+}
+
+/// A TCP forwarder to the registry that can be shut: while shut it refuses
+/// new connections and has cut the open ones (a network partition).
+struct Gate {
+    port: u16,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Gate {
+    fn start(target: SocketAddr) -> Self {
+        let listener = StdListener::bind("127.0.0.1:0").expect("bind the gate");
+        let port = listener.local_addr().expect("address").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let open = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let (task_open, task_connections) = (open.clone(), connections.clone());
+        // Its own runtime and thread: the test's thread blocks on Kafka.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if !task_open.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    task_connections
+                        .lock()
+                        .expect("lock")
+                        .push(task.abort_handle());
+                }
+            });
+        });
+        Self {
+            port,
+            open,
+            connections,
+        }
+    }
+
+    fn shut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The registry's address and API path, from the testbed's URL.
+fn registry_address() -> (SocketAddr, String) {
+    let url = var("KEYSTONE_TESTBED_REGISTRY_URL");
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    (host.parse().expect("host:port"), format!("/{path}"))
+}
+
+/// Avro records as the Python serializer writes them (registering the
+/// schema under `<topic>-value` when the registry lacks it).
+fn serialized(topic: &str, schema: &str, values: &[Value]) -> Vec<Vec<u8>> {
+    let dir = std::env::temp_dir().join(unique("avro-schema"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("schema.avsc");
+    std::fs::write(&file, schema).expect("schema file");
+    let lines: Vec<String> = values.iter().map(Value::to_string).collect();
+    let schema_file = file.display().to_string();
+    python(
+        &["serialize", "--topic", topic, "--schema-file", &schema_file],
+        &lines,
+    )
+    .iter()
+    .map(|line| unhex(line))
+    .collect()
+}
+
+fn click(id: i64, v2: bool) -> Value {
+    let mut value = json!({"id": id, "user": format!("u{}", id % 7), "at": "2026-12-05T10:00:00Z"});
+    if v2 {
+        value["referrer"] = json!(format!("r{id}"));
+    }
+    value
+}
+
+fn ids_of(records: &[(String, String, BTreeMap<String, String>)]) -> Vec<i64> {
+    let mut ids: Vec<i64> = records
+        .iter()
+        .map(|(_, value, _)| {
+            serde_json::from_str::<Value>(value).expect("JSON output")["id"]
+                .as_i64()
+                .expect("id")
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_flow_poison_is_dead_lettered_and_a_registry_outage_loses_nothing() {
+    let name = unique("avro-src");
+    let mut h = Harness::new(&name, &manifest(&name), 2).await;
+    let topic = h.plan.source.topic.clone();
+    let subject = format!("{topic}-value");
+
+    // The producer's two versions, registered by its serializer.
+    let v1_records = serialized(
+        &topic,
+        CLICK_V1,
+        &(0..300).map(|i| click(i, false)).collect::<Vec<_>>(),
+    );
+    let v2_records = serialized(
+        &topic,
+        &click_v2(),
+        &(300..500).map(|i| click(i, true)).collect::<Vec<_>>(),
+    );
+    let (v1_id, _) = wire::split(&v1_records[0]).expect("framed");
+    let (v2_id, _) = wire::split(&v2_records[0]).expect("framed");
+    assert_ne!(v1_id, v2_id, "the serializer registered a second version");
+    let client = registry();
+    let registered = client.version(&subject, 2).await.expect("v2 registered");
+    assert_eq!(registered.id, v2_id);
+
+    // Poison of each kind, with what its dead letter must say.
+    let incompatible_id = client
+        .register(&format!("{topic}-incompatible-value"), CLICK_INCOMPATIBLE)
+        .await
+        .expect("register the incompatible writer");
+    let incompatible_shape =
+        Shape::new(AvroSchema::parse_str(CLICK_INCOMPATIBLE).unwrap()).unwrap();
+    let truncated = v1_records[1][..v1_records[1].len() - 1].to_vec();
+    let unknown = wire::frame(2_000_000_000, &v1_records[2][5..]);
+    let poison: Vec<(Vec<u8>, &str)> = vec![
+        (br#"{"id": 1, "user": "u1"}"#.to_vec(), "it looks like JSON"),
+        (truncated, "truncated"),
+        (unknown, "schema id 2000000000"),
+        (
+            encode(&json!({"id": "x"}), &incompatible_shape, incompatible_id).unwrap(),
+            "cannot be read as the reader schema",
+        ),
+    ];
+
+    // The stage reads with v1, through the gate.
+    let (address, path) = registry_address();
+    let gate = Gate::start(address);
+    let reader = AvroSchema::parse_str(CLICK_V1).unwrap();
+    h.plan.source.schema = contract::contract_of(&reader).expect("the contract of v1");
+    h.plan.source.avro = Some(PlanAvroSource {
+        registry_url: format!("http://127.0.0.1:{}{path}", gate.port),
+        subject: subject.clone(),
+        version: 1,
+        reader_schema: CLICK_V1.to_owned(),
+    });
+    std::fs::write(&h.plan_path, serde_json::to_vec_pretty(&h.plan).unwrap()).unwrap();
+
+    // v1 records with the poison among them, on both partitions.
+    let mut first: Vec<(String, Vec<u8>)> = v1_records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(1..=2).contains(i))
+        .map(|(i, bytes)| (format!("u{}", i % 7), bytes.clone()))
+        .collect();
+    for (n, (bytes, _)) in poison.iter().enumerate() {
+        first.insert(40 * (n + 1), (format!("u{n}"), bytes.clone()));
+    }
+    produce(&producer(&h.bootstrap), &topic, &first);
+    h.start("a", &[]);
+    h.wait_ready("a");
+    let out = h.sink_topic();
+    let expected_first: Vec<i64> = (0..300)
+        .filter(|i| i % 3 != 0 && !(1..=2).contains(i))
+        .collect();
+    let seen = read_committed(
+        &h.bootstrap,
+        &out,
+        expected_first.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    assert_eq!(ids_of(&seen), expected_first, "see {}", h.log("a"));
+    for (_, value, _) in &seen {
+        let value: Value = serde_json::from_str(value).unwrap();
+        assert!(
+            value["at"]
+                .as_str()
+                .is_some_and(|at| at.starts_with("2026-12-05T10:00:00")),
+            "timestamp-millis as RFC 3339: {value}"
+        );
+    }
+
+    // The registry cut off while records of v2 (an id the stage has not seen) arrive.
+    gate.shut();
+    let outage = Instant::now();
+    let second: Vec<(String, Vec<u8>)> = v2_records
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| (format!("u{}", (i + 300) % 7), bytes.clone()))
+        .collect();
+    produce(&producer(&h.bootstrap), &topic, &second);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.metric("a", "keystone_schema_registry_waiting") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stage never said it waits; see {}",
+            h.log("a")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
+    let during = read_committed(
+        &h.bootstrap,
+        &out,
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+    );
+    assert!(
+        ids_of(&during).iter().all(|id| *id < 300),
+        "nothing of v2 was read while the registry was away"
+    );
+    assert_eq!(h.metric("a", "keystone_schema_registry_waiting"), 1.0);
+    gate.reopen();
+
+    let expected_all: Vec<i64> = expected_first
+        .iter()
+        .copied()
+        .chain((300..500).filter(|i| i % 3 != 0))
+        .collect();
+    let seen = read_committed(
+        &h.bootstrap,
+        &out,
+        expected_all.len(),
+        Duration::from_secs(90),
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        ids_of(&seen),
+        expected_all,
+        "every event once; see {}",
+        h.log("a")
+    );
+    for (_, value, _) in &seen {
+        let value: Value = serde_json::from_str(value).unwrap();
+        assert!(
+            value.get("referrer").is_none(),
+            "read as the reader schema (v1): {value}"
+        );
+    }
+    assert_eq!(h.metric("a", "keystone_schema_registry_waiting"), 0.0);
+
+    // The poison and nothing else in the dead letters, each with its reason and offset.
+    let letters = read_committed(
+        &h.bootstrap,
+        &h.plan.dead_letter_topic,
+        poison.len(),
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert_eq!(letters.len(), poison.len(), "{letters:?}");
+    for (bytes, reason) in &poison {
+        let letter = letters
+            .iter()
+            .find(|(_, value, _)| *value == String::from_utf8_lossy(bytes))
+            .unwrap_or_else(|| {
+                panic!("no dead letter holds the poison expected to say {reason:?}: {letters:?}")
+            });
+        let headers = &letter.2;
+        assert!(
+            headers["keystone.reason"].contains(reason),
+            "{reason:?} in {headers:?}"
+        );
+        assert_eq!(headers["keystone.step"], "source");
+        assert_ne!(headers["keystone.offset"], "-1", "{headers:?}");
+    }
+    h.terminate("a");
+}
