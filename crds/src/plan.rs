@@ -147,6 +147,34 @@ pub struct PlanSink {
     #[serde(default)]
     pub schema: SchemaSpec,
     pub spec: SinkSpec,
+    /// A Kafka sink's values are written as Avro in the schema registry's
+    /// wire format; absent: JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<PlanAvroSink>,
+}
+
+/// How a Kafka sink writes Avro record values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanAvroSink {
+    /// The registry's API base URL. Credentials and a CA come from the
+    /// instance's environment, never from the plan.
+    pub registry_url: String,
+    /// The subject the records' schema is registered under.
+    pub subject: String,
+    pub writer: PlanAvroWriter,
+}
+
+/// The schema a Kafka sink writes with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PlanAvroWriter {
+    /// This schema (derived from the output contract), registered under the
+    /// subject when an instance starts; the registry answers with the id it
+    /// already has when the schema is registered.
+    Register { schema: String },
+    /// A registered version of the subject, as registered.
+    Version { version: u32 },
 }
 
 /// What a topic is for.

@@ -116,6 +116,7 @@ fn plan_sink(bed: &Testbed, namespace: &str, table: &str) -> PlanSink {
             }),
             parquet: None,
         },
+        avro: None,
     }
 }
 

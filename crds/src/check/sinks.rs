@@ -245,6 +245,7 @@ impl Checker<'_> {
                 key,
                 schema: stream.schema.to_spec(),
                 spec: SinkSpec::clone(sink),
+                avro: None,
             });
         }
         sinks

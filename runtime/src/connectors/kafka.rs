@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use keystone_avro::Shape;
 use keystone_crds::checkpoint::ReplaySuppression;
 use keystone_crds::plan::PlanSink;
 use prometheus::IntCounter;
@@ -16,7 +17,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::Message;
 
 use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
-use crate::event::{FieldPath, Provenance};
+use crate::event::{DeadLetter, FieldPath, Provenance};
 use crate::kafka::outbox::Outbox;
 use crate::kafka::records::{provenance_headers, provenance_of, record_key};
 use crate::kafka::{TransportError, restore};
@@ -27,6 +28,28 @@ pub struct KafkaSink {
     key: Vec<FieldPath>,
     outbox: Arc<Outbox>,
     suppression: Suppression,
+    /// Values written as Avro (the registry's wire format) instead of JSON.
+    avro: Option<AvroWriter>,
+}
+
+/// Writes events as Avro records of one registered schema.
+pub struct AvroWriter {
+    shape: Shape,
+    id: u32,
+}
+
+impl AvroWriter {
+    /// Records of `shape`'s schema, registered as `id`.
+    pub fn new(shape: Shape, id: u32) -> Self {
+        Self { shape, id }
+    }
+
+    /// The framed record of an event (its JSON form), or why the event does
+    /// not fit the schema.
+    pub fn encode(&self, json: &[u8]) -> Result<Vec<u8>, String> {
+        let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        keystone_avro::encode(&value, &self.shape, self.id).map_err(|e| e.to_string())
+    }
 }
 
 impl KafkaSink {
@@ -36,6 +59,7 @@ impl KafkaSink {
         outbox: Arc<Outbox>,
         delivered: HashSet<Provenance>,
         suppressed: IntCounter,
+        avro: Option<AvroWriter>,
     ) -> Option<Self> {
         let kafka = sink.spec.kafka.as_ref()?;
         // The sink's own key fields, else the stream's key at the sink.
@@ -54,6 +78,7 @@ impl KafkaSink {
                 suppressed,
                 reported_all: false,
             },
+            avro,
         })
     }
 
@@ -71,16 +96,34 @@ impl Sink for KafkaSink {
         Guarantee::Transactional
     }
 
-    fn write(&mut self, record: &SinkRecord<'_>, _: &mut SinkOutput) -> Result<(), SinkError> {
+    fn write(&mut self, record: &SinkRecord<'_>, out: &mut SinkOutput) -> Result<(), SinkError> {
         if self.suppression.holds(record.event.source) {
             return Ok(());
         }
+        let encoded;
+        let value = match &self.avro {
+            None => record.value,
+            Some(writer) => match writer.encode(record.value) {
+                Ok(bytes) => {
+                    encoded = bytes;
+                    encoded.as_slice()
+                }
+                Err(reason) => {
+                    out.dead_letters.push(DeadLetter {
+                        step: format!("sink:{}", self.name),
+                        reason: format!("sink {}: {reason}", self.name),
+                        original: record.event.raw.clone(),
+                    });
+                    return Ok(());
+                }
+            },
+        };
         let key = record_key(record.event, &self.key);
         self.outbox
             .send(
                 &self.topic,
                 key.as_deref(),
-                Some(record.value),
+                Some(value),
                 None,
                 provenance_headers(record.event.source),
             )
@@ -191,5 +234,23 @@ mod tests {
         assert!(!suppression.holds(None));
         assert_eq!(suppression.suppressed.get(), 1);
         assert!(suppression.reported_all);
+    }
+
+    #[test]
+    fn avro_records_carry_the_registered_id_and_what_does_not_fit_is_refused() {
+        let schema = keystone_avro::AvroSchema::parse_str(
+            r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#,
+        )
+        .expect("schema");
+        let writer = super::AvroWriter::new(keystone_avro::Shape::new(schema).expect("shape"), 42);
+        let framed = writer.encode(br#"{"id": 7}"#).expect("fits");
+        assert_eq!(
+            framed, b"\x00\x00\x00\x00\x2a\x0e",
+            "magic, id 42, zig-zag 7"
+        );
+        let refused = writer
+            .encode(br#"{"id": "seven"}"#)
+            .expect_err("does not fit");
+        assert!(refused.contains("id"), "{refused}");
     }
 }

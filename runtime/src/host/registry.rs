@@ -1,20 +1,26 @@
-//! The schema registry, for a stage whose source values are Avro
-//! (`plan.source.avro`): before a polled batch is parsed, the writer schemas
-//! it names are fetched (once each, then kept). A registry that cannot answer
-//! is no record's fault: the batch is not parsed, its partitions are read
-//! again from its first records after a backoff, and nothing is dead-lettered
-//! or skipped; the stage says it waits in its log and its metrics.
+//! The schema registry, for a stage that reads or writes Avro.
+//!
+//! Reading (`plan.source.avro`): before a polled batch is parsed, the writer
+//! schemas it names are fetched (once each, then kept). A registry that
+//! cannot answer is no record's fault: the batch is not parsed, its
+//! partitions are read again from its first records after a backoff, and
+//! nothing is dead-lettered or skipped; the stage says it waits in its log
+//! and its metrics.
+//!
+//! Writing (`plan.sinks[].avro`): a sink's schema is registered (or a pinned
+//! version looked up) when the instance starts, before it is ready.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use keystone_avro::registry::{Auth, Registry, RegistryConfig, RegistryError};
+use keystone_avro::registry::{Auth, Registry, RegistryConfig, RegistryError, until_available};
 use keystone_avro::{AvroSchema, Shape};
-use keystone_crds::plan::PlanAvroSource;
+use keystone_crds::plan::{PlanAvroSink, PlanAvroSource, PlanAvroWriter};
 
 use super::process::Records;
+use crate::connectors::kafka::AvroWriter;
 use crate::kafka::avro::AvroDecoder;
 
 /// Basic auth: the user name (the password in the next two).
@@ -54,37 +60,15 @@ impl SchemaFetcher {
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&str) -> std::io::Result<Vec<u8>>,
     ) -> Result<Self, String> {
-        let reader = AvroSchema::parse_str(&avro.reader_schema).map_err(|e| {
+        let which = |e: &dyn std::fmt::Display| {
             format!(
                 "the plan's reader schema ({} version {}): {e}",
                 avro.subject, avro.version
             )
-        })?;
-        let shape = Shape::new(reader).map_err(|e| {
-            format!(
-                "the plan's reader schema ({} version {}): {e}",
-                avro.subject, avro.version
-            )
-        })?;
-        let config = RegistryConfig {
-            url: avro.registry_url.clone(),
-            auth: auth_from(&env, &read_file)?,
-            ca_pem: match env(ENV_REGISTRY_CA_FILE).filter(|p| !p.is_empty()) {
-                Some(path) => Some(
-                    read_file(&path).map_err(|e| format!("{ENV_REGISTRY_CA_FILE}={path}: {e}"))?,
-                ),
-                None => None,
-            },
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("starting the schema registry client: {e}"))?;
-        // The client's connection pool belongs to the runtime it is used on.
-        let registry = {
-            let _entered = runtime.enter();
-            Registry::new(&config).map_err(|e| e.to_string())?
-        };
+        let reader = AvroSchema::parse_str(&avro.reader_schema).map_err(|e| which(&e))?;
+        let shape = Shape::new(reader).map_err(|e| which(&e))?;
+        let (runtime, registry) = client(&avro.registry_url, &env, &read_file)?;
         Ok(Self {
             decoder: Arc::new(AvroDecoder::new(shape)),
             registry,
@@ -136,6 +120,77 @@ impl SchemaFetcher {
         self.backoff = None;
         Ok(())
     }
+}
+
+/// A registry client for `url`, with credentials and a CA from the
+/// environment, and the runtime it runs on (the stage's loop is not async).
+fn client(
+    url: &str,
+    env: &impl Fn(&str) -> Option<String>,
+    read_file: &impl Fn(&str) -> std::io::Result<Vec<u8>>,
+) -> Result<(tokio::runtime::Runtime, Registry), String> {
+    let config = RegistryConfig {
+        url: url.to_owned(),
+        auth: auth_from(env, read_file)?,
+        ca_pem: match env(ENV_REGISTRY_CA_FILE).filter(|p| !p.is_empty()) {
+            Some(path) => {
+                Some(read_file(&path).map_err(|e| format!("{ENV_REGISTRY_CA_FILE}={path}: {e}"))?)
+            }
+            None => None,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the schema registry client: {e}"))?;
+    // The client's connection pool belongs to the runtime it is used on.
+    let registry = {
+        let _entered = runtime.enter();
+        Registry::new(&config).map_err(|e| e.to_string())?
+    };
+    Ok((runtime, registry))
+}
+
+/// The schema and id a Kafka sink writes with (`plan.sinks[].avro`): its
+/// schema registered under the subject, or a pinned version looked up. While
+/// the registry cannot answer, the instance waits (it is not ready yet);
+/// a refusal (an incompatible schema, a version that does not exist, bad
+/// credentials) ends it with the registry's reason.
+pub(super) fn sink_writer(
+    sink: &str,
+    avro: &PlanAvroSink,
+    env: impl Fn(&str) -> Option<String>,
+    read_file: impl Fn(&str) -> std::io::Result<Vec<u8>>,
+) -> Result<AvroWriter, String> {
+    let (runtime, registry) = client(&avro.registry_url, &env, &read_file)?;
+    let waiting = |error: &RegistryError, retry_in: Duration| {
+        tracing::warn!(sink, %error, ?retry_in, "waiting for the schema registry before writing");
+    };
+    let subject = avro.subject.as_str();
+    let (id, schema) = runtime
+        .block_on(async {
+            match &avro.writer {
+                PlanAvroWriter::Register { schema } => {
+                    let parsed =
+                        AvroSchema::parse_str(schema).map_err(|e| RegistryError::NotAvro {
+                            what: format!("the schema of sink {sink}"),
+                            reason: e.to_string(),
+                        })?;
+                    let id =
+                        until_available(|| registry.register(subject, schema), waiting).await?;
+                    Ok((id, parsed))
+                }
+                PlanAvroWriter::Version { version } => {
+                    let registered =
+                        until_available(|| registry.version(subject, *version), waiting).await?;
+                    Ok((registered.id, AvroSchema::clone(&registered.schema)))
+                }
+            }
+        })
+        .map_err(|e: RegistryError| format!("sink {sink}, subject {subject}: {e}"))?;
+    let shape = Shape::new(schema).map_err(|e| format!("sink {sink}, subject {subject}: {e}"))?;
+    tracing::info!(sink, subject, id, "writing Avro with the registered schema");
+    Ok(AvroWriter::new(shape, id))
 }
 
 /// Basic auth or a bearer token from the environment, if either is set.

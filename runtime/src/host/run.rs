@@ -33,7 +33,7 @@ use crate::host::commit::COMMIT_RETRIES;
 use crate::host::http::Control;
 use crate::host::process::{Core, Records, Route, StateSource};
 use crate::host::rebalance::ConsumerCtx;
-use crate::host::registry::SchemaFetcher;
+use crate::host::registry::{SchemaFetcher, sink_writer};
 use crate::host::restore::{ActiveRestore, restore_applied_everywhere};
 use crate::host::sinks::Sinks;
 use crate::host::tables::Tables;
@@ -463,6 +463,20 @@ fn build_sinks(
         )?,
         None => HashMap::new(),
     };
+    // Avro sinks' schemas, registered (or looked up) before anything is written.
+    let mut writers = HashMap::new();
+    for sink in &plan.sinks {
+        if let Some(avro) = &sink.avro {
+            let writer = sink_writer(
+                &sink.name,
+                avro,
+                |name| std::env::var(name).ok(),
+                |path| std::fs::read(path),
+            )
+            .map_err(ServeError::Registry)?;
+            writers.insert(sink.name.clone(), writer);
+        }
+    }
     let metrics = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
     let context = SinkContext {
         registry: metrics.registry(),
@@ -479,11 +493,17 @@ fn build_sinks(
                 .unwrap_or_default();
             let suppressed = metrics.suppressed_records.with_label_values(&[topic]);
             let held = delivered.remove(topic).unwrap_or_default();
-            KafkaSink::new(sink, outbox.clone(), held, suppressed)
-                .map(|sink| Box::new(sink) as Box<dyn Sink>)
-                .ok_or_else(|| connectors::SinkError::NoKind {
-                    sink: sink.name.clone(),
-                })
+            KafkaSink::new(
+                sink,
+                outbox.clone(),
+                held,
+                suppressed,
+                writers.remove(&sink.name),
+            )
+            .map(|sink| Box::new(sink) as Box<dyn Sink>)
+            .ok_or_else(|| connectors::SinkError::NoKind {
+                sink: sink.name.clone(),
+            })
         })?);
     }
     // Other sinks find what they hold themselves, from where the input replays.

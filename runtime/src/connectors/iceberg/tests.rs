@@ -190,6 +190,7 @@ fn plan_sink(partition_by: &[&str], commit_interval: u64) -> PlanSink {
             }),
             parquet: None,
         },
+        avro: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn plan_sink(dir: &Path, partition_by: &[&str]) -> PlanSink {
                 credentials_secret: None,
             }),
         },
+        avro: None,
     }
 }
 

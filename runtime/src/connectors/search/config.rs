@@ -321,6 +321,7 @@ pub(crate) mod testing {
                 iceberg: None,
                 parquet: None,
             },
+            avro: None,
         }
     }
 }
