@@ -12,7 +12,11 @@
 //!   partition goes on;
 //! - the registry cut off for 30 s while records of a writer schema the stage
 //!   has not seen arrive: the stage waits (its metric says so), dead-letters
-//!   nothing, and once the registry answers again everything arrives, once.
+//!   nothing, and once the registry answers again everything arrives, once;
+//! - Kafka sinks writing Avro (`plan.sinks[].avro`): one registers the schema
+//!   derived from the output contract, one writes with a pinned version of
+//!   the subject; confluent-kafka's `AvroDeserializer` reads both topics back
+//!   field by field.
 //!
 //! The registry is reached through a gate in this test (a TCP forwarder that
 //! can refuse and cut connections): Apicurio keeps its schemas in memory, so
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use avro_support::{python, registry, unhex, var};
 use keystone_avro::{AvroSchema, Shape, contract, encode, wire};
-use keystone_crds::plan::PlanAvroSource;
+use keystone_crds::plan::{PlanAvroSink, PlanAvroSource, PlanAvroWriter};
 use runtime_support::*;
 use serde_json::{Value, json};
 
@@ -367,6 +371,124 @@ async fn avro_records_flow_poison_is_dead_lettered_and_a_registry_outage_loses_n
         );
         assert_eq!(headers["keystone.step"], "source");
         assert_ne!(headers["keystone.offset"], "-1", "{headers:?}");
+    }
+    h.terminate("a");
+}
+
+fn json_source_manifest(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  source:
+    topic: {name}.in
+    key: [user]
+    schema:
+      fields:
+        - {{name: id, type: integer}}
+        - {{name: user, type: string}}
+        - {{name: at, type: timestamp}}
+        - {{name: note, type: string, optional: true}}
+  steps:
+    - name: keep
+      filter: {{expression: 'id % 3 != 0'}}
+  sinks:
+    - name: out
+      kafka: {{topic: {name}.out, partitions: 2}}
+    - name: pinned
+      kafka: {{topic: {name}.pinned, partitions: 1}}
+  delivery: ExactlyOnce
+  commitInterval: 300ms
+"#
+    )
+}
+
+#[tokio::test]
+async fn avro_sinks_register_the_output_contracts_schema_and_python_reads_them_field_by_field() {
+    let name = unique("avro-sink");
+    let mut h = Harness::new(&name, &json_source_manifest(&name), 2).await;
+    let registry_url = var("KEYSTONE_TESTBED_REGISTRY_URL");
+    let out = h.plan.sinks[0].spec.kafka.as_ref().unwrap().topic.clone();
+    let pinned = h.plan.sinks[1].spec.kafka.as_ref().unwrap().topic.clone();
+    let subject = format!("{out}-value");
+    // `out` registers the schema derived from the output contract; `pinned`
+    // writes with version 1 of the same subject, as registered.
+    let derived =
+        contract::schema_for_output(&h.plan.sinks[0].schema, "dev.keystone.e2e", "clicks")
+            .expect("a schema from the output contract");
+    h.plan.sinks[0].avro = Some(PlanAvroSink {
+        registry_url: registry_url.clone(),
+        subject: subject.clone(),
+        writer: PlanAvroWriter::Register {
+            schema: derived.text.clone(),
+        },
+    });
+    h.plan.sinks[1].avro = Some(PlanAvroSink {
+        registry_url,
+        subject: subject.clone(),
+        writer: PlanAvroWriter::Version { version: 1 },
+    });
+    std::fs::write(&h.plan_path, serde_json::to_vec_pretty(&h.plan).unwrap()).unwrap();
+
+    let input: Vec<(String, String)> = (0..120)
+        .map(|i: i64| {
+            let mut value =
+                json!({"id": i, "user": format!("u{}", i % 5), "at": "2026-12-05T10:00:00.123Z"});
+            if i % 2 == 0 {
+                value["note"] = json!(format!("n{i}"));
+            }
+            (format!("u{}", i % 5), value.to_string())
+        })
+        .collect();
+    produce(&producer(&h.bootstrap), &h.plan.source.topic, &input);
+    h.start("a", &[]);
+    h.wait_ready("a");
+    let registered = registry()
+        .version(&subject, 1)
+        .await
+        .expect("the sink registered its schema");
+    assert_eq!(
+        *registered.schema, derived.schema,
+        "the registered schema is the derived one"
+    );
+
+    let expected: Vec<Value> = (0..120)
+        .filter(|i| i % 3 != 0)
+        .map(|i: i64| {
+            json!({
+                "id": i,
+                "user": format!("u{}", i % 5),
+                // timestamp-micros, read by the deserializer in UTC.
+                "at": "2026-12-05T10:00:00.123000+00:00",
+                "note": (i % 2 == 0).then(|| format!("n{i}")),
+            })
+        })
+        .collect();
+    for topic in [&out, &pinned] {
+        let records = read_committed_bytes(
+            &h.bootstrap,
+            topic,
+            expected.len(),
+            Duration::from_secs(60),
+            Duration::from_secs(2),
+        );
+        assert_eq!(records.len(), expected.len(), "{topic}; see {}", h.log("a"));
+        for (_, value, _) in &records {
+            let (id, _) = wire::split(value).expect("the wire format");
+            assert_eq!(id, registered.id, "{topic}: written with the registered id");
+        }
+        let hex_values: Vec<String> = records
+            .iter()
+            .map(|(_, value, _)| avro_support::hex(value))
+            .collect();
+        let mut read: Vec<Value> = python(&["deserialize", "--topic", topic], &hex_values)
+            .iter()
+            .map(|line| serde_json::from_str(line).expect("JSON"))
+            .collect();
+        read.sort_by_key(|v| v["id"].as_i64());
+        assert_eq!(read, expected, "{topic}: field by field");
     }
     h.terminate("a");
 }

@@ -345,6 +345,29 @@ pub fn read_committed(
     within: Duration,
     quiet: Duration,
 ) -> Vec<(String, String, BTreeMap<String, String>)> {
+    read_committed_bytes(bootstrap, topic, expected, within, quiet)
+        .into_iter()
+        .map(|(key, value, headers)| {
+            (
+                String::from_utf8_lossy(&key).into_owned(),
+                String::from_utf8_lossy(&value).into_owned(),
+                headers,
+            )
+        })
+        .collect()
+}
+
+/// A record's key, value and headers, the key and value as they are.
+pub type RawRecord = (Vec<u8>, Vec<u8>, BTreeMap<String, String>);
+
+/// As [`read_committed`], keys and values as they are (binary values: Avro).
+pub fn read_committed_bytes(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    within: Duration,
+    quiet: Duration,
+) -> Vec<RawRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("e2e-reader"))
@@ -380,8 +403,8 @@ pub fn read_committed(
                 }
             }
             records.push((
-                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                message.key().unwrap_or_default().to_vec(),
+                message.payload().unwrap_or_default().to_vec(),
                 headers,
             ));
             last_record = Instant::now();
