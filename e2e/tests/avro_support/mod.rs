@@ -23,6 +23,9 @@ pub fn registry() -> Registry {
     .expect("registry client")
 }
 
+/// How long one run of the Python client may take.
+const PYTHON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Runs `e2e/readers/avro_registry.py` with `args` (and the testbed's
 /// registry, for the modes that use one), `input` lines on stdin; its stdout
 /// lines.
@@ -39,6 +42,20 @@ pub fn python(args: &[&str], input: &[String]) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python");
+    // A client that hangs (it did once, on its first registry call) fails
+    // the test with what it printed instead of holding the suite.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (finished, finishing) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let timed_out = matches!(
+            finishing.recv_timeout(PYTHON_TIMEOUT),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        if timed_out {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        timed_out
+    });
     {
         let mut stdin = child.stdin.take().expect("stdin");
         for line in input {
@@ -46,6 +63,13 @@ pub fn python(args: &[&str], input: &[String]) -> Vec<String> {
         }
     }
     let output = child.wait_with_output().expect("python ran");
+    drop(finished);
+    let timed_out = watchdog.join().expect("watchdog");
+    assert!(
+        !timed_out,
+        "avro_registry.py {args:?} did not finish within {PYTHON_TIMEOUT:?}; it printed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(
         output.status.success(),
         "avro_registry.py {args:?}: {}",
