@@ -61,7 +61,10 @@ const CLICK_INCOMPATIBLE: &str = r#"{"type": "record", "name": "Click", "namespa
   {"name": "id", "type": "string"}
 ]}"#;
 
-fn manifest(name: &str) -> String {
+/// A pipeline keeping the events whose `id` is not a multiple of 3, from
+/// `<name>.in` (the fields the steps read, and `extra_fields`) into `sinks`
+/// (YAML list items).
+fn manifest(name: &str, extra_fields: &str, sinks: &str) -> String {
     format!(
         r#"
 apiVersion: keystone.dev/v1alpha1
@@ -75,12 +78,12 @@ spec:
       fields:
         - {{name: id, type: integer}}
         - {{name: user, type: string}}
+{extra_fields}
   steps:
     - name: keep
       filter: {{expression: 'id % 3 != 0'}}
   sinks:
-    - name: out
-      kafka: {{topic: {name}.out, partitions: 2}}
+{sinks}
   delivery: ExactlyOnce
   commitInterval: 300ms
 "#
@@ -200,7 +203,16 @@ fn ids_of(records: &[(String, String, BTreeMap<String, String>)]) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avro_records_flow_poison_is_dead_lettered_and_a_registry_outage_loses_nothing() {
     let name = unique("avro-src");
-    let mut h = Harness::new(&name, &manifest(&name), 2).await;
+    let mut h = Harness::new(
+        &name,
+        &manifest(
+            &name,
+            "",
+            &format!("    - {{name: out, kafka: {{topic: {name}.out, partitions: 2}}}}"),
+        ),
+        2,
+    )
+    .await;
     let topic = h.plan.source.topic.clone();
     let subject = format!("{topic}-value");
 
@@ -376,40 +388,20 @@ async fn avro_records_flow_poison_is_dead_lettered_and_a_registry_outage_loses_n
     h.terminate("a");
 }
 
-fn json_source_manifest(name: &str) -> String {
-    format!(
-        r#"
-apiVersion: keystone.dev/v1alpha1
-kind: Pipeline
-metadata: {{name: {name}, namespace: e2e}}
-spec:
-  source:
-    topic: {name}.in
-    key: [user]
-    schema:
-      fields:
-        - {{name: id, type: integer}}
-        - {{name: user, type: string}}
-        - {{name: at, type: timestamp}}
-        - {{name: note, type: string, optional: true}}
-  steps:
-    - name: keep
-      filter: {{expression: 'id % 3 != 0'}}
-  sinks:
-    - name: out
-      kafka: {{topic: {name}.out, partitions: 2}}
-    - name: pinned
-      kafka: {{topic: {name}.pinned, partitions: 1}}
-  delivery: ExactlyOnce
-  commitInterval: 300ms
-"#
-    )
-}
-
 #[tokio::test]
 async fn avro_sinks_write_the_contracts_schema_and_read_back_field_by_field() {
     let name = unique("avro-sink");
-    let mut h = Harness::new(&name, &json_source_manifest(&name), 2).await;
+    let mut h = Harness::new(
+        &name,
+        &manifest(
+            &name,
+            "        - {name: at, type: timestamp}\n        - {name: note, type: string, optional: true}",
+            &format!(
+                "    - {{name: out, kafka: {{topic: {name}.out, partitions: 2}}}}\n    - {{name: pinned, kafka: {{topic: {name}.pinned, partitions: 1}}}}"
+            ),
+        ),
+        2,
+    ).await;
     let registry_url = var("KEYSTONE_TESTBED_REGISTRY_URL");
     let out = h.plan.sinks[0].spec.kafka.as_ref().unwrap().topic.clone();
     let pinned = h.plan.sinks[1].spec.kafka.as_ref().unwrap().topic.clone();

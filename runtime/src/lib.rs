@@ -28,6 +28,7 @@ pub mod local;
 pub mod operator;
 pub mod ops;
 pub mod schema;
+pub mod secret;
 pub mod state;
 pub mod task;
 

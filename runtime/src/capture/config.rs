@@ -89,12 +89,13 @@ pub fn user(
 /// The password: from the file named by `KEYSTONE_POSTGRES_PASSWORD_FILE`,
 /// else `KEYSTONE_POSTGRES_PASSWORD`, else empty (trust authentication).
 pub fn password(env: impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    match env(ENV_PASSWORD_FILE).filter(|p| !p.is_empty()) {
-        Some(path) => std::fs::read_to_string(&path)
-            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
-            .map_err(|e| format!("{ENV_PASSWORD_FILE}={path}: {e}")),
-        None => Ok(env(ENV_PASSWORD).unwrap_or_default()),
-    }
+    crate::secret::from_env_or_file(
+        &env,
+        &|path: &str| std::fs::read_to_string(path),
+        ENV_PASSWORD,
+        ENV_PASSWORD_FILE,
+    )
+    .map(Option::unwrap_or_default)
 }
 
 #[cfg(test)]

@@ -198,20 +198,11 @@ fn auth_from(
     env: &impl Fn(&str) -> Option<String>,
     read_file: &impl Fn(&str) -> std::io::Result<Vec<u8>>,
 ) -> Result<Option<Auth>, String> {
-    let secret = |variable: &str, file_variable: &str| -> Result<Option<String>, String> {
-        match env(file_variable).filter(|p| !p.is_empty()) {
-            Some(path) => read_file(&path)
-                .map(|bytes| {
-                    // A Secret written by hand often ends with a newline.
-                    Some(
-                        String::from_utf8_lossy(&bytes)
-                            .trim_end_matches(['\r', '\n'])
-                            .to_owned(),
-                    )
-                })
-                .map_err(|e| format!("{file_variable}={path}: {e}")),
-            None => Ok(env(variable).filter(|v| !v.is_empty())),
-        }
+    let as_text =
+        |path: &str| read_file(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    let secret = |var: &str, file_var: &str| {
+        crate::secret::from_env_or_file(env, &as_text, var, file_var)
+            .map(|value| value.filter(|v| !v.is_empty()))
     };
     let username = env(ENV_REGISTRY_USERNAME).filter(|u| !u.is_empty());
     let token = secret(ENV_REGISTRY_TOKEN, ENV_REGISTRY_TOKEN_FILE)?;

@@ -88,15 +88,15 @@ pub fn sasl_credentials(
     let Some(username) = env(ENV_SASL_USERNAME).filter(|s| !s.is_empty()) else {
         return Ok(Vec::new());
     };
-    let password = match env(ENV_SASL_PASSWORD_FILE).filter(|s| !s.is_empty()) {
-        Some(path) => read_file(&path)
-            // A Secret written by hand often ends with a newline the broker never saw.
-            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
-            .map_err(|e| format!("{ENV_SASL_PASSWORD_FILE}={path}: {e}"))?,
-        None => env(ENV_SASL_PASSWORD).ok_or_else(|| {
-            format!("{ENV_SASL_USERNAME} is set but neither {ENV_SASL_PASSWORD} nor {ENV_SASL_PASSWORD_FILE} is")
-        })?,
-    };
+    let password = crate::secret::from_env_or_file(
+        &env,
+        &read_file,
+        ENV_SASL_PASSWORD,
+        ENV_SASL_PASSWORD_FILE,
+    )?
+    .ok_or_else(|| {
+        format!("{ENV_SASL_USERNAME} is set but neither {ENV_SASL_PASSWORD} nor {ENV_SASL_PASSWORD_FILE} is")
+    })?;
     Ok(vec![
         ("sasl.username".to_owned(), username),
         ("sasl.password".to_owned(), password),
