@@ -249,7 +249,10 @@ def main():
     if args.mode in ("write-container", "read-container"):
         containers(args, fastavro)
         return
-    client = SchemaRegistryClient({"url": args.registry})
+    # httpx waits for ever by default; a request Apicurio leaves unanswered
+    # (seen now and then, just after its 404 for an `associations` lookup) is
+    # then retried by the client (timeouts are among its retriable errors).
+    client = SchemaRegistryClient({"url": args.registry, "timeout": 10})
     ctx = SerializationContext(args.topic, MessageField.KEY if args.key else MessageField.VALUE)
     out = sys.stdout
     n = 0
