@@ -18,8 +18,8 @@ pub mod upgrade;
 pub mod validate;
 
 pub use check::{
-    ContractError, ContractErrors, ErrorKind, check_processor, compile, compile_capture,
-    compile_with_source,
+    ContractError, ContractErrors, ErrorKind, RegisteredSource, SourceFacts, check_processor,
+    compile, compile_capture, compile_with_facts, compile_with_source,
 };
 pub use diagnostic::Diagnostic;
 pub use duration::Duration;

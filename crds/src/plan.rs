@@ -42,6 +42,12 @@ pub struct Plan {
     /// (`spec.source.http`), run by its own instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<crate::pipeline::http::HttpSourceSpec>,
+    /// The schema registry of the Avro source and sinks, with the Secrets
+    /// its credentials and CA are read from (`spec.schemaRegistry`, or the
+    /// source cluster's in the operator's configuration). Set by whoever
+    /// resolves the Avro schemas (the operator, `check`), not by the checker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_registry: Option<crate::pipeline::avro::SchemaRegistrySpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ impl<'a> Checker<'a> {
         if let Some(http) = &source.http {
             return ingest_schema(&source.schema, http);
         }
+        if let Some(registered) = self.avro_source() {
+            return self.avro_source_schema(registered);
+        }
         let Some(postgres) = &source.postgres else {
             return source.schema.clone();
         };
@@ -99,6 +102,7 @@ impl<'a> Checker<'a> {
             topics: vec![self.source_topic()],
             capture: self.capture_config(),
             ingest: None,
+            schema_registry: None,
         }
     }
 

@@ -15,6 +15,7 @@ use crate::plan::Plan;
 use crate::processor::Processor;
 use crate::schema::{FieldType, Schema};
 
+mod avro;
 mod capture;
 mod contracts;
 mod expressions;
@@ -27,6 +28,7 @@ mod steps;
 mod topics;
 mod typing;
 
+pub use avro::RegisteredSource;
 pub use contracts::check_processor;
 pub use expressions::{EVENT_VARIABLE, compile_bounded, expression_variables, parse_error_message};
 pub use graph::{CycleError, PipelineId, topic_cycles};
@@ -158,6 +160,8 @@ struct Checker<'a> {
     /// `postgres` source: its columns join the source schema, and the
     /// declared fields are checked against it.
     source_table: Option<&'a SourceTable>,
+    /// The registered schema an Avro source is read with.
+    registered_source: Option<&'a RegisteredSource>,
     processors: BTreeMap<&'a str, &'a Processor>,
     errors: Vec<ContractError>,
     namespace: String,
@@ -184,7 +188,36 @@ pub fn compile_with_source(
     processors: &[Processor],
     source_table: Option<&SourceTable>,
 ) -> Result<Plan, ContractErrors> {
-    Checker::new(pipeline, processors, source_table).finish(Checker::run)
+    compile_with_facts(
+        pipeline,
+        processors,
+        &SourceFacts {
+            table: source_table,
+            registered: None,
+        },
+    )
+}
+
+/// What is known about the source besides its manifest: the table a
+/// capture described, the registered schema an Avro source is read with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SourceFacts<'a> {
+    pub table: Option<&'a SourceTable>,
+    pub registered: Option<&'a RegisteredSource>,
+}
+
+/// [`compile`], with what is known about the source: a `format: avro`
+/// source's schema is then the registered schema's, and every step is
+/// checked against what producers really send. Without it the declared
+/// schema stands in.
+pub fn compile_with_facts(
+    pipeline: &Pipeline,
+    processors: &[Processor],
+    facts: &SourceFacts<'_>,
+) -> Result<Plan, ContractErrors> {
+    Checker::new(pipeline, processors, facts.table)
+        .with_registered(facts.registered)
+        .finish(Checker::run)
 }
 
 /// The plan of a `postgres` source's capture alone (its topic and
@@ -205,6 +238,7 @@ impl<'a> Checker<'a> {
         Checker {
             pipeline,
             source_table,
+            registered_source: None,
             processors: processors
                 .iter()
                 .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p)))
@@ -215,6 +249,11 @@ impl<'a> Checker<'a> {
             missing_reported: BTreeMap::new(),
             processors_reported: BTreeSet::new(),
         }
+    }
+
+    fn with_registered(mut self, registered: Option<&'a RegisteredSource>) -> Self {
+        self.registered_source = registered;
+        self
     }
 
     fn finish(mut self, build: impl FnOnce(&mut Self) -> Plan) -> Result<Plan, ContractErrors> {

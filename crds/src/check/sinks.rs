@@ -168,6 +168,14 @@ impl Checker<'_> {
                     &sink.name,
                     "sink",
                 );
+                if kafka.avro.is_some() && kafka.format != crate::pipeline::Format::Avro {
+                    self.error(
+                        ErrorKind::InvalidSink,
+                        format!("{path}.kafka.avro"),
+                        Some(&sink.name),
+                        "avro is written only with format: avro",
+                    );
+                }
                 if kafka.topic == spec.source.topic && kafka.cluster == spec.source.cluster {
                     self.error(
                         ErrorKind::TopicCycle,

@@ -28,15 +28,16 @@ impl Checker<'_> {
             removed_by: BTreeMap::new(),
         };
         self.check_capture(&stream.schema);
+        self.check_avro_source();
         // Without the database a capture's columns are unknown: the operator
         // adds them from the table, an offline check needs them declared.
         let columns_unknown = source.postgres.is_some() && self.captured_table().is_none();
         for (i, key_field) in source_key.iter().enumerate() {
             if stream.schema.get(key_field).is_none() {
                 let hint = if columns_unknown {
-                    "; the operator adds the table's columns once the capture has described it, so declare the key to check without the database"
+                    "; the operator adds the table's columns once the capture has described it, so declare the key to check without the database".to_owned()
                 } else {
-                    ""
+                    self.source_origin_note()
                 };
                 self.error(
                     ErrorKind::MissingField,
@@ -309,6 +310,7 @@ impl Checker<'_> {
             topics,
             capture: self.capture_config(),
             ingest: source.http.clone(),
+            schema_registry: None,
         }
     }
 }

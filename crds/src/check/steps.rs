@@ -376,10 +376,11 @@ impl<'a> Checker<'a> {
                             requirement.field_type, requirement.purpose, removal.by, removal.remedy
                         ),
                         None => format!(
-                            "needs field {field:?} ({}) for {}, but it does not reach this step; available: {}",
+                            "needs field {field:?} ({}) for {}, but it does not reach this step; available: {}{}",
                             requirement.field_type,
                             requirement.purpose,
-                            stream.schema.describe()
+                            stream.schema.describe(),
+                            self.source_origin_note()
                         ),
                     };
                     self.missing_reported

@@ -11,6 +11,7 @@ use crate::duration::Duration;
 use crate::ops::OperatorSpec;
 use crate::schema::SchemaSpec;
 
+pub mod avro;
 pub mod capture;
 pub mod http;
 pub mod partitioning;
@@ -128,6 +129,10 @@ pub struct PipelineSpec {
     /// lets each event round the loop a bounded number of times, say).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_topic_cycles: bool,
+    /// The schema registry of the Avro source and sinks (`format: avro`); the
+    /// Kafka cluster's registry in the operator's configuration when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_registry: Option<avro::SchemaRegistrySpec>,
     /// How changes to a running pipeline are rolled out.
     #[serde(default)]
     pub upgrade: UpgradeSpec,
@@ -187,6 +192,8 @@ fn default_true() -> bool {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!(has(self.postgres) && has(self.http))",
      "message": "set at most one of postgres and http: each writes the source topic"},
+    {"rule": "!has(self.avro) || (has(self.format) && self.format == 'avro')",
+     "message": "avro is read only with format: avro"},
 ]))]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
@@ -207,9 +214,16 @@ pub struct SourceSpec {
     /// every record against `schema` and `key` before it is written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<http::HttpSourceSpec>,
-    /// The encoding of event values. Only `json` is supported.
+    /// The encoding of record values: `json` (the default), or `avro` in the
+    /// schema registry's wire format (`schemaRegistry` names the registry).
+    /// With `avro` the source schema is the registered schema's, so `schema`
+    /// need not be declared; fields declared there are checked against it.
     #[serde(default)]
     pub format: Format,
+    /// Which registered schema Avro values are read with (`format: avro`);
+    /// the latest version of `<topic>-value` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<avro::AvroSourceSpec>,
     /// The fields the topic is keyed (partitioned) by. Steps keyed by the same fields
     /// need no repartition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -234,13 +248,16 @@ fn open_schema() -> SchemaSpec {
     }
 }
 
-/// Encoding of event values.
+/// Encoding of record values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// One JSON object per Kafka record (or per line in local mode).
     #[default]
     Json,
+    /// Avro binary framed with the schema's registry id (magic byte 0, the
+    /// id in 4 bytes big-endian), as Confluent's and Apicurio's serializers write.
+    Avro,
 }
 
 /// Where a consumer group without committed offsets starts.

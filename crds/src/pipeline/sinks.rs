@@ -261,6 +261,10 @@ impl SinkSecretKey {
 
 /// A Kafka topic sink.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.avro) || (has(self.format) && self.format == 'avro')",
+     "message": "avro is written only with format: avro"},
+]))]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSinkSpec {
     /// The Kafka cluster, by its name in the operator's configuration; the default cluster when unset.
@@ -296,6 +300,18 @@ pub struct KafkaSinkSpec {
     /// per-key order. The checker refuses a pipeline that cannot guarantee it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preserve_order: bool,
+    /// The encoding of record values: `json` (the default), or `avro` in the
+    /// schema registry's wire format (the pipeline's `schemaRegistry`).
+    #[serde(default, skip_serializing_if = "is_json")]
+    pub format: super::Format,
+    /// The schema Avro values are written with (`format: avro`); the output
+    /// contract's, registered under `<topic>-value`, when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<super::avro::AvroSinkSpec>,
+}
+
+fn is_json(format: &super::Format) -> bool {
+    *format == super::Format::Json
 }
 
 fn default_partitions() -> i32 {

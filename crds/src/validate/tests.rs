@@ -478,6 +478,63 @@ fn rule_a_source_sets_at_most_one_of_postgres_and_http() {
 }
 
 #[test]
+fn rules_avro_settings_need_format_avro() {
+    let registry = json!({"url": "http://registry:8081"});
+    let avro_source = with(
+        with(pipeline(), "/spec/source/format", json!("avro")),
+        "/spec/schemaRegistry",
+        registry.clone(),
+    );
+    accepted(with(
+        avro_source.clone(),
+        "/spec/source/avro",
+        json!({"version": 3}),
+    ));
+    refused(
+        with(pipeline(), "/spec/source/avro", json!({"version": 3})),
+        "spec.source",
+        "avro is read only with format: avro",
+    );
+    refused(
+        with(
+            pipeline(),
+            "/spec/sinks/0/kafka/avro",
+            json!({"version": 1}),
+        ),
+        "spec.sinks[0].kafka",
+        "avro is written only with format: avro",
+    );
+    accepted(with(
+        with(pipeline(), "/spec/sinks/0/kafka/format", json!("avro")),
+        "/spec/sinks/0/kafka/avro",
+        json!({"autoRegister": false}),
+    ));
+    refused(
+        with(
+            avro_source.clone(),
+            "/spec/source/avro",
+            json!({"subjectStrategy": "RecordName"}),
+        ),
+        "spec.source.avro",
+        "RecordName and TopicRecordName need recordName",
+    );
+    accepted(with(
+        avro_source,
+        "/spec/source/avro",
+        json!({"subjectStrategy": "TopicRecordName", "recordName": "shop.Order"}),
+    ));
+    refused(
+        with(
+            pipeline(),
+            "/spec/schemaRegistry",
+            json!({"url": "registry:8081"}),
+        ),
+        "spec.schemaRegistry.url",
+        "",
+    );
+}
+
+#[test]
 fn rule_a_processor_sets_exactly_one_operator() {
     refused(
         with(processor(), "/spec/rekey", json!({"key": ["id"]})),
@@ -492,7 +549,7 @@ fn every_rule_compiles_and_none_compares_with_the_stored_object() {
     for kind in ["Pipeline", "Processor"] {
         collect_rules(crd_schema(kind).unwrap(), &mut rules);
     }
-    assert_eq!(rules.len(), 6, "{rules:#?}");
+    assert_eq!(rules.len(), 9, "{rules:#?}");
     for rule in &rules {
         let source = rule["rule"].as_str().unwrap();
         let program = cel::Program::compile(source).unwrap_or_else(|e| panic!("{source}: {e}"));
