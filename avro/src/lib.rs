@@ -7,12 +7,14 @@
 //! - [`contract`]: a registered schema as an input contract; an output
 //!   contract as the schema a sink registers.
 //! - [`registry`]: a client of a Confluent-compatible schema registry.
+//! - [`plan`]: a pipeline plan's Avro parts, resolved against a registry.
 //! - [`decode`] and [`encode`]: one framed record each way, with the writer
 //!   schema resolved against the reader's by Avro's resolution rules.
 
 mod compat;
 pub mod contract;
 pub mod json;
+pub mod plan;
 pub mod registry;
 pub mod wire;
 

@@ -71,6 +71,9 @@ pub struct Registered {
     pub version: u32,
     pub id: u32,
     pub schema: Arc<Schema>,
+    /// The schema's text as registered: docs and defaults included (the
+    /// parsed form's canonical text drops defaults, which resolution needs).
+    pub text: String,
 }
 
 /// The registry's verdict on a schema for a subject.
@@ -81,35 +84,10 @@ pub struct Compatibility {
     pub messages: Vec<String>,
 }
 
-/// Which part of a Kafka record a schema describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    Key,
-    Value,
-}
-
-/// How a subject is named (the serializers' `subject.name.strategy`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SubjectStrategy {
-    /// `<topic>-key`, `<topic>-value`.
-    #[default]
-    TopicName,
-    /// The record's full name.
-    RecordName,
-    /// `<topic>-<record full name>`.
-    TopicRecordName,
-}
-
-/// The subject of `part` of the records on `topic` whose schema is the record
-/// `record` (full name).
-pub fn subject(strategy: SubjectStrategy, topic: &str, record: &str, part: Part) -> String {
-    match (strategy, part) {
-        (SubjectStrategy::TopicName, Part::Key) => format!("{topic}-key"),
-        (SubjectStrategy::TopicName, Part::Value) => format!("{topic}-value"),
-        (SubjectStrategy::RecordName, _) => record.to_owned(),
-        (SubjectStrategy::TopicRecordName, _) => format!("{topic}-{record}"),
-    }
-}
+// The subject strategies are the CRD's; the serializers name subjects the same way.
+pub use keystone_crds::pipeline::avro::{
+    RecordPart as Part, SubjectStrategy, subject_name as subject,
+};
 
 /// A registry client. Cheap to share: clone the `Arc`.
 pub struct Registry {
@@ -286,6 +264,7 @@ impl Registry {
             )
             .await?;
         let schema = Arc::new(avro_of(&body, &what)?);
+        let text = body["schema"].as_str().unwrap_or_default().to_owned();
         let number = |field: &str| {
             body[field]
                 .as_u64()
@@ -306,6 +285,7 @@ impl Registry {
             version,
             id,
             schema,
+            text,
         })
     }
 
@@ -340,6 +320,34 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, Arc::new(parsed));
         Ok(id)
+    }
+
+    /// The version under which the schema of JSON text `schema` is registered
+    /// in `subject`; `None` when it is not (or the subject does not exist).
+    pub async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
+        let what = format!("the schema's version in subject {subject}");
+        let body = match self
+            .call(
+                Method::POST,
+                self.url(&["subjects", subject]),
+                Some(json!({ "schema": schema })),
+                &what,
+            )
+            .await
+        {
+            Ok(body) => body,
+            Err(RegistryError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        body["version"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| RegistryError::Refused {
+                what,
+                status: 200,
+                message: format!("the answer has no version: {body}"),
+            })
     }
 
     /// The compatibility rule of `subject` (its own, else the registry's):

@@ -1,0 +1,408 @@
+//! The Avro parts of a pipeline's plan: the source's reader schema from the
+//! registry (or a file), the schema each Avro sink writes with, and the
+//! registry's verdict on those schemas. The operator runs this before every
+//! deploy and upgrade; `keystone-runtime check` runs it offline.
+
+use apache_avro::Schema;
+use keystone_crds::Pipeline;
+use keystone_crds::check::RegisteredSource;
+use keystone_crds::pipeline::Format;
+use keystone_crds::pipeline::avro::{SchemaRegistrySpec, default_record_name};
+use keystone_crds::plan::{Plan, PlanAvroSink, PlanAvroSource, PlanAvroWriter};
+
+use crate::contract::{contract_of, schema_for_output};
+use crate::registry::{Registry, RegistryError};
+
+/// The schema an Avro source is read with: its contract for the checker,
+/// its text for the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReaderSchema {
+    pub registered: RegisteredSource,
+    /// The schema as registered (docs and defaults kept).
+    pub text: String,
+}
+
+/// Why the Avro parts of a plan cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AvroPlanError {
+    /// The registry did not answer, or refused: transient errors mean waiting.
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    /// A schema Keystone cannot take as a contract, or a contract that makes
+    /// no schema; `path` names the manifest field.
+    #[error("{path}: {message}")]
+    Schema { path: String, message: String },
+}
+
+impl AvroPlanError {
+    /// Whether asking again later may succeed without a change to the manifest.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AvroPlanError::Registry(e) if e.is_transient())
+    }
+}
+
+/// Whether the pipeline reads or writes Avro anywhere, so needs a registry.
+pub fn uses_avro(pipeline: &Pipeline) -> bool {
+    pipeline.spec.source.format == Format::Avro
+        || pipeline
+            .spec
+            .sinks
+            .iter()
+            .any(|s| s.kafka.as_ref().is_some_and(|k| k.format == Format::Avro))
+}
+
+/// The source's reader schema: the pinned version of its subject, else the
+/// latest. `None` when the source is not Avro.
+pub async fn reader_from_registry(
+    registry: &Registry,
+    pipeline: &Pipeline,
+) -> Result<Option<ReaderSchema>, AvroPlanError> {
+    let source = &pipeline.spec.source;
+    if source.format != Format::Avro {
+        return Ok(None);
+    }
+    let avro = source.avro.clone().unwrap_or_default();
+    let subject = avro.subject(&source.topic);
+    let registered = match avro.pinned_version() {
+        Some(version) => registry.version(&subject, version).await?,
+        None => registry.latest(&subject).await?,
+    };
+    let origin = format!("the registry at {}", registry.base_url());
+    reader_of(
+        &registered.schema,
+        registered.text,
+        subject,
+        registered.version,
+        origin,
+    )
+    .map(Some)
+}
+
+/// The reader schema from a file's text (`check --schema-file`), taken as
+/// `version` of the source's subject.
+pub fn reader_from_text(
+    pipeline: &Pipeline,
+    text: &str,
+    version: u32,
+    origin: String,
+) -> Result<ReaderSchema, AvroPlanError> {
+    let source = &pipeline.spec.source;
+    let subject = source
+        .avro
+        .clone()
+        .unwrap_or_default()
+        .subject(&source.topic);
+    let schema = Schema::parse_str(text).map_err(|e| AvroPlanError::Schema {
+        path: "spec.source".into(),
+        message: format!("{origin} is not an Avro schema: {e}"),
+    })?;
+    reader_of(&schema, text.to_owned(), subject, version, origin)
+}
+
+fn reader_of(
+    schema: &Schema,
+    text: String,
+    subject: String,
+    version: u32,
+    origin: String,
+) -> Result<ReaderSchema, AvroPlanError> {
+    let contract = contract_of(schema).map_err(|e| AvroPlanError::Schema {
+        path: "spec.source".into(),
+        message: format!("the Avro schema {subject} version {version} (from {origin}): {e}"),
+    })?;
+    Ok(ReaderSchema {
+        registered: RegisteredSource {
+            subject,
+            version,
+            contract,
+            origin,
+        },
+        text,
+    })
+}
+
+/// Fills the plan's Avro parts: the registry, the source's reader and each
+/// Avro sink's writer (the pinned version, else the schema derived from the
+/// output contract, to register). No I/O: [`check_sinks`] asks the registry.
+pub fn complete_plan(
+    plan: &mut Plan,
+    registry: &SchemaRegistrySpec,
+    reader: Option<&ReaderSchema>,
+) -> Result<(), Vec<AvroPlanError>> {
+    let mut errors = Vec::new();
+    plan.schema_registry = Some(registry.clone());
+    if let Some(reader) = reader {
+        plan.source.avro = Some(PlanAvroSource {
+            registry_url: registry.url.clone(),
+            subject: reader.registered.subject.clone(),
+            version: reader.registered.version,
+            reader_schema: reader.text.clone(),
+        });
+    }
+    let (default_namespace, default_name) = default_record_name(&plan.namespace, &plan.pipeline);
+    for (i, sink) in plan.sinks.iter_mut().enumerate() {
+        let Some(kafka) = sink
+            .spec
+            .kafka
+            .as_ref()
+            .filter(|k| k.format == Format::Avro)
+        else {
+            continue;
+        };
+        let avro = kafka.avro.clone().unwrap_or_default();
+        let (namespace, name) = match avro.record_name.as_deref().and_then(|n| n.rsplit_once('.')) {
+            Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
+            None => match avro.record_name.as_deref() {
+                Some(name) => (String::new(), name.to_owned()),
+                None => (default_namespace.clone(), default_name.clone()),
+            },
+        };
+        let full_name = if namespace.is_empty() {
+            name.clone()
+        } else {
+            format!("{namespace}.{name}")
+        };
+        let subject = avro.subject(&kafka.topic, &full_name);
+        let writer = match avro.pinned_version() {
+            Some(version) => PlanAvroWriter::Version { version },
+            None => match schema_for_output(&sink.schema, &namespace, &name) {
+                Ok(derived) => PlanAvroWriter::Register {
+                    schema: derived.text,
+                },
+                Err(e) => {
+                    errors.push(AvroPlanError::Schema {
+                        path: format!("spec.sinks[{i}].kafka"),
+                        message: format!(
+                            "sink {:?}: the output contract makes no Avro schema: {e}",
+                            sink.name
+                        ),
+                    });
+                    continue;
+                }
+            },
+        };
+        sink.avro = Some(PlanAvroSink {
+            registry_url: registry.url.clone(),
+            subject,
+            writer,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// What the registry says of one Avro sink's schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkVerdict {
+    pub sink: String,
+    pub subject: String,
+    /// Why the schema may not be written, quoting the registry; `None` when it may.
+    pub refusal: Option<String>,
+}
+
+/// Asks the registry about each Avro sink of a completed plan: a derived
+/// schema must be allowed by the subject's compatibility rule (or, without
+/// `autoRegister`, be registered already: the sink then writes with that
+/// version); a pinned version must exist and be able to take the output
+/// contract. Registry outages are returned as errors, not verdicts.
+pub async fn check_sinks(
+    registry: &Registry,
+    plan: &mut Plan,
+) -> Result<Vec<SinkVerdict>, RegistryError> {
+    let mut verdicts = Vec::new();
+    for sink in &mut plan.sinks {
+        let Some(avro) = sink.avro.as_mut() else {
+            continue;
+        };
+        let auto_register = sink
+            .spec
+            .kafka
+            .as_ref()
+            .and_then(|k| k.avro.as_ref())
+            .is_none_or(|a| a.auto_register);
+        let refusal = match &avro.writer {
+            PlanAvroWriter::Register { schema } if auto_register => {
+                let verdict = registry.compatibility(&avro.subject, schema).await?;
+                (!verdict.compatible).then(|| {
+                    format!(
+                        "the schema derived from the output contract is incompatible with subject {} ({})",
+                        avro.subject,
+                        verdict.messages.join("; ")
+                    )
+                })
+            }
+            PlanAvroWriter::Register { schema } => {
+                match registry.lookup(&avro.subject, schema).await? {
+                    Some(version) => {
+                        avro.writer = PlanAvroWriter::Version { version };
+                        None
+                    }
+                    None => Some(format!(
+                        "autoRegister is false and the schema derived from the output contract is not registered under subject {}: register it there (its text: {schema})",
+                        avro.subject
+                    )),
+                }
+            }
+            PlanAvroWriter::Version { version } => {
+                let pinned = match registry.version(&avro.subject, *version).await {
+                    Err(RegistryError::NotFound { message, .. }) => {
+                        verdicts.push(SinkVerdict {
+                            sink: sink.name.clone(),
+                            subject: avro.subject.clone(),
+                            refusal: Some(format!(
+                                "subject {} has no version {version}: {message}",
+                                avro.subject
+                            )),
+                        });
+                        continue;
+                    }
+                    other => other?,
+                };
+                derived_fit(&sink.schema, &pinned.schema, *version)
+            }
+        };
+        verdicts.push(SinkVerdict {
+            sink: sink.name.clone(),
+            subject: avro.subject.clone(),
+            refusal,
+        });
+    }
+    Ok(verdicts)
+}
+
+/// Why events of the sink's output contract cannot be written with `pinned`:
+/// the schema derived from the contract must be readable as it.
+fn derived_fit(
+    contract: &keystone_crds::schema::SchemaSpec,
+    pinned: &Schema,
+    version: u32,
+) -> Option<String> {
+    let Schema::Record(record) = pinned else {
+        return Some(format!("version {version} is not a record schema"));
+    };
+    let namespace = record.name.namespace.clone().unwrap_or_default();
+    let derived = match schema_for_output(contract, &namespace, &record.name.name) {
+        Ok(derived) => derived,
+        Err(e) => return Some(format!("the output contract makes no Avro schema: {e}")),
+    };
+    crate::can_read(&derived.schema, pinned)
+        .err()
+        .map(|reason| {
+            format!("version {version} cannot take the output contract's events: {reason}")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use keystone_crds::{compile, parse_manifests};
+
+    use super::*;
+
+    const MANIFEST: &str = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks-v2, namespace: web}
+spec:
+  source:
+    topic: clicks
+    format: avro
+    avro: {subjectStrategy: TopicRecordName, recordName: web.Click}
+  sinks:
+    - name: derived
+      kafka: {topic: out, format: avro}
+    - name: named
+      kafka: {topic: named, format: avro, avro: {recordName: shop.Clean, subjectStrategy: RecordName}}
+    - name: pinned
+      kafka: {topic: pinned, format: avro, avro: {version: 4}}
+    - name: plain
+      kafka: {topic: plain}
+"#;
+
+    const READER: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
+      {"name": "id", "type": "long"}, {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+
+    #[test]
+    fn the_plan_gets_the_reader_and_each_avro_sinks_writer() {
+        let manifests = parse_manifests("p.yaml", MANIFEST).expect("manifest");
+        let pipeline = &manifests.pipelines[0];
+        assert!(uses_avro(pipeline));
+        let reader =
+            reader_from_text(pipeline, READER, 2, "file click.avsc".into()).expect("reader");
+        assert_eq!(reader.registered.subject, "clicks-web.Click");
+        assert_eq!(reader.registered.contract.fields.len(), 2);
+        let mut plan = keystone_crds::compile_with_facts(
+            pipeline,
+            &[],
+            &keystone_crds::SourceFacts {
+                table: None,
+                registered: Some(&reader.registered),
+            },
+        )
+        .expect("valid");
+        let registry = SchemaRegistrySpec {
+            url: "http://registry:8081".into(),
+            credentials_secret: None,
+            ca_secret: None,
+        };
+        complete_plan(&mut plan, &registry, Some(&reader)).expect("complete");
+        let source = plan.source.avro.as_ref().expect("source");
+        assert_eq!(
+            (source.subject.as_str(), source.version),
+            ("clicks-web.Click", 2)
+        );
+        assert_eq!(
+            source.reader_schema, READER,
+            "the text as registered, defaults kept"
+        );
+        assert_eq!(plan.schema_registry.as_ref(), Some(&registry));
+
+        let writer_of = |name: &str| {
+            let sink = plan.sinks.iter().find(|s| s.name == name).expect("sink");
+            sink.avro
+                .as_ref()
+                .map(|a| (a.subject.clone(), a.writer.clone()))
+        };
+        let (subject, writer) = writer_of("derived").expect("derived");
+        assert_eq!(subject, "out-value");
+        let PlanAvroWriter::Register { schema } = writer else {
+            panic!("derived from the contract: {writer:?}")
+        };
+        let parsed = Schema::parse_str(&schema).expect("a schema");
+        assert_eq!(
+            parsed.name().map(|n| n.fullname(None)),
+            Some("dev.keystone.web.clicks_v2".to_owned())
+        );
+        let (subject, _) = writer_of("named").expect("named");
+        assert_eq!(subject, "shop.Clean", "RecordName: the record's full name");
+        assert_eq!(
+            writer_of("pinned"),
+            Some((
+                "pinned-value".into(),
+                PlanAvroWriter::Version { version: 4 }
+            ))
+        );
+        assert_eq!(writer_of("plain"), None, "a JSON sink stays JSON");
+    }
+
+    #[test]
+    fn a_reader_that_is_no_contract_is_refused_naming_its_origin() {
+        let manifests = parse_manifests("p.yaml", MANIFEST).expect("manifest");
+        let error = reader_from_text(
+            &manifests.pipelines[0],
+            r#""string""#,
+            1,
+            "file s.avsc".into(),
+        )
+        .expect_err("not a record");
+        let message = error.to_string();
+        assert!(
+            message.contains("the Avro schema clicks-web.Click version 1 (from file s.avsc)")
+                && message.contains("not a record"),
+            "{message}"
+        );
+        let _ = compile(&manifests.pipelines[0], &[]).expect("valid without the reader");
+    }
+}
