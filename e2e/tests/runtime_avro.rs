@@ -35,26 +35,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use avro_support::{python, registry, unhex, var};
+use avro_support::{CLICK_V1, click_v2, registry, serialized, var};
 use keystone_avro::{AvroSchema, Shape, contract, encode, wire};
 use keystone_crds::plan::{PlanAvroSink, PlanAvroSource, PlanAvroWriter};
 use runtime_support::*;
 use serde_json::{Value, json};
-
-const CLICK_V1: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
-  {"name": "id", "type": "long"},
-  {"name": "user", "type": "string"},
-  {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}
-]}"#;
-
-/// V1 and a new optional field: BACKWARD compatible.
-fn click_v2() -> String {
-    CLICK_V1.replace(
-        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}"#,
-        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-  {"name": "referrer", "type": ["null", "string"], "default": null}"#,
-    )
-}
 
 /// `id` as a string: a long is not read as a string.
 const CLICK_INCOMPATIBLE: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
@@ -159,24 +144,6 @@ fn registry_address() -> (SocketAddr, String) {
     let rest = url.strip_prefix("http://").expect("an http URL");
     let (host, path) = rest.split_once('/').expect("a path");
     (host.parse().expect("host:port"), format!("/{path}"))
-}
-
-/// Avro records as the Python serializer writes them (registering the
-/// schema under `<topic>-value` when the registry lacks it).
-fn serialized(topic: &str, schema: &str, values: &[Value]) -> Vec<Vec<u8>> {
-    let dir = std::env::temp_dir().join(unique("avro-schema"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let file = dir.join("schema.avsc");
-    std::fs::write(&file, schema).expect("schema file");
-    let lines: Vec<String> = values.iter().map(Value::to_string).collect();
-    let schema_file = file.display().to_string();
-    python(
-        &["serialize", "--topic", topic, "--schema-file", &schema_file],
-        &lines,
-    )
-    .iter()
-    .map(|line| unhex(line))
-    .collect()
 }
 
 fn click(id: i64, v2: bool) -> Value {

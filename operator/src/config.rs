@@ -131,6 +131,11 @@ pub struct KafkaCluster {
     /// cluster's credentials (the operator's) when unset.
     #[serde(default)]
     pub authorization: Option<Authorization>,
+    /// The schema registry of Pipelines on this cluster that read or write
+    /// Avro and name none themselves (`spec.schemaRegistry`). Its Secrets are
+    /// read in each Pipeline's namespace.
+    #[serde(default)]
+    pub schema_registry: Option<keystone_crds::pipeline::avro::SchemaRegistrySpec>,
 }
 
 impl KafkaCluster {

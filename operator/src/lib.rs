@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod registry;
 pub mod resources;
 pub mod rollout;
 pub mod status;

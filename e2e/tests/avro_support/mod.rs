@@ -7,6 +7,22 @@ use std::process::{Command, Stdio};
 
 use keystone_avro::registry::{Registry, RegistryConfig};
 
+/// The clicks a producer writes: its first version.
+pub const CLICK_V1: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
+  {"name": "id", "type": "long"},
+  {"name": "user", "type": "string"},
+  {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+]}"#;
+
+/// V1 and a new optional field: BACKWARD compatible.
+pub fn click_v2() -> String {
+    CLICK_V1.replace(
+        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}"#,
+        r#"{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+  {"name": "referrer", "type": ["null", "string"], "default": null}"#,
+    )
+}
+
 pub fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
@@ -91,4 +107,30 @@ pub fn unhex(text: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
         .collect()
+}
+
+/// Avro records of `values` as confluent-kafka's AvroSerializer writes them
+/// for `topic` with the schema `schema` (registering it under
+/// `<topic>-value` when the registry lacks it).
+pub fn serialized(topic: &str, schema: &str, values: &[serde_json::Value]) -> Vec<Vec<u8>> {
+    let dir = std::env::temp_dir().join(format!(
+        "avro-schema-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("schema.avsc");
+    std::fs::write(&file, schema).expect("schema file");
+    let lines: Vec<String> = values.iter().map(ToString::to_string).collect();
+    let schema_file = file.display().to_string();
+    python(
+        &["serialize", "--topic", topic, "--schema-file", &schema_file],
+        &lines,
+    )
+    .iter()
+    .map(|line| unhex(line))
+    .collect()
 }

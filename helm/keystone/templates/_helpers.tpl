@@ -226,6 +226,22 @@ ingest:
   resourceNames: {{ toJson $secrets }}
   verbs: [get, list, watch]
 {{- end }}
+{{- $registrySecrets := .Values.schemaRegistrySecrets | default list }}
+{{- range $name, $cluster := .Values.kafka.clusters }}
+{{- with $cluster.schemaRegistry }}
+{{- with .credentialsSecret }}{{- $registrySecrets = append $registrySecrets . }}{{- end }}
+{{- with .caSecret }}{{- $registrySecrets = append $registrySecrets . }}{{- end }}
+{{- end }}
+{{- end }}
+{{- if $registrySecrets }}
+# The schema registry's credential and CA Secrets (a Pipeline's
+# spec.schemaRegistry, or a cluster's schemaRegistry): the operator asks the
+# registry for the source's schema and the sinks' compatibility before deploy.
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: {{ $registrySecrets | uniq | sortAlpha | toJson }}
+  verbs: [get]
+{{- end }}
 # Each pipeline's control token Secret, created once and never read back.
 - apiGroups: [""]
   resources: [secrets]

@@ -35,8 +35,13 @@ use keystone_crds::pipeline::{
     Pipeline, PipelinePhase, PipelineSpec, PipelineState, PipelineStatus, StageStatus,
     TopicDeletionPolicy, TopicStatus, UpgradePhase,
 };
+use keystone_crds::plan::PlanAvroWriter;
 use keystone_crds::processor::{Processor, ProcessorStatus};
-use keystone_crds::{ContractErrors, Plan, check_processor, compile, compile_with_source};
+use keystone_crds::{
+    ContractErrors, Plan, SourceFacts, check_processor, compile, compile_with_facts,
+};
+
+use crate::registry::{Problem, REGISTRY_RECHECK, Resolved, SCHEMA_REGISTRY};
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -264,7 +269,26 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         let table = observed.status.capture.as_ref()?.table.as_ref()?;
         postgres.captures(table).then(|| table.clone())
     });
-    let checked = compile_with_source(pipeline, &processors, source_table.as_ref());
+    // An Avro source is checked against the schema its producers registered;
+    // a registry that does not answer leaves what runs alone.
+    let avro = match crate::registry::resolve(ctx, pipeline).await {
+        Ok(resolved) => resolved,
+        Err(problem) => {
+            return registry_problem(pipeline, ctx, &mut observed, problem).await;
+        }
+    };
+    let reader = match &avro {
+        Resolved::Ready { reader, .. } => reader.as_ref(),
+        Resolved::NotAvro => None,
+    };
+    let checked = compile_with_facts(
+        pipeline,
+        &processors,
+        &SourceFacts {
+            table: source_table.as_ref(),
+            registered: reader.map(|r| &r.registered),
+        },
+    );
     if let Some(postgres) = postgres {
         // Without a table both checks are the same: no error is the table's.
         let table_errors = match &checked {
@@ -302,7 +326,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             Err(("ContractsInvalid", errors))
         }
     };
-    let plan = match compiled {
+    let mut plan = match compiled {
         Ok(plan) => plan,
         Err((reason, errors)) => {
             let contracts = Cond::new(CONTRACTS_VALID, false, reason, errors.to_string());
@@ -316,6 +340,26 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
             return Ok(Action::await_change());
         }
     };
+    // The sinks' schemas are asked about before anything is deployed: an
+    // incompatible output change is refused, and what runs goes on.
+    if let Resolved::Ready {
+        spec,
+        registry,
+        reader,
+    } = &avro
+    {
+        if let Err(problem) =
+            crate::registry::complete(&mut plan, spec, registry, reader.as_ref()).await
+        {
+            return registry_problem(pipeline, ctx, &mut observed, problem).await;
+        }
+        observed.set(&Cond::new(
+            SCHEMA_REGISTRY,
+            true,
+            "SchemasResolved",
+            registry_summary(&plan),
+        ));
+    }
     // The operator's policy (the chart's allow-lists and quotas) is refused
     // like a broken contract: the condition names the field and the limit, and
     // nothing is created with the operator's credentials.
@@ -583,13 +627,33 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     observed.record(pipeline, ctx).await?;
 
-    let wait = [again, next_checkpoint, table_recheck, capture_poll]
-        .into_iter()
-        .flatten()
-        .fold(
-            idle_requeue(&key_of(pipeline), outcome.condition.ok),
-            Duration::min,
-        );
+    // A source that follows its subject's latest version looks for a new one.
+    let follows_latest = matches!(
+        &avro,
+        Resolved::Ready {
+            reader: Some(_),
+            ..
+        }
+    ) && pipeline
+        .spec
+        .source
+        .avro
+        .as_ref()
+        .is_none_or(|a| a.version.is_none());
+    let registry_recheck = follows_latest.then_some(REGISTRY_RECHECK);
+    let wait = [
+        again,
+        next_checkpoint,
+        table_recheck,
+        capture_poll,
+        registry_recheck,
+    ]
+    .into_iter()
+    .flatten()
+    .fold(
+        idle_requeue(&key_of(pipeline), outcome.condition.ok),
+        Duration::min,
+    );
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 
@@ -627,6 +691,55 @@ fn controller_owner(
             kind: "Pipeline",
             field: "metadata.uid",
         })
+}
+
+/// Records why the registry could not be asked (or refused), and looks
+/// again later: nothing deployed is touched.
+async fn registry_problem(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    observed: &mut Observed,
+    problem: Problem,
+) -> Result<Action, Error> {
+    match problem {
+        Problem::Unavailable(message) => {
+            let condition = Cond::new(SCHEMA_REGISTRY, false, "RegistryUnavailable", message);
+            observed.set(&condition);
+        }
+        Problem::Invalid { reason, message } => {
+            let contracts = Cond::new(CONTRACTS_VALID, false, reason, message);
+            observed.set(&contracts);
+            observed.summarize(&contracts, None, None);
+        }
+    }
+    observed.record(pipeline, ctx).await?;
+    // The registry may change (a schema registered, a rule relaxed) without
+    // a change in Kubernetes.
+    Ok(Action::requeue(REGISTRY_RECHECK))
+}
+
+/// What the registry resolved, for the condition's message.
+fn registry_summary(plan: &Plan) -> String {
+    let mut parts = Vec::new();
+    if let Some(source) = &plan.source.avro {
+        parts.push(format!(
+            "source reads {} version {}",
+            source.subject, source.version
+        ));
+    }
+    for sink in &plan.sinks {
+        if let Some(avro) = &sink.avro {
+            let how = match &avro.writer {
+                PlanAvroWriter::Register { .. } => "the output contract's schema".to_owned(),
+                PlanAvroWriter::Version { version } => format!("version {version}"),
+            };
+            parts.push(format!(
+                "sink {:?} writes {how} under {}",
+                sink.name, avro.subject
+            ));
+        }
+    }
+    parts.join("; ")
 }
 
 fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {

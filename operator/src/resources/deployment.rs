@@ -19,7 +19,7 @@ use keystone_crds::pipeline::http::HttpSourceSpec;
 use keystone_crds::plan::PlanStage;
 
 use super::security::RuntimeSecurity;
-use super::sink_secrets::sink_secret_env;
+use super::sink_secrets::{registry_env, registry_mounts, sink_secret_env};
 use super::{
     ANNOTATION_PLAN_HASH, ANNOTATION_RESTORE, HTTP_PORT, PLAN_DIR, PLAN_KEY, RESTORE_DIR,
     RESTORE_KEY, meta, plan_config_map_name, selector_labels, stage_labels, stage_object_name,
@@ -247,25 +247,7 @@ pub fn ingest_deployment(
         .and_then(|spec| spec.template.spec.as_mut())
     {
         for (volume, secret, dir) in mounts {
-            pod.volumes.get_or_insert_with(Vec::new).push(Volume {
-                name: volume.to_owned(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.to_owned()),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            });
-            for container in &mut pod.containers {
-                container
-                    .volume_mounts
-                    .get_or_insert_with(Vec::new)
-                    .push(VolumeMount {
-                        name: volume.to_owned(),
-                        mount_path: dir.to_owned(),
-                        read_only: Some(true),
-                        ..VolumeMount::default()
-                    });
-            }
+            mount_secret(pod, volume, secret, dir);
         }
         if http.tls.is_some() {
             for container in &mut pod.containers {
@@ -308,8 +290,42 @@ pub fn deployment(plan: &Plan, stage: &PlanStage, params: &WorkloadParams) -> De
     }
     args.extend(params.security.args.iter().cloned());
     pod_env.extend(sink_secret_env(plan, stage));
+    pod_env.extend(registry_env(plan, stage));
     let replicas = params.replicas.unwrap_or(stage.parallelism);
-    runtime_deployment(plan, &stage.name, args, pod_env, replicas, params)
+    let mut deployment = runtime_deployment(plan, &stage.name, args, pod_env, replicas, params);
+    if let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|spec| spec.template.spec.as_mut())
+    {
+        for (volume, secret, dir) in registry_mounts(plan, stage) {
+            mount_secret(pod, volume, &secret, dir);
+        }
+    }
+    deployment
+}
+
+/// Mounts Secret `secret` read-only at `dir` in every container of `pod`.
+fn mount_secret(pod: &mut PodSpec, volume: &str, secret: &str, dir: &str) {
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: volume.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    for container in &mut pod.containers {
+        container
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: volume.to_owned(),
+                mount_path: dir.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+    }
 }
 
 /// A Deployment of the runtime binary for one component of the pipeline (a

@@ -798,3 +798,91 @@ fn the_charts_ingress_routes_the_endpoints_path_on_its_host() {
         "https://clicks.web.ingest.example.com/v1/clicks"
     );
 }
+
+#[test]
+fn stages_that_read_or_write_avro_get_the_registrys_credentials_and_ca() {
+    use keystone_crds::pipeline::avro::SchemaRegistrySpec;
+    use keystone_crds::plan::{PlanAvroSink, PlanAvroSource, PlanAvroWriter};
+    let (mut plan, params) = search_fixture("es-creds");
+    let registry_names = |plan: &Plan, stage: usize| -> Vec<String> {
+        container_env(&deployment(plan, &plan.stages[stage], &params))
+            .into_iter()
+            .filter(|e| e.name.starts_with("KEYSTONE_REGISTRY_"))
+            .map(|e| e.name)
+            .collect()
+    };
+    plan.schema_registry = Some(SchemaRegistrySpec {
+        url: "https://registry:8081".into(),
+        credentials_secret: Some("registry-user".into()),
+        ca_secret: Some("registry-ca".into()),
+    });
+    assert!(
+        registry_names(&plan, 0).is_empty(),
+        "JSON in and out: no registry"
+    );
+    plan.source.avro = Some(PlanAvroSource {
+        registry_url: "https://registry:8081".into(),
+        subject: "clicks-value".into(),
+        version: 1,
+        reader_schema: "{}".into(),
+    });
+    let all = [
+        "KEYSTONE_REGISTRY_USERNAME",
+        "KEYSTONE_REGISTRY_PASSWORD",
+        "KEYSTONE_REGISTRY_TOKEN",
+        "KEYSTONE_REGISTRY_CA_FILE",
+    ];
+    assert_eq!(
+        registry_names(&plan, 0),
+        all,
+        "the stage decoding the source"
+    );
+    assert!(
+        registry_names(&plan, 1).is_empty(),
+        "it reads the repartition topic's JSON"
+    );
+    plan.sinks[0].avro = Some(PlanAvroSink {
+        registry_url: "https://registry:8081".into(),
+        subject: "out-value".into(),
+        writer: PlanAvroWriter::Version { version: 2 },
+    });
+    assert_eq!(
+        registry_names(&plan, 1),
+        all,
+        "the stage writing the Avro sink"
+    );
+    let writer = deployment(&plan, &plan.stages[1], &params);
+    let env = container_env(&writer);
+    let password = env
+        .iter()
+        .find(|e| e.name == "KEYSTONE_REGISTRY_PASSWORD")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+        .expect("a Secret reference");
+    assert_eq!(
+        (
+            password.name.as_str(),
+            password.key.as_str(),
+            password.optional
+        ),
+        ("registry-user", "password", Some(true))
+    );
+    let pod = writer.spec.and_then(|s| s.template.spec).expect("pod");
+    let volume = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "registry-ca")
+        .expect("the CA volume");
+    assert_eq!(
+        volume.secret.and_then(|s| s.secret_name).as_deref(),
+        Some("registry-ca")
+    );
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "registry-ca"
+                && m.mount_path == "/var/run/secrets/keystone/registry-ca"),
+        "{mounts:?}"
+    );
+}
