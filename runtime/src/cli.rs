@@ -15,6 +15,10 @@ use crate::clock::SystemClock;
 use crate::error::RuntimeError;
 use crate::local::{self, LocalPipeline, LocalSinks, SinkTarget};
 
+pub mod avro;
+
+pub use avro::SchemaArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "keystone-runtime",
@@ -37,8 +41,17 @@ pub enum Command {
     /// `{"diagnostics": [...]}`, each with file, line, column, path, step, kind,
     /// message and hint (null when absent).
     ///
+    /// A pipeline whose source is Avro (`spec.source.format: avro`) is
+    /// checked against its reader schema, as the operator checks it: the
+    /// `--schema-file`, else the registry's (`--registry`, else the
+    /// manifest's `spec.schemaRegistry.url`); the text output says which, as
+    /// `NAME: source schema: the Avro schema SUBJECT version N (from ORIGIN)`.
+    /// When that schema cannot be had, the pipeline is not checked: a
+    /// diagnostic at `spec.source.format` says why (kind `source-schema`).
+    ///
     /// Exit status: 0 when every manifest is valid, 1 on schema or contract
-    /// errors, 2 when a file cannot be read (missing, or not YAML).
+    /// errors (and Avro sources without a schema), 2 when a file cannot be
+    /// read (missing, or not YAML) or the flags are wrong.
     Check {
         /// Files holding Pipeline and Processor manifests (multi-document YAML).
         #[arg(required = true)]
@@ -46,13 +59,19 @@ pub enum Command {
         /// How to print problems: `text` for people, `json` for editors and CI.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        #[command(flatten)]
+        schemas: SchemaArgs,
     },
     /// Print a pipeline's compiled plan as JSON, exactly as the operator stores it
     /// for the runtime, so that plans can be diffed in review and given to
     /// `serve --plan` without a cluster.
     ///
     /// One pipeline per invocation: with several in the files, name it with
-    /// `--pipeline`. Problems are printed and exit as with `check`.
+    /// `--pipeline`. Problems are printed and exit as with `check`. A
+    /// pipeline that uses Avro gets the plan's Avro parts as the operator
+    /// fills them: the source's reader schema (from `--schema-file` or the
+    /// registry, as for `check`) and each Avro sink's schema derived from its
+    /// output contract, with the manifest's registry (else `--registry`).
     Plan {
         /// Files holding the Pipeline and the Processors it references.
         #[arg(required = true)]
@@ -60,6 +79,8 @@ pub enum Command {
         /// The pipeline to compile when the files hold several.
         #[arg(long)]
         pipeline: Option<String>,
+        #[command(flatten)]
+        schemas: SchemaArgs,
     },
     /// Run a pipeline locally on JSON lines, with no cluster and no Kafka.
     Run(RunArgs),
@@ -299,15 +320,25 @@ fn parse_table(text: &str) -> Result<(String, PathBuf), String> {
 /// printed to stderr here; `Err` is left for the caller to print.
 pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
     match cli.command {
-        Command::Check { files, output } => Ok(check(
+        Command::Check {
+            files,
+            output,
+            schemas,
+        } => Ok(check(
             &files,
             output,
+            &schemas,
             &mut std::io::stdout(),
             &mut std::io::stderr(),
         )),
-        Command::Plan { files, pipeline } => Ok(plan(
+        Command::Plan {
+            files,
+            pipeline,
+            schemas,
+        } => Ok(plan(
             &files,
             pipeline.as_deref(),
+            &schemas,
             &mut std::io::stdout(),
             &mut std::io::stderr(),
         )),
@@ -330,9 +361,16 @@ pub fn execute(cli: Cli) -> Result<i32, RuntimeError> {
     }
 }
 
-/// `check`: plans' summaries to `out` and problems to `err` (text), or only the
-/// problems, as JSON, to `out`; returns the exit status.
-pub fn check(files: &[PathBuf], output: Output, out: &mut impl Write, err: &mut impl Write) -> i32 {
+/// `check`: plans' summaries (and the schema each Avro source was checked
+/// against) to `out` and problems to `err` (text), or only the problems, as
+/// JSON, to `out`; returns the exit status.
+pub fn check(
+    files: &[PathBuf],
+    output: Output,
+    schemas: &SchemaArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> i32 {
     let reading = local::read_all(files);
     if reading.diagnostics.is_empty()
         && reading.manifests.pipelines.is_empty()
@@ -341,11 +379,21 @@ pub fn check(files: &[PathBuf], output: Output, out: &mut impl Write, err: &mut 
         let _ = writeln!(err, "no Pipeline or Processor in the given files");
         return 2;
     }
-    let checked = manifest::check(&reading);
+    let sources = match avro::Sources::resolve(&reading, schemas, None) {
+        Ok(sources) => sources,
+        Err(usage) => {
+            let _ = writeln!(err, "{usage}");
+            return 2;
+        }
+    };
+    let checked = manifest::check_with(&reading, |index| sources.facts(index));
     match output {
         Output::Text => {
             for plan in &checked.plans {
                 let _ = write!(out, "{}", plan.describe());
+                if let Some(line) = sources.describe(&reading, plan) {
+                    let _ = writeln!(out, "{line}");
+                }
             }
             for diagnostic in &checked.diagnostics {
                 let _ = writeln!(err, "{diagnostic}");
@@ -379,11 +427,48 @@ pub fn check(files: &[PathBuf], output: Output, out: &mut impl Write, err: &mut 
 pub fn plan(
     files: &[PathBuf],
     pipeline: Option<&str>,
+    schemas: &SchemaArgs,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> i32 {
-    let compiled = local::read_manifests(files)
-        .and_then(|reading| local::compile_pipeline(&reading, pipeline));
+    let compiled = local::read_manifests(files).and_then(|reading| {
+        let index = local::select_pipeline(&reading, pipeline)?;
+        let sources = avro::Sources::resolve(&reading, schemas, Some(index))
+            .map_err(RuntimeError::Usage)?;
+        let manifest_error = |diagnostics| {
+            RuntimeError::Manifest(manifest::ManifestErrors(reading.sorted(diagnostics)))
+        };
+        let mut plan = sources
+            .facts(index)
+            .and_then(|facts| reading.compile_with(index, &facts))
+            .map_err(manifest_error)?;
+        let pipeline = &reading.manifests.pipelines[index];
+        match avro::plan_registry(pipeline, schemas) {
+            Some(registry) => {
+                let reader = sources.reader(index);
+                keystone_avro::plan::complete_plan(&mut plan, &registry, reader).map_err(
+                    |errors| {
+                        let origin = &reading.pipeline_origins[index];
+                        manifest_error(
+                            errors
+                                .iter()
+                                .map(|error| avro::diagnostic(origin, error))
+                                .collect(),
+                        )
+                    },
+                )?;
+            }
+            None if keystone_avro::plan::uses_avro(pipeline) => {
+                let _ = writeln!(
+                    err,
+                    "note: {} uses Avro but names no schema registry (spec.schemaRegistry; the operator takes its Kafka cluster's): the plan's Avro parts are left out; --registry URL fills them",
+                    pipeline.metadata.name.as_deref().unwrap_or("the pipeline")
+                );
+            }
+            None => {}
+        }
+        Ok(plan)
+    });
     let plan = match compiled {
         Ok(plan) => plan,
         Err(error) => {

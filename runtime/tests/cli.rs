@@ -49,7 +49,24 @@ fn check_accepts_every_sample() {
     let files = samples();
     assert!(!files.is_empty());
     for sample in files {
-        let out = check(&[&sample, &processors]);
+        // An Avro source is checked against its reader schema: the sample's
+        // own, as `data/<sample>.avsc` (no registry is reachable here).
+        let avro = std::fs::read_to_string(&sample)
+            .unwrap()
+            .contains("format: avro");
+        let out = if avro {
+            let stem = sample.file_stem().unwrap().to_string_lossy().into_owned();
+            let schema = repo().join(format!("config/samples/data/{stem}.avsc"));
+            bin()
+                .arg("check")
+                .args([&sample, &processors])
+                .arg("--schema-file")
+                .arg(&schema)
+                .output()
+                .unwrap()
+        } else {
+            check(&[&sample, &processors])
+        };
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -61,6 +78,11 @@ fn check_accepts_every_sample() {
         assert!(stdout.starts_with("pipeline "), "{stdout}");
         assert!(
             stdout.contains("stages:") && stdout.contains("topics:"),
+            "{stdout}"
+        );
+        assert_eq!(
+            stdout.contains("source schema: the Avro schema"),
+            avro,
             "{stdout}"
         );
     }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-use crate::check::{ContractError, PipelineId, check_processor, compile, topic_cycles};
+use crate::check::{
+    ContractError, PipelineId, SourceFacts, check_processor, compile_with_facts, topic_cycles,
+};
 use crate::diagnostic::{Diagnostic, contract_kind, kinds};
 use crate::pipeline::Pipeline;
 use crate::plan::Plan;
@@ -225,7 +227,22 @@ impl Reading {
 
     /// Compiles the pipeline at `index` of `manifests.pipelines`, locating its errors.
     pub fn compile(&self, index: usize) -> Result<Plan, Vec<Diagnostic>> {
-        compile(&self.manifests.pipelines[index], &self.manifests.processors).map_err(|errors| {
+        self.compile_with(index, &SourceFacts::default())
+    }
+
+    /// [`Reading::compile`], with what is known of the source beyond the
+    /// manifest (an Avro source's reader schema: see [`compile_with_facts`]).
+    pub fn compile_with(
+        &self,
+        index: usize,
+        facts: &SourceFacts<'_>,
+    ) -> Result<Plan, Vec<Diagnostic>> {
+        compile_with_facts(
+            &self.manifests.pipelines[index],
+            &self.manifests.processors,
+            facts,
+        )
+        .map_err(|errors| {
             let origin = &self.pipeline_origins[index];
             errors
                 .0
@@ -569,6 +586,18 @@ fn json_at<'a>(json: &'a Json, path: &str) -> Option<&'a Json> {
 /// Checks every Processor and compiles every Pipeline of `reading`, and locates
 /// every error. Pipelines that compile give their plans even when others fail.
 pub fn check(reading: &Reading) -> Checked {
+    check_with(reading, |_| Ok(SourceFacts::default()))
+}
+
+/// [`check`], with what is known of each pipeline's source beyond its
+/// manifest: `facts(index)` for the pipeline at `index` of
+/// `manifests.pipelines`. A pipeline whose facts cannot be had (`Err`, its
+/// diagnostics) is not compiled: checked without them, its steps would be
+/// checked against a schema that is not the one its events have.
+pub fn check_with<'a>(
+    reading: &Reading,
+    mut facts: impl FnMut(usize) -> Result<SourceFacts<'a>, Vec<Diagnostic>>,
+) -> Checked {
     let mut diagnostics = reading.diagnostics.clone();
     for (processor, origin) in reading
         .manifests
@@ -582,7 +611,7 @@ pub fn check(reading: &Reading) -> Checked {
     }
     let mut plans = Vec::new();
     for index in 0..reading.manifests.pipelines.len() {
-        match reading.compile(index) {
+        match facts(index).and_then(|facts| reading.compile_with(index, &facts)) {
             Ok(plan) => plans.push(plan),
             Err(errors) => diagnostics.extend(errors),
         }
@@ -862,6 +891,50 @@ spec:
         assert_eq!(
             parse_manifests("w.yaml", &windows).unwrap().pipelines.len(),
             1
+        );
+    }
+
+    #[test]
+    fn check_with_checks_against_the_facts_and_skips_pipelines_without_them() {
+        use crate::check::RegisteredSource;
+        use crate::schema::{FieldSpec, FieldType, SchemaSpec};
+        let text = PIPELINE.replace("    topic: in\n", "    topic: in\n    format: avro\n");
+        let text = format!("{text}---{}", text.replace("name: p\n", "name: q\n"));
+        let reading = Reading::parse("p.yaml", &text);
+        assert!(reading.diagnostics.is_empty(), "{:?}", reading.diagnostics);
+        let registered = RegisteredSource {
+            subject: "in-value".into(),
+            version: 2,
+            contract: SchemaSpec {
+                fields: vec![FieldSpec {
+                    name: "other".into(),
+                    field_type: FieldType::String,
+                    optional: false,
+                }],
+                open: false,
+            },
+            origin: "file in.avsc".into(),
+        };
+        let unavailable = Diagnostic::file("p.yaml", "source-schema", "no schema");
+        let checked = check_with(&reading, |index| match index {
+            0 => Ok(SourceFacts {
+                table: None,
+                registered: Some(&registered),
+            }),
+            _ => Err(vec![unavailable.clone()]),
+        });
+        assert!(checked.plans.is_empty(), "{:?}", checked.plans);
+        assert!(
+            checked.diagnostics.contains(&unavailable),
+            "{:?}",
+            checked.diagnostics
+        );
+        assert!(
+            checked.diagnostics.iter().any(|d| d.message.ends_with(
+                "; the source schema is the Avro schema in-value version 2 (from file in.avsc)"
+            ) && d.message.contains("\"id\"")),
+            "{:?}",
+            checked.diagnostics
         );
     }
 

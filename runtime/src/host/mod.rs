@@ -46,7 +46,7 @@ pub(crate) mod metrics;
 mod parse;
 mod process;
 mod rebalance;
-mod registry;
+pub(crate) mod registry;
 mod restore;
 mod run;
 mod sinks;

@@ -124,7 +124,7 @@ impl SchemaFetcher {
 
 /// A registry client for `url`, with credentials and a CA from the
 /// environment, and the runtime it runs on (the stage's loop is not async).
-fn client(
+pub(crate) fn client(
     url: &str,
     env: &impl Fn(&str) -> Option<String>,
     read_file: &impl Fn(&str) -> std::io::Result<Vec<u8>>,
