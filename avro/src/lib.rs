@@ -9,7 +9,9 @@
 //! - [`registry`]: a client of a Confluent-compatible schema registry.
 //! - [`plan`]: a pipeline plan's Avro parts, resolved against a registry.
 //! - [`decode`] and [`encode`]: one framed record each way, with the writer
-//!   schema resolved against the reader's by Avro's resolution rules.
+//!   schema resolved against the reader's by Avro's resolution rules;
+//!   [`decode_json`] and [`encode_document`] the same for an event held in
+//!   another document model than `serde_json`'s.
 
 mod compat;
 pub mod contract;
@@ -85,6 +87,29 @@ pub fn decode(
     writer: &Schema,
     reader: &Shape,
 ) -> Result<serde_json::Value, RecordError> {
+    Ok(reader.to_json(&resolved(id, datum, writer, reader)?)?)
+}
+
+/// As [`decode`], the event appended to `out` as its JSON text (what
+/// `serde_json` writes of it), for a reader whose documents are parsed from
+/// text: no `serde_json` value is built on the way.
+pub fn decode_json(
+    id: u32,
+    datum: &[u8],
+    writer: &Schema,
+    reader: &Shape,
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
+    Ok(reader.write_json(&resolved(id, datum, writer, reader)?, out)?)
+}
+
+/// The Avro value of a datum written with `writer`, resolved to `reader`.
+fn resolved(
+    id: u32,
+    datum: &[u8],
+    writer: &Schema,
+    reader: &Shape,
+) -> Result<AvroValue, RecordError> {
     limit_allocations();
     let mut rest = Datum(datum);
     let value = apache_avro::from_avro_datum(writer, &mut rest, None).map_err(|e| {
@@ -105,13 +130,12 @@ pub fn decode(
     } else {
         value
     };
-    let resolved = value
+    value
         .resolve(reader.schema())
         .map_err(|e| RecordError::Unresolvable {
             id,
             reason: e.to_string(),
-        })?;
-    Ok(reader.to_json(&resolved)?)
+        })
 }
 
 /// The bytes every decimal is widened to before resolution: enough for 76
@@ -173,7 +197,16 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// A JSON event as a framed record of `shape`'s schema, registered as `id`.
 pub fn encode(event: &serde_json::Value, shape: &Shape, id: u32) -> Result<Vec<u8>, RecordError> {
-    let value = shape.from_json(event)?;
+    encode_document::<json::SerdeJson>(event, shape, id)
+}
+
+/// As [`encode`], for an event held in the document model `D`.
+pub fn encode_document<D: json::Document>(
+    event: &D::Value,
+    shape: &Shape,
+    id: u32,
+) -> Result<Vec<u8>, RecordError> {
+    let value = shape.from_document::<D>(event)?;
     let datum = apache_avro::to_avro_datum(shape.schema(), value)
         .map_err(|e| RecordError::Encode(e.to_string()))?;
     Ok(wire::frame(id, &datum))

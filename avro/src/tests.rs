@@ -217,9 +217,20 @@ proptest::proptest! {
     ) {
         let schema = parse(FUZZED);
         let datum = mutated(&edits, keep);
-        if let Ok(event) = decode(1, &datum, &schema, &schema) {
-            let written = encode(&event, &schema, 1).expect("what was read is written");
-            proptest::prop_assert_eq!(decode(1, &written[5..], &schema, &schema).expect("read back"), event);
+        let mut text = Vec::new();
+        let shape = Shape::new(schema.clone()).expect("shape");
+        let as_text = super::decode_json(1, &datum, &schema, &shape, &mut text);
+        match decode(1, &datum, &schema, &schema) {
+            Ok(event) => {
+                as_text.expect("the text of what decodes");
+                proptest::prop_assert_eq!(text, serde_json::to_vec(&event).expect("JSON"));
+                let written = encode(&event, &schema, 1).expect("what was read is written");
+                proptest::prop_assert_eq!(decode(1, &written[5..], &schema, &schema).expect("read back"), event);
+            }
+            Err(error) => proptest::prop_assert_eq!(
+                as_text.expect_err("refused as text too").to_string(),
+                error.to_string()
+            ),
         }
     }
 }

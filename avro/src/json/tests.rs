@@ -1,4 +1,5 @@
 use super::*;
+use apache_avro::{Days, Decimal, Duration, Millis, Months};
 use serde_json::json;
 
 fn parse(json: &str) -> Schema {
@@ -69,7 +70,17 @@ fn logical_types_read_as_the_contracts_json() {
             unreachable!()
         };
         let field = &record.fields[record.lookup[name]];
-        read(&v, &field.schema, &Names::of(&schema).expect("names"), name).expect("read")
+        let mut tree = read::Tree(Value::Null);
+        let names = Names::of(&schema).expect("names");
+        read::read(
+            &v,
+            &field.schema,
+            &names,
+            &Path::ROOT.field(name),
+            &mut tree,
+        )
+        .expect("read");
+        tree.0
     };
     assert_eq!(value("day", Avro::Date(19_723)), json!("2024-01-01"));
     assert_eq!(
@@ -251,5 +262,159 @@ fn non_finite_numbers_have_no_json_form() {
     assert_eq!(
         to_json(&value, &schema).unwrap_err().to_string(),
         "field x: NaN has no JSON form (JSON numbers are finite)"
+    );
+}
+
+/// [`Shape::write_json`]'s text, checked to be what `serde_json` writes of
+/// [`Shape::to_json`]'s value (or the same error).
+fn json_text(value: &Avro, schema: &Schema) -> Result<String, ValueError> {
+    let shape = Shape::new(schema.clone())?;
+    let mut text = Vec::new();
+    let written = shape.write_json(value, &mut text);
+    match shape.to_json(value) {
+        Ok(tree) => {
+            written.expect("text where the tree was built");
+            assert_eq!(
+                String::from_utf8(text.clone()).expect("UTF-8"),
+                serde_json::to_string(&tree).expect("text")
+            );
+        }
+        Err(error) => {
+            assert_eq!(written, Err(error));
+            written?;
+        }
+    }
+    Ok(String::from_utf8(text).expect("UTF-8"))
+}
+
+#[test]
+fn the_json_text_is_written_as_serde_json_writes_the_event() {
+    let schema = parse(EVERY_TYPE);
+    let event = json!({
+        "i": -7, "l": i64::MIN, "d": -0.0, "f": 0.1, "b": false, "s": "a\"b\\c\n\u{1}é😀",
+        "raw": "AAEC/w==", "four": "AQIDBA==", "e": "RED",
+        "u": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+        "money": "-0.05", "day": "1969-12-31", "clock": "23:59:59.999",
+        "ms": "1900-01-01T00:00:00Z", "us": "2026-12-05T11:30:00.000001Z",
+        "local": "2026-12-05T11:30:00",
+        "tags": [], "attrs": {"z": 1, "a": -2, "m": 3, "": 0}, "maybe": null,
+        "nested": {"x": 1}, "again": {"x": 2}
+    });
+    let value = from_json(&event, &schema).expect("to avro");
+    let datum = apache_avro::to_avro_datum(&schema, value).expect("encode");
+    let decoded = apache_avro::from_avro_datum(&schema, &mut &datum[..], None).expect("decode");
+    let text = json_text(&decoded, &schema).expect("text");
+    assert!(
+        text.starts_with(r#"{"again":{"x":2},"attrs":{"":0,"a":-2,"m":3,"z":1},"b":false,"#),
+        "members in key order, as the event always had them: {text}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["f"],
+        json!(f64::from(0.1_f32))
+    );
+}
+
+#[test]
+fn durations_unions_and_nesting_are_written_as_text() {
+    let schema = parse(
+        r#"{"type": "record", "name": "R", "fields": [
+          {"name": "wait", "type": {"type": "fixed", "name": "D", "size": 12, "logicalType": "duration"}},
+          {"name": "deep", "type": {"type": "record", "name": "R2", "fields": [
+            {"name": "n", "type": ["null", "double"], "default": null}
+          ]}},
+          {"name": "u", "type": ["null", "long", {"type": "array", "items": {"type": "map", "values": ["null", "R2"]}}]}
+        ]}"#,
+    );
+    let r2 = |n: Avro| Avro::Record(vec![("n".into(), n)]);
+    let value = Avro::Record(vec![
+        (
+            "wait".into(),
+            Avro::Duration(Duration::new(Months::new(1), Days::new(2), Millis::new(3))),
+        ),
+        ("deep".into(), r2(Avro::Union(0, Box::new(Avro::Null)))),
+        (
+            "u".into(),
+            Avro::Union(
+                2,
+                Box::new(Avro::Array(vec![Avro::Map(
+                    [
+                        ("y".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                        (
+                            "x".to_owned(),
+                            Avro::Union(
+                                1,
+                                Box::new(r2(Avro::Union(1, Box::new(Avro::Double(1.5))))),
+                            ),
+                        ),
+                    ]
+                    .into(),
+                )])),
+            ),
+        ),
+    ]);
+    assert_eq!(
+        json_text(&value, &schema).expect("text"),
+        r#"{"deep":{"n":null},"u":[{"x":{"n":1.5},"y":null}],"wait":{"days":2,"millis":3,"months":1}}"#
+    );
+    // An error deep down names its path, in both forms.
+    let Avro::Record(mut fields) = value else {
+        unreachable!()
+    };
+    fields[2].1 = Avro::Union(
+        2,
+        Box::new(Avro::Array(vec![
+            Avro::Map(Default::default()),
+            Avro::Map(
+                [(
+                    "k".to_owned(),
+                    Avro::Union(
+                        1,
+                        Box::new(r2(Avro::Union(1, Box::new(Avro::Double(f64::INFINITY))))),
+                    ),
+                )]
+                .into(),
+            ),
+        ])),
+    );
+    assert_eq!(
+        json_text(&Avro::Record(fields), &schema)
+            .unwrap_err()
+            .to_string(),
+        "field u[1].k.n: inf has no JSON form (JSON numbers are finite)"
+    );
+}
+
+#[test]
+fn nesting_beyond_the_bound_is_refused_not_recursed_into() {
+    use apache_avro::schema::ArraySchema;
+    // Deeper than any schema parsed from text can be.
+    let levels = MAX_NESTING + 10;
+    let (mut schema, mut value) = (Schema::Long, Avro::Long(1));
+    for _ in 0..levels {
+        schema = Schema::Array(ArraySchema {
+            items: Box::new(schema),
+            attributes: Default::default(),
+        });
+        value = Avro::Array(vec![value]);
+    }
+    let reason = json_text(&value, &schema).unwrap_err().reason;
+    assert_eq!(
+        reason,
+        format!("nested deeper than {MAX_NESTING} levels of records, arrays and maps")
+    );
+    let event = Shape::new(schema.clone())
+        .expect("shape")
+        .to_json(&value)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(event.path.starts_with("[0][0]"), "{}", event.path);
+    let mut event = json!(1);
+    for _ in 0..levels {
+        event = json!([event]);
+    }
+    assert_eq!(
+        from_json(&event, &schema).unwrap_err().reason,
+        reason,
+        "writing too"
     );
 }

@@ -18,6 +18,7 @@ use rdkafka::message::Message;
 
 use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
 use crate::event::{DeadLetter, FieldPath, Provenance};
+use crate::kafka::avro::Sonic;
 use crate::kafka::outbox::Outbox;
 use crate::kafka::records::{provenance_headers, provenance_of, record_key};
 use crate::kafka::{TransportError, restore};
@@ -44,11 +45,11 @@ impl AvroWriter {
         Self { shape, id }
     }
 
-    /// The framed record of an event (its JSON form), or why the event does
-    /// not fit the schema.
-    pub fn encode(&self, json: &[u8]) -> Result<Vec<u8>, String> {
-        let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-        keystone_avro::encode(&value, &self.shape, self.id).map_err(|e| e.to_string())
+    /// The framed record of an event's document, or why the event does not
+    /// fit the schema.
+    pub fn encode(&self, value: &sonic_rs::Value) -> Result<Vec<u8>, String> {
+        keystone_avro::encode_document::<Sonic>(value, &self.shape, self.id)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -103,7 +104,7 @@ impl Sink for KafkaSink {
         let encoded;
         let value = match &self.avro {
             None => record.value,
-            Some(writer) => match writer.encode(record.value) {
+            Some(writer) => match writer.encode(&record.event.value) {
                 Ok(bytes) => {
                     encoded = bytes;
                     encoded.as_slice()
@@ -243,13 +244,14 @@ mod tests {
         )
         .expect("schema");
         let writer = super::AvroWriter::new(keystone_avro::Shape::new(schema).expect("shape"), 42);
-        let framed = writer.encode(br#"{"id": 7}"#).expect("fits");
+        let event = |text: &str| crate::event::parse_value(text.as_bytes()).expect("JSON");
+        let framed = writer.encode(&event(r#"{"id": 7}"#)).expect("fits");
         assert_eq!(
             framed, b"\x00\x00\x00\x00\x2a\x0e",
             "magic, id 42, zig-zag 7"
         );
         let refused = writer
-            .encode(br#"{"id": "seven"}"#)
+            .encode(&event(r#"{"id": "seven"}"#))
             .expect_err("does not fit");
         assert!(refused.contains("id"), "{refused}");
     }

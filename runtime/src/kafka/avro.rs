@@ -14,8 +14,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use keystone_avro::json::{Document, Kind};
 use keystone_avro::registry::RegistryError;
 use keystone_avro::{AvroSchema, RecordError, Shape, can_read, wire};
+use sonic_rs::{JsonContainerTrait, JsonType, JsonValueTrait, Value};
 
 use crate::event::Event;
 
@@ -104,8 +106,10 @@ impl AvroDecoder {
         };
         match decoded {
             Err(reason) => Err((raw, reason)),
-            // The JSON form goes through the parser every event goes through:
-            // its limits (size, depth) hold for Avro input too.
+            // The value is written as JSON text straight from the Avro value
+            // and parsed as every event is: its limits (size, depth) hold for
+            // Avro input too, and only a parsed document keeps its members in
+            // order (sonic-rs's built objects are hash maps).
             Ok(json) => match Event::parse(json) {
                 Ok(mut event) => {
                     event.raw = raw;
@@ -126,9 +130,11 @@ impl AvroDecoder {
             .cloned();
         match writer {
             Some(Writer::Readable(schema)) => {
-                let value = keystone_avro::decode(id, datum, &schema, &self.reader)
+                // The JSON form is larger than the datum (names, quotes, base64).
+                let mut json = Vec::with_capacity(datum.len() * 2 + 64);
+                keystone_avro::decode_json(id, datum, &schema, &self.reader, &mut json)
                     .map_err(|e| e.to_string())?;
-                serde_json::to_vec(&value).map_err(|e| e.to_string())
+                Ok(json)
             }
             Some(Writer::Refused(reason)) => Err(reason),
             // The ids of a batch are learned before it is parsed: only a defect
@@ -137,6 +143,74 @@ impl AvroDecoder {
                 "the record's writer schema (id {id}) was not fetched before the record was read"
             )),
         }
+    }
+}
+
+/// The runtime's events (sonic-rs documents) as the document model Avro
+/// records are written from: an event is encoded as it is held, not written
+/// out as JSON text and parsed again.
+pub struct Sonic;
+
+impl Document for Sonic {
+    type Value = sonic_rs::Value;
+
+    fn kind(value: &Value) -> Kind {
+        match value.get_type() {
+            JsonType::Null => Kind::Null,
+            JsonType::Boolean => Kind::Boolean,
+            JsonType::Number => Kind::Number,
+            JsonType::String => Kind::String,
+            JsonType::Array => Kind::Array,
+            JsonType::Object => Kind::Object,
+        }
+    }
+
+    fn as_bool(value: &Value) -> Option<bool> {
+        value.as_bool()
+    }
+
+    fn as_i64(value: &Value) -> Option<i64> {
+        value.as_i64()
+    }
+
+    fn as_u64(value: &Value) -> Option<u64> {
+        value.as_u64()
+    }
+
+    fn as_f64(value: &Value) -> Option<f64> {
+        value.as_f64()
+    }
+
+    fn as_str(value: &Value) -> Option<&str> {
+        value.as_str()
+    }
+
+    fn number_text(value: &Value) -> Option<String> {
+        // A number kept as its text (one beyond 64 bits) is exact as it came;
+        // in exponent form it is read as a float, like every other number.
+        if let Some(raw) = value.as_raw_number()
+            && !raw.as_str().contains(['e', 'E'])
+        {
+            return Some(raw.as_str().to_owned());
+        }
+        value.as_number().map(|n| n.to_string())
+    }
+
+    fn items(value: &Value) -> Option<impl Iterator<Item = &Value>> {
+        value.as_array().map(|items| items.iter())
+    }
+
+    fn members(value: &Value) -> Option<impl Iterator<Item = (&str, &Value)>> {
+        value.as_object().map(|object| object.iter())
+    }
+
+    fn get<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+        value.as_object()?.get(&name)
+    }
+
+    fn text(value: &Value) -> String {
+        // Serializing a document cannot fail: keys are strings, numbers finite.
+        sonic_rs::to_string(value).unwrap_or_default()
     }
 }
 
@@ -302,9 +376,242 @@ mod tests {
         let record = framed(blob, 9, serde_json::json!({ "data": large }));
         let (original, reason) = decoder.decode(record.clone()).expect_err("too large");
         assert_eq!(original, record);
+        let json_bytes = r#"{"data":""}"#.len() + large.len();
+        assert_eq!(
+            reason,
+            format!(
+                "the record's value as JSON: the event is {json_bytes} bytes, larger than the limit of {} bytes",
+                crate::event::MAX_EVENT_BYTES
+            )
+        );
+        // At the limit it is an event.
+        let fits = "x".repeat(crate::event::MAX_EVENT_BYTES - r#"{"data":""}"#.len());
+        let event = decoder
+            .decode(framed(blob, 9, serde_json::json!({ "data": fits })))
+            .expect("at the limit");
+        assert_eq!(
+            event
+                .value
+                .get("data")
+                .and_then(|v| v.as_str())
+                .map(str::len),
+            Some(fits.len())
+        );
+    }
+
+    #[test]
+    fn nesting_deeper_than_an_event_may_is_refused() {
+        // The codec recurses once per level, with large frames unoptimized.
+        std::thread::Builder::new()
+            .stack_size(16 << 20)
+            .spawn(refuse_what_nests_too_deep)
+            .expect("thread")
+            .join()
+            .expect("passed");
+    }
+
+    fn refuse_what_nests_too_deep() {
+        use apache_avro::types::Value as Avro;
+        // A field of arrays in arrays, deeper than an event may nest (and than
+        // a schema parsed from text can be: this one is built).
+        let levels = crate::event::MAX_DEPTH + 10;
+        let (mut items, mut value) = (AvroSchema::Long, Avro::Long(1));
+        for _ in 0..levels {
+            items = AvroSchema::array(items);
+            value = Avro::Array(vec![value]);
+        }
+        let text =
+            r#"{"type": "record", "name": "Deep", "fields": [{"name": "a", "type": "long"}]}"#;
+        let AvroSchema::Record(mut record) = AvroSchema::parse_str(text).expect("schema") else {
+            unreachable!("a record")
+        };
+        record.fields[0].schema = items;
+        let deep = AvroSchema::Record(record);
+        let datum = apache_avro::to_avro_datum(&deep, Avro::Record(vec![("a".into(), value)]))
+            .expect("encode");
+        let decoder = AvroDecoder::new(Shape::new(deep.clone()).expect("shape"));
+        decoder.learn(7, Ok(Arc::new(deep))).expect("learn");
+        let record = wire::frame(7, &datum);
+        let (original, reason) = decoder.decode(record.clone()).expect_err("too deep");
+        assert_eq!(original, record);
         assert!(
-            reason.contains("as JSON") && reason.contains("limit"),
+            reason.starts_with(
+                "the record's value as JSON: nested deeper than the limit of 128 levels of objects and arrays, at /a/0/0/"
+            ),
             "{reason}"
+        );
+    }
+
+    /// Every type of [`EVERY_TYPE`] in one event.
+    fn every_type() -> serde_json::Value {
+        serde_json::json!({
+            "i": -7, "l": 9_007_199_254_740_993_i64, "d": 2.5, "f": 0.5, "b": true, "s": "ünï \"q\"\n",
+            "raw": "AAEC/w==", "four": "AQIDBA==", "e": "GREEN",
+            "u": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+            "money": "-1234.50", "day": "2024-01-01", "clock": "13:45:07.250",
+            "ms": "2026-12-05T11:30:00.123Z", "us": "2026-12-05T11:30:00.123456Z",
+            "local": "2026-12-05T11:30:00.123",
+            "tags": ["a", "b"], "attrs": {"n": 3, "a": -1}, "maybe": "here",
+            "nested": {"x": 1, "deeper": {"y": [1.5, -0.0]}}, "again": {"x": 2, "deeper": {"y": []}},
+            "json": "[1,{\"k\":true}]"
+        })
+    }
+
+    const EVERY_TYPE: &str = r#"{"type": "record", "name": "All", "fields": [
+      {"name": "i", "type": "int"},
+      {"name": "l", "type": "long"},
+      {"name": "d", "type": "double"},
+      {"name": "f", "type": "float"},
+      {"name": "b", "type": "boolean"},
+      {"name": "s", "type": "string"},
+      {"name": "raw", "type": "bytes"},
+      {"name": "four", "type": {"type": "fixed", "name": "Four", "size": 4}},
+      {"name": "e", "type": {"type": "enum", "name": "Color", "symbols": ["RED", "GREEN"]}},
+      {"name": "u", "type": {"type": "string", "logicalType": "uuid"}},
+      {"name": "money", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+      {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+      {"name": "clock", "type": {"type": "int", "logicalType": "time-millis"}},
+      {"name": "ms", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+      {"name": "us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+      {"name": "local", "type": {"type": "long", "logicalType": "local-timestamp-millis"}},
+      {"name": "tags", "type": {"type": "array", "items": "string"}},
+      {"name": "attrs", "type": {"type": "map", "values": "long"}},
+      {"name": "maybe", "type": ["null", "string"], "default": null},
+      {"name": "nested", "type": {"type": "record", "name": "Inner", "fields": [
+        {"name": "x", "type": "long"},
+        {"name": "deeper", "type": {"type": "record", "name": "Deeper", "fields": [
+          {"name": "y", "type": {"type": "array", "items": "double"}}
+        ]}}
+      ]}},
+      {"name": "again", "type": "Inner"},
+      {"name": "json", "type": "string"},
+      {"name": "level", "type": "int", "default": 3}
+    ]}"#;
+
+    /// The event the text round trip made of a record: `serde_json`'s value
+    /// of it, written out and parsed as an event.
+    fn through_text(record: &[u8], writer: &str, reader: &Shape) -> sonic_rs::Value {
+        let (id, datum) = wire::split(record).expect("framed");
+        let value = keystone_avro::decode(id, datum, &schema(writer), reader).expect("decode");
+        Event::parse(serde_json::to_vec(&value).expect("JSON"))
+            .expect("event")
+            .value
+    }
+
+    #[test]
+    fn every_type_and_nested_records_read_as_the_text_round_trip_read_them() {
+        let decoder = AvroDecoder::new(shape(EVERY_TYPE));
+        decoder.learn(5, Ok(schema(EVERY_TYPE))).expect("learn");
+        let record = framed(EVERY_TYPE, 5, every_type());
+        let event = decoder.decode(record.clone()).expect("decode");
+        assert_eq!(event.raw, record);
+        let expected = through_text(&record, EVERY_TYPE, &shape(EVERY_TYPE));
+        assert_eq!(
+            sonic_rs::to_string(&event.value).expect("text"),
+            sonic_rs::to_string(&expected).expect("text"),
+            "the same document, members in the same order"
+        );
+        let y = event
+            .value
+            .pointer(&sonic_rs::pointer!["nested", "deeper", "y"])
+            .and_then(|v| v.as_array().map(|a| a.len()));
+        assert_eq!(y, Some(2));
+        assert_eq!(event.value["money"].as_str(), Some("-1234.50"));
+        assert_eq!(
+            event.value["us"].as_str(),
+            Some("2026-12-05T11:30:00.123456Z")
+        );
+        assert_eq!(event.value["raw"].as_str(), Some("AAEC/w=="));
+        assert_eq!(event.value["level"].as_i64(), Some(3), "the default");
+    }
+
+    /// A `serde_json` value as the runtime holds an event.
+    fn document(value: &serde_json::Value) -> sonic_rs::Value {
+        crate::event::parse_value(&serde_json::to_vec(value).expect("JSON")).expect("event")
+    }
+
+    /// What the sink wrote before: the event's text parsed by `serde_json`.
+    fn encoded_as_before(event: &sonic_rs::Value, shape: &Shape) -> Result<Vec<u8>, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(&sonic_rs::to_vec(event).expect("text")).expect("JSON");
+        keystone_avro::encode(&value, shape, 3).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn events_are_encoded_from_their_documents_as_from_their_text() {
+        let shape = shape(EVERY_TYPE);
+        let encode = |event: &sonic_rs::Value| {
+            keystone_avro::encode_document::<Sonic>(event, &shape, 3).map_err(|e| e.to_string())
+        };
+        let mut variants = vec![every_type()];
+        // What an event may hold besides what reading gives.
+        let mut other = every_type();
+        other["ms"] = serde_json::json!(1_764_932_400_123_i64);
+        other["us"] = serde_json::json!(0);
+        other["money"] = serde_json::json!(12.5);
+        other["day"] = serde_json::json!(19_723);
+        other["maybe"] = serde_json::Value::Null;
+        other["json"] = serde_json::json!([1, {"k": true}, "x"]);
+        other.as_object_mut().expect("object").remove("level");
+        variants.push(other);
+        for event in &mut variants {
+            // One entry: a map's entries are encoded in no set order.
+            event["attrs"] = serde_json::json!({"n": 3});
+            let event = document(event);
+            assert_eq!(encode(&event), encoded_as_before(&event, &shape), "{event}");
+            assert!(encode(&event).is_ok());
+        }
+        // Refused alike, with the same reasons.
+        for (field, value) in [
+            ("i", serde_json::json!(1.5)),
+            ("i", serde_json::json!(1_i64 << 40)),
+            ("l", serde_json::json!("7")),
+            ("money", serde_json::json!("1.234")),
+            ("money", serde_json::json!(1e300)),
+            ("day", serde_json::json!("05.12.2026")),
+            ("clock", serde_json::json!(5)),
+            ("ms", serde_json::json!("yesterday")),
+            ("ms", serde_json::json!(1e300)),
+            ("local", serde_json::json!("2026-12-05T11:30:00Z")),
+            ("e", serde_json::json!("BLUE")),
+            ("four", serde_json::json!("AQID")),
+            ("raw", serde_json::json!("not base64!")),
+            ("u", serde_json::json!("nope")),
+            ("tags", serde_json::json!("a")),
+            ("attrs", serde_json::json!({"n": "x"})),
+            ("nested", serde_json::json!({"x": 1})),
+            ("again", serde_json::json!(null)),
+        ] {
+            let mut event = every_type();
+            event[field] = value;
+            let event = document(&event);
+            let refused = encode(&event).expect_err("refused");
+            assert_eq!(Err(refused.clone()), encoded_as_before(&event, &shape));
+            assert!(refused.contains(&format!("field {field}")), "{refused}");
+        }
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_are_decimals_exactly() {
+        let decimal = r#"{"type": "record", "name": "D", "fields": [
+          {"name": "v", "type": {"type": "bytes", "logicalType": "decimal", "precision": 30, "scale": 2}},
+          {"name": "n", "type": "long"}
+        ]}"#;
+        let shape = shape(decimal);
+        let event = crate::event::parse_value(br#"{"v": 123456789012345678901.25, "n": 1}"#)
+            .expect("event");
+        let framed = keystone_avro::encode_document::<Sonic>(&event, &shape, 1).expect("fits");
+        let (_, datum) = wire::split(&framed).expect("framed");
+        let read = keystone_avro::decode(1, datum, shape.schema(), &shape).expect("decode");
+        assert_eq!(
+            read["v"], "123456789012345678901.25",
+            "not rounded to a double"
+        );
+        let wide =
+            crate::event::parse_value(br#"{"v": 1, "n": 123456789012345678901}"#).expect("event");
+        assert_eq!(
+            keystone_avro::encode_document::<Sonic>(&wide, &shape, 1).map_err(|e| e.to_string()),
+            Err("field n: expected an integer, found a number".to_owned())
         );
     }
 }
