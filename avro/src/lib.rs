@@ -93,23 +93,43 @@ pub fn decode(
 /// As [`decode`], the event appended to `out` as its JSON text (what
 /// `serde_json` writes of it), for a reader whose documents are parsed from
 /// text: no `serde_json` value is built on the way.
+///
+/// `writer_is_reader` (see [`is_reader_schema`], decided once per writer
+/// schema) skips resolution: a datum written with the reader's own schema
+/// already has its shape, and resolving it would only rebuild it.
 pub fn decode_json(
     id: u32,
     datum: &[u8],
     writer: &Schema,
+    writer_is_reader: bool,
     reader: &Shape,
     out: &mut Vec<u8>,
 ) -> Result<(), RecordError> {
-    Ok(reader.write_json(&resolved(id, datum, writer, reader)?, out)?)
+    let value = if writer_is_reader {
+        read_datum(id, datum, writer)?
+    } else {
+        resolved(id, datum, writer, reader)?
+    };
+    Ok(reader.write_json(&value, out)?)
 }
 
-/// The Avro value of a datum written with `writer`, resolved to `reader`.
-fn resolved(
-    id: u32,
-    datum: &[u8],
-    writer: &Schema,
-    reader: &Shape,
-) -> Result<AvroValue, RecordError> {
+/// Whether `writer` is the reader's own schema, logical types, defaults
+/// and all (what a producer writing with the version a pipeline reads with
+/// sends): its records then need no resolution.
+pub fn is_reader_schema(writer: &Schema, reader: &Shape) -> bool {
+    // The parsing canonical form drops logical types, which resolution
+    // would apply: compare the whole schemas.
+    match (
+        serde_json::to_value(writer),
+        serde_json::to_value(reader.schema()),
+    ) {
+        (Ok(writer), Ok(reader)) => writer == reader,
+        _ => false,
+    }
+}
+
+/// The datum's value as written, read to its end and no further.
+fn read_datum(id: u32, datum: &[u8], writer: &Schema) -> Result<AvroValue, RecordError> {
     limit_allocations();
     let mut rest = Datum(datum);
     let value = apache_avro::from_avro_datum(writer, &mut rest, None).map_err(|e| {
@@ -124,6 +144,17 @@ fn resolved(
             extra: rest.0.len(),
         });
     }
+    Ok(value)
+}
+
+/// The Avro value of a datum written with `writer`, resolved to `reader`.
+fn resolved(
+    id: u32,
+    datum: &[u8],
+    writer: &Schema,
+    reader: &Shape,
+) -> Result<AvroValue, RecordError> {
+    let value = read_datum(id, datum, writer)?;
     // Only a reader with decimals meets the codec's decimal width check.
     let value = if reader.has_decimals() {
         widen_decimals(value)

@@ -219,7 +219,10 @@ proptest::proptest! {
         let datum = mutated(&edits, keep);
         let mut text = Vec::new();
         let shape = Shape::new(schema.clone()).expect("shape");
-        let as_text = super::decode_json(1, &datum, &schema, &shape, &mut text);
+        // The reader's own schema: read without resolution, it must give
+        // what resolution gives, refusals included.
+        proptest::prop_assert!(super::is_reader_schema(&schema, &shape));
+        let as_text = super::decode_json(1, &datum, &schema, true, &shape, &mut text);
         match decode(1, &datum, &schema, &schema) {
             Ok(event) => {
                 as_text.expect("the text of what decodes");
@@ -269,4 +272,25 @@ fn a_decimal_in_as_few_bytes_as_it_needs_is_read() {
         decode(1, datum, &schema, &schema).expect("decode"),
         json!({"price": "12.34", "refund": "-0.05"})
     );
+}
+
+#[test]
+fn only_the_readers_own_schema_skips_resolution() {
+    let reader = parse(
+        r#"{"type": "record", "name": "R", "fields": [
+      {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}"#,
+    );
+    let shape = Shape::new(reader.clone()).expect("shape");
+    assert!(super::is_reader_schema(&reader, &shape));
+    // The same parsing canonical form, without the logical type: resolution
+    // makes the long a timestamp, so it must not be skipped.
+    let plain =
+        parse(r#"{"type": "record", "name": "R", "fields": [{"name": "at", "type": "long"}]}"#);
+    assert!(!super::is_reader_schema(&plain, &shape));
+    let with_default = parse(
+        r#"{"type": "record", "name": "R", "fields": [
+      {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+      {"name": "note", "type": ["null", "string"], "default": null}]}"#,
+    );
+    assert!(!super::is_reader_schema(&with_default, &shape));
 }

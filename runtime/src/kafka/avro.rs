@@ -24,8 +24,12 @@ use crate::event::Event;
 /// What is known of one writer schema id.
 #[derive(Clone, Debug)]
 enum Writer {
-    /// Its records decode with this schema and resolve against the reader's.
-    Readable(Arc<AvroSchema>),
+    /// Its records decode with this schema and resolve against the reader's;
+    /// `is_reader`: it is the reader's own schema, so they need no resolution.
+    Readable {
+        schema: Arc<AvroSchema>,
+        is_reader: bool,
+    },
     /// Its records are dead letters, for this reason.
     Refused(String),
 }
@@ -77,7 +81,10 @@ impl AvroDecoder {
     ) -> Result<(), RegistryError> {
         let writer = match answer {
             Ok(schema) => match can_read(&schema, self.reader.schema()) {
-                Ok(()) => Writer::Readable(schema),
+                Ok(()) => Writer::Readable {
+                    is_reader: keystone_avro::is_reader_schema(&schema, &self.reader),
+                    schema,
+                },
                 Err(reason) => {
                     Writer::Refused(RecordError::Unresolvable { id, reason }.to_string())
                 }
@@ -129,10 +136,10 @@ impl AvroDecoder {
             .get(&id)
             .cloned();
         match writer {
-            Some(Writer::Readable(schema)) => {
+            Some(Writer::Readable { schema, is_reader }) => {
                 // The JSON form is larger than the datum (names, quotes, base64).
                 let mut json = Vec::with_capacity(datum.len() * 2 + 64);
-                keystone_avro::decode_json(id, datum, &schema, &self.reader, &mut json)
+                keystone_avro::decode_json(id, datum, &schema, is_reader, &self.reader, &mut json)
                     .map_err(|e| e.to_string())?;
                 Ok(json)
             }
