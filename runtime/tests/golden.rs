@@ -6,81 +6,19 @@
 //! (member order of objects a step modified is not part of the contract).
 //! `BLESS=1 cargo test -p keystone-runtime --test golden` rewrites the expected files.
 
+#[path = "golden/harness.rs"]
+mod harness;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
+use harness::{Case, Outcome, START_MS, cases, input_lines, parse_lines};
 use keystone_runtime::ManualClock;
-use keystone_runtime::event::{DeadLetter, Event};
 use keystone_runtime::local::{self, LocalPipeline};
-use keystone_runtime::ops::Table;
-
-const START_MS: i64 = 1_767_225_600_000;
-
-struct Outcome {
-    events: Vec<String>,
-    dead_letters: Vec<String>,
-}
 
 fn run_case(dir: &Path) -> Outcome {
-    let mut files = vec![dir.join("pipeline.yaml")];
-    if dir.join("processors.yaml").exists() {
-        files.push(dir.join("processors.yaml"));
-    }
-    let manifests = local::read_manifests(&files).unwrap();
-    let plan = local::compile_pipeline(&manifests, None)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let mut table_files = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir.join("tables")) {
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-            table_files.push((name, path));
-        }
-    }
-    let tables: BTreeMap<String, Table> = local::load_tables(&plan, &table_files).unwrap();
-    let tick: i64 = std::fs::read_to_string(dir.join("tick-ms"))
-        .map(|t| t.trim().parse().unwrap())
-        .unwrap_or(0);
-    let clock = ManualClock::new(START_MS);
-    let mut pipeline = LocalPipeline::new(&plan, &tables, Arc::new(clock.clone())).unwrap();
-    let input = std::fs::read(dir.join("input.jsonl")).unwrap();
-    let mut events: Vec<Event> = Vec::new();
-    let mut dead: Vec<DeadLetter> = Vec::new();
-    for line in input.split(|b| *b == b'\n') {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        clock.advance(tick);
-        let (e, d) = pipeline.push_lines(vec![line.to_vec()]);
-        events.extend(e);
-        dead.extend(d);
-    }
-    let (e, d) = pipeline.finish();
-    events.extend(e);
-    dead.extend(d);
-    let render = |write: &dyn Fn(&mut Vec<u8>)| {
-        let mut buf = Vec::new();
-        write(&mut buf);
-        String::from_utf8(buf).unwrap().trim_end().to_owned()
-    };
-    Outcome {
-        events: events
-            .iter()
-            .map(|e| render(&|b| e.write_json_line(b)))
-            .collect(),
-        dead_letters: dead
-            .iter()
-            .map(|d| render(&|b| d.write_json_line(b)))
-            .collect(),
-    }
-}
-
-fn parse_lines(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
+    Case::load(dir).run(input_lines(dir).into_iter().map(|(_, line)| Some(line)))
 }
 
 fn compare(dir: &Path, file: &str, actual: &[String]) {
@@ -104,26 +42,9 @@ fn compare(dir: &Path, file: &str, actual: &[String]) {
     );
 }
 
-fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("pipeline.yaml").exists())
-        .collect();
-    dirs.sort();
-    dirs
-}
-
 #[test]
 fn golden_cases() {
-    let dirs = cases();
-    assert!(
-        dirs.len() >= 10,
-        "expected the golden cases, found {}",
-        dirs.len()
-    );
-    for dir in dirs {
+    for dir in cases() {
         let outcome = run_case(&dir);
         compare(&dir, "expected.jsonl", &outcome.events);
         compare(&dir, "expected-dead-letters.jsonl", &outcome.dead_letters);
