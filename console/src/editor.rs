@@ -265,7 +265,7 @@ async fn respond(
     };
     // The edited Processor replaces the cluster's copy in the check.
     reading.extend(Reading::parse(EDITED, &draft.yaml));
-    let checked = keystone_crds::manifest::check(&reading);
+    let (reading, checked) = check_reading(operator, reading).await;
     let mut diagnostics: Vec<Diagnostic> = checked
         .diagnostics
         .into_iter()
@@ -430,6 +430,57 @@ fn redirect(headers: &HeaderMap, target: &str) -> Response {
     } else {
         Redirect::to(target).into_response()
     }
+}
+
+/// The check of `reading`, as the operator makes it: an Avro source is
+/// checked against the schema its registry holds (the manifest's registry,
+/// else its cluster's in the operator's configuration; credentials from the
+/// console's `KEYSTONE_REGISTRY_*` environment), and one whose schema cannot
+/// be had is a diagnostic saying why, not checked against declared fields.
+async fn check_reading(
+    operator: &OperatorConfig,
+    reading: Reading,
+) -> (Reading, keystone_crds::Checked) {
+    let avro = reading
+        .manifests
+        .pipelines
+        .iter()
+        .find(|p| p.spec.source.format == keystone_crds::pipeline::Format::Avro);
+    let Some(pipeline) = avro else {
+        let checked = keystone_crds::manifest::check(&reading);
+        return (reading, checked);
+    };
+    let args = keystone_runtime::cli::SchemaArgs {
+        registry: pipeline
+            .spec
+            .schema_registry
+            .is_none()
+            .then(|| cluster_registry(operator, pipeline))
+            .flatten(),
+        ..Default::default()
+    };
+    // The registry client blocks (it has a runtime of its own).
+    let checked = tokio::task::spawn_blocking(move || {
+        let checked = match keystone_runtime::cli::avro::Sources::resolve(&reading, &args, None) {
+            Ok(sources) => keystone_crds::manifest::check_with(&reading, |i| sources.facts(i)),
+            // Only `--schema-file` flags can be wrong, and none are given.
+            Err(_) => keystone_crds::manifest::check(&reading),
+        };
+        (reading, checked)
+    })
+    .await;
+    checked.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
+
+/// The registry URL of `pipeline`'s source cluster in the operator's configuration.
+fn cluster_registry(operator: &OperatorConfig, pipeline: &Pipeline) -> Option<String> {
+    let cluster = operator.resolve_cluster(pipeline.spec.source.cluster.as_deref())?;
+    operator
+        .kafka_clusters
+        .get(&cluster)?
+        .schema_registry
+        .as_ref()
+        .map(|r| r.url.clone())
 }
 
 async fn argo_managed(session: &Session, kind: Kind, namespace: &str, name: &str) -> bool {
@@ -711,5 +762,53 @@ mod tests {
             json!({"name": "b", "namespace": "n", "labels": {"team": "x"}})
         );
         assert_eq!(manifest["kind"], "Pipeline");
+    }
+}
+
+#[cfg(test)]
+mod avro_tests {
+    use super::*;
+
+    /// An Avro source is checked against its registry's schema, as the
+    /// operator checks it: a registry that cannot be asked is a diagnostic
+    /// at the source's format, not a check against the declared fields.
+    #[tokio::test]
+    async fn an_avro_source_whose_registry_does_not_answer_is_a_diagnostic() {
+        let yaml = r#"apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: clicks, namespace: web}
+spec:
+  schemaRegistry: {url: "http://127.0.0.1:9"}
+  source:
+    topic: clicks
+    format: avro
+    schema:
+      fields: [{name: id, type: string}]
+  sinks:
+    - name: out
+      kafka: {topic: clicks.out}
+"#;
+        let reading = Reading::parse(EDITED, yaml);
+        let (_, checked) = check_reading(&OperatorConfig::default(), reading).await;
+        assert!(
+            checked.plans.is_empty(),
+            "not checked against the declared fields"
+        );
+        let diagnostic = checked
+            .diagnostics
+            .iter()
+            .find(|d| d.path.as_deref() == Some("spec.source.format"))
+            .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+        assert!(
+            diagnostic.message.contains("clicks-value")
+                && diagnostic.message.contains("127.0.0.1:9"),
+            "{}",
+            diagnostic.message
+        );
+
+        let json = yaml.replace("    format: avro\n", "");
+        let (_, checked) =
+            check_reading(&OperatorConfig::default(), Reading::parse(EDITED, &json)).await;
+        assert_eq!(checked.plans.len(), 1, "{:?}", checked.diagnostics);
     }
 }
