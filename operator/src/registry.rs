@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use keystone_avro::plan::{
     AvroPlanError, ReaderSchema, SinkVerdict, check_sinks, complete_plan, reader_from_registry,
     uses_avro,
@@ -17,6 +17,7 @@ use keystone_avro::registry::{Auth, Registry, RegistryConfig, RegistryError};
 use keystone_crds::pipeline::avro::SchemaRegistrySpec;
 use keystone_crds::{Pipeline, Plan};
 use kube::Api;
+use kube::api::ListParams;
 
 use crate::context::Context;
 
@@ -27,6 +28,9 @@ pub const SCHEMA_REGISTRY: &str = "SchemaRegistryReady";
 /// looks for a new one, and how soon a registry that did not answer is
 /// asked again.
 pub const REGISTRY_RECHECK: Duration = Duration::from_secs(30);
+
+/// How soon pods that wait for the registry are looked at again.
+pub const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// What the registry gives a pipeline's check.
 pub enum Resolved {
@@ -225,4 +229,33 @@ async fn client(
         ca_pem,
     };
     Registry::new(&config).map_err(Problem::from)
+}
+
+/// The ready pods of pipeline `name` whose stage waits for the registry
+/// (their `keystone_schema_registry_waiting` is 1). Pods that cannot be
+/// asked are left out: their readiness speaks for them.
+pub async fn waiting_pods(ctx: &Context, namespace: &str, name: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = crate::resources::pipeline_selector(name);
+    let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await else {
+        return Vec::new();
+    };
+    let mut waiting = Vec::new();
+    for pod in list.items {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        if !crate::resources::pod_ready(&pod) {
+            continue;
+        }
+        let Ok(text) =
+            crate::checkpoint::pod_get(&ip, crate::resources::HTTP_PORT, "/metrics").await
+        else {
+            continue;
+        };
+        if crate::rollout::metric_sum(&text, "keystone_schema_registry_waiting", None) > 0.0 {
+            waiting.push(pod.metadata.name.unwrap_or_default());
+        }
+    }
+    waiting
 }

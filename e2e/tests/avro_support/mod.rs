@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use keystone_avro::registry::{Registry, RegistryConfig};
 
@@ -133,4 +136,81 @@ pub fn serialized(topic: &str, schema: &str, values: &[serde_json::Value]) -> Ve
     .iter()
     .map(|line| unhex(line))
     .collect()
+}
+
+/// A TCP forwarder to the registry that can be shut: while shut it refuses
+/// new connections and has cut the open ones (a network partition).
+pub struct Gate {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Gate {
+    /// The registry's URL through the gate.
+    pub fn url(&self) -> String {
+        let (_, path) = registry_address();
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = StdListener::bind("127.0.0.1:0").expect("bind the gate");
+        let port = listener.local_addr().expect("address").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let open = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let (task_open, task_connections) = (open.clone(), connections.clone());
+        // Its own runtime and thread: the test's thread blocks on Kafka.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if !task_open.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    task_connections
+                        .lock()
+                        .expect("lock")
+                        .push(task.abort_handle());
+                }
+            });
+        });
+        Self {
+            port,
+            open,
+            connections,
+        }
+    }
+
+    pub fn shut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn reopen(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The registry's address and API path, from the testbed's URL.
+pub fn registry_address() -> (SocketAddr, String) {
+    let url = var("KEYSTONE_TESTBED_REGISTRY_URL");
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    (host.parse().expect("host:port"), format!("/{path}"))
 }

@@ -617,6 +617,25 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     observed.status.phase = Some(phase);
 
+    // A stage that cannot reach the registry waits (and dead-letters
+    // nothing): the condition says which pods, until they read on.
+    let mut registry_wait = None;
+    if matches!(&avro, Resolved::Ready { .. }) && deployed.is_some() {
+        let waiting = crate::registry::waiting_pods(ctx, &namespace, &name).await;
+        if !waiting.is_empty() {
+            observed.set(&Cond::new(
+                SCHEMA_REGISTRY,
+                false,
+                "StagesWaiting",
+                format!(
+                    "{} wait(s) for the schema registry (keystone_schema_registry_waiting): their logs say why; nothing is dead-lettered meanwhile",
+                    waiting.join(", ")
+                ),
+            ));
+            registry_wait = Some(crate::registry::WAITING_RECHECK);
+        }
+    }
+
     // Checkpoints are taken of a running, rolled-out version only.
     let mut next_checkpoint = None;
     if phase == PipelinePhase::Running
@@ -647,6 +666,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         table_recheck,
         capture_poll,
         registry_recheck,
+        registry_wait,
     ]
     .into_iter()
     .flatten()
