@@ -23,7 +23,9 @@ mod runtime_support;
 
 use std::time::Duration;
 
-use avro_support::{CLICK_V1, Gate, click_v2, registry, registry_address, serialized, var};
+use avro_support::{
+    CLICK_V1, Gate, click_v2, hex, python, registry, registry_address, serialized, var,
+};
 use keystone_avro::{AvroSchema, Shape, wire};
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::UpgradePhase;
@@ -180,6 +182,32 @@ async fn an_avro_source_is_checked_against_its_registered_schema_and_follows_new
         .map(|i| click(i, false))
         .collect();
     assert_eq!(read_avro(&tb, &out, expected.len()).await, expected);
+    // And by a consumer the project did not write: confluent-kafka's
+    // AvroDeserializer, field by field (it prints timestamps as Python does).
+    let framed: Vec<String> = runtime_support::read_committed_bytes(
+        tb.kafka_bootstrap_servers().expect("kafka"),
+        &out,
+        expected.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .iter()
+    .map(|(_, value, _)| hex(value))
+    .collect();
+    let mut by_python: Vec<Value> = python(&["deserialize", "--topic", &out], &framed)
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect();
+    by_python.sort_by_key(|v| v["id"].as_i64());
+    let as_python: Vec<Value> = expected
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v["at"] = json!("2026-12-05T10:00:00+00:00");
+            v
+        })
+        .collect();
+    assert_eq!(by_python, as_python);
 
     // The registry cut off: the condition says so; records of the writer
     // schema the stage knows flow on.
