@@ -58,7 +58,7 @@ pub fn ceiling(_: &CeilingArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "kafka")]
-pub use with_kafka::{ceiling, load};
+pub use with_kafka::{ceiling, load, load_with};
 
 #[cfg(feature = "kafka")]
 mod with_kafka {
@@ -134,6 +134,22 @@ mod with_kafka {
     }
 
     pub fn load(args: &LoadArgs) -> anyhow::Result<()> {
+        load_lines(args, |line| Ok(std::borrow::Cow::Borrowed(line.as_bytes())))
+    }
+
+    /// As [`load`], each line's record value made by `value` (S12: the event as a
+    /// framed Avro record).
+    pub fn load_with(
+        args: &LoadArgs,
+        mut value: impl FnMut(&str) -> anyhow::Result<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        load_lines(args, |line| Ok(std::borrow::Cow::Owned(value(line)?)))
+    }
+
+    fn load_lines(
+        args: &LoadArgs,
+        mut value: impl for<'l> FnMut(&'l str) -> anyhow::Result<std::borrow::Cow<'l, [u8]>>,
+    ) -> anyhow::Result<()> {
         let input = match &args.input {
             Some(p) => p.clone(),
             None => crate::generate::ensure(&args.data.config())?.events,
@@ -154,7 +170,7 @@ mod with_kafka {
                     &p,
                     &args.topic,
                     field(&line, &args.key_field).as_bytes(),
-                    line.as_bytes(),
+                    &value(&line)?,
                 )?;
                 n += 1;
                 if n.is_multiple_of(10_000) {
@@ -372,6 +388,18 @@ pub mod drive {
         source_topic: &str,
         source_partitions: i32,
     ) -> anyhow::Result<(String, Vec<TopicSpec>)> {
+        let text = renamed_manifest(manifest, name, out_topic, source_topic)?;
+        compile_plan(&manifest.display().to_string(), &text, source_partitions)
+    }
+
+    /// The manifest's text with the pipeline named `name`, its sink `out_topic` and
+    /// its source `source_topic`.
+    pub fn renamed_manifest(
+        manifest: &Path,
+        name: &str,
+        out_topic: &str,
+        source_topic: &str,
+    ) -> anyhow::Result<String> {
         let text = std::fs::read_to_string(manifest)
             .with_context(|| format!("reading {}", manifest.display()))?;
         let stem = text
@@ -387,7 +415,7 @@ pub mod drive {
                 &format!("topic: {out_topic}"),
             )
             .replace("topic: bench.events", &format!("topic: {source_topic}"));
-        compile_plan(&manifest.display().to_string(), &text, source_partitions)
+        Ok(text)
     }
 
     /// Compiles a manifest's (already renamed) text; returns the plan (JSON) and the
@@ -401,6 +429,12 @@ pub mod drive {
             keystone_crds::parse_manifests(origin, text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pipeline = manifests.pipelines.first().context("no pipeline")?;
         let plan = keystone_crds::compile(pipeline, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let topics = plan_topics(&plan, source_partitions);
+        Ok((serde_json::to_string_pretty(&plan)?, topics))
+    }
+
+    /// The topics a plan creates (every topic but the source), as the operator would.
+    pub fn plan_topics(plan: &keystone_crds::Plan, source_partitions: i32) -> Vec<TopicSpec> {
         let mut topics = Vec::new();
         for t in &plan.topics {
             let partitions = match (&t.role, &t.partitions) {
@@ -422,7 +456,7 @@ pub mod drive {
             }
             topics.push((t.name.clone(), partitions, config));
         }
-        Ok((serde_json::to_string_pretty(&plan)?, topics))
+        topics
     }
 
     /// A reader of `topic`'s committed records from the beginning of every
@@ -494,7 +528,9 @@ pub mod drive {
     }
 
     /// Reads `topic` from the beginning (read_committed) until `expected` records
-    /// arrived, the engine exited, or `timeout` passed; digests the values.
+    /// arrived, the engine exited, or `timeout` passed; digests the values (JSON
+    /// text, or framed Avro records read with `avro`: S12).
+    #[allow(clippy::too_many_arguments)]
     pub fn drain(
         brokers: &str,
         topic: &str,
@@ -503,6 +539,7 @@ pub mod drive {
         mode: Mode,
         timeout: Duration,
         timer_pid: u32,
+        mut avro: Option<crate::avro::Decoder>,
     ) -> anyhow::Result<Drained> {
         let consumer = committed_reader(brokers, topic, partitions, "watch", 10)?;
         let mut digester = Digester::new(mode);
@@ -523,8 +560,11 @@ pub mod drive {
             if let Timestamp::LogAppendTime(ms) | Timestamp::CreateTime(ms) = msg.timestamp() {
                 first_append_ms = first_append_ms.min(ms);
             }
-            let value = std::str::from_utf8(msg.payload().unwrap_or_default())?;
-            digester.add_line(value)?;
+            let payload = msg.payload().unwrap_or_default();
+            match avro.as_mut() {
+                Some(decoder) => digester.add_value(&decoder.decode(payload)?)?,
+                None => digester.add_line(std::str::from_utf8(payload)?)?,
+            }
             count += 1;
             last_read_ms = now_ms();
         }

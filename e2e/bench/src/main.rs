@@ -2,6 +2,8 @@
 //! machine, the same cores, the same memory limit and the same generated input
 //! (see e2e/bench/README.md and shared/BENCHMARKS.md).
 
+#[cfg(feature = "kafka")]
+mod avro;
 mod digest;
 mod generate;
 mod kafka;

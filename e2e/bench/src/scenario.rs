@@ -1,4 +1,4 @@
-//! The scenarios S1-S11 and S13, their engines, inputs and targets (shared/BENCHMARKS.md).
+//! The scenarios S1-S13, their engines, inputs and targets (shared/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
@@ -23,10 +23,12 @@ pub enum Scenario {
     S9,
     S10,
     S11,
+    /// S5's job on Avro values (Confluent framing, a schema registry).
+    S12,
     S13,
 }
 
-pub const ALL: [Scenario; 13] = [
+pub const ALL: [Scenario; 14] = [
     Scenario::S1,
     Scenario::S2,
     Scenario::S3,
@@ -39,6 +41,7 @@ pub const ALL: [Scenario; 13] = [
     Scenario::S9,
     Scenario::S10,
     Scenario::S11,
+    Scenario::S12,
     Scenario::S13,
 ];
 
@@ -73,6 +76,10 @@ pub enum Engine {
     /// S13: a plain rdkafka producer writing the same records (`keystone-bench
     /// load`), the ceiling of the HTTP ingest endpoint (`Keystone`).
     ProducerCeiling,
+    /// S12: Keystone on S5's JSON topic and plan, in the same rounds as its Avro run.
+    KeystoneJson,
+    /// S12: a KafkaStreams application with a Confluent-framing Avro serde.
+    KafkaStreamsAvro,
 }
 
 impl Engine {
@@ -93,6 +100,8 @@ impl Engine {
             Engine::KeystoneSnapshot => "keystone-snapshot",
             Engine::DebeziumSnapshot => "debezium-snapshot",
             Engine::ProducerCeiling => "rdkafka-producer",
+            Engine::KeystoneJson => "keystone-json",
+            Engine::KafkaStreamsAvro => "kafka-streams-avro",
         }
     }
 }
@@ -118,8 +127,9 @@ impl Scenario {
             "S9" => Scenario::S9,
             "S10" => Scenario::S10,
             "S11" => Scenario::S11,
+            "S12" => Scenario::S12,
             "S13" => Scenario::S13,
-            other => bail!("unknown scenario {other:?} (S1..S11, S13 or all)"),
+            other => bail!("unknown scenario {other:?} (S1..S13 or all)"),
         })
     }
 
@@ -137,6 +147,7 @@ impl Scenario {
             Scenario::S9 => "S9",
             Scenario::S10 => "S10",
             Scenario::S11 => "S11",
+            Scenario::S12 => "S12",
             Scenario::S13 => "S13",
         }
     }
@@ -160,6 +171,9 @@ impl Scenario {
             Scenario::S10 => "Kafka -> project -> Iceberg (exactly once); Parquet against pyarrow",
             Scenario::S11 => {
                 "PostgreSQL change capture into Kafka: changes/s from a write-heavy table, snapshot rows/s"
+            }
+            Scenario::S12 => {
+                "S5 on Avro: Kafka (Avro, Confluent framing) -> dedup, project -> Kafka (Avro), at-least-once"
             }
             Scenario::S13 => {
                 "HTTP ingest into Kafka: NDJSON batches of 100 on 64 connections, 2xx after acks=all"
@@ -187,6 +201,9 @@ impl Scenario {
             Scenario::S11 => {
                 ">= 2x Debezium (Kafka Connect) in changes/s; >= 2x its snapshot rows/s"
             }
+            Scenario::S12 => {
+                ">= 3x Kafka Streams (Avro serde); Keystone's Avro events/s >= its JSON events/s (S5's job)"
+            }
             Scenario::S13 => {
                 ">= 0.7x a plain rdkafka producer's records/s (acks=all, idempotent); p99 request latency reported"
             }
@@ -203,7 +220,7 @@ impl Scenario {
 
     /// Kafka-mode scenarios this harness measures against the testbed's broker.
     pub fn is_kafka(self) -> bool {
-        matches!(self, Scenario::S5 | Scenario::S6)
+        matches!(self, Scenario::S5 | Scenario::S6 | Scenario::S12)
     }
 
     /// S9: Kafka in, the testbed's OpenSearch out.
@@ -244,6 +261,9 @@ impl Scenario {
             Scenario::S11 => {
                 "not run yet: `keystone-bench run --scenario S11` with the runner built with `--features kafka` and the testbed's Kafka and PostgreSQL up (`eval \"$(e2e/testbed env)\"`)"
             }
+            Scenario::S12 => {
+                "not run yet: `keystone-bench run --scenario S12` with the runner built with `--features kafka` and the testbed's Kafka and registry up (`eval \"$(e2e/testbed env)\"`)"
+            }
             Scenario::S13 => {
                 "not run yet: `keystone-bench run --scenario S13` with the runner built with `--features kafka`, the testbed's Kafka up and its vegeta (`eval \"$(e2e/testbed env)\"`)"
             }
@@ -279,6 +299,11 @@ impl Scenario {
                 Engine::KeystoneSnapshot,
                 Engine::DebeziumSnapshot,
             ],
+            Scenario::S12 => vec![
+                Engine::Keystone,
+                Engine::KeystoneJson,
+                Engine::KafkaStreamsAvro,
+            ],
             Scenario::S13 => vec![Engine::Keystone, Engine::ProducerCeiling],
             _ => Vec::new(),
         }
@@ -302,6 +327,11 @@ impl Scenario {
             Scenario::S11 => vec![t(Engine::Debezium, 2.0)],
             // No peer HTTP-to-Kafka path runs here (README.md, S13): the
             // ceiling is a plain producer of the same records on the same broker.
+            // Keystone on Avro against itself on JSON (S5's job, same rounds): >= 1.
+            Scenario::S12 => vec![
+                t(Engine::KafkaStreamsAvro, 3.0),
+                t(Engine::KeystoneJson, 1.0),
+            ],
             Scenario::S13 => vec![t(Engine::ProducerCeiling, 0.7)],
             _ => Vec::new(),
         }
@@ -317,6 +347,7 @@ impl Scenario {
             Scenario::S6 => "s6-kafka-dedup-project.yaml",
             Scenario::S9 => "s9-kafka-search.yaml",
             Scenario::S10 => "s10-kafka-iceberg.yaml",
+            Scenario::S12 => "s12-kafka-avro.yaml",
             Scenario::S13 => "s13-http-ingest.yaml",
             _ => "s4-join.yaml",
         };
@@ -350,7 +381,7 @@ impl Scenario {
             // than any run): every distinct sequence, ascending, as in S3.
             Scenario::S3 | Scenario::S3b => reference::s3(&data.cdc),
             Scenario::S4 => reference::s4(&data.events, &data.table),
-            Scenario::S5 | Scenario::S6 => reference::s5(&data.events),
+            Scenario::S5 | Scenario::S6 | Scenario::S12 => reference::s5(&data.events),
             other => bail!("{} has no engine-only reference", other.id()),
         }
     }

@@ -1,9 +1,10 @@
-//! The Kafka-mode scenarios: S5 and S6 (every engine drains the pre-loaded
-//! events topic into its own output topic) and S7 (latency at a fixed rate).
+//! The Kafka-mode scenarios: S5, S6 and S12 (every engine drains the pre-loaded
+//! events topic into its own output topic; S12's is Avro) and S7 (latency at a
+//! fixed rate).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use super::{Ctx, Summary, bench_dir, count_lines, rounds, selected_engines, summarize};
 use crate::digest::OutputDigest;
@@ -33,9 +34,27 @@ pub(super) fn run_kafka_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scena
         })?;
     }
     let engines = selected_engines(args, s);
+    // S12: the same events as Avro records, their schema registered.
+    let registry = if s == Scenario::S12 {
+        // Keystone's JSON run reads S5's topic: exactly this input (the check above
+        // looks at the partitions only).
+        load_once(ctx, s, source, &input, events, "event_id")?;
+        let registry = crate::avro::Registry::new(&args.registry_url)?;
+        crate::avro::load_once(
+            &args.brokers,
+            &registry,
+            crate::avro::AVRO_TOPIC,
+            &input,
+            events,
+            &args.data,
+        )?;
+        Some(registry)
+    } else {
+        None
+    };
     let load_start = measure::loadavg();
     let runs = rounds(ctx, s, &engines, |engine, round| {
-        kafka_run(ctx, s, engine, round, events, &reference)
+        kafka_run(ctx, s, engine, round, events, &reference, registry.as_ref())
     })?;
     let load_end = measure::loadavg();
     summarize(
@@ -74,13 +93,15 @@ impl KafkaEngineRun {
 }
 
 /// Creates the run's topics (and Keystone's plan) and builds the engine's command,
-/// reading `source` (2 partitions) into a new output topic (2 partitions).
+/// reading `source` (2 partitions) into a new output topic (2 partitions). S12's
+/// Avro engines need the registry.
 fn kafka_engine(
     ctx: &Ctx,
     s: Scenario,
     engine: Engine,
     round: usize,
     source: &str,
+    registry: Option<&crate::avro::Registry>,
 ) -> anyhow::Result<KafkaEngineRun> {
     use crate::kafka::drive;
     let args = ctx.args;
@@ -105,16 +126,66 @@ fn kafka_engine(
             main.into(),
         ]
     };
-    // S7 runs the S5 topology.
-    let job = if s == Scenario::S7 { Scenario::S5 } else { s };
+    // S7 runs the S5 topology; S12's JSON run is S5.
+    let job = if s == Scenario::S7 || engine == Engine::KeystoneJson {
+        Scenario::S5
+    } else {
+        s
+    };
     let job_id = job.id().to_ascii_lowercase();
     let mut created: Vec<String> = Vec::new();
     let mut prefixes: Vec<String> = Vec::new();
     let argv: Vec<String> = match engine {
-        Engine::Keystone => {
+        Engine::Keystone if s == Scenario::S12 => {
+            let registry = registry.context("S12 needs the registry")?;
+            let (plan, topics) = crate::avro::keystone_plan(
+                &s.pipeline(&bench_dir()),
+                &name,
+                &out_topic,
+                source,
+                2,
+                registry,
+            )?;
+            keystone_serve(ctx, &plan, &topics, &run_dir, &name, &mut created)?
+        }
+        Engine::Keystone | Engine::KeystoneJson => {
             let (plan, topics) =
                 drive::keystone_plan(&job.pipeline(&bench_dir()), &name, &out_topic, source, 2)?;
             keystone_serve(ctx, &plan, &topics, &run_dir, &name, &mut created)?
+        }
+        Engine::KafkaStreamsAvro => {
+            let registry = registry.context("S12 needs the registry")?;
+            drive::create_topics(brokers, &[drive::output_topic(&out_topic, 2)])?;
+            created.push(out_topic.clone());
+            prefixes.push(format!("{name}-"));
+            let mut v = java(
+                &ctx.kstreams_avro_cp,
+                "dev.keystone.bench.kstreams.avro.AvroApp",
+            );
+            v.extend(
+                [
+                    "--app-id",
+                    &name,
+                    "--bootstrap",
+                    brokers,
+                    "--in-topic",
+                    source,
+                    "--out-topic",
+                    &out_topic,
+                    "--registry",
+                    registry.url(),
+                    "--delivery",
+                    "at-least-once",
+                    "--state-dir",
+                    &p(&run_dir.join("state")),
+                    "--commit-ms",
+                    "1000",
+                    "--threads",
+                    &args.parallelism.to_string(),
+                ]
+                .map(String::from),
+            );
+            v
         }
         Engine::FlinkKafka => {
             drive::create_topics(brokers, &[drive::output_topic(&out_topic, 2)])?;
@@ -281,11 +352,23 @@ fn kafka_run(
     round: usize,
     events: u64,
     reference: &OutputDigest,
+    registry: Option<&crate::avro::Registry>,
 ) -> anyhow::Result<RunRecord> {
     use crate::kafka::drive;
     let args = ctx.args;
     let brokers = args.brokers.as_str();
-    let run = kafka_engine(ctx, s, engine, round, "bench.events")?;
+    // S12: Avro in and out, but for Keystone's JSON run (S5's topic and plan).
+    let avro = s == Scenario::S12 && engine != Engine::KeystoneJson;
+    let source = if avro {
+        crate::avro::AVRO_TOPIC
+    } else {
+        "bench.events"
+    };
+    let run = kafka_engine(ctx, s, engine, round, source, registry)?;
+    let decoder = match registry {
+        Some(r) if avro => Some(crate::avro::Decoder::new(r.url())?),
+        _ => None,
+    };
     let expected = reference.lines;
     let (tx, rx) = std::sync::mpsc::channel::<u32>();
     let watcher = {
@@ -295,7 +378,7 @@ fn kafka_run(
         let timeout = std::time::Duration::from_secs(args.kafka_timeout_s);
         std::thread::spawn(move || -> anyhow::Result<drive::Drained> {
             let pid = rx.recv()?;
-            let drained = drive::drain(&brokers, &topic, 2, expected, mode, timeout, pid);
+            let drained = drive::drain(&brokers, &topic, 2, expected, mode, timeout, pid, decoder);
             drive::stop(pid);
             drained
         })
@@ -369,7 +452,7 @@ fn latency_run(
         .unwrap_or_default();
     let source = format!("bench-s7-in-{}-r{round}-{stamp}", engine.name());
     drive::create_topics(&brokers, &[(source.clone(), 2, Vec::new())])?;
-    let mut run = kafka_engine(ctx, Scenario::S7, engine, round, &source)?;
+    let mut run = kafka_engine(ctx, Scenario::S7, engine, round, &source, None)?;
     run.created.push(source.clone());
     let done = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(AtomicU64::new(0));

@@ -14,7 +14,13 @@ use crate::measure::{self, Limits, Measured};
 use crate::report::{self, EngineSummary, RatioSummary, Results, RunRecord, ScenarioResult, Stat};
 use crate::scenario::{self, Engine, Scenario};
 
-pub const PEERS: [&str; 4] = ["flink", "kstreams", "flink-opensearch", "flink-iceberg"];
+pub const PEERS: [&str; 5] = [
+    "flink",
+    "kstreams",
+    "flink-opensearch",
+    "flink-iceberg",
+    "kstreams-avro",
+];
 pub const FLINK_VERSION: &str = "2.3.0";
 /// S9's Flink: no OpenSearch connector is published for Flink 2.x.
 pub const FLINK_SEARCH_VERSION: &str = "1.19.3";
@@ -23,6 +29,8 @@ pub const KAFKA_STREAMS_VERSION: &str = "4.1.1";
 pub const ICEBERG_FLINK_VERSION: &str = "1.9.2";
 /// S11's peer: Debezium's PostgreSQL connector (e2e/testbed.d/debezium-pom.xml).
 pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
+/// S12's Kafka Streams peer: Apache Avro's Java library under a hand-written serde.
+pub const AVRO_JAVA_VERSION: &str = "1.12.0";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -147,6 +155,14 @@ pub struct RunArgs {
         default_value = "/usr/lib/postgresql/15/bin"
     )]
     pub pg_bin: PathBuf,
+    /// S12: the schema registry's Confluent-compatible API (the testbed's Apicurio:
+    /// `eval "$(e2e/testbed env)"`).
+    #[arg(
+        long,
+        env = "KEYSTONE_TESTBED_REGISTRY_URL",
+        default_value = "http://127.0.0.1:19081/apis/ccompat/v7"
+    )]
+    pub registry_url: String,
     #[command(flatten)]
     pub http: s13::HttpArgs,
 }
@@ -239,6 +255,9 @@ struct Ctx<'a> {
     /// The S10 Flink peer's class path.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     flink_iceberg_cp: Option<String>,
+    /// S12's Kafka Streams peer (Avro serde).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    kstreams_avro_cp: Option<String>,
     scratch: PathBuf,
 }
 
@@ -296,6 +315,20 @@ impl Ctx<'_> {
                 h = a.jvm_heap
             ),
             Engine::ParquetCeiling => "e2e/bench/lake_s10.py ceiling with the testbed's lake Python: pyarrow write_to_dataset of the same rows (Hive folders by country, zstd level 1), the Arrow table built from the events before the clock starts; no Kafka, no parsing, no commits".to_owned(),
+            Engine::Keystone if s == Scenario::S12 => format!(
+                "keystone-runtime serve (release build, one process running the stage of the plan compiled from pipelines/s12-kafka-avro.yaml: S5's job; source format avro: each writer schema fetched by id from the registry once, the record resolved to the subject's latest version; sink format avro: the schema derived from the output contract, registered under <topic>-value when the stage starts; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once, commitInterval 1 s) against the single-broker Kafka 4.1.1 at {} and the registry at {}",
+                a.brokers, a.registry_url
+            ),
+            Engine::KeystoneJson => format!(
+                "the same keystone-runtime serve on S5's plan (pipelines/s5-kafka-dedup-project.yaml: JSON in and out), reading the JSON events topic, in the same rounds as the Avro runs; against Kafka 4.1.1 at {}",
+                a.brokers
+            ),
+            Engine::KafkaStreamsAvro => format!(
+                "Kafka Streams {KAFKA_STREAMS_VERSION} KafkaStreams application (peers/kstreams-avro AvroApp: S5's KafkaApp on GenericRecord values), a hand-written Confluent-framing serde over Apache Avro {AVRO_JAVA_VERSION} (GenericDatumReader with the writer schema fetched by id from the registry's REST API with java.net.http and cached; GenericDatumWriter, its schema registered under <topic>-value on first use; reused binary decoder and encoder), num.stream.threads {}, commit.interval.ms 1000, at_least_once, in-memory key-value store with its changelog topic, JVM -Xms{h} -Xmx{h}; registry at {}",
+                a.parallelism,
+                a.registry_url,
+                h = a.jvm_heap
+            ),
             Engine::Keystone if !s.is_engine_only() => format!(
                 "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: every commitInterval (1 s) the offsets of that moment are committed (async) once the outputs sent before them are acknowledged, without pausing consumption; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
                 a.brokers
@@ -397,7 +430,9 @@ impl Ctx<'_> {
             | Engine::Debezium
             | Engine::KeystoneSnapshot
             | Engine::DebeziumSnapshot
-            | Engine::ProducerCeiling => {
+            | Engine::ProducerCeiling
+            | Engine::KeystoneJson
+            | Engine::KafkaStreamsAvro => {
                 unreachable!(
                     "Kafka-mode engines are driven by kafka_run, search_run, lake_run, capture_run and s13"
                 )
@@ -821,6 +856,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let kstreams_avro_cp = if kafka_wanted(Engine::KafkaStreamsAvro) {
+        Some(build_peer("kstreams-avro", false)?)
+    } else {
+        None
+    };
     let scratch = generate::cache_dir().join("out");
     std::fs::create_dir_all(&scratch)?;
     let limits = Limits::new(&args.cpus, args.mem_limit_mib);
@@ -834,6 +874,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         kstreams_cp,
         flink_search_cp,
         flink_iceberg_cp,
+        kstreams_avro_cp,
         scratch,
     };
     let mut results = Results::load_or_new(&results_dir.join("RESULTS.json"))?;
