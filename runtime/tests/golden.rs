@@ -6,14 +6,13 @@
 //! (member order of objects a step modified is not part of the contract).
 //! `BLESS=1 cargo test -p keystone-runtime --test golden` rewrites the expected files.
 
-#[path = "golden/harness.rs"]
-mod harness;
+mod golden_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use harness::{Case, Outcome, START_MS, cases, input_lines, parse_lines};
+use golden_support::{Case, Outcome, START_MS, cases, input_lines, parse_lines};
 use keystone_runtime::ManualClock;
 use keystone_runtime::local::{self, LocalPipeline};
 

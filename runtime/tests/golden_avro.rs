@@ -34,8 +34,7 @@
 //!   the record's JSON form, so it is compared as a JSON value (by the rules
 //!   above), and `reason` and `step` as text.
 
-#[path = "golden/harness.rs"]
-mod harness;
+mod golden_support;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -43,7 +42,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use apache_avro::{Schema, Writer};
-use harness::{Case, cases, input_lines, parse_lines};
+use golden_support::{Case, cases, input_lines, parse_lines};
 use keystone_avro::Shape;
 use keystone_avro::contract::schema_for_output;
 use keystone_runtime::local::avro::{AvroLines, AvroRecords, output_schema};
