@@ -451,12 +451,9 @@ async fn check_reading(
         return (reading, checked);
     };
     let args = keystone_runtime::cli::SchemaArgs {
-        registry: pipeline
-            .spec
-            .schema_registry
-            .is_none()
-            .then(|| cluster_registry(operator, pipeline))
-            .flatten(),
+        // The operator's choice of registry, by URL (the manifest's own
+        // is the default of `check`).
+        registry: keystone_operator::registry::registry_spec(operator, pipeline).map(|r| r.url),
         ..Default::default()
     };
     // The registry client blocks (it has a runtime of its own).
@@ -470,17 +467,6 @@ async fn check_reading(
     })
     .await;
     checked.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
-}
-
-/// The registry URL of `pipeline`'s source cluster in the operator's configuration.
-fn cluster_registry(operator: &OperatorConfig, pipeline: &Pipeline) -> Option<String> {
-    let cluster = operator.resolve_cluster(pipeline.spec.source.cluster.as_deref())?;
-    operator
-        .kafka_clusters
-        .get(&cluster)?
-        .schema_registry
-        .as_ref()
-        .map(|r| r.url.clone())
 }
 
 async fn argo_managed(session: &Session, kind: Kind, namespace: &str, name: &str) -> bool {

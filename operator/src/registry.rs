@@ -19,6 +19,7 @@ use keystone_crds::{Pipeline, Plan};
 use kube::Api;
 use kube::api::ListParams;
 
+use crate::config::OperatorConfig;
 use crate::context::Context;
 
 /// The condition of a pipeline whose registry cannot be asked.
@@ -86,19 +87,14 @@ impl From<RegistryError> for Problem {
     }
 }
 
-/// The registry a pipeline uses: its own, else its source cluster's.
-pub fn registry_spec(ctx: &Context, pipeline: &Pipeline) -> Option<SchemaRegistrySpec> {
+/// The registry a pipeline uses: its own, else its source cluster's in
+/// `config`.
+pub fn registry_spec(config: &OperatorConfig, pipeline: &Pipeline) -> Option<SchemaRegistrySpec> {
     if let Some(spec) = &pipeline.spec.schema_registry {
         return Some(spec.clone());
     }
-    let cluster = ctx
-        .config
-        .resolve_cluster(pipeline.spec.source.cluster.as_deref())?;
-    ctx.config
-        .kafka_clusters
-        .get(&cluster)?
-        .schema_registry
-        .clone()
+    let cluster = config.resolve_cluster(pipeline.spec.source.cluster.as_deref())?;
+    config.kafka_clusters.get(&cluster)?.schema_registry.clone()
 }
 
 /// The source's reader schema and a client for the pipeline's registry,
@@ -107,7 +103,7 @@ pub async fn resolve(ctx: &Context, pipeline: &Pipeline) -> Result<Resolved, Pro
     if !uses_avro(pipeline) {
         return Ok(Resolved::NotAvro);
     }
-    let Some(spec) = registry_spec(ctx, pipeline) else {
+    let Some(spec) = registry_spec(&ctx.config, pipeline) else {
         return Err(Problem::Invalid {
             reason: "NoSchemaRegistry",
             message: "format: avro needs a schema registry: set spec.schemaRegistry, or schemaRegistry of the Kafka cluster in the operator's configuration".into(),

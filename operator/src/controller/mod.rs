@@ -8,16 +8,21 @@
 
 mod capture_first;
 mod cycles;
+mod deletion;
 mod processor;
 mod provision;
+mod schemas;
 mod upgrade;
 mod workloads;
 
+pub use deletion::FINALIZER;
+use deletion::{cleanup, sync_finalizer};
 pub use processor::{
     ProcessorContext, pipelines_using, processor_error_policy, processors_used_by,
     reconcile_processor, references,
 };
-use provision::{delete_owned_topics, reconcile_topics};
+use provision::reconcile_topics;
+use schemas::{registry_problem, registry_summary};
 use upgrade::Prepared;
 pub use upgrade::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
 use workloads::{apply_workloads, ingest_status};
@@ -32,16 +37,15 @@ use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use keystone_crds::pipeline::{
-    Pipeline, PipelinePhase, PipelineSpec, PipelineState, PipelineStatus, StageStatus,
-    TopicDeletionPolicy, TopicStatus, UpgradePhase,
+    Pipeline, PipelinePhase, PipelineSpec, PipelineState, PipelineStatus, StageStatus, TopicStatus,
+    UpgradePhase,
 };
-use keystone_crds::plan::PlanAvroWriter;
 use keystone_crds::processor::{Processor, ProcessorStatus};
 use keystone_crds::{
     ContractErrors, Plan, SourceFacts, check_processor, compile, compile_with_facts,
 };
 
-use crate::registry::{Problem, REGISTRY_RECHECK, Resolved, SCHEMA_REGISTRY};
+use crate::registry::{REGISTRY_RECHECK, Resolved, SCHEMA_REGISTRY};
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -68,14 +72,6 @@ use crate::topics::{
     resolve_partitions,
 };
 
-/// Present only on Pipelines with `topicDeletionPolicy: Delete`: deleting them
-/// must wait until their topics are gone. `Retain` pipelines carry none, so
-/// their namespace is never held up.
-pub const FINALIZER: &str = "keystone.dev/delete-topics";
-/// How long a deleted pipeline's topic cleanup may fail before the finalizer
-/// is dropped anyway (with a Warning), so a namespace deletion never hangs
-/// on an unreachable Kafka.
-const CLEANUP_GRACE: Duration = Duration::from_secs(600);
 /// How often a pipeline whose topics are fine looks for drift in Kafka.
 const DRIFT_CHECK: Duration = Duration::from_secs(300);
 /// How often a pipeline with a topic problem (missing, conflicting, refused) looks again.
@@ -619,22 +615,12 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
 
     // A stage that cannot reach the registry waits (and dead-letters
     // nothing): the condition says which pods, until they read on.
-    let mut registry_wait = None;
-    if matches!(&avro, Resolved::Ready { .. }) && deployed.is_some() {
-        let waiting = crate::registry::waiting_pods(ctx, &namespace, &name).await;
-        if !waiting.is_empty() {
-            observed.set(&Cond::new(
-                SCHEMA_REGISTRY,
-                false,
-                "StagesWaiting",
-                format!(
-                    "{} wait(s) for the schema registry (keystone_schema_registry_waiting): their logs say why; nothing is dead-lettered meanwhile",
-                    waiting.join(", ")
-                ),
-            ));
-            registry_wait = Some(crate::registry::WAITING_RECHECK);
+    let registry_wait = match (&avro, &deployed) {
+        (Resolved::Ready { .. }, Some(_)) => {
+            schemas::stages_waiting(ctx, &mut observed, &namespace, &name).await
         }
-    }
+        _ => None,
+    };
 
     // Checkpoints are taken of a running, rolled-out version only.
     let mut next_checkpoint = None;
@@ -647,19 +633,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     observed.record(pipeline, ctx).await?;
 
     // A source that follows its subject's latest version looks for a new one.
-    let follows_latest = matches!(
-        &avro,
-        Resolved::Ready {
-            reader: Some(_),
-            ..
-        }
-    ) && pipeline
-        .spec
-        .source
-        .avro
-        .as_ref()
-        .is_none_or(|a| a.version.is_none());
-    let registry_recheck = follows_latest.then_some(REGISTRY_RECHECK);
+    let registry_recheck = schemas::follows_latest(&avro, pipeline).then_some(REGISTRY_RECHECK);
     let wait = [
         again,
         next_checkpoint,
@@ -713,55 +687,6 @@ fn controller_owner(
         })
 }
 
-/// Records why the registry could not be asked (or refused), and looks
-/// again later: nothing deployed is touched.
-async fn registry_problem(
-    pipeline: &Pipeline,
-    ctx: &Context,
-    observed: &mut Observed,
-    problem: Problem,
-) -> Result<Action, Error> {
-    match problem {
-        Problem::Unavailable(message) => {
-            let condition = Cond::new(SCHEMA_REGISTRY, false, "RegistryUnavailable", message);
-            observed.set(&condition);
-        }
-        Problem::Invalid { reason, message } => {
-            let contracts = Cond::new(CONTRACTS_VALID, false, reason, message);
-            observed.set(&contracts);
-            observed.summarize(&contracts, None, None);
-        }
-    }
-    observed.record(pipeline, ctx).await?;
-    // The registry may change (a schema registered, a rule relaxed) without
-    // a change in Kubernetes.
-    Ok(Action::requeue(REGISTRY_RECHECK))
-}
-
-/// What the registry resolved, for the condition's message.
-fn registry_summary(plan: &Plan) -> String {
-    let mut parts = Vec::new();
-    if let Some(source) = &plan.source.avro {
-        parts.push(format!(
-            "source reads {} version {}",
-            source.subject, source.version
-        ));
-    }
-    for sink in &plan.sinks {
-        if let Some(avro) = &sink.avro {
-            let how = match &avro.writer {
-                PlanAvroWriter::Register { .. } => "the output contract's schema".to_owned(),
-                PlanAvroWriter::Version { version } => format!("version {version}"),
-            };
-            parts.push(format!(
-                "sink {:?} writes {how} under {}",
-                sink.name, avro.subject
-            ));
-        }
-    }
-    parts.join("; ")
-}
-
 fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
     status
         .conditions
@@ -776,139 +701,6 @@ fn find_cond(status: &PipelineStatus, type_: &'static str) -> Option<Cond> {
                 c.message.clone(),
             )
         })
-}
-
-/// Adds the finalizer when the pipeline deletes its topics or has its own
-/// Kafka principal (removed with it), removes it otherwise.
-async fn sync_finalizer(
-    pipeline: &Pipeline,
-    api: &Api<Pipeline>,
-    has_principal: bool,
-) -> Result<(), Error> {
-    let wants = pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete || has_principal;
-    let has = pipeline.finalizers().iter().any(|f| f == FINALIZER);
-    if wants == has {
-        return Ok(());
-    }
-    let mut finalizers: Vec<String> = pipeline
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if wants {
-        finalizers.push(FINALIZER.to_owned());
-    }
-    // The resourceVersion makes the patch fail, not clobber, if the list changed meanwhile.
-    let patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": pipeline.resource_version(),
-        }
-    });
-    api.patch(
-        &pipeline.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-/// A cleanup step of a deleted pipeline that failed: retried (the error) until
-/// [`CLEANUP_GRACE`] after the deletion, then given up with a warning event so
-/// that the deletion can finish.
-async fn retry_or_give_up(
-    pipeline: &Pipeline,
-    ctx: &Context,
-    error: Error,
-    (reason, action, what): (&str, &str, &str),
-) -> Result<(), Error> {
-    let since = pipeline
-        .metadata
-        .deletion_timestamp
-        .as_ref()
-        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
-        .unwrap_or_default();
-    if since < CLEANUP_GRACE {
-        return Err(error);
-    }
-    ctx.publish(
-        pipeline,
-        true,
-        reason,
-        action,
-        format!(
-            "gave up {what} after {}s so that deletion can finish: {error}; do it by hand",
-            since.as_secs()
-        ),
-    )
-    .await;
-    Ok(())
-}
-
-/// A deleted pipeline: with `Delete`, its created topics go; its Kafka
-/// principal and ACLs, when it has them; then the finalizer.
-async fn cleanup(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
-    let key = key_of(pipeline);
-    ctx.metrics.set_phase(&key, None).await;
-    if !pipeline.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
-    }
-    let namespace = pipeline.namespace().unwrap_or_default();
-    let api: Api<Pipeline> = Api::namespaced(ctx.client.clone(), &namespace);
-    if pipeline.spec.topic_deletion_policy == TopicDeletionPolicy::Delete {
-        let owner = Owner {
-            namespace: namespace.clone(),
-            name: pipeline.name_any(),
-        };
-        // The slot first: the capture commits what it holds into its topic
-        // before it drops the slot, and cannot once the topic is gone.
-        if let Err(error) = crate::capture::drop_slot(pipeline, ctx).await {
-            let step = (
-                "SlotNotDropped",
-                "DropSlot",
-                "dropping the capture's replication slot",
-            );
-            retry_or_give_up(pipeline, ctx, error, step).await?;
-        }
-        if let Err(error) = delete_owned_topics(pipeline, ctx, &owner).await {
-            let step = (
-                "TopicsNotDeleted",
-                "DeleteTopics",
-                "deleting the pipeline's topics",
-            );
-            retry_or_give_up(pipeline, ctx, error, step).await?;
-        }
-    }
-    if let Err(error) = crate::acls::revoke_pipeline(ctx, pipeline).await {
-        let step = (
-            "PrincipalNotRemoved",
-            "RevokeAcls",
-            "removing the pipeline's Kafka principal and ACLs",
-        );
-        retry_or_give_up(pipeline, ctx, error, step).await?;
-    }
-    let finalizers: Vec<String> = pipeline
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": pipeline.resource_version() } });
-    match api
-        .patch(
-            &pipeline.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    Ok(Action::await_change())
 }
 
 fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
