@@ -57,6 +57,18 @@ pub enum ContractError {
     Columns(#[from] ColumnsError),
     #[error("the derived Avro schema does not parse: {0}")]
     Derived(String),
+    #[error(
+        "key field {path} is not in the output contract: an Avro key's schema is derived from the key fields' types there (declare it)"
+    )]
+    KeyField { path: String },
+    #[error("an Avro key needs key fields, and the sink has none")]
+    NoKeyFields,
+    #[error("key fields {first} and {second} would both be field {name} of the key record")]
+    KeyFieldNames {
+        first: String,
+        second: String,
+        name: String,
+    },
 }
 
 /// The most fields a contract lists (the CRD's limit).
@@ -356,6 +368,108 @@ pub fn schema_for_output(
     })
 }
 
+/// The Avro schema of a Kafka sink's keys (`keyFormat: avro`) from the key
+/// fields' types in its output contract: the one field's type, or a record
+/// named `name` in `namespace` with a field per key field, named after its
+/// path (`customer.id` as `customer_id`), in the key's order.
+pub fn schema_for_key(
+    contract: &SchemaSpec,
+    key: &[String],
+    namespace: &str,
+    name: &str,
+) -> Result<OutputSchema, ContractError> {
+    let columns = columns_of(contract)?;
+    let mut key_columns = Vec::with_capacity(key.len());
+    for path in key {
+        let mut column = find_column(&columns, path)
+            .ok_or_else(|| ContractError::KeyField { path: path.clone() })?;
+        column.name = key_field_name(path);
+        if let Some(other) = key_columns.iter().find(|c: &&Column| c.name == column.name) {
+            return Err(ContractError::KeyFieldNames {
+                first: other.path.clone(),
+                second: path.clone(),
+                name: column.name,
+            });
+        }
+        key_columns.push(column);
+    }
+    let mut names = BTreeSet::new();
+    let mut json = match key_columns.as_slice() {
+        [] => return Err(ContractError::NoKeyFields),
+        [single] => field_type(single, name, &mut names).0,
+        many => record_json(many, name, &mut names),
+    };
+    // A record key (a key record, or one object field) carries the namespace.
+    let is_record = |schema: &Value| schema.get("type").and_then(Value::as_str) == Some("record");
+    match &mut json {
+        Value::Array(branches) => {
+            for branch in branches.iter_mut().filter(|b| is_record(b)) {
+                branch["namespace"] = json!(namespace);
+            }
+        }
+        record if is_record(record) => record["namespace"] = json!(namespace),
+        _ => {}
+    }
+    let schema = Schema::parse(&json).map_err(|e| ContractError::Derived(e.to_string()))?;
+    Ok(OutputSchema {
+        schema,
+        text: json.to_string(),
+    })
+}
+
+/// The field of a key record ([`schema_for_key`]) that holds the key field
+/// at `path`.
+pub fn key_field_name(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+/// The column at a dotted path, optional when it or an object holding it is.
+fn find_column(columns: &[Column], path: &str) -> Option<Column> {
+    let mut level = columns;
+    let mut optional = false;
+    let mut segments = path.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let column = level.iter().find(|c| c.name == segment)?;
+        optional |= column.optional;
+        if segments.peek().is_none() {
+            return Some(Column {
+                optional,
+                ..column.clone()
+            });
+        }
+        let ColumnKind::Struct(members) = &column.kind else {
+            return None;
+        };
+        level = members;
+    }
+    None
+}
+
+/// A column's Avro type (`["null", T]` when optional) and what its doc says.
+fn field_type(
+    column: &Column,
+    nested_name: &str,
+    names: &mut BTreeSet<String>,
+) -> (Value, Option<&'static str>) {
+    let (inner, doc) = match &column.kind {
+        ColumnKind::String => (json!("string"), None),
+        ColumnKind::Long => (json!("long"), None),
+        ColumnKind::Double => (json!("double"), None),
+        ColumnKind::Boolean => (json!("boolean"), None),
+        ColumnKind::Timestamp => (
+            json!({"type": "long", "logicalType": "timestamp-micros"}),
+            None,
+        ),
+        ColumnKind::Json => (json!("string"), Some("JSON text")),
+        ColumnKind::Struct(members) => (record_json(members, nested_name, names), None),
+    };
+    if column.optional {
+        (json!(["null", inner]), doc)
+    } else {
+        (inner, doc)
+    }
+}
+
 fn record_json(columns: &[Column], name: &str, names: &mut BTreeSet<String>) -> Value {
     // Nested records are named after their path (`Order_customer`), so the
     // names stay stable across versions and never collide.
@@ -364,25 +478,12 @@ fn record_json(columns: &[Column], name: &str, names: &mut BTreeSet<String>) -> 
         .iter()
         .map(|column| {
             let nested_name = format!("{name}_{}", column.name);
-            let (inner, doc) = match &column.kind {
-                ColumnKind::String => (json!("string"), None),
-                ColumnKind::Long => (json!("long"), None),
-                ColumnKind::Double => (json!("double"), None),
-                ColumnKind::Boolean => (json!("boolean"), None),
-                ColumnKind::Timestamp => (
-                    json!({"type": "long", "logicalType": "timestamp-micros"}),
-                    None,
-                ),
-                ColumnKind::Json => (json!("string"), Some("JSON text")),
-                ColumnKind::Struct(members) => (record_json(members, &nested_name, names), None),
-            };
+            let (schema, doc) = field_type(column, &nested_name, names);
             let mut field = Map::new();
             field.insert("name".into(), json!(column.name));
+            field.insert("type".into(), schema);
             if column.optional {
-                field.insert("type".into(), json!(["null", inner]));
                 field.insert("default".into(), Value::Null);
-            } else {
-                field.insert("type".into(), inner);
             }
             if let Some(doc) = doc {
                 field.insert("doc".into(), json!(format!("{}: {doc}", column.path)));

@@ -20,10 +20,12 @@ pub mod plan;
 pub mod registry;
 pub mod wire;
 
+use std::fmt;
 use std::io::{self, Read};
 
-use apache_avro::Schema;
+use apache_avro::headers::HeaderBuilder;
 use apache_avro::types::Value as AvroValue;
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 
 pub use apache_avro::Schema as AvroSchema;
 pub use compat::{can_read, explain};
@@ -90,25 +92,71 @@ pub fn decode(
     Ok(reader.to_json(&resolved(id, datum, writer, reader)?)?)
 }
 
+/// A writer schema prepared once for the many datums written with it: the
+/// codec's per-datum entry points resolve a schema's named types on every
+/// call, this resolves them once; and whether it is the reader's own schema
+/// (see [`is_reader_schema`]), whose datums need no resolution.
+pub struct WriterSchema {
+    decoder: GenericSingleObjectReader,
+    is_reader: bool,
+}
+
+/// The single-object reader's header, which Confluent-framed datums lack
+/// (their frame is split off before decoding).
+struct NoHeader;
+
+impl HeaderBuilder for NoHeader {
+    fn build_header(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+impl WriterSchema {
+    /// `schema` prepared for datums read as `reader`; `Err` with the reason
+    /// when its named types do not resolve.
+    pub fn new(schema: &Schema, reader: &Shape) -> Result<Self, String> {
+        let decoder = GenericSingleObjectReader::new_with_header_builder(schema.clone(), NoHeader)
+            .map_err(|e| {
+                format!(
+                    "the schema's named types do not resolve: {}",
+                    error_chain(&e)
+                )
+            })?;
+        Ok(Self {
+            is_reader: is_reader_schema(schema, reader),
+            decoder,
+        })
+    }
+
+    pub fn is_reader(&self) -> bool {
+        self.is_reader
+    }
+}
+
+impl fmt::Debug for WriterSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriterSchema")
+            .field("is_reader", &self.is_reader)
+            .finish_non_exhaustive()
+    }
+}
+
 /// As [`decode`], the event appended to `out` as its JSON text (what
 /// `serde_json` writes of it), for a reader whose documents are parsed from
-/// text: no `serde_json` value is built on the way.
-///
-/// `writer_is_reader` (see [`is_reader_schema`], decided once per writer
-/// schema) skips resolution: a datum written with the reader's own schema
-/// already has its shape, and resolving it would only rebuild it.
+/// text: no `serde_json` value is built on the way. A datum written with the
+/// reader's own schema skips resolution: it already has the reader's shape.
 pub fn decode_json(
     id: u32,
     datum: &[u8],
-    writer: &Schema,
-    writer_is_reader: bool,
+    writer: &WriterSchema,
     reader: &Shape,
     out: &mut Vec<u8>,
 ) -> Result<(), RecordError> {
-    let value = if writer_is_reader {
-        read_datum(id, datum, writer)?
+    let value = read_prepared(id, datum, writer)?;
+    let value = if writer.is_reader {
+        value
     } else {
-        resolved(id, datum, writer, reader)?
+        resolve(id, value, reader)?
     };
     Ok(reader.write_json(&value, out)?)
 }
@@ -128,15 +176,30 @@ pub fn is_reader_schema(writer: &Schema, reader: &Shape) -> bool {
     }
 }
 
-/// The datum's value as written, read to its end and no further.
+/// The datum's value as written, with the writer's names resolved once.
+fn read_prepared(id: u32, datum: &[u8], writer: &WriterSchema) -> Result<AvroValue, RecordError> {
+    read_to_end(id, datum, |rest| writer.decoder.read_value(rest))
+}
+
+/// The datum's value as written.
 fn read_datum(id: u32, datum: &[u8], writer: &Schema) -> Result<AvroValue, RecordError> {
+    read_to_end(id, datum, |rest| {
+        apache_avro::from_avro_datum(writer, rest, None)
+    })
+}
+
+/// The value `read` takes from the datum, which must read it to its end and
+/// no further.
+fn read_to_end(
+    id: u32,
+    datum: &[u8],
+    read: impl FnOnce(&mut Datum<'_>) -> apache_avro::AvroResult<AvroValue>,
+) -> Result<AvroValue, RecordError> {
     limit_allocations();
     let mut rest = Datum(datum);
-    let value = apache_avro::from_avro_datum(writer, &mut rest, None).map_err(|e| {
-        RecordError::Undecodable {
-            id,
-            reason: error_chain(&e),
-        }
+    let value = read(&mut rest).map_err(|e| RecordError::Undecodable {
+        id,
+        reason: error_chain(&e),
     })?;
     if !rest.0.is_empty() {
         return Err(RecordError::TrailingBytes {
@@ -154,7 +217,11 @@ fn resolved(
     writer: &Schema,
     reader: &Shape,
 ) -> Result<AvroValue, RecordError> {
-    let value = read_datum(id, datum, writer)?;
+    resolve(id, read_datum(id, datum, writer)?, reader)
+}
+
+/// A datum's `value` resolved to `reader`.
+fn resolve(id: u32, value: AvroValue, reader: &Shape) -> Result<AvroValue, RecordError> {
     // Only a reader with decimals meets the codec's decimal width check.
     let value = if reader.has_decimals() {
         widen_decimals(value)
@@ -224,6 +291,54 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Writes events as framed records of one schema registered as one id, the
+/// schema's named types resolved once: the codec's per-datum
+/// `to_avro_datum` resolves them twice for every datum, which costs more
+/// than encoding a small record.
+pub struct FramedWriter {
+    shape: Shape,
+    single: GenericSingleObjectWriter,
+}
+
+/// The codec's single-object writer puts a header of 10 to 20 bytes (its
+/// own format's) before each datum. The wire format's frame is 5: the
+/// header is the frame behind [`HEADER_PAD`] bytes, cut off after writing.
+struct PaddedFrame(u32);
+
+const HEADER_PAD: usize = 5;
+
+impl HeaderBuilder for PaddedFrame {
+    fn build_header(&self) -> Vec<u8> {
+        let mut header = vec![0; HEADER_PAD];
+        header.extend_from_slice(&wire::frame(self.0, &[]));
+        header
+    }
+}
+
+impl FramedWriter {
+    /// Records of `shape`'s schema, registered as `id`.
+    pub fn new(shape: Shape, id: u32) -> Result<Self, RecordError> {
+        let single = GenericSingleObjectWriter::new_with_capacity_and_header_builder(
+            shape.schema(),
+            64,
+            PaddedFrame(id),
+        )
+        .map_err(|e| RecordError::Encode(error_chain(&e)))?;
+        Ok(Self { shape, single })
+    }
+
+    /// The framed record of an event held in the document model `D`.
+    pub fn encode<D: json::Document>(&mut self, event: &D::Value) -> Result<Vec<u8>, RecordError> {
+        let value = self.shape.from_document::<D>(event)?;
+        let mut framed = Vec::with_capacity(64);
+        self.single
+            .write_value_ref(&value, &mut framed)
+            .map_err(|e| RecordError::Encode(error_chain(&e)))?;
+        framed.drain(..HEADER_PAD);
+        Ok(framed)
+    }
 }
 
 /// A JSON event as a framed record of `shape`'s schema, registered as `id`.

@@ -5,12 +5,15 @@
 
 use apache_avro::Schema;
 use keystone_crds::Pipeline;
-use keystone_crds::check::RegisteredSource;
+use keystone_crds::check::{INLINE_VERSION, RegisteredSource};
 use keystone_crds::pipeline::Format;
-use keystone_crds::pipeline::avro::{SchemaRegistrySpec, default_record_name};
+use keystone_crds::pipeline::avro::{
+    RecordPart, SchemaRegistrySpec, SubjectStrategy, default_record_name, subject_name,
+};
 use keystone_crds::plan::{Plan, PlanAvroSink, PlanAvroSource, PlanAvroWriter};
+use keystone_crds::schema::SchemaSpec;
 
-use crate::contract::{contract_of, schema_for_output};
+use crate::contract::{contract_of, schema_for_key, schema_for_output};
 use crate::registry::{Registry, RegistryError};
 
 /// The schema an Avro source is read with: its contract for the checker,
@@ -44,15 +47,34 @@ impl AvroPlanError {
 /// Whether the pipeline reads or writes Avro anywhere, so needs a registry.
 pub fn uses_avro(pipeline: &Pipeline) -> bool {
     pipeline.spec.source.format == Format::Avro
-        || pipeline
-            .spec
-            .sinks
-            .iter()
-            .any(|s| s.kafka.as_ref().is_some_and(|k| k.format == Format::Avro))
+        || pipeline.spec.sinks.iter().any(|s| {
+            s.kafka
+                .as_ref()
+                .is_some_and(|k| k.format == Format::Avro || k.key_format == Format::Avro)
+        })
 }
 
-/// The source's reader schema: the pinned version of its subject, else the
-/// latest. `None` when the source is not Avro.
+/// Where the manifest's own reader schema is written.
+pub const INLINE_SCHEMA_PATH: &str = "spec.source.avro.schema";
+
+/// The reader schema written in the manifest (`spec.source.avro.schema`),
+/// when the source is Avro and has one: no registry is asked for it.
+pub fn reader_inline(pipeline: &Pipeline) -> Option<Result<ReaderSchema, AvroPlanError>> {
+    let source = &pipeline.spec.source;
+    if source.format != Format::Avro {
+        return None;
+    }
+    let text = source.avro.as_ref()?.schema.as_deref()?;
+    Some(reader_from_text(
+        pipeline,
+        text,
+        INLINE_VERSION,
+        INLINE_SCHEMA_PATH.to_owned(),
+    ))
+}
+
+/// The source's reader schema: the manifest's own, else the pinned version
+/// of its subject, else the latest. `None` when the source is not Avro.
 pub async fn reader_from_registry(
     registry: &Registry,
     pipeline: &Pipeline,
@@ -60,6 +82,9 @@ pub async fn reader_from_registry(
     let source = &pipeline.spec.source;
     if source.format != Format::Avro {
         return Ok(None);
+    }
+    if let Some(inline) = reader_inline(pipeline) {
+        return inline.map(Some);
     }
     let avro = source.avro.clone().unwrap_or_default();
     let subject = avro.subject(&source.topic);
@@ -93,10 +118,19 @@ pub fn reader_from_text(
         .unwrap_or_default()
         .subject(&source.topic);
     let schema = Schema::parse_str(text).map_err(|e| AvroPlanError::Schema {
-        path: "spec.source".into(),
+        path: reader_path(version).into(),
         message: format!("{origin} is not an Avro schema: {e}"),
     })?;
     reader_of(&schema, text.to_owned(), subject, version, origin)
+}
+
+/// The manifest field a reader schema's problems are reported at.
+fn reader_path(version: u32) -> &'static str {
+    if version == INLINE_VERSION {
+        INLINE_SCHEMA_PATH
+    } else {
+        "spec.source"
+    }
 }
 
 fn reader_of(
@@ -106,19 +140,17 @@ fn reader_of(
     version: u32,
     origin: String,
 ) -> Result<ReaderSchema, AvroPlanError> {
-    let contract = contract_of(schema).map_err(|e| AvroPlanError::Schema {
-        path: "spec.source".into(),
-        message: format!("the Avro schema {subject} version {version} (from {origin}): {e}"),
+    let mut registered = RegisteredSource {
+        subject,
+        version,
+        contract: SchemaSpec::default(),
+        origin,
+    };
+    registered.contract = contract_of(schema).map_err(|e| AvroPlanError::Schema {
+        path: reader_path(version).into(),
+        message: format!("{}: {e}", registered.describe()),
     })?;
-    Ok(ReaderSchema {
-        registered: RegisteredSource {
-            subject,
-            version,
-            contract,
-            origin,
-        },
-        text,
-    })
+    Ok(ReaderSchema { registered, text })
 }
 
 /// Fills the plan's Avro parts: the registry, the source's reader and each
@@ -141,14 +173,16 @@ pub fn complete_plan(
     }
     let (default_namespace, default_name) = default_record_name(&plan.namespace, &plan.pipeline);
     for (i, sink) in plan.sinks.iter_mut().enumerate() {
-        let Some(kafka) = sink
-            .spec
-            .kafka
-            .as_ref()
-            .filter(|k| k.format == Format::Avro)
-        else {
+        let Some(kafka) = sink.spec.kafka.as_ref() else {
             continue;
         };
+        let (avro_value, avro_key) = (
+            kafka.format == Format::Avro,
+            kafka.key_format == Format::Avro,
+        );
+        if !avro_value && !avro_key {
+            continue;
+        }
         let avro = kafka.avro.clone().unwrap_or_default();
         let (namespace, name) = match avro.record_name.as_deref().and_then(|n| n.rsplit_once('.')) {
             Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
@@ -157,6 +191,38 @@ pub fn complete_plan(
                 None => (default_namespace.clone(), default_name.clone()),
             },
         };
+        if avro_key {
+            // The sink's key fields, else the stream's key at the sink (as the
+            // runtime keys records); keys follow TopicNameStrategy.
+            let key = if kafka.key.is_empty() {
+                &sink.key
+            } else {
+                &kafka.key
+            };
+            match schema_for_key(&sink.schema, key, &namespace, &format!("{name}_key")) {
+                Ok(derived) => {
+                    sink.avro_key = Some(PlanAvroSink {
+                        registry_url: registry.url.clone(),
+                        subject: subject_name(
+                            SubjectStrategy::TopicName,
+                            &kafka.topic,
+                            "",
+                            RecordPart::Key,
+                        ),
+                        writer: PlanAvroWriter::Register {
+                            schema: derived.text,
+                        },
+                    });
+                }
+                Err(e) => errors.push(AvroPlanError::Schema {
+                    path: format!("spec.sinks[{i}].kafka.keyFormat"),
+                    message: format!("sink {:?}: the key makes no Avro schema: {e}", sink.name),
+                }),
+            }
+        }
+        if !avro_value {
+            continue;
+        }
         let full_name = if namespace.is_empty() {
             name.clone()
         } else {
@@ -203,74 +269,91 @@ pub struct SinkVerdict {
     pub refusal: Option<String>,
 }
 
-/// Asks the registry about each Avro sink of a completed plan: a derived
-/// schema must be allowed by the subject's compatibility rule (or, without
-/// `autoRegister`, be registered already: the sink then writes with that
-/// version); a pinned version must exist and be able to take the output
-/// contract. Registry outages are returned as errors, not verdicts.
+/// Asks the registry about each Avro sink of a completed plan, values and
+/// keys: a derived schema must be allowed by the subject's compatibility rule
+/// (or, without `autoRegister`, be registered already: the sink then writes
+/// with that version); a pinned version must exist and be able to take the
+/// output contract. Registry outages are returned as errors, not verdicts.
 pub async fn check_sinks(
     registry: &Registry,
     plan: &mut Plan,
 ) -> Result<Vec<SinkVerdict>, RegistryError> {
     let mut verdicts = Vec::new();
     for sink in &mut plan.sinks {
-        let Some(avro) = sink.avro.as_mut() else {
-            continue;
-        };
         let auto_register = sink
             .spec
             .kafka
             .as_ref()
             .and_then(|k| k.avro.as_ref())
             .is_none_or(|a| a.auto_register);
-        let refusal = match &avro.writer {
-            PlanAvroWriter::Register { schema } if auto_register => {
-                let verdict = registry.compatibility(&avro.subject, schema).await?;
-                (!verdict.compatible).then(|| {
-                    format!(
-                        "the schema derived from the output contract is incompatible with subject {} ({})",
-                        avro.subject,
-                        verdict.messages.join("; ")
-                    )
-                })
-            }
-            PlanAvroWriter::Register { schema } => {
-                match registry.lookup(&avro.subject, schema).await? {
-                    Some(version) => {
-                        avro.writer = PlanAvroWriter::Version { version };
-                        None
-                    }
-                    None => Some(format!(
-                        "autoRegister is false and the schema derived from the output contract is not registered under subject {}: register it there (its text: {schema})",
-                        avro.subject
-                    )),
-                }
-            }
-            PlanAvroWriter::Version { version } => {
-                let pinned = match registry.version(&avro.subject, *version).await {
-                    Err(RegistryError::NotFound { message, .. }) => {
-                        verdicts.push(SinkVerdict {
-                            sink: sink.name.clone(),
-                            subject: avro.subject.clone(),
-                            refusal: Some(format!(
-                                "subject {} has no version {version}: {message}",
-                                avro.subject
-                            )),
-                        });
-                        continue;
-                    }
-                    other => other?,
-                };
-                derived_fit(&sink.schema, &pinned.schema, *version)
-            }
-        };
-        verdicts.push(SinkVerdict {
-            sink: sink.name.clone(),
-            subject: avro.subject.clone(),
-            refusal,
-        });
+        let parts = [
+            (
+                sink.avro.as_mut(),
+                "the schema derived from the output contract",
+            ),
+            (
+                sink.avro_key.as_mut(),
+                "the key schema derived from the key fields",
+            ),
+        ];
+        for (avro, derived) in parts {
+            let Some(avro) = avro else {
+                continue;
+            };
+            let refusal =
+                writer_refusal(registry, avro, auto_register, derived, &sink.schema).await?;
+            verdicts.push(SinkVerdict {
+                sink: sink.name.clone(),
+                subject: avro.subject.clone(),
+                refusal,
+            });
+        }
     }
     Ok(verdicts)
+}
+
+/// Why the registry will not let a sink write with `avro`'s schema (`derived`
+/// says what the schema is, for the message), or `None` when it will.
+async fn writer_refusal(
+    registry: &Registry,
+    avro: &mut PlanAvroSink,
+    auto_register: bool,
+    derived: &str,
+    contract: &keystone_crds::schema::SchemaSpec,
+) -> Result<Option<String>, RegistryError> {
+    Ok(match &avro.writer {
+        PlanAvroWriter::Register { schema } if auto_register => {
+            let verdict = registry.compatibility(&avro.subject, schema).await?;
+            (!verdict.compatible).then(|| {
+                format!(
+                    "{derived} is incompatible with subject {} ({})",
+                    avro.subject,
+                    verdict.messages.join("; ")
+                )
+            })
+        }
+        PlanAvroWriter::Register { schema } => {
+            match registry.lookup(&avro.subject, schema).await? {
+                Some(version) => {
+                    avro.writer = PlanAvroWriter::Version { version };
+                    None
+                }
+                None => Some(format!(
+                    "autoRegister is false and {derived} is not registered under subject {}: register it there (its text: {schema})",
+                    avro.subject
+                )),
+            }
+        }
+        PlanAvroWriter::Version { version } => {
+            match registry.version(&avro.subject, *version).await {
+                Err(RegistryError::NotFound { message, .. }) => Some(format!(
+                    "subject {} has no version {version}: {message}",
+                    avro.subject
+                )),
+                other => derived_fit(contract, &other?.schema, *version),
+            }
+        }
+    })
 }
 
 /// Why events of the sink's output contract cannot be written with `pinned`:
@@ -310,6 +393,7 @@ spec:
     topic: clicks
     format: avro
     avro: {subjectStrategy: TopicRecordName, recordName: web.Click}
+    schema: {fields: [{name: id, type: integer}]}
   sinks:
     - name: derived
       kafka: {topic: out, format: avro}
@@ -319,6 +403,8 @@ spec:
       kafka: {topic: pinned, format: avro, avro: {version: 4}}
     - name: plain
       kafka: {topic: plain}
+    - name: keyed
+      kafka: {topic: keyed, key: [id], keyFormat: avro}
 "#;
 
     const READER: &str = r#"{"type": "record", "name": "Click", "namespace": "web", "fields": [
@@ -385,6 +471,24 @@ spec:
             ))
         );
         assert_eq!(writer_of("plain"), None, "a JSON sink stays JSON");
+        let key_of = |name: &str| {
+            let sink = plan.sinks.iter().find(|s| s.name == name).expect("sink");
+            sink.avro_key
+                .as_ref()
+                .map(|a| (a.subject.clone(), a.writer.clone()))
+        };
+        assert_eq!(
+            key_of("keyed"),
+            Some((
+                "keyed-key".into(),
+                PlanAvroWriter::Register {
+                    schema: r#""long""#.into()
+                }
+            )),
+            "the key field's type, under <topic>-key"
+        );
+        assert_eq!(writer_of("keyed"), None, "its values stay JSON");
+        assert_eq!(key_of("derived"), None, "JSON keys unless keyFormat: avro");
     }
 
     #[test]
@@ -404,5 +508,46 @@ spec:
             "{message}"
         );
         let _ = compile(&manifests.pipelines[0], &[]).expect("valid without the reader");
+    }
+
+    #[test]
+    fn an_inline_reader_schema_needs_no_registry_and_is_named_by_its_field() {
+        let inline = MANIFEST.replace(
+            "    avro: {subjectStrategy: TopicRecordName, recordName: web.Click}\n",
+            &format!(
+                "    avro: {{subjectStrategy: TopicRecordName, recordName: web.Click, schema: {}}}\n",
+                serde_json::to_string(&READER.replace('\n', " ")).expect("quoted")
+            ),
+        );
+        let manifests = parse_manifests("p.yaml", &inline).expect("manifest");
+        let reader = reader_inline(&manifests.pipelines[0])
+            .expect("an inline schema")
+            .expect("a contract");
+        assert_eq!(reader.registered.version, INLINE_VERSION);
+        assert_eq!(
+            reader.registered.describe(),
+            "the Avro schema of spec.source.avro.schema"
+        );
+        assert_eq!(reader.registered.contract.fields.len(), 2);
+        let without = parse_manifests("p.yaml", MANIFEST).expect("manifest");
+        assert!(reader_inline(&without.pipelines[0]).is_none());
+
+        let broken = MANIFEST.replace(
+            "    avro: {subjectStrategy: TopicRecordName, recordName: web.Click}\n",
+            "    avro: {schema: '\"string\"'}\n",
+        );
+        let manifests = parse_manifests("p.yaml", &broken).expect("manifest");
+        let error = reader_inline(&manifests.pipelines[0])
+            .expect("an inline schema")
+            .expect_err("not a record");
+        let AvroPlanError::Schema { path, message } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(path, "spec.source.avro.schema");
+        assert!(
+            message.starts_with("the Avro schema of spec.source.avro.schema: ")
+                && message.contains("not a record"),
+            "{message}"
+        );
     }
 }

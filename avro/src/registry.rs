@@ -27,7 +27,7 @@ pub enum Auth {
 }
 
 /// Where the registry is and how to reach it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegistryConfig {
     /// The API's base URL, for example `http://registry:8081` or Apicurio's
     /// `http://apicurio:8080/apis/ccompat/v7`.

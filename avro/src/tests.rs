@@ -221,12 +221,13 @@ proptest::proptest! {
         let shape = Shape::new(schema.clone()).expect("shape");
         // The reader's own schema: read without resolution, it must give
         // what resolution gives, refusals included.
-        proptest::prop_assert!(super::is_reader_schema(&schema, &shape));
-        let as_text = super::decode_json(1, &datum, &schema, true, &shape, &mut text);
+        let writer = WriterSchema::new(&schema, &shape).expect("prepared");
+        proptest::prop_assert!(writer.is_reader());
+        let as_text = super::decode_json(1, &datum, &writer, &shape, &mut text);
         match decode(1, &datum, &schema, &schema) {
             Ok(event) => {
                 as_text.expect("the text of what decodes");
-                proptest::prop_assert_eq!(text, serde_json::to_vec(&event).expect("JSON"));
+                proptest::prop_assert_eq!(serde_json::from_slice::<serde_json::Value>(&text).expect("JSON"), event.clone());
                 let written = encode(&event, &schema, 1).expect("what was read is written");
                 proptest::prop_assert_eq!(decode(1, &written[5..], &schema, &schema).expect("read back"), event);
             }
@@ -293,4 +294,70 @@ fn only_the_readers_own_schema_skips_resolution() {
       {"name": "note", "type": ["null", "string"], "default": null}]}"#,
     );
     assert!(!super::is_reader_schema(&with_default, &shape));
+}
+
+#[test]
+fn a_prepared_writer_that_is_not_the_reader_is_resolved() {
+    let writer = parse(V1);
+    let reader = parse(V2);
+    let shape = Shape::new(reader.clone()).expect("shape");
+    let prepared = WriterSchema::new(&writer, &shape).expect("prepared");
+    assert!(!prepared.is_reader());
+    let datum = &encode(&json!({"id": 7, "name": "ada"}), &writer, 1).expect("encode")[5..];
+    let mut text = Vec::new();
+    super::decode_json(1, datum, &prepared, &shape, &mut text).expect("decode");
+    let expected = decode(1, datum, &writer, &reader).expect("decode");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&text).expect("JSON"),
+        expected
+    );
+    assert_eq!(expected["id"], json!(7));
+    // A datum cut short, or with bytes after it, is refused as unprepared.
+    let cut = &datum[..datum.len() - 1];
+    assert!(matches!(
+        super::decode_json(1, cut, &prepared, &shape, &mut Vec::new()),
+        Err(RecordError::Undecodable { .. })
+    ));
+    let long = [datum, b"\x00"].concat();
+    assert!(matches!(
+        super::decode_json(1, &long, &prepared, &shape, &mut Vec::new()),
+        Err(RecordError::TrailingBytes { extra: 1, .. })
+    ));
+}
+
+#[test]
+fn a_framed_writer_writes_what_encode_writes_record_after_record() {
+    let schema = parse(FUZZED);
+    let mut writer =
+        FramedWriter::new(Shape::new(schema.clone()).expect("shape"), 300).expect("writer");
+    let events = [
+        json!({
+            "a": "text", "b": [{"k": 1.5}, {}], "c": "-12.345", "d": "2026-12-05T00:00:00.000001Z",
+            "e": "2026-12-05", "f": "Y", "g": "67e55044-10b1-426f-9247-bb680e5fe0c8"
+        }),
+        json!({
+            "a": null, "b": [], "c": "0.001", "d": "1970-01-01T00:00:00Z",
+            "e": "1969-12-31", "f": "X", "g": "00000000-0000-0000-0000-000000000000"
+        }),
+    ];
+    for event in events.iter().chain(&events) {
+        let framed = writer.encode::<json::SerdeJson>(event).expect("fits");
+        assert_eq!(framed, encode(event, &schema, 300).expect("fits"));
+        assert_eq!(&framed[..5], b"\x00\x00\x00\x01\x2c", "magic and id 300");
+        assert_eq!(
+            decode(300, &framed[5..], &schema, &schema).expect("read back"),
+            *event
+        );
+    }
+    let misfit = json!({"a": null, "b": [], "c": "0", "d": "1970-01-01T00:00:00Z",
+        "e": "1970-01-01", "f": "Z", "g": "00000000-0000-0000-0000-000000000000"});
+    assert_eq!(
+        writer
+            .encode::<json::SerdeJson>(&misfit)
+            .expect_err("Z is no symbol of E")
+            .to_string(),
+        encode(&misfit, &schema, 300)
+            .expect_err("refused")
+            .to_string()
+    );
 }

@@ -72,7 +72,8 @@ pub struct PlanAvroSource {
     /// The registry's API base URL. Credentials and a CA come from the
     /// instance's environment, never from the plan.
     pub registry_url: String,
-    /// The subject and version the reader schema is.
+    /// The subject and version the reader schema is (version 0: the
+    /// manifest's own, `spec.source.avro.schema`).
     pub subject: String,
     pub version: u32,
     /// The reader schema's text, fixed when the plan is compiled: every
@@ -157,9 +158,13 @@ pub struct PlanSink {
     /// wire format; absent: JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avro: Option<PlanAvroSink>,
+    /// A Kafka sink's keys are written as Avro (`keyFormat: avro`); absent:
+    /// JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro_key: Option<PlanAvroSink>,
 }
 
-/// How a Kafka sink writes Avro record values.
+/// How a Kafka sink writes Avro record values (or keys).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlanAvroSink {

@@ -144,3 +144,32 @@ fn without_the_registered_schema_the_declared_one_stands_in() {
         "the checker does not fill the Avro parts"
     );
 }
+
+#[test]
+fn avro_keys_need_key_fields() {
+    let text = r#"
+apiVersion: keystone.dev/v1alpha1
+kind: Pipeline
+metadata: {name: orders, namespace: shop}
+spec:
+  schemaRegistry: {url: "http://registry:8081"}
+  source:
+    topic: orders
+    schema: {fields: [{name: id, type: string}]}
+  sinks:
+    - name: unkeyed
+      kafka: {topic: orders.unkeyed, keyFormat: avro}
+    - name: keyed
+      kafka: {topic: orders.keyed, key: [id], keyFormat: avro}
+"#;
+    let manifests = parse_manifests("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let errors = keystone_crds::compile(&manifests.pipelines[0], &[]).expect_err("no key");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    let error = &errors.0[0];
+    assert_eq!(error.kind, ErrorKind::InvalidSink);
+    assert_eq!(error.path, "spec.sinks[0].kafka.keyFormat");
+    assert!(
+        error.message.contains("the sink has none: set kafka.key"),
+        "{error}"
+    );
+}

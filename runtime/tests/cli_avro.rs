@@ -51,7 +51,7 @@ spec:
     - {{name: big, filter: {{expression: '{field} > 100'}}}}
   sinks:
     - name: out
-      kafka: {{topic: orders.big, format: avro}}
+      kafka: {{topic: orders.big, format: avro, keyFormat: avro}}
 "#
     )
 }
@@ -214,6 +214,13 @@ fn plan_fills_the_avro_parts() {
         .map(|f| f["name"].as_str().unwrap())
         .collect();
     assert_eq!(fields, ["amount", "id", "note"]);
+    // The key (the stream's, `id`) as the key field's type, under <topic>-key.
+    let key = &plan["sinks"][0]["avroKey"];
+    assert_eq!(key["subject"], "orders.big-key", "{plan:#}");
+    assert_eq!(
+        key["writer"]["register"]["schema"], r#""string""#,
+        "{plan:#}"
+    );
     // Without the schema, no plan.
     let out = run(&["plan", "--registry", "http://127.0.0.1:9"], &[&file]);
     assert_eq!(out.status.code(), Some(1));
@@ -222,5 +229,38 @@ fn plan_fills_the_avro_parts() {
         text(&out.stderr).contains("spec.source.format"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_manifests_own_reader_schema_is_checked_without_a_file_or_registry() {
+    // The schema written in the manifest, and no registry reachable here.
+    let inline = |field: &str| {
+        pipeline("orders", field, REGISTRY).replace(
+            "    format: avro\n",
+            &format!(
+                "    format: avro\n    avro:\n      schema: '{}'\n",
+                ORDERS_AVSC.replace('\n', " ")
+            ),
+        )
+    };
+    let passes = scratch("inline-amount.yaml", &inline("amount"));
+    let out = run(&["check"], &[&passes]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line == "orders: source schema: the Avro schema of spec.source.avro.schema"),
+        "{stdout}"
+    );
+    let fails = scratch("inline-total.yaml", &inline("total"));
+    let out = run(&["check"], &[&fails]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spec.steps[0] (big): needs field \"total\"")
+            && stderr.contains("the source schema is the Avro schema of spec.source.avro.schema"),
+        "{stderr}"
     );
 }

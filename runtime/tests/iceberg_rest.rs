@@ -117,6 +117,7 @@ fn plan_sink(bed: &Testbed, namespace: &str, table: &str) -> PlanSink {
             parquet: None,
         },
         avro: None,
+        avro_key: None,
     }
 }
 

@@ -237,3 +237,81 @@ fn an_output_contract_without_fields_has_no_schema() {
         ContractError::Columns(ColumnsError::NoFields)
     );
 }
+
+#[test]
+fn one_key_field_is_its_own_type_and_several_are_a_record_in_key_order() {
+    let contract = spec(&[
+        ("id", Str, false),
+        ("region", Str, true),
+        ("customer.id", Integer, false),
+        ("customer.tier", Str, false),
+        ("total", Number, false),
+    ]);
+    let key = |fields: &[&str]| -> Vec<std::string::String> {
+        fields.iter().map(|f| (*f).to_owned()).collect()
+    };
+    let one = schema_for_key(&contract, &key(&["id"]), "dev.keystone.shop", "Order_key")
+        .expect("one field");
+    assert_eq!(one.text, r#""string""#);
+    assert_eq!(one.schema, Schema::String);
+    let optional = schema_for_key(&contract, &key(&["region"]), "ns", "K").expect("optional");
+    assert_eq!(optional.text, r#"["null","string"]"#);
+    let object = schema_for_key(
+        &contract,
+        &key(&["customer"]),
+        "dev.keystone.shop",
+        "Order_key",
+    )
+    .expect("an object field");
+    assert_eq!(
+        object.schema.canonical_form(),
+        parse(
+            r#"{"type": "record", "name": "Order_key", "namespace": "dev.keystone.shop", "fields": [
+              {"name": "id", "type": "long"}, {"name": "tier", "type": "string"}]}"#
+        )
+        .canonical_form()
+    );
+    let several = schema_for_key(
+        &contract,
+        &key(&["customer.id", "id"]),
+        "dev.keystone.shop",
+        "Order_key",
+    )
+    .expect("several");
+    assert_eq!(
+        several.schema.canonical_form(),
+        parse(
+            r#"{"type": "record", "name": "Order_key", "namespace": "dev.keystone.shop", "fields": [
+              {"name": "customer_id", "type": "long"}, {"name": "id", "type": "string"}]}"#
+        )
+        .canonical_form(),
+        "fields named after their paths, in the key's order"
+    );
+}
+
+#[test]
+fn a_key_field_outside_the_contract_or_two_of_one_name_have_no_key_schema() {
+    let contract = spec(&[("a.b", Str, false), ("a_b", Str, false)]);
+    let key = |fields: &[&str]| -> Vec<std::string::String> {
+        fields.iter().map(|f| (*f).to_owned()).collect()
+    };
+    let missing = schema_for_key(&contract, &key(&["a.c"]), "ns", "K").unwrap_err();
+    assert_eq!(missing, ContractError::KeyField { path: "a.c".into() });
+    assert!(
+        missing
+            .to_string()
+            .contains("key field a.c is not in the output contract")
+    );
+    assert_eq!(
+        schema_for_key(&contract, &key(&["a.b", "a_b"]), "ns", "K").unwrap_err(),
+        ContractError::KeyFieldNames {
+            first: "a.b".into(),
+            second: "a_b".into(),
+            name: "a_b".into()
+        }
+    );
+    assert_eq!(
+        schema_for_key(&contract, &[], "ns", "K").unwrap_err(),
+        ContractError::NoKeyFields
+    );
+}

@@ -35,7 +35,7 @@ pub(super) trait Out: Sized {
         item: impl FnMut(&mut Self, usize, &T) -> Result<(), ValueError>,
     ) -> Result<(), ValueError>;
 
-    /// An object of `members`, sorted by name, each value given by `member`.
+    /// An object of `members` in their order, each value given by `member`.
     fn object<T>(
         &mut self,
         members: &[(&str, T)],
@@ -88,8 +88,9 @@ impl Out for Tree {
     }
 }
 
-/// Writes compact JSON text, as `serde_json` writes the value [`Tree`] builds
-/// (its objects are ordered by key, hence the sorted members).
+/// Writes compact JSON text: what `serde_json` writes of the value [`Tree`]
+/// builds, but for the order of a record's members (a `serde_json` map sorts
+/// them; the text keeps the schema's order, as Avro tools print a record).
 pub(super) struct Text<'a>(pub(super) &'a mut Vec<u8>);
 
 // Writing to a vector cannot fail, nor can serializing a string or a finite
@@ -185,15 +186,22 @@ pub(super) fn read<O: Out>(
         }
         (Avro::Record(fields), Schema::Record(record)) => {
             let mut members = Vec::with_capacity(fields.len());
-            for (name, v) in fields {
-                let field_schema = record
-                    .lookup
-                    .get(name)
-                    .map(|&i| &record.fields[i].schema)
-                    .ok_or_else(|| path.field(name).error("not a field of the record's schema"))?;
+            for (i, (name, v)) in fields.iter().enumerate() {
+                // A decoded record has the schema's fields in its order: the
+                // lookup by name is for values built any other way.
+                let field_schema = match record.fields.get(i) {
+                    Some(field) if field.name == *name => &field.schema,
+                    _ => record
+                        .lookup
+                        .get(name)
+                        .map(|&i| &record.fields[i].schema)
+                        .ok_or_else(|| {
+                            path.field(name).error("not a field of the record's schema")
+                        })?,
+                };
                 members.push((name.as_str(), (v, field_schema)));
             }
-            return out.object(&sorted(members), |out, name, (v, field_schema)| {
+            return out.object(&members, |out, name, (v, field_schema)| {
                 read(v, field_schema, names, &path.field(name), out)
             });
         }
@@ -217,9 +225,12 @@ pub(super) fn read<O: Out>(
         (Avro::String(s), _) | (Avro::Enum(_, s), _) => Scalar::Str(Cow::Borrowed(s)),
         (Avro::Bytes(b), _) | (Avro::Fixed(_, b), _) => Scalar::Str(BASE64.encode(b).into()),
         (Avro::Uuid(u), _) => Scalar::Str(u.to_string().into()),
-        (Avro::Decimal(d), Schema::Decimal(DecimalSchema { scale, .. })) => {
-            Scalar::Str(decimal_text(&BigInt::from(d.clone()), *scale).into())
-        }
+        (
+            Avro::Decimal(d),
+            Schema::Decimal(DecimalSchema {
+                scale, precision, ..
+            }),
+        ) => Scalar::Str(decimal_text(&BigInt::from(d.clone()), *scale, *precision, path)?.into()),
         (Avro::BigDecimal(d), _) => Scalar::Str(d.to_string().into()),
         (Avro::Date(days), _) => Scalar::Str(
             NaiveDate::from_epoch_days(*days)
@@ -259,19 +270,35 @@ fn finite(f: f64, path: &Path<'_>) -> Result<Scalar<'static>, ValueError> {
     }
 }
 
-fn decimal_text(unscaled: &BigInt, scale: usize) -> String {
+/// The text of a decimal, or why it is not of its schema: bytes hold any
+/// number of digits, and one beyond the schema's precision could be written
+/// by no sink.
+fn decimal_text(
+    unscaled: &BigInt,
+    scale: usize,
+    precision: usize,
+    path: &Path<'_>,
+) -> Result<String, ValueError> {
     let digits = unscaled.magnitude().to_string();
     let sign = if unscaled.sign() == num_bigint::Sign::Minus {
         "-"
     } else {
         ""
     };
-    if scale == 0 {
-        return format!("{sign}{digits}");
+    let text = if scale == 0 {
+        format!("{sign}{digits}")
+    } else {
+        let padded = format!("{digits:0>width$}", width = scale + 1);
+        let (whole, fraction) = padded.split_at(padded.len() - scale);
+        format!("{sign}{whole}.{fraction}")
+    };
+    let significant = digits.trim_start_matches('0').len();
+    if significant > precision {
+        return Err(path.error(format!(
+            "{text} has {significant} digits, the schema's precision is {precision}"
+        )));
     }
-    let padded = format!("{digits:0>width$}", width = scale + 1);
-    let (whole, fraction) = padded.split_at(padded.len() - scale);
-    format!("{sign}{whole}.{fraction}")
+    Ok(text)
 }
 
 fn time_of_day(nanos: i64, path: &Path<'_>) -> Result<Scalar<'static>, ValueError> {

@@ -265,8 +265,8 @@ fn non_finite_numbers_have_no_json_form() {
     );
 }
 
-/// [`Shape::write_json`]'s text, checked to be what `serde_json` writes of
-/// [`Shape::to_json`]'s value (or the same error).
+/// [`Shape::write_json`]'s text, checked to be JSON of [`Shape::to_json`]'s
+/// value (or the same error).
 fn json_text(value: &Avro, schema: &Schema) -> Result<String, ValueError> {
     let shape = Shape::new(schema.clone())?;
     let mut text = Vec::new();
@@ -275,8 +275,8 @@ fn json_text(value: &Avro, schema: &Schema) -> Result<String, ValueError> {
         Ok(tree) => {
             written.expect("text where the tree was built");
             assert_eq!(
-                String::from_utf8(text.clone()).expect("UTF-8"),
-                serde_json::to_string(&tree).expect("text")
+                serde_json::from_slice::<serde_json::Value>(&text).expect("JSON"),
+                tree
             );
         }
         Err(error) => {
@@ -305,8 +305,9 @@ fn the_json_text_is_written_as_serde_json_writes_the_event() {
     let decoded = apache_avro::from_avro_datum(&schema, &mut &datum[..], None).expect("decode");
     let text = json_text(&decoded, &schema).expect("text");
     assert!(
-        text.starts_with(r#"{"again":{"x":2},"attrs":{"":0,"a":-2,"m":3,"z":1},"b":false,"#),
-        "members in key order, as the event always had them: {text}"
+        text.starts_with(r#"{"i":-7,"l":-9223372036854775808,"d":-0.0,"#)
+            && text.contains(r#""attrs":{"":0,"a":-2,"m":3,"z":1}"#),
+        "a record's members in the schema's order, a map's in key order: {text}"
     );
     assert_eq!(
         serde_json::from_str::<Value>(&text).expect("JSON")["f"],
@@ -354,7 +355,7 @@ fn durations_unions_and_nesting_are_written_as_text() {
     ]);
     assert_eq!(
         json_text(&value, &schema).expect("text"),
-        r#"{"deep":{"n":null},"u":[{"x":{"n":1.5},"y":null}],"wait":{"days":2,"millis":3,"months":1}}"#
+        r#"{"wait":{"days":2,"millis":3,"months":1},"deep":{"n":null},"u":[{"x":{"n":1.5},"y":null}]}"#
     );
     // An error deep down names its path, in both forms.
     let Avro::Record(mut fields) = value else {
@@ -416,5 +417,31 @@ fn nesting_beyond_the_bound_is_refused_not_recursed_into() {
         from_json(&event, &schema).unwrap_err().reason,
         reason,
         "writing too"
+    );
+}
+
+#[test]
+fn a_decimal_beyond_its_precision_is_not_of_its_schema() {
+    let schema = parse(
+        r#"{"type": "record", "name": "P", "fields": [
+          {"name": "p", "type": {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": 1}}
+        ]}"#,
+    );
+    // The bytes of an unscaled 12345 (five digits) and of 1234 (four).
+    let of = |bytes: &[u8]| {
+        Avro::Record(vec![(
+            "p".into(),
+            Avro::Decimal(apache_avro::Decimal::from(bytes.to_vec())),
+        )])
+    };
+    assert_eq!(
+        json_text(&of(&[0x30, 0x39]), &schema)
+            .unwrap_err()
+            .to_string(),
+        "field p: 1234.5 has 5 digits, the schema's precision is 4"
+    );
+    assert_eq!(
+        json_text(&of(&[0x04, 0xd2]), &schema).unwrap(),
+        r#"{"p":"123.4"}"#
     );
 }

@@ -6,6 +6,10 @@ use super::{Checker, ErrorKind};
 use crate::pipeline::Format;
 use crate::schema::{FieldSpec, SchemaSpec};
 
+/// The version a reader schema written in the manifest
+/// (`spec.source.avro.schema`) is given: registries number theirs from 1.
+pub const INLINE_VERSION: u32 = 0;
+
 /// The schema an Avro source is read with, as a contract, and where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RegisteredSource {
@@ -21,6 +25,9 @@ impl RegisteredSource {
     /// How messages name the schema, e.g. `the Avro schema orders-value
     /// version 3 (from the registry at http://...)`.
     pub fn describe(&self) -> String {
+        if self.version == INLINE_VERSION {
+            return format!("the Avro schema of {}", self.origin);
+        }
         format!(
             "the Avro schema {} version {} (from {})",
             self.subject, self.version, self.origin

@@ -176,6 +176,14 @@ impl Checker<'_> {
                         "avro is written only with format: avro",
                     );
                 }
+                if kafka.key_format == crate::pipeline::Format::Avro && key.is_empty() {
+                    self.error(
+                        ErrorKind::InvalidSink,
+                        format!("{path}.kafka.keyFormat"),
+                        Some(&sink.name),
+                        "keyFormat: avro writes the key fields as Avro, but the sink has none: set kafka.key, or key the stream (source key or a keyed step)",
+                    );
+                }
                 if kafka.topic == spec.source.topic && kafka.cluster == spec.source.cluster {
                     self.error(
                         ErrorKind::TopicCycle,
@@ -254,6 +262,7 @@ impl Checker<'_> {
                 schema: stream.schema.to_spec(),
                 spec: SinkSpec::clone(sink),
                 avro: None,
+                avro_key: None,
             });
         }
         sinks

@@ -70,6 +70,8 @@ pub fn subject_name(
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.subject) || has(self.recordName) || !has(self.subjectStrategy) || self.subjectStrategy == 'TopicName'",
      "message": "RecordName and TopicRecordName need recordName (or set subject)"},
+    {"rule": "!has(self.schema) || !has(self.version)",
+     "message": "schema and version are exclusive: an inline schema is the reader schema itself"},
 ]))]
 #[serde(rename_all = "camelCase")]
 pub struct AvroSourceSpec {
@@ -91,6 +93,15 @@ pub struct AvroSourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub version: Option<i32>,
+    /// The reader schema itself (Avro schema JSON, as in an `.avsc` file),
+    /// instead of a registered version: the steps are checked against it,
+    /// `keystone-runtime check` needs neither a registry nor a file, and the
+    /// operator does not follow the subject's new versions. Records are still
+    /// framed with their writer schema's registry id, fetched from the
+    /// registry and resolved against this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub schema: Option<String>,
 }
 
 impl AvroSourceSpec {

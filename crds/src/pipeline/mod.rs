@@ -248,11 +248,11 @@ fn open_schema() -> SchemaSpec {
     }
 }
 
-/// Encoding of record values.
+/// Encoding of Kafka record values (or keys).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// One JSON object per Kafka record (or per line in local mode).
+    /// JSON text: one object per record value (or per line in local mode).
     #[default]
     Json,
     /// Avro binary framed with the schema's registry id (magic byte 0, the

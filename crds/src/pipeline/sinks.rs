@@ -308,6 +308,15 @@ pub struct KafkaSinkSpec {
     /// contract's, registered under `<topic>-value`, when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avro: Option<super::avro::AvroSinkSpec>,
+    /// The encoding of record keys: `json` (the default: one key field's
+    /// value as text, several as a JSON array), or `avro` in the schema
+    /// registry's wire format. An Avro key's schema is derived from the key
+    /// fields' types in the output contract (one field: its type; several: a
+    /// record of them named after the value's record with `_key`) and
+    /// registered under `<topic>-key`; `avro.autoRegister` applies to it too.
+    /// An event whose key does not fit goes to the dead-letter topic.
+    #[serde(default, skip_serializing_if = "is_json")]
+    pub key_format: super::Format,
 }
 
 fn is_json(format: &super::Format) -> bool {

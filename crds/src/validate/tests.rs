@@ -519,10 +519,25 @@ fn rules_avro_settings_need_format_avro() {
         "RecordName and TopicRecordName need recordName",
     );
     accepted(with(
-        avro_source,
+        avro_source.clone(),
         "/spec/source/avro",
         json!({"subjectStrategy": "TopicRecordName", "recordName": "shop.Order"}),
     ));
+    let inline = r#"{"type": "record", "name": "Order", "fields": []}"#;
+    accepted(with(
+        avro_source.clone(),
+        "/spec/source/avro",
+        json!({"schema": inline}),
+    ));
+    refused(
+        with(
+            avro_source,
+            "/spec/source/avro",
+            json!({"schema": inline, "version": 2}),
+        ),
+        "spec.source.avro",
+        "schema and version are exclusive",
+    );
     refused(
         with(
             pipeline(),
@@ -549,7 +564,7 @@ fn every_rule_compiles_and_none_compares_with_the_stored_object() {
     for kind in ["Pipeline", "Processor"] {
         collect_rules(crd_schema(kind).unwrap(), &mut rules);
     }
-    assert_eq!(rules.len(), 9, "{rules:#?}");
+    assert_eq!(rules.len(), 10, "{rules:#?}");
     for rule in &rules {
         let source = rule["rule"].as_str().unwrap();
         let program = cel::Program::compile(source).unwrap_or_else(|e| panic!("{source}: {e}"));

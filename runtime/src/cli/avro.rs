@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
-use keystone_avro::plan::{AvroPlanError, ReaderSchema, reader_from_registry, reader_from_text};
+use keystone_avro::plan::{
+    AvroPlanError, ReaderSchema, reader_from_registry, reader_from_text, reader_inline,
+};
 use keystone_avro::registry::Registry;
 use keystone_crds::check::{PipelineId, SourceFacts};
 use keystone_crds::diagnostic::kinds;
@@ -152,7 +154,14 @@ impl Sources {
                 .as_deref()
                 .and_then(|name| named.get(name).copied())
                 .or(unnamed);
-            let source = if let Some(file) = file {
+            // The manifest's own reader schema is the one that runs: it
+            // wins over files and registries.
+            let source = if let Some(inline) = reader_inline(pipeline) {
+                match inline {
+                    Ok(reader) => Source::Read(reader),
+                    Err(error) => Source::Failed(vec![failed(error)]),
+                }
+            } else if let Some(file) = file {
                 let text = texts
                     .entry(file)
                     .or_insert_with(|| std::fs::read_to_string(file).map_err(|e| e.to_string()));

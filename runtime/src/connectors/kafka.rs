@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keystone_avro::Shape;
+use keystone_avro::{FramedWriter, Shape};
 use keystone_crds::checkpoint::ReplaySuppression;
 use keystone_crds::plan::PlanSink;
 use prometheus::IntCounter;
@@ -31,25 +31,33 @@ pub struct KafkaSink {
     suppression: Suppression,
     /// Values written as Avro (the registry's wire format) instead of JSON.
     avro: Option<AvroWriter>,
+    /// Keys written as Avro (`keyFormat: avro`), with the key record's field
+    /// names (the key paths, `.` as `_`) when there are several key fields.
+    avro_key: Option<(AvroWriter, Vec<String>)>,
+}
+
+/// The Avro writers of a Kafka sink's values and keys, from the registry.
+#[derive(Default)]
+pub struct AvroWriters {
+    pub value: Option<AvroWriter>,
+    pub key: Option<AvroWriter>,
 }
 
 /// Writes events as Avro records of one registered schema.
-pub struct AvroWriter {
-    shape: Shape,
-    id: u32,
-}
+pub struct AvroWriter(FramedWriter);
 
 impl AvroWriter {
     /// Records of `shape`'s schema, registered as `id`.
-    pub fn new(shape: Shape, id: u32) -> Self {
-        Self { shape, id }
+    pub fn new(shape: Shape, id: u32) -> Result<Self, String> {
+        FramedWriter::new(shape, id)
+            .map(Self)
+            .map_err(|e| e.to_string())
     }
 
     /// The framed record of an event's document, or why the event does not
     /// fit the schema.
-    pub fn encode(&self, value: &sonic_rs::Value) -> Result<Vec<u8>, String> {
-        keystone_avro::encode_document::<Sonic>(value, &self.shape, self.id)
-            .map_err(|e| e.to_string())
+    pub fn encode(&mut self, value: &sonic_rs::Value) -> Result<Vec<u8>, String> {
+        self.0.encode::<Sonic>(value).map_err(|e| e.to_string())
     }
 }
 
@@ -60,7 +68,7 @@ impl KafkaSink {
         outbox: Arc<Outbox>,
         delivered: HashSet<Provenance>,
         suppressed: IntCounter,
-        avro: Option<AvroWriter>,
+        avro: AvroWriters,
     ) -> Option<Self> {
         let kafka = sink.spec.kafka.as_ref()?;
         // The sink's own key fields, else the stream's key at the sink.
@@ -79,12 +87,56 @@ impl KafkaSink {
                 suppressed,
                 reported_all: false,
             },
-            avro,
+            avro: avro.value,
+            avro_key: avro.key.map(|writer| {
+                let names = key
+                    .iter()
+                    .map(|path| keystone_avro::contract::key_field_name(path))
+                    .collect();
+                (writer, names)
+            }),
         })
+    }
+
+    /// The Avro key of an event: the one key field's value, or a record of
+    /// them (a missing field as null, which only an optional field's schema
+    /// takes). `Ok(None)` when keys are JSON.
+    fn avro_key(&mut self, event: &crate::event::Event) -> Result<Option<Vec<u8>>, String> {
+        let Some((writer, names)) = &mut self.avro_key else {
+            return Ok(None);
+        };
+        writer
+            .encode(&key_document(&self.key, names, &event.value))
+            .map(Some)
     }
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+}
+
+/// What an Avro key is written from: the one key field's value, or an object
+/// of them under `names`; a missing field is null.
+fn key_document(key: &[FieldPath], names: &[String], event: &sonic_rs::Value) -> sonic_rs::Value {
+    let value_of = |field: &FieldPath| field.get(event).cloned().unwrap_or_default();
+    match key {
+        [single] => value_of(single),
+        fields => {
+            let mut record = sonic_rs::Object::new();
+            for (field, name) in fields.iter().zip(names) {
+                record.insert(name, value_of(field));
+            }
+            record.into_value()
+        }
+    }
+}
+
+/// The dead letter of a record sink `name` cannot write, and why.
+fn refused(name: &str, record: &SinkRecord<'_>, reason: String) -> DeadLetter {
+    DeadLetter {
+        step: format!("sink:{name}"),
+        reason: format!("sink {name}: {reason}"),
+        original: record.event.raw.clone(),
     }
 }
 
@@ -102,7 +154,7 @@ impl Sink for KafkaSink {
             return Ok(());
         }
         let encoded;
-        let value = match &self.avro {
+        let value = match &mut self.avro {
             None => record.value,
             Some(writer) => match writer.encode(&record.event.value) {
                 Ok(bytes) => {
@@ -110,16 +162,20 @@ impl Sink for KafkaSink {
                     encoded.as_slice()
                 }
                 Err(reason) => {
-                    out.dead_letters.push(DeadLetter {
-                        step: format!("sink:{}", self.name),
-                        reason: format!("sink {}: {reason}", self.name),
-                        original: record.event.raw.clone(),
-                    });
+                    out.dead_letters.push(refused(&self.name, record, reason));
                     return Ok(());
                 }
             },
         };
-        let key = record_key(record.event, &self.key);
+        let key = match self.avro_key(record.event) {
+            Ok(Some(avro)) => Some(avro),
+            Ok(None) => record_key(record.event, &self.key),
+            Err(reason) => {
+                out.dead_letters
+                    .push(refused(&self.name, record, format!("key: {reason}")));
+                return Ok(());
+            }
+        };
         self.outbox
             .send(
                 &self.topic,
@@ -243,7 +299,9 @@ mod tests {
             r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#,
         )
         .expect("schema");
-        let writer = super::AvroWriter::new(keystone_avro::Shape::new(schema).expect("shape"), 42);
+        let mut writer =
+            super::AvroWriter::new(keystone_avro::Shape::new(schema).expect("shape"), 42)
+                .expect("writer");
         let event = |text: &str| crate::event::parse_value(text.as_bytes()).expect("JSON");
         let framed = writer.encode(&event(r#"{"id": 7}"#)).expect("fits");
         assert_eq!(
@@ -254,5 +312,59 @@ mod tests {
             .encode(&event(r#"{"id": "seven"}"#))
             .expect_err("does not fit");
         assert!(refused.contains("id"), "{refused}");
+    }
+
+    #[test]
+    fn avro_keys_are_the_key_fields_as_the_derived_key_schema_has_them() {
+        use crate::event::FieldPath;
+        use keystone_crds::schema::{FieldSpec, FieldType, SchemaSpec};
+        let field = |name: &str, field_type, optional| FieldSpec {
+            name: name.into(),
+            field_type,
+            optional,
+        };
+        let contract = SchemaSpec {
+            fields: vec![
+                field("id", FieldType::String, false),
+                field("customer.id", FieldType::Integer, false),
+                field("region", FieldType::String, true),
+            ],
+            open: false,
+        };
+        let paths = |key: &[&str]| -> Vec<String> { key.iter().map(|k| (*k).to_owned()).collect() };
+        let write = |key: &[&str], event: &str| {
+            let key = paths(key);
+            let derived = keystone_avro::contract::schema_for_key(&contract, &key, "ns", "K")
+                .expect("key schema");
+            let shape = keystone_avro::Shape::new(derived.schema.clone()).expect("shape");
+            let mut writer = super::AvroWriter::new(shape, 7).expect("writer");
+            let names: Vec<String> = key
+                .iter()
+                .map(|k| keystone_avro::contract::key_field_name(k))
+                .collect();
+            let fields: Vec<FieldPath> = key.iter().map(|k| FieldPath::new(k)).collect();
+            let event = crate::event::parse_value(event.as_bytes()).expect("JSON");
+            let framed = writer.encode(&super::key_document(&fields, &names, &event))?;
+            let (id, datum) = keystone_avro::wire::split(&framed).expect("framed");
+            assert_eq!(id, 7);
+            let reader = keystone_avro::Shape::new(derived.schema.clone()).expect("shape");
+            Ok::<_, String>(
+                keystone_avro::decode(id, datum, &derived.schema, &reader).expect("decodes"),
+            )
+        };
+        let event = r#"{"id": "o-1", "customer": {"id": 42}, "amount": 3}"#;
+        assert_eq!(write(&["id"], event), Ok(serde_json::json!("o-1")));
+        assert_eq!(
+            write(&["customer.id", "id"], event),
+            Ok(serde_json::json!({"customer_id": 42, "id": "o-1"}))
+        );
+        assert_eq!(
+            write(&["region"], event),
+            Ok(serde_json::Value::Null),
+            "an optional key field that is missing is null"
+        );
+        let refused = write(&["customer.id"], r#"{"customer": {"id": "x"}}"#)
+            .expect_err("a string is no long");
+        assert!(!refused.is_empty());
     }
 }

@@ -60,11 +60,14 @@ impl SchemaFetcher {
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&str) -> std::io::Result<Vec<u8>>,
     ) -> Result<Self, String> {
-        let which = |e: &dyn std::fmt::Display| {
-            format!(
-                "the plan's reader schema ({} version {}): {e}",
-                avro.subject, avro.version
-            )
+        let which = |e: &dyn std::fmt::Display| match avro.version {
+            keystone_crds::check::INLINE_VERSION => {
+                format!("the plan's reader schema (spec.source.avro.schema): {e}")
+            }
+            version => format!(
+                "the plan's reader schema ({} version {version}): {e}",
+                avro.subject
+            ),
         };
         let reader = AvroSchema::parse_str(&avro.reader_schema).map_err(|e| which(&e))?;
         let shape = Shape::new(reader).map_err(|e| which(&e))?;
@@ -189,8 +192,10 @@ pub(super) fn sink_writer(
         })
         .map_err(|e: RegistryError| format!("sink {sink}, subject {subject}: {e}"))?;
     let shape = Shape::new(schema).map_err(|e| format!("sink {sink}, subject {subject}: {e}"))?;
+    let writer =
+        AvroWriter::new(shape, id).map_err(|e| format!("sink {sink}, subject {subject}: {e}"))?;
     tracing::info!(sink, subject, id, "writing Avro with the registered schema");
-    Ok(AvroWriter::new(shape, id))
+    Ok(writer)
 }
 
 /// Basic auth or a bearer token from the environment, if either is set.

@@ -26,7 +26,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 
-use crate::connectors::kafka::{KafkaSink, load_delivered};
+use crate::connectors::kafka::{AvroWriters, KafkaSink, load_delivered};
 use crate::connectors::{self, Prepared, Sink, SinkContext};
 use crate::event::{FieldPath, Provenance};
 use crate::host::commit::COMMIT_RETRIES;
@@ -464,18 +464,20 @@ fn build_sinks(
         None => HashMap::new(),
     };
     // Avro sinks' schemas, registered (or looked up) before anything is written.
-    let mut writers = HashMap::new();
+    let mut writers: HashMap<String, AvroWriters> = HashMap::new();
     for sink in &plan.sinks {
-        if let Some(avro) = &sink.avro {
-            let writer = sink_writer(
+        let writer = |avro| {
+            sink_writer(
                 &sink.name,
                 avro,
                 |name| std::env::var(name).ok(),
                 |path| std::fs::read(path),
             )
-            .map_err(ServeError::Registry)?;
-            writers.insert(sink.name.clone(), writer);
-        }
+            .map_err(ServeError::Registry)
+        };
+        let value = sink.avro.as_ref().map(writer).transpose()?;
+        let key = sink.avro_key.as_ref().map(writer).transpose()?;
+        writers.insert(sink.name.clone(), AvroWriters { value, key });
     }
     let metrics = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
     let context = SinkContext {
@@ -498,7 +500,7 @@ fn build_sinks(
                 outbox.clone(),
                 held,
                 suppressed,
-                writers.remove(&sink.name),
+                writers.remove(&sink.name).unwrap_or_default(),
             )
             .map(|sink| Box::new(sink) as Box<dyn Sink>)
             .ok_or_else(|| connectors::SinkError::NoKind {

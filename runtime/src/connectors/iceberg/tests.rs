@@ -191,6 +191,7 @@ fn plan_sink(partition_by: &[&str], commit_interval: u64) -> PlanSink {
             parquet: None,
         },
         avro: None,
+        avro_key: None,
     }
 }
 

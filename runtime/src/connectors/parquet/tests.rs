@@ -46,6 +46,7 @@ fn plan_sink(dir: &Path, partition_by: &[&str]) -> PlanSink {
             }),
         },
         avro: None,
+        avro_key: None,
     }
 }
 

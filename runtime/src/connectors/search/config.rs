@@ -322,6 +322,7 @@ pub(crate) mod testing {
                 parquet: None,
             },
             avro: None,
+            avro_key: None,
         }
     }
 }
