@@ -12,7 +12,11 @@
 //!   upgrade, and the new field reaches the sink;
 //! - an output change the subject's rule calls incompatible is refused
 //!   before deploy, quoting the reason and naming the field, while the old
-//!   version keeps running; a compatible one registers a new version.
+//!   version keeps running; a compatible one registers a new version;
+//! - a reader schema written in the manifest (`source.avro.schema`) is the
+//!   one the steps are checked against and records are read as: a filter on
+//!   its optional field the registered schema lacks runs, and v1 records
+//!   arrive with the field's default.
 //!
 //! Needs `cargo build -p keystone-runtime -p keystone-operator` and the
 //! testbed with its registry.
@@ -26,10 +30,13 @@ use std::time::Duration;
 use avro_support::{
     CLICK_V1, Gate, click_v2, hex, python, registry, registry_address, serialized, var,
 };
+use k8s_openapi::api::core::v1::Service;
 use keystone_avro::{AvroSchema, Shape, wire};
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::UpgradePhase;
 use keystone_e2e::{Testbed, wait_for};
+use kube::ResourceExt;
+use kube::api::ListParams;
 use operator_support::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -104,7 +111,7 @@ spec:
       filter: {{expression: "{filter}"}}
   sinks:
     - name: out
-      kafka: {{topic: {source}.out, format: avro}}
+      kafka: {{topic: {source}.out, format: avro, key: [id], keyFormat: avro}}
 "#
     )
 }
@@ -173,6 +180,9 @@ async fn an_avro_source_is_checked_against_its_registered_schema_and_follows_new
         resolved.contains(&format!("source reads {subject} version 1"))
             && resolved.contains(&format!(
                 "sink \"out\" writes the output contract's schema under {source}.out-value"
+            ))
+            && resolved.contains(&format!(
+                "sink \"out\" writes the key fields' schema under {source}.out-key"
             )),
         "{resolved}"
     );
@@ -184,20 +194,32 @@ async fn an_avro_source_is_checked_against_its_registered_schema_and_follows_new
     assert_eq!(read_avro(&tb, &out, expected.len()).await, expected);
     // And by a consumer the project did not write: confluent-kafka's
     // AvroDeserializer, field by field (it prints timestamps as Python does).
-    let framed: Vec<String> = runtime_support::read_committed_bytes(
+    let records = runtime_support::read_committed_bytes(
         tb.kafka_bootstrap_servers().expect("kafka"),
         &out,
         expected.len(),
         Duration::from_secs(60),
         Duration::from_secs(1),
-    )
-    .iter()
-    .map(|(_, value, _)| hex(value))
-    .collect();
+    );
+    let framed: Vec<String> = records.iter().map(|(_, value, _)| hex(value)).collect();
     let mut by_python: Vec<Value> = python(&["deserialize", "--topic", &out], &framed)
         .iter()
         .map(|line| serde_json::from_str(line).expect("JSON"))
         .collect();
+    // Keys (keyFormat: avro) too: each the record's id, as the schema
+    // registered under <topic>-key (a long) has it.
+    let framed_keys: Vec<String> = records.iter().map(|(key, _, _)| hex(key)).collect();
+    let keys: Vec<Value> = python(&["deserialize", "--topic", &out, "--key"], &framed_keys)
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect();
+    let ids: Vec<Value> = by_python.iter().map(|v| v["id"].clone()).collect();
+    assert_eq!(keys, ids, "each record keyed by its id, as Avro");
+    let key_schema = registry()
+        .version(&format!("{out}-key"), 1)
+        .await
+        .expect("the key schema registered under <topic>-key");
+    assert_eq!(*key_schema.schema, AvroSchema::Long);
     by_python.sort_by_key(|v| v["id"].as_i64());
     let as_python: Vec<Value> = expected
         .iter()
@@ -235,6 +257,42 @@ async fn an_avro_source_is_checked_against_its_registered_schema_and_follows_new
         )
         .collect();
     assert_eq!(read_avro(&tb, &out, with_more.len()).await, with_more);
+    // The operator goes on with the plan that runs meanwhile (the spec is
+    // unchanged): a stage's Service deleted by hand is put back.
+    let services = ns.api::<Service>();
+    let selector = ListParams::default().labels("keystone.dev/pipeline=clicks");
+    let deleted = services
+        .list(&selector)
+        .await
+        .expect("services")
+        .items
+        .into_iter()
+        .next()
+        .expect("the stage's Service");
+    let (service, old_uid) = (deleted.name_any(), deleted.uid());
+    services
+        .delete(&service, &Default::default())
+        .await
+        .expect("delete the Service");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = services.get_opt(&service).await.expect("get");
+        if now.is_some_and(|s| s.uid() != old_uid) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Service {service} was not put back while the registry was cut off\noperator log:\n{}",
+            operator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cut_off = pipelines.get("clicks").await.expect("pipeline");
+    assert_eq!(
+        condition(&cut_off, "SchemaRegistryReady").map(|c| c.reason.as_str()),
+        Some("RegistryUnavailable"),
+        "still said while the registry is cut off"
+    );
     gate.reopen();
     wait_for(
         &pipelines,
@@ -337,7 +395,7 @@ spec:
 {steps}
   sinks:
     - name: out
-      kafka: {{topic: {source}.out, format: avro}}
+      kafka: {{topic: {source}.out, format: avro, key: [id], keyFormat: avro}}
 "#,
         registry = var("KEYSTONE_TESTBED_REGISTRY_URL"),
     )
@@ -435,6 +493,59 @@ async fn an_incompatible_output_change_is_refused_with_the_registrys_reason() {
     assert_eq!(latest.version, 2, "a new version was registered");
     pipelines
         .delete("orders", &Default::default())
+        .await
+        .expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_schema_in_the_manifest_is_checked_and_read_with() {
+    let tb = testbed().await;
+    require_runtime_binary();
+    install_crds(&tb);
+    let ns = pipeline_namespace(&tb, "op-avro-inline").await;
+    let op_ns = operator_namespace(&tb, &ns).await;
+    let operator = OperatorProcess::start(&tb, ns.name(), op_ns.name(), "op-avro-inline");
+    let kafka = Kafka::new(&tb);
+    let source = unique("e2e.inline");
+    kafka.create(&source, 1).await;
+    // The producer registers v1 (no referrer) and writes with it.
+    let v1: Vec<Value> = (0..20).map(|i| click(i, false)).collect();
+    produce_bytes(&tb, &source, serialized(&source, CLICK_V1, &v1)).await;
+
+    // The manifest reads with v2 (a new optional referrer) of its own: the
+    // filter on referrer is checked against it, not against v1.
+    let inline = serde_json::to_string(&click_v2().replace('\n', " ")).expect("quoted");
+    let manifest = clicks_pipeline(
+        ns.name(),
+        &source,
+        "referrer == null",
+        &var("KEYSTONE_TESTBED_REGISTRY_URL"),
+    )
+    .replace(
+        "    format: avro\n",
+        &format!("    format: avro\n    avro:\n      schema: {inline}\n"),
+    );
+    apply_yaml(&tb, &manifest).await;
+    let ready = wait_ready(&ns, "clicks", &operator).await;
+    let resolved = condition_message(&ready, "SchemaRegistryReady");
+    assert!(
+        resolved.contains("source reads the schema of spec.source.avro.schema"),
+        "{resolved}"
+    );
+    let expected: Vec<Value> = (0..20)
+        .map(|i| {
+            let mut value = click(i, false);
+            value["referrer"] = Value::Null;
+            value
+        })
+        .collect();
+    assert_eq!(
+        read_avro(&tb, &format!("{source}.out"), expected.len()).await,
+        expected,
+        "v1 records read as the manifest's v2: the new field's default"
+    );
+    ns.api::<Pipeline>()
+        .delete("clicks", &Default::default())
         .await
         .expect("delete");
 }

@@ -30,6 +30,10 @@ pub const FIELD_MANAGER: &str = "keystone-operator";
 /// before reading its Secrets again.
 pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(30);
 
+/// How long a reconcile waits for every watched namespace's Pipelines to be
+/// listed (at start, or after a watch was lost) before it fails and is retried.
+pub const PIPELINES_LISTED: Duration = Duration::from_secs(30);
+
 /// An admin client and the properties (credentials included) it was built with.
 struct CachedAdmin {
     admin: Admin,
@@ -61,7 +65,9 @@ pub struct Context {
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The caches of Pipelines, one per watched namespace (or one for all): the
     /// check for cycles between pipelines needs every pipeline, not one.
-    pipeline_stores: std::sync::Mutex<Vec<Store<Pipeline>>>,
+    pipeline_stores: std::sync::Mutex<Vec<(String, Store<Pipeline>)>>,
+    /// Schema registry clients, kept across reconciles.
+    pub(crate) registries: crate::registry::RegistryClients,
 }
 
 impl Context {
@@ -94,16 +100,17 @@ impl Context {
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),
+            registries: Default::default(),
         }
     }
 
-    /// Adds a watched namespace's cache of Pipelines to those
-    /// [`Context::known_pipelines`] reads.
-    pub(crate) fn register_pipeline_store(&self, store: Store<Pipeline>) {
+    /// Adds a watched namespace's (None: every namespace's) cache of Pipelines
+    /// to those [`Context::known_pipelines`] reads.
+    pub(crate) fn register_pipeline_store(&self, namespace: Option<&str>, store: Store<Pipeline>) {
         self.pipeline_stores
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(store);
+            .push((namespace.unwrap_or("(all)").to_owned(), store));
     }
 
     /// Every Pipeline the operator's caches hold now, without waiting for a cache
@@ -113,26 +120,35 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .flat_map(Store::state)
+            .flat_map(|(_, store)| store.state())
             .collect()
     }
 
-    /// Every Pipeline the operator watches, once each cache has listed them all.
-    pub(crate) async fn known_pipelines(&self) -> Vec<Arc<Pipeline>> {
-        let stores: Vec<Store<Pipeline>> = self
+    /// Every Pipeline the operator watches, once each cache has listed them
+    /// all. A cache still listing would hide the other end of a cycle, so one
+    /// that does not list within [`PIPELINES_LISTED`] fails the reconcile
+    /// (retried, and logged with the namespace) rather than hold it.
+    pub(crate) async fn known_pipelines(&self) -> Result<Vec<Arc<Pipeline>>, Error> {
+        let stores: Vec<(String, Store<Pipeline>)> = self
             .pipeline_stores
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let mut pipelines = Vec::new();
-        for store in stores {
-            // A cache still listing would hide the other end of a cycle. Its
-            // writer lives as long as the controllers, so an error means shutdown.
-            if store.wait_until_ready().await.is_ok() {
-                pipelines.extend(store.state());
+        for (namespace, store) in stores {
+            match tokio::time::timeout(PIPELINES_LISTED, store.wait_until_ready()).await {
+                Ok(Ok(())) => pipelines.extend(store.state()),
+                // The writer lives as long as the controllers: gone means shutdown.
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    return Err(Error::PipelinesNotListed {
+                        namespace,
+                        after: PIPELINES_LISTED,
+                    });
+                }
             }
         }
-        pipelines
+        Ok(pipelines)
     }
 
     /// The admin client of a configured Kafka cluster, connected on first use
@@ -221,5 +237,67 @@ impl Context {
             failures.remove(key);
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    /// A context whose client points nowhere: these tests never call the API.
+    fn offline_context() -> Context {
+        // A workspace build enables both of rustls' providers: name one, as
+        // the binaries do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        Context::new(
+            client,
+            OperatorConfig::default(),
+            "ops".into(),
+            Metrics::new(),
+        )
+    }
+
+    fn pipeline(namespace: &str, name: &str) -> Pipeline {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keystone.dev/v1alpha1",
+            "kind": "Pipeline",
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": {
+                "source": { "topic": "in", "schema": { "fields": [] } },
+                "sinks": [{ "name": "out", "kafka": { "topic": "out" } }]
+            }
+        }))
+        .expect("pipeline")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_namespace_never_listed_fails_the_wait_and_names_the_namespace() {
+        let ctx = offline_context();
+        let (listed, mut listed_writer) = reflector::store();
+        for event in [
+            Event::Init,
+            Event::InitApply(pipeline("team-a", "orders")),
+            Event::InitDone,
+        ] {
+            listed_writer.apply_watcher_event(&event);
+        }
+        let (unlisted, _unlisted_writer) = reflector::store::<Pipeline>();
+        ctx.register_pipeline_store(Some("team-a"), listed);
+        assert_eq!(ctx.known_pipelines().await.expect("listed").len(), 1);
+
+        ctx.register_pipeline_store(Some("team-b"), unlisted);
+        match ctx.known_pipelines().await {
+            Err(Error::PipelinesNotListed { namespace, after }) => {
+                assert_eq!(namespace, "team-b");
+                assert_eq!(after, PIPELINES_LISTED);
+            }
+            other => panic!("expected team-b not listed, got {other:?}"),
+        }
+        // What the caches hold is still there for the watch mappers.
+        assert_eq!(ctx.pipeline_stores_now().len(), 1);
     }
 }

@@ -86,6 +86,11 @@ pub enum Error {
     /// The capture's database (spec.source.postgres) refused or did not answer.
     #[error("the capture's database: {0}")]
     Capture(String),
+
+    /// A watched namespace's Pipelines were not listed in time (its watch is
+    /// failing or slow): the cycle check needs every namespace's.
+    #[error("the Pipelines of namespace {namespace} are not listed yet (waited {after:?})")]
+    PipelinesNotListed { namespace: String, after: Duration },
 }
 
 impl Error {
@@ -108,6 +113,7 @@ impl Error {
             Error::ControlKey(_) => "control_key",
             Error::TooLarge(_) => "too_large",
             Error::Capture(_) => "capture",
+            Error::PipelinesNotListed { .. } => "pipelines_not_listed",
         }
     }
 

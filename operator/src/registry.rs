@@ -6,6 +6,8 @@
 //! operator too: it must ask the registry before anything runs. They come
 //! from Secrets in the pipeline's namespace, the same the pods read.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -39,10 +41,13 @@ pub enum Resolved {
     NotAvro,
     Ready {
         spec: SchemaRegistrySpec,
-        // Boxed: the client is large beside the other variant.
-        registry: Box<Registry>,
+        registry: Arc<Registry>,
         reader: Option<ReaderSchema>,
     },
+    /// The registry did not answer and the spec is the one deployed: the
+    /// reconcile goes on with the plan that runs (checkpoints, upgrade
+    /// steps and rollbacks do not wait for the registry).
+    Unreachable { deployed: Box<Plan> },
 }
 
 /// Why a pipeline's Avro parts could not be resolved.
@@ -106,7 +111,7 @@ pub async fn resolve(ctx: &Context, pipeline: &Pipeline) -> Result<Resolved, Pro
     let Some(spec) = registry_spec(&ctx.config, pipeline) else {
         return Err(Problem::Invalid {
             reason: "NoSchemaRegistry",
-            message: "format: avro needs a schema registry: set spec.schemaRegistry, or schemaRegistry of the Kafka cluster in the operator's configuration".into(),
+            message: "format: avro (or keyFormat: avro) needs a schema registry: set spec.schemaRegistry, or schemaRegistry of the Kafka cluster in the operator's configuration".into(),
         });
     };
     let namespace = pipeline.metadata.namespace.as_deref().unwrap_or_default();
@@ -114,7 +119,7 @@ pub async fn resolve(ctx: &Context, pipeline: &Pipeline) -> Result<Resolved, Pro
     let reader = reader_from_registry(&registry, pipeline).await?;
     Ok(Resolved::Ready {
         spec,
-        registry: Box::new(registry),
+        registry,
         reader,
     })
 }
@@ -162,7 +167,7 @@ async fn client(
     ctx: &Context,
     namespace: &str,
     spec: &SchemaRegistrySpec,
-) -> Result<Registry, Problem> {
+) -> Result<Arc<Registry>, Problem> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let read = async |name: &str| -> Result<Secret, Problem> {
         match secrets.get_opt(name).await {
@@ -224,7 +229,32 @@ async fn client(
         auth,
         ca_pem,
     };
-    Registry::new(&config).map_err(Problem::from)
+    cached_client(&ctx.registries, namespace, config).map_err(Problem::from)
+}
+
+/// Registry clients by namespace and URL, each with the configuration
+/// (credentials, CA) it was built with.
+pub type RegistryClients = Mutex<HashMap<(String, String), (RegistryConfig, Arc<Registry>)>>;
+
+/// The client of `config` for pipelines of `namespace`: the one built
+/// before while the configuration is the same (its connections are reused
+/// by every reconcile), else a new one in its place (a rotated credential,
+/// a new CA).
+fn cached_client(
+    clients: &RegistryClients,
+    namespace: &str,
+    config: RegistryConfig,
+) -> Result<Arc<Registry>, RegistryError> {
+    let key = (namespace.to_owned(), config.url.clone());
+    let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((built_with, client)) = clients.get(&key)
+        && *built_with == config
+    {
+        return Ok(client.clone());
+    }
+    let client = Arc::new(Registry::new(&config)?);
+    clients.insert(key, (config, client.clone()));
+    Ok(client)
 }
 
 /// The ready pods of pipeline `name` whose stage waits for the registry
@@ -254,4 +284,54 @@ pub async fn waiting_pods(ctx: &Context, namespace: &str, name: &str) -> Vec<Str
         }
     }
     waiting
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(password: &str) -> RegistryConfig {
+        RegistryConfig {
+            url: "http://registry.kafka:8081".into(),
+            auth: Some(Auth::Basic {
+                username: "keystone".into(),
+                password: password.into(),
+            }),
+            ca_pem: None,
+        }
+    }
+
+    #[test]
+    fn a_client_is_reused_until_its_configuration_changes() {
+        let clients = RegistryClients::default();
+        let first = cached_client(&clients, "shop", config("one")).expect("client");
+        let again = cached_client(&clients, "shop", config("one")).expect("client");
+        assert!(Arc::ptr_eq(&first, &again), "the same configuration");
+        let elsewhere = cached_client(&clients, "web", config("one")).expect("client");
+        assert!(
+            !Arc::ptr_eq(&first, &elsewhere),
+            "another namespace's Secrets"
+        );
+        let rotated = cached_client(&clients, "shop", config("two")).expect("client");
+        assert!(!Arc::ptr_eq(&first, &rotated), "a rotated password");
+        let after = cached_client(&clients, "shop", config("two")).expect("client");
+        assert!(Arc::ptr_eq(&rotated, &after), "the new one is kept");
+        assert_eq!(
+            clients.lock().unwrap().len(),
+            2,
+            "one per namespace and URL"
+        );
+        let refused = cached_client(
+            &clients,
+            "shop",
+            RegistryConfig {
+                url: "ftp://registry".into(),
+                ..config("two")
+            },
+        );
+        assert!(
+            matches!(refused, Err(RegistryError::Config(_))),
+            "an ftp URL is refused"
+        );
+    }
 }

@@ -45,7 +45,7 @@ use keystone_crds::{
     ContractErrors, Plan, SourceFacts, check_processor, compile, compile_with_facts,
 };
 
-use crate::registry::{REGISTRY_RECHECK, Resolved, SCHEMA_REGISTRY};
+use crate::registry::{Problem, REGISTRY_RECHECK, Resolved, SCHEMA_REGISTRY};
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -106,20 +106,23 @@ pub async fn reconcile(pipeline: Arc<Pipeline>, ctx: Arc<Context>) -> Result<Act
             .duration
             .with_label_values(&["pipeline"])
             .start_timer();
-        let result = if pipeline.metadata.deletion_timestamp.is_some() {
-            cleanup(&pipeline, &ctx).await
-        } else {
-            match apply(&pipeline, &ctx).await {
-                // The namespace is going: nothing new can be written there, and its
-                // deletion will delete the Pipeline (then `cleanup` runs).
-                Err(Error::Kube(kube::Error::Api(status)))
-                    if status.code == 403 && status.message.contains("being terminated") =>
-                {
-                    Ok(Action::await_change())
+        let work = async {
+            if pipeline.metadata.deletion_timestamp.is_some() {
+                cleanup(&pipeline, &ctx).await
+            } else {
+                match apply(&pipeline, &ctx).await {
+                    // The namespace is going: nothing new can be written there, and its
+                    // deletion will delete the Pipeline (then `cleanup` runs).
+                    Err(Error::Kube(kube::Error::Api(status)))
+                        if status.code == 403 && status.message.contains("being terminated") =>
+                    {
+                        Ok(Action::await_change())
+                    }
+                    other => other,
                 }
-                other => other,
             }
         };
+        let result = warn_when_slow(work).await;
         timer.observe_duration();
         match &result {
             Ok(_) => {
@@ -140,6 +143,27 @@ pub async fn reconcile(pipeline: Arc<Pipeline>, ctx: Arc<Context>) -> Result<Act
 }
 
 /// Transient errors back off exponentially per object, capped; permanent ones start slower.
+/// A reconcile that runs this long is waiting on something (a request the
+/// API server or a broker does not answer): said once, so that a pipeline the
+/// operator seems to ignore shows where it is held.
+const SLOW_RECONCILE: Duration = Duration::from_secs(90);
+
+/// Runs a reconcile to its end, warning (within its span) when it takes longer
+/// than [`SLOW_RECONCILE`].
+async fn warn_when_slow<T>(work: impl std::future::Future<Output = T>) -> T {
+    let mut work = std::pin::pin!(work);
+    match tokio::time::timeout(SLOW_RECONCILE, &mut work).await {
+        Ok(done) => done,
+        Err(_) => {
+            warn!(
+                after_secs = SLOW_RECONCILE.as_secs(),
+                "reconcile still running; waiting for it to finish"
+            );
+            work.await
+        }
+    }
+}
+
 pub fn error_policy(pipeline: Arc<Pipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.failure_count(&key_of(pipeline.as_ref()), true);
     Action::requeue(backoff(failures, error.is_permanent()))
@@ -248,7 +272,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     // Pipelines feeding each other through topics are refused like a broken
     // contract: the condition names the other pipelines, nothing is deployed.
-    let known = ctx.known_pipelines().await;
+    let known = ctx.known_pipelines().await?;
     let default_cluster = ctx.config.resolve_cluster(None);
     let cycles = cycles::cycle_errors(pipeline, &known, default_cluster.as_deref());
     // A capture describes its table (or says why it refuses it): read before
@@ -269,22 +293,42 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     // a registry that does not answer leaves what runs alone.
     let avro = match crate::registry::resolve(ctx, pipeline).await {
         Ok(resolved) => resolved,
+        Err(Problem::Unavailable(message)) => {
+            match schemas::deployed_unchanged(pipeline, ctx, &observed.status).await? {
+                Some(deployed) => {
+                    let condition =
+                        Cond::new(SCHEMA_REGISTRY, false, "RegistryUnavailable", message);
+                    observed.set(&condition);
+                    Resolved::Unreachable {
+                        deployed: Box::new(deployed),
+                    }
+                }
+                None => {
+                    let problem = Problem::Unavailable(message);
+                    return registry_problem(pipeline, ctx, &mut observed, problem).await;
+                }
+            }
+        }
         Err(problem) => {
             return registry_problem(pipeline, ctx, &mut observed, problem).await;
         }
     };
     let reader = match &avro {
         Resolved::Ready { reader, .. } => reader.as_ref(),
-        Resolved::NotAvro => None,
+        Resolved::NotAvro | Resolved::Unreachable { .. } => None,
     };
-    let checked = compile_with_facts(
-        pipeline,
-        &processors,
-        &SourceFacts {
-            table: source_table.as_ref(),
-            registered: reader.map(|r| &r.registered),
-        },
-    );
+    let checked = match &avro {
+        // The plan that runs was checked when it was deployed.
+        Resolved::Unreachable { deployed } => Ok(Plan::clone(deployed)),
+        _ => compile_with_facts(
+            pipeline,
+            &processors,
+            &SourceFacts {
+                table: source_table.as_ref(),
+                registered: reader.map(|r| &r.registered),
+            },
+        ),
+    };
     if let Some(postgres) = postgres {
         // Without a table both checks are the same: no error is the table's.
         let table_errors = match &checked {
@@ -633,7 +677,9 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     observed.record(pipeline, ctx).await?;
 
     // A source that follows its subject's latest version looks for a new one.
-    let registry_recheck = schemas::follows_latest(&avro, pipeline).then_some(REGISTRY_RECHECK);
+    let registry_recheck = (schemas::follows_latest(&avro, pipeline)
+        || matches!(avro, Resolved::Unreachable { .. }))
+    .then_some(REGISTRY_RECHECK);
     let wait = [
         again,
         next_checkpoint,
@@ -739,7 +785,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
         }
     })
     .applied_objects();
-    ctx.register_pipeline_store(store.clone());
+    ctx.register_pipeline_store(ns, store.clone());
     let pipelines = Controller::for_stream(pipeline_events, store.clone());
     let mapper_store = store.clone();
     // A spec change of one pipeline can make or break a cycle through topics
@@ -785,11 +831,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "pipeline reconcile error");
-            }
-        });
+        .for_each(|result| async move { log_controller_error("Pipeline", result) });
 
     let processor_ctx = Arc::new(ProcessorContext {
         shared: ctx.clone(),
@@ -807,13 +849,27 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             )
             .shutdown_on_signal()
             .run(reconcile_processor, processor_error_policy, processor_ctx)
-            .for_each(|result| async move {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "processor reconcile error");
-                }
-            });
+            .for_each(|result| async move { log_controller_error("Processor", result) });
     info!(namespace = ns.unwrap_or("(all)"), "controllers started");
     futures::join!(pipeline_controller, processor_controller);
+}
+
+/// What a controller's stream reports besides reconciles. A failed reconcile
+/// was logged by the reconcile itself; anything else (a watch the API server
+/// refuses, an object gone before its turn) would otherwise go unseen while
+/// the objects it concerns wait.
+fn log_controller_error<R, E, Q>(kind: &str, result: Result<R, controller::Error<E, Q>>)
+where
+    E: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
+{
+    match result {
+        Ok(_) => {}
+        Err(error @ controller::Error::ReconcilerFailed(..)) => {
+            tracing::debug!(kind, %error, "reconcile error");
+        }
+        Err(error) => warn!(kind, %error, "controller error"),
+    }
 }
 
 /// The runtime credential Secrets the operator may watch. A watch it may not

@@ -2,7 +2,7 @@
 //! sets when the registry cannot be asked or refuses, and what it resolved.
 
 use keystone_crds::Plan;
-use keystone_crds::pipeline::Pipeline;
+use keystone_crds::pipeline::{Pipeline, PipelineStatus};
 use keystone_crds::plan::PlanAvroWriter;
 use kube::runtime::controller::Action;
 
@@ -45,16 +45,25 @@ pub(super) async fn registry_problem(
 pub(super) fn registry_summary(plan: &Plan) -> String {
     let mut parts = Vec::new();
     if let Some(source) = &plan.source.avro {
-        parts.push(format!(
-            "source reads {} version {}",
-            source.subject, source.version
-        ));
+        parts.push(match source.version {
+            keystone_crds::check::INLINE_VERSION => {
+                "source reads the schema of spec.source.avro.schema".to_owned()
+            }
+            version => format!("source reads {} version {version}", source.subject),
+        });
     }
     for sink in &plan.sinks {
-        if let Some(avro) = &sink.avro {
+        let written = [
+            (&sink.avro, "the output contract's schema", "version"),
+            (&sink.avro_key, "the key fields' schema", "key version"),
+        ];
+        for (avro, derived, pinned) in written {
+            let Some(avro) = avro else {
+                continue;
+            };
             let how = match &avro.writer {
-                PlanAvroWriter::Register { .. } => "the output contract's schema".to_owned(),
-                PlanAvroWriter::Version { version } => format!("version {version}"),
+                PlanAvroWriter::Register { .. } => derived.to_owned(),
+                PlanAvroWriter::Version { version } => format!("{pinned} {version}"),
             };
             parts.push(format!(
                 "sink {:?} writes {how} under {}",
@@ -90,8 +99,29 @@ pub(super) async fn stages_waiting(
     Some(WAITING_RECHECK)
 }
 
+/// The plan that runs, when the spec is the one it was deployed from: what
+/// a reconcile goes on with while the registry does not answer (a changed
+/// spec waits for the registry, which its check needs).
+pub(super) async fn deployed_unchanged(
+    pipeline: &Pipeline,
+    ctx: &Context,
+    status: &PipelineStatus,
+) -> Result<Option<Plan>, Error> {
+    let (Some(hash), Some(deployed_spec)) = (&status.plan_hash, &status.last_reconciled_spec)
+    else {
+        return Ok(None);
+    };
+    if *deployed_spec != super::upgrade::spec_json(&pipeline.spec) {
+        return Ok(None);
+    }
+    let namespace = pipeline.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pipeline.metadata.name.as_deref().unwrap_or_default();
+    super::upgrade::load_plan(ctx, namespace, name, hash).await
+}
+
 /// Whether the pipeline reads the latest version of its source's subject
-/// (no pinned version), which the operator then follows.
+/// (neither a pinned version nor its own schema), which the operator then
+/// follows.
 pub(super) fn follows_latest(avro: &Resolved, pipeline: &Pipeline) -> bool {
     matches!(
         avro,
@@ -104,5 +134,5 @@ pub(super) fn follows_latest(avro: &Resolved, pipeline: &Pipeline) -> bool {
         .source
         .avro
         .as_ref()
-        .is_none_or(|a| a.version.is_none())
+        .is_none_or(|a| a.version.is_none() && a.schema.is_none())
 }

@@ -62,7 +62,7 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-fn spec_json(spec: &PipelineSpec) -> String {
+pub(super) fn spec_json(spec: &PipelineSpec) -> String {
     serde_json::to_string(spec).unwrap_or_default()
 }
 
@@ -87,7 +87,7 @@ fn runtime_changes(old: &PipelineSpec, new: &PipelineSpec) -> Vec<String> {
 }
 
 /// The plan of a deployed version, from its (immutable) ConfigMap.
-async fn load_plan(
+pub(super) async fn load_plan(
     ctx: &Context,
     namespace: &str,
     pipeline: &str,
