@@ -10,6 +10,11 @@
 //! - `ceiling`: sonic-rs parse to a document and serialize it, nothing else.
 //! - `serde_json`, `simd-json`: the same loop with those crates (simd-json parses
 //!   in place, so it gets a copy of each line), to justify the choice of sonic-rs.
+//! - `avro`: the Avro counterpart of `ceiling`: the same events as Avro records
+//!   in the registry's wire format, each read to an event as a Kafka source reads
+//!   it (decoded, written as JSON text, parsed with the event's checks) and
+//!   written back as a record of the same schema as an Avro sink writes it. Its
+//!   ratio to `ceiling` is what Avro costs against JSON before any step runs.
 //! - `passthrough`: the runtime with no steps (parse, source-schema check, serialize).
 //! - `filter+project`: a CEL filter passing about half, then a 3-field projection.
 //! - `dedup`: 1.25M events over 1M distinct ids (20% duplicates), 10 min window.
@@ -29,10 +34,11 @@ use keystone_runtime::{Clock, ManualClock};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "ceiling",
     "serde_json",
     "simd-json",
+    "avro",
     "passthrough",
     "filter+project",
     "dedup",
@@ -99,7 +105,7 @@ fn pipeline(key: &str, steps: &str) -> String {
 fn scenario_input(name: &str) -> (Vec<Vec<u8>>, String, u64) {
     let mut rng = Rng(0x5eed);
     match name {
-        "ceiling" | "serde_json" | "simd-json" | "passthrough" | "filter+project" => {
+        "ceiling" | "serde_json" | "simd-json" | "avro" | "passthrough" | "filter+project" => {
             let lines = (0..1_000_000)
                 .map(|i| event(&mut rng, i, i % 50_000, i / 50_000))
                 .collect();
@@ -230,6 +236,9 @@ fn run_once(name: &str, lines: &[Vec<u8>], plan_yaml: &str) -> (f64, u64, u64, u
         let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
         return (rate, lines.len() as u64, 0, 0);
     }
+    if name == "avro" {
+        return avro_round_trip(lines, &mut out);
+    }
     let manifests = keystone_crds::parse_manifests("bench.yaml", plan_yaml).expect("manifest");
     let plan = keystone_crds::compile(&manifests.pipelines[0], &[]).expect("valid pipeline");
     // One stage: no repartition, so the whole chain runs in this task.
@@ -285,6 +294,48 @@ fn child(name: &str) {
         bytes / lines.len(),
         rss_kib("VmHWM:")
     );
+}
+
+/// The Avro schema of [`event`]'s events.
+const AVRO_SCHEMA: &str = r#"{"type": "record", "name": "Change", "namespace": "bench", "fields": [
+  {"name": "event_id", "type": "string"}, {"name": "order_id", "type": "string"},
+  {"name": "seq", "type": "long"}, {"name": "op", "type": "string"}, {"name": "ts", "type": "long"},
+  {"name": "status", "type": "string"}, {"name": "amount", "type": "double"},
+  {"name": "currency", "type": "string"},
+  {"name": "customer", "type": {"type": "record", "name": "Customer", "fields": [
+    {"name": "id", "type": "string"}, {"name": "tier", "type": "string"},
+    {"name": "country", "type": "string"}]}},
+  {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "Item", "fields": [
+    {"name": "sku", "type": "string"}, {"name": "qty", "type": "long"},
+    {"name": "price", "type": "double"}]}}},
+  {"name": "source", "type": "string"}, {"name": "trace", "type": "string"}]}"#;
+
+/// `lines` as Avro records read to events and written back (the `avro` scenario).
+fn avro_round_trip(lines: &[Vec<u8>], out: &mut Vec<u8>) -> (f64, u64, u64, u64) {
+    use keystone_avro::{AvroSchema, FramedWriter, Shape};
+    use keystone_runtime::kafka::avro::{AvroDecoder, Sonic};
+    let schema = Arc::new(AvroSchema::parse_str(AVRO_SCHEMA).expect("schema"));
+    let shape = || Shape::new(AvroSchema::clone(&schema)).expect("shape");
+    let records: Vec<Vec<u8>> = lines
+        .iter()
+        .map(|line| {
+            let event = serde_json::from_slice(line).expect("JSON");
+            keystone_avro::encode(&event, &shape(), 1).expect("of the schema")
+        })
+        .collect();
+    let decoder = AvroDecoder::new(shape());
+    decoder.learn(1, Ok(schema.clone())).expect("readable");
+    let mut writer = FramedWriter::new(shape(), 1).expect("writer");
+    let started = Instant::now();
+    for record in &records {
+        let event = decoder.decode(record.clone()).expect("decodes");
+        out.extend_from_slice(&writer.encode::<Sonic>(&event.value).expect("encodes"));
+        if out.len() > (1 << 20) {
+            out.clear();
+        }
+    }
+    let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, records.len() as u64, 0, 0)
 }
 
 fn median(values: &mut [f64]) -> f64 {
