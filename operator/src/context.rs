@@ -248,13 +248,8 @@ mod tests {
 
     /// A context whose client points nowhere: these tests never call the API.
     fn offline_context() -> Context {
-        // A workspace build enables both of rustls' providers: name one, as
-        // the binaries do.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
-        let client = Client::try_from(config).expect("client");
         Context::new(
-            client,
+            crate::offline_client(),
             OperatorConfig::default(),
             "ops".into(),
             Metrics::new(),

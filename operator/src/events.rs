@@ -171,10 +171,7 @@ mod tests {
 
     fn publisher() -> EventPublisher {
         // A client that is never used: `remember` needs none.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = kube::Config::new("http://127.0.0.1:1".parse().expect("url"));
-        let client = Client::try_from(config).expect("client");
-        EventPublisher::new(client, "keystone-operator", None)
+        EventPublisher::new(crate::offline_client(), "keystone-operator", None)
     }
 
     #[tokio::test]

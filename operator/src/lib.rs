@@ -25,3 +25,14 @@ pub use config::OperatorConfig;
 pub use context::{Context, FIELD_MANAGER};
 pub use controller::{FINALIZER, run_controllers};
 pub use error::Error;
+
+/// A kube client that points nowhere, for unit tests that build what needs one
+/// but never call the API server.
+#[cfg(test)]
+pub(crate) fn offline_client() -> kube::Client {
+    // A workspace build enables both of rustls' providers: name one, as the
+    // binaries do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+    kube::Client::try_from(config).expect("client")
+}
