@@ -127,8 +127,9 @@ k apply --server-side -f "$WORK/pipelines.yaml" >/dev/null
 applied=$(date +%s.%N)
 echo "applied $N pipelines in $(echo "$applied - $start" | bc) s" >&2
 
-# Wait until every pipeline has a phase, then until the reconcile count is still.
-deadline=$((SECONDS + 600))
+# Wait until every pipeline has a phase (10 min, and 1 min more per 1,000
+# Pipelines), then until the reconcile count is still.
+deadline=$((SECONDS + 600 + N * 60 / 1000))
 while :; do
   phased=$(k get pipelines -n "$NS" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c . || true)
   ((phased >= N)) && break

@@ -165,7 +165,7 @@ impl Scenario {
             Scenario::S6 => "S5 with exactly-once, 1 s transactions",
             Scenario::S7 => "p99 latency at a fixed rate (S5 topology)",
             Scenario::S8 => {
-                "memory: runtime RSS at S2 steady state; operator RSS with 1,000 Pipelines"
+                "memory: runtime RSS at S2 steady state; operator RSS with 1,000 and 10,000 Pipelines"
             }
             Scenario::S9 => "Kafka -> dedup, order, project -> OpenSearch bulk (idempotent writes)",
             Scenario::S10 => "Kafka -> project -> Iceberg (exactly once); Parquet against pyarrow",
@@ -193,7 +193,9 @@ impl Scenario {
             Scenario::S5 => ">= 3x Flink, >= 2x Kafka Streams",
             Scenario::S6 => "loss vs S5 <= 15%; >= 3x Kafka Streams EOS v2",
             Scenario::S7 => "<= 0.2x Flink's p99",
-            Scenario::S8 => "runtime <= 0.25x Flink; operator <= 50 MB, reconcile p99 < 1 s",
+            Scenario::S8 => {
+                "runtime <= 0.25x Flink; operator <= 50 MB with 1,000 and < 150 MiB with 10,000 Pipelines, reconcile p99 < 1 s"
+            }
             Scenario::S9 => ">= 2x Flink (OpenSearch connector); >= 0.8x the plain bulk ceiling",
             Scenario::S10 => {
                 ">= 2x Flink (Iceberg Flink sink) at equal guarantees; Parquet rows/s against a pyarrow writer's ceiling"
@@ -250,7 +252,7 @@ impl Scenario {
                 "not run yet: `keystone-bench run --scenario S5,S6,S7` with the runner built with `--features kafka` and the testbed's Kafka up (`eval \"$(e2e/testbed env)\"`)"
             }
             Scenario::S8 => {
-                "not recorded yet: `e2e/bench/s8-operator.sh OPERATOR_BINARY 1000 > s8.json` then `keystone-bench s8 --operator-json s8.json` (after S5)"
+                "not recorded yet: `e2e/bench/s8-operator.sh OPERATOR_BINARY 1000 > s8-1k.json` (and 10000 > s8-10k.json) then `keystone-bench s8 --operator-json s8-1k.json --operator-json s8-10k.json` (after S5)"
             }
             Scenario::S9 => {
                 "not run yet: `keystone-bench run --scenario S9` with the runner built with `--features kafka` and the testbed's Kafka and OpenSearch up (`eval \"$(e2e/testbed env)\"`)"
