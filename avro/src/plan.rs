@@ -5,6 +5,7 @@
 
 use apache_avro::Schema;
 use keystone_crds::Pipeline;
+pub use keystone_crds::check::INLINE_SCHEMA_PATH;
 use keystone_crds::check::{INLINE_VERSION, RegisteredSource};
 use keystone_crds::pipeline::Format;
 use keystone_crds::pipeline::avro::{
@@ -53,9 +54,6 @@ pub fn uses_avro(pipeline: &Pipeline) -> bool {
                 .is_some_and(|k| k.format == Format::Avro || k.key_format == Format::Avro)
         })
 }
-
-/// Where the manifest's own reader schema is written.
-pub const INLINE_SCHEMA_PATH: &str = "spec.source.avro.schema";
 
 /// The reader schema written in the manifest (`spec.source.avro.schema`),
 /// when the source is Avro and has one: no registry is asked for it.

@@ -81,6 +81,18 @@ pub struct PlanAvroSource {
     pub reader_schema: String,
 }
 
+impl PlanAvroSource {
+    /// Which reader schema this is, for messages: `the schema of
+    /// spec.source.avro.schema`, or `SUBJECT version N`.
+    pub fn reader_name(&self) -> String {
+        if self.version == crate::check::INLINE_VERSION {
+            format!("the schema of {}", crate::check::INLINE_SCHEMA_PATH)
+        } else {
+            format!("{} version {}", self.subject, self.version)
+        }
+    }
+}
+
 /// A group of steps fused into one runtime Deployment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -173,3 +173,19 @@ spec:
         "{error}"
     );
 }
+
+#[test]
+fn a_plan_names_its_reader_schema_by_subject_and_version_or_as_the_manifests_own() {
+    let mut source = keystone_crds::plan::PlanAvroSource {
+        registry_url: "http://registry:8081".into(),
+        subject: "clicks-value".into(),
+        version: 3,
+        reader_schema: String::new(),
+    };
+    assert_eq!(source.reader_name(), "clicks-value version 3");
+    source.version = keystone_crds::check::INLINE_VERSION;
+    assert_eq!(
+        source.reader_name(),
+        "the schema of spec.source.avro.schema"
+    );
+}

@@ -10,6 +10,9 @@ use crate::schema::{FieldSpec, SchemaSpec};
 /// (`spec.source.avro.schema`) is given: registries number theirs from 1.
 pub const INLINE_VERSION: u32 = 0;
 
+/// Where a reader schema written in the manifest is.
+pub const INLINE_SCHEMA_PATH: &str = "spec.source.avro.schema";
+
 /// The schema an Avro source is read with, as a contract, and where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RegisteredSource {

@@ -28,7 +28,7 @@ mod steps;
 mod topics;
 mod typing;
 
-pub use avro::{INLINE_VERSION, RegisteredSource};
+pub use avro::{INLINE_SCHEMA_PATH, INLINE_VERSION, RegisteredSource};
 pub use contracts::check_processor;
 pub use expressions::{EVENT_VARIABLE, compile_bounded, expression_variables, parse_error_message};
 pub use graph::{CycleError, PipelineId, topic_cycles};

@@ -45,12 +45,7 @@ pub(super) async fn registry_problem(
 pub(super) fn registry_summary(plan: &Plan) -> String {
     let mut parts = Vec::new();
     if let Some(source) = &plan.source.avro {
-        parts.push(match source.version {
-            keystone_crds::check::INLINE_VERSION => {
-                "source reads the schema of spec.source.avro.schema".to_owned()
-            }
-            version => format!("source reads {} version {version}", source.subject),
-        });
+        parts.push(format!("source reads {}", source.reader_name()));
     }
     for sink in &plan.sinks {
         let written = [

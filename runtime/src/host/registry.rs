@@ -60,14 +60,8 @@ impl SchemaFetcher {
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&str) -> std::io::Result<Vec<u8>>,
     ) -> Result<Self, String> {
-        let which = |e: &dyn std::fmt::Display| match avro.version {
-            keystone_crds::check::INLINE_VERSION => {
-                format!("the plan's reader schema (spec.source.avro.schema): {e}")
-            }
-            version => format!(
-                "the plan's reader schema ({} version {version}): {e}",
-                avro.subject
-            ),
+        let which = |e: &dyn std::fmt::Display| {
+            format!("the plan's reader schema ({}): {e}", avro.reader_name())
         };
         let reader = AvroSchema::parse_str(&avro.reader_schema).map_err(|e| which(&e))?;
         let shape = Shape::new(reader).map_err(|e| which(&e))?;
