@@ -1,5 +1,6 @@
 //! Transactions against the real broker: committed records are visible to a
-//! read_committed consumer, aborted ones never are.
+//! read_committed consumer, aborted ones never are. A consumer group's
+//! committed offsets, as `keystone-kafka-admin` lists them.
 
 use std::time::Duration;
 
@@ -8,8 +9,9 @@ use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{Offset, TopicPartitionList};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -101,4 +103,72 @@ async fn aborted_transactions_stay_invisible_to_read_committed() {
     assert_eq!(uncommitted, ["c1", "c2", "a1", "a2", "c3"]);
 
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+}
+
+#[tokio::test]
+async fn a_groups_committed_offsets_are_listed_without_joining_it() {
+    let tb = Testbed::from_env().await.expect("testbed");
+    let bootstrap = tb.kafka_bootstrap_servers().expect("kafka").to_owned();
+    let topic = format!("e2e-offsets-{}", std::process::id());
+    let group = format!("{topic}-group");
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &bootstrap);
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin");
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic")
+    {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+    let offsets = keystone_kafka_admin::KafkaAdmin::with_client(std::sync::Arc::new(admin));
+
+    let listed = {
+        let (offsets, group) = (offsets.clone(), group.clone());
+        tokio::task::spawn_blocking(move || offsets.committed_offsets(&group, TIMEOUT))
+            .await
+            .expect("task")
+            .expect("a group that never committed")
+    };
+    assert!(listed.is_empty(), "nothing committed yet: {listed:?}");
+
+    // The group commits on partitions 0 and 2 only (as a stopped pipeline's
+    // stage leaves them); partition 1 has no offset.
+    let committer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut commit = TopicPartitionList::new();
+    commit
+        .add_partition_offset(&topic, 0, Offset::Offset(0))
+        .expect("partition 0");
+    commit
+        .add_partition_offset(&topic, 2, Offset::Offset(0))
+        .expect("partition 2");
+    let committed =
+        tokio::task::spawn_blocking(move || committer.commit(&commit, CommitMode::Sync))
+            .await
+            .expect("task");
+    committed.expect("commit");
+
+    let (listing, name) = (offsets.clone(), group.clone());
+    let mut listed = tokio::task::spawn_blocking(move || listing.committed_offsets(&name, TIMEOUT))
+        .await
+        .expect("task")
+        .expect("the group's offsets");
+    listed.sort();
+    let expected: Vec<keystone_kafka_admin::CommittedOffset> = [0, 2]
+        .into_iter()
+        .map(|partition| keystone_kafka_admin::CommittedOffset {
+            topic: topic.clone(),
+            partition,
+            offset: 0,
+        })
+        .collect();
+    assert_eq!(listed, expected);
 }

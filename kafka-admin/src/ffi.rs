@@ -1,6 +1,7 @@
 //! The calls into librdkafka's C admin API. This is the only module of the
-//! workspace that allows unsafe code: rdkafka wraps no ACL or SCRAM API, and
-//! librdkafka (the same library rdkafka links, through rdkafka-sys) has them.
+//! workspace that allows unsafe code: rdkafka wraps no ACL, SCRAM or consumer
+//! group offset API, and librdkafka (the same library rdkafka links, through
+//! rdkafka-sys) has them.
 //!
 //! Ownership rules this module keeps (librdkafka's admin API contract):
 //! - every object it creates (queue, options, ACL bindings and filters, SCRAM
@@ -21,8 +22,8 @@ use rdkafka::bindings as rd;
 use rdkafka::error::RDKafkaErrorCode;
 
 use crate::{
-    AclBinding, AclFilter, AdminError, Operation, PatternType, Permission, ResourceType,
-    SCRAM_ITERATIONS, ScramMechanism,
+    AclBinding, AclFilter, AdminError, CommittedOffset, Operation, PatternType, Permission,
+    ResourceType, SCRAM_ITERATIONS, ScramMechanism,
 };
 
 const ERRSTR_SIZE: usize = 512;
@@ -619,4 +620,92 @@ pub(crate) fn alter_scram(
         }
     }
     Ok(())
+}
+
+pub(crate) fn committed_offsets(
+    rk: *mut rd::rd_kafka_t,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<CommittedOffset>, AdminError> {
+    const OP: &str = "listing a consumer group's offsets";
+    let group_c = c_string(OP, group)?;
+    // SAFETY: `group_c` is valid for the call (librdkafka copies it); NULL
+    // partitions asks for every partition the group has committed on.
+    let query = unsafe { rd::rd_kafka_ListConsumerGroupOffsets_new(group_c.as_ptr(), ptr::null()) };
+    let query = Owned::new(query, rd::rd_kafka_ListConsumerGroupOffsets_destroy).ok_or(
+        AdminError::Invalid {
+            operation: OP,
+            message: format!("librdkafka refused the query of group {group:?}"),
+        },
+    )?;
+    let mut ptrs = [query.ptr];
+    let request = Request::new(
+        rk,
+        rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS,
+        OP,
+        timeout,
+    )?;
+    // SAFETY: the query, options and queue are live; librdkafka copies the query.
+    unsafe {
+        rd::rd_kafka_ListConsumerGroupOffsets(
+            rk,
+            ptrs.as_mut_ptr(),
+            ptrs.len(),
+            request.options.ptr,
+            request.queue.ptr,
+        )
+    };
+    let event = request.wait(rd::RD_KAFKA_EVENT_LISTCONSUMERGROUPOFFSETS_RESULT)?;
+    // SAFETY: the event is live and of this type.
+    let result = unsafe { rd::rd_kafka_event_ListConsumerGroupOffsets_result(event.ptr) };
+    if result.is_null() {
+        return Err(missing_result(OP));
+    }
+    let mut n = 0;
+    // SAFETY: `result` belongs to the live event.
+    let groups = unsafe { rd::rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut n) };
+    let mut offsets = Vec::new();
+    for group_result in pointers(groups, n) {
+        // SAFETY: `group_result` belongs to the live event.
+        let error = unsafe { rd::rd_kafka_group_result_error(group_result) };
+        if let Some(error) = result_error(OP, error) {
+            return Err(error);
+        }
+        // SAFETY: as above; the list (and its elements) live as long as the event.
+        let list = unsafe { rd::rd_kafka_group_result_partitions(group_result) };
+        if list.is_null() {
+            continue;
+        }
+        // SAFETY: `list` is a live partition list of `cnt` elements.
+        let elems = unsafe {
+            let list = &*list;
+            if list.elems.is_null() || list.cnt <= 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(list.elems, usize::try_from(list.cnt).unwrap_or(0))
+            }
+        };
+        for elem in elems {
+            if elem.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(AdminError::Kafka {
+                    operation: OP,
+                    code: RDKafkaErrorCode::from(elem.err),
+                    message: format!("group {group:?} partition {}", elem.partition),
+                });
+            }
+            // A partition listed without a commit has the invalid offset (-1001).
+            if elem.offset < 0 {
+                continue;
+            }
+            let Some(topic) = read_c_str(elem.topic) else {
+                continue;
+            };
+            offsets.push(CommittedOffset {
+                topic,
+                partition: elem.partition,
+                offset: elem.offset,
+            });
+        }
+    }
+    Ok(offsets)
 }

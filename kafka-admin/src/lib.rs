@@ -1,7 +1,7 @@
-//! Kafka ACLs and SCRAM credentials, which rdkafka's `AdminClient` does not
-//! wrap, through librdkafka's C admin API on the native handle of an rdkafka
-//! client: create, describe and delete ACL bindings; upsert and delete SCRAM
-//! credentials.
+//! Kafka ACLs, SCRAM credentials and consumer groups' committed offsets, which
+//! rdkafka's `AdminClient` does not wrap, through librdkafka's C admin API on
+//! the native handle of an rdkafka client: create, describe and delete ACL
+//! bindings; upsert and delete SCRAM credentials; list a group's offsets.
 //!
 //! Calls block until the broker answers (or the timeout passes): run them on
 //! a blocking thread (`tokio::task::spawn_blocking`). Each call has its own
@@ -107,6 +107,14 @@ impl fmt::Display for AclBinding {
             self.host
         )
     }
+}
+
+/// An offset a consumer group committed: where it goes on in the partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommittedOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Which ACL bindings a describe or delete matches: every field left `None`
@@ -244,6 +252,16 @@ impl KafkaAdmin {
             return Ok(Vec::new());
         }
         ffi::delete_acls(self.client.inner().native_ptr(), filters, timeout)
+    }
+
+    /// The offsets `group` has committed, on every partition it has committed
+    /// on, read from the group's coordinator without joining the group.
+    pub fn committed_offsets(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<Vec<CommittedOffset>, AdminError> {
+        ffi::committed_offsets(self.client.inner().native_ptr(), group, timeout)
     }
 
     /// Creates or replaces a user's SCRAM credential (a random salt, [`SCRAM_ITERATIONS`]).
