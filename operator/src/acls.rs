@@ -165,7 +165,7 @@ async fn blocking<T: Send + 'static>(
     let cluster = admin.cluster().to_owned();
     let acl_admin = admin.authorization();
     match tokio::task::spawn_blocking(move || call(acl_admin)).await {
-        Ok(result) => result.map_err(|source| Error::KafkaAuthorization { cluster, source }),
+        Ok(result) => result.map_err(|source| Error::KafkaAdmin { cluster, source }),
         Err(join) => {
             tracing::error!(error = %join, "ACL task failed");
             Err(Error::KafkaTimeout {

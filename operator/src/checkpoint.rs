@@ -601,16 +601,24 @@ pub async fn end_offsets(
 
 /// What earlier runs left of a pipeline's internal state, in words: consumer
 /// groups of its stages with committed offsets, changelog topics with records.
-/// Empty for a pipeline that never ran under this name.
+/// Empty for a pipeline that never ran under this name. Asked of the cached
+/// admin connection of each cluster (every new Pipeline asks this once).
 pub async fn retained_state(ctx: &Context, plan: &Plan) -> Result<Vec<String>, CheckpointFailure> {
-    let mut kafka = offsets::KafkaView::new(ctx);
+    let admin = |cluster: Option<String>| async move {
+        let name = cluster.ok_or_else(|| {
+            CheckpointFailure::new("the Kafka cluster is not in the operator's configuration")
+        })?;
+        ctx.admin(&name)
+            .await
+            .map_err(|e| CheckpointFailure::new(e.to_string()))
+    };
     let mut found = Vec::new();
     for stage in &plan.stages {
-        let cluster = ctx.config.resolve_cluster(stage.input.cluster.as_deref());
-        let committed = kafka
-            .committed_partitions(cluster.as_deref(), stage)
+        let committed = admin(ctx.config.resolve_cluster(stage.input.cluster.as_deref()))
+            .await?
+            .committed_partitions(&stage.consumer_group, &stage.input.topic)
             .await
-            .map_err(CheckpointFailure::new)?;
+            .map_err(|e| CheckpointFailure::new(e.to_string()))?;
         if !committed.is_empty() {
             found.push(format!(
                 "consumer group {} has committed offsets on {} partition(s) of {}",
@@ -625,10 +633,19 @@ pub async fn retained_state(ctx: &Context, plan: &Plan) -> Result<Vec<String>, C
         .iter()
         .filter(|t| t.role == TopicRole::Changelog)
     {
-        let cluster = ctx.config.resolve_cluster(topic.cluster.as_deref());
-        let records: i64 = kafka
-            .end_offsets(cluster.as_deref(), &topic.name)
-            .await?
+        let admin = admin(ctx.config.resolve_cluster(topic.cluster.as_deref())).await?;
+        let partitions = admin
+            .partitions(std::slice::from_ref(&topic.name))
+            .await
+            .map_err(|e| CheckpointFailure::new(e.to_string()))?;
+        // A changelog not created yet holds nothing.
+        let Some(&count) = partitions.get(&topic.name) else {
+            continue;
+        };
+        let records: i64 = admin
+            .end_offsets(&topic.name, count)
+            .await
+            .map_err(|e| CheckpointFailure::new(e.to_string()))?
             .values()
             .sum();
         if records > 0 {

@@ -25,9 +25,10 @@ pub enum Error {
         source: rdkafka::error::RDKafkaErrorCode,
     },
 
-    /// Creating, listing or deleting a Pipeline's principal or ACLs failed.
+    /// A request rdkafka does not wrap failed: creating, listing or deleting a
+    /// Pipeline's principal or ACLs, or reading a consumer group's offsets.
     #[error("Kafka cluster {cluster:?}: {source}")]
-    KafkaAuthorization {
+    KafkaAdmin {
         cluster: String,
         #[source]
         source: keystone_kafka_admin::AdminError,
@@ -102,7 +103,7 @@ impl Error {
             Error::Kafka { .. } => "kafka",
             Error::Topic { .. } => "kafka_topic",
             Error::KafkaTimeout { .. } => "kafka_timeout",
-            Error::KafkaAuthorization { .. } => "kafka_authorization",
+            Error::KafkaAdmin { .. } => "kafka_admin",
             Error::SecretKey { .. } => "secret",
             Error::Serialize { .. } => "serialize",
             Error::Checkpoint { .. } => "checkpoint",

@@ -145,14 +145,35 @@ impl Admin {
             })?
     }
 
+    /// Runs a blocking librdkafka call on the blocking pool, bounded.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(Arc<AdminClient<DefaultClientContext>>) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let client = self.client.clone();
+        let cluster = self.cluster.clone();
+        let after = TIMEOUT + Duration::from_secs(5);
+        match tokio::time::timeout(after, tokio::task::spawn_blocking(move || call(client))).await {
+            Err(_) => Err(Error::KafkaTimeout { cluster, after }),
+            Ok(Err(join)) => {
+                tracing::error!(error = %join, "{what} task failed");
+                Err(Error::KafkaTimeout { cluster, after })
+            }
+            Ok(Ok(result)) => result,
+        }
+    }
+
     /// Partition counts of the named topics that exist.
     pub async fn partitions(&self, names: &[String]) -> Result<BTreeMap<String, i32>, Error> {
-        let client = self.client.clone();
         let names = names.to_vec();
         let cluster = self.cluster.clone();
-        // fetch_metadata blocks on librdkafka: keep it off the async workers.
-        let result = tokio::task::spawn_blocking(move || {
-            let metadata = client.inner().fetch_metadata(None, TIMEOUT)?;
+        self.blocking("metadata", move |client| {
+            // All topics: naming a missing topic in a metadata request may create it.
+            let metadata = client
+                .inner()
+                .fetch_metadata(None, TIMEOUT)
+                .map_err(|source| Error::Kafka { cluster, source })?;
             let mut out = BTreeMap::new();
             for topic in metadata.topics() {
                 // A topic being deleted (or not yet created everywhere) reports an error: absent.
@@ -160,17 +181,56 @@ impl Admin {
                     out.insert(topic.name().to_owned(), topic.partitions().len() as i32);
                 }
             }
-            Ok::<_, rdkafka::error::KafkaError>(out)
-        });
-        let after = TIMEOUT + Duration::from_secs(5);
-        match tokio::time::timeout(after, result).await {
-            Err(_) => Err(Error::KafkaTimeout { cluster, after }),
-            Ok(Err(join)) => {
-                tracing::error!(error = %join, "metadata task failed");
-                Err(Error::KafkaTimeout { cluster, after })
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The partitions of `topic` on which consumer group `group` has
+    /// committed an offset. One request to the group's coordinator, on the
+    /// shared connection: no consumer is made and the group is not joined.
+    pub async fn committed_partitions(&self, group: &str, topic: &str) -> Result<Vec<i32>, Error> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let cluster = self.cluster.clone();
+        self.blocking("committed offsets", move |client| {
+            let committed = keystone_kafka_admin::KafkaAdmin::with_client(client)
+                .committed_offsets(&group, TIMEOUT)
+                .map_err(|source| Error::KafkaAdmin { cluster, source })?;
+            let mut partitions: Vec<i32> = committed
+                .into_iter()
+                .filter(|c| c.topic == topic)
+                .map(|c| c.partition)
+                .collect();
+            partitions.sort_unstable();
+            Ok(partitions)
+        })
+        .await
+    }
+
+    /// The end offset (high watermark) of each partition of `topic`, which
+    /// has `partitions` partitions.
+    pub async fn end_offsets(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<BTreeMap<i32, i64>, Error> {
+        let topic = topic.to_owned();
+        let cluster = self.cluster.clone();
+        self.blocking("watermarks", move |client| {
+            let mut ends = BTreeMap::new();
+            for partition in 0..partitions {
+                let (_, high) = client
+                    .inner()
+                    .fetch_watermarks(&topic, partition, TIMEOUT)
+                    .map_err(|source| Error::Kafka {
+                        cluster: cluster.clone(),
+                        source,
+                    })?;
+                ends.insert(partition, high);
             }
-            Ok(Ok(result)) => result.map_err(|source| Error::Kafka { cluster, source }),
-        }
+            Ok(ends)
+        })
+        .await
     }
 
     /// The topic's dynamic (per-topic) configs, the set `alter_configs` replaces.

@@ -215,34 +215,6 @@ impl<'a> KafkaView<'a> {
         .map_err(CheckpointFailure::new)
     }
 
-    /// The input partitions on which the stage's consumer group has a committed
-    /// offset: what a previous incarnation of the pipeline left behind.
-    pub(super) async fn committed_partitions(
-        &mut self,
-        cluster: Option<&str>,
-        stage: &PlanStage,
-    ) -> Result<Vec<i32>, String> {
-        let (_, consumer) = self.consumer(cluster, Some(&stage.consumer_group)).await?;
-        let topic = stage.input.topic.clone();
-        blocking(format!("topic {topic:?}"), move || {
-            let partitions = partition_count(&consumer, &topic)?;
-            let mut wanted = TopicPartitionList::new();
-            for partition in 0..partitions {
-                wanted.add_partition(&topic, partition);
-            }
-            let committed = consumer
-                .committed_offsets(wanted, TIMEOUT)
-                .map_err(|e| format!("reading the committed offsets of {topic:?}: {e}"))?;
-            Ok(committed
-                .elements()
-                .iter()
-                .filter(|e| matches!(e.offset(), Offset::Offset(_)))
-                .map(|e| e.partition())
-                .collect())
-        })
-        .await
-    }
-
     /// Waits (bounded) until the stage's consumer group has consumed its input
     /// topic to the end; the stage before it must have stopped, so the end is final.
     pub(super) async fn wait_drained(
