@@ -17,7 +17,7 @@ mod operator_support;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use keystone_crds::Pipeline;
 use keystone_crds::pipeline::PipelinePhase;
 use keystone_e2e::{wait_for, wait_until};
@@ -363,6 +363,56 @@ async fn a_recreated_pipeline_starts_empty_unless_it_adopts_the_earlier_state() 
             .is_empty(),
         "nothing runs while the adoption is refused"
     );
+
+    // An operator that lost its record (or an older one that never wrote
+    // it) finds the earlier state in Kafka itself: the stage's consumer group
+    // still has committed offsets, so that state is discarded, and named.
+    delete_and_wait_gone(ns, operator).await;
+    forget_state_owner(&t).await;
+    apply_yaml(tb, &manifest(ns.name(), source, sink, "")).await;
+    let fourth = wait_ready_with_runtime(pipelines, NAME, operator).await;
+    let (status, reason, message) = state_origin(&fourth).expect("a StateOrigin condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "Discarded"),
+        "{message}"
+    );
+    let group = format!("keystone.{}.{NAME}.s0", ns.name());
+    assert!(
+        message.contains("deleted before its owner was recorded")
+            && message.contains(&format!("consumer group {group} has committed offsets on "))
+            && message.contains(&format!("partition(s) of {source}")),
+        "names what it found in Kafka: {message}"
+    );
+}
+
+/// Removes the operator's record of whose state the pipeline runs on, as an
+/// operator that predates the record (or lost it) would have none. The record
+/// is in exactly one of the shards `keystone-state-owners-NN`.
+async fn forget_state_owner(t: &Setup) {
+    let maps: Api<ConfigMap> =
+        Api::namespaced(t.tb.client().expect("client"), t._operator_ns.name());
+    let key = format!("{}.{NAME}", t.ns.name());
+    let holding: Vec<String> = maps
+        .list(&ListParams::default())
+        .await
+        .expect("the operator's ConfigMaps")
+        .items
+        .into_iter()
+        .filter(|cm| cm.data.as_ref().is_some_and(|d| d.contains_key(&key)))
+        .map(|cm| cm.name_any())
+        .collect();
+    assert!(
+        matches!(holding.as_slice(), [one] if one.starts_with("keystone-state-owners-")),
+        "one shard records {key}: {holding:?}"
+    );
+    maps.patch(
+        &holding[0],
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "data": { key: null } })),
+    )
+    .await
+    .expect("remove the record");
 }
 
 /// A POST to a runtime pod's port, as any client in the cluster could send it.

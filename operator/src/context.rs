@@ -20,7 +20,7 @@ use crate::config::OperatorConfig;
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::kafka::{Admin, client_properties};
-use crate::ledger::LedgerStore;
+use crate::ledger::{LedgerStore, ShardedMap};
 use crate::metrics::Metrics;
 
 /// The one field manager of everything the operator writes.
@@ -51,7 +51,7 @@ pub struct Context {
     pub metrics: Metrics,
     pub ledger: LedgerStore,
     /// Which incarnation (UID) of each pipeline its internal state belongs to.
-    pub state_owners: LedgerStore,
+    pub state_owners: ShardedMap,
     /// The key control tokens derive from, once read (`control`).
     pub control_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Periodic and manual checkpoints running outside the reconcile, per pipeline.
@@ -84,7 +84,7 @@ impl Context {
                 std::env::var("POD_NAME").ok(),
             ),
             ledger: LedgerStore::new(Api::namespaced(client.clone(), &operator_namespace)),
-            state_owners: LedgerStore::named(
+            state_owners: ShardedMap::new(
                 Api::namespaced(client.clone(), &operator_namespace),
                 crate::controller::STATE_OWNERS,
                 "Which incarnation of each Pipeline its internal state (changelogs, consumer groups) belongs to: <namespace>.<pipeline> = <metadata.uid>. Written by the operator.",

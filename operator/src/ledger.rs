@@ -55,7 +55,7 @@ const LEDGER_DESCRIPTION: &str = "Which Pipeline created (owns) each Kafka topic
 #[derive(Clone)]
 pub struct LedgerStore {
     api: Api<ConfigMap>,
-    name: &'static str,
+    name: String,
     description: &'static str,
 }
 
@@ -65,10 +65,10 @@ impl LedgerStore {
     }
 
     /// A map in the ConfigMap `name`, with optimistic concurrency like the ledger.
-    pub fn named(api: Api<ConfigMap>, name: &'static str, description: &'static str) -> Self {
+    pub fn named(api: Api<ConfigMap>, name: impl Into<String>, description: &'static str) -> Self {
         Self {
             api,
-            name,
+            name: name.into(),
             description,
         }
     }
@@ -77,7 +77,7 @@ impl LedgerStore {
         Ok(Ledger {
             entries: self
                 .api
-                .get_opt(self.name)
+                .get_opt(&self.name)
                 .await?
                 .and_then(|cm| cm.data)
                 .unwrap_or_default(),
@@ -91,7 +91,7 @@ impl LedgerStore {
         mut change: impl FnMut(&mut BTreeMap<String, String>) -> bool,
     ) -> Result<Ledger, Error> {
         for _ in 0..8 {
-            let current = self.api.get_opt(self.name).await?;
+            let current = self.api.get_opt(&self.name).await?;
             let mut entries = current
                 .as_ref()
                 .and_then(|cm| cm.data.clone())
@@ -103,13 +103,13 @@ impl LedgerStore {
                 Some(mut cm) => {
                     cm.data = Some(entries.clone());
                     self.api
-                        .replace(self.name, &PostParams::default(), &cm)
+                        .replace(&self.name, &PostParams::default(), &cm)
                         .await
                 }
                 None => {
                     let cm = ConfigMap {
                         metadata: ObjectMeta {
-                            name: Some(self.name.to_owned()),
+                            name: Some(self.name.clone()),
                             labels: Some(BTreeMap::from([(
                                 "app.kubernetes.io/managed-by".to_owned(),
                                 "keystone-operator".to_owned(),
@@ -163,6 +163,60 @@ impl LedgerStore {
     }
 }
 
+/// A map with an entry per Pipeline ever deployed, which one ConfigMap (1 MiB,
+/// rewritten whole on each update) cannot hold at scale: its keys are spread
+/// over [`SHARDS`] ConfigMaps `<name>-<nn>` by a stable hash, so an update
+/// rewrites a thirty-second of it and concurrent updates of different keys
+/// rarely conflict. The single ConfigMap `<name>` of earlier operators is
+/// still read for keys not found in their shard; it is no longer written.
+#[derive(Clone)]
+pub struct ShardedMap {
+    shards: Vec<LedgerStore>,
+    legacy: LedgerStore,
+}
+
+/// How many ConfigMaps a [`ShardedMap`] spreads over (the chart's RBAC names each).
+pub const SHARDS: u32 = 32;
+
+/// The ConfigMap of `key` among a sharded map's ([`ShardedMap`]).
+pub fn shard_name(name: &str, key: &str) -> String {
+    format!("{name}-{:02}", crc32fast::hash(key.as_bytes()) % SHARDS)
+}
+
+impl ShardedMap {
+    pub fn new(api: Api<ConfigMap>, name: &'static str, description: &'static str) -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|i| LedgerStore::named(api.clone(), format!("{name}-{i:02}"), description))
+                .collect(),
+            legacy: LedgerStore::named(api, name, description),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &LedgerStore {
+        let index = crc32fast::hash(key.as_bytes()) % SHARDS;
+        &self.shards[index as usize]
+    }
+
+    /// The value of `key`: from its shard, else from the legacy map.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
+        if let Some(value) = self.shard(key).read().await?.entries.remove(key) {
+            return Ok(Some(value));
+        }
+        Ok(self.legacy.read().await?.entries.remove(key))
+    }
+
+    /// Sets `key` to `value` in its shard (nothing is written when it holds it already).
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), Error> {
+        self.shard(key)
+            .update(|entries| {
+                entries.insert(key.to_owned(), value.to_owned()).as_deref() != Some(value)
+            })
+            .await
+            .map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +239,39 @@ mod tests {
         assert_eq!(
             ledger.owned_by(&me),
             vec![("main".to_owned(), "t.one".to_owned())]
+        );
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        // Stable across builds and operator versions: the record of a
+        // Pipeline is found where an earlier operator wrote it.
+        // CRC-32's check value: crc32("123456789") = 0xCBF43926, 38 mod 32 = 6.
+        assert_eq!(shard_name("m", "123456789"), "m-06");
+        let used: std::collections::BTreeSet<String> = (0..1000)
+            .map(|i| shard_name("m", &format!("bench-s8.p{i}")))
+            .collect();
+        assert_eq!(used.len(), SHARDS as usize, "1,000 keys use every shard");
+        assert!(
+            used.iter()
+                .all(|n| n.len() == "m-00".len() && n.starts_with("m-"))
+        );
+    }
+
+    #[test]
+    fn the_operators_roles_name_every_shard() {
+        let kustomize = include_str!("../../config/rbac/self_role.yaml");
+        for i in 0..SHARDS {
+            let name = format!("- keystone-state-owners-{i:02}");
+            assert!(
+                kustomize.contains(&name),
+                "config/rbac/self_role.yaml lacks {name}"
+            );
+        }
+        let chart = include_str!("../../helm/keystone/templates/rbac.yaml");
+        assert!(
+            chart.contains(&format!("until {SHARDS} ")),
+            "the chart's Role names {SHARDS} shards"
         );
     }
 }

@@ -17,10 +17,11 @@
 //!   annotation naming another UID than the one recorded holds the pipeline
 //!   (`AdoptRefused`) rather than discard what the user meant to keep.
 //!
-//! The owning UID of each pipeline's state is recorded in the ConfigMap
-//! `keystone-state-owners` of the operator's namespace
-//! (`<namespace>.<pipeline>` = uid), written after the decision is in the
-//! status. Upgrades, rollbacks and restores of one Pipeline never come here:
+//! The owning UID of each pipeline's state is recorded in the ConfigMaps
+//! `keystone-state-owners-00` to `-31` of the operator's namespace
+//! (`<namespace>.<pipeline>` = uid, in the one its key hashes to; the single
+//! `keystone-state-owners` of earlier operators is still read), written after
+//! the decision is in the status. Upgrades, rollbacks and restores of one Pipeline never come here:
 //! they have a deployed plan. A pipeline deployed by an operator that predates
 //! this record keeps its state and is recorded as the owner (reason `Existing`).
 
@@ -45,7 +46,8 @@ pub const STATE_ORIGIN: &str = "StateOrigin";
 pub const ANNOTATION_ADOPT_STATE: &str = "keystone.dev/adopt-state-from";
 /// The annotation value that adopts whatever earlier state there is.
 pub const ADOPT_ANY: &str = "any";
-/// The ConfigMap (operator namespace) recording which UID owns each pipeline's state.
+/// The ConfigMaps (operator namespace, `<this>-<nn>`, see [`crate::ledger::ShardedMap`])
+/// recording which UID owns each pipeline's state.
 pub const STATE_OWNERS: &str = "keystone-state-owners";
 /// How often a pipeline waits for its previous incarnation's pods to exit.
 const PREVIOUS_PODS_RECHECK: Duration = Duration::from_secs(5);
@@ -125,7 +127,7 @@ pub(super) async fn settle(
         field: "metadata.uid",
     })?;
     let key = owner_key(&observed.namespace, &observed.name);
-    let recorded = ctx.state_owners.read().await?.entries.get(&key).cloned();
+    let recorded = ctx.state_owners.get(&key).await?;
     if recorded.as_deref() != Some(uid.as_str()) {
         // Pods of a deleted incarnation may still be finishing; they could
         // commit after whatever is decided here. A capture holds no stage
@@ -237,9 +239,7 @@ pub(super) async fn settle(
     // The decision is in the status before the record says the state is ours:
     // a crash in between decides again, the same way.
     observed.record(pipeline, ctx).await?;
-    ctx.state_owners
-        .update(|entries| entries.insert(key.clone(), uid.clone()).as_ref() != Some(&uid))
-        .await?;
+    ctx.state_owners.set(&key, &uid).await?;
     if event {
         ctx.publish(
             pipeline,
@@ -267,9 +267,7 @@ pub(super) async fn record_existing(
         return Ok(());
     };
     let key = owner_key(&observed.namespace, &observed.name);
-    ctx.state_owners
-        .update(|entries| entries.insert(key.clone(), uid.clone()).as_ref() != Some(&uid))
-        .await?;
+    ctx.state_owners.set(&key, &uid).await?;
     observed.set(&Cond::new(
         STATE_ORIGIN,
         true,
