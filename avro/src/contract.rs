@@ -73,6 +73,16 @@ pub enum ContractError {
 
 /// The most fields a contract lists (the CRD's limit).
 pub const MAX_FIELDS: usize = 512;
+/// The longest description a contract's field has (the CRD's limit), in characters.
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// `text` cut to at most `max` characters.
+fn within(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text.to_owned(),
+    }
+}
 
 /// The input contract of events written with `schema` (a record).
 pub fn contract_of(schema: &Schema) -> Result<SchemaSpec, ContractError> {
@@ -120,7 +130,13 @@ impl Walk<'_> {
             } else {
                 format!("{prefix}.{}", field.name)
             };
-            self.field(&field.schema, &path, optional, &namespace)?;
+            self.field(
+                &field.schema,
+                &path,
+                optional,
+                &namespace,
+                field.doc.as_deref(),
+            )?;
         }
         Ok(())
     }
@@ -131,12 +147,13 @@ impl Walk<'_> {
         path: &str,
         optional: bool,
         namespace: &Option<String>,
+        doc: Option<&str>,
     ) -> Result<(), ContractError> {
         let (schema, optional) = match schema {
             Schema::Union(union) => match non_null_branches(union.variants()) {
                 (Some(only), 1, nullable) => (only, optional || nullable),
                 (_, _, nullable) => {
-                    self.push(path, FieldType::Any, optional || nullable);
+                    self.push(path, FieldType::Any, optional || nullable, doc);
                     return Ok(());
                 }
             },
@@ -144,7 +161,7 @@ impl Walk<'_> {
         };
         match schema {
             Schema::Record(record) => {
-                self.push(path, FieldType::Object, optional);
+                self.push(path, FieldType::Object, optional, doc);
                 self.record(record, path, optional)
             }
             Schema::Ref { name } => {
@@ -152,20 +169,22 @@ impl Walk<'_> {
                 let defined = find_named(self.root, &full, &None)
                     .ok_or(ContractError::UnknownName { name: full.clone() })?;
                 let defined_namespace = Name::new(&full).map(|n| n.namespace).unwrap_or_default();
-                self.field(defined, path, optional, &defined_namespace)
+                self.field(defined, path, optional, &defined_namespace, doc)
             }
             other => {
-                self.push(path, scalar_type(other), optional);
+                self.push(path, scalar_type(other), optional, doc);
                 Ok(())
             }
         }
     }
 
-    fn push(&mut self, path: &str, field_type: FieldType, optional: bool) {
+    /// A field of the contract; the Avro field's `doc` is its description.
+    fn push(&mut self, path: &str, field_type: FieldType, optional: bool, doc: Option<&str>) {
         self.fields.push(FieldSpec {
             name: path.to_owned(),
             field_type,
             optional,
+            description: doc.map(|d| within(d, MAX_DESCRIPTION)),
         });
     }
 }
@@ -485,8 +504,17 @@ fn record_json(columns: &[Column], name: &str, names: &mut BTreeSet<String>) -> 
             if column.optional {
                 field.insert("default".into(), Value::Null);
             }
+            // The contract's description, then how a JSON-text column holds its value.
+            let representation = doc.map(|doc| format!("{}: {doc}", column.path));
+            let doc = match (&column.description, representation) {
+                (Some(description), Some(representation)) => {
+                    Some(format!("{description} ({representation})"))
+                }
+                (Some(description), None) => Some(description.clone()),
+                (None, representation) => representation,
+            };
             if let Some(doc) = doc {
-                field.insert("doc".into(), json!(format!("{}: {doc}", column.path)));
+                field.insert("doc".into(), json!(doc));
             }
             Value::Object(field)
         })

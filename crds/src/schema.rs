@@ -81,6 +81,13 @@ pub struct FieldSpec {
     /// are sent to the dead-letter topic with the reason.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub optional: bool,
+    /// What the field means, for the people who read the data. It travels
+    /// with the field through the steps that pass it on unchanged (filters,
+    /// a projection's copy) and becomes the field's `doc` in the Avro schema
+    /// Keystone derives for a Kafka sink (`format: avro`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
 }
 
 /// The schema of the events on a stream.
@@ -114,12 +121,20 @@ pub struct Schema {
     pub fields: BTreeMap<String, FieldInfo>,
     /// Events may carry fields not listed (an open schema).
     pub open: bool,
+    /// The declared descriptions of fields, by path: kept while a field
+    /// passes on unchanged, dropped when a step writes it anew.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub descriptions: BTreeMap<String, String>,
 }
 
 impl Schema {
     pub fn from_spec(spec: &SchemaSpec) -> Self {
         let mut fields = BTreeMap::new();
+        let mut descriptions = BTreeMap::new();
         for field in &spec.fields {
+            if let Some(description) = &field.description {
+                descriptions.insert(field.name.clone(), description.clone());
+            }
             fields.insert(
                 field.name.clone(),
                 FieldInfo {
@@ -139,6 +154,7 @@ impl Schema {
         Self {
             fields,
             open: spec.open,
+            descriptions,
         }
     }
 
@@ -193,11 +209,52 @@ impl Schema {
         }
     }
 
-    /// Removes a field and everything nested under it.
+    /// Removes a field and everything nested under it (with their descriptions).
     pub fn remove(&mut self, path: &str) {
         let nested = format!("{path}.");
-        self.fields
+        let gone = |name: &String| name == path || name.starts_with(&nested);
+        self.fields.retain(|name, _| !gone(name));
+        self.descriptions.retain(|name, _| !gone(name));
+    }
+
+    /// The descriptions of the field at `path` and of those nested under it,
+    /// with paths relative to it (the field's own under "").
+    pub fn descriptions_under(&self, path: &str) -> Vec<(String, String)> {
+        let prefix = format!("{path}.");
+        self.descriptions
+            .iter()
+            .filter_map(|(name, description)| {
+                let relative = if name == path {
+                    ""
+                } else {
+                    name.strip_prefix(&prefix)?
+                };
+                Some((relative.to_owned(), description.clone()))
+            })
+            .collect()
+    }
+
+    /// Drops the descriptions of the field at `path` and of those under it.
+    pub fn forget_descriptions(&mut self, path: &str) {
+        let nested = format!("{path}.");
+        self.descriptions
             .retain(|name, _| name != path && !name.starts_with(&nested));
+    }
+
+    /// Gives the field at `path` (and those nested under it) the descriptions
+    /// [`Schema::descriptions_under`] read elsewhere: a copied value means what
+    /// its source meant.
+    pub fn describe_under(&mut self, path: &str, descriptions: Vec<(String, String)>) {
+        for (relative, description) in descriptions {
+            let full = if relative.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}.{relative}")
+            };
+            if self.fields.contains_key(&full) {
+                self.descriptions.insert(full, description);
+            }
+        }
     }
 
     /// Every field nested under `path`, with paths relative to it.
@@ -234,6 +291,7 @@ impl Schema {
                     name: name.clone(),
                     field_type: info.field_type,
                     optional: info.optional,
+                    description: self.descriptions.get(name).cloned(),
                 })
                 .collect(),
             open: self.open,
@@ -307,6 +365,7 @@ mod tests {
                 name: "customer.address.city".into(),
                 field_type: FieldType::String,
                 optional: false,
+                description: None,
             }],
             open: true,
         });

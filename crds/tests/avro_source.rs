@@ -45,6 +45,7 @@ fn field(name: &str, field_type: FieldType, optional: bool) -> FieldSpec {
         name: name.into(),
         field_type,
         optional,
+        description: None,
     }
 }
 
@@ -188,4 +189,42 @@ fn a_plan_names_its_reader_schema_by_subject_and_version_or_as_the_manifests_own
         source.reader_name(),
         "the schema of spec.source.avro.schema"
     );
+}
+
+#[test]
+fn descriptions_follow_the_fields_a_step_passes_on_unchanged() {
+    let described = |name: &str, field_type, optional, description: &str| FieldSpec {
+        description: Some(description.into()),
+        ..field(name, field_type, optional)
+    };
+    let registered = RegisteredSource {
+        contract: SchemaSpec {
+            fields: vec![
+                described("id", FieldType::String, false, "The order's id"),
+                described("amount", FieldType::Number, false, "Total in euros"),
+                described("note", FieldType::String, true, "What the buyer wrote"),
+            ],
+            open: false,
+        },
+        ..orders_v3()
+    };
+    // A filter passes everything on; the projection copies `id` as itself,
+    // `amount` as `total` and `note` (optional) as `remark`; the map then
+    // writes `id` anew, which no longer means what the source said.
+    let steps = "    - {name: big, filter: {expression: 'amount > 100'}}
+    - name: slim
+      project: {fields: [{name: id, from: /id}, {name: total, from: /amount}, {name: remark, from: /note, optional: true}]}
+    - name: tag
+      map: {fields: [{name: id, expression: 'id + \"-eu\"', type: string}]}";
+    let plan = compile(AVRO_SOURCE, steps, Some(&registered)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        plan.sinks[0].schema.fields,
+        [
+            field("id", FieldType::String, false),
+            described("remark", FieldType::String, true, "What the buyer wrote"),
+            described("total", FieldType::Number, false, "Total in euros"),
+        ]
+    );
+    // The source's contract keeps them all.
+    assert_eq!(plan.source.schema.fields, registered.contract.fields);
 }

@@ -46,6 +46,8 @@ pub struct Column {
     pub path: String,
     pub kind: ColumnKind,
     pub optional: bool,
+    /// The contract's description of the field.
+    pub description: Option<String>,
 }
 
 /// Why a contract cannot be a table.
@@ -65,6 +67,11 @@ pub fn columns_of(schema: &SchemaSpec) -> Result<Vec<Column>, ColumnsError> {
     // path -> (type, optional); parents of dotted paths are objects, optional
     // when every member under them is (fixed below).
     let mut listed: BTreeMap<&str, (FieldType, bool)> = BTreeMap::new();
+    let described: BTreeMap<&str, &str> = schema
+        .fields
+        .iter()
+        .filter_map(|f| Some((f.name.as_str(), f.description.as_deref()?)))
+        .collect();
     let mut order: Vec<&str> = Vec::new();
     for field in &schema.fields {
         for (i, _) in field.name.match_indices('.') {
@@ -90,12 +97,13 @@ pub fn columns_of(schema: &SchemaSpec) -> Result<Vec<Column>, ColumnsError> {
             entry.1 = all_optional;
         }
     }
-    Ok(children_of("", &listed, &order))
+    Ok(children_of("", &listed, &described, &order))
 }
 
 fn children_of(
     parent: &str,
     listed: &BTreeMap<&str, (FieldType, bool)>,
+    described: &BTreeMap<&str, &str>,
     order: &[&str],
 ) -> Vec<Column> {
     order
@@ -114,7 +122,7 @@ fn children_of(
                 FieldType::Boolean => ColumnKind::Boolean,
                 FieldType::Timestamp => ColumnKind::Timestamp,
                 FieldType::Object => {
-                    let members = children_of(path, listed, order);
+                    let members = children_of(path, listed, described, order);
                     if members.is_empty() {
                         ColumnKind::Json
                     } else {
@@ -128,6 +136,7 @@ fn children_of(
                 path: (*path).to_owned(),
                 kind,
                 optional,
+                description: described.get(path).map(|d| (*d).to_owned()),
             }
         })
         .collect()
@@ -186,6 +195,7 @@ mod tests {
             name: name.to_owned(),
             field_type,
             optional,
+            description: None,
         }
     }
 

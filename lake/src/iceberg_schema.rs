@@ -173,6 +173,7 @@ mod tests {
             path: name.to_owned(),
             kind,
             optional,
+            description: None,
         }
     }
 
@@ -187,6 +188,7 @@ mod tests {
                     path: "device.os".to_owned(),
                     kind: ColumnKind::String,
                     optional: true,
+                    description: None,
                 }]),
                 true,
             ),

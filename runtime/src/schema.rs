@@ -256,11 +256,13 @@ mod tests {
                     name: "id".into(),
                     field_type: FieldType::String,
                     optional: false,
+                    description: None,
                 },
                 FieldSpec {
                     name: "meta.seq".into(),
                     field_type: FieldType::Integer,
                     optional: true,
+                    description: None,
                 },
             ],
             open: true,
@@ -288,6 +290,7 @@ mod tests {
             name: name.into(),
             field_type,
             optional,
+            description: None,
         };
         let schema = SchemaSpec {
             fields: vec![

@@ -164,6 +164,7 @@ fn spec(fields: &[(&str, FieldType, bool)]) -> SchemaSpec {
                 name: (*name).to_owned(),
                 field_type: *field_type,
                 optional: *optional,
+                description: None,
             })
             .collect(),
         open: true,
@@ -314,4 +315,77 @@ fn a_key_field_outside_the_contract_or_two_of_one_name_have_no_key_schema() {
         schema_for_key(&contract, &[], "ns", "K").unwrap_err(),
         ContractError::NoKeyFields
     );
+}
+
+#[test]
+fn field_docs_become_descriptions_and_descriptions_docs() {
+    let registered = parse(
+        r#"{"type": "record", "name": "Order", "fields": [
+          {"name": "id", "type": "string", "doc": "The order's id"},
+          {"name": "customer", "doc": "Who ordered", "type": {"type": "record", "name": "Customer", "fields": [
+            {"name": "id", "type": "long", "doc": "The customer's id"}
+          ]}},
+          {"name": "extra", "type": ["null", {"type": "map", "values": "string"}], "doc": "Anything else"},
+          {"name": "total", "type": "double"}
+        ]}"#,
+    );
+    let contract = contract_of(&registered).expect("contract");
+    let descriptions: Vec<(&str, Option<&str>)> = contract
+        .fields
+        .iter()
+        .map(|f| (f.name.as_str(), f.description.as_deref()))
+        .collect();
+    assert_eq!(
+        descriptions,
+        [
+            ("id", Some("The order's id")),
+            ("customer", Some("Who ordered")),
+            ("customer.id", Some("The customer's id")),
+            ("extra", Some("Anything else")),
+            ("total", None),
+        ]
+    );
+
+    // Derived back for a sink: each described field has its doc; a JSON-text
+    // column says so after its description.
+    let output = schema_for_output(&contract, "dev.keystone.shop", "Order").expect("schema");
+    let text: serde_json::Value = serde_json::from_str(&output.text).expect("json");
+    let doc =
+        |field: &serde_json::Value| field.get("doc").and_then(|d| d.as_str()).map(str::to_owned);
+    let fields = text["fields"].as_array().expect("fields");
+    assert_eq!(doc(&fields[0]), Some("The order's id".into()));
+    assert_eq!(doc(&fields[1]), Some("Who ordered".into()));
+    assert_eq!(
+        doc(&fields[1]["type"]["fields"][0]),
+        Some("The customer's id".into())
+    );
+    assert_eq!(
+        doc(&fields[2]),
+        Some("Anything else (extra: JSON text)".into())
+    );
+    assert_eq!(doc(&fields[3]), None);
+    // Docs are not part of the schema's identity: a reworded description
+    // leaves the canonical form (what compatibility compares) as it was.
+    let mut reworded = contract.clone();
+    reworded.fields[0].description = Some("Another wording".into());
+    let again = schema_for_output(&reworded, "dev.keystone.shop", "Order").expect("schema");
+    assert_ne!(again.text, output.text);
+    assert_eq!(
+        again.schema.canonical_form(),
+        output.schema.canonical_form()
+    );
+}
+
+#[test]
+fn a_doc_longer_than_a_description_may_be_is_cut_at_a_character() {
+    let long = "é".repeat(MAX_DESCRIPTION + 10);
+    let registered = parse(&format!(
+        r#"{{"type": "record", "name": "R", "fields": [{{"name": "a", "type": "string", "doc": "{long}"}}]}}"#
+    ));
+    let contract = contract_of(&registered).expect("contract");
+    let description = contract.fields[0]
+        .description
+        .as_deref()
+        .expect("described");
+    assert_eq!(description.chars().count(), MAX_DESCRIPTION);
 }

@@ -331,6 +331,7 @@ fn captured_fields(envelope: Envelope, table: Option<&SourceTable>) -> Vec<Field
         name: name.to_owned(),
         field_type,
         optional,
+        description: None,
     };
     let mut fields = match envelope {
         Envelope::Keystone => vec![
@@ -452,6 +453,7 @@ fn ingest_schema(
             name: field.clone(),
             field_type: FieldType::String,
             optional: false,
+            description: None,
         });
     }
     schema

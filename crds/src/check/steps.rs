@@ -1,7 +1,7 @@
 //! One step's part of the contract: the operator it runs, the fields it needs
 //! from the stream that reaches it, and the stream that leaves it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::contracts::{check_processor, derived_state_key, operator_count_message};
 use super::expressions::EVENT_VARIABLE;
@@ -440,10 +440,7 @@ impl<'a> Checker<'a> {
             }
             Operator::Project(p) | Operator::Extract(p) => {
                 let mut out = if matches!(op, Operator::Project(_)) {
-                    Schema {
-                        fields: BTreeMap::new(),
-                        open: false,
-                    }
+                    Schema::default()
                 } else {
                     stream.schema.clone()
                 };
@@ -458,9 +455,16 @@ impl<'a> Checker<'a> {
                     });
                     // The copied value carries whatever was nested under its source.
                     let children = stream.schema.nested(&source_path);
+                    // A copy means what its source meant; a value that may be
+                    // either the old or the copied one keeps no description.
+                    let descriptions = stream.schema.descriptions_under(&source_path);
                     if field.optional {
                         // A missing source leaves the output field as it was.
+                        let fresh = out.get(&field.name).is_none();
                         write_conditionally(&mut out, &field.name, info.field_type, &children);
+                        if fresh {
+                            out.describe_under(&field.name, descriptions);
+                        }
                     } else {
                         // A missing source sends the event to the dead letters, so
                         // every event that leaves has the field.
@@ -472,6 +476,7 @@ impl<'a> Checker<'a> {
                             },
                             &children,
                         );
+                        out.describe_under(&field.name, descriptions);
                     }
                 }
                 if matches!(op, Operator::Project(_)) {
@@ -561,6 +566,12 @@ impl<'a> Checker<'a> {
                             },
                             &[],
                         );
+                        if let Some(description) = &field.description {
+                            stream
+                                .schema
+                                .descriptions
+                                .insert(field.name.clone(), description.clone());
+                        }
                     }
                 }
                 SchemaEffect::Removes => {
@@ -678,6 +689,8 @@ fn write_conditionally(
         );
         return;
     };
+    // The value is either one: neither's description is sure to hold.
+    schema.forget_descriptions(path);
     let merged_type = if old.field_type == field_type {
         field_type
     } else {

@@ -910,6 +910,7 @@ spec:
                     name: "other".into(),
                     field_type: FieldType::String,
                     optional: false,
+                    description: None,
                 }],
                 open: false,
             },

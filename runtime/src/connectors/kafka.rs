@@ -322,6 +322,7 @@ mod tests {
             name: name.into(),
             field_type,
             optional,
+            description: None,
         };
         let contract = SchemaSpec {
             fields: vec![

@@ -264,6 +264,7 @@ mod tests {
                 name: "event".to_owned(),
                 field_type: FieldType::String,
                 optional: false,
+                description: None,
             }],
             open: true,
         });

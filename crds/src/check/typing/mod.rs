@@ -243,6 +243,7 @@ mod testing {
             name: name.to_owned(),
             field_type,
             optional,
+            description: None,
         };
         Schema::from_spec(&SchemaSpec {
             fields: vec![

@@ -154,6 +154,7 @@ fn field(name: &str, field_type: FieldType, optional: bool) -> FieldSpec {
         name: name.into(),
         field_type,
         optional,
+        description: None,
     }
 }
 

@@ -80,6 +80,7 @@ mod tests {
             name: name.into(),
             field_type,
             optional: false,
+            description: None,
         };
         let schema = SchemaSpec {
             fields: vec![

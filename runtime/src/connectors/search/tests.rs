@@ -45,6 +45,7 @@ fn field(name: &str, field_type: FieldType) -> FieldSpec {
         name: name.into(),
         field_type,
         optional: false,
+        description: None,
     }
 }
 
