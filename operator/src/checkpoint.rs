@@ -628,31 +628,38 @@ pub async fn retained_state(ctx: &Context, plan: &Plan) -> Result<Vec<String>, C
             ));
         }
     }
+    // The changelogs by cluster: one metadata request per cluster.
+    let mut changelogs: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
     for topic in plan
         .topics
         .iter()
         .filter(|t| t.role == TopicRole::Changelog)
     {
-        let admin = admin(ctx.config.resolve_cluster(topic.cluster.as_deref())).await?;
+        changelogs
+            .entry(ctx.config.resolve_cluster(topic.cluster.as_deref()))
+            .or_default()
+            .push(topic.name.clone());
+    }
+    for (cluster, names) in changelogs {
+        let admin = admin(cluster).await?;
         let partitions = admin
-            .partitions(std::slice::from_ref(&topic.name))
+            .partitions(&names)
             .await
             .map_err(|e| CheckpointFailure::new(e.to_string()))?;
-        // A changelog not created yet holds nothing.
-        let Some(&count) = partitions.get(&topic.name) else {
-            continue;
-        };
-        let records: i64 = admin
-            .end_offsets(&topic.name, count)
-            .await
-            .map_err(|e| CheckpointFailure::new(e.to_string()))?
-            .values()
-            .sum();
-        if records > 0 {
-            found.push(format!(
-                "changelog topic {} holds {records} record(s)",
-                topic.name
-            ));
+        for name in &names {
+            // A changelog not created yet holds nothing.
+            let Some(&count) = partitions.get(name) else {
+                continue;
+            };
+            let records: i64 = admin
+                .end_offsets(name, count)
+                .await
+                .map_err(|e| CheckpointFailure::new(e.to_string()))?
+                .values()
+                .sum();
+            if records > 0 {
+                found.push(format!("changelog topic {name} holds {records} record(s)"));
+            }
         }
     }
     Ok(found)

@@ -173,42 +173,55 @@ impl LedgerStore {
 pub struct ShardedMap {
     shards: Vec<LedgerStore>,
     legacy: LedgerStore,
+    /// The legacy map's entries, read once: this operator never writes it, and
+    /// at scale it is the large map the shards replace.
+    legacy_entries: std::sync::Arc<tokio::sync::OnceCell<BTreeMap<String, String>>>,
 }
 
 /// How many ConfigMaps a [`ShardedMap`] spreads over (the chart's RBAC names each).
 pub const SHARDS: u32 = 32;
 
+/// Which of a [`ShardedMap`]'s shards holds `key`: stable across builds.
+fn shard_index(key: &str) -> u32 {
+    crc32fast::hash(key.as_bytes()) % SHARDS
+}
+
+fn numbered(name: &str, shard: u32) -> String {
+    format!("{name}-{shard:02}")
+}
+
 /// The ConfigMap of `key` among a sharded map's ([`ShardedMap`]).
 pub fn shard_name(name: &str, key: &str) -> String {
-    format!("{name}-{:02}", crc32fast::hash(key.as_bytes()) % SHARDS)
+    numbered(name, shard_index(key))
 }
 
 impl ShardedMap {
     pub fn new(api: Api<ConfigMap>, name: &'static str, description: &'static str) -> Self {
         Self {
             shards: (0..SHARDS)
-                .map(|i| LedgerStore::named(api.clone(), format!("{name}-{i:02}"), description))
+                .map(|i| LedgerStore::named(api.clone(), numbered(name, i), description))
                 .collect(),
             legacy: LedgerStore::named(api, name, description),
+            legacy_entries: Default::default(),
         }
-    }
-
-    fn shard(&self, key: &str) -> &LedgerStore {
-        let index = crc32fast::hash(key.as_bytes()) % SHARDS;
-        &self.shards[index as usize]
     }
 
     /// The value of `key`: from its shard, else from the legacy map.
     pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
-        if let Some(value) = self.shard(key).read().await?.entries.remove(key) {
+        let shard = &self.shards[shard_index(key) as usize];
+        if let Some(value) = shard.read().await?.entries.remove(key) {
             return Ok(Some(value));
         }
-        Ok(self.legacy.read().await?.entries.remove(key))
+        let legacy = self
+            .legacy_entries
+            .get_or_try_init(|| async { Ok::<_, Error>(self.legacy.read().await?.entries) })
+            .await?;
+        Ok(legacy.get(key).cloned())
     }
 
     /// Sets `key` to `value` in its shard (nothing is written when it holds it already).
     pub async fn set(&self, key: &str, value: &str) -> Result<(), Error> {
-        self.shard(key)
+        self.shards[shard_index(key) as usize]
             .update(|entries| {
                 entries.insert(key.to_owned(), value.to_owned()).as_deref() != Some(value)
             })
