@@ -124,7 +124,20 @@ async fn a_groups_committed_offsets_are_listed_without_joining_it() {
     {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
-    let offsets = keystone_kafka_admin::KafkaAdmin::with_client(std::sync::Arc::new(admin));
+    // Many new groups at once, as an operator meets them: coordinator changes
+    // on the way must not take the process down.
+    let offsets = std::sync::Arc::new(
+        keystone_kafka_admin::GroupOffsets::connect(&config, &format!("{topic}-reader"))
+            .expect("offsets reader"),
+    );
+    let strangers = (0..16).map(|i| {
+        let (offsets, group) = (offsets.clone(), format!("{group}-stranger-{i}"));
+        tokio::task::spawn_blocking(move || offsets.committed_offsets(&group, TIMEOUT))
+    });
+    for listed in futures::future::join_all(strangers).await {
+        let listed = listed.expect("task").expect("a group that never was");
+        assert!(listed.is_empty(), "{listed:?}");
+    }
 
     let listed = {
         let (offsets, group) = (offsets.clone(), group.clone());

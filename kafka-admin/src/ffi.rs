@@ -622,6 +622,8 @@ pub(crate) fn alter_scram(
     Ok(())
 }
 
+/// `rk` must be a consumer handle with a group (see `GroupOffsets`): on a
+/// coordinator change librdkafka dereferences the handle's own group.
 pub(crate) fn committed_offsets(
     rk: *mut rd::rd_kafka_t,
     group: &str,

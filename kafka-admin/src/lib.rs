@@ -5,7 +5,8 @@
 //!
 //! Calls block until the broker answers (or the timeout passes): run them on
 //! a blocking thread (`tokio::task::spawn_blocking`). Each call has its own
-//! result queue, so calls may run concurrently on one [`KafkaAdmin`].
+//! result queue, so calls may run concurrently on one [`KafkaAdmin`] (ACLs,
+//! credentials) or one [`GroupOffsets`] (offsets, which need a consumer handle).
 
 mod ffi;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// What an ACL binding is about.
@@ -201,6 +203,47 @@ impl AdminError {
     }
 }
 
+/// Reads consumer groups' committed offsets without joining them.
+///
+/// librdkafka's ListConsumerGroupOffsets must not run on an admin (producer)
+/// handle: when the coordinator answers that it is not (or not yet) the
+/// group's coordinator, librdkafka 2.12 asks the handle's own consumer group
+/// to look its coordinator up again, and an admin handle has none: the
+/// process dies of a NULL dereference (confluentinc/librdkafka's
+/// `rd_kafka_handle_OffsetFetch`; seen here with new groups on a fresh
+/// broker). So the reader holds a consumer handle with a group of its own,
+/// which it never joins (it subscribes to nothing and commits nothing); that
+/// group's coordinator lookup is all it adds. One reader may serve
+/// concurrent calls.
+pub struct GroupOffsets {
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    /// Connects with librdkafka properties (servers, TLS, SASL); `own_group`
+    /// names the handle's group (its principal needs Describe on it, or
+    /// librdkafka reports the refused lookup once; reads go on either way).
+    pub fn connect(config: &ClientConfig, own_group: &str) -> Result<Self, AdminError> {
+        let consumer = config
+            .clone()
+            .set("group.id", own_group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(AdminError::Client)?;
+        Ok(GroupOffsets { consumer })
+    }
+
+    /// The offsets `group` has committed, on every partition it has committed
+    /// on, read from the group's coordinator without joining the group.
+    pub fn committed_offsets(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<Vec<CommittedOffset>, AdminError> {
+        ffi::committed_offsets(self.consumer.client().native_ptr(), group, timeout)
+    }
+}
+
 /// An admin connection for ACLs and SCRAM credentials. It holds an rdkafka
 /// `AdminClient` (which owns the librdkafka handle and its background thread,
 /// and may be shared with code using rdkafka's own admin calls) and sends the
@@ -252,16 +295,6 @@ impl KafkaAdmin {
             return Ok(Vec::new());
         }
         ffi::delete_acls(self.client.inner().native_ptr(), filters, timeout)
-    }
-
-    /// The offsets `group` has committed, on every partition it has committed
-    /// on, read from the group's coordinator without joining the group.
-    pub fn committed_offsets(
-        &self,
-        group: &str,
-        timeout: Duration,
-    ) -> Result<Vec<CommittedOffset>, AdminError> {
-        ffi::committed_offsets(self.client.inner().native_ptr(), group, timeout)
     }
 
     /// Creates or replaces a user's SCRAM credential (a random salt, [`SCRAM_ITERATIONS`]).

@@ -2,7 +2,7 @@
 //! raise partitions, correct configs, delete.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -15,6 +15,8 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
+use keystone_kafka_admin::GroupOffsets;
+
 use crate::config::{KafkaCluster, SecretKey};
 use crate::error::Error;
 use crate::topics::ObservedTopic;
@@ -26,7 +28,14 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Admin {
     cluster: String,
     client: Arc<AdminClient<DefaultClientContext>>,
+    config: ClientConfig,
+    /// Made at its first use: most reconciles never read a group's offsets.
+    group_offsets: Arc<OnceLock<GroupOffsets>>,
 }
+
+/// The group of the operator's offset reader (`GroupOffsets`), which it never
+/// joins; under the `keystone.` prefix its stages' groups have.
+const OFFSET_READER_GROUP: &str = "keystone.operator.offsets";
 
 /// librdkafka properties for a cluster, with credentials read from Secrets.
 pub async fn client_properties(
@@ -99,6 +108,8 @@ impl Admin {
         Ok(Admin {
             cluster: cluster.to_owned(),
             client: Arc::new(client),
+            config,
+            group_offsets: Arc::new(OnceLock::new()),
         })
     }
 
@@ -192,10 +203,21 @@ impl Admin {
     pub async fn committed_partitions(&self, group: &str, topic: &str) -> Result<Vec<i32>, Error> {
         let (group, topic) = (group.to_owned(), topic.to_owned());
         let cluster = self.cluster.clone();
-        self.blocking("committed offsets", move |client| {
-            let committed = keystone_kafka_admin::KafkaAdmin::with_client(client)
-                .committed_offsets(&group, TIMEOUT)
-                .map_err(|source| Error::KafkaAdmin { cluster, source })?;
+        let (config, reader) = (self.config.clone(), self.group_offsets.clone());
+        self.blocking("committed offsets", move |_| {
+            let failed = |source| Error::KafkaAdmin {
+                cluster: cluster.clone(),
+                source,
+            };
+            let reader = match reader.get() {
+                Some(reader) => reader,
+                None => {
+                    let connected =
+                        GroupOffsets::connect(&config, OFFSET_READER_GROUP).map_err(failed)?;
+                    reader.get_or_init(|| connected)
+                }
+            };
+            let committed = reader.committed_offsets(&group, TIMEOUT).map_err(failed)?;
             let mut partitions: Vec<i32> = committed
                 .into_iter()
                 .filter(|c| c.topic == topic)
