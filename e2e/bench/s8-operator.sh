@@ -12,6 +12,7 @@
 # Usage: e2e/bench/s8-operator.sh OPERATOR_BINARY [N]   (prints a JSON summary last)
 # Needs: eval "$(e2e/testbed env)" (for KAFKA_BOOTSTRAP_SERVERS and the kube binaries);
 # another Kafka: KAFKA_BOOTSTRAP_SERVERS=... KEYSTONE_BENCH_KAFKA_STATE=its testbed state.
+# KEYSTONE_BENCH_S8_LOG=FILE keeps the operator's log, KEYSTONE_BENCH_S8_RUST_LOG sets its filter (warn).
 set -euo pipefail
 
 OPERATOR="${1:?operator binary}"
@@ -77,7 +78,7 @@ KUBECONFIG="$KCFG" KAFKA_BOOTSTRAP_SERVERS="$BROKERS" WATCH_NAMESPACES="$NS" \
   POD_NAMESPACE=keystone-system POD_NAME=bench-s8-operator \
   KEYSTONE_LEASE_NAME=keystone-operator KEYSTONE_LEADER_ELECT=false \
   KEYSTONE_METRICS_ADDR="127.0.0.1:$metrics_port" KEYSTONE_RUNTIME_IMAGE=keystone/runtime:bench-s8 \
-  RUST_LOG=warn "$OPERATOR" >"$WORK/operator.log" 2>&1 &
+  RUST_LOG="${KEYSTONE_BENCH_S8_RUST_LOG:-warn}" "$OPERATOR" >"$WORK/operator.log" 2>&1 &
 op_pid=$!
 sleep 3
 kill -0 "$op_pid" || { cat "$WORK/operator.log" >&2; exit 1; }
