@@ -12,7 +12,7 @@ mod ffi;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::AdminClient;
@@ -203,6 +203,9 @@ impl AdminError {
     }
 }
 
+/// How long a reader waits before asking a loading or moving coordinator again.
+const COORDINATOR_RETRY: Duration = Duration::from_millis(250);
+
 /// Reads consumer groups' committed offsets without joining them.
 ///
 /// librdkafka's ListConsumerGroupOffsets must not run on an admin (producer)
@@ -234,13 +237,35 @@ impl GroupOffsets {
     }
 
     /// The offsets `group` has committed, on every partition it has committed
-    /// on, read from the group's coordinator without joining the group.
+    /// on, read from the group's coordinator without joining the group. A
+    /// coordinator still loading or moving (just after a broker starts) is
+    /// asked again until `timeout`, as a consumer's own offset fetch does.
     pub fn committed_offsets(
         &self,
         group: &str,
         timeout: Duration,
     ) -> Result<Vec<CommittedOffset>, AdminError> {
-        ffi::committed_offsets(self.consumer.client().native_ptr(), group, timeout)
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = ffi::committed_offsets(self.consumer.client().native_ptr(), group, left);
+            let transient = result
+                .as_ref()
+                .err()
+                .and_then(AdminError::code)
+                .is_some_and(|code| {
+                    matches!(
+                        code,
+                        RDKafkaErrorCode::CoordinatorLoadInProgress
+                            | RDKafkaErrorCode::CoordinatorNotAvailable
+                            | RDKafkaErrorCode::NotCoordinator
+                    )
+                });
+            if !transient || left < COORDINATOR_RETRY * 2 {
+                return result;
+            }
+            std::thread::sleep(COORDINATOR_RETRY);
+        }
     }
 }
 
