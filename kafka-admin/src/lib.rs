@@ -14,6 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BlockingRetryable, ConstantBuilder};
 use rdkafka::ClientConfig;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
@@ -203,6 +204,18 @@ impl AdminError {
     }
 }
 
+/// Whether the group's coordinator is still loading or moving: asked again.
+fn coordinator_unsettled(error: &AdminError) -> bool {
+    matches!(
+        error.code(),
+        Some(
+            RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+        )
+    )
+}
+
 /// How long a reader waits before asking a loading or moving coordinator again.
 const COORDINATOR_RETRY: Duration = Duration::from_millis(250);
 
@@ -246,26 +259,16 @@ impl GroupOffsets {
         timeout: Duration,
     ) -> Result<Vec<CommittedOffset>, AdminError> {
         let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let result = ffi::committed_offsets(self.consumer.client().native_ptr(), group, left);
-            let transient = result
-                .as_ref()
-                .err()
-                .and_then(AdminError::code)
-                .is_some_and(|code| {
-                    matches!(
-                        code,
-                        RDKafkaErrorCode::CoordinatorLoadInProgress
-                            | RDKafkaErrorCode::CoordinatorNotAvailable
-                            | RDKafkaErrorCode::NotCoordinator
-                    )
-                });
-            if !transient || left < COORDINATOR_RETRY * 2 {
-                return result;
-            }
-            std::thread::sleep(COORDINATOR_RETRY);
-        }
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let handle = self.consumer.client().native_ptr();
+        (|| ffi::committed_offsets(handle, group, left()))
+            .retry(
+                ConstantBuilder::new()
+                    .with_delay(COORDINATOR_RETRY)
+                    .without_max_times(),
+            )
+            .when(|error| coordinator_unsettled(error) && left() >= COORDINATOR_RETRY * 2)
+            .call()
     }
 }
 
