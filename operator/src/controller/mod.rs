@@ -13,6 +13,7 @@ mod processor;
 mod provision;
 mod schemas;
 mod upgrade;
+mod wakes;
 mod workloads;
 
 pub use deletion::FINALIZER;
@@ -25,6 +26,7 @@ use provision::reconcile_topics;
 use schemas::{registry_problem, registry_summary};
 use upgrade::Prepared;
 pub use upgrade::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
+use wakes::Watched;
 use workloads::{apply_workloads, ingest_status};
 
 use std::collections::BTreeMap;
@@ -97,6 +99,9 @@ pub async fn reconcile(pipeline: Arc<Pipeline>, ctx: Arc<Context>) -> Result<Act
     let key = key_of(pipeline.as_ref());
     let span = info_span!("reconcile", pipeline = %key, generation = pipeline.metadata.generation);
     async move {
+        // Inside kube's span, which names why it runs:
+        // `RUST_LOG=kube_runtime::controller=info,keystone_operator::controller=debug`.
+        tracing::debug!("reconcile started");
         ctx.metrics
             .reconciles
             .with_label_values(&["pipeline"])
@@ -676,6 +681,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
     }
     observed.record(pipeline, ctx).await?;
 
+    let stable_replaced = upgrade::stable_replaced(pipeline.status.as_ref(), &observed.status);
     // A source that follows its subject's latest version looks for a new one.
     let registry_recheck = (schemas::follows_latest(&avro, pipeline)
         || matches!(avro, Resolved::Unreachable { .. }))
@@ -687,6 +693,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         capture_poll,
         registry_recheck,
         registry_wait,
+        stable_replaced,
     ]
     .into_iter()
     .flatten()
@@ -759,6 +766,31 @@ where
     }
 }
 
+/// The changes of an owned kind watched by metadata only that wake its Pipeline.
+fn owned_metadata<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    wakes::changed(
+        watcher(
+            api_for::<PartialObjectMeta<K>>(client, namespace),
+            config.clone(),
+        ),
+        wakes::owned_metadata,
+        Watched::Owned,
+    )
+}
+
 /// Runs the Pipeline and Processor controllers for one namespace (None: all)
 /// until shutdown.
 pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
@@ -772,7 +804,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     // the cache has taken them in: a second watch could tell it first, and the
     // pipelines it wakes would be judged against the cache's older copy.
     let (reflected_tx, reflected_rx) = futures::channel::mpsc::unbounded();
-    let pipeline_events = watcher(
+    let reflected = watcher(
         api_for::<Pipeline>(client, ns),
         watcher::Config::default().any_semantic(),
     )
@@ -783,8 +815,9 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             // Fails only when the controller (and with it the receiver) is gone.
             let _ = reflected_tx.unbounded_send(Ok(event.clone()));
         }
-    })
-    .applied_objects();
+    });
+    // The cache takes in every change; the reconcile wakes for those that are not its own status.
+    let pipeline_events = wakes::changed(reflected, wakes::pipeline, Watched::Pipelines);
     ctx.register_pipeline_store(ns, store.clone());
     let pipelines = Controller::for_stream(pipeline_events, store.clone());
     let mapper_store = store.clone();
@@ -797,13 +830,20 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     let pipeline_controller = pipelines
         .with_config(controller::Config::default().concurrency(concurrency))
         .trigger_backoff(trigger_backoff())
-        .owns(api_for::<ConfigMap>(client, ns), owned.clone())
-        .owns(api_for::<Deployment>(client, ns), owned.clone())
-        .owns(api_for::<Service>(client, ns), owned.clone())
-        .owns(api_for::<PodDisruptionBudget>(client, ns), owned)
-        .watches(
-            api_for::<Processor>(client, ns),
-            watcher::Config::default(),
+        .owns_stream(owned_metadata::<ConfigMap>(client, ns, &owned))
+        .owns_stream(wakes::changed(
+            watcher(api_for::<Deployment>(client, ns), owned.clone()),
+            wakes::deployment,
+            Watched::Owned,
+        ))
+        .owns_stream(owned_metadata::<Service>(client, ns, &owned))
+        .owns_stream(owned_metadata::<PodDisruptionBudget>(client, ns, &owned))
+        .watches_stream(
+            wakes::changed(
+                watcher(api_for::<Processor>(client, ns), watcher::Config::default()),
+                wakes::processor,
+                Watched::Processors,
+            ),
             move |processor| pipelines_using(&mapper_store, &processor),
         )
         .watches_stream(spec_changes, move |changed| {

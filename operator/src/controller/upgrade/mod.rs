@@ -34,7 +34,7 @@ mod prepare;
 mod restore;
 
 pub use incarnation::{ANNOTATION_ADOPT_STATE, STATE_ORIGIN, STATE_OWNERS};
-pub(super) use observe::observe;
+pub(super) use observe::{observe, stable_replaced};
 pub(super) use prepare::prepare;
 
 /// The condition that says whether the spec's current generation runs.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use keystone_crds::pipeline::{Pipeline, PipelineState, UpgradePhase};
+use keystone_crds::pipeline::{Pipeline, PipelineState, PipelineStatus, UpgradePhase};
 
 use super::health::sample_health;
 use super::{
@@ -178,4 +178,46 @@ pub(in crate::controller) async fn observe(
         observed.status.upgrade = Some(upgrade);
     }
     Ok(again)
+}
+
+/// At once when this reconcile replaced the stable plan. Its ConfigMap stays
+/// until the new stable plan is recorded (a rollback must find it until
+/// then); the next reconcile, which reads that record, removes it, and nothing
+/// else wakes that reconcile: the operator's own status writes do not.
+pub(in crate::controller) fn stable_replaced(
+    before: Option<&PipelineStatus>,
+    now: &PipelineStatus,
+) -> Option<Duration> {
+    before
+        .and_then(|s| s.stable_plan_hash.as_ref())
+        .is_some_and(|old| now.stable_plan_hash.as_ref() != Some(old))
+        .then_some(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stable(hash: Option<&str>) -> PipelineStatus {
+        PipelineStatus {
+            stable_plan_hash: hash.map(str::to_owned),
+            ..PipelineStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_replaced_stable_plan_asks_for_the_reconcile_that_removes_its_config_map() {
+        let replaced = stable_replaced(Some(&stable(Some("old"))), &stable(Some("new")));
+        assert_eq!(replaced, Some(Duration::ZERO));
+        // A first stable plan replaces none; an unchanged one has nothing to remove.
+        assert_eq!(
+            stable_replaced(Some(&stable(None)), &stable(Some("new"))),
+            None
+        );
+        assert_eq!(stable_replaced(None, &stable(Some("new"))), None);
+        assert_eq!(
+            stable_replaced(Some(&stable(Some("same"))), &stable(Some("same"))),
+            None
+        );
+    }
 }
