@@ -120,6 +120,17 @@ async fn a_processor_change_re_reconciles_the_pipelines_that_use_it() {
     keystone_e2e::wait_for_deletion(&pipelines, "uses-processor", WAIT)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The deletion reaches the Processor's usedBy through its watch, well
+    // before its 5-minute look-again.
+    wait_for(
+        &processors,
+        "drop-test-events",
+        WAIT,
+        "the deleted pipeline gone from usedBy",
+        |p| p.status.as_ref().is_some_and(|s| s.used_by.is_empty()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     ns.delete().await.expect("delete namespace");
 }
 

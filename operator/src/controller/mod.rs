@@ -19,8 +19,8 @@ mod workloads;
 pub use deletion::FINALIZER;
 use deletion::{cleanup, sync_finalizer};
 pub use processor::{
-    ProcessorContext, pipelines_using, processor_error_policy, processors_used_by,
-    reconcile_processor, references,
+    ProcessorContext, pipelines_using, processor_error_policy, reconcile_processor, references,
+    usage_changes,
 };
 use provision::reconcile_topics;
 use schemas::{registry_problem, registry_summary};
@@ -804,6 +804,8 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     // the cache has taken them in: a second watch could tell it first, and the
     // pipelines it wakes would be judged against the cache's older copy.
     let (reflected_tx, reflected_rx) = futures::channel::mpsc::unbounded();
+    // So does the Processor controller, which reports who uses each processor.
+    let (usage_tx, usage_rx) = futures::channel::mpsc::unbounded();
     let reflected = watcher(
         api_for::<Pipeline>(client, ns),
         watcher::Config::default().any_semantic(),
@@ -814,6 +816,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
         if let Ok(event) = event {
             // Fails only when the controller (and with it the receiver) is gone.
             let _ = reflected_tx.unbounded_send(Ok(event.clone()));
+            let _ = usage_tx.unbounded_send(event.clone());
         }
     });
     // The cache takes in every change; the reconcile wakes for those that are not its own status.
@@ -881,12 +884,8 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
         Controller::new(api_for::<Processor>(client, ns), watcher::Config::default())
             .with_config(controller::Config::default().concurrency(concurrency))
             .trigger_backoff(trigger_backoff())
-            // A Pipeline that starts referencing a Processor changes its usedBy.
-            .watches(
-                api_for::<Pipeline>(client, ns),
-                watcher::Config::default(),
-                |pipeline| processors_used_by(&pipeline),
-            )
+            // A Pipeline that starts or stops referencing a Processor changes its usedBy.
+            .reconcile_on(usage_changes(usage_rx))
             .shutdown_on_signal()
             .run(reconcile_processor, processor_error_policy, processor_ctx)
             .for_each(|result| async move { log_controller_error("Processor", result) });

@@ -2,6 +2,10 @@
 
 use super::*;
 
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use futures::Stream;
+
 /// Processor reconcile: validate its declared contract and report which pipelines use it.
 pub async fn reconcile_processor(
     processor: Arc<Processor>,
@@ -66,7 +70,8 @@ pub async fn reconcile_processor(
                 .with_label_values(&["processor", error.metric_label()])
                 .inc();
         }
-        // A Pipeline that stops referencing it does not wake it: look again now and then.
+        // Pipeline events wake it (`usage_changes`); looked at again now and
+        // then in case the watch missed one while it was away.
         result.map(|_| Action::requeue(Duration::from_secs(300)))
     }
     .instrument(span)
@@ -94,10 +99,21 @@ async fn write_processor_status(
     api.patch_status(
         &processor.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": status })),
+        &Patch::Merge(&status_patch(&status)),
     )
     .await?;
     Ok(())
+}
+
+/// The merge patch of a Processor's status. A field the status serializes
+/// without when empty is written as empty (or null) all the same: left out
+/// of a merge patch, it would keep its old value, and the last Pipeline
+/// that stops using a Processor would stay in its `usedBy`.
+fn status_patch(status: &ProcessorStatus) -> serde_json::Value {
+    let mut patch = json!({ "status": status });
+    patch["status"]["usedBy"] = json!(status.used_by);
+    patch["status"]["operator"] = json!(status.operator);
+    patch
 }
 
 pub fn processor_error_policy(
@@ -125,22 +141,97 @@ pub fn references(pipeline: &Pipeline, processor: &str) -> bool {
     })
 }
 
-/// The processors a pipeline references.
-pub fn processors_used_by(pipeline: &Pipeline) -> Vec<ObjectRef<Processor>> {
-    let namespace = pipeline.namespace();
+/// The names of the processors a pipeline's steps reference.
+fn referenced(pipeline: &Pipeline) -> BTreeSet<String> {
     pipeline
         .spec
         .steps
         .iter()
         .filter_map(|s| s.processor_ref.as_ref())
-        .map(|r| {
-            let object = ObjectRef::<Processor>::new(&r.name);
-            match &namespace {
-                Some(ns) => object.within(ns),
-                None => object,
-            }
-        })
+        .map(|r| r.name.clone())
         .collect()
+}
+
+/// Which processors each pipeline references, as last reported, so that a
+/// Pipeline's event wakes exactly the processors whose `usedBy` it changes:
+/// those it starts or stops referencing, all of its own when it is deleted,
+/// and none when only its status was written (each Pipeline status the
+/// operator records would otherwise reconcile every processor it uses).
+#[derive(Default)]
+struct Usage {
+    by_pipeline: HashMap<(String, String), BTreeSet<String>>,
+    /// The pipelines listed so far while the watch relists: one not listed
+    /// again was deleted while it was away.
+    relisted: Option<HashSet<(String, String)>>,
+}
+
+impl Usage {
+    fn changes(&mut self, event: watcher::Event<Pipeline>) -> Vec<ObjectRef<Processor>> {
+        let mut woken = Vec::new();
+        match event {
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(pipeline) | watcher::Event::Apply(pipeline) => {
+                let key = key_of_pipeline(&pipeline);
+                if let Some(relisted) = &mut self.relisted {
+                    relisted.insert(key.clone());
+                }
+                let now = referenced(&pipeline);
+                let before = self.by_pipeline.insert(key.clone(), now.clone());
+                let before = before.unwrap_or_default();
+                woken.extend(
+                    before
+                        .symmetric_difference(&now)
+                        .map(|name| processor_ref(&key.0, name)),
+                );
+            }
+            watcher::Event::InitDone => {
+                if let Some(relisted) = self.relisted.take() {
+                    let gone: Vec<_> = self
+                        .by_pipeline
+                        .keys()
+                        .filter(|key| !relisted.contains(*key))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        woken.extend(self.forget(&key));
+                    }
+                }
+            }
+            watcher::Event::Delete(pipeline) => {
+                woken.extend(self.forget(&key_of_pipeline(&pipeline)));
+            }
+        }
+        woken
+    }
+
+    fn forget(&mut self, key: &(String, String)) -> Vec<ObjectRef<Processor>> {
+        self.by_pipeline
+            .remove(key)
+            .unwrap_or_default()
+            .iter()
+            .map(|name| processor_ref(&key.0, name))
+            .collect()
+    }
+}
+
+fn key_of_pipeline(pipeline: &Pipeline) -> (String, String) {
+    (
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any(),
+    )
+}
+
+fn processor_ref(namespace: &str, name: &str) -> ObjectRef<Processor> {
+    ObjectRef::<Processor>::new(name).within(namespace)
+}
+
+/// The processors whose `usedBy` the Pipeline events change. The events come
+/// after the Pipeline cache took them in, which is what the reconcile reads.
+pub fn usage_changes(
+    events: impl Stream<Item = watcher::Event<Pipeline>> + Send + 'static,
+) -> impl Stream<Item = ObjectRef<Processor>> + Send + 'static {
+    let mut usage = Usage::default();
+    events.flat_map(move |event| futures::stream::iter(usage.changes(event)))
 }
 
 /// The pipelines to re-reconcile when a processor changes.
@@ -153,4 +244,89 @@ pub fn pipelines_using(store: &Store<Pipeline>, processor: &Processor) -> Vec<Ob
         .filter(|p| p.namespace() == namespace && references(p, &name))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(name: &str, processors: &[&str]) -> Pipeline {
+        let steps: String = processors
+            .iter()
+            .map(|p| format!("\n    - {{name: step-{p}, processorRef: {{name: {p}}}}}"))
+            .collect();
+        let yaml = format!(
+            "apiVersion: keystone.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  source: {{topic: in, schema: {{fields: []}}}}\n  steps:{steps}\n  sinks: [{{name: out, kafka: {{topic: out}}}}]\n"
+        );
+        serde_yaml_ng::from_str(&yaml).expect("a valid pipeline")
+    }
+
+    fn names(refs: Vec<ObjectRef<Processor>>) -> Vec<String> {
+        let mut names: Vec<String> = refs
+            .into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_pipeline_event_wakes_the_processors_whose_used_by_it_changes() {
+        let mut usage = Usage::default();
+        let first = pipeline("orders", &["mask", "enrich"]);
+        assert_eq!(
+            names(usage.changes(watcher::Event::Apply(first.clone()))),
+            ["shop/enrich", "shop/mask"]
+        );
+        // Its status written, or the same references again: nobody.
+        let mut with_status = first.clone();
+        with_status.status = Some(Default::default());
+        assert!(usage.changes(watcher::Event::Apply(with_status)).is_empty());
+        // One reference swapped for another: both, the other one untouched.
+        let swapped = pipeline("orders", &["mask", "score"]);
+        assert_eq!(
+            names(usage.changes(watcher::Event::Apply(swapped.clone()))),
+            ["shop/enrich", "shop/score"]
+        );
+        assert_eq!(
+            names(usage.changes(watcher::Event::Delete(swapped))),
+            ["shop/mask", "shop/score"]
+        );
+    }
+
+    #[test]
+    fn a_processor_nobody_uses_has_its_used_by_emptied_not_left_as_it_was() {
+        let patch = status_patch(&ProcessorStatus::default());
+        assert_eq!(patch["status"]["usedBy"], json!([]));
+        assert_eq!(patch["status"]["operator"], json!(null));
+        let used = ProcessorStatus {
+            used_by: vec!["orders".into()],
+            operator: Some("filter".into()),
+            ..ProcessorStatus::default()
+        };
+        let patch = status_patch(&used);
+        assert_eq!(patch["status"]["usedBy"], json!(["orders"]));
+        assert_eq!(patch["status"]["operator"], json!("filter"));
+    }
+
+    #[test]
+    fn a_relist_wakes_the_processors_of_pipelines_deleted_meanwhile() {
+        let mut usage = Usage::default();
+        usage.changes(watcher::Event::Apply(pipeline("kept", &["mask"])));
+        usage.changes(watcher::Event::Apply(pipeline("gone", &["enrich"])));
+        assert!(usage.changes(watcher::Event::Init).is_empty());
+        assert!(
+            usage
+                .changes(watcher::Event::InitApply(pipeline("kept", &["mask"])))
+                .is_empty()
+        );
+        assert_eq!(
+            names(usage.changes(watcher::Event::InitDone)),
+            ["shop/enrich"]
+        );
+        assert_eq!(
+            names(usage.changes(watcher::Event::Delete(pipeline("kept", &["mask"])))),
+            ["shop/mask"]
+        );
+    }
 }
