@@ -2,7 +2,9 @@
 
 use super::*;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
+
+use super::wakes::Relist;
 
 use futures::Stream;
 
@@ -160,32 +162,30 @@ fn referenced(pipeline: &Pipeline) -> BTreeSet<String> {
 #[derive(Default)]
 struct Usage {
     by_pipeline: HashMap<(String, String), BTreeSet<String>>,
-    /// The pipelines listed so far while the watch relists: one not listed
-    /// again was deleted while it was away.
-    relisted: Option<HashSet<(String, String)>>,
+    /// A pipeline not listed again was deleted while the watch was away.
+    relisted: Relist<(String, String)>,
 }
 
 impl Usage {
     fn changes(&mut self, event: watcher::Event<Pipeline>) -> Vec<ObjectRef<Processor>> {
         let mut woken = Vec::new();
         match event {
-            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::Init => self.relisted.start(),
             watcher::Event::InitApply(pipeline) | watcher::Event::Apply(pipeline) => {
                 let key = key_of_pipeline(&pipeline);
-                if let Some(relisted) = &mut self.relisted {
-                    relisted.insert(key.clone());
-                }
+                self.relisted.listed(|| key.clone());
                 let now = referenced(&pipeline);
-                let before = self.by_pipeline.insert(key.clone(), now.clone());
-                let before = before.unwrap_or_default();
+                let before = self.by_pipeline.get(&key);
                 woken.extend(
                     before
+                        .unwrap_or(&BTreeSet::new())
                         .symmetric_difference(&now)
                         .map(|name| processor_ref(&key.0, name)),
                 );
+                self.by_pipeline.insert(key, now);
             }
             watcher::Event::InitDone => {
-                if let Some(relisted) = self.relisted.take() {
+                if let Some(relisted) = self.relisted.finish() {
                     let gone: Vec<_> = self
                         .by_pipeline
                         .keys()

@@ -65,9 +65,9 @@ where
 struct Seen {
     watched: Watched,
     last: HashMap<String, u64>,
-    /// The objects listed so far while the watch relists: whatever it does
-    /// not list again was deleted while it was away, and is forgotten.
-    relisted: Option<HashSet<String>>,
+    /// Whatever the watch does not list again was deleted while it was
+    /// away, and is forgotten.
+    relisted: Relist<String>,
 }
 
 impl Default for Seen {
@@ -75,7 +75,7 @@ impl Default for Seen {
         Self {
             watched: Watched::Owned,
             last: HashMap::new(),
-            relisted: None,
+            relisted: Relist::default(),
         }
     }
 }
@@ -84,17 +84,15 @@ impl Seen {
     fn wakes<K: Resource>(&mut self, event: Event<K>, fingerprint: fn(&K) -> u64) -> Option<K> {
         match event {
             Event::Init => {
-                self.relisted = Some(HashSet::new());
+                self.relisted.start();
                 None
             }
             Event::InitApply(object) => {
-                if let Some(relisted) = &mut self.relisted {
-                    relisted.insert(identity(object.meta()));
-                }
+                self.relisted.listed(|| identity(object.meta()));
                 self.if_changed(object, fingerprint)
             }
             Event::InitDone => {
-                if let Some(relisted) = self.relisted.take() {
+                if let Some(relisted) = self.relisted.finish() {
                     self.last.retain(|id, _| relisted.contains(id));
                 }
                 None
@@ -117,6 +115,35 @@ impl Seen {
             },
         };
         wakes.then_some(object)
+    }
+}
+
+/// The objects a watch has listed so far while it relists (after a restart
+/// or an expired resource version): what it knew and does not list again was
+/// deleted while it was away.
+pub(super) struct Relist<Id>(Option<HashSet<Id>>);
+
+impl<Id> Default for Relist<Id> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<Id: Eq + Hash> Relist<Id> {
+    pub(super) fn start(&mut self) {
+        self.0 = Some(HashSet::new());
+    }
+
+    /// Notes an object listed, if a relist is running.
+    pub(super) fn listed(&mut self, id: impl FnOnce() -> Id) {
+        if let Some(listed) = &mut self.0 {
+            listed.insert(id());
+        }
+    }
+
+    /// Ends the relist: what it listed, if one was running.
+    pub(super) fn finish(&mut self) -> Option<HashSet<Id>> {
+        self.0.take()
     }
 }
 
