@@ -343,6 +343,52 @@ async fn pipeline_lifecycle_topics_workloads_status_and_delete() {
         cm_before
     );
 
+    // A plan with one stage fewer: the dropped stage's Deployment, Service
+    // and budget go, the remaining stage's stay.
+    let patch = json!({"spec": {"steps": [], "upgrade": {"allowStateReset": true}}});
+    pipelines
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch to one stage");
+    wait_for(&pipelines, name, WAIT, "one stage in status", |p| {
+        p.status.as_ref().is_some_and(|s| s.stages.len() == 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s1 = format!("{name}-s1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = (
+            deployments.get_opt(&s1).await.expect("get").is_some(),
+            ns.api::<Service>()
+                .get_opt(&s1)
+                .await
+                .expect("get")
+                .is_some(),
+            ns.api::<PodDisruptionBudget>()
+                .get_opt(&s1)
+                .await
+                .expect("get")
+                .is_some(),
+        );
+        if left == (false, false, false) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped stage's (Deployment, Service, budget) still there: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    deployments
+        .get(&s0)
+        .await
+        .expect("the kept stage's Deployment");
+    ns.api::<Service>()
+        .get(&s0)
+        .await
+        .expect("the kept stage's Service");
+
     // Delete: the topics the pipeline created go, the source stays.
     pipelines
         .delete(name, &Default::default())

@@ -68,6 +68,8 @@ pub struct Context {
     pipeline_stores: std::sync::Mutex<Vec<(String, Store<Pipeline>)>>,
     /// Schema registry clients, kept across reconciles.
     pub(crate) registries: crate::registry::RegistryClients,
+    /// The objects each Pipeline controls, kept from the owned-object watches.
+    pub(crate) owned: crate::controller::OwnedObjects,
 }
 
 impl Context {
@@ -101,6 +103,7 @@ impl Context {
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),
             registries: Default::default(),
+            owned: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 mod capture_first;
 mod cycles;
 mod deletion;
+mod owned;
 mod processor;
 mod provision;
 mod schemas;
@@ -18,6 +19,7 @@ mod workloads;
 
 pub use deletion::FINALIZER;
 use deletion::{cleanup, sync_finalizer};
+pub(crate) use owned::OwnedObjects;
 pub use processor::{
     ProcessorContext, pipelines_using, processor_error_policy, reconcile_processor, references,
     usage_changes,
@@ -766,31 +768,6 @@ where
     }
 }
 
-/// The changes of an owned kind watched by metadata only that wake its Pipeline.
-fn owned_metadata<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    config: &watcher::Config,
-) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    wakes::changed(
-        watcher(
-            api_for::<PartialObjectMeta<K>>(client, namespace),
-            config.clone(),
-        ),
-        wakes::owned_metadata,
-        Watched::Owned,
-    )
-}
-
 /// Runs the Pipeline and Processor controllers for one namespace (None: all)
 /// until shutdown.
 pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
@@ -833,14 +810,12 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     let pipeline_controller = pipelines
         .with_config(controller::Config::default().concurrency(concurrency))
         .trigger_backoff(trigger_backoff())
-        .owns_stream(owned_metadata::<ConfigMap>(client, ns, &owned))
-        .owns_stream(wakes::changed(
-            watcher(api_for::<Deployment>(client, ns), owned.clone()),
-            wakes::deployment,
-            Watched::Owned,
+        .owns_stream(owned::metadata_changes::<ConfigMap>(&ctx, ns, &owned))
+        .owns_stream(owned::deployment_changes(&ctx, ns, &owned))
+        .owns_stream(owned::metadata_changes::<Service>(&ctx, ns, &owned))
+        .owns_stream(owned::metadata_changes::<PodDisruptionBudget>(
+            &ctx, ns, &owned,
         ))
-        .owns_stream(owned_metadata::<Service>(client, ns, &owned))
-        .owns_stream(owned_metadata::<PodDisruptionBudget>(client, ns, &owned))
         .watches_stream(
             wakes::changed(
                 watcher(api_for::<Processor>(client, ns), watcher::Config::default()),

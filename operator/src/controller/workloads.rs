@@ -2,6 +2,7 @@
 
 use k8s_openapi::api::core::v1::Secret;
 
+use super::owned::OwnedKind;
 use super::*;
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use keystone_crds::pipeline::IngestStatus;
@@ -299,15 +300,28 @@ pub(super) async fn apply_workloads(
             &mut wanted,
         );
     }
-    let uid = pipeline.uid().unwrap_or_default();
-    let selector = format!(
-        "{LABEL_PIPELINE}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
-        plan.pipeline
-    );
+    let sweep = Sweep {
+        ctx,
+        namespace,
+        uid: pipeline.uid().unwrap_or_default(),
+        selector: format!(
+            "{LABEL_PIPELINE}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
+            plan.pipeline
+        ),
+        // A stage the last status recorded and the plan no longer has may have
+        // been applied so recently that its watch has not reported it yet.
+        ask_server: recorded_stages_differ(pipeline, plan, &wanted),
+    };
     let unwanted = |name: &str| !wanted.iter().any(|w| w == name);
-    remove_stale(&deployments, &selector, unwanted, &uid).await?;
-    remove_stale(&services, &selector, unwanted, &uid).await?;
-    remove_stale(&budgets, &selector, unwanted, &uid).await?;
+    sweep
+        .remove(&deployments, OwnedKind::Deployment, unwanted)
+        .await?;
+    sweep
+        .remove(&services, OwnedKind::Service, unwanted)
+        .await?;
+    sweep
+        .remove(&budgets, OwnedKind::PodDisruptionBudget, unwanted)
+        .await?;
     // Plan ConfigMaps of earlier versions go once every stage runs the current
     // one, except those a rollback may need. Checkpoints and restores are not plans.
     if rolled_out {
@@ -318,7 +332,9 @@ pub(super) async fn apply_workloads(
         let plans_prefix = resources::plan_config_map_name(&plan.pipeline, "");
         let unwanted =
             |name: &str| name.starts_with(&plans_prefix) && !keep.iter().any(|k| k == name);
-        remove_stale(&config_maps, &selector, unwanted, &uid).await?;
+        sweep
+            .remove(&config_maps, OwnedKind::ConfigMap, unwanted)
+            .await?;
     }
     Ok(Workloads {
         stages,
@@ -418,28 +434,79 @@ pub(super) struct Workloads {
     pub(super) failing: Vec<String>,
 }
 
-/// Deletes objects this pipeline controls that are not wanted any more.
-async fn remove_stale<K>(
-    api: &Api<K>,
-    selector: &str,
-    unwanted: impl Fn(&str) -> bool,
-    uid: &str,
-) -> Result<(), Error>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    for object in api.list(&ListParams::default().labels(selector)).await? {
-        let name = object.meta().name.clone().unwrap_or_default();
-        let ours = object
-            .meta()
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == uid && o.controller == Some(true));
-        if ours && unwanted(&name) {
-            info!(object = %name, "removing a stage the plan no longer has");
-            delete_if_present(api, &name).await?;
-        }
+/// Whether the status recorded stages (and source components) and they are
+/// not the objects the plan wants now. None recorded is a first deploy, with
+/// nothing stale but what a failed one left, which the index knows by now.
+fn recorded_stages_differ(pipeline: &Pipeline, plan: &Plan, wanted: &[String]) -> bool {
+    let recorded = pipeline.status.iter().flat_map(|s| &s.stages);
+    let mut recorded: Vec<String> = recorded
+        .map(|stage| resources::stage_object_name(&plan.pipeline, &stage.name))
+        .collect();
+    if recorded.is_empty() {
+        return false;
     }
-    Ok(())
+    let mut wanted = wanted.to_vec();
+    recorded.sort();
+    wanted.sort();
+    recorded != wanted
+}
+
+/// Removes the objects a pipeline controls that it no longer wants.
+struct Sweep<'a> {
+    ctx: &'a Context,
+    namespace: &'a str,
+    uid: String,
+    selector: String,
+    /// Ask the API server which objects exist rather than the watches' index.
+    ask_server: bool,
+}
+
+impl Sweep<'_> {
+    /// Deletes the objects of `kind` this pipeline controls whose name is
+    /// `unwanted`. The names come from the owned-object watches' index,
+    /// unless it has not listed yet or `ask_server` is set (a list of
+    /// metadata then, by label).
+    async fn remove<K>(
+        &self,
+        api: &Api<K>,
+        kind: OwnedKind,
+        unwanted: impl Fn(&str) -> bool,
+    ) -> Result<(), Error>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let indexed = (!self.ask_server)
+            .then(|| self.ctx.owned.names(self.namespace, kind, &self.uid))
+            .flatten();
+        let names = match indexed {
+            Some(names) => names,
+            None => self.listed(api).await?,
+        };
+        for name in names.iter().filter(|name| unwanted(name)) {
+            info!(object = %name, "removing a stage the plan no longer has");
+            delete_if_present(api, name).await?;
+        }
+        Ok(())
+    }
+
+    async fn listed<K>(&self, api: &Api<K>) -> Result<Vec<String>, Error>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let listed = api
+            .list_metadata(&ListParams::default().labels(&self.selector))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .filter(|object| {
+                object
+                    .meta()
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.uid == self.uid && o.controller == Some(true))
+            })
+            .filter_map(|object| object.metadata.name)
+            .collect())
+    }
 }
