@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use keystone_crds::pipeline::Pipeline;
+use keystone_crds::processor::Processor;
+use kube::api::ListParams;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource};
 use tokio::sync::Mutex;
@@ -30,9 +32,10 @@ pub const FIELD_MANAGER: &str = "keystone-operator";
 /// before reading its Secrets again.
 pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(30);
 
-/// How long a reconcile waits for every watched namespace's Pipelines to be
-/// listed (at start, or after a watch was lost) before it fails and is retried.
-pub const PIPELINES_LISTED: Duration = Duration::from_secs(30);
+/// How long a reconcile waits for every watched namespace's Pipelines (and its
+/// own namespace's Processors) to be listed (at start, or after a watch was
+/// lost) before it fails and is retried.
+pub const CACHE_LISTED: Duration = Duration::from_secs(30);
 
 /// An admin client and the properties (credentials included) it was built with.
 struct CachedAdmin {
@@ -66,6 +69,8 @@ pub struct Context {
     /// The caches of Pipelines, one per watched namespace (or one for all): the
     /// check for cycles between pipelines needs every pipeline, not one.
     pipeline_stores: std::sync::Mutex<Vec<(String, Store<Pipeline>)>>,
+    /// The caches of Processors, one per watched namespace (None: for all).
+    processor_stores: std::sync::Mutex<Vec<(Option<String>, Store<Processor>)>>,
     /// Schema registry clients, kept across reconciles.
     pub(crate) registries: crate::registry::RegistryClients,
     /// The objects each Pipeline controls, kept from the owned-object watches.
@@ -102,6 +107,7 @@ impl Context {
             admins: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             pipeline_stores: std::sync::Mutex::new(Vec::new()),
+            processor_stores: std::sync::Mutex::new(Vec::new()),
             registries: Default::default(),
             owned: Default::default(),
         }
@@ -114,6 +120,49 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push((namespace.unwrap_or("(all)").to_owned(), store));
+    }
+
+    /// Adds a watched namespace's (None: every namespace's) cache of
+    /// Processors, which [`Context::processors_in`] reads.
+    pub(crate) fn register_processor_store(
+        &self,
+        namespace: Option<&str>,
+        store: Store<Processor>,
+    ) {
+        self.processor_stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((namespace.map(str::to_owned), store));
+    }
+
+    /// The Processors of `namespace`: from the cache of the watch that covers
+    /// it once it has listed them (the watch's events wake the Pipelines that
+    /// use them after the cache took them in), else from the API server.
+    pub(crate) async fn processors_in(&self, namespace: &str) -> Result<Vec<Processor>, Error> {
+        let store = self
+            .processor_stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(scope, _)| scope.as_deref().is_none_or(|scope| scope == namespace))
+            .map(|(_, store)| store.clone());
+        let Some(store) = store else {
+            let api: Api<Processor> = Api::namespaced(self.client.clone(), namespace);
+            return Ok(api.list(&ListParams::default()).await?.items);
+        };
+        match tokio::time::timeout(CACHE_LISTED, store.wait_until_ready()).await {
+            Ok(_) => Ok(store
+                .state()
+                .iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+                .map(|p| Processor::clone(p))
+                .collect()),
+            Err(_) => Err(Error::NotListed {
+                kind: "Processor",
+                namespace: namespace.to_owned(),
+                after: CACHE_LISTED,
+            }),
+        }
     }
 
     /// Every Pipeline the operator's caches hold now, without waiting for a cache
@@ -129,7 +178,7 @@ impl Context {
 
     /// Every Pipeline the operator watches, once each cache has listed them
     /// all. A cache still listing would hide the other end of a cycle, so one
-    /// that does not list within [`PIPELINES_LISTED`] fails the reconcile
+    /// that does not list within [`CACHE_LISTED`] fails the reconcile
     /// (retried, and logged with the namespace) rather than hold it.
     pub(crate) async fn known_pipelines(&self) -> Result<Vec<Arc<Pipeline>>, Error> {
         let stores: Vec<(String, Store<Pipeline>)> = self
@@ -139,14 +188,15 @@ impl Context {
             .clone();
         let mut pipelines = Vec::new();
         for (namespace, store) in stores {
-            match tokio::time::timeout(PIPELINES_LISTED, store.wait_until_ready()).await {
+            match tokio::time::timeout(CACHE_LISTED, store.wait_until_ready()).await {
                 Ok(Ok(())) => pipelines.extend(store.state()),
                 // The writer lives as long as the controllers: gone means shutdown.
                 Ok(Err(_)) => {}
                 Err(_) => {
-                    return Err(Error::PipelinesNotListed {
+                    return Err(Error::NotListed {
+                        kind: "Pipeline",
                         namespace,
-                        after: PIPELINES_LISTED,
+                        after: CACHE_LISTED,
                     });
                 }
             }
@@ -289,13 +339,63 @@ mod tests {
 
         ctx.register_pipeline_store(Some("team-b"), unlisted);
         match ctx.known_pipelines().await {
-            Err(Error::PipelinesNotListed { namespace, after }) => {
+            Err(Error::NotListed {
+                kind: "Pipeline",
+                namespace,
+                after,
+            }) => {
                 assert_eq!(namespace, "team-b");
-                assert_eq!(after, PIPELINES_LISTED);
+                assert_eq!(after, CACHE_LISTED);
             }
             other => panic!("expected team-b not listed, got {other:?}"),
         }
         // What the caches hold is still there for the watch mappers.
         assert_eq!(ctx.pipeline_stores_now().len(), 1);
+    }
+
+    fn processor(namespace: &str, name: &str) -> Processor {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keystone.dev/v1alpha1",
+            "kind": "Processor",
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": { "filter": { "expression": "true" } }
+        }))
+        .expect("processor")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn processors_come_from_the_cache_of_their_namespace_once_it_has_listed() {
+        let ctx = offline_context();
+        let (store, mut writer) = reflector::store();
+        ctx.register_processor_store(None, store);
+        match ctx.processors_in("team-a").await {
+            Err(Error::NotListed {
+                kind: "Processor",
+                namespace,
+                after,
+            }) => {
+                assert_eq!(namespace, "team-a");
+                assert_eq!(after, CACHE_LISTED);
+            }
+            other => panic!("expected the Processors not listed, got {other:?}"),
+        }
+        for event in [
+            Event::Init,
+            Event::InitApply(processor("team-a", "mask")),
+            Event::InitApply(processor("team-b", "mask")),
+            Event::InitApply(processor("team-a", "enrich")),
+            Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        let mut names: Vec<String> = ctx
+            .processors_in("team-a")
+            .await
+            .expect("listed")
+            .iter()
+            .map(kube::ResourceExt::name_any)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["enrich", "mask"]);
     }
 }

@@ -88,10 +88,15 @@ pub enum Error {
     #[error("the capture's database: {0}")]
     Capture(String),
 
-    /// A watched namespace's Pipelines were not listed in time (its watch is
-    /// failing or slow): the cycle check needs every namespace's.
-    #[error("the Pipelines of namespace {namespace} are not listed yet (waited {after:?})")]
-    PipelinesNotListed { namespace: String, after: Duration },
+    /// A watched namespace's Pipelines (which the cycle check needs, every
+    /// namespace's) or Processors were not listed in time: its watch is
+    /// failing or slow.
+    #[error("the {kind}s of namespace {namespace} are not listed yet (waited {after:?})")]
+    NotListed {
+        kind: &'static str,
+        namespace: String,
+        after: Duration,
+    },
 }
 
 impl Error {
@@ -114,7 +119,7 @@ impl Error {
             Error::ControlKey(_) => "control_key",
             Error::TooLarge(_) => "too_large",
             Error::Capture(_) => "capture",
-            Error::PipelinesNotListed { .. } => "pipelines_not_listed",
+            Error::NotListed { .. } => "not_listed",
         }
     }
 

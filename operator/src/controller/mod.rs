@@ -264,10 +264,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         status: pipeline.status.clone().unwrap_or_default(),
         finished_checkpoint: None,
     };
-    let processors: Vec<Processor> = Api::<Processor>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let processors = ctx.processors_in(&namespace).await?;
 
     // Validate: an invalid spec deploys and deletes nothing, and waits for a change.
     if let Some(problem) = resources::name_problem(&name) {
@@ -807,6 +804,14 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
     let cycle_default_cluster = ctx.config.resolve_cluster(None);
     let spec_changes = cycles::spec_changes(reflected_rx);
     let concurrency = ctx.config.reconcile_concurrency();
+    // The reconcile reads the Processors a Pipeline uses from this cache,
+    // which takes in each change before it wakes the Pipelines.
+    let (processor_store, processor_writer) = reflector::store();
+    ctx.register_processor_store(ns, processor_store);
+    let processors_reflected =
+        watcher(api_for::<Processor>(client, ns), watcher::Config::default())
+            .modify(|processor| processor.managed_fields_mut().clear())
+            .reflect(processor_writer);
     let pipeline_controller = pipelines
         .with_config(controller::Config::default().concurrency(concurrency))
         .trigger_backoff(trigger_backoff())
@@ -817,11 +822,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespace: Option<String>) {
             &ctx, ns, &owned,
         ))
         .watches_stream(
-            wakes::changed(
-                watcher(api_for::<Processor>(client, ns), watcher::Config::default()),
-                wakes::processor,
-                Watched::Processors,
-            ),
+            wakes::changed(processors_reflected, wakes::processor, Watched::Processors),
             move |processor| pipelines_using(&mapper_store, &processor),
         )
         .watches_stream(spec_changes, move |changed| {
