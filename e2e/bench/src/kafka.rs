@@ -58,7 +58,7 @@ pub fn ceiling(_: &CeilingArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "kafka")]
-pub use with_kafka::{ceiling, load, load_with};
+pub use with_kafka::{CeilingRun, ceiling, load, load_with, measure_ceiling};
 
 #[cfg(feature = "kafka")]
 mod with_kafka {
@@ -193,15 +193,46 @@ mod with_kafka {
         Ok(())
     }
 
-    /// Consume from `from` (from the beginning, a new group) and produce every record
-    /// unchanged to `to`, until `records` were produced and acknowledged.
+    /// What one consume-produce loop measured.
+    #[derive(Clone, Copy, Debug)]
+    pub struct CeilingRun {
+        /// Records copied (produced and acknowledged).
+        pub records: u64,
+        /// From the first record consumed to the last one acknowledged.
+        pub seconds: f64,
+        pub records_per_s: f64,
+    }
+
+    /// The `ceiling` command: [`measure_ceiling`], printed.
     pub fn ceiling(args: &CeilingArgs) -> anyhow::Result<()> {
+        let run = measure_ceiling(args)?;
+        println!(
+            "consume-produce ceiling: {} records from {} to {} in {:.2}s (from the first record): {:.0} records/s",
+            run.records, args.from, args.to, run.seconds, run.records_per_s
+        );
+        Ok(())
+    }
+
+    /// Consume from `from` (from the beginning, a new group) and produce every record
+    /// unchanged to `to` (recreated), until `records` were produced and acknowledged.
+    pub fn measure_ceiling(args: &CeilingArgs) -> anyhow::Result<CeilingRun> {
         recreate(&args.brokers, &args.to, 2)?;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &args.brokers)
+            // A group of its own per call (the runner measures once per round in
+            // one process): no member of an earlier round to wait for, and no
+            // committed offset, so each starts at the beginning.
             .set(
                 "group.id",
-                format!("keystone-bench-ceiling-{}", std::process::id()),
+                format!(
+                    "keystone-bench-ceiling-{}-{}-{}",
+                    args.to,
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or_default()
+                ),
             )
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -233,14 +264,12 @@ mod with_kafka {
             }
         }
         p.flush(Duration::from_secs(120))?;
-        let s = start.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
-        println!(
-            "consume-produce ceiling: {n} records from {} to {} in {s:.2}s (from the first record): {:.0} records/s",
-            args.from,
-            args.to,
-            n as f64 / s
-        );
-        Ok(())
+        let seconds = start.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+        Ok(CeilingRun {
+            records: n,
+            seconds,
+            records_per_s: n as f64 / seconds,
+        })
     }
 }
 
@@ -258,6 +287,7 @@ pub mod drive {
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
     use rdkafka::message::{Message, Timestamp};
     use rdkafka::{Offset, TopicPartitionList};
 
@@ -355,6 +385,98 @@ pub mod drive {
             total += high - low;
         }
         Ok(Some((t.partitions().len(), total)))
+    }
+
+    /// What a run wrote into `topics`: the offsets they took (the sum of their
+    /// partitions' high watermarks, transaction markers included: the topics are
+    /// new, so every offset is the run's) and, with `count_committed`, the data
+    /// records among them, read back read_committed (a reader is given neither
+    /// control markers nor aborted records).
+    pub fn written(
+        brokers: &str,
+        topics: &[String],
+        count_committed: bool,
+    ) -> anyhow::Result<(u64, Option<u64>)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            // Watermark queries follow it: read_committed (librdkafka's default)
+            // would answer the last stable offset.
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
+        let mut offsets = 0u64;
+        let mut ends: Vec<(&str, Vec<(i32, i64)>)> = Vec::new();
+        for topic in topics {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            let t = md
+                .topics()
+                .first()
+                .filter(|t| !t.partitions().is_empty())
+                .with_context(|| format!("{topic} does not exist"))?;
+            let mut parts = Vec::new();
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                offsets += high.max(0) as u64;
+                parts.push((p.id(), high));
+            }
+            ends.push((topic, parts));
+        }
+        if !count_committed {
+            return Ok((offsets, None));
+        }
+        let mut records = 0;
+        for (topic, parts) in &ends {
+            records += committed_count(brokers, topic, parts)?;
+        }
+        Ok((offsets, Some(records)))
+    }
+
+    /// The data records a read_committed reader gets from `topic`'s partitions
+    /// (id, high watermark) from the beginning to their end (for such a reader the
+    /// last stable offset, where librdkafka signals the partition's EOF).
+    fn committed_count(brokers: &str, topic: &str, parts: &[(i32, i64)]) -> anyhow::Result<u64> {
+        // A partition nothing was written to has nothing to count.
+        let mut pending: std::collections::HashSet<i32> = parts
+            .iter()
+            .filter(|(_, high)| *high > 0)
+            .map(|(p, _)| *p)
+            .collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("keystone-bench-count-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in &pending {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut n = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !pending.is_empty() {
+            if Instant::now() > deadline {
+                bail!(
+                    "counting {topic}: {n} records read, partitions {pending:?} unfinished after 180 s"
+                );
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Ok(_)) => n += 1,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    pending.remove(&p);
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+        Ok(n)
     }
 
     pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<usize> {

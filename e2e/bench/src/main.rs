@@ -4,6 +4,7 @@
 
 #[cfg(feature = "kafka")]
 mod avro;
+mod ceiling;
 mod digest;
 mod generate;
 mod kafka;

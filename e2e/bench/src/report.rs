@@ -80,6 +80,10 @@ pub struct RunRecord {
     /// S9: index actions the index answered (indexed + version conflicts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub search_actions: Option<u64>,
+    /// S5/S6, Keystone's runs: the round's consume-produce ceiling and the
+    /// records the run wrote (absent in results from before issue 18).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<crate::ceiling::CeilingRound>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -141,6 +145,9 @@ pub struct ScenarioResult {
     /// Measurements that are not runs of engines side by side (S8), as markdown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+    /// S5/S6: Keystone as a fraction of the consume-produce ceiling of the same run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<crate::ceiling::CeilingSummary>,
 }
 
 impl ScenarioResult {
@@ -162,6 +169,7 @@ impl ScenarioResult {
             startup: Vec::new(),
             runs: Vec::new(),
             notes: None,
+            ceiling: None,
         }
     }
 }
@@ -337,7 +345,7 @@ impl Results {
         );
         let _ = writeln!(md, "|---|---|---|---|---|");
         for s in &self.scenarios {
-            let ratios = if s.ratios.is_empty() {
+            let mut ratios = if s.ratios.is_empty() {
                 s.reason.clone()
             } else {
                 s.ratios
@@ -359,6 +367,15 @@ impl Results {
                     .collect::<Vec<_>>()
                     .join("; ")
             };
+            if let Some(c) = &s.ceiling {
+                let text = crate::ceiling::summary_text(c);
+                // `--engines keystone` leaves no ratio before it.
+                ratios = if ratios.is_empty() {
+                    text
+                } else {
+                    format!("{ratios}; {text}")
+                };
+            }
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} |",
@@ -506,6 +523,9 @@ impl Results {
                 }
                 md.push('\n');
             }
+            if let Some(c) = &s.ceiling {
+                let _ = writeln!(md, "{}\n", crate::ceiling::section_line(c));
+            }
             if s.id == "S6"
                 && let Some(s5) = self.scenarios.iter().find(|x| x.id == "S5")
             {
@@ -596,5 +616,91 @@ mod tests {
         assert!(read.cpu_s.is_nan() && read.peak_rss_mib.is_nan());
         assert!(read.cpu_s_per_m_events.is_nan());
         assert_eq!(read.events_per_s, 109407.4);
+    }
+
+    /// An S5 entry as RESULTS.json held it before issue 18 (trimmed): no
+    /// `ceiling` on the scenario nor on its runs.
+    const OLD_S5: &str = r#"{"id": "S5", "title": "Kafka -> parse, dedup, project -> Kafka, at-least-once", "target": ">= 3x Flink, >= 2x Kafka Streams", "status": "measured", "reason": "",
+        "input": {"path": "/cache/data/v1/events.jsonl", "events": 500000, "bytes": 151608759},
+        "pipeline": "e2e/bench/pipelines/s5-kafka-dedup-project.yaml", "runtime_bin": "/cache/keystone-runtime-9061d99",
+        "reference": {"lines": 399775, "sha256": "23a1c30c4d0598daa93f8411805ab7600845e92414fb24601d04dc95f3a1a4f5"},
+        "loadavg_start": 4.86, "loadavg_end": 6.25,
+        "engines": [{"engine": "keystone", "config": "cfg", "runs": 1, "failed_runs": 0, "time_basis": "drain: first output record appended",
+            "events_per_s": {"median": 115500.1, "min": 107112.2, "max": 129132.2, "n": 5}, "events_per_s_wall": null,
+            "cpu_s_per_m_events": null, "peak_rss_mib": null, "wall_s": null}],
+        "ratios": [{"peer": "flink", "target": 3.0, "met": false, "failed_pairs": 0, "events_per_s_per_pair": [1.97],
+            "events_per_s": {"median": 1.97, "min": 1.97, "max": 1.97, "n": 1}, "wall_ratio": null, "cpu_ratio": null}],
+        "startup": [],
+        "runs": [{"round": 2, "warmup": false, "engine": "keystone", "wall_s": 4.36, "engine_s": 3.87, "time_basis": "drain",
+            "cpu_s": 2.04, "peak_rss_mib": 139.6, "events_per_s": 129132.2, "cpu_s_per_m_events": 4.08,
+            "output": null, "digest_ok": true, "loadavg_1m": 4.3, "error": null}]}"#;
+
+    fn with_s5(s5: ScenarioResult) -> Results {
+        Results {
+            scenarios: vec![s5],
+            ..Results::default()
+        }
+    }
+
+    #[test]
+    fn an_entry_from_before_the_ceiling_fraction_renders_without_its_line() {
+        let old: ScenarioResult = serde_json::from_str(OLD_S5).unwrap();
+        assert!(old.ceiling.is_none() && old.runs[0].ceiling.is_none());
+        let md = with_s5(old.clone()).markdown();
+        assert!(md.contains("## S5: Kafka -> parse, dedup, project -> Kafka"));
+        assert!(!md.contains("Consume-produce ceiling"), "{md}");
+        assert!(!md.contains("ceiling fraction"), "{md}");
+        // Written back, it still has no ceiling fields.
+        let again = serde_json::to_string(&old).unwrap();
+        assert!(!again.contains("ceiling"), "{again}");
+    }
+
+    #[test]
+    fn the_ceiling_fraction_is_rendered_in_the_section_and_the_summary() {
+        use crate::ceiling::{CeilingRound, CeilingSummary, TARGET};
+        let mut s5: ScenarioResult = serde_json::from_str(OLD_S5).unwrap();
+        let mut round = CeilingRound {
+            copied: Some(500_000),
+            records_per_s: Some(200_000.0),
+            offsets_written: Some(800_000),
+            records_written: Some(800_000),
+            ..CeilingRound::default()
+        };
+        round.finish(500_000, Some(s5.runs[0].events_per_s));
+        s5.runs[0].ceiling = Some(round);
+        s5.ceiling = Some(CeilingSummary {
+            target: TARGET,
+            met: true,
+            records_per_s: Stat::of([200_000.0].into_iter()),
+            records_per_event: Stat::of([1.6].into_iter()),
+            fraction: Stat::of([1.033].into_iter()),
+            fraction_per_round: vec![1.033],
+            failed_rounds: 0,
+            how: "How it was measured.".into(),
+        });
+        // Through RESULTS.json and back, as `keystone-bench report` reads it.
+        let text = serde_json::to_string_pretty(&with_s5(s5)).unwrap();
+        let read: Results = serde_json::from_str(&text).unwrap();
+        let round = read.scenarios[0].runs[0].ceiling.as_ref().unwrap();
+        assert_eq!(round.records_per_event, Some(1.6));
+        assert!((round.fraction.unwrap() - 129_132.2 * 1.6 / 200_000.0).abs() < 1e-9);
+        let md = read.markdown();
+        assert!(
+            md.contains("vs flink: **1.97x** (1.97-1.97) (**target missed**); ceiling fraction **1.03** (1.03-1.03) (target met) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("\nConsume-produce ceiling (plain rdkafka loop on the same broker and input, same run): 200000 records/s (median of 1; 200000-200000); Keystone writes 1.60 records per input event (1.60-1.60); Keystone at **1.03** of the ceiling (median of 1 rounds; range 1.03-1.03; per round 1.03) (target >= 0.8: met). How it was measured.\n"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_committed_results_still_parse_and_render() {
+        let path = crate::runner::bench_dir().join("RESULTS.json");
+        if path.exists() {
+            let results = Results::load_or_new(&path).unwrap();
+            assert!(results.markdown().contains("## S5"));
+        }
     }
 }

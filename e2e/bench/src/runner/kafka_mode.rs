@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use super::{Ctx, Summary, bench_dir, count_lines, rounds, selected_engines, summarize};
+use super::{
+    Ctx, Summary, bench_dir, count_lines, kafka_ceiling, rounds, selected_engines, summarize,
+};
 use crate::digest::OutputDigest;
 use crate::measure::{self, Measured};
 use crate::report::{self, EngineSummary, RatioSummary, RunRecord, ScenarioResult, Stat};
@@ -52,12 +54,29 @@ pub(super) fn run_kafka_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scena
     } else {
         None
     };
+    let against_ceiling = engines.iter().any(|&e| kafka_ceiling::tracked(s, e));
+    let input_records = if against_ceiling {
+        kafka_ceiling::input_records(ctx, source, events)
+    } else {
+        events
+    };
     let load_start = measure::loadavg();
     let runs = rounds(ctx, s, &engines, |engine, round| {
-        kafka_run(ctx, s, engine, round, events, &reference, registry.as_ref())
+        // Just before Keystone's run: the loop finds the broker as the round's
+        // previous run left it, as Keystone does.
+        let ceiling = kafka_ceiling::tracked(s, engine)
+            .then(|| kafka_ceiling::measure(ctx, s, source, input_records));
+        let mut rec = kafka_run(ctx, s, engine, round, events, &reference, registry.as_ref())?;
+        if let Some(ceiling) = ceiling {
+            kafka_ceiling::complete(s, round, &mut rec, ceiling, events);
+        }
+        Ok(rec)
     })?;
+    if against_ceiling {
+        kafka_ceiling::clean_up(ctx, s);
+    }
     let load_end = measure::loadavg();
-    summarize(
+    let mut result = summarize(
         ctx,
         s,
         Summary {
@@ -70,7 +89,10 @@ pub(super) fn run_kafka_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Scena
             startup: Vec::new(),
             runs,
         },
-    )
+    )?;
+    result.ceiling =
+        crate::ceiling::summarize(&result.runs, crate::ceiling::how(s == Scenario::S6, source));
+    Ok(result)
 }
 
 /// One Kafka-mode engine run, set up: its output topic, command, scratch folder,
@@ -342,6 +364,7 @@ pub(super) fn empty_record(engine: Engine, m: &Measured, time_basis: &str) -> Ru
         latency_p99_ms: None,
         search_cpu_s: None,
         search_actions: None,
+        ceiling: None,
     }
 }
 
@@ -390,6 +413,9 @@ fn kafka_run(
         .join()
         .map_err(|_| anyhow::anyhow!("the output watcher panicked"))?;
     let m = m?;
+    // Before the run's topics are deleted.
+    let written =
+        kafka_ceiling::tracked(s, engine).then(|| kafka_ceiling::written(brokers, &run.created, s));
     run.clean_up(brokers);
     let mut record = empty_record(
         engine,
@@ -397,6 +423,7 @@ fn kafka_run(
         "drain: first output record appended (broker LogAppendTime) to the last expected one read (read_committed)",
     );
     record.cpu_s_per_m_events = m.cpu_s / (events as f64 / 1e6);
+    record.ceiling = written;
     match drained {
         Err(e) => {
             record.error = Some(format!("{e:#}\n{}", m.stderr_tail));
@@ -685,5 +712,6 @@ pub(super) fn run_latency_scenario(ctx: &Ctx, s: Scenario) -> anyhow::Result<Sce
         startup: Vec::new(),
         runs,
         notes: None,
+        ceiling: None,
     })
 }

@@ -500,6 +500,7 @@ fn one_run(
         latency_p99_ms: None,
         search_cpu_s: None,
         search_actions: None,
+        ceiling: None,
     };
     if engine != Engine::Keystone
         && let Some(job) = job_seconds(&m.stdout)
@@ -777,6 +778,7 @@ fn summarize(ctx: &Ctx, s: Scenario, sum: Summary) -> anyhow::Result<ScenarioRes
         startup,
         runs,
         notes: None,
+        ceiling: None,
     })
 }
 
@@ -958,6 +960,8 @@ fn run_capture_scenario(_: &Ctx, s: Scenario) -> anyhow::Result<ScenarioResult> 
 
 // The Kafka-mode scenarios (S5-S7) and S9 drive a broker (and OpenSearch):
 // built with the kafka feature only.
+#[cfg(feature = "kafka")]
+mod kafka_ceiling;
 #[cfg(feature = "kafka")]
 mod kafka_mode;
 #[cfg(feature = "kafka")]
