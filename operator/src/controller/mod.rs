@@ -9,6 +9,7 @@
 mod capture_first;
 mod cycles;
 mod deletion;
+mod object_key;
 mod owned;
 mod processor;
 mod provision;

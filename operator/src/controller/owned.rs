@@ -22,6 +22,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use serde::de::DeserializeOwned;
 
 use super::api_for;
+use super::object_key::ObjectKey;
 use super::wakes::{self, Watched};
 use crate::context::Context;
 use crate::resources::LABEL_PIPELINE;
@@ -189,7 +190,7 @@ impl KindIndex {
             Event::Apply(object) => self.current.insert(object.meta()),
             Event::Delete(object) => {
                 if let Some(uid) = &object.meta().uid {
-                    self.current.remove(uid);
+                    self.current.remove(ObjectKey::from_uid(uid));
                 }
             }
         }
@@ -199,8 +200,8 @@ impl KindIndex {
         self.listed.then(|| {
             self.current
                 .names
-                .get(owner)
-                .map(|names| names.values().cloned().collect())
+                .get(&ObjectKey::from_uid(owner))
+                .map(|objects| objects.iter().map(|(_, name)| name.to_string()).collect())
                 .unwrap_or_default()
         })
     }
@@ -208,10 +209,10 @@ impl KindIndex {
 
 #[derive(Default)]
 struct Owners {
-    /// Owner uid -> object uid -> object name.
-    names: HashMap<String, HashMap<String, String>>,
-    /// Object uid -> owner uid, for an object whose owner changes or that goes.
-    owner_of: HashMap<String, String>,
+    /// Owner -> the objects it controls (a handful), by key and name.
+    names: HashMap<ObjectKey, Vec<(ObjectKey, Box<str>)>>,
+    /// Object -> owner, for an object whose owner changes or that goes.
+    owner_of: HashMap<ObjectKey, ObjectKey>,
 }
 
 impl Owners {
@@ -219,7 +220,8 @@ impl Owners {
     /// and has a controlling owner (those the label-selected list found).
     fn insert(&mut self, meta: &ObjectMeta) {
         let Some(uid) = &meta.uid else { return };
-        self.remove(uid);
+        let object = ObjectKey::from_uid(uid);
+        self.remove(object);
         let labelled = meta
             .labels
             .as_ref()
@@ -230,21 +232,23 @@ impl Owners {
             .flatten()
             .find(|o| o.controller == Some(true));
         if let (true, Some(owner), Some(name)) = (labelled, owner, &meta.name) {
+            let owner = ObjectKey::from_uid(&owner.uid);
             self.names
-                .entry(owner.uid.clone())
-                .or_default()
-                .insert(uid.clone(), name.clone());
-            self.owner_of.insert(uid.clone(), owner.uid.clone());
+                .entry(owner)
+                // Mostly one object per kind and owner: no room for four.
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push((object, name.as_str().into()));
+            self.owner_of.insert(object, owner);
         }
     }
 
-    fn remove(&mut self, uid: &str) {
-        let Some(owner) = self.owner_of.remove(uid) else {
+    fn remove(&mut self, object: ObjectKey) {
+        let Some(owner) = self.owner_of.remove(&object) else {
             return;
         };
-        if let Some(names) = self.names.get_mut(&owner) {
-            names.remove(uid);
-            if names.is_empty() {
+        if let Some(objects) = self.names.get_mut(&owner) {
+            objects.retain(|(key, _)| *key != object);
+            if objects.is_empty() {
                 self.names.remove(&owner);
             }
         }

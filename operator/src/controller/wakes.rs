@@ -21,6 +21,7 @@ use keystone_crds::processor::Processor;
 use kube::Resource;
 use kube::runtime::watcher::{self, Event};
 
+use super::object_key::ObjectKey;
 use crate::context::FIELD_MANAGER;
 
 /// What is watched, which decides the wakes a fingerprint does not.
@@ -64,10 +65,10 @@ where
 /// The fingerprint last passed on per object, by uid.
 struct Seen {
     watched: Watched,
-    last: HashMap<String, u64>,
+    last: HashMap<ObjectKey, u64>,
     /// Whatever the watch does not list again was deleted while it was
     /// away, and is forgotten.
-    relisted: Relist<String>,
+    relisted: Relist<ObjectKey>,
 }
 
 impl Default for Seen {
@@ -88,7 +89,7 @@ impl Seen {
                 None
             }
             Event::InitApply(object) => {
-                self.relisted.listed(|| identity(object.meta()));
+                self.relisted.listed(|| ObjectKey::of(object.meta()));
                 self.if_changed(object, fingerprint)
             }
             Event::InitDone => {
@@ -99,7 +100,7 @@ impl Seen {
             }
             Event::Apply(object) => self.if_changed(object, fingerprint),
             Event::Delete(object) => {
-                self.last.remove(&identity(object.meta()));
+                self.last.remove(&ObjectKey::of(object.meta()));
                 (self.watched != Watched::Pipelines).then_some(object)
             }
         }
@@ -107,7 +108,7 @@ impl Seen {
 
     fn if_changed<K: Resource>(&mut self, object: K, fingerprint: fn(&K) -> u64) -> Option<K> {
         let now = fingerprint(&object);
-        let wakes = match self.last.insert(identity(object.meta()), now) {
+        let wakes = match self.last.insert(ObjectKey::of(object.meta()), now) {
             Some(before) => before != now,
             None => match self.watched {
                 Watched::Pipelines | Watched::Processors => true,
@@ -155,18 +156,6 @@ fn written_by_operator(meta: &ObjectMeta) -> bool {
                 .iter()
                 .all(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER))
     })
-}
-
-/// An object's uid (a re-created object is another), else its place.
-fn identity(meta: &ObjectMeta) -> String {
-    match &meta.uid {
-        Some(uid) => uid.clone(),
-        None => format!(
-            "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        ),
-    }
 }
 
 fn hash_of(value: impl Hash) -> u64 {
@@ -489,6 +478,9 @@ mod tests {
         // Listed again unchanged: no wake.
         assert!(!wakes(&mut seen, Event::InitApply(kept), deployment));
         assert!(!wakes(&mut seen, Event::InitDone, deployment));
-        assert_eq!(seen.last.keys().collect::<Vec<_>>(), ["kept"]);
+        assert_eq!(
+            seen.last.keys().collect::<Vec<_>>(),
+            [&ObjectKey::from_uid("kept")]
+        );
     }
 }
