@@ -175,20 +175,20 @@ impl Metrics {
             None => phases.remove(key),
         };
         if previous != phase {
+            // Counted as they change: recounting every Pipeline per reconcile
+            // cost O(n) under this lock, with 10,000 Pipelines too much.
             if let Some(old) = previous {
                 let _ =
                     self.pipeline_phase
                         .remove_label_values(&[namespace, name, phase_label(old)]);
+                self.pipelines.with_label_values(&[phase_label(old)]).dec();
             }
             if let Some(new) = phase {
                 self.pipeline_phase
                     .with_label_values(&[namespace, name, phase_label(new)])
                     .set(1);
+                self.pipelines.with_label_values(&[phase_label(new)]).inc();
             }
-        }
-        for p in PHASES {
-            let n = phases.values().filter(|v| **v == p).count() as i64;
-            self.pipelines.with_label_values(&[phase_label(p)]).set(n);
         }
     }
 
