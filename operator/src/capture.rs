@@ -119,7 +119,7 @@ pub async fn refresh(
     ctx: &Context,
     namespace: &str,
     pipeline: &str,
-    capture: &mut Option<CaptureStatus>,
+    capture: &mut Option<Box<CaptureStatus>>,
 ) -> Option<SourceTable> {
     let previous = capture.as_ref().and_then(|c| c.table.clone());
     let read_recently = capture
@@ -130,7 +130,7 @@ pub async fn refresh(
         if read.table.is_none() {
             read.table = previous.clone();
         }
-        *capture = Some(read);
+        *capture = Some(Box::new(read));
     }
     previous
 }

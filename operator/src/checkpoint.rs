@@ -457,7 +457,7 @@ async fn record_outcome(
                 checkpoint.plan_hash.clone(),
                 None,
             );
-            status.last_checkpoint = Some(done.clone());
+            status.last_checkpoint = Some(Box::new(done.clone()));
             status.checkpoints.push(done);
             // The ConfigMaps are the durable record: one whose status entry was lost
             // (a crash before the status write, a reconcile that started from an
@@ -499,13 +499,13 @@ async fn record_outcome(
         Err(failure) => {
             ctx.metrics.checkpoints.with_label_values(&["failed"]).inc();
             warn!(pipeline = %pipeline.name_any(), reason = %failure, "checkpoint failed");
-            status.last_failed_checkpoint = Some(summary(
+            status.last_failed_checkpoint = Some(Box::new(summary(
                 checkpoint_id(now),
                 now,
                 trigger,
                 plan.hash(),
                 Some(failure.reason.clone()),
-            ));
+            )));
             ctx.publish(
                 pipeline,
                 true,

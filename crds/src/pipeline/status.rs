@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::RestoreSpec;
 
 /// The observed state of a pipeline.
+// The parts most Pipelines never or seldom have are boxed: the operator caches
+// every Pipeline, and unboxed they made each one's status twice the size.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineStatus {
@@ -32,10 +34,10 @@ pub struct PipelineStatus {
     pub stages: Vec<StageStatus>,
     /// The last successful checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_checkpoint: Option<CheckpointSummary>,
+    pub last_checkpoint: Option<Box<CheckpointSummary>>,
     /// The last failed checkpoint, with its reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_failed_checkpoint: Option<CheckpointSummary>,
+    pub last_failed_checkpoint: Option<Box<CheckpointSummary>>,
     /// The retained checkpoints, oldest first; each is a ConfigMap `<pipeline>-checkpoint-<id>`
     /// with the per-stage, per-partition offsets and state positions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -63,10 +65,10 @@ pub struct PipelineStatus {
     pub stable_plan_hash: Option<String>,
     /// The current or last upgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upgrade: Option<UpgradeStatus>,
+    pub upgrade: Option<Box<UpgradeStatus>>,
     /// The last restore from a checkpoint (requested, a rollback, a state reset or a stateless upgrade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_restore: Option<RestoreStatus>,
+    pub last_restore: Option<Box<RestoreStatus>>,
     /// The `spec.restore` request last acted on: a request is carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restore_request: Option<RestoreSpec>,
@@ -74,7 +76,7 @@ pub struct PipelineStatus {
     /// metrics, read while the pipeline is reconciled and every 10 s while a
     /// snapshot runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capture: Option<CaptureStatus>,
+    pub capture: Option<Box<CaptureStatus>>,
     /// Where the HTTP ingest endpoint of an `http` source takes events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<IngestStatus>,

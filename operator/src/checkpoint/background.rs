@@ -165,13 +165,13 @@ pub async fn recover_orphaned(
         }
     );
     warn!(pipeline = %pipeline.name_any(), %reason, "a checkpoint was left unfinished");
-    status.last_failed_checkpoint = Some(CheckpointSummary {
+    status.last_failed_checkpoint = Some(Box::new(CheckpointSummary {
         id: checkpoint_id(orphan.started.0),
         time: Time(Timestamp::now()),
         reason: Some(reason.clone()),
         trigger: Some(orphan.trigger.clone()),
         plan_hash: Some(orphan.plan_hash.clone()),
-    });
+    }));
     ctx.metrics.checkpoints.with_label_values(&["failed"]).inc();
     ctx.publish(
         pipeline,

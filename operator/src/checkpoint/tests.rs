@@ -108,7 +108,7 @@ fn periodic_checkpoints_follow_the_last_success() {
         Some(CheckpointTrigger::Periodic)
     );
     let status = p.status.as_mut().expect("status");
-    status.last_checkpoint = Some(done("x", 1300));
+    status.last_checkpoint = Some(Box::new(done("x", 1300)));
     assert_eq!(checkpoint_due(&p, t(1500)), None);
     assert_eq!(next_checkpoint_in(&p, t(1500)), Duration::from_secs(100));
     assert_eq!(
@@ -122,10 +122,10 @@ fn after_a_failure_the_retry_waits_the_shorter_of_interval_and_30s() {
     let mut p = pipeline("  checkpointInterval: 5m");
     set_running_since(&mut p, 0);
     let status = p.status.as_mut().expect("status");
-    status.last_checkpoint = Some(done("x", 1000));
+    status.last_checkpoint = Some(Box::new(done("x", 1000)));
     let mut failed = done("y", 1300);
     failed.reason = Some("stage s1: pod p-s1-a is not Ready".into());
-    status.last_failed_checkpoint = Some(failed);
+    status.last_failed_checkpoint = Some(Box::new(failed));
     assert_eq!(checkpoint_due(&p, t(1310)), None);
     assert_eq!(next_checkpoint_in(&p, t(1310)), Duration::from_secs(20));
     assert_eq!(
@@ -134,10 +134,10 @@ fn after_a_failure_the_retry_waits_the_shorter_of_interval_and_30s() {
     );
     // With a 10 s interval the retry comes after 10 s, not 30.
     p.spec.checkpoint_interval = "10s".parse().expect("duration");
-    p.status.as_mut().expect("status").last_failed_checkpoint = Some(done("z", 1400));
+    p.status.as_mut().expect("status").last_failed_checkpoint = Some(Box::new(done("z", 1400)));
     assert_eq!(next_checkpoint_in(&p, t(1405)), Duration::from_secs(5));
     // An older failure does not hold back the next periodic one.
-    p.status.as_mut().expect("status").last_checkpoint = Some(done("w", 1500));
+    p.status.as_mut().expect("status").last_checkpoint = Some(Box::new(done("w", 1500)));
     assert_eq!(next_checkpoint_in(&p, t(1505)), Duration::from_secs(5));
 }
 

@@ -131,13 +131,13 @@ spec:
 
     fn described(name: &str) -> PipelineStatus {
         PipelineStatus {
-            capture: Some(CaptureStatus {
+            capture: Some(Box::new(CaptureStatus {
                 table: Some(SourceTable {
                     name: name.into(),
                     columns: Vec::new(),
                 }),
                 ..CaptureStatus::default()
-            }),
+            })),
             ..PipelineStatus::default()
         }
     }

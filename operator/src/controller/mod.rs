@@ -346,7 +346,7 @@ async fn apply(pipeline: &Pipeline, ctx: &Arc<Context>) -> Result<Action, Error>
         let current = find_cond(&observed.status, SOURCE_TABLE);
         let conditions = crate::capture::conditions(
             postgres,
-            observed.status.capture.as_ref(),
+            observed.status.capture.as_deref(),
             previous_table.as_ref(),
             &table_errors,
             current.as_ref(),

@@ -234,7 +234,7 @@ pub(in crate::controller) async fn prepare(
                 return Ok(Prepared::Deploy(Box::new(v.new_target(&observed.status))));
             }
             UpgradePhase::RollingBack | UpgradePhase::RolledBack => {
-                return roll_back(pipeline, ctx, &v, upgrade, observed, desired).await;
+                return roll_back(pipeline, ctx, &v, *upgrade, observed, desired).await;
             }
             UpgradePhase::Checkpointing | UpgradePhase::Blocked => {}
         }
@@ -338,7 +338,7 @@ pub(in crate::controller) async fn prepare(
             &message,
         )
         .await;
-        observed.status.upgrade = Some(upgrade);
+        observed.status.upgrade = Some(Box::new(upgrade));
         observed.set(&Cond::new(SPEC_APPLIED, false, change, message));
         return Ok(Prepared::Deploy(Box::new(running)));
     }
@@ -364,7 +364,7 @@ pub(in crate::controller) async fn prepare(
             );
             upgrade.phase = UpgradePhase::Blocked;
             upgrade.message = Some(message.clone());
-            observed.status.upgrade = Some(upgrade);
+            observed.status.upgrade = Some(Box::new(upgrade));
             observed.set(&Cond::new(SPEC_APPLIED, false, "CheckpointFailed", message));
             return Ok(Prepared::Hold(Duration::from_secs(30)));
         }
@@ -397,7 +397,7 @@ pub(in crate::controller) async fn prepare(
             {
                 upgrade.started = previous.started.clone();
             }
-            observed.status.upgrade = Some(upgrade);
+            observed.status.upgrade = Some(Box::new(upgrade));
             observed.set(&Cond::new(SPEC_APPLIED, false, "Checkpointing", message));
             return Ok(Prepared::Hold(BACKGROUND_WAIT));
         }
@@ -450,7 +450,7 @@ pub(in crate::controller) async fn prepare(
     );
     ctx.publish(pipeline, false, "UpgradeStarted", "Upgrade", note.clone())
         .await;
-    observed.status.upgrade = Some(upgrade);
+    observed.status.upgrade = Some(Box::new(upgrade));
     observed.status.plan_hash = Some(new_hash);
     observed.status.last_reconciled_spec = Some(spec_json(spec));
     observed.set(&Cond::new(SPEC_APPLIED, false, "Upgrading", note));

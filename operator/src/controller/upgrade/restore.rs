@@ -93,14 +93,14 @@ pub(super) async fn write_restore(
             }
         }
     }
-    status.last_restore = Some(RestoreStatus {
+    status.last_restore = Some(Box::new(RestoreStatus {
         id: restore.id.clone(),
         checkpoint: restore.checkpoint.clone(),
         nonce,
         reason: reason.to_owned(),
         time: now(),
         plan_hash: plan.hash(),
-    });
+    }));
     Ok(resources::restore_config_map_name(
         &plan.pipeline,
         &restore.id,
