@@ -221,7 +221,6 @@ impl Owners {
     fn insert(&mut self, meta: &ObjectMeta) {
         let Some(uid) = &meta.uid else { return };
         let object = ObjectKey::from_uid(uid);
-        self.remove(object);
         let labelled = meta
             .labels
             .as_ref()
@@ -231,8 +230,14 @@ impl Owners {
             .iter()
             .flatten()
             .find(|o| o.controller == Some(true));
+        let owner = owner.map(|owner| ObjectKey::from_uid(&owner.uid));
+        // Most events are status updates of an object already recorded
+        // under the same owner (a name never changes): nothing to redo.
+        if labelled && owner.is_some() && self.owner_of.get(&object) == owner.as_ref() {
+            return;
+        }
+        self.remove(object);
         if let (true, Some(owner), Some(name)) = (labelled, owner, &meta.name) {
-            let owner = ObjectKey::from_uid(&owner.uid);
             self.names
                 .entry(owner)
                 // Mostly one object per kind and owner: no room for four.

@@ -89,8 +89,9 @@ impl Seen {
                 None
             }
             Event::InitApply(object) => {
-                self.relisted.listed(|| ObjectKey::of(object.meta()));
-                self.if_changed(object, fingerprint)
+                let key = ObjectKey::of(object.meta());
+                self.relisted.listed(|| key);
+                self.if_changed(key, object, fingerprint)
             }
             Event::InitDone => {
                 if let Some(relisted) = self.relisted.finish() {
@@ -98,7 +99,9 @@ impl Seen {
                 }
                 None
             }
-            Event::Apply(object) => self.if_changed(object, fingerprint),
+            Event::Apply(object) => {
+                self.if_changed(ObjectKey::of(object.meta()), object, fingerprint)
+            }
             Event::Delete(object) => {
                 self.last.remove(&ObjectKey::of(object.meta()));
                 (self.watched != Watched::Pipelines).then_some(object)
@@ -106,9 +109,14 @@ impl Seen {
         }
     }
 
-    fn if_changed<K: Resource>(&mut self, object: K, fingerprint: fn(&K) -> u64) -> Option<K> {
+    fn if_changed<K: Resource>(
+        &mut self,
+        key: ObjectKey,
+        object: K,
+        fingerprint: fn(&K) -> u64,
+    ) -> Option<K> {
         let now = fingerprint(&object);
-        let wakes = match self.last.insert(ObjectKey::of(object.meta()), now) {
+        let wakes = match self.last.insert(key, now) {
             Some(before) => before != now,
             None => match self.watched {
                 Watched::Pipelines | Watched::Processors => true,
