@@ -564,48 +564,6 @@ fn at_least_once_pipeline(name: &str) -> String {
     )
 }
 
-/// Exactly-once, with a commit interval of a minute: the outputs of a burst
-/// become visible to `read_committed` readers once the input goes quiet, not
-/// at the end of the interval.
-#[tokio::test(flavor = "multi_thread")]
-async fn exactly_once_commits_a_burst_when_the_input_goes_quiet() {
-    let name = unique("eos-quiet");
-    let manifest = at_least_once_pipeline(&name)
-        .replace("delivery: AtLeastOnce", "delivery: ExactlyOnce")
-        .replace("commitInterval: 300ms", "commitInterval: 60s");
-    assert!(manifest.contains("commitInterval: 60s") && manifest.contains("ExactlyOnce"));
-    let mut h = Harness::new(&name, &manifest, 1).await;
-    h.start("a", &[]);
-    h.wait_ready("a");
-    let burst: Vec<(String, String)> = (0..10)
-        .map(|n| cdc_event(&format!("e{n}"), "o1", n))
-        .collect();
-    produce(&producer(&h.bootstrap), &h.plan.source.topic, &burst);
-    let delivered = read_committed(
-        &h.bootstrap,
-        &h.sink_topic(),
-        10,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    );
-    assert_eq!(
-        delivered.len(),
-        10,
-        "committed within 30 s of a 60 s interval; see {}",
-        h.log("a")
-    );
-    let mut seqs: Vec<i64> = delivered
-        .iter()
-        .map(|(_, value, _)| {
-            serde_json::from_str::<serde_json::Value>(value).unwrap()["seq"]
-                .as_i64()
-                .unwrap()
-        })
-        .collect();
-    seqs.sort_unstable();
-    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
-}
-
 /// The sum of the stage's committed input offsets in its consumer group.
 fn committed_in_group(h: &Harness, partitions: i32) -> i64 {
     group_offsets(h, partitions)

@@ -89,10 +89,6 @@ pub struct PipelineSpec {
     pub delivery: Delivery,
     /// How often outputs and consumed offsets are committed together (one Kafka
     /// transaction per interval under exactly-once). Lower means lower latency.
-    /// Under exactly-once a transaction is also committed as soon as the input
-    /// goes quiet (at most four times per interval, and not for stages with an
-    /// Iceberg or Parquet sink), so the end of a burst is visible without
-    /// waiting for the interval.
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Duration,
     /// How often the operator takes a checkpoint of the whole pipeline.

@@ -59,26 +59,6 @@ impl Core {
         Ok(())
     }
 
-    /// Exactly-once, with the input quiet: whether the open transaction holds
-    /// something to commit now rather than at the end of the interval (outputs
-    /// are invisible to `read_committed` readers until then). Not for stages
-    /// with a two-phase sink: a lake sink stages files per commit, and a bursty
-    /// input would make more, smaller files.
-    pub(super) fn commits_when_quiet(&self) -> bool {
-        if !self.exactly_once || !self.in_transaction {
-            return false;
-        }
-        if let Route::Sinks(sinks) = &self.route
-            && sinks.two_phase()
-        {
-            return false;
-        }
-        let sent = self
-            .transaction_began
-            .is_some_and(|(_, sent)| self.outbox.sent_total() > sent);
-        sent || self.positions != self.committed
-    }
-
     /// How long the open transaction may still wait for the sinks: up to the
     /// patience share of the transaction timeout (at least a moment, so that a
     /// healthy sink always gets its round trip). Unbounded by it without one.

@@ -218,8 +218,6 @@ pub(super) fn run(
     );
 
     let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
-    // Exactly-once commits early when the input goes quiet, at most this often.
-    let quiet_commit_gap = commit_interval / 4;
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let mut lag_reported = false;
@@ -318,14 +316,7 @@ pub(super) fn run(
             step_result = core.commit_settled(&consumer);
         }
         let mut retry_commit = false;
-        let since_commit = last_commit.elapsed();
-        // A poll that waited and found nothing: the input is quiet, and the end
-        // of a burst need not wait for the interval to become visible.
-        let quiet_commit =
-            polled == 0 && since_commit >= quiet_commit_gap && core.commits_when_quiet();
-        if step_result.is_ok()
-            && (since_commit >= commit_interval || quiet_commit || control.is_some())
-        {
+        if step_result.is_ok() && (last_commit.elapsed() >= commit_interval || control.is_some()) {
             step_result = match control {
                 Some(Control::Checkpoint { stop, reply }) => {
                     let result = core.checkpoint(&consumer, stop);
