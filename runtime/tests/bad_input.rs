@@ -48,7 +48,13 @@ spec:
 fn pipeline() -> LocalPipeline {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad-input");
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("pipeline.yaml");
+    // A file per test: tests run in parallel, and one writing the file while
+    // another reads it would hand the reader an empty manifest.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    let file = dir.join(format!("{test}.yaml"));
     std::fs::write(&file, PIPELINE).unwrap();
     let manifests = local::read_manifests(&[file]).unwrap();
     let plan = local::compile_pipeline(&manifests, None).unwrap();
