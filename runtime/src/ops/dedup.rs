@@ -73,8 +73,8 @@ fn record_key((latest, content): RecordId) -> Vec<u8> {
 }
 
 /// One record for `entries` (key hash, `t0`), and its id.
-fn encode_record(entries: impl Iterator<Item = (u64, i64)>) -> (RecordId, Vec<u8>) {
-    let mut value = Vec::with_capacity(ENTRIES_PER_RECORD * ENTRY_LEN);
+fn encode_record(entries: impl ExactSizeIterator<Item = (u64, i64)>) -> (RecordId, Vec<u8>) {
+    let mut value = Vec::with_capacity(entries.len() * ENTRY_LEN);
     let mut latest = i64::MIN;
     for (hash, t0) in entries {
         value.extend_from_slice(&hash.to_be_bytes());
@@ -207,19 +207,17 @@ impl Dedup {
         }
         match self.first_seen.entry(hash) {
             Entry::Occupied(seen) if time < seen.get().saturating_add(self.window_ms) => {
-                out.drop_event(event);
+                return out.drop_event(event);
             }
             Entry::Occupied(mut seen) => {
                 seen.insert(time);
-                self.passed(hash, time, out);
-                out.emit(event);
             }
             Entry::Vacant(slot) => {
                 slot.insert(time);
-                self.passed(hash, time, out);
-                out.emit(event);
             }
         }
+        self.passed(hash, time, out);
+        out.emit(event);
     }
 }
 
