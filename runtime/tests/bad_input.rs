@@ -4,9 +4,9 @@
 //! times. Each is dead-lettered with its reason or passes unchanged, and the
 //! events after it are processed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
+use keystone_crds::Reading;
 use keystone_runtime::ManualClock;
 use keystone_runtime::event::{DeadLetter, Event, MAX_DEPTH, MAX_EVENT_BYTES};
 use keystone_runtime::local::{self, LocalPipeline};
@@ -46,17 +46,14 @@ spec:
 "#;
 
 fn pipeline() -> LocalPipeline {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad-input");
-    std::fs::create_dir_all(&dir).unwrap();
-    // A file per test: tests run in parallel, and one writing the file while
-    // another reads it would hand the reader an empty manifest.
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("main")
-        .replace("::", "-");
-    let file = dir.join(format!("{test}.yaml"));
-    std::fs::write(&file, PIPELINE).unwrap();
-    let manifests = local::read_manifests(&[file]).unwrap();
+    // Read from the text, not a file: tests run in parallel, and a shared file
+    // rewritten by one test could be read empty by another.
+    let manifests = Reading::parse("pipeline.yaml", PIPELINE);
+    assert!(
+        manifests.diagnostics.is_empty(),
+        "{:?}",
+        manifests.diagnostics
+    );
     let plan = local::compile_pipeline(&manifests, None).unwrap();
     let clock = ManualClock::new(START_MS);
     LocalPipeline::new(&plan, &Default::default(), Arc::new(clock)).unwrap()
