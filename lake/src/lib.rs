@@ -7,4 +7,5 @@
 //! the two never disagree on what fits.
 
 pub mod columns;
+#[cfg(feature = "iceberg")]
 pub mod iceberg_schema;

@@ -313,7 +313,7 @@ const AVRO_SCHEMA: &str = r#"{"type": "record", "name": "Change", "namespace": "
 /// `lines` as Avro records read to events and written back (the `avro` scenario).
 fn avro_round_trip(lines: &[Vec<u8>], out: &mut Vec<u8>) -> (f64, u64, u64, u64) {
     use keystone_avro::{AvroSchema, FramedWriter, Shape};
-    use keystone_runtime::kafka::avro::{AvroDecoder, Sonic};
+    use keystone_runtime::avro::{AvroDecoder, Sonic};
     let schema = Arc::new(AvroSchema::parse_str(AVRO_SCHEMA).expect("schema"));
     let shape = || Shape::new(AvroSchema::clone(&schema)).expect("shape");
     let records: Vec<Vec<u8>> = lines

@@ -431,6 +431,29 @@ fn encode_value(v: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// The Kafka record key of an event: the single key field's text (strings as
+/// is, other values as JSON), or a JSON array of the key values. `None` when a
+/// key field is missing or there are no key fields.
+pub fn record_key(event: &Event, fields: &[FieldPath]) -> Option<Vec<u8>> {
+    match fields {
+        [] => None,
+        [single] => {
+            let value = single.get(&event.value)?;
+            Some(match value.as_str() {
+                Some(text) => text.as_bytes().to_vec(),
+                None => sonic_rs::to_vec(value).ok()?,
+            })
+        }
+        many => {
+            let mut values = Vec::with_capacity(many.len());
+            for field in many {
+                values.push(field.get(&event.value)?.clone());
+            }
+            sonic_rs::to_vec(&values).ok()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

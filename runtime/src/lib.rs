@@ -12,8 +12,17 @@
 //!   parses input, checks each step's required fields, runs the steps batch by batch,
 //!   fires timers from an injectable [`Clock`], and keeps per-step metrics.
 //! - [`local`] runs all stages of a plan in one process over JSON-lines files.
+//!
+//! Features, all on by default: `kafka` (`serve`, `ingest`: [`kafka`],
+//! [`host`]'s engine, the Kafka sink), `lake` (the Parquet and Iceberg sinks)
+//! and `capture` (PostgreSQL change capture). Without them the crate is local
+//! mode, the checker and the search sink, and builds in a fraction of the
+//! time; local mode runs every manifest the same either way, since its sinks
+//! write to files unless `--connect` asks for the real destination.
 
+pub mod avro;
 pub mod buffers;
+#[cfg(feature = "capture")]
 pub mod capture;
 pub mod cli;
 pub mod clock;
@@ -23,10 +32,12 @@ pub mod event;
 pub mod expr;
 pub mod host;
 pub mod ingest;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod local;
 pub mod operator;
 pub mod ops;
+pub mod registry;
 pub mod schema;
 pub mod secret;
 pub mod state;

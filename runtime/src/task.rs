@@ -12,10 +12,10 @@ use keystone_crds::plan::PlanStage;
 use keystone_crds::processor::RequiredField;
 use keystone_crds::schema::{FieldType, SchemaSpec};
 
+use crate::avro::AvroDecoder;
 use crate::clock::Clock;
 use crate::error::RuntimeError;
 use crate::event::{DeadLetter, Event, Provenance};
-use crate::kafka::avro::AvroDecoder;
 use crate::operator::{Ctx, Operator, Output};
 use crate::ops::{self, Table};
 use crate::schema::Validator;

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use crate::capture::config::{password, read, user};
 use crate::capture::http::{CaptureMetrics, serve};
 use crate::capture::run::Stopped;
-use crate::cli::{
-    init_logging, kafka_settings_with_credentials, parse_control_token, parse_kafka_property,
-};
+use crate::cli::serve::parse_control_token;
+use crate::cli::{init_logging, kafka_settings_with_credentials, parse_kafka_property};
 use crate::kafka::KafkaSettings;
 
 /// How long a capture that cannot start waits before it tries again.

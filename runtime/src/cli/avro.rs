@@ -189,7 +189,7 @@ impl Sources {
                     .map(|r| r.url.clone())
             }) {
                 let client = registries.entry(url.clone()).or_insert_with(|| {
-                    crate::host::registry::client(&url, &|name| std::env::var(name).ok(), &|path| {
+                    crate::registry::client(&url, &|name| std::env::var(name).ok(), &|path| {
                         std::fs::read(path)
                     })
                 });

@@ -16,9 +16,9 @@ use prometheus::IntCounter;
 use rdkafka::ClientConfig;
 use rdkafka::message::Message;
 
+use crate::avro::Sonic;
 use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
 use crate::event::{DeadLetter, FieldPath, Provenance};
-use crate::kafka::avro::Sonic;
 use crate::kafka::outbox::Outbox;
 use crate::kafka::records::{provenance_headers, provenance_of, record_key};
 use crate::kafka::{TransportError, restore};

@@ -21,11 +21,16 @@
 //! ([`keystone_crds::check::WRITABLE_SINKS`]) names the kinds [`build`] can build.
 //! Adding a sink is one folder here and one arm in [`build`].
 
+#[cfg(feature = "lake")]
 pub mod iceberg;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "lake")]
 pub mod lake;
+#[cfg(feature = "lake")]
 pub mod parquet;
 pub mod search;
+pub mod staged;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,6 +39,7 @@ use keystone_crds::pipeline::SinkKind;
 use keystone_crds::plan::PlanSink;
 
 use crate::event::{DeadLetter, Event};
+pub use staged::StagedEpochs;
 
 /// How a sink keeps the exactly-once promise across a crash and a replay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +84,7 @@ pub enum Prepared {
 /// failures: they become dead letters.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    #[cfg(feature = "kafka")]
     #[error("sink {sink:?}: {source}")]
     Transport {
         sink: String,
@@ -90,6 +97,7 @@ pub enum SinkError {
         #[source]
         source: Box<search::SearchError>,
     },
+    #[cfg(feature = "lake")]
     #[error("sink {sink:?}: {source}")]
     Lake {
         sink: String,
@@ -105,6 +113,15 @@ pub enum SinkError {
     },
     #[error("sink {sink:?} is a {kind} sink, which this runtime cannot write")]
     Unsupported { sink: String, kind: SinkKind },
+    /// The binary was built without the part that writes this kind.
+    #[error(
+        "sink {sink:?} is a {kind} sink, and this keystone-runtime was built without its `{feature}` feature, which writes it (build it with its default features)"
+    )]
+    NotBuilt {
+        sink: String,
+        kind: SinkKind,
+        feature: &'static str,
+    },
     #[error("sink {sink:?} sets no kind (exactly one of kafka, elasticsearch, iceberg or parquet)")]
     NoKind { sink: String },
 }
@@ -112,11 +129,13 @@ pub enum SinkError {
 impl SinkError {
     pub fn metric_label(&self) -> &'static str {
         match self {
+            #[cfg(feature = "kafka")]
             SinkError::Transport { .. } => "sink_kafka",
             SinkError::Search { .. } => "sink_search",
+            #[cfg(feature = "lake")]
             SinkError::Lake { .. } => "sink_lake",
             SinkError::File { .. } => "sink_file",
-            SinkError::Unsupported { .. } => "unsupported_sink",
+            SinkError::Unsupported { .. } | SinkError::NotBuilt { .. } => "unsupported_sink",
             SinkError::NoKind { .. } => "sink_kind",
         }
     }
@@ -125,7 +144,10 @@ impl SinkError {
     /// does not have).
     pub fn is_permanent(&self) -> bool {
         match self {
-            SinkError::Unsupported { .. } | SinkError::NoKind { .. } => true,
+            SinkError::Unsupported { .. }
+            | SinkError::NotBuilt { .. }
+            | SinkError::NoKind { .. } => true,
+            #[cfg(feature = "lake")]
             SinkError::Lake { source, .. } => source.is_permanent(),
             _ => false,
         }
@@ -177,8 +199,8 @@ pub trait Sink: Send {
     /// After a `Ready` prepare, what a two-phase sink has staged and not yet
     /// published: the host commits it with the input offsets (in their
     /// metadata), so that whoever reads those partitions next can publish it
-    /// (see [`lake`]).
-    fn staged(&self) -> Vec<lake::StagedEpochs> {
+    /// (see [`staged`]).
+    fn staged(&self) -> Vec<StagedEpochs> {
         Vec::new()
     }
 
@@ -188,7 +210,7 @@ pub trait Sink: Send {
     /// a replay (`suppress_replay`) it is now, before any replayed event is
     /// written, and what they hold joins what the replay skips; an error
     /// then fails the assignment rather than let the replay append them twice.
-    fn recover(&mut self, staged: Vec<lake::StagedEpochs>) -> Result<(), SinkError> {
+    fn recover(&mut self, staged: Vec<StagedEpochs>) -> Result<(), SinkError> {
         let _ = staged;
         Ok(())
     }
@@ -228,9 +250,17 @@ pub fn build(
     match kind {
         SinkKind::Kafka => kafka(sink),
         SinkKind::Elasticsearch => Ok(Box::new(search::SearchSink::connect(sink, context)?)),
+        #[cfg(feature = "lake")]
         SinkKind::Parquet => Ok(Box::new(parquet::ParquetSink::connect(sink, context)?)),
+        #[cfg(feature = "lake")]
         SinkKind::Iceberg => Ok(Box::new(self::iceberg::IcebergSink::connect(
             sink, context,
         )?)),
+        #[cfg(not(feature = "lake"))]
+        SinkKind::Parquet | SinkKind::Iceberg => Err(SinkError::NotBuilt {
+            sink: sink.name.clone(),
+            kind,
+            feature: "lake",
+        }),
     }
 }

@@ -21,8 +21,8 @@ use tokio::sync::oneshot;
 
 use keystone_crds::checkpoint::InstanceCheckpoint;
 
-use crate::host::Shared;
 use crate::host::control::{ControlToken, refusal};
+use crate::host::{Shared, accept_retrying};
 
 /// A request handed to the engine thread, answered between two batches.
 pub enum Control {
@@ -58,27 +58,6 @@ pub async fn serve(
         "operations endpoints listening"
     );
     serve_on(listener, shared, controls, token).await
-}
-
-/// The pause after a failed `accept` (EMFILE and the like) before the next.
-const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// The next connection. A failed accept (out of file descriptors or memory
-/// for a moment, a connection reset before it was taken) leaves the listener
-/// fine: it is logged and tried again, instead of stopping the server and
-/// with it the probes (a restart) or every client's endpoint. Cancel-safe.
-pub async fn accept_retrying(
-    listener: &TcpListener,
-) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(error) => {
-                tracing::warn!(%error, "could not accept a connection; retrying");
-                tokio::time::sleep(ACCEPT_RETRY).await;
-            }
-        }
-    }
 }
 
 /// Serves the endpoints on a bound listener.

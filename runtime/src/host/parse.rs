@@ -231,7 +231,7 @@ mod tests {
         let text =
             r#"{"type": "record", "name": "Click", "fields": [{"name": "id", "type": "string"}]}"#;
         let shape = || Shape::new(AvroSchema::parse_str(text).expect("schema")).expect("shape");
-        let decoder = std::sync::Arc::new(crate::kafka::avro::AvroDecoder::new(shape()));
+        let decoder = std::sync::Arc::new(crate::avro::AvroDecoder::new(shape()));
         let records: Records = (0..600i64)
             .map(|offset| {
                 let payload = if offset % 9 == 4 {

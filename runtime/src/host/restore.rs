@@ -11,7 +11,7 @@ use keystone_crds::plan::PlanStage;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::connectors::lake::StagedEpochs;
+use crate::connectors::StagedEpochs;
 use crate::host::process::{Core, Route};
 use crate::host::rebalance::ConsumerCtx;
 use crate::host::tables::table_changes;

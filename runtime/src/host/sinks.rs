@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use crate::connectors::lake::StagedEpochs;
+use crate::connectors::StagedEpochs;
 use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
 use crate::event::Event;
 

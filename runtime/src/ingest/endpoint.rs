@@ -20,7 +20,7 @@ use super::body::{self, Contract, Encoding, Framing, Limits, RecordError, Refusa
 use super::metrics::IngestMetrics;
 use super::tokens::{Identity, Tokens};
 use crate::Event;
-use crate::kafka::records::record_key;
+use crate::event::record_key;
 use keystone_crds::pipeline::http::{HttpPartial, HttpSourceSpec};
 use tracing::Instrument;
 

@@ -12,8 +12,10 @@
 //!   ingest`, what an ingest pod runs.
 
 pub mod body;
+#[cfg(feature = "kafka")]
 pub mod cli;
 pub mod endpoint;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;
 pub mod server;

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use keystone_crds::checkpoint::RESTORE_METADATA_PREFIX;
 
-use crate::connectors::lake::StagedEpochs;
+use crate::connectors::StagedEpochs;
 
 const CHANGELOG_PREFIX: &str = "keystone.changelog=";
 const STAGED_PREFIX: &str = "keystone.staged=";

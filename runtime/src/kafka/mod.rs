@@ -6,7 +6,6 @@
 //! these pieces, and the Kafka sink (`crate::connectors::kafka`) writes through
 //! the same producer.
 
-pub mod avro;
 pub mod config;
 pub mod metadata;
 pub mod outbox;

@@ -2,9 +2,9 @@
 //! pipeline source record an event comes from, and record keys.
 
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use sonic_rs::JsonValueTrait;
 
-use crate::event::{Event, FieldPath, Provenance};
+use crate::event::Provenance;
+pub use crate::event::record_key;
 
 /// Headers of repartition and sink records naming the pipeline source record
 /// (partition and offset, as decimal text) an event comes from.
@@ -44,29 +44,6 @@ pub fn provenance_of(message: &impl Message) -> Option<Provenance> {
         partition: partition?,
         offset: offset?,
     })
-}
-
-/// The Kafka record key of an event: the single key field's text (strings as
-/// is, other values as JSON), or a JSON array of the key values. `None` when a
-/// key field is missing or there are no key fields.
-pub fn record_key(event: &Event, fields: &[FieldPath]) -> Option<Vec<u8>> {
-    match fields {
-        [] => None,
-        [single] => {
-            let value = single.get(&event.value)?;
-            Some(match value.as_str() {
-                Some(text) => text.as_bytes().to_vec(),
-                None => sonic_rs::to_vec(value).ok()?,
-            })
-        }
-        many => {
-            let mut values = Vec::with_capacity(many.len());
-            for field in many {
-                values.push(field.get(&event.value)?.clone());
-            }
-            sonic_rs::to_vec(&values).ok()
-        }
-    }
 }
 
 #[cfg(test)]

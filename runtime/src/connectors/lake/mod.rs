@@ -22,12 +22,10 @@
 //! already names the epoch), so two instances recovering the same marker, or
 //! a recovery racing the owner's own publish, write each epoch once.
 
+pub use super::staged::StagedEpochs;
 pub use keystone_lake::columns;
 pub mod provenance;
 pub mod rows;
-
-use std::fmt;
-use std::ops::RangeInclusive;
 
 /// Why a lake sink cannot be built or cannot go on. Messages name the setting
 /// or the location; never a credential.
@@ -82,43 +80,6 @@ impl LakeError {
             LakeError::Iceberg { source, .. }
                 if source.kind() == iceberg::ErrorKind::FeatureUnsupported
         )
-    }
-}
-
-/// A sink instance's staged, unpublished epochs: `<instance>.<first>-<last>`
-/// in the offset metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StagedEpochs {
-    /// The sink instance's id (hex).
-    pub instance: String,
-    pub first: u64,
-    pub last: u64,
-}
-
-impl StagedEpochs {
-    pub fn epochs(&self) -> RangeInclusive<u64> {
-        self.first..=self.last
-    }
-
-    /// Reads a marker; `None` for text this version did not write.
-    pub fn parse(text: &str) -> Option<StagedEpochs> {
-        let (instance, range) = text.split_once('.')?;
-        let (first, last) = range.split_once('-')?;
-        let (first, last) = (first.parse().ok()?, last.parse().ok()?);
-        let valid = !instance.is_empty()
-            && instance.chars().all(|c| c.is_ascii_hexdigit())
-            && first <= last;
-        valid.then(|| StagedEpochs {
-            instance: instance.to_owned(),
-            first,
-            last,
-        })
-    }
-}
-
-impl fmt::Display for StagedEpochs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}-{}", self.instance, self.first, self.last)
     }
 }
 
@@ -202,20 +163,6 @@ impl Default for EpochLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn markers_round_trip_and_refuse_foreign_text() {
-        let marker = StagedEpochs {
-            instance: "0a1b2c3d4e5f".into(),
-            first: 3,
-            last: 7,
-        };
-        assert_eq!(marker.to_string(), "0a1b2c3d4e5f.3-7");
-        assert_eq!(StagedEpochs::parse("0a1b2c3d4e5f.3-7"), Some(marker));
-        for foreign in ["", "x.1-2", "ab.2-1", "ab.1", "ab1-2", "ab.-1-2"] {
-            assert_eq!(StagedEpochs::parse(foreign), None, "{foreign:?}");
-        }
-    }
 
     #[test]
     fn the_ledger_names_every_staged_epoch_until_published() {
