@@ -7,7 +7,10 @@
 //! keep (18 or more significant digits, or an exponent of 3 or more digits)
 //! and the literal `-0`. Only events with such numbers are parsed another way
 //! (numbers kept as their text). The scan jumps over string contents with
-//! `memchr`; after the parse, one walk over the objects looks for repeated keys.
+//! `memchr`, and compares each object's names as it passes them: only a
+//! document where it finds a repeated name (or cannot be sure: escaped names,
+//! objects of many members) gets a walk over the parsed objects, which decides
+//! and names the key and its object.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -45,7 +48,8 @@ pub(crate) fn parse_document(bytes: &[u8], max_depth: usize) -> Result<Value, St
             error.valid_up_to()
         ));
     }
-    let scan = scan(bytes, max_depth);
+    let scan = scan(bytes, max_depth, true);
+    let names_unsure = scan.names_unsure;
     if scan.too_deep {
         return Err(format!(
             "nested deeper than the limit of {max_depth} levels of objects and arrays, at {}",
@@ -58,7 +62,7 @@ pub(crate) fn parse_document(bytes: &[u8], max_depth: usize) -> Result<Value, St
         let first = message.lines().next().unwrap_or_default().to_owned();
         format!("invalid JSON: {first}")
     })?;
-    if let Some((pointer, key)) = duplicate_key(&value) {
+    if let Some((pointer, key)) = names_unsure.then(|| duplicate_key(&value)).flatten() {
         return Err(format!(
             "duplicate key {key:?} in the object at {}",
             if pointer.is_empty() {
@@ -77,7 +81,7 @@ pub(crate) fn parse_document(bytes: &[u8], max_depth: usize) -> Result<Value, St
 /// every walk is tested to fit a thread's stack) only keeps the parser's
 /// recursion bounded whatever happens.
 pub(crate) fn reparse(bytes: &[u8]) -> Option<Value> {
-    let scan = scan(bytes, 2 * MAX_DEPTH);
+    let scan = scan(bytes, 2 * MAX_DEPTH, false);
     if scan.too_deep {
         return None;
     }
@@ -113,19 +117,96 @@ struct Scan {
     wide_numbers: bool,
     /// Offsets of `-0` literals.
     negative_zeros: Vec<usize>,
+    /// Some object may have a name twice: the parsed document is walked.
+    names_unsure: bool,
+}
+
+/// Members past which an object's names are left to the walk (which sorts
+/// them) instead of compared pairwise during the scan.
+const NAMES_COMPARED: usize = 16;
+
+/// The names of the objects the scan is in, compared as it passes them.
+struct Names {
+    /// Per open object or array: where the object's names start in `seen`
+    /// (`None` for an array).
+    open: Vec<Option<usize>>,
+    /// The names of the open objects: fingerprint and byte range.
+    seen: Vec<(u64, usize, usize)>,
+    /// The next string is a name (just after `{` or a `,` in an object).
+    name_next: bool,
+}
+
+impl Names {
+    fn new() -> Self {
+        Names {
+            open: Vec::with_capacity(8),
+            seen: Vec::with_capacity(32),
+            name_next: false,
+        }
+    }
+
+    fn enter(&mut self, object: bool) {
+        self.open.push(object.then_some(self.seen.len()));
+        self.name_next = object;
+    }
+
+    fn leave(&mut self) {
+        if let Some(Some(start)) = self.open.pop() {
+            self.seen.truncate(start);
+        }
+        self.name_next = false;
+    }
+
+    fn comma(&mut self) {
+        self.name_next = matches!(self.open.last(), Some(Some(_)));
+    }
+
+    /// The name in `bytes[start..end]`; false when the walk has to decide.
+    fn name(&mut self, bytes: &[u8], start: usize, end: usize, escaped: bool) -> bool {
+        self.name_next = false;
+        let Some(Some(first)) = self.open.last().copied() else {
+            return true;
+        };
+        // Escaped names may spell one another ("\u0061" is "a").
+        if escaped || self.seen.len() - first >= NAMES_COMPARED {
+            return false;
+        }
+        let name = &bytes[start..end];
+        let print = fingerprint(name);
+        let repeated = self.seen[first..]
+            .iter()
+            .any(|&(seen, from, to)| seen == print && &bytes[from..to] == name);
+        self.seen.push((print, start, end));
+        !repeated
+    }
+}
+
+/// A name's length and some of its first and last bytes: names that differ
+/// here differ, so most pairs are told apart without comparing their bytes.
+fn fingerprint(name: &[u8]) -> u64 {
+    let mut print = [0u8; 8];
+    // Only a byte of the length: a collision costs a comparison, nothing more.
+    print[0] = name.len() as u8;
+    let head = name.len().min(4);
+    print[1..1 + head].copy_from_slice(&name[..head]);
+    let tail = name.len().min(3);
+    print[5..5 + tail].copy_from_slice(&name[name.len() - tail..]);
+    u64::from_ne_bytes(print)
 }
 
 /// The end of the string whose opening quote is just before `from`, past its
-/// closing quote (or the end of the bytes).
-fn string_end(bytes: &[u8], mut from: usize) -> usize {
+/// closing quote (`None` when there is none), and whether it has escapes.
+fn string_end(bytes: &[u8], mut from: usize) -> (Option<usize>, bool) {
+    let mut escaped = false;
     while let Some(k) = memchr::memchr2(b'"', b'\\', &bytes[from.min(bytes.len())..]) {
         let at = from + k;
         if bytes[at] == b'"' {
-            return at + 1;
+            return (Some(at + 1), escaped);
         }
+        escaped = true;
         from = at + 2; // an escape and the character it escapes
     }
-    bytes.len()
+    (None, escaped)
 }
 
 fn number_end(bytes: &[u8], from: usize) -> usize {
@@ -153,23 +234,50 @@ fn is_wide(literal: &[u8]) -> bool {
     significant >= 18 || exponent_digits >= 3
 }
 
-fn scan(bytes: &[u8], max_depth: usize) -> Scan {
+/// `check_names`: compare each object's names (see [`Names`]); without it
+/// `names_unsure` stays false.
+fn scan(bytes: &[u8], max_depth: usize, check_names: bool) -> Scan {
     let mut scan = Scan::default();
+    let mut names = check_names.then(Names::new);
     let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => i = string_end(bytes, i + 1),
-            b'{' | b'[' => {
+            b'"' => {
+                let (end, escaped) = string_end(bytes, i + 1);
+                let Some(end) = end else {
+                    break; // unterminated: the parser says so
+                };
+                if let Some(checking) = names.as_mut().filter(|n| n.name_next)
+                    && !checking.name(bytes, i + 1, end - 1, escaped)
+                {
+                    scan.names_unsure = true;
+                    names = None;
+                }
+                i = end;
+            }
+            open @ (b'{' | b'[') => {
                 depth += 1;
                 if depth > max_depth {
                     scan.too_deep = true;
                     return scan;
                 }
+                if let Some(names) = names.as_mut() {
+                    names.enter(open == b'{');
+                }
                 i += 1;
             }
             b'}' | b']' => {
                 depth = depth.saturating_sub(1);
+                if let Some(names) = names.as_mut() {
+                    names.leave();
+                }
+                i += 1;
+            }
+            b',' => {
+                if let Some(names) = names.as_mut() {
+                    names.comma();
+                }
                 i += 1;
             }
             b'-' | b'0'..=b'9' => {
@@ -177,7 +285,8 @@ fn scan(bytes: &[u8], max_depth: usize) -> Scan {
                 let literal = &bytes[i..end];
                 if literal == b"-0" {
                     scan.negative_zeros.push(i);
-                } else if is_wide(literal) {
+                // Shorter literals have neither 18 digits nor a 3-digit exponent.
+                } else if literal.len() >= 5 && is_wide(literal) {
                     scan.wide_numbers = true;
                 }
                 i = end;
@@ -202,7 +311,7 @@ fn deep_pointer(bytes: &[u8], max_depth: usize) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
-                let end = string_end(bytes, i + 1);
+                let end = string_end(bytes, i + 1).0.unwrap_or(bytes.len());
                 if let Some(Level::Object(key)) = levels.last_mut()
                     && key.is_none()
                 {
@@ -441,6 +550,48 @@ mod tests {
         assert!(err.contains(r#""k0""#), "{err}");
         // Escapes are compared as the keys they spell.
         assert!(parse(r#"{"a":1,"\u0061":2}"#).is_err());
+        assert!(parse(r#"{"x":{"\u0061":1},"a":{"a":2}}"#).is_ok());
+        // Names alike in length, head and tail are told apart by their bytes.
+        assert!(parse(r#"{"abcd-1-xyz":1,"abcd-2-xyz":2,"":3,"é":{"é":1}}"#).is_ok());
+        assert_eq!(
+            parse(r#"{"n":{"abcd-1-xyz":1,"abcd-2-xyz":2,"abcd-1-xyz":3}}"#),
+            Err(r#"duplicate key "abcd-1-xyz" in the object at /n"#.into())
+        );
+        // A name is one object's: the same name in sibling and nested objects,
+        // or as a string value, is no duplicate.
+        assert!(
+            parse(r#"{"a":"a","b":{"a":1,"b":[{"a":1},{"a":2,"b":"a"}]},"c":[["a"],{"a":0}]}"#)
+                .is_ok()
+        );
+        // A duplicate in this object is found before one further down.
+        assert_eq!(
+            parse(r#"{"a":{"b":1,"b":2},"c":1,"c":2}"#),
+            Err(r#"duplicate key "c" in the object at the top level"#.into())
+        );
+        assert_eq!(
+            parse(r#"{"a":[1,{"x":1, "y" : 2 ,"x":3}]}"#),
+            Err(r#"duplicate key "x" in the object at /a/1"#.into())
+        );
+    }
+
+    /// The scan's verdict agrees with the walk over the parsed document, which
+    /// decides whenever the scan is unsure.
+    #[test]
+    fn the_scan_finds_every_repeated_name_the_walk_finds() {
+        let cases = [
+            r#"{"a":1,"b":2}"#,
+            r#"{"a":1,"a":2}"#,
+            r#"{"a":{"b":1},"b":{"b":1}}"#,
+            r#"{"a":{"b":1,"c":{"b":2}},"d":[{"e":1,"e":2}]}"#,
+            r#"[{"a":1},{"a":1},[{"b":2,"c":3}]]"#,
+            r#"{ "a" : [ ] , "a" : { } }"#,
+            r#"{"k":"\"a\"","a":1}"#,
+        ];
+        for case in cases {
+            let scan = scan(case.as_bytes(), MAX_DEPTH, true);
+            let value: Value = sonic_rs::from_str(case).unwrap();
+            assert_eq!(scan.names_unsure, duplicate_key(&value).is_some(), "{case}");
+        }
     }
 
     #[test]
