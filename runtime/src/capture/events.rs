@@ -37,7 +37,7 @@ pub fn render(change: &Change, commit: &Commit<'_>, envelope: Envelope) -> (Vec<
     }
 }
 
-/// As the runtime keys records (`kafka::records::record_key`): a single
+/// As the runtime keys records (`event::record_key`): a single
 /// string key as its text, other single values as JSON, several as a JSON
 /// array, so that the topic is partitioned as a Keystone stage would have it.
 fn keystone_key(change: &Change) -> Vec<u8> {

@@ -18,9 +18,10 @@ use rdkafka::message::Message;
 
 use crate::avro::Sonic;
 use crate::connectors::{Guarantee, Prepared, Sink, SinkError, SinkOutput, SinkRecord};
+use crate::event::record_key;
 use crate::event::{DeadLetter, FieldPath, Provenance};
 use crate::kafka::outbox::Outbox;
-use crate::kafka::records::{provenance_headers, provenance_of, record_key};
+use crate::kafka::records::{provenance_headers, provenance_of};
 use crate::kafka::{TransportError, restore};
 
 pub struct KafkaSink {

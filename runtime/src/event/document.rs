@@ -132,8 +132,9 @@ struct Names {
     open: Vec<Option<usize>>,
     /// The names of the open objects: fingerprint and byte range.
     seen: Vec<(u64, usize, usize)>,
-    /// The next string is a name (just after `{` or a `,` in an object).
-    name_next: bool,
+    /// When the next string is a name (just after `{` or a `,` in an
+    /// object): where its object's names start in `seen`.
+    name_next: Option<usize>,
 }
 
 impl Names {
@@ -141,32 +142,37 @@ impl Names {
         Names {
             open: Vec::with_capacity(8),
             seen: Vec::with_capacity(32),
-            name_next: false,
+            name_next: None,
         }
     }
 
     fn enter(&mut self, object: bool) {
-        self.open.push(object.then_some(self.seen.len()));
-        self.name_next = object;
+        self.name_next = object.then_some(self.seen.len());
+        self.open.push(self.name_next);
     }
 
     fn leave(&mut self) {
         if let Some(Some(start)) = self.open.pop() {
             self.seen.truncate(start);
         }
-        self.name_next = false;
+        self.name_next = None;
     }
 
     fn comma(&mut self) {
-        self.name_next = matches!(self.open.last(), Some(Some(_)));
+        self.name_next = self.open.last().copied().flatten();
     }
 
-    /// The name in `bytes[start..end]`; false when the walk has to decide.
-    fn name(&mut self, bytes: &[u8], start: usize, end: usize, escaped: bool) -> bool {
-        self.name_next = false;
-        let Some(Some(first)) = self.open.last().copied() else {
-            return true;
-        };
+    /// The name in `bytes[start..end]` of the object whose names start at
+    /// `first`; false when the walk has to decide.
+    fn name(
+        &mut self,
+        first: usize,
+        bytes: &[u8],
+        start: usize,
+        end: usize,
+        escaped: bool,
+    ) -> bool {
+        self.name_next = None;
         // Escaped names may spell one another ("\u0061" is "a").
         if escaped || self.seen.len() - first >= NAMES_COMPARED {
             return false;
@@ -248,8 +254,9 @@ fn scan(bytes: &[u8], max_depth: usize, check_names: bool) -> Scan {
                 let Some(end) = end else {
                     break; // unterminated: the parser says so
                 };
-                if let Some(checking) = names.as_mut().filter(|n| n.name_next)
-                    && !checking.name(bytes, i + 1, end - 1, escaped)
+                if let Some(checking) = names.as_mut()
+                    && let Some(first) = checking.name_next
+                    && !checking.name(first, bytes, i + 1, end - 1, escaped)
                 {
                     scan.names_unsure = true;
                     names = None;

@@ -15,6 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::clock::SystemClock;
 use crate::connectors::SinkOutput;
+use crate::event::record_key;
 use crate::event::{DeadLetter, FieldPath, Provenance, too_large_to_write};
 use crate::host::commit::SealedEpoch;
 use crate::host::parse::{self, Parsed};
@@ -24,7 +25,7 @@ use crate::host::sinks::Sinks;
 use crate::host::tables::Tables;
 use crate::host::{ServeError, Shared};
 use crate::kafka::outbox::Outbox;
-use crate::kafka::records::{provenance_headers, record_key};
+use crate::kafka::records::provenance_headers;
 use crate::task::{SourceCheck, StageTask, StepMetrics, TaskOptions};
 
 /// Records of one input partition as polled: offset, value and the source record

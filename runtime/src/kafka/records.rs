@@ -4,7 +4,6 @@
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 
 use crate::event::Provenance;
-pub use crate::event::record_key;
 
 /// Headers of repartition and sink records naming the pipeline source record
 /// (partition and offset, as decimal text) an event comes from.

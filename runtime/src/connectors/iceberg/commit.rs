@@ -27,8 +27,9 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, Error, ErrorKind, TableIdent};
 use serde::{Deserialize, Serialize};
 
+use crate::connectors::StagedEpochs;
+use crate::connectors::lake::LakeError;
 use crate::connectors::lake::provenance::Runs;
-use crate::connectors::lake::{LakeError, StagedEpochs};
 
 pub const PIPELINE: &str = "keystone.pipeline";
 pub const SINK: &str = "keystone.sink";

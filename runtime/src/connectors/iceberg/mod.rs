@@ -47,10 +47,11 @@ use keystone_crds::plan::PlanSink;
 use self::commit::{Committer, EpochFiles, EpochId, Held};
 use self::files::EpochWriter;
 use self::table::{Shape, TableSpec};
+use super::StagedEpochs;
 use super::lake::columns::{Column, columns_of};
 use super::lake::provenance::{Replay, Runs};
 use super::lake::rows::Rows;
-use super::lake::{EpochLedger, LakeError, StagedEpochs};
+use super::lake::{EpochLedger, LakeError};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
 use crate::event::DeadLetter;
 

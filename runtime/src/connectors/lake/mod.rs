@@ -22,10 +22,11 @@
 //! already names the epoch), so two instances recovering the same marker, or
 //! a recovery racing the owner's own publish, write each epoch once.
 
-pub use super::staged::StagedEpochs;
 pub use keystone_lake::columns;
 pub mod provenance;
 pub mod rows;
+
+use super::StagedEpochs;
 
 /// Why a lake sink cannot be built or cannot go on. Messages name the setting
 /// or the location; never a credential.

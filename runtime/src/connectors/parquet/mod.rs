@@ -37,10 +37,11 @@ use parquet::file::properties::WriterProperties;
 use self::layout::{Folder, Layout, file_name, join, staging_prefix};
 use self::marks::Marks;
 use self::store::Store;
+use super::StagedEpochs;
 use super::lake::columns::{Column, columns_of};
 use super::lake::provenance::{Replay, Runs};
 use super::lake::rows::Rows;
-use super::lake::{EpochLedger, LakeError, StagedEpochs};
+use super::lake::{EpochLedger, LakeError};
 use super::{Guarantee, Prepared, Sink, SinkContext, SinkError, SinkOutput, SinkRecord};
 use crate::event::DeadLetter;
 
