@@ -43,6 +43,14 @@ pub struct CeilingArgs {
     pub records: u64,
 }
 
+/// `fetch.queue.backoff.ms` of every consumer the harness reads with, and of
+/// the ceiling loop's: librdkafka's default postpones a partition's next fetch
+/// by a second once 100,000 records wait in its queue. The watcher then read an
+/// exactly-once engine's output, which becomes visible a commit's worth at a
+/// time, about a second late, and that second was in S6's drain time ("S6: the
+/// watcher's fetch backoff" in ANALYSIS.md). Keystone's consumers use 10 ms too.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 #[cfg(not(feature = "kafka"))]
 pub fn load(_: &LoadArgs) -> anyhow::Result<()> {
     anyhow::bail!(
@@ -100,14 +108,22 @@ mod with_kafka {
     }
 
     fn producer(brokers: &str) -> anyhow::Result<BaseProducer> {
-        Ok(ClientConfig::new()
+        producer_with(brokers, &[])
+    }
+
+    fn producer_with(brokers: &str, extra: &[(&str, &str)]) -> anyhow::Result<BaseProducer> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
             .set("batch.size", "1000000")
             .set("queue.buffering.max.messages", "1000000")
             .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .create()?)
+            .set("enable.idempotence", "true");
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        Ok(config.create()?)
     }
 
     fn send(p: &BaseProducer, topic: &str, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
@@ -237,9 +253,12 @@ mod with_kafka {
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("fetch.min.bytes", "1")
+            .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
             .create()?;
         consumer.subscribe(&[&args.from])?;
-        let p = producer(&args.brokers)?;
+        // Compressed as Keystone's stage producer is (lz4), so that the loop's
+        // records cost the broker what Keystone's do.
+        let p = producer_with(&args.brokers, &[("compression.type", "lz4")])?;
         let mut n: u64 = 0;
         let mut start: Option<Instant> = None;
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -453,6 +472,7 @@ pub mod drive {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
+            .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in &pending {
@@ -599,6 +619,7 @@ pub mod drive {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+            .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {

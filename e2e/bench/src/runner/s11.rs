@@ -410,6 +410,10 @@ fn watch(
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
+        .set(
+            "fetch.queue.backoff.ms",
+            crate::kafka::FETCH_QUEUE_BACKOFF_MS,
+        )
         .create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
