@@ -81,6 +81,30 @@ impl Core {
         })
     }
 
+    /// Whether to commit before the interval is out because the input has
+    /// nothing more to read (the loop's last poll came back empty): under
+    /// exactly-once the outputs stay invisible to `read_committed` readers until
+    /// their transaction commits. Only with something new to commit (offsets
+    /// read or records written since the last commit), never while intake is
+    /// stopped or held (the input is not read, so not caught up), and not with
+    /// a two-phase sink, whose every commit publishes data files: a quiet input
+    /// would fill the lake with small ones.
+    pub(super) fn commits_when_caught_up(&self) -> bool {
+        let wrote = self
+            .transaction_began
+            .is_some_and(|(_, sent)| self.outbox.sent_total() > sent);
+        self.exactly_once
+            && self.in_transaction
+            && (wrote || self.positions != self.committed)
+            && !self.stopped
+            && !self.held
+            && !self.buffers.is_full()
+            && match &self.route {
+                Route::Sinks(sinks) => !sinks.two_phase(),
+                Route::Repartition { .. } => true,
+            }
+    }
+
     pub(super) fn offsets_list(
         &self,
         positions: &BTreeMap<i32, i64>,
