@@ -49,6 +49,7 @@ pub struct CeilingArgs {
 /// exactly-once engine's output, which becomes visible a commit's worth at a
 /// time, about a second late, and that second was in S6's drain time ("S6: the
 /// watcher's fetch backoff" in ANALYSIS.md). Keystone's consumers use 10 ms too.
+#[cfg(feature = "kafka")]
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
 #[cfg(not(feature = "kafka"))]
