@@ -16,6 +16,25 @@ use crate::schema::SchemaSpec;
 /// plans of another version.
 pub const PLAN_VERSION: u32 = 1;
 
+/// The longest `commitInterval` of a pipeline whose commits are Kafka
+/// transactions (`delivery: ExactlyOnce`, or a `postgres` source's capture): a
+/// transaction stays open for an interval, and at this one its timeout
+/// ([`transaction_timeout`]) reaches what brokers allow by default
+/// (`transaction.max.timeout.ms`, 15 minutes).
+pub const MAX_TRANSACTIONAL_COMMIT_INTERVAL: crate::Duration = crate::Duration::from_secs(5 * 60);
+
+/// The Kafka transaction timeout of a transactional producer committing every
+/// `commit_interval`: three intervals, so that the broker never aborts a
+/// transaction that is open for an interval and then waits for its commit or a
+/// slow sink, and at least 10 s (Kafka Streams' default under exactly-once), so
+/// that a dead instance's open transaction, and the readers waiting on it, are
+/// not held longer than they must.
+pub fn transaction_timeout(commit_interval: std::time::Duration) -> std::time::Duration {
+    commit_interval
+        .saturating_mul(3)
+        .max(std::time::Duration::from_secs(10))
+}
+
 /// A compiled, versioned pipeline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -9,9 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::pipeline::Pipeline;
 use crate::pipeline::capture::SourceTable;
-use crate::plan::Plan;
+use crate::pipeline::{Delivery, Pipeline};
+use crate::plan::{MAX_TRANSACTIONAL_COMMIT_INTERVAL, Plan};
 use crate::processor::Processor;
 use crate::schema::{FieldType, Schema};
 
@@ -56,6 +56,9 @@ pub enum ErrorKind {
     /// A sink or table on another Kafka cluster than the source: one
     /// transaction (and one set of clients) cannot span clusters.
     CrossCluster,
+    /// A setting the runtime cannot honour as given (an exactly-once commit
+    /// interval longer than Kafka lets a transaction stay open).
+    InvalidSetting,
 }
 
 /// One contract violation, located in the manifest.
@@ -257,12 +260,38 @@ impl<'a> Checker<'a> {
     }
 
     fn finish(mut self, build: impl FnOnce(&mut Self) -> Plan) -> Result<Plan, ContractErrors> {
+        self.check_commit_interval();
         let plan = build(&mut self);
         self.finish_errors();
         if self.errors.is_empty() {
             Ok(plan)
         } else {
             Err(ContractErrors(self.errors))
+        }
+    }
+
+    /// A transactional pipeline's commit interval must fit in a transaction
+    /// the broker accepts.
+    fn check_commit_interval(&mut self) {
+        let spec = &self.pipeline.spec;
+        let transactional =
+            spec.delivery == Delivery::ExactlyOnce || spec.source.postgres.is_some();
+        let longest = MAX_TRANSACTIONAL_COMMIT_INTERVAL;
+        if transactional && spec.commit_interval > longest {
+            let commits = if spec.delivery == Delivery::ExactlyOnce {
+                "delivery: ExactlyOnce"
+            } else {
+                "a postgres source's capture"
+            };
+            self.error(
+                ErrorKind::InvalidSetting,
+                "spec.commitInterval",
+                None,
+                format!(
+                    "{} is longer than {longest}, the most a pipeline whose commits are Kafka transactions ({commits}) may wait between commits: a transaction stays open for a whole interval, and brokers refuse to keep one open longer than 15 minutes by default (transaction.max.timeout.ms)",
+                    spec.commit_interval
+                ),
+            );
         }
     }
 

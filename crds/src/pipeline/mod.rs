@@ -89,6 +89,12 @@ pub struct PipelineSpec {
     pub delivery: Delivery,
     /// How often outputs and consumed offsets are committed together (one Kafka
     /// transaction per interval under exactly-once). Lower means lower latency.
+    /// Under exactly-once a stage that has read all its input commits sooner,
+    /// 100 ms after its last commit, unless it writes a Parquet or Iceberg sink
+    /// (whose every commit publishes files). At most `5m` when commits are
+    /// Kafka transactions (`ExactlyOnce`, or a `postgres` source): the
+    /// transaction timeout is three intervals (at least 10 s), and brokers allow
+    /// 15 minutes by default.
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Duration,
     /// How often the operator takes a checkpoint of the whole pipeline.

@@ -295,10 +295,15 @@ fn open_kafka(
         let what = what.to_owned();
         move |e: KafkaError| format!("{what}: {e}")
     };
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        kafka_config::producer(kafka, Some(&config.transactional_id()))
-            .create()
-            .map_err(kafka_error("creating the producer"))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka_config::producer(
+        kafka,
+        Some(kafka_config::Transactions {
+            id: &config.transactional_id(),
+            commit_interval: config.commit_interval.as_std(),
+        }),
+    )
+    .create()
+    .map_err(kafka_error("creating the producer"))?;
     let mut reader: ClientConfig = kafka_config::restore_reader(kafka, "unused");
     reader.set("group.id", config.progress_group());
     let consumer: BaseConsumer = reader

@@ -89,7 +89,13 @@ pub(super) fn run(
     // One transactional id per stage instance: a restarted instance fences its
     // previous incarnation (a zombie) when it initializes transactions.
     let transactional_id = format!("{}.{}", stage.consumer_group, args.kafka.instance_id);
-    let producer_config = config::producer(&args.kafka, exactly_once.then_some(&transactional_id));
+    let producer_config = config::producer(
+        &args.kafka,
+        exactly_once.then_some(config::Transactions {
+            id: &transactional_id,
+            commit_interval: Duration::from_millis(plan.commit_interval_ms),
+        }),
+    );
     let transaction_timeout = config::transaction_timeout(&producer_config);
     let outbox = Arc::new(Outbox::create(&producer_config)?);
     if exactly_once {

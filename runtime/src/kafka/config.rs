@@ -76,20 +76,27 @@ pub fn consumer(
     config
 }
 
-/// How long the broker lets a transaction stay open before it aborts it and
-/// fences the producer (unless the user's settings say otherwise).
-pub const TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// The transaction timeout a producer configuration ends up with.
 pub fn transaction_timeout(config: &ClientConfig) -> std::time::Duration {
     config
         .get("transaction.timeout.ms")
         .and_then(|ms| ms.parse().ok())
-        .map_or(TRANSACTION_TIMEOUT, std::time::Duration::from_millis)
+        .map_or(
+            keystone_crds::plan::transaction_timeout(std::time::Duration::ZERO),
+            std::time::Duration::from_millis,
+        )
+}
+
+/// What makes a producer transactional.
+#[derive(Clone, Copy, Debug)]
+pub struct Transactions<'a> {
+    pub id: &'a str,
+    /// How often the producer commits: its transaction timeout follows from it.
+    pub commit_interval: std::time::Duration,
 }
 
 /// The stage's producer; transactional under exactly-once.
-pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> ClientConfig {
+pub fn producer(settings: &KafkaSettings, transactions: Option<Transactions<'_>>) -> ClientConfig {
     let mut config = base(settings);
     config
         // Topics are the operator's to create, with their partitions and configs;
@@ -107,15 +114,12 @@ pub fn producer(settings: &KafkaSettings, transactional_id: Option<&str>) -> Cli
         // The brokers' limit (1 MiB per batch by default) decides what is too
         // large: librdkafka's own (1,000,000 bytes) would refuse the dead letter
         // of a record the broker accepted as input, and the stage would stop.
-        .set("message.max.bytes", "2097152")
-        // As Kafka Streams under EOS: a dead instance's open transaction (and the
-        // partitions waiting on it) is aborted after 10 s.
-        .set(
-            "transaction.timeout.ms",
-            TRANSACTION_TIMEOUT.as_millis().to_string(),
-        );
-    if let Some(id) = transactional_id {
-        config.set("transactional.id", id);
+        .set("message.max.bytes", "2097152");
+    if let Some(transactions) = transactions {
+        let timeout = keystone_crds::plan::transaction_timeout(transactions.commit_interval);
+        config
+            .set("transactional.id", transactions.id)
+            .set("transaction.timeout.ms", timeout.as_millis().to_string());
     }
     for (key, value) in &settings.extra {
         config.set(key, value);
@@ -153,6 +157,31 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_transactional_producer_times_out_after_three_commit_intervals_unless_the_user_says_otherwise()
+     {
+        let transactions = |secs| Transactions {
+            id: "orders.s0.orders-s0-0",
+            commit_interval: std::time::Duration::from_secs(secs),
+        };
+        let defaults = settings(&[]);
+        let eos = producer(&defaults, Some(transactions(1)));
+        assert_eq!(eos.get("transactional.id"), Some("orders.s0.orders-s0-0"));
+        assert_eq!(eos.get("transaction.timeout.ms"), Some("10000"));
+        assert_eq!(
+            transaction_timeout(&producer(&defaults, Some(transactions(30)))),
+            std::time::Duration::from_secs(90)
+        );
+        let plain = producer(&defaults, None);
+        assert_eq!(plain.get("transactional.id"), None);
+        assert_eq!(plain.get("transaction.timeout.ms"), None);
+        let chosen = settings(&[("transaction.timeout.ms", "60000")]);
+        assert_eq!(
+            transaction_timeout(&producer(&chosen, Some(transactions(1)))),
+            std::time::Duration::from_secs(60)
+        );
     }
 
     #[test]
