@@ -541,9 +541,64 @@ spec:
     );
 }
 
-/// A stateless at-least-once pipeline: the projection keeps every field the
-/// assertions read.
-fn at_least_once_pipeline(name: &str) -> String {
+/// Under exactly-once the outputs are committed (visible to `read_committed`
+/// readers) once the stage has read its input, not when the interval (5
+/// minutes here) runs out; a quiet input then costs no further transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_outputs_are_committed_once_the_input_is_read_not_after_the_interval() {
+    let name = unique("eos-read");
+    let manifest = projecting_pipeline(&name, "  delivery: ExactlyOnce\n  commitInterval: 5m\n");
+    let mut h = Harness::new(&name, &manifest, 2).await;
+    let source = h.plan.source.topic.clone();
+    let p = producer(&h.bootstrap);
+    let first = cdc_input(5, 10, 21);
+    produce(&p, &source, &first);
+    h.start("a", &[]);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        first.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        out.len(),
+        first.len(),
+        "outputs committed within a minute, under a 5-minute interval; see {}",
+        h.log("a")
+    );
+
+    let commits = h.metric("a", "keystone_commit_duration_seconds_count");
+    assert!(commits >= 1.0, "no commit counted; see {}", h.log("a"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        h.metric("a", "keystone_commit_duration_seconds_count"),
+        commits,
+        "the stage committed again with nothing new to commit; see {}",
+        h.log("a")
+    );
+
+    // Input arriving later is committed as soon as it is read, too.
+    let second = cdc_input(5, 10, 22);
+    produce(&p, &source, &second);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        first.len() + second.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        out.len(),
+        first.len() + second.len(),
+        "the second batch's outputs; see {}",
+        h.log("a")
+    );
+}
+
+/// A stateless pipeline whose projection keeps every field the assertions
+/// read, followed by `settings` (spec members such as `delivery`).
+fn projecting_pipeline(name: &str, settings: &str) -> String {
     cdc_manifest(
         name,
         &format!(
@@ -557,11 +612,13 @@ fn at_least_once_pipeline(name: &str) -> String {
   sinks:
     - name: out
       kafka: {{topic: {name}.out, partitions: 3, key: [order_id]}}
-  delivery: AtLeastOnce
-  commitInterval: 300ms
-"#
+{settings}"#
         ),
     )
+}
+
+fn at_least_once_pipeline(name: &str) -> String {
+    projecting_pipeline(name, "  delivery: AtLeastOnce\n  commitInterval: 300ms\n")
 }
 
 /// The sum of the stage's committed input offsets in its consumer group.
