@@ -126,7 +126,7 @@ pub fn how(exactly_once: bool, input_topic: &str) -> String {
         "the sum of the high watermarks of every topic its plan created (sink, changelog, dead letters, repartition if any; all new per run) after the run; its at-least-once producer is not transactional, so every offset is a data record"
     };
     format!(
-        "Each round, just before Keystone's run, the runner's process ran `keystone-bench ceiling`'s loop: every record of `{input_topic}` consumed (a new group, from the earliest offset) and produced unchanged into a recreated 2-partition topic (acks=all, idempotent, linger 5 ms, no compression), timed from the first record consumed to the last acknowledged. Records written per input event: {written}, over the input events. Consumer offset commits are counted on neither side. Fraction = Keystone's events/s (drain time) x records per event / the loop's records/s of the same round; median over the measured rounds."
+        "Each round, just before Keystone's run, the runner's process ran `keystone-bench ceiling`'s loop: every record of `{input_topic}` consumed (a new group, from the earliest offset) and produced unchanged into a recreated 2-partition topic (acks=all, idempotent, linger 5 ms, lz4 as Keystone's producer; its consumer fetches again 10 ms after a full prefetch queue, as Keystone's and every reader of the harness do), timed from the first record consumed to the last acknowledged. Records written per input event: {written}, over the input events. Consumer offset commits are counted on neither side. Fraction = Keystone's events/s (drain time) x records per event / the loop's records/s of the same round; median over the measured rounds."
     )
 }
 

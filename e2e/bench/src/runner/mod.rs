@@ -330,7 +330,7 @@ impl Ctx<'_> {
                 h = a.jvm_heap
             ),
             Engine::Keystone if !s.is_engine_only() => format!(
-                "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: every commitInterval (1 s) the offsets of that moment are committed (async) once the outputs sent before them are acknowledged, without pausing consumption; exactly-once: 1 s transactions) against the single-broker Kafka 4.1.1 at {}",
+                "keystone-runtime serve (release build, one process running the stage of the plan compiled from the scenario's pipeline; librdkafka producer acks=all, idempotent, lz4, linger 5 ms; at-least-once: every commitInterval (1 s) the offsets of that moment are committed (async) once the outputs sent before them are acknowledged, without pausing consumption; exactly-once: a transaction every 1 s, or 100 ms after the last once the stage has read all its input) against the single-broker Kafka 4.1.1 at {}",
                 a.brokers
             ),
             Engine::Keystone => "keystone-runtime run (local mode, one instance per stage; the steps on a second thread, reading, parsing, checking and writing on the first), release build; pipeline e2e/bench/pipelines/*.yaml".to_owned(),
