@@ -568,15 +568,7 @@ async fn exactly_once_outputs_are_committed_once_the_input_is_read_not_after_the
         h.log("a")
     );
 
-    let commits = h.metric("a", "keystone_commit_duration_seconds_count");
-    assert!(commits >= 1.0, "no commit counted; see {}", h.log("a"));
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        h.metric("a", "keystone_commit_duration_seconds_count"),
-        commits,
-        "the stage committed again with nothing new to commit; see {}",
-        h.log("a")
-    );
+    assert_no_commit_while_idle(&h);
 
     // Input arriving later is committed as soon as it is read, too.
     let second = cdc_input(5, 10, 22);
@@ -592,6 +584,54 @@ async fn exactly_once_outputs_are_committed_once_the_input_is_read_not_after_the
         out.len(),
         first.len() + second.len(),
         "the second batch's outputs; see {}",
+        h.log("a")
+    );
+}
+
+/// An exactly-once stage with nothing new to commit commits nothing: an idle
+/// instance does not cost the broker a transaction per interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_exactly_once_stage_commits_no_empty_transactions() {
+    let name = unique("eos-idle");
+    let manifest = projecting_pipeline(&name, "  delivery: ExactlyOnce\n  commitInterval: 200ms\n");
+    let mut h = Harness::new(&name, &manifest, 2).await;
+    let input = cdc_input(3, 5, 31);
+    produce(
+        &producer(&h.bootstrap),
+        &h.plan.source.topic.clone(),
+        &input,
+    );
+    h.start("a", &[]);
+    let out = read_committed(
+        &h.bootstrap,
+        &h.sink_topic(),
+        input.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(out.len(), input.len(), "see {}", h.log("a"));
+    // Ten intervals with nothing read and nothing written.
+    assert_no_commit_while_idle(&h);
+    // A graceful stop still commits, and the group stands at the input's end.
+    h.terminate("a");
+    assert_eq!(
+        committed_in_group(&h, 2),
+        input.len() as i64,
+        "committed offsets after SIGTERM"
+    );
+}
+
+/// Instance `a` has committed, and commits nothing more in the next 2 s of
+/// quiet input.
+#[track_caller]
+fn assert_no_commit_while_idle(h: &Harness) {
+    let commits = h.metric("a", "keystone_commit_duration_seconds_count");
+    assert!(commits >= 1.0, "no commit counted; see {}", h.log("a"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        h.metric("a", "keystone_commit_duration_seconds_count"),
+        commits,
+        "the stage committed again with nothing new to commit; see {}",
         h.log("a")
     );
 }

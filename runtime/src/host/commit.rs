@@ -84,25 +84,33 @@ impl Core {
     /// Whether to commit before the interval is out because the input has
     /// nothing more to read (the loop's last poll came back empty): under
     /// exactly-once the outputs stay invisible to `read_committed` readers until
-    /// their transaction commits. Only with something new to commit (offsets
-    /// read or records written since the last commit), never while intake is
-    /// stopped or held (the input is not read, so not caught up), and not with
-    /// a two-phase sink, whose every commit publishes data files: a quiet input
-    /// would fill the lake with small ones.
+    /// their transaction commits. Only with something new to commit, never
+    /// while intake is stopped or held (the input is not read, so not caught
+    /// up), and not with a two-phase sink, whose every commit publishes data
+    /// files: a quiet input would fill the lake with small ones.
     pub(super) fn commits_when_caught_up(&self) -> bool {
-        let wrote = self
-            .transaction_began
-            .is_some_and(|(_, sent)| self.outbox.sent_total() > sent);
         self.exactly_once
-            && self.in_transaction
-            && (wrote || self.positions != self.committed)
+            && self.transaction_has_news()
             && !self.stopped
             && !self.held
             && !self.buffers.is_full()
-            && match &self.route {
-                Route::Sinks(sinks) => !sinks.two_phase(),
-                Route::Repartition { .. } => true,
-            }
+            && !self.writes_two_phase()
+    }
+
+    /// Whether the open transaction holds something the last commit does not:
+    /// records written into it, or offsets read past the committed ones.
+    fn transaction_has_news(&self) -> bool {
+        let wrote = self
+            .transaction_began
+            .is_some_and(|(_, sent)| self.outbox.sent_total() > sent);
+        self.in_transaction && (wrote || self.positions != self.committed)
+    }
+
+    fn writes_two_phase(&self) -> bool {
+        match &self.route {
+            Route::Sinks(sinks) => sinks.two_phase(),
+            Route::Repartition { .. } => false,
+        }
     }
 
     pub(super) fn offsets_list(
@@ -318,6 +326,12 @@ impl Core {
         }
         self.sinks_pending = false;
         if self.exactly_once {
+            // An idle stage's transaction holds nothing new: committing it would
+            // cost the broker a transaction per interval per instance for
+            // nothing. A two-phase sink's commits also record what it published.
+            if !self.transaction_has_news() && !self.writes_two_phase() {
+                return Ok(Prepared::Ready);
+            }
             self.commit(consumer, "interval")?;
             return Ok(Prepared::Ready);
         }
