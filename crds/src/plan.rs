@@ -23,16 +23,19 @@ pub const PLAN_VERSION: u32 = 1;
 /// (`transaction.max.timeout.ms`, 15 minutes).
 pub const MAX_TRANSACTIONAL_COMMIT_INTERVAL: crate::Duration = crate::Duration::from_secs(5 * 60);
 
+/// The shortest transaction timeout Keystone asks for: Kafka Streams' default
+/// under exactly-once, so that a dead instance's open transaction, and the
+/// readers waiting on it, are not held longer than they must.
+pub const MIN_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The Kafka transaction timeout of a transactional producer committing every
 /// `commit_interval`: three intervals, so that the broker never aborts a
 /// transaction that is open for an interval and then waits for its commit or a
-/// slow sink, and at least 10 s (Kafka Streams' default under exactly-once), so
-/// that a dead instance's open transaction, and the readers waiting on it, are
-/// not held longer than they must.
+/// slow sink, and at least [`MIN_TRANSACTION_TIMEOUT`].
 pub fn transaction_timeout(commit_interval: std::time::Duration) -> std::time::Duration {
     commit_interval
         .saturating_mul(3)
-        .max(std::time::Duration::from_secs(10))
+        .max(MIN_TRANSACTION_TIMEOUT)
 }
 
 /// A compiled, versioned pipeline.

@@ -89,11 +89,12 @@ pub(super) fn run(
     // One transactional id per stage instance: a restarted instance fences its
     // previous incarnation (a zombie) when it initializes transactions.
     let transactional_id = format!("{}.{}", stage.consumer_group, args.kafka.instance_id);
+    let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
     let producer_config = config::producer(
         &args.kafka,
         exactly_once.then_some(config::Transactions {
             id: &transactional_id,
-            commit_interval: Duration::from_millis(plan.commit_interval_ms),
+            commit_interval,
         }),
     );
     let transaction_timeout = config::transaction_timeout(&producer_config);
@@ -229,7 +230,6 @@ pub(super) fn run(
         "consuming"
     );
 
-    let commit_interval = Duration::from_millis(plan.commit_interval_ms.max(10));
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let mut lag_reported = false;

@@ -82,7 +82,7 @@ pub fn transaction_timeout(config: &ClientConfig) -> std::time::Duration {
         .get("transaction.timeout.ms")
         .and_then(|ms| ms.parse().ok())
         .map_or(
-            keystone_crds::plan::transaction_timeout(std::time::Duration::ZERO),
+            keystone_crds::plan::MIN_TRANSACTION_TIMEOUT,
             std::time::Duration::from_millis,
         )
 }
